@@ -1,0 +1,2 @@
+#![no_std]
+//! Cairn device client (placeholder).

@@ -1,0 +1,3 @@
+#![no_std]
+#![deny(unsafe_code)]
+//! Cairn wire protocol (placeholder; see protocol/SPEC.md).

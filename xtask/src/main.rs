@@ -1,0 +1,58 @@
+//! Cairn's own automation: `cargo xtask <command>`.
+//!
+//! - `test`: everything CI checks (set-up, fmt, clippy, no_std builds, tests).
+//! - `bench`, `dist`, `qemu`, `size`, `faults`: see `cargo xtask help`.
+
+mod setup;
+mod util;
+
+use anyhow::{Result, bail};
+
+const HELP: &str = "\
+cargo xtask <command>
+
+commands:
+  setup   install what the tests need (Debian packages, rustup targets)
+  test    everything CI checks: set-up, fmt, clippy, no_std builds, all tests
+  help    this text
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = args.first().map(String::as_str).unwrap_or("help");
+    let rest = &args[args.len().min(1)..];
+    match cmd {
+        "setup" => setup::run(),
+        "test" => test(rest),
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => bail!("unknown command `{other}`\n\n{HELP}"),
+    }
+}
+
+/// The one command CI runs. Steps run in order; the first failure stops the run.
+fn test(_args: &[String]) -> Result<()> {
+    setup::run()?;
+    util::step("fmt", || util::cargo(&["fmt", "--all", "--", "--check"]))?;
+    util::step("clippy", || {
+        util::cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+    })?;
+    for target in ["thumbv7em-none-eabihf", "thumbv6m-none-eabi"] {
+        util::step(&format!("no_std build ({target})"), || {
+            util::cargo(&["build", "-p", "cairn-protocol", "--target", target])?;
+            util::cargo(&["build", "-p", "cairn-firmware", "--target", target])
+        })?;
+    }
+    util::step("workspace tests", || util::cargo(&["test", "--workspace"]))?;
+    println!("xtask test: all steps passed");
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! Small helpers shared by the xtask commands.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// The repository root (the parent of `xtask/`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repo")
+        .to_path_buf()
+}
+
+/// Runs one named step, printing its name and how long it took.
+pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("==> {name}");
+    let start = Instant::now();
+    f().with_context(|| format!("step `{name}` failed"))?;
+    println!("<== {name} ({:.1} s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs `cargo ARGS` in the repository root and fails on a non-zero exit.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args).current_dir(root()))
+}
+
+/// Runs a command, inheriting stdio, and fails on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} exited with {status}");
+    }
+    Ok(())
+}
+
+/// True when `name` is found on PATH.
+pub fn have(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(false)
+}

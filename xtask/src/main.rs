@@ -3,6 +3,8 @@
 //! - `test`: everything CI checks (set-up, fmt, clippy, no_std builds, tests).
 //! - `bench`, `dist`, `qemu`, `size`, `faults`: see `cargo xtask help`.
 
+mod boards;
+mod qemu;
 mod setup;
 mod util;
 
@@ -14,6 +16,7 @@ cargo xtask <command>
 commands:
   setup   install what the tests need (Debian packages, rustup targets)
   test    everything CI checks: set-up, fmt, clippy, no_std builds, all tests
+  qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
   help    this text
 ";
 
@@ -24,6 +27,7 @@ fn main() -> Result<()> {
     match cmd {
         "setup" => setup::run(),
         "test" => test(rest),
+        "qemu" => qemu::run_command(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
@@ -53,6 +57,14 @@ fn test(_args: &[String]) -> Result<()> {
         })?;
     }
     util::step("workspace tests", || util::cargo(&["test", "--workspace"]))?;
+    util::step("boards/app tests", || {
+        util::run(
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["test", "--quiet"])
+                .current_dir(util::root().join("boards/app")),
+        )
+    })?;
+    qemu::run_command(&["--smoke".into()])?;
     println!("xtask test: all steps passed");
     Ok(())
 }

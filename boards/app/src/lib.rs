@@ -1,0 +1,79 @@
+#![no_std]
+#![doc = include_str!("../README.md")]
+
+#[macro_use]
+mod fmt;
+
+#[cfg(not(feature = "client"))]
+mod echo;
+pub mod sensor;
+mod settings;
+
+pub use settings::{DEV_KEY, Gateway, MAX_GATEWAYS, SettingError, Settings};
+
+include!(concat!(env!("OUT_DIR"), "/build_settings.rs"));
+
+use embassy_net::Stack;
+
+/// What a finished run did. Boards log it as `cairn: done samples=N pushed=N acked=N`
+/// (the line `cargo xtask qemu` reads) before they exit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Report {
+    /// Sensor samples taken.
+    pub samples: u32,
+    /// Records handed to the client (one per stream reading).
+    pub pushed: u32,
+    /// Records the gateway acknowledged (skeleton: records echoed back intact).
+    pub acked: u32,
+}
+
+/// Why a run stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum AppError {
+    /// No gateway accepted a TCP connection.
+    Unreachable,
+    /// The connection failed mid-run.
+    ConnectionLost,
+    /// The peer sent back something other than what was sent (skeleton only).
+    EchoMismatch,
+}
+
+impl AppError {
+    /// The process exit code boards report for this error (semihosting, host process).
+    pub const fn exit_code(self) -> i32 {
+        match self {
+            Self::Unreachable => 2,
+            Self::ConnectionLost => 3,
+            Self::EchoMismatch => 4,
+        }
+    }
+}
+
+/// Runs the application on a network stack whose runner is already being polled:
+/// waits for DHCP, then samples the fake sensor every `settings.period_ms` and sends the
+/// readings to the gateways. Returns after `settings.samples` samples (never when 0).
+///
+/// `boot` must differ on every boot of the device (a flash counter, a hardware random
+/// number, or the host clock under QEMU): the client uses it in every nonce.
+pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Report, AppError> {
+    let _ = boot;
+    info!(
+        "cairn: device {} waiting for an address",
+        settings.device_id
+    );
+    stack.wait_config_up().await;
+    if let Some(config) = stack.config_v4() {
+        info!("cairn: address {}", config.address);
+    }
+    #[cfg(not(feature = "client"))]
+    let report = echo::run(stack, settings).await;
+    if let Ok(report) = &report {
+        info!(
+            "cairn: done samples={} pushed={} acked={}",
+            report.samples, report.pushed, report.acked
+        );
+    }
+    report
+}

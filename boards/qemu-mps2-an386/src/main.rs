@@ -1,0 +1,113 @@
+//! Cairn on QEMU's mps2-an386 (Cortex-M4F): SysTick time driver, LAN9118 Ethernet,
+//! DHCP from QEMU's user network, defmt over semihosting, exit codes through semihosting.
+//! See README.md for how to run it and what the exit codes mean.
+
+#![no_std]
+#![no_main]
+
+mod lan9118;
+mod systick;
+
+use cairn_board_app::Settings;
+use core::panic::PanicInfo;
+use defmt_semihosting as _;
+use embassy_executor::Spawner;
+use embassy_net::{Runner, StackResources};
+use lan9118::{Lan9118, Lan9118Irq};
+use static_cell::StaticCell;
+
+/// Exit codes besides the application's own (`AppError::exit_code`, 2..=4).
+const EXIT_NO_NIC: i32 = 5;
+const EXIT_BAD_SETTING: i32 = 6;
+const EXIT_PANIC: i32 = 101;
+
+defmt::timestamp!("{=u64:ms}", embassy_time::Instant::now().as_millis());
+
+#[embassy_executor::main]
+async fn main(spawner: Spawner) {
+    let core = cortex_m::Peripherals::take().unwrap();
+    systick::init(core.SYST);
+
+    let Some(settings) = settings() else {
+        semihosting::process::exit(EXIT_BAD_SETTING);
+    };
+    // The boot number must differ on every boot (it is part of every nonce). This board
+    // has no flash counter and no RNG, but semihosting gives it the host's clock.
+    let boot = host_seconds() as u32;
+
+    let nic = match Lan9118::new() {
+        Ok(nic) => nic,
+        Err(e) => {
+            defmt::error!("lan9118: {}", e);
+            semihosting::process::exit(EXIT_NO_NIC);
+        }
+    };
+    // SAFETY: the handler (DefaultHandler below) is ready and shares no state unsafely.
+    unsafe { cortex_m::peripheral::NVIC::unmask(Lan9118Irq) };
+
+    static RESOURCES: StaticCell<StackResources<3>> = StaticCell::new();
+    let seed = u64::from(boot) << 32 ^ settings.device_id;
+    let (stack, runner) = embassy_net::new(
+        nic,
+        embassy_net::Config::dhcpv4(Default::default()),
+        RESOURCES.init(StackResources::new()),
+        seed,
+    );
+    spawner.spawn(net_task(runner).unwrap());
+
+    let code = match cairn_board_app::run(stack, &settings, boot).await {
+        Ok(_) => 0,
+        Err(e) => {
+            defmt::error!("cairn: stopped: {}", e);
+            e.exit_code()
+        }
+    };
+    semihosting::process::exit(code);
+}
+
+#[embassy_executor::task]
+async fn net_task(mut runner: Runner<'static, Lan9118>) -> ! {
+    runner.run().await
+}
+
+/// The build-time settings, overridden by `key=value` words of the semihosting command
+/// line (`qemu-system-arm ... -append "samples=20"`).
+fn settings() -> Option<Settings> {
+    let mut settings = cairn_board_app::BUILD;
+    if let Ok(args) = semihosting::experimental::env::args::<512>() {
+        // The first word is the image's file name.
+        for arg in args.into_iter().skip(1).flatten() {
+            if let Err(e) = settings.apply(arg) {
+                defmt::error!("setting {=str}: {}", arg, defmt::Display2Format(&e));
+                return None;
+            }
+        }
+    }
+    Some(settings)
+}
+
+fn host_seconds() -> u64 {
+    use semihosting::experimental::time::SystemTime;
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cortex_m_rt::exception]
+unsafe fn DefaultHandler(irqn: i16) {
+    if irqn == 13 {
+        lan9118::on_interrupt();
+    } else {
+        panic!("unexpected interrupt {}", irqn);
+    }
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    match info.location() {
+        Some(at) => defmt::error!("panic at {=str}:{=u32}", at.file(), at.line()),
+        None => defmt::error!("panic"),
+    }
+    semihosting::process::exit(EXIT_PANIC)
+}

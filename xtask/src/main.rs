@@ -3,7 +3,11 @@
 //! - `test`: everything CI checks (set-up, fmt, clippy, no_std builds, tests).
 //! - `bench`, `dist`, `qemu`, `size`, `faults`: see `cargo xtask help`.
 
+mod arm_check;
 mod boards;
+mod deb;
+mod dist;
+mod manpage;
 mod qemu;
 mod setup;
 mod util;
@@ -17,6 +21,8 @@ commands:
   setup   install what the tests need (Debian packages, rustup targets)
   test    everything CI checks: set-up, fmt, clippy, no_std builds, all tests
   qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
+  arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
+  dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, in target/dist/
   help    this text
 ";
 
@@ -28,6 +34,8 @@ fn main() -> Result<()> {
         "setup" => setup::run(),
         "test" => test(rest),
         "qemu" => qemu::run_command(rest),
+        "dist" => dist::run(rest),
+        "arm" => arm_check::run(),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

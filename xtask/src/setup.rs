@@ -17,7 +17,19 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 pub fn run_setup() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    ensure_packages(PACKAGES)?;
+    // Make sure the pinned toolchain and its targets are installed.
+    exec(
+        Command::new("rustup")
+            .args(["toolchain", "install"])
+            .current_dir(crate::util::root()),
+    )?;
+    Ok(())
+}
+
+/// Installs the Debian package of each (program, package) pair whose program is not on PATH.
+pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(bin, _)| !have(bin))
         .map(|(_, pkg)| *pkg)
@@ -29,12 +41,6 @@ pub fn run_setup() -> Result<()> {
         args.extend(missing.iter().copied());
         apt(&args)?;
     }
-    // Make sure the pinned toolchain and its targets are installed.
-    exec(
-        Command::new("rustup")
-            .args(["toolchain", "install"])
-            .current_dir(crate::util::root()),
-    )?;
     Ok(())
 }
 

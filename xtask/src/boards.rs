@@ -18,6 +18,19 @@ pub const QEMU: Board = Board {
     target: "thumbv7em-none-eabihf",
 };
 
+pub const NUCLEO: Board = Board {
+    dir: "nucleo-h743zi",
+    target: "thumbv7em-none-eabihf",
+};
+
+pub const RP2040: Board = Board {
+    dir: "rp2040-w5500",
+    target: "thumbv6m-none-eabi",
+};
+
+/// The firmware boards, in the order tables list them.
+pub const FIRMWARE_BOARDS: &[&Board] = &[&QEMU, &NUCLEO, &RP2040];
+
 impl Board {
     pub fn path(&self) -> PathBuf {
         root().join("boards").join(self.dir)
@@ -29,6 +42,14 @@ impl Board {
             .join(self.target)
             .join("release")
             .join(format!("cairn-board-{}", self.dir))
+    }
+
+    /// `cargo fmt --check` in the board's package (not part of the workspace's fmt run).
+    pub fn fmt_check(&self) -> Result<()> {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        run(Command::new(cargo)
+            .current_dir(self.path())
+            .args(["fmt", "--", "--check"]))
     }
 
     /// `cargo build --release` with exactly `features` (no default features) and the

@@ -10,6 +10,7 @@ mod dist;
 mod manpage;
 mod qemu;
 mod setup;
+mod size;
 mod util;
 
 use anyhow::{Result, bail};
@@ -20,6 +21,7 @@ cargo xtask <command>
 commands:
   setup   install what the tests need (Debian packages, rustup targets)
   test    everything CI checks: set-up, fmt, clippy, no_std builds, all tests
+  size    flash and static RAM per board, with and without the Cairn client
   qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
   arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
   dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, in target/dist/
@@ -36,6 +38,7 @@ fn main() -> Result<()> {
         "qemu" => qemu::run_command(rest),
         "dist" => dist::run(rest),
         "arm" => arm_check::run(),
+        "size" => size::run_command(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
@@ -72,6 +75,14 @@ fn test(_args: &[String]) -> Result<()> {
                 .current_dir(util::root().join("boards/app")),
         )
     })?;
+    util::step("boards build (nucleo-h743zi, rp2040-w5500)", || {
+        for board in [&boards::NUCLEO, &boards::RP2040] {
+            board.fmt_check()?;
+            board.build(&[], &[])?;
+        }
+        Ok(())
+    })?;
+    boards::QEMU.fmt_check()?;
     qemu::run_command(&["--smoke".into()])?;
     println!("xtask test: all steps passed");
     Ok(())

@@ -7,7 +7,17 @@
 mod fmt;
 
 pub mod backoff;
+mod client;
 pub mod outbox;
+pub mod record;
+pub mod store;
+pub mod transport;
+
+pub use cairn_protocol::{ErrorCode, GatewayAddr, KEY_LEN, MAX_BLOB, MAX_VALUES};
+pub use client::{Client, Config, ConnectionState, PushError, Status, Value};
+pub use outbox::OverflowPolicy;
+pub use store::{RamOnly, Store};
+pub use transport::{Connection, Transport, TransportError};
 
 /// A record's per-device sequence number. Seqs start at 1 and never repeat for one device.
 pub type Seq = u64;

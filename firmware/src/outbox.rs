@@ -56,6 +56,8 @@ pub struct Outbox<const N: usize> {
     wrapped: bool,
     count: usize,
     first_seq: Seq,
+    /// Records ever removed from the front (acked or dropped); the flash store mirrors it.
+    removed: u64,
     policy: OverflowPolicy,
 }
 
@@ -73,6 +75,7 @@ impl<const N: usize> Outbox<N> {
             wrapped: false,
             count: 0,
             first_seq,
+            removed: 0,
             policy,
         }
     }
@@ -111,6 +114,11 @@ impl<const N: usize> Outbox<N> {
         } else {
             self.tail - self.head
         }
+    }
+
+    /// Records ever removed from the front, by Ack or by the overflow policy.
+    pub fn removed(&self) -> u64 {
+        self.removed
     }
 
     /// The overflow policy in force.
@@ -202,6 +210,7 @@ impl<const N: usize> Outbox<N> {
         self.head += LEN_BYTES + len;
         self.count -= 1;
         self.first_seq += 1;
+        self.removed += 1;
         if self.count == 0 {
             self.head = 0;
             self.tail = 0;
@@ -227,15 +236,6 @@ impl<const N: usize> Outbox<N> {
     /// Renumber the held records so the oldest gets `first_seq`. Used once per boot for a
     /// RAM outbox, when the first Welcome tells where the gateway's high-water is.
     pub fn rebase(&mut self, first_seq: Seq) {
-        self.first_seq = first_seq;
-    }
-
-    /// Drop everything; the next record gets `first_seq`.
-    pub fn clear(&mut self, first_seq: Seq) {
-        self.head = 0;
-        self.tail = 0;
-        self.wrapped = false;
-        self.count = 0;
         self.first_seq = first_seq;
     }
 

@@ -1,0 +1,813 @@
+//! The device client: [`Client::push`] from any task, [`Client::run`] owns the connection.
+
+use core::cell::RefCell;
+
+use cairn_protocol::{
+    Ack, BatchEncoder, DeviceSession, EncodeError, ErrorCode, FrameError, GatewayAddr, HEADER_LEN,
+    KEY_LEN, MAX_FRAME, Message, Ping, Record, Welcome, read_frame_len,
+};
+use embassy_futures::select::{Either3, select3};
+use embassy_sync::blocking_mutex::Mutex;
+use embassy_sync::blocking_mutex::raw::RawMutex;
+use embassy_sync::signal::Signal;
+use embassy_time::{Duration, Instant, Timer, with_timeout};
+
+use crate::Seq;
+use crate::backoff::{Backoff, Prng};
+use crate::outbox::{Outbox, OutboxFull, OverflowPolicy};
+use crate::record::{self, StoredRecord, ValuesError};
+use crate::store::{RamOnly, Store};
+use crate::transport::{Connection, Transport, TransportError, write_all};
+
+pub use cairn_protocol::Value;
+
+/// Why [`Client::push`] refused a record. Nothing was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PushError {
+    /// The outbox is full and the policy is [`OverflowPolicy::RejectNewest`].
+    Full,
+    /// The record is larger than the whole outbox.
+    TooLarge,
+    /// More than `MAX_VALUES` values.
+    TooManyValues,
+    /// A Bytes/Str value longer than `MAX_BLOB`.
+    BlobTooLarge,
+}
+
+impl core::fmt::Display for PushError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            PushError::Full => "outbox full",
+            PushError::TooLarge => "record larger than the outbox",
+            PushError::TooManyValues => "too many values in one record",
+            PushError::BlobTooLarge => "bytes/str value too long",
+        })
+    }
+}
+
+impl core::error::Error for PushError {}
+
+impl From<ValuesError> for PushError {
+    fn from(e: ValuesError) -> Self {
+        match e {
+            ValuesError::TooManyValues => PushError::TooManyValues,
+            ValuesError::BlobTooLarge => PushError::BlobTooLarge,
+        }
+    }
+}
+
+/// Where the connection is. `Connected` means a Welcome was received on the current connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ConnectionState {
+    /// `run` has not started.
+    #[default]
+    Idle,
+    /// Opening a stream to a gateway.
+    Connecting,
+    /// Hello sent, waiting for Welcome.
+    Handshaking,
+    /// Welcome received; records flow.
+    Connected,
+    /// Waiting before the next attempt.
+    Backoff,
+}
+
+/// A snapshot of the client for the application ([`Client::status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Status {
+    /// Connection state.
+    pub state: ConnectionState,
+    /// Records accepted by `push`.
+    pub pushed: u64,
+    /// Records acknowledged (committed on a quorum) and removed from the outbox.
+    pub acked: u64,
+    /// Records dropped by the `DropOldest` policy (never acknowledged).
+    pub dropped: u64,
+    /// Pushes refused by the `RejectNewest` policy.
+    pub rejected: u64,
+    /// Failed attempts: connect failures, timeouts, broken connections, gateway errors.
+    pub retries: u64,
+    /// Sessions established (Welcome received) after the first one.
+    pub reconnects: u64,
+    /// Highest seq known committed (from Welcome or Ack); 0 before the first.
+    pub acked_through: Seq,
+    /// Records waiting in the outbox.
+    pub queued: u32,
+    /// The gateway of the current or last session.
+    pub gateway: Option<GatewayAddr>,
+    /// The last error code a gateway sent.
+    pub last_error: Option<ErrorCode>,
+}
+
+/// Connection settings for [`Client::run`]. [`Config::new`] fills in the defaults listed on
+/// each field.
+#[derive(Debug, Clone)]
+pub struct Config<'a> {
+    /// The device id registered on the cluster.
+    pub device_id: u64,
+    /// The device's pre-shared key.
+    pub key: [u8; KEY_LEN],
+    /// Boot number: must differ on every boot (it is part of every nonce). With
+    /// `flash-outbox` use [`crate::flash::FlashOutbox::boot`]; otherwise a hardware RNG.
+    pub boot: u32,
+    /// Sent in Hello.
+    pub firmware_version: u32,
+    /// Gateways to try, in order; the list is rotated on failure. At least one.
+    pub gateways: &'a [GatewayAddr],
+    /// Most records per batch (also sent as `Hello::max_batch`). Default 64.
+    pub max_batch: u16,
+    /// Bound on opening a connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Bound on Welcome after Hello, on Pong after Ping, and on progress (an Ack) while records
+    /// are in flight; also on each write. Default 10 s (acks wait for a quorum fsync).
+    pub response_timeout: Duration,
+    /// Ping after this long without traffic. Default 30 s.
+    pub ping_interval: Duration,
+    /// Shortest back-off delay. Default 100 ms.
+    pub backoff_floor: Duration,
+    /// First back-off ceiling, doubled per consecutive failure. Default 500 ms.
+    pub backoff_base: Duration,
+    /// Largest back-off ceiling. Default 60 s.
+    pub backoff_max: Duration,
+    /// Least delay after an `Overloaded` error. Default 5 s.
+    pub overloaded_delay: Duration,
+}
+
+impl<'a> Config<'a> {
+    /// Settings with the documented defaults.
+    pub const fn new(
+        device_id: u64,
+        key: [u8; KEY_LEN],
+        boot: u32,
+        gateways: &'a [GatewayAddr],
+    ) -> Self {
+        Self {
+            device_id,
+            key,
+            boot,
+            firmware_version: 0,
+            gateways,
+            max_batch: 64,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            backoff_floor: Duration::from_millis(100),
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            overloaded_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+/// State shared between `push` callers and the run loop, behind a blocking mutex.
+pub(crate) struct Shared<const N: usize> {
+    pub(crate) outbox: Outbox<N>,
+    pub(crate) status: Status,
+    /// Seq of the next record to put on the wire. Records from here on have never been sent
+    /// (on any connection of this boot), so their seqs may still be renumbered.
+    wire_next: Seq,
+    /// Sum of renumberings (`rebase` deltas) the store has not applied yet.
+    pub(crate) shift: i64,
+}
+
+impl<const N: usize> Shared<N> {
+    /// Renumber all held records so the oldest gets `first`; remembered for the store.
+    fn rebase(&mut self, first: Seq) {
+        let old = self.outbox.first_seq();
+        if old != first {
+            self.shift += first as i64 - old as i64;
+            self.outbox.rebase(first);
+        }
+    }
+
+    pub(crate) fn note_dropped(&mut self, n: u32) {
+        if n == 0 {
+            return;
+        }
+        self.status.dropped += u64::from(n);
+        // Dropping records that were never sent would leave a seq gap the gateway refuses
+        // (`SeqGap`): close it by renumbering the unsent rest, which nobody has seen yet.
+        if self.outbox.first_seq() > self.wire_next {
+            let to = self.wire_next;
+            self.rebase(to);
+        }
+    }
+}
+
+/// The Cairn device client. See the crate documentation for an example.
+///
+/// `M` is the mutex kind guarding the shared state (`CriticalSectionRawMutex` to push from
+/// interrupts or other executors, `NoopRawMutex` for one executor on one core, a `std` one on
+/// the host); `N` is the outbox size in bytes. Create it in a `static` (all constructors are
+/// `const`) and share `&'static Client` between the task that runs [`Client::run`] and the
+/// tasks that push.
+pub struct Client<M: RawMutex, const N: usize> {
+    pub(crate) shared: Mutex<M, RefCell<Shared<N>>>,
+    pushed: Signal<M, ()>,
+}
+
+impl<M: RawMutex, const N: usize> Client<M, N> {
+    /// An empty client with the given overflow policy.
+    pub const fn new(policy: OverflowPolicy) -> Self {
+        Self {
+            shared: Mutex::new(RefCell::new(Shared {
+                outbox: Outbox::new(policy, 1),
+                status: Status {
+                    state: ConnectionState::Idle,
+                    pushed: 0,
+                    acked: 0,
+                    dropped: 0,
+                    rejected: 0,
+                    retries: 0,
+                    reconnects: 0,
+                    acked_through: 0,
+                    queued: 0,
+                    gateway: None,
+                    last_error: None,
+                },
+                wire_next: 1,
+                shift: 0,
+            })),
+            pushed: Signal::new(),
+        }
+    }
+
+    /// Queue one record of `values` for `stream`, stamped with the current uptime. Never
+    /// blocks on the network; callable from any task (and from interrupts with a
+    /// critical-section mutex).
+    ///
+    /// Returns the record's seq. A seq is final once the record has been sent; until then it
+    /// may be renumbered downwards when older unsent records are dropped or when the first
+    /// Welcome of a boot gives the gateway's high-water (the gateway refuses seq gaps), so use
+    /// it for logging and ordering, not as a durable id before [`Status::acked_through`]
+    /// passes it.
+    pub fn push(&self, stream: u16, values: &[Value<'_>]) -> Result<Seq, PushError> {
+        let uptime_ms = Instant::now().as_millis();
+        let len = record::encoded_len(uptime_ms, values)?;
+        let seq = self.lock(|s| {
+            match s
+                .outbox
+                .push(len, |dst| record::encode(dst, stream, uptime_ms, values))
+            {
+                Ok(p) => {
+                    s.status.pushed += 1;
+                    s.note_dropped(p.dropped);
+                    Ok(s.outbox.next_seq() - 1)
+                }
+                Err(OutboxFull::Full) => {
+                    s.status.rejected += 1;
+                    Err(PushError::Full)
+                }
+                Err(OutboxFull::TooLarge) => Err(PushError::TooLarge),
+            }
+        })?;
+        self.pushed.signal(());
+        Ok(seq)
+    }
+
+    /// A snapshot of counters and connection state.
+    pub fn status(&self) -> Status {
+        self.lock(|s| {
+            let mut st = s.status;
+            st.queued = s.outbox.len() as u32;
+            st
+        })
+    }
+
+    /// Change the overflow policy at run time.
+    pub fn set_policy(&self, policy: OverflowPolicy) {
+        self.lock(|s| s.outbox.set_policy(policy));
+    }
+
+    /// Bytes of the outbox in use (records, headers, wrap waste).
+    pub fn outbox_bytes_used(&self) -> usize {
+        self.lock(|s| s.outbox.bytes_used())
+    }
+
+    pub(crate) fn lock<R>(&self, f: impl FnOnce(&mut Shared<N>) -> R) -> R {
+        self.shared.lock(|c| f(&mut c.borrow_mut()))
+    }
+
+    /// Own the connection forever with a RAM-only outbox: connect, hand-shake, send, retry,
+    /// fail over. Run it in its own task; it only returns if dropped.
+    ///
+    /// On the host it runs on any executor whose wakers embassy-time's driver accepts, e.g. a
+    /// tokio `current_thread` runtime with embassy-time's `std` + `generic-queue-*` features
+    /// (the client is `!Send` with `NoopRawMutex`; use a `LocalSet`). `tests/tokio_tcp.rs`
+    /// shows a complete tokio transport.
+    pub async fn run<T: Transport>(&self, transport: &mut T, config: &Config<'_>) -> ! {
+        self.run_with_store(transport, config, &mut RamOnly).await
+    }
+
+    /// [`Client::run`] with a persistent outbox (see [`crate::flash::FlashOutbox`]).
+    pub async fn run_with_store<T: Transport, S: Store>(
+        &self,
+        transport: &mut T,
+        config: &Config<'_>,
+        store: &mut S,
+    ) -> ! {
+        assert!(!config.gateways.is_empty(), "Config::gateways is empty");
+        let mut link = Link {
+            session: DeviceSession::new(&config.key, config.boot, 0),
+            backoff: Backoff::new(
+                config.backoff_floor,
+                config.backoff_base,
+                config.backoff_max,
+                Prng::from_device(config.device_id, config.boot),
+            ),
+            next_gateway: 0,
+            hint: None,
+            redirects: 0,
+            sessions: 0,
+            ping_nonce: 0,
+            tx: [0; MAX_FRAME],
+            rx: [0; MAX_FRAME],
+            batch: [0; MAX_FRAME],
+        };
+        loop {
+            let addr = link.pick_gateway(config.gateways);
+            let end = self
+                .connection(transport, config, store, &mut link, addr)
+                .await;
+            let delay = match end {
+                End::Redirect(to) => {
+                    link.redirects += 1;
+                    if link.redirects <= MAX_REDIRECTS {
+                        link.hint = Some(to);
+                        None
+                    } else {
+                        // A redirect loop: go back to the list, with back-off.
+                        link.redirects = 0;
+                        Some(link.backoff.next_delay())
+                    }
+                }
+                End::Failed(why) => {
+                    info!("cairn: connection to {} ended: {}", addr, why);
+                    self.lock(|s| {
+                        s.status.retries += 1;
+                        if let Why::Gateway(code) = why {
+                            s.status.last_error = Some(code);
+                        }
+                    });
+                    link.next_gateway = link.next_gateway.wrapping_add(1);
+                    Some(match why {
+                        Why::Gateway(ErrorCode::Overloaded) => {
+                            link.backoff.next_delay_at_least(config.overloaded_delay)
+                        }
+                        Why::Gateway(
+                            ErrorCode::UnknownDevice
+                            | ErrorCode::BadAuth
+                            | ErrorCode::UnsupportedVersion
+                            | ErrorCode::SchemaMismatch,
+                        ) => link.backoff.next_delay_at_least(config.backoff_max),
+                        _ => link.backoff.next_delay(),
+                    })
+                }
+            };
+            if let Some(delay) = delay {
+                self.lock(|s| s.status.state = ConnectionState::Backoff);
+                debug!("cairn: retry in {} ms", delay.as_millis());
+                Timer::after(delay).await;
+            }
+        }
+    }
+
+    /// One connection from connect to close.
+    async fn connection<T: Transport, S: Store>(
+        &self,
+        transport: &mut T,
+        config: &Config<'_>,
+        store: &mut S,
+        link: &mut Link,
+        addr: GatewayAddr,
+    ) -> End {
+        self.lock(|s| {
+            s.status.state = ConnectionState::Connecting;
+            s.status.gateway = Some(addr);
+        });
+        debug!("cairn: connecting to {}", addr);
+        let mut conn = match with_timeout(config.connect_timeout, transport.connect(addr)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                warn!("cairn: connect to {} failed: {}", addr, e);
+                return End::Failed(Why::Transport(e));
+            }
+            Err(_) => {
+                warn!("cairn: connect to {} timed out", addr);
+                return End::Failed(Why::Timeout);
+            }
+        };
+        let end = self.converse(&mut conn, config, store, link, addr).await;
+        let _ = with_timeout(Duration::from_millis(500), conn.close()).await;
+        end
+    }
+
+    async fn converse<C: Connection, S: Store>(
+        &self,
+        conn: &mut C,
+        config: &Config<'_>,
+        store: &mut S,
+        link: &mut Link,
+        addr: GatewayAddr,
+    ) -> End {
+        let mut rx = FrameReader::new();
+        self.lock(|s| s.status.state = ConnectionState::Handshaking);
+        let hello = link
+            .session
+            .hello(config.device_id, config.firmware_version, config.max_batch);
+        if let Err(end) = link.send(conn, config, &Message::Hello(hello)).await {
+            return end;
+        }
+
+        // Handshake: the first answer decides.
+        let deadline = Instant::now() + config.response_timeout;
+        let welcome: Welcome = loop {
+            let n = match embassy_time::with_deadline(deadline, rx.fill(conn, &mut link.rx)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(why)) => return End::Failed(why),
+                Err(_) => return End::Failed(Why::Timeout),
+            };
+            let msg = match link.session.decode(&mut link.rx[..n]) {
+                Ok(m) => m,
+                Err(e) => return End::Failed(Why::Frame(e)),
+            };
+            let msg = Owned::from(msg);
+            rx.consume(&mut link.rx, n);
+            match msg {
+                Owned::Welcome(w) => break w,
+                Owned::Redirect(to) => return End::Redirect(to.resolve(addr.ip)),
+                Owned::Error(code) => return gateway_error(code),
+                Owned::Ping(nonce) => {
+                    if let Err(end) = link.pong(conn, config, nonce).await {
+                        return end;
+                    }
+                }
+                _ => return End::Failed(Why::Frame(FrameError::Unexpected)),
+            }
+        };
+
+        // Welcome: of the records ever sent, those at or below high-water are committed. The
+        // rest are renumbered to follow high-water without a gap (a no-op unless records were
+        // dropped, or were pushed before this boot's first Welcome) and resent from there.
+        let first_session = link.sessions == 0;
+        link.sessions += 1;
+        link.redirects = 0;
+        link.backoff.reset();
+        if let Some(leader) = welcome.leader {
+            link.hint = Some(leader.resolve(addr.ip));
+        }
+        self.lock(|s| {
+            let sent_through = s.wire_next.saturating_sub(1);
+            let n = s.outbox.ack_through(welcome.high_water.min(sent_through));
+            s.status.acked += n as u64;
+            s.rebase(welcome.high_water + 1);
+            s.wire_next = welcome.high_water + 1;
+            s.status.acked_through = welcome.high_water;
+            s.status.state = ConnectionState::Connected;
+            s.status.last_error = None;
+            if !first_session {
+                s.status.reconnects += 1;
+            }
+        });
+        info!(
+            "cairn: connected to {}, high-water {}, credit {}",
+            addr, welcome.high_water, welcome.credit
+        );
+        let mut window_end = welcome.high_water + u64::from(welcome.credit);
+        let mut acked = welcome.high_water;
+        let mut last_rx = Instant::now();
+        let mut last_progress = Instant::now();
+        let mut ping_sent: Option<Instant> = None;
+
+        loop {
+            let durable = store.sync(self).await;
+            // Send as many batches as credit and durability allow.
+            loop {
+                match self
+                    .send_batch(conn, config, link, durable, window_end)
+                    .await
+                {
+                    Ok(Some(first)) => {
+                        if first == acked + 1 {
+                            // Nothing was in flight: the ack clock starts now.
+                            last_progress = Instant::now();
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(end) => return end,
+                }
+            }
+
+            let in_flight = self.lock(|s| s.wire_next) > acked + 1;
+            let deadline = if in_flight {
+                last_progress + config.response_timeout
+            } else if let Some(at) = ping_sent {
+                at + config.response_timeout
+            } else {
+                last_rx + config.ping_interval
+            };
+            match select3(
+                rx.fill(conn, &mut link.rx),
+                self.pushed.wait(),
+                Timer::at(deadline),
+            )
+            .await
+            {
+                Either3::First(Ok(n)) => {
+                    last_rx = Instant::now();
+                    let msg = match link.session.decode(&mut link.rx[..n]) {
+                        Ok(m) => Owned::from(m),
+                        Err(e) => return End::Failed(Why::Frame(e)),
+                    };
+                    rx.consume(&mut link.rx, n);
+                    match msg {
+                        Owned::Ack(ack) => {
+                            if ack.through_seq > acked {
+                                acked = ack.through_seq;
+                                last_progress = Instant::now();
+                            }
+                            window_end = acked + u64::from(ack.credit);
+                            if let Some(leader) = ack.leader {
+                                link.hint = Some(leader.resolve(addr.ip));
+                            }
+                            self.lock(|s| {
+                                let n = s.outbox.ack_through(ack.through_seq);
+                                s.status.acked += n as u64;
+                                s.status.acked_through =
+                                    s.status.acked_through.max(ack.through_seq);
+                            });
+                            trace!("cairn: ack through {}", ack.through_seq);
+                        }
+                        Owned::Pong(nonce) if nonce == link.ping_nonce => ping_sent = None,
+                        Owned::Pong(_) => {}
+                        Owned::Ping(nonce) => {
+                            if let Err(end) = link.pong(conn, config, nonce).await {
+                                return end;
+                            }
+                        }
+                        Owned::Redirect(to) => return End::Redirect(to.resolve(addr.ip)),
+                        Owned::Error(code) => return gateway_error(code),
+                        Owned::Welcome(_) | Owned::Other => {
+                            return End::Failed(Why::Frame(FrameError::Unexpected));
+                        }
+                    }
+                }
+                Either3::First(Err(why)) => return End::Failed(why),
+                Either3::Second(()) => {}
+                Either3::Third(()) => {
+                    if in_flight || ping_sent.is_some() {
+                        warn!("cairn: no answer from {} in time", addr);
+                        return End::Failed(Why::Timeout);
+                    }
+                    link.ping_nonce = link.ping_nonce.wrapping_add(1);
+                    let ping = Message::Ping(Ping {
+                        nonce: link.ping_nonce,
+                    });
+                    if let Err(end) = link.send(conn, config, &ping).await {
+                        return end;
+                    }
+                    ping_sent = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Encode the next batch (records from `wire_next`, below `durable`, within the credit
+    /// window) and send it. Returns the batch's first seq, or `None` when there is nothing to
+    /// send. Building the frame and advancing `wire_next` happen under one lock, so a record is
+    /// never renumbered once it is in a frame.
+    async fn send_batch<C: Connection>(
+        &self,
+        conn: &mut C,
+        config: &Config<'_>,
+        link: &mut Link,
+        durable: Seq,
+        window_end: Seq,
+    ) -> Result<Option<Seq>, End> {
+        let sent_uptime_ms = Instant::now().as_millis();
+        let Link {
+            batch, tx, session, ..
+        } = link;
+        let built = self.lock(|s| {
+            let first = s.wire_next;
+            let limit = s
+                .outbox
+                .next_seq()
+                .min(durable)
+                .min(window_end.saturating_add(1));
+            if first >= limit {
+                return Ok(None);
+            }
+            let count = (limit - first).min(u64::from(config.max_batch)) as usize;
+            let mut enc = BatchEncoder::new(&mut batch[..], first, sent_uptime_ms);
+            for (_, bytes) in s.outbox.iter_from(first).take(count) {
+                let Some(r) = StoredRecord::decode(bytes) else {
+                    // Cannot happen for records this crate wrote; never send garbage.
+                    error!("cairn: undecodable record in the outbox");
+                    break;
+                };
+                let rec = Record {
+                    stream: r.stream,
+                    // Records restored from flash carry an uptime of an earlier boot.
+                    uptime_ms: r.uptime_ms.min(sent_uptime_ms),
+                    values: r.values(),
+                };
+                match enc.push(&rec) {
+                    Ok(()) => {}
+                    Err(EncodeError::Full) => break,
+                    Err(e) => {
+                        error!("cairn: record cannot be encoded: {}", e);
+                        break;
+                    }
+                }
+            }
+            if enc.is_empty() {
+                return Err(End::Failed(Why::Encode));
+            }
+            let n = u64::from(enc.count());
+            let view = enc.finish().map_err(|_| End::Failed(Why::Encode))?;
+            let len = session
+                .encode(&Message::Batch(view), &mut tx[..])
+                .map_err(|_| End::Failed(Why::Encode))?;
+            s.wire_next = first + n;
+            Ok(Some((len, first, n)))
+        })?;
+        let Some((len, first, n)) = built else {
+            return Ok(None);
+        };
+        match with_timeout(config.response_timeout, write_all(conn, &tx[..len])).await {
+            Ok(Ok(())) => {
+                trace!("cairn: sent batch {}..={}", first, first + n - 1);
+                Ok(Some(first))
+            }
+            Ok(Err(e)) => Err(End::Failed(Why::Transport(e))),
+            Err(_) => Err(End::Failed(Why::Timeout)),
+        }
+    }
+}
+
+/// Consecutive redirects followed without a Welcome before falling back to the list.
+const MAX_REDIRECTS: u32 = 3;
+
+/// Run-loop state that lives across connections.
+struct Link {
+    session: DeviceSession,
+    backoff: Backoff,
+    next_gateway: usize,
+    /// Leader hint or redirect target, tried once before the list.
+    hint: Option<GatewayAddr>,
+    redirects: u32,
+    sessions: u64,
+    ping_nonce: u32,
+    tx: [u8; MAX_FRAME],
+    rx: [u8; MAX_FRAME],
+    batch: [u8; MAX_FRAME],
+}
+
+impl Link {
+    fn pick_gateway(&mut self, list: &[GatewayAddr]) -> GatewayAddr {
+        self.hint
+            .take()
+            .unwrap_or(list[self.next_gateway % list.len()])
+    }
+
+    async fn send<C: Connection>(
+        &mut self,
+        conn: &mut C,
+        config: &Config<'_>,
+        msg: &Message<'_>,
+    ) -> Result<(), End> {
+        let len = self
+            .session
+            .encode(msg, &mut self.tx)
+            .map_err(|_| End::Failed(Why::Encode))?;
+        match with_timeout(config.response_timeout, write_all(conn, &self.tx[..len])).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Failed(Why::Transport(e))),
+            Err(_) => Err(End::Failed(Why::Timeout)),
+        }
+    }
+
+    async fn pong<C: Connection>(
+        &mut self,
+        conn: &mut C,
+        config: &Config<'_>,
+        nonce: u32,
+    ) -> Result<(), End> {
+        let pong = Message::Pong(cairn_protocol::Pong { nonce });
+        self.send(conn, config, &pong).await
+    }
+}
+
+/// How a connection ended.
+enum End {
+    /// The gateway sent us elsewhere (address already resolved).
+    Redirect(GatewayAddr),
+    /// Anything else: count a retry, rotate, back off.
+    Failed(Why),
+}
+
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+enum Why {
+    Transport(TransportError),
+    Timeout,
+    Closed,
+    Frame(FrameError),
+    Encode,
+    Gateway(ErrorCode),
+}
+
+impl core::fmt::Display for Why {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Why::Transport(e) => write!(f, "{e}"),
+            Why::Timeout => f.write_str("timed out"),
+            Why::Closed => f.write_str("closed by the gateway"),
+            Why::Frame(e) => write!(f, "bad frame: {e}"),
+            Why::Encode => f.write_str("could not encode a frame"),
+            Why::Gateway(code) => write!(f, "gateway error {code}"),
+        }
+    }
+}
+
+/// What each gateway error code means for the device (all of them end the connection; the
+/// next Welcome re-synchronises seqs, so resending is always safe):
+/// - `NotLeader`, `Internal`, `SeqGap`, `Replay`, `Malformed`, `TooLarge`, unknown codes:
+///   back off normally and try the next gateway.
+/// - `Overloaded`: back off at least `Config::overloaded_delay`, then try the next gateway.
+/// - `UnknownDevice`, `BadAuth`, `UnsupportedVersion`, `SchemaMismatch`: configuration
+///   problems that retrying soon will not fix; wait the maximum back-off and keep the records
+///   (the code shows in [`Status::last_error`] until a session succeeds).
+fn gateway_error(code: ErrorCode) -> End {
+    warn!("cairn: gateway error {}", code);
+    End::Failed(Why::Gateway(code))
+}
+
+/// The parts of a decoded message the run loop needs, copied out of the receive buffer.
+enum Owned {
+    Welcome(Welcome),
+    Ack(Ack),
+    Redirect(GatewayAddr),
+    Error(ErrorCode),
+    Ping(u32),
+    Pong(u32),
+    Other,
+}
+
+impl From<Message<'_>> for Owned {
+    fn from(m: Message<'_>) -> Self {
+        match m {
+            Message::Welcome(w) => Owned::Welcome(w),
+            Message::Ack(a) => Owned::Ack(a),
+            Message::Redirect(r) => Owned::Redirect(r.addr),
+            Message::Error(e) => Owned::Error(e.code),
+            Message::Ping(p) => Owned::Ping(p.nonce),
+            Message::Pong(p) => Owned::Pong(p.nonce),
+            Message::Hello(_) | Message::Batch(_) => Owned::Other,
+        }
+    }
+}
+
+/// Reassembles frames from the byte stream in the run loop's receive buffer. Keeps its fill
+/// level across cancelled reads, so racing `fill` against timers loses nothing.
+struct FrameReader {
+    filled: usize,
+}
+
+impl FrameReader {
+    fn new() -> Self {
+        Self { filled: 0 }
+    }
+
+    /// Read until `buf` starts with a whole frame; returns its length.
+    async fn fill<C: Connection>(
+        &mut self,
+        conn: &mut C,
+        buf: &mut [u8; MAX_FRAME],
+    ) -> Result<usize, Why> {
+        loop {
+            if self.filled >= HEADER_LEN {
+                let header: &[u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("12 bytes");
+                let len = read_frame_len(header).map_err(Why::Frame)?;
+                if self.filled >= len {
+                    return Ok(len);
+                }
+            }
+            match conn.read(&mut buf[self.filled..]).await {
+                Ok(0) => return Err(Why::Closed),
+                Ok(n) => self.filled += n,
+                Err(e) => return Err(Why::Transport(e)),
+            }
+        }
+    }
+
+    /// Drop the first frame (`len` bytes) after it was decoded.
+    fn consume(&mut self, buf: &mut [u8; MAX_FRAME], len: usize) {
+        buf.copy_within(len..self.filled, 0);
+        self.filled -= len;
+    }
+}

@@ -1,0 +1,441 @@
+//! A simulated network and gateway cluster for the device client.
+//!
+//! The gateway side speaks the real protocol (`cairn_protocol::GatewaySession`) over in-memory
+//! byte streams (`tokio::io::duplex`), and keeps one device's committed rows like the state
+//! machine does: seqs at or below high-water are acknowledged without being applied again,
+//! a seq above high-water + 1 is a gap (`SeqGap`). Faults: gateways down, connections killed
+//! mid-stream (with the batches they carried either lost or committed late, after the device
+//! reconnected), acks dropped, acks delayed, followers that redirect or refuse.
+#![allow(dead_code)]
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Duration as StdDuration;
+
+use cairn_firmware::backoff::Prng;
+use cairn_firmware::{Connection, GatewayAddr, Transport, TransportError};
+use cairn_protocol::{
+    Ack, BatchView, Error, ErrorCode, GatewaySession, HEADER_LEN, Message, Pong, Redirect, Welcome,
+    read_frame_len,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+
+pub const KEY: [u8; 32] = [7; 32];
+pub const DEVICE: u64 = 42;
+
+pub fn gateway_addr(i: usize) -> GatewayAddr {
+    GatewayAddr::new([10, 0, 0, 1], 4001 + i as u16)
+}
+
+/// How followers treat a device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FollowerMode {
+    /// Accept and "forward" (shared state).
+    Forward,
+    /// Answer `Redirect` to the leader, as a loopback address.
+    Redirect,
+    /// Answer `Error(NotLeader)`.
+    NotLeader,
+}
+
+#[derive(Clone, Debug)]
+pub struct Faults {
+    /// Probability (per mille) that a received batch kills the connection.
+    pub kill_per_mille: u64,
+    /// Probability (per mille) that an ack is not sent and the connection is killed.
+    pub drop_ack_per_mille: u64,
+    /// Acks wait up to this long ("quorum fsync").
+    pub ack_delay_max_ms: u64,
+    /// Of the batches pending on a killed connection, per mille committed late anyway.
+    pub late_commit_per_mille: u64,
+    pub credit: u16,
+    pub follower: FollowerMode,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            kill_per_mille: 0,
+            drop_ack_per_mille: 0,
+            ack_delay_max_ms: 0,
+            late_commit_per_mille: 0,
+            credit: 256,
+            follower: FollowerMode::Forward,
+        }
+    }
+}
+
+/// What the cluster committed for the device, plus every seq/content pair it ever saw.
+#[derive(Default)]
+pub struct Cluster {
+    pub hw: u64,
+    /// Committed rows, in seq order: (seq, content).
+    pub rows: Vec<(u64, String)>,
+    /// Every (seq -> content) the gateway received, committed or not.
+    pub seen: HashMap<u64, String>,
+    /// Violations found (seq reused with other content, gaps); tests assert this stays empty.
+    pub violations: Vec<String>,
+    pub gaps: u64,
+    pub down: Vec<bool>,
+    pub leader: usize,
+    pub connects: Vec<u64>,
+    pub hellos: Vec<(usize, u32)>,
+    pub faults: Faults,
+    pub rng: Option<Prng>,
+    /// Connection attempt instants (ms since test start) per gateway.
+    pub attempts: Vec<(usize, u64)>,
+    /// Force every Hello to be answered with this error (unsealed).
+    pub reject_with: Option<ErrorCode>,
+    pub epoch: Option<std::time::Instant>,
+}
+
+pub type ClusterRef = Rc<RefCell<Cluster>>;
+
+pub fn cluster(gateways: usize, faults: Faults, seed: u64) -> ClusterRef {
+    Rc::new(RefCell::new(Cluster {
+        down: vec![false; gateways],
+        connects: vec![0; gateways],
+        faults,
+        rng: Some(Prng::new(seed)),
+        epoch: Some(std::time::Instant::now()),
+        ..Default::default()
+    }))
+}
+
+impl Cluster {
+    fn roll(&mut self, per_mille: u64) -> bool {
+        per_mille > 0 && self.rng.as_mut().unwrap().between(0, 999) < per_mille
+    }
+
+    fn delay_ms(&mut self) -> u64 {
+        let max = self.faults.ack_delay_max_ms;
+        self.rng.as_mut().unwrap().between(0, max)
+    }
+
+    /// Apply a batch like the state machine; returns Err(SeqGap) on a gap.
+    fn apply(&mut self, batch: &BatchView<'_>) -> Result<(), ErrorCode> {
+        let first = batch.header().first_seq;
+        for (i, rec) in batch.records().enumerate() {
+            let rec = rec.expect("records decode");
+            let seq = first + i as u64;
+            let content = format!(
+                "{}:{}",
+                rec.stream,
+                rec.values()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            if let Some(old) = self.seen.get(&seq)
+                && *old != content
+            {
+                self.violations
+                    .push(format!("seq {seq} reused: {old} then {content}"));
+            }
+            self.seen.insert(seq, content.clone());
+            if seq <= self.hw {
+                continue;
+            }
+            if seq > self.hw + 1 {
+                self.gaps += 1;
+                return Err(ErrorCode::SeqGap);
+            }
+            self.hw = seq;
+            self.rows.push((seq, content));
+        }
+        Ok(())
+    }
+
+    /// The `u64` payloads of the committed rows (tests push `[U64(k)]` records on stream 1).
+    pub fn payloads(&self) -> Vec<u64> {
+        self.rows
+            .iter()
+            .map(|(_, c)| {
+                c.strip_prefix("1:")
+                    .expect("stream 1")
+                    .parse()
+                    .expect("u64")
+            })
+            .collect()
+    }
+}
+
+/// The device's side of the simulated network.
+pub struct SimTransport {
+    pub cluster: ClusterRef,
+}
+
+pub struct SimConnection {
+    stream: DuplexStream,
+}
+
+impl Transport for SimTransport {
+    type Connection<'a> = SimConnection;
+
+    async fn connect(&mut self, addr: GatewayAddr) -> Result<SimConnection, TransportError> {
+        let index = (addr.port - 4001) as usize;
+        {
+            let mut c = self.cluster.borrow_mut();
+            let at = c.epoch.unwrap().elapsed().as_millis() as u64;
+            c.attempts.push((index, at));
+            if addr.ip != [10, 0, 0, 1] || index >= c.down.len() || c.down[index] {
+                return Err(TransportError::ConnectFailed);
+            }
+            c.connects[index] += 1;
+        }
+        let (device, gateway) = tokio::io::duplex(8192);
+        tokio::task::spawn_local(serve(self.cluster.clone(), index, gateway));
+        Ok(SimConnection { stream: device })
+    }
+}
+
+impl Connection for SimConnection {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        self.stream
+            .read(buf)
+            .await
+            .map_err(|_| TransportError::Reset)
+    }
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
+        self.stream
+            .write(buf)
+            .await
+            .map_err(|_| TransportError::Reset)
+    }
+    async fn flush(&mut self) -> Result<(), TransportError> {
+        self.stream.flush().await.map_err(|_| TransportError::Reset)
+    }
+    async fn close(&mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+async fn read_frame(r: &mut ReadHalf<DuplexStream>) -> Option<Vec<u8>> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header).await.ok()?;
+    let len = read_frame_len(&header).ok()?;
+    let mut frame = header.to_vec();
+    frame.resize(len, 0);
+    r.read_exact(&mut frame[HEADER_LEN..]).await.ok()?;
+    Some(frame)
+}
+
+struct Replies {
+    session: RefCell<GatewaySession>,
+    writer: tokio::sync::Mutex<WriteHalf<DuplexStream>>,
+    alive: RefCell<bool>,
+}
+
+impl Replies {
+    async fn send(&self, msg: &Message<'_>) {
+        if !*self.alive.borrow() {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        let n = self
+            .session
+            .borrow_mut()
+            .encode(msg, &mut buf)
+            .expect("encode reply");
+        let mut w = self.writer.lock().await;
+        if w.write_all(&buf[..n]).await.is_err() {
+            *self.alive.borrow_mut() = false;
+        }
+    }
+
+    async fn kill(&self) {
+        *self.alive.borrow_mut() = false;
+        let _ = self.writer.lock().await.shutdown().await;
+    }
+}
+
+/// One gateway connection: handshake, then batches through a commit pipeline.
+async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let Some(hello_frame) = read_frame(&mut r).await else {
+        return;
+    };
+    let hello = GatewaySession::peek_hello(&hello_frame).expect("hello");
+    assert_eq!(hello.device_id, DEVICE);
+    let session = GatewaySession::accept(&KEY, &hello_frame).expect("hello authenticates");
+    cluster.borrow_mut().hellos.push((index, hello.boot));
+    let reject_with = cluster.borrow().reject_with;
+    if let Some(code) = reject_with {
+        let mut buf = [0u8; 64];
+        let n = cairn_protocol::encode_unsealed_error(code, &mut buf).unwrap();
+        let _ = w.write_all(&buf[..n]).await;
+        return;
+    }
+    let replies = Rc::new(Replies {
+        session: RefCell::new(session),
+        writer: tokio::sync::Mutex::new(w),
+        alive: RefCell::new(true),
+    });
+    let (leader, mode, hw, credit) = {
+        let c = cluster.borrow();
+        (c.leader, c.faults.follower, c.hw, c.faults.credit)
+    };
+    if index != leader {
+        match mode {
+            FollowerMode::Redirect => {
+                let to = GatewayAddr::new([127, 0, 0, 1], 4001 + leader as u16);
+                replies
+                    .send(&Message::Redirect(Redirect { addr: to }))
+                    .await;
+                return;
+            }
+            FollowerMode::NotLeader => {
+                replies
+                    .send(&Message::Error(Error {
+                        code: ErrorCode::NotLeader,
+                    }))
+                    .await;
+                return;
+            }
+            FollowerMode::Forward => {}
+        }
+    }
+    let leader_hint = (index != leader).then(|| gateway_addr(leader));
+    replies
+        .send(&Message::Welcome(Welcome {
+            high_water: hw,
+            leader: leader_hint,
+            credit,
+        }))
+        .await;
+
+    // Commit pipeline: batches are committed in order, each after a random delay.
+    let pending: Rc<RefCell<VecDeque<Vec<u8>>>> = Rc::default();
+    let wake = Rc::new(tokio::sync::Notify::new());
+    let committer = {
+        let (cluster, replies, pending, wake) = (
+            cluster.clone(),
+            replies.clone(),
+            pending.clone(),
+            wake.clone(),
+        );
+        tokio::task::spawn_local(async move {
+            let mut lost_one = false;
+            loop {
+                let next = pending.borrow_mut().pop_front();
+                let Some(body) = next else {
+                    if !*replies.alive.borrow() {
+                        return;
+                    }
+                    wake.notified().await;
+                    continue;
+                };
+                let delay = cluster.borrow_mut().delay_ms();
+                if delay > 0 {
+                    tokio::time::sleep(StdDuration::from_millis(delay)).await;
+                }
+                let alive = *replies.alive.borrow();
+                if !alive {
+                    // The connection died with this batch in the pipeline: lost, or committed
+                    // late (after the device may already have reconnected elsewhere). Like a
+                    // Raft log, the pipeline keeps order: after one loss the rest is lost too.
+                    let late = !lost_one && {
+                        let mut c = cluster.borrow_mut();
+                        let p = c.faults.late_commit_per_mille;
+                        c.roll(p)
+                    };
+                    lost_one |= !late;
+                    if late {
+                        let view = BatchView::parse(&body).expect("batch");
+                        let _ = cluster.borrow_mut().apply(&view);
+                    }
+                    continue;
+                }
+                let view = BatchView::parse(&body).expect("batch");
+                let result = cluster.borrow_mut().apply(&view);
+                match result {
+                    Err(code) => {
+                        replies.send(&Message::Error(Error { code })).await;
+                        replies.kill().await;
+                    }
+                    Ok(()) => {
+                        let (drop_ack, hw, credit) = {
+                            let mut c = cluster.borrow_mut();
+                            let p = c.faults.drop_ack_per_mille;
+                            (c.roll(p), c.hw, c.faults.credit)
+                        };
+                        if drop_ack {
+                            replies.kill().await;
+                        } else {
+                            let ack = Ack {
+                                through_seq: hw,
+                                credit,
+                                leader: leader_hint,
+                            };
+                            replies.send(&Message::Ack(ack)).await;
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    loop {
+        if !*replies.alive.borrow() {
+            break;
+        }
+        let Some(mut frame) = read_frame(&mut r).await else {
+            break;
+        };
+        if cluster.borrow().down[index] {
+            // The gateway went down: the frame is lost with the connection.
+            replies.kill().await;
+            break;
+        }
+        let msg = replies.session.borrow_mut().decode(&mut frame);
+        match msg {
+            Ok(Message::Batch(view)) => {
+                let body = view.as_bytes().to_vec();
+                pending.borrow_mut().push_back(body);
+                wake.notify_one();
+                let kill = {
+                    let mut c = cluster.borrow_mut();
+                    let p = c.faults.kill_per_mille;
+                    c.roll(p)
+                };
+                if kill {
+                    replies.kill().await;
+                    break;
+                }
+            }
+            Ok(Message::Ping(p)) => replies.send(&Message::Pong(Pong { nonce: p.nonce })).await,
+            Ok(other) => panic!("unexpected message from device: {other}"),
+            Err(e) => panic!("device frame did not decode: {e}"),
+        }
+    }
+    *replies.alive.borrow_mut() = false;
+    wake.notify_one();
+    let _ = committer.await;
+}
+
+/// Poll `cond` every 5 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: StdDuration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(StdDuration::from_millis(5)).await;
+    }
+    cond()
+}
+
+/// Fast settings for tests (real time, so keep everything short).
+pub fn fast_config(gateways: &[GatewayAddr], boot: u32) -> cairn_firmware::Config<'_> {
+    let mut c = cairn_firmware::Config::new(DEVICE, KEY, boot, gateways);
+    c.connect_timeout = embassy_time::Duration::from_millis(200);
+    c.response_timeout = embassy_time::Duration::from_millis(400);
+    c.ping_interval = embassy_time::Duration::from_millis(150);
+    c.backoff_floor = embassy_time::Duration::from_millis(2);
+    c.backoff_base = embassy_time::Duration::from_millis(5);
+    c.backoff_max = embassy_time::Duration::from_millis(80);
+    c.overloaded_delay = embassy_time::Duration::from_millis(60);
+    c.max_batch = 32;
+    c
+}

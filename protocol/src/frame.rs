@@ -33,6 +33,11 @@ mod field {
 /// gateway before a session exists (unknown device, bad Hello) may carry it.
 pub const FLAG_UNSEALED: u8 = 0x01;
 
+/// Flag bit: a gateway's first sealed frame on a connection (reply index 0) whose body starts
+/// with the connection's 8-byte salt in the clear; this and every later gateway frame on the
+/// connection is sealed with XChaCha20-Poly1305 (see [`salted_nonce`](crate::salted_nonce)).
+pub const FLAG_SALTED: u8 = 0x02;
+
 /// The largest value of the header's `length` field.
 pub const MAX_LENGTH: usize = MAX_FRAME - HEADER_LEN;
 
@@ -285,12 +290,19 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
-    /// Parses a checked frame's header. Unknown kinds, unknown flag bits and a non-zero
-    /// reserved byte are errors.
+    /// Parses a checked frame's header. Unknown kinds, unknown flag bits, both flags at once,
+    /// [`FLAG_SALTED`] on a frame with a non-zero counter or a body shorter than the salt,
+    /// and a non-zero reserved byte are [`FrameError::Malformed`].
     pub fn parse<T: AsRef<[u8]>>(frame: &Frame<T>) -> Result<FrameHeader, FrameError> {
         frame.check()?;
         let kind = frame.kind()?;
-        if frame.flags() & !FLAG_UNSEALED != 0 || frame.reserved() != 0 {
+        let flags = frame.flags();
+        let salted = flags & FLAG_SALTED != 0;
+        if flags & !(FLAG_UNSEALED | FLAG_SALTED) != 0
+            || flags == FLAG_UNSEALED | FLAG_SALTED
+            || (salted && (frame.counter() != 0 || frame.body_len() < crate::SALT_LEN))
+            || frame.reserved() != 0
+        {
             return Err(FrameError::Malformed);
         }
         Ok(FrameHeader {
@@ -308,6 +320,10 @@ impl FrameHeader {
 
     pub fn is_unsealed(&self) -> bool {
         self.flags & FLAG_UNSEALED != 0
+    }
+
+    pub fn is_salted(&self) -> bool {
+        self.flags & FLAG_SALTED != 0
     }
 
     /// Writes the header into the first [`HEADER_LEN`] bytes of the frame.
@@ -334,6 +350,9 @@ impl fmt::Display for FrameHeader {
         )?;
         if self.is_unsealed() {
             f.write_str(" unsealed")?;
+        }
+        if self.is_salted() {
+            f.write_str(" salted")?;
         }
         Ok(())
     }
@@ -438,6 +457,32 @@ mod test {
         assert_eq!(
             FrameHeader::parse(&Frame::new_unchecked(&b[..])),
             Err(FrameError::Malformed)
+        );
+        let mut b = frame_bytes();
+        b[6] = FLAG_UNSEALED | FLAG_SALTED;
+        assert_eq!(
+            FrameHeader::parse(&Frame::new_unchecked(&b[..])),
+            Err(FrameError::Malformed)
+        );
+        // Salted needs counter 0 and room for the salt.
+        let mut b = frame_bytes();
+        b[6] = FLAG_SALTED;
+        assert_eq!(
+            FrameHeader::parse(&Frame::new_unchecked(&b[..])),
+            Err(FrameError::Malformed)
+        );
+        b[8..12].fill(0);
+        assert_eq!(
+            FrameHeader::parse(&Frame::new_unchecked(&b[..])),
+            Err(FrameError::Malformed)
+        );
+        let mut long = [0u8; 36];
+        long[..12].copy_from_slice(&b[..12]);
+        long[4] = 24;
+        assert!(
+            FrameHeader::parse(&Frame::new_unchecked(&long[..]))
+                .unwrap()
+                .is_salted()
         );
         let mut b = frame_bytes();
         b[7] = 1;

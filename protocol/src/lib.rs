@@ -26,11 +26,14 @@ pub use batch::{
     Values,
 };
 pub use error::{DecodeError, EncodeError, FrameError};
-pub use frame::{FLAG_UNSEALED, Frame, FrameHeader, Kind, MAX_LENGTH, read_frame_len};
+pub use frame::{FLAG_SALTED, FLAG_UNSEALED, Frame, FrameHeader, Kind, MAX_LENGTH, read_frame_len};
 pub use message::{
     Ack, Error, ErrorCode, GatewayAddr, Hello, Message, Ping, Pong, Redirect, Welcome,
 };
-pub use security::{Direction, KEY_LEN, MAX_NONCE_COUNTER, NONCE_LEN, nonce, open, seal};
+pub use security::{
+    Direction, KEY_LEN, MAX_NONCE_COUNTER, NONCE_LEN, SALT_LEN, XNONCE_LEN, nonce, open,
+    salted_nonce, seal,
+};
 pub use session::{DeviceSession, GatewaySession, MAX_REPLIES, encode_unsealed_error};
 
 /// The first two bytes of every frame.

@@ -10,7 +10,8 @@
 //! [`crate::session`].
 
 use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
+use chacha20poly1305::aead::generic_array::GenericArray;
+use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag, XChaCha20Poly1305};
 
 use crate::error::{EncodeError, FrameError};
 use crate::frame::{Frame, Kind};
@@ -24,6 +25,12 @@ pub const NONCE_LEN: usize = 12;
 
 /// The largest nonce counter (56 bits).
 pub const MAX_NONCE_COUNTER: u64 = (1 << 56) - 1;
+
+/// Length of the gateway's per-connection salt (see [`salted_nonce`]).
+pub const SALT_LEN: usize = 8;
+
+/// Length of the XChaCha20-Poly1305 nonce used for salted gateway frames.
+pub const XNONCE_LEN: usize = 24;
 
 /// Who sealed a frame; part of the nonce so the two directions never share one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,8 +59,101 @@ pub fn nonce(boot: u32, direction: Direction, counter: u64) -> [u8; NONCE_LEN] {
     n
 }
 
+/// The XChaCha20-Poly1305 nonce of a salted gateway frame:
+/// `salt` ‖ `boot` LE ‖ `hello_counter` LE ‖ 0x01 ‖ `index` as 7 bytes LE.
+///
+/// The gateway picks `salt` at random for each connection, so two gateways answering the
+/// same (possibly replayed) Hello never seal under the same nonce.
+pub fn salted_nonce(
+    salt: &[u8; SALT_LEN],
+    boot: u32,
+    hello_counter: u32,
+    index: u32,
+) -> [u8; XNONCE_LEN] {
+    let mut n = [0u8; XNONCE_LEN];
+    n[..8].copy_from_slice(salt);
+    n[8..12].copy_from_slice(&boot.to_le_bytes());
+    n[12..16].copy_from_slice(&hello_counter.to_le_bytes());
+    n[16] = Direction::GatewayToDevice as u8;
+    n[17..].copy_from_slice(&u64::from(index).to_le_bytes()[..7]);
+    n
+}
+
 fn cipher(key: &[u8; KEY_LEN]) -> ChaCha20Poly1305 {
     ChaCha20Poly1305::new(Key::from_slice(key))
+}
+
+/// The cipher and nonce for one frame.
+pub(crate) enum FrameAead {
+    ChaCha([u8; NONCE_LEN]),
+    XChaCha([u8; XNONCE_LEN]),
+}
+
+/// Seals `frame[aad_len..HEADER_LEN + body_len]` in place with `frame[..aad_len]` as associated
+/// data and writes the tag after the body; returns the frame length. The header must be
+/// emitted.
+pub(crate) fn seal_with(
+    key: &[u8; KEY_LEN],
+    aead: &FrameAead,
+    aad_len: usize,
+    frame: &mut [u8],
+) -> Result<usize, EncodeError> {
+    let view = Frame::new_checked(&frame[..]).map_err(|_| EncodeError::Full)?;
+    let body_end = HEADER_LEN + view.body_len();
+    let frame_len = view.frame_len();
+    if aad_len > body_end {
+        return Err(EncodeError::Invalid);
+    }
+    let (aad, rest) = frame.split_at_mut(aad_len);
+    let plaintext = &mut rest[..body_end - aad_len];
+    let tag = match aead {
+        FrameAead::ChaCha(n) => {
+            cipher(key).encrypt_in_place_detached(Nonce::from_slice(n), aad, plaintext)
+        }
+        FrameAead::XChaCha(n) => XChaCha20Poly1305::new(Key::from_slice(key))
+            .encrypt_in_place_detached(GenericArray::from_slice(n), aad, plaintext),
+    }
+    .map_err(|_| EncodeError::TooLarge)?;
+    frame[body_end..frame_len].copy_from_slice(&tag);
+    Ok(frame_len)
+}
+
+/// Verifies and decrypts `frame[aad_len..HEADER_LEN + body_len]` in place; the inverse of
+/// [`seal_with`].
+pub(crate) fn open_with(
+    key: &[u8; KEY_LEN],
+    aead: &FrameAead,
+    aad_len: usize,
+    frame: &mut [u8],
+) -> Result<(), FrameError> {
+    let view = Frame::new_checked(&frame[..])?;
+    let body_end = HEADER_LEN + view.body_len();
+    if aad_len > body_end {
+        return Err(FrameError::Malformed);
+    }
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(view.tag());
+    let tag = Tag::from_slice(&tag);
+    let (aad, rest) = frame.split_at_mut(aad_len);
+    let ciphertext = &mut rest[..body_end - aad_len];
+    match aead {
+        FrameAead::ChaCha(n) => {
+            cipher(key).decrypt_in_place_detached(Nonce::from_slice(n), aad, ciphertext, tag)
+        }
+        FrameAead::XChaCha(n) => XChaCha20Poly1305::new(Key::from_slice(key))
+            .decrypt_in_place_detached(GenericArray::from_slice(n), aad, ciphertext, tag),
+    }
+    .map_err(|_| FrameError::BadAuth)
+}
+
+/// The associated-data length of a plan-mode frame: the header, or header and body for Hello.
+fn plain_aad_len(frame: &[u8]) -> Result<usize, FrameError> {
+    let view = Frame::new_checked(frame)?;
+    Ok(if view.kind_raw() == Kind::Hello as u8 {
+        HEADER_LEN + view.body_len()
+    } else {
+        HEADER_LEN
+    })
 }
 
 /// Seals a frame in place. `frame` starts with an emitted header whose length field is
@@ -66,25 +166,9 @@ pub fn seal(
     counter: u64,
     frame: &mut [u8],
 ) -> Result<usize, EncodeError> {
-    let view = Frame::new_checked(&frame[..]).map_err(|_| EncodeError::Full)?;
-    let body_len = view.body_len();
-    let frame_len = view.frame_len();
-    let is_hello = view.kind_raw() == Kind::Hello as u8;
-    let n = nonce(boot, direction, counter);
-    let cipher = cipher(key);
-    let tag = if is_hello {
-        cipher.encrypt_in_place_detached(
-            Nonce::from_slice(&n),
-            &frame[..HEADER_LEN + body_len],
-            &mut [],
-        )
-    } else {
-        let (head, rest) = frame.split_at_mut(HEADER_LEN);
-        cipher.encrypt_in_place_detached(Nonce::from_slice(&n), head, &mut rest[..body_len])
-    }
-    .map_err(|_| EncodeError::TooLarge)?;
-    frame[HEADER_LEN + body_len..frame_len].copy_from_slice(&tag);
-    Ok(frame_len)
+    let aad_len = plain_aad_len(frame).map_err(|_| EncodeError::Full)?;
+    let aead = FrameAead::ChaCha(nonce(boot, direction, counter));
+    seal_with(key, &aead, aad_len, frame)
 }
 
 /// Verifies a frame and decrypts its body in place (a Hello body is only verified).
@@ -97,26 +181,13 @@ pub fn open(
     counter: u64,
     frame: &mut [u8],
 ) -> Result<(), FrameError> {
-    let view = Frame::new_checked(&frame[..])?;
-    let body_len = view.body_len();
-    if view.kind_raw() == Kind::Hello as u8 {
-        return verify_hello(key, boot, counter, frame);
-    }
-    let mut tag = [0u8; TAG_LEN];
-    tag.copy_from_slice(view.tag());
-    let n = nonce(boot, direction, counter);
-    let (head, rest) = frame.split_at_mut(HEADER_LEN);
-    cipher(key)
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&n),
-            head,
-            &mut rest[..body_len],
-            Tag::from_slice(&tag),
-        )
-        .map_err(|_| FrameError::BadAuth)
+    let aad_len = plain_aad_len(frame)?;
+    let aead = FrameAead::ChaCha(nonce(boot, direction, counter));
+    open_with(key, &aead, aad_len, frame)
 }
 
-/// Verifies a Hello frame's tag (device→gateway, nonce counter = the header counter).
+/// Verifies a Hello frame's tag (device→gateway, nonce counter = the header counter) without
+/// needing a mutable buffer: the plaintext is empty.
 pub(crate) fn verify_hello(
     key: &[u8; KEY_LEN],
     boot: u32,
@@ -124,12 +195,11 @@ pub(crate) fn verify_hello(
     frame: &[u8],
 ) -> Result<(), FrameError> {
     let view = Frame::new_checked(frame)?;
-    let body_len = view.body_len();
     let n = nonce(boot, Direction::DeviceToGateway, counter);
     cipher(key)
         .decrypt_in_place_detached(
             Nonce::from_slice(&n),
-            &frame[..HEADER_LEN + body_len],
+            &frame[..HEADER_LEN + view.body_len()],
             &mut [],
             Tag::from_slice(view.tag()),
         )
@@ -139,6 +209,22 @@ pub(crate) fn verify_hello(
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn test_salted_nonce() {
+        assert_eq!(
+            salted_nonce(
+                &[0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7],
+                7,
+                5,
+                0x0003_0201
+            ),
+            [
+                0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 7, 0, 0, 0, 5, 0, 0, 0, 1, 1, 2, 3,
+                0, 0, 0, 0
+            ]
+        );
+    }
 
     #[test]
     fn test_nonce() {

@@ -6,8 +6,11 @@
 //!   the key. Its tag is the AEAD tag of an empty plaintext with `header ‖ body` as associated
 //!   data.
 //!
-//! [`seal`] and [`open`] do the cryptography only; the counter rules live in
-//! [`crate::session`].
+//! - Salted gateway frames (SPEC.md §5.4) use XChaCha20-Poly1305 with the same key and the
+//!   24-byte nonce of [`salted_nonce`]; the sessions choose the mode.
+//!
+//! [`seal`] and [`open`] do the unsalted cryptography only; the counter rules live in the
+//! session types.
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::aead::generic_array::GenericArray;

@@ -204,7 +204,8 @@ impl DeviceSession {
         Ok(len)
     }
 
-    /// Opens a gateway frame in place and decodes it, borrowing from `frame`.
+    /// Opens a gateway frame in place and decodes it, borrowing from `frame`. After an error
+    /// the contents of `frame` are unspecified (it may be decrypted already).
     ///
     /// An unsealed Error frame (see [`encode_unsealed_error`]) is returned as
     /// `Message::Error` without authentication.
@@ -346,7 +347,8 @@ impl GatewaySession {
         self.hello_counter
     }
 
-    /// Opens a device frame in place and decodes it, borrowing from `frame`.
+    /// Opens a device frame in place and decodes it, borrowing from `frame`. After an error
+    /// the contents of `frame` are unspecified (it may be decrypted already).
     pub fn decode<'b>(&mut self, frame: &'b mut [u8]) -> Result<Message<'b>, FrameError> {
         let (header, _) = parse(frame)?;
         if header.flags != 0 {

@@ -28,6 +28,12 @@ pub const RP2040: Board = Board {
     target: "thumbv6m-none-eabi",
 };
 
+/// `boards/host` (a Linux process; only its formatting is checked through `Board`).
+pub const HOST_FMT: Board = Board {
+    dir: "host",
+    target: "",
+};
+
 /// The firmware boards, in the order tables list them.
 pub const FIRMWARE_BOARDS: &[&Board] = &[&QEMU, &NUCLEO, &RP2040];
 

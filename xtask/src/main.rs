@@ -7,6 +7,7 @@ mod arm_check;
 mod boards;
 mod deb;
 mod dist;
+mod host_board;
 mod manpage;
 mod qemu;
 mod setup;
@@ -22,6 +23,7 @@ commands:
   setup   install what the tests need (Debian packages, rustup targets)
   test    everything CI checks: set-up, fmt, clippy, no_std builds, all tests
   size    flash and static RAM per board, with and without the Cairn client
+  host-smoke  the board app as a Linux process on TAP in a network namespace (root)
   qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
   arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
   dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, in target/dist/
@@ -39,6 +41,8 @@ fn main() -> Result<()> {
         "dist" => dist::run(rest),
         "arm" => arm_check::run(),
         "size" => size::run_command(rest),
+        "host-smoke" => host_board::run_command(rest),
+        "__echo-listener" => host_board::echo_listener(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
@@ -84,6 +88,8 @@ fn test(_args: &[String]) -> Result<()> {
     })?;
     boards::QEMU.fmt_check()?;
     qemu::run_command(&["--smoke".into()])?;
+    boards::HOST_FMT.fmt_check()?;
+    host_board::run_command(&[])?;
     println!("xtask test: all steps passed");
     Ok(())
 }

@@ -21,8 +21,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// The device id the smoke image is built with (and the echo listener checks).
-const SMOKE_DEVICE: u64 = 0x5a0e;
-const SMOKE_SAMPLES: u32 = 20;
+pub const SMOKE_DEVICE: u64 = 0x5a0e;
+pub const SMOKE_SAMPLES: u32 = 20;
 const SMOKE_PACKET: usize = 24;
 
 pub fn run_command(args: &[String]) -> Result<()> {
@@ -90,10 +90,10 @@ fn smoke() -> Result<()> {
 
 /// Accepts one connection and echoes fixed-size packets until the image closes it,
 /// checking each carries the smoke device id and the next sample number.
-fn echo_packets(listener: TcpListener) -> Result<u32> {
+pub fn echo_packets(listener: TcpListener) -> Result<u32> {
     let (mut conn, peer) = listener.accept()?;
     conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-    println!("qemu smoke: image connected from {peer}");
+    eprintln!("echo listener: connection from {peer}");
     let mut count = 0u32;
     let mut packet = [0u8; SMOKE_PACKET];
     loop {

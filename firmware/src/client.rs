@@ -401,7 +401,11 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             }
         };
         let end = self.converse(&mut conn, config, store, link, addr).await;
-        let _ = with_timeout(Duration::from_millis(500), conn.close()).await;
+        let _ = with_timeout(Duration::from_millis(500), async {
+            let _ = conn.flush().await;
+            conn.close().await;
+        })
+        .await;
         end
     }
 

@@ -8,6 +8,8 @@ mod fmt;
 
 pub mod backoff;
 mod client;
+#[cfg(feature = "embassy-net")]
+pub mod embassy_net;
 pub mod outbox;
 pub mod record;
 pub mod store;

@@ -68,9 +68,10 @@ pub trait Transport {
 ///   as fit and returns the count (never 0 for a non-empty `buf` unless the stream is broken,
 ///   which is an error instead). It need not be cancel-safe: if the client drops a write it
 ///   drops the connection too.
-/// - [`flush`](Connection::flush) waits until the queued bytes were handed to the network
-///   (embassy-net: sent and acknowledged by the peer's TCP). The client calls it after each
-///   frame it writes.
+/// - Bytes queued by `write` must go out without further calls (the stack sends them on its
+///   own, as embassy-net and tokio do), so the client can pipeline frames.
+/// - [`flush`](Connection::flush) waits until the queued bytes were sent (embassy-net: and
+///   acknowledged by the peer's TCP). The client calls it only before `close`.
 /// - [`close`](Connection::close) starts a graceful close (FIN). The client bounds it with a
 ///   timeout and drops the connection afterwards; dropping without `close` must abort the
 ///   connection without blocking.
@@ -98,5 +99,5 @@ pub(crate) async fn write_all<C: Connection>(
             n => buf = &buf[n..],
         }
     }
-    conn.flush().await
+    Ok(())
 }

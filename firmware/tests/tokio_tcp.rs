@@ -1,0 +1,177 @@
+//! The client over real loopback TCP on a tokio current-thread runtime: the shape `cairn sim`
+//! uses. `TokioTransport` below is a complete host transport.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration as StdDuration;
+
+use cairn_firmware::{
+    Client, Config, Connection, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
+};
+use cairn_protocol::{
+    Ack, BatchView, GatewaySession, HEADER_LEN, MAX_FRAME, Message, Pong, Welcome, read_frame_len,
+};
+use embassy_sync::blocking_mutex::raw::NoopRawMutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A host transport over tokio's `TcpStream`.
+struct TokioTransport;
+
+struct TokioConnection(TcpStream);
+
+impl Transport for TokioTransport {
+    type Connection<'a> = TokioConnection;
+
+    async fn connect(&mut self, addr: GatewayAddr) -> Result<TokioConnection, TransportError> {
+        let addr = std::net::SocketAddrV4::from(addr);
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|_| TransportError::ConnectFailed)?;
+        stream
+            .set_nodelay(true)
+            .map_err(|_| TransportError::Other)?;
+        Ok(TokioConnection(stream))
+    }
+}
+
+impl Connection for TokioConnection {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        // tokio's read is cancel-safe, as the contract requires.
+        self.0.read(buf).await.map_err(|_| TransportError::Reset)
+    }
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
+        self.0.write(buf).await.map_err(|_| TransportError::Reset)
+    }
+    async fn flush(&mut self) -> Result<(), TransportError> {
+        self.0.flush().await.map_err(|_| TransportError::Reset)
+    }
+    async fn close(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+const KEY: [u8; 32] = [9; 32];
+
+#[derive(Default)]
+struct Gateway {
+    hw: u64,
+    values: Vec<u64>,
+    connections: u32,
+}
+
+async fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut header = [0u8; HEADER_LEN];
+    s.read_exact(&mut header).await.ok()?;
+    let len = read_frame_len(&header).ok()?;
+    let mut frame = header.to_vec();
+    frame.resize(len, 0);
+    s.read_exact(&mut frame[HEADER_LEN..]).await.ok()?;
+    Some(frame)
+}
+
+/// A minimal gateway: real sessions, commits immediately, closes the first connection after
+/// 500 records to make the device reconnect.
+async fn gateway(listener: TcpListener, state: Rc<RefCell<Gateway>>) {
+    loop {
+        let (mut s, _) = listener.accept().await.unwrap();
+        state.borrow_mut().connections += 1;
+        let hello = read_frame(&mut s).await.unwrap();
+        let mut session = GatewaySession::accept(&KEY, &hello).unwrap();
+        let mut out = [0u8; MAX_FRAME];
+        let hw = state.borrow().hw;
+        let n = session
+            .encode(
+                &Message::Welcome(Welcome {
+                    high_water: hw,
+                    leader: None,
+                    credit: 128,
+                }),
+                &mut out,
+            )
+            .unwrap();
+        s.write_all(&out[..n]).await.unwrap();
+        while let Some(mut frame) = read_frame(&mut s).await {
+            let reply = match session.decode(&mut frame).unwrap() {
+                Message::Batch(view) => {
+                    let view = BatchView::parse(view.as_bytes()).unwrap();
+                    let mut g = state.borrow_mut();
+                    for (i, rec) in view.records().enumerate() {
+                        let seq = view.header().first_seq + i as u64;
+                        if seq == g.hw + 1 {
+                            g.hw = seq;
+                            match rec.unwrap().values().next() {
+                                Some(Value::U64(k)) => g.values.push(k),
+                                other => panic!("unexpected value {other:?}"),
+                            }
+                        }
+                        assert!(seq <= g.hw, "gap at {seq}");
+                    }
+                    Message::Ack(Ack {
+                        through_seq: g.hw,
+                        credit: 128,
+                        leader: None,
+                    })
+                }
+                Message::Ping(p) => Message::Pong(Pong { nonce: p.nonce }),
+                other => panic!("unexpected {other}"),
+            };
+            let n = session.encode(&reply, &mut out).unwrap();
+            s.write_all(&out[..n]).await.unwrap();
+            if state.borrow().connections == 1 && state.borrow().hw >= 500 {
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn test_client_over_loopback_tcp_on_tokio_local_set() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Rc::new(RefCell::new(Gateway::default()));
+        tokio::task::spawn_local(gateway(listener, state.clone()));
+
+        // One client per simulated device; NoopRawMutex is enough on one thread.
+        let client: &'static Client<NoopRawMutex, 16384> =
+            Box::leak(Box::new(Client::new(OverflowPolicy::RejectNewest)));
+        let gateways: &'static [GatewayAddr] =
+            Box::leak(Box::new([GatewayAddr::new([127, 0, 0, 1], port)]));
+        let runner = tokio::task::spawn_local(async move {
+            let mut config = Config::new(7, KEY, 1, gateways);
+            config.backoff_floor = embassy_time::Duration::from_millis(1);
+            config.backoff_base = embassy_time::Duration::from_millis(5);
+            client.run(&mut TokioTransport, &config).await
+        });
+
+        let started = std::time::Instant::now();
+        for k in 0..2000u64 {
+            while client.push(1, &[Value::U64(k)]).is_err() {
+                tokio::time::sleep(StdDuration::from_millis(1)).await;
+            }
+            if k % 100 == 99 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let deadline = std::time::Instant::now() + StdDuration::from_secs(20);
+        while client.status().acked < 2000 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+        let st = client.status();
+        println!(
+            "2000 records acked over loopback TCP in {:?}: {st:?}",
+            started.elapsed()
+        );
+        runner.abort();
+        assert_eq!(st.acked, 2000, "{st:?}");
+        assert_eq!(st.reconnects, 1, "{st:?}");
+        let g = state.borrow();
+        assert_eq!(g.values, (0..2000).collect::<Vec<_>>());
+        assert_eq!(g.connections, 2);
+    });
+}

@@ -51,6 +51,13 @@ fn main() -> Result<()> {
     }
 }
 
+/// Feature combinations of cairn-firmware that must build for both no_std targets.
+const FIRMWARE_FEATURE_SETS: [&str; 3] = [
+    "flash-outbox",
+    "defmt,embassy-net",
+    "defmt,embassy-net,flash-outbox",
+];
+
 /// The one command CI runs. Steps run in order; the first failure stops the run.
 fn test(_args: &[String]) -> Result<()> {
     setup::run()?;
@@ -68,9 +75,36 @@ fn test(_args: &[String]) -> Result<()> {
     for target in ["thumbv7em-none-eabihf", "thumbv6m-none-eabi"] {
         util::step(&format!("no_std build ({target})"), || {
             util::cargo(&["build", "-p", "cairn-protocol", "--target", target])?;
-            util::cargo(&["build", "-p", "cairn-firmware", "--target", target])
+            util::cargo(&["build", "-p", "cairn-firmware", "--target", target])?;
+            for features in FIRMWARE_FEATURE_SETS {
+                util::cargo(&[
+                    "build",
+                    "-p",
+                    "cairn-firmware",
+                    "--target",
+                    target,
+                    "--features",
+                    features,
+                ])?;
+            }
+            Ok(())
         })?;
     }
+    util::step("cairn-firmware with all host features", || {
+        let features = "flash-outbox,embassy-net,log";
+        util::cargo(&[
+            "clippy",
+            "-p",
+            "cairn-firmware",
+            "--all-targets",
+            "--features",
+            features,
+            "--",
+            "-D",
+            "warnings",
+        ])?;
+        util::cargo(&["test", "-p", "cairn-firmware", "--features", features])
+    })?;
     util::step("workspace tests", || util::cargo(&["test", "--workspace"]))?;
     util::step("boards/app tests", || {
         util::run(

@@ -4,6 +4,7 @@
 //! - `bench`, `dist`, `qemu`, `size`, `faults`: see `cargo xtask help`.
 
 mod arm_check;
+mod bench;
 mod boards;
 mod deb;
 mod dist;
@@ -26,6 +27,7 @@ commands:
   host-smoke  the board app as a Linux process on TAP in a network namespace (root)
   qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
   arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
+  bench   Cairn against dqlite, Mosquitto and hiqlite on this machine (`--quick`: < 3 min)
   dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, in target/dist/
   help    this text
 ";
@@ -39,6 +41,7 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "qemu" => qemu::run_command(rest),
         "dist" => dist::run(rest),
+        "bench" => bench::run(rest),
         "arm" => arm_check::run(),
         "size" => size::run_command(rest),
         "host-smoke" => host_board::run_command(rest),

@@ -1,0 +1,468 @@
+//! Cairn's side of the bench: a 3-node cluster of release `cairn node` processes on loopback,
+//! devices simulated by `cairn sim` (the real device client), failover and restart by killing
+//! real processes with SIGKILL.
+
+use super::http;
+use super::names;
+use super::proc::{Guarded, free_port, rss_kib, scratch};
+use super::report::{Measurement, Results};
+use super::{Profile, wire};
+use anyhow::{Context, Result, bail, ensure};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub const SYSTEM: &str = "Cairn";
+
+/// Records/s offered in the throughput runs, spread over the devices: above what the cluster
+/// can take, so the figure is the cluster's capacity, not the offered load.
+const OFFERED_RATE: u64 = 400_000;
+
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the release `cairn` binary and returns its path.
+pub fn build() -> Result<PathBuf> {
+    crate::util::cargo(&["build", "--release", "--quiet", "-p", "cairn-gateway", "--bin", "cairn"])?;
+    Ok(crate::util::root().join("target/release/cairn"))
+}
+
+/// One `cairn node` of the cluster: its addresses, data directory and process.
+struct NodeSlot {
+    id: u64,
+    http: SocketAddr,
+    raft: SocketAddr,
+    device: SocketAddr,
+    dir: PathBuf,
+    proc: Option<Guarded>,
+}
+
+/// Three nodes on loopback with OS-chosen ports. Dropping it kills every node.
+pub struct Cluster {
+    bin: PathBuf,
+    nodes: Vec<NodeSlot>,
+}
+
+impl Cluster {
+    pub fn start(bin: &Path, dir: &Path) -> Result<Cluster> {
+        let mut nodes = Vec::new();
+        for id in 1..=3u64 {
+            let addr = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
+            nodes.push(NodeSlot {
+                id,
+                http: addr(free_port()?),
+                raft: addr(free_port()?),
+                device: addr(free_port()?),
+                dir: dir.join(format!("node{id}")),
+                proc: None,
+            });
+        }
+        let mut cluster = Cluster {
+            bin: bin.to_path_buf(),
+            nodes,
+        };
+        cluster.spawn(1, true)?;
+        cluster.wait_leader(None, Duration::from_secs(30))?;
+        for id in 2..=3 {
+            cluster.spawn(id, true)?;
+        }
+        cluster.wait_voters(3, Duration::from_secs(60))?;
+        Ok(cluster)
+    }
+
+    fn slot(&self, id: u64) -> &NodeSlot {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// Starts node `id`; `first` adds `--bootstrap` (node 1) or `--join` (the others).
+    fn spawn(&mut self, id: u64, first: bool) -> Result<()> {
+        let join = format!("http://{}", self.slot(1).http);
+        let bin = self.bin.clone();
+        let s = &mut self.nodes[(id - 1) as usize];
+        std::fs::create_dir_all(&s.dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.dir.join("node.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["node", "--node-id", &id.to_string(), "--data-dir"])
+            .arg(&s.dir)
+            .args(["--http-addr", &s.http.to_string()])
+            .args(["--raft-addr", &s.raft.to_string()])
+            .args(["--device-addr", &s.device.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if first && id == 1 {
+            cmd.arg("--bootstrap");
+        } else if first {
+            cmd.args(["--join", &join]);
+        }
+        s.proc = Some(Guarded::spawn(&format!("cairn node {id}"), &mut cmd)?);
+        Ok(())
+    }
+
+    fn status(&self, id: u64) -> Result<serde_json::Value> {
+        let r = http::get(self.slot(id).http, "/status", Duration::from_secs(2))?;
+        ensure!(r.status == 200, "/status on node {id}: {}", r.status);
+        r.json()
+    }
+
+    fn alive(&self) -> impl Iterator<Item = &NodeSlot> {
+        self.nodes.iter().filter(|n| n.proc.is_some())
+    }
+
+    /// The leader id as seen by any live node, waiting until one is known and is not `not`.
+    fn wait_leader(&self, not: Option<u64>, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for n in self.alive() {
+                if let Ok(s) = self.status(n.id)
+                    && let Some(l) = s["raft"]["leader_id"].as_u64()
+                    && Some(l) != not
+                    && self.slot(l).proc.is_some()
+                {
+                    return Ok(l);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no leader after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn wait_voters(&self, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ready = self.nodes.iter().all(|n| {
+                http::get(n.http, "/readyz", Duration::from_secs(2))
+                    .map(|r| r.status == 200)
+                    .unwrap_or(false)
+            });
+            let voters = self
+                .status(1)
+                .ok()
+                .and_then(|s| s["raft"]["voters"].as_array().map(Vec::len))
+                .unwrap_or(0);
+            if ready && voters >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("cluster not ready with {count} voters after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self, id: u64) {
+        if let Some(mut p) = self.nodes[(id - 1) as usize].proc.take() {
+            p.kill();
+        }
+    }
+
+    fn pid(&self, id: u64) -> u32 {
+        self.slot(id).proc.as_ref().map(Guarded::pid).unwrap_or(0)
+    }
+
+    fn device_addrs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.device.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SQL write through node `id`'s HTTP API (rqlite's `/db/execute`).
+    fn execute(&self, id: u64, sql: &str) -> Result<serde_json::Value> {
+        let r = http::post_json(
+            self.slot(id).http,
+            "/db/execute",
+            &serde_json::json!([sql]),
+            Duration::from_secs(120),
+        )?;
+        let v = r.json()?;
+        if r.status != 200 || v["results"][0]["error"].is_string() {
+            bail!("execute on node {id}: {} {}", r.status, r.body);
+        }
+        Ok(v)
+    }
+
+    /// First column of the first row of a query on node `id`, read locally (`level=none`).
+    fn query_local_i64(&self, id: u64, sql: &str) -> Result<i64> {
+        let r = http::post_json(
+            self.slot(id).http,
+            "/db/query?level=none",
+            &serde_json::json!([sql]),
+            HTTP_TIMEOUT,
+        )?;
+        let v = r.json()?;
+        v["results"][0]["values"][0][0]
+            .as_i64()
+            .with_context(|| format!("query {sql:?} on node {id}: {}", r.body))
+    }
+}
+
+/// What `cairn sim --json` prints at the end of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct SimReport {
+    pub acked: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn sim(
+    bin: &Path,
+    cluster: &Cluster,
+    leader: u64,
+    devices: u64,
+    rate: u64,
+    seconds: f64,
+) -> Result<SimReport> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["sim", "--devices", &devices.to_string()])
+        .args(["--rate", &rate.to_string()])
+        .args(["--gateways", &cluster.device_addrs()])
+        .args(["--duration", &format!("{seconds}")])
+        .args(["--host", &format!("http://{}", cluster.slot(leader).http)])
+        .arg("--json")
+        .stdin(Stdio::null());
+    let out = cmd.output().context("running cairn sim")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "cairn sim exited with {}: {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("cairn sim printed no JSON: {stdout}"))?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    Ok(SimReport {
+        acked: v["acked"].as_u64().context("sim JSON: acked")?,
+        p50_ms: v["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        p99_ms: v["p99_ms"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
+    // Bytes on the wire do not need a cluster: they come from the protocol encoder itself.
+    let w = wire::three_value_record()?;
+    results.push(Measurement::new(
+        "record bytes in a full batch body",
+        SYSTEM,
+        w.body_per_record,
+        "bytes",
+    ));
+    results.push(Measurement::new(
+        names::BYTES_PER_RECORD,
+        SYSTEM,
+        w.wire_per_record,
+        "bytes",
+    ));
+
+    let dir = scratch("cairn")?;
+    let mut cluster = Cluster::start(bin, &dir)?;
+    let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
+
+    // Latency: one device sending slowly enough that one record is in flight at a time.
+    let lat_seconds = if profile.quick { 3.0 } else { 10.0 };
+    let r = sim(bin, &cluster, leader, 1, 20, lat_seconds)?;
+    ensure!(r.acked > 0, "latency run: nothing acknowledged");
+    results.push(Measurement::new(names::LAT_P50, SYSTEM, r.p50_ms, "ms"));
+    results.push(Measurement::new(names::LAT_P99, SYSTEM, r.p99_ms, "ms"));
+
+    // Throughput against device count; RSS of the leader sampled during the largest run.
+    let mut best = 0.0f64;
+    for devices in [1u64, 100, 1000] {
+        let rate = OFFERED_RATE.div_ceil(devices);
+        let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
+        let sampler = RssSampler::start(cluster.pid(leader));
+        let r = sim(bin, &cluster, leader, devices, rate, profile.cairn_seconds)?;
+        let peak_kib = sampler.stop();
+        let tput = r.acked as f64 / profile.cairn_seconds;
+        results.push(Measurement::new(
+            &format!("throughput, {devices} devices"),
+            SYSTEM,
+            tput,
+            "records/s",
+        ));
+        best = best.max(tput);
+        if devices == 1000 {
+            results.push(Measurement::new(
+                names::RSS,
+                SYSTEM,
+                peak_kib as f64 / 1024.0,
+                "MiB",
+            ));
+        }
+    }
+    results.push(Measurement::new(names::TPUT_BEST, SYSTEM, best, "records/s"));
+
+    failover(bin, &mut cluster, results)?;
+    restart(profile, &mut cluster, results)?;
+    Ok(())
+}
+
+/// Peak VmRSS of one process, sampled every 100 ms on a thread.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let (s, p) = (stop.clone(), peak.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(kib) = rss_kib(pid) {
+                    p.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        RssSampler {
+            stop,
+            peak,
+            handle: Some(handle),
+        }
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// Devices keep pushing while the leader is SIGKILLed; the figure is the time from the kill
+/// until a surviving node has applied a record committed under the new leader.
+fn failover(bin: &Path, cluster: &mut Cluster, results: &mut Results) -> Result<()> {
+    let old = cluster.wait_leader(None, Duration::from_secs(10))?;
+    let survivor = (1..=3).find(|&id| id != old).expect("three nodes");
+    // Background load: 10 devices, 200 records/s each, for long enough to span the failover.
+    let mut load = Guarded::spawn(
+        "cairn sim (failover load)",
+        Command::new(bin)
+            .args(["sim", "--devices", "10", "--rate", "200"])
+            .args(["--gateways", &cluster.device_addrs()])
+            .args(["--duration", "15", "--json"])
+            .args(["--host", &format!("http://{}", cluster.slot(old).http)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    let applied = |c: &Cluster| -> Option<u64> {
+        c.status(survivor).ok()?["raft"]["applied_index"].as_u64()
+    };
+    ensure!(applied(cluster).is_some(), "survivor has no applied index");
+    let t0 = Instant::now();
+    cluster.kill(old);
+    let new = cluster.wait_leader(Some(old), Duration::from_secs(20))?;
+    let elected = t0.elapsed();
+    // The first entry of a new term is the leader's blank entry; a record follows it.
+    let after_election = applied(cluster).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let failover = loop {
+        if let Some(a) = applied(cluster)
+            && a > after_election + 1
+        {
+            break t0.elapsed();
+        }
+        if Instant::now() > deadline {
+            bail!("no record committed within 20 s of killing leader {old}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    println!(
+        "    failover: leader {old} killed, node {new} elected after {:.0} ms",
+        elected.as_secs_f64() * 1e3
+    );
+    results.push(Measurement::new(
+        "failover: kill -9 of the leader to a new leader",
+        SYSTEM,
+        elected.as_secs_f64() * 1e3,
+        "ms",
+    ));
+    results.push(Measurement::new(
+        names::FAILOVER,
+        SYSTEM,
+        failover.as_secs_f64() * 1e3,
+        "ms",
+    ));
+    load.kill();
+    // Bring the old leader back as a follower for the next measurement.
+    cluster.spawn(old, false)?;
+    cluster.wait_voters(3, Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// Loads `profile.restart_rows` rows through Raft in one statement, SIGKILLs a follower and
+/// times its restart until it serves again with every row.
+fn restart(profile: &Profile, cluster: &mut Cluster, results: &mut Results) -> Result<()> {
+    let rows = profile.restart_rows;
+    let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
+    cluster.execute(
+        leader,
+        "CREATE TABLE IF NOT EXISTS bench_rows (device_id INTEGER NOT NULL, seq INTEGER NOT NULL, \
+         time TEXT NOT NULL, received_at TEXT NOT NULL, v0 REAL, v1 REAL, v2 REAL, \
+         PRIMARY KEY (device_id, seq))",
+    )?;
+    let t = Instant::now();
+    cluster.execute(
+        leader,
+        &format!(
+            "WITH RECURSIVE n(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM n WHERE x < {}) \
+             INSERT INTO bench_rows SELECT x / 1000, x % 1000, '2026-11-25T18:44:00.000Z', \
+             '2026-11-25T18:44:00.100Z', 21.5, 48.25, 1013.0 FROM n",
+            rows - 1
+        ),
+    )?;
+    results.push(Measurement::new(
+        &format!("bulk insert of {rows} rows in one SQL write"),
+        SYSTEM,
+        t.elapsed().as_secs_f64(),
+        "s",
+    ));
+    let follower = (1..=3).rev().find(|&id| id != leader).expect("three nodes");
+    let count_sql = "SELECT count(*) FROM bench_rows";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cluster.query_local_i64(follower, count_sql).unwrap_or(0) < rows as i64 {
+        ensure!(Instant::now() < deadline, "follower never applied the bulk insert");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.kill(follower);
+    let t = Instant::now();
+    cluster.spawn(follower, false)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let ready = http::get(cluster.slot(follower).http, "/readyz", Duration::from_secs(1))
+            .map(|r| r.status == 200)
+            .unwrap_or(false);
+        if ready && cluster.query_local_i64(follower, count_sql).ok() == Some(rows as i64) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "restarted node not ready after 300 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    results.push(Measurement::new(
+        names::RESTART,
+        SYSTEM,
+        t.elapsed().as_secs_f64(),
+        "s",
+    ));
+    Ok(())
+}

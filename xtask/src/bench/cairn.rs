@@ -25,7 +25,15 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the release `cairn` binary and returns its path.
 pub fn build() -> Result<PathBuf> {
-    crate::util::cargo(&["build", "--release", "--quiet", "-p", "cairn-gateway", "--bin", "cairn"])?;
+    crate::util::cargo(&[
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "cairn-gateway",
+        "--bin",
+        "cairn",
+    ])?;
     Ok(crate::util::root().join("target/release/cairn"))
 }
 
@@ -256,6 +264,12 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
     // Bytes on the wire do not need a cluster: they come from the protocol encoder itself.
     let w = wire::three_value_record()?;
     results.push(Measurement::new(
+        "records in a full batch frame",
+        SYSTEM,
+        f64::from(w.records_per_batch),
+        "records",
+    ));
+    results.push(Measurement::new(
         "record bytes in a full batch body",
         SYSTEM,
         w.body_per_record,
@@ -304,7 +318,12 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
             ));
         }
     }
-    results.push(Measurement::new(names::TPUT_BEST, SYSTEM, best, "records/s"));
+    results.push(Measurement::new(
+        names::TPUT_BEST,
+        SYSTEM,
+        best,
+        "records/s",
+    ));
 
     failover(bin, &mut cluster, results)?;
     restart(profile, &mut cluster, results)?;
@@ -365,9 +384,8 @@ fn failover(bin: &Path, cluster: &mut Cluster, results: &mut Results) -> Result<
             .stderr(Stdio::null()),
     )?;
     std::thread::sleep(Duration::from_secs(3));
-    let applied = |c: &Cluster| -> Option<u64> {
-        c.status(survivor).ok()?["raft"]["applied_index"].as_u64()
-    };
+    let applied =
+        |c: &Cluster| -> Option<u64> { c.status(survivor).ok()?["raft"]["applied_index"].as_u64() };
     ensure!(applied(cluster).is_some(), "survivor has no applied index");
     let t0 = Instant::now();
     cluster.kill(old);
@@ -441,7 +459,10 @@ fn restart(profile: &Profile, cluster: &mut Cluster, results: &mut Results) -> R
     let count_sql = "SELECT count(*) FROM bench_rows";
     let deadline = Instant::now() + Duration::from_secs(120);
     while cluster.query_local_i64(follower, count_sql).unwrap_or(0) < rows as i64 {
-        ensure!(Instant::now() < deadline, "follower never applied the bulk insert");
+        ensure!(
+            Instant::now() < deadline,
+            "follower never applied the bulk insert"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     cluster.kill(follower);
@@ -449,13 +470,20 @@ fn restart(profile: &Profile, cluster: &mut Cluster, results: &mut Results) -> R
     cluster.spawn(follower, false)?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let ready = http::get(cluster.slot(follower).http, "/readyz", Duration::from_secs(1))
-            .map(|r| r.status == 200)
-            .unwrap_or(false);
+        let ready = http::get(
+            cluster.slot(follower).http,
+            "/readyz",
+            Duration::from_secs(1),
+        )
+        .map(|r| r.status == 200)
+        .unwrap_or(false);
         if ready && cluster.query_local_i64(follower, count_sql).ok() == Some(rows as i64) {
             break;
         }
-        ensure!(Instant::now() < deadline, "restarted node not ready after 300 s");
+        ensure!(
+            Instant::now() < deadline,
+            "restarted node not ready after 300 s"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     results.push(Measurement::new(

@@ -76,7 +76,11 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     let rest = &raw[split + 4..];
-    let body = if chunked { dechunk(rest)? } else { rest.to_vec() };
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_vec()
+    };
     Ok(Response {
         status,
         body: String::from_utf8(body)?,

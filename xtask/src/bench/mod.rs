@@ -84,13 +84,17 @@ pub fn run(args: &[String]) -> Result<()> {
         match a.as_str() {
             "--quick" => quick = true,
             "--only" => {
-                let v = it.next().context("--only needs a list, e.g. --only cairn,dqlite")?;
+                let v = it
+                    .next()
+                    .context("--only needs a list, e.g. --only cairn,dqlite")?;
                 only = v.split(',').map(str::to_string).collect();
                 if let Some(bad) = only.iter().find(|p| !PARTS.contains(&p.as_str())) {
                     bail!("--only: unknown part `{bad}` (parts: {})", PARTS.join(", "));
                 }
             }
-            other => bail!("bench: unknown argument `{other}` (usage: bench [--quick] [--only PARTS])"),
+            other => {
+                bail!("bench: unknown argument `{other}` (usage: bench [--quick] [--only PARTS])")
+            }
         }
     }
     let profile = Profile::new(quick);
@@ -158,7 +162,11 @@ pub fn run(args: &[String]) -> Result<()> {
     );
 
     if !failures.is_empty() {
-        bail!("bench: {} part(s) failed:\n  {}", failures.len(), failures.join("\n  "));
+        bail!(
+            "bench: {} part(s) failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        );
     }
     if !quick && only.len() == PARTS.len() {
         let root = crate::util::root();
@@ -182,17 +190,53 @@ fn comparisons() -> Vec<Comparison> {
     };
     vec![
         row("throughput", TPUT_BEST, DQLITE, Better::Higher, Some(100.0)),
-        row("throughput", TPUT_BEST, HIQLITE_IMMEDIATE, Better::Higher, Some(2.0)),
-        row("throughput", TPUT_BEST, HIQLITE_DEFAULT, Better::Higher, None),
-        row("throughput", TPUT_BEST, MOSQUITTO, Better::Higher, Some(1.0)),
+        row(
+            "throughput",
+            TPUT_BEST,
+            HIQLITE_IMMEDIATE,
+            Better::Higher,
+            Some(2.0),
+        ),
+        row(
+            "throughput",
+            TPUT_BEST,
+            HIQLITE_DEFAULT,
+            Better::Higher,
+            None,
+        ),
+        row(
+            "throughput",
+            TPUT_BEST,
+            MOSQUITTO,
+            Better::Higher,
+            Some(1.0),
+        ),
         row("latency p50", LAT_P50, DQLITE, Better::Lower, Some(1.0)),
-        row("latency p50", LAT_P50, HIQLITE_IMMEDIATE, Better::Lower, None),
+        row(
+            "latency p50",
+            LAT_P50,
+            HIQLITE_IMMEDIATE,
+            Better::Lower,
+            None,
+        ),
         row("latency p50", LAT_P50, HIQLITE_DEFAULT, Better::Lower, None),
         row("latency p50", LAT_P50, MOSQUITTO, Better::Lower, None),
         row("latency p99", LAT_P99, DQLITE, Better::Lower, None),
-        row("latency p99", LAT_P99, HIQLITE_IMMEDIATE, Better::Lower, None),
+        row(
+            "latency p99",
+            LAT_P99,
+            HIQLITE_IMMEDIATE,
+            Better::Lower,
+            None,
+        ),
         row("latency p99", LAT_P99, MOSQUITTO, Better::Lower, None),
-        row("bytes/record", BYTES_PER_RECORD, MOSQUITTO, Better::Lower, None),
+        row(
+            "bytes/record",
+            BYTES_PER_RECORD,
+            MOSQUITTO,
+            Better::Lower,
+            None,
+        ),
     ]
 }
 
@@ -270,7 +314,9 @@ fn chart_series(results: &Results) -> Vec<Series> {
 
 /// nproc, CPU model, kernel, memory and the filesystem the data directories live on.
 fn machine() -> Result<String> {
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()

@@ -87,7 +87,11 @@ impl Connection {
             connack[0] == 0x20 && connack[1] == 2,
             "expected CONNACK, got {connack:02x?}"
         );
-        ensure!(connack[3] == 0, "broker refused connection: code {}", connack[3]);
+        ensure!(
+            connack[3] == 0,
+            "broker refused connection: code {}",
+            connack[3]
+        );
         Ok(Connection { stream })
     }
 
@@ -150,7 +154,9 @@ pub fn throughput(
         bytes_in: 0,
     };
     for h in handles {
-        let (acked, out, inb) = h.join().map_err(|_| anyhow::anyhow!("publisher panicked"))??;
+        let (acked, out, inb) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("publisher panicked"))??;
         total.acked += acked;
         total.bytes_out += out;
         total.bytes_in += inb;
@@ -161,7 +167,12 @@ pub fn throughput(
 
 /// One session: a writer loop here, a reader thread counting PUBACKs.
 /// Returns (messages acked, bytes written, bytes read).
-fn publisher(conn: Connection, index: usize, window: u64, stop: &AtomicBool) -> Result<(u64, u64, u64)> {
+fn publisher(
+    conn: Connection,
+    index: usize,
+    window: u64,
+    stop: &AtomicBool,
+) -> Result<(u64, u64, u64)> {
     let topic = format!("d/{index}");
     let acked = Arc::new((Mutex::new(0u64), Condvar::new()));
     let reader_done = Arc::new(AtomicU64::new(0));
@@ -257,7 +268,9 @@ mod tests {
         let p = connect_packet("ab");
         assert_eq!(
             p,
-            [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'a', b'b']
+            [
+                0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'a', b'b'
+            ]
         );
     }
 

@@ -70,7 +70,12 @@ pub fn dqlite(profile: &Profile, results: &mut Results) -> Result<()> {
             results.push(Measurement::new(names::LAT_P99, DQLITE, run.p99, "ms"));
         }
     }
-    results.push(Measurement::new(names::TPUT_BEST, DQLITE, best, "records/s"));
+    results.push(Measurement::new(
+        names::TPUT_BEST,
+        DQLITE,
+        best,
+        "records/s",
+    ));
     Ok(())
 }
 
@@ -184,13 +189,27 @@ pub fn mosquitto(profile: &Profile, results: &mut Results) -> Result<()> {
     let mut lat = Vec::with_capacity(profile.latency_samples);
     for i in 0..profile.latency_samples {
         let t = Instant::now();
-        conn.publish_wait("d/0", (i % 65535) as u16 + 1, &mqtt::record_payload(i as u64))?;
+        conn.publish_wait(
+            "d/0",
+            (i % 65535) as u16 + 1,
+            &mqtt::record_payload(i as u64),
+        )?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
     conn.close();
     lat.sort_by(f64::total_cmp);
-    results.push(Measurement::new(names::LAT_P50, MOSQUITTO, percentile(&lat, 0.5), "ms"));
-    results.push(Measurement::new(names::LAT_P99, MOSQUITTO, percentile(&lat, 0.99), "ms"));
+    results.push(Measurement::new(
+        names::LAT_P50,
+        MOSQUITTO,
+        percentile(&lat, 0.5),
+        "ms",
+    ));
+    results.push(Measurement::new(
+        names::LAT_P99,
+        MOSQUITTO,
+        percentile(&lat, 0.99),
+        "ms",
+    ));
 
     // Throughput: a few shapes of pipelining, the best one counts.
     let mut best = 0.0f64;
@@ -211,7 +230,12 @@ pub fn mosquitto(profile: &Profile, results: &mut Results) -> Result<()> {
         }
         bytes_per_record = (t.bytes_out + t.bytes_in) as f64 / t.acked as f64;
     }
-    results.push(Measurement::new(names::TPUT_BEST, MOSQUITTO, best, "records/s"));
+    results.push(Measurement::new(
+        names::TPUT_BEST,
+        MOSQUITTO,
+        best,
+        "records/s",
+    ));
     results.push(Measurement::new(
         names::BYTES_PER_RECORD,
         MOSQUITTO,
@@ -247,7 +271,10 @@ pub fn build_hiqlite_driver() -> Result<PathBuf> {
 /// hiqlite 3-node cluster, once durable per commit (`immediate`) and once with its default
 /// (acknowledge on write, fsync every 200 ms).
 pub fn hiqlite(profile: &Profile, results: &mut Results, driver: &Path) -> Result<()> {
-    for (mode, system) in [("immediate", HIQLITE_IMMEDIATE), ("interval", HIQLITE_DEFAULT)] {
+    for (mode, system) in [
+        ("immediate", HIQLITE_IMMEDIATE),
+        ("interval", HIQLITE_DEFAULT),
+    ] {
         let dir = scratch(&format!("hiqlite-{mode}"))?;
         let mut run = Guarded::spawn(
             &format!("hiqlite-driver ({mode})"),
@@ -255,7 +282,10 @@ pub fn hiqlite(profile: &Profile, results: &mut Results, driver: &Path) -> Resul
                 .args(["bench", "--log-sync", mode, "--dir"])
                 .arg(&dir)
                 .args(["--seconds", &format!("{}", profile.peer_seconds)])
-                .args(["--latency-writes", &profile.latency_samples.min(1000).to_string()])
+                .args([
+                    "--latency-writes",
+                    &profile.latency_samples.min(1000).to_string(),
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
         )?;

@@ -134,9 +134,7 @@ pub fn ratio_table(results: &Results, comparisons: &[Comparison], goals: &[Goal]
         let unit = unit_of(results, c.cairn).or_else(|| unit_of(results, c.peer));
         let ratio = cv / pv;
         let (target, ok) = match c.target {
-            Some(t) => {
-                (format!("{} {t}×", c.better.sign()), met(c.better, ratio, t))
-            }
+            Some(t) => (format!("{} {t}×", c.better.sign()), met(c.better, ratio, t)),
             None => ("".into(), ""),
         };
         let _ = writeln!(
@@ -215,18 +213,16 @@ pub fn throughput_svg(title: &str, series: &[Series]) -> String {
         .flat_map(|s| s.points.iter().map(|p| p.0))
         .collect();
     let x_min = xs.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
-    let x_max = xs
-        .iter()
-        .copied()
-        .fold(1.0, f64::max)
-        .max(x_min * 10.0);
+    let x_max = xs.iter().copied().fold(1.0, f64::max).max(x_min * 10.0);
     let y_max_raw = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
         .filter(|v| v.is_finite())
         .fold(1.0, f64::max);
     let y_max = nice_ceiling(y_max_raw);
-    let lx = |x: f64| left + (x.max(x_min).log10() - x_min.log10()) / (x_max.log10() - x_min.log10()) * pw;
+    let lx = |x: f64| {
+        left + (x.max(x_min).log10() - x_min.log10()) / (x_max.log10() - x_min.log10()) * pw
+    };
     let ly = |y: f64| top + ph - (y / y_max) * ph;
 
     let mut s = String::new();
@@ -385,8 +381,14 @@ mod tests {
                 target: 150.0,
             }],
         );
-        assert!(t.contains("| throughput | 200 records/s | dqlite | 100 | 2.000× | ≥ 100× | no |"), "{t}");
-        assert!(t.contains("| tp | 200 records/s | ≥ 150 records/s | yes |"), "{t}");
+        assert!(
+            t.contains("| throughput | 200 records/s | dqlite | 100 | 2.000× | ≥ 100× | no |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| tp | 200 records/s | ≥ 150 records/s | yes |"),
+            "{t}"
+        );
     }
 
     #[test]

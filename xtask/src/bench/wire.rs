@@ -26,7 +26,9 @@ pub fn three_value_record() -> Result<Wire> {
     let mut device = DeviceSession::new(&key, 1, 0);
     let mut hello_frame = [0u8; MAX_FRAME];
     let hello = device.hello(42, 1, 64);
-    let n = device.encode(&Message::Hello(hello), &mut hello_frame).map_err(e)?;
+    let n = device
+        .encode(&Message::Hello(hello), &mut hello_frame)
+        .map_err(e)?;
     let mut gateway = GatewaySession::accept_salted(&key, &hello_frame[..n], [9u8; 8])
         .map_err(|err| anyhow!("accept: {err}"))?;
     let mut reply = [0u8; MAX_FRAME];
@@ -35,7 +37,9 @@ pub fn three_value_record() -> Result<Wire> {
         leader: None,
         credit: 256,
     };
-    gateway.encode(&Message::Welcome(welcome), &mut reply).map_err(e)?;
+    gateway
+        .encode(&Message::Welcome(welcome), &mut reply)
+        .map_err(e)?;
 
     let sent_uptime_ms = 3_600_000u64;
     let mut body = [0u8; MAX_FRAME];
@@ -64,7 +68,9 @@ pub fn three_value_record() -> Result<Wire> {
         varint_len(h.first_seq) + varint_len(u64::from(count)) + varint_len(h.sent_uptime_ms);
     let body_len = view.as_bytes().len();
     let mut frame = [0u8; MAX_FRAME];
-    let batch_frame = device.encode(&Message::Batch(view), &mut frame).map_err(e)?;
+    let batch_frame = device
+        .encode(&Message::Batch(view), &mut frame)
+        .map_err(e)?;
     let ack = Ack {
         through_seq: 1000 + u64::from(count),
         credit: 256,

@@ -1,0 +1,23 @@
+//! openraft's storage conformance suite against Cairn's SQLite log store and state machine.
+
+use cairn_gateway::log_store::LogStore;
+use cairn_gateway::raft_types::TypeConfig;
+use cairn_gateway::state_machine::StateMachine;
+use openraft::StorageError;
+use openraft::testing::log::{StoreBuilder, Suite};
+
+struct SqliteBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SqliteBuilder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = LogStore::open(&dir.path().join("raft.db")).expect("open log");
+        let sm = StateMachine::open(&dir.path().join("sm")).expect("open state machine");
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_openraft_storage_suite() {
+    Suite::test_all(SqliteBuilder).await.expect("conformance suite");
+}

@@ -13,6 +13,7 @@
 //! - [`config`]: command-line flags and the TOML file.
 
 pub mod api;
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod group_commit;

@@ -63,14 +63,19 @@ impl LogStore {
     {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| io_err("log store mutex poisoned"))?;
+            let mut guard = conn
+                .lock()
+                .map_err(|_| io_err("log store mutex poisoned"))?;
             f(&mut guard).map_err(io_err)
         })
         .await
         .map_err(io_err)?
     }
 
-    async fn get_meta<T: DeserializeOwned + Send + 'static>(&self, key: &'static str) -> std::io::Result<Option<T>> {
+    async fn get_meta<T: DeserializeOwned + Send + 'static>(
+        &self,
+        key: &'static str,
+    ) -> std::io::Result<Option<T>> {
         let raw: Option<Vec<u8>> = self
             .with_conn(move |c| {
                 c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -97,7 +102,10 @@ fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
         }
         Bound::Unbounded => i64::MAX as u64,
     };
-    (lo.min(i64::MAX as u64) as i64, hi.min(i64::MAX as u64) as i64)
+    (
+        lo.min(i64::MAX as u64) as i64,
+        hi.min(i64::MAX as u64) as i64,
+    )
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -111,7 +119,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         let raws: Vec<Vec<u8>> = self
             .with_conn(move |c| {
-                let mut st = c.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx")?;
+                let mut st = c.prepare_cached(
+                    "SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx",
+                )?;
                 let rows = st.query_map(params![lo, hi], |r| r.get::<_, Vec<u8>>(0))?;
                 rows.collect()
             })
@@ -131,13 +141,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged: Option<LogId> = self.get_meta("last_purged").await?;
         let last_raw: Option<Vec<u8>> = self
             .with_conn(|c| {
-                c.query_row("SELECT log_id FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0))
-                    .optional()
+                c.query_row(
+                    "SELECT log_id FROM log ORDER BY idx DESC LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
             })
             .await?;
         let last_log_id = match last_raw {
             Some(b) => Some(decode::<LogId>(&b)?),
-            None => last_purged.clone(),
+            None => last_purged,
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -152,8 +166,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
         let b = encode(vote)?;
         self.with_conn(move |c| {
-            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('vote', ?1)", [b])
-                .map(drop)
+            c.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('vote', ?1)",
+                [b],
+            )
+            .map(drop)
         })
         .await
     }
@@ -163,7 +180,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.with_conn(move |c| {
             // A hint only: skip the fsync, the next FULL commit makes it durable.
             c.pragma_update(None, "synchronous", "NORMAL")?;
-            let r = c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('committed', ?1)", [b]);
+            let r = c.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('committed', ?1)",
+                [b],
+            );
             c.pragma_update(None, "synchronous", "FULL")?;
             r.map(drop)
         })
@@ -174,7 +194,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>("committed").await?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), std::io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), std::io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -187,7 +211,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .with_conn(move |c| {
                 let tx = c.transaction()?;
                 {
-                    let mut st = tx.prepare_cached("INSERT OR REPLACE INTO log(idx, log_id, entry) VALUES(?1, ?2, ?3)")?;
+                    let mut st = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO log(idx, log_id, entry) VALUES(?1, ?2, ?3)",
+                    )?;
                     for (idx, id, e) in &rows {
                         st.execute(params![idx, id, e])?;
                     }
@@ -210,8 +236,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), std::io::Error> {
         let after = last_log_id.map(|l| l.index as i64).unwrap_or(-1);
-        self.with_conn(move |c| c.execute("DELETE FROM log WHERE idx > ?1", [after]).map(drop))
-            .await
+        self.with_conn(move |c| {
+            c.execute("DELETE FROM log WHERE idx > ?1", [after])
+                .map(drop)
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), std::io::Error> {
@@ -219,7 +248,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let upto = log_id.index as i64;
         self.with_conn(move |c| {
             let tx = c.transaction()?;
-            tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('last_purged', ?1)", [b])?;
+            tx.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('last_purged', ?1)",
+                [b],
+            )?;
             tx.execute("DELETE FROM log WHERE idx <= ?1", [upto])?;
             tx.commit()
         })

@@ -1,1 +1,268 @@
-//! TODO
+//! Raft RPCs between gateways: HTTP/1.1 on `--raft-addr`, postcard bodies.
+//!
+//! | path | request body | response body |
+//! |---|---|---|
+//! | `POST /raft/append` | `AppendEntriesRequest` | `Result<AppendEntriesResponse, String>` |
+//! | `POST /raft/vote` | `VoteRequest` | `Result<VoteResponse, String>` |
+//! | `POST /raft/pre-vote` | `VoteRequest` | `Result<VoteResponse, String>` |
+//! | `POST /raft/transfer-leader` | `TransferLeaderRequest` | `Result<TransferLeaderResponse, String>` |
+//! | `POST /raft/snapshot` | `u32` LE length, postcard `(Vote, SnapshotMeta)`, then the raw database file | `Result<SnapshotResponse, String>` |
+//!
+//! The `Err(String)` arm carries a remote failure (the remote Raft stopped); transport problems
+//! are HTTP or socket errors. Connections are pooled and reused (keep-alive), `TCP_NODELAY` is
+//! set, connecting times out after 500 ms and every RPC after openraft's hard TTL. Snapshots are
+//! streamed from and to files in 64 KiB chunks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, RaftNetworkV2};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncReadExt;
+
+use crate::raft_types::{NodeId, Peer, SnapshotMeta, TypeConfig, Vote, io_err};
+use crate::state_machine::SnapshotFile;
+
+/// Request and response body type of the shared HTTP client.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A pooled HTTP/1.1 client, shared by the Raft transport and the API's forwarding.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpConnector, Body>,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A body from bytes in memory.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A body streamed from a file, 64 KiB at a time, after an optional prefix.
+pub fn file_body(prefix: Vec<u8>, file: std::fs::File) -> Body {
+    let file = tokio::fs::File::from_std(file);
+    let stream =
+        futures_util::stream::unfold((Some(prefix), file), |(prefix, mut file)| async move {
+            if let Some(p) = prefix {
+                return Some((Ok(Frame::data(Bytes::from(p))), (None, file)));
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Frame::data(Bytes::from(buf))), (None, file)))
+                }
+                Err(e) => Some((Err(e), (None, file))),
+            }
+        });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+impl HttpClient {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(500)));
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        HttpClient { inner }
+    }
+
+    /// Sends `req` and collects the whole response, failing after `timeout`.
+    pub async fn send(
+        &self,
+        req: hyper::Request<Body>,
+        timeout: Duration,
+    ) -> std::io::Result<(hyper::StatusCode, hyper::HeaderMap, Bytes)> {
+        let fut = async {
+            let resp = self.inner.request(req).await.map_err(io_err)?;
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect().await.map_err(io_err)?.to_bytes();
+            Ok::<_, std::io::Error>((parts.status, parts.headers, bytes))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))?
+    }
+
+    /// POSTs `body` to `http://{addr}{path}`.
+    pub async fn post(
+        &self,
+        addr: &str,
+        path: &str,
+        body: Body,
+        timeout: Duration,
+    ) -> std::io::Result<Bytes> {
+        let req = hyper::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .map_err(io_err)?;
+        let (status, _, bytes) = self.send(req, timeout).await?;
+        if !status.is_success() {
+            return Err(io_err(format!(
+                "{path} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Encodes an RPC body.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encoding of a Raft message cannot fail")
+}
+
+/// Decodes an RPC body.
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
+    postcard::from_bytes(b).map_err(|e| io_err(format!("undecodable RPC body: {e}")))
+}
+
+/// Creates one [`PeerConnection`] per target; all share the pooled client.
+#[derive(Clone, Default)]
+pub struct Network {
+    client: HttpClient,
+}
+
+impl Network {
+    pub fn new(client: HttpClient) -> Self {
+        Network { client }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Peer) -> Self::Network {
+        PeerConnection {
+            target,
+            addr: Arc::from(node.raft_addr.as_str()),
+            client: self.client.clone(),
+        }
+    }
+}
+
+/// The Raft RPC client for one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    addr: Arc<str>,
+    client: HttpClient,
+}
+
+impl PeerConnection {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let bytes = self
+            .client
+            .post(&self.addr, path, full(encode(req)), timeout)
+            .await
+            .map_err(|e| {
+                if matches!(e.kind(), std::io::ErrorKind::TimedOut) {
+                    RPCError::Network(NetworkError::new(&e))
+                } else {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+            })?;
+        let r: Result<Resp, String> =
+            decode(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        r.map_err(|remote| {
+            RPCError::Network(NetworkError::new(&io_err(format!(
+                "node {}: {remote}",
+                self.target
+            ))))
+        })
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("/raft/append", &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("/raft/vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("/raft/pre-vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("/raft/transfer-leader", &req, option.hard_ttl())
+            .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let head = encode(&(vote, snapshot.meta.clone()));
+        let mut prefix = (head.len() as u32).to_le_bytes().to_vec();
+        prefix.extend_from_slice(&head);
+        let body = file_body(prefix, snapshot.snapshot.file);
+        let send = self
+            .client
+            .post(&self.addr, "/raft/snapshot", body, Duration::from_secs(600));
+        let bytes = tokio::select! {
+            r = send => r.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let r: Result<SnapshotResponse<TypeConfig>, String> =
+            decode(&bytes).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        r.map_err(|remote| StreamingError::Network(NetworkError::new(&io_err(remote))))
+    }
+}
+
+/// Decodes the head of a snapshot upload: `(vote, meta)` and where the file bytes start.
+pub fn decode_snapshot_head(buf: &[u8]) -> Option<std::io::Result<(Vote, SnapshotMeta, usize)>> {
+    let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+    let head = buf.get(4..4 + len)?;
+    Some(decode::<(Vote, SnapshotMeta)>(head).map(|(v, m)| (v, m, 4 + len)))
+}

@@ -296,7 +296,11 @@ pub fn apply_sql(conn: &Connection, cmd: &SqlCommand) -> rusqlite::Result<Vec<St
 }
 
 /// Runs read-only statements on a reader connection (no savepoints, no log).
-pub fn query(conn: &Connection, statements: &[Statement], transaction: bool) -> Vec<StatementResult> {
+pub fn query(
+    conn: &Connection,
+    statements: &[Statement],
+    transaction: bool,
+) -> Vec<StatementResult> {
     if transaction {
         let _ = conn.execute_batch("BEGIN");
     }
@@ -307,12 +311,104 @@ pub fn query(conn: &Connection, statements: &[Statement], transaction: bool) -> 
     out
 }
 
+/// User tables and views of a database: `(type, name)`, excluding SQLite's and Cairn's own.
+pub fn user_objects(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut st = conn.prepare(
+        "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'view') \
+         AND name NOT LIKE 'sqlite_%' AND name != '_cairn_raft' ORDER BY type DESC, name",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Statements that replace a database holding `existing` objects with the contents of `data`
+/// (a SQLite file, or SQL text such as `sqlite3 .dump` output), for `/db/load`.
+pub fn load_statements(
+    data: &[u8],
+    scratch_dir: &std::path::Path,
+    existing: &[(String, String)],
+) -> anyhow::Result<Vec<Statement>> {
+    let mut tmp = None;
+    let src = if data.starts_with(b"SQLite format 3\0") {
+        let path = scratch_dir.join(format!("load-{}.db", rand::random::<u64>()));
+        std::fs::write(&path, data)?;
+        tmp = Some(path.clone());
+        Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?
+    } else {
+        let text = std::str::from_utf8(data)
+            .map_err(|_| anyhow::anyhow!("body is neither a SQLite file nor UTF-8 SQL"))?;
+        let c = Connection::open_in_memory()?;
+        c.execute_batch(text)?;
+        c
+    };
+    let result = (|| -> anyhow::Result<Vec<Statement>> {
+        let mut out: Vec<Statement> = existing
+            .iter()
+            .map(|(kind, name)| {
+                Statement::new(format!(
+                    "DROP {} IF EXISTS {}",
+                    kind.to_uppercase(),
+                    quote_ident(name)
+                ))
+            })
+            .collect();
+        let mut st = src.prepare(
+            "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL \
+             AND name NOT LIKE 'sqlite_%' AND name != '_cairn_raft' \
+             ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'index' THEN 1 WHEN 'view' THEN 2 ELSE 3 END, rowid",
+        )?;
+        let objects: Vec<(String, String, String)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (kind, _, sql) in objects.iter().filter(|o| o.0 == "table") {
+            let _ = kind;
+            out.push(Statement::new(sql.clone()));
+        }
+        for (_, name, _) in objects.iter().filter(|o| o.0 == "table") {
+            let mut rows = src.prepare(&format!("SELECT * FROM {}", quote_ident(name)))?;
+            let n = rows.column_count();
+            let insert = format!(
+                "INSERT INTO {} VALUES({})",
+                quote_ident(name),
+                vec!["?"; n].join(", ")
+            );
+            let mut q = rows.raw_query();
+            while let Some(row) = q.next()? {
+                let values = (0..n)
+                    .map(|i| row.get_ref(i).map(Value::from))
+                    .collect::<rusqlite::Result<_>>()?;
+                out.push(Statement {
+                    sql: insert.clone(),
+                    params: Params::Positional(values),
+                });
+            }
+        }
+        for (_, _, sql) in objects.iter().filter(|o| o.0 != "table") {
+            out.push(Statement::new(sql.clone()));
+        }
+        Ok(out)
+    })();
+    drop(src);
+    if let Some(p) = tmp {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
 /// Standard base64 with padding, for blob cells.
 pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -353,7 +449,8 @@ pub fn prepare_write(cmd: &mut SqlCommand, stamp: &Stamp) -> Result<(), String> 
                 "statement {i}: {kw} is not allowed; use ?transaction to run statements atomically"
             ));
         }
-        st.sql = rewrite_nondeterministic(&st.sql, stamp).map_err(|e| format!("statement {i}: {e}"))?;
+        st.sql =
+            rewrite_nondeterministic(&st.sql, stamp).map_err(|e| format!("statement {i}: {e}"))?;
     }
     Ok(())
 }
@@ -444,7 +541,9 @@ fn tokenize(s: &str) -> Vec<Tok> {
                 TokKind::QuotedIdent
             }
         } else if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 {
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80 || b[i] == b'$') {
+            while i < b.len()
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80 || b[i] == b'$')
+            {
                 i += 1;
             }
             TokKind::Word
@@ -452,13 +551,23 @@ fn tokenize(s: &str) -> Vec<Tok> {
             i += 1;
             TokKind::Punct
         };
-        toks.push(Tok { kind, start, end: i });
+        toks.push(Tok {
+            kind,
+            start,
+            end: i,
+        });
     }
     toks
 }
 
 const TIME_FUNCTIONS: &[&str] = &[
-    "date", "time", "datetime", "julianday", "unixepoch", "strftime", "timediff",
+    "date",
+    "time",
+    "datetime",
+    "julianday",
+    "unixepoch",
+    "strftime",
+    "timediff",
 ];
 
 fn rewrite_nondeterministic(sql: &str, stamp: &Stamp) -> Result<String, String> {
@@ -500,7 +609,8 @@ fn rewrite_nondeterministic(sql: &str, stamp: &Stamp) -> Result<String, String> 
                         let n = arg.and_then(|a| toks[a].text(sql).parse::<usize>().ok());
                         match (n, close.filter(|&c| toks[c].text(sql) == ")")) {
                             (Some(n), Some(close)) if n <= 1 << 20 => {
-                                let bytes: Vec<u8> = (0..n.max(1)).map(|_| rand::random::<u8>()).collect();
+                                let bytes: Vec<u8> =
+                                    (0..n.max(1)).map(|_| rand::random::<u8>()).collect();
                                 out.push_str("X'");
                                 for byte in bytes {
                                     out.push_str(&format!("{byte:02X}"));
@@ -520,10 +630,16 @@ fn rewrite_nondeterministic(sql: &str, stamp: &Stamp) -> Result<String, String> 
                     "CURRENT_TIMESTAMP" => {
                         out.push_str(&format!("'{}'", format_utc(stamp.now, Format::DateTime)));
                     }
-                    "CURRENT_DATE" => out.push_str(&format!("'{}'", format_utc(stamp.now, Format::Date))),
-                    "CURRENT_TIME" => out.push_str(&format!("'{}'", format_utc(stamp.now, Format::Time))),
+                    "CURRENT_DATE" => {
+                        out.push_str(&format!("'{}'", format_utc(stamp.now, Format::Date)))
+                    }
+                    "CURRENT_TIME" => {
+                        out.push_str(&format!("'{}'", format_utc(stamp.now, Format::Time)))
+                    }
                     _ => {
-                        if call_open.is_some() && TIME_FUNCTIONS.contains(&upper.to_ascii_lowercase().as_str()) {
+                        if call_open.is_some()
+                            && TIME_FUNCTIONS.contains(&upper.to_ascii_lowercase().as_str())
+                        {
                             pending_time_fn = true;
                         }
                         out.push_str(text);
@@ -546,7 +662,10 @@ fn rewrite_nondeterministic(sql: &str, stamp: &Stamp) -> Result<String, String> 
                 out.push_str(text);
             }
             TokKind::Str if !time_calls.is_empty() && text.eq_ignore_ascii_case("'now'") => {
-                out.push_str(&format!("'{}'", format_utc(stamp.now, Format::DateTimeMillis)));
+                out.push_str(&format!(
+                    "'{}'",
+                    format_utc(stamp.now, Format::DateTimeMillis)
+                ));
             }
             _ => out.push_str(text),
         }
@@ -606,12 +725,16 @@ mod tests {
     fn test_rewrite_time() {
         let s = stamp();
         assert_eq!(
-            rewrite_nondeterministic("INSERT INTO t VALUES(CURRENT_TIMESTAMP, current_date, CURRENT_TIME)", &s)
-                .unwrap(),
+            rewrite_nondeterministic(
+                "INSERT INTO t VALUES(CURRENT_TIMESTAMP, current_date, CURRENT_TIME)",
+                &s
+            )
+            .unwrap(),
             "INSERT INTO t VALUES('2024-02-29 12:34:56', '2024-02-29', '12:34:56')"
         );
         assert_eq!(
-            rewrite_nondeterministic("INSERT INTO t VALUES(datetime('now', '+1 day'), 'now')", &s).unwrap(),
+            rewrite_nondeterministic("INSERT INTO t VALUES(datetime('now', '+1 day'), 'now')", &s)
+                .unwrap(),
             "INSERT INTO t VALUES(datetime('2024-02-29 12:34:56.789', '+1 day'), 'now')"
         );
         assert_eq!(
@@ -630,8 +753,11 @@ mod tests {
     #[test]
     fn test_rewrite_random() {
         let s = stamp();
-        let out = rewrite_nondeterministic("INSERT INTO t VALUES(random(), RANDOMBLOB(4), abs(RANDOM ( )))", &s)
-            .unwrap();
+        let out = rewrite_nondeterministic(
+            "INSERT INTO t VALUES(random(), RANDOMBLOB(4), abs(RANDOM ( )))",
+            &s,
+        )
+        .unwrap();
         assert!(!out.to_ascii_uppercase().contains("RANDOM"), "{out}");
         assert!(out.contains("X'"), "{out}");
         assert!(rewrite_nondeterministic("SELECT randomblob(x) FROM t", &s).is_err());
@@ -640,10 +766,17 @@ mod tests {
     #[test]
     fn test_transaction_control_rejected() {
         let mut cmd = SqlCommand {
-            statements: vec![Statement::new("  begin"), Statement::new("INSERT INTO t VALUES(1)")],
+            statements: vec![
+                Statement::new("  begin"),
+                Statement::new("INSERT INTO t VALUES(1)"),
+            ],
             transaction: false,
         };
-        assert!(prepare_write(&mut cmd, &stamp()).unwrap_err().contains("BEGIN"));
+        assert!(
+            prepare_write(&mut cmd, &stamp())
+                .unwrap_err()
+                .contains("BEGIN")
+        );
     }
 
     #[test]
@@ -657,14 +790,18 @@ mod tests {
             st[1].params,
             Params::Positional(vec![Value::Integer(1), Value::Text("x".into())])
         );
-        assert_eq!(st[2].params, Params::Named(vec![("a".into(), Value::Real(2.5))]));
+        assert_eq!(
+            st[2].params,
+            Params::Named(vec![("a".into(), Value::Real(2.5))])
+        );
         assert!(parse_statements(b"{}").is_err());
     }
 
     #[test]
     fn test_apply_sql_savepoints() {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE t(a INTEGER PRIMARY KEY, b TEXT); BEGIN").unwrap();
+        conn.execute_batch("CREATE TABLE t(a INTEGER PRIMARY KEY, b TEXT); BEGIN")
+            .unwrap();
         let cmd = SqlCommand {
             statements: vec![
                 Statement::new("INSERT INTO t(b) VALUES('x')"),
@@ -686,7 +823,9 @@ mod tests {
         };
         let r = apply_sql(&conn, &tx).unwrap();
         assert_eq!(r.len(), 2, "stops at the first error");
-        let n: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 2, "the transaction's first insert was rolled back");
     }
 

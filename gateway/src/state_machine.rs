@@ -65,7 +65,7 @@ fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {META_TABLE} (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
+        "CREATE TABLE IF NOT EXISTS {META_TABLE} (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
     ))?;
     Ok(conn)
 }
@@ -73,9 +73,13 @@ fn open_db(path: &Path) -> rusqlite::Result<Connection> {
 /// Reads the applied log id and membership recorded inside a database.
 fn read_applied(conn: &Connection) -> std::io::Result<(Option<LogId>, StoredMembership)> {
     let get = |key: &str| -> std::io::Result<Option<Vec<u8>>> {
-        conn.query_row(&format!("SELECT value FROM {META_TABLE} WHERE key = ?1"), [key], |r| r.get(0))
-            .optional()
-            .map_err(io_err)
+        conn.query_row(
+            &format!("SELECT value FROM {META_TABLE} WHERE key = ?1"),
+            [key],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(io_err)
     };
     let applied = match get("last_applied")? {
         Some(b) => serde_json::from_slice(&b).map_err(io_err)?,
@@ -94,7 +98,8 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl Store {
     fn read_snapshot_meta(path: &Path) -> std::io::Result<SnapshotMeta> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(io_err)?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(io_err)?;
         let (last_log_id, last_membership) = read_applied(&conn)?;
         Ok(SnapshotMeta {
             last_log_id,
@@ -104,7 +109,11 @@ impl Store {
 
     /// Runs `f` on a read-only connection to the live database.
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> T) -> anyhow::Result<T> {
-        let conn = self.readers.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pop();
+        let conn = self
+            .readers
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .pop();
         let conn = match conn {
             Some(c) => c,
             None => {
@@ -118,7 +127,10 @@ impl Store {
             }
         };
         let out = f(&conn);
-        let mut pool = self.readers.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut pool = self
+            .readers
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
         if pool.len() < 16 {
             pool.push(conn);
         }
@@ -157,21 +169,37 @@ impl Store {
 
     fn build_snapshot(&self) -> std::io::Result<(SnapshotMeta, SnapshotFile)> {
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let building = self.snap_dir.join(format!("building-{}-{seq}.db", std::process::id()));
+        let building = self
+            .snap_dir
+            .join(format!("building-{}-{seq}.db", std::process::id()));
         self.copy_to(&building).map_err(io_err)?;
         let meta = Self::read_snapshot_meta(&building)?;
         let file = File::open(&building)?;
         let current = self.snap_dir.join("current.db");
         let mut cur = self.current_snapshot.lock().map_err(io_err)?;
-        let newer = cur.as_ref().is_none_or(|c| c.last_log_id <= meta.last_log_id);
+        let newer = cur
+            .as_ref()
+            .is_none_or(|c| c.last_log_id <= meta.last_log_id);
         if newer {
             std::fs::rename(&building, &current)?;
             sync_dir(&self.snap_dir)?;
             *cur = Some(meta.clone());
-            Ok((meta, SnapshotFile { file, path: current }))
+            Ok((
+                meta,
+                SnapshotFile {
+                    file,
+                    path: current,
+                },
+            ))
         } else {
             let _ = std::fs::remove_file(&building);
-            Ok((meta, SnapshotFile { file, path: building }))
+            Ok((
+                meta,
+                SnapshotFile {
+                    file,
+                    path: building,
+                },
+            ))
         }
     }
 
@@ -194,7 +222,8 @@ impl Store {
             )));
         }
         {
-            let src = Connection::open_with_flags(&staged, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(io_err)?;
+            let src = Connection::open_with_flags(&staged, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(io_err)?;
             let mut dst = self.writer.lock().map_err(io_err)?;
             // One step = one write transaction on the live database: atomic.
             let backup = rusqlite::backup::Backup::new(&src, &mut dst).map_err(io_err)?;
@@ -213,12 +242,14 @@ impl Store {
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
             let tx = conn.transaction().map_err(io_err)?;
-            let ctx = ApplyContext { log_id: &entry.log_id };
+            let ctx = ApplyContext {
+                log_id: &entry.log_id,
+            };
             let resp = match &entry.payload {
                 EntryPayload::Blank => CommandResponse::Empty,
                 EntryPayload::Normal(cmd) => command::apply(&tx, &ctx, cmd).map_err(io_err)?,
                 EntryPayload::Membership(m) => {
-                    let sm = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    let sm = StoredMembership::new(Some(entry.log_id), m.clone());
                     tx.execute(
                         &format!("INSERT OR REPLACE INTO {META_TABLE}(key, value) VALUES('membership', ?1)"),
                         [serde_json::to_vec(&sm).map_err(io_err)?],
@@ -229,12 +260,14 @@ impl Store {
                 }
             };
             tx.execute(
-                &format!("INSERT OR REPLACE INTO {META_TABLE}(key, value) VALUES('last_applied', ?1)"),
-                [serde_json::to_vec(&Some(entry.log_id.clone())).map_err(io_err)?],
+                &format!(
+                    "INSERT OR REPLACE INTO {META_TABLE}(key, value) VALUES('last_applied', ?1)"
+                ),
+                [serde_json::to_vec(&Some(entry.log_id)).map_err(io_err)?],
             )
             .map_err(io_err)?;
             tx.commit().map_err(io_err)?;
-            self.applied.lock().map_err(io_err)?.0 = Some(entry.log_id.clone());
+            self.applied.lock().map_err(io_err)?.0 = Some(entry.log_id);
             out.push(resp);
         }
         Ok(out)
@@ -295,7 +328,9 @@ async fn blocking<T: Send + 'static>(
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
 
-    async fn build_snapshot(&mut self) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>, std::io::Error> {
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>, std::io::Error> {
         let store = self.store.clone();
         let (meta, snapshot) = blocking(move || store.build_snapshot()).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, "built snapshot");
@@ -313,7 +348,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), std::io::Error>
     where
-        Strm: futures_util::Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>> + Unpin + OptionalSend,
+        Strm: futures_util::Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>>
+            + Unpin
+            + OptionalSend,
     {
         let items: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
         let (entries, responders): (Vec<_>, Vec<_>) = items.into_iter().unzip();
@@ -331,7 +368,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), std::io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), std::io::Error> {
         let store = self.store.clone();
         let m = meta.clone();
         blocking(move || store.install(&m, snapshot)).await?;

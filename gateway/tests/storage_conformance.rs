@@ -9,7 +9,9 @@ use openraft::testing::log::{StoreBuilder, Suite};
 struct SqliteBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SqliteBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = LogStore::open(&dir.path().join("raft.db")).expect("open log");
         let sm = StateMachine::open(&dir.path().join("sm")).expect("open state machine");
@@ -19,5 +21,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sql
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_openraft_storage_suite() {
-    Suite::test_all(SqliteBuilder).await.expect("conformance suite");
+    Suite::test_all(SqliteBuilder)
+        .await
+        .expect("conformance suite");
 }

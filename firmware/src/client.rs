@@ -183,6 +183,35 @@ impl<const N: usize> Shared<N> {
         }
     }
 
+    /// Put back a record read from flash at boot (see `FlashOutbox::restore`). Restored
+    /// records count as possibly sent: the first Welcome acknowledges those it has committed.
+    #[cfg(feature = "flash-outbox")]
+    pub(crate) fn restore_record(&mut self, seq: Seq, len: usize, write: impl FnOnce(&mut [u8])) {
+        if self.outbox.is_empty() {
+            self.outbox.rebase(seq);
+        } else if seq != self.outbox.next_seq() {
+            warn!(
+                "cairn: flash record {} out of sequence, numbered {}",
+                seq,
+                self.outbox.next_seq()
+            );
+        }
+        match self.outbox.push(len, write) {
+            Ok(p) => self.status.dropped += u64::from(p.dropped),
+            Err(_) => error!("cairn: flash record {} does not fit the outbox", seq),
+        }
+        self.wire_next = self.outbox.next_seq();
+    }
+
+    /// Number this boot's records from `floor + 1` on (fresh outbox, flash empty).
+    #[cfg(feature = "flash-outbox")]
+    pub(crate) fn start_after(&mut self, floor: Seq) {
+        if self.outbox.is_empty() {
+            self.outbox.rebase(floor + 1);
+            self.wire_next = floor + 1;
+        }
+    }
+
     pub(crate) fn note_dropped(&mut self, n: u32) {
         if n == 0 {
             return;

@@ -10,6 +10,8 @@ pub mod backoff;
 mod client;
 #[cfg(feature = "embassy-net")]
 pub mod embassy_net;
+#[cfg(feature = "flash-outbox")]
+pub mod flash;
 pub mod outbox;
 pub mod record;
 pub mod store;

@@ -22,6 +22,24 @@ use cairn_protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
 pub const KEY: [u8; 32] = [7; 32];
+
+/// With `CAIRN_SIM_TRACE` set (and the crate's `log` feature), the client's log goes to stderr.
+pub fn trace_logger() {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record) {
+            eprintln!("{} {}", r.level(), r.args());
+        }
+        fn flush(&self) {}
+    }
+    if std::env::var_os("CAIRN_SIM_TRACE").is_some() {
+        let _ = log::set_logger(&Stderr);
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+}
 pub const DEVICE: u64 = 42;
 
 pub fn gateway_addr(i: usize) -> GatewayAddr {
@@ -116,6 +134,19 @@ impl Cluster {
     /// Apply a batch like the state machine; returns Err(SeqGap) on a gap.
     fn apply(&mut self, batch: &BatchView<'_>) -> Result<(), ErrorCode> {
         let first = batch.header().first_seq;
+        if std::env::var_os("CAIRN_SIM_TRACE").is_some() {
+            let ks: Vec<String> = batch
+                .records()
+                .map(|r| {
+                    r.unwrap()
+                        .values()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect();
+            eprintln!("apply first={first} hw={} ks={}", self.hw, ks.join(" "));
+        }
         for (i, rec) in batch.records().enumerate() {
             let rec = rec.expect("records decode");
             let seq = first + i as u64;

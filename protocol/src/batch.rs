@@ -118,9 +118,12 @@ pub struct BatchHeader {
 }
 
 impl BatchHeader {
-    /// Seq of the last record.
+    /// Seq of the last record: `first_seq + count - 1`, in wrapping arithmetic so that it
+    /// never panics (parsed headers never wrap).
     pub fn last_seq(&self) -> u64 {
-        self.first_seq + u64::from(self.count) - 1
+        self.first_seq
+            .wrapping_add(u64::from(self.count))
+            .wrapping_sub(1)
     }
 
     fn validate(&self) -> Result<(), DecodeError> {
@@ -237,9 +240,11 @@ impl<'a> BatchEncoder<'a> {
         self.header.encoded_len() + self.end - BATCH_HEADER_MAX
     }
 
-    /// The seq the next pushed record gets.
+    /// The seq the next pushed record gets (saturating at u64::MAX).
     pub fn next_seq(&self) -> u64 {
-        self.header.first_seq + u64::from(self.header.count)
+        self.header
+            .first_seq
+            .saturating_add(u64::from(self.header.count))
     }
 
     /// Writes the header and returns the finished body as a view (send it as
@@ -341,7 +346,8 @@ impl<'a> Iterator for Records<'a> {
             Ok((record, rest)) => {
                 self.rest = rest;
                 self.remaining -= 1;
-                self.next_seq += 1;
+                // Wraps only past the last record of a batch ending at u64::MAX.
+                self.next_seq = self.next_seq.wrapping_add(1);
                 Some(Ok(record))
             }
             Err(e) => {
@@ -451,3 +457,122 @@ impl<'a> Iterator for Values<'a> {
 }
 
 impl ExactSizeIterator for Values<'_> {}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    // first_seq 5, count 1, sent 300; stream 2, delta 100, [U64(7), Str("hi")]
+    static BATCH_BYTES: [u8; 13] = [
+        0x05, 0x01, 0xac, 0x02, 0x02, 0x64, 0x02, 0x02, 0x07, 0x06, 0x02, b'h', b'i',
+    ];
+
+    #[test]
+    fn test_parse() {
+        let view = BatchView::parse(&BATCH_BYTES).unwrap();
+        assert_eq!(
+            view.header(),
+            BatchHeader {
+                first_seq: 5,
+                count: 1,
+                sent_uptime_ms: 300
+            }
+        );
+        let r = view.records().next().unwrap().unwrap();
+        assert_eq!((r.seq, r.stream, r.uptime_ms), (5, 2, 200));
+        assert!(r.values().eq([Value::U64(7), Value::Str("hi")]));
+        assert_eq!(r.values().len(), 2);
+    }
+
+    #[test]
+    fn test_emit() {
+        let mut buf = [0u8; 64];
+        let mut enc = BatchEncoder::new(&mut buf, 5, 300);
+        enc.push(&Record {
+            stream: 2,
+            uptime_ms: 200,
+            values: &[Value::U64(7), Value::Str("hi")],
+        })
+        .unwrap();
+        assert_eq!(enc.len(), BATCH_BYTES.len());
+        assert_eq!(enc.finish().unwrap().as_bytes(), &BATCH_BYTES);
+    }
+
+    #[test]
+    fn test_seq_at_u64_max() {
+        // Found by fuzzing: a batch whose last record has seq u64::MAX.
+        // first_seq u64::MAX, count 1, sent 0; stream 0, delta 0, no values
+        let mut body = [0xffu8; 15];
+        body[9..].copy_from_slice(&[0x01, 0x01, 0x00, 0x00, 0x00, 0x00]);
+        let view = BatchView::parse(&body).unwrap();
+        assert_eq!(view.header().last_seq(), u64::MAX);
+        let mut records = view.records();
+        assert_eq!(records.next().unwrap().unwrap().seq, u64::MAX);
+        assert!(records.next().is_none());
+
+        let mut buf = [0u8; 64];
+        let mut enc = BatchEncoder::new(&mut buf, u64::MAX, 0);
+        let record = Record {
+            stream: 0,
+            uptime_ms: 0,
+            values: &[],
+        };
+        enc.push(&record).unwrap();
+        assert_eq!(enc.next_seq(), u64::MAX);
+        assert_eq!(enc.push(&record), Err(EncodeError::Invalid));
+        let h = BatchHeader {
+            first_seq: 0,
+            count: 0,
+            sent_uptime_ms: 0,
+        };
+        assert_eq!(h.last_seq(), u64::MAX);
+    }
+
+    #[test]
+    fn test_header_max() {
+        let h = BatchHeader {
+            first_seq: u64::MAX,
+            count: u16::MAX,
+            sent_uptime_ms: u64::MAX,
+        };
+        let mut buf = [0u8; 64];
+        let n = postcard::to_slice(&h, &mut buf).unwrap().len();
+        assert_eq!(n, BATCH_HEADER_MAX);
+        assert_eq!(h.encoded_len(), n);
+        for v in [0, 1, 127, 128, 16_383, 16_384, u64::MAX >> 1, u64::MAX] {
+            let n = postcard::to_slice(&v, &mut buf).unwrap().len();
+            assert_eq!(varint_len(v), n, "{v}");
+        }
+    }
+
+    #[test]
+    fn test_body_limit() {
+        // Records are accepted up to exactly MAX_BODY bytes, never beyond.
+        let mut buf = [0u8; crate::MAX_FRAME];
+        let mut enc = BatchEncoder::new(&mut buf, 1, 0);
+        let blob = [0u8; MAX_BLOB];
+        let values = [Value::Bytes(&blob)];
+        loop {
+            let record = Record {
+                stream: 0,
+                uptime_ms: 0,
+                values: &values,
+            };
+            if enc.push(&record).is_err() {
+                break;
+            }
+        }
+        let tiny = [Value::Bool(true)];
+        while enc
+            .push(&Record {
+                stream: 0,
+                uptime_ms: 0,
+                values: &tiny,
+            })
+            .is_ok()
+        {}
+        let len = enc.len();
+        assert!(len <= MAX_BODY && len > MAX_BODY - 5, "{len}");
+        assert_eq!(enc.finish().unwrap().as_bytes().len(), len);
+    }
+}

@@ -391,3 +391,98 @@ impl fmt::Display for Message<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    static HELLO_BYTES: [u8; 8] = [0x82, 0x02, 0x07, 0x82, 0x80, 0x04, 0x01, 0x32];
+
+    fn hello() -> Hello {
+        Hello {
+            device_id: 258,
+            boot: 7,
+            firmware_version: 0x0001_0002,
+            protocol_version: 1,
+            max_batch: 50,
+        }
+    }
+
+    #[test]
+    fn test_parse() {
+        assert_eq!(
+            Message::decode_body(Kind::Hello, &HELLO_BYTES),
+            Ok(Message::Hello(hello()))
+        );
+        assert_eq!(
+            Message::decode_body(Kind::Hello, &HELLO_BYTES[..7]),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    #[test]
+    fn test_emit() {
+        let mut buf = [0u8; 16];
+        let n = Message::Hello(hello()).encode_body(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &HELLO_BYTES);
+        assert_eq!(
+            Message::Hello(hello()).encode_body(&mut buf[..7]),
+            Err(EncodeError::Full)
+        );
+    }
+
+    #[test]
+    fn test_error_code_every_byte() {
+        for b in 0..=u8::MAX {
+            let code = ErrorCode::from_u8(b);
+            assert_eq!(code.to_u8(), b);
+            assert_eq!(
+                matches!(code, ErrorCode::Unknown(_)),
+                !(1..=11).contains(&b)
+            );
+        }
+    }
+
+    #[test]
+    fn test_gateway_addr_resolve() {
+        let peer = [10, 0, 2, 2];
+        assert_eq!(
+            GatewayAddr::new([127, 0, 0, 1], 4013).resolve(peer),
+            GatewayAddr::new(peer, 4013)
+        );
+        assert_eq!(
+            GatewayAddr::new([0, 0, 0, 0], 4013).resolve(peer),
+            GatewayAddr::new(peer, 4013)
+        );
+        let lan = GatewayAddr::new([192, 168, 1, 5], 4003);
+        assert_eq!(lan.resolve(peer), lan);
+        let sock: core::net::SocketAddrV4 = lan.into();
+        assert_eq!(GatewayAddr::from(sock), lan);
+    }
+
+    #[test]
+    fn test_display() {
+        extern crate std;
+        use std::string::ToString;
+        assert_eq!(
+            Message::Hello(hello()).to_string(),
+            "Hello device=258 boot=7 fw=65538 proto=1 max_batch=50"
+        );
+        let w = Welcome {
+            high_water: 3,
+            leader: Some(GatewayAddr::new([10, 0, 0, 1], 4003)),
+            credit: 8,
+        };
+        assert_eq!(
+            w.to_string(),
+            "Welcome high_water=3 credit=8 leader=10.0.0.1:4003"
+        );
+        assert_eq!(
+            Error {
+                code: ErrorCode::Unknown(99)
+            }
+            .to_string(),
+            "Error unknown error code 99"
+        );
+    }
+}

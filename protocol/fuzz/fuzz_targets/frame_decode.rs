@@ -33,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
     for kind in KINDS {
         if let Ok(msg) = Message::decode_body(kind, data) {
             let mut once = [0u8; 2048];
-            let n = msg.encode_body(&mut once).expect("a decoded body re-encodes");
+            let n = msg
+                .encode_body(&mut once)
+                .expect("a decoded body re-encodes");
             assert!(n <= data.len(), "{kind}: canonical form is never longer");
             let again = Message::decode_body(kind, &once[..n]).expect("canonical form decodes");
             let mut twice = [0u8; 2048];

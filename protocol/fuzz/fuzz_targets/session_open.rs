@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
 
     let mut buf = data.to_vec();
     if let Ok(msg) = device.decode(&mut buf) {
-        assert!(matches!(msg, Message::Error(_)), "forged gateway frame: {msg}");
+        assert!(
+            matches!(msg, Message::Error(_)),
+            "forged gateway frame: {msg}"
+        );
         assert_ne!(data[6] & FLAG_UNSEALED, 0);
     }
     let mut buf = data.to_vec();

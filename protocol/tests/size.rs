@@ -88,3 +88,13 @@ fn full_batch_of_three_f32_records() {
     assert!(n >= 49, "{n}");
     assert!(view.as_bytes().len() <= MAX_BODY);
 }
+
+#[test]
+fn session_ram() {
+    // What a device keeps in RAM for the protocol, besides its frame buffers.
+    let device = core::mem::size_of::<DeviceSession>();
+    let gateway = core::mem::size_of::<GatewaySession>();
+    println!("DeviceSession {device} B, GatewaySession {gateway} B");
+    assert!(device <= 80, "{device}");
+    assert!(gateway <= 96, "{gateway}");
+}

@@ -10,6 +10,12 @@
 //! - Nothing sleeps for a fixed time: [`poll`] retries until a condition holds or a timeout
 //!   names what never happened.
 
+pub mod history;
+pub mod linearizability;
+pub mod nemesis;
+pub mod netns;
+pub mod tmpfs;
+
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};

@@ -162,18 +162,45 @@ impl<'a> Config<'a> {
     }
 }
 
+/// The counters behind [`Status`]. Everything the client keeps in its `static` is zero at
+/// start (no `Option<ErrorCode>`, whose `None` is not zero bytes), so the client lands in
+/// `.bss` and costs no flash for an initialiser.
+pub(crate) struct Stats {
+    pub(crate) state: ConnectionState,
+    pub(crate) pushed: u64,
+    pub(crate) acked: u64,
+    pub(crate) dropped: u64,
+    pub(crate) rejected: u64,
+    pub(crate) retries: u64,
+    pub(crate) reconnects: u64,
+    pub(crate) acked_through: Seq,
+    pub(crate) gateway: Option<GatewayAddr>,
+}
+
 /// State shared between `push` callers and the run loop, behind a blocking mutex.
 pub(crate) struct Shared<const N: usize> {
     pub(crate) outbox: Outbox<N>,
-    pub(crate) status: Status,
-    /// Seq of the next record to put on the wire. Records from here on have never been sent
-    /// (on any connection of this boot), so their seqs may still be renumbered.
-    wire_next: Seq,
+    pub(crate) stats: Stats,
+    /// Last gateway error code (`ErrorCode::to_u8`), 0 for none.
+    last_error: u8,
+    /// Seq of the last record put on the wire (`wire_next() - 1`; zero-initialised, see
+    /// `Outbox::before_first`). Records after it have never been sent (on any connection of
+    /// this boot), so their seqs may still be renumbered.
+    wire_last: Seq,
     /// Sum of renumberings (`rebase` deltas) the store has not applied yet.
     pub(crate) shift: i64,
 }
 
 impl<const N: usize> Shared<N> {
+    /// Seq of the next record to put on the wire.
+    fn wire_next(&self) -> Seq {
+        self.wire_last + 1
+    }
+
+    fn set_wire_next(&mut self, seq: Seq) {
+        self.wire_last = seq - 1;
+    }
+
     /// Renumber all held records so the oldest gets `first`; remembered for the store.
     fn rebase(&mut self, first: Seq) {
         let old = self.outbox.first_seq();
@@ -197,10 +224,10 @@ impl<const N: usize> Shared<N> {
             );
         }
         match self.outbox.push(len, write) {
-            Ok(p) => self.status.dropped += u64::from(p.dropped),
+            Ok(p) => self.stats.dropped += u64::from(p.dropped),
             Err(_) => error!("cairn: flash record {} does not fit the outbox", seq),
         }
-        self.wire_next = self.outbox.next_seq();
+        self.set_wire_next(self.outbox.next_seq());
     }
 
     /// Number this boot's records from `floor + 1` on (fresh outbox, flash empty).
@@ -208,7 +235,7 @@ impl<const N: usize> Shared<N> {
     pub(crate) fn start_after(&mut self, floor: Seq) {
         if self.outbox.is_empty() {
             self.outbox.rebase(floor + 1);
-            self.wire_next = floor + 1;
+            self.set_wire_next(floor + 1);
         }
     }
 
@@ -216,11 +243,11 @@ impl<const N: usize> Shared<N> {
         if n == 0 {
             return;
         }
-        self.status.dropped += u64::from(n);
+        self.stats.dropped += u64::from(n);
         // Dropping records that were never sent would leave a seq gap the gateway refuses
         // (`SeqGap`): close it by renumbering the unsent rest, which nobody has seen yet.
-        if self.outbox.first_seq() > self.wire_next {
-            let to = self.wire_next;
+        if self.outbox.first_seq() > self.wire_next() {
+            let to = self.wire_next();
             self.rebase(to);
         }
     }
@@ -244,7 +271,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         Self {
             shared: Mutex::new(RefCell::new(Shared {
                 outbox: Outbox::new(policy, 1),
-                status: Status {
+                stats: Stats {
                     state: ConnectionState::Idle,
                     pushed: 0,
                     acked: 0,
@@ -253,11 +280,10 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                     retries: 0,
                     reconnects: 0,
                     acked_through: 0,
-                    queued: 0,
                     gateway: None,
-                    last_error: None,
                 },
-                wire_next: 1,
+                wire_last: 0,
+                last_error: 0,
                 shift: 0,
             })),
             pushed: Signal::new(),
@@ -282,12 +308,12 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 .push(len, |dst| record::encode(dst, stream, uptime_ms, values))
             {
                 Ok(p) => {
-                    s.status.pushed += 1;
+                    s.stats.pushed += 1;
                     s.note_dropped(p.dropped);
                     Ok(s.outbox.next_seq() - 1)
                 }
                 Err(OutboxFull::Full) => {
-                    s.status.rejected += 1;
+                    s.stats.rejected += 1;
                     Err(PushError::Full)
                 }
                 Err(OutboxFull::TooLarge) => Err(PushError::TooLarge),
@@ -300,9 +326,20 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
     /// A snapshot of counters and connection state.
     pub fn status(&self) -> Status {
         self.lock(|s| {
-            let mut st = s.status;
-            st.queued = s.outbox.len() as u32;
-            st
+            let t = &s.stats;
+            Status {
+                state: t.state,
+                pushed: t.pushed,
+                acked: t.acked,
+                dropped: t.dropped,
+                rejected: t.rejected,
+                retries: t.retries,
+                reconnects: t.reconnects,
+                acked_through: t.acked_through,
+                queued: s.outbox.len() as u32,
+                gateway: t.gateway,
+                last_error: (s.last_error != 0).then(|| ErrorCode::from_u8(s.last_error)),
+            }
         })
     }
 
@@ -353,7 +390,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             sessions: 0,
             ping_nonce: 0,
             tx: [0; MAX_FRAME],
-            rx: [0; MAX_FRAME],
+            rx: [0; RX_MAX],
             batch: [0; MAX_FRAME],
         };
         loop {
@@ -376,9 +413,9 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 End::Failed(why) => {
                     info!("cairn: connection to {} ended: {}", addr, why);
                     self.lock(|s| {
-                        s.status.retries += 1;
+                        s.stats.retries += 1;
                         if let Why::Gateway(code) = why {
-                            s.status.last_error = Some(code);
+                            s.last_error = code.to_u8();
                         }
                     });
                     link.next_gateway = link.next_gateway.wrapping_add(1);
@@ -397,7 +434,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 }
             };
             if let Some(delay) = delay {
-                self.lock(|s| s.status.state = ConnectionState::Backoff);
+                self.lock(|s| s.stats.state = ConnectionState::Backoff);
                 debug!("cairn: retry in {} ms", delay.as_millis());
                 Timer::after(delay).await;
             }
@@ -414,8 +451,8 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         addr: GatewayAddr,
     ) -> End {
         self.lock(|s| {
-            s.status.state = ConnectionState::Connecting;
-            s.status.gateway = Some(addr);
+            s.stats.state = ConnectionState::Connecting;
+            s.stats.gateway = Some(addr);
         });
         debug!("cairn: connecting to {}", addr);
         let mut conn = match with_timeout(config.connect_timeout, transport.connect(addr)).await {
@@ -447,7 +484,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         addr: GatewayAddr,
     ) -> End {
         let mut rx = FrameReader::new();
-        self.lock(|s| s.status.state = ConnectionState::Handshaking);
+        self.lock(|s| s.stats.state = ConnectionState::Handshaking);
         let hello = link
             .session
             .hello(config.device_id, config.firmware_version, config.max_batch);
@@ -493,16 +530,16 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             link.hint = Some(leader.resolve(addr.ip));
         }
         self.lock(|s| {
-            let sent_through = s.wire_next.saturating_sub(1);
+            let sent_through = s.wire_last;
             let n = s.outbox.ack_through(welcome.high_water.min(sent_through));
-            s.status.acked += n as u64;
+            s.stats.acked += n as u64;
             s.rebase(welcome.high_water + 1);
-            s.wire_next = welcome.high_water + 1;
-            s.status.acked_through = welcome.high_water;
-            s.status.state = ConnectionState::Connected;
-            s.status.last_error = None;
+            s.set_wire_next(welcome.high_water + 1);
+            s.stats.acked_through = welcome.high_water;
+            s.stats.state = ConnectionState::Connected;
+            s.last_error = 0;
             if !first_session {
-                s.status.reconnects += 1;
+                s.stats.reconnects += 1;
             }
         });
         info!(
@@ -534,7 +571,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 }
             }
 
-            let in_flight = self.lock(|s| s.wire_next) > acked + 1;
+            let in_flight = self.lock(|s| s.wire_next()) > acked + 1;
             let deadline = if in_flight {
                 last_progress + config.response_timeout
             } else if let Some(at) = ping_sent {
@@ -568,9 +605,8 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                             }
                             self.lock(|s| {
                                 let n = s.outbox.ack_through(ack.through_seq);
-                                s.status.acked += n as u64;
-                                s.status.acked_through =
-                                    s.status.acked_through.max(ack.through_seq);
+                                s.stats.acked += n as u64;
+                                s.stats.acked_through = s.stats.acked_through.max(ack.through_seq);
                             });
                             trace!("cairn: ack through {}", ack.through_seq);
                         }
@@ -625,7 +661,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             batch, tx, session, ..
         } = link;
         let built = self.lock(|s| {
-            let first = s.wire_next;
+            let first = s.wire_next();
             let limit = s
                 .outbox
                 .next_seq()
@@ -665,7 +701,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             let len = session
                 .encode(&Message::Batch(view), &mut tx[..])
                 .map_err(|_| End::Failed(Why::Encode))?;
-            s.wire_next = first + n;
+            s.set_wire_next(first + n);
             Ok(Some((len, first, n)))
         })?;
         let Some((len, first, n)) = built else {
@@ -685,6 +721,11 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
 /// Consecutive redirects followed without a Welcome before falling back to the list.
 const MAX_REDIRECTS: u32 = 3;
 
+/// Receive buffer: gateway frames are small (the largest in protocol v1, a Welcome with a
+/// leader hint, is under 48 bytes), so the client does not reserve a full `MAX_FRAME` for
+/// them. A larger gateway frame ends the connection as `TooLarge`.
+const RX_MAX: usize = 256;
+
 /// Run-loop state that lives across connections.
 struct Link {
     session: DeviceSession,
@@ -696,7 +737,7 @@ struct Link {
     sessions: u64,
     ping_nonce: u32,
     tx: [u8; MAX_FRAME],
-    rx: [u8; MAX_FRAME],
+    rx: [u8; RX_MAX],
     batch: [u8; MAX_FRAME],
 }
 
@@ -820,12 +861,15 @@ impl FrameReader {
     async fn fill<C: Connection>(
         &mut self,
         conn: &mut C,
-        buf: &mut [u8; MAX_FRAME],
+        buf: &mut [u8; RX_MAX],
     ) -> Result<usize, Why> {
         loop {
             if self.filled >= HEADER_LEN {
                 let header: &[u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("12 bytes");
                 let len = read_frame_len(header).map_err(Why::Frame)?;
+                if len > RX_MAX {
+                    return Err(Why::Frame(FrameError::TooLarge));
+                }
                 if self.filled >= len {
                     return Ok(len);
                 }
@@ -839,7 +883,7 @@ impl FrameReader {
     }
 
     /// Drop the first frame (`len` bytes) after it was decoded.
-    fn consume(&mut self, buf: &mut [u8; MAX_FRAME], len: usize) {
+    fn consume(&mut self, buf: &mut [u8; RX_MAX], len: usize) {
         buf.copy_within(len..self.filled, 0);
         self.filled -= len;
     }

@@ -55,7 +55,9 @@ pub struct Outbox<const N: usize> {
     /// True when the live data is `[head, end) ++ [0, tail)`; false when it is `[head, tail)`.
     wrapped: bool,
     count: usize,
-    first_seq: Seq,
+    /// Seq of the record before the oldest (`first_seq - 1`): stored this way so a new outbox
+    /// is all zero bytes and a `static` client lands in `.bss`, not in flash-backed `.data`.
+    before_first: Seq,
     /// Records ever removed from the front (acked or dropped); the flash store mirrors it.
     removed: u64,
     policy: OverflowPolicy,
@@ -74,7 +76,7 @@ impl<const N: usize> Outbox<N> {
             tail: 0,
             wrapped: false,
             count: 0,
-            first_seq,
+            before_first: first_seq - 1,
             removed: 0,
             policy,
         }
@@ -97,12 +99,12 @@ impl<const N: usize> Outbox<N> {
 
     /// Seq of the oldest record held (or of the next record when empty).
     pub fn first_seq(&self) -> Seq {
-        self.first_seq
+        self.before_first + 1
     }
 
     /// Seq the next pushed record will get.
     pub fn next_seq(&self) -> Seq {
-        self.first_seq + self.count as Seq
+        self.first_seq() + self.count as Seq
     }
 
     /// Bytes in use, entry headers and wrap waste included.
@@ -209,7 +211,7 @@ impl<const N: usize> Outbox<N> {
         let len = self.entry_len_raw(self.head) as usize;
         self.head += LEN_BYTES + len;
         self.count -= 1;
-        self.first_seq += 1;
+        self.before_first += 1;
         self.removed += 1;
         if self.count == 0 {
             self.head = 0;
@@ -226,7 +228,7 @@ impl<const N: usize> Outbox<N> {
     /// Drop every record with seq `<= through` (a cumulative Ack). Returns how many.
     pub fn ack_through(&mut self, through: Seq) -> usize {
         let mut n = 0;
-        while self.count > 0 && self.first_seq <= through {
+        while self.count > 0 && self.before_first < through {
             self.pop_front();
             n += 1;
         }
@@ -236,13 +238,13 @@ impl<const N: usize> Outbox<N> {
     /// Renumber the held records so the oldest gets `first_seq`. Used once per boot for a
     /// RAM outbox, when the first Welcome tells where the gateway's high-water is.
     pub fn rebase(&mut self, first_seq: Seq) {
-        self.first_seq = first_seq;
+        self.before_first = first_seq - 1;
     }
 
     /// Records from `seq` on (oldest first), as `(seq, bytes)`.
     pub fn iter_from(&self, seq: Seq) -> Iter<'_, N> {
         let mut it = self.iter();
-        let skip = seq.saturating_sub(self.first_seq).min(self.count as Seq);
+        let skip = seq.saturating_sub(self.first_seq()).min(self.count as Seq);
         for _ in 0..skip {
             it.next();
         }
@@ -256,7 +258,7 @@ impl<const N: usize> Outbox<N> {
             pos: self.head,
             upper: self.wrapped,
             left: self.count,
-            seq: self.first_seq,
+            seq: self.first_seq(),
         }
     }
 }

@@ -54,6 +54,34 @@ fn main() -> Result<()> {
     }
 }
 
+/// Links cairn-firmware into a minimal Cortex-M4F image (firmware/size-probe) without and with
+/// the client and its flash outbox, and prints `arm-none-eabi-size` of each: proves the client
+/// links on the target and shows what it costs.
+fn firmware_size_probe() -> Result<()> {
+    let dir = util::root().join("firmware/size-probe");
+    let elf = dir.join("target/thumbv7em-none-eabihf/release/cairn-firmware-size-probe");
+    for features in ["", "client", "flash"] {
+        let mut build =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .args(["build", "--release", "--quiet"])
+            .current_dir(&dir);
+        if !features.is_empty() {
+            build.args(["--features", features]);
+        }
+        util::run(&mut build)?;
+        let size = util::output(std::process::Command::new("arm-none-eabi-size").arg(&elf))?;
+        let row = size.lines().nth(1).unwrap_or_default();
+        let label = if features.is_empty() {
+            "skeleton"
+        } else {
+            features
+        };
+        println!("size-probe {label:>8}: {row}");
+    }
+    Ok(())
+}
+
 /// Feature combinations of cairn-firmware that must build for both no_std targets.
 const FIRMWARE_FEATURE_SETS: [&str; 3] = [
     "flash-outbox",
@@ -108,6 +136,10 @@ fn test(_args: &[String]) -> Result<()> {
         ])?;
         util::cargo(&["test", "-p", "cairn-firmware", "--features", features])
     })?;
+    util::step(
+        "cairn-firmware size probe (thumbv7em, release)",
+        firmware_size_probe,
+    )?;
     util::step("workspace tests", || util::cargo(&["test", "--workspace"]))?;
     util::step("boards/app tests", || {
         util::run(

@@ -69,6 +69,12 @@ pub fn run_command(_args: &[String]) -> Result<()> {
     }
     println!();
     println!(
+        "The client's RAM outbox is {} B of its static RAM (`OUTBOX_BYTES`, boards/app/src/client.rs);",
+        outbox_bytes()?
+    );
+    println!("the skeleton has the same TCP socket buffers, so the deltas are Cairn's own cost.");
+    println!();
+    println!(
         "| board | build | flash (B) | static RAM (B) | Δ flash vs skeleton | Δ RAM vs skeleton |"
     );
     println!("|---|---|---:|---:|---:|---:|");
@@ -76,6 +82,22 @@ pub fn run_command(_args: &[String]) -> Result<()> {
         println!("{row}");
     }
     Ok(())
+}
+
+/// The outbox size the app is built with, read from its source (one place to change it).
+fn outbox_bytes() -> Result<u64> {
+    let path = crate::util::root().join("boards/app/src/client.rs");
+    let source = std::fs::read_to_string(&path)?;
+    source
+        .lines()
+        .find_map(|l| l.strip_prefix("pub const OUTBOX_BYTES: usize = "))
+        .and_then(|v| v.trim_end_matches(';').replace('_', "").parse().ok())
+        .with_context(|| {
+            format!(
+                "no `pub const OUTBOX_BYTES: usize = N;` in {}",
+                path.display()
+            )
+        })
 }
 
 /// Whether the board's Cargo.toml declares `feature`.

@@ -5,7 +5,7 @@
 //! client adds.
 
 use crate::sensor::FakeSensor;
-use crate::{AppError, Report, Settings};
+use crate::{AppError, Report, Settings, TCP_RX_BYTES, TCP_TX_BYTES};
 use embassy_net::tcp::TcpSocket;
 use embassy_net::{IpAddress, Stack};
 use embassy_time::{Duration, Ticker, Timer};
@@ -14,8 +14,8 @@ const PACKET: usize = 24;
 const CONNECT_ATTEMPTS: u32 = 10;
 
 pub async fn run(stack: Stack<'_>, settings: &Settings) -> Result<Report, AppError> {
-    let mut rx = [0u8; 256];
-    let mut tx = [0u8; 256];
+    let mut rx = [0u8; TCP_RX_BYTES];
+    let mut tx = [0u8; TCP_TX_BYTES];
     let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
     socket.set_timeout(Some(Duration::from_secs(10)));
     connect(&mut socket, settings).await?;

@@ -4,6 +4,8 @@
 #[macro_use]
 mod fmt;
 
+#[cfg(feature = "client")]
+mod client;
 #[cfg(not(feature = "client"))]
 mod echo;
 pub mod sensor;
@@ -15,6 +17,12 @@ include!(concat!(env!("OUT_DIR"), "/build_settings.rs"));
 
 use embassy_net::Stack;
 
+/// TCP socket buffers, the same with and without the client so that `cargo xtask size`
+/// shows Cairn's own cost: the receive side holds only small gateway frames; the send side
+/// at least one whole batch frame (1024 bytes) and a half, for throughput.
+pub const TCP_RX_BYTES: usize = 512;
+pub const TCP_TX_BYTES: usize = 1536;
+
 /// What a finished run did. Boards log it as `cairn: done samples=N pushed=N acked=N`
 /// (the line `cargo xtask qemu` reads) before they exit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,7 +32,7 @@ pub struct Report {
     pub samples: u32,
     /// Records handed to the client (one per stream reading).
     pub pushed: u32,
-    /// Records the gateway acknowledged (skeleton: records echoed back intact).
+    /// Records acknowledged: committed on a quorum of gateways (skeleton: echoed back intact).
     pub acked: u32,
 }
 
@@ -38,6 +46,8 @@ pub enum AppError {
     ConnectionLost,
     /// The peer sent back something other than what was sent (skeleton only).
     EchoMismatch,
+    /// A finite run ended with records still unacknowledged.
+    NotAcknowledged,
 }
 
 impl AppError {
@@ -47,6 +57,7 @@ impl AppError {
             Self::Unreachable => 2,
             Self::ConnectionLost => 3,
             Self::EchoMismatch => 4,
+            Self::NotAcknowledged => 7,
         }
     }
 }
@@ -58,7 +69,6 @@ impl AppError {
 /// `boot` must differ on every boot of the device (a flash counter, a hardware random
 /// number, or the host clock under QEMU): the client uses it in every nonce.
 pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Report, AppError> {
-    let _ = boot;
     info!(
         "cairn: device {} waiting for an address",
         settings.device_id
@@ -67,8 +77,13 @@ pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Rep
     if let Some(config) = stack.config_v4() {
         info!("cairn: address {}", config.address);
     }
+    #[cfg(feature = "client")]
+    let report = client::run(stack, settings, boot).await;
     #[cfg(not(feature = "client"))]
-    let report = echo::run(stack, settings).await;
+    let report = {
+        let _ = boot;
+        echo::run(stack, settings).await
+    };
     if let Ok(report) = &report {
         info!(
             "cairn: done samples={} pushed={} acked={}",

@@ -5,7 +5,13 @@
 use crate::sensor::{FakeSensor, STREAM_ENVIRONMENT, STREAM_POWER};
 use crate::{AppError, Report, Settings, TCP_RX_BYTES, TCP_TX_BYTES};
 use cairn_firmware::embassy_net::TcpTransport;
-use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, Value};
+#[cfg(feature = "flash-outbox")]
+use cairn_firmware::flash::FlashOutbox;
+use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, RamOnly, Store, Value};
+#[cfg(feature = "flash-outbox")]
+use core::ops::Range;
+#[cfg(feature = "flash-outbox")]
+use embedded_storage_async::nor_flash::MultiwriteNorFlash;
 use embassy_futures::select::{Either, select};
 use embassy_net::Stack;
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
@@ -19,7 +25,47 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// A status line every this many samples.
 const STATUS_EVERY: u32 = 10;
 
+type AppClient = Client<NoopRawMutex, OUTBOX_BYTES>;
+
+/// Runs with the outbox in RAM only: records not yet acknowledged are lost on reset.
 pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Report, AppError> {
+    // Telemetry keeps the newest readings when the outbox overflows during an outage.
+    let client = AppClient::new(OverflowPolicy::DropOldest);
+    drive(stack, settings, boot, &client, &mut RamOnly).await
+}
+
+/// Runs with the outbox mirrored in NOR flash (`queue` and `meta`: page-aligned byte ranges
+/// of `flash`): records survive resets and power cuts and are resent, never duplicated. The
+/// boot number comes from the flash's boot counter.
+#[cfg(feature = "flash-outbox")]
+pub async fn run_with_flash<F: MultiwriteNorFlash>(
+    stack: Stack<'_>,
+    settings: &Settings,
+    flash: F,
+    queue: Range<u32>,
+    meta: Range<u32>,
+) -> Result<Report, AppError> {
+    let mut store = FlashOutbox::open(flash, queue, meta).await.map_err(|e| {
+        error!("cairn: flash outbox: {}", e);
+        AppError::Flash
+    })?;
+    let client = AppClient::new(OverflowPolicy::DropOldest);
+    let restored = store.restore(&client).await.map_err(|e| {
+        error!("cairn: flash outbox restore: {}", e);
+        AppError::Flash
+    })?;
+    info!("cairn: boot {}, {} records restored from flash", store.boot(), restored);
+    let boot = store.boot();
+    drive(stack, settings, boot, &client, &mut store).await
+}
+
+async fn drive<S: Store>(
+    stack: Stack<'_>,
+    settings: &Settings,
+    boot: u32,
+    client: &AppClient,
+    store: &mut S,
+) -> Result<Report, AppError> {
     let mut gateways = [GatewayAddr {
         ip: [0; 4],
         port: 0,
@@ -50,10 +96,7 @@ pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Rep
     }
 }
 
-async fn sample(
-    client: &Client<NoopRawMutex, OUTBOX_BYTES>,
-    settings: &Settings,
-) -> Result<Report, AppError> {
+async fn sample(client: &AppClient, settings: &Settings) -> Result<Report, AppError> {
     let mut sensor = FakeSensor::new(settings.device_id);
     let mut ticker = Ticker::every(Duration::from_millis(settings.period_ms.into()));
     let mut samples = 0u32;

@@ -48,6 +48,8 @@ pub enum AppError {
     EchoMismatch,
     /// A finite run ended with records still unacknowledged.
     NotAcknowledged,
+    /// The flash outbox could not be opened or read.
+    Flash,
 }
 
 impl AppError {
@@ -58,6 +60,7 @@ impl AppError {
             Self::ConnectionLost => 3,
             Self::EchoMismatch => 4,
             Self::NotAcknowledged => 7,
+            Self::Flash => 8,
         }
     }
 }
@@ -69,14 +72,7 @@ impl AppError {
 /// `boot` must differ on every boot of the device (a flash counter, a hardware random
 /// number, or the host clock under QEMU): the client uses it in every nonce.
 pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Report, AppError> {
-    info!(
-        "cairn: device {} waiting for an address",
-        settings.device_id
-    );
-    stack.wait_config_up().await;
-    if let Some(config) = stack.config_v4() {
-        info!("cairn: address {}", config.address);
-    }
+    wait_for_address(stack, settings).await;
     #[cfg(feature = "client")]
     let report = client::run(stack, settings, boot).await;
     #[cfg(not(feature = "client"))]
@@ -84,6 +80,34 @@ pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Rep
         let _ = boot;
         echo::run(stack, settings).await
     };
+    finish(report)
+}
+
+/// [`run`] with the client's outbox mirrored in NOR flash (feature `flash-outbox`), so
+/// unacknowledged records survive resets; the boot number comes from the flash's boot
+/// counter. `queue` and `meta` are disjoint, page-aligned byte ranges of `flash` (see
+/// `cairn_firmware::flash` for sizing).
+#[cfg(feature = "flash-outbox")]
+pub async fn run_with_flash<F: embedded_storage_async::nor_flash::MultiwriteNorFlash>(
+    stack: Stack<'_>,
+    settings: &Settings,
+    flash: F,
+    queue: core::ops::Range<u32>,
+    meta: core::ops::Range<u32>,
+) -> Result<Report, AppError> {
+    wait_for_address(stack, settings).await;
+    finish(client::run_with_flash(stack, settings, flash, queue, meta).await)
+}
+
+async fn wait_for_address(stack: Stack<'_>, settings: &Settings) {
+    info!("cairn: device {} waiting for an address", settings.device_id);
+    stack.wait_config_up().await;
+    if let Some(config) = stack.config_v4() {
+        info!("cairn: address {}", config.address);
+    }
+}
+
+fn finish(report: Result<Report, AppError>) -> Result<Report, AppError> {
     if let Ok(report) = &report {
         info!(
             "cairn: done samples={} pushed={} acked={}",

@@ -4,7 +4,8 @@
 //! Flash = `text` (code, read-only data, vector table) + `data` (its initial values live in
 //! flash too); static RAM = `data` + `bss`, as `arm-none-eabi-size` reports them for the
 //! release ELF (opt-level "s", fat LTO, codegen-units 1). Stacks and heap are not included
-//! (there is no heap).
+//! (there is no heap). Boards without a `flash-outbox` feature skip that row (see the
+//! board READMEs for why).
 
 use crate::boards::{Board, FIRMWARE_BOARDS};
 use anyhow::{Context, Result, bail};
@@ -25,6 +26,10 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "client",
         features: &["client"],
+    },
+    Variant {
+        name: "client + flash-outbox",
+        features: &["client", "flash-outbox"],
     },
 ];
 

@@ -10,12 +10,12 @@ use cairn_firmware::flash::FlashOutbox;
 use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, RamOnly, Store, Value};
 #[cfg(feature = "flash-outbox")]
 use core::ops::Range;
-#[cfg(feature = "flash-outbox")]
-use embedded_storage_async::nor_flash::MultiwriteNorFlash;
 use embassy_futures::select::{Either, select};
 use embassy_net::Stack;
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 use embassy_time::{Duration, Instant, Ticker, Timer};
+#[cfg(feature = "flash-outbox")]
+use embedded_storage_async::nor_flash::MultiwriteNorFlash;
 
 /// Bytes of RAM outbox: about 200 environment records (a record costs about 20 bytes on
 /// the wire and a few more in the outbox), i.e. minutes of samples while no gateway answers.
@@ -54,7 +54,11 @@ pub async fn run_with_flash<F: MultiwriteNorFlash>(
         error!("cairn: flash outbox restore: {}", e);
         AppError::Flash
     })?;
-    info!("cairn: boot {}, {} records restored from flash", store.boot(), restored);
+    info!(
+        "cairn: boot {}, {} records restored from flash",
+        store.boot(),
+        restored
+    );
     let boot = store.boot();
     drive(stack, settings, boot, &client, &mut store).await
 }
@@ -82,15 +86,9 @@ async fn drive<S: Store>(
         boot,
         &gateways[..settings.gateway_count],
     );
-    // Telemetry keeps the newest readings when the outbox overflows during an outage.
-    let client = Client::<NoopRawMutex, OUTBOX_BYTES>::new(OverflowPolicy::DropOldest);
     let mut transport = TcpTransport::<TCP_RX_BYTES, TCP_TX_BYTES>::new(stack);
-    match select(
-        client.run(&mut transport, &config),
-        sample(&client, settings),
-    )
-    .await
-    {
+    let running = client.run_with_store(&mut transport, &config, store);
+    match select(running, sample(client, settings)).await {
         Either::First(never) => never,
         Either::Second(report) => report,
     }

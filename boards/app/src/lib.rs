@@ -100,7 +100,10 @@ pub async fn run_with_flash<F: embedded_storage_async::nor_flash::MultiwriteNorF
 }
 
 async fn wait_for_address(stack: Stack<'_>, settings: &Settings) {
-    info!("cairn: device {} waiting for an address", settings.device_id);
+    info!(
+        "cairn: device {} waiting for an address",
+        settings.device_id
+    );
     stack.wait_config_up().await;
     if let Some(config) = stack.config_v4() {
         info!("cairn: address {}", config.address);

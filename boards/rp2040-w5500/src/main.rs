@@ -13,7 +13,7 @@ use embassy_rp::bind_interrupts;
 use embassy_rp::clocks::RoscRng;
 use embassy_rp::dma;
 use embassy_rp::gpio::{Input, Level, Output, Pull};
-use embassy_rp::peripherals::{DMA_CH0, DMA_CH1, SPI0};
+use embassy_rp::peripherals::{DMA_CH0, DMA_CH1, DMA_CH2, SPI0};
 use embassy_rp::spi::{Async, Config as SpiConfig, Spi};
 use embassy_time::Delay;
 use embedded_hal_bus::spi::ExclusiveDevice;
@@ -21,8 +21,18 @@ use panic_probe as _;
 use static_cell::StaticCell;
 
 bind_interrupts!(struct Irqs {
-    DMA_IRQ_0 => dma::InterruptHandler<DMA_CH0>, dma::InterruptHandler<DMA_CH1>;
+    DMA_IRQ_0 => dma::InterruptHandler<DMA_CH0>, dma::InterruptHandler<DMA_CH1>, dma::InterruptHandler<DMA_CH2>;
 });
+
+/// The board's QSPI flash (W25Q16: 2 MiB).
+#[cfg(feature = "flash-outbox")]
+const FLASH_SIZE: usize = 2 * 1024 * 1024;
+/// The flash outbox lives in the last 64 KiB, which memory.x keeps out of the program's
+/// reach: a 56 KiB queue (about 1400 records) and 8 KiB for the boot counter and seqs.
+#[cfg(feature = "flash-outbox")]
+const OUTBOX_QUEUE: core::ops::Range<u32> = 0x1F_0000..0x1F_E000;
+#[cfg(feature = "flash-outbox")]
+const OUTBOX_META: core::ops::Range<u32> = 0x1F_E000..0x20_0000;
 
 type SpiDevice = ExclusiveDevice<Spi<'static, SPI0, Async>, Output<'static>, Delay>;
 type WiznetRunner =
@@ -76,7 +86,18 @@ async fn main(spawner: Spawner) {
     );
     spawner.spawn(net_task(runner).unwrap());
 
-    match cairn_board_app::run(stack, &settings, boot).await {
+    // With a flash outbox the boot number comes from its counter in flash instead.
+    #[cfg(feature = "flash-outbox")]
+    let result = {
+        let _ = boot;
+        let flash = embassy_rp::flash::Flash::<_, embassy_rp::flash::Async, FLASH_SIZE>::new(
+            p.FLASH, p.DMA_CH2, Irqs,
+        );
+        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_QUEUE, OUTBOX_META).await
+    };
+    #[cfg(not(feature = "flash-outbox"))]
+    let result = cairn_board_app::run(stack, &settings, boot).await;
+    match result {
         Ok(report) => defmt::info!("cairn: finished: {}", report),
         Err(e) => defmt::error!("cairn: stopped: {}", e),
     }

@@ -12,6 +12,8 @@ mod client;
 pub mod embassy_net;
 #[cfg(feature = "flash-outbox")]
 pub mod flash;
+#[cfg(feature = "std")]
+pub mod host_time;
 pub mod outbox;
 pub mod record;
 pub mod store;

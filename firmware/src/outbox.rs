@@ -29,6 +29,7 @@ pub enum OverflowPolicy {
 
 /// Returned by [`Outbox::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Pushed {
     /// Seq given to the new record.
     pub seq: Seq,
@@ -38,12 +39,24 @@ pub struct Pushed {
 
 /// Why [`Outbox::push`] failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum OutboxFull {
     /// The record can never fit (larger than the ring).
     TooLarge,
     /// No room now, and the policy is `RejectNewest`.
     Full,
 }
+
+impl core::fmt::Display for OutboxFull {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            OutboxFull::TooLarge => "record larger than the outbox",
+            OutboxFull::Full => "outbox full",
+        })
+    }
+}
+
+impl core::error::Error for OutboxFull {}
 
 /// A ring of `N` bytes of encoded records with consecutive seqs.
 pub struct Outbox<const N: usize> {

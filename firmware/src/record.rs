@@ -29,12 +29,24 @@ const TAG_STR: u8 = 6;
 
 /// Why values were refused by [`crate::Client::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum ValuesError {
     /// More than [`MAX_VALUES`] values.
     TooManyValues,
     /// A Bytes/Str value longer than [`MAX_BLOB`].
     BlobTooLarge,
 }
+
+impl core::fmt::Display for ValuesError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ValuesError::TooManyValues => "too many values in one record",
+            ValuesError::BlobTooLarge => "bytes/str value too long",
+        })
+    }
+}
+
+impl core::error::Error for ValuesError {}
 
 fn varint_len(mut v: u64) -> usize {
     let mut n = 1;

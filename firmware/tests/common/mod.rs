@@ -289,7 +289,16 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
     };
     let hello = GatewaySession::peek_hello(&hello_frame).expect("hello");
     assert_eq!(hello.device_id, DEVICE);
-    let session = GatewaySession::accept(&KEY, &hello_frame).expect("hello authenticates");
+    // Salted replies, as real gateways send them (SPEC §5.4).
+    let salt = cluster
+        .borrow_mut()
+        .rng
+        .as_mut()
+        .unwrap()
+        .next_u64()
+        .to_le_bytes();
+    let session =
+        GatewaySession::accept_salted(&KEY, &hello_frame, salt).expect("hello authenticates");
     cluster.borrow_mut().hellos.push((index, hello.boot));
     let reject_with = cluster.borrow().reject_with;
     if let Some(code) = reject_with {

@@ -11,6 +11,7 @@ mod dist;
 mod host_board;
 mod manpage;
 mod qemu;
+mod qemu_e2e;
 mod setup;
 mod size;
 mod util;

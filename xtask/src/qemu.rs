@@ -1,5 +1,6 @@
 //! `cargo xtask qemu`: the real firmware image under qemu-system-arm.
 //!
+//! Without options: the end-to-end run against a real cluster, see `qemu_e2e.rs`.
 //! `--smoke` boots the network skeleton (the app without the Cairn client) against a TCP
 //! echo listener on the host's 127.0.0.1 (10.0.2.2 inside QEMU's user network) and checks
 //! that it got an address by DHCP, connected, and every packet came back intact.
@@ -29,9 +30,9 @@ pub fn run_command(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("--smoke") => step("qemu smoke (network skeleton)", smoke),
         Some(other) => bail!("unknown option `{other}` (expected --smoke or nothing)"),
-        None => bail!(
-            "the end-to-end run (cluster + leader kill) needs the gateway's device ingress; \
-             run `cargo xtask qemu --smoke` for the network check"
+        None => step(
+            "qemu e2e (3-node cluster, leader killed)",
+            crate::qemu_e2e::run,
         ),
     }
 }
@@ -129,58 +130,102 @@ pub struct Boot {
     pub lines: Vec<String>,
 }
 
-/// Boots `elf` under qemu-system-arm as HARDWARE-NOTES.md says, with `cmdline` as the
-/// semihosting command line, decoding its log with defmt-print. Kills it after `limit`.
+/// Boots `elf` and waits for it to exit (killing it after `limit`), collecting its log.
 pub fn boot(elf: &Path, cmdline: &str, limit: Duration) -> Result<Boot> {
-    let mut qemu = Command::new("qemu-system-arm")
-        .args([
-            "-M",
-            "mps2-an386",
-            "-nographic",
-            "-monitor",
-            "none",
-            "-serial",
-            "none",
-        ])
-        .args(["-semihosting-config", "enable=on,target=native"])
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-net",
-            "nic,netdev=n0,model=lan9118",
-        ])
-        .arg("-kernel")
-        .arg(elf)
-        .args(["-append", cmdline])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start qemu-system-arm (cargo xtask setup installs it)")?;
-    let log = qemu.stdout.take().expect("piped");
-    let mut decoder = Command::new("defmt-print")
-        .arg("-e")
-        .arg(elf)
-        .stdin(Stdio::from(log))
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start defmt-print")?;
-    let decoded = decoder.stdout.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    let reader = thread::spawn(move || {
-        for line in BufReader::new(decoded).lines().map_while(Result::ok) {
-            println!("  qemu| {line}");
-            let _ = tx.send(line);
-        }
-    });
+    let deadline = Instant::now() + limit;
+    let mut image = Image::boot(elf, cmdline)?;
+    let mut lines = Vec::new();
+    while let Some(line) = image.next_line(deadline) {
+        lines.push(line);
+    }
+    let status = image.wait(deadline)?;
+    Ok(Boot { status, lines })
+}
 
-    let status = wait_with_limit(&mut qemu, limit)?;
-    // defmt-print ends when QEMU's stdout closes.
-    decoder.wait()?;
-    let _ = reader.join();
-    Ok(Boot {
-        status,
-        lines: rx.try_iter().collect(),
-    })
+/// A running image: qemu-system-arm as HARDWARE-NOTES.md says, with `cmdline` as the
+/// semihosting command line, its defmt log decoded by defmt-print and echoed with a
+/// `qemu|` prefix. Killed when dropped.
+pub struct Image {
+    qemu: Child,
+    decoder: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Image {
+    pub fn boot(elf: &Path, cmdline: &str) -> Result<Image> {
+        let mut qemu = Command::new("qemu-system-arm")
+            .args([
+                "-M",
+                "mps2-an386",
+                "-nographic",
+                "-monitor",
+                "none",
+                "-serial",
+                "none",
+            ])
+            .args(["-semihosting-config", "enable=on,target=native"])
+            .args([
+                "-netdev",
+                "user,id=n0",
+                "-net",
+                "nic,netdev=n0,model=lan9118",
+            ])
+            .arg("-kernel")
+            .arg(elf)
+            .args(["-append", cmdline])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start qemu-system-arm (cargo xtask setup installs it)")?;
+        let log = qemu.stdout.take().expect("piped");
+        let mut decoder = Command::new("defmt-print")
+            .arg("-e")
+            .arg(elf)
+            .stdin(Stdio::from(log))
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start defmt-print")?;
+        let decoded = decoder.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(decoded).lines().map_while(Result::ok) {
+                println!("  qemu| {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Image {
+            qemu,
+            decoder,
+            lines,
+        })
+    }
+
+    /// The next decoded log line; `None` once the log ends (the image exited) or at
+    /// `deadline`.
+    pub fn next_line(&mut self, deadline: Instant) -> Option<String> {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        self.lines.recv_timeout(left).ok()
+    }
+
+    /// Waits for QEMU to exit and returns the image's exit status (semihosting exit code);
+    /// kills it and fails at `deadline`.
+    pub fn wait(&mut self, deadline: Instant) -> Result<ExitStatus> {
+        let limit = deadline.saturating_duration_since(Instant::now());
+        let status = wait_with_limit(&mut self.qemu, limit)?;
+        // defmt-print ends when QEMU's stdout closes.
+        self.decoder.wait()?;
+        Ok(status)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+        let _ = self.decoder.wait();
+    }
 }
 
 fn wait_with_limit(child: &mut Child, limit: Duration) -> Result<ExitStatus> {

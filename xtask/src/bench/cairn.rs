@@ -80,6 +80,16 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Node `id`'s HTTP API address.
+    pub(crate) fn http_addr(&self, id: u64) -> SocketAddr {
+        self.slot(id).http
+    }
+
+    /// Node `id`'s device ingress address.
+    pub(crate) fn device_addr(&self, id: u64) -> SocketAddr {
+        self.slot(id).device
+    }
+
     fn slot(&self, id: u64) -> &NodeSlot {
         &self.nodes[(id - 1) as usize]
     }
@@ -123,7 +133,7 @@ impl Cluster {
     }
 
     /// The leader id as seen by any live node, waiting until one is known and is not `not`.
-    fn wait_leader(&self, not: Option<u64>, timeout: Duration) -> Result<u64> {
+    pub(crate) fn wait_leader(&self, not: Option<u64>, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
             for n in self.alive() {
@@ -165,7 +175,7 @@ impl Cluster {
         }
     }
 
-    fn kill(&mut self, id: u64) {
+    pub(crate) fn kill(&mut self, id: u64) {
         if let Some(mut p) = self.nodes[(id - 1) as usize].proc.take() {
             p.kill();
         }

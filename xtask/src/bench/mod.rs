@@ -11,11 +11,11 @@
 //!
 //! A part that fails is reported and the others still run; the command then exits non-zero.
 
-mod cairn;
-mod http;
+pub(crate) mod cairn;
+pub(crate) mod http;
 mod mqtt;
 mod peers;
-mod proc;
+pub(crate) mod proc;
 mod report;
 mod wire;
 

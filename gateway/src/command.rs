@@ -29,7 +29,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ingress::apply::{BatchOutcome, DeviceBatch};
 use crate::raft_types::LogId;
+use crate::registry::{RegistryCommand, RegistryOutcome};
 use crate::sql::{SqlCommand, StatementResult};
 
 /// One Raft log entry's application payload.
@@ -37,6 +39,10 @@ use crate::sql::{SqlCommand, StatementResult};
 pub enum Command {
     /// rqlite-style SQL statements (`/db/execute`, `/db/request`, strong reads).
     Sql(SqlCommand),
+    /// Device batches grouped by the leader's ingress (`ingress/apply.rs`).
+    DeviceBatches(Vec<DeviceBatch>),
+    /// Device registry and stream definitions (`registry.rs`).
+    DeviceRegistry(RegistryCommand),
 }
 
 impl fmt::Display for Command {
@@ -48,6 +54,8 @@ impl fmt::Display for Command {
                 c.statements.len(),
                 c.transaction
             ),
+            Command::DeviceBatches(b) => write!(f, "DeviceBatches({} batches)", b.len()),
+            Command::DeviceRegistry(c) => write!(f, "DeviceRegistry({c})"),
         }
     }
 }
@@ -60,6 +68,9 @@ pub enum CommandResponse {
     Empty,
     /// One result per SQL statement, in order.
     Sql(Vec<StatementResult>),
+    /// One outcome per device batch, in order.
+    DeviceBatches(Vec<BatchOutcome>),
+    DeviceRegistry(RegistryOutcome),
 }
 
 /// Facts about the entry being applied, for apply functions that need them.
@@ -77,5 +88,9 @@ pub fn apply(
     let _ = ctx;
     match cmd {
         Command::Sql(sql) => crate::sql::apply_sql(conn, sql).map(CommandResponse::Sql),
+        Command::DeviceBatches(b) => crate::ingress::apply::apply(conn, b).map(CommandResponse::DeviceBatches),
+        Command::DeviceRegistry(c) => {
+            crate::registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
+        }
     }
 }

@@ -11,15 +11,21 @@
 //! - [`api`]: the rqlite-compatible HTTP API and the Raft RPC endpoints.
 //! - [`node`]: wiring it all together for `cairn node`.
 //! - [`config`]: command-line flags and the TOML file.
+//! - [`ingress`]: the device port: connections, grouping into Raft entries, forwarding.
+//! - [`registry`]: registered devices, their keys and high-water seqs.
+//! - [`schema`]: the `[[stream]]` tables device records are stored in.
 
 pub mod api;
 pub mod cli;
 pub mod command;
 pub mod config;
 pub mod group_commit;
+pub mod ingress;
 pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod raft_types;
+pub mod registry;
+pub mod schema;
 pub mod sql;
 pub mod state_machine;

@@ -16,6 +16,9 @@ pub struct Peer {
     pub raft_addr: String,
     /// `host:port` of the HTTP API (`--http-addr`).
     pub http_addr: String,
+    /// `host:port` of the device port (`--device-addr`), sent to devices as the leader hint.
+    #[serde(default)]
+    pub device_addr: String,
 }
 
 impl fmt::Display for Peer {

@@ -1,0 +1,325 @@
+//! Grouping device batches into few large commits: the leader's path into Raft, and the same
+//! machinery on a follower for forwarding to the leader.
+//!
+//! Connections [`GroupQueue::try_submit`] batches into a bounded queue (full: the device gets
+//! `Overloaded`). One task takes them out in arrival order and hands groups to a
+//! [`GroupSink`]:
+//!
+//! - when nothing is in flight, a group goes out at once (no added latency at low load);
+//! - while groups are in flight, arrivals gather for at most `linger` or until the group
+//!   reaches `max_bytes`, then go out as soon as an in-flight slot is free (at most
+//!   `max_in_flight`), so under load each Raft entry carries many devices' batches.
+//!
+//! [`GroupSink::start`] is called in group order and must fix the order of the groups (the
+//! Raft sink appends the entry before returning); its returned future delivers the outcomes,
+//! one per batch, which are handed back to each submitter.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::apply::{BatchOutcome, DeviceBatch};
+use super::metrics::METRICS;
+
+/// Why a batch could not be committed; each maps to the protocol error the device gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IngestError {
+    /// No leader is known or it changed under the batch: retry (elsewhere).
+    NotLeader,
+    /// A bounded queue on the way is full.
+    Overloaded,
+    /// Anything else went wrong (the node is shutting down, a transport failed, ...).
+    Internal,
+}
+
+impl IngestError {
+    pub fn code(self) -> cairn_protocol::ErrorCode {
+        match self {
+            IngestError::NotLeader => cairn_protocol::ErrorCode::NotLeader,
+            IngestError::Overloaded => cairn_protocol::ErrorCode::Overloaded,
+            IngestError::Internal => cairn_protocol::ErrorCode::Internal,
+        }
+    }
+}
+
+/// The outcomes of one submission, in batch order.
+pub type Outcomes = Result<Vec<BatchOutcome>, IngestError>;
+
+/// A group on its way: resolves to one outcome per batch once committed (or failed).
+pub struct Commit(pub BoxFuture<'static, Outcomes>);
+
+/// Where groups go: Raft on the leader, the leader's HTTP API on a follower.
+pub trait GroupSink: Send + 'static {
+    /// Starts committing `batches` as one unit. Calls come one at a time in group order, and
+    /// the order of their effects must follow the order of the calls.
+    fn start(&mut self, batches: Vec<DeviceBatch>) -> BoxFuture<'_, Commit>;
+
+    /// Called when the queue has been idle for a while (the leader sink uses it to install
+    /// the stream tables right after an election).
+    fn idle(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Sizes of a [`GroupQueue`].
+#[derive(Debug, Clone, Copy)]
+pub struct GroupLimits {
+    /// Submissions waiting in the queue.
+    pub queue_depth: usize,
+    /// Body bytes in one group.
+    pub max_bytes: usize,
+    /// Longest wait for more batches while a group is in flight.
+    pub linger: Duration,
+    /// Groups started but not finished.
+    pub max_in_flight: usize,
+}
+
+impl Default for GroupLimits {
+    fn default() -> Self {
+        GroupLimits {
+            queue_depth: 4096,
+            max_bytes: 1 << 20,
+            linger: Duration::from_millis(2),
+            max_in_flight: 8,
+        }
+    }
+}
+
+struct Submission {
+    batches: Vec<DeviceBatch>,
+    bytes: usize,
+    reply: oneshot::Sender<Outcomes>,
+}
+
+/// The sending side of a group queue.
+#[derive(Clone)]
+pub struct GroupQueue {
+    tx: mpsc::Sender<Submission>,
+}
+
+impl GroupQueue {
+    /// Starts the grouping task in front of `sink`.
+    pub fn spawn(sink: impl GroupSink, limits: GroupLimits) -> GroupQueue {
+        let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
+        tokio::spawn(run(rx, sink, limits));
+        GroupQueue { tx }
+    }
+
+    /// Queues `batches` (kept together, in order); `Overloaded` if the queue is full.
+    pub fn try_submit(
+        &self,
+        batches: Vec<DeviceBatch>,
+    ) -> Result<oneshot::Receiver<Outcomes>, IngestError> {
+        let (reply, rx) = oneshot::channel();
+        let bytes = batches.iter().map(|b| b.body.len() + 24).sum();
+        self.tx
+            .try_send(Submission {
+                batches,
+                bytes,
+                reply,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => IngestError::Internal,
+            })?;
+        Ok(rx)
+    }
+
+    /// Queues `batches` and waits for their outcomes (used for forwarded groups).
+    pub async fn submit(&self, batches: Vec<DeviceBatch>) -> Outcomes {
+        match self.try_submit(batches) {
+            Ok(rx) => rx.await.unwrap_or(Err(IngestError::Internal)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Free room in the queue, 0..=1 (scales the credit given to devices).
+    pub fn free_fraction(&self) -> f64 {
+        self.tx.capacity() as f64 / self.tx.max_capacity() as f64
+    }
+}
+
+async fn run(mut rx: mpsc::Receiver<Submission>, mut sink: impl GroupSink, limits: GroupLimits) {
+    let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+    loop {
+        let first = tokio::select! {
+            s = rx.recv() => match s {
+                Some(s) => s,
+                None => return,
+            },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                sink.idle().await;
+                continue;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + limits.linger;
+        let mut bytes = first.bytes;
+        let mut group = vec![first];
+        let busy = slots.available_permits() < limits.max_in_flight.max(1);
+        // Gather while a group is in flight: bounded by size and by `linger`.
+        if busy {
+            while bytes < limits.max_bytes {
+                tokio::select! {
+                    s = rx.recv() => match s {
+                        Some(s) => {
+                            bytes += s.bytes;
+                            group.push(s);
+                        }
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+        // Wait for a slot, still taking what arrives (up to the size bound).
+        let permit = loop {
+            if bytes >= limits.max_bytes {
+                break slots.clone().acquire_owned().await;
+            }
+            tokio::select! {
+                biased;
+                p = slots.clone().acquire_owned() => break p,
+                s = rx.recv() => match s {
+                    Some(s) => {
+                        bytes += s.bytes;
+                        group.push(s);
+                    }
+                    None => break slots.clone().acquire_owned().await,
+                },
+            }
+        };
+        let Ok(permit) = permit else { return };
+        let mut counts = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        let mut batches = Vec::new();
+        for s in group {
+            counts.push(s.batches.len());
+            replies.push(s.reply);
+            batches.extend(s.batches);
+        }
+        let n = batches.len() as u64;
+        METRICS.groups_proposed.fetch_add(1, Relaxed);
+        METRICS.group_batches.fetch_add(n, Relaxed);
+        METRICS.group_batches_max.fetch_max(n, Relaxed);
+        METRICS.group_bytes.fetch_add(bytes as u64, Relaxed);
+        let started = Instant::now();
+        let done = sink.start(batches).await;
+        tokio::spawn(async move {
+            let result = done.0.await;
+            METRICS.commit_latency.record(started.elapsed());
+            drop(permit);
+            match result {
+                Ok(outcomes) if outcomes.len() as u64 == n => {
+                    let mut rest = outcomes.into_iter();
+                    for (count, reply) in counts.into_iter().zip(replies) {
+                        let _ = reply.send(Ok(rest.by_ref().take(count).collect()));
+                    }
+                }
+                Ok(outcomes) => {
+                    tracing::error!(expected = n, got = outcomes.len(), "outcome count mismatch");
+                    for reply in replies {
+                        let _ = reply.send(Err(IngestError::Internal));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A sink that records the groups it sees and answers `Applied` for each batch.
+    struct Recorder(Arc<Mutex<Vec<usize>>>, Duration);
+
+    impl GroupSink for Recorder {
+        fn start(&mut self, batches: Vec<DeviceBatch>) -> BoxFuture<'_, Commit> {
+            self.0.lock().unwrap().push(batches.len());
+            let delay = self.1;
+            Box::pin(async move {
+                Commit(Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    Ok(batches
+                        .iter()
+                        .map(|b| BatchOutcome::Applied {
+                            through_seq: b.device_id,
+                        })
+                        .collect())
+                }))
+            })
+        }
+    }
+
+    fn batch(id: u64) -> DeviceBatch {
+        DeviceBatch {
+            device_id: id,
+            received_at_ms: 0,
+            body: vec![0; 100],
+        }
+    }
+
+    #[tokio::test]
+    async fn test_groups_under_load_and_routes_outcomes() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let q = GroupQueue::spawn(
+            Recorder(seen.clone(), Duration::from_millis(20)),
+            GroupLimits {
+                max_in_flight: 1,
+                ..GroupLimits::default()
+            },
+        );
+        let mut rxs = Vec::new();
+        for i in 0..50u64 {
+            rxs.push((i, q.try_submit(vec![batch(i)]).unwrap()));
+        }
+        for (i, rx) in rxs {
+            assert_eq!(
+                rx.await.unwrap().unwrap(),
+                vec![BatchOutcome::Applied { through_seq: i }]
+            );
+        }
+        let groups = seen.lock().unwrap().clone();
+        assert_eq!(groups.iter().sum::<usize>(), 50);
+        assert!(groups.len() < 50, "no grouping: {groups:?}");
+    }
+
+    #[tokio::test]
+    async fn test_full_queue_is_overloaded() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let q = GroupQueue::spawn(
+            Recorder(seen, Duration::from_secs(5)),
+            GroupLimits {
+                queue_depth: 2,
+                max_in_flight: 1,
+                max_bytes: 1,
+                ..GroupLimits::default()
+            },
+        );
+        let mut held = Vec::new();
+        let mut overloaded = false;
+        for i in 0..10 {
+            match q.try_submit(vec![batch(i)]) {
+                Ok(rx) => held.push(rx),
+                Err(e) => {
+                    assert_eq!(e, IngestError::Overloaded);
+                    overloaded = true;
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(overloaded);
+    }
+}

@@ -1,0 +1,305 @@
+//! One device connection: Hello → Welcome, then batches in and cumulative Acks out.
+//!
+//! ```text
+//! Hello ──▶ key lookup (local registry) ─ unknown ─▶ unsealed Error(UnknownDevice), close
+//!           accept (tag, version)         ─ bad ────▶ unsealed Error(code), close
+//!           replayed Hello (same boot, counter not newer) ─▶ Error(Replay), close
+//!           high-water read linearizably on the leader ─▶ Welcome{high_water, leader, credit}
+//! Batch ──▶ decode (tag, counter, body) ─ bad ─▶ Error(code), close; nothing applied
+//!           submit to the leader's queue (or forward) ─ full ─▶ Error(Overloaded), close
+//!           outcomes come back in order ─▶ Ack{through_seq} (only after commit and apply)
+//!                                        ─▶ Error(SeqGap | SchemaMismatch | NotLeader ...), close
+//! Ping  ──▶ Pong
+//! ```
+//!
+//! Bounded: one frame buffer of `2 * MAX_FRAME`, at most [`MAX_PENDING`] batches awaiting
+//! their outcome (then the connection stops reading and TCP pushes back), an idle timeout.
+//! Every rejection is counted in the metrics by its error code. A failure only ever closes
+//! this connection.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cairn_protocol::{
+    Ack, Error, ErrorCode, FrameError, GatewaySession, HEADER_LEN, MAX_FRAME, Message, Pong,
+    Welcome, encode_unsealed_error, read_frame_len,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::Ingress;
+use super::apply::{BatchOutcome, DeviceBatch};
+use super::batcher::{IngestError, Outcomes};
+use super::metrics::METRICS;
+
+/// Batches of one connection awaiting their outcome before reading stops.
+pub const MAX_PENDING: usize = 64;
+
+/// How long a Hello may take to arrive after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads whole frames off a stream into a fixed buffer. `next` is cancel-safe: bytes read
+/// stay in the buffer if the future is dropped.
+struct FrameReader {
+    buf: Box<[u8; 2 * MAX_FRAME]>,
+    filled: usize,
+    /// Length of the frame returned last, dropped from the buffer on the next call.
+    consumed: usize,
+}
+
+/// Why no frame came.
+enum ReadEnd {
+    /// The device closed between frames.
+    Closed,
+    /// The stream ended or broke in the middle of a frame, or the header is bad.
+    Frame(FrameError),
+    Io,
+}
+
+impl FrameReader {
+    fn new() -> Self {
+        FrameReader {
+            buf: Box::new([0; 2 * MAX_FRAME]),
+            filled: 0,
+            consumed: 0,
+        }
+    }
+
+    async fn next(&mut self, stream: &mut TcpStream) -> Result<&mut [u8], ReadEnd> {
+        if self.consumed > 0 {
+            self.buf.copy_within(self.consumed..self.filled, 0);
+            self.filled -= self.consumed;
+            self.consumed = 0;
+        }
+        loop {
+            if self.filled >= HEADER_LEN {
+                let header: &[u8; HEADER_LEN] =
+                    self.buf[..HEADER_LEN].try_into().expect("header length");
+                let len = read_frame_len(header).map_err(ReadEnd::Frame)?;
+                if self.filled >= len {
+                    self.consumed = len;
+                    return Ok(&mut self.buf[..len]);
+                }
+            }
+            let n = stream
+                .read(&mut self.buf[self.filled..])
+                .await
+                .map_err(|_| ReadEnd::Io)?;
+            if n == 0 {
+                return Err(if self.filled == 0 {
+                    ReadEnd::Closed
+                } else {
+                    ReadEnd::Frame(FrameError::Truncated)
+                });
+            }
+            self.filled += n;
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Counts a rejection and writes an Error frame, sealed if a session exists.
+async fn reject(stream: &mut TcpStream, session: Option<&mut GatewaySession>, code: ErrorCode) {
+    METRICS.rejects.count(code);
+    let mut out = [0u8; 64];
+    let n = match session {
+        Some(s) => s.encode(&Message::Error(Error { code }), &mut out),
+        None => encode_unsealed_error(code, &mut out),
+    };
+    if let Ok(n) = n {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = stream.write_all(&out[..n]).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+async fn send(stream: &mut TcpStream, session: &mut GatewaySession, msg: &Message<'_>) -> bool {
+    let mut out = [0u8; 128];
+    match session.encode(msg, &mut out) {
+        Ok(n) => stream.write_all(&out[..n]).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Serves one device connection to the end.
+pub async fn serve(ingress: Arc<Ingress>, mut stream: TcpStream) {
+    METRICS.connections_accepted.fetch_add(1, Relaxed);
+    METRICS.connections_open.fetch_add(1, Relaxed);
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let end = run(&ingress, &mut stream).await;
+    if let Err(code) = end {
+        tracing::debug!(?peer, %code, "device connection closed");
+    }
+    METRICS.connections_open.fetch_sub(1, Relaxed);
+}
+
+/// Runs the connection; `Err(code)` when it ended on a rejection (already sent).
+async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode> {
+    let mut reader = FrameReader::new();
+
+    // Hello.
+    let frame = match tokio::time::timeout(HELLO_TIMEOUT, reader.next(stream)).await {
+        Err(_) | Ok(Err(ReadEnd::Closed | ReadEnd::Io)) => return Ok(()),
+        Ok(Err(ReadEnd::Frame(e))) => {
+            reject(stream, None, e.code()).await;
+            return Err(e.code());
+        }
+        Ok(Ok(f)) => f,
+    };
+    METRICS.frames_in.fetch_add(1, Relaxed);
+    let hello = match GatewaySession::peek_hello(frame) {
+        Ok(h) => h,
+        Err(e) => {
+            reject(stream, None, e.code()).await;
+            return Err(e.code());
+        }
+    };
+    let key = match ingress.device_key(hello.device_id) {
+        Ok(Some(key)) => key,
+        Ok(None) => {
+            reject(stream, None, ErrorCode::UnknownDevice).await;
+            return Err(ErrorCode::UnknownDevice);
+        }
+        Err(e) => {
+            reject(stream, None, e.code()).await;
+            return Err(e.code());
+        }
+    };
+    let mut session = match GatewaySession::accept(&key, frame) {
+        Ok(s) => s,
+        Err(e) => {
+            reject(stream, None, e.code()).await;
+            return Err(e.code());
+        }
+    };
+    let device_id = hello.device_id;
+    if !ingress.fresh_hello(device_id, hello.boot, session.hello_counter()) {
+        reject(stream, Some(&mut session), ErrorCode::Replay).await;
+        return Err(ErrorCode::Replay);
+    }
+    let high_water = match ingress.high_water(device_id).await {
+        Ok(hw) => hw,
+        Err(e) => {
+            reject(stream, Some(&mut session), e.code()).await;
+            return Err(e.code());
+        }
+    };
+    let welcome = Welcome {
+        high_water,
+        leader: ingress.leader_hint(),
+        credit: ingress.credit(),
+    };
+    if !send(stream, &mut session, &Message::Welcome(welcome)).await {
+        return Ok(());
+    }
+    tracing::debug!(device_id, high_water, "device connected");
+
+    // Batches, in order; outcomes come back in the same order.
+    let mut pending: VecDeque<(oneshot::Receiver<Outcomes>, Instant)> = VecDeque::new();
+    let mut acked = high_water;
+    let idle = ingress.config.idle_timeout;
+    loop {
+        let can_read = pending.len() < MAX_PENDING;
+        let next_outcome = async {
+            match pending.front_mut() {
+                Some((rx, _)) => rx.await.unwrap_or(Err(IngestError::Internal)),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            outcome = next_outcome => {
+                let (_, read_at) = pending.pop_front().expect("a pending batch");
+                let outcome = match outcome {
+                    Ok(mut v) if v.len() == 1 => v.pop().expect("one outcome"),
+                    Ok(_) => {
+                        reject(stream, Some(&mut session), ErrorCode::Internal).await;
+                        return Err(ErrorCode::Internal);
+                    }
+                    Err(e) => {
+                        reject(stream, Some(&mut session), e.code()).await;
+                        return Err(e.code());
+                    }
+                };
+                let code = match outcome {
+                    BatchOutcome::Applied { through_seq } | BatchOutcome::Duplicate { through_seq } => {
+                        acked = acked.max(through_seq);
+                        let ack = Ack {
+                            through_seq: acked,
+                            credit: ingress.credit(),
+                            leader: ingress.leader_hint(),
+                        };
+                        if !send(stream, &mut session, &Message::Ack(ack)).await {
+                            return Ok(());
+                        }
+                        METRICS.acks_sent.fetch_add(1, Relaxed);
+                        METRICS.ack_latency.record(read_at.elapsed());
+                        continue;
+                    }
+                    BatchOutcome::Gap { .. } => ErrorCode::SeqGap,
+                    BatchOutcome::SchemaMismatch => ErrorCode::SchemaMismatch,
+                    BatchOutcome::Malformed => ErrorCode::Malformed,
+                };
+                reject(stream, Some(&mut session), code).await;
+                return Err(code);
+            }
+            frame = tokio::time::timeout(idle, reader.next(stream)), if can_read => {
+                let frame = match frame {
+                    Err(_) => return Ok(()),
+                    Ok(Err(ReadEnd::Closed | ReadEnd::Io)) => return Ok(()),
+                    Ok(Err(ReadEnd::Frame(e))) => {
+                        reject(stream, Some(&mut session), e.code()).await;
+                        return Err(e.code());
+                    }
+                    Ok(Ok(f)) => f,
+                };
+                METRICS.frames_in.fetch_add(1, Relaxed);
+                let received_at_ms = now_ms();
+                let read_at = Instant::now();
+                match session.decode(frame) {
+                    Ok(Message::Batch(view)) => {
+                        METRICS.batches_in.fetch_add(1, Relaxed);
+                        METRICS.records_in.fetch_add(u64::from(view.header().count), Relaxed);
+                        let batch = DeviceBatch {
+                            device_id,
+                            received_at_ms,
+                            body: view.as_bytes().to_vec(),
+                        };
+                        match ingress.submit(batch) {
+                            Ok(rx) => pending.push_back((rx, read_at)),
+                            Err(e) => {
+                                reject(stream, Some(&mut session), e.code()).await;
+                                return Err(e.code());
+                            }
+                        }
+                    }
+                    Ok(Message::Ping(p)) => {
+                        if !send(stream, &mut session, &Message::Pong(Pong { nonce: p.nonce })).await {
+                            return Ok(());
+                        }
+                    }
+                    Ok(Message::Pong(_)) => {}
+                    Ok(_) => {
+                        reject(stream, Some(&mut session), ErrorCode::Malformed).await;
+                        return Err(ErrorCode::Malformed);
+                    }
+                    Err(e) => {
+                        reject(stream, Some(&mut session), e.code()).await;
+                        return Err(e.code());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The leader's end of the group queue: one group becomes one Raft entry
+//! ([`Command::DeviceBatches`]), and the stream tables are (re)defined at the start of every
+//! term this node leads, before its first group.
+
+use futures_util::future::BoxFuture;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::errors::ClientWriteError;
+use openraft::impls::ProgressResponder;
+
+use super::apply::DeviceBatch;
+use super::batcher::{Commit, GroupSink, IngestError};
+use crate::command::{Command, CommandResponse};
+use crate::raft_types::Raft;
+use crate::registry::RegistryCommand;
+use crate::schema::Schema;
+
+/// Proposes groups to the local Raft.
+pub struct RaftSink {
+    raft: Raft,
+    schema: Schema,
+    /// The term in which this node last proposed the stream definitions.
+    defined_term: Option<u64>,
+}
+
+impl RaftSink {
+    pub fn new(raft: Raft, schema: Schema) -> Self {
+        RaftSink {
+            raft,
+            schema,
+            defined_term: None,
+        }
+    }
+
+    /// Proposes the stream definitions once per term this node leads. Proposed from the
+    /// grouping task, so it is in the log ahead of the term's device batches.
+    async fn define_streams(&mut self) {
+        let term = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            if m.current_leader != Some(m.id) {
+                return;
+            }
+            m.current_term
+        };
+        if self.defined_term == Some(term) {
+            return;
+        }
+        let cmd = Command::DeviceRegistry(RegistryCommand::DefineStreams(self.schema.clone()));
+        let (responder, rx) = ProgressResponder::complete_only();
+        if self.raft.write(cmd).responder(responder).await.is_ok() {
+            self.defined_term = Some(term);
+            tokio::spawn(async move {
+                match rx.await {
+                    Ok(Ok(r)) => tracing::info!(log_id = %r.log_id, "stream tables defined"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "defining stream tables"),
+                    Err(_) => {}
+                }
+            });
+        }
+    }
+}
+
+impl GroupSink for RaftSink {
+    fn start(&mut self, batches: Vec<DeviceBatch>) -> BoxFuture<'_, Commit> {
+        Box::pin(async move {
+            self.define_streams().await;
+            let (responder, rx) = ProgressResponder::complete_only();
+            let sent = self
+                .raft
+                .write(Command::DeviceBatches(batches))
+                .responder(responder)
+                .await;
+            Commit(Box::pin(async move {
+                if sent.is_err() {
+                    return Err(IngestError::Internal);
+                }
+                match rx.await {
+                    Ok(Ok(resp)) => match resp.data {
+                        CommandResponse::DeviceBatches(outcomes) => Ok(outcomes),
+                        _ => Err(IngestError::Internal),
+                    },
+                    Ok(Err(
+                        ClientWriteError::ForwardToLeader(_)
+                        | ClientWriteError::LogEntryDiscarded(_),
+                    )) => Err(IngestError::NotLeader),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "proposing device batches");
+                        Err(IngestError::Internal)
+                    }
+                    Err(_) => Err(IngestError::Internal),
+                }
+            }))
+        })
+    }
+
+    fn idle(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(self.define_streams())
+    }
+}

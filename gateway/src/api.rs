@@ -425,6 +425,7 @@ async fn status(State(n): State<Arc<Node>>, Query(q): Query<HashMap<String, Stri
             "running": m.running_state.is_ok(),
         },
         "db_size": n.store.db_size(),
+        "ingress": crate::ingress::metrics::METRICS.to_json(),
         "write_queue": {
             "commands": n.writes.stats.commands.load(Ordering::Relaxed),
             "batches": n.writes.stats.batches.load(Ordering::Relaxed),
@@ -517,6 +518,7 @@ async fn join(
     let peer = Peer {
         raft_addr: jr.addr.clone(),
         http_addr: jr.http_addr.clone(),
+        device_addr: jr.device_addr.clone(),
     };
     let m = n.raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership().clone();
@@ -797,6 +799,7 @@ async fn metrics(State(n): State<Arc<Node>>) -> Response {
         "counter",
         n.writes.stats.batches.load(Ordering::Relaxed) as f64,
     );
+    out.push_str(&crate::ingress::metrics::METRICS.prometheus(n.id));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -22,6 +22,13 @@
 //! snapshot_keep_logs = 1024          # entries kept in the log behind a snapshot
 //! write_batch_max = 1024             # commands per group-commit submission
 //! write_queue_depth = 8192           # bounded queue in front of Raft
+//! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
+//! undeclared_streams = "telemetry"   # or "reject"; see `schema.rs` for [[stream]] tables
+//!
+//! [[stream]]
+//! id = 1
+//! table = "climate"
+//! columns = [{ name = "temperature", type = "real" }, { name = "humidity", type = "real" }]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -52,6 +59,11 @@ pub struct NodeConfig {
     pub snapshot_keep_logs: u64,
     pub write_batch_max: usize,
     pub write_queue_depth: usize,
+    /// Device address advertised to devices as the leader hint (default: the bound address).
+    pub device_adv_addr: Option<String>,
+    /// Device stream tables (`[[stream]]`), see [`crate::schema`].
+    pub stream: Vec<crate::schema::StreamDef>,
+    pub undeclared_streams: crate::schema::Undeclared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -85,6 +97,9 @@ impl Default for NodeConfig {
             snapshot_keep_logs: 1024,
             write_batch_max: 1024,
             write_queue_depth: 8192,
+            device_adv_addr: None,
+            stream: Vec::new(),
+            undeclared_streams: crate::schema::Undeclared::Telemetry,
         }
     }
 }
@@ -114,6 +129,9 @@ pub struct NodeArgs {
     /// Raft address advertised to other nodes (default: the bound address).
     #[arg(long)]
     pub raft_adv_addr: Option<String>,
+    /// Device address sent to devices as the leader hint (default: the bound address).
+    #[arg(long)]
+    pub device_adv_addr: Option<String>,
     /// Initialise a new single-node cluster if this node holds no state yet.
     #[arg(long, conflicts_with = "join")]
     pub bootstrap: bool,
@@ -182,6 +200,9 @@ impl NodeConfig {
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
         }
+        if args.device_adv_addr.is_some() {
+            c.device_adv_addr = args.device_adv_addr.clone();
+        }
         if args.raft_adv_addr.is_some() {
             c.raft_adv_addr = args.raft_adv_addr.clone();
         }
@@ -211,7 +232,18 @@ impl NodeConfig {
             self.write_batch_max > 0 && self.write_queue_depth > 0,
             "write queue sizes must be positive"
         );
+        self.schema()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;
         Ok(())
+    }
+
+    /// The device stream mapping these settings declare.
+    pub fn schema(&self) -> crate::schema::Schema {
+        crate::schema::Schema {
+            streams: self.stream.clone(),
+            undeclared: self.undeclared_streams,
+        }
     }
 
     /// The openraft configuration these settings imply.

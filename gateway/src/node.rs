@@ -38,6 +38,8 @@ pub struct Node {
     pub peer: Peer,
     pub started: Instant,
     pub http_requests: AtomicU64,
+    /// The device port's shared state.
+    pub ingress: Arc<crate::ingress::Ingress>,
 }
 
 /// The addresses a node actually bound, written to `DATA_DIR/addrs.json` at start-up so that
@@ -46,6 +48,8 @@ pub struct Node {
 pub struct BoundAddrs {
     pub http_addr: String,
     pub raft_addr: String,
+    #[serde(default)]
+    pub device_addr: String,
 }
 
 impl Node {
@@ -179,9 +183,13 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     let raft_listener = TcpListener::bind(&config.raft_addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding Raft address {}: {e}", config.raft_addr))?;
+    let device_listener = TcpListener::bind(&config.device_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding device address {}: {e}", config.device_addr))?;
     let bound = BoundAddrs {
         http_addr: http_listener.local_addr()?.to_string(),
         raft_addr: raft_listener.local_addr()?.to_string(),
+        device_addr: device_listener.local_addr()?.to_string(),
     };
     let peer = Peer {
         http_addr: config
@@ -192,6 +200,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
             .raft_adv_addr
             .clone()
             .unwrap_or_else(|| bound.raft_addr.clone()),
+        device_addr: config
+            .device_adv_addr
+            .clone()
+            .unwrap_or_else(|| bound.device_addr.clone()),
     };
     write_atomic(
         &config.data_dir.join("addrs.json"),
@@ -215,6 +227,15 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         config.write_queue_depth,
         config.write_batch_max,
     );
+    let ingress = crate::ingress::Ingress::new(
+        raft.clone(),
+        store.clone(),
+        client.clone(),
+        crate::ingress::IngressConfig {
+            schema: config.schema(),
+            ..Default::default()
+        },
+    );
     let node = Arc::new(Node {
         id: config.node_id,
         config: config.clone(),
@@ -225,13 +246,17 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         peer: peer.clone(),
         started: Instant::now(),
         http_requests: AtomicU64::new(0),
+        ingress: ingress.clone(),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     for (listener, router) in [
         (raft_listener, raft_router(node.clone())),
-        (http_listener, crate::api::router(node.clone())),
+        (
+            http_listener,
+            crate::api::router(node.clone()).merge(crate::ingress::forward::routes(ingress.clone())),
+        ),
     ] {
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(async move {
@@ -246,11 +271,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
             }
         }));
     }
+    let mut stop = stop_rx.clone();
+    servers.push(tokio::spawn(async move {
+        tokio::select! {
+            () = ingress.serve(device_listener) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }));
     tracing::info!(
         node_id = node.id,
         http = %bound.http_addr,
         raft = %bound.raft_addr,
-        device = %config.device_addr,
+        device = %bound.device_addr,
         "cairn node started"
     );
 
@@ -286,6 +318,9 @@ pub struct JoinRequest {
     /// Raft address.
     pub addr: String,
     pub http_addr: String,
+    /// Device address (the leader hint devices get), absent from plain rqlite clients.
+    #[serde(default)]
+    pub device_addr: String,
     #[serde(default = "yes")]
     pub voter: bool,
 }
@@ -299,6 +334,7 @@ async fn join_loop(node: Arc<Node>, urls: Vec<String>) {
         id: node.id,
         addr: node.peer.raft_addr.clone(),
         http_addr: node.peer.http_addr.clone(),
+        device_addr: node.peer.device_addr.clone(),
         voter: !node.config.non_voter,
     };
     let body = serde_json::to_vec(&req).expect("json");

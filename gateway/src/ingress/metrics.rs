@@ -181,6 +181,74 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The counters in Prometheus text format, labelled with the node id.
+    pub fn prometheus(&self, node_id: u64) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = write!(
+                out,
+                "# HELP cairn_ingress_{name} {help}\n# TYPE cairn_ingress_{name} counter\n\
+                 cairn_ingress_{name}{{node_id=\"{node_id}\"}} {v}\n"
+            );
+        };
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        counter("frames_total", "Device frames read.", g(&self.frames_in));
+        counter("batches_total", "Device batches read.", g(&self.batches_in));
+        counter("records_total", "Device records read.", g(&self.records_in));
+        counter("acks_total", "Acks sent to devices.", g(&self.acks_sent));
+        counter(
+            "groups_total",
+            "Raft entries of device batches proposed.",
+            g(&self.groups_proposed),
+        );
+        counter(
+            "records_applied_total",
+            "Device records applied on this replica.",
+            g(&self.records_applied),
+        );
+        counter(
+            "batches_forwarded_total",
+            "Device batches forwarded to the leader.",
+            g(&self.batches_forwarded),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cairn_ingress_rejects_total Device frames or connections rejected, by error code."
+        );
+        let _ = writeln!(out, "# TYPE cairn_ingress_rejects_total counter");
+        for i in 1..=11u8 {
+            let code = ErrorCode::from_u8(i);
+            let _ = writeln!(
+                out,
+                "cairn_ingress_rejects_total{{node_id=\"{node_id}\",reason=\"{}\"}} {}",
+                code.to_string().replace(' ', "_"),
+                self.rejects.get(code)
+            );
+        }
+        for (name, h) in [
+            ("commit_latency", &self.commit_latency),
+            ("ack_latency", &self.ack_latency),
+        ] {
+            let _ = writeln!(out, "# TYPE cairn_ingress_{name}_seconds summary");
+            for q in [0.5, 0.99] {
+                let _ = writeln!(
+                    out,
+                    "cairn_ingress_{name}_seconds{{node_id=\"{node_id}\",quantile=\"{q}\"}} {}",
+                    h.quantile_us(q) as f64 / 1e6
+                );
+            }
+            let _ = writeln!(
+                out,
+                "cairn_ingress_{name}_seconds_count{{node_id=\"{node_id}\"}} {}",
+                h.count.load(Relaxed)
+            );
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

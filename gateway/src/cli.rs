@@ -99,7 +99,7 @@ pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(60)))
@@ -107,7 +107,7 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn post_json(agent: &ureq::Agent, url: &str, body: &Json) -> anyhow::Result<(u16, Json)> {
+pub(crate) fn post_json(agent: &ureq::Agent, url: &str, body: &Json) -> anyhow::Result<(u16, Json)> {
     let mut resp = agent.post(url).send_json(body)?;
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string()?;
@@ -117,7 +117,7 @@ fn post_json(agent: &ureq::Agent, url: &str, body: &Json) -> anyhow::Result<(u16
     ))
 }
 
-fn get_json(agent: &ureq::Agent, url: &str) -> anyhow::Result<Json> {
+pub(crate) fn get_json(agent: &ureq::Agent, url: &str) -> anyhow::Result<Json> {
     let mut resp = agent.get(url).call()?;
     let text = resp.body_mut().read_to_string()?;
     Ok(serde_json::from_str(&text).unwrap_or(Json::String(text)))

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use cairn_gateway::cli;
 use cairn_gateway::config::{LogFormat, NodeArgs, NodeConfig};
+use cairn_gateway::ingress::admin;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +47,32 @@ enum Cmd {
         #[arg(long, default_value = "http://127.0.0.1:4001")]
         host: String,
     },
+    /// Manage the devices allowed on the device port.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCmd,
+        #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
+        host: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Register a device and its pre-shared key (or replace its key).
+    Add {
+        #[arg(long)]
+        id: u64,
+        /// 32-byte key as 64 hex digits.
+        #[arg(long)]
+        key: String,
+    },
+    /// List registered devices with their committed high-water seq.
+    List,
+    /// Forget a device's key (its records stay).
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +92,11 @@ fn main() -> std::process::ExitCode {
         Cmd::Shell { host } => cli::shell(&host),
         Cmd::Backup { file, host } => cli::backup(&host, &file),
         Cmd::Restore { file, host } => cli::restore(&host, &file),
+        Cmd::Device { command, host } => match command {
+            DeviceCmd::Add { id, key } => admin::add(&host, id, &key),
+            DeviceCmd::List => admin::list(&host),
+            DeviceCmd::Remove { id } => admin::remove(&host, id),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

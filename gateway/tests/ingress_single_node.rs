@@ -266,13 +266,15 @@ async fn test_same_batch_three_times_stored_once() {
     assert_eq!(dev.push(3).await, 8);
     let gap = dev.batch_frame(20, 1);
     dev.send_raw(&gap).await;
-    assert_eq!(dev.expect_error().await, ErrorCode::SeqGap);
+    assert_eq!(dev.recv().await.unwrap_err(), ErrorCode::SeqGap);
+    // SeqGap keeps the connection (SPEC §7.6): the next batch in order is stored.
+    assert_eq!(dev.push(2).await, 10);
     assert_eq!(
         count(
             &node.store,
             "SELECT count(*) FROM climate WHERE device_id = 11"
         ),
-        8
+        10
     );
     node.raft.shutdown().await.unwrap();
 }

@@ -3,7 +3,8 @@
 //! with each device's new high-water seq.
 //!
 //! Per batch, in entry order (the same on every replica):
-//! 1. `last_seq <= high_water`: already stored, [`BatchOutcome::Duplicate`] (acked, not applied);
+//! 1. `last_seq <= high_water`: already stored, [`BatchOutcome::Duplicate`] (acked through the
+//!    high-water, not applied);
 //! 2. `first_seq > high_water + 1`: records are missing before it, [`BatchOutcome::Gap`];
 //! 3. a record that does not fit its stream's table: [`BatchOutcome::SchemaMismatch`], nothing
 //!    of the batch is written;
@@ -87,7 +88,7 @@ impl DeviceBatch {
 pub enum BatchOutcome {
     /// Stored; every record through `through_seq` is committed.
     Applied { through_seq: u64 },
-    /// Already stored before (`through_seq` = the batch's last seq).
+    /// Already stored before; `through_seq` is the device's high-water (SPEC §8 rule 3).
     Duplicate { through_seq: u64 },
     /// Refused: the batch starts above `high_water + 1`.
     Gap { high_water: u64 },
@@ -247,7 +248,7 @@ pub fn apply_device_batches(
             .unwrap_or(0) as u64;
         let last = h.last_seq();
         if last <= hw {
-            out.push(BatchOutcome::Duplicate { through_seq: last });
+            out.push(BatchOutcome::Duplicate { through_seq: hw });
             continue;
         }
         if h.first_seq > hw + 1 {

@@ -14,8 +14,9 @@
 //! Raft sink appends the entry before returning); its returned future delivers the outcomes,
 //! one per batch, which are handed back to each submitter.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -95,18 +96,23 @@ struct Submission {
     reply: oneshot::Sender<Outcomes>,
 }
 
+/// Batches per device queued or in flight: a Welcome waits for a device's to be decided.
+type Pending = Arc<Mutex<HashMap<u64, u32>>>;
+
 /// The sending side of a group queue.
 #[derive(Clone)]
 pub struct GroupQueue {
     tx: mpsc::Sender<Submission>,
+    pending: Pending,
 }
 
 impl GroupQueue {
     /// Starts the grouping task in front of `sink`.
     pub fn spawn(sink: impl GroupSink, limits: GroupLimits) -> GroupQueue {
         let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
-        tokio::spawn(run(rx, sink, limits));
-        GroupQueue { tx }
+        let pending = Pending::default();
+        tokio::spawn(run(rx, sink, limits, pending.clone()));
+        GroupQueue { tx, pending }
     }
 
     /// Queues `batches` (kept together, in order); `Overloaded` if the queue is full.
@@ -116,15 +122,21 @@ impl GroupQueue {
     ) -> Result<oneshot::Receiver<Outcomes>, IngestError> {
         let (reply, rx) = oneshot::channel();
         let bytes = batches.iter().map(|b| b.body.len() + 24).sum();
+        let devices: Vec<u64> = batches.iter().map(|b| b.device_id).collect();
+        // Counted before sending so the completion can never run before the increment.
+        add_pending(&self.pending, &devices, true);
         self.tx
             .try_send(Submission {
                 batches,
                 bytes,
                 reply,
             })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => IngestError::Internal,
+            .map_err(|e| {
+                add_pending(&self.pending, &devices, false);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
+                    mpsc::error::TrySendError::Closed(_) => IngestError::Internal,
+                }
             })?;
         Ok(rx)
     }
@@ -137,13 +149,53 @@ impl GroupQueue {
         }
     }
 
+    /// Waits (up to `timeout`) until no batch of `device_id` is queued or in flight here;
+    /// false on timeout.
+    pub async fn settled(&self, device_id: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self
+                .pending
+                .lock()
+                .expect("pending")
+                .contains_key(&device_id)
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Free room in the queue, 0..=1 (scales the credit given to devices).
     pub fn free_fraction(&self) -> f64 {
         self.tx.capacity() as f64 / self.tx.max_capacity() as f64
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Submission>, mut sink: impl GroupSink, limits: GroupLimits) {
+fn add_pending(pending: &Pending, devices: &[u64], add: bool) {
+    let mut p = pending.lock().expect("pending");
+    for d in devices {
+        let n = p.entry(*d).or_insert(0);
+        if add {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.remove(d);
+            }
+        }
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Submission>,
+    mut sink: impl GroupSink,
+    limits: GroupLimits,
+    pending: Pending,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     loop {
         let first = tokio::select! {
@@ -196,9 +248,11 @@ async fn run(mut rx: mpsc::Receiver<Submission>, mut sink: impl GroupSink, limit
         let mut counts = Vec::with_capacity(group.len());
         let mut replies = Vec::with_capacity(group.len());
         let mut batches = Vec::new();
+        let mut devices = Vec::new();
         for s in group {
             counts.push(s.batches.len());
             replies.push(s.reply);
+            devices.extend(s.batches.iter().map(|b| b.device_id));
             batches.extend(s.batches);
         }
         let n = batches.len() as u64;
@@ -208,10 +262,12 @@ async fn run(mut rx: mpsc::Receiver<Submission>, mut sink: impl GroupSink, limit
         METRICS.group_bytes.fetch_add(bytes as u64, Relaxed);
         let started = Instant::now();
         let done = sink.start(batches).await;
+        let pending = pending.clone();
         tokio::spawn(async move {
             let result = done.0.await;
             METRICS.commit_latency.record(started.elapsed());
             drop(permit);
+            add_pending(&pending, &devices, false);
             match result {
                 Ok(outcomes) if outcomes.len() as u64 == n => {
                     let mut rest = outcomes.into_iter();
@@ -237,8 +293,6 @@ async fn run(mut rx: mpsc::Receiver<Submission>, mut sink: impl GroupSink, limit
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
 
     /// A sink that records the groups it sees and answers `Applied` for each batch.

@@ -6,9 +6,10 @@
 //!           replayed Hello (same boot, counter not newer) ─▶ Error(Replay), close
 //!           high-water read linearizably on the leader ─▶ Welcome{high_water, leader, credit}
 //! Batch ──▶ decode (tag, counter, body) ─ bad ─▶ Error(code), close; nothing applied
-//!           submit to the leader's queue (or forward) ─ full ─▶ Error(Overloaded), close
+//!           submit to the leader's queue (or forward) ─ full ─▶ Error(Overloaded)
 //!           outcomes come back in order ─▶ Ack{through_seq} (only after commit and apply)
-//!                                        ─▶ Error(SeqGap | SchemaMismatch | NotLeader ...), close
+//!                                        ─▶ Error(SeqGap | SchemaMismatch | NotLeader | Overloaded),
+//!                                           connection kept (SPEC §7.6); other codes close it
 //! Ping  ──▶ Pong
 //! ```
 //!
@@ -124,6 +125,24 @@ async fn reject(stream: &mut TcpStream, session: Option<&mut GatewaySession>, co
     }
 }
 
+/// Answers a batch with an Error. SeqGap, SchemaMismatch, NotLeader and Overloaded keep the
+/// connection (SPEC §7.6); any other code closes it. Returns whether the connection goes on.
+async fn refuse(stream: &mut TcpStream, session: &mut GatewaySession, code: ErrorCode) -> bool {
+    let keep = matches!(
+        code,
+        ErrorCode::SeqGap
+            | ErrorCode::SchemaMismatch
+            | ErrorCode::NotLeader
+            | ErrorCode::Overloaded
+    );
+    if !keep {
+        reject(stream, Some(session), code).await;
+        return false;
+    }
+    METRICS.rejects.count(code);
+    send(stream, session, &Message::Error(Error { code })).await
+}
+
 async fn send(stream: &mut TcpStream, session: &mut GatewaySession, msg: &Message<'_>) -> bool {
     let mut out = [0u8; 128];
     match session.encode(msg, &mut out) {
@@ -177,7 +196,7 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
             return Err(e.code());
         }
     };
-    let mut session = match GatewaySession::accept(&key, frame) {
+    let mut session = match GatewaySession::accept_salted(&key, frame, rand::random()) {
         Ok(s) => s,
         Err(e) => {
             reject(stream, None, e.code()).await;
@@ -221,38 +240,33 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
         tokio::select! {
             outcome = next_outcome => {
                 let (_, read_at) = pending.pop_front().expect("a pending batch");
-                let outcome = match outcome {
-                    Ok(mut v) if v.len() == 1 => v.pop().expect("one outcome"),
-                    Ok(_) => {
-                        reject(stream, Some(&mut session), ErrorCode::Internal).await;
-                        return Err(ErrorCode::Internal);
-                    }
-                    Err(e) => {
-                        reject(stream, Some(&mut session), e.code()).await;
-                        return Err(e.code());
-                    }
-                };
                 let code = match outcome {
-                    BatchOutcome::Applied { through_seq } | BatchOutcome::Duplicate { through_seq } => {
-                        acked = acked.max(through_seq);
-                        let ack = Ack {
-                            through_seq: acked,
-                            credit: ingress.credit(),
-                            leader: ingress.leader_hint(),
-                        };
-                        if !send(stream, &mut session, &Message::Ack(ack)).await {
-                            return Ok(());
+                    Ok(v) if v.len() == 1 => match v[0] {
+                        BatchOutcome::Applied { through_seq }
+                        | BatchOutcome::Duplicate { through_seq } => {
+                            acked = acked.max(through_seq);
+                            let ack = Ack {
+                                through_seq: acked,
+                                credit: ingress.credit(),
+                                leader: ingress.leader_hint(),
+                            };
+                            if !send(stream, &mut session, &Message::Ack(ack)).await {
+                                return Ok(());
+                            }
+                            METRICS.acks_sent.fetch_add(1, Relaxed);
+                            METRICS.ack_latency.record(read_at.elapsed());
+                            continue;
                         }
-                        METRICS.acks_sent.fetch_add(1, Relaxed);
-                        METRICS.ack_latency.record(read_at.elapsed());
-                        continue;
-                    }
-                    BatchOutcome::Gap { .. } => ErrorCode::SeqGap,
-                    BatchOutcome::SchemaMismatch => ErrorCode::SchemaMismatch,
-                    BatchOutcome::Malformed => ErrorCode::Malformed,
+                        BatchOutcome::Gap { .. } => ErrorCode::SeqGap,
+                        BatchOutcome::SchemaMismatch => ErrorCode::SchemaMismatch,
+                        BatchOutcome::Malformed => ErrorCode::Malformed,
+                    },
+                    Ok(_) => ErrorCode::Internal,
+                    Err(e) => e.code(),
                 };
-                reject(stream, Some(&mut session), code).await;
-                return Err(code);
+                if !refuse(stream, &mut session, code).await {
+                    return Err(code);
+                }
             }
             frame = tokio::time::timeout(idle, reader.next(stream)), if can_read => {
                 let frame = match frame {
@@ -279,8 +293,9 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
                         match ingress.submit(batch) {
                             Ok(rx) => pending.push_back((rx, read_at)),
                             Err(e) => {
-                                reject(stream, Some(&mut session), e.code()).await;
-                                return Err(e.code());
+                                if !refuse(stream, &mut session, e.code()).await {
+                                    return Err(e.code());
+                                }
                             }
                         }
                     }

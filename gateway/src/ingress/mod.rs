@@ -15,7 +15,9 @@
 //!   linearizable high-water reads, and the device admin API.
 //! - [`connection`]: the per-connection protocol state machine.
 //! - [`metrics`]: counters for `/status`.
+//! - [`admin`]: `cairn device add|list|remove`.
 
+pub mod admin;
 pub mod apply;
 pub mod batcher;
 pub mod connection;
@@ -193,8 +195,17 @@ impl Ingress {
         }
     }
 
-    /// The linearizable read on the leader.
+    /// The linearizable read on the leader (SPEC §8 gateway rule 2): first every batch of this
+    /// device still queued or in flight here is decided, then leadership is confirmed and the
+    /// state machine caught up to the read index, then the high-water is read.
     pub async fn local_high_water(&self, device_id: u64) -> Result<u64, IngestError> {
+        if !self
+            .leader_queue
+            .settled(device_id, Duration::from_secs(10))
+            .await
+        {
+            return Err(IngestError::Overloaded);
+        }
         self.raft
             .ensure_linearizable(ReadPolicy::ReadIndex)
             .await

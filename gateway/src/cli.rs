@@ -107,7 +107,11 @@ pub(crate) fn agent() -> ureq::Agent {
         .into()
 }
 
-pub(crate) fn post_json(agent: &ureq::Agent, url: &str, body: &Json) -> anyhow::Result<(u16, Json)> {
+pub(crate) fn post_json(
+    agent: &ureq::Agent,
+    url: &str,
+    body: &Json,
+) -> anyhow::Result<(u16, Json)> {
     let mut resp = agent.post(url).send_json(body)?;
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string()?;

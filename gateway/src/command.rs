@@ -88,7 +88,9 @@ pub fn apply(
     let _ = ctx;
     match cmd {
         Command::Sql(sql) => crate::sql::apply_sql(conn, sql).map(CommandResponse::Sql),
-        Command::DeviceBatches(b) => crate::ingress::apply::apply(conn, b).map(CommandResponse::DeviceBatches),
+        Command::DeviceBatches(b) => {
+            crate::ingress::apply::apply(conn, b).map(CommandResponse::DeviceBatches)
+        }
         Command::DeviceRegistry(c) => {
             crate::registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
         }

@@ -255,7 +255,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         (raft_listener, raft_router(node.clone())),
         (
             http_listener,
-            crate::api::router(node.clone()).merge(crate::ingress::forward::routes(ingress.clone())),
+            crate::api::router(node.clone())
+                .merge(crate::ingress::forward::routes(ingress.clone())),
         ),
     ] {
         let mut stop = stop_rx.clone();

@@ -392,3 +392,58 @@ fn test_idle_connection_pings_and_detects_a_dead_gateway() {
         assert_eq!(cluster.borrow().connects[0], 1);
     });
 }
+
+#[test]
+fn test_leader_hint_is_tried_first_on_reconnect() {
+    let (rt, local) = local();
+    local.block_on(&rt, async {
+        // Followers forward and hint at the leader (gateway 2) as 127.0.0.1:4003.
+        let cluster = cluster(3, Faults::default(), 9);
+        cluster.borrow_mut().leader = 2;
+        let client = leak::<4096>(OverflowPolicy::RejectNewest);
+        let gws = gateways(3);
+        let c2 = cluster.clone();
+        with_client(client, &cluster, gws, 1, async move {
+            client.push(1, &[Value::U64(0)]).unwrap();
+            assert!(wait_until(StdDuration::from_secs(5), || client.status().acked == 1).await);
+            assert_eq!(
+                client.status().gateway,
+                Some(gateway_addr(0)),
+                "a follower serves too"
+            );
+            // Break the connection: the next attempt goes to the hinted leader, mapped to the
+            // ip the hint came from.
+            c2.borrow_mut().down[0] = true;
+            client.push(1, &[Value::U64(1)]).unwrap();
+            assert!(wait_until(StdDuration::from_secs(5), || client.status().acked == 2).await);
+            assert_eq!(client.status().gateway, Some(gateway_addr(2)));
+        })
+        .await;
+        let order: Vec<usize> = cluster.borrow().attempts.iter().map(|a| a.0).collect();
+        assert_eq!(order, [0, 2]);
+        assert_exactly_once_in_order(&cluster, 0..2);
+    });
+}
+
+#[test]
+fn test_credit_window_is_never_exceeded() {
+    let (rt, local) = local();
+    local.block_on(&rt, async {
+        // Tiny credit and slow acks: the device must wait for acks to open the window.
+        let faults = Faults {
+            credit: 5,
+            ack_delay_max_ms: 5,
+            ..Faults::default()
+        };
+        let cluster = cluster(1, faults, 10);
+        let client = leak::<8192>(OverflowPolicy::RejectNewest);
+        let gws = gateways(1);
+        with_client(client, &cluster, gws, 1, async move {
+            push_many(client, 0, 300).await;
+            assert!(wait_until(StdDuration::from_secs(20), || client.status().acked == 300).await);
+        })
+        .await;
+        // The gateway records any batch past the window it granted as a violation.
+        assert_exactly_once_in_order(&cluster, 0..300);
+    });
+}

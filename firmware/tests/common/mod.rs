@@ -336,7 +336,11 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
             FollowerMode::Forward => {}
         }
     }
-    let leader_hint = (index != leader).then(|| gateway_addr(leader));
+    // Hints come as loopback addresses, like a gateway listening on 127.0.0.1 sends them.
+    let leader_hint =
+        (index != leader).then(|| GatewayAddr::new([127, 0, 0, 1], 4001 + leader as u16));
+    // The credit window this connection granted: no batch may reach past it.
+    let window = Rc::new(std::cell::Cell::new(hw + u64::from(credit)));
     replies
         .send(&Message::Welcome(Welcome {
             high_water: hw,
@@ -349,11 +353,12 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
     let pending: Rc<RefCell<VecDeque<Vec<u8>>>> = Rc::default();
     let wake = Rc::new(tokio::sync::Notify::new());
     let committer = {
-        let (cluster, replies, pending, wake) = (
+        let (cluster, replies, pending, wake, window) = (
             cluster.clone(),
             replies.clone(),
             pending.clone(),
             wake.clone(),
+            window.clone(),
         );
         tokio::task::spawn_local(async move {
             let mut lost_one = false;
@@ -403,6 +408,7 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
                         if drop_ack {
                             replies.kill().await;
                         } else {
+                            window.set(window.get().max(hw + u64::from(credit)));
                             let ack = Ack {
                                 through_seq: hw,
                                 credit,
@@ -431,6 +437,11 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
         let msg = replies.session.borrow_mut().decode(&mut frame);
         match msg {
             Ok(Message::Batch(view)) => {
+                let last = view.header().last_seq();
+                if last > window.get() {
+                    let msg = format!("batch through {last} beyond credit window {}", window.get());
+                    cluster.borrow_mut().violations.push(msg);
+                }
                 let body = view.as_bytes().to_vec();
                 pending.borrow_mut().push_back(body);
                 wake.notify_one();

@@ -106,6 +106,8 @@ pub struct Cluster {
     /// Force every Hello to be answered with this error (unsealed).
     pub reject_with: Option<ErrorCode>,
     pub epoch: Option<std::time::Instant>,
+    /// Batches received and not yet committed or lost, over all connections.
+    pub in_pipeline: u64,
 }
 
 pub type ClusterRef = Rc<RefCell<Cluster>>;
@@ -312,9 +314,9 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
         writer: tokio::sync::Mutex::new(w),
         alive: RefCell::new(true),
     });
-    let (leader, mode, hw, credit) = {
+    let (leader, mode, credit) = {
         let c = cluster.borrow();
-        (c.leader, c.faults.follower, c.hw, c.faults.credit)
+        (c.leader, c.faults.follower, c.faults.credit)
     };
     if index != leader {
         match mode {
@@ -336,6 +338,12 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
             FollowerMode::Forward => {}
         }
     }
+    // SPEC §8 gateway rule 2: Welcome's high-water is read only after every batch that can
+    // still carry records of this device is decided (committed or lost).
+    while cluster.borrow().in_pipeline > 0 {
+        tokio::time::sleep(StdDuration::from_millis(1)).await;
+    }
+    let hw = cluster.borrow().hw;
     // Hints come as loopback addresses, like a gateway listening on 127.0.0.1 sends them.
     let leader_hint =
         (index != leader).then(|| GatewayAddr::new([127, 0, 0, 1], 4001 + leader as u16));
@@ -390,10 +398,12 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
                         let view = BatchView::parse(&body).expect("batch");
                         let _ = cluster.borrow_mut().apply(&view);
                     }
+                    cluster.borrow_mut().in_pipeline -= 1;
                     continue;
                 }
                 let view = BatchView::parse(&body).expect("batch");
                 let result = cluster.borrow_mut().apply(&view);
+                cluster.borrow_mut().in_pipeline -= 1;
                 match result {
                     Err(code) => {
                         replies.send(&Message::Error(Error { code })).await;
@@ -429,6 +439,10 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
         let Some(mut frame) = read_frame(&mut r).await else {
             break;
         };
+        if !*replies.alive.borrow() {
+            // Killed while this frame was on its way (its committer may be gone): lost.
+            break;
+        }
         if cluster.borrow().down[index] {
             // The gateway went down: the frame is lost with the connection.
             replies.kill().await;
@@ -444,6 +458,7 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
                 }
                 let body = view.as_bytes().to_vec();
                 pending.borrow_mut().push_back(body);
+                cluster.borrow_mut().in_pipeline += 1;
                 wake.notify_one();
                 let kill = {
                     let mut c = cluster.borrow_mut();

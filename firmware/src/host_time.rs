@@ -10,7 +10,9 @@
 //!
 //! Linking this crate with `std` defines the `_embassy_time_now` / `_embassy_time_schedule_wake`
 //! symbols: do not also enable embassy-time's `std` or `mock-driver` features, nor define
-//! another driver. Ticks are microseconds (embassy-time's default 1 MHz tick rate).
+//! another driver. Ticks are microseconds (embassy-time's default 1 MHz tick rate). The
+//! symbols are only linked into binaries that use something from this crate (any client
+//! does); a test or tool that uses embassy-time alone needs `use cairn_firmware as _;`.
 #![allow(unsafe_code)] // `time_driver_impl!` exports two `#[no_mangle]` functions.
 
 extern crate std;

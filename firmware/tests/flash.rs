@@ -227,6 +227,7 @@ fn power_cut_run(seed: u64) {
         let faults = Faults {
             kill_per_mille: 20,
             drop_ack_per_mille: 20,
+            ack_delay_min_ms: 0,
             ack_delay_max_ms: 10,
             late_commit_per_mille: 500,
             credit: 40,

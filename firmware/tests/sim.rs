@@ -103,6 +103,7 @@ fn test_every_record_acked_exactly_once_in_order_under_faults() {
         let faults = Faults {
             kill_per_mille: 30,
             drop_ack_per_mille: 30,
+            ack_delay_min_ms: 0,
             ack_delay_max_ms: 15,
             late_commit_per_mille: 500,
             credit: 64,
@@ -458,6 +459,7 @@ fn test_drop_oldest_under_faults_keeps_order_and_never_reuses_a_seq() {
         let faults = Faults {
             kill_per_mille: 60,
             drop_ack_per_mille: 30,
+            ack_delay_min_ms: 0,
             ack_delay_max_ms: 20,
             late_commit_per_mille: 500,
             credit: 24,
@@ -502,5 +504,38 @@ fn test_drop_oldest_under_faults_keeps_order_and_never_reuses_a_seq() {
         for (i, (seq, _)) in c.rows.iter().enumerate() {
             assert_eq!(*seq, i as u64 + 1);
         }
+    });
+}
+
+#[test]
+fn test_connect_and_ack_timeouts_fire() {
+    let (rt, local) = local();
+    local.block_on(&rt, async {
+        // Gateway 0 never completes the TCP handshake; gateway 1 accepts but acks only after
+        // 3 s, far beyond the 400 ms response timeout.
+        let faults = Faults {
+            ack_delay_min_ms: 3000,
+            ack_delay_max_ms: 3000,
+            ..Faults::default()
+        };
+        let cluster = cluster(2, faults, 14);
+        cluster.borrow_mut().black_hole[0] = true;
+        let client = leak::<1024>(OverflowPolicy::RejectNewest);
+        let gws = gateways(2);
+        let c2 = cluster.clone();
+        with_client(client, &cluster, gws, 1, async move {
+            client.push(1, &[Value::U64(0)]).unwrap();
+            let timed_out =
+                wait_until(StdDuration::from_secs(3), || client.status().retries >= 2).await;
+            assert!(timed_out, "{:?}", client.status());
+            let attempts: Vec<(usize, u64)> = c2.borrow().attempts.clone();
+            // The hung connect is abandoned after connect_timeout (200 ms) for gateway 1.
+            assert_eq!((attempts[0].0, attempts[1].0), (0, 1), "{attempts:?}");
+            let gap = attempts[1].1 - attempts[0].1;
+            assert!((190..1000).contains(&gap), "connect timeout after {gap} ms");
+            // Gateway 1 took the batch but never acked in time: the client gave up on it.
+            assert_eq!(client.status().acked, 0);
+        })
+        .await;
     });
 }

@@ -63,7 +63,8 @@ pub struct Faults {
     pub kill_per_mille: u64,
     /// Probability (per mille) that an ack is not sent and the connection is killed.
     pub drop_ack_per_mille: u64,
-    /// Acks wait up to this long ("quorum fsync").
+    /// Acks wait between these ("quorum fsync").
+    pub ack_delay_min_ms: u64,
     pub ack_delay_max_ms: u64,
     /// Of the batches pending on a killed connection, per mille committed late anyway.
     pub late_commit_per_mille: u64,
@@ -76,6 +77,7 @@ impl Default for Faults {
         Faults {
             kill_per_mille: 0,
             drop_ack_per_mille: 0,
+            ack_delay_min_ms: 0,
             ack_delay_max_ms: 0,
             late_commit_per_mille: 0,
             credit: 256,
@@ -108,6 +110,8 @@ pub struct Cluster {
     pub epoch: Option<std::time::Instant>,
     /// Batches received and not yet committed or lost, over all connections.
     pub in_pipeline: u64,
+    /// Gateways whose TCP handshake never completes (connect hangs).
+    pub black_hole: Vec<bool>,
 }
 
 pub type ClusterRef = Rc<RefCell<Cluster>>;
@@ -115,6 +119,7 @@ pub type ClusterRef = Rc<RefCell<Cluster>>;
 pub fn cluster(gateways: usize, faults: Faults, seed: u64) -> ClusterRef {
     Rc::new(RefCell::new(Cluster {
         down: vec![false; gateways],
+        black_hole: vec![false; gateways],
         connects: vec![0; gateways],
         faults,
         rng: Some(Prng::new(seed)),
@@ -129,8 +134,8 @@ impl Cluster {
     }
 
     fn delay_ms(&mut self) -> u64 {
-        let max = self.faults.ack_delay_max_ms;
-        self.rng.as_mut().unwrap().between(0, max)
+        let (min, max) = (self.faults.ack_delay_min_ms, self.faults.ack_delay_max_ms);
+        self.rng.as_mut().unwrap().between(min, max)
     }
 
     /// Apply a batch like the state machine; returns Err(SeqGap) on a gap.
@@ -216,6 +221,10 @@ impl Transport for SimTransport {
                 return Err(TransportError::ConnectFailed);
             }
             c.connects[index] += 1;
+            if c.black_hole[index] {
+                drop(c);
+                std::future::pending::<()>().await;
+            }
         }
         let (device, gateway) = tokio::io::duplex(8192);
         tokio::task::spawn_local(serve(self.cluster.clone(), index, gateway));

@@ -213,7 +213,7 @@ impl Transport for SimTransport {
 
     async fn connect(&mut self, addr: GatewayAddr) -> Result<SimConnection, TransportError> {
         let index = (addr.port - 4001) as usize;
-        {
+        let black_hole = {
             let mut c = self.cluster.borrow_mut();
             let at = c.epoch.unwrap().elapsed().as_millis() as u64;
             c.attempts.push((index, at));
@@ -221,10 +221,10 @@ impl Transport for SimTransport {
                 return Err(TransportError::ConnectFailed);
             }
             c.connects[index] += 1;
-            if c.black_hole[index] {
-                drop(c);
-                std::future::pending::<()>().await;
-            }
+            c.black_hole[index]
+        };
+        if black_hole {
+            std::future::pending::<()>().await;
         }
         let (device, gateway) = tokio::io::duplex(8192);
         tokio::task::spawn_local(serve(self.cluster.clone(), index, gateway));

@@ -10,6 +10,7 @@
 //! - Nothing sleeps for a fixed time: [`poll`] retries until a condition holds or a timeout
 //!   names what never happened.
 
+pub mod faults;
 pub mod history;
 pub mod linearizability;
 pub mod nemesis;
@@ -140,6 +141,7 @@ pub struct Node {
     /// `host:port` of the Raft transport.
     pub raft: String,
     extra: Vec<String>,
+    place: Option<Place>,
     child: Option<Child>,
 }
 
@@ -236,11 +238,18 @@ impl Node {
     }
 }
 
+/// Where a node runs, for fault tests: called before every start of node `id` with its data
+/// dir and the command about to run; may adjust the command (enter a network namespace,
+/// mount a tmpfs on the dir) and returns the address to bind instead of `127.0.0.1`.
+pub type Place = std::sync::Arc<dyn Fn(u64, &Path, &mut Command) -> String + Send + Sync>;
+
 /// Settings for a cluster's nodes.
 #[derive(Clone, Default)]
 pub struct Options {
     /// Extra `cairn node` flags for every node.
     pub extra: Vec<String>,
+    /// See [`Place`]; `None` runs every node on loopback.
+    pub place: Option<Place>,
 }
 
 /// Real `cairn node` processes in a temp dir. Dropping it kills them and removes the dir.
@@ -309,6 +318,7 @@ impl Cluster {
             http: "127.0.0.1:0".into(),
             raft: "127.0.0.1:0".into(),
             extra,
+            place: self.opts.place.clone(),
             child: None,
         };
         Self::spawn(&mut node);
@@ -317,6 +327,16 @@ impl Cluster {
     }
 
     fn spawn(node: &mut Node) {
+        let mut cmd = Command::new(cairn_bin());
+        let host = match &node.place {
+            Some(place) => place(node.id, &node.dir, &mut cmd),
+            None => "127.0.0.1".into(),
+        };
+        if node.http == "127.0.0.1:0" {
+            // First start: bind where the placement says; restarts reuse the bound ports.
+            node.http = format!("{host}:0");
+            node.raft = format!("{host}:0");
+        }
         let addrs = node.dir.join("addrs.json");
         let _ = std::fs::remove_file(&addrs);
         let log = std::fs::OpenOptions::new()
@@ -324,13 +344,13 @@ impl Cluster {
             .append(true)
             .open(node.dir.join("node.log"))
             .expect("log file");
-        let child = Command::new(cairn_bin())
+        let child = cmd
             .arg("node")
             .args(["--node-id", &node.id.to_string()])
             .arg("--data-dir")
             .arg(&node.dir)
             .args(["--http-addr", &node.http, "--raft-addr", &node.raft])
-            .args(["--device-addr", "127.0.0.1:0"])
+            .args(["--device-addr", &format!("{host}:0")])
             .args(&node.extra)
             .env("RUST_LOG", "info,openraft=error")
             .stdin(Stdio::null())

@@ -157,7 +157,7 @@ impl fmt::Display for Verdict {
 }
 
 /// Default number of search steps per key before giving up with [`Verdict::Unknown`].
-pub const BUDGET: u64 = 20_000_000;
+pub const BUDGET: u64 = 5_000_000;
 
 /// Checks every key of `ops` separately; returns the first verdict that is not
 /// linearizable (or undecided), else [`Verdict::Linearizable`].

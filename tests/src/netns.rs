@@ -231,6 +231,14 @@ impl Net {
         cmd
     }
 
+    /// Makes `cmd` start inside host `id`'s namespace.
+    pub fn enter(&self, id: u64, cmd: &mut Command) -> io::Result<()> {
+        let host = self
+            .host(id)
+            .ok_or_else(|| io::Error::other(format!("no host {id}")))?;
+        in_namespace(cmd, &host.fd)
+    }
+
     /// Moves the calling thread into the hub namespace until the guard drops.
     pub fn enter_hub(&self) -> io::Result<NsGuard> {
         let old = File::open("/proc/thread-self/ns/net")?;

@@ -8,6 +8,7 @@ mod bench;
 mod boards;
 mod deb;
 mod dist;
+mod faults;
 mod host_board;
 mod manpage;
 mod qemu;
@@ -29,6 +30,7 @@ commands:
   qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
   arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
   bench   Cairn against dqlite, Mosquitto and hiqlite on this machine (`--quick`: < 3 min)
+  faults  seeded fault schedules on a real cluster (`--schedules N [--seed S] [--steps K]`)
   dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, in target/dist/
   help    this text
 ";
@@ -42,6 +44,7 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "qemu" => qemu::run_command(rest),
         "dist" => dist::run(rest),
+        "faults" => faults::run_command(rest),
         "bench" => bench::run(rest),
         "arm" => arm_check::run(),
         "size" => size::run_command(rest),
@@ -142,6 +145,7 @@ fn test(_args: &[String]) -> Result<()> {
         firmware_size_probe,
     )?;
     util::step("workspace tests", || util::cargo(&["test", "--workspace"]))?;
+    faults::test_step()?;
     util::step("boards/app tests", || {
         util::run(
             std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

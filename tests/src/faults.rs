@@ -1,0 +1,808 @@
+//! The fault runner: a real cluster, client load, a seeded schedule of faults, then checks.
+//!
+//! One [`run`] call:
+//! 1. starts `nodes` real `cairn node` processes through the [`Cluster`] harness, each in its
+//!    own network namespace on a tmpfs data dir when `isolation` is on (root), else on loopback;
+//! 2. starts `clients` HTTP client threads, each bound to one node as Jepsen binds clients,
+//!    doing register writes and `level=linearizable` reads on a few keys ([`Recorder`]; no
+//!    compare-and-set in the load: a failed CAS can only be explained by writes whose outcome
+//!    is unknown, which keeps every timed-out write in the search and makes it explode after
+//!    a partition; the checker itself handles CAS), and appends of unique tokens to a table without a unique constraint
+//!    ([`Ledger`]);
+//! 3. executes the [`schedule`] drawn from the seed, each fault injected, held and healed;
+//! 4. heals everything, stops the load, waits for every member to apply the leader's commit
+//!    index, reads every key once more linearizably, and checks:
+//!    - every acknowledged token stored exactly once on every replica and no stored token
+//!      that was never pushed (`lost`, `duplicated`),
+//!    - every replica's user tables identical through `level=none` reads (`diverged`),
+//!    - the register history linearizable ([`crate::linearizability`]; `nonlinearizable`).
+//!
+//! A failure message carries the seed, the schedule and the offending key's history; the whole
+//! [`Run`] is written as JSON to `out_dir` for `cairn-faults --check FILE`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+
+use crate::history::{Fate, Ledger, Recorder, Run};
+use crate::linearizability::{self, Call, Ret, Verdict};
+use crate::nemesis::{Capabilities, Fault, SplitMix64, Step, Target, schedule};
+use crate::netns::{self, Net, NsGuard};
+use crate::tmpfs::Tmpfs;
+use crate::{Cluster, Options, Place, cairn_bin, poll, stmts};
+
+/// What one schedule runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub seed: u64,
+    pub steps: usize,
+    pub nodes: usize,
+    pub clients: usize,
+    pub keys: usize,
+    /// Network namespaces per node and tmpfs data dirs (needs root): enables partitions,
+    /// packet loss and disk-full faults.
+    pub isolation: bool,
+    /// Where a failing run's JSON goes.
+    pub out_dir: PathBuf,
+    /// Print each step as it happens.
+    pub verbose: bool,
+}
+
+impl Config {
+    pub fn new(seed: u64) -> Config {
+        Config {
+            seed,
+            steps: 4,
+            nodes: 3,
+            clients: 5,
+            keys: 6,
+            isolation: netns::available(),
+            out_dir: std::env::temp_dir(),
+            verbose: true,
+        }
+    }
+}
+
+/// The result of one schedule.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub seed: u64,
+    pub faults: usize,
+    /// Acknowledged writes of any kind (tokens, register writes and CASes).
+    pub acked: u64,
+    /// Records checked per replica (tokens acknowledged, times replicas).
+    pub verified: u64,
+    pub ops: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub phantom: usize,
+    pub diverged: usize,
+    pub nonlinearizable: usize,
+    pub undecided: usize,
+    /// Observations worth a line in the report that are not failures.
+    pub notes: Vec<String>,
+    /// `Some` with a full explanation when a check failed.
+    pub failure: Option<String>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+/// Per-request timeout of the client load: long enough for an election, short enough that
+/// a paused node does not stall its client for the whole step.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn client_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(timeout))
+        .timeout_connect(Some(Duration::from_millis(800)))
+        .build()
+        .into()
+}
+
+/// The answer to a request, classified for the checkers.
+enum Answer {
+    /// HTTP 200 and the first result has no error.
+    Ok(Json),
+    /// The request certainly had no effect (never connected, or a SQL error result).
+    Failed(String),
+    /// Anything else: timeouts, resets, 5xx (a forwarded write may have committed).
+    Unknown(String),
+}
+
+fn send(agent: &ureq::Agent, url: &str, body: &Json) -> Answer {
+    match agent.post(url).send_json(body) {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            let v: Json = serde_json::from_str(&text).unwrap_or(Json::String(text.clone()));
+            if status != 200 {
+                return Answer::Unknown(format!("HTTP {status}: {text}"));
+            }
+            match v["results"][0].get("error") {
+                Some(e) => Answer::Failed(format!("SQL error: {e}")),
+                None => Answer::Ok(v["results"][0].clone()),
+            }
+        }
+        Err(e) => {
+            let never_sent = match &e {
+                ureq::Error::ConnectionFailed => true,
+                ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => true,
+                ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+                _ => false,
+            };
+            if never_sent {
+                Answer::Failed(e.to_string())
+            } else {
+                Answer::Unknown(e.to_string())
+            }
+        }
+    }
+}
+
+/// The HTTP addresses of current members, indexed like `Cluster::nodes` (`None`: removed).
+type Members = Arc<RwLock<Vec<Option<String>>>>;
+
+/// What the client threads share.
+#[derive(Clone)]
+struct Load {
+    seed: u64,
+    keys: usize,
+    members: Members,
+    rec: Recorder,
+    ledger: Ledger,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<u64>>,
+    /// Why requests did not succeed: error text (shortened) and how often.
+    errors: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Load {
+    /// Counts a request's failure reason and passes the answer on, after a short back-off
+    /// on failure so a dead node's client does not spin on refused connections.
+    fn tally(&self, a: Answer) -> Answer {
+        if let Answer::Failed(e) | Answer::Unknown(e) = &a {
+            let short: String = e.chars().take(70).collect();
+            *self
+                .errors
+                .lock()
+                .expect("errors")
+                .entry(short)
+                .or_default() += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+}
+
+/// One client thread's load: Jepsen-style, bound to one node, one request at a time.
+fn client_loop(process: u32, load: Load) {
+    let Load {
+        seed,
+        keys,
+        ref members,
+        ref rec,
+        ref ledger,
+        ref stop,
+        ref acked,
+        ..
+    } = load;
+    let agent = client_agent(CLIENT_TIMEOUT);
+    let mut rng = SplitMix64::new(seed ^ (u64::from(process) << 40));
+    let mut counter: i64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let node = {
+            let m = members.read().expect("members lock");
+            let live: Vec<&String> = m.iter().flatten().collect();
+            if live.is_empty() {
+                return;
+            }
+            live[process as usize % live.len()].clone()
+        };
+        let key = format!("k{}", rng.below(keys as u64));
+        counter += 1;
+        let fresh = (i64::from(process) << 32) | counter;
+        let choice = rng.below(100);
+
+        if choice < 20 {
+            let token = format!("p{process}-{counter}");
+            let body = json!([["INSERT INTO ledger(token) VALUES(?)", token]]);
+            ledger.record(&token, Fate::Indeterminate);
+            let fate = match load.tally(send(&agent, &format!("http://{node}/db/execute"), &body)) {
+                Answer::Ok(_) => Fate::Acked,
+                Answer::Failed(_) => Fate::Failed,
+                Answer::Unknown(_) => Fate::Indeterminate,
+            };
+            if fate == Fate::Acked {
+                *acked.lock().expect("acked lock") += 1;
+            }
+            ledger.record(&token, fate);
+        } else if choice < 60 {
+            let p = rec.invoke(process, &key, Call::Write(fresh));
+            let body = json!([[
+                "INSERT INTO reg(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                key,
+                fresh
+            ]]);
+            let ret = match load.tally(send(&agent, &format!("http://{node}/db/execute"), &body)) {
+                Answer::Ok(_) => {
+                    *acked.lock().expect("acked lock") += 1;
+                    Ret::Written
+                }
+                Answer::Failed(_) => Ret::Failed,
+                Answer::Unknown(_) => Ret::Indeterminate,
+            };
+            rec.complete(p, ret);
+        } else {
+            let p = rec.invoke(process, &key, Call::Read);
+            let ret = read_register(&agent, &node, &key, Some(&load));
+            rec.complete(p, ret);
+        }
+    }
+}
+
+/// A `level=linearizable` read of one key (`Ret::Indeterminate` on any failure).
+fn read_register(agent: &ureq::Agent, node: &str, key: &str, load: Option<&Load>) -> Ret {
+    let body = json!([["SELECT v FROM reg WHERE k = ?", key]]);
+    let url = format!("http://{node}/db/query?level=linearizable");
+    let answer = match load {
+        Some(l) => l.tally(send(agent, &url, &body)),
+        None => send(agent, &url, &body),
+    };
+    match answer {
+        Answer::Ok(r) => match r.get("values").and_then(|v| v.as_array()) {
+            None => Ret::Read(None),
+            Some(rows) => match rows.first().and_then(|row| row[0].as_i64()) {
+                Some(v) if rows.len() == 1 => Ret::Read(Some(v)),
+                _ => Ret::Indeterminate,
+            },
+        },
+        _ => Ret::Indeterminate,
+    }
+}
+
+/// A short-timeout `/status` that never panics (a paused node must not stall the nemesis).
+fn status(agent: &ureq::Agent, http: &str) -> Option<Json> {
+    let mut r = agent.get(format!("http://{http}/status")).call().ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()
+}
+
+/// Everything one schedule owns. Dropped in an order that kills nodes before unmounting
+/// their disks and deleting their namespaces.
+struct Env {
+    cluster: Cluster,
+    net: Option<Arc<Mutex<Net>>>,
+    disks: Arc<Mutex<BTreeMap<u64, Tmpfs>>>,
+    _hub: Option<NsGuard>,
+    members: Members,
+    paused: Vec<usize>,
+    agent: ureq::Agent,
+    log: Vec<String>,
+    started: Instant,
+    verbose: bool,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for &i in &self.paused {
+            signal(&self.cluster, i, libc::SIGCONT);
+        }
+        for i in 0..self.cluster.nodes.len() {
+            self.cluster.kill9(i);
+        }
+        self.disks.lock().expect("disks lock").clear();
+    }
+}
+
+fn signal(c: &Cluster, i: usize, sig: i32) {
+    if let Some(pid) = c.nodes[i].pid() {
+        // SAFETY: kill(2) on a child process we own.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+impl Env {
+    fn start(cfg: &Config) -> Env {
+        // Build before entering the hub: cargo must see the host's network namespace.
+        cairn_bin();
+        let disks: Arc<Mutex<BTreeMap<u64, Tmpfs>>> = Arc::default();
+        let (net, hub, place) = if cfg.isolation {
+            let net = Arc::new(Mutex::new(
+                Net::new().expect("creating the private network"),
+            ));
+            let hub = net
+                .lock()
+                .expect("net")
+                .enter_hub()
+                .expect("entering the hub");
+            let (n2, d2) = (net.clone(), disks.clone());
+            let place: Place = Arc::new(move |id, dir: &Path, cmd| {
+                let mut net = n2.lock().expect("net lock");
+                if net.host(id).is_none() {
+                    net.add_host(id).expect("adding a namespace for the node");
+                }
+                net.enter(id, cmd).expect("entering the node's namespace");
+                let mut disks = d2.lock().expect("disks lock");
+                if let std::collections::btree_map::Entry::Vacant(e) = disks.entry(id) {
+                    e.insert(Tmpfs::mount(dir, 64).expect("mounting the node's tmpfs"));
+                }
+                Net::ip_of(id).to_string()
+            });
+            (Some(net), Some(hub), Some(place))
+        } else {
+            (None, None, None)
+        };
+        let cluster = Cluster::start_with(
+            cfg.nodes,
+            Options {
+                place,
+                ..Options::default()
+            },
+        );
+        cluster.execute(&stmts(&[
+            "CREATE TABLE reg (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",
+            "CREATE TABLE ledger (token TEXT NOT NULL)",
+        ]));
+        let members = cluster.nodes.iter().map(|n| Some(n.http.clone())).collect();
+        Env {
+            cluster,
+            net,
+            disks,
+            _hub: hub,
+            members: Arc::new(RwLock::new(members)),
+            paused: Vec::new(),
+            agent: client_agent(Duration::from_millis(1500)),
+            log: Vec::new(),
+            started: Instant::now(),
+            verbose: cfg.verbose,
+        }
+    }
+
+    fn note(&mut self, msg: String) {
+        let line = format!("[{:7.2}s] {msg}", self.started.elapsed().as_secs_f64());
+        if self.verbose {
+            println!("  {line}");
+        }
+        self.log.push(line);
+    }
+
+    fn member_indexes(&self) -> Vec<usize> {
+        let m = self.members.read().expect("members lock");
+        (0..m.len()).filter(|&i| m[i].is_some()).collect()
+    }
+
+    /// The member that says it leads with the highest term, polling for up to 20 s.
+    fn find_leader(&self) -> Option<usize> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let mut best: Option<(u64, usize)> = None;
+            for i in self.member_indexes() {
+                if self.paused.contains(&i) {
+                    continue;
+                }
+                let Some(s) = status(&self.agent, &self.cluster.nodes[i].http) else {
+                    continue;
+                };
+                let term = s["raft"]["term"].as_u64().unwrap_or(0);
+                if s["raft"]["state"] == "Leader" && best.is_none_or(|(t, _)| term > t) {
+                    best = Some((term, i));
+                }
+            }
+            if let Some((_, i)) = best {
+                return Some(i);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn resolve(&self, t: Target) -> Option<usize> {
+        let leader = self.find_leader();
+        match t {
+            Target::Leader => leader,
+            Target::Follower(n) => {
+                let f: Vec<usize> = self
+                    .member_indexes()
+                    .into_iter()
+                    .filter(|&i| Some(i) != leader && !self.paused.contains(&i))
+                    .collect();
+                (!f.is_empty()).then(|| f[n as usize % f.len()])
+            }
+        }
+    }
+
+    fn id(&self, i: usize) -> u64 {
+        self.cluster.nodes[i].id
+    }
+
+    /// Runs one step; returns false when the step could not find its target (not counted).
+    fn inject(&mut self, step: &Step) -> bool {
+        let hold = Duration::from_millis(step.hold_ms);
+        match step.fault {
+            Fault::Kill(t) => {
+                let Some(i) = self.resolve(t) else {
+                    return false;
+                };
+                self.note(format!("kill -9 {t} (node {})", self.id(i)));
+                self.cluster.kill9(i);
+                std::thread::sleep(hold);
+                self.note(format!("restart node {}", self.id(i)));
+                self.cluster.restart(i);
+            }
+            Fault::Pause(t) => {
+                let Some(i) = self.resolve(t) else {
+                    return false;
+                };
+                self.note(format!("SIGSTOP {t} (node {})", self.id(i)));
+                signal(&self.cluster, i, libc::SIGSTOP);
+                self.paused.push(i);
+                std::thread::sleep(hold);
+                signal(&self.cluster, i, libc::SIGCONT);
+                self.paused.retain(|&p| p != i);
+                self.note(format!("SIGCONT node {}", self.id(i)));
+            }
+            Fault::Isolate(t) => {
+                let Some(i) = self.resolve(t) else {
+                    return false;
+                };
+                let id = self.id(i);
+                let others: Vec<u64> = self
+                    .member_indexes()
+                    .into_iter()
+                    .map(|j| self.id(j))
+                    .filter(|&j| j != id)
+                    .collect();
+                self.note(format!("isolate {t} (node {id}) from {others:?}"));
+                self.partition(&[vec![id], others], hold);
+            }
+            Fault::Split { leader_in_minority } => {
+                let leader = self.find_leader();
+                let mut ids: Vec<u64> = self
+                    .member_indexes()
+                    .into_iter()
+                    .map(|j| self.id(j))
+                    .collect();
+                let lid = leader.map(|l| self.id(l));
+                // Leader first when it belongs in the minority, last otherwise.
+                ids.sort_by_key(|&id| (Some(id) == lid) != leader_in_minority);
+                let minority = ids.len().saturating_sub(1) / 2;
+                let (a, b) = ids.split_at(minority.max(1));
+                self.note(format!(
+                    "partition {a:?} | {b:?} (leader {lid:?} in {})",
+                    if leader_in_minority {
+                        "minority"
+                    } else {
+                        "majority"
+                    }
+                ));
+                self.partition(&[a.to_vec(), b.to_vec()], hold);
+            }
+            Fault::Loss { percent } => {
+                let Some(net) = self.net.clone() else {
+                    return false;
+                };
+                self.note(format!("{percent}% packet loss between nodes"));
+                net.lock()
+                    .expect("net")
+                    .set_loss(percent)
+                    .expect("iptables loss");
+                std::thread::sleep(hold);
+                net.lock().expect("net").clear_loss().expect("iptables");
+                self.note("loss cleared".into());
+            }
+            Fault::DiskFull(t) => {
+                let Some(i) = self.resolve(t) else {
+                    return false;
+                };
+                let id = self.id(i);
+                let filled = {
+                    let disks = self.disks.lock().expect("disks");
+                    let Some(d) = disks.get(&id) else {
+                        return false;
+                    };
+                    d.fill().expect("filling the tmpfs")
+                };
+                self.note(format!(
+                    "disk full on {t} (node {id}, {} KiB ballast)",
+                    filled >> 10
+                ));
+                std::thread::sleep(hold);
+                if let Some(d) = self.disks.lock().expect("disks").get(&id) {
+                    d.free().expect("freeing the tmpfs");
+                }
+                self.note(format!("disk freed on node {id}"));
+                self.revive(i);
+            }
+            Fault::ReplaceMember(t) => {
+                let Some(i) = self.resolve(t) else {
+                    return false;
+                };
+                if self.member_indexes().len() < 3 {
+                    return false;
+                }
+                let id = self.id(i);
+                let Some(l) = self.find_leader() else {
+                    return false;
+                };
+                self.note(format!("remove {t} (node {id}) from the membership"));
+                let url = self.cluster.nodes[l].url("/remove");
+                let agent = self.agent.clone();
+                let removed = poll(Duration::from_secs(30), "DELETE /remove to succeed", || {
+                    let r = agent
+                        .delete(&url)
+                        .force_send_body()
+                        .header("content-type", "application/json")
+                        .send(json!({ "id": id }).to_string())
+                        .ok()?;
+                    Some(r.status().as_u16() == 200)
+                });
+                if !removed {
+                    return false;
+                }
+                self.members.write().expect("members")[i] = None;
+                self.cluster.kill9(i);
+                let j = self.cluster.add_node(&[]);
+                let http = self.cluster.nodes[j].http.clone();
+                let mut m = self.members.write().expect("members");
+                m.resize(j + 1, None);
+                m[j] = Some(http);
+                drop(m);
+                self.note(format!("node {} joined", self.id(j)));
+            }
+        }
+        true
+    }
+
+    fn partition(&mut self, groups: &[Vec<u64>], hold: Duration) {
+        let Some(net) = self.net.clone() else {
+            return;
+        };
+        net.lock()
+            .expect("net")
+            .partition(groups)
+            .expect("iptables partition");
+        std::thread::sleep(hold);
+        net.lock().expect("net").heal_partition().expect("iptables");
+        self.note("partition healed".into());
+    }
+
+    /// A node that exited (or whose Raft stopped) during a fault is started again.
+    fn revive(&mut self, i: usize) {
+        let id = self.id(i);
+        let running = self.cluster.nodes[i].is_running();
+        let raft_ok = running
+            && poll(Duration::from_secs(10), "node status", || {
+                Some(
+                    status(&self.agent, &self.cluster.nodes[i].http)
+                        .map(|s| s["raft"]["running"] != false)
+                        .unwrap_or(false),
+                )
+            });
+        if !running || !raft_ok {
+            let why = if running {
+                "its Raft stopped"
+            } else {
+                "it exited"
+            };
+            self.note(format!("node {id} needs a restart: {why}"));
+            self.cluster.kill9(i);
+            self.cluster.restart(i);
+        }
+    }
+
+    /// Removes every fault still in place and restarts whatever is down.
+    fn heal_all(&mut self) {
+        if let Some(net) = &self.net {
+            net.lock().expect("net").heal().expect("iptables heal");
+        }
+        for i in std::mem::take(&mut self.paused) {
+            signal(&self.cluster, i, libc::SIGCONT);
+        }
+        for d in self.disks.lock().expect("disks").values() {
+            d.free().expect("freeing a tmpfs");
+        }
+        for i in self.member_indexes() {
+            self.revive(i);
+        }
+    }
+}
+
+/// Runs one schedule; never panics on a check failure (the outcome says), but does on a
+/// harness failure (a node that cannot start), with the nodes' logs.
+pub fn run(cfg: &Config) -> Outcome {
+    let caps = Capabilities {
+        netns: cfg.isolation,
+        tmpfs: cfg.isolation,
+    };
+    let steps = schedule(cfg.seed, cfg.steps, caps);
+    let mut out = Outcome {
+        seed: cfg.seed,
+        ..Outcome::default()
+    };
+    if cfg.verbose {
+        println!(
+            "schedule seed={} ({} nodes, {}):",
+            cfg.seed,
+            cfg.nodes,
+            if cfg.isolation {
+                "namespaces + tmpfs"
+            } else {
+                "loopback"
+            }
+        );
+        for s in &steps {
+            println!("  - {s}");
+        }
+    }
+    let mut env = Env::start(cfg);
+    let load = Load {
+        seed: cfg.seed,
+        keys: cfg.keys,
+        members: env.members.clone(),
+        rec: Recorder::new(),
+        ledger: Ledger::default(),
+        stop: Arc::new(AtomicBool::new(false)),
+        acked: Arc::default(),
+        errors: Arc::default(),
+    };
+    let (rec, ledger, stop, acked) = (
+        load.rec.clone(),
+        load.ledger.clone(),
+        load.stop.clone(),
+        load.acked.clone(),
+    );
+    let clients: Vec<_> = (0..cfg.clients as u32)
+        .map(|p| {
+            let load = load.clone();
+            std::thread::spawn(move || client_loop(p, load))
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_millis(500));
+    for step in &steps {
+        if env.inject(step) {
+            out.faults += 1;
+        } else {
+            env.note(format!("skipped: {} (no target)", step.fault));
+        }
+        std::thread::sleep(Duration::from_millis(step.gap_ms));
+    }
+    env.heal_all();
+    // Let the load run on the healed cluster for a moment so it commits again.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    env.note("load stopped, everything healed".into());
+
+    env.cluster.wait_converged();
+    let leader = env.cluster.leader();
+    let final_agent = client_agent(Duration::from_secs(30));
+    for k in 0..cfg.keys {
+        let key = format!("k{k}");
+        let p = rec.invoke(u32::MAX, &key, Call::Read);
+        let ret = read_register(&final_agent, &env.cluster.nodes[leader].http, &key, None);
+        rec.complete(p, ret);
+    }
+    env.cluster.wait_converged();
+
+    // Replicas identical.
+    let members = env.member_indexes();
+    let sums: Vec<(u64, u64)> = members
+        .iter()
+        .map(|&i| (env.id(i), env.cluster.nodes[i].checksum()))
+        .collect();
+    let reference = sums
+        .iter()
+        .find(|(id, _)| *id == env.id(leader))
+        .map(|s| s.1);
+    out.diverged = sums.iter().filter(|s| Some(s.1) != reference).count();
+
+    // Every acknowledged token exactly once on every replica, nothing never pushed.
+    let mut stored = BTreeMap::new();
+    let mut failures = Vec::new();
+    for &i in &members {
+        let tokens: Vec<String> = env.cluster.nodes[i]
+            .rows("SELECT token FROM ledger", "none")
+            .into_iter()
+            .map(|r| r[0].as_str().unwrap_or_default().to_string())
+            .collect();
+        let audit = ledger.audit(&tokens);
+        out.verified += audit.acked;
+        out.lost = out.lost.max(audit.lost.len());
+        out.duplicated = out.duplicated.max(audit.duplicated.len());
+        out.phantom = out.phantom.max(audit.phantom.len());
+        if !audit.is_clean() {
+            failures.push(format!(
+                "node {}: lost {:?} duplicated {:?} never pushed {:?}",
+                env.id(i),
+                audit.lost,
+                audit.duplicated,
+                audit.phantom
+            ));
+        }
+        stored.insert(env.id(i), tokens);
+    }
+    if out.diverged > 0 {
+        failures.push(format!("replicas differ (node id, checksum): {sums:?}"));
+    }
+
+    let ops = rec.ops();
+    out.ops = ops.len();
+    out.acked = *acked.lock().expect("acked");
+    match linearizability::check(&ops) {
+        Verdict::Linearizable => {}
+        v @ Verdict::NotLinearizable { .. } => {
+            out.nonlinearizable = 1;
+            failures.push(v.to_string());
+        }
+        v @ Verdict::Unknown { .. } => {
+            out.undecided = 1;
+            failures.push(v.to_string());
+        }
+    }
+    out.notes = env
+        .log
+        .iter()
+        .filter(|l| l.contains("needs a restart"))
+        .cloned()
+        .collect();
+    for (e, n) in load.errors.lock().expect("errors").iter() {
+        out.notes.push(format!("{n} x {e}"));
+    }
+
+    if !failures.is_empty() {
+        let run = Run {
+            seed: cfg.seed,
+            schedule: env.log.clone(),
+            ops,
+            pushed: ledger.entries(),
+            stored,
+        };
+        let path = cfg
+            .out_dir
+            .join(format!("cairn-faults-seed-{}.json", cfg.seed));
+        let saved = std::fs::create_dir_all(&cfg.out_dir)
+            .and_then(|_| std::fs::write(&path, serde_json::to_vec(&run).unwrap_or_default()));
+        out.failure = Some(format!(
+            "FAILED seed={} (replay: cargo xtask faults --schedules 1 --seed {}; recheck: \
+             cairn-faults --check {}{})\nwhat happened:\n  {}\n{}",
+            cfg.seed,
+            cfg.seed,
+            path.display(),
+            if saved.is_err() { " (not saved)" } else { "" },
+            env.log.join("\n  "),
+            failures.join("\n")
+        ));
+    }
+    out
+}
+
+/// Re-runs the checkers on a saved [`Run`].
+pub fn recheck(run: &Run) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (id, tokens) in &run.stored {
+        let a = crate::history::audit(&run.pushed, tokens);
+        if !a.is_clean() {
+            problems.push(format!("node {id}: {a:?}"));
+        }
+    }
+    let v = linearizability::check(&run.ops);
+    if !v.is_linearizable() {
+        problems.push(v.to_string());
+    }
+    problems
+}

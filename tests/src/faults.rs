@@ -302,6 +302,10 @@ impl Drop for Env {
         for i in 0..self.cluster.nodes.len() {
             self.cluster.kill9(i);
         }
+        if std::thread::panicking() {
+            // The logs live on the tmpfs data dirs: print them before unmounting.
+            self.cluster.print_log_tails();
+        }
         self.disks.lock().expect("disks lock").clear();
     }
 }
@@ -344,13 +348,7 @@ impl Env {
         } else {
             (None, None, None)
         };
-        let cluster = Cluster::start_with(
-            cfg.nodes,
-            Options {
-                place,
-                ..Options::default()
-            },
-        );
+        let cluster = Cluster::start_placed(cfg.nodes, Options::default(), place);
         cluster.execute(&stmts(&[
             "CREATE TABLE reg (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",
             "CREATE TABLE ledger (token TEXT NOT NULL)",

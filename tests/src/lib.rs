@@ -140,6 +140,8 @@ pub struct Node {
     pub http: String,
     /// `host:port` of the Raft transport.
     pub raft: String,
+    /// `host:port` of the device port (kept across restarts, like the others).
+    pub device: String,
     extra: Vec<String>,
     place: Option<Place>,
     child: Option<Child>,
@@ -229,10 +231,14 @@ impl Node {
         for t in tables {
             let name = t[0].as_str().expect("table name").to_string();
             name.hash(&mut h);
-            let rows = self.rows(&format!("SELECT * FROM \"{name}\" ORDER BY rowid"), "none");
-            Json::from(rows.into_iter().map(Json::from).collect::<Vec<_>>())
-                .to_string()
-                .hash(&mut h);
+            // Sorted here rather than `ORDER BY rowid`: device tables are WITHOUT ROWID.
+            let mut rows: Vec<String> = self
+                .rows(&format!("SELECT * FROM \"{name}\""), "none")
+                .into_iter()
+                .map(|r| Json::from(r).to_string())
+                .collect();
+            rows.sort();
+            rows.hash(&mut h);
         }
         h.finish()
     }
@@ -248,14 +254,13 @@ pub type Place = std::sync::Arc<dyn Fn(u64, &Path, &mut Command) -> String + Sen
 pub struct Options {
     /// Extra `cairn node` flags for every node.
     pub extra: Vec<String>,
-    /// See [`Place`]; `None` runs every node on loopback.
-    pub place: Option<Place>,
 }
 
 /// Real `cairn node` processes in a temp dir. Dropping it kills them and removes the dir.
 pub struct Cluster {
     pub nodes: Vec<Node>,
     opts: Options,
+    place: Option<Place>,
     dir: tempfile::TempDir,
 }
 
@@ -267,6 +272,12 @@ impl Cluster {
     }
 
     pub fn start_with(n: usize, opts: Options) -> Cluster {
+        Self::start_placed(n, opts, None)
+    }
+
+    /// Like [`Cluster::start_with`], with every node (also those added later) placed by
+    /// `place` (see [`Place`]).
+    pub fn start_placed(n: usize, opts: Options, place: Option<Place>) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("cairn-test-")
             .tempdir()
@@ -274,6 +285,7 @@ impl Cluster {
         let mut c = Cluster {
             nodes: Vec::new(),
             opts,
+            place,
             dir,
         };
         c.spawn_new(&["--bootstrap"]);
@@ -318,7 +330,8 @@ impl Cluster {
             http: "127.0.0.1:0".into(),
             raft: "127.0.0.1:0".into(),
             extra,
-            place: self.opts.place.clone(),
+            device: String::new(),
+            place: self.place.clone(),
             child: None,
         };
         Self::spawn(&mut node);
@@ -336,6 +349,7 @@ impl Cluster {
             // First start: bind where the placement says; restarts reuse the bound ports.
             node.http = format!("{host}:0");
             node.raft = format!("{host}:0");
+            node.device = format!("{host}:0");
         }
         let addrs = node.dir.join("addrs.json");
         let _ = std::fs::remove_file(&addrs);
@@ -350,7 +364,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&node.dir)
             .args(["--http-addr", &node.http, "--raft-addr", &node.raft])
-            .args(["--device-addr", &format!("{host}:0")])
+            .args(["--device-addr", &node.device])
             .args(&node.extra)
             .env("RUST_LOG", "info,openraft=error")
             .stdin(Stdio::null())
@@ -364,6 +378,9 @@ impl Cluster {
         });
         node.http = bound["http_addr"].as_str().expect("http_addr").to_string();
         node.raft = bound["raft_addr"].as_str().expect("raft_addr").to_string();
+        if let Some(d) = bound["device_addr"].as_str().filter(|d| !d.is_empty()) {
+            node.device = d.to_string();
+        }
     }
 
     /// Waits until node `i` answers `/readyz` (it knows a leader).
@@ -488,23 +505,30 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Prints the last lines of every node's log (done on drop when a test panics).
+    pub fn print_log_tails(&self) {
+        for n in &self.nodes {
+            let log = n.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "---- last lines of node {} ({}) ----\n{}",
+                n.id,
+                n.dir.display(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
             self.kill9(i);
         }
         if std::thread::panicking() {
-            for n in &self.nodes {
-                let log = n.log();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                eprintln!(
-                    "---- last lines of node {} ({}) ----\n{}",
-                    n.id,
-                    n.dir.display(),
-                    tail.join("\n")
-                );
-            }
+            self.print_log_tails();
         }
     }
 }

@@ -29,11 +29,12 @@ const SMOKE_PACKET: usize = 24;
 pub fn run_command(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("--smoke") => step("qemu smoke (network skeleton)", smoke),
-        Some(other) => bail!("unknown option `{other}` (expected --smoke or nothing)"),
-        None => step(
-            "qemu e2e (3-node cluster, leader killed)",
-            crate::qemu_e2e::run,
+        Some("--leader-kill") => crate::qemu_e2e::leader_kill(),
+        Some("--power-cut") => crate::qemu_e2e::power_cut(),
+        Some(other) => bail!(
+            "unknown option `{other}` (expected --smoke, --leader-kill, --power-cut or nothing)"
         ),
+        None => crate::qemu_e2e::run(),
     }
 }
 

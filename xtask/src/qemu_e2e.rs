@@ -11,7 +11,9 @@ use crate::bench::http;
 use crate::bench::proc::scratch;
 use crate::boards::QEMU;
 use crate::qemu::{Image, ensure_defmt_print};
+use crate::util::step;
 use anyhow::{Context, Result, bail, ensure};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,42 +28,63 @@ const SAMPLES: u32 = 150;
 const PERIOD_MS: u32 = 50;
 /// Kill the leader once the device has this many records acknowledged.
 const KILL_AT_ACKED: u64 = 40;
+/// Cut the device's power once this many records wait unacknowledged.
+const UNACKED_AT_CUT: u64 = 20;
 
+/// Both scenarios: the leader killed, then the device's power cut.
 pub fn run() -> Result<()> {
-    ensure_defmt_print()?;
-    // `CAIRN_BIN` runs a `cairn` built elsewhere; by default the workspace's debug build
-    // (the one `cargo test` already built).
-    let cairn = match std::env::var_os("CAIRN_BIN") {
+    leader_kill()?;
+    power_cut()
+}
+
+/// `CAIRN_BIN` runs a `cairn` built elsewhere; by default the workspace's debug build (the
+/// one `cargo test` already built).
+fn cairn_binary() -> Result<PathBuf> {
+    Ok(match std::env::var_os("CAIRN_BIN") {
         Some(bin) => bin.into(),
         None => {
             crate::util::cargo(&["build", "--quiet", "-p", "cairn-gateway", "--bin", "cairn"])?;
             crate::util::root().join("target/debug/cairn")
         }
-    };
-    let elf = QEMU.build(&["client"], &[])?;
+    })
+}
 
-    let dir = scratch("qemu-e2e")?;
-    let mut cluster = Cluster::start(&cairn, &dir)?;
+/// A fresh 3-node cluster with `device` registered, and the image's `gateways=` setting:
+/// every node's device port as QEMU's guest sees it, the leader's first.
+fn cluster_with_device(name: &str, device: u64) -> Result<(Cluster, String)> {
+    let cairn = cairn_binary()?;
+    let dir = scratch(name)?;
+    let cluster = Cluster::start(&cairn, &dir)?;
     let leader = cluster.wait_leader(None, Duration::from_secs(30))?;
     let host = format!("http://{}", cluster.http_addr(leader));
     let added = Command::new(&cairn)
-        .args(["device", "add", "--id", &DEVICE.to_string(), "--key", KEY])
+        .args(["device", "add", "--id", &device.to_string(), "--key", KEY])
         .args(["--host", &host])
         .status()?;
     ensure!(added.success(), "cairn device add failed: {added}");
+    let mut ids = vec![leader];
+    ids.extend((1..=3).filter(|&id| id != leader));
+    let gateways: Vec<String> = ids
+        .iter()
+        .map(|&id| format!("10.0.2.2:{}", cluster.device_addr(id).port()))
+        .collect();
+    Ok((cluster, format!("gateways={}", gateways.join(","))))
+}
 
-    // The leader's device port first, so the image is connected to the node that dies.
-    let mut ports = vec![cluster.device_addr(leader).port()];
-    ports.extend(
-        (1..=3)
-            .filter(|&id| id != leader)
-            .map(|id| cluster.device_addr(id).port()),
-    );
-    let gateways: Vec<String> = ports.iter().map(|p| format!("10.0.2.2:{p}")).collect();
-    let cmdline = format!(
-        "device-id={DEVICE} key={KEY} gateways={} samples={SAMPLES} period-ms={PERIOD_MS}",
-        gateways.join(",")
-    );
+/// The leader is SIGKILLed while the image (RAM outbox) pushes.
+pub fn leader_kill() -> Result<()> {
+    step(
+        "qemu e2e (3-node cluster, leader killed)",
+        leader_kill_inner,
+    )
+}
+
+fn leader_kill_inner() -> Result<()> {
+    ensure_defmt_print()?;
+    let elf = QEMU.build(&["client"], &[])?;
+    let (mut cluster, gateways) = cluster_with_device("qemu-e2e", DEVICE)?;
+    let cmdline =
+        format!("device-id={DEVICE} key={KEY} {gateways} samples={SAMPLES} period-ms={PERIOD_MS}");
 
     let started = Instant::now();
     let mut image = Image::boot(&elf, &cmdline)?;
@@ -111,8 +134,131 @@ pub fn run() -> Result<()> {
         seqs == (1..=acked).collect::<Vec<_>>(),
         "stored seqs are not exactly 1..={acked}"
     );
-    check_values(&rows, SAMPLES)?;
+    let expected = records(DEVICE, SAMPLES);
+    ensure!(
+        rows.len() == expected.len(),
+        "{} rows stored, the sensor produced {} records",
+        rows.len(),
+        expected.len()
+    );
+    check_values(&rows, &expected)?;
     Ok(())
+}
+
+/// The device (flash outbox) is powered off mid-push: QEMU is SIGKILLed, then the image
+/// boots again on the same flash file. Records acknowledged before the cut must be stored
+/// once; records only in flash must be resent and stored once; the rest of boot 1's records
+/// may be lost (never acknowledged), and boot 2's must all arrive.
+pub fn power_cut() -> Result<()> {
+    step("qemu power cut (flash outbox)", || {
+        ensure_defmt_print()?;
+        let elf = QEMU.build(&["client", "flash-outbox"], &[])?;
+        let device = DEVICE + 1;
+        let (mut cluster, gateways) = cluster_with_device("qemu-power-cut", device)?;
+        let flash = scratch("qemu-power-cut-flash")?.join("flash.bin");
+        let cmdline = |samples: u32| {
+            format!(
+                "device-id={device} key={KEY} {gateways} samples={samples} \
+                 period-ms={PERIOD_MS} flash={}",
+                flash.display()
+            )
+        };
+
+        // Boot 1: once records are being acknowledged, take the quorum away (both followers
+        // SIGKILLed) so records pile up unacknowledged in the outbox and its flash mirror,
+        // then cut the power.
+        let started = Instant::now();
+        let mut image = Image::boot(&elf, &cmdline(10_000))?;
+        let deadline = started + Duration::from_secs(120);
+        let mut followers = Vec::new();
+        let mut cut_at = None;
+        while let Some(line) = image.next_line(deadline) {
+            let (Some(acked), Some(pushed)) = (
+                field(&line, "status samples=", "acked="),
+                field(&line, "status samples=", "pushed="),
+            ) else {
+                continue;
+            };
+            if followers.is_empty() && acked >= KILL_AT_ACKED {
+                let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
+                followers = (1..=3).filter(|&id| id != leader).collect();
+                for &id in &followers {
+                    cluster.kill(id);
+                }
+                println!("qemu power cut: followers {followers:?} killed at acked={acked}");
+            } else if !followers.is_empty() && pushed - acked >= UNACKED_AT_CUT {
+                drop(image);
+                println!("qemu power cut: QEMU killed at pushed={pushed} acked={acked}");
+                cut_at = Some((pushed, acked));
+                break;
+            }
+        }
+        let (pushed_1, acked_1) = cut_at.context("boot 1 never reached the cut point")?;
+        for &id in &followers {
+            cluster.spawn(id, false)?;
+        }
+        cluster.wait_leader(None, Duration::from_secs(30))?;
+
+        // Boot 2 on the same flash: restores, resends, then runs its own samples.
+        let boot_2_samples = 60;
+        let mut image = Image::boot(&elf, &cmdline(boot_2_samples))?;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut restored = None;
+        let mut done = None;
+        while let Some(line) = image.next_line(deadline) {
+            if line.contains("records restored from flash") {
+                restored = field(&line, "restored", ", ");
+            }
+            if line.contains("cairn: done samples=") {
+                done = Some(line);
+            }
+        }
+        let status = image.wait(deadline)?;
+        ensure!(status.success(), "boot 2 failed: {status}");
+        let done = done.context("boot 2 never logged `cairn: done ...`")?;
+        let acked_2 = field(&done, "done samples=", "acked=").context("acked=")?;
+        let pushed_2 = field(&done, "done samples=", "pushed=").context("pushed=")?;
+        ensure!(
+            acked_2 >= pushed_2,
+            "boot 2 ended with records unacknowledged"
+        );
+
+        let leader = cluster.wait_leader(None, Duration::from_secs(30))?;
+        let rows = stored_rows(&cluster.http_addr(leader).to_string(), device)?;
+        let stored = rows.len() as u64;
+        let mut seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let duplicates = stored - seqs.len() as u64;
+        ensure!(duplicates == 0, "{duplicates} records stored twice");
+        ensure!(
+            seqs == (1..=stored).collect::<Vec<_>>(),
+            "stored seqs are not exactly 1..={stored}"
+        );
+        // Stored = a prefix of boot 1's records (at least every acknowledged one), then all
+        // of boot 2's.
+        let boot_2 = records(device, boot_2_samples);
+        ensure!(
+            rows.len() >= boot_2.len(),
+            "{} rows stored, boot 2 alone pushed {}",
+            rows.len(),
+            boot_2.len()
+        );
+        let from_boot_1 = rows.len() - boot_2.len();
+        // More than were acknowledged at the cut: the flash outbox carried the rest over.
+        ensure!(
+            from_boot_1 as u64 > acked_1 && from_boot_1 as u64 <= pushed_1,
+            "{from_boot_1} records of boot 1 stored; it had {acked_1} acknowledged of {pushed_1}"
+        );
+        check_values(&rows[..from_boot_1], &records(device, pushed_1 as u32))?;
+        check_values(&rows[from_boot_1..], &boot_2)?;
+        println!(
+            "qemu power cut: boot 1 pushed={pushed_1} acked={acked_1}; boot 2 restored={} \
+             acked={acked_2}; stored={stored} (boot 1: {from_boot_1}) duplicates=0",
+            restored.map_or("?".into(), |r| r.to_string())
+        );
+        Ok(())
+    })
 }
 
 /// The number after `key` in a log line that contains `marker`.
@@ -170,12 +316,12 @@ fn stored_rows(http_addr: &str, device: u64) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// The stored rows, in seq order, are exactly the records the sensor produced: sample n
-/// gives an environment record and, every `POWER_EVERY` samples, a power record after it.
-fn check_values(rows: &[Row], samples: u32) -> Result<()> {
+/// The records `samples` samples of the sensor give, in push order: sample n gives an
+/// environment record and, every `POWER_EVERY` samples, a power record after it.
+fn records(device: u64, samples: u32) -> Vec<(u64, Vec<f64>)> {
     let mut expected = Vec::new();
     for n in 0..samples {
-        let s = sensor::reading(DEVICE, n);
+        let s = sensor::reading(device, n);
         let e = s.environment;
         expected.push((
             u64::from(sensor::STREAM_ENVIRONMENT),
@@ -192,13 +338,12 @@ fn check_values(rows: &[Row], samples: u32) -> Result<()> {
             ));
         }
     }
-    ensure!(
-        rows.len() == expected.len(),
-        "{} rows stored, the sensor produced {} records",
-        rows.len(),
-        expected.len()
-    );
-    for (row, (stream, values)) in rows.iter().zip(&expected) {
+    expected
+}
+
+/// Each stored row has the stream and values of the corresponding expected record.
+fn check_values(rows: &[Row], expected: &[(u64, Vec<f64>)]) -> Result<()> {
+    for (row, (stream, values)) in rows.iter().zip(expected) {
         let got: Vec<f64> = row
             .values
             .iter()

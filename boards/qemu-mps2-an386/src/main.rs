@@ -5,6 +5,8 @@
 #![no_std]
 #![no_main]
 
+#[cfg(feature = "flash-outbox")]
+mod hostflash;
 mod lan9118;
 mod systick;
 
@@ -21,6 +23,15 @@ const EXIT_NO_NIC: i32 = 5;
 const EXIT_BAD_SETTING: i32 = 6;
 const EXIT_PANIC: i32 = 101;
 
+/// The flash file when the command line names none (`flash=PATH`), relative to QEMU's
+/// working directory.
+const DEFAULT_FLASH: &str = "cairn-flash.bin";
+/// Flash outbox layout in the 64 KiB host flash: a 56 KiB queue, 8 KiB of metadata.
+#[cfg(feature = "flash-outbox")]
+const OUTBOX_QUEUE: core::ops::Range<u32> = 0..0xE000;
+#[cfg(feature = "flash-outbox")]
+const OUTBOX_META: core::ops::Range<u32> = 0xE000..0x1_0000;
+
 defmt::timestamp!("{=u64:ms}", embassy_time::Instant::now().as_millis());
 
 #[embassy_executor::main]
@@ -28,7 +39,7 @@ async fn main(spawner: Spawner) {
     let core = cortex_m::Peripherals::take().unwrap();
     systick::init(core.SYST);
 
-    let Some(settings) = settings() else {
+    let Some((settings, flash_path)) = settings() else {
         semihosting::process::exit(EXIT_BAD_SETTING);
     };
     // The boot number must differ on every boot (it is part of every nonce). This board
@@ -55,7 +66,29 @@ async fn main(spawner: Spawner) {
     );
     spawner.spawn(net_task(runner).unwrap());
 
-    let code = match cairn_board_app::run(stack, &settings, boot).await {
+    #[cfg(feature = "flash-outbox")]
+    let result = {
+        // The boot number comes from the counter in flash instead of the host clock.
+        let _ = boot;
+        let path = core::ffi::CStr::from_bytes_until_nul(&flash_path).unwrap_or(c"cairn-flash.bin");
+        let flash = match hostflash::HostFlash::open(path) {
+            Ok(flash) => flash,
+            Err(_) => {
+                defmt::error!(
+                    "flash file {=str}: cannot open",
+                    path.to_str().unwrap_or("?")
+                );
+                semihosting::process::exit(EXIT_BAD_SETTING);
+            }
+        };
+        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_QUEUE, OUTBOX_META).await
+    };
+    #[cfg(not(feature = "flash-outbox"))]
+    let result = {
+        let _ = flash_path;
+        cairn_board_app::run(stack, &settings, boot).await
+    };
+    let code = match result {
         Ok(_) => 0,
         Err(e) => {
             defmt::error!("cairn: stopped: {}", e);
@@ -70,20 +103,35 @@ async fn net_task(mut runner: Runner<'static, Lan9118>) -> ! {
     runner.run().await
 }
 
+/// A NUL-terminated path for the flash file.
+type FlashPath = [u8; 128];
+
 /// The build-time settings, overridden by `key=value` words of the semihosting command
-/// line (`qemu-system-arm ... -append "samples=20"`).
-fn settings() -> Option<Settings> {
+/// line (`qemu-system-arm ... -append "samples=20"`), and the flash file (`flash=PATH`,
+/// used with the `flash-outbox` feature).
+fn settings() -> Option<(Settings, FlashPath)> {
     let mut settings = cairn_board_app::BUILD;
+    let mut flash_path = [0u8; 128];
+    flash_path[..DEFAULT_FLASH.len()].copy_from_slice(DEFAULT_FLASH.as_bytes());
     if let Ok(args) = semihosting::experimental::env::args::<512>() {
         // The first word is the image's file name.
         for arg in args.into_iter().skip(1).flatten() {
+            if let Some(path) = arg.strip_prefix("flash=") {
+                if path.len() >= flash_path.len() {
+                    defmt::error!("flash path too long");
+                    return None;
+                }
+                flash_path = [0; 128];
+                flash_path[..path.len()].copy_from_slice(path.as_bytes());
+                continue;
+            }
             if let Err(e) = settings.apply(arg) {
                 defmt::error!("setting {=str}: {}", arg, defmt::Display2Format(&e));
                 return None;
             }
         }
     }
-    Some(settings)
+    Some((settings, flash_path))
 }
 
 fn host_seconds() -> u64 {

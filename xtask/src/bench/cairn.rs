@@ -95,7 +95,7 @@ impl Cluster {
     }
 
     /// Starts node `id`; `first` adds `--bootstrap` (node 1) or `--join` (the others).
-    fn spawn(&mut self, id: u64, first: bool) -> Result<()> {
+    pub(crate) fn spawn(&mut self, id: u64, first: bool) -> Result<()> {
         let join = format!("http://{}", self.slot(1).http);
         let bin = self.bin.clone();
         let s = &mut self.nodes[(id - 1) as usize];

@@ -82,7 +82,7 @@ pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
     }
     println!(
         "try:\n  curl -XPOST 'http://127.0.0.1:4001/db/execute?pretty' -H 'Content-Type: application/json' \\\n    \
-         -d '[\"CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)\", \"INSERT INTO notes(body) VALUES(\\\"hello\\\")\"]'\n  \
+         -d '[\"CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)\", [\"INSERT INTO notes(body) VALUES(?)\", \"hello\"]]'\n  \
          curl -G 'http://127.0.0.1:4011/db/query?pretty&level=linearizable' --data-urlencode 'q=SELECT * FROM notes'\n  \
          cairn shell --host http://127.0.0.1:4001\nCtrl-C stops all three."
     );

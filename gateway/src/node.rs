@@ -292,7 +292,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         tracing::info!("bootstrapping a new cluster");
         raft.initialize(BTreeMap::from([(node.id, peer.clone())]))
             .await?;
-    } else if !initialized && let Some(join) = &config.join {
+    } else if let Some(join) = &config.join
+        && (!initialized || (!config.non_voter && !is_voter(&node)))
+    {
+        // A fresh node joins; so does one that crashed after joining as a learner but before
+        // its promotion (the leader then only promotes it).
         let urls: Vec<String> = join
             .split(',')
             .map(|s| s.trim().trim_end_matches('/').to_string())
@@ -304,6 +308,16 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         stop_tx,
         servers,
     })
+}
+
+fn is_voter(node: &Node) -> bool {
+    let m = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    m.membership().voter_ids().any(|v| v == node.id)
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

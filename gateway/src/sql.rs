@@ -203,6 +203,12 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, params: &Params) -> rusqlite::Result
 /// SQL errors become the result's `error`.
 pub fn run_statement(conn: &Connection, st: &Statement) -> StatementResult {
     let start = Instant::now();
+    if let Some(kw) = transaction_control_keyword(&st.sql) {
+        // Would end the entry's (or the reader's) transaction behind the caller's back.
+        return StatementResult::error(format!(
+            "{kw} is not allowed; use ?transaction to run statements atomically"
+        ));
+    }
     let mut res = match run_statement_inner(conn, st) {
         Ok(r) => r,
         Err(e) => StatementResult::error(e.to_string()),
@@ -455,7 +461,8 @@ pub fn prepare_write(cmd: &mut SqlCommand, stamp: &Stamp) -> Result<(), String> 
     Ok(())
 }
 
-fn transaction_control_keyword(sql: &str) -> Option<String> {
+/// The keyword if `sql` starts with a transaction-control statement.
+pub fn transaction_control_keyword(sql: &str) -> Option<String> {
     let first = tokenize(sql)
         .into_iter()
         .find(|t| !matches!(t.kind, TokKind::Space | TokKind::Comment))?;
@@ -827,6 +834,25 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 2, "the transaction's first insert was rolled back");
+    }
+
+    #[test]
+    fn test_transaction_control_is_an_error_result_in_apply() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(a); BEGIN").unwrap();
+        let cmd = SqlCommand {
+            statements: vec![
+                Statement::new("COMMIT"),
+                Statement::new("INSERT INTO t VALUES(1)"),
+            ],
+            transaction: false,
+        };
+        let r = apply_sql(&conn, &cmd).unwrap();
+        assert!(r[0].error.as_deref().unwrap().contains("COMMIT"));
+        assert!(
+            !conn.is_autocommit(),
+            "the entry's transaction is still open"
+        );
     }
 
     #[test]

@@ -127,6 +127,9 @@ impl Store {
             }
         };
         let out = f(&conn);
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
         let mut pool = self
             .readers
             .lock()

@@ -464,6 +464,22 @@ impl Cluster {
         self.wait_ready(i);
     }
 
+    /// Starts a stopped node again without waiting for it to become ready.
+    pub fn relaunch(&mut self, i: usize) {
+        assert!(
+            self.nodes[i].child.is_none(),
+            "node {} is still running",
+            self.nodes[i].id
+        );
+        Self::spawn(&mut self.nodes[i]);
+    }
+
+    /// Waits (up to [`TIMEOUT`]) for node `i`'s process to exit on its own.
+    pub fn wait_exit(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut c = self.nodes[i].child.take().expect("node is not running");
+        poll(TIMEOUT, "the node to exit", || c.try_wait().ok().flatten())
+    }
+
     /// Waits until every running node has applied what the leader has committed.
     pub fn wait_converged(&self) {
         let l = self.leader();

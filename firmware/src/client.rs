@@ -263,6 +263,8 @@ impl<const N: usize> Shared<N> {
 pub struct Client<M: RawMutex, const N: usize> {
     pub(crate) shared: Mutex<M, RefCell<Shared<N>>>,
     pushed: Signal<M, ()>,
+    /// Raised whenever records leave the outbox (acked or dropped).
+    drained: Signal<M, ()>,
 }
 
 impl<M: RawMutex, const N: usize> Client<M, N> {
@@ -287,6 +289,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 shift: 0,
             })),
             pushed: Signal::new(),
+            drained: Signal::new(),
         }
     }
 
@@ -321,6 +324,15 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         })?;
         self.pushed.signal(());
         Ok(seq)
+    }
+
+    /// Wait until the outbox is empty: every record pushed so far has been acknowledged (or
+    /// dropped by `DropOldest`). For example before powering the radio down. Meant for one
+    /// waiting task at a time.
+    pub async fn wait_empty(&self) {
+        while self.lock(|s| !s.outbox.is_empty()) {
+            self.drained.wait().await;
+        }
     }
 
     /// A snapshot of counters and connection state.
@@ -542,6 +554,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 s.stats.reconnects += 1;
             }
         });
+        self.drained.signal(());
         info!(
             "cairn: connected to {}, high-water {}, credit {}",
             addr, welcome.high_water, welcome.credit
@@ -608,6 +621,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                                 s.stats.acked += n as u64;
                                 s.stats.acked_through = s.stats.acked_through.max(ack.through_seq);
                             });
+                            self.drained.signal(());
                             trace!("cairn: ack through {}", ack.through_seq);
                         }
                         Owned::Pong(nonce) if nonce == link.ping_nonce => ping_sent = None,

@@ -158,11 +158,9 @@ fn test_client_over_loopback_tcp_on_tokio_local_set() {
                 tokio::task::yield_now().await;
             }
         }
-        let deadline = std::time::Instant::now() + StdDuration::from_secs(20);
-        while client.status().acked < 2000 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(StdDuration::from_millis(5)).await;
-        }
+        let emptied = tokio::time::timeout(StdDuration::from_secs(20), client.wait_empty()).await;
         let st = client.status();
+        assert!(emptied.is_ok(), "wait_empty did not return: {st:?}");
         println!(
             "2000 records acked over loopback TCP in {:?}: {st:?}",
             started.elapsed()

@@ -8,12 +8,16 @@
 //!    compare-and-set in the load: a failed CAS can only be explained by writes whose outcome
 //!    is unknown, which keeps every timed-out write in the search and makes it explode after
 //!    a partition; the checker itself handles CAS), and appends of unique tokens to a table without a unique constraint
-//!    ([`Ledger`]);
+//!    ([`Ledger`]); and, when the `cairn` binary has `sim`, a fleet of simulated devices
+//!    (the real firmware client) pushing records `[U64(k), F32(t)]`, `k = 1, 2, 3, ...`, to the
+//!    nodes' device ports (stream 1 declared as table `readings`);
 //! 3. executes the [`schedule`] drawn from the seed, each fault injected, held and healed;
 //! 4. heals everything, stops the load, waits for every member to apply the leader's commit
 //!    index, reads every key once more linearizably, and checks:
-//!    - every acknowledged token stored exactly once on every replica and no stored token
-//!      that was never pushed (`lost`, `duplicated`),
+//!    - every acknowledged token and every record acknowledged to a device (`k <= acked`
+//!      in the fleet's report) stored exactly once on every replica, and no stored token or
+//!      record that was never pushed (`lost`, `duplicated`; never-pushed counts as duplicated
+//!      in the summary line),
 //!    - every replica's user tables identical through `level=none` reads (`diverged`),
 //!    - the register history linearizable ([`crate::linearizability`]; `nonlinearizable`).
 //!
@@ -50,6 +54,11 @@ pub struct Config {
     pub out_dir: PathBuf,
     /// Print each step as it happens.
     pub verbose: bool,
+    /// Simulated devices (`cairn sim`, the real firmware client) pushing during the run;
+    /// 0, or a `cairn` without `sim`, runs the HTTP load alone.
+    pub devices: u64,
+    /// Records per second per device.
+    pub device_rate: u64,
 }
 
 impl Config {
@@ -63,6 +72,8 @@ impl Config {
             isolation: netns::available(),
             out_dir: std::env::temp_dir(),
             verbose: true,
+            devices: 8,
+            device_rate: 10,
         }
     }
 }
@@ -74,8 +85,10 @@ pub struct Outcome {
     pub faults: usize,
     /// Acknowledged writes of any kind (tokens, register writes and CASes).
     pub acked: u64,
-    /// Records checked per replica (tokens acknowledged, times replicas).
+    /// Records checked per replica (tokens and device records acknowledged, times replicas).
     pub verified: u64,
+    /// Device records acknowledged to the simulated devices (part of `acked`).
+    pub device_acked: u64,
     pub ops: usize,
     pub lost: usize,
     pub duplicated: usize,
@@ -279,6 +292,124 @@ fn status(agent: &ureq::Agent, http: &str) -> Option<Json> {
     serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()
 }
 
+/// The stream the fleet pushes on, declared so records land in a table with `k` as a column.
+const STREAM_CONFIG: &str = r#"
+[[stream]]
+id = 1
+table = "readings"
+columns = [{ name = "k", type = "integer" }, { name = "temperature", type = "real" }]
+"#;
+
+/// True when this `cairn` has the `sim` command (device ingress landed).
+fn sim_available() -> bool {
+    std::process::Command::new(cairn_bin())
+        .args(["sim", "--help"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A running `cairn sim`: every device pushes `[U64(k), F32(t)]` with `k = 1, 2, 3, ...`, so
+/// the database can be checked by content.
+struct Fleet {
+    child: std::process::Child,
+    report: PathBuf,
+}
+
+/// One device's line of `cairn sim --report`.
+#[derive(Debug, Clone, Copy)]
+struct DeviceReport {
+    id: u64,
+    pushed: u64,
+    acked: u64,
+}
+
+impl Fleet {
+    fn start(env: &Env, devices: u64, rate: u64) -> Fleet {
+        let leader = env
+            .find_leader()
+            .expect("a leader to register devices with");
+        let gateways: Vec<String> = env.cluster.nodes.iter().map(|n| n.device.clone()).collect();
+        let report = env.scratch.path().join("devices.jsonl");
+        // Started from the hub thread, so the fleet lives in the hub namespace too.
+        let child = std::process::Command::new(cairn_bin())
+            .args(["sim", "--devices", &devices.to_string()])
+            .args(["--rate", &rate.to_string(), "--threads", "1"])
+            .args(["--drain", "60", "--json", "--quiet"])
+            .args(["--gateways", &gateways.join(",")])
+            .args(["--host", &env.cluster.nodes[leader].url("")])
+            .arg("--report")
+            .arg(&report)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning cairn sim");
+        Fleet { child, report }
+    }
+
+    /// SIGINT (stop pushing, drain), then the per-device report.
+    fn stop(self) -> Result<Vec<DeviceReport>, String> {
+        // SAFETY: kill(2) on a child we own.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|e| format!("cairn sim: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cairn sim exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let text = std::fs::read_to_string(&self.report)
+            .map_err(|e| format!("reading the sim report: {e}"))?;
+        text.lines()
+            .map(|l| {
+                let v: Json = serde_json::from_str(l).map_err(|e| format!("{l}: {e}"))?;
+                let f = |k: &str| v[k].as_u64().ok_or(format!("{k} missing in {l}"));
+                Ok(DeviceReport {
+                    id: f("device_id")?,
+                    pushed: f("pushed")?,
+                    acked: f("acked")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Checks one replica's device rows (`device_id`, `k`) against what the devices pushed and
+/// were told: each acknowledged record (`k <= acked`) exactly once, no `k` twice, nothing
+/// beyond what was pushed, no unknown device. Returns (lost, duplicated, phantom) samples.
+fn audit_devices(
+    reports: &[DeviceReport],
+    rows: &[(u64, u64)],
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut counts: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for &r in rows {
+        *counts.entry(r).or_default() += 1;
+    }
+    let (mut lost, mut dup, mut phantom) = (Vec::new(), Vec::new(), Vec::new());
+    let known: BTreeMap<u64, DeviceReport> = reports.iter().map(|r| (r.id, *r)).collect();
+    for r in reports {
+        for k in 1..=r.acked {
+            if !counts.contains_key(&(r.id, k)) {
+                lost.push(format!("device {} k={k}", r.id));
+            }
+        }
+    }
+    for (&(d, k), &n) in &counts {
+        if n > 1 {
+            dup.push(format!("device {d} k={k} x{n}"));
+        }
+        if known.get(&d).is_none_or(|r| k == 0 || k > r.pushed) {
+            phantom.push(format!("device {d} k={k}"));
+        }
+    }
+    (lost, dup, phantom)
+}
+
 /// Everything one schedule owns. Dropped in an order that kills nodes before unmounting
 /// their disks and deleting their namespaces.
 struct Env {
@@ -292,6 +423,8 @@ struct Env {
     log: Vec<String>,
     started: Instant,
     verbose: bool,
+    /// Config file and the fleet's report.
+    scratch: tempfile::TempDir,
 }
 
 impl Drop for Env {
@@ -348,7 +481,13 @@ impl Env {
         } else {
             (None, None, None)
         };
-        let cluster = Cluster::start_placed(cfg.nodes, Options::default(), place);
+        let scratch = tempfile::tempdir().expect("scratch dir");
+        let config = scratch.path().join("cairn.toml");
+        std::fs::write(&config, STREAM_CONFIG).expect("writing cairn.toml");
+        let opts = Options {
+            extra: vec!["--config".into(), config.display().to_string()],
+        };
+        let cluster = Cluster::start_placed(cfg.nodes, opts, place);
         cluster.execute(&stmts(&[
             "CREATE TABLE reg (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",
             "CREATE TABLE ledger (token TEXT NOT NULL)",
@@ -365,6 +504,7 @@ impl Env {
             log: Vec::new(),
             started: Instant::now(),
             verbose: cfg.verbose,
+            scratch,
         }
     }
 
@@ -661,6 +801,12 @@ pub fn run(cfg: &Config) -> Outcome {
         load.stop.clone(),
         load.acked.clone(),
     );
+    let fleet = (cfg.devices > 0 && sim_available())
+        .then(|| Fleet::start(&env, cfg.devices, cfg.device_rate));
+    if fleet.is_none() {
+        out.notes
+            .push("no device load (devices=0 or this cairn has no `sim`)".into());
+    }
     let clients: Vec<_> = (0..cfg.clients as u32)
         .map(|p| {
             let load = load.clone();
@@ -684,6 +830,7 @@ pub fn run(cfg: &Config) -> Outcome {
     for c in clients {
         c.join().expect("client thread");
     }
+    let devices = fleet.map(Fleet::stop);
     env.note("load stopped, everything healed".into());
 
     env.cluster.wait_converged();
@@ -734,13 +881,46 @@ pub fn run(cfg: &Config) -> Outcome {
         }
         stored.insert(env.id(i), tokens);
     }
+    match &devices {
+        None => {}
+        Some(Err(e)) => failures.push(format!("device fleet: {e}")),
+        Some(Ok(reports)) => {
+            out.device_acked = reports.iter().map(|r| r.acked).sum();
+            for &i in &members {
+                let rows: Vec<(u64, u64)> = env.cluster.nodes[i]
+                    .rows("SELECT device_id, k FROM readings", "none")
+                    .into_iter()
+                    .map(|r| (r[0].as_u64().unwrap_or(0), r[1].as_u64().unwrap_or(0)))
+                    .collect();
+                let (lost, dup, phantom) = audit_devices(reports, &rows);
+                out.verified += out.device_acked;
+                out.lost = out.lost.max(lost.len());
+                out.duplicated = out.duplicated.max(dup.len());
+                out.phantom = out.phantom.max(phantom.len());
+                if !(lost.is_empty() && dup.is_empty() && phantom.is_empty()) {
+                    let sample = |v: &[String]| v.iter().take(10).cloned().collect::<Vec<_>>();
+                    failures.push(format!(
+                        "node {} device records: {} lost {:?}, {} duplicated {:?}, {} never \
+                         pushed {:?}",
+                        env.id(i),
+                        lost.len(),
+                        sample(&lost),
+                        dup.len(),
+                        sample(&dup),
+                        phantom.len(),
+                        sample(&phantom)
+                    ));
+                }
+            }
+        }
+    }
     if out.diverged > 0 {
         failures.push(format!("replicas differ (node id, checksum): {sums:?}"));
     }
 
     let ops = rec.ops();
     out.ops = ops.len();
-    out.acked = *acked.lock().expect("acked");
+    out.acked = *acked.lock().expect("acked") + out.device_acked;
     match linearizability::check(&ops) {
         Verdict::Linearizable => {}
         v @ Verdict::NotLinearizable { .. } => {
@@ -752,12 +932,12 @@ pub fn run(cfg: &Config) -> Outcome {
             failures.push(v.to_string());
         }
     }
-    out.notes = env
-        .log
-        .iter()
-        .filter(|l| l.contains("needs a restart"))
-        .cloned()
-        .collect();
+    out.notes.extend(
+        env.log
+            .iter()
+            .filter(|l| l.contains("needs a restart"))
+            .cloned(),
+    );
     for (e, n) in load.errors.lock().expect("errors").iter() {
         out.notes.push(format!("{n} x {e}"));
     }
@@ -803,4 +983,35 @@ pub fn recheck(run: &Run) -> Vec<String> {
         problems.push(v.to_string());
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_audit_devices_finds_lost_duplicated_and_never_pushed() {
+        let reports = [
+            DeviceReport {
+                id: 1,
+                pushed: 5,
+                acked: 3,
+            },
+            DeviceReport {
+                id: 2,
+                pushed: 2,
+                acked: 2,
+            },
+        ];
+        // Device 1: k=1..4 stored (4 pushed but not acked yet is fine), device 2 complete.
+        let ok = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2)];
+        let (l, d, p) = audit_devices(&reports, &ok);
+        assert!(l.is_empty() && d.is_empty() && p.is_empty());
+        // k=2 of device 1 missing, k=1 of device 2 twice, k=9 never pushed, device 7 unknown.
+        let bad = [(1, 1), (1, 3), (1, 9), (2, 1), (2, 1), (2, 2), (7, 1)];
+        let (l, d, p) = audit_devices(&reports, &bad);
+        assert_eq!(l, ["device 1 k=2"]);
+        assert_eq!(d, ["device 2 k=1 x2"]);
+        assert_eq!(p, ["device 1 k=9", "device 7 k=1"]);
+    }
 }

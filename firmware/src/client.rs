@@ -269,6 +269,10 @@ pub struct Client<M: RawMutex, const N: usize> {
 
 impl<M: RawMutex, const N: usize> Client<M, N> {
     /// An empty client with the given overflow policy.
+    ///
+    /// A `static` client made with `DropOldest` is all zero bytes and lands in `.bss`; with
+    /// `RejectNewest` its initialiser (about `N` bytes) goes to flash as `.data`. To avoid
+    /// that, create it with `DropOldest` and call [`Client::set_policy`] at start-up.
     pub const fn new(policy: OverflowPolicy) -> Self {
         Self {
             shared: Mutex::new(RefCell::new(Shared {

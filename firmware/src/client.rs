@@ -111,7 +111,7 @@ pub struct Config<'a> {
     /// The device's pre-shared key.
     pub key: [u8; KEY_LEN],
     /// Boot number: must differ on every boot (it is part of every nonce). With
-    /// `flash-outbox` use [`crate::flash::FlashOutbox::boot`]; otherwise a hardware RNG.
+    /// `flash-outbox` use `flash::FlashOutbox::boot`; otherwise a hardware RNG.
     pub boot: u32,
     /// Sent in Hello.
     pub firmware_version: u32,
@@ -384,7 +384,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         self.run_with_store(transport, config, &mut RamOnly).await
     }
 
-    /// [`Client::run`] with a persistent outbox (see [`crate::flash::FlashOutbox`]).
+    /// [`Client::run`] with a persistent outbox (see `flash::FlashOutbox`, feature `flash-outbox`).
     pub async fn run_with_store<T: Transport, S: Store>(
         &self,
         transport: &mut T,

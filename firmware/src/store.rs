@@ -1,5 +1,5 @@
 //! Where the outbox is kept durable. [`RamOnly`] keeps nothing; `flash-outbox` adds
-//! [`crate::flash::FlashOutbox`].
+//! `flash::FlashOutbox`.
 
 use embassy_sync::blocking_mutex::raw::RawMutex;
 

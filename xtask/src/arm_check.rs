@@ -3,8 +3,10 @@
 //!
 //! - aarch64: the binary and default config come out of the arm64 `.deb` (so the package
 //!   is what gets tested). A one-node cluster bootstraps with a temp data dir; SQL goes in
-//!   and comes out over HTTP; the node is killed with SIGKILL and started again with the
-//!   same command line (as systemd would), and the rows must still be there.
+//!   and comes out over HTTP; a device is registered with the emulated `cairn device add`;
+//!   the node is killed with SIGKILL and started again with the same command line (as
+//!   systemd would), and the rows and the device must still be there; SIGTERM then stops
+//!   it cleanly (exit status 0).
 //! - armv7: `--help` answers and `node` bootstraps and serves a query.
 //!
 //! CI has 30 minutes on two cores for everything, so these builds use [`TEST_PROFILE`]
@@ -89,6 +91,22 @@ fn aarch64_node(root: &Path, work: &Path) -> Result<()> {
         query(http, sql)? == expected,
         "rows read back differ from rows written"
     );
+    // A device registered through the ARM CLI (so the client side runs emulated too).
+    let key = "5a".repeat(32);
+    let add = AARCH64
+        .runner(&spec.binary)
+        .args(["device", "add", "--id", "7", "--key", &key, "--host"])
+        .arg(format!("http://{http}"))
+        .output()?;
+    ensure!(
+        add.status.success(),
+        "cairn device add failed: {}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    ensure!(
+        devices(http)? == [7],
+        "device 7 not listed after `device add`"
+    );
     // A bad statement is an error result, and the node keeps serving.
     let bad = post_execute(http, &["INSERT INTO no_such_table VALUES (1)"])?;
     ensure!(
@@ -105,7 +123,11 @@ fn aarch64_node(root: &Path, work: &Path) -> Result<()> {
         rows == expected,
         "after kill -9 and restart the rows are {rows}, expected {expected}"
     );
-    println!("aarch64: rows survived kill -9 and restart");
+    ensure!(
+        devices(node.http)? == [7],
+        "device 7 lost in kill -9 and restart"
+    );
+    println!("aarch64: rows and device registry survived kill -9 and restart");
     node.stop()
 }
 
@@ -338,6 +360,21 @@ fn query(addr: SocketAddr, sql: &str) -> Result<Value> {
         .pointer("/results/0/values")
         .cloned()
         .unwrap_or(Value::Array(Vec::new())))
+}
+
+/// Ids from `GET /devices` (read linearizably on the leader).
+fn devices(addr: SocketAddr) -> Result<Vec<u64>> {
+    let body = retry(|| {
+        let (status, body) = http(addr, "GET", "/devices", None)?;
+        ensure!(status == 200, "GET /devices answered {status}: {body}");
+        Ok(serde_json::from_str::<Value>(&body)?)
+    })?;
+    body["devices"]
+        .as_array()
+        .with_context(|| format!("GET /devices: {body}"))?
+        .iter()
+        .map(|d| d["device_id"].as_u64().context("device without device_id"))
+        .collect()
 }
 
 /// Retries `f` for up to 20 s: a new leader may refuse requests for a moment.

@@ -44,7 +44,7 @@ pub fn version() -> String {
 
 /// Builds `cairn_<version>_<arch>.deb` for `binary` into `out_dir` and returns its path.
 pub fn build(target: &LinuxTarget, binary: &Path, out_dir: &Path) -> Result<PathBuf> {
-    for tool in ["dpkg-deb", "gzip", "readelf", "md5sum"] {
+    for tool in ["dpkg-deb", "gzip", "readelf", "strip", "md5sum"] {
         if !have(tool) {
             bail!("`{tool}` is needed to build Debian packages (dpkg, gzip, binutils, coreutils)");
         }
@@ -58,6 +58,16 @@ pub fn build(target: &LinuxTarget, binary: &Path, out_dir: &Path) -> Result<Path
     let epoch = source_date_epoch();
 
     install(&stage, "usr/bin/cairn", &fs::read(binary)?, 0o755)?;
+    // Policy wants stripped binaries; `dist` builds already are, test builds are not.
+    let strip = match target.gcc_prefix {
+        Some(prefix) => format!("{prefix}-strip"),
+        None => "strip".into(),
+    };
+    util::run(
+        Command::new(&strip)
+            .args(["--remove-section=.comment", "--remove-section=.note"])
+            .arg(stage.join("usr/bin/cairn")),
+    )?;
     install(
         &stage,
         UNIT_PATH,

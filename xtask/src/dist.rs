@@ -27,6 +27,8 @@ pub struct LinuxTarget {
     pub gcc_prefix: Option<&'static str>,
     /// Debian package providing `<prefix>-gcc`.
     pub gcc_package: &'static str,
+    /// Width of `usize` in bits.
+    pub pointer_width: u32,
     /// qemu-user program that runs the binary on an x86_64 host, with the sysroot for `-L`.
     pub qemu: Option<(&'static str, &'static str)>,
 }
@@ -36,6 +38,7 @@ pub const X86_64: LinuxTarget = LinuxTarget {
     deb_arch: "amd64",
     gcc_prefix: None,
     gcc_package: "gcc",
+    pointer_width: 64,
     qemu: None,
 };
 
@@ -44,6 +47,7 @@ pub const AARCH64: LinuxTarget = LinuxTarget {
     deb_arch: "arm64",
     gcc_prefix: Some("aarch64-linux-gnu"),
     gcc_package: "gcc-aarch64-linux-gnu",
+    pointer_width: 64,
     qemu: Some(("qemu-aarch64", "/usr/aarch64-linux-gnu")),
 };
 
@@ -52,6 +56,7 @@ pub const ARMV7: LinuxTarget = LinuxTarget {
     deb_arch: "armhf",
     gcc_prefix: Some("arm-linux-gnueabihf"),
     gcc_package: "gcc-arm-linux-gnueabihf",
+    pointer_width: 32,
     qemu: Some(("qemu-arm", "/usr/arm-linux-gnueabihf")),
 };
 
@@ -115,6 +120,15 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
         "--target",
         target.triple,
     ]);
+    if target.pointer_width == 32 {
+        // base2histogram 0.2.3 (openraft's runtime-stats histograms) shifts a `usize` where
+        // it means `u64`, which overflows on 32-bit targets: with overflow checks (dev
+        // builds) the node panics at start-up; release builds, what ships, wrap (only
+        // openraft's internal latency histograms are affected). Build it the way it ships.
+        cmd.arg("--config").arg(format!(
+            "profile.{profile}.package.base2histogram.overflow-checks=false"
+        ));
+    }
     target.cross_env(&mut cmd);
     util::run(&mut cmd)?;
     // Cargo names the output directory of the built-in `dev` profile `debug`.

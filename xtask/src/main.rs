@@ -146,6 +146,8 @@ fn test(_args: &[String]) -> Result<()> {
     )?;
     util::step("workspace tests", || util::cargo(&["test", "--workspace"]))?;
     faults::test_step()?;
+    // The ARM gateway: cross-built, packaged as .deb, run under qemu-user.
+    arm_check::run()?;
     util::step("boards/app tests", || {
         util::run(
             std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

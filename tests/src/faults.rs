@@ -59,6 +59,10 @@ pub struct Config {
     pub devices: u64,
     /// Records per second per device.
     pub device_rate: u64,
+    /// Consistency level of the register reads: `linearizable` (the claim under test).
+    /// `none` or `weak` exist to show the checker saying no: stale reads from a cut-off
+    /// node must be caught (`cairn-faults --read-level none`).
+    pub read_level: String,
 }
 
 impl Config {
@@ -74,6 +78,7 @@ impl Config {
             verbose: true,
             devices: 8,
             device_rate: 10,
+            read_level: "linearizable".into(),
         }
     }
 }
@@ -175,6 +180,7 @@ struct Load {
     ledger: Ledger,
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<u64>>,
+    read_level: String,
     /// Why requests did not succeed: error text (shortened) and how often.
     errors: Arc<Mutex<BTreeMap<String, u64>>>,
 }
@@ -257,16 +263,22 @@ fn client_loop(process: u32, load: Load) {
             rec.complete(p, ret);
         } else {
             let p = rec.invoke(process, &key, Call::Read);
-            let ret = read_register(&agent, &node, &key, Some(&load));
+            let ret = read_register(&agent, &node, &key, &load.read_level, Some(&load));
             rec.complete(p, ret);
         }
     }
 }
 
-/// A `level=linearizable` read of one key (`Ret::Indeterminate` on any failure).
-fn read_register(agent: &ureq::Agent, node: &str, key: &str, load: Option<&Load>) -> Ret {
+/// A read of one key at `level` (`Ret::Indeterminate` on any failure).
+fn read_register(
+    agent: &ureq::Agent,
+    node: &str,
+    key: &str,
+    level: &str,
+    load: Option<&Load>,
+) -> Ret {
     let body = json!([["SELECT v FROM reg WHERE k = ?", key]]);
-    let url = format!("http://{node}/db/query?level=linearizable");
+    let url = format!("http://{node}/db/query?level={level}");
     let answer = match load {
         Some(l) => l.tally(send(agent, &url, &body)),
         None => send(agent, &url, &body),
@@ -793,6 +805,7 @@ pub fn run(cfg: &Config) -> Outcome {
         ledger: Ledger::default(),
         stop: Arc::new(AtomicBool::new(false)),
         acked: Arc::default(),
+        read_level: cfg.read_level.clone(),
         errors: Arc::default(),
     };
     let (rec, ledger, stop, acked) = (
@@ -839,7 +852,13 @@ pub fn run(cfg: &Config) -> Outcome {
     for k in 0..cfg.keys {
         let key = format!("k{k}");
         let p = rec.invoke(u32::MAX, &key, Call::Read);
-        let ret = read_register(&final_agent, &env.cluster.nodes[leader].http, &key, None);
+        let ret = read_register(
+            &final_agent,
+            &env.cluster.nodes[leader].http,
+            &key,
+            "linearizable",
+            None,
+        );
         rec.complete(p, ret);
     }
     env.cluster.wait_converged();

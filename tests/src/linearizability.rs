@@ -144,11 +144,17 @@ impl fmt::Display for Verdict {
                 writeln!(
                     f,
                     "key {key}: NOT linearizable; the deepest order placed {linearized} of {} \
-                     operations and then could not place:\n  {stuck}\nhistory of key {key}:",
+                     operations and then could not place:\n  {stuck}\nhistory of key {key} \
+                     around it (the whole history is in the saved run):",
                     ops.len()
                 )?;
-                for op in ops {
-                    writeln!(f, "  {op}")?;
+                let mut sorted: Vec<&Op> = ops.iter().collect();
+                sorted.sort_by_key(|o| o.invoke_ns);
+                let at = sorted.iter().position(|o| *o == stuck).unwrap_or(0);
+                let (from, to) = (at.saturating_sub(30), (at + 10).min(sorted.len()));
+                for op in &sorted[from..to] {
+                    let mark = if *op == stuck { "->" } else { "  " };
+                    writeln!(f, "{mark}{op}")?;
                 }
                 Ok(())
             }

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cairn-faults [--schedules N] [--seed S] [--steps K] [--nodes 3] [--loopback] [--quiet]
+//!              [--read-level none|weak]   # show the checker catching stale reads
 //! cairn-faults --check FILE     # re-run the checkers on a saved failing run
 //! ```
 //! Schedule `i` uses seed `S + i`; without `--seed`, `S` comes from the clock and is printed.
@@ -56,6 +57,9 @@ fn main() -> ExitCode {
         cfg.steps = num("--steps", cfg.steps as u64) as usize;
         cfg.nodes = num("--nodes", cfg.nodes as u64) as usize;
         cfg.verbose = !quiet;
+        if let Some(level) = value("--read-level") {
+            cfg.read_level = level;
+        }
         if args.iter().any(|a| a == "--loopback") {
             cfg.isolation = false;
         }

@@ -120,6 +120,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Ok(())
     })?;
 
+    let machine = machine()?;
     let measuring = Instant::now();
     let mut results = Results::default();
     let mut part = |name: &str, f: &mut dyn FnMut(&mut Results) -> Result<()>| {
@@ -148,7 +149,6 @@ pub fn run(args: &[String]) -> Result<()> {
         &chart_series(&results),
     );
     std::fs::write(out_dir.join("throughput.svg"), &svg)?;
-    let machine = machine()?;
     let md = markdown(&profile, &machine, &results, &table, measured_for);
     std::fs::write(out_dir.join("report.md"), &md)?;
     println!("\nresults: target/bench/results.json, report.md, throughput.svg\n");
@@ -341,8 +341,14 @@ fn machine() -> Result<String> {
     )
     .map(|s| s.trim().to_string())
     .unwrap_or_else(|_| "?".into());
+    // Other work on the machine skews every figure; say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
     Ok(format!(
-        "{nproc} CPUs ({cpu}), {mem_gib:.1} GiB RAM, Linux {kernel}, data on {fs}"
+        "{nproc} CPUs ({cpu}), {mem_gib:.1} GiB RAM, Linux {kernel}, data on {fs}, \
+         load average {load} when measuring began"
     ))
 }
 

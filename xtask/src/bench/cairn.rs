@@ -4,7 +4,7 @@
 
 use super::http;
 use super::names;
-use super::proc::{Guarded, free_port, rss_kib, scratch};
+use super::proc::{Guarded, free_port, percentile, rss_kib, scratch};
 use super::report::{Measurement, Results};
 use super::{Profile, wire};
 use anyhow::{Context, Result, bail, ensure};
@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub const SYSTEM: &str = "Cairn";
+/// Cairn taking parameterised SQL writes over its rqlite-compatible HTTP API.
+pub const SYSTEM_SQL: &str = "Cairn HTTP SQL";
 
 /// Records/s offered in the throughput runs, spread over the devices: above what the cluster
 /// can take, so the figure is the cluster's capacity, not the offered load.
@@ -40,9 +42,10 @@ pub fn build() -> Result<PathBuf> {
 /// One `cairn node` of the cluster: its addresses, data directory and process.
 struct NodeSlot {
     id: u64,
+    /// Bound addresses, read from `DATA_DIR/addrs.json` (first start: port 0, the OS chooses).
     http: SocketAddr,
-    raft: SocketAddr,
-    device: SocketAddr,
+    raft: String,
+    device: String,
     dir: PathBuf,
     proc: Option<Guarded>,
 }
@@ -57,12 +60,12 @@ impl Cluster {
     pub fn start(bin: &Path, dir: &Path) -> Result<Cluster> {
         let mut nodes = Vec::new();
         for id in 1..=3u64 {
-            let addr = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
             nodes.push(NodeSlot {
                 id,
-                http: addr(free_port()?),
-                raft: addr(free_port()?),
-                device: addr(free_port()?),
+                http: SocketAddr::from(([127, 0, 0, 1], 0)),
+                raft: "127.0.0.1:0".into(),
+                // Until the gateway reports its bound device port, pick a free one up front.
+                device: format!("127.0.0.1:{}", free_port()?),
                 dir: dir.join(format!("node{id}")),
                 proc: None,
             });
@@ -75,8 +78,8 @@ impl Cluster {
         cluster.wait_leader(None, Duration::from_secs(30))?;
         for id in 2..=3 {
             cluster.spawn(id, true)?;
+            cluster.wait_voters(id as usize, Duration::from_secs(60))?;
         }
-        cluster.wait_voters(3, Duration::from_secs(60))?;
         Ok(cluster)
     }
 
@@ -94,12 +97,15 @@ impl Cluster {
         &self.nodes[(id - 1) as usize]
     }
 
-    /// Starts node `id`; `first` adds `--bootstrap` (node 1) or `--join` (the others).
+    /// Starts node `id` on its previous addresses (port 0 the first time); `first` adds
+    /// `--bootstrap` (node 1) or `--join` (the others). Returns once it wrote `addrs.json`.
     pub(crate) fn spawn(&mut self, id: u64, first: bool) -> Result<()> {
         let join = format!("http://{}", self.slot(1).http);
         let bin = self.bin.clone();
         let s = &mut self.nodes[(id - 1) as usize];
         std::fs::create_dir_all(&s.dir)?;
+        let addrs = s.dir.join("addrs.json");
+        let _ = std::fs::remove_file(&addrs);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -108,8 +114,9 @@ impl Cluster {
         cmd.args(["node", "--node-id", &id.to_string(), "--data-dir"])
             .arg(&s.dir)
             .args(["--http-addr", &s.http.to_string()])
-            .args(["--raft-addr", &s.raft.to_string()])
-            .args(["--device-addr", &s.device.to_string()])
+            .args(["--raft-addr", &s.raft])
+            .args(["--device-addr", &s.device])
+            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -118,7 +125,31 @@ impl Cluster {
         } else if first {
             cmd.args(["--join", &join]);
         }
-        s.proc = Some(Guarded::spawn(&format!("cairn node {id}"), &mut cmd)?);
+        let mut proc = Guarded::spawn(&format!("cairn node {id}"), &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let bound: serde_json::Value = loop {
+            if let Ok(v) = std::fs::read(&addrs).map(|b| serde_json::from_slice(&b))
+                && let Ok(v) = v
+            {
+                break v;
+            }
+            proc.check_alive()
+                .with_context(|| format!("see {}", s.dir.join("node.log").display()))?;
+            ensure!(Instant::now() < deadline, "node {id} wrote no addrs.json");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        s.http = bound["http_addr"]
+            .as_str()
+            .context("addrs.json: http_addr")?
+            .parse()?;
+        s.raft = bound["raft_addr"]
+            .as_str()
+            .context("addrs.json: raft_addr")?
+            .to_string();
+        if let Some(d) = bound["device_addr"].as_str() {
+            s.device = d.to_string();
+        }
+        s.proc = Some(proc);
         Ok(())
     }
 
@@ -155,7 +186,7 @@ impl Cluster {
     fn wait_voters(&self, count: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let ready = self.nodes.iter().all(|n| {
+            let ready = self.alive().all(|n| {
                 http::get(n.http, "/readyz", Duration::from_secs(2))
                     .map(|r| r.status == 200)
                     .unwrap_or(false)
@@ -294,22 +325,50 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
 
     let dir = scratch("cairn")?;
     let mut cluster = Cluster::start(bin, &dir)?;
-    let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
 
+    // SQL over HTTP: the same kind of write dqlite and hiqlite take.
+    http_sql(profile, &cluster, results)?;
+
+    let sim_available = Command::new(bin)
+        .args(["sim", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if sim_available {
+        devices(profile, bin, &cluster, results)?;
+    }
+    failover_http(&mut cluster, results)?;
+    if sim_available {
+        failover_devices(bin, &mut cluster, results)?;
+    }
+    restart(profile, &mut cluster, results)?;
+    ensure!(
+        sim_available,
+        "`cairn sim` is not in this build yet: device ingest, device latency and RSS under \
+         device load were not measured"
+    );
+    Ok(())
+}
+
+/// Device ingest through `cairn sim`: ack latency with one record in flight, throughput
+/// against device count, and the leader's RSS under the largest load.
+fn devices(profile: &Profile, bin: &Path, cluster: &Cluster, results: &mut Results) -> Result<()> {
+    let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
     // Latency: one device sending slowly enough that one record is in flight at a time.
     let lat_seconds = if profile.quick { 3.0 } else { 10.0 };
-    let r = sim(bin, &cluster, leader, 1, 20, lat_seconds)?;
+    let r = sim(bin, cluster, leader, 1, 20, lat_seconds)?;
     ensure!(r.acked > 0, "latency run: nothing acknowledged");
     results.push(Measurement::new(names::LAT_P50, SYSTEM, r.p50_ms, "ms"));
     results.push(Measurement::new(names::LAT_P99, SYSTEM, r.p99_ms, "ms"));
 
-    // Throughput against device count; RSS of the leader sampled during the largest run.
     let mut best = 0.0f64;
     for devices in [1u64, 100, 1000] {
         let rate = OFFERED_RATE.div_ceil(devices);
         let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
         let sampler = RssSampler::start(cluster.pid(leader));
-        let r = sim(bin, &cluster, leader, devices, rate, profile.cairn_seconds)?;
+        let r = sim(bin, cluster, leader, devices, rate, profile.cairn_seconds)?;
         let peak_kib = sampler.stop();
         let tput = r.acked as f64 / profile.cairn_seconds;
         results.push(Measurement::new(
@@ -334,9 +393,196 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
         best,
         "records/s",
     ));
+    Ok(())
+}
 
-    failover(bin, &mut cluster, results)?;
-    restart(profile, &mut cluster, results)?;
+const SQL_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_sql (device_id INTEGER NOT NULL, \
+    seq INTEGER NOT NULL, time TEXT NOT NULL, received_at TEXT NOT NULL, v0 REAL, v1 REAL, \
+    v2 REAL, PRIMARY KEY (device_id, seq))";
+
+/// One parameterised INSERT of a three-value record, as rqlite's JSON statement array.
+fn sql_insert(device: u64, seq: u64) -> serde_json::Value {
+    serde_json::json!([
+        "INSERT INTO bench_sql VALUES (?, ?, ?, ?, ?, ?, ?)",
+        device,
+        seq,
+        "2026-11-25T18:44:00.000Z",
+        "2026-11-25T18:44:00.100Z",
+        21.5,
+        48.25,
+        1013.0
+    ])
+}
+
+/// Parameterised SQL writes over kept-alive HTTP connections to the leader.
+fn http_sql(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Result<()> {
+    let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
+    cluster.execute(leader, SQL_TABLE)?;
+    let addr = cluster.slot(leader).http;
+    let mut conn = http::Conn::open(addr, HTTP_TIMEOUT)?;
+    let mut lat = Vec::with_capacity(profile.latency_samples);
+    for seq in 0..profile.latency_samples as u64 {
+        let body = serde_json::json!([sql_insert(0, seq)]).to_string();
+        let t = Instant::now();
+        let r = conn.post_json("/db/execute", &body)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(
+            r.status == 200 && !r.body.contains("\"error\""),
+            "SQL write: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    lat.sort_by(f64::total_cmp);
+    results.push(Measurement::new(
+        names::LAT_P50,
+        SYSTEM_SQL,
+        percentile(&lat, 0.5),
+        "ms",
+    ));
+    results.push(Measurement::new(
+        names::LAT_P99,
+        SYSTEM_SQL,
+        percentile(&lat, 0.99),
+        "ms",
+    ));
+
+    let next_device = AtomicU64::new(1);
+    let mut best = 0.0f64;
+    for (writers, rows) in [(16usize, 1u64), (64, 1), (4, 100), (16, 100)] {
+        let tput = sql_throughput(addr, &next_device, writers, rows, profile.peer_duration())?;
+        let shape = if rows == 1 {
+            "1 row".to_string()
+        } else {
+            format!("{rows}-row transaction")
+        };
+        results.push(Measurement::new(
+            &format!("throughput, {writers} writers x {shape}"),
+            SYSTEM_SQL,
+            tput,
+            "records/s",
+        ));
+        best = best.max(tput);
+    }
+    results.push(Measurement::new(
+        names::TPUT_BEST,
+        SYSTEM_SQL,
+        best,
+        "records/s",
+    ));
+    Ok(())
+}
+
+/// Rows/s committed by `writers` threads, each posting `rows` INSERTs per request (as one
+/// `?transaction` when more than one) back to back for `duration`.
+fn sql_throughput(
+    addr: SocketAddr,
+    next_device: &AtomicU64,
+    writers: usize,
+    rows: u64,
+    duration: Duration,
+) -> Result<f64> {
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut handles = Vec::new();
+        for _ in 0..writers {
+            let device = next_device.fetch_add(1, Ordering::Relaxed);
+            let (stop, done) = (&stop, &done);
+            handles.push(scope.spawn(move || -> Result<()> {
+                let mut conn = http::Conn::open(addr, HTTP_TIMEOUT)?;
+                let path = if rows > 1 {
+                    "/db/execute?transaction"
+                } else {
+                    "/db/execute"
+                };
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let stmts: Vec<_> = (seq..seq + rows).map(|q| sql_insert(device, q)).collect();
+                    let r = conn.post_json(path, &serde_json::Value::from(stmts).to_string())?;
+                    ensure!(
+                        r.status == 200 && !r.body.contains("\"error\""),
+                        "SQL write: {} {}",
+                        r.status,
+                        r.body
+                    );
+                    seq += rows;
+                    done.fetch_add(rows, Ordering::Relaxed);
+                }
+                Ok(())
+            }));
+        }
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// HTTP clients keep writing through a follower while the leader is SIGKILLed; the figure
+/// is the time from the kill to the first write acknowledged afterwards.
+fn failover_http(cluster: &mut Cluster, results: &mut Results) -> Result<()> {
+    let old = cluster.wait_leader(None, Duration::from_secs(10))?;
+    let survivor = (1..=3).find(|&id| id != old).expect("three nodes");
+    let addr = cluster.slot(survivor).http;
+    let stop = AtomicBool::new(false);
+    let killed_at: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let first_ack: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let seq = AtomicU64::new(1_000_000);
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..4 {
+            let (stop, killed_at, first_ack, seq) = (&stop, &killed_at, &first_ack, &seq);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    let q = seq.fetch_add(1, Ordering::Relaxed);
+                    let body = serde_json::json!([sql_insert(0, q)]);
+                    let ok = http::post_json(addr, "/db/execute", &body, Duration::from_secs(5))
+                        .map(|r| r.status == 200 && !r.body.contains("\"error\""))
+                        .unwrap_or(false);
+                    let kill = *killed_at.lock().expect("lock");
+                    if ok
+                        && let Some(k) = kill
+                        && sent >= k
+                    {
+                        let mut f = first_ack.lock().expect("lock");
+                        if f.is_none() {
+                            *f = Some(Instant::now());
+                        }
+                    }
+                    if !ok {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        *killed_at.lock().expect("lock") = Some(Instant::now());
+        cluster.kill(old);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while first_ack.lock().expect("lock").is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Relaxed);
+        Ok(())
+    })?;
+    let k = killed_at.into_inner().expect("lock").expect("killed");
+    let f = first_ack
+        .into_inner()
+        .expect("lock")
+        .context("no SQL write acknowledged within 30 s of killing the leader")?;
+    results.push(Measurement::new(
+        names::FAILOVER,
+        SYSTEM_SQL,
+        (f - k).as_secs_f64() * 1e3,
+        "ms",
+    ));
+    cluster.spawn(old, false)?;
+    cluster.wait_voters(3, Duration::from_secs(60))?;
     Ok(())
 }
 
@@ -378,7 +624,7 @@ impl RssSampler {
 
 /// Devices keep pushing while the leader is SIGKILLed; the figure is the time from the kill
 /// until a surviving node has applied a record committed under the new leader.
-fn failover(bin: &Path, cluster: &mut Cluster, results: &mut Results) -> Result<()> {
+fn failover_devices(bin: &Path, cluster: &mut Cluster, results: &mut Results) -> Result<()> {
     let old = cluster.wait_leader(None, Duration::from_secs(10))?;
     let survivor = (1..=3).find(|&id| id != old).expect("three nodes");
     // Background load: 10 devices, 200 records/s each, for long enough to span the failover.

@@ -59,6 +59,68 @@ fn request(
     parse_response(&raw)
 }
 
+/// A kept-alive connection for request loops (benchmarks measure the server, not TCP setup).
+pub struct Conn {
+    reader: std::io::BufReader<TcpStream>,
+    writer: TcpStream,
+    addr: SocketAddr,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr, timeout: Duration) -> Result<Conn> {
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(timeout))?;
+        Ok(Conn {
+            reader: std::io::BufReader::new(s.try_clone()?),
+            writer: s,
+            addr,
+        })
+    }
+
+    pub fn post_json(&mut self, path: &str, body: &str) -> Result<Response> {
+        use std::io::BufRead;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        self.writer.write_all(req.as_bytes())?;
+        let mut status = String::new();
+        self.reader.read_line(&mut status)?;
+        let status: u16 = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("bad status line {status:?}"))?;
+        let mut len = None;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("connection closed in headers");
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = Some(v.trim().parse::<usize>()?);
+                } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                    bail!("chunked responses are not supported on kept-alive connections");
+                }
+            }
+        }
+        let mut body = vec![0u8; len.context("response without Content-Length")?];
+        self.reader.read_exact(&mut body)?;
+        Ok(Response {
+            status,
+            body: String::from_utf8(body)?,
+        })
+    }
+}
+
 fn parse_response(raw: &[u8]) -> Result<Response> {
     let split = raw
         .windows(4)

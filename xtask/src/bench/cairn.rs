@@ -4,7 +4,7 @@
 
 use super::http;
 use super::names;
-use super::proc::{Guarded, free_port, percentile, rss_kib, scratch};
+use super::proc::{Guarded, PerfRecord, free_port, percentile, rss_kib, scratch};
 use super::report::{Measurement, Results};
 use super::{Profile, wire};
 use anyhow::{Context, Result, bail, ensure};
@@ -368,8 +368,14 @@ fn devices(profile: &Profile, bin: &Path, cluster: &Cluster, results: &mut Resul
         let rate = OFFERED_RATE.div_ceil(devices);
         let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
         let sampler = RssSampler::start(cluster.pid(leader));
+        let perf = (profile.perf && devices == 1000)
+            .then(|| PerfRecord::start(cluster.pid(leader), profile.cairn_seconds, "ingest"))
+            .transpose()?;
         let r = sim(bin, cluster, leader, devices, rate, profile.cairn_seconds)?;
         let peak_kib = sampler.stop();
+        if let Some(p) = perf {
+            println!("    profile: {}", p.finish()?.display());
+        }
         let tput = r.acked as f64 / profile.cairn_seconds;
         results.push(Measurement::new(
             &format!("throughput, {devices} devices"),
@@ -450,7 +456,13 @@ fn http_sql(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resu
     let next_device = AtomicU64::new(1);
     let mut best = 0.0f64;
     for (writers, rows) in [(16usize, 1u64), (64, 1), (4, 100), (16, 100)] {
+        let perf = (profile.perf && writers == 16 && rows == 100)
+            .then(|| PerfRecord::start(cluster.pid(leader), profile.peer_seconds, "sql"))
+            .transpose()?;
         let tput = sql_throughput(addr, &next_device, writers, rows, profile.peer_duration())?;
+        if let Some(p) = perf {
+            println!("    profile: {}", p.finish()?.display());
+        }
         let shape = if rows == 1 {
             "1 row".to_string()
         } else {

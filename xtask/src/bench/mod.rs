@@ -9,6 +9,9 @@
 //! `target/bench/throughput.svg`, and prints the ratio table. A full run that measured every
 //! part also rewrites `BENCHMARKS.md` and `benchmarks-throughput.svg` at the repository root.
 //!
+//! `--perf` samples the Cairn leader with `perf record` during the heaviest device and SQL
+//! runs and writes flat profiles to `target/bench/*.profile.txt`.
+//!
 //! A part that fails is reported and the others still run; the command then exits non-zero.
 
 pub(crate) mod cairn;
@@ -37,6 +40,8 @@ pub mod names {
 /// How long and how hard each part runs.
 pub struct Profile {
     pub quick: bool,
+    /// `--perf`: sample the leader with `perf record` during the heaviest Cairn runs.
+    pub perf: bool,
     pub dqlite_seconds: u32,
     /// Seconds per throughput point of Mosquitto and hiqlite.
     pub peer_seconds: f64,
@@ -51,6 +56,7 @@ impl Profile {
         if quick {
             Profile {
                 quick,
+                perf: false,
                 dqlite_seconds: 3,
                 peer_seconds: 1.5,
                 cairn_seconds: 3.0,
@@ -60,6 +66,7 @@ impl Profile {
         } else {
             Profile {
                 quick,
+                perf: false,
                 dqlite_seconds: 10,
                 peer_seconds: 4.0,
                 cairn_seconds: 8.0,
@@ -78,11 +85,13 @@ const PARTS: &[&str] = &["dqlite", "mosquitto", "hiqlite", "cairn"];
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut quick = false;
+    let mut perf = false;
     let mut only: Vec<String> = PARTS.iter().map(|s| s.to_string()).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--perf" => perf = true,
             "--only" => {
                 let v = it
                     .next()
@@ -93,11 +102,14 @@ pub fn run(args: &[String]) -> Result<()> {
                 }
             }
             other => {
-                bail!("bench: unknown argument `{other}` (usage: bench [--quick] [--only PARTS])")
+                bail!("bench: unknown argument `{other}` (usage: bench [--quick] [--perf] [--only PARTS])")
             }
         }
     }
-    let profile = Profile::new(quick);
+    let profile = Profile {
+        perf,
+        ..Profile::new(quick)
+    };
     let wants = |p: &str| only.iter().any(|o| o == p);
     let started = Instant::now();
     let out_dir = crate::util::root().join("target/bench");

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A child process that is killed (SIGKILL) and reaped when dropped, however the bench exits.
@@ -71,6 +71,49 @@ impl Guarded {
 impl Drop for Guarded {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// `perf record` of one process for a while (software cpu-clock event: hardware counters are
+/// not available in every VM), reported as a flat profile by symbol.
+pub struct PerfRecord {
+    proc: Guarded,
+    data: PathBuf,
+    report: PathBuf,
+}
+
+impl PerfRecord {
+    /// Samples `pid` at 499 Hz for `seconds`, writing `<name>.perf.data` in `target/bench/`.
+    pub fn start(pid: u32, seconds: f64, name: &str) -> Result<PerfRecord> {
+        let dir = crate::util::root().join("target/bench");
+        let data = dir.join(format!("{name}.perf.data"));
+        let proc = Guarded::spawn(
+            "perf record",
+            Command::new("perf")
+                .args(["record", "-e", "cpu-clock", "-F", "499", "-g", "-q", "-o"])
+                .arg(&data)
+                .args(["-p", &pid.to_string(), "--", "sleep", &format!("{seconds}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        Ok(PerfRecord {
+            proc,
+            data,
+            report: dir.join(format!("{name}.profile.txt")),
+        })
+    }
+
+    /// Waits for the recording and writes the flat profile; returns its path.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        self.proc.wait_timeout(Duration::from_secs(120))?;
+        let out = crate::util::output(
+            Command::new("perf")
+                .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "-g", "none"])
+                .arg("-i")
+                .arg(&self.data),
+        )?;
+        std::fs::write(&self.report, out)?;
+        Ok(self.report)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::http;
 use super::names;
-use super::proc::{Guarded, PerfRecord, free_port, percentile, rss_kib, scratch};
+use super::proc::{Guarded, PerfRecord, percentile, rss_kib, scratch};
 use super::report::{Measurement, Results};
 use super::{Profile, wire};
 use anyhow::{Context, Result, bail, ensure};
@@ -45,7 +45,7 @@ struct NodeSlot {
     /// Bound addresses, read from `DATA_DIR/addrs.json` (first start: port 0, the OS chooses).
     http: SocketAddr,
     raft: String,
-    device: String,
+    device: SocketAddr,
     dir: PathBuf,
     proc: Option<Guarded>,
 }
@@ -64,8 +64,7 @@ impl Cluster {
                 id,
                 http: SocketAddr::from(([127, 0, 0, 1], 0)),
                 raft: "127.0.0.1:0".into(),
-                // Until the gateway reports its bound device port, pick a free one up front.
-                device: format!("127.0.0.1:{}", free_port()?),
+                device: SocketAddr::from(([127, 0, 0, 1], 0)),
                 dir: dir.join(format!("node{id}")),
                 proc: None,
             });
@@ -115,7 +114,7 @@ impl Cluster {
             .arg(&s.dir)
             .args(["--http-addr", &s.http.to_string()])
             .args(["--raft-addr", &s.raft])
-            .args(["--device-addr", &s.device])
+            .args(["--device-addr", &s.device.to_string()])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -146,9 +145,11 @@ impl Cluster {
             .as_str()
             .context("addrs.json: raft_addr")?
             .to_string();
-        if let Some(d) = bound["device_addr"].as_str() {
-            s.device = d.to_string();
-        }
+        s.device = bound["device_addr"]
+            .as_str()
+            .filter(|d| !d.is_empty())
+            .context("addrs.json: device_addr")?
+            .parse()?;
         s.proc = Some(proc);
         Ok(())
     }

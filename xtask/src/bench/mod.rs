@@ -102,7 +102,9 @@ pub fn run(args: &[String]) -> Result<()> {
                 }
             }
             other => {
-                bail!("bench: unknown argument `{other}` (usage: bench [--quick] [--perf] [--only PARTS])")
+                bail!(
+                    "bench: unknown argument `{other}` (usage: bench [--quick] [--perf] [--only PARTS])"
+                )
             }
         }
     }

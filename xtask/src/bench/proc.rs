@@ -108,7 +108,15 @@ impl PerfRecord {
         self.proc.wait_timeout(Duration::from_secs(120))?;
         let out = crate::util::output(
             Command::new("perf")
-                .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "-g", "none"])
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "--sort",
+                    "dso,symbol",
+                    "-g",
+                    "none",
+                ])
                 .arg("-i")
                 .arg(&self.data),
         )?;

@@ -1,12 +1,12 @@
 //! Cairn's side of the bench: a 3-node cluster of release `cairn node` processes on loopback,
-//! devices simulated by `cairn sim` (the real device client), failover and restart by killing
-//! real processes with SIGKILL.
+//! a device fleet speaking the real protocol ([`super::fleet`]), SQL over the HTTP API,
+//! failover and restart by killing real processes with SIGKILL.
 
 use super::http;
 use super::names;
 use super::proc::{Guarded, PerfRecord, percentile, rss_kib, scratch};
 use super::report::{Measurement, Results};
-use super::{Profile, wire};
+use super::{Profile, fleet, wire};
 use anyhow::{Context, Result, bail, ensure};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,10 +18,6 @@ use std::time::{Duration, Instant};
 pub const SYSTEM: &str = "Cairn";
 /// Cairn taking parameterised SQL writes over its rqlite-compatible HTTP API.
 pub const SYSTEM_SQL: &str = "Cairn HTTP SQL";
-
-/// Records/s offered in the throughput runs, spread over the devices: above what the cluster
-/// can take, so the figure is the cluster's capacity, not the offered load.
-const OFFERED_RATE: u64 = 400_000;
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,11 +49,27 @@ struct NodeSlot {
 /// Three nodes on loopback with OS-chosen ports. Dropping it kills every node.
 pub struct Cluster {
     bin: PathBuf,
+    /// `--config` given to every node.
+    config: Option<PathBuf>,
     nodes: Vec<NodeSlot>,
 }
 
 impl Cluster {
     pub fn start(bin: &Path, dir: &Path) -> Result<Cluster> {
+        Self::start_with_config(bin, dir, None)
+    }
+
+    /// Like [`Cluster::start`], every node reading `config` (TOML text) via `--config`.
+    pub fn start_with_config(bin: &Path, dir: &Path, config: Option<&str>) -> Result<Cluster> {
+        let config = match config {
+            Some(text) => {
+                std::fs::create_dir_all(dir)?;
+                let path = dir.join("cairn.toml");
+                std::fs::write(&path, text)?;
+                Some(path)
+            }
+            None => None,
+        };
         let mut nodes = Vec::new();
         for id in 1..=3u64 {
             nodes.push(NodeSlot {
@@ -71,6 +83,7 @@ impl Cluster {
         }
         let mut cluster = Cluster {
             bin: bin.to_path_buf(),
+            config,
             nodes,
         };
         cluster.spawn(1, true)?;
@@ -101,6 +114,7 @@ impl Cluster {
     pub(crate) fn spawn(&mut self, id: u64, first: bool) -> Result<()> {
         let join = format!("http://{}", self.slot(1).http);
         let bin = self.bin.clone();
+        let config = self.config.clone();
         let s = &mut self.nodes[(id - 1) as usize];
         std::fs::create_dir_all(&s.dir)?;
         let addrs = s.dir.join("addrs.json");
@@ -119,6 +133,9 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(c) = &config {
+            cmd.arg("--config").arg(c);
+        }
         if first && id == 1 {
             cmd.arg("--bootstrap");
         } else if first {
@@ -217,14 +234,6 @@ impl Cluster {
         self.slot(id).proc.as_ref().map(Guarded::pid).unwrap_or(0)
     }
 
-    fn device_addrs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| n.device.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
     /// SQL write through node `id`'s HTTP API (rqlite's `/db/execute`).
     fn execute(&self, id: u64, sql: &str) -> Result<serde_json::Value> {
         let r = http::post_json(
@@ -255,53 +264,6 @@ impl Cluster {
     }
 }
 
-/// What `cairn sim --json` prints at the end of a run.
-#[derive(Debug, Clone, Copy)]
-pub struct SimReport {
-    pub acked: u64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-}
-
-fn sim(
-    bin: &Path,
-    cluster: &Cluster,
-    leader: u64,
-    devices: u64,
-    rate: u64,
-    seconds: f64,
-) -> Result<SimReport> {
-    let mut cmd = Command::new(bin);
-    cmd.args(["sim", "--devices", &devices.to_string()])
-        .args(["--rate", &rate.to_string()])
-        .args(["--gateways", &cluster.device_addrs()])
-        .args(["--duration", &format!("{seconds}")])
-        .args(["--host", &format!("http://{}", cluster.slot(leader).http)])
-        .arg("--json")
-        .stdin(Stdio::null());
-    let out = cmd.output().context("running cairn sim")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "cairn sim exited with {}: {}{}",
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .with_context(|| format!("cairn sim printed no JSON: {stdout}"))?;
-    let v: serde_json::Value = serde_json::from_str(line)?;
-    Ok(SimReport {
-        acked: v["acked"].as_u64().context("sim JSON: acked")?,
-        p50_ms: v["p50_ms"].as_f64().unwrap_or(f64::NAN),
-        p99_ms: v["p99_ms"].as_f64().unwrap_or(f64::NAN),
-    })
-}
-
 pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
     // Bytes on the wire do not need a cluster: they come from the protocol encoder itself.
     let w = wire::three_value_record()?;
@@ -325,59 +287,79 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
     ));
 
     let dir = scratch("cairn")?;
-    let mut cluster = Cluster::start(bin, &dir)?;
+    let mut cluster = Cluster::start_with_config(bin, &dir, Some(&stream_config()))?;
 
     // SQL over HTTP: the same kind of write dqlite and hiqlite take.
     http_sql(profile, &cluster, results)?;
-
-    let sim_available = Command::new(bin)
-        .args(["sim", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if sim_available {
-        devices(profile, bin, &cluster, results)?;
-    }
+    devices(profile, &cluster, results)?;
     failover_http(&mut cluster, results)?;
-    if sim_available {
-        failover_devices(bin, &mut cluster, results)?;
-    }
     restart(profile, &mut cluster, results)?;
-    ensure!(
-        sim_available,
-        "`cairn sim` is not in this build yet: device ingest, device latency and RSS under \
-         device load were not measured"
-    );
     Ok(())
 }
 
-/// Device ingest through `cairn sim`: ack latency with one record in flight, throughput
-/// against device count, and the leader's RSS under the largest load.
-fn devices(profile: &Profile, bin: &Path, cluster: &Cluster, results: &mut Results) -> Result<()> {
+/// The fleet's stream declared as a table of three reals, the shape of a typical sensor.
+fn stream_config() -> String {
+    format!(
+        "[[stream]]\nid = {}\ntable = \"climate\"\ncolumns = [\
+         {{ name = \"temperature\", type = \"real\" }}, \
+         {{ name = \"humidity\", type = \"real\" }}, \
+         {{ name = \"pressure\", type = \"real\" }}]\n",
+        fleet::STREAM
+    )
+}
+
+/// Device ingest from the protocol-level fleet connected to the leader's device port: ack
+/// latency with one record in flight, throughput against device count, the leader's RSS
+/// under the largest load and bytes counted on the devices' sockets.
+fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Result<()> {
     let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
-    // Latency: one device sending slowly enough that one record is in flight at a time.
-    let lat_seconds = if profile.quick { 3.0 } else { 10.0 };
-    let r = sim(bin, cluster, leader, 1, 20, lat_seconds)?;
-    ensure!(r.acked > 0, "latency run: nothing acknowledged");
-    results.push(Measurement::new(names::LAT_P50, SYSTEM, r.p50_ms, "ms"));
-    results.push(Measurement::new(names::LAT_P99, SYSTEM, r.p99_ms, "ms"));
+    let (http_addr, device_addr) = (cluster.slot(leader).http, cluster.slot(leader).device);
+
+    let lat_seconds = if profile.quick { 3.0 } else { 8.0 };
+    fleet::register(http_addr, 1..2)?;
+    let r = fleet::run(
+        device_addr,
+        1..2,
+        fleet::Mode::OneInFlight,
+        Duration::from_secs_f64(lat_seconds),
+    )?;
+    ensure!(
+        !r.latencies_ms.is_empty(),
+        "latency run: nothing acknowledged"
+    );
+    results.push(Measurement::new(
+        names::LAT_P50,
+        SYSTEM,
+        percentile(&r.latencies_ms, 0.5),
+        "ms",
+    ));
+    results.push(Measurement::new(
+        names::LAT_P99,
+        SYSTEM,
+        percentile(&r.latencies_ms, 0.99),
+        "ms",
+    ));
 
     let mut best = 0.0f64;
-    for devices in [1u64, 100, 1000] {
-        let rate = OFFERED_RATE.div_ceil(devices);
-        let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
+    for (devices, first_id) in [(1u64, 10u64), (100, 100), (1000, 1000)] {
+        let ids = first_id..first_id + devices;
+        fleet::register(http_addr, ids.clone())?;
         let sampler = RssSampler::start(cluster.pid(leader));
         let perf = (profile.perf && devices == 1000)
             .then(|| PerfRecord::start(cluster.pid(leader), profile.cairn_seconds, "ingest"))
             .transpose()?;
-        let r = sim(bin, cluster, leader, devices, rate, profile.cairn_seconds)?;
+        let r = fleet::run(
+            device_addr,
+            ids,
+            fleet::Mode::Saturate,
+            Duration::from_secs_f64(profile.cairn_seconds),
+        )?;
         let peak_kib = sampler.stop();
         if let Some(p) = perf {
             println!("    profile: {}", p.finish()?.display());
         }
-        let tput = r.acked as f64 / profile.cairn_seconds;
+        ensure!(r.acked > 0, "{devices} devices: nothing acknowledged");
+        let tput = r.acked as f64 / r.elapsed.as_secs_f64();
         results.push(Measurement::new(
             &format!("throughput, {devices} devices"),
             SYSTEM,
@@ -391,6 +373,12 @@ fn devices(profile: &Profile, bin: &Path, cluster: &Cluster, results: &mut Resul
                 SYSTEM,
                 peak_kib as f64 / 1024.0,
                 "MiB",
+            ));
+            results.push(Measurement::new(
+                "bytes per record counted on the sockets, 1000 devices",
+                SYSTEM,
+                (r.bytes_out + r.bytes_in) as f64 / r.acked as f64,
+                "bytes",
             ));
         }
     }
@@ -633,68 +621,6 @@ impl RssSampler {
         }
         self.peak.load(Ordering::Relaxed)
     }
-}
-
-/// Devices keep pushing while the leader is SIGKILLed; the figure is the time from the kill
-/// until a surviving node has applied a record committed under the new leader.
-fn failover_devices(bin: &Path, cluster: &mut Cluster, results: &mut Results) -> Result<()> {
-    let old = cluster.wait_leader(None, Duration::from_secs(10))?;
-    let survivor = (1..=3).find(|&id| id != old).expect("three nodes");
-    // Background load: 10 devices, 200 records/s each, for long enough to span the failover.
-    let mut load = Guarded::spawn(
-        "cairn sim (failover load)",
-        Command::new(bin)
-            .args(["sim", "--devices", "10", "--rate", "200"])
-            .args(["--gateways", &cluster.device_addrs()])
-            .args(["--duration", "15", "--json"])
-            .args(["--host", &format!("http://{}", cluster.slot(old).http)])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
-    std::thread::sleep(Duration::from_secs(3));
-    let applied =
-        |c: &Cluster| -> Option<u64> { c.status(survivor).ok()?["raft"]["applied_index"].as_u64() };
-    ensure!(applied(cluster).is_some(), "survivor has no applied index");
-    let t0 = Instant::now();
-    cluster.kill(old);
-    let new = cluster.wait_leader(Some(old), Duration::from_secs(20))?;
-    let elected = t0.elapsed();
-    // The first entry of a new term is the leader's blank entry; a record follows it.
-    let after_election = applied(cluster).unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let failover = loop {
-        if let Some(a) = applied(cluster)
-            && a > after_election + 1
-        {
-            break t0.elapsed();
-        }
-        if Instant::now() > deadline {
-            bail!("no record committed within 20 s of killing leader {old}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    println!(
-        "    failover: leader {old} killed, node {new} elected after {:.0} ms",
-        elected.as_secs_f64() * 1e3
-    );
-    results.push(Measurement::new(
-        "failover: kill -9 of the leader to a new leader",
-        SYSTEM,
-        elected.as_secs_f64() * 1e3,
-        "ms",
-    ));
-    results.push(Measurement::new(
-        names::FAILOVER,
-        SYSTEM,
-        failover.as_secs_f64() * 1e3,
-        "ms",
-    ));
-    load.kill();
-    // Bring the old leader back as a follower for the next measurement.
-    cluster.spawn(old, false)?;
-    cluster.wait_voters(3, Duration::from_secs(60))?;
-    Ok(())
 }
 
 /// Loads `profile.restart_rows` rows through Raft in one statement, SIGKILLs a follower and

@@ -15,6 +15,7 @@
 //! A part that fails is reported and the others still run; the command then exits non-zero.
 
 pub(crate) mod cairn;
+mod fleet;
 pub(crate) mod http;
 mod mqtt;
 mod peers;
@@ -396,17 +397,19 @@ fn markdown(
 
 const METHOD: &str = "\
 - **Cairn** (devices): three release `cairn node` processes on loopback (ports chosen by the \
-OS, read back from each node's `addrs.json`), devices simulated by `cairn sim` (the real \
-device client code) pushing three-value records. Throughput counts records the devices got \
-acknowledged, which the leader sends only after the batch is fsync'd on a quorum and \
-applied. Latency is one record in flight, push to ack. Failover is the time from `kill -9` of \
-the leader until a surviving node has applied a record committed under the new leader. \
-Bytes on the wire come from the protocol encoder: a sealed full Batch frame of \
-three-`f32` records (10 Hz samples, seq in the thousands) plus the sealed Ack that answers \
-it, divided by the records; TCP/IP headers are left out for every system. RSS is the \
-leader's peak VmRSS during the 1,000-device run. Restart is the time from starting a \
-SIGKILLed follower that holds 1,000,000 rows (loaded with one recursive-CTE INSERT through \
-Raft) until it answers `/readyz` and a local count sees every row.\n\
+OS, read back from each node's `addrs.json`), stream 7 declared as a table of three reals. \
+The devices are xtask's protocol-level fleet (`xtask/src/bench/fleet.rs`: the real \
+`cairn-protocol` session and batch encoder, one thread per device, connected to the leader's \
+device port as the firmware client ends up after a Welcome leader hint) pushing three-`f32` \
+records. Throughput counts records the devices got acknowledged, which the leader sends only \
+after the batch is fsync'd on a quorum and applied; every device keeps its credit full. \
+Latency is one record in flight, push to Ack. Bytes on the wire come from the protocol \
+encoder (a sealed full Batch frame plus the sealed Ack that answers it, divided by the \
+records; TCP/IP headers are left out for every system) and, separately, from the bytes the \
+1,000 devices wrote and read. RSS is the leader's peak VmRSS during the 1,000-device run. \
+Restart is the time from starting a SIGKILLed follower that holds 1,000,000 rows (loaded \
+with one recursive-CTE INSERT through Raft) until it answers `/readyz` and a local count sees \
+every row.\n\
 - **Cairn HTTP SQL**: the same cluster taking parameterised INSERTs of the same row shape \
 through the rqlite-compatible `/db/execute` over kept-alive connections to the leader: one \
 writer for latency; 16 and 64 single-row writers and 4 and 16 writers of 100-row \

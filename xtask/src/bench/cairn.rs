@@ -293,6 +293,7 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
     http_sql(profile, &cluster, results)?;
     devices(profile, &cluster, results)?;
     failover_http(&mut cluster, results)?;
+    failover_devices(&mut cluster, results)?;
     restart(profile, &mut cluster, results)?;
     Ok(())
 }
@@ -317,12 +318,13 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
 
     let lat_seconds = if profile.quick { 3.0 } else { 8.0 };
     fleet::register(http_addr, 1..2)?;
-    let r = fleet::run(
-        device_addr,
-        1..2,
-        fleet::Mode::OneInFlight,
-        Duration::from_secs_f64(lat_seconds),
-    )?;
+    let r = fleet::run(&fleet::Plan {
+        gateways: vec![device_addr],
+        ids: 1..2,
+        mode: fleet::Mode::OneInFlight,
+        duration: Duration::from_secs_f64(lat_seconds),
+        probe: None,
+    })?;
     ensure!(
         !r.latencies_ms.is_empty(),
         "latency run: nothing acknowledged"
@@ -348,12 +350,13 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
         let perf = (profile.perf && devices == 1000)
             .then(|| PerfRecord::start(cluster.pid(leader), profile.cairn_seconds, "ingest"))
             .transpose()?;
-        let r = fleet::run(
-            device_addr,
+        let r = fleet::run(&fleet::Plan {
+            gateways: vec![device_addr],
             ids,
-            fleet::Mode::Saturate,
-            Duration::from_secs_f64(profile.cairn_seconds),
-        )?;
+            mode: fleet::Mode::Saturate,
+            duration: Duration::from_secs_f64(profile.cairn_seconds),
+            probe: None,
+        })?;
         let peak_kib = sampler.stop();
         if let Some(p) = perf {
             println!("    profile: {}", p.finish()?.display());
@@ -621,6 +624,54 @@ impl RssSampler {
         }
         self.peak.load(Ordering::Relaxed)
     }
+}
+
+/// Ten saturating devices on the leader; the leader is SIGKILLed and the devices reconnect
+/// to the survivors on their own. The figure is the time from the kill to the first Ack any
+/// device receives afterwards.
+fn failover_devices(cluster: &mut Cluster, results: &mut Results) -> Result<()> {
+    let old = cluster.wait_leader(None, Duration::from_secs(10))?;
+    let http_addr = cluster.slot(old).http;
+    let mut gateways = vec![cluster.slot(old).device];
+    gateways.extend(
+        cluster
+            .nodes
+            .iter()
+            .filter(|n| n.id != old)
+            .map(|n| n.device),
+    );
+    fleet::register(http_addr, 5000..5010)?;
+    let probe = fleet::AckProbe::default();
+    let plan = fleet::Plan {
+        gateways,
+        ids: 5000..5010,
+        mode: fleet::Mode::Saturate,
+        duration: Duration::from_secs(8),
+        probe: Some(&probe),
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let fleet = scope.spawn(|| fleet::run(&plan));
+        std::thread::sleep(Duration::from_secs(2));
+        probe.arm();
+        cluster.kill(old);
+        fleet
+            .join()
+            .map_err(|_| anyhow::anyhow!("fleet panicked"))?
+            .context("devices during failover")?;
+        Ok(())
+    })?;
+    let f = probe
+        .first_ack_after_arm()
+        .context("no device got an Ack within 6 s of killing the leader")?;
+    results.push(Measurement::new(
+        names::FAILOVER,
+        SYSTEM,
+        f.as_secs_f64() * 1e3,
+        "ms",
+    ));
+    cluster.spawn(old, false)?;
+    cluster.wait_voters(3, Duration::from_secs(60))?;
+    Ok(())
 }
 
 /// Loads `profile.restart_rows` rows through Raft in one statement, SIGKILLs a follower and

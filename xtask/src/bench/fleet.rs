@@ -87,22 +87,67 @@ pub fn register(http_addr: SocketAddr, ids: Range<u64>) -> Result<()> {
     })
 }
 
-/// Runs devices `ids` against the gateway device port `addr` for `duration`.
-pub fn run(addr: SocketAddr, ids: Range<u64>, mode: Mode, duration: Duration) -> Result<Report> {
+/// Records the first Ack any device receives, after a moment (the leader's kill), on a
+/// connection opened after that moment (Acks still buffered from the old leader don't count).
+#[derive(Default)]
+pub struct AckProbe {
+    origin: std::sync::OnceLock<Instant>,
+    /// Nanoseconds after `origin` of the first Ack after `arm`, 0 while none.
+    first_after_ns: std::sync::atomic::AtomicU64,
+}
+
+impl AckProbe {
+    /// From now on, the next Ack that advances a device counts.
+    pub fn arm(&self) {
+        self.origin.get_or_init(Instant::now);
+    }
+
+    fn saw_ack(&self, connected_at: Instant) {
+        if let Some(origin) = self.origin.get()
+            && connected_at >= *origin
+        {
+            let ns = origin.elapsed().as_nanos().max(1) as u64;
+            let _ =
+                self.first_after_ns
+                    .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Time from `arm` to the first advancing Ack after it, if one came.
+    pub fn first_ack_after_arm(&self) -> Option<Duration> {
+        match self.first_after_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+}
+
+/// How a fleet runs.
+pub struct Plan<'a> {
+    /// Device ports; devices start on the first and move on (round-robin) after an error.
+    pub gateways: Vec<SocketAddr>,
+    pub ids: Range<u64>,
+    pub mode: Mode,
+    pub duration: Duration,
+    pub probe: Option<&'a AckProbe>,
+}
+
+/// Runs the fleet for `plan.duration`, one thread per device.
+pub fn run(plan: &Plan<'_>) -> Result<Report> {
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let mut report = Report::default();
     std::thread::scope(|scope| -> Result<()> {
         let mut handles = Vec::new();
-        for id in ids.clone() {
+        for id in plan.ids.clone() {
             let stop = &stop;
             handles.push(
                 std::thread::Builder::new()
                     .stack_size(256 * 1024)
-                    .spawn_scoped(scope, move || device(addr, id, mode, stop, start))?,
+                    .spawn_scoped(scope, move || device(plan, id, stop, start))?,
             );
         }
-        std::thread::sleep(duration);
+        std::thread::sleep(plan.duration);
         stop.store(true, Ordering::Relaxed);
         report.elapsed = start.elapsed();
         let mut first_error = None;
@@ -128,6 +173,7 @@ pub fn run(addr: SocketAddr, ids: Range<u64>, mode: Mode, duration: Duration) ->
     Ok(report)
 }
 
+#[derive(Default)]
 struct DeviceStats {
     acked: u64,
     bytes_out: u64,
@@ -158,58 +204,164 @@ fn read_frame<'b>(r: &mut impl Read, buf: &'b mut [u8; MAX_FRAME]) -> Result<&'b
     Ok(&mut buf[..len])
 }
 
-fn device(
-    addr: SocketAddr,
+/// One device: connects, and after any error reconnects to the next gateway (or the leader
+/// a Welcome names) with a fresh Hello, resuming at the announced high water, as SPEC §8 asks.
+/// Gives up only if it cannot get a record acknowledged for 30 s.
+fn device(plan: &Plan<'_>, id: u64, stop: &AtomicBool, start: Instant) -> Result<DeviceStats> {
+    let key = key_of(id);
+    let mut session = DeviceSession::new(&key, 1, 0);
+    let mut stats = DeviceStats::default();
+    let mut gateway = plan.gateways[0];
+    let mut next_gateway = 1usize;
+    let mut first_high_water = None;
+    let mut acked_at_stop = None;
+    let mut acked = 0u64;
+    let mut last_progress = Instant::now();
+    loop {
+        let outcome = connection(
+            plan,
+            id,
+            gateway,
+            &mut session,
+            stop,
+            start,
+            &mut stats,
+            &mut first_high_water,
+            &mut acked,
+            &mut acked_at_stop,
+            &mut last_progress,
+        );
+        match outcome {
+            Ok(Next::Done) => break,
+            Ok(Next::Go(addr)) => gateway = addr,
+            Err(e) => {
+                if stop.load(Ordering::Relaxed) {
+                    acked_at_stop.get_or_insert(acked);
+                    break;
+                }
+                if last_progress.elapsed() > Duration::from_secs(30) {
+                    return Err(e.context(format!("device {id}: no progress for 30 s")));
+                }
+                gateway = plan.gateways[next_gateway % plan.gateways.len()];
+                next_gateway += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    stats.acked = acked_at_stop.unwrap_or(acked) - first_high_water.unwrap_or(0);
+    Ok(stats)
+}
+
+enum Next {
+    Done,
+    Go(SocketAddr),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn connection(
+    plan: &Plan<'_>,
     id: u64,
-    mode: Mode,
+    addr: SocketAddr,
+    session: &mut DeviceSession,
     stop: &AtomicBool,
     start: Instant,
-) -> Result<DeviceStats> {
-    let key = key_of(id);
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+    stats: &mut DeviceStats,
+    first_high_water: &mut Option<u64>,
+    acked: &mut u64,
+    acked_at_stop: &mut Option<u64>,
+    last_progress: &mut Instant,
+) -> Result<Next> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("device {id}: connect to {addr}"))?;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = Counted {
         inner: BufReader::new(stream),
         bytes: 0,
     };
-    let mut session = DeviceSession::new(&key, 1, 0);
+    let result = session_loop(
+        plan,
+        id,
+        addr,
+        session,
+        stop,
+        start,
+        stats,
+        first_high_water,
+        acked,
+        acked_at_stop,
+        last_progress,
+        &mut writer,
+        &mut reader,
+    );
+    stats.bytes_in += reader.bytes;
+    let _ = writer.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn session_loop(
+    plan: &Plan<'_>,
+    id: u64,
+    addr: SocketAddr,
+    session: &mut DeviceSession,
+    stop: &AtomicBool,
+    start: Instant,
+    stats: &mut DeviceStats,
+    first_high_water: &mut Option<u64>,
+    acked: &mut u64,
+    acked_at_stop: &mut Option<u64>,
+    last_progress: &mut Instant,
+    writer: &mut TcpStream,
+    reader: &mut Counted<BufReader<TcpStream>>,
+) -> Result<Next> {
+    let connected_at = Instant::now();
     let mut out = [0u8; MAX_FRAME];
     let mut inb = [0u8; MAX_FRAME];
-    let mut bytes_out = 0u64;
-
     let hello = session.hello(id, 1, MAX_BATCH);
     let n = session
         .encode(&Message::Hello(hello), &mut out)
         .map_err(|e| anyhow!("encode Hello: {e}"))?;
     writer.write_all(&out[..n])?;
-    bytes_out += n as u64;
-    let frame = read_frame(&mut reader, &mut inb)?;
-    let (high_water, mut credit) = match session.decode(frame) {
-        Ok(Message::Welcome(w)) => (w.high_water, w.credit),
+    stats.bytes_out += n as u64;
+    let frame = read_frame(reader, &mut inb)?;
+    let welcome = match session.decode(frame) {
+        Ok(Message::Welcome(w)) => w,
         Ok(Message::Error(e)) => bail!("device {id}: gateway refused Hello: {:?}", e.code),
         Ok(other) => bail!("device {id}: expected Welcome, got {:?}", other.kind()),
         Err(e) => bail!("device {id}: Welcome: {e}"),
     };
-    let mut acked = high_water;
+    if let Some(leader) = welcome.leader {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(v4) => v4.octets(),
+            std::net::IpAddr::V6(_) => [127, 0, 0, 1],
+        };
+        let l = leader.resolve(ip);
+        let to = SocketAddr::from((l.ip, l.port));
+        if to != addr {
+            return Ok(Next::Go(to));
+        }
+    }
+    let high_water = welcome.high_water;
+    first_high_water.get_or_insert(high_water);
+    let mut credit = welcome.credit;
+    // Records above the high water were not stored: send them again from there (rule 3).
+    *acked = high_water;
     let mut next_seq = high_water + 1;
-    let mut latencies = Vec::new();
     let mut sent_at = Instant::now();
-    let mut acked_at_stop = None;
     let uptime = |now: Instant| 60_000 + (now - start).as_millis() as u64;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         if stopping && acked_at_stop.is_none() {
-            acked_at_stop = Some(acked);
+            *acked_at_stop = Some(*acked);
         }
-        let in_flight = next_seq - 1 - acked;
-        if stopping && in_flight == 0 {
-            break;
+        let in_flight = next_seq - 1 - *acked;
+        if stopping && (in_flight == 0 || plan.mode == Mode::OneInFlight) {
+            return Ok(Next::Done);
         }
         let room = u64::from(credit).saturating_sub(in_flight);
-        let want = match mode {
+        let want = match plan.mode {
             Mode::Saturate => room,
             Mode::OneInFlight if in_flight == 0 => room.min(1),
             Mode::OneInFlight => 0,
@@ -239,21 +391,27 @@ fn device(
                 .encode(&Message::Batch(view), &mut out)
                 .map_err(|e| anyhow!("encode Batch: {e}"))?;
             writer.write_all(&out[..n])?;
-            bytes_out += n as u64;
+            stats.bytes_out += n as u64;
             next_seq += count;
             sent_at = now;
             // Saturating devices fill their credit before reading; more may fit right away.
-            if mode == Mode::Saturate && next_seq - 1 - acked < u64::from(credit) {
+            if plan.mode == Mode::Saturate && next_seq - 1 - *acked < u64::from(credit) {
                 continue;
             }
         }
-        let frame = read_frame(&mut reader, &mut inb)?;
+        let frame = read_frame(reader, &mut inb)?;
         match session.decode(frame) {
             Ok(Message::Ack(a)) => {
-                if a.through_seq > acked {
-                    acked = a.through_seq.min(next_seq - 1);
-                    if mode == Mode::OneInFlight && !stopping {
-                        latencies.push(sent_at.elapsed().as_secs_f64() * 1e3);
+                if a.through_seq > *acked {
+                    *acked = a.through_seq.min(next_seq - 1);
+                    *last_progress = Instant::now();
+                    if let Some(p) = plan.probe {
+                        p.saw_ack(connected_at);
+                    }
+                    if plan.mode == Mode::OneInFlight && !stopping {
+                        stats
+                            .latencies_ms
+                            .push(sent_at.elapsed().as_secs_f64() * 1e3);
                     }
                 }
                 credit = a.credit;
@@ -263,20 +421,16 @@ fn device(
                     .encode(&Message::Pong(Pong { nonce: p.nonce }), &mut out)
                     .map_err(|e| anyhow!("encode Pong: {e}"))?;
                 writer.write_all(&out[..n])?;
-                bytes_out += n as u64;
+                stats.bytes_out += n as u64;
+            }
+            Ok(Message::Redirect(r)) => {
+                return Ok(Next::Go(SocketAddr::from((r.addr.ip, r.addr.port))));
             }
             Ok(Message::Error(e)) => bail!("device {id}: gateway error {:?}", e.code),
             Ok(other) => bail!("device {id}: unexpected {:?}", other.kind()),
             Err(e) => bail!("device {id}: bad gateway frame: {e}"),
         }
     }
-    let _ = writer.shutdown(std::net::Shutdown::Both);
-    Ok(DeviceStats {
-        acked: acked_at_stop.unwrap_or(acked) - high_water,
-        bytes_out,
-        bytes_in: reader.bytes,
-        latencies_ms: latencies,
-    })
 }
 
 #[cfg(test)]

@@ -408,7 +408,7 @@ async fn status(State(n): State<Arc<Node>>, Query(q): Query<HashMap<String, Stri
         "uptime_s": n.started.elapsed().as_secs_f64(),
         "http_addr": n.peer.http_addr,
         "raft_addr": n.peer.raft_addr,
-        "device_addr": n.config.device_addr,
+        "device_addr": n.peer.device_addr,
         "data_dir": n.config.data_dir,
         "raft": {
             "state": format!("{:?}", m.state),

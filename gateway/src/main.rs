@@ -47,6 +47,8 @@ enum Cmd {
         #[arg(long, default_value = "http://127.0.0.1:4001")]
         host: String,
     },
+    /// Run simulated devices (the real firmware client) against gateways' device ports.
+    Sim(cairn_gateway::sim::SimArgs),
     /// Manage the devices allowed on the device port.
     Device {
         #[command(subcommand)]
@@ -92,6 +94,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Shell { host } => cli::shell(&host),
         Cmd::Backup { file, host } => cli::backup(&host, &file),
         Cmd::Restore { file, host } => cli::restore(&host, &file),
+        Cmd::Sim(a) => cairn_gateway::sim::run(a),
         Cmd::Device { command, host } => match command {
             DeviceCmd::Add { id, key } => admin::add(&host, id, &key),
             DeviceCmd::List => admin::list(&host),

@@ -61,6 +61,7 @@ pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
             http_addr: format!("127.0.0.1:{base}"),
             raft_addr: format!("127.0.0.1:{}", base + 1),
             device_addr: format!("127.0.0.1:{}", base + 2),
+            stream: crate::sim::dev_streams(),
             bootstrap: i == 1,
             join: (i != 1).then(|| "http://127.0.0.1:4001".to_string()),
             ..NodeConfig::default()
@@ -86,6 +87,7 @@ pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
          curl -G 'http://127.0.0.1:4011/db/query?pretty&level=linearizable' --data-urlencode 'q=SELECT * FROM notes'\n  \
          cairn shell --host http://127.0.0.1:4001\nCtrl-C stops all three."
     );
+    crate::sim::dev_fleet();
     shutdown_signal().await;
     println!("stopping...");
     let _ = stop_tx.send(true);

@@ -261,8 +261,13 @@ fn run_thread(
         for d in &devices {
             let client: &'static SimClient =
                 Box::leak(Box::new(Client::new(OverflowPolicy::RejectNewest)));
+            // Each device starts at a different gateway of the list, so load (and the
+            // follower forwarding path) is spread over all of them.
+            let mut list = gateways.to_vec();
+            list.rotate_left((d.id % gateways.len() as u64) as usize);
+            let list: &'static [GatewayAddr] = Box::leak(list.into_boxed_slice());
             let config: &'static Config<'static> =
-                Box::leak(Box::new(Config::new(d.id, d.key, d.boot, gateways)));
+                Box::leak(Box::new(Config::new(d.id, d.key, d.boot, list)));
             runners.push(tokio::task::spawn_local(async move {
                 client.run(&mut TcpTransport, config).await
             }));
@@ -343,6 +348,54 @@ fn run_thread(
             })
             .collect()
     })
+}
+
+/// The stream table `cairn dev` declares for its fleet: stream 1 → `readings(k, temperature)`.
+pub fn dev_streams() -> Vec<crate::schema::StreamDef> {
+    use crate::schema::{Column, ColumnType, StreamDef};
+    vec![StreamDef {
+        id: 1,
+        table: "readings".into(),
+        columns: vec![
+            Column {
+                name: "k".into(),
+                ty: ColumnType::Integer,
+            },
+            Column {
+                name: "temperature".into(),
+                ty: ColumnType::Real,
+            },
+        ],
+    }]
+}
+
+/// `cairn dev`'s fleet: five devices at two records a second against the three local nodes,
+/// on a thread of their own (they stop with the process).
+pub fn dev_fleet() {
+    let args = SimArgs {
+        devices: 5,
+        rate: 2.0,
+        gateways: "127.0.0.1:4003,127.0.0.1:4013,127.0.0.1:4023".into(),
+        duration: None,
+        json: false,
+        host: "http://127.0.0.1:4001".into(),
+        first_id: 1,
+        stream: 1,
+        drain: 0.0,
+        threads: Some(1),
+        report: None,
+        quiet: true,
+    };
+    println!(
+        "  5 simulated devices (ids 1-5) push 2 records/s each into table readings:\n  \
+         curl -G 'http://127.0.0.1:4001/db/query?pretty' --data-urlencode \\\n    \
+         'q=SELECT device_id, count(*), max(time) FROM readings GROUP BY device_id'"
+    );
+    std::thread::spawn(move || {
+        if let Err(e) = run(args) {
+            eprintln!("cairn dev: simulated devices stopped: {e:#}");
+        }
+    });
 }
 
 /// `cairn sim`.

@@ -26,6 +26,7 @@ fn cluster(dir: &Path) -> Cluster {
         3,
         Options {
             extra: vec!["--config".into(), config.display().to_string()],
+            ..Options::default()
         },
     )
 }

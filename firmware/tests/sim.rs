@@ -512,7 +512,7 @@ fn test_connect_and_ack_timeouts_fire() {
     let (rt, local) = local();
     local.block_on(&rt, async {
         // Gateway 0 never completes the TCP handshake; gateway 1 accepts but acks only after
-        // 3 s, far beyond the 400 ms response timeout.
+        // 3 s, far beyond the 1 s response timeout.
         let faults = Faults {
             ack_delay_min_ms: 3000,
             ack_delay_max_ms: 3000,

@@ -505,7 +505,7 @@ pub async fn wait_until(timeout: StdDuration, mut cond: impl FnMut() -> bool) ->
 pub fn fast_config(gateways: &[GatewayAddr], boot: u32) -> cairn_firmware::Config<'_> {
     let mut c = cairn_firmware::Config::new(DEVICE, KEY, boot, gateways);
     c.connect_timeout = embassy_time::Duration::from_millis(200);
-    c.response_timeout = embassy_time::Duration::from_millis(400);
+    c.response_timeout = embassy_time::Duration::from_millis(1000);
     c.ping_interval = embassy_time::Duration::from_millis(150);
     c.backoff_floor = embassy_time::Duration::from_millis(2);
     c.backoff_base = embassy_time::Duration::from_millis(5);

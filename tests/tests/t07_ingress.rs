@@ -26,7 +26,6 @@ fn cluster(dir: &Path) -> Cluster {
         3,
         Options {
             extra: vec!["--config".into(), config.display().to_string()],
-            ..Options::default()
         },
     )
 }

@@ -101,6 +101,8 @@ pub struct Outcome {
     pub diverged: usize,
     pub nonlinearizable: usize,
     pub undecided: usize,
+    /// Nodes that stopped on their own (not through a kill, and not after a full disk).
+    pub crashed: usize,
     /// Observations worth a line in the report that are not failures.
     pub notes: Vec<String>,
     /// `Some` with a full explanation when a check failed.
@@ -437,6 +439,8 @@ struct Env {
     verbose: bool,
     /// Config file and the fleet's report.
     scratch: tempfile::TempDir,
+    /// Nodes that stopped without a fault that stops them, with their log tails.
+    crashes: Vec<String>,
 }
 
 impl Drop for Env {
@@ -517,6 +521,7 @@ impl Env {
             started: Instant::now(),
             verbose: cfg.verbose,
             scratch,
+            crashes: Vec::new(),
         }
     }
 
@@ -728,25 +733,53 @@ impl Env {
         self.note("partition healed".into());
     }
 
-    /// A node that exited (or whose Raft stopped) during a fault is started again.
+    /// Whether node `i`'s process runs and its Raft has not stopped (waits up to 10 s for an
+    /// answer, so a busy node is not mistaken for a dead one).
+    fn healthy(&mut self, i: usize) -> bool {
+        if !self.cluster.nodes[i].is_running() {
+            return false;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(s) = status(&self.agent, &self.cluster.nodes[i].http) {
+                return s["raft"]["running"] != false;
+            }
+            if !self.cluster.nodes[i].is_running() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// A node that stopped during a fault that may stop it (a full disk) is started again.
     fn revive(&mut self, i: usize) {
-        let id = self.id(i);
-        let running = self.cluster.nodes[i].is_running();
-        let raft_ok = running
-            && poll(Duration::from_secs(10), "node status", || {
-                Some(
-                    status(&self.agent, &self.cluster.nodes[i].http)
-                        .map(|s| s["raft"]["running"] != false)
-                        .unwrap_or(false),
-                )
-            });
-        if !running || !raft_ok {
-            let why = if running {
-                "its Raft stopped"
-            } else {
-                "it exited"
-            };
-            self.note(format!("node {id} needs a restart: {why}"));
+        if !self.healthy(i) {
+            let id = self.id(i);
+            self.note(format!(
+                "node {id} stopped after its disk filled (expected); restarting it"
+            ));
+            self.cluster.kill9(i);
+            self.cluster.restart(i);
+        }
+    }
+
+    /// Members that stopped although no fault should have stopped them: a crash. Each is
+    /// recorded with its log tail and restarted so the run can finish and check the data.
+    fn check_crashes(&mut self) {
+        for i in self.member_indexes() {
+            if self.paused.contains(&i) || self.healthy(i) {
+                continue;
+            }
+            let id = self.id(i);
+            let log = self.cluster.nodes[i].log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            self.note(format!("node {id} CRASHED (no fault stops it now)"));
+            self.crashes.push(format!(
+                "node {id} stopped on its own:\n{}",
+                tail.join("\n")
+            ));
             self.cluster.kill9(i);
             self.cluster.restart(i);
         }
@@ -763,9 +796,7 @@ impl Env {
         for d in self.disks.lock().expect("disks").values() {
             d.free().expect("freeing a tmpfs");
         }
-        for i in self.member_indexes() {
-            self.revive(i);
-        }
+        self.check_crashes();
     }
 }
 
@@ -829,6 +860,7 @@ pub fn run(cfg: &Config) -> Outcome {
 
     std::thread::sleep(Duration::from_millis(500));
     for step in &steps {
+        env.check_crashes();
         if env.inject(step) {
             out.faults += 1;
         } else {
@@ -933,6 +965,8 @@ pub fn run(cfg: &Config) -> Outcome {
             }
         }
     }
+    out.crashed = env.crashes.len();
+    failures.extend(env.crashes.iter().cloned());
     if out.diverged > 0 {
         failures.push(format!("replicas differ (node id, checksum): {sums:?}"));
     }
@@ -954,7 +988,7 @@ pub fn run(cfg: &Config) -> Outcome {
     out.notes.extend(
         env.log
             .iter()
-            .filter(|l| l.contains("needs a restart"))
+            .filter(|l| l.contains("stopped after its disk filled"))
             .cloned(),
     );
     for (e, n) in load.errors.lock().expect("errors").iter() {

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         let o = faults::run(&cfg);
         println!(
             "schedule seed={} faults={} ops={} acked={} verified={} lost={} duplicated={} \
-             diverged={} nonlinearizable={} ({:.0} s){}",
+             diverged={} nonlinearizable={} crashed={} ({:.0} s){}",
             o.seed,
             o.faults,
             o.ops,
@@ -80,6 +80,7 @@ fn main() -> ExitCode {
             o.duplicated,
             o.diverged,
             o.nonlinearizable,
+            o.crashed,
             t.elapsed().as_secs_f64(),
             if o.passed() { "" } else { " FAILED" }
         );

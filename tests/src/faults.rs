@@ -362,8 +362,10 @@ impl Fleet {
         Fleet { child, report }
     }
 
-    /// SIGINT (stop pushing, drain), then the per-device report.
-    fn stop(self) -> Result<Vec<DeviceReport>, String> {
+    /// SIGINT (stop pushing, drain), then the per-device report and the fleet's JSON summary
+    /// line (with how long the drain took: every pushed record acknowledged after the heal).
+    fn stop(self) -> Result<(Vec<DeviceReport>, String), String> {
+        let start = Instant::now();
         // SAFETY: kill(2) on a child we own.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let out = self
@@ -377,9 +379,18 @@ impl Fleet {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        let summary = format!(
+            "device fleet drained in {:.1} s; {}",
+            start.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or_default()
+        );
         let text = std::fs::read_to_string(&self.report)
             .map_err(|e| format!("reading the sim report: {e}"))?;
-        text.lines()
+        let reports = text
+            .lines()
             .map(|l| {
                 let v: Json = serde_json::from_str(l).map_err(|e| format!("{l}: {e}"))?;
                 let f = |k: &str| v[k].as_u64().ok_or(format!("{k} missing in {l}"));
@@ -389,7 +400,8 @@ impl Fleet {
                     acked: f("acked")?,
                 })
             })
-            .collect()
+            .collect::<Result<_, String>>()?;
+        Ok((reports, summary))
     }
 }
 
@@ -935,7 +947,8 @@ pub fn run(cfg: &Config) -> Outcome {
     match &devices {
         None => {}
         Some(Err(e)) => failures.push(format!("device fleet: {e}")),
-        Some(Ok(reports)) => {
+        Some(Ok((reports, summary))) => {
+            out.notes.push(summary.clone());
             out.device_acked = reports.iter().map(|r| r.acked).sum();
             for &i in &members {
                 let rows: Vec<(u64, u64)> = env.cluster.nodes[i]

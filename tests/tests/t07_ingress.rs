@@ -5,6 +5,8 @@
 //! database can be checked by content: a record stored twice under two seqs would show up as a
 //! repeated `k`.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -211,4 +213,89 @@ fn test_devices_on_followers_are_forwarded_to_the_leader() {
         let list = cairn_tests::get(&c.nodes[followers[1]].url("/devices"));
         (list.body["devices"].as_array()?.len() == 4).then_some(())
     });
+}
+
+/// Reads one gateway frame and decodes it with the device's session.
+fn recv(stream: &mut TcpStream, session: &mut cairn_protocol::DeviceSession) -> String {
+    use cairn_protocol::{HEADER_LEN, MAX_FRAME, read_frame_len};
+    let mut buf = [0u8; MAX_FRAME];
+    stream
+        .read_exact(&mut buf[..HEADER_LEN])
+        .expect("frame header");
+    let len = read_frame_len(buf[..HEADER_LEN].try_into().unwrap()).expect("frame length");
+    stream
+        .read_exact(&mut buf[HEADER_LEN..len])
+        .expect("frame body");
+    format!(
+        "{:?}",
+        session
+            .decode(&mut buf[..len])
+            .expect("a valid gateway frame")
+    )
+}
+
+#[test]
+fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
+    use cairn_protocol::{BatchEncoder, DeviceSession, MAX_FRAME, Message, Record, Value};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let c = cluster(dir.path());
+    let key = [0x42u8; 32];
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    // Registered through a follower (forwarded); retried while a leader settles.
+    poll(TIMEOUT, "the device to be registered", || {
+        let r = cairn_tests::post(
+            &c.nodes[c.followers()[0]].url("/devices"),
+            &serde_json::json!({"id": 77, "key": hex}),
+        );
+        (r.status == 200).then_some(())
+    });
+    let leader = c.leader();
+    let follower = c.followers()[0];
+    let addr = |i: usize| {
+        c.nodes[i].status().unwrap()["device_addr"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let leader_addr: std::net::SocketAddrV4 = addr(leader).parse().unwrap();
+    let hint = format!("{:?}", Some(cairn_protocol::GatewayAddr::from(leader_addr)));
+
+    let mut stream = TcpStream::connect(addr(follower)).expect("connect to the follower");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut session = DeviceSession::new(&key, 9, 0);
+    let mut frame = [0u8; MAX_FRAME];
+    let n = session
+        .encode(&Message::Hello(session.hello(77, 1, 8)), &mut frame)
+        .unwrap();
+    stream.write_all(&frame[..n]).unwrap();
+    let welcome = recv(&mut stream, &mut session);
+    assert!(
+        welcome.starts_with("Welcome(Welcome { high_water: 0, leader: "),
+        "{welcome}"
+    );
+    assert!(
+        welcome.contains(&hint),
+        "{welcome} lacks the leader hint {hint}"
+    );
+
+    let mut body = [0u8; MAX_FRAME];
+    let mut enc = BatchEncoder::new(&mut body, 1, 1000);
+    for k in 1..=3u64 {
+        let v = [Value::U64(k), Value::F32(1.0)];
+        enc.push(&Record {
+            stream: 1,
+            uptime_ms: 900,
+            values: &v,
+        })
+        .unwrap();
+    }
+    let n = session
+        .encode(&Message::Batch(enc.finish().unwrap()), &mut frame)
+        .unwrap();
+    stream.write_all(&frame[..n]).unwrap();
+    let ack = recv(&mut stream, &mut session);
+    assert!(ack.starts_with("Ack(Ack { through_seq: 3,"), "{ack}");
+    assert!(ack.contains(&hint), "{ack} lacks the leader hint {hint}");
 }

@@ -4,7 +4,7 @@
 
 use crate::util::{root, run};
 use anyhow::{Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A board package: `boards/<dir>/`, binary `cairn-board-<dir>`.
@@ -28,11 +28,31 @@ pub const RP2040: Board = Board {
     target: "thumbv6m-none-eabi",
 };
 
-/// `boards/host` (a Linux process; only its formatting is checked through `Board`).
-pub const HOST_FMT: Board = Board {
-    dir: "host",
-    target: "",
-};
+/// Every package under `boards/` (the workspace's `cargo fmt` and tests do not reach them).
+pub const PACKAGES: &[&str] = &[
+    "app",
+    "host",
+    "qemu-mps2-an386",
+    "nucleo-h743zi",
+    "rp2040-w5500",
+];
+
+/// `cargo` (the one running xtask) in `dir`, where that package's `.cargo/config.toml` applies.
+pub fn cargo_in(dir: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(dir);
+    cmd
+}
+
+/// `cargo fmt --check` in every board package, and the shared app's unit tests.
+pub fn check_sources() -> Result<()> {
+    for package in PACKAGES {
+        let dir = root().join("boards").join(package);
+        run(cargo_in(&dir).args(["fmt", "--", "--check"]))
+            .with_context(|| format!("boards/{package} is not formatted (cargo fmt there)"))?;
+    }
+    run(cargo_in(&root().join("boards/app")).args(["test", "--quiet"]))
+}
 
 /// The firmware boards, in the order tables list them.
 pub const FIRMWARE_BOARDS: &[&Board] = &[&QEMU, &NUCLEO, &RP2040];
@@ -50,25 +70,11 @@ impl Board {
             .join(format!("cairn-board-{}", self.dir))
     }
 
-    /// `cargo fmt --check` in the board's package (not part of the workspace's fmt run).
-    pub fn fmt_check(&self) -> Result<()> {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        run(Command::new(cargo)
-            .current_dir(self.path())
-            .args(["fmt", "--", "--check"]))
-    }
-
     /// `cargo build --release` with exactly `features` (no default features) and the
     /// given `CAIRN_*` settings; returns the ELF.
     pub fn build(&self, features: &[&str], env: &[(&str, &str)]) -> Result<PathBuf> {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(self.path()).args([
-            "build",
-            "--release",
-            "--quiet",
-            "--no-default-features",
-        ]);
+        let mut cmd = cargo_in(&self.path());
+        cmd.args(["build", "--release", "--quiet", "--no-default-features"]);
         if !features.is_empty() {
             cmd.args(["--features", &features.join(",")]);
         }

@@ -26,10 +26,8 @@ pub fn run_command(_args: &[String]) -> Result<()> {
 /// Builds `boards/host` (release) and returns the binary.
 pub fn build(features: &[&str]) -> Result<PathBuf> {
     let dir = root().join("boards/host");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&dir)
-        .args(["build", "--release", "--quiet", "--no-default-features"]);
+    let mut cmd = crate::boards::cargo_in(&dir);
+    cmd.args(["build", "--release", "--quiet", "--no-default-features"]);
     if !features.is_empty() {
         cmd.args(["--features", &features.join(",")]);
     }

@@ -148,24 +148,15 @@ fn test(_args: &[String]) -> Result<()> {
     faults::test_step()?;
     // The ARM gateway: cross-built, packaged as .deb, run under qemu-user.
     arm_check::run()?;
-    util::step("boards/app tests", || {
-        util::run(
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["test", "--quiet"])
-                .current_dir(util::root().join("boards/app")),
-        )
-    })?;
+    util::step("boards: fmt, app tests", boards::check_sources)?;
     util::step("boards build (nucleo-h743zi, rp2040-w5500)", || {
         for board in [&boards::NUCLEO, &boards::RP2040] {
-            board.fmt_check()?;
             board.build(&[], &[])?;
         }
         Ok(())
     })?;
-    boards::QEMU.fmt_check()?;
     // The image against a real cluster: leader killed, then the device's power cut.
     qemu::run_command(&[])?;
-    boards::HOST_FMT.fmt_check()?;
     host_board::run_command(&[])?;
     println!("xtask test: all steps passed");
     Ok(())

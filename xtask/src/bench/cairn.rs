@@ -362,6 +362,13 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
             println!("    profile: {}", p.finish()?.display());
         }
         ensure!(r.acked > 0, "{devices} devices: nothing acknowledged");
+        if r.reconnects > 0 {
+            println!(
+                "    {devices} devices: {} reconnects, first because: {}",
+                r.reconnects,
+                r.first_reconnect_reason.as_deref().unwrap_or("?")
+            );
+        }
         let tput = r.acked as f64 / r.elapsed.as_secs_f64();
         results.push(Measurement::new(
             &format!("throughput, {devices} devices"),

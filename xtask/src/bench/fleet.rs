@@ -42,6 +42,9 @@ pub struct Report {
     pub bytes_in: u64,
     /// Push-to-Ack latencies in ms (`OneInFlight` only), ascending.
     pub latencies_ms: Vec<f64>,
+    /// Connections dropped and made again, and the first reason.
+    pub reconnects: u64,
+    pub first_reconnect_reason: Option<String>,
 }
 
 /// A device's pre-shared key, derived from its id (the bench's devices are throwaway).
@@ -154,6 +157,10 @@ pub fn run(plan: &Plan<'_>) -> Result<Report> {
         for h in handles {
             match h.join().map_err(|_| anyhow!("device thread panicked"))? {
                 Ok(d) => {
+                    report.reconnects += d.reconnects;
+                    if report.first_reconnect_reason.is_none() {
+                        report.first_reconnect_reason = d.first_reconnect_reason;
+                    }
                     report.acked += d.acked;
                     report.bytes_out += d.bytes_out;
                     report.bytes_in += d.bytes_in;
@@ -175,6 +182,8 @@ pub fn run(plan: &Plan<'_>) -> Result<Report> {
 
 #[derive(Default)]
 struct DeviceStats {
+    reconnects: u64,
+    first_reconnect_reason: Option<String>,
     acked: u64,
     bytes_out: u64,
     bytes_in: u64,
@@ -238,6 +247,10 @@ fn device(plan: &Plan<'_>, id: u64, stop: &AtomicBool, start: Instant) -> Result
                 if stop.load(Ordering::Relaxed) {
                     acked_at_stop.get_or_insert(acked);
                     break;
+                }
+                stats.reconnects += 1;
+                if stats.first_reconnect_reason.is_none() {
+                    stats.first_reconnect_reason = Some(format!("{e:#}"));
                 }
                 if last_progress.elapsed() > Duration::from_secs(30) {
                     return Err(e.context(format!("device {id}: no progress for 30 s")));

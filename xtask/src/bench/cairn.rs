@@ -129,7 +129,11 @@ impl Cluster {
             .args(["--http-addr", &s.http.to_string()])
             .args(["--raft-addr", &s.raft])
             .args(["--device-addr", &s.device.to_string()])
-            .env("RUST_LOG", "warn")
+            // `CAIRN_BENCH_LOG=info` (any RUST_LOG filter) for the nodes' node.log files.
+            .env(
+                "RUST_LOG",
+                std::env::var("CAIRN_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -301,10 +305,11 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
 /// The fleet's stream declared as a table of three reals, the shape of a typical sensor.
 fn stream_config() -> String {
     format!(
-        "[[stream]]\nid = {}\ntable = \"climate\"\ncolumns = [\
+        "{}[[stream]]\nid = {}\ntable = \"climate\"\ncolumns = [\
          {{ name = \"temperature\", type = \"real\" }}, \
          {{ name = \"humidity\", type = \"real\" }}, \
          {{ name = \"pressure\", type = \"real\" }}]\n",
+        std::env::var("CAIRN_BENCH_TOML").unwrap_or_default(),
         fleet::STREAM
     )
 }

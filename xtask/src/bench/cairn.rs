@@ -4,7 +4,7 @@
 
 use super::http;
 use super::names;
-use super::proc::{Guarded, PerfRecord, percentile, rss_kib, scratch};
+use super::proc::{Guarded, PerfRecord, cpu_seconds, percentile, rss_kib, scratch};
 use super::report::{Measurement, Results};
 use super::{Profile, fleet, wire};
 use anyhow::{Context, Result, bail, ensure};
@@ -352,6 +352,7 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
         let ids = first_id..first_id + devices;
         fleet::register(http_addr, ids.clone())?;
         let sampler = RssSampler::start(cluster.pid(leader));
+        let cpu_before = cpu_seconds(cluster.pid(leader)).unwrap_or(f64::NAN);
         let perf = (profile.perf && devices == 1000)
             .then(|| PerfRecord::start(cluster.pid(leader), profile.cairn_seconds, "ingest"))
             .transpose()?;
@@ -363,6 +364,15 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
             probe: None,
         })?;
         let peak_kib = sampler.stop();
+        // How busy the leader was: CPU-seconds per second (2.0 = both cores of this machine).
+        let cpu = (cpu_seconds(cluster.pid(leader)).unwrap_or(f64::NAN) - cpu_before)
+            / r.elapsed.as_secs_f64();
+        results.push(Measurement::new(
+            &format!("leader CPU use, {devices} devices"),
+            SYSTEM,
+            cpu,
+            "cores",
+        ));
         if let Some(p) = perf {
             println!("    profile: {}", p.finish()?.display());
         }

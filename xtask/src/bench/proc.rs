@@ -163,6 +163,21 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .with_context(|| format!("no VmRSS for pid {pid}"))
 }
 
+/// CPU time (user + system) a process has used, from /proc/<pid>/stat, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Ok(ticks / 100.0)
+}
+
 /// p-quantile (0..=1) of an ascending slice, nearest rank.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -183,6 +198,17 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 99.0);
         assert_eq!(percentile(&v, 0.0), 1.0);
         assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn cpu_of_self() {
+        let before = cpu_seconds(std::process::id()).unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(100) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(x > 0 && cpu_seconds(std::process::id()).unwrap() >= before);
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub fn run() -> Result<()> {
 
     let root = work.join("arm64-root");
     step("arm: package arm64", || {
-        let package = crate::deb::build(&AARCH64, &binaries[0], &work)?;
+        let package =
+            crate::deb::build(&AARCH64, &binaries[0], &work, crate::deb::Compression::Gzip)?;
         crate::deb::verify(&package)?;
         crate::deb::extract(&package, &root)
     })?;

@@ -42,8 +42,22 @@ pub fn version() -> String {
     format!("{}-{REVISION}", env!("CARGO_PKG_VERSION"))
 }
 
+/// How `dpkg-deb` compresses the package's data.
+#[derive(Clone, Copy)]
+pub enum Compression {
+    /// Smallest package, for release (`cargo xtask dist`).
+    Xz,
+    /// Ten times less CPU than xz, for packages that are only tested (`cargo xtask test`).
+    Gzip,
+}
+
 /// Builds `cairn_<version>_<arch>.deb` for `binary` into `out_dir` and returns its path.
-pub fn build(target: &LinuxTarget, binary: &Path, out_dir: &Path) -> Result<PathBuf> {
+pub fn build(
+    target: &LinuxTarget,
+    binary: &Path,
+    out_dir: &Path,
+    compression: Compression,
+) -> Result<PathBuf> {
     for tool in ["dpkg-deb", "gzip", "readelf", "strip", "md5sum"] {
         if !have(tool) {
             bail!("`{tool}` is needed to build Debian packages (dpkg, gzip, binutils, coreutils)");
@@ -166,7 +180,11 @@ pub fn build(target: &LinuxTarget, binary: &Path, out_dir: &Path) -> Result<Path
     util::run(
         Command::new("dpkg-deb")
             .env("SOURCE_DATE_EPOCH", epoch.to_string())
-            .args(["--build", "--root-owner-group", "-Zxz"])
+            .args(["--build", "--root-owner-group"])
+            .arg(match compression {
+                Compression::Xz => "-Zxz",
+                Compression::Gzip => "-Zgzip",
+            })
             .arg(&stage)
             .arg(&package),
     )?;

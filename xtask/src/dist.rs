@@ -198,7 +198,7 @@ pub fn run(args: &[String]) -> Result<()> {
         })?;
         let mut package = PathBuf::new();
         step(&format!("dist: package {}", target.deb_arch), || {
-            package = crate::deb::build(target, &binary, &out)?;
+            package = crate::deb::build(target, &binary, &out, crate::deb::Compression::Xz)?;
             crate::deb::verify(&package)
         })?;
         rows.push((

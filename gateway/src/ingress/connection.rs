@@ -185,7 +185,7 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
             return Err(e.code());
         }
     };
-    let key = match ingress.device_key(hello.device_id) {
+    let key = match ingress.hello_key(hello.device_id).await {
         Ok(Some(key)) => key,
         Ok(None) => {
             reject(stream, None, ErrorCode::UnknownDevice).await;

@@ -4,11 +4,12 @@
 //! |---|---|---|
 //! | `POST /ingress/forward` | postcard `Vec<DeviceBatch>` | postcard `Result<Vec<BatchOutcome>, IngestError>` |
 //! | `GET /ingress/high-water/{device_id}` | | postcard `Result<u64, IngestError>` |
+//! | `GET /ingress/key/{device_id}` | | postcard `Result<Option<[u8; 32]>, IngestError>` |
 //! | `POST /devices` | JSON `{"id": 7, "key": "<64 hex digits>"}` | JSON `{"device_id": 7, "replaced": false}` |
 //! | `GET /devices` | | JSON `{"devices": [{"device_id": 7, "high_water": 120}]}` |
 //! | `DELETE /devices/{device_id}` | | JSON `{"device_id": 7, "removed": true}` |
 //!
-//! The first two are internal (node to node). The device routes are the admin API behind
+//! The first three are internal (node to node; the keys are in the replicated database anyway). The device routes are the admin API behind
 //! `cairn device add|list|remove`: on a follower they are forwarded to the leader, so they
 //! are linearizable wherever they are sent. Errors are `{"error": "..."}` with a 4xx/5xx status.
 
@@ -111,6 +112,7 @@ pub fn routes(ingress: Arc<Ingress>) -> axum::Router {
     axum::Router::new()
         .route("/ingress/forward", post(forwarded))
         .route("/ingress/high-water/{device_id}", get(high_water))
+        .route("/ingress/key/{device_id}", get(device_key))
         .route("/devices", post(add_device).get(list_devices))
         .route("/devices/{device_id}", delete(remove_device))
         .with_state(ingress)
@@ -134,6 +136,41 @@ async fn high_water(State(ingress): State<Arc<Ingress>>, Path(device_id): Path<u
         Err(IngestError::NotLeader)
     };
     encode(&hw)
+}
+
+async fn device_key(State(ingress): State<Arc<Ingress>>, Path(device_id): Path<u64>) -> Vec<u8> {
+    let key = if ingress.raft.is_leader() {
+        match ingress
+            .raft
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+        {
+            Ok(_) => ingress.device_key(device_id),
+            Err(_) => Err(IngestError::NotLeader),
+        }
+    } else {
+        Err(IngestError::NotLeader)
+    };
+    encode(&key)
+}
+
+/// A follower's key lookup for a device its replica does not know (yet): asked of the leader,
+/// so a device registered a moment ago is not refused by a follower that lags behind.
+pub async fn remote_device_key(
+    ingress: &Ingress,
+    device_id: u64,
+) -> Result<Option<registry::DeviceKey>, IngestError> {
+    let leader = leader_http(&ingress.raft).ok_or(IngestError::NotLeader)?;
+    let req = axum::http::Request::get(format!("http://{leader}/ingress/key/{device_id}"))
+        .body(full(Vec::new()))
+        .map_err(|_| IngestError::Internal)?;
+    match ingress.http.send(req, FORWARD_TIMEOUT).await {
+        Ok((status, _, bytes)) if status.is_success() => {
+            decode::<Result<Option<registry::DeviceKey>, IngestError>>(&bytes)
+                .unwrap_or(Err(IngestError::Internal))
+        }
+        _ => Err(IngestError::NotLeader),
+    }
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {

@@ -147,6 +147,19 @@ impl Ingress {
         }
     }
 
+    /// The key for a Hello: this replica's, or, if it does not know the device and is not the
+    /// leader, the leader's (a device registered a moment ago may reach a lagging follower).
+    pub async fn hello_key(&self, device_id: u64) -> Result<Option<DeviceKey>, IngestError> {
+        match self.device_key(device_id)? {
+            Some(k) => Ok(Some(k)),
+            None if self.raft.is_leader() => Ok(None),
+            // A node that knows no leader (still joining, or electing) cannot tell an unknown
+            // device from one registered after its last applied entry: NotLeader, retry soon.
+            None if self.leader_id().is_none() => Err(IngestError::NotLeader),
+            None => forward::remote_device_key(self, device_id).await,
+        }
+    }
+
     /// Records an authenticated Hello; false if it is not newer than the last one of the same
     /// boot (a replayed connection start).
     pub fn fresh_hello(&self, device_id: u64, boot: u32, counter: u32) -> bool {

@@ -426,6 +426,10 @@ async fn status(State(n): State<Arc<Node>>, Query(q): Query<HashMap<String, Stri
         },
         "db_size": n.store.db_size(),
         "ingress": crate::ingress::metrics::METRICS.to_json(),
+        "log_store": {
+            "appends": n.log_stats.appends.load(Ordering::Relaxed),
+            "entries": n.log_stats.entries.load(Ordering::Relaxed),
+        },
         "write_queue": {
             "commands": n.writes.stats.commands.load(Ordering::Relaxed),
             "batches": n.writes.stats.batches.load(Ordering::Relaxed),
@@ -792,6 +796,18 @@ async fn metrics(State(n): State<Arc<Node>>) -> Response {
         "Commands proposed through the group-commit queue.",
         "counter",
         n.writes.stats.commands.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "cairn_log_appends_total",
+        "Durable Raft log appends (one fsync each).",
+        "counter",
+        n.log_stats.appends.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "cairn_log_entries_total",
+        "Entries written by those appends.",
+        "counter",
+        n.log_stats.entries.load(Ordering::Relaxed) as f64,
     );
     g(
         "cairn_write_batches_total",

@@ -17,6 +17,7 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{IOFlushed, RaftLogStorage};
@@ -31,6 +32,17 @@ use crate::raft_types::{Entry, LogId, TypeConfig, Vote, io_err};
 #[derive(Clone)]
 pub struct LogStore {
     conn: Arc<Mutex<Connection>>,
+    stats: Arc<LogStats>,
+}
+
+/// Counters for `/status` and `/metrics`: entries per append shows how well writes share
+/// fsyncs (group commit).
+#[derive(Default, Debug)]
+pub struct LogStats {
+    /// Durable appends, i.e. log fsyncs.
+    pub appends: AtomicU64,
+    /// Entries written by those appends.
+    pub entries: AtomicU64,
 }
 
 fn encode<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
@@ -53,7 +65,13 @@ impl LogStore {
         )?;
         Ok(LogStore {
             conn: Arc::new(Mutex::new(conn)),
+            stats: Arc::default(),
         })
+    }
+
+    /// The store's counters (shared with every clone).
+    pub fn stats(&self) -> Arc<LogStats> {
+        self.stats.clone()
     }
 
     async fn with_conn<T, F>(&self, f: F) -> std::io::Result<T>
@@ -207,6 +225,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|e| Ok((e.log_id.index as i64, encode(&e.log_id)?, encode(&e)?)))
             .collect::<std::io::Result<Vec<_>>>()?;
+        let n = rows.len();
         let res = self
             .with_conn(move |c| {
                 let tx = c.transaction()?;
@@ -224,6 +243,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await;
         match res {
             Ok(()) => {
+                self.stats.appends.fetch_add(1, Ordering::Relaxed);
+                self.stats.entries.fetch_add(n as u64, Ordering::Relaxed);
                 callback.io_completed(Ok(()));
                 Ok(())
             }

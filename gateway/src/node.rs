@@ -34,6 +34,7 @@ pub struct Node {
     pub store: Arc<Store>,
     pub client: HttpClient,
     pub writes: GroupCommit,
+    pub log_stats: Arc<crate::log_store::LogStats>,
     /// This node's advertised addresses.
     pub peer: Peer,
     pub started: Instant,
@@ -211,6 +212,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     )?;
 
     let log_store = LogStore::open(&config.data_dir.join("raft.db"))?;
+    let log_stats = log_store.stats();
     let sm = StateMachine::open(&config.data_dir.join("sm"))?;
     let store = sm.store();
     let client = HttpClient::new();
@@ -243,6 +245,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         store,
         client,
         writes,
+        log_stats,
         peer: peer.clone(),
         started: Instant::now(),
         http_requests: AtomicU64::new(0),

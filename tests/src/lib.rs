@@ -189,8 +189,23 @@ impl Node {
     }
 
     /// The rows of a successful single-statement query (empty if none), panicking on errors.
+    /// A `503` (no leader for a moment, e.g. an election on a loaded machine) is retried, as
+    /// an rqlite client would.
     pub fn rows(&self, sql: &str, level: &str) -> Vec<Vec<Json>> {
-        let r = self.query(sql, level);
+        let mut last = None;
+        let r = poll(
+            TIMEOUT,
+            &format!("query on node {} to answer", self.id),
+            || {
+                let r = self.query(sql, level);
+                if r.status == 503 {
+                    last = Some(r);
+                    return None;
+                }
+                Some(r)
+            },
+        );
+        let _ = last;
         assert_eq!(
             r.status, 200,
             "query on node {} failed: {:?}",

@@ -1,6 +1,7 @@
 //! Counters of the device path, shown under `"ingress"` in `GET /status`.
 //!
-//! One set per process ([`METRICS`]): a `cairn` process runs one node. Every counter is a
+//! One set per process ([`METRICS`]): a `cairn node` process runs one node. `cairn dev` runs
+//! three nodes in one process, so there the three `/status` pages show the same (summed) set. Every counter is a
 //! relaxed atomic; the latency histograms have power-of-two microsecond buckets, so a
 //! percentile is exact to within a factor of two (reported as the bucket's upper bound).
 

@@ -172,7 +172,16 @@ pub fn power_cut() -> Result<()> {
         let deadline = started + Duration::from_secs(120);
         let mut followers = Vec::new();
         let mut cut_at = None;
+        // The gateway the image is in session with: the firmware mirrors records to flash
+        // only while a session is up (it writes each record before sending it), so the
+        // quorum is taken away only while that gateway is the leader, keeping the session.
+        let mut session_port = None;
         while let Some(line) = image.next_line(deadline) {
+            if line.contains("cairn: connected to") {
+                session_port = field(&line, "cairn: connected to", "port: ");
+            } else if line.contains("ended:") {
+                session_port = None;
+            }
             let (Some(acked), Some(pushed)) = (
                 field(&line, "status samples=", "acked="),
                 field(&line, "status samples=", "pushed="),
@@ -181,6 +190,9 @@ pub fn power_cut() -> Result<()> {
             };
             if followers.is_empty() && acked >= KILL_AT_ACKED {
                 let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
+                if session_port != Some(u64::from(cluster.device_addr(leader).port())) {
+                    continue;
+                }
                 followers = (1..=3).filter(|&id| id != leader).collect();
                 for &id in &followers {
                     cluster.kill(id);

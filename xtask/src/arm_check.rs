@@ -4,6 +4,7 @@
 //! - aarch64: the binary and default config come out of the arm64 `.deb` (so the package
 //!   is what gets tested). A one-node cluster bootstraps with a temp data dir; SQL goes in
 //!   and comes out over HTTP; a device is registered with the emulated `cairn device add`;
+//!   a host `cairn sim` fleet pushes records to it and each acknowledged record is queried;
 //!   the node is killed with SIGKILL and started again with the same command line (as
 //!   systemd would), and the rows and the device must still be there; SIGTERM then stops
 //!   it cleanly (exit status 0).
@@ -12,7 +13,7 @@
 //! CI has 30 minutes on two cores for everything, so these builds use [`TEST_PROFILE`]
 //! rather than the `dist` profile (see its doc for the measurements behind the choice).
 
-use crate::dist::{self, AARCH64, ARMV7, LinuxTarget};
+use crate::dist::{self, AARCH64, ARMV7, LinuxTarget, X86_64};
 use crate::util::step;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
@@ -56,9 +57,15 @@ pub fn run() -> Result<()> {
         crate::deb::verify(&package)?;
         crate::deb::extract(&package, &root)
     })?;
-    step("arm: aarch64 node under qemu (kill -9, restart)", || {
-        aarch64_node(&root, &work)
+    let mut host_cairn = PathBuf::new();
+    step("arm: host cairn (for cairn sim)", || {
+        host_cairn = dist::build_cairn(&X86_64, "dev")?;
+        Ok(())
     })?;
+    step(
+        "arm: aarch64 node under qemu (sim, kill -9, restart)",
+        || aarch64_node(&root, &work, &host_cairn),
+    )?;
     step("arm: armv7 --help and node under qemu", || {
         armv7_node(&binaries[1], &work)
     })?;
@@ -66,7 +73,7 @@ pub fn run() -> Result<()> {
 }
 
 /// One-node cluster from the unpacked arm64 package: write, read, SIGKILL, restart, read.
-fn aarch64_node(root: &Path, work: &Path) -> Result<()> {
+fn aarch64_node(root: &Path, work: &Path, host_cairn: &Path) -> Result<()> {
     let spec = NodeSpec {
         target: &AARCH64,
         binary: root.join("usr/bin/cairn"),
@@ -108,6 +115,17 @@ fn aarch64_node(root: &Path, work: &Path) -> Result<()> {
         devices(http)? == [7],
         "device 7 not listed after `device add`"
     );
+    // A fleet of host devices (the real firmware client in `cairn sim`) pushes records to
+    // the emulated gateway's device port; every one must be acknowledged and stored once.
+    let acked = sim(host_cairn, http, spec.ports[2])?;
+    let count_sql = format!(
+        "SELECT COUNT(*), COUNT(DISTINCT device_id || ':' || seq) FROM telemetry \
+         WHERE device_id >= {SIM_FIRST_ID}"
+    );
+    ensure!(
+        query(http, &count_sql)? == serde_json::json!([[acked, acked]]),
+        "telemetry does not hold exactly the {acked} acknowledged records"
+    );
     // A bad statement is an error result, and the node keeps serving.
     let bad = post_execute(http, &["INSERT INTO no_such_table VALUES (1)"])?;
     ensure!(
@@ -125,10 +143,17 @@ fn aarch64_node(root: &Path, work: &Path) -> Result<()> {
         "after kill -9 and restart the rows are {rows}, expected {expected}"
     );
     ensure!(
-        devices(node.http)? == [7],
-        "device 7 lost in kill -9 and restart"
+        devices(node.http)? == [7, SIM_FIRST_ID, SIM_FIRST_ID + 1, SIM_FIRST_ID + 2],
+        "devices lost in kill -9 and restart"
     );
-    println!("aarch64: rows and device registry survived kill -9 and restart");
+    let records = query(node.http, &count_sql)?;
+    ensure!(
+        records == serde_json::json!([[acked, acked]]),
+        "after kill -9 and restart telemetry counts are {records}, expected {acked}"
+    );
+    println!(
+        "aarch64: rows, device registry and {acked} device records survived kill -9 and restart"
+    );
     node.stop()
 }
 
@@ -363,19 +388,57 @@ fn query(addr: SocketAddr, sql: &str) -> Result<Value> {
         .unwrap_or(Value::Array(Vec::new())))
 }
 
-/// Ids from `GET /devices` (read linearizably on the leader).
+/// First device id of the simulated fleet.
+const SIM_FIRST_ID: u64 = 100;
+
+/// Runs `cairn sim` on the host against the node: 3 devices, 20 records/s each for 3 s.
+/// Returns how many records were acknowledged, after checking none was dropped or left.
+fn sim(host_cairn: &Path, http: SocketAddr, device_port: u16) -> Result<u64> {
+    let out = Command::new(host_cairn)
+        .args(["sim", "--devices", "3", "--rate", "20", "--duration", "3"])
+        .args(["--drain", "60", "--json", "--quiet"])
+        .args(["--first-id", &SIM_FIRST_ID.to_string()])
+        .args(["--gateways", &format!("127.0.0.1:{device_port}")])
+        .args(["--host", &format!("http://{http}")])
+        .output()
+        .context("running cairn sim")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "cairn sim failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .with_context(|| format!("cairn sim printed no JSON summary: {stdout}"))?;
+    println!("cairn sim: {summary}");
+    let field = |name: &str| summary[name].as_u64().unwrap_or(u64::MAX);
+    let acked = field("acked");
+    ensure!(
+        acked > 0 && acked == field("pushed") && field("dropped") == 0 && field("queued") == 0,
+        "not every pushed record was acknowledged: {summary}"
+    );
+    Ok(acked)
+}
+
+/// Sorted ids from `GET /devices` (read linearizably on the leader).
 fn devices(addr: SocketAddr) -> Result<Vec<u64>> {
     let body = retry(|| {
         let (status, body) = http(addr, "GET", "/devices", None)?;
         ensure!(status == 200, "GET /devices answered {status}: {body}");
         Ok(serde_json::from_str::<Value>(&body)?)
     })?;
-    body["devices"]
+    let mut ids = body["devices"]
         .as_array()
         .with_context(|| format!("GET /devices: {body}"))?
         .iter()
         .map(|d| d["device_id"].as_u64().context("device without device_id"))
-        .collect()
+        .collect::<Result<Vec<u64>>>()?;
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 /// Retries `f` for up to 20 s: a new leader may refuse requests for a moment.

@@ -6,7 +6,7 @@ use cairn_protocol::{
     Ack, BatchEncoder, DeviceSession, EncodeError, ErrorCode, FrameError, GatewayAddr, HEADER_LEN,
     KEY_LEN, MAX_FRAME, Message, Ping, Record, Welcome, read_frame_len,
 };
-use embassy_futures::select::{Either3, select3};
+use embassy_futures::select::{Either, Either3, select, select3};
 use embassy_sync::blocking_mutex::Mutex;
 use embassy_sync::blocking_mutex::raw::RawMutex;
 use embassy_sync::signal::Signal;
@@ -452,7 +452,15 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             if let Some(delay) = delay {
                 self.lock(|s| s.stats.state = ConnectionState::Backoff);
                 debug!("cairn: retry in {} ms", delay.as_millis());
-                Timer::after(delay).await;
+                // Keep persisting while no gateway is reachable: a record pushed now reaches
+                // the store within one sync, not only once a session is up.
+                let until = Instant::now() + delay;
+                loop {
+                    store.sync(self).await;
+                    if let Either::First(()) = select(Timer::at(until), self.pushed.wait()).await {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -470,6 +478,9 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             s.stats.state = ConnectionState::Connecting;
             s.stats.gateway = Some(addr);
         });
+        // Persist what was pushed since the last sync before (possibly long) connect and
+        // handshake waits; records pushed during them are persisted when they end.
+        store.sync(self).await;
         debug!("cairn: connecting to {}", addr);
         let mut conn = match with_timeout(config.connect_timeout, transport.connect(addr)).await {
             Ok(Ok(c)) => c,

@@ -22,6 +22,21 @@
 //! - The boot counter increments on every [`FlashOutbox::open`]; pass [`FlashOutbox::boot`] to
 //!   [`crate::Config::boot`] (the protocol's nonces need a boot number that never repeats).
 //!
+//! - The run loop syncs in every state, not only in session: at the start of each connection
+//!   attempt, after every push while it backs off between attempts, and before every batch in
+//!   session. A device that reaches no gateway therefore keeps its records on flash within one
+//!   sync of `push` (records pushed during a connect or handshake wait are written when that
+//!   wait ends, so at most `connect_timeout` + `response_timeout` later). Syncing cannot happen
+//!   *in* `push`: `push` is synchronous, callable from any task or interrupt, and flash writes
+//!   are async and slow. Nor does the run loop cancel a sync to start connecting: a sync dropped
+//!   between a flash write and its bookkeeping would break the RAM/flash mirror.
+//!   The seq rules hold unchanged offline: a record written before any Welcome carries its
+//!   provisional seq (above the floor found at boot, so above anything a gateway committed)
+//!   and the floor is reserved past it first; if power is cut, the next boot restores it with
+//!   that seq, and the next Welcome renumbers it to follow high-water, the new offset persisted
+//!   before any renumbered record is sent. A seq is never on the wire before it is on flash,
+//!   so a renumbering never hands out a seq already sent for other content.
+//!
 //! Together: a seq that went on the wire is never used again for other content, across any
 //! number of power cuts (`tests/flash.rs` cuts power at random bytes of flash writes and
 //! erases and checks exactly this, plus exactly-once, in-order delivery).

@@ -10,7 +10,9 @@ use crate::{Client, Seq};
 /// Contract: `sync` mirrors the outbox into durable storage — forgets records the outbox
 /// removed from its front (acked or dropped), records renumberings, stores new records in
 /// order — and returns the seq below which every record is durable. The run loop never sends
-/// a record at or above that seq, so a record on the wire is always on flash first.
+/// a record at or above that seq, so a record on the wire is always on flash first. The run
+/// loop calls `sync` in every state (in session, before each connection attempt, after each
+/// push while backing off), so records reach storage while no gateway is reachable too.
 #[allow(async_fn_in_trait)]
 pub trait Store {
     /// Bring durable storage up to date with `client`'s outbox; returns the durable limit.

@@ -331,3 +331,97 @@ fn power_cut_run(seed: u64) {
         assert!(boots_seen.len() >= 2 && boots_seen.iter().all(|b| *b >= 1 && *b <= boots));
     });
 }
+
+/// A device that never reaches a gateway still keeps its records: they reach flash while the
+/// run loop backs off between failed connects, survive power cuts across two offline boots, and
+/// are then delivered exactly once, in push order, with no seq reused, once a gateway is back.
+#[test]
+fn test_records_pushed_offline_survive_power_cut() {
+    let (rt, local) = local();
+    local.block_on(&rt, async {
+        let flash = PowerCutFlash::new();
+        let cluster = cluster(2, Faults::default(), 13);
+        let gws = gateways();
+
+        // Boots the client on `flash`, pushes `keys`, lets the run loop persist for a while
+        // with the cluster `up` or not, then cuts power. Returns what `restore` found.
+        let boot = |keys: std::ops::Range<u64>, up: bool, deliver: bool| {
+            let flash = flash.clone();
+            let cluster = cluster.clone();
+            async move {
+                flash.reboot(None);
+                cluster.borrow_mut().down = vec![!up; 2];
+                let mut store = FlashOutbox::open(flash.clone(), QUEUE, META).await.unwrap();
+                let client: &'static TestClient =
+                    Box::leak(Box::new(TestClient::new(OverflowPolicy::RejectNewest)));
+                let restored = store.restore(client).await.unwrap();
+                let c = cluster.clone();
+                let runner = tokio::task::spawn_local(async move {
+                    let config = fast_config(gws, store.boot());
+                    client
+                        .run_with_store(&mut SimTransport { cluster: c }, &config, &mut store)
+                        .await
+                });
+                // Let the run loop reach its connect / backoff cycle first.
+                tokio::time::sleep(StdDuration::from_millis(30)).await;
+                for k in keys.clone() {
+                    client.push(1, &[Value::U64(k)]).unwrap();
+                    tokio::time::sleep(StdDuration::from_millis(1)).await;
+                }
+                if deliver {
+                    assert!(
+                        wait_until(StdDuration::from_secs(5), || client.status().queued == 0).await,
+                        "{:?}",
+                        client.status()
+                    );
+                } else {
+                    // Time for the run loop to persist (backoff is at most 80 ms here).
+                    tokio::time::sleep(StdDuration::from_millis(300)).await;
+                    assert_eq!(client.status().acked, 0, "no gateway was reachable");
+                }
+                // Power cut: flash stops answering, RAM is gone.
+                flash.dead.set(true);
+                runner.abort();
+                let _ = runner.await;
+                restored
+            }
+        };
+
+        // Boot 1 is online, so the gateway holds a high-water (10) before the device goes
+        // offline; its outbox is empty at the cut.
+        assert_eq!(boot(0..10, true, true).await, 0);
+        let attempts_before = cluster.borrow().attempts.len();
+        // Boots 2 and 3: no gateway reachable. Nothing is lost at either power cut.
+        assert_eq!(boot(10..30, false, false).await, 0);
+        assert_eq!(
+            boot(30..40, false, false).await,
+            20,
+            "boot 2's records on flash"
+        );
+        assert!(
+            cluster.borrow().attempts.len() > attempts_before + 2,
+            "the offline boots kept trying to connect"
+        );
+        // Boot 4: gateways back. It restores both offline boots' records and delivers them.
+        assert_eq!(
+            boot(40..45, true, true).await,
+            30,
+            "boots 2 and 3's records"
+        );
+
+        let c = cluster.borrow();
+        assert!(c.violations.is_empty(), "seq reused: {:?}", c.violations);
+        assert_eq!(c.gaps, 0);
+        assert_eq!(
+            c.payloads(),
+            (0..45).collect::<Vec<_>>(),
+            "each exactly once"
+        );
+        let boots_seen: BTreeSet<u32> = c.hellos.iter().map(|h| h.1).collect();
+        assert_eq!(
+            boots_seen,
+            BTreeSet::from([1, 4]),
+            "only boots 1 and 4 got through"
+        );
+    });
+}

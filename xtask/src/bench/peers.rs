@@ -257,14 +257,23 @@ fn hiqlite_target_dir() -> PathBuf {
 /// the machine stays responsive). A no-op when it is up to date.
 pub fn build_hiqlite_driver() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::util::run(
-        Command::new("nice")
-            .args(["-n", "10"])
-            .arg(cargo)
-            .args(["build", "--release", "--quiet"])
-            .env("CARGO_TARGET_DIR", hiqlite_target_dir())
-            .current_dir(crate::util::root().join("peers/hiqlite-driver")),
-    )?;
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", "10"])
+        .arg(cargo)
+        .args(["build", "--release", "--quiet"])
+        .current_dir(crate::util::root().join("peers/hiqlite-driver"));
+    // The variables `cargo xtask` runs under (CARGO_PKG_*, CARGO_MANIFEST_*, ...) would make
+    // this separate build look different from a plain `cargo build` and recompile it.
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str()
+            && k.starts_with("CARGO_")
+            && k != "CARGO_HOME"
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("CARGO_TARGET_DIR", hiqlite_target_dir());
+    crate::util::run(&mut cmd)?;
     Ok(hiqlite_target_dir().join("release/hiqlite-driver"))
 }
 

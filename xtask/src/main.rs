@@ -26,6 +26,7 @@ commands:
   setup   install what the tests need (Debian packages, rustup targets)
   test    everything CI checks: set-up, fmt, clippy, no_std builds, all tests
   size    flash and static RAM per board, with and without the Cairn client
+  firmware-size  the client's own cost in a minimal Cortex-M4F image (firmware/size-probe)
   host-smoke  the board app as a Linux process on TAP in a network namespace (root)
   qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
   arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
@@ -48,6 +49,10 @@ fn main() -> Result<()> {
         "bench" => bench::run(rest),
         "arm" => arm_check::run(),
         "size" => size::run_command(rest),
+        "firmware-size" => util::step(
+            "cairn-firmware size probe (thumbv7em, release)",
+            firmware_size_probe,
+        ),
         "host-smoke" => host_board::run_command(rest),
         "__echo-listener" => host_board::echo_listener(rest),
         "help" | "--help" | "-h" => {
@@ -140,10 +145,6 @@ fn test(_args: &[String]) -> Result<()> {
         ])?;
         util::cargo(&["test", "-p", "cairn-firmware", "--features", features])
     })?;
-    util::step(
-        "cairn-firmware size probe (thumbv7em, release)",
-        firmware_size_probe,
-    )?;
     util::step("workspace tests", || util::cargo(&["test", "--workspace"]))?;
     faults::test_step()?;
     // The ARM gateway: cross-built, packaged as .deb, run under qemu-user.

@@ -497,6 +497,23 @@ async fn readyz(State(n): State<Arc<Node>>, Query(q): Query<HashMap<String, Stri
     }
 }
 
+/// Parses the JSON body of an admin request (`/join`, `/remove`), or answers 400 with rqlite's
+/// error shape.
+#[allow(clippy::result_large_err)] // cold admin path; the error is the finished response
+fn parse_admin_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+    pretty: bool,
+) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        error_response(
+            StatusCode::BAD_REQUEST,
+            format!("invalid {what} request: {e}"),
+            pretty,
+        )
+    })
+}
+
 async fn join(
     State(n): State<Arc<Node>>,
     Query(q): Query<HashMap<String, String>>,
@@ -506,15 +523,9 @@ async fn join(
     body: Bytes,
 ) -> Response {
     let o = Opts::from(&q);
-    let jr: JoinRequest = match serde_json::from_slice(&body) {
-        Ok(j) => j,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!("invalid join request: {e}"),
-                o.pretty,
-            );
-        }
+    let jr: JoinRequest = match parse_admin_body(&body, "join", o.pretty) {
+        Ok(req) => req,
+        Err(resp) => return resp,
     };
     if !n.is_leader() {
         return to_leader(&n, &original(method, uri, headers, body), &o).await;
@@ -595,15 +606,9 @@ async fn remove(
     body: Bytes,
 ) -> Response {
     let o = Opts::from(&q);
-    let rr: RemoveRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!("invalid remove request: {e}"),
-                o.pretty,
-            );
-        }
+    let rr: RemoveRequest = match parse_admin_body(&body, "remove", o.pretty) {
+        Ok(req) => req,
+        Err(resp) => return resp,
     };
     if !n.is_leader() {
         return to_leader(&n, &original(method, uri, headers, body), &o).await;

@@ -17,8 +17,8 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
+use openraft::ChangeMembers;
 use openraft::async_runtime::WatchReceiver;
-use openraft::{ChangeMembers, ReadPolicy};
 use serde_json::{Value as Json, json};
 
 use crate::command::{Command, CommandResponse};
@@ -274,7 +274,7 @@ async fn read_path(n: &Node, statements: Vec<Statement>, o: &Opts, req: &Origina
             if !n.is_leader() {
                 return to_leader(n, req, o).await;
             }
-            match n.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            match crate::raft_types::confirm_leadership(&n.raft).await {
                 Ok(_) => local_read(n, statements, o).await,
                 Err(e) if e.forward_to_leader().is_some() => to_leader(n, req, o).await,
                 Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e, o.pretty),
@@ -429,6 +429,9 @@ async fn status(State(n): State<Arc<Node>>, Query(q): Query<HashMap<String, Stri
         "log_store": {
             "appends": n.log_stats.appends.load(Ordering::Relaxed),
             "entries": n.log_stats.entries.load(Ordering::Relaxed),
+            "write_us_mean": n.log_stats.write_us.load(Ordering::Relaxed)
+                .checked_div(n.log_stats.appends.load(Ordering::Relaxed))
+                .unwrap_or(0),
         },
         "write_queue": {
             "commands": n.writes.stats.commands.load(Ordering::Relaxed),

@@ -2,36 +2,62 @@
 //!
 //! # Correctness requirements (from openraft's `RaftLogStorage`) and how they are met
 //!
-//! - `append` reports completion only after the entries are durable: every append is one
-//!   SQLite transaction in WAL mode with `synchronous=FULL`, so `COMMIT` returns after the WAL
-//!   is fsync'd; the callback runs after that. Entries are readable as soon as `append` returns.
-//! - `save_vote` is durable before it returns (same mechanism).
+//! - `append` returns at once and reports completion through its callback only after the
+//!   entries are durable. The entries go into an in-memory cache (readable the moment `append`
+//!   returns) and to one writer thread, which commits everything queued since its last commit
+//!   as one SQLite transaction in WAL mode with `synchronous=FULL` (`COMMIT` returns after the
+//!   WAL is fsync'd) and then calls the callbacks in order. So the Raft core never waits for
+//!   the disk: the leader replicates an entry while its own fsync runs, and appends that
+//!   arrive during an fsync share the next one.
+//! - Write IO is serialised: every write (append, vote, truncate, purge, committed hint) goes
+//!   through the writer's one FIFO queue; `save_vote`, `truncate_after` and `purge` wait for
+//!   their turn to be committed before returning (the vote is durable before it returns).
 //! - The committed log id is only a hint for faster recovery (the state machine persists its
-//!   own applied id), so it is written with `synchronous=NORMAL`: no fsync of its own, made
-//!   durable by the next append or vote.
-//! - Reads are atomic: each read runs in one SQLite read transaction.
+//!   own applied id): `save_committed` queues it without waiting; it is written in the
+//!   writer's next transaction, and alone it is committed with `synchronous=NORMAL` (no fsync
+//!   of its own, made durable by the next append or vote).
+//! - Reads are atomic and never miss an appended entry: a reader takes what the cache holds,
+//!   then reads the rest in one SQLite read transaction on its own connection. An entry
+//!   leaves the cache only after the transaction holding it committed, and truncation/purge
+//!   drop cache entries before returning, so an entry is always in one of the two.
 //!
-//! All SQLite work happens on tokio's blocking pool; a connection is shared behind a mutex
-//! because openraft drives the log from one task at a time anyway.
+//! The cache keeps the newest entries (at most [`CACHE_BYTES`] of encoded entries once they
+//! are flushed), so replication to followers and apply read recent entries from memory
+//! instead of decoding them back from SQLite.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
 
 use crate::raft_types::{Entry, LogId, TypeConfig, Vote, io_err};
 
-/// SQLite-backed Raft log. Cloning shares the same database connection.
+/// Encoded bytes of flushed entries kept in memory for readers.
+pub const CACHE_BYTES: usize = 64 << 20;
+
+/// SQLite-backed Raft log. Cloning shares the cache, the writer and the reader connection.
 #[derive(Clone)]
 pub struct LogStore {
-    conn: Arc<Mutex<Connection>>,
+    shared: Arc<Shared>,
+    writer: mpsc::Sender<Op>,
+}
+
+struct Shared {
+    /// Entries appended and not yet evicted (all unflushed ones, plus recent flushed ones).
+    cache: Mutex<BTreeMap<u64, Entry>>,
+    /// The last saved vote (it is also on disk before `save_vote` returns).
+    vote: Mutex<Option<Vote>>,
+    /// Connection for reads (WAL: readers never block the writer).
+    reader: Mutex<Connection>,
     stats: Arc<LogStats>,
 }
 
@@ -43,6 +69,20 @@ pub struct LogStats {
     pub appends: AtomicU64,
     /// Entries written by those appends.
     pub entries: AtomicU64,
+    /// Microseconds the writer spent in those transactions (insert + fsync), in all.
+    pub write_us: AtomicU64,
+}
+
+/// One write, in the writer's queue.
+enum Op {
+    Append {
+        entries: Vec<Entry>,
+        callback: IOFlushed<TypeConfig>,
+    },
+    Committed(Vec<u8>),
+    Vote(Vec<u8>, oneshot::Sender<std::io::Result<()>>),
+    Truncate(i64, oneshot::Sender<std::io::Result<()>>),
+    Purge(i64, Vec<u8>, oneshot::Sender<std::io::Result<()>>),
 }
 
 fn encode<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
@@ -54,7 +94,8 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
 }
 
 impl LogStore {
-    /// Opens (creating if needed) the log database at `path`.
+    /// Opens (creating if needed) the log database at `path` and starts its writer thread
+    /// (which ends when the last clone is dropped).
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -63,48 +104,216 @@ impl LogStore {
             "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, log_id BLOB NOT NULL, entry BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);",
         )?;
-        Ok(LogStore {
-            conn: Arc::new(Mutex::new(conn)),
+        let vote: Option<Vote> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'vote'", [], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+            .map(|b| decode(&b))
+            .transpose()?;
+        let reader = Connection::open(path)?;
+        let shared = Arc::new(Shared {
+            cache: Mutex::default(),
+            vote: Mutex::new(vote),
+            reader: Mutex::new(reader),
             stats: Arc::default(),
-        })
+        });
+        let (tx, rx) = mpsc::channel();
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || Writer::new(conn, s).run(rx))?;
+        Ok(LogStore { shared, writer: tx })
     }
 
     /// The store's counters (shared with every clone).
     pub fn stats(&self) -> Arc<LogStats> {
-        self.stats.clone()
+        self.shared.stats.clone()
     }
 
-    async fn with_conn<T, F>(&self, f: F) -> std::io::Result<T>
+    fn send(&self, op: Op) -> std::io::Result<()> {
+        self.writer
+            .send(op)
+            .map_err(|_| io_err("raft log writer stopped"))
+    }
+
+    /// Queues `op` (built around a reply channel) and waits until it is committed.
+    async fn write_and_wait(
+        &self,
+        op: impl FnOnce(oneshot::Sender<std::io::Result<()>>) -> Op,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(op(tx))?;
+        rx.await.map_err(|_| io_err("raft log writer stopped"))?
+    }
+
+    async fn with_reader<T, F>(&self, f: F) -> std::io::Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn
+            let mut guard = shared
+                .reader
                 .lock()
-                .map_err(|_| io_err("log store mutex poisoned"))?;
+                .map_err(|_| io_err("log reader mutex poisoned"))?;
             f(&mut guard).map_err(io_err)
         })
         .await
         .map_err(io_err)?
     }
 
-    async fn get_meta<T: DeserializeOwned + Send + 'static>(
-        &self,
-        key: &'static str,
-    ) -> std::io::Result<Option<T>> {
-        let raw: Option<Vec<u8>> = self
-            .with_conn(move |c| {
-                c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                    .optional()
-            })
-            .await?;
-        raw.map(|b| decode(&b)).transpose()
+    fn cache(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.shared.cache.lock().expect("log cache")
     }
 }
 
-fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
+/// The writer thread: drains the queue, commits what it took as one transaction, then
+/// answers (callbacks in order) and evicts flushed entries beyond the cache budget.
+struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    /// Flushed entries still in the cache, oldest first, with their encoded size.
+    flushed: VecDeque<(LogId, usize)>,
+    flushed_bytes: usize,
+}
+
+impl Writer {
+    fn new(conn: Connection, shared: Arc<Shared>) -> Self {
+        Writer {
+            conn,
+            shared,
+            flushed: VecDeque::new(),
+            flushed_bytes: 0,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut ops = vec![first];
+            while let Ok(op) = rx.try_recv() {
+                ops.push(op);
+            }
+            self.commit(ops);
+        }
+    }
+
+    fn commit(&mut self, ops: Vec<Op>) {
+        // Only committed-index hints: no fsync needed.
+        let durable = ops.iter().any(|op| !matches!(op, Op::Committed(_)));
+        let mut written: Vec<(LogId, usize)> = Vec::new();
+        let started = std::time::Instant::now();
+        let res = (|| -> std::io::Result<()> {
+            if !durable {
+                self.conn
+                    .pragma_update(None, "synchronous", "NORMAL")
+                    .map_err(io_err)?;
+            }
+            let tx = self.conn.transaction().map_err(io_err)?;
+            for op in &ops {
+                match op {
+                    Op::Append { entries, .. } => {
+                        let mut st = tx
+                            .prepare_cached(
+                                "INSERT OR REPLACE INTO log(idx, log_id, entry) VALUES(?1, ?2, ?3)",
+                            )
+                            .map_err(io_err)?;
+                        for e in entries {
+                            let body = encode(e)?;
+                            st.execute(params![e.log_id.index as i64, encode(&e.log_id)?, &body])
+                                .map_err(io_err)?;
+                            written.push((e.log_id, body.len()));
+                        }
+                    }
+                    Op::Committed(b) => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO meta(key, value) VALUES('committed', ?1)",
+                            [b],
+                        )
+                        .map_err(io_err)?;
+                    }
+                    Op::Vote(b, _) => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO meta(key, value) VALUES('vote', ?1)",
+                            [b],
+                        )
+                        .map_err(io_err)?;
+                    }
+                    Op::Truncate(after, _) => {
+                        tx.execute("DELETE FROM log WHERE idx > ?1", [after])
+                            .map_err(io_err)?;
+                    }
+                    Op::Purge(upto, b, _) => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO meta(key, value) VALUES('last_purged', ?1)",
+                            [b],
+                        )
+                        .map_err(io_err)?;
+                        tx.execute("DELETE FROM log WHERE idx <= ?1", [upto])
+                            .map_err(io_err)?;
+                    }
+                }
+            }
+            // synchronous=FULL: returns after the WAL is fsync'd.
+            tx.commit().map_err(io_err)?;
+            if !durable {
+                self.conn
+                    .pragma_update(None, "synchronous", "FULL")
+                    .map_err(io_err)?;
+            }
+            Ok(())
+        })();
+        if res.is_ok() && !written.is_empty() {
+            let stats = &self.shared.stats;
+            stats.appends.fetch_add(1, Ordering::Relaxed);
+            stats
+                .entries
+                .fetch_add(written.len() as u64, Ordering::Relaxed);
+            stats
+                .write_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.evict(written);
+        }
+        for op in ops {
+            let r = match &res {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io_err(e)),
+            };
+            match op {
+                Op::Append { callback, .. } => callback.io_completed(r),
+                Op::Committed(_) => {}
+                Op::Vote(_, reply) | Op::Truncate(_, reply) | Op::Purge(_, _, reply) => {
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+
+    /// Drops the oldest flushed entries from the cache beyond the budget. An entry is only
+    /// dropped if the cache still holds that very entry (not a later one at the same index).
+    fn evict(&mut self, written: Vec<(LogId, usize)>) {
+        for w in written {
+            self.flushed_bytes += w.1;
+            self.flushed.push_back(w);
+        }
+        if self.flushed_bytes <= CACHE_BYTES {
+            return;
+        }
+        let mut cache = self.shared.cache.lock().expect("log cache");
+        while self.flushed_bytes > CACHE_BYTES {
+            let Some((id, size)) = self.flushed.pop_front() else {
+                break;
+            };
+            self.flushed_bytes -= size;
+            if cache.get(&id.index).is_some_and(|e| e.log_id == id) {
+                cache.remove(&id.index);
+            }
+        }
+    }
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
     let lo = match range.start_bound() {
         Bound::Included(&s) => s,
         Bound::Excluded(&s) => s.saturating_add(1),
@@ -120,10 +329,7 @@ fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
         }
         Bound::Unbounded => i64::MAX as u64,
     };
-    (
-        lo.min(i64::MAX as u64) as i64,
-        hi.min(i64::MAX as u64) as i64,
-    )
+    (lo.min(i64::MAX as u64), hi.min(i64::MAX as u64))
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -135,20 +341,38 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if lo > hi {
             return Ok(Vec::new());
         }
+        // The cache first: an entry missing from it at the low end was flushed before it
+        // was evicted, so SQLite (read after this) has it.
+        let cached: Vec<Entry> = self
+            .cache()
+            .range(lo..=hi)
+            .map(|(_, e)| e.clone())
+            .collect();
+        let from_cache = cached.first().map(|e| e.log_id.index);
+        if from_cache == Some(lo) {
+            return Ok(cached);
+        }
+        // Below the first cached index (or everything, if nothing is cached) comes from disk.
+        let disk_hi = from_cache.map(|i| i as i64 - 1).unwrap_or(hi as i64);
         let raws: Vec<Vec<u8>> = self
-            .with_conn(move |c| {
+            .with_reader(move |c| {
                 let mut st = c.prepare_cached(
                     "SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx",
                 )?;
-                let rows = st.query_map(params![lo, hi], |r| r.get::<_, Vec<u8>>(0))?;
+                let rows = st.query_map(params![lo as i64, disk_hi], |r| r.get::<_, Vec<u8>>(0))?;
                 rows.collect()
             })
             .await?;
-        raws.iter().map(|b| decode(b)).collect()
+        let mut out = raws
+            .iter()
+            .map(|b| decode::<Entry>(b))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        out.extend(cached);
+        Ok(out)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, std::io::Error> {
-        self.get_meta("vote").await
+        Ok(*self.shared.vote.lock().expect("vote"))
     }
 }
 
@@ -156,20 +380,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, std::io::Error> {
-        let last_purged: Option<LogId> = self.get_meta("last_purged").await?;
-        let last_raw: Option<Vec<u8>> = self
-            .with_conn(|c| {
-                c.query_row(
-                    "SELECT log_id FROM log ORDER BY idx DESC LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()
+        let (last_purged, last_raw) = self
+            .with_reader(|c| {
+                let purged: Option<Vec<u8>> = c
+                    .query_row(
+                        "SELECT value FROM meta WHERE key = 'last_purged'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let last: Option<Vec<u8>> = c
+                    .query_row(
+                        "SELECT log_id FROM log ORDER BY idx DESC LIMIT 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok((purged, last))
             })
             .await?;
-        let last_log_id = match last_raw {
-            Some(b) => Some(decode::<LogId>(&b)?),
-            None => last_purged,
+        let last_purged: Option<LogId> = last_purged.map(|b| decode(&b)).transpose()?;
+        let cached_last = self.cache().last_key_value().map(|(_, e)| e.log_id);
+        let last_log_id = match (cached_last, last_raw) {
+            (Some(c), _) => Some(c),
+            (None, Some(b)) => Some(decode::<LogId>(&b)?),
+            (None, None) => last_purged,
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -183,33 +418,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
         let b = encode(vote)?;
-        self.with_conn(move |c| {
-            c.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES('vote', ?1)",
-                [b],
-            )
-            .map(drop)
-        })
-        .await
+        self.write_and_wait(|tx| Op::Vote(b, tx)).await?;
+        *self.shared.vote.lock().expect("vote") = Some(*vote);
+        Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
-        let b = encode(&committed)?;
-        self.with_conn(move |c| {
-            // A hint only: skip the fsync, the next FULL commit makes it durable.
-            c.pragma_update(None, "synchronous", "NORMAL")?;
-            let r = c.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES('committed', ?1)",
-                [b],
-            );
-            c.pragma_update(None, "synchronous", "FULL")?;
-            r.map(drop)
-        })
-        .await
+        // A hint only: queued, not waited for.
+        self.send(Op::Committed(encode(&committed)?))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {
-        Ok(self.get_meta::<Option<LogId>>("committed").await?.flatten())
+        let raw: Option<Vec<u8>> = self
+            .with_reader(|c| {
+                c.query_row("SELECT value FROM meta WHERE key = 'committed'", [], |r| {
+                    r.get(0)
+                })
+                .optional()
+            })
+            .await?;
+        Ok(raw
+            .map(|b| decode::<Option<LogId>>(&b))
+            .transpose()?
+            .flatten())
     }
 
     async fn append<I>(
@@ -221,61 +452,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let rows = entries
-            .into_iter()
-            .map(|e| Ok((e.log_id.index as i64, encode(&e.log_id)?, encode(&e)?)))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let n = rows.len();
-        let res = self
-            .with_conn(move |c| {
-                let tx = c.transaction()?;
-                {
-                    let mut st = tx.prepare_cached(
-                        "INSERT OR REPLACE INTO log(idx, log_id, entry) VALUES(?1, ?2, ?3)",
-                    )?;
-                    for (idx, id, e) in &rows {
-                        st.execute(params![idx, id, e])?;
-                    }
-                }
-                // synchronous=FULL: returns after the WAL is fsync'd.
-                tx.commit()
-            })
-            .await;
-        match res {
-            Ok(()) => {
-                self.stats.appends.fetch_add(1, Ordering::Relaxed);
-                self.stats.entries.fetch_add(n as u64, Ordering::Relaxed);
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.io_completed(Err(io_err(&e)));
-                Err(e)
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        {
+            let mut cache = self.cache();
+            for e in &entries {
+                cache.insert(e.log_id.index, e.clone());
             }
         }
+        self.send(Op::Append { entries, callback })
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), std::io::Error> {
         let after = last_log_id.map(|l| l.index as i64).unwrap_or(-1);
-        self.with_conn(move |c| {
-            c.execute("DELETE FROM log WHERE idx > ?1", [after])
-                .map(drop)
-        })
-        .await
+        {
+            let mut cache = self.cache();
+            let keep_to = (after + 1).max(0) as u64;
+            drop(cache.split_off(&keep_to));
+        }
+        self.write_and_wait(|tx| Op::Truncate(after, tx)).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), std::io::Error> {
         let b = encode(&log_id)?;
         let upto = log_id.index as i64;
-        self.with_conn(move |c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES('last_purged', ?1)",
-                [b],
-            )?;
-            tx.execute("DELETE FROM log WHERE idx <= ?1", [upto])?;
-            tx.commit()
-        })
-        .await
+        {
+            let mut cache = self.cache();
+            let rest = cache.split_off(&(log_id.index + 1));
+            *cache = rest;
+        }
+        self.write_and_wait(|tx| Op::Purge(upto, b, tx)).await
     }
 }

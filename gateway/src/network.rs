@@ -10,7 +10,8 @@
 //!
 //! The `Err(String)` arm carries a remote failure (the remote Raft stopped); transport problems
 //! are HTTP or socket errors. Connections are pooled and reused (keep-alive), `TCP_NODELAY` is
-//! set, connecting times out after 500 ms and every RPC after openraft's hard TTL. Snapshots are
+//! set, connecting times out after 500 ms and every RPC after openraft's hard TTL (at least
+//! [`APPEND_TTL_FLOOR`] for appends). Snapshots are
 //! streamed from and to files in 64 KiB chunks.
 
 use std::sync::Arc;
@@ -36,6 +37,10 @@ use tokio::io::AsyncReadExt;
 
 use crate::raft_types::{NodeId, Peer, SnapshotMeta, TypeConfig, Vote, io_err};
 use crate::state_machine::SnapshotFile;
+
+/// The shortest time an AppendEntries RPC (heartbeats included) may take before it counts as
+/// failed.
+pub const APPEND_TTL_FLOOR: Duration = Duration::from_millis(500);
 
 /// Request and response body type of the shared HTTP client.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -208,7 +213,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("/raft/append", &rpc, option.hard_ttl()).await
+        // openraft's TTL for appends is one heartbeat interval (50 ms by default): too short
+        // for a follower to take a 1 MiB group entry on a loaded machine, and an append that
+        // times out is sent again, which loads the follower more. Give it a floor.
+        let ttl = option.hard_ttl().max(APPEND_TTL_FLOOR);
+        self.call("/raft/append", &rpc, ttl).await
     }
 
     async fn vote(

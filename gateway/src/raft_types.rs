@@ -47,3 +47,30 @@ pub type Raft = openraft::Raft<TypeConfig, crate::state_machine::StateMachine>;
 pub fn io_err(e: impl fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
+
+/// Confirms this node still leads (a ReadIndex round: a quorum answered a heartbeat sent
+/// after the call), as `ensure_linearizable(ReadIndex)`. Under load a round can expire
+/// before a quorum answers (`QuorumNotEnough`) although nothing is wrong: it is tried again
+/// for up to 3 s while this node still leads. Other errors (`ForwardToLeader`, shutdown)
+/// come back at once.
+pub async fn confirm_leadership(
+    raft: &Raft,
+) -> Result<
+    openraft::raft::linearizable_read::ReadLogId<TypeConfig>,
+    openraft::errors::RaftError<TypeConfig, openraft::errors::LinearizableReadError<TypeConfig>>,
+> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match raft
+            .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+            .await
+        {
+            Err(openraft::errors::RaftError::APIError(
+                openraft::errors::LinearizableReadError::QuorumNotEnough(_),
+            )) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            r => return r,
+        }
+    }
+}

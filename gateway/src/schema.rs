@@ -171,12 +171,7 @@ impl Schema {
     /// Runs inside the applying entry's transaction.
     pub fn install(&self, conn: &Connection) -> rusqlite::Result<()> {
         create_meta(conn)?;
-        conn.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS {TELEMETRY_TABLE} (device_id INTEGER NOT NULL, \
-             seq INTEGER NOT NULL, stream INTEGER NOT NULL, time TEXT NOT NULL, \
-             received_at TEXT NOT NULL, \"values\" TEXT NOT NULL, \
-             PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
-        ))?;
+        create_telemetry(conn)?;
         for s in &self.streams {
             let mut ddl = format!(
                 "CREATE TABLE IF NOT EXISTS \"{}\" (device_id INTEGER NOT NULL, seq INTEGER NOT NULL, \
@@ -230,6 +225,18 @@ impl Schema {
             .and_then(|j| serde_json::from_str(&j).ok())
             .unwrap_or_default())
     }
+}
+
+/// Creates the table of undeclared streams if it is missing. Device batches can be applied
+/// before any stream definitions (a leader whose definitions were not committed), and every
+/// replica then creates it at the same entry.
+pub fn create_telemetry(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {TELEMETRY_TABLE} (device_id INTEGER NOT NULL, \
+         seq INTEGER NOT NULL, stream INTEGER NOT NULL, time TEXT NOT NULL, \
+         received_at TEXT NOT NULL, \"values\" TEXT NOT NULL, \
+         PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
+    ))
 }
 
 fn create_meta(conn: &Connection) -> rusqlite::Result<()> {

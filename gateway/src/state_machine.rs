@@ -358,7 +358,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let items: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
         let (entries, responders): (Vec<_>, Vec<_>) = items.into_iter().unzip();
         let store = self.store.clone();
+        let started = std::time::Instant::now();
         let responses = blocking(move || store.apply_entries(entries)).await?;
+        crate::ingress::metrics::METRICS
+            .apply_latency
+            .record(started.elapsed());
         for (resp, responder) in responses.into_iter().zip(responders) {
             if let Some(r) = responder {
                 r.send(resp);

@@ -219,6 +219,7 @@ pub fn apply_device_batches(
     stats: &mut ApplyStats,
 ) -> rusqlite::Result<Vec<BatchOutcome>> {
     create_tables(conn)?;
+    crate::schema::create_telemetry(conn)?;
     let schema = Schema::load(conn)?;
     // Room for every stream table's insert next to the SQL API's statements.
     conn.set_prepared_statement_cache_capacity(64 + schema.streams.len());
@@ -331,6 +332,18 @@ mod tests {
     fn count(conn: &Connection, table: &str) -> i64 {
         conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
             .unwrap()
+    }
+
+    /// A batch applied before any stream definitions (a leader whose DefineStreams entry was
+    /// not committed) used to fail with "no such table: telemetry", fatal on every replica.
+    #[test]
+    fn test_batch_before_any_definitions_goes_to_telemetry() {
+        let conn = Connection::open_in_memory().unwrap();
+        let b = batch(9, 1, &[(4, &[Value::F32(1.5)]), (4, &[Value::F32(2.5)])]);
+        let mut stats = ApplyStats::default();
+        let out = apply_device_batches(&conn, &[b], &mut stats).unwrap();
+        assert_eq!(out, vec![BatchOutcome::Applied { through_seq: 2 }]);
+        assert_eq!(count(&conn, TELEMETRY_TABLE), 2);
     }
 
     #[test]

@@ -169,9 +169,9 @@ impl GroupQueue {
         }
     }
 
-    /// Free room in the queue, 0..=1 (scales the credit given to devices).
-    pub fn free_fraction(&self) -> f64 {
-        self.tx.capacity() as f64 / self.tx.max_capacity() as f64
+    /// Free room in the queue, in submissions (scales the credit given to devices).
+    pub fn free_slots(&self) -> usize {
+        self.tx.capacity()
     }
 }
 

@@ -7,7 +7,8 @@
 //!           high-water read linearizably on the leader ─▶ Welcome{high_water, leader, credit}
 //! Batch ──▶ decode (tag, counter, body) ─ bad ─▶ Error(code), close; nothing applied
 //!           submit to the leader's queue (or forward) ─ full ─▶ Error(Overloaded)
-//!           outcomes come back in order ─▶ Ack{through_seq} (only after commit and apply)
+//!           outcomes come back in order ─▶ Ack{through_seq} (after commit and apply; one Ack for
+//!                                           the batches decided together)
 //!                                        ─▶ Error(SeqGap | SchemaMismatch | NotLeader | Overloaded),
 //!                                           connection kept (SPEC §7.6); other codes close it
 //! Ping  ──▶ Pong
@@ -151,6 +152,22 @@ async fn send(stream: &mut TcpStream, session: &mut GatewaySession, msg: &Messag
     }
 }
 
+/// The seq a decided batch is stored through (applied now or before), or the code to answer.
+fn stored_through(outcome: &Outcomes) -> Result<u64, ErrorCode> {
+    match outcome {
+        Ok(v) if v.len() == 1 => match v[0] {
+            BatchOutcome::Applied { through_seq } | BatchOutcome::Duplicate { through_seq } => {
+                Ok(through_seq)
+            }
+            BatchOutcome::Gap { .. } => Err(ErrorCode::SeqGap),
+            BatchOutcome::SchemaMismatch => Err(ErrorCode::SchemaMismatch),
+            BatchOutcome::Malformed => Err(ErrorCode::Malformed),
+        },
+        Ok(_) => Err(ErrorCode::Internal),
+        Err(e) => Err(e.code()),
+    }
+}
+
 /// Serves one device connection to the end.
 pub async fn serve(ingress: Arc<Ingress>, mut stream: TcpStream) {
     METRICS.connections_accepted.fetch_add(1, Relaxed);
@@ -240,31 +257,46 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
         tokio::select! {
             outcome = next_outcome => {
                 let (_, read_at) = pending.pop_front().expect("a pending batch");
-                let code = match outcome {
-                    Ok(v) if v.len() == 1 => match v[0] {
-                        BatchOutcome::Applied { through_seq }
-                        | BatchOutcome::Duplicate { through_seq } => {
-                            acked = acked.max(through_seq);
-                            let ack = Ack {
-                                through_seq: acked,
-                                credit: ingress.credit(),
-                                leader: ingress.leader_hint(),
-                            };
-                            if !send(stream, &mut session, &Message::Ack(ack)).await {
-                                return Ok(());
-                            }
-                            METRICS.acks_sent.fetch_add(1, Relaxed);
+                let mut outcome = outcome;
+                let mut read_at = read_at;
+                // Acks are cumulative: batches decided together get one Ack (fewer bytes
+                // and writes under load); an error is answered in its turn.
+                let mut through = None;
+                let code = loop {
+                    match stored_through(&outcome) {
+                        Ok(seq) => {
+                            through = Some(seq);
                             METRICS.ack_latency.record(read_at.elapsed());
-                            continue;
+                            match pending.front_mut().map(|(rx, _)| rx.try_recv()) {
+                                Some(Ok(next)) => {
+                                    read_at = pending.pop_front().expect("a pending batch").1;
+                                    outcome = next;
+                                }
+                                Some(Err(oneshot::error::TryRecvError::Closed)) => {
+                                    read_at = pending.pop_front().expect("a pending batch").1;
+                                    outcome = Err(IngestError::Internal);
+                                }
+                                Some(Err(oneshot::error::TryRecvError::Empty)) | None => break None,
+                            }
                         }
-                        BatchOutcome::Gap { .. } => ErrorCode::SeqGap,
-                        BatchOutcome::SchemaMismatch => ErrorCode::SchemaMismatch,
-                        BatchOutcome::Malformed => ErrorCode::Malformed,
-                    },
-                    Ok(_) => ErrorCode::Internal,
-                    Err(e) => e.code(),
+                        Err(code) => break Some(code),
+                    }
                 };
-                if !refuse(stream, &mut session, code).await {
+                if let Some(seq) = through {
+                    acked = acked.max(seq);
+                    let ack = Ack {
+                        through_seq: acked,
+                        credit: ingress.credit(),
+                        leader: ingress.leader_hint(),
+                    };
+                    if !send(stream, &mut session, &Message::Ack(ack)).await {
+                        return Ok(());
+                    }
+                    METRICS.acks_sent.fetch_add(1, Relaxed);
+                }
+                if let Some(code) = code
+                    && !refuse(stream, &mut session, code).await
+                {
                     return Err(code);
                 }
             }

@@ -23,7 +23,6 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use futures_util::future::BoxFuture;
-use openraft::ReadPolicy;
 use openraft::async_runtime::watch::WatchReceiver;
 use serde::Deserialize;
 use serde_json::json;
@@ -140,11 +139,7 @@ async fn high_water(State(ingress): State<Arc<Ingress>>, Path(device_id): Path<u
 
 async fn device_key(State(ingress): State<Arc<Ingress>>, Path(device_id): Path<u64>) -> Vec<u8> {
     let key = if ingress.raft.is_leader() {
-        match ingress
-            .raft
-            .ensure_linearizable(ReadPolicy::ReadIndex)
-            .await
-        {
+        match crate::raft_types::confirm_leadership(&ingress.raft).await {
             Ok(_) => ingress.device_key(device_id),
             Err(_) => Err(IngestError::NotLeader),
         }
@@ -207,20 +202,47 @@ async fn to_leader(ingress: &Ingress, method: Method, path: &str, body: Vec<u8>)
     }
 }
 
-async fn propose(ingress: &Ingress, cmd: RegistryCommand) -> Result<RegistryOutcome, Response> {
-    match ingress
-        .raft
-        .client_write(Command::DeviceRegistry(cmd))
-        .await
-    {
-        Ok(r) => match r.data {
-            CommandResponse::DeviceRegistry(o) => Ok(o),
-            _ => Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "unexpected response",
-            )),
-        },
-        Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
+/// Proposes `cmd` here if this node leads, else sends the request (`method`, `path`, `body`)
+/// to the leader. Leadership can move between the check and the write: a write refused with
+/// `ForwardToLeader` is retried (here or at the new leader) for up to [`FORWARD_TIMEOUT`].
+async fn propose_or_forward(
+    ingress: &Ingress,
+    cmd: RegistryCommand,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<RegistryOutcome, Response> {
+    let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+    loop {
+        if !ingress.raft.is_leader() {
+            if leader_http(&ingress.raft).is_some() || tokio::time::Instant::now() >= deadline {
+                return Err(to_leader(ingress, method, path, body).await);
+            }
+        } else {
+            match ingress
+                .raft
+                .client_write(Command::DeviceRegistry(cmd.clone()))
+                .await
+            {
+                Ok(r) => {
+                    return match r.data {
+                        CommandResponse::DeviceRegistry(o) => Ok(o),
+                        _ => Err(error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "unexpected response",
+                        )),
+                    };
+                }
+                Err(e) if e.forward_to_leader().is_some() => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(error(StatusCode::SERVICE_UNAVAILABLE, e));
+                    }
+                }
+                Err(e) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
+            }
+        }
+        // No leader known yet (an election is on): try again shortly.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -244,18 +266,11 @@ async fn add_device(State(ingress): State<Arc<Ingress>>, body: Bytes) -> Respons
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    if !ingress.raft.is_leader() {
-        return to_leader(&ingress, Method::POST, "/devices", body.to_vec()).await;
-    }
-    match propose(
-        &ingress,
-        RegistryCommand::Add {
-            device_id: req.id,
-            key,
-        },
-    )
-    .await
-    {
+    let cmd = RegistryCommand::Add {
+        device_id: req.id,
+        key,
+    };
+    match propose_or_forward(&ingress, cmd, Method::POST, "/devices", body.to_vec()).await {
         Ok(RegistryOutcome::Added { replaced }) => {
             Json(json!({"device_id": req.id, "replaced": replaced})).into_response()
         }
@@ -268,16 +283,9 @@ async fn remove_device(
     State(ingress): State<Arc<Ingress>>,
     Path(device_id): Path<u64>,
 ) -> Response {
-    if !ingress.raft.is_leader() {
-        return to_leader(
-            &ingress,
-            Method::DELETE,
-            &format!("/devices/{device_id}"),
-            Vec::new(),
-        )
-        .await;
-    }
-    match propose(&ingress, RegistryCommand::Remove { device_id }).await {
+    let cmd = RegistryCommand::Remove { device_id };
+    let path = format!("/devices/{device_id}");
+    match propose_or_forward(&ingress, cmd, Method::DELETE, &path, Vec::new()).await {
         Ok(RegistryOutcome::Removed { existed }) => {
             Json(json!({"device_id": device_id, "removed": existed})).into_response()
         }
@@ -290,11 +298,7 @@ async fn list_devices(State(ingress): State<Arc<Ingress>>) -> Response {
     if !ingress.raft.is_leader() {
         return to_leader(&ingress, Method::GET, "/devices", Vec::new()).await;
     }
-    if let Err(e) = ingress
-        .raft
-        .ensure_linearizable(ReadPolicy::ReadIndex)
-        .await
-    {
+    if let Err(e) = crate::raft_types::confirm_leadership(&ingress.raft).await {
         return error(StatusCode::SERVICE_UNAVAILABLE, e);
     }
     match ingress.store.read(registry::list_devices) {

@@ -31,31 +31,44 @@ impl RaftSink {
         }
     }
 
-    /// Proposes the stream definitions once per term this node leads. Proposed from the
-    /// grouping task, so it is in the log ahead of the term's device batches.
-    async fn define_streams(&mut self) {
+    /// Proposes the stream definitions once per term this node leads and waits for them to
+    /// be applied, so the term's device batches always find their tables. Proposed from the
+    /// grouping task, so it is in the log ahead of the term's device batches. False if they
+    /// could not be committed (the group is then refused with NotLeader and retried by the
+    /// devices; the next group proposes the definitions again).
+    async fn define_streams(&mut self) -> bool {
         let term = {
             let m = self.raft.metrics();
             let m = m.borrow_watched();
             if m.current_leader != Some(m.id) {
-                return;
+                return false;
             }
             m.current_term
         };
         if self.defined_term == Some(term) {
-            return;
+            return true;
         }
         let cmd = Command::DeviceRegistry(RegistryCommand::DefineStreams(self.schema.clone()));
         let (responder, rx) = ProgressResponder::complete_only();
-        if self.raft.write(cmd).responder(responder).await.is_ok() {
-            self.defined_term = Some(term);
-            tokio::spawn(async move {
-                match rx.await {
-                    Ok(Ok(r)) => tracing::info!(log_id = %r.log_id, "stream tables defined"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "defining stream tables"),
-                    Err(_) => {}
-                }
-            });
+        if self.raft.write(cmd).responder(responder).await.is_err() {
+            return false;
+        }
+        // Bounded: without a quorum the write may never finish; the next group tries again.
+        match tokio::time::timeout(std::time::Duration::from_secs(5), rx).await {
+            Ok(Ok(Ok(r))) => {
+                tracing::info!(log_id = %r.log_id, "stream tables defined");
+                self.defined_term = Some(term);
+                true
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "defining stream tables");
+                false
+            }
+            Ok(Err(_)) => false,
+            Err(_) => {
+                tracing::warn!("defining stream tables: not committed within 5 s");
+                false
+            }
         }
     }
 }
@@ -63,7 +76,9 @@ impl RaftSink {
 impl GroupSink for RaftSink {
     fn start(&mut self, batches: Vec<DeviceBatch>) -> BoxFuture<'_, Commit> {
         Box::pin(async move {
-            self.define_streams().await;
+            if !self.define_streams().await {
+                return Commit(Box::pin(async { Err(IngestError::NotLeader) }));
+            }
             let (responder, rx) = ProgressResponder::complete_only();
             let sent = self
                 .raft
@@ -80,9 +95,12 @@ impl GroupSink for RaftSink {
                         _ => Err(IngestError::Internal),
                     },
                     Ok(Err(
-                        ClientWriteError::ForwardToLeader(_)
-                        | ClientWriteError::LogEntryDiscarded(_),
-                    )) => Err(IngestError::NotLeader),
+                        e @ (ClientWriteError::ForwardToLeader(_)
+                        | ClientWriteError::LogEntryDiscarded(_)),
+                    )) => {
+                        tracing::info!(error = %e, "device batches not committed");
+                        Err(IngestError::NotLeader)
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "proposing device batches");
                         Err(IngestError::Internal)
@@ -94,6 +112,8 @@ impl GroupSink for RaftSink {
     }
 
     fn idle(&mut self) -> BoxFuture<'_, ()> {
-        Box::pin(self.define_streams())
+        Box::pin(async {
+            self.define_streams().await;
+        })
     }
 }

@@ -125,6 +125,9 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Batch read off the socket to Ack written, on the node the device talks to.
     pub ack_latency: Histogram,
+    /// One state-machine apply call (every kind of entry), queueing on the blocking pool
+    /// included.
+    pub apply_latency: Histogram,
 }
 
 impl Metrics {
@@ -148,6 +151,7 @@ impl Metrics {
             batches_duplicate: AtomicU64::new(0),
             commit_latency: Histogram::new(),
             ack_latency: Histogram::new(),
+            apply_latency: Histogram::new(),
         }
     }
 
@@ -178,6 +182,7 @@ impl Metrics {
             "batches_duplicate": g(&self.batches_duplicate),
             "commit_latency": self.commit_latency.to_json(),
             "ack_latency": self.ack_latency.to_json(),
+            "apply_latency": self.apply_latency.to_json(),
         })
     }
 }
@@ -231,6 +236,7 @@ impl Metrics {
         for (name, h) in [
             ("commit_latency", &self.commit_latency),
             ("ack_latency", &self.ack_latency),
+            ("apply_latency", &self.apply_latency),
         ] {
             let _ = writeln!(out, "# TYPE cairn_ingress_{name}_seconds summary");
             for q in [0.5, 0.99] {

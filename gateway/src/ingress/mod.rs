@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_protocol::GatewayAddr;
-use openraft::ReadPolicy;
 use openraft::async_runtime::watch::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -43,6 +42,10 @@ use crate::raft_types::{NodeId, Peer, Raft};
 use crate::registry::{self, DeviceKey};
 use crate::schema::Schema;
 use crate::state_machine::Store;
+
+/// Records in a full batch frame of typical readings (about 50 three-value records fit in
+/// `MAX_FRAME`): converts queue slots (batches) into credit (records).
+const RECORDS_PER_BATCH: usize = 50;
 
 /// Settings of the device path.
 #[derive(Debug, Clone)]
@@ -219,25 +222,36 @@ impl Ingress {
         {
             return Err(IngestError::Overloaded);
         }
-        self.raft
-            .ensure_linearizable(ReadPolicy::ReadIndex)
-            .await
-            .map_err(|_| IngestError::NotLeader)?;
+        if let Err(e) = crate::raft_types::confirm_leadership(&self.raft).await {
+            tracing::info!(device_id, error = %e, "high-water read: leadership not confirmed");
+            return Err(IngestError::NotLeader);
+        }
         match self.store.read(|c| registry::high_water(c, device_id)) {
             Ok(Ok(hw)) => Ok(hw),
             _ => Err(IngestError::Internal),
         }
     }
 
-    /// The credit for the next Welcome/Ack: full when the leader's queue is empty, less as it
-    /// fills (at least 1, so a device can always make progress once it is acked).
+    /// The credit for the next Welcome/Ack: each open connection's share of the free room in
+    /// the queue its batches go to (the leader's, or the forward queue on a follower), so a
+    /// large fleet does not overfill it (`Overloaded`), capped at the configured credit. At
+    /// least one full batch while there is room, so batches stay large; 1 when the queue is
+    /// full (a device can always make progress once it is acked).
     pub fn credit(&self) -> u16 {
         let free = if self.raft.is_leader() {
-            self.leader_queue.free_fraction()
+            self.leader_queue.free_slots()
         } else {
-            self.forward_queue.free_fraction()
+            self.forward_queue.free_slots()
         };
-        ((f64::from(self.config.credit) * free) as u16).max(1)
+        if free == 0 {
+            return 1;
+        }
+        let cap = usize::from(self.config.credit).max(1);
+        let connections = (metrics::METRICS
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed) as usize)
+            .max(1);
+        (free * RECORDS_PER_BATCH / connections).clamp(RECORDS_PER_BATCH.min(cap), cap) as u16
     }
 
     fn leader_id(&self) -> Option<NodeId> {

@@ -194,6 +194,7 @@ impl Cluster {
                     && let Some(l) = s["raft"]["leader_id"].as_u64()
                     && Some(l) != not
                     && self.slot(l).proc.is_some()
+                    && self.leads(l)
                 {
                     return Ok(l);
                 }
@@ -203,6 +204,15 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Whether node `id` itself says it leads (a node restarted a moment ago can still name
+    /// a stale leader; the leader's own view is the one that counts).
+    fn leads(&self, id: u64) -> bool {
+        self.status(id).is_ok_and(|s| {
+            s["raft"]["state"].as_str() == Some("Leader")
+                && s["raft"]["leader_id"].as_u64() == Some(id)
+        })
     }
 
     fn wait_voters(&self, count: usize, timeout: Duration) -> Result<()> {
@@ -293,12 +303,30 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
     let dir = scratch("cairn")?;
     let mut cluster = Cluster::start_with_config(bin, &dir, Some(&stream_config()))?;
 
+    // `CAIRN_BENCH_STEPS=devices,failover-devices` (any of sql, devices, failover-http,
+    // failover-devices, restart) runs a subset, for investigating one figure.
+    let steps = std::env::var("CAIRN_BENCH_STEPS").ok();
+    let wants = |step: &str| {
+        steps
+            .as_deref()
+            .is_none_or(|s| s.split(',').any(|x| x.trim() == step))
+    };
     // SQL over HTTP: the same kind of write dqlite and hiqlite take.
-    http_sql(profile, &cluster, results)?;
-    devices(profile, &cluster, results)?;
-    failover_http(&mut cluster, results)?;
-    failover_devices(&mut cluster, results)?;
-    restart(profile, &mut cluster, results)?;
+    if wants("sql") {
+        http_sql(profile, &cluster, results)?;
+    }
+    if wants("devices") {
+        devices(profile, &cluster, results)?;
+    }
+    if wants("failover-http") {
+        failover_http(&mut cluster, results)?;
+    }
+    if wants("failover-devices") {
+        failover_devices(&mut cluster, results)?;
+    }
+    if wants("restart") {
+        restart(profile, &mut cluster, results)?;
+    }
     Ok(())
 }
 
@@ -334,6 +362,18 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
         !r.latencies_ms.is_empty(),
         "latency run: nothing acknowledged"
     );
+    // Where the time goes, from the leader's own counters (means over the run).
+    if let Ok(s) = cluster.status(leader) {
+        let us = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        println!(
+            "    leader, one record in flight: read-to-Ack {} us, proposal-to-applied {} us, \
+             apply {} us, log write+fsync {} us (means)",
+            us(&s["ingress"]["ack_latency"]["mean_us"]),
+            us(&s["ingress"]["commit_latency"]["mean_us"]),
+            us(&s["ingress"]["apply_latency"]["mean_us"]),
+            us(&s["log_store"]["write_us_mean"]),
+        );
+    }
     results.push(Measurement::new(
         names::LAT_P50,
         SYSTEM,
@@ -559,6 +599,7 @@ fn sql_throughput(
 /// is the time from the kill to the first write acknowledged afterwards.
 fn failover_http(cluster: &mut Cluster, results: &mut Results) -> Result<()> {
     let old = cluster.wait_leader(None, Duration::from_secs(10))?;
+    cluster.execute(old, SQL_TABLE)?;
     let survivor = (1..=3).find(|&id| id != old).expect("three nodes");
     let addr = cluster.slot(survivor).http;
     let stop = AtomicBool::new(false);
@@ -682,10 +723,16 @@ fn failover_devices(cluster: &mut Cluster, results: &mut Results) -> Result<()> 
         std::thread::sleep(Duration::from_secs(2));
         probe.arm();
         cluster.kill(old);
-        fleet
+        let r = fleet
             .join()
             .map_err(|_| anyhow::anyhow!("fleet panicked"))?
             .context("devices during failover")?;
+        println!(
+            "    failover: {} records acked, {} reconnects, first because: {}",
+            r.acked,
+            r.reconnects,
+            r.first_reconnect_reason.as_deref().unwrap_or("-")
+        );
         Ok(())
     })?;
     let f = probe

@@ -259,6 +259,12 @@ impl NodeConfig {
             replication_lag_threshold: self.snapshot_threshold.max(1) * 2,
             install_snapshot_timeout: 60_000,
             max_payload_entries: 1024,
+            // A restarted leader must win an election again (standard Raft). openraft's
+            // default lets it resume as leader of its old term, which its own docs call unsafe
+            // when the state machine and the committed id are not fsync'd on apply (ours are
+            // not: synchronous=NORMAL); it also made a restarted old leader claim leadership
+            // for seconds next to the real one.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         Ok(c.validate()?)

@@ -189,15 +189,29 @@ impl Cluster {
     pub(crate) fn wait_leader(&self, not: Option<u64>, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
-            for n in self.alive() {
-                if let Ok(s) = self.status(n.id)
-                    && let Some(l) = s["raft"]["leader_id"].as_u64()
-                    && Some(l) != not
-                    && self.slot(l).proc.is_some()
-                    && self.leads(l)
-                {
-                    return Ok(l);
-                }
+            // The leader of the highest term any live node knows, named by at least one other
+            // node when there are others: a restarted node can still believe in an older leader.
+            let views: Vec<(u64, u64, Option<u64>)> = self
+                .alive()
+                .filter_map(|n| {
+                    let s = self.status(n.id).ok()?;
+                    Some((
+                        n.id,
+                        s["raft"]["term"].as_u64()?,
+                        s["raft"]["leader_id"].as_u64(),
+                    ))
+                })
+                .collect();
+            let top = views.iter().map(|v| v.1).max();
+            let leader = views
+                .iter()
+                .find_map(|&(id, term, l)| (Some(term) == top && l == Some(id)).then_some(id));
+            if let Some(l) = leader
+                && Some(l) != not
+                && self.leads(l)
+                && (views.len() == 1 || views.iter().any(|&(id, _, f)| id != l && f == Some(l)))
+            {
+                return Ok(l);
             }
             if Instant::now() > deadline {
                 bail!("no leader after {timeout:?}");

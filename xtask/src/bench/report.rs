@@ -212,7 +212,11 @@ pub fn throughput_svg(title: &str, series: &[Series]) -> String {
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
         .collect();
-    let x_min = xs.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
+    // No points at all (a subset run): a default axis, never an infinite one.
+    let x_min = match xs.iter().copied().fold(f64::INFINITY, f64::min) {
+        m if m.is_finite() => m.max(1.0),
+        _ => 1.0,
+    };
     let x_max = xs.iter().copied().fold(1.0, f64::max).max(x_min * 10.0);
     let y_max_raw = series
         .iter()
@@ -252,7 +256,7 @@ pub fn throughput_svg(title: &str, series: &[Series]) -> String {
     }
     // Decades on x.
     let mut d = 10f64.powf(x_min.log10().floor());
-    while d <= x_max * 1.0001 {
+    while d.is_finite() && d <= x_max * 1.0001 {
         if d >= x_min * 0.9999 {
             let px = lx(d);
             let _ = writeln!(
@@ -404,6 +408,21 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("a&lt;b"));
         assert!(svg.contains(">150k<") || svg.contains(">200k<"), "{svg}");
+    }
+
+    /// A subset run has no throughput points: the chart used to loop forever (an infinite
+    /// x axis) and eat all memory.
+    #[test]
+    fn svg_without_points_is_finite() {
+        let svg = throughput_svg(
+            "t",
+            &[Series {
+                name: "empty".into(),
+                colour: "#000",
+                points: Vec::new(),
+            }],
+        );
+        assert!(svg.len() < 100_000 && svg.trim_end().ends_with("</svg>"));
     }
 
     #[test]

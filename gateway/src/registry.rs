@@ -69,10 +69,16 @@ pub struct DeviceInfo {
 
 /// Creates the registry tables if needed.
 pub fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {DEVICES_TABLE} (device_id INTEGER PRIMARY KEY, key BLOB NOT NULL);
-         CREATE TABLE IF NOT EXISTS {HIGH_WATER_TABLE} (device_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);"
-    ))
+    // Runs for every applied device entry: cached statements skip the parse.
+    conn.prepare_cached(&format!(
+        "CREATE TABLE IF NOT EXISTS {DEVICES_TABLE} (device_id INTEGER PRIMARY KEY, key BLOB NOT NULL)"
+    ))?
+    .execute([])?;
+    conn.prepare_cached(&format!(
+        "CREATE TABLE IF NOT EXISTS {HIGH_WATER_TABLE} (device_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)"
+    ))?
+    .execute([])?;
+    Ok(())
 }
 
 /// Applies a registry command inside the entry's transaction.

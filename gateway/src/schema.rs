@@ -215,11 +215,10 @@ impl Schema {
     pub fn load(conn: &Connection) -> rusqlite::Result<Schema> {
         create_meta(conn)?;
         let json: Option<String> = conn
-            .query_row(
-                &format!("SELECT value FROM {STREAMS_TABLE} WHERE key = 'schema'"),
-                [],
-                |r| r.get(0),
-            )
+            .prepare_cached(&format!(
+                "SELECT value FROM {STREAMS_TABLE} WHERE key = 'schema'"
+            ))?
+            .query_row([], |r| r.get(0))
             .ok();
         Ok(json
             .and_then(|j| serde_json::from_str(&j).ok())
@@ -231,18 +230,22 @@ impl Schema {
 /// before any stream definitions (a leader whose definitions were not committed), and every
 /// replica then creates it at the same entry.
 pub fn create_telemetry(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(&format!(
+    conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {TELEMETRY_TABLE} (device_id INTEGER NOT NULL, \
          seq INTEGER NOT NULL, stream INTEGER NOT NULL, time TEXT NOT NULL, \
          received_at TEXT NOT NULL, \"values\" TEXT NOT NULL, \
          PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
-    ))
+    ))?
+    .execute([])
+    .map(drop)
 }
 
 fn create_meta(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(&format!(
+    conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {STREAMS_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-    ))
+    ))?
+    .execute([])
+    .map(drop)
 }
 
 /// A record value as a SQLite parameter for a column of type `ty`, or `None` if it does not fit.

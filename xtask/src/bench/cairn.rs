@@ -473,6 +473,58 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
         best,
         "records/s",
     ));
+    firmware_client(profile, cluster, leader, results)
+}
+
+/// The same leader loaded by `cairn sim`: the real `cairn-firmware` client (outbox,
+/// batching, credit, retry) on tokio, 100 devices pushing as fast as their outboxes allow.
+/// Its records are `[U64, F32]` on an undeclared stream (the JSON `telemetry` table), so this
+/// row shows the device SDK's own ceiling next to the protocol-level fleet's.
+fn firmware_client(
+    profile: &Profile,
+    cluster: &Cluster,
+    leader: u64,
+    results: &mut Results,
+) -> Result<()> {
+    let devices = 100u64;
+    let out = crate::util::output(
+        Command::new(&cluster.bin)
+            .args(["sim", "--devices", &devices.to_string(), "--rate", "5000"])
+            .args(["--gateways", &cluster.slot(leader).device.to_string()])
+            .args(["--host", &format!("http://{}", cluster.slot(leader).http)])
+            .args(["--duration", &format!("{}", profile.cairn_seconds)])
+            .args([
+                "--drain",
+                "5",
+                "--json",
+                "--first-id",
+                "20000",
+                "--stream",
+                "9",
+            ]),
+    )
+    .context("cairn sim")?;
+    let summary: serde_json::Value = serde_json::from_str(
+        out.lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .context("cairn sim printed no JSON summary")?,
+    )?;
+    let tput = summary["records_per_s"].as_f64().unwrap_or(0.0);
+    println!(
+        "    cairn sim: {} pushed, {} acked, {} dropped, p50 {} ms, p99 {} ms",
+        summary["pushed"],
+        summary["acked"],
+        summary["dropped"],
+        summary["p50_ms"],
+        summary["p99_ms"]
+    );
+    results.push(Measurement::new(
+        &format!("throughput, {devices} devices, firmware client (cairn sim)"),
+        SYSTEM,
+        tput,
+        "records/s",
+    ));
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! Installs what the tests need on a Debian machine, using sudo only when not root.
-//! Rust targets come from `rust-toolchain.toml` (rustup installs them on first use).
+//! Rust targets come from `rust-toolchain.toml`; setup installs them with rustup.
 
 use crate::util::{have, run as exec, step};
 use anyhow::Result;
@@ -18,13 +18,64 @@ const PACKAGES: &[(&str, &str)] = &[
 
 pub fn run_setup() -> Result<()> {
     ensure_packages(PACKAGES)?;
-    // Make sure the pinned toolchain and its targets are installed.
+    // Make sure the pinned toolchain and its targets are installed. `cargo xtask` runs with
+    // RUSTUP_TOOLCHAIN set by the cargo proxy, which makes rustup ignore rust-toolchain.toml
+    // (and its targets): drop it, then add the listed targets explicitly, since a machine
+    // with RUSTUP_AUTO_INSTALL=0 installs nothing on first use.
+    let root = crate::util::root();
     exec(
         Command::new("rustup")
             .args(["toolchain", "install"])
-            .current_dir(crate::util::root()),
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .current_dir(&root),
     )?;
+    let toml = std::fs::read_to_string(root.join("rust-toolchain.toml"))?;
+    let (channel, targets) = toolchain_file(&toml);
+    if let Some(channel) = channel
+        && !targets.is_empty()
+    {
+        exec(
+            Command::new("rustup")
+                .args(["target", "add", "--toolchain", &channel])
+                .args(&targets)
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .current_dir(&root),
+        )?;
+    }
     Ok(())
+}
+
+/// The `channel` and `targets` of a rust-toolchain.toml (the few lines this project writes).
+fn toolchain_file(text: &str) -> (Option<String>, Vec<String>) {
+    let quoted = |s: &str| -> Vec<String> {
+        s.split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    let channel = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("channel"))
+        .and_then(|l| quoted(l).into_iter().next());
+    let targets = text
+        .split_once("targets")
+        .and_then(|(_, rest)| rest.split_once('[')?.1.split_once(']'))
+        .map(|(list, _)| quoted(list))
+        .unwrap_or_default();
+    (channel, targets)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_channel_and_targets() {
+        let (c, t) = super::toolchain_file(
+            "[toolchain]\nchannel = \"1.95.0\"\ncomponents = [\"rustfmt\"]\ntargets = [\n    \"thumbv7em-none-eabihf\",\n    \"thumbv6m-none-eabi\",\n]\n",
+        );
+        assert_eq!(c.as_deref(), Some("1.95.0"));
+        assert_eq!(t, vec!["thumbv7em-none-eabihf", "thumbv6m-none-eabi"]);
+    }
 }
 
 /// Installs the Debian package of each (program, package) pair whose program is not on PATH.

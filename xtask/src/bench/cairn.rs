@@ -407,6 +407,21 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
         fleet::register(http_addr, ids.clone())?;
         let sampler = RssSampler::start(cluster.pid(leader));
         let cpu_before = cpu_seconds(cluster.pid(leader)).unwrap_or(f64::NAN);
+        // The followers and the fleet (this process) share the same two cores.
+        let followers: Vec<u32> = (1..=3)
+            .filter(|&id| id != leader)
+            .map(|id| cluster.pid(id))
+            .collect();
+        let others = || -> f64 {
+            followers
+                .iter()
+                .map(|&p| cpu_seconds(p).unwrap_or(0.0))
+                .sum()
+        };
+        let (followers_before, fleet_before) = (
+            others(),
+            cpu_seconds(std::process::id()).unwrap_or(f64::NAN),
+        );
         let perf = (profile.perf && devices == 1000)
             .then(|| PerfRecord::start(cluster.pid(leader), profile.cairn_seconds, "ingest"))
             .transpose()?;
@@ -425,6 +440,19 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
             &format!("leader CPU use, {devices} devices"),
             SYSTEM,
             cpu,
+            "cores",
+        ));
+        let secs = r.elapsed.as_secs_f64();
+        results.push(Measurement::new(
+            &format!("followers' CPU use (both), {devices} devices"),
+            SYSTEM,
+            (others() - followers_before) / secs,
+            "cores",
+        ));
+        results.push(Measurement::new(
+            &format!("device fleet CPU use, {devices} devices"),
+            SYSTEM,
+            (cpu_seconds(std::process::id()).unwrap_or(f64::NAN) - fleet_before) / secs,
             "cores",
         ));
         if let Some(p) = perf {

@@ -66,17 +66,6 @@ fn toolchain_file(text: &str) -> (Option<String>, Vec<String>) {
     (channel, targets)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reads_channel_and_targets() {
-        let (c, t) = super::toolchain_file(
-            "[toolchain]\nchannel = \"1.95.0\"\ncomponents = [\"rustfmt\"]\ntargets = [\n    \"thumbv7em-none-eabihf\",\n    \"thumbv6m-none-eabi\",\n]\n",
-        );
-        assert_eq!(c.as_deref(), Some("1.95.0"));
-        assert_eq!(t, vec!["thumbv7em-none-eabihf", "thumbv6m-none-eabi"]);
-    }
-}
 
 /// Installs the Debian package of each (program, package) pair whose program is not on PATH.
 pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
@@ -114,4 +103,16 @@ fn apt(args: &[&str]) -> Result<()> {
     };
     cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
     exec(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_channel_and_targets() {
+        let (c, t) = super::toolchain_file(
+            "[toolchain]\nchannel = \"1.95.0\"\ncomponents = [\"rustfmt\"]\ntargets = [\n    \"thumbv7em-none-eabihf\",\n    \"thumbv6m-none-eabi\",\n]\n",
+        );
+        assert_eq!(c.as_deref(), Some("1.95.0"));
+        assert_eq!(t, vec!["thumbv7em-none-eabihf", "thumbv6m-none-eabi"]);
+    }
 }

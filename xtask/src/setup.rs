@@ -66,7 +66,6 @@ fn toolchain_file(text: &str) -> (Option<String>, Vec<String>) {
     (channel, targets)
 }
 
-
 /// Installs the Debian package of each (program, package) pair whose program is not on PATH.
 pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = packages

@@ -5,12 +5,23 @@ use crate::util::{have, run as exec, step};
 use anyhow::Result;
 use std::process::Command;
 
-/// (program that proves the package is there, Debian package)
+/// (program on PATH, or absolute path of a file, that proves the package is there; Debian
+/// package)
 const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-arm", "qemu-system-arm"),
     ("qemu-aarch64", "qemu-user"),
     ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
     ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf"),
+    // The cross C libraries are only Recommends of the cross gcc packages, which
+    // `--no-install-recommends` skips; bundled SQLite needs their headers.
+    (
+        "/usr/aarch64-linux-gnu/include/stdio.h",
+        "libc6-dev-arm64-cross",
+    ),
+    (
+        "/usr/arm-linux-gnueabihf/include/stdio.h",
+        "libc6-dev-armhf-cross",
+    ),
     ("arm-none-eabi-size", "binutils-arm-none-eabi"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),

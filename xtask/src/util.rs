@@ -39,8 +39,11 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// True when `name` is found on PATH.
+/// True when `name` is found on PATH (an absolute path: when that file exists).
 pub fn have(name: &str) -> bool {
+    if name.starts_with('/') {
+        return std::path::Path::new(name).is_file();
+    }
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
         .unwrap_or(false)

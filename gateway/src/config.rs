@@ -22,6 +22,7 @@
 //! snapshot_keep_logs = 1024          # entries kept in the log behind a snapshot
 //! write_batch_max = 1024             # commands per group-commit submission
 //! write_queue_depth = 8192           # bounded queue in front of Raft
+//! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
 //! undeclared_streams = "telemetry"   # or "reject"; see `schema.rs` for [[stream]] tables
 //!
@@ -59,6 +60,9 @@ pub struct NodeConfig {
     pub snapshot_keep_logs: u64,
     pub write_batch_max: usize,
     pub write_queue_depth: usize,
+    /// MiB of flushed Raft entries kept in memory (see [`crate::log_store`]); lower it on
+    /// boards with little RAM, replication then reads older entries back from disk.
+    pub log_cache_mib: usize,
     /// Device address advertised to devices as the leader hint (default: the bound address).
     pub device_adv_addr: Option<String>,
     /// Device stream tables (`[[stream]]`), see [`crate::schema`].
@@ -97,6 +101,7 @@ impl Default for NodeConfig {
             snapshot_keep_logs: 1024,
             write_batch_max: 1024,
             write_queue_depth: 8192,
+            log_cache_mib: 64,
             device_adv_addr: None,
             stream: Vec::new(),
             undeclared_streams: crate::schema::Undeclared::Telemetry,
@@ -162,6 +167,9 @@ pub struct NodeArgs {
     pub write_batch_max: Option<usize>,
     #[arg(long)]
     pub write_queue_depth: Option<usize>,
+    /// MiB of recent Raft entries kept in memory for replication and apply (default 64).
+    #[arg(long)]
+    pub log_cache_mib: Option<usize>,
 }
 
 impl NodeConfig {
@@ -195,7 +203,8 @@ impl NodeConfig {
             snapshot_threshold,
             snapshot_keep_logs,
             write_batch_max,
-            write_queue_depth
+            write_queue_depth,
+            log_cache_mib
         );
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();

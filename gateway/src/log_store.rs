@@ -21,8 +21,8 @@
 //!   leaves the cache only after the transaction holding it committed, and truncation/purge
 //!   drop cache entries before returning, so an entry is always in one of the two.
 //!
-//! The cache keeps the newest entries (at most [`CACHE_BYTES`] of encoded entries once they
-//! are flushed), so replication to followers and apply read recent entries from memory
+//! The cache keeps the newest entries (at most [`CACHE_BYTES`], or `log_cache_mib`, of encoded
+//! entries once they are flushed), so replication to followers and apply read recent entries from memory
 //! instead of decoding them back from SQLite.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -41,7 +41,8 @@ use tokio::sync::oneshot;
 
 use crate::raft_types::{Entry, LogId, TypeConfig, Vote, io_err};
 
-/// Encoded bytes of flushed entries kept in memory for readers.
+/// Encoded bytes of flushed entries kept in memory for readers, unless configured
+/// (`log_cache_mib`).
 pub const CACHE_BYTES: usize = 64 << 20;
 
 /// SQLite-backed Raft log. Cloning shares the cache, the writer and the reader connection.
@@ -95,8 +96,13 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
 
 impl LogStore {
     /// Opens (creating if needed) the log database at `path` and starts its writer thread
-    /// (which ends when the last clone is dropped).
+    /// (which ends when the last clone is dropped), caching [`CACHE_BYTES`].
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_with_cache(path, CACHE_BYTES)
+    }
+
+    /// Like [`LogStore::open`], keeping at most `cache_bytes` of flushed entries in memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> anyhow::Result<Self> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -122,7 +128,7 @@ impl LogStore {
         let s = shared.clone();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || Writer::new(conn, s).run(rx))?;
+            .spawn(move || Writer::new(conn, s, cache_bytes).run(rx))?;
         Ok(LogStore { shared, writer: tx })
     }
 
@@ -177,15 +183,17 @@ struct Writer {
     /// Flushed entries still in the cache, oldest first, with their encoded size.
     flushed: VecDeque<(LogId, usize)>,
     flushed_bytes: usize,
+    budget: usize,
 }
 
 impl Writer {
-    fn new(conn: Connection, shared: Arc<Shared>) -> Self {
+    fn new(conn: Connection, shared: Arc<Shared>, budget: usize) -> Self {
         Writer {
             conn,
             shared,
             flushed: VecDeque::new(),
             flushed_bytes: 0,
+            budget,
         }
     }
 
@@ -297,11 +305,11 @@ impl Writer {
             self.flushed_bytes += w.1;
             self.flushed.push_back(w);
         }
-        if self.flushed_bytes <= CACHE_BYTES {
+        if self.flushed_bytes <= self.budget {
             return;
         }
         let mut cache = self.shared.cache.lock().expect("log cache");
-        while self.flushed_bytes > CACHE_BYTES {
+        while self.flushed_bytes > self.budget {
             let Some((id, size)) = self.flushed.pop_front() else {
                 break;
             };

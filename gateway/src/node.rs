@@ -211,7 +211,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         &serde_json::to_vec(&bound)?,
     )?;
 
-    let log_store = LogStore::open(&config.data_dir.join("raft.db"))?;
+    let log_store =
+        LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
     let log_stats = log_store.stats();
     let sm = StateMachine::open(&config.data_dir.join("sm"))?;
     let store = sm.store();

@@ -6,14 +6,19 @@ use cairn_gateway::state_machine::StateMachine;
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 
-struct SqliteBuilder;
+/// Builds stores keeping `cache` bytes of flushed entries in memory (0: every read of a
+/// flushed entry goes to SQLite, which exercises eviction and the disk path).
+struct SqliteBuilder {
+    cache: usize,
+}
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SqliteBuilder {
     async fn build(
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = LogStore::open(&dir.path().join("raft.db")).expect("open log");
+        let log =
+            LogStore::open_with_cache(&dir.path().join("raft.db"), self.cache).expect("open log");
         let sm = StateMachine::open(&dir.path().join("sm")).expect("open state machine");
         Ok((dir, log, sm))
     }
@@ -21,7 +26,16 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sql
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_openraft_storage_suite() {
-    Suite::test_all(SqliteBuilder)
+    Suite::test_all(SqliteBuilder {
+        cache: cairn_gateway::log_store::CACHE_BYTES,
+    })
+    .await
+    .expect("conformance suite");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_openraft_storage_suite_without_entry_cache() {
+    Suite::test_all(SqliteBuilder { cache: 0 })
         .await
-        .expect("conformance suite");
+        .expect("conformance suite, cache 0");
 }

@@ -268,6 +268,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
             let graceful = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
+            // Small responses (Raft RPC answers, acks of writes) go out at once.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+                let _ = s.set_nodelay(true);
+            });
             if let Err(e) = axum::serve(listener, router)
                 .with_graceful_shutdown(graceful)
                 .await

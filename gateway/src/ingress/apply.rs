@@ -177,10 +177,15 @@ impl<'c> Inserts<'c> {
             None => {
                 let stmt = match &mut self.telemetry {
                     Some(s) => s,
-                    slot => slot.insert(self.conn.prepare_cached(&format!(
+                    slot => slot.insert({
+                        // Also when no definitions were ever applied (see `create_telemetry`);
+                        // once per entry that writes here, not on every entry.
+                        crate::schema::create_telemetry(self.conn)?;
+                        self.conn.prepare_cached(&format!(
                         "INSERT OR IGNORE INTO {TELEMETRY_TABLE} \
                          (device_id, seq, stream, time, received_at, \"values\") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-                    ))?),
+                        ))?
+                    }),
                 };
                 stmt.execute(rusqlite::params![
                     dev,
@@ -219,7 +224,6 @@ pub fn apply_device_batches(
     stats: &mut ApplyStats,
 ) -> rusqlite::Result<Vec<BatchOutcome>> {
     create_tables(conn)?;
-    crate::schema::create_telemetry(conn)?;
     let schema = Schema::load(conn)?;
     // Room for every stream table's insert next to the SQL API's statements.
     conn.set_prepared_statement_cache_capacity(64 + schema.streams.len());

@@ -168,6 +168,19 @@ fn stored_through(outcome: &Outcomes) -> Result<u64, ErrorCode> {
     }
 }
 
+/// The oldest pending batch's outcome if it is already decided, taken off the queue.
+fn decided(
+    pending: &mut VecDeque<(oneshot::Receiver<Outcomes>, Instant)>,
+) -> Option<(Outcomes, Instant)> {
+    let outcome = match pending.front_mut()?.0.try_recv() {
+        Ok(o) => o,
+        Err(oneshot::error::TryRecvError::Empty) => return None,
+        Err(oneshot::error::TryRecvError::Closed) => Err(IngestError::Internal),
+    };
+    let (_, read_at) = pending.pop_front()?;
+    Some((outcome, read_at))
+}
+
 /// Serves one device connection to the end.
 pub async fn serve(ingress: Arc<Ingress>, mut stream: TcpStream) {
     METRICS.connections_accepted.fetch_add(1, Relaxed);
@@ -256,32 +269,25 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
         };
         tokio::select! {
             outcome = next_outcome => {
-                let (_, read_at) = pending.pop_front().expect("a pending batch");
-                let mut outcome = outcome;
-                let mut read_at = read_at;
+                let read_at = pending.pop_front().expect("a pending batch").1;
                 // Acks are cumulative: batches decided together get one Ack (fewer bytes
                 // and writes under load); an error is answered in its turn.
+                let mut next = Some((outcome, read_at));
                 let mut through = None;
-                let code = loop {
+                let mut code = None;
+                while let Some((outcome, read_at)) = next {
                     match stored_through(&outcome) {
                         Ok(seq) => {
                             through = Some(seq);
                             METRICS.ack_latency.record(read_at.elapsed());
-                            match pending.front_mut().map(|(rx, _)| rx.try_recv()) {
-                                Some(Ok(next)) => {
-                                    read_at = pending.pop_front().expect("a pending batch").1;
-                                    outcome = next;
-                                }
-                                Some(Err(oneshot::error::TryRecvError::Closed)) => {
-                                    read_at = pending.pop_front().expect("a pending batch").1;
-                                    outcome = Err(IngestError::Internal);
-                                }
-                                Some(Err(oneshot::error::TryRecvError::Empty)) | None => break None,
-                            }
+                            next = decided(&mut pending);
                         }
-                        Err(code) => break Some(code),
+                        Err(c) => {
+                            code = Some(c);
+                            break;
+                        }
                     }
-                };
+                }
                 if let Some(seq) = through {
                     acked = acked.max(seq);
                     let ack = Ack {

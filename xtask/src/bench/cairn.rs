@@ -189,9 +189,10 @@ impl Cluster {
     pub(crate) fn wait_leader(&self, not: Option<u64>, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
-            // The leader of the highest term any live node knows, named by at least one other
-            // node when there are others: a restarted node can still believe in an older leader.
-            let views: Vec<(u64, u64, Option<u64>)> = self
+            // The node that says it leads in the highest term any live node knows, named by
+            // at least one other node when there are others: a restarted node can still
+            // believe in an older leader. One /status read per node per round.
+            let views: Vec<(u64, u64, Option<u64>, bool)> = self
                 .alive()
                 .filter_map(|n| {
                     let s = self.status(n.id).ok()?;
@@ -199,17 +200,17 @@ impl Cluster {
                         n.id,
                         s["raft"]["term"].as_u64()?,
                         s["raft"]["leader_id"].as_u64(),
+                        s["raft"]["state"].as_str() == Some("Leader"),
                     ))
                 })
                 .collect();
             let top = views.iter().map(|v| v.1).max();
-            let leader = views
-                .iter()
-                .find_map(|&(id, term, l)| (Some(term) == top && l == Some(id)).then_some(id));
+            let leader = views.iter().find_map(|&(id, term, l, leads)| {
+                (leads && Some(term) == top && l == Some(id)).then_some(id)
+            });
             if let Some(l) = leader
                 && Some(l) != not
-                && self.leads(l)
-                && (views.len() == 1 || views.iter().any(|&(id, _, f)| id != l && f == Some(l)))
+                && (views.len() == 1 || views.iter().any(|&(id, _, f, _)| id != l && f == Some(l)))
             {
                 return Ok(l);
             }
@@ -218,15 +219,6 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-
-    /// Whether node `id` itself says it leads (a node restarted a moment ago can still name
-    /// a stale leader; the leader's own view is the one that counts).
-    fn leads(&self, id: u64) -> bool {
-        self.status(id).is_ok_and(|s| {
-            s["raft"]["state"].as_str() == Some("Leader")
-                && s["raft"]["leader_id"].as_u64() == Some(id)
-        })
     }
 
     fn wait_voters(&self, count: usize, timeout: Duration) -> Result<()> {
@@ -488,7 +480,7 @@ fn devices(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Resul
                 "MiB",
             ));
             results.push(Measurement::new(
-                "bytes per record counted on the sockets, 1000 devices",
+                names::BYTES_ON_SOCKETS,
                 SYSTEM,
                 (r.bytes_out + r.bytes_in) as f64 / r.acked.max(1) as f64,
                 "bytes",

@@ -34,6 +34,8 @@ pub mod names {
     pub const LAT_P99: &str = "write latency p99, 1 record in flight";
     pub const TPUT_BEST: &str = "throughput at best concurrency";
     pub const BYTES_PER_RECORD: &str = "bytes on the wire per three-value record";
+    /// Cairn only: every byte 1,000 devices wrote and read, per acknowledged record.
+    pub const BYTES_ON_SOCKETS: &str = "bytes per record counted on the sockets, 1000 devices";
     pub const FAILOVER: &str = "failover: kill -9 of the leader to the next ack";
     pub const RSS: &str = "gateway RSS under load (leader)";
     pub const RESTART: &str = "restart of a node holding 1,000,000 rows";
@@ -271,7 +273,7 @@ fn goals() -> Vec<Goal> {
         },
         Goal {
             what: "bytes on the wire per record, counted on 1,000 devices' sockets (frames, tags, Acks, Hellos)",
-            cairn: (C, "bytes per record counted on the sockets, 1000 devices"),
+            cairn: (C, BYTES_ON_SOCKETS),
             better: Better::AtMost,
             target: 20.0,
         },

@@ -60,14 +60,14 @@ pub struct NodeConfig {
     pub snapshot_keep_logs: u64,
     pub write_batch_max: usize,
     pub write_queue_depth: usize,
-    /// MiB of flushed Raft entries kept in memory (see [`crate::log_store`]); lower it on
+    /// MiB of flushed Raft entries kept in memory (see [`crate::raft::log_store`]); lower it on
     /// boards with little RAM, replication then reads older entries back from disk.
     pub log_cache_mib: usize,
     /// Device address advertised to devices as the leader hint (default: the bound address).
     pub device_adv_addr: Option<String>,
-    /// Device stream tables (`[[stream]]`), see [`crate::schema`].
-    pub stream: Vec<crate::schema::StreamDef>,
-    pub undeclared_streams: crate::schema::Undeclared,
+    /// Device stream tables (`[[stream]]`), see [`crate::db::schema`].
+    pub stream: Vec<crate::db::schema::StreamDef>,
+    pub undeclared_streams: crate::db::schema::Undeclared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -104,7 +104,7 @@ impl Default for NodeConfig {
             log_cache_mib: 64,
             device_adv_addr: None,
             stream: Vec::new(),
-            undeclared_streams: crate::schema::Undeclared::Telemetry,
+            undeclared_streams: crate::db::schema::Undeclared::Telemetry,
         }
     }
 }
@@ -248,8 +248,8 @@ impl NodeConfig {
     }
 
     /// The device stream mapping these settings declare.
-    pub fn schema(&self) -> crate::schema::Schema {
-        crate::schema::Schema {
+    pub fn schema(&self) -> crate::db::schema::Schema {
+        crate::db::schema::Schema {
             streams: self.stream.clone(),
             undeclared: self.undeclared_streams,
         }

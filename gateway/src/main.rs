@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use cairn_gateway::cli;
+use cairn_gateway::cli::device as admin;
 use cairn_gateway::config::{LogFormat, NodeArgs, NodeConfig};
-use cairn_gateway::ingress::admin;
 
 #[derive(Parser)]
 #[command(
@@ -82,7 +82,7 @@ fn main() -> std::process::ExitCode {
     let result = match args.command {
         Cmd::Node(a) => NodeConfig::resolve(&a).and_then(|c| {
             cli::init_logging(c.log_format, &c.log_level);
-            cli::runtime()?.block_on(cairn_gateway::node::run(c, cli::shutdown_signal()))
+            cli::runtime()?.block_on(cairn_gateway::daemon::run(c, cli::shutdown_signal()))
         }),
         Cmd::Dev {
             data_dir,

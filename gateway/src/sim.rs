@@ -199,7 +199,7 @@ fn register(host: &str, devices: &[Device]) -> anyhow::Result<()> {
         .chunks(devices.len().div_ceil(8).max(1))
         .map(|c| {
             c.iter()
-                .map(|d| (d.id, crate::registry::key_hex(&d.key)))
+                .map(|d| (d.id, crate::db::registry::key_hex(&d.key)))
                 .collect()
         })
         .collect();
@@ -351,8 +351,8 @@ fn run_thread(
 }
 
 /// The stream table `cairn dev` declares for its fleet: stream 1 → `readings(k, temperature)`.
-pub fn dev_streams() -> Vec<crate::schema::StreamDef> {
-    use crate::schema::{Column, ColumnType, StreamDef};
+pub fn dev_streams() -> Vec<crate::db::schema::StreamDef> {
+    use crate::db::schema::{Column, ColumnType, StreamDef};
     vec![StreamDef {
         id: 1,
         table: "readings".into(),

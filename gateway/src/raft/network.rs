@@ -1,4 +1,4 @@
-//! Raft RPCs between gateways: HTTP/1.1 on `--raft-addr`, postcard bodies.
+//! Raft RPCs between gateways, both halves: HTTP/1.1 on `--raft-addr`, postcard bodies.
 //!
 //! | path | request body | response body |
 //! |---|---|---|
@@ -14,10 +14,17 @@
 //! [`APPEND_TTL_FLOOR`] for appends). Snapshots are
 //! streamed from and to files in 64 KiB chunks.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use axum::Router;
+use axum::body::Body as AxumBody;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
@@ -33,10 +40,10 @@ use openraft::raft::{
 use openraft::{OptionalSend, RaftNetworkV2};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::raft_types::{NodeId, Peer, SnapshotMeta, TypeConfig, Vote, io_err};
-use crate::state_machine::SnapshotFile;
+use super::state_machine::{SnapshotFile, StateMachine};
+use super::{NodeId, Peer, Raft, SnapshotMeta, TypeConfig, Vote, io_err};
 
 /// The shortest time an AppendEntries RPC (heartbeats included) may take before it counts as
 /// failed.
@@ -274,4 +281,113 @@ pub fn decode_snapshot_head(buf: &[u8]) -> Option<std::io::Result<(Vote, Snapsho
     let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
     let head = buf.get(4..4 + len)?;
     Some(decode::<(Vote, SnapshotMeta)>(head).map(|(v, m)| (v, m, 4 + len)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server half: the routes on `--raft-addr`.
+// ---------------------------------------------------------------------------------------------
+
+/// What the RPC handlers need: the local Raft and where incoming snapshots go.
+struct RpcServer {
+    raft: Raft,
+    state_machine: StateMachine,
+    /// Numbers incoming snapshot files.
+    snapshots: AtomicU64,
+}
+
+/// The Raft RPC routes (the table above), to be served on the Raft listener.
+pub fn routes(raft: Raft, state_machine: StateMachine) -> Router {
+    let server = Arc::new(RpcServer {
+        raft,
+        state_machine,
+        snapshots: AtomicU64::new(0),
+    });
+    Router::new()
+        .route("/raft/append", post(rpc_append))
+        .route("/raft/vote", post(rpc_vote))
+        .route("/raft/pre-vote", post(rpc_pre_vote))
+        .route("/raft/transfer-leader", post(rpc_transfer_leader))
+        .route("/raft/snapshot", post(rpc_snapshot))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(server)
+}
+
+fn reply<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Vec<u8> {
+    encode(&r.map_err(|e| e.to_string()))
+}
+
+async fn rpc_append(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    match decode(&body) {
+        Ok(req) => reply(n.raft.append_entries(req).await),
+        Err(e) => reply::<(), _>(Err(e)),
+    }
+}
+
+async fn rpc_vote(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    match decode(&body) {
+        Ok(req) => reply(n.raft.vote(req).await),
+        Err(e) => reply::<(), _>(Err(e)),
+    }
+}
+
+async fn rpc_pre_vote(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    match decode(&body) {
+        Ok(req) => reply(n.raft.pre_vote(req).await),
+        Err(e) => reply::<(), _>(Err(e)),
+    }
+}
+
+async fn rpc_transfer_leader(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    match decode(&body) {
+        Ok(req) => reply(n.raft.handle_transfer_leader(req).await),
+        Err(e) => reply::<(), _>(Err(e)),
+    }
+}
+
+async fn rpc_snapshot(State(n): State<Arc<RpcServer>>, body: AxumBody) -> Vec<u8> {
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        n.snapshots.fetch_add(1, Ordering::Relaxed)
+    );
+    let path = n.state_machine.incoming_path(&tag);
+    let r = receive_snapshot(&n, body, &path).await;
+    let _ = std::fs::remove_file(&path);
+    reply(r)
+}
+
+/// Streams an uploaded snapshot to a file, then hands it to Raft to install.
+async fn receive_snapshot(
+    n: &RpcServer,
+    body: AxumBody,
+    path: &Path,
+) -> std::io::Result<SnapshotResponse<TypeConfig>> {
+    let mut stream = body.into_data_stream();
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut head_buf = Vec::new();
+    let mut head = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(io_err)?;
+        if head.is_some() {
+            file.write_all(&chunk).await?;
+            continue;
+        }
+        head_buf.extend_from_slice(&chunk);
+        if let Some(r) = decode_snapshot_head(&head_buf) {
+            let (vote, meta, offset) = r?;
+            file.write_all(&head_buf[offset..]).await?;
+            head = Some((vote, meta));
+        }
+    }
+    file.sync_all().await?;
+    drop(file);
+    let (vote, meta) = head.ok_or_else(|| io_err("snapshot upload ended before its header"))?;
+    let snapshot = SnapshotFile {
+        file: std::fs::File::open(path)?,
+        path: path.to_path_buf(),
+    };
+    n.raft
+        .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot })
+        .await
+        .map_err(io_err)
 }

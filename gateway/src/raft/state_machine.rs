@@ -1,4 +1,5 @@
-//! The replicated SQLite database (`sm/db.sqlite`) and its snapshots (`sm/snapshots/`).
+//! openraft's state machine: applying entries to the replicated database (`sm/db.sqlite`,
+//! [`crate::db::Store`]) and its snapshots (`sm/snapshots/`).
 //!
 //! # Correctness requirements (from openraft's `RaftStateMachine`) and how they are met
 //!
@@ -25,13 +26,12 @@ use std::sync::{Arc, Mutex};
 use futures_util::TryStreamExt;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 
+use super::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, io_err};
 use crate::command::{self, ApplyContext, Command, CommandResponse};
-use crate::raft_types::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, io_err};
-
-/// The name of the table holding the applied log id and membership inside the database.
-pub const META_TABLE: &str = "_cairn_raft";
+use crate::db::{self, Store, tables};
+use crate::metrics::Metrics;
 
 /// A snapshot as openraft moves it around: an open file plus where it lives.
 ///
@@ -42,39 +42,26 @@ pub struct SnapshotFile {
     pub path: PathBuf,
 }
 
-/// Shared between the state machine (owned by openraft) and the HTTP readers.
-pub struct Store {
-    db_path: PathBuf,
+/// openraft's handle on the replicated database; cloning shares it.
+#[derive(Clone)]
+pub struct StateMachine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<Store>,
     snap_dir: PathBuf,
-    writer: Mutex<Connection>,
-    readers: Mutex<Vec<Connection>>,
     applied: Mutex<(Option<LogId>, StoredMembership)>,
     current_snapshot: Mutex<Option<SnapshotMeta>>,
     snapshot_seq: AtomicU64,
-}
-
-/// openraft's handle on the store.
-#[derive(Clone)]
-pub struct StateMachine {
-    store: Arc<Store>,
-}
-
-fn open_db(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {META_TABLE} (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
-    ))?;
-    Ok(conn)
+    metrics: Arc<Metrics>,
 }
 
 /// Reads the applied log id and membership recorded inside a database.
 fn read_applied(conn: &Connection) -> std::io::Result<(Option<LogId>, StoredMembership)> {
     let get = |key: &str| -> std::io::Result<Option<Vec<u8>>> {
         conn.query_row(
-            &format!("SELECT value FROM {META_TABLE} WHERE key = ?1"),
+            &format!("SELECT value FROM {} WHERE key = ?1", tables::RAFT),
             [key],
             |r| r.get(0),
         )
@@ -92,82 +79,23 @@ fn read_applied(conn: &Connection) -> std::io::Result<(Option<LogId>, StoredMemb
     Ok((applied, membership))
 }
 
+fn read_snapshot_meta(path: &Path) -> std::io::Result<SnapshotMeta> {
+    let conn = db::open_read_only(path).map_err(io_err)?;
+    let (last_log_id, last_membership) = read_applied(&conn)?;
+    Ok(SnapshotMeta {
+        last_log_id,
+        last_membership,
+    })
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-impl Store {
-    fn read_snapshot_meta(path: &Path) -> std::io::Result<SnapshotMeta> {
-        let conn =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(io_err)?;
-        let (last_log_id, last_membership) = read_applied(&conn)?;
-        Ok(SnapshotMeta {
-            last_log_id,
-            last_membership,
-        })
-    }
-
-    /// Runs `f` on a read-only connection to the live database.
-    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> T) -> anyhow::Result<T> {
-        let conn = self
-            .readers
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?
-            .pop();
-        let conn = match conn {
-            Some(c) => c,
-            None => {
-                let c = Connection::open_with_flags(
-                    &self.db_path,
-                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
-                c.busy_timeout(std::time::Duration::from_secs(10))?;
-                c.pragma_update(None, "query_only", "ON")?;
-                c
-            }
-        };
-        let out = f(&conn);
-        if !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        let mut pool = self
-            .readers
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?;
-        if pool.len() < 16 {
-            pool.push(conn);
-        }
-        Ok(out)
-    }
-
+impl Inner {
     /// The last applied log id and membership (cached; updated by every apply).
-    pub fn applied(&self) -> (Option<LogId>, StoredMembership) {
+    fn applied(&self) -> (Option<LogId>, StoredMembership) {
         self.applied.lock().expect("applied mutex").clone()
-    }
-
-    /// Bytes used by the database files (main file plus WAL).
-    pub fn db_size(&self) -> u64 {
-        let wal = PathBuf::from(format!("{}-wal", self.db_path.display()));
-        [&self.db_path, &wal]
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum()
-    }
-
-    /// Writes a consistent, compact copy of the live database to `dest` (`VACUUM INTO`).
-    pub fn copy_to(&self, dest: &Path) -> anyhow::Result<()> {
-        let _ = std::fs::remove_file(dest);
-        let conn = Connection::open_with_flags(&self.db_path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
-        drop(conn);
-        // The copy must not need a WAL file to be read, wherever it goes.
-        let copy = Connection::open(dest)?;
-        copy.pragma_update(None, "journal_mode", "DELETE")?;
-        drop(copy);
-        File::open(dest)?.sync_all()?;
-        Ok(())
     }
 
     fn build_snapshot(&self) -> std::io::Result<(SnapshotMeta, SnapshotFile)> {
@@ -175,8 +103,8 @@ impl Store {
         let building = self
             .snap_dir
             .join(format!("building-{}-{seq}.db", std::process::id()));
-        self.copy_to(&building).map_err(io_err)?;
-        let meta = Self::read_snapshot_meta(&building)?;
+        self.store.copy_to(&building)?;
+        let meta = read_snapshot_meta(&building)?;
         let file = File::open(&building)?;
         let current = self.snap_dir.join("current.db");
         let mut cur = self.current_snapshot.lock().map_err(io_err)?;
@@ -217,7 +145,7 @@ impl Store {
             std::io::copy(&mut snap.file, &mut out)?;
             out.sync_all()?;
         }
-        let got = Self::read_snapshot_meta(&staged)?;
+        let got = read_snapshot_meta(&staged)?;
         if got.last_log_id != meta.last_log_id {
             return Err(io_err(format!(
                 "snapshot file holds {:?}, metadata says {:?}",
@@ -225,9 +153,8 @@ impl Store {
             )));
         }
         {
-            let src = Connection::open_with_flags(&staged, OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .map_err(io_err)?;
-            let mut dst = self.writer.lock().map_err(io_err)?;
+            let src = db::open_read_only(&staged).map_err(io_err)?;
+            let mut dst = self.store.writer();
             // One step = one write transaction on the live database: atomic.
             let backup = rusqlite::backup::Backup::new(&src, &mut dst).map_err(io_err)?;
             backup.step(-1).map_err(io_err)?;
@@ -241,20 +168,23 @@ impl Store {
     }
 
     fn apply_entries(&self, entries: Vec<Entry>) -> std::io::Result<Vec<CommandResponse>> {
-        let mut conn = self.writer.lock().map_err(io_err)?;
+        let mut conn = self.store.writer();
+        let ctx = ApplyContext {
+            metrics: &self.metrics,
+        };
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
             let tx = conn.transaction().map_err(io_err)?;
-            let ctx = ApplyContext {
-                log_id: &entry.log_id,
-            };
             let resp = match &entry.payload {
                 EntryPayload::Blank => CommandResponse::Empty,
                 EntryPayload::Normal(cmd) => command::apply(&tx, &ctx, cmd).map_err(io_err)?,
                 EntryPayload::Membership(m) => {
                     let sm = StoredMembership::new(Some(entry.log_id), m.clone());
                     tx.execute(
-                        &format!("INSERT OR REPLACE INTO {META_TABLE}(key, value) VALUES('membership', ?1)"),
+                        &format!(
+                            "INSERT OR REPLACE INTO {}(key, value) VALUES('membership', ?1)",
+                            tables::RAFT
+                        ),
                         [serde_json::to_vec(&sm).map_err(io_err)?],
                     )
                     .map_err(io_err)?;
@@ -264,7 +194,8 @@ impl Store {
             };
             tx.execute(
                 &format!(
-                    "INSERT OR REPLACE INTO {META_TABLE}(key, value) VALUES('last_applied', ?1)"
+                    "INSERT OR REPLACE INTO {}(key, value) VALUES('last_applied', ?1)",
+                    tables::RAFT
                 ),
                 [serde_json::to_vec(&Some(entry.log_id)).map_err(io_err)?],
             )
@@ -278,8 +209,8 @@ impl Store {
 }
 
 impl StateMachine {
-    /// Opens (creating if needed) the state machine under `dir`.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+    /// Opens (creating if needed) the state machine under `dir`, counting into `metrics`.
+    pub fn open(dir: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let snap_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snap_dir)?;
         // Leftovers of an interrupted build or transfer are never needed.
@@ -289,36 +220,34 @@ impl StateMachine {
                 let _ = std::fs::remove_file(&p);
             }
         }
-        let db_path = dir.join("db.sqlite");
-        let writer = open_db(&db_path)?;
-        let applied = read_applied(&writer)?;
+        let store = Store::open(&dir.join("db.sqlite"))?;
+        let applied = read_applied(&store.writer())?;
         let current = snap_dir.join("current.db");
         let current_snapshot = if current.exists() {
-            Some(Store::read_snapshot_meta(&current)?)
+            Some(read_snapshot_meta(&current)?)
         } else {
             None
         };
         Ok(StateMachine {
-            store: Arc::new(Store {
-                db_path,
+            inner: Arc::new(Inner {
+                store: Arc::new(store),
                 snap_dir,
-                writer: Mutex::new(writer),
-                readers: Mutex::new(Vec::new()),
                 applied: Mutex::new(applied),
                 current_snapshot: Mutex::new(current_snapshot),
                 snapshot_seq: AtomicU64::new(0),
+                metrics,
             }),
         })
     }
 
-    /// The shared store, for readers outside openraft.
+    /// The live database, for readers outside openraft.
     pub fn store(&self) -> Arc<Store> {
-        self.store.clone()
+        self.inner.store.clone()
     }
 
     /// Where the transport should write an incoming snapshot so that install can move it.
-    pub fn incoming_path(store: &Store, tag: &str) -> PathBuf {
-        store.snap_dir.join(format!("incoming-{tag}.db"))
+    pub fn incoming_path(&self, tag: &str) -> PathBuf {
+        self.inner.snap_dir.join(format!("incoming-{tag}.db"))
     }
 }
 
@@ -345,8 +274,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(
         &mut self,
     ) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>, std::io::Error> {
-        let store = self.store.clone();
-        let (meta, snapshot) = blocking(move || store.build_snapshot()).await?;
+        let inner = self.inner.clone();
+        let (meta, snapshot) = blocking(move || inner.build_snapshot()).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, "built snapshot");
         Ok(openraft::Snapshot { meta, snapshot })
     }
@@ -357,7 +286,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
-        Ok(self.store.applied())
+        Ok(self.inner.applied())
     }
 
     async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), std::io::Error>
@@ -368,19 +297,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let items: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
         let (entries, responders): (Vec<_>, Vec<_>) = items.into_iter().unzip();
-        let store = self.store.clone();
+        let inner = self.inner.clone();
         let started = std::time::Instant::now();
         // A small entry (one device batch, a membership change) applies in tens of µs: run it
         // here rather than pay a hop to the blocking pool and back on the ack path. Anything
         // larger goes to the blocking pool so it never stalls the runtime's workers.
         let responses = if entries.iter().all(is_small) && entries.len() <= 4 {
-            store.apply_entries(entries)?
+            inner.apply_entries(entries)?
         } else {
-            blocking(move || store.apply_entries(entries)).await?
+            let applying = inner.clone();
+            blocking(move || applying.apply_entries(entries)).await?
         };
-        crate::ingress::metrics::METRICS
-            .apply_latency
-            .record(started.elapsed());
+        inner.metrics.apply_latency.record(started.elapsed());
         for (resp, responder) in responses.into_iter().zip(responders) {
             if let Some(r) = responder {
                 r.send(resp);
@@ -398,9 +326,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotFile,
     ) -> Result<(), std::io::Error> {
-        let store = self.store.clone();
+        let inner = self.inner.clone();
         let m = meta.clone();
-        blocking(move || store.install(&m, snapshot)).await?;
+        blocking(move || inner.install(&m, snapshot)).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
         Ok(())
     }
@@ -408,9 +336,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>>, std::io::Error> {
-        let meta = self.store.current_snapshot.lock().map_err(io_err)?.clone();
+        let meta = self.inner.current_snapshot.lock().map_err(io_err)?.clone();
         let Some(meta) = meta else { return Ok(None) };
-        let path = self.store.snap_dir.join("current.db");
+        let path = self.inner.snap_dir.join("current.db");
         let file = File::open(&path)?;
         Ok(Some(openraft::Snapshot {
             meta,

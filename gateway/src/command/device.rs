@@ -1,4 +1,4 @@
-//! Applying [`Command::DeviceBatches`](crate::command::Command::DeviceBatches): one Raft entry
+//! Applying [`Command::DeviceBatches`](super::Command::DeviceBatches): one Raft entry
 //! holding batches of many devices, applied in the entry's single SQLite transaction together
 //! with each device's new high-water seq.
 //!
@@ -22,10 +22,12 @@ use rusqlite::types::ToSqlOutput;
 use rusqlite::{CachedStatement, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{HIGH_WATER_TABLE, create_tables};
-use crate::schema::{
+use crate::db::registry::create_tables;
+use crate::db::schema::{
     Schema, TELEMETRY_TABLE, Undeclared, column_value, int, utc_text, values_json,
 };
+use crate::db::tables::HIGH_WATER as HIGH_WATER_TABLE;
+use crate::metrics::Metrics;
 
 /// One device's batch as it travels in the log: the authenticated, decrypted Batch body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,7 +182,7 @@ impl<'c> Inserts<'c> {
                     slot => slot.insert({
                         // Also when no definitions were ever applied (see `create_telemetry`);
                         // once per entry that writes here, not on every entry.
-                        crate::schema::create_telemetry(self.conn)?;
+                        crate::db::schema::create_telemetry(self.conn)?;
                         self.conn.prepare_cached(&format!(
                         "INSERT OR IGNORE INTO {TELEMETRY_TABLE} \
                          (device_id, seq, stream, time, received_at, \"values\") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
@@ -202,11 +204,14 @@ impl<'c> Inserts<'c> {
 }
 
 /// The command's apply function: [`apply_device_batches`] plus this replica's metrics.
-pub fn apply(conn: &Connection, batches: &[DeviceBatch]) -> rusqlite::Result<Vec<BatchOutcome>> {
+pub fn apply(
+    conn: &Connection,
+    m: &Metrics,
+    batches: &[DeviceBatch],
+) -> rusqlite::Result<Vec<BatchOutcome>> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut stats = ApplyStats::default();
     let out = apply_device_batches(conn, batches, &mut stats)?;
-    let m = &super::metrics::METRICS;
     m.batches_applied.fetch_add(stats.batches, Relaxed);
     m.records_applied.fetch_add(stats.records, Relaxed);
     let dups = out
@@ -290,7 +295,7 @@ mod tests {
     use cairn_protocol::{BatchEncoder, MAX_FRAME, Record, Value};
 
     use super::*;
-    use crate::schema::{Column, ColumnType, StreamDef};
+    use crate::db::schema::{Column, ColumnType, StreamDef};
 
     pub(crate) fn batch(
         device_id: u64,
@@ -420,7 +425,7 @@ mod tests {
             ]
         );
         assert_eq!(count(&conn, "climate"), 4);
-        assert_eq!(crate::registry::high_water(&conn, 1).unwrap(), 4);
+        assert_eq!(crate::db::registry::high_water(&conn, 1).unwrap(), 4);
     }
 
     #[test]

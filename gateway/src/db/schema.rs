@@ -25,7 +25,7 @@
 //! # Determinism
 //!
 //! The definitions are replicated: the leader proposes its configuration
-//! ([`crate::registry::RegistryCommand::DefineStreams`]) when it takes office, before any device
+//! (`RegistryCommand::DefineStreams` in `command::registry`) when it takes office, before any device
 //! batch of its term, and apply reads them back from `_cairn_streams`. So every replica maps a
 //! record the same way even if nodes run different config files (the latest leader's wins).
 //!
@@ -41,11 +41,7 @@ use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
 
-/// The replicated table of stream definitions.
-pub const STREAMS_TABLE: &str = "_cairn_streams";
-
-/// The table for streams without a definition.
-pub const TELEMETRY_TABLE: &str = "telemetry";
+pub use super::tables::{STREAMS as STREAMS_TABLE, TELEMETRY as TELEMETRY_TABLE};
 
 /// Column names every stream table starts with; declared columns may not reuse them.
 pub const FIXED_COLUMNS: [&str; 4] = ["device_id", "seq", "time", "received_at"];
@@ -279,7 +275,7 @@ pub fn values_json<'a>(values: impl Iterator<Item = Value<'a>>) -> String {
             Value::F32(f) if f.is_finite() => write!(out, "{}", f64::from(f)),
             Value::F64(f) if f.is_finite() => write!(out, "{f}"),
             Value::F32(_) | Value::F64(_) => write!(out, "null"),
-            Value::Bytes(b) => write!(out, "\"{}\"", crate::sql::base64(b)),
+            Value::Bytes(b) => write!(out, "\"{}\"", super::sql::base64(b)),
             Value::Str(s) => write!(out, "{}", serde_json::Value::from(s)),
         };
     }

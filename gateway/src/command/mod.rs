@@ -3,15 +3,16 @@
 //! # Extension point
 //!
 //! Every command kind is one variant of [`Command`] with its payload type and its apply
-//! function in a module of its own (`sql.rs` for [`Command::Sql`]). [`apply`] is the only
-//! place that dispatches on the variant. To add a command (for example the ingress session's
-//! `DeviceBatches(..)` and `DeviceRegistry(..)`):
+//! function in a module of its own: [`sql`] for [`Command::Sql`], [`device`] for
+//! [`Command::DeviceBatches`], [`registry`] for [`Command::DeviceRegistry`]. [`apply`] is the
+//! only place that dispatches on the variant. To add a command:
 //!
 //! 1. put the payload type and `fn apply_xxx(conn: &Connection, ctx: &ApplyContext, cmd: &Xxx)
 //!    -> CommandResponse` in a new module;
 //! 2. add a variant here, an arm to [`apply`] and, if it answers something new, a variant to
 //!    [`CommandResponse`];
-//! 3. propose it with `GroupCommit::submit(Command::Xxx(..))`.
+//! 3. propose it through the service layer (`cluster::Cluster::write`), which hands it to the
+//!    one proposer (`raft::proposer`).
 //!
 //! Rules every apply function keeps (the state machine relies on them):
 //! - it runs inside the entry's open SQLite transaction and never commits or rolls it back
@@ -25,23 +26,29 @@
 //! Variants are never renumbered or removed: entries are postcard-encoded, which identifies a
 //! variant by its position. New variants go at the end.
 
+pub mod device;
+pub mod registry;
+pub mod rewrite;
+pub mod sql;
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ingress::apply::{BatchOutcome, DeviceBatch};
-use crate::raft_types::LogId;
-use crate::registry::{RegistryCommand, RegistryOutcome};
-use crate::sql::{SqlCommand, StatementResult};
+use self::device::{BatchOutcome, DeviceBatch};
+use self::registry::{RegistryCommand, RegistryOutcome};
+use self::sql::SqlCommand;
+use crate::db::sql::StatementResult;
+use crate::metrics::Metrics;
 
 /// One Raft log entry's application payload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
     /// rqlite-style SQL statements (`/db/execute`, `/db/request`, strong reads).
     Sql(SqlCommand),
-    /// Device batches grouped by the leader's ingress (`ingress/apply.rs`).
+    /// Device batches grouped by the leader's ingress ([`device`]).
     DeviceBatches(Vec<DeviceBatch>),
-    /// Device registry and stream definitions (`registry.rs`).
+    /// Device registry and stream definitions ([`registry`]).
     DeviceRegistry(RegistryCommand),
 }
 
@@ -73,10 +80,10 @@ pub enum CommandResponse {
     DeviceRegistry(RegistryOutcome),
 }
 
-/// Facts about the entry being applied, for apply functions that need them.
+/// What an apply function may use besides the connection: this replica's counters (they
+/// count, they never change what is applied).
 pub struct ApplyContext<'a> {
-    /// The id of the entry being applied.
-    pub log_id: &'a LogId,
+    pub metrics: &'a Metrics,
 }
 
 /// Applies `cmd` inside the caller's open transaction on `conn`: the one dispatch point.
@@ -85,14 +92,13 @@ pub fn apply(
     ctx: &ApplyContext<'_>,
     cmd: &Command,
 ) -> rusqlite::Result<CommandResponse> {
-    let _ = ctx;
     match cmd {
-        Command::Sql(sql) => crate::sql::apply_sql(conn, sql).map(CommandResponse::Sql),
+        Command::Sql(sql) => sql::apply_sql(conn, sql).map(CommandResponse::Sql),
         Command::DeviceBatches(b) => {
-            crate::ingress::apply::apply(conn, b).map(CommandResponse::DeviceBatches)
+            device::apply(conn, ctx.metrics, b).map(CommandResponse::DeviceBatches)
         }
         Command::DeviceRegistry(c) => {
-            crate::registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
+            registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
         }
     }
 }

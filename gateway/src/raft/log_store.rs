@@ -39,7 +39,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
-use crate::raft_types::{Entry, LogId, TypeConfig, Vote, io_err};
+use super::{Entry, LogId, TypeConfig, Vote, io_err};
 
 /// Encoded bytes of flushed entries kept in memory for readers, unless configured
 /// (`log_cache_mib`).

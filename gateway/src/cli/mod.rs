@@ -1,5 +1,7 @@
-//! The `cairn` subcommands other than `node`: `dev`, `shell`, `backup`, `restore`, plus the
-//! process plumbing they share (logging, runtime, signals).
+//! The `cairn` subcommands other than `node`: `dev`, `shell`, `backup`, `restore`, `device`,
+//! plus the process plumbing they share (logging, runtime, signals).
+
+pub mod device;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -69,7 +71,7 @@ pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
             ..NodeConfig::default()
         };
         let mut stop = stop_rx.clone();
-        nodes.push(tokio::spawn(crate::node::run(c, async move {
+        nodes.push(tokio::spawn(crate::daemon::run(c, async move {
             let _ = stop.wait_for(|s| *s).await;
         })));
     }

@@ -1,18 +1,17 @@
-//! Counters of the device path, shown under `"ingress"` in `GET /status`.
+//! One node's counters: the device path (`"ingress"` in `GET /status`), the write queue and
+//! the SQL API (`/metrics`).
 //!
-//! One set per process ([`METRICS`]): a `cairn node` process runs one node. `cairn dev` runs
-//! three nodes in one process, so there the three `/status` pages show the same (summed) set. Every counter is a
-//! relaxed atomic; the latency histograms have power-of-two microsecond buckets, so a
-//! percentile is exact to within a factor of two (reported as the bucket's upper bound).
+//! One [`Metrics`] per node, made by the composition root and handed to every part that
+//! counts (`cairn dev` runs three nodes in one process and each `/status` shows its own).
+//! Every counter is a relaxed atomic; the latency histograms have power-of-two microsecond
+//! buckets, so a percentile is exact to within a factor of two (reported as the bucket's
+//! upper bound).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use cairn_protocol::ErrorCode;
 use serde_json::json;
-
-/// The process-wide ingress metrics.
-pub static METRICS: Metrics = Metrics::new();
 
 const BUCKETS: usize = 32;
 
@@ -24,7 +23,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    const fn new() -> Self {
+    fn new() -> Self {
         Histogram {
             buckets: [const { AtomicU64::new(0) }; BUCKETS],
             count: AtomicU64::new(0),
@@ -74,7 +73,7 @@ pub struct Rejects {
 }
 
 impl Rejects {
-    const fn new() -> Self {
+    fn new() -> Self {
         Rejects {
             codes: [const { AtomicU64::new(0) }; 12],
         }
@@ -100,8 +99,13 @@ impl Rejects {
     }
 }
 
-/// Everything the ingress counts.
+/// Everything one node counts.
 pub struct Metrics {
+    /// SQL requests served by the HTTP API.
+    pub http_requests: AtomicU64,
+    /// Commands proposed through the write queue, and the batches they went in.
+    pub writes_proposed: AtomicU64,
+    pub write_batches: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub connections_open: AtomicU64,
     pub frames_in: AtomicU64,
@@ -130,9 +134,12 @@ pub struct Metrics {
     pub apply_latency: Histogram,
 }
 
-impl Metrics {
-    const fn new() -> Self {
+impl Default for Metrics {
+    fn default() -> Self {
         Metrics {
+            http_requests: AtomicU64::new(0),
+            writes_proposed: AtomicU64::new(0),
+            write_batches: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
@@ -154,13 +161,11 @@ impl Metrics {
             apply_latency: Histogram::new(),
         }
     }
+}
 
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Relaxed);
-    }
-
-    /// The metrics as a JSON object for `/status`.
-    pub fn to_json(&self) -> serde_json::Value {
+impl Metrics {
+    /// The device path's counters as a JSON object for `/status`.
+    pub fn ingress_json(&self) -> serde_json::Value {
         let groups = self.groups_proposed.load(Relaxed);
         let g = |c: &AtomicU64| c.load(Relaxed);
         json!({
@@ -188,8 +193,8 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// The counters in Prometheus text format, labelled with the node id.
-    pub fn prometheus(&self, node_id: u64) -> String {
+    /// The device path's counters in Prometheus text format, labelled with the node id.
+    pub fn ingress_prometheus(&self, node_id: u64) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, v: u64| {

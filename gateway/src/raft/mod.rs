@@ -1,10 +1,23 @@
-//! The openraft type configuration shared by every part of the gateway.
+//! Raft: openraft's type configuration, the log store, the state machine and its snapshots,
+//! both halves of the RPC transport, and the one proposer every write goes through.
+//!
+//! - [`log_store`]: the log, the vote and the committed id in their own SQLite file.
+//! - [`state_machine`]: applying entries to the replicated database; snapshots.
+//! - [`network`]: Raft RPCs between gateways, client and server, plus the pooled HTTP client.
+//! - [`proposer`]: the bounded, pipelined queue in front of `client_write_many`.
+
+pub mod log_store;
+pub mod network;
+pub mod proposer;
+pub mod state_machine;
 
 use std::fmt;
 
+use openraft::errors::{ClientWriteError, Fatal, LinearizableReadError, RaftError};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandResponse};
+use crate::error::Error;
 
 /// A gateway as Raft membership records it: where to reach its Raft RPCs and its HTTP API.
 ///
@@ -41,7 +54,7 @@ pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
-pub type Raft = openraft::Raft<TypeConfig, crate::state_machine::StateMachine>;
+pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
 
 /// `io::Error` from anything displayable, for the storage traits' error type.
 pub fn io_err(e: impl fmt::Display) -> std::io::Error {
@@ -53,24 +66,46 @@ pub fn io_err(e: impl fmt::Display) -> std::io::Error {
 /// before a quorum answers (`QuorumNotEnough`) although nothing is wrong: it is tried again
 /// for up to 3 s while this node still leads. Other errors (`ForwardToLeader`, shutdown)
 /// come back at once.
-pub async fn confirm_leadership(
-    raft: &Raft,
-) -> Result<
-    openraft::raft::linearizable_read::ReadLogId<TypeConfig>,
-    openraft::errors::RaftError<TypeConfig, openraft::errors::LinearizableReadError<TypeConfig>>,
-> {
+pub async fn confirm_leadership(raft: &Raft) -> Result<(), Error> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
         match raft
             .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
             .await
         {
-            Err(openraft::errors::RaftError::APIError(
-                openraft::errors::LinearizableReadError::QuorumNotEnough(_),
-            )) if tokio::time::Instant::now() < deadline => {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))
+                if tokio::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
-            r => return r,
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                return Err(Error::NotLeader(f.leader_id));
+            }
+            Err(e) => return Err(Error::Unavailable(e.to_string())),
         }
     }
+}
+
+/// A refused write as the gateway's [`Error`].
+pub fn write_error(e: ClientWriteError<TypeConfig>) -> Error {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => Error::NotLeader(f.leader_id),
+        // Not retried for the client: the entry may have committed.
+        ClientWriteError::LogEntryDiscarded(_) => Error::LeaderChanged,
+        other => Error::Unavailable(other.to_string()),
+    }
+}
+
+/// A Raft call refused or failed, as the gateway's [`Error`].
+pub fn raft_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Error {
+    match e {
+        RaftError::APIError(e) => write_error(e),
+        RaftError::Fatal(f) => fatal(f),
+    }
+}
+
+/// Raft stopped: this node is dead.
+pub fn fatal(f: Fatal<TypeConfig>) -> Error {
+    Error::Fatal(f.to_string())
 }

@@ -1,10 +1,10 @@
-//! `cairn device add|list|remove`: the registry admin API (`/devices`, see [`super::forward`])
-//! from the command line.
+//! `cairn device add|list|remove`: the registry admin API (`/devices`, see
+//! [`crate::http::devices`]) from the command line.
 
 use serde_json::{Value as Json, json};
 
-use crate::cli::{agent, get_json, post_json};
-use crate::registry;
+use super::{agent, get_json, post_json};
+use crate::db::registry;
 
 fn check(status: u16, body: &Json) -> anyhow::Result<()> {
     if (200..300).contains(&status) {
@@ -19,7 +19,7 @@ fn check(status: u16, body: &Json) -> anyhow::Result<()> {
 
 /// Registers device `id` with key `key_hex` (64 hex digits).
 pub fn add(host: &str, id: u64, key_hex: &str) -> anyhow::Result<()> {
-    registry::parse_key(key_hex).map_err(anyhow::Error::msg)?;
+    registry::parse_key(key_hex)?;
     let host = host.trim_end_matches('/');
     let (status, body) = post_json(
         &agent(),

@@ -20,11 +20,11 @@
 //! election_timeout_max_ms = 300
 //! snapshot_threshold = 8192          # entries since the last snapshot
 //! snapshot_keep_logs = 1024          # entries kept in the log behind a snapshot
-//! write_batch_max = 1024             # commands per group-commit submission
+//! write_batch_max = 1024             # commands per proposal to Raft (the write queue)
 //! write_queue_depth = 8192           # bounded queue in front of Raft
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
-//! undeclared_streams = "telemetry"   # or "reject"; see `schema.rs` for [[stream]] tables
+//! undeclared_streams = "telemetry"   # or "reject"; see `db/schema.rs` for [[stream]] tables
 //!
 //! [[stream]]
 //! id = 1

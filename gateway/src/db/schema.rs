@@ -46,6 +46,11 @@ pub use super::tables::{STREAMS as STREAMS_TABLE, TELEMETRY as TELEMETRY_TABLE};
 /// Column names every stream table starts with; declared columns may not reuse them.
 pub const FIXED_COLUMNS: [&str; 4] = ["device_id", "seq", "time", "received_at"];
 
+/// Why a set of stream definitions is refused (names the stream and what is wrong).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSchema(String);
+
 /// The type of a declared column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -113,33 +118,33 @@ fn valid_ident(s: &str) -> bool {
 
 impl Schema {
     /// Checks names and ids; run on the config before anything is proposed.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSchema> {
         let mut ids = std::collections::HashSet::new();
         let mut tables = std::collections::HashSet::new();
         for s in &self.streams {
             if !ids.insert(s.id) {
-                return Err(format!("stream {} declared twice", s.id));
+                return Err(InvalidSchema(format!("stream {} declared twice", s.id)));
             }
             let lower = s.table.to_ascii_lowercase();
             if !valid_ident(&s.table) || lower.starts_with("_cairn") || lower.starts_with("sqlite_")
             {
-                return Err(format!(
+                return Err(InvalidSchema(format!(
                     "stream {}: table name {:?} must be letters, digits and _, not starting with _cairn or sqlite_",
                     s.id, s.table
-                ));
+                )));
             }
             if lower == TELEMETRY_TABLE || !tables.insert(lower) {
-                return Err(format!(
+                return Err(InvalidSchema(format!(
                     "stream {}: table {:?} is already used",
                     s.id, s.table
-                ));
+                )));
             }
             if s.columns.len() > cairn_protocol::MAX_VALUES {
-                return Err(format!(
+                return Err(InvalidSchema(format!(
                     "stream {}: at most {} columns (a record holds at most that many values)",
                     s.id,
                     cairn_protocol::MAX_VALUES
-                ));
+                )));
             }
             let mut names = std::collections::HashSet::new();
             for c in &s.columns {
@@ -148,10 +153,10 @@ impl Schema {
                     || FIXED_COLUMNS.contains(&lc.as_str())
                     || !names.insert(lc)
                 {
-                    return Err(format!(
+                    return Err(InvalidSchema(format!(
                         "stream {}: column {:?} is not a valid, unique name (device_id, seq, time and received_at are taken)",
                         s.id, c.name
-                    ));
+                    )));
                 }
             }
         }

@@ -141,7 +141,8 @@ fn test_no_grab_bag_files() {
 
 #[test]
 fn test_the_checker_sees_imports() {
-    let text = "use crate::db::Store;\n// crate::http in a comment\nlet x = crate::raft::io_err(e);";
+    let text =
+        "use crate::db::Store;\n// crate::http in a comment\nlet x = crate::raft::io_err(e);";
     let found: Vec<String> = imports(text).into_iter().collect();
     assert_eq!(found, ["db", "raft"]);
 }

@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::sql::SqlCommand;
 use crate::db::lex::{TokKind, tokenize, transaction_control_keyword};
+use crate::db::schema::civil_date;
 use crate::error::Error;
 
 /// The leader's clock and randomness, fixed once per proposed command.
@@ -158,22 +159,13 @@ enum Format {
     Time,
 }
 
-/// UTC formatting without a date crate (days-to-civil from Howard Hinnant's algorithms).
+/// UTC formatting without a date crate.
 fn format_utc(t: SystemTime, f: Format) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
-    let days = secs.div_euclid(86_400);
+    let (year, month, day) = civil_date(secs.div_euclid(86_400));
     let sod = secs.rem_euclid(86_400);
     let (h, m, s) = (sod / 3600, (sod % 3600) / 60, sod % 60);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     match f {
         Format::Date => format!("{year:04}-{month:02}-{day:02}"),
         Format::Time => format!("{h:02}:{m:02}:{s:02}"),

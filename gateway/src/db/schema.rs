@@ -288,11 +288,9 @@ pub fn values_json<'a>(values: impl Iterator<Item = Value<'a>>) -> String {
     out
 }
 
-/// Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.sssZ` (proleptic Gregorian, UTC).
-pub fn utc_text(unix_ms: i64) -> String {
-    let days = unix_ms.div_euclid(86_400_000);
-    let ms_of_day = unix_ms.rem_euclid(86_400_000);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+/// The proleptic Gregorian `(year, month, day)` of a day counted from 1970-01-01 (Howard
+/// Hinnant's days-to-civil algorithm; no date crate needed).
+pub fn civil_date(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -301,7 +299,13 @@ pub fn utc_text(unix_ms: i64) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.sssZ` (proleptic Gregorian, UTC).
+pub fn utc_text(unix_ms: i64) -> String {
+    let (year, month, day) = civil_date(unix_ms.div_euclid(86_400_000));
+    let ms_of_day = unix_ms.rem_euclid(86_400_000);
     let (h, rest) = (ms_of_day / 3_600_000, ms_of_day % 3_600_000);
     let (m, rest) = (rest / 60_000, rest % 60_000);
     let (s, ms) = (rest / 1000, rest % 1000);

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize as _;
@@ -154,21 +154,12 @@ fn done(r: Result<Served<()>, Error>, pretty: bool) -> Response {
 pub async fn join(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    req: Original,
 ) -> Response {
     let o = Opts::from(&q);
-    let jr: JoinRequest = match parse_admin_body(&body, "join") {
-        Ok(req) => req,
+    let jr: JoinRequest = match parse_admin_body(&req.body, "join") {
+        Ok(jr) => jr,
         Err(e) => return error_response(&e, o.pretty),
-    };
-    let req = Original {
-        method,
-        uri,
-        headers,
-        body,
     };
     done(
         on_leader(&n, &req, o.redirect, || n.join(&jr)).await,
@@ -195,21 +186,12 @@ fn id_from_string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u6
 pub async fn remove(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    req: Original,
 ) -> Response {
     let o = Opts::from(&q);
-    let rr: RemoveRequest = match parse_admin_body(&body, "remove") {
-        Ok(req) => req,
+    let rr: RemoveRequest = match parse_admin_body(&req.body, "remove") {
+        Ok(rr) => rr,
         Err(e) => return error_response(&e, o.pretty),
-    };
-    let req = Original {
-        method,
-        uri,
-        headers,
-        body,
     };
     done(
         on_leader(&n, &req, o.redirect, || n.remove(rr.id)).await,

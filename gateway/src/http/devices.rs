@@ -13,9 +13,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -52,14 +50,8 @@ struct AddDevice {
     key: String,
 }
 
-pub async fn add(
-    State(n): State<Arc<Cluster>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req: AddDevice = match serde_json::from_slice(&body) {
+pub async fn add(State(n): State<Arc<Cluster>>, original: Original) -> Response {
+    let req: AddDevice = match serde_json::from_slice(&original.body) {
         Ok(r) => r,
         Err(e) => {
             return error(&Error::BadRequest(format!(
@@ -75,12 +67,6 @@ pub async fn add(
         device_id: req.id,
         key,
     };
-    let original = Original {
-        method,
-        uri,
-        headers,
-        body,
-    };
     match registry_write(&n, &original, cmd).await {
         Ok(Served::Here(RegistryOutcome::Added { replaced })) => {
             Json(json!({"device_id": req.id, "replaced": replaced})).into_response()
@@ -94,17 +80,9 @@ pub async fn add(
 pub async fn remove(
     State(n): State<Arc<Cluster>>,
     Path(device_id): Path<u64>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    original: Original,
 ) -> Response {
     let cmd = RegistryCommand::Remove { device_id };
-    let original = Original {
-        method,
-        uri,
-        headers,
-        body: Bytes::new(),
-    };
     match registry_write(&n, &original, cmd).await {
         Ok(Served::Here(RegistryOutcome::Removed { existed })) => {
             Json(json!({"device_id": device_id, "removed": existed})).into_response()
@@ -115,18 +93,7 @@ pub async fn remove(
     }
 }
 
-pub async fn list(
-    State(n): State<Arc<Cluster>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let original = Original {
-        method,
-        uri,
-        headers,
-        body: Bytes::new(),
-    };
+pub async fn list(State(n): State<Arc<Cluster>>, original: Original) -> Response {
     let r = on_leader(&n, &original, false, || async {
         n.confirm_leadership().await?;
         Ok(n.read(registry::list_devices).await??)

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -60,12 +60,34 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
         .with_state(cluster)
 }
 
-/// The original request, kept so that it can be forwarded or redirected unchanged.
+/// The original request, kept so that it can be forwarded or redirected unchanged. An
+/// extractor: the last argument of a handler (it takes the body, within the route's limit).
 pub struct Original {
     pub method: Method,
     pub uri: Uri,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl<S: Send + Sync> FromRequest<S> for Original {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let (method, uri, headers) = (
+            req.method().clone(),
+            req.uri().clone(),
+            req.headers().clone(),
+        );
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Original {
+            method,
+            uri,
+            headers,
+            body,
+        })
+    }
 }
 
 /// Where a request that needs the leader was served.

@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde_json::json;
 
 use super::rqlite::{
@@ -66,78 +65,63 @@ async fn read(n: &Cluster, statements: Vec<Statement>, o: &Opts, req: &Original)
     answer(r, o, start)
 }
 
-fn original(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Original {
-    Original {
-        method,
-        uri,
-        headers,
-        body,
+/// Which SQL endpoint a request came to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Execute,
+    Query,
+    Request,
+}
+
+/// A SQL request's statements: the `q` parameter (`/db/query`) or the JSON body.
+fn statements(
+    at: Endpoint,
+    q: &HashMap<String, String>,
+    req: &Original,
+) -> Result<Vec<Statement>, Error> {
+    match (at, q.get("q"), &req.method) {
+        (Endpoint::Query, Some(sql), _) => Ok(vec![Statement::new(sql.clone())]),
+        (Endpoint::Query, None, &Method::GET) => {
+            Err(Error::BadRequest("missing q parameter".into()))
+        }
+        _ => parse_statements(&req.body),
     }
 }
 
-pub async fn execute(
-    State(n): State<Arc<Cluster>>,
-    Query(q): Query<HashMap<String, String>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// Counts and parses a SQL request, then writes it through Raft or reads it at the requested
+/// level (`/db/request` reads when every statement is read-only).
+async fn serve(at: Endpoint, n: &Cluster, q: HashMap<String, String>, req: Original) -> Response {
     n.metrics().http_requests.fetch_add(1, Ordering::Relaxed);
     let o = Opts::from(&q);
-    let statements = match parse_statements(&body) {
+    let statements = match statements(at, &q, &req) {
         Ok(s) => s,
         Err(e) => return error_response(&e, o.pretty),
     };
-    let req = original(method, uri, headers, body);
-    write(&n, statements, &o, &req, true).await
+    let reading = match at {
+        Endpoint::Query => true,
+        Endpoint::Request => n.all_read_only(&statements).await,
+        Endpoint::Execute => false,
+    };
+    if reading {
+        read(n, statements, &o, &req).await
+    } else {
+        write(n, statements, &o, &req, true).await
+    }
 }
 
-pub async fn query(
-    State(n): State<Arc<Cluster>>,
-    Query(q): Query<HashMap<String, String>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    n.metrics().http_requests.fetch_add(1, Ordering::Relaxed);
-    let o = Opts::from(&q);
-    let statements = match (&method, q.get("q")) {
-        (_, Some(sql)) => vec![Statement::new(sql.clone())],
-        (&Method::POST, None) => match parse_statements(&body) {
-            Ok(s) => s,
-            Err(e) => return error_response(&e, o.pretty),
-        },
-        _ => {
-            let e = Error::BadRequest("missing q parameter".into());
-            return error_response(&e, o.pretty);
-        }
-    };
-    read(&n, statements, &o, &original(method, uri, headers, body)).await
+type Params = Query<HashMap<String, String>>;
+
+pub async fn execute(State(n): State<Arc<Cluster>>, Query(q): Params, req: Original) -> Response {
+    serve(Endpoint::Execute, &n, q, req).await
+}
+
+pub async fn query(State(n): State<Arc<Cluster>>, Query(q): Params, req: Original) -> Response {
+    serve(Endpoint::Query, &n, q, req).await
 }
 
 /// rqlite's unified endpoint: reads go the read path, anything else through Raft.
-pub async fn request(
-    State(n): State<Arc<Cluster>>,
-    Query(q): Query<HashMap<String, String>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    n.metrics().http_requests.fetch_add(1, Ordering::Relaxed);
-    let o = Opts::from(&q);
-    let statements = match parse_statements(&body) {
-        Ok(s) => s,
-        Err(e) => return error_response(&e, o.pretty),
-    };
-    let req = original(method, uri, headers, body);
-    if n.all_read_only(&statements).await {
-        read(&n, statements, &o, &req).await
-    } else {
-        write(&n, statements, &o, &req, true).await
-    }
+pub async fn request(State(n): State<Arc<Cluster>>, Query(q): Params, req: Original) -> Response {
+    serve(Endpoint::Request, &n, q, req).await
 }
 
 /// The database as a SQLite file, streamed. Served by the leader (others redirect there)
@@ -176,13 +160,9 @@ pub async fn backup(
 pub async fn load(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    req: Original,
 ) -> Response {
     let o = Opts::from(&q);
-    let req = original(method, uri, headers, body);
     let results = match on_leader(&n, &req, o.redirect, || n.load(req.body.clone())).await {
         Ok(Served::Here(results)) => results,
         Ok(Served::There(resp)) => return resp,

@@ -316,32 +316,35 @@ fn reply<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Vec<u8> 
     encode(&r.map_err(|e| e.to_string()))
 }
 
-async fn rpc_append(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
-    match decode(&body) {
-        Ok(req) => reply(n.raft.append_entries(req).await),
+/// Decodes the request, hands it to `call` and encodes its result (the `Err(String)` arm
+/// also carries an undecodable request).
+async fn serve_rpc<Req, Resp, E, Fut>(body: &[u8], call: impl FnOnce(Req) -> Fut) -> Vec<u8>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    E: std::fmt::Display,
+    Fut: Future<Output = Result<Resp, E>>,
+{
+    match decode(body) {
+        Ok(req) => reply(call(req).await),
         Err(e) => reply::<(), _>(Err(e)),
     }
+}
+
+async fn rpc_append(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    serve_rpc(&body, |req| n.raft.append_entries(req)).await
 }
 
 async fn rpc_vote(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
-    match decode(&body) {
-        Ok(req) => reply(n.raft.vote(req).await),
-        Err(e) => reply::<(), _>(Err(e)),
-    }
+    serve_rpc(&body, |req| n.raft.vote(req)).await
 }
 
 async fn rpc_pre_vote(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
-    match decode(&body) {
-        Ok(req) => reply(n.raft.pre_vote(req).await),
-        Err(e) => reply::<(), _>(Err(e)),
-    }
+    serve_rpc(&body, |req| n.raft.pre_vote(req)).await
 }
 
 async fn rpc_transfer_leader(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
-    match decode(&body) {
-        Ok(req) => reply(n.raft.handle_transfer_leader(req).await),
-        Err(e) => reply::<(), _>(Err(e)),
-    }
+    serve_rpc(&body, |req| n.raft.handle_transfer_leader(req)).await
 }
 
 async fn rpc_snapshot(State(n): State<Arc<RpcServer>>, body: AxumBody) -> Vec<u8> {

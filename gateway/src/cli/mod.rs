@@ -11,6 +11,7 @@ use serde_json::{Value as Json, json};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, NodeConfig};
+use crate::db::tables;
 
 /// Logs to stderr, human-readable or JSON. `RUST_LOG` overrides `level`.
 pub fn init_logging(format: LogFormat, level: &str) {
@@ -245,9 +246,10 @@ pub fn shell(host: &str) -> anyhow::Result<()> {
                     let v = post_json(
                         &agent,
                         &format!("{host}/db/query?level={level}"),
-                        &json!([
-                            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name != '_cairn_raft' ORDER BY name"
-                        ]),
+                        &json!([format!(
+                            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name != '{}' ORDER BY name",
+                            tables::RAFT
+                        )]),
                     )?;
                     print_results(&v.1, &mut out)?;
                 }
@@ -255,9 +257,10 @@ pub fn shell(host: &str) -> anyhow::Result<()> {
                     let v = post_json(
                         &agent,
                         &format!("{host}/db/query?level={level}"),
-                        &json!([
-                            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name != '_cairn_raft'"
-                        ]),
+                        &json!([format!(
+                            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name != '{}'",
+                            tables::RAFT
+                        )]),
                     )?;
                     print_results(&v.1, &mut out)?;
                 }

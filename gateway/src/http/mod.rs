@@ -101,7 +101,7 @@ pub enum Served<T> {
 /// Runs `op` here if this node leads, else sends the original request to the leader (or
 /// `301`s the client there with `redirect`). An `op` refused with `NotLeader` proposed
 /// nothing (leadership moved between the check and the proposal): it goes to the new leader,
-/// or is tried again here while leadership settles, for up to [`LEADER_WAIT`].
+/// or is tried again here while leadership settles, for up to `LEADER_WAIT` (3 s).
 pub async fn on_leader<T, Fut>(
     n: &Cluster,
     req: &Original,

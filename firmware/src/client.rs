@@ -376,10 +376,9 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
     /// Own the connection forever with a RAM-only outbox: connect, hand-shake, send, retry,
     /// fail over. Run it in its own task; it only returns if dropped.
     ///
-    /// On the host it runs on any executor whose wakers embassy-time's driver accepts, e.g. a
-    /// tokio `current_thread` runtime with embassy-time's `std` + `generic-queue-*` features
-    /// (the client is `!Send` with `NoopRawMutex`; use a `LocalSet`). `tests/tokio_tcp.rs`
-    /// shows a complete tokio transport.
+    /// On the host it runs on a tokio `current_thread` runtime inside a `LocalSet` (the client
+    /// is `!Send` with `NoopRawMutex`) with this crate's features `std` (the time driver) and
+    /// `tokio` (the transport, `tokio::TcpTransport`).
     pub async fn run<T: Transport>(&self, transport: &mut T, config: &Config<'_>) -> ! {
         self.run_with_store(transport, config, &mut RamOnly).await
     }

@@ -14,12 +14,13 @@ use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
 use cairn_firmware::backoff::Prng;
+use cairn_firmware::tokio::read_frame;
 use cairn_firmware::{Connection, GatewayAddr, Transport, TransportError};
 use cairn_protocol::{
-    Ack, BatchView, Error, ErrorCode, GatewaySession, HEADER_LEN, Message, Pong, Redirect, Welcome,
-    read_frame_len,
+    Ack, BatchView, Error, ErrorCode, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
+    Redirect, Welcome,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, WriteHalf};
 
 pub const KEY: [u8; 32] = [7; 32];
 
@@ -253,16 +254,6 @@ impl Connection for SimConnection {
     }
 }
 
-async fn read_frame(r: &mut ReadHalf<DuplexStream>) -> Option<Vec<u8>> {
-    let mut header = [0u8; HEADER_LEN];
-    r.read_exact(&mut header).await.ok()?;
-    let len = read_frame_len(&header).ok()?;
-    let mut frame = header.to_vec();
-    frame.resize(len, 0);
-    r.read_exact(&mut frame[HEADER_LEN..]).await.ok()?;
-    Some(frame)
-}
-
 struct Replies {
     session: RefCell<GatewaySession>,
     writer: tokio::sync::Mutex<WriteHalf<DuplexStream>>,
@@ -295,10 +286,11 @@ impl Replies {
 /// One gateway connection: handshake, then batches through a commit pipeline.
 async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
     let (mut r, mut w) = tokio::io::split(stream);
-    let Some(hello_frame) = read_frame(&mut r).await else {
+    let mut frames = FrameReassembler::<MAX_FRAME>::new();
+    let Ok(Some(hello_frame)) = read_frame(&mut r, &mut frames).await else {
         return;
     };
-    let hello = GatewaySession::peek_hello(&hello_frame).expect("hello");
+    let hello = GatewaySession::peek_hello(hello_frame).expect("hello");
     assert_eq!(hello.device_id, DEVICE);
     // Salted replies, as real gateways send them (SPEC §5.4).
     let salt = cluster
@@ -309,7 +301,7 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
         .next_u64()
         .to_le_bytes();
     let session =
-        GatewaySession::accept_salted(&KEY, &hello_frame, salt).expect("hello authenticates");
+        GatewaySession::accept_salted(&KEY, hello_frame, salt).expect("hello authenticates");
     cluster.borrow_mut().hellos.push((index, hello.boot));
     let reject_with = cluster.borrow().reject_with;
     if let Some(code) = reject_with {
@@ -445,7 +437,7 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
         if !*replies.alive.borrow() {
             break;
         }
-        let Some(mut frame) = read_frame(&mut r).await else {
+        let Ok(Some(frame)) = read_frame(&mut r, &mut frames).await else {
             break;
         };
         if !*replies.alive.borrow() {
@@ -457,7 +449,7 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
             replies.kill().await;
             break;
         }
-        let msg = replies.session.borrow_mut().decode(&mut frame);
+        let msg = replies.session.borrow_mut().decode(frame);
         match msg {
             Ok(Message::Batch(view)) => {
                 let last = view.header().last_seq();

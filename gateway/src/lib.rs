@@ -14,7 +14,6 @@
 //! - [`ingress`]: the device port: connections, grouping into Raft entries, forwarding.
 //! - [`registry`]: registered devices, their keys and high-water seqs.
 //! - [`schema`]: the `[[stream]]` tables device records are stored in.
-//! - [`sim`]: `cairn sim`, a fleet of host devices running the real firmware client.
 
 pub mod api;
 pub mod cli;
@@ -28,6 +27,5 @@ pub mod node;
 pub mod raft_types;
 pub mod registry;
 pub mod schema;
-pub mod sim;
 pub mod sql;
 pub mod state_machine;

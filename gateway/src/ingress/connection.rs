@@ -25,8 +25,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_protocol::{
-    Ack, Error, ErrorCode, FrameError, FrameReassembler, GatewaySession, MAX_FRAME, Message,
-    Pong, Welcome, encode_unsealed_error,
+    Ack, Error, ErrorCode, FrameError, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
+    Welcome, encode_unsealed_error,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -70,7 +70,9 @@ impl FrameReader {
                 .await
                 .map_err(|_| ReadEnd::Io)?;
             if n == 0 {
-                return Err(frames.finish().map_or_else(ReadEnd::Frame, |()| ReadEnd::Closed));
+                return Err(frames
+                    .finish()
+                    .map_or_else(ReadEnd::Frame, |()| ReadEnd::Closed));
             }
             frames.commit(n);
         }

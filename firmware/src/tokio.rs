@@ -1,5 +1,7 @@
 //! The host adapter (feature `tokio`): [`TcpTransport`] runs the client over tokio's TCP, the
-//! way `cairn sim`, the tests and any Linux program use it, and [`read_frame`] reads frames
+//! way `cairn sim`, the tests and any Linux program use it; [`TokioConnection`] is the
+//! connection over any tokio byte stream (TCP, or an in-memory `duplex` pipe in tests); and
+//! [`read_frame`] reads frames
 //! off any tokio stream through the protocol's [`FrameReassembler`] (for host-side peers such
 //! as test gateways).
 //!
@@ -33,7 +35,7 @@ extern crate std;
 
 use std::io;
 
-use ::tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use ::tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use ::tokio::net::TcpStream;
 use cairn_protocol::{FrameError, FrameReassembler, GatewayAddr};
 
@@ -50,27 +52,40 @@ impl TcpTransport {
     }
 }
 
-/// One tokio TCP connection to a gateway.
+/// A [`Connection`] over a tokio byte stream: a `TcpStream` from [`TcpTransport`], or any
+/// other stream a test transport hands out.
 #[derive(Debug)]
-pub struct TcpConnection(TcpStream);
+pub struct TokioConnection<S = TcpStream>(S);
+
+impl<S> TokioConnection<S> {
+    /// Wraps an established stream.
+    pub const fn new(stream: S) -> Self {
+        TokioConnection(stream)
+    }
+
+    /// The stream.
+    pub fn into_inner(self) -> S {
+        self.0
+    }
+}
 
 impl Transport for TcpTransport {
-    type Connection<'a> = TcpConnection;
+    type Connection<'a> = TokioConnection;
 
-    async fn connect(&mut self, addr: GatewayAddr) -> Result<TcpConnection, TransportError> {
+    async fn connect(&mut self, addr: GatewayAddr) -> Result<TokioConnection, TransportError> {
         let stream = TcpStream::connect(core::net::SocketAddrV4::from(addr))
             .await
             .map_err(|_| TransportError::ConnectFailed)?;
         stream
             .set_nodelay(true)
             .map_err(|_| TransportError::Other)?;
-        Ok(TcpConnection(stream))
+        Ok(TokioConnection(stream))
     }
 }
 
-impl Connection for TcpConnection {
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection for TokioConnection<S> {
     async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        // tokio's read is cancel-safe, as the seam requires.
+        // tokio's reads (TCP, duplex) are cancel-safe, as the seam requires.
         self.0.read(buf).await.map_err(|_| TransportError::Reset)
     }
     async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {

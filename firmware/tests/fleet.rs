@@ -7,15 +7,15 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
-use cairn_firmware::tokio::read_frame;
+use cairn_firmware::tokio::{TokioConnection, read_frame};
 use cairn_firmware::{
-    Client, Config, Connection, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
+    Client, Config, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
 };
 use cairn_protocol::{
     Ack, BatchView, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong, Welcome,
 };
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncWriteExt, DuplexStream};
 
 const DEVICES: u64 = 1000;
 const RECORDS: u64 = 20;
@@ -28,29 +28,12 @@ struct Fleet {
     store: Store,
 }
 
-struct Pipe(DuplexStream);
-
 impl Transport for Fleet {
-    type Connection<'a> = Pipe;
-    async fn connect(&mut self, _: GatewayAddr) -> Result<Pipe, TransportError> {
+    type Connection<'a> = TokioConnection<DuplexStream>;
+    async fn connect(&mut self, _: GatewayAddr) -> Result<Self::Connection<'_>, TransportError> {
         let (device, gateway) = tokio::io::duplex(4096);
         tokio::task::spawn_local(serve(gateway, self.store.clone()));
-        Ok(Pipe(device))
-    }
-}
-
-impl Connection for Pipe {
-    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        self.0.read(buf).await.map_err(|_| TransportError::Reset)
-    }
-    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
-        self.0.write(buf).await.map_err(|_| TransportError::Reset)
-    }
-    async fn flush(&mut self) -> Result<(), TransportError> {
-        Ok(())
-    }
-    async fn close(&mut self) {
-        let _ = self.0.shutdown().await;
+        Ok(TokioConnection::new(device))
     }
 }
 

@@ -14,13 +14,13 @@ use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
 use cairn_firmware::backoff::Prng;
-use cairn_firmware::tokio::read_frame;
-use cairn_firmware::{Connection, GatewayAddr, Transport, TransportError};
+use cairn_firmware::tokio::{TokioConnection, read_frame};
+use cairn_firmware::{GatewayAddr, Transport, TransportError};
 use cairn_protocol::{
     Ack, BatchView, Error, ErrorCode, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
     Redirect, Welcome,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, WriteHalf};
+use tokio::io::{AsyncWriteExt, DuplexStream, WriteHalf};
 
 pub const KEY: [u8; 32] = [7; 32];
 
@@ -205,14 +205,10 @@ pub struct SimTransport {
     pub cluster: ClusterRef,
 }
 
-pub struct SimConnection {
-    stream: DuplexStream,
-}
-
 impl Transport for SimTransport {
-    type Connection<'a> = SimConnection;
+    type Connection<'a> = TokioConnection<DuplexStream>;
 
-    async fn connect(&mut self, addr: GatewayAddr) -> Result<SimConnection, TransportError> {
+    async fn connect(&mut self, addr: GatewayAddr) -> Result<Self::Connection<'_>, TransportError> {
         let index = (addr.port - 4001) as usize;
         let black_hole = {
             let mut c = self.cluster.borrow_mut();
@@ -229,28 +225,7 @@ impl Transport for SimTransport {
         }
         let (device, gateway) = tokio::io::duplex(8192);
         tokio::task::spawn_local(serve(self.cluster.clone(), index, gateway));
-        Ok(SimConnection { stream: device })
-    }
-}
-
-impl Connection for SimConnection {
-    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        self.stream
-            .read(buf)
-            .await
-            .map_err(|_| TransportError::Reset)
-    }
-    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
-        self.stream
-            .write(buf)
-            .await
-            .map_err(|_| TransportError::Reset)
-    }
-    async fn flush(&mut self) -> Result<(), TransportError> {
-        self.stream.flush().await.map_err(|_| TransportError::Reset)
-    }
-    async fn close(&mut self) {
-        let _ = self.stream.shutdown().await;
+        Ok(TokioConnection::new(device))
     }
 }
 

@@ -1,22 +1,4 @@
-//! `cairn sim`: a fleet of host devices running the real `cairn-firmware` client
-//! ([`cairn_firmware::Client`]) over tokio TCP ([`cairn_firmware::tokio::TcpTransport`]), for
-//! demos, tests and measurements. The `cairn` binary links it behind its default cargo feature
-//! `sim`; this crate knows nothing of the gateway but its HTTP API and device port.
-//!
-//! Each simulated device gets a fresh random key (registered through `POST /devices` on
-//! `--host`), a random boot number and a 65,000-byte RAM outbox (the largest the firmware
-//! allows). Every 5 ms a pusher tops each
-//! device up to `rate * elapsed` records of `stream` with values `[U64(k), F32(temperature)]`,
-//! `k` counting 1, 2, 3, ... per device, so a test can check every record by content. The
-//! devices are spread over `--threads` OS threads, each a tokio current-thread runtime.
-//!
-//! Ack latency is push → the client reporting `acked_through >= seq`, sampled every
-//! millisecond, so it is exact to about 1 ms. At the end (after `--duration`, or Ctrl-C) the
-//! pushers stop, the fleet gets `--drain` seconds to have everything acknowledged, and the
-//! summary is printed; with `--json` the last line is
-//! `{"devices":..,"pushed":..,"acked":..,"dropped":..,"queued":..,"p50_ms":..,"p99_ms":..,"records_per_s":..}`.
-//! `--report FILE` writes one JSON line per device (`device_id`, `pushed`, `acked`,
-//! `acked_through`, `queued`, `dropped`) for tests that compare with the database.
+#![doc = include_str!("../README.md")]
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -473,4 +455,37 @@ pub fn run(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_gateways() {
+        let list = parse_gateways("127.0.0.1:4003, 127.0.0.1:4013,").unwrap();
+        assert_eq!(
+            list,
+            [
+                GatewayAddr::new([127, 0, 0, 1], 4003),
+                GatewayAddr::new([127, 0, 0, 1], 4013)
+            ]
+        );
+        assert!(parse_gateways("").is_err());
+        assert!(parse_gateways("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn test_latency_quantiles() {
+        let l = Latencies::new();
+        assert_eq!(l.quantile_ms(0.5), 0.0);
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        // Upper edges of 100 µs buckets: 50 ms lands in the bucket ending at 50.1 ms.
+        assert_eq!(l.quantile_ms(0.5), 50.1);
+        assert_eq!(l.quantile_ms(0.99), 99.1);
+        l.record(Duration::from_secs(3600));
+        assert_eq!(l.quantile_ms(1.0), 60_000.0);
+    }
 }

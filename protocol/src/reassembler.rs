@@ -54,6 +54,35 @@ use crate::{HEADER_LEN, MAX_FRAME};
 /// largest frame can always make progress; a larger one lets a reader take several frames per
 /// read. Nothing is lost when a read is cancelled between `read_buf` and `commit`, so a
 /// reader over a cancel-safe socket read is cancel-safe too.
+///
+/// ```
+/// use cairn_protocol::*;
+///
+/// // Two frames as a socket might deliver them: cut in the middle of the second.
+/// let mut wire = [0u8; 64];
+/// let n = encode_unsealed_error(ErrorCode::Overloaded, &mut wire)?;
+/// wire.copy_within(..n, n);
+/// let chunks = [&wire[..n + 5], &wire[n + 5..2 * n]];
+///
+/// let mut device = DeviceSession::new(&[7; KEY_LEN], 1, 0);
+/// let mut frames = FrameReassembler::<MAX_FRAME>::new();
+/// let mut errors = 0;
+/// for chunk in chunks {
+///     let mut rest = chunk;
+///     while !rest.is_empty() {
+///         let taken = frames.feed(rest);
+///         rest = &rest[taken..];
+///         while let Some(frame) = frames.next_frame()? {
+///             let msg = device.decode(frame)?;
+///             assert_eq!(msg, Message::Error(Error { code: ErrorCode::Overloaded }));
+///             errors += 1;
+///         }
+///     }
+/// }
+/// frames.finish()?; // the stream ended between frames
+/// assert_eq!(errors, 2);
+/// # Ok::<(), Box<dyn core::error::Error>>(())
+/// ```
 pub struct FrameReassembler<const N: usize = MAX_FRAME> {
     buf: [u8; N],
     /// `buf[..filled]` holds received bytes.

@@ -11,4 +11,3 @@ pub mod http;
 pub mod ingress;
 pub mod metrics;
 pub mod raft;
-pub mod sim;

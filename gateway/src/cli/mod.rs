@@ -54,10 +54,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `cairn dev`: three nodes in this process on loopback, until Ctrl-C.
-pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
+/// `cairn dev`: three nodes in this process on loopback, until Ctrl-C. `fleet` is called once
+/// the nodes are starting, with node 1's HTTP API and every node's device port: the binary
+/// starts its simulated devices there when it is built with the `sim` feature.
+pub async fn dev(data_dir: PathBuf, fleet: impl FnOnce(&str, &[String])) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut nodes = Vec::new();
+    let mut device_addrs = Vec::new();
     for i in 1..=3u64 {
         let base = 4001 + (i - 1) * 10;
         let c = NodeConfig {
@@ -66,11 +69,12 @@ pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
             http_addr: format!("127.0.0.1:{base}"),
             raft_addr: format!("127.0.0.1:{}", base + 1),
             device_addr: format!("127.0.0.1:{}", base + 2),
-            stream: crate::sim::dev_streams(),
+            stream: dev_streams(),
             bootstrap: i == 1,
             join: (i != 1).then(|| "http://127.0.0.1:4001".to_string()),
             ..NodeConfig::default()
         };
+        device_addrs.push(c.device_addr.clone());
         let mut stop = stop_rx.clone();
         nodes.push(tokio::spawn(crate::daemon::run(c, async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -92,7 +96,7 @@ pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
          curl -G 'http://127.0.0.1:4011/db/query?pretty&level=linearizable' --data-urlencode 'q=SELECT * FROM notes'\n  \
          cairn shell --host http://127.0.0.1:4001\nCtrl-C stops all three."
     );
-    crate::sim::dev_fleet();
+    fleet("http://127.0.0.1:4001", &device_addrs);
     shutdown_signal().await;
     println!("stopping...");
     let _ = stop_tx.send(true);
@@ -104,6 +108,26 @@ pub async fn dev(data_dir: PathBuf) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The stream table `cairn dev` declares for simulated devices: stream 1 →
+/// `readings(k, temperature)`, what `cairn sim` pushes by default.
+pub fn dev_streams() -> Vec<crate::db::schema::StreamDef> {
+    use crate::db::schema::{Column, ColumnType, StreamDef};
+    vec![StreamDef {
+        id: 1,
+        table: "readings".into(),
+        columns: vec![
+            Column {
+                name: "k".into(),
+                ty: ColumnType::Integer,
+            },
+            Column {
+                name: "temperature".into(),
+                ty: ColumnType::Real,
+            },
+        ],
+    }]
 }
 
 pub(crate) fn agent() -> ureq::Agent {

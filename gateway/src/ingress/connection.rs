@@ -25,8 +25,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_protocol::{
-    Ack, Error, ErrorCode, FrameError, GatewaySession, HEADER_LEN, MAX_FRAME, Message, Pong,
-    Welcome, encode_unsealed_error, read_frame_len,
+    Ack, Error, ErrorCode, FrameError, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
+    Welcome, encode_unsealed_error,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,14 +43,10 @@ pub const MAX_PENDING: usize = 64;
 /// How long a Hello may take to arrive after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads whole frames off a stream into a fixed buffer. `next` is cancel-safe: bytes read
-/// stay in the buffer if the future is dropped.
-struct FrameReader {
-    buf: Box<[u8; 2 * MAX_FRAME]>,
-    filled: usize,
-    /// Length of the frame returned last, dropped from the buffer on the next call.
-    consumed: usize,
-}
+/// Reads whole frames off a stream through the protocol's [`FrameReassembler`] (two frames
+/// of room, so one read often brings several pipelined batches). `next` is cancel-safe: bytes
+/// read stay in the buffer if the future is dropped.
+struct FrameReader(Box<FrameReassembler<{ 2 * MAX_FRAME }>>);
 
 /// Why no frame came.
 enum ReadEnd {
@@ -63,42 +59,27 @@ enum ReadEnd {
 
 impl FrameReader {
     fn new() -> Self {
-        FrameReader {
-            buf: Box::new([0; 2 * MAX_FRAME]),
-            filled: 0,
-            consumed: 0,
-        }
+        FrameReader(Box::default())
     }
 
     async fn next(&mut self, stream: &mut TcpStream) -> Result<&mut [u8], ReadEnd> {
-        if self.consumed > 0 {
-            self.buf.copy_within(self.consumed..self.filled, 0);
-            self.filled -= self.consumed;
-            self.consumed = 0;
-        }
-        loop {
-            if self.filled >= HEADER_LEN {
-                let header: &[u8; HEADER_LEN] =
-                    self.buf[..HEADER_LEN].try_into().expect("header length");
-                let len = read_frame_len(header).map_err(ReadEnd::Frame)?;
-                if self.filled >= len {
-                    self.consumed = len;
-                    return Ok(&mut self.buf[..len]);
-                }
-            }
+        let frames = &mut *self.0;
+        while !frames.frame_ready().map_err(ReadEnd::Frame)? {
             let n = stream
-                .read(&mut self.buf[self.filled..])
+                .read(frames.read_buf())
                 .await
                 .map_err(|_| ReadEnd::Io)?;
             if n == 0 {
-                return Err(if self.filled == 0 {
-                    ReadEnd::Closed
-                } else {
-                    ReadEnd::Frame(FrameError::Truncated)
-                });
+                return Err(frames
+                    .finish()
+                    .map_or_else(ReadEnd::Frame, |()| ReadEnd::Closed));
             }
-            self.filled += n;
+            frames.commit(n);
         }
+        frames
+            .next_frame()
+            .map_err(ReadEnd::Frame)?
+            .ok_or(ReadEnd::Frame(FrameError::Truncated))
     }
 }
 

@@ -1,19 +1,4 @@
-//! `cairn sim`: a fleet of host devices running the real `cairn-firmware` client
-//! ([`cairn_firmware::Client`]) over tokio TCP, for demos, tests and measurements.
-//!
-//! Each simulated device gets a fresh random key (registered through `POST /devices` on
-//! `--host`), a random boot number and a 65,000-byte RAM outbox (the largest the firmware allows). Every 5 ms a pusher tops each
-//! device up to `rate * elapsed` records of `stream` with values `[U64(k), F32(temperature)]`,
-//! `k` counting 1, 2, 3, ... per device, so a test can check every record by content. The
-//! devices are spread over `--threads` OS threads, each a tokio current-thread runtime.
-//!
-//! Ack latency is push → the client reporting `acked_through >= seq`, sampled every
-//! millisecond, so it is exact to about 1 ms. At the end (after `--duration`, or Ctrl-C) the
-//! pushers stop, the fleet gets `--drain` seconds to have everything acknowledged, and the
-//! summary is printed; with `--json` the last line is
-//! `{"devices":..,"pushed":..,"acked":..,"dropped":..,"queued":..,"p50_ms":..,"p99_ms":..,"records_per_s":..}`.
-//! `--report FILE` writes one JSON line per device (`device_id`, `pushed`, `acked`,
-//! `acked_through`, `queued`, `dropped`) for tests that compare with the database.
+#![doc = include_str!("../README.md")]
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -22,13 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use cairn_firmware::{
-    Client, Config, Connection, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
-};
+use cairn_firmware::tokio::TcpTransport;
+use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, Value};
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Outbox bytes per simulated device.
 pub const OUTBOX: usize = 65_000;
@@ -74,40 +56,6 @@ pub struct SimArgs {
     /// Print nothing while running.
     #[arg(long)]
     pub quiet: bool,
-}
-
-/// A host transport over tokio's `TcpStream` (reads are cancel-safe, as the seam requires).
-struct TcpTransport;
-
-struct TcpConnection(TcpStream);
-
-impl Transport for TcpTransport {
-    type Connection<'a> = TcpConnection;
-
-    async fn connect(&mut self, addr: GatewayAddr) -> Result<TcpConnection, TransportError> {
-        let stream = TcpStream::connect(std::net::SocketAddrV4::from(addr))
-            .await
-            .map_err(|_| TransportError::ConnectFailed)?;
-        stream
-            .set_nodelay(true)
-            .map_err(|_| TransportError::Other)?;
-        Ok(TcpConnection(stream))
-    }
-}
-
-impl Connection for TcpConnection {
-    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        self.0.read(buf).await.map_err(|_| TransportError::Reset)
-    }
-    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
-        self.0.write(buf).await.map_err(|_| TransportError::Reset)
-    }
-    async fn flush(&mut self) -> Result<(), TransportError> {
-        self.0.flush().await.map_err(|_| TransportError::Reset)
-    }
-    async fn close(&mut self) {
-        let _ = self.0.shutdown().await;
-    }
 }
 
 /// Latencies in 100 µs buckets up to 60 s.
@@ -199,7 +147,7 @@ fn register(host: &str, devices: &[Device]) -> anyhow::Result<()> {
         .chunks(devices.len().div_ceil(8).max(1))
         .map(|c| {
             c.iter()
-                .map(|d| (d.id, crate::db::registry::key_hex(&d.key)))
+                .map(|d| (d.id, d.key.iter().map(|b| format!("{b:02x}")).collect()))
                 .collect()
         })
         .collect();
@@ -208,15 +156,22 @@ fn register(host: &str, devices: &[Device]) -> anyhow::Result<()> {
         .map(|chunk| {
             let host = host.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let agent = crate::cli::agent();
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(10)))
+                    .build()
+                    .into();
                 for (id, key) in chunk {
                     let deadline = Instant::now() + Duration::from_secs(30);
                     loop {
-                        let r = crate::cli::post_json(
-                            &agent,
-                            &format!("{host}/devices"),
-                            &json!({"id": id, "key": key}),
-                        );
+                        let r = agent
+                            .post(&format!("{host}/devices"))
+                            .send_json(json!({"id": id, "key": key}))
+                            .map_err(anyhow::Error::from)
+                            .and_then(|mut resp| {
+                                let body = resp.body_mut().read_to_string()?;
+                                Ok((resp.status().as_u16(), body))
+                            });
                         match r {
                             Ok((200, _)) => break,
                             // A cluster still electing its leader: retry for a while.
@@ -269,7 +224,7 @@ fn run_thread(
             let config: &'static Config<'static> =
                 Box::leak(Box::new(Config::new(d.id, d.key, d.boot, list)));
             runners.push(tokio::task::spawn_local(async move {
-                client.run(&mut TcpTransport, config).await
+                client.run(&mut TcpTransport::new(), config).await
             }));
             clients.push((client, d.id));
         }
@@ -350,56 +305,13 @@ fn run_thread(
     })
 }
 
-/// The stream table `cairn dev` declares for its fleet: stream 1 → `readings(k, temperature)`.
-pub fn dev_streams() -> Vec<crate::db::schema::StreamDef> {
-    use crate::db::schema::{Column, ColumnType, StreamDef};
-    vec![StreamDef {
-        id: 1,
-        table: "readings".into(),
-        columns: vec![
-            Column {
-                name: "k".into(),
-                ty: ColumnType::Integer,
-            },
-            Column {
-                name: "temperature".into(),
-                ty: ColumnType::Real,
-            },
-        ],
-    }]
-}
-
-/// `cairn dev`'s fleet: five devices at two records a second against the three local nodes,
-/// on a thread of their own (they stop with the process).
-pub fn dev_fleet() {
-    let args = SimArgs {
-        devices: 5,
-        rate: 2.0,
-        gateways: "127.0.0.1:4003,127.0.0.1:4013,127.0.0.1:4023".into(),
-        duration: None,
-        json: false,
-        host: "http://127.0.0.1:4001".into(),
-        first_id: 1,
-        stream: 1,
-        drain: 0.0,
-        threads: Some(1),
-        report: None,
-        quiet: true,
-    };
-    println!(
-        "  5 simulated devices (ids 1-5) push 2 records/s each into table readings:\n  \
-         curl -G 'http://127.0.0.1:4001/db/query?pretty' --data-urlencode \\\n    \
-         'q=SELECT device_id, count(*), max(time) FROM readings GROUP BY device_id'"
-    );
-    std::thread::spawn(move || {
-        if let Err(e) = run(args) {
-            eprintln!("cairn dev: simulated devices stopped: {e:#}");
-        }
-    });
-}
-
-/// `cairn sim`.
-pub fn run(args: SimArgs) -> anyhow::Result<()> {
+/// `cairn sim`: runs the fleet until `--duration` passes or `interrupt` resolves (the binary
+/// passes its Ctrl-C / SIGTERM future; a fleet that runs for the life of the process passes
+/// `std::future::pending()`), then drains and prints the summary.
+pub fn run(
+    args: SimArgs,
+    interrupt: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     let gateways: &'static [GatewayAddr] =
@@ -455,7 +367,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
             {
-                rt.block_on(crate::cli::shutdown_signal());
+                rt.block_on(interrupt);
                 interrupted.store(true, Relaxed);
             }
         });
@@ -543,4 +455,37 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_gateways() {
+        let list = parse_gateways("127.0.0.1:4003, 127.0.0.1:4013,").unwrap();
+        assert_eq!(
+            list,
+            [
+                GatewayAddr::new([127, 0, 0, 1], 4003),
+                GatewayAddr::new([127, 0, 0, 1], 4013)
+            ]
+        );
+        assert!(parse_gateways("").is_err());
+        assert!(parse_gateways("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn test_latency_quantiles() {
+        let l = Latencies::new();
+        assert_eq!(l.quantile_ms(0.5), 0.0);
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        // Upper edges of 100 µs buckets: 50 ms lands in the bucket ending at 50.1 ms.
+        assert_eq!(l.quantile_ms(0.5), 50.1);
+        assert_eq!(l.quantile_ms(0.99), 99.1);
+        l.record(Duration::from_secs(3600));
+        assert_eq!(l.quantile_ms(1.0), 60_000.0);
+    }
 }

@@ -1,5 +1,6 @@
 //! A device fleet speaking Cairn's device protocol with the real encoder (`cairn-protocol`'s
-//! `DeviceSession` and `BatchEncoder`), one OS thread per device, to load a gateway.
+//! `DeviceSession` and `BatchEncoder`), one OS thread per device, to load a gateway (the
+//! bench's device load; devices are registered with [`crate::device::register`]).
 //!
 //! It follows SPEC §8 as a device does (Hello, Welcome high-water, consecutive seqs, at most
 //! `credit` records past the last Ack) but keeps no outbox: records are generated on demand,
@@ -7,12 +8,9 @@
 //! every device's credit full (throughput), `OneInFlight` sends one record and waits for its
 //! Ack before the next (latency).
 
-use super::http;
-use anyhow::{Context, Result, anyhow, bail, ensure};
-use cairn_protocol::{
-    BatchEncoder, DeviceSession, HEADER_LEN, MAX_FRAME, Message, Pong, Record, Value,
-    read_frame_len,
-};
+use crate::device::{climate_values, key_of, read_frame};
+use anyhow::{Context, Result, anyhow, bail};
+use cairn_protocol::{BatchEncoder, DeviceSession, MAX_FRAME, Message, Pong, Record};
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::ops::Range;
@@ -45,49 +43,6 @@ pub struct Report {
     /// Connections dropped and made again, and the first reason.
     pub reconnects: u64,
     pub first_reconnect_reason: Option<String>,
-}
-
-/// A device's pre-shared key, derived from its id (the bench's devices are throwaway).
-pub fn key_of(id: u64) -> [u8; 32] {
-    let mut k = [0x5au8; 32];
-    k[..8].copy_from_slice(&id.to_le_bytes());
-    k
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Registers devices `ids` through the `/devices` admin API (what `cairn device add` calls),
-/// from a few kept-alive connections in parallel.
-pub fn register(http_addr: SocketAddr, ids: Range<u64>) -> Result<()> {
-    let ids: Vec<u64> = ids.collect();
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = ids
-            .chunks(ids.len().div_ceil(8).max(1))
-            .map(|chunk| {
-                scope.spawn(move || -> Result<()> {
-                    let mut conn = http::Conn::open(http_addr, Duration::from_secs(30))?;
-                    for &id in chunk {
-                        let body = serde_json::json!({"id": id, "key": hex(&key_of(id))});
-                        let r = conn.post_json("/devices", &body.to_string())?;
-                        ensure!(
-                            (200..300).contains(&r.status),
-                            "registering device {id}: {} {}",
-                            r.status,
-                            r.body
-                        );
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join()
-                .map_err(|_| anyhow!("registration thread panicked"))??;
-        }
-        Ok(())
-    })
 }
 
 /// Records the first Ack any device receives, after a moment (the leader's kill), on a
@@ -202,15 +157,6 @@ impl<R: Read> Read for Counted<R> {
         self.bytes += n as u64;
         Ok(n)
     }
-}
-
-fn read_frame<'b>(r: &mut impl Read, buf: &'b mut [u8; MAX_FRAME]) -> Result<&'b mut [u8]> {
-    r.read_exact(&mut buf[..HEADER_LEN])
-        .context("reading a gateway frame")?;
-    let header: &[u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("header length");
-    let len = read_frame_len(header).map_err(|e| anyhow!("gateway frame: {e}"))?;
-    r.read_exact(&mut buf[HEADER_LEN..len])?;
-    Ok(&mut buf[..len])
 }
 
 /// One device: connects, and after any error reconnects to the next gateway (or the leader
@@ -338,8 +284,8 @@ fn session_loop(
         .map_err(|e| anyhow!("encode Hello: {e}"))?;
     writer.write_all(&out[..n])?;
     stats.bytes_out += n as u64;
-    let frame = read_frame(reader, &mut inb)?;
-    let welcome = match session.decode(frame) {
+    let n = read_frame(reader, &mut inb).context("reading the Welcome")?;
+    let welcome = match session.decode(&mut inb[..n]) {
         Ok(Message::Welcome(w)) => w,
         Ok(Message::Error(e)) => bail!("device {id}: gateway refused Hello: {:?}", e.code),
         Ok(other) => bail!("device {id}: expected Welcome, got {:?}", other.kind()),
@@ -384,11 +330,7 @@ fn session_loop(
             let mut body = [0u8; MAX_FRAME];
             let mut batch = BatchEncoder::new(&mut body, next_seq, uptime(now));
             for i in 0..want.min(u64::from(MAX_BATCH)) {
-                let values = [
-                    Value::F32(21.5 + ((next_seq + i) % 10) as f32 * 0.1),
-                    Value::F32(48.25),
-                    Value::F32(1013.0),
-                ];
+                let values = climate_values(next_seq + i);
                 let record = Record {
                     stream: STREAM,
                     uptime_ms: uptime(now),
@@ -412,8 +354,8 @@ fn session_loop(
                 continue;
             }
         }
-        let frame = read_frame(reader, &mut inb)?;
-        match session.decode(frame) {
+        let n = read_frame(reader, &mut inb).context("reading a gateway frame")?;
+        match session.decode(&mut inb[..n]) {
             Ok(Message::Ack(a)) => {
                 if a.through_seq > *acked {
                     *acked = a.through_seq.min(next_seq - 1);
@@ -443,17 +385,5 @@ fn session_loop(
             Ok(other) => bail!("device {id}: unexpected {:?}", other.kind()),
             Err(e) => bail!("device {id}: bad gateway frame: {e}"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_differ_per_device_and_hex_is_64_digits() {
-        assert_ne!(key_of(1), key_of(2));
-        assert_eq!(hex(&key_of(1)).len(), 64);
-        assert!(hex(&key_of(1)).starts_with("01000000000000005a"));
     }
 }

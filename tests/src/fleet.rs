@@ -163,42 +163,34 @@ impl<R: Read> Read for Counted<R> {
 /// a Welcome names) with a fresh Hello, resuming at the announced high water, as SPEC §8 asks.
 /// Gives up only if it cannot get a record acknowledged for 30 s.
 fn device(plan: &Plan<'_>, id: u64, stop: &AtomicBool, start: Instant) -> Result<DeviceStats> {
-    let key = key_of(id);
-    let mut session = DeviceSession::new(&key, 1, 0);
-    let mut stats = DeviceStats::default();
+    let mut d = Device {
+        plan,
+        id,
+        stop,
+        start,
+        session: DeviceSession::new(&key_of(id), 1, 0),
+        stats: DeviceStats::default(),
+        first_high_water: None,
+        acked: 0,
+        acked_at_stop: None,
+        last_progress: Instant::now(),
+    };
     let mut gateway = plan.gateways[0];
     let mut next_gateway = 1usize;
-    let mut first_high_water = None;
-    let mut acked_at_stop = None;
-    let mut acked = 0u64;
-    let mut last_progress = Instant::now();
     loop {
-        let outcome = connection(
-            plan,
-            id,
-            gateway,
-            &mut session,
-            stop,
-            start,
-            &mut stats,
-            &mut first_high_water,
-            &mut acked,
-            &mut acked_at_stop,
-            &mut last_progress,
-        );
-        match outcome {
+        match d.connection(gateway) {
             Ok(Next::Done) => break,
             Ok(Next::Go(addr)) => gateway = addr,
             Err(e) => {
                 if stop.load(Ordering::Relaxed) {
-                    acked_at_stop.get_or_insert(acked);
+                    d.acked_at_stop.get_or_insert(d.acked);
                     break;
                 }
-                stats.reconnects += 1;
-                if stats.first_reconnect_reason.is_none() {
-                    stats.first_reconnect_reason = Some(format!("{e:#}"));
+                d.stats.reconnects += 1;
+                if d.stats.first_reconnect_reason.is_none() {
+                    d.stats.first_reconnect_reason = Some(format!("{e:#}"));
                 }
-                if last_progress.elapsed() > Duration::from_secs(30) {
+                if d.last_progress.elapsed() > Duration::from_secs(30) {
                     return Err(e.context(format!("device {id}: no progress for 30 s")));
                 }
                 gateway = plan.gateways[next_gateway % plan.gateways.len()];
@@ -207,8 +199,8 @@ fn device(plan: &Plan<'_>, id: u64, stop: &AtomicBool, start: Instant) -> Result
             }
         }
     }
-    stats.acked = acked_at_stop.unwrap_or(acked) - first_high_water.unwrap_or(0);
-    Ok(stats)
+    d.stats.acked = d.acked_at_stop.unwrap_or(d.acked) - d.first_high_water.unwrap_or(0);
+    Ok(d.stats)
 }
 
 enum Next {
@@ -216,174 +208,167 @@ enum Next {
     Go(SocketAddr),
 }
 
-#[allow(clippy::too_many_arguments)]
-fn connection(
-    plan: &Plan<'_>,
+/// One device of a run and what it carries from one connection to the next.
+struct Device<'p, 'a> {
+    plan: &'p Plan<'a>,
     id: u64,
-    addr: SocketAddr,
-    session: &mut DeviceSession,
-    stop: &AtomicBool,
+    stop: &'p AtomicBool,
     start: Instant,
-    stats: &mut DeviceStats,
-    first_high_water: &mut Option<u64>,
-    acked: &mut u64,
-    acked_at_stop: &mut Option<u64>,
-    last_progress: &mut Instant,
-) -> Result<Next> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("device {id}: connect to {addr}"))?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = Counted {
-        inner: BufReader::new(stream),
-        bytes: 0,
-    };
-    let result = session_loop(
-        plan,
-        id,
-        addr,
-        session,
-        stop,
-        start,
-        stats,
-        first_high_water,
-        acked,
-        acked_at_stop,
-        last_progress,
-        &mut writer,
-        &mut reader,
-    );
-    stats.bytes_in += reader.bytes;
-    let _ = writer.shutdown(std::net::Shutdown::Both);
-    result
+    session: DeviceSession,
+    stats: DeviceStats,
+    /// The high water of the first Welcome: records below it were stored before this run.
+    first_high_water: Option<u64>,
+    acked: u64,
+    acked_at_stop: Option<u64>,
+    last_progress: Instant,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn session_loop(
-    plan: &Plan<'_>,
-    id: u64,
-    addr: SocketAddr,
-    session: &mut DeviceSession,
-    stop: &AtomicBool,
-    start: Instant,
-    stats: &mut DeviceStats,
-    first_high_water: &mut Option<u64>,
-    acked: &mut u64,
-    acked_at_stop: &mut Option<u64>,
-    last_progress: &mut Instant,
-    writer: &mut TcpStream,
-    reader: &mut Counted<BufReader<TcpStream>>,
-) -> Result<Next> {
-    let connected_at = Instant::now();
-    let mut out = [0u8; MAX_FRAME];
-    let mut inb = [0u8; MAX_FRAME];
-    let hello = session.hello(id, 1, MAX_BATCH);
-    let n = session
-        .encode(&Message::Hello(hello), &mut out)
-        .map_err(|e| anyhow!("encode Hello: {e}"))?;
-    writer.write_all(&out[..n])?;
-    stats.bytes_out += n as u64;
-    let n = read_frame(reader, &mut inb).context("reading the Welcome")?;
-    let welcome = match session.decode(&mut inb[..n]) {
-        Ok(Message::Welcome(w)) => w,
-        Ok(Message::Error(e)) => bail!("device {id}: gateway refused Hello: {:?}", e.code),
-        Ok(other) => bail!("device {id}: expected Welcome, got {:?}", other.kind()),
-        Err(e) => bail!("device {id}: Welcome: {e}"),
-    };
-    if let Some(leader) = welcome.leader {
-        let ip = match addr.ip() {
-            std::net::IpAddr::V4(v4) => v4.octets(),
-            std::net::IpAddr::V6(_) => [127, 0, 0, 1],
+impl Device<'_, '_> {
+    /// One connection to `addr`, until the run stops, an error, or a hint to go elsewhere.
+    fn connection(&mut self, addr: SocketAddr) -> Result<Next> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("device {}: connect to {addr}", self.id))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut writer = stream.try_clone()?;
+        let mut reader = Counted {
+            inner: BufReader::new(stream),
+            bytes: 0,
         };
-        let l = leader.resolve(ip);
-        let to = SocketAddr::from((l.ip, l.port));
-        if to != addr {
-            return Ok(Next::Go(to));
-        }
+        let result = self.session_loop(addr, &mut writer, &mut reader);
+        self.stats.bytes_in += reader.bytes;
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        result
     }
-    let high_water = welcome.high_water;
-    first_high_water.get_or_insert(high_water);
-    let mut credit = welcome.credit;
-    // Records above the high water were not stored: send them again from there (rule 3).
-    *acked = high_water;
-    let mut next_seq = high_water + 1;
-    let mut sent_at = Instant::now();
-    let uptime = |now: Instant| 60_000 + (now - start).as_millis() as u64;
-    loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        if stopping && acked_at_stop.is_none() {
-            *acked_at_stop = Some(*acked);
-        }
-        let in_flight = next_seq - 1 - *acked;
-        if stopping && (in_flight == 0 || plan.mode == Mode::OneInFlight) {
-            return Ok(Next::Done);
-        }
-        let room = u64::from(credit).saturating_sub(in_flight);
-        let want = match plan.mode {
-            Mode::Saturate => room,
-            Mode::OneInFlight if in_flight == 0 => room.min(1),
-            Mode::OneInFlight => 0,
+
+    fn session_loop(
+        &mut self,
+        addr: SocketAddr,
+        writer: &mut TcpStream,
+        reader: &mut Counted<BufReader<TcpStream>>,
+    ) -> Result<Next> {
+        let Device {
+            plan,
+            id,
+            stop,
+            start,
+            ref mut session,
+            ref mut stats,
+            ref mut first_high_water,
+            ref mut acked,
+            ref mut acked_at_stop,
+            ref mut last_progress,
+        } = *self;
+        let connected_at = Instant::now();
+        let mut out = [0u8; MAX_FRAME];
+        let mut inb = [0u8; MAX_FRAME];
+        let hello = session.hello(id, 1, MAX_BATCH);
+        let n = session
+            .encode(&Message::Hello(hello), &mut out)
+            .map_err(|e| anyhow!("encode Hello: {e}"))?;
+        writer.write_all(&out[..n])?;
+        stats.bytes_out += n as u64;
+        let n = read_frame(reader, &mut inb).context("reading the Welcome")?;
+        let welcome = match session.decode(&mut inb[..n]) {
+            Ok(Message::Welcome(w)) => w,
+            Ok(Message::Error(e)) => bail!("device {id}: gateway refused Hello: {:?}", e.code),
+            Ok(other) => bail!("device {id}: expected Welcome, got {:?}", other.kind()),
+            Err(e) => bail!("device {id}: Welcome: {e}"),
         };
-        if !stopping && want > 0 {
-            let now = Instant::now();
-            let mut body = [0u8; MAX_FRAME];
-            let mut batch = BatchEncoder::new(&mut body, next_seq, uptime(now));
-            for i in 0..want.min(u64::from(MAX_BATCH)) {
-                let values = climate_values(next_seq + i);
-                let record = Record {
-                    stream: STREAM,
-                    uptime_ms: uptime(now),
-                    values: &values,
-                };
-                if batch.push(&record).is_err() {
-                    break;
-                }
-            }
-            let count = u64::from(batch.count());
-            let view = batch.finish().map_err(|e| anyhow!("batch: {e}"))?;
-            let n = session
-                .encode(&Message::Batch(view), &mut out)
-                .map_err(|e| anyhow!("encode Batch: {e}"))?;
-            writer.write_all(&out[..n])?;
-            stats.bytes_out += n as u64;
-            next_seq += count;
-            sent_at = now;
-            // Saturating devices fill their credit before reading; more may fit right away.
-            if plan.mode == Mode::Saturate && next_seq - 1 - *acked < u64::from(credit) {
-                continue;
+        if let Some(leader) = welcome.leader {
+            let ip = match addr.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets(),
+                std::net::IpAddr::V6(_) => [127, 0, 0, 1],
+            };
+            let l = leader.resolve(ip);
+            let to = SocketAddr::from((l.ip, l.port));
+            if to != addr {
+                return Ok(Next::Go(to));
             }
         }
-        let n = read_frame(reader, &mut inb).context("reading a gateway frame")?;
-        match session.decode(&mut inb[..n]) {
-            Ok(Message::Ack(a)) => {
-                if a.through_seq > *acked {
-                    *acked = a.through_seq.min(next_seq - 1);
-                    *last_progress = Instant::now();
-                    if let Some(p) = plan.probe {
-                        p.saw_ack(connected_at);
-                    }
-                    if plan.mode == Mode::OneInFlight && !stopping {
-                        stats
-                            .latencies_ms
-                            .push(sent_at.elapsed().as_secs_f64() * 1e3);
+        let high_water = welcome.high_water;
+        first_high_water.get_or_insert(high_water);
+        let mut credit = welcome.credit;
+        // Records above the high water were not stored: send them again from there (rule 3).
+        *acked = high_water;
+        let mut next_seq = high_water + 1;
+        let mut sent_at = Instant::now();
+        let uptime = |now: Instant| 60_000 + (now - start).as_millis() as u64;
+        loop {
+            let stopping = stop.load(Ordering::Relaxed);
+            if stopping && acked_at_stop.is_none() {
+                *acked_at_stop = Some(*acked);
+            }
+            let in_flight = next_seq - 1 - *acked;
+            if stopping && (in_flight == 0 || plan.mode == Mode::OneInFlight) {
+                return Ok(Next::Done);
+            }
+            let room = u64::from(credit).saturating_sub(in_flight);
+            let want = match plan.mode {
+                Mode::Saturate => room,
+                Mode::OneInFlight if in_flight == 0 => room.min(1),
+                Mode::OneInFlight => 0,
+            };
+            if !stopping && want > 0 {
+                let now = Instant::now();
+                let mut body = [0u8; MAX_FRAME];
+                let mut batch = BatchEncoder::new(&mut body, next_seq, uptime(now));
+                for i in 0..want.min(u64::from(MAX_BATCH)) {
+                    let values = climate_values(next_seq + i);
+                    let record = Record {
+                        stream: STREAM,
+                        uptime_ms: uptime(now),
+                        values: &values,
+                    };
+                    if batch.push(&record).is_err() {
+                        break;
                     }
                 }
-                credit = a.credit;
-            }
-            Ok(Message::Ping(p)) => {
+                let count = u64::from(batch.count());
+                let view = batch.finish().map_err(|e| anyhow!("batch: {e}"))?;
                 let n = session
-                    .encode(&Message::Pong(Pong { nonce: p.nonce }), &mut out)
-                    .map_err(|e| anyhow!("encode Pong: {e}"))?;
+                    .encode(&Message::Batch(view), &mut out)
+                    .map_err(|e| anyhow!("encode Batch: {e}"))?;
                 writer.write_all(&out[..n])?;
                 stats.bytes_out += n as u64;
+                next_seq += count;
+                sent_at = now;
+                // Saturating devices fill their credit before reading; more may fit right away.
+                if plan.mode == Mode::Saturate && next_seq - 1 - *acked < u64::from(credit) {
+                    continue;
+                }
             }
-            Ok(Message::Redirect(r)) => {
-                return Ok(Next::Go(SocketAddr::from((r.addr.ip, r.addr.port))));
+            let n = read_frame(reader, &mut inb).context("reading a gateway frame")?;
+            match session.decode(&mut inb[..n]) {
+                Ok(Message::Ack(a)) => {
+                    if a.through_seq > *acked {
+                        *acked = a.through_seq.min(next_seq - 1);
+                        *last_progress = Instant::now();
+                        if let Some(p) = plan.probe {
+                            p.saw_ack(connected_at);
+                        }
+                        if plan.mode == Mode::OneInFlight && !stopping {
+                            stats
+                                .latencies_ms
+                                .push(sent_at.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                    credit = a.credit;
+                }
+                Ok(Message::Ping(p)) => {
+                    let n = session
+                        .encode(&Message::Pong(Pong { nonce: p.nonce }), &mut out)
+                        .map_err(|e| anyhow!("encode Pong: {e}"))?;
+                    writer.write_all(&out[..n])?;
+                    stats.bytes_out += n as u64;
+                }
+                Ok(Message::Redirect(r)) => {
+                    return Ok(Next::Go(SocketAddr::from((r.addr.ip, r.addr.port))));
+                }
+                Ok(Message::Error(e)) => bail!("device {id}: gateway error {:?}", e.code),
+                Ok(other) => bail!("device {id}: unexpected {:?}", other.kind()),
+                Err(e) => bail!("device {id}: bad gateway frame: {e}"),
             }
-            Ok(Message::Error(e)) => bail!("device {id}: gateway error {:?}", e.code),
-            Ok(other) => bail!("device {id}: unexpected {:?}", other.kind()),
-            Err(e) => bail!("device {id}: bad gateway frame: {e}"),
         }
     }
 }

@@ -115,7 +115,8 @@ pub struct Options {
     /// Keep data and logs in this directory (emptied first, left in place afterwards) instead
     /// of a temp dir removed on drop.
     pub dir: Option<PathBuf>,
-    /// How long start-up, readiness and a clean exit may take (default [`TIMEOUT`]).
+    /// How long start-up, readiness, a leader, an accepted write and a clean exit may take
+    /// (default [`TIMEOUT`]; a node under qemu-user is slower).
     pub timeout: Option<Duration>,
 }
 
@@ -462,14 +463,15 @@ impl Cluster {
         leader_of(&self.views(skip))
     }
 
-    /// Index (into `nodes`) of the leader, waiting up to [`TIMEOUT`] for one.
+    /// Index (into `nodes`) of the leader, waiting up to [`TIMEOUT`] (or
+    /// [`Options::timeout`]) for one.
     pub fn leader(&self) -> usize {
-        poll(TIMEOUT, "a leader", || self.find_leader(&[]))
+        poll(self.timeout, "a leader", || self.find_leader(&[]))
     }
 
     /// Waits for a leader other than node id `old` and returns its index.
     pub fn wait_for_new_leader(&self, old: u64) -> usize {
-        poll(TIMEOUT, "a new leader", || {
+        poll(self.timeout, "a new leader", || {
             let i = self.find_leader(&[])?;
             (self.nodes[i].id != old).then_some(i)
         })
@@ -563,7 +565,7 @@ impl Cluster {
 
     /// Executes on the leader, retrying while a new leader refuses writes for a moment.
     pub fn execute(&self, statements: &Json) -> Json {
-        poll(TIMEOUT, "an accepted write", || {
+        poll(self.timeout, "an accepted write", || {
             let l = self.find_leader(&[])?;
             let r = self.nodes[l].execute(statements, "");
             (r.status == 200).then_some(r.body)

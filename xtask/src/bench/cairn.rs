@@ -39,9 +39,9 @@ pub fn build() -> Result<PathBuf> {
 /// Three release `cairn node` processes on loopback with OS-chosen ports, through the test
 /// harness's launcher, their data and `node.log` files kept in `target/bench/work/cairn`.
 /// Every node reads `config` (TOML text).
-fn start_cluster(bin: &Path, config: String) -> Result<Cluster> {
+fn start_cluster(bin: &Path, config: String) -> Cluster {
     let dir = crate::util::root().join("target/bench/work/cairn");
-    Ok(Cluster::start_with(
+    Cluster::start_with(
         3,
         Options {
             config: Some(config),
@@ -50,7 +50,7 @@ fn start_cluster(bin: &Path, config: String) -> Result<Cluster> {
             dir: Some(dir),
             ..Options::binary(bin)
         },
-    ))
+    )
 }
 
 /// Node `i`'s process id (0 once stopped).
@@ -110,7 +110,7 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
         "bytes",
     ));
 
-    let mut cluster = start_cluster(bin, stream_config())?;
+    let mut cluster = start_cluster(bin, stream_config());
 
     // `CAIRN_BENCH_STEPS=devices,failover-devices` (any of sql, devices, failover-http,
     // failover-devices, restart) runs a subset, for investigating one figure.

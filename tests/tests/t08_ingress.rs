@@ -5,44 +5,31 @@
 //! database can be checked by content: a record stored twice under two seqs would show up as a
 //! repeated `k`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use cairn_tests::device::{READINGS_CONFIG, hex, read_frame, sim_command, sim_summary};
 use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, poll};
 use serde_json::Value as Json;
 
-const CONFIG: &str = r#"
-[[stream]]
-id = 1
-table = "readings"
-columns = [{ name = "k", type = "integer" }, { name = "temperature", type = "real" }]
-"#;
-
-fn cluster(dir: &Path) -> Cluster {
-    let config = dir.join("cairn.toml");
-    std::fs::write(&config, CONFIG).expect("config");
+fn cluster() -> Cluster {
     Cluster::start_with(
         3,
         Options {
-            extra: vec!["--config".into(), config.display().to_string()],
+            config: Some(READINGS_CONFIG.into()),
+            ..Options::default()
         },
     )
 }
 
-fn device_addrs(c: &Cluster) -> String {
-    c.nodes
-        .iter()
-        .map(|n| {
-            n.status().expect("status")["device_addr"]
-                .as_str()
-                .expect("device_addr")
-                .to_string()
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+/// Every node's device address as its `/status` reports it.
+fn device_addr(c: &Cluster, i: usize) -> String {
+    c.nodes[i].status().expect("status")["device_addr"]
+        .as_str()
+        .expect("device_addr")
+        .to_string()
 }
 
 fn records_applied(c: &Cluster, i: usize) -> u64 {
@@ -71,22 +58,14 @@ fn stored(c: &Cluster, i: usize) -> std::collections::BTreeMap<u64, (u64, u64, u
 #[test]
 fn test_kill9_leader_while_100_devices_stream_every_acked_record_stored_once() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut c = cluster(dir.path());
+    let mut c = cluster();
     let leader = c.leader();
     let report = dir.path().join("report.jsonl");
-    let sim = Command::new(cairn_bin())
-        .args([
-            "sim",
-            "--devices",
-            "100",
-            "--rate",
-            "20",
-            "--duration",
-            "12",
-        ])
+    let gateways: Vec<String> = (0..c.nodes.len()).map(|i| device_addr(&c, i)).collect();
+    let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
+    let sim = sim_command(&cairn_bin(), &gateways, &c.nodes[leader].url(""))
+        .args(["--devices", "100", "--rate", "20", "--duration", "12"])
         .args(["--drain", "60", "--json", "--quiet", "--first-id", "1000"])
-        .args(["--gateways", &device_addrs(&c)])
-        .args(["--host", &c.nodes[leader].url("")])
         .arg("--report")
         .arg(&report)
         .stdout(Stdio::piped())
@@ -108,9 +87,7 @@ fn test_kill9_leader_while_100_devices_stream_every_acked_record_stored_once() {
 
     let out = sim.wait_with_output().expect("cairn sim");
     assert!(out.status.success(), "cairn sim failed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let summary: Json =
-        serde_json::from_str(stdout.lines().last().expect("summary line")).expect("JSON summary");
+    let summary = sim_summary(&out.stdout).expect("JSON summary");
     println!("cairn sim: {summary}");
     assert_eq!(summary["devices"], 100);
     assert!(summary["pushed"].as_u64().unwrap() >= 100 * 20 * 10);
@@ -155,35 +132,19 @@ fn test_kill9_leader_while_100_devices_stream_every_acked_record_stored_once() {
 
 #[test]
 fn test_devices_on_followers_are_forwarded_to_the_leader() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let c = cluster(dir.path());
+    let c = cluster();
     let leader = c.leader();
     let followers = c.followers();
-    let gateways: Vec<String> = followers
-        .iter()
-        .map(|&i| {
-            c.nodes[i].status().unwrap()["device_addr"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let gateways: Vec<String> = followers.iter().map(|&i| device_addr(&c, i)).collect();
+    let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
     // Only followers in the list: every batch must be forwarded to reach the leader.
-    let out = Command::new(cairn_bin())
-        .args(["sim", "--devices", "4", "--rate", "50", "--duration", "3"])
+    let out = sim_command(&cairn_bin(), &gateways, &c.nodes[followers[0]].url(""))
+        .args(["--devices", "4", "--rate", "50", "--duration", "3"])
         .args(["--drain", "30", "--json", "--quiet", "--first-id", "50"])
-        .args(["--gateways", &gateways.join(",")])
-        .args(["--host", &c.nodes[followers[0]].url("")])
         .output()
         .expect("cairn sim");
     assert!(out.status.success());
-    let summary: Json = serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("summary"),
-    )
-    .unwrap();
+    let summary = sim_summary(&out.stdout).expect("JSON summary");
     assert_eq!(summary["acked"], summary["pushed"], "{summary}");
     assert!(summary["acked"].as_u64().unwrap() >= 4 * 50 * 2);
     let forwarded: u64 = followers
@@ -217,15 +178,8 @@ fn test_devices_on_followers_are_forwarded_to_the_leader() {
 
 /// Reads one gateway frame and decodes it with the device's session.
 fn recv(stream: &mut TcpStream, session: &mut cairn_protocol::DeviceSession) -> String {
-    use cairn_protocol::{HEADER_LEN, MAX_FRAME, read_frame_len};
-    let mut buf = [0u8; MAX_FRAME];
-    stream
-        .read_exact(&mut buf[..HEADER_LEN])
-        .expect("frame header");
-    let len = read_frame_len(buf[..HEADER_LEN].try_into().unwrap()).expect("frame length");
-    stream
-        .read_exact(&mut buf[HEADER_LEN..len])
-        .expect("frame body");
+    let mut buf = [0u8; cairn_protocol::MAX_FRAME];
+    let len = read_frame(stream, &mut buf).expect("a gateway frame");
     format!(
         "{:?}",
         session
@@ -237,10 +191,9 @@ fn recv(stream: &mut TcpStream, session: &mut cairn_protocol::DeviceSession) -> 
 #[test]
 fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
     use cairn_protocol::{BatchEncoder, DeviceSession, MAX_FRAME, Message, Record, Value};
-    let dir = tempfile::tempdir().expect("temp dir");
-    let c = cluster(dir.path());
+    let c = cluster();
     let key = [0x42u8; 32];
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex(&key);
     // Registered through a follower (forwarded); retried while a leader settles.
     poll(TIMEOUT, "the device to be registered", || {
         let r = cairn_tests::post(
@@ -251,12 +204,7 @@ fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
     });
     let leader = c.leader();
     let follower = c.followers()[0];
-    let addr = |i: usize| {
-        c.nodes[i].status().unwrap()["device_addr"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let addr = |i: usize| device_addr(&c, i);
     let leader_addr: std::net::SocketAddrV4 = addr(leader).parse().unwrap();
     let hint = format!("{:?}", Some(cairn_protocol::GatewayAddr::from(leader_addr)));
 

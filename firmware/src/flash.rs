@@ -35,9 +35,9 @@
 //!
 //! Any [`NorFlash`]: no `MultiwriteNorFlash` bound, because no word is ever written twice
 //! between erases (STM32 internal flash with ECC forbids it, and embassy-stm32 implements only
-//! `NorFlash`). Write words (`WRITE_SIZE`) of 1 to 64 bytes (STM32H7: 32, STM32F4: 1, RP2040:
-//! 1) and erase units (`ERASE_SIZE`) of 4 KiB to 128 KiB or more (STM32H7 and the F429's upper
-//! sectors: 128 KiB) are supported; `READ_SIZE` may be up to 64 bytes (RP2040 async: 4).
+//! `NorFlash`). Supported: write words (`WRITE_SIZE`) of 1 to 64 bytes (1 on STM32F4 and
+//! RP2040, 32 on STM32H7), erase units (`ERASE_SIZE`) of 4 KiB to 128 KiB or more (128 KiB on
+//! STM32H7 and the F429's upper sectors), `READ_SIZE` up to 64 bytes (RP2040 async: 4).
 //!
 //! ```
 //! # use embedded_storage_async::nor_flash::*;
@@ -345,8 +345,8 @@ impl<S: NorFlash> FlashOutbox<S> {
     /// once per boot, then [`Self::restore`], then start the client.
     pub async fn open(flash: S, region: Range<u32>) -> Result<Self, FlashError> {
         let e = Self::E;
-        if region.start % e != 0
-            || region.end % e != 0
+        if !region.start.is_multiple_of(e)
+            || !region.end.is_multiple_of(e)
             || region.end < region.start + 2 * e
             || e < 4 * Self::GAP
             || region.end as usize > flash.capacity()
@@ -370,10 +370,10 @@ impl<S: NorFlash> FlashOutbox<S> {
         };
         let mut newest = None;
         for unit in 0..this.units {
-            if let Some(generation) = this.unit_gen(unit).await? {
-                if newest.is_none_or(|(_, g)| generation > g) {
-                    newest = Some((unit, generation));
-                }
+            if let Some(generation) = this.unit_gen(unit).await?
+                && newest.is_none_or(|(_, g)| generation > g)
+            {
+                newest = Some((unit, generation));
             }
         }
         match newest {
@@ -398,9 +398,23 @@ impl<S: NorFlash> FlashOutbox<S> {
         }
         let mut next = this.state;
         next.boot = next.boot.wrapping_add(1);
-        this.persist(next, true)
-            .await
-            .map_err(|_| FlashError::Storage)?;
+        if this.persist(next, true).await == Err(Fault::Full) {
+            // Every unit holds queued records and the head has no room left even for a state
+            // record. A boot must be counted (nonces depend on it), so the oldest unit's
+            // records are given up.
+            let lost = this.next_max.unwrap_or(0);
+            error!(
+                "cairn: flash outbox full at boot, records up to {} dropped",
+                lost
+            );
+            next.popped = next.popped.max(lost);
+            this.persist(next, true)
+                .await
+                .map_err(|_| FlashError::Storage)?;
+        }
+        if this.state.boot != next.boot {
+            return Err(FlashError::Storage);
+        }
         info!("cairn: flash outbox open, boot {}", this.state.boot);
         Ok(this)
     }
@@ -744,7 +758,9 @@ impl<S: NorFlash> Store for FlashOutbox<S> {
                     // popped record is ever read back with the new offset.
                     let mut next = self.state;
                     next.offset -= delta;
-                    next.floor = next.floor.max(newest + SEQ_RESERVE_STEP);
+                    if newest > next.floor {
+                        next.floor = newest + SEQ_RESERVE_STEP;
+                    }
                     match self.persist(next, true).await {
                         Ok(()) => client.lock(|s| s.shift -= delta),
                         Err(f) => {
@@ -757,10 +773,10 @@ impl<S: NorFlash> Store for FlashOutbox<S> {
                 Step::Reserve(seq) => {
                     let mut next = self.state;
                     next.floor = seq + SEQ_RESERVE_STEP;
-                    if let Err(f) = self.persist(next, true).await {
-                        if f == Fault::Storage || self.full(client).is_some() {
-                            return self.failed(client, "seq floor write");
-                        }
+                    if let Err(f) = self.persist(next, true).await
+                        && (f == Fault::Storage || self.full(client).is_some())
+                    {
+                        return self.failed(client, "seq floor write");
                     }
                 }
                 Step::NoRoom => match self.advance().await {

@@ -368,3 +368,33 @@ fn test_power_cut_at_every_operation_32_byte_words_128k_units() {
         2,
     );
 }
+
+/// A device that never reaches a gateway fills the log; every later boot must still open
+/// (the boot counter is persisted) and restore what flash holds.
+#[test]
+fn test_boots_with_a_full_log() {
+    let flash: Nor<4, 4096> = Nor::new(2, 1);
+    let blob = [7u8; 64];
+    let mut full_seen = false;
+    for boot in 1..=8 {
+        // A RAM outbox larger than the log, so the log is what fills up.
+        let client = Client::<NoopRawMutex, 16384>::new(OverflowPolicy::RejectNewest);
+        let mut store = block_on(FlashOutbox::open(flash.clone(), 0..8192)).expect("opens");
+        assert_eq!(store.boot(), boot);
+        let restored = block_on(store.restore(&client)).unwrap();
+        assert_eq!(restored, store.len());
+        for k in 0..200 {
+            let values = [Value::U64(k), Value::Bytes(&blob), Value::Bytes(&blob)];
+            if client.push(1, &values).is_err() {
+                break;
+            }
+            let limit = block_on(store.sync(&client));
+            let next = client.lock(|s| s.outbox.next_seq());
+            full_seen |= limit < next;
+        }
+        if boot > 1 {
+            assert!(restored > 0, "boot {boot} restored nothing");
+        }
+    }
+    assert!(full_seen, "the log must have filled up");
+}

@@ -186,7 +186,7 @@ pub(crate) struct Shared<const N: usize> {
     /// Seq of the last record put on the wire (`wire_next() - 1`; zero-initialised, see
     /// `Outbox::before_first`). Records after it have never been sent (on any connection of
     /// this boot), so their seqs may still be renumbered.
-    wire_last: Seq,
+    pub(crate) wire_last: Seq,
     /// Sum of renumberings (`rebase` deltas) the store has not applied yet.
     pub(crate) shift: i64,
 }
@@ -197,12 +197,12 @@ impl<const N: usize> Shared<N> {
         self.wire_last + 1
     }
 
-    fn set_wire_next(&mut self, seq: Seq) {
+    pub(crate) fn set_wire_next(&mut self, seq: Seq) {
         self.wire_last = seq - 1;
     }
 
     /// Renumber all held records so the oldest gets `first`; remembered for the store.
-    fn rebase(&mut self, first: Seq) {
+    pub(crate) fn rebase(&mut self, first: Seq) {
         let old = self.outbox.first_seq();
         if old != first {
             self.shift += first as i64 - old as i64;

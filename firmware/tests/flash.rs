@@ -1,12 +1,11 @@
-//! `flash-outbox` on sequential-storage's mock flash, with power cuts in the middle of flash
-//! writes and erases, against the simulated gateway cluster.
+//! `flash-outbox` on a NOR model that refuses a second write to a word, with power cuts in
+//! the middle of flash writes and erases, against the simulated gateway cluster.
 #![cfg(feature = "flash-outbox")]
 
 mod common;
+mod nor;
 
-use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
-use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
 use cairn_firmware::backoff::Prng;
@@ -14,91 +13,15 @@ use cairn_firmware::flash::{FlashError, FlashOutbox};
 use cairn_firmware::{Client, OverflowPolicy, PushError, Value};
 use common::*;
 use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
-use embedded_storage_async::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
-use sequential_storage::mock_flash::{MockFlashBase, MockFlashError, Operation, WriteCountCheck};
+use nor::Nor;
 
-/// 32 pages of 1 KiB, 4-byte words.
-type Mock = MockFlashBase<32, 4, 256>;
-const QUEUE: std::ops::Range<u32> = 0..24 * 1024;
-const META: std::ops::Range<u32> = 24 * 1024..32 * 1024;
+/// 8 erase units of 4 KiB, 4-byte words, no word written twice (the model panics).
+type Flash = Nor<4, 4096>;
+const REGION: std::ops::Range<u32> = 0..32 * 1024;
 
-/// The mock flash, shared across "boots", that stays dead after its power-cut countdown hits
-/// zero (the mock itself would carry on), until the test "reboots" it.
-#[derive(Clone)]
-struct PowerCutFlash {
-    mock: Rc<RefCell<Mock>>,
-    dead: Rc<Cell<bool>>,
+fn flash() -> Flash {
+    Nor::new(8, 1)
 }
-
-impl PowerCutFlash {
-    fn new() -> Self {
-        PowerCutFlash {
-            mock: Rc::new(RefCell::new(Mock::new(WriteCountCheck::Twice, None, true))),
-            dead: Rc::default(),
-        }
-    }
-
-    /// Power comes back; the next cut happens after `bytes` written or erased bytes.
-    fn reboot(&self, cut_after: Option<u32>) {
-        self.dead.set(false);
-        self.mock.borrow_mut().bytes_until_shutoff = cut_after;
-    }
-
-    fn check<T>(&self, r: Result<T, MockFlashError>) -> Result<T, MockFlashError> {
-        if matches!(r, Err(MockFlashError::EarlyShutoff(..))) {
-            self.dead.set(true);
-        }
-        r
-    }
-
-    fn dead_error(&self) -> Result<(), MockFlashError> {
-        if self.dead.get() {
-            Err(MockFlashError::EarlyShutoff(0, Operation::Write))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl ErrorType for PowerCutFlash {
-    type Error = MockFlashError;
-}
-
-// The mock's futures complete without suspending, so holding the RefCell across them is safe.
-#[allow(clippy::await_holding_refcell_ref)]
-impl ReadNorFlash for PowerCutFlash {
-    const READ_SIZE: usize = Mock::READ_SIZE;
-
-    async fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), Self::Error> {
-        self.dead_error()?;
-        let r = self.mock.borrow_mut().read(offset, bytes).await;
-        self.check(r)
-    }
-
-    fn capacity(&self) -> usize {
-        self.mock.borrow().capacity()
-    }
-}
-
-#[allow(clippy::await_holding_refcell_ref)]
-impl NorFlash for PowerCutFlash {
-    const WRITE_SIZE: usize = Mock::WRITE_SIZE;
-    const ERASE_SIZE: usize = Mock::ERASE_SIZE;
-
-    async fn erase(&mut self, from: u32, to: u32) -> Result<(), Self::Error> {
-        self.dead_error()?;
-        let r = self.mock.borrow_mut().erase(from, to).await;
-        self.check(r)
-    }
-
-    async fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), Self::Error> {
-        self.dead_error()?;
-        let r = self.mock.borrow_mut().write(offset, bytes).await;
-        self.check(r)
-    }
-}
-
-impl MultiwriteNorFlash for PowerCutFlash {}
 
 type TestClient = Client<CriticalSectionRawMutex, 2048>;
 
@@ -118,15 +41,17 @@ fn gateways() -> &'static [cairn_firmware::GatewayAddr] {
 fn test_boot_counter_increments_and_regions_are_checked() {
     let (rt, local) = local();
     local.block_on(&rt, async {
-        let flash = PowerCutFlash::new();
+        let flash = flash();
         for want in 1..=3 {
-            let store = FlashOutbox::open(flash.clone(), QUEUE, META).await.unwrap();
+            let store = FlashOutbox::open(flash.clone(), REGION).await.unwrap();
             assert_eq!(store.boot(), want);
         }
-        let overlap = FlashOutbox::open(flash.clone(), 0..8 * 1024, 4 * 1024..12 * 1024).await;
-        assert_eq!(overlap.err(), Some(FlashError::BadRegion));
-        let unaligned = FlashOutbox::open(flash.clone(), 100..8 * 1024, META).await;
+        let one_unit = FlashOutbox::open(flash.clone(), 0..4 * 1024).await;
+        assert_eq!(one_unit.err(), Some(FlashError::BadRegion));
+        let unaligned = FlashOutbox::open(flash.clone(), 100..8 * 1024).await;
         assert_eq!(unaligned.err(), Some(FlashError::BadRegion));
+        let too_far = FlashOutbox::open(flash.clone(), 0..64 * 1024).await;
+        assert_eq!(too_far.err(), Some(FlashError::BadRegion));
     });
 }
 
@@ -134,12 +59,12 @@ fn test_boot_counter_increments_and_regions_are_checked() {
 fn test_restore_puts_back_exactly_the_unacked_records() {
     let (rt, local) = local();
     local.block_on(&rt, async {
-        let flash = PowerCutFlash::new();
+        let flash = flash();
         let cluster = cluster(2, Faults::default(), 11);
         let gws = gateways();
         // Boot 1: 30 records acked, then 20 more while the gateways are down.
         {
-            let mut store = FlashOutbox::open(flash.clone(), QUEUE, META).await.unwrap();
+            let mut store = FlashOutbox::open(flash.clone(), REGION).await.unwrap();
             let client: &'static TestClient =
                 Box::leak(Box::new(TestClient::new(OverflowPolicy::RejectNewest)));
             assert_eq!(store.restore(client).await.unwrap(), 0);
@@ -167,7 +92,7 @@ fn test_restore_puts_back_exactly_the_unacked_records() {
         let committed_before = cluster.borrow().rows.len() as u64;
         assert!(committed_before < 50, "the gateway must have missed some");
         // Boot 2: the flash still holds records 30..50 (or the part not committed).
-        let mut store = FlashOutbox::open(flash.clone(), QUEUE, META).await.unwrap();
+        let mut store = FlashOutbox::open(flash.clone(), REGION).await.unwrap();
         assert_eq!(store.boot(), 2);
         let client: &'static TestClient =
             Box::leak(Box::new(TestClient::new(OverflowPolicy::RejectNewest)));
@@ -223,7 +148,7 @@ fn power_cut_run(seed: u64) {
     trace_logger();
     let (rt, local) = local();
     local.block_on(&rt, async {
-        let flash = PowerCutFlash::new();
+        let flash = flash();
         let faults = Faults {
             kill_per_mille: 20,
             drop_ack_per_mille: 20,
@@ -243,8 +168,8 @@ fn power_cut_run(seed: u64) {
         let boots = 12;
         for boot in 0..boots {
             let last = boot == boots - 1;
-            flash.reboot(None);
-            let mut store = FlashOutbox::open(flash.clone(), QUEUE, META).await.unwrap();
+            flash.power_on(None);
+            let mut store = FlashOutbox::open(flash.clone(), REGION).await.unwrap();
             assert_eq!(store.boot(), boot + 1);
             let client: &'static TestClient =
                 Box::leak(Box::new(TestClient::new(OverflowPolicy::RejectNewest)));
@@ -257,12 +182,12 @@ fn power_cut_run(seed: u64) {
                     client.status()
                 );
             }
-            // Power cut somewhere in the next 0.2 .. 4 KiB of flash traffic (150 records write
-            // about 5 KiB, plus pops and page erases).
-            flash.reboot(if last {
+            // Power cut somewhere in the next 5 .. 120 flash operations (150 records take about
+            // 300 writes, plus state records and unit erases).
+            flash.power_on(if last {
                 None
             } else {
-                Some(rng.between(200, 4_000) as u32)
+                Some(rng.between(5, 120))
             });
             let c = cluster.clone();
             let runner = tokio::task::spawn_local(async move {
@@ -273,7 +198,7 @@ fn power_cut_run(seed: u64) {
             });
             let mut pushed = Vec::new();
             for _ in 0..150 {
-                if flash.dead.get() {
+                if flash.dead() {
                     break;
                 }
                 match client.push(1, &[Value::U64(next_k)]) {
@@ -294,8 +219,8 @@ fn power_cut_run(seed: u64) {
                 );
             } else {
                 // Run until the power cut, then "reboot".
-                wait_until(StdDuration::from_secs(3), || flash.dead.get()).await;
-                cuts += u32::from(flash.dead.get());
+                wait_until(StdDuration::from_secs(3), || flash.dead()).await;
+                cuts += u32::from(flash.dead());
             }
             runner.abort();
             let _ = runner.await;
@@ -339,7 +264,7 @@ fn power_cut_run(seed: u64) {
 fn test_records_pushed_offline_survive_power_cut() {
     let (rt, local) = local();
     local.block_on(&rt, async {
-        let flash = PowerCutFlash::new();
+        let flash = flash();
         let cluster = cluster(2, Faults::default(), 13);
         let gws = gateways();
 
@@ -349,9 +274,9 @@ fn test_records_pushed_offline_survive_power_cut() {
             let flash = flash.clone();
             let cluster = cluster.clone();
             async move {
-                flash.reboot(None);
+                flash.power_on(None);
                 cluster.borrow_mut().down = vec![!up; 2];
-                let mut store = FlashOutbox::open(flash.clone(), QUEUE, META).await.unwrap();
+                let mut store = FlashOutbox::open(flash.clone(), REGION).await.unwrap();
                 let client: &'static TestClient =
                     Box::leak(Box::new(TestClient::new(OverflowPolicy::RejectNewest)));
                 let restored = store.restore(client).await.unwrap();
@@ -380,7 +305,7 @@ fn test_records_pushed_offline_survive_power_cut() {
                     assert_eq!(client.status().acked, 0, "no gateway was reachable");
                 }
                 // Power cut: flash stops answering, RAM is gone.
-                flash.dead.set(true);
+                flash.power_off();
                 runner.abort();
                 let _ = runner.await;
                 restored

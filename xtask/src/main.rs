@@ -154,6 +154,7 @@ fn test(_args: &[String]) -> Result<()> {
     util::step("boards build (nucleo-h743zi, rp2040-w5500)", || {
         for board in [&boards::NUCLEO, &boards::RP2040] {
             board.build(&[], &[])?;
+            board.build(&["client", "flash-outbox"], &[])?;
         }
         Ok(())
     })?;

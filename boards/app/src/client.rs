@@ -15,7 +15,7 @@ use embassy_net::Stack;
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 use embassy_time::{Duration, Instant, Ticker, Timer};
 #[cfg(feature = "flash-outbox")]
-use embedded_storage_async::nor_flash::MultiwriteNorFlash;
+use embedded_storage_async::nor_flash::NorFlash;
 
 /// Bytes of RAM outbox: about 200 environment records (a record costs about 20 bytes on
 /// the wire and a few more in the outbox), i.e. minutes of samples while no gateway answers.
@@ -34,18 +34,17 @@ pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Rep
     drive(stack, settings, boot, &client, &mut RamOnly).await
 }
 
-/// Runs with the outbox mirrored in NOR flash (`queue` and `meta`: page-aligned byte ranges
-/// of `flash`): records survive resets and power cuts and are resent, never duplicated. The
-/// boot number comes from the flash's boot counter.
+/// Runs with the outbox mirrored in NOR flash (`region`: a byte range of `flash` aligned to
+/// its erase units, at least two of them): records survive resets and power cuts and are
+/// resent, never duplicated. The boot number comes from the flash's boot counter.
 #[cfg(feature = "flash-outbox")]
-pub async fn run_with_flash<F: MultiwriteNorFlash>(
+pub async fn run_with_flash<F: NorFlash>(
     stack: Stack<'_>,
     settings: &Settings,
     flash: F,
-    queue: Range<u32>,
-    meta: Range<u32>,
+    region: Range<u32>,
 ) -> Result<Report, AppError> {
-    let mut store = FlashOutbox::open(flash, queue, meta).await.map_err(|e| {
+    let mut store = FlashOutbox::open(flash, region).await.map_err(|e| {
         error!("cairn: flash outbox: {}", e);
         AppError::Flash
     })?;

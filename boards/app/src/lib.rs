@@ -85,18 +85,17 @@ pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Rep
 
 /// [`run`] with the client's outbox mirrored in NOR flash (feature `flash-outbox`), so
 /// unacknowledged records survive resets; the boot number comes from the flash's boot
-/// counter. `queue` and `meta` are disjoint, page-aligned byte ranges of `flash` (see
-/// `cairn_firmware::flash` for sizing).
+/// counter. `region` is a byte range of `flash` aligned to its erase units, at least two of
+/// them (see `cairn_firmware::flash` for sizing and wear).
 #[cfg(feature = "flash-outbox")]
-pub async fn run_with_flash<F: embedded_storage_async::nor_flash::MultiwriteNorFlash>(
+pub async fn run_with_flash<F: embedded_storage_async::nor_flash::NorFlash>(
     stack: Stack<'_>,
     settings: &Settings,
     flash: F,
-    queue: core::ops::Range<u32>,
-    meta: core::ops::Range<u32>,
+    region: core::ops::Range<u32>,
 ) -> Result<Report, AppError> {
     wait_for_address(stack, settings).await;
-    finish(client::run_with_flash(stack, settings, flash, queue, meta).await)
+    finish(client::run_with_flash(stack, settings, flash, region).await)
 }
 
 async fn wait_for_address(stack: Stack<'_>, settings: &Settings) {

@@ -19,7 +19,14 @@ use static_cell::StaticCell;
 bind_interrupts!(struct Irqs {
     ETH => eth::InterruptHandler;
     RNG => rng::InterruptHandler<RNG>;
+    FLASH => embassy_stm32::flash::InterruptHandler;
 });
+
+/// The flash outbox's log: the last two 128 KiB sectors of the 2 MiB flash, as offsets into
+/// the flash (0x081C_0000..0x0820_0000). The program starts at offset 0 (the vector table)
+/// and is far smaller; the log is 2 erase units of 128 KiB with 32-byte write words.
+#[cfg(feature = "flash-outbox")]
+const OUTBOX_REGION: core::ops::Range<u32> = 0x1C_0000..0x20_0000;
 
 type Device = Ethernet<'static, ETH, GenericPhy<Sma<'static, ETH_SMA>>>;
 
@@ -69,7 +76,16 @@ async fn main(spawner: Spawner) {
     );
     spawner.spawn(net_task(runner).unwrap());
 
-    match cairn_board_app::run(stack, &settings, boot).await {
+    // With a flash outbox the boot number comes from its counter in flash instead.
+    #[cfg(feature = "flash-outbox")]
+    let result = {
+        let _ = boot;
+        let flash = embassy_stm32::flash::Flash::new(p.FLASH, Irqs);
+        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION).await
+    };
+    #[cfg(not(feature = "flash-outbox"))]
+    let result = cairn_board_app::run(stack, &settings, boot).await;
+    match result {
         Ok(report) => defmt::info!("cairn: finished: {}", report),
         Err(e) => defmt::error!("cairn: stopped: {}", e),
     }

@@ -2,13 +2,11 @@
 //! RAM. This flash keeps its cells in a file on the host, reached through semihosting
 //! file calls, so its contents survive the image being killed and booted again (the power
 //! cut the flash outbox exists for). It behaves as NOR does: erase sets a 4 KiB page to
-//! 0xFF, a write can only clear bits (new = old AND data), so writing a word twice is
-//! allowed (`MultiwriteNorFlash`) exactly as on the QSPI NOR of real boards.
+//! 0xFF, a write can only clear bits (new = old AND data). It implements only `NorFlash`:
+//! the flash outbox never writes a word twice, so it needs no `MultiwriteNorFlash`.
 
 use core::ffi::CStr;
-use embedded_storage_async::nor_flash::{
-    ErrorType, MultiwriteNorFlash, NorFlash, NorFlashErrorKind, ReadNorFlash,
-};
+use embedded_storage_async::nor_flash::{ErrorType, NorFlash, NorFlashErrorKind, ReadNorFlash};
 use semihosting::fs::File;
 use semihosting::io::{Read, Seek, SeekFrom, Write};
 
@@ -130,5 +128,3 @@ impl NorFlash for HostFlash {
         Ok(())
     }
 }
-
-impl MultiwriteNorFlash for HostFlash {}

@@ -26,11 +26,9 @@ const EXIT_PANIC: i32 = 101;
 /// The flash file when the command line names none (`flash=PATH`), relative to QEMU's
 /// working directory.
 const DEFAULT_FLASH: &str = "cairn-flash.bin";
-/// Flash outbox layout in the 64 KiB host flash: a 56 KiB queue, 8 KiB of metadata.
+/// The flash outbox's log: all of the 64 KiB host flash (16 erase units of 4 KiB).
 #[cfg(feature = "flash-outbox")]
-const OUTBOX_QUEUE: core::ops::Range<u32> = 0..0xE000;
-#[cfg(feature = "flash-outbox")]
-const OUTBOX_META: core::ops::Range<u32> = 0xE000..0x1_0000;
+const OUTBOX_REGION: core::ops::Range<u32> = 0..0x1_0000;
 
 defmt::timestamp!("{=u64:ms}", embassy_time::Instant::now().as_millis());
 
@@ -81,7 +79,7 @@ async fn main(spawner: Spawner) {
                 semihosting::process::exit(EXIT_BAD_SETTING);
             }
         };
-        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_QUEUE, OUTBOX_META).await
+        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION).await
     };
     #[cfg(not(feature = "flash-outbox"))]
     let result = {

@@ -27,12 +27,10 @@ bind_interrupts!(struct Irqs {
 /// The board's QSPI flash (W25Q16: 2 MiB).
 #[cfg(feature = "flash-outbox")]
 const FLASH_SIZE: usize = 2 * 1024 * 1024;
-/// The flash outbox lives in the last 64 KiB, which memory.x keeps out of the program's
-/// reach: a 56 KiB queue (about 1400 records) and 8 KiB for the boot counter and seqs.
+/// The flash outbox's log lives in the last 64 KiB (offsets into the flash, 16 erase units of
+/// 4 KiB), which memory.x keeps out of the program's reach.
 #[cfg(feature = "flash-outbox")]
-const OUTBOX_QUEUE: core::ops::Range<u32> = 0x1F_0000..0x1F_E000;
-#[cfg(feature = "flash-outbox")]
-const OUTBOX_META: core::ops::Range<u32> = 0x1F_E000..0x20_0000;
+const OUTBOX_REGION: core::ops::Range<u32> = 0x1F_0000..0x20_0000;
 
 type SpiDevice = ExclusiveDevice<Spi<'static, SPI0, Async>, Output<'static>, Delay>;
 type WiznetRunner =
@@ -93,7 +91,7 @@ async fn main(spawner: Spawner) {
         let flash = embassy_rp::flash::Flash::<_, embassy_rp::flash::Async, FLASH_SIZE>::new(
             p.FLASH, p.DMA_CH2, Irqs,
         );
-        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_QUEUE, OUTBOX_META).await
+        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION).await
     };
     #[cfg(not(feature = "flash-outbox"))]
     let result = cairn_board_app::run(stack, &settings, boot).await;

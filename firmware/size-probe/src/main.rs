@@ -108,7 +108,7 @@ mod probe {
     pub mod flash {
         use super::*;
         use embedded_storage_async::nor_flash::{
-            ErrorType, MultiwriteNorFlash, NorFlash, NorFlashErrorKind, ReadNorFlash,
+            ErrorType, NorFlash, NorFlashErrorKind, ReadNorFlash,
         };
 
         /// A NOR flash whose contents come from volatile memory.
@@ -142,7 +142,6 @@ mod probe {
                 Ok(())
             }
         }
-        impl MultiwriteNorFlash for Nor {}
     }
 }
 
@@ -159,18 +158,10 @@ async fn main(spawner: embassy_executor::Spawner) {
         spawner.spawn(uplink().unwrap());
     }
 
+    // Opened in the task that runs the client, as boards/app does, so the outbox and the
+    // futures of open and restore are counted once, in that task's static storage.
     #[cfg(feature = "flash")]
-    {
-        use cairn_firmware::flash::FlashOutbox;
-        let range = 0..48 * 1024;
-        let meta = 48 * 1024..64 * 1024;
-        let Ok(mut store) = FlashOutbox::open(probe::flash::Nor, range, meta).await else {
-            return;
-        };
-        let _ = store.restore(&probe::CLIENT).await;
-        probe::push();
-        spawner.spawn(uplink(store).unwrap());
-    }
+    spawner.spawn(uplink().unwrap());
 }
 
 #[cfg(not(feature = "client"))]
@@ -190,7 +181,15 @@ async fn uplink() -> ! {
 
 #[cfg(feature = "flash")]
 #[embassy_executor::task]
-async fn uplink(mut store: cairn_firmware::flash::FlashOutbox<probe::flash::Nor>) -> ! {
+async fn uplink() -> ! {
+    use cairn_firmware::flash::FlashOutbox;
+    let mut store = loop {
+        if let Ok(store) = FlashOutbox::open(probe::flash::Nor, 0..64 * 1024).await {
+            break store;
+        }
+    };
+    let _ = store.restore(&probe::CLIENT).await;
+    probe::push();
     let mut config = probe::config();
     config.boot = store.boot();
     probe::CLIENT

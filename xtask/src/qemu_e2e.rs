@@ -197,7 +197,8 @@ pub fn power_cut() -> Result<()> {
                 for &i in &followers {
                     cluster.kill9(i);
                 }
-                println!("qemu power cut: followers {followers:?} killed at acked={acked}");
+                let ids: Vec<u64> = followers.iter().map(|&i| cluster.nodes[i].id).collect();
+                println!("qemu power cut: followers {ids:?} killed at acked={acked}");
             } else if !followers.is_empty() && pushed - acked >= UNACKED_AT_CUT {
                 drop(image);
                 println!("qemu power cut: QEMU killed at pushed={pushed} acked={acked}");

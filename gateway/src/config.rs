@@ -25,6 +25,18 @@
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
 //! undeclared_streams = "telemetry"   # or "reject"; see `schema.rs` for [[stream]] tables
+//! # security (see `security/mod.rs`); names as rqlite's flags
+//! auth = "/etc/cairn/auth.json"      # rqlite's users/passwords/perms file
+//! http_cert = "/etc/cairn/tls/gw1.crt"
+//! http_key = "/etc/cairn/tls/gw1.key"
+//! http_ca_cert = "/etc/cairn/tls/ca.crt"   # CA of client certificates
+//! http_verify_client = false
+//! node_cert = "/etc/cairn/tls/gw1.crt"
+//! node_key = "/etc/cairn/tls/gw1.key"
+//! node_ca_cert = "/etc/cairn/tls/ca.crt"   # the cluster CA
+//! node_verify_client = true
+//! join_as = "joiner"                 # user of `auth` whose password a join sends
+//! insecure = false                   # listen beyond loopback without auth / node TLS
 //!
 //! [[stream]]
 //! id = 1
@@ -68,6 +80,20 @@ pub struct NodeConfig {
     /// Device stream tables (`[[stream]]`), see [`crate::schema`].
     pub stream: Vec<crate::schema::StreamDef>,
     pub undeclared_streams: crate::schema::Undeclared,
+    /// rqlite's auth file (users, passwords, permissions); without it the HTTP API is open.
+    pub auth: Option<PathBuf>,
+    pub http_cert: Option<PathBuf>,
+    pub http_key: Option<PathBuf>,
+    pub http_ca_cert: Option<PathBuf>,
+    pub http_verify_client: bool,
+    pub node_cert: Option<PathBuf>,
+    pub node_key: Option<PathBuf>,
+    pub node_ca_cert: Option<PathBuf>,
+    pub node_verify_client: bool,
+    /// The user (of `auth`) a join authenticates as.
+    pub join_as: Option<String>,
+    /// Listen beyond loopback without auth or node TLS (logged as a warning at every start).
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -105,6 +131,17 @@ impl Default for NodeConfig {
             device_adv_addr: None,
             stream: Vec::new(),
             undeclared_streams: crate::schema::Undeclared::Telemetry,
+            auth: None,
+            http_cert: None,
+            http_key: None,
+            http_ca_cert: None,
+            http_verify_client: false,
+            node_cert: None,
+            node_key: None,
+            node_ca_cert: None,
+            node_verify_client: false,
+            join_as: None,
+            insecure: false,
         }
     }
 }
@@ -170,6 +207,39 @@ pub struct NodeArgs {
     /// MiB of recent Raft entries kept in memory for replication and apply (default 64).
     #[arg(long)]
     pub log_cache_mib: Option<usize>,
+    /// rqlite's auth file: JSON list of {"username", "password", "perms"}; "*" is anonymous.
+    #[arg(long)]
+    pub auth: Option<PathBuf>,
+    /// HTTPS for the API: certificate (PEM; reloaded when the file changes).
+    #[arg(long)]
+    pub http_cert: Option<PathBuf>,
+    /// HTTPS for the API: private key (PEM).
+    #[arg(long)]
+    pub http_key: Option<PathBuf>,
+    /// CA of HTTP client certificates.
+    #[arg(long)]
+    pub http_ca_cert: Option<PathBuf>,
+    /// Require HTTP clients to present a certificate of --http-ca-cert.
+    #[arg(long)]
+    pub http_verify_client: bool,
+    /// Node-to-node TLS: this node's certificate (PEM; `cairn certs issue`).
+    #[arg(long)]
+    pub node_cert: Option<PathBuf>,
+    /// Node-to-node TLS: this node's private key (PEM).
+    #[arg(long)]
+    pub node_key: Option<PathBuf>,
+    /// Node-to-node TLS: the cluster CA (`cairn certs init`).
+    #[arg(long)]
+    pub node_ca_cert: Option<PathBuf>,
+    /// Require peers to present a certificate of the cluster CA on the Raft port.
+    #[arg(long)]
+    pub node_verify_client: bool,
+    /// Join as this user of the --auth file (its password is sent with the join).
+    #[arg(long)]
+    pub join_as: Option<String>,
+    /// Allow listening beyond loopback without --auth or node TLS.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl NodeConfig {
@@ -226,6 +296,22 @@ impl NodeConfig {
         if args.non_voter {
             c.non_voter = true;
         }
+        macro_rules! some {
+            ($($f:ident),*) => {$( if args.$f.is_some() { c.$f = args.$f.clone(); } )*};
+        }
+        some!(
+            auth,
+            http_cert,
+            http_key,
+            http_ca_cert,
+            node_cert,
+            node_key,
+            node_ca_cert,
+            join_as
+        );
+        c.http_verify_client |= args.http_verify_client;
+        c.node_verify_client |= args.node_verify_client;
+        c.insecure |= args.insecure;
         c.validate()?;
         Ok(c)
     }
@@ -244,7 +330,57 @@ impl NodeConfig {
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;
+        let node_tls = self.node_tls()?;
+        self.http_tls()?;
+        crate::security::check_exposure(&crate::security::Exposure {
+            http_addr: &self.http_addr,
+            raft_addr: &self.raft_addr,
+            auth: self.auth.is_some(),
+            node_mtls: node_tls.is_some_and(|t| t.verify_client),
+            insecure: self.insecure,
+        })
+        .map_err(anyhow::Error::msg)?;
         Ok(())
+    }
+
+    /// HTTPS settings of the API, if `http_cert` and `http_key` are set.
+    pub fn http_tls(&self) -> anyhow::Result<Option<crate::security::tls::HttpTls>> {
+        match (&self.http_cert, &self.http_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::security::tls::HttpTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca_cert: self.http_ca_cert.clone(),
+                verify_client: self.http_verify_client,
+            })),
+            (None, None) => {
+                anyhow::ensure!(
+                    self.http_ca_cert.is_none() && !self.http_verify_client,
+                    "http_ca_cert / http_verify_client need http_cert and http_key"
+                );
+                Ok(None)
+            }
+            _ => anyhow::bail!("http_cert and http_key go together"),
+        }
+    }
+
+    /// Node-to-node TLS settings, if `node_cert`, `node_key` and `node_ca_cert` are set.
+    pub fn node_tls(&self) -> anyhow::Result<Option<crate::security::tls::NodeTls>> {
+        match (&self.node_cert, &self.node_key, &self.node_ca_cert) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::security::tls::NodeTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca_cert: ca.clone(),
+                verify_client: self.node_verify_client,
+            })),
+            (None, None, None) => {
+                anyhow::ensure!(
+                    !self.node_verify_client,
+                    "node_verify_client needs node_cert, node_key and node_ca_cert"
+                );
+                Ok(None)
+            }
+            _ => anyhow::bail!("node_cert, node_key and node_ca_cert go together"),
+        }
     }
 
     /// The device stream mapping these settings declare.

@@ -15,6 +15,7 @@
 //! - [`registry`]: registered devices, their keys and high-water seqs.
 //! - [`schema`]: the `[[stream]]` tables device records are stored in.
 //! - [`sim`]: `cairn sim`, a fleet of host devices running the real firmware client.
+//! - [`security`]: HTTP auth and permissions, TLS and node mTLS, `cairn certs`.
 
 pub mod api;
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod node;
 pub mod raft_types;
 pub mod registry;
 pub mod schema;
+pub mod security;
 pub mod sim;
 pub mod sql;
 pub mod state_machine;

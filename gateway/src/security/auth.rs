@@ -1,0 +1,692 @@
+//! Who may do what on the HTTP API: rqlite's `--auth` file, HTTP Basic credentials and
+//! per-route permissions.
+//!
+//! The file is rqlite's JSON list:
+//!
+//! ```json
+//! [
+//!   {"username": "admin", "password": "$2b$10$...bcrypt...", "perms": ["all"]},
+//!   {"username": "grafana", "password": "plain text", "perms": ["query", "status"]},
+//!   {"username": "*", "perms": ["status", "ready"]}
+//! ]
+//! ```
+//!
+//! A password that looks like a bcrypt hash (`$2a$`, `$2b$`, `$2x$`, `$2y$`, 60 characters) is
+//! checked with bcrypt, anything else is compared as plain text in constant time. Unlike
+//! rqlite, the hash itself is never accepted as the password. The `"*"` entry lists what
+//! anonymous clients may do; every user may also do it.
+//!
+//! Decisions, in this order (rqlite's `AA`, except that wrong credentials are always refused):
+//! 1. no auth file: allowed;
+//! 2. a malformed `Authorization` header, an unknown user or a wrong password: **401**;
+//! 3. no credentials: allowed if `"*"` has the permission, else **401**;
+//! 4. a known user without the permission (in their entry or in `"*"`): **403**.
+//!
+//! bcrypt is slow on purpose. Measured (cost 10, one verification): 49 ms on the x86 build
+//! machine in a release build, ~0.2-0.3 s expected on a 2-core ARM board. So a password that
+//! verified is remembered (a keyed HMAC-SHA256 of user and password, one per user, under a
+//! per-process random key): later requests with it cost one HMAC. Verifications that miss the
+//! cache run on the blocking pool, one at a time, so a flood of wrong passwords takes at most
+//! one core away from Raft and never blocks the async workers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+
+/// rqlite's permission names, plus `devices` (device registry and downlink).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Perm {
+    /// Everything below.
+    All,
+    /// `POST /db/execute` (and, with `query`, `/db/request`).
+    Execute,
+    /// `GET|POST /db/query` (and, with `execute`, `/db/request`).
+    Query,
+    /// `POST /db/load`, `POST /boot`.
+    Load,
+    /// `GET /db/backup`.
+    Backup,
+    /// `GET /status`, `GET /nodes`, `GET /leader`, `GET /metrics`.
+    Status,
+    /// `GET /readyz`.
+    Ready,
+    /// `POST /join` as a voter (implies `join-read-only`).
+    Join,
+    /// `POST /join` as a non-voter.
+    JoinReadOnly,
+    /// `DELETE /remove`.
+    Remove,
+    /// `POST /snapshot`.
+    Snapshot,
+    /// `POST /leader` (step down, hand leadership over).
+    LeaderOps,
+    /// `cairn device ...`, `/devices` and downlink routes.
+    Devices,
+}
+
+impl Perm {
+    /// Every permission, in the order of rqlite's documentation.
+    pub const EVERY: [Perm; 13] = [
+        Perm::All,
+        Perm::Execute,
+        Perm::Query,
+        Perm::Load,
+        Perm::Backup,
+        Perm::Status,
+        Perm::Ready,
+        Perm::Join,
+        Perm::JoinReadOnly,
+        Perm::Remove,
+        Perm::Snapshot,
+        Perm::LeaderOps,
+        Perm::Devices,
+    ];
+
+    /// The name used in the auth file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Perm::All => "all",
+            Perm::Execute => "execute",
+            Perm::Query => "query",
+            Perm::Load => "load",
+            Perm::Backup => "backup",
+            Perm::Status => "status",
+            Perm::Ready => "ready",
+            Perm::Join => "join",
+            Perm::JoinReadOnly => "join-read-only",
+            Perm::Remove => "remove",
+            Perm::Snapshot => "snapshot",
+            Perm::LeaderOps => "leader-ops",
+            Perm::Devices => "devices",
+        }
+    }
+
+    /// The permission with this auth-file name.
+    pub fn from_name(name: &str) -> Option<Perm> {
+        Perm::EVERY.into_iter().find(|p| p.name() == name)
+    }
+
+    const fn bit(self) -> u16 {
+        1 << self as u16
+    }
+}
+
+impl fmt::Display for Perm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A set of permissions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Perms(u16);
+
+impl Perms {
+    pub const NONE: Perms = Perms(0);
+    pub const ALL: Perms = Perms(Perm::All.bit());
+
+    /// The set with `p` added.
+    pub const fn with(self, p: Perm) -> Perms {
+        Perms(self.0 | p.bit())
+    }
+
+    /// Both sets together.
+    pub const fn union(self, other: Perms) -> Perms {
+        Perms(self.0 | other.0)
+    }
+
+    /// Whether the set grants `p` (`all` grants everything, `join` grants `join-read-only`).
+    pub fn has(self, p: Perm) -> bool {
+        let granted = |q: Perm| self.0 & q.bit() != 0;
+        granted(Perm::All) || granted(p) || (p == Perm::JoinReadOnly && granted(Perm::Join))
+    }
+}
+
+impl FromIterator<Perm> for Perms {
+    fn from_iter<I: IntoIterator<Item = Perm>>(iter: I) -> Self {
+        iter.into_iter().fold(Perms::NONE, Perms::with)
+    }
+}
+
+/// What a route requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// This permission.
+    One(Perm),
+    /// Every one of these (rqlite's `/db/request` needs `query` and `execute`).
+    AllOf(&'static [Perm]),
+    /// Any one of these (`/join` takes `join` or `join-read-only`; the handler then checks the
+    /// body's `voter` against [`Access::has`]).
+    AnyOf(&'static [Perm]),
+}
+
+impl Need {
+    pub fn satisfied_by(self, perms: Perms) -> bool {
+        match self {
+            Need::One(p) => perms.has(p),
+            Need::AllOf(ps) => ps.iter().all(|p| perms.has(*p)),
+            Need::AnyOf(ps) => ps.iter().any(|p| perms.has(*p)),
+        }
+    }
+}
+
+impl From<Perm> for Need {
+    fn from(p: Perm) -> Need {
+        Need::One(p)
+    }
+}
+
+impl fmt::Display for Need {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let join =
+            |ps: &[Perm], sep: &str| ps.iter().map(|p| p.name()).collect::<Vec<_>>().join(sep);
+        match self {
+            Need::One(p) => f.write_str(p.name()),
+            Need::AllOf(ps) => f.write_str(&join(ps, " and ")),
+            Need::AnyOf(ps) => f.write_str(&join(ps, " or ")),
+        }
+    }
+}
+
+/// A username and password, from a Basic `Authorization` header or a URL's user-info.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An `Authorization` header that is not valid Basic credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedAuthorization;
+
+impl Credentials {
+    pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Credentials {
+            username: username.into(),
+            password: password.into(),
+        }
+    }
+
+    /// The Basic credentials of a request, `None` without an `Authorization` header.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, MalformedAuthorization> {
+        match headers.get(header::AUTHORIZATION) {
+            None => Ok(None),
+            Some(v) => Self::from_authorization(v.as_bytes()).map(Some),
+        }
+    }
+
+    /// Parses `Basic base64(user:password)` (the scheme name in any case, RFC 7617).
+    pub fn from_authorization(value: &[u8]) -> Result<Self, MalformedAuthorization> {
+        let value = std::str::from_utf8(value).map_err(|_| MalformedAuthorization)?;
+        let (scheme, token) = value.trim().split_once(' ').ok_or(MalformedAuthorization)?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Err(MalformedAuthorization);
+        }
+        let raw = BASE64
+            .decode(token.trim())
+            .map_err(|_| MalformedAuthorization)?;
+        let text = String::from_utf8(raw).map_err(|_| MalformedAuthorization)?;
+        let (user, pass) = text.split_once(':').ok_or(MalformedAuthorization)?;
+        Ok(Credentials::new(user, pass))
+    }
+
+    /// The `Authorization` header value a client sends (the CLI, `--join-as`, forwarding).
+    pub fn authorization(&self) -> HeaderValue {
+        let token = BASE64.encode(format!("{}:{}", self.username, self.password));
+        let mut v = HeaderValue::from_str(&format!("Basic {token}"))
+            .expect("base64 is a valid header value");
+        v.set_sensitive(true);
+        v
+    }
+
+    /// Splits `http://user:pass@host:4001/x` into the URL without user-info and the
+    /// (percent-decoded) credentials, as rqlite clients and curl read such URLs.
+    pub fn split_url(url: &str) -> (String, Option<Credentials>) {
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s, r)) => (Some(s), r),
+            None => (None, url),
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let Some(at) = rest[..authority_end].rfind('@') else {
+            return (url.to_string(), None);
+        };
+        let userinfo = &rest[..at];
+        let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        let stripped = match scheme {
+            Some(s) => format!("{s}://{}", &rest[at + 1..]),
+            None => rest[at + 1..].to_string(),
+        };
+        (
+            stripped,
+            Some(Credentials::new(percent_decode(user), percent_decode(pass))),
+        )
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Equality of two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// One entry of the auth file, as rqlite writes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    username: String,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    perms: Vec<String>,
+}
+
+enum Secret {
+    Plain(Vec<u8>),
+    Bcrypt(String),
+}
+
+impl Secret {
+    fn parse(password: String) -> Secret {
+        let b = password.as_bytes();
+        let bcrypt_like = b.len() == 60
+            && b.starts_with(b"$2")
+            && matches!(b[2], b'a' | b'b' | b'x' | b'y')
+            && b[3] == b'$';
+        if bcrypt_like {
+            Secret::Bcrypt(password)
+        } else {
+            Secret::Plain(password.into_bytes())
+        }
+    }
+}
+
+struct User {
+    secret: Secret,
+    perms: Perms,
+}
+
+/// What an allowed request may do; handlers get it as an extractor (see [`require`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// The authenticated user, `None` for anonymous requests (and when auth is off).
+    pub user: Option<String>,
+    pub perms: Perms,
+}
+
+impl Access {
+    pub fn has(&self, p: Perm) -> bool {
+        self.perms.has(p)
+    }
+
+    /// The 403 a handler answers when a body-dependent check fails (a voter join without
+    /// `join`, re-pointing a member without `all`).
+    pub fn forbidden(&self, need: impl Into<Need>) -> Response {
+        Decision::Forbidden {
+            user: self.user.clone(),
+            need: need.into(),
+        }
+        .into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Access {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Access>().cloned().ok_or_else(|| {
+            // A handler asked for Access on a route the route table did not guard.
+            error_body(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "route has no declared permission",
+            )
+        })
+    }
+}
+
+/// The outcome of [`Authenticator::authorize`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow(Access),
+    /// 401: no credentials where they are needed, or wrong ones.
+    Unauthorized(&'static str),
+    /// 403: authenticated (or anonymous) but without the permission.
+    Forbidden {
+        user: Option<String>,
+        need: Need,
+    },
+}
+
+/// rqlite's error shape: `{"results": [{"error": "..."}]}`.
+pub fn error_body(status: StatusCode, msg: &str) -> Response {
+    let body = serde_json::json!({"results": [{"error": msg}]});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+impl IntoResponse for Decision {
+    fn into_response(self) -> Response {
+        match self {
+            // Reached only when a caller turns an allowed decision into a response.
+            Decision::Allow(_) => StatusCode::NO_CONTENT.into_response(),
+            Decision::Unauthorized(why) => {
+                let mut r = error_body(StatusCode::UNAUTHORIZED, &format!("unauthorized: {why}"));
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"cairn\""),
+                );
+                r
+            }
+            Decision::Forbidden { user, need } => {
+                let who = user.map_or_else(|| "anonymous".to_string(), |u| format!("user {u}"));
+                error_body(
+                    StatusCode::FORBIDDEN,
+                    &format!("forbidden: {who} lacks permission {need}"),
+                )
+            }
+        }
+    }
+}
+
+/// The loaded auth file (or none: everything allowed) and the cache of verified passwords.
+pub struct Authenticator {
+    /// `None`: no `--auth` file, every request is allowed.
+    users: Option<HashMap<String, User>>,
+    anonymous: Perms,
+    /// Per user, the HMAC of the last password that verified against a bcrypt hash.
+    verified: Mutex<HashMap<String, ring::hmac::Tag>>,
+    cache_key: ring::hmac::Key,
+    /// One bcrypt verification at a time (see the module doc).
+    bcrypt_slot: tokio::sync::Semaphore,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("enabled", &self.users.is_some())
+            .field("users", &self.users.as_ref().map(|u| u.len()))
+            .field("anonymous", &self.anonymous)
+            .finish()
+    }
+}
+
+/// Why an auth file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    #[error("reading auth file {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("auth file: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("auth file: user {0:?} is listed twice")]
+    Duplicate(String),
+    #[error("auth file: user {0:?} has no password")]
+    NoPassword(String),
+    #[error("auth file: user {user:?}: unknown permission {perm:?} (known: {known})")]
+    UnknownPerm {
+        user: String,
+        perm: String,
+        known: String,
+    },
+}
+
+impl Authenticator {
+    /// No auth file: every request is allowed (loopback-only nodes, `cairn dev`).
+    pub fn disabled() -> Self {
+        Self::build(None, Perms::ALL)
+    }
+
+    fn build(users: Option<HashMap<String, User>>, anonymous: Perms) -> Self {
+        let rng = ring::rand::SystemRandom::new();
+        Authenticator {
+            users,
+            anonymous,
+            verified: Mutex::new(HashMap::new()),
+            cache_key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+                .expect("the system random source works"),
+            bcrypt_slot: tokio::sync::Semaphore::new(1),
+        }
+    }
+
+    /// Reads an rqlite auth file.
+    pub fn from_file(path: &Path) -> Result<Self, AuthFileError> {
+        let text = std::fs::read(path).map_err(|err| AuthFileError::Read {
+            path: path.display().to_string(),
+            err,
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Parses the JSON of an rqlite auth file. An unknown permission name is an error: a
+    /// typo would otherwise silently lock a user out of what the file meant to grant.
+    pub fn from_json(json: &[u8]) -> Result<Self, AuthFileError> {
+        let entries: Vec<Entry> = serde_json::from_slice(json)?;
+        let mut users = HashMap::new();
+        let mut anonymous = Perms::NONE;
+        for e in entries {
+            let mut perms = Perms::NONE;
+            for name in &e.perms {
+                let p = Perm::from_name(name).ok_or_else(|| AuthFileError::UnknownPerm {
+                    user: e.username.clone(),
+                    perm: name.clone(),
+                    known: Perm::EVERY.map(Perm::name).join(", "),
+                })?;
+                perms = perms.with(p);
+            }
+            if e.username == "*" {
+                anonymous = anonymous.union(perms);
+                continue;
+            }
+            let password = e
+                .password
+                .ok_or_else(|| AuthFileError::NoPassword(e.username.clone()))?;
+            let user = User {
+                secret: Secret::parse(password),
+                perms,
+            };
+            if users.insert(e.username.clone(), user).is_some() {
+                return Err(AuthFileError::Duplicate(e.username));
+            }
+        }
+        Ok(Self::build(Some(users), anonymous))
+    }
+
+    /// Whether an auth file is in force.
+    pub fn enabled(&self) -> bool {
+        self.users.is_some()
+    }
+
+    /// The password of `username` as written in the file, if it is plain text. A node's
+    /// `--join-as USER` takes its password from the node's own auth file, as rqlite does; a
+    /// bcrypt-hashed entry cannot be used for that.
+    pub fn plain_password(&self, username: &str) -> Option<String> {
+        match &self.users.as_ref()?.get(username)?.secret {
+            Secret::Plain(p) => String::from_utf8(p.clone()).ok(),
+            Secret::Bcrypt(_) => None,
+        }
+    }
+
+    /// Decides a request from its headers; bcrypt (on a cache miss) runs on the blocking pool.
+    pub async fn authorize(&self, headers: &HeaderMap, need: Need) -> Decision {
+        self.decide(headers, need, |hash, password| async move {
+            let _slot = self.bcrypt_slot.acquire().await.ok()?;
+            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                .await
+                .ok()
+        })
+        .await
+    }
+
+    /// [`Self::authorize`] for synchronous callers; bcrypt runs on this thread.
+    pub fn authorize_blocking(&self, headers: &HeaderMap, need: Need) -> Decision {
+        let fut = self.decide(headers, need, |hash, password| async move {
+            Some(bcrypt::verify(password, &hash).unwrap_or(false))
+        });
+        futures_util::FutureExt::now_or_never(fut).expect("no await point without bcrypt_slot")
+    }
+
+    async fn decide<F, Fut>(&self, headers: &HeaderMap, need: Need, run_bcrypt: F) -> Decision
+    where
+        F: FnOnce(String, String) -> Fut,
+        Fut: Future<Output = Option<bool>>,
+    {
+        let Some(users) = &self.users else {
+            return Decision::Allow(Access {
+                user: None,
+                perms: Perms::ALL,
+            });
+        };
+        let creds = match Credentials::from_headers(headers) {
+            Ok(c) => c,
+            Err(MalformedAuthorization) => {
+                return Decision::Unauthorized("malformed Authorization header");
+            }
+        };
+        let Some(creds) = creds else {
+            return if need.satisfied_by(self.anonymous) {
+                Decision::Allow(Access {
+                    user: None,
+                    perms: self.anonymous,
+                })
+            } else {
+                Decision::Unauthorized("credentials required")
+            };
+        };
+        const WRONG: &str = "invalid username or password";
+        let Some(user) = users.get(&creds.username) else {
+            return Decision::Unauthorized(WRONG);
+        };
+        let ok = match &user.secret {
+            Secret::Plain(p) => constant_time_eq(p, creds.password.as_bytes()),
+            Secret::Bcrypt(hash) => {
+                let tag = ring::hmac::sign(&self.cache_key, &cache_input(&creds));
+                let cached = self
+                    .verified
+                    .lock()
+                    .expect("verified-password cache")
+                    .get(&creds.username)
+                    .is_some_and(|t| constant_time_eq(t.as_ref(), tag.as_ref()));
+                if cached {
+                    true
+                } else if run_bcrypt(hash.clone(), creds.password.clone()).await == Some(true) {
+                    self.verified
+                        .lock()
+                        .expect("verified-password cache")
+                        .insert(creds.username.clone(), tag);
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if !ok {
+            return Decision::Unauthorized(WRONG);
+        }
+        let perms = user.perms.union(self.anonymous);
+        let user = Some(creds.username);
+        if need.satisfied_by(perms) {
+            Decision::Allow(Access { user, perms })
+        } else {
+            Decision::Forbidden { user, need }
+        }
+    }
+}
+
+/// `username NUL password`: the NUL keeps ("ab","c") and ("a","bc") apart.
+fn cache_input(c: &Credentials) -> Vec<u8> {
+    let mut v = Vec::with_capacity(c.username.len() + 1 + c.password.len());
+    v.extend_from_slice(c.username.as_bytes());
+    v.push(0);
+    v.extend_from_slice(c.password.as_bytes());
+    v
+}
+
+#[derive(Clone)]
+struct Gate {
+    auth: Arc<Authenticator>,
+    need: Need,
+}
+
+async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
+    match g.auth.authorize(req.headers(), g.need).await {
+        Decision::Allow(access) => {
+            req.extensions_mut().insert(access);
+            next.run(req).await
+        }
+        refused => {
+            tracing::debug!(path = %req.uri().path(), ?refused, "request refused");
+            refused.into_response()
+        }
+    }
+}
+
+/// Guards one route of a route table with a permission:
+///
+/// ```ignore
+/// Router::new()
+///     .route("/db/execute", require(&auth, Perm::Execute, post(execute)))
+///     .route("/db/request", require(&auth, Need::AllOf(&[Perm::Query, Perm::Execute]), post(request)))
+/// ```
+///
+/// A refused request never reaches the handler (and its body is never read); an allowed one
+/// carries its [`Access`] in the request extensions, for handlers that extract it.
+pub fn require<S>(
+    auth: &Arc<Authenticator>,
+    need: impl Into<Need>,
+    route: MethodRouter<S>,
+) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let gate_state = Gate {
+        auth: auth.clone(),
+        need: need.into(),
+    };
+    route.route_layer(axum::middleware::from_fn_with_state(gate_state, gate))
+}

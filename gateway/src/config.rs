@@ -434,7 +434,7 @@ mod tests {
         let p = dir.path().join("cairn.toml");
         std::fs::write(
             &p,
-            "node_id = 7\nhttp_addr = \"0.0.0.0:5001\"\nheartbeat_ms = 20\n",
+            "node_id = 7\nhttp_addr = \"0.0.0.0:5001\"\nheartbeat_ms = 20\ninsecure = true\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -452,6 +452,94 @@ mod tests {
         assert_eq!(c.raft_addr, "127.0.0.1:4002");
         assert!(c.bootstrap);
         c.raft_config().unwrap();
+    }
+
+    #[test]
+    fn test_security_keys_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cairn.toml");
+        std::fs::write(
+            &p,
+            "http_addr = \"0.0.0.0:4001\"\nauth = \"/etc/cairn/auth.json\"\n\
+             node_cert = \"n.crt\"\nnode_key = \"n.key\"\nnode_ca_cert = \"ca.crt\"\n\
+             node_verify_client = true\njoin_as = \"joiner\"\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["x", "--config", p.to_str().unwrap()]);
+        let c = NodeConfig::resolve(&cli.node).unwrap();
+        assert_eq!(c.auth.as_deref(), Some(Path::new("/etc/cairn/auth.json")));
+        assert_eq!(c.join_as.as_deref(), Some("joiner"));
+        let t = c.node_tls().unwrap().unwrap();
+        assert!(t.verify_client);
+        assert_eq!(t.ca_cert, Path::new("ca.crt"));
+        assert_eq!(c.http_tls().unwrap(), None);
+
+        let cli = Cli::parse_from([
+            "x",
+            "--http-addr",
+            "0.0.0.0:4001",
+            "--raft-addr",
+            "0.0.0.0:4002",
+            "--auth",
+            "a.json",
+            "--http-cert",
+            "h.crt",
+            "--http-key",
+            "h.key",
+            "--http-ca-cert",
+            "ca.crt",
+            "--http-verify-client",
+            "--node-cert",
+            "n.crt",
+            "--node-key",
+            "n.key",
+            "--node-ca-cert",
+            "ca.crt",
+            "--node-verify-client",
+            "--join-as",
+            "j",
+        ]);
+        let c = NodeConfig::resolve(&cli.node).unwrap();
+        let h = c.http_tls().unwrap().unwrap();
+        assert!(h.verify_client);
+        assert_eq!(h.ca_cert.as_deref(), Some(Path::new("ca.crt")));
+    }
+
+    #[test]
+    fn test_secure_by_default_refusal() {
+        let cli = Cli::parse_from(["x", "--http-addr", "0.0.0.0:4001"]);
+        let e = NodeConfig::resolve(&cli.node).unwrap_err().to_string();
+        assert!(e.contains("--auth FILE") && e.contains("--insecure"), "{e}");
+        let cli = Cli::parse_from(["x", "--http-addr", "0.0.0.0:4001", "--insecure"]);
+        assert!(NodeConfig::resolve(&cli.node).unwrap().insecure);
+        // Node TLS without client verification is not mutual: still refused beyond loopback.
+        let cli = Cli::parse_from([
+            "x",
+            "--raft-addr",
+            "10.0.0.5:4002",
+            "--node-cert",
+            "n.crt",
+            "--node-key",
+            "n.key",
+            "--node-ca-cert",
+            "ca.crt",
+        ]);
+        let e = NodeConfig::resolve(&cli.node).unwrap_err().to_string();
+        assert!(e.contains("--node-verify-client"), "{e}");
+    }
+
+    #[test]
+    fn test_tls_files_go_together() {
+        for flags in [
+            &["--http-cert", "h.crt"][..],
+            &["--http-ca-cert", "ca.crt"],
+            &["--http-verify-client"],
+            &["--node-cert", "n.crt", "--node-key", "n.key"],
+            &["--node-verify-client"],
+        ] {
+            let cli = Cli::parse_from(std::iter::once("x").chain(flags.iter().copied()));
+            assert!(NodeConfig::resolve(&cli.node).is_err(), "{flags:?}");
+        }
     }
 
     #[test]

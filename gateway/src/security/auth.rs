@@ -690,3 +690,353 @@ where
     };
     route.route_layer(axum::middleware::from_fn_with_state(gate_state, gate))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lowest bcrypt cost, so the tests stay quick; the cost does not change the logic.
+    fn hashed(pw: &str) -> String {
+        bcrypt::hash(pw, 4).unwrap()
+    }
+
+    fn auth() -> Authenticator {
+        let json = serde_json::json!([
+            {"username": "root", "password": "rootpw", "perms": ["all"]},
+            {"username": "reader", "password": hashed("read:er"), "perms": ["query"]},
+            {"username": "writer", "password": "w", "perms": ["execute"]},
+            {"username": "joiner", "password": "j", "perms": ["join"]},
+            {"username": "learner", "password": "l", "perms": ["join-read-only"]},
+            {"username": "ops", "password": "o", "perms": ["devices", "leader-ops", "snapshot", "remove", "load", "backup"]},
+            {"username": "*", "perms": ["status", "ready"]}
+        ]);
+        Authenticator::from_json(json.to_string().as_bytes()).unwrap()
+    }
+
+    fn headers(user: Option<(&str, &str)>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some((u, p)) = user {
+            h.insert(
+                header::AUTHORIZATION,
+                Credentials::new(u, p).authorization(),
+            );
+        }
+        h
+    }
+
+    fn decide(a: &Authenticator, user: Option<(&str, &str)>, need: impl Into<Need>) -> Decision {
+        a.authorize_blocking(&headers(user), need.into())
+    }
+
+    fn allowed(d: &Decision) -> bool {
+        matches!(d, Decision::Allow(_))
+    }
+
+    #[test]
+    fn test_perm_names_round_trip() {
+        for p in Perm::EVERY {
+            assert_eq!(Perm::from_name(p.name()), Some(p));
+        }
+        assert_eq!(Perm::from_name("join-read-only"), Some(Perm::JoinReadOnly));
+        assert_eq!(Perm::from_name("leader-ops"), Some(Perm::LeaderOps));
+        assert_eq!(Perm::from_name("Query"), None);
+    }
+
+    #[test]
+    fn test_all_grants_every_perm_and_join_grants_read_only() {
+        for p in Perm::EVERY {
+            assert!(Perms::ALL.has(p), "{p}");
+        }
+        let join = Perms::NONE.with(Perm::Join);
+        assert!(join.has(Perm::JoinReadOnly));
+        assert!(!Perms::NONE.with(Perm::JoinReadOnly).has(Perm::Join));
+        assert!(!Perms::NONE.with(Perm::Query).has(Perm::Execute));
+    }
+
+    #[test]
+    fn test_disabled_allows_everything_without_credentials() {
+        let a = Authenticator::disabled();
+        assert!(!a.enabled());
+        for p in Perm::EVERY {
+            assert!(allowed(&decide(&a, None, p)));
+        }
+        // Even garbage credentials: no auth file means no checks, as in rqlite.
+        assert!(allowed(&decide(&a, Some(("x", "y")), Perm::All)));
+    }
+
+    #[test]
+    fn test_anonymous_gets_star_perms_only() {
+        let a = auth();
+        assert!(allowed(&decide(&a, None, Perm::Status)));
+        assert!(allowed(&decide(&a, None, Perm::Ready)));
+        for p in [
+            Perm::Execute,
+            Perm::Query,
+            Perm::Load,
+            Perm::Backup,
+            Perm::Join,
+            Perm::JoinReadOnly,
+            Perm::Remove,
+            Perm::Snapshot,
+            Perm::LeaderOps,
+            Perm::Devices,
+            Perm::All,
+        ] {
+            assert_eq!(
+                decide(&a, None, p),
+                Decision::Unauthorized("credentials required"),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_every_route_category_by_user() {
+        let a = auth();
+        let request = Need::AllOf(&[Perm::Query, Perm::Execute]);
+        let join = Need::AnyOf(&[Perm::Join, Perm::JoinReadOnly]);
+        // (user, need, allowed?)
+        let cases: &[(&str, &str, Need, bool)] = &[
+            ("root", "rootpw", Perm::Execute.into(), true),
+            ("root", "rootpw", request, true),
+            ("root", "rootpw", Perm::Devices.into(), true),
+            ("reader", "read:er", Perm::Query.into(), true),
+            ("reader", "read:er", Perm::Execute.into(), false),
+            ("reader", "read:er", request, false),
+            ("reader", "read:er", Perm::Status.into(), true), // from "*"
+            ("writer", "w", Perm::Execute.into(), true),
+            ("writer", "w", Perm::Query.into(), false),
+            ("writer", "w", request, false),
+            ("joiner", "j", join, true),
+            ("joiner", "j", Perm::Join.into(), true),
+            ("learner", "l", join, true),
+            ("learner", "l", Perm::Join.into(), false),
+            ("ops", "o", Perm::Devices.into(), true),
+            ("ops", "o", Perm::LeaderOps.into(), true),
+            ("ops", "o", Perm::Snapshot.into(), true),
+            ("ops", "o", Perm::Remove.into(), true),
+            ("ops", "o", Perm::Load.into(), true),
+            ("ops", "o", Perm::Backup.into(), true),
+            ("ops", "o", Perm::Query.into(), false),
+            ("ops", "o", join, false),
+        ];
+        for (u, p, need, ok) in cases {
+            let d = decide(&a, Some((u, p)), *need);
+            if *ok {
+                let Decision::Allow(access) = d else {
+                    panic!("{u} {need}: {d:?}")
+                };
+                assert_eq!(access.user.as_deref(), Some(*u));
+            } else {
+                assert_eq!(
+                    d,
+                    Decision::Forbidden {
+                        user: Some(u.to_string()),
+                        need: *need
+                    },
+                    "{u} {need}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn test_wrong_or_unknown_credentials_are_401_even_for_open_perms() {
+        let a = auth();
+        let wrong = Decision::Unauthorized("invalid username or password");
+        assert_eq!(decide(&a, Some(("root", "nope")), Perm::Query), wrong);
+        assert_eq!(decide(&a, Some(("root", "rootpw ")), Perm::Query), wrong);
+        assert_eq!(decide(&a, Some(("nobody", "x")), Perm::Query), wrong);
+        assert_eq!(decide(&a, Some(("reader", "read")), Perm::Query), wrong);
+        // "*" grants status, but a wrong password is still refused.
+        assert_eq!(decide(&a, Some(("root", "nope")), Perm::Status), wrong);
+        // The star entry is not a login.
+        assert_eq!(decide(&a, Some(("*", "")), Perm::Status), wrong);
+    }
+
+    #[test]
+    fn test_bcrypt_hash_is_not_a_password() {
+        let h = hashed("secret");
+        let json = serde_json::json!([{"username": "u", "password": h, "perms": ["all"]}]);
+        let a = Authenticator::from_json(json.to_string().as_bytes()).unwrap();
+        assert!(allowed(&decide(&a, Some(("u", "secret")), Perm::Query)));
+        assert!(!allowed(&decide(&a, Some(("u", &h)), Perm::Query)));
+        assert_eq!(a.plain_password("u"), None);
+    }
+
+    #[test]
+    fn test_bcrypt_cache_remembers_only_the_verified_password() {
+        let a = auth();
+        assert!(a.verified.lock().unwrap().is_empty());
+        assert!(allowed(&decide(
+            &a,
+            Some(("reader", "read:er")),
+            Perm::Query
+        )));
+        assert_eq!(a.verified.lock().unwrap().len(), 1);
+        // A cached user with a different password still goes to bcrypt and fails.
+        assert!(!allowed(&decide(
+            &a,
+            Some(("reader", "other")),
+            Perm::Query
+        )));
+        assert!(allowed(&decide(
+            &a,
+            Some(("reader", "read:er")),
+            Perm::Query
+        )));
+        assert_eq!(a.verified.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn test_async_authorize_runs_bcrypt_off_the_runtime() {
+        let a = Arc::new(auth());
+        let h = headers(Some(("reader", "read:er")));
+        let d = a.authorize(&h, Perm::Query.into()).await;
+        assert!(allowed(&d), "{d:?}");
+        let h = headers(Some(("reader", "bad")));
+        assert!(!allowed(&a.authorize(&h, Perm::Query.into()).await));
+    }
+
+    #[test]
+    fn test_basic_header_parsing() {
+        let c = Credentials::from_authorization(b"Basic dXNlcjpwYTpzcw==").unwrap();
+        assert_eq!(c, Credentials::new("user", "pa:ss"));
+        let c = Credentials::from_authorization(b"basic dXNlcjo=").unwrap();
+        assert_eq!(c, Credentials::new("user", ""));
+        for bad in [
+            &b"Bearer abc"[..],
+            b"Basic",
+            b"Basic !!!",
+            b"Basic dXNlcg==", // "user", no colon
+            b"\xff\xfe",
+        ] {
+            assert_eq!(
+                Credentials::from_authorization(bad),
+                Err(MalformedAuthorization)
+            );
+        }
+        let c = Credentials::new("a", "b:c");
+        let v = c.authorization();
+        assert!(v.is_sensitive());
+        assert_eq!(Credentials::from_authorization(v.as_bytes()).unwrap(), c);
+    }
+
+    #[test]
+    fn test_malformed_header_is_401() {
+        let a = auth();
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert_eq!(
+            a.authorize_blocking(&h, Perm::Status.into()),
+            Decision::Unauthorized("malformed Authorization header")
+        );
+    }
+
+    #[test]
+    fn test_split_url_userinfo() {
+        assert_eq!(
+            Credentials::split_url("http://bob:s%40cret@10.0.0.1:4001/db/query?q=1"),
+            (
+                "http://10.0.0.1:4001/db/query?q=1".to_string(),
+                Some(Credentials::new("bob", "s@cret"))
+            )
+        );
+        assert_eq!(
+            Credentials::split_url("https://bob@host:4001"),
+            (
+                "https://host:4001".to_string(),
+                Some(Credentials::new("bob", ""))
+            )
+        );
+        assert_eq!(
+            Credentials::split_url("http://host:4001/x@y"),
+            ("http://host:4001/x@y".to_string(), None)
+        );
+        assert_eq!(
+            Credentials::split_url("u:p@host:4001"),
+            ("host:4001".to_string(), Some(Credentials::new("u", "p")))
+        );
+    }
+
+    #[test]
+    fn test_auth_file_errors() {
+        let bad_perm = br#"[{"username":"a","password":"b","perms":["quer"]}]"#;
+        let e = Authenticator::from_json(bad_perm).unwrap_err().to_string();
+        assert!(
+            e.contains("\"quer\"") && e.contains("join-read-only"),
+            "{e}"
+        );
+        let dup = br#"[{"username":"a","password":"b"},{"username":"a","password":"c"}]"#;
+        assert!(matches!(
+            Authenticator::from_json(dup),
+            Err(AuthFileError::Duplicate(_))
+        ));
+        let nopw = br#"[{"username":"a","perms":["all"]}]"#;
+        assert!(matches!(
+            Authenticator::from_json(nopw),
+            Err(AuthFileError::NoPassword(_))
+        ));
+        assert!(Authenticator::from_json(b"{}").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Authenticator::from_file(&dir.path().join("missing.json")),
+            Err(AuthFileError::Read { .. })
+        ));
+        // rqlite's own example file loads.
+        let rqlite = br#"[
+            {"username": "bob", "password": "secret1", "perms": ["all"]},
+            {"username": "mary", "password": "$2a$10$fKRHxrEuyDTP6tXIiDycr.nyC8Q7UMIfc31YMyXHDLgRDyhLK3VFS", "perms": ["query", "backup", "join"]},
+            {"username": "*", "perms": ["status", "ready", "join-read-only"]}
+        ]"#;
+        let a = Authenticator::from_json(rqlite).unwrap();
+        assert_eq!(a.plain_password("bob").as_deref(), Some("secret1"));
+        assert!(allowed(&decide(&a, None, Perm::JoinReadOnly)));
+    }
+
+    #[test]
+    fn test_constant_time_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[tokio::test]
+    async fn test_response_bodies() {
+        async fn body(r: Response) -> (StatusCode, HeaderMap, serde_json::Value) {
+            let (p, b) = r.into_parts();
+            let bytes = axum::body::to_bytes(b, 1 << 16).await.unwrap();
+            (p.status, p.headers, serde_json::from_slice(&bytes).unwrap())
+        }
+        let (s, h, j) = body(Decision::Unauthorized("credentials required").into_response()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(h[header::WWW_AUTHENTICATE], "Basic realm=\"cairn\"");
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
+        assert_eq!(
+            j,
+            serde_json::json!({"results": [{"error": "unauthorized: credentials required"}]})
+        );
+        let f = Decision::Forbidden {
+            user: Some("reader".into()),
+            need: Need::AllOf(&[Perm::Query, Perm::Execute]),
+        };
+        let (s, h, j) = body(f.into_response()).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert!(h.get(header::WWW_AUTHENTICATE).is_none());
+        assert_eq!(
+            j,
+            serde_json::json!({"results": [{"error": "forbidden: user reader lacks permission query and execute"}]})
+        );
+        let access = Access {
+            user: None,
+            perms: Perms::NONE.with(Perm::JoinReadOnly),
+        };
+        let (s, _, j) = body(access.forbidden(Perm::Join)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert_eq!(
+            j["results"][0]["error"],
+            "forbidden: anonymous lacks permission join"
+        );
+    }
+}

@@ -27,7 +27,9 @@ use rcgen::{
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
-/// The subject of every cluster CA made by `cairn certs init`.
+/// The subject of a cluster CA made by `cairn certs init` is this plus a fingerprint of its
+/// key: two clusters' CAs never share a name (a certificate of the other cluster is then an
+/// unknown issuer, not a bad signature), and `issue` rebuilds the name from `ca.key` alone.
 const CA_COMMON_NAME: &str = "Cairn cluster CA";
 const CA_ORGANIZATION: &str = "Cairn";
 
@@ -117,10 +119,19 @@ pub struct Issued {
     pub key_pem: String,
 }
 
-fn ca_params(years: u32) -> anyhow::Result<CertificateParams> {
+fn ca_params(key: &KeyPair, years: u32) -> anyhow::Result<CertificateParams> {
+    use rcgen::PublicKeyData;
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &key.subject_public_key_info());
+    let fingerprint: String = digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(
+        DnType::CommonName,
+        format!("{CA_COMMON_NAME} {fingerprint}"),
+    );
     dn.push(DnType::OrganizationName, CA_ORGANIZATION);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -153,7 +164,7 @@ impl Ca {
     /// A new CA valid for `years`.
     pub fn generate(years: u32) -> anyhow::Result<Ca> {
         let key = KeyPair::generate()?;
-        let cert = ca_params(years)?.self_signed(&key)?;
+        let cert = ca_params(&key, years)?.self_signed(&key)?;
         Ok(Ca {
             cert_pem: cert.pem(),
             key,
@@ -233,7 +244,7 @@ impl Ca {
         p.not_before = now - time::Duration::hours(1);
         p.not_after = now + time::Duration::days(i64::from(a.days.max(1)));
 
-        let issuer = Issuer::new(ca_params(1)?, &self.key);
+        let issuer = Issuer::new(ca_params(&self.key, 1)?, &self.key);
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &issuer)?;
         self.check_signed(cert.der(), a)?;
@@ -307,5 +318,140 @@ impl Issued {
             Err(_) => std::fs::write(&ca, ca_pem)?,
         }
         Ok((crt, key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path, name: &str, ip: &[&str], client: bool) -> IssueArgs {
+        IssueArgs {
+            ca: dir.join("ca"),
+            name: name.into(),
+            ip: ip.iter().map(|s| s.parse().unwrap()).collect(),
+            dns: Vec::new(),
+            client,
+            days: 30,
+            out: dir.join("out"),
+        }
+    }
+
+    #[test]
+    fn test_init_and_issue_write_files() {
+        let d = tempfile::tempdir().unwrap();
+        run(CertsCmd::Init {
+            dir: d.path().join("ca"),
+            years: 1,
+        })
+        .unwrap();
+        // A second init never replaces a CA.
+        let e = run(CertsCmd::Init {
+            dir: d.path().join("ca"),
+            years: 1,
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("not replacing"), "{e}");
+        run(CertsCmd::Issue(args(
+            d.path(),
+            "gw2",
+            &["192.168.1.11"],
+            false,
+        )))
+        .unwrap();
+        run(CertsCmd::Issue(args(d.path(), "ops", &[], true))).unwrap();
+        let out = d.path().join("out");
+        for f in ["gw2.crt", "gw2.key", "ops.crt", "ops.key", "ca.crt"] {
+            assert!(out.join(f).is_file(), "{f}");
+        }
+        assert_eq!(
+            std::fs::read(out.join("ca.crt")).unwrap(),
+            std::fs::read(d.path().join("ca/ca.crt")).unwrap()
+        );
+        #[cfg(unix)]
+        for key in [d.path().join("ca/ca.key"), out.join("gw2.key")] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        }
+        // The written pair loads as a TLS certificate.
+        crate::security::tls::ReloadingCert::load(out.join("gw2.crt"), out.join("gw2.key"))
+            .unwrap();
+        // Issuing the same name again does not overwrite its key.
+        assert!(
+            run(CertsCmd::Issue(args(
+                d.path(),
+                "gw2",
+                &["192.168.1.11"],
+                false
+            )))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn test_node_certificate_needs_an_address() {
+        let ca = Ca::generate(1).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let e = ca
+            .issue(&args(d.path(), "10.0.0.1", &[], false))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--ip or --dns"), "{e}");
+        // A DNS-like name is its own address.
+        ca.issue(&args(d.path(), "gw1", &[], false)).unwrap();
+        // Client certificates need none.
+        ca.issue(&args(d.path(), "10.0.0.1", &[], true)).unwrap();
+    }
+
+    #[test]
+    fn test_client_certificate_cannot_serve() {
+        let ca = Ca::generate(1).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let issued = ca
+            .issue(&args(d.path(), "ops", &["127.0.0.1"], true))
+            .unwrap();
+        use rustls::pki_types::pem::PemObject;
+        let cert = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().unwrap()).unwrap();
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            crate::security::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        let name = ServerName::IpAddress("127.0.0.1".parse::<IpAddr>().unwrap().into());
+        let e = v
+            .verify_server_cert(&cert, &[], &name, &[], UnixTime::now())
+            .unwrap_err();
+        assert!(format!("{e:?}").contains("Purpose"), "{e:?}");
+    }
+
+    #[test]
+    fn test_issue_refuses_a_foreign_ca_pair() {
+        // ca.crt of one CA with ca.key of another: what issue signs would not verify.
+        let a = Ca::generate(1).unwrap();
+        let b = Ca::generate(1).unwrap();
+        let mixed = Ca {
+            cert_pem: a.cert_pem.clone(),
+            key: b.key,
+        };
+        let d = tempfile::tempdir().unwrap();
+        let e = mixed
+            .issue(&args(d.path(), "gw1", &["10.0.0.1"], false))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cairn certs init"), "{e}");
+    }
+
+    #[test]
+    fn test_two_cas_have_different_names() {
+        let a = Ca::generate(1).unwrap();
+        let b = Ca::generate(1).unwrap();
+        assert_ne!(a.cert_pem, b.cert_pem);
+        let sub = |c: &Ca| ca_params(&c.key, 1).unwrap().distinguished_name;
+        assert_ne!(sub(&a), sub(&b));
+        assert_eq!(sub(&a), sub(&a));
     }
 }

@@ -286,12 +286,11 @@ pub fn client_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid(format!("TLS protocol versions: {e}")))?
         .with_root_certificates(load_roots(ca)?);
-    let mut c = match client_cert {
+    // No ALPN here: hyper-rustls sets it from the HTTP versions it enables.
+    Ok(Arc::new(match client_cert {
         Some(r) => b.with_client_cert_resolver(r),
         None => b.with_no_client_auth(),
-    };
-    c.alpn_protocols = vec![HTTP1.to_vec()];
-    Ok(Arc::new(c))
+    }))
 }
 
 /// The connector of the node-to-node HTTP client: `https://` URLs go through TLS with `tls`,

@@ -174,6 +174,26 @@ async fn hello_router() -> Router {
     )
 }
 
+/// An HTTPS server of the hello router with `cert`/`key`, no client certificates.
+async fn https_hello(cert: &Path, key: &Path, limits: Limits) -> Server {
+    let cfg = tls::http_server_config(&HttpTls {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        ca_cert: None,
+        verify_client: false,
+    })
+    .unwrap();
+    start(hello_router().await, Some(cfg), limits).await
+}
+
+/// `GET https://{addr}/hello`.
+async fn get_hello(
+    c: &TestClient,
+    addr: SocketAddr,
+) -> Result<(StatusCode, HeaderMap, String), String> {
+    send(c, Method::GET, &format!("https://{addr}/hello"), None, "").await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Permissions on a route table
 // ---------------------------------------------------------------------------------------------
@@ -389,14 +409,7 @@ async fn test_without_auth_file_everything_is_open() {
 async fn test_https_with_certs_issue_and_a_client_trusting_the_ca() {
     let pki = Pki::new();
     let (cert, key, _) = pki.issue("gw1", &[LOCAL], false);
-    let cfg = tls::http_server_config(&HttpTls {
-        cert,
-        key,
-        ca_cert: None,
-        verify_client: false,
-    })
-    .unwrap();
-    let server = start(hello_router().await, Some(cfg), Limits::default()).await;
+    let server = https_hello(&cert, &key, Limits::default()).await;
     let trusting = client(Some(tls::client_config(&pki.ca_path(), None).unwrap()));
     let url = format!("https://{}/hello", server.addr);
     let (s, _, b) = send(&trusting, Method::GET, &url, None, "").await.unwrap();
@@ -441,24 +454,9 @@ async fn test_https_with_certs_issue_and_a_client_trusting_the_ca() {
 async fn test_server_certificate_must_name_the_dialled_address() {
     let pki = Pki::new();
     let (cert, key, _) = pki.issue("gw9", &["192.0.2.9".parse().unwrap()], false);
-    let cfg = tls::http_server_config(&HttpTls {
-        cert,
-        key,
-        ca_cert: None,
-        verify_client: false,
-    })
-    .unwrap();
-    let server = start(hello_router().await, Some(cfg), Limits::default()).await;
+    let server = https_hello(&cert, &key, Limits::default()).await;
     let c = client(Some(tls::client_config(&pki.ca_path(), None).unwrap()));
-    let e = send(
-        &c,
-        Method::GET,
-        &format!("https://{}/hello", server.addr),
-        None,
-        "",
-    )
-    .await
-    .unwrap_err();
+    let e = get_hello(&c, server.addr).await.unwrap_err();
     assert!(e.contains("NotValidForName"), "{e}");
 }
 
@@ -466,14 +464,7 @@ async fn test_server_certificate_must_name_the_dialled_address() {
 async fn test_certificate_reload_without_restart() {
     let pki = Pki::new();
     let (cert, key, first) = pki.issue("gw1", &[LOCAL], false);
-    let cfg = tls::http_server_config(&HttpTls {
-        cert: cert.clone(),
-        key: key.clone(),
-        ca_cert: None,
-        verify_client: false,
-    })
-    .unwrap();
-    let server = start(hello_router().await, Some(cfg), Limits::default()).await;
+    let server = https_hello(&cert, &key, Limits::default()).await;
     assert_eq!(
         presented_cert(server.addr, &pki.ca_path()).await,
         der(&first.cert_pem)
@@ -556,26 +547,11 @@ async fn test_node_client_refuses_a_server_of_another_ca() {
     let rogue_pki = Pki::new();
     // The rogue server asks for no client certificate and presents a certificate of its own CA.
     let (cert, key, _) = rogue_pki.issue("rogue", &[LOCAL], false);
-    let cfg = tls::http_server_config(&HttpTls {
-        cert,
-        key,
-        ca_cert: None,
-        verify_client: false,
-    })
-    .unwrap();
-    let server = start(hello_router().await, Some(cfg), Limits::default()).await;
+    let server = https_hello(&cert, &key, Limits::default()).await;
     let node = client(Some(
         tls::node_client_config(&pki.node_tls("gw1", true)).unwrap(),
     ));
-    let e = send(
-        &node,
-        Method::GET,
-        &format!("https://{}/hello", server.addr),
-        None,
-        "",
-    )
-    .await
-    .unwrap_err();
+    let e = get_hello(&node, server.addr).await.unwrap_err();
     assert!(e.contains("UnknownIssuer"), "{e}");
 }
 
@@ -639,18 +615,11 @@ async fn closed_by_server(s: &mut TcpStream) -> bool {
 async fn test_handshake_timeout_closes_silent_clients() {
     let pki = Pki::new();
     let (cert, key, _) = pki.issue("gw1", &[LOCAL], false);
-    let cfg = tls::http_server_config(&HttpTls {
-        cert,
-        key,
-        ca_cert: None,
-        verify_client: false,
-    })
-    .unwrap();
     let limits = Limits {
         handshake_timeout: Duration::from_millis(200),
         ..Limits::default()
     };
-    let server = start(hello_router().await, Some(cfg), limits).await;
+    let server = https_hello(&cert, &key, limits).await;
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     assert!(closed_by_server(&mut silent).await);
 }
@@ -687,4 +656,104 @@ async fn test_connection_cap_per_peer() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ok, "slot never freed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figures (not a test of speed: run by hand, in release)
+//   cargo test --release -p cairn-gateway --test security -- --ignored --nocapture
+// ---------------------------------------------------------------------------------------------
+
+/// `GET /hello` with `Connection: close`, read to the end.
+async fn one_request<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) {
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    assert!(buf.starts_with(b"HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run by hand in release"]
+async fn measure_bcrypt_and_handshakes() {
+    use std::time::Instant;
+    for cost in [10, 12] {
+        let h = bcrypt::hash("correct horse", cost).unwrap();
+        let t = Instant::now();
+        let n = 5;
+        for _ in 0..n {
+            assert!(bcrypt::verify("correct horse", &h).unwrap());
+        }
+        println!(
+            "bcrypt cost {cost}: {:.1} ms per verification",
+            t.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
+    }
+    let file = serde_json::json!([
+        {"username": "u", "password": bcrypt::hash("pw", 10).unwrap(), "perms": ["all"]}
+    ]);
+    let auth = Authenticator::from_json(file.to_string().as_bytes()).unwrap();
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::AUTHORIZATION,
+        Credentials::new("u", "pw").authorization(),
+    );
+    assert!(matches!(
+        auth.authorize(&h, Perm::Query.into()).await,
+        cairn_gateway::security::Decision::Allow(_)
+    ));
+    let t = Instant::now();
+    let n = 10_000;
+    for _ in 0..n {
+        assert!(matches!(
+            auth.authorize(&h, Perm::Query.into()).await,
+            cairn_gateway::security::Decision::Allow(_)
+        ));
+    }
+    println!(
+        "cached bcrypt user: {:.2} us per request",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+
+    let pki = Pki::new();
+    let gw1 = pki.node_tls("gw1", true);
+    let server = start(
+        hello_router().await,
+        Some(tls::node_server_config(&gw1).unwrap()),
+        Limits::default(),
+    )
+    .await;
+    let gw2 = pki.node_tls("gw2", true);
+    let resumed = tls::node_client_config(&gw2).unwrap();
+    let mut full = (*resumed).clone();
+    full.resumption = rustls::client::Resumption::disabled();
+    let n = 200;
+    for (what, cfg) in [
+        ("full handshake", Arc::new(full)),
+        ("resumed session", resumed),
+    ] {
+        let t = Instant::now();
+        for _ in 0..n {
+            let tcp = TcpStream::connect(server.addr).await.unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(ServerName::IpAddress(LOCAL.into()), tcp)
+                .await
+                .unwrap();
+            // The server's verdict on our certificate arrives with the first answer (TLS 1.3).
+            one_request(&mut s).await;
+        }
+        println!(
+            "mutual TLS ({what}) connection + one request on loopback: {:.2} ms",
+            t.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
+    }
+    let plain = start(hello_router().await, None, Limits::default()).await;
+    let t = Instant::now();
+    for _ in 0..n {
+        one_request(&mut TcpStream::connect(plain.addr).await.unwrap()).await;
+    }
+    println!(
+        "plain TCP connection + one request on loopback: {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3 / n as f64
+    );
 }

@@ -527,6 +527,18 @@ async fn test_node_mtls_refuses_clients_without_a_cluster_certificate() {
     let e = send(&rogue, Method::GET, &url, None, "").await.unwrap_err();
     assert!(e.contains("AlertReceived(UnknownCA)"), "{e}");
 
+    // A client-only certificate of the cluster CA (an operator's): refused on the Raft port.
+    let (oc, ok, _) = pki.issue("ops", &[], true);
+    let operator = client(Some(
+        tls::client_config(
+            &pki.ca_path(),
+            Some(tls::ReloadingCert::load(oc, ok).unwrap()),
+        )
+        .unwrap(),
+    ));
+    let e = get_hello(&operator, server.addr).await.unwrap_err();
+    assert!(e.contains("AlertReceived(UnsupportedCertificate)"), "{e}");
+
     // Plain text: refused.
     let plain = client(None);
     let http_url = format!("http://{}/hello", server.addr);

@@ -283,6 +283,23 @@ impl Credentials {
             Some(Credentials::new(percent_decode(user), percent_decode(pass))),
         )
     }
+
+    /// The credentials a CLI command sends, and its host without user-info: `user:pass@` in
+    /// `host` first, then `--user` (password from `CAIRN_PASSWORD`), then `CAIRN_USER` and
+    /// `CAIRN_PASSWORD`. `env` looks a variable up (`|k| std::env::var(k).ok()`).
+    pub fn for_cli(
+        host: &str,
+        user: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> (String, Option<Credentials>) {
+        let (host, in_url) = Credentials::split_url(host);
+        if in_url.is_some() {
+            return (host, in_url);
+        }
+        let user = user.map(str::to_string).or_else(|| env("CAIRN_USER"));
+        let creds = user.map(|u| Credentials::new(u, env("CAIRN_PASSWORD").unwrap_or_default()));
+        (host, creds)
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -950,6 +967,38 @@ mod tests {
         assert_eq!(
             Credentials::split_url("u:p@host:4001"),
             ("host:4001".to_string(), Some(Credentials::new("u", "p")))
+        );
+    }
+
+    #[test]
+    fn test_cli_credentials_precedence() {
+        let env = |k: &str| match k {
+            "CAIRN_USER" => Some("envuser".to_string()),
+            "CAIRN_PASSWORD" => Some("envpw".to_string()),
+            _ => None,
+        };
+        let none = |_: &str| None;
+        assert_eq!(
+            Credentials::for_cli("http://u:p@h:4001", Some("flag"), env),
+            ("http://h:4001".into(), Some(Credentials::new("u", "p")))
+        );
+        assert_eq!(
+            Credentials::for_cli("http://h:4001", Some("flag"), env),
+            (
+                "http://h:4001".into(),
+                Some(Credentials::new("flag", "envpw"))
+            )
+        );
+        assert_eq!(
+            Credentials::for_cli("http://h:4001", None, env),
+            (
+                "http://h:4001".into(),
+                Some(Credentials::new("envuser", "envpw"))
+            )
+        );
+        assert_eq!(
+            Credentials::for_cli("http://h:4001", None, none),
+            ("http://h:4001".into(), None)
         );
     }
 

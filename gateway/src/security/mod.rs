@@ -55,8 +55,10 @@
 //! over the Raft listener (node-to-node), never to the leader's public port.
 //!
 //! **Raft listener.** Its routes (`/raft/*`, ingress forwarding, key and high-water lookups)
-//! carry no [`auth`] check: mutual TLS is the check (`--node-verify-client`: no certificate
-//! of the cluster CA, no connection). None of them may be merged into the public router.
+//! carry no [`auth`] check: mutual TLS is the check (`--node-verify-client`: no node
+//! certificate of the cluster CA, no connection; a `--client` certificate of the same CA is
+//! refused too, see `tls::NodePeerVerifier`). None of them may be merged into the public
+//! router.
 //!
 //! **Node-to-node client.** `network::HttpClient::new` builds its connector with
 //! `tls::node_connector(http_connector, raft_client_tls)` (type `tls::NodeConnector`) and
@@ -68,9 +70,12 @@
 //! header (the password comes from this node's own auth file, as in rqlite); with HTTP TLS the
 //! join URL is `https://` and the client trusts `--http-ca-cert` (or `--node-ca-cert`).
 //!
-//! **CLI.** `Credentials::split_url` takes `user:pass@` out of `--host`; `CAIRN_USER` and
-//! `CAIRN_PASSWORD` or `--user` fill in otherwise; `tls::client_config(ca_cert, None)` is the
-//! `--ca-cert` trust for `https://` hosts.
+//! **CLI.** `Credentials::for_cli(host, --user, |k| std::env::var(k).ok())` gives the host
+//! without user-info and the credentials (URL, then `--user` + `CAIRN_PASSWORD`, then
+//! `CAIRN_USER`/`CAIRN_PASSWORD`); each request carries `creds.authorization()`.
+//! `tls::client_config(ca_cert, None)` is the `--ca-cert` trust for `https://` hosts (ureq
+//! takes a rustls `ClientConfig` only through its `rustls` feature; the hyper client with
+//! `tls::node_connector` works as it is).
 
 pub mod auth;
 pub mod certs;

@@ -29,12 +29,17 @@ use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::client::ResolvesClientCert;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -225,10 +230,7 @@ fn server_builder() -> io::Result<rustls::ConfigBuilder<ServerConfig, rustls::Wa
         .map_err(|e| invalid(format!("TLS protocol versions: {e}")))
 }
 
-fn client_verifier(
-    ca: &Path,
-    required: bool,
-) -> io::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+fn client_verifier(ca: &Path, required: bool) -> io::Result<Arc<dyn ClientCertVerifier>> {
     let b = WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, provider());
     let b = if required {
         b
@@ -258,15 +260,88 @@ pub fn http_server_config(t: &HttpTls) -> io::Result<Arc<ServerConfig>> {
     Ok(Arc::new(c))
 }
 
-/// The server config of the Raft listener (peers must present a certificate of the cluster
-/// CA when `verify_client` is set).
+/// The server config of the Raft listener: with `verify_client`, peers must present a node
+/// certificate of the cluster CA (see [`NodePeerVerifier`]).
 pub fn node_server_config(t: &NodeTls) -> io::Result<Arc<ServerConfig>> {
     let cert = ReloadingCert::load(&t.cert, &t.key)?;
+    let verifier = Arc::new(NodePeerVerifier {
+        inner: client_verifier(&t.ca_cert, t.verify_client)?,
+        roots: load_roots(&t.ca_cert)?,
+    });
     let mut c = server_builder()?
-        .with_client_cert_verifier(client_verifier(&t.ca_cert, t.verify_client)?)
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     c.alpn_protocols = vec![HTTP1.to_vec()];
     Ok(Arc::new(c))
+}
+
+/// The client-certificate check of the Raft listener: a certificate of the cluster CA that
+/// is also valid for server authentication, i.e. a node certificate. A `cairn certs issue
+/// --client` certificate (operators, HTTP clients) of the same CA is refused, so handing one
+/// to a user never lets them speak Raft.
+#[derive(Debug)]
+pub struct NodePeerVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    roots: Arc<RootCertStore>,
+}
+
+impl ClientCertVerifier for NodePeerVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        cert.verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose))?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The client config for node-to-node requests: trusts only the cluster CA and presents this

@@ -73,9 +73,10 @@
 //! **CLI.** `Credentials::for_cli(host, --user, |k| std::env::var(k).ok())` gives the host
 //! without user-info and the credentials (URL, then `--user` + `CAIRN_PASSWORD`, then
 //! `CAIRN_USER`/`CAIRN_PASSWORD`); each request carries `creds.authorization()`.
-//! `tls::client_config(ca_cert, None)` is the `--ca-cert` trust for `https://` hosts (ureq
-//! takes a rustls `ClientConfig` only through its `rustls` feature; the hyper client with
-//! `tls::node_connector` works as it is).
+//! For `--ca-cert`: the hyper client takes `tls::node_connector(http, Some(tls::client_config(
+//! ca_cert, None)?))` as it is; ureq (built without TLS today) needs its `rustls-no-provider`
+//! feature plus ring through rustls, and its own `TlsConfig` with the CA from
+//! `tls::load_certs` (its `rustls` feature would also pull webpki-roots, unwanted here).
 
 pub mod auth;
 pub mod certs;

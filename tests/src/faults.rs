@@ -512,9 +512,12 @@ impl Env {
         let scratch = tempfile::tempdir().expect("scratch dir");
         let config = scratch.path().join("cairn.toml");
         std::fs::write(&config, STREAM_CONFIG).expect("writing cairn.toml");
-        let opts = Options {
-            extra: vec!["--config".into(), config.display().to_string()],
-        };
+        let mut extra = vec!["--config".into(), config.display().to_string()];
+        if place.is_some() {
+            // Nodes in their own namespaces listen beyond loopback, without auth or node TLS.
+            extra.push("--insecure".into());
+        }
+        let opts = Options { extra };
         let cluster = Cluster::start_placed(cfg.nodes, opts, place);
         cluster.execute(&stmts(&[
             "CREATE TABLE reg (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",

@@ -3,8 +3,8 @@
 use core::cell::RefCell;
 
 use cairn_protocol::{
-    Ack, BatchEncoder, DeviceSession, EncodeError, ErrorCode, FrameError, GatewayAddr, HEADER_LEN,
-    KEY_LEN, MAX_FRAME, Message, Ping, Record, Welcome, read_frame_len,
+    Ack, BatchEncoder, DeviceSession, EncodeError, ErrorCode, FrameError, FrameReassembler,
+    GatewayAddr, KEY_LEN, MAX_FRAME, Message, Ping, Record, Welcome,
 };
 use embassy_futures::select::{Either, Either3, select, select3};
 use embassy_sync::blocking_mutex::Mutex;
@@ -376,10 +376,9 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
     /// Own the connection forever with a RAM-only outbox: connect, hand-shake, send, retry,
     /// fail over. Run it in its own task; it only returns if dropped.
     ///
-    /// On the host it runs on any executor whose wakers embassy-time's driver accepts, e.g. a
-    /// tokio `current_thread` runtime with embassy-time's `std` + `generic-queue-*` features
-    /// (the client is `!Send` with `NoopRawMutex`; use a `LocalSet`). `tests/tokio_tcp.rs`
-    /// shows a complete tokio transport.
+    /// On the host it runs on a tokio `current_thread` runtime inside a `LocalSet` (the client
+    /// is `!Send` with `NoopRawMutex`) with this crate's features `std` (the time driver) and
+    /// `tokio` (the transport, `tokio::TcpTransport`).
     pub async fn run<T: Transport>(&self, transport: &mut T, config: &Config<'_>) -> ! {
         self.run_with_store(transport, config, &mut RamOnly).await
     }
@@ -406,7 +405,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             sessions: 0,
             ping_nonce: 0,
             tx: [0; MAX_FRAME],
-            rx: [0; RX_MAX],
+            rx: FrameReassembler::new(),
             batch: [0; MAX_FRAME],
         };
         loop {
@@ -510,7 +509,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         link: &mut Link,
         addr: GatewayAddr,
     ) -> End {
-        let mut rx = FrameReader::new();
+        link.rx.reset();
         self.lock(|s| s.stats.state = ConnectionState::Handshaking);
         let hello = link
             .session
@@ -522,27 +521,22 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         // Handshake: the first answer decides.
         let deadline = Instant::now() + config.response_timeout;
         let welcome: Welcome = loop {
-            let n = match embassy_time::with_deadline(deadline, rx.fill(conn, &mut link.rx)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(why)) => return End::Failed(why),
-                Err(_) => return End::Failed(Why::Timeout),
+            let msg = match embassy_time::with_deadline(deadline, fill(conn, &mut link.rx)).await {
+                Ok(Ok(())) => link.receive(),
+                Ok(Err(why)) => Err(why),
+                Err(_) => Err(Why::Timeout),
             };
-            let msg = match link.session.decode(&mut link.rx[..n]) {
-                Ok(m) => m,
-                Err(e) => return End::Failed(Why::Frame(e)),
-            };
-            let msg = Owned::from(msg);
-            rx.consume(&mut link.rx, n);
             match msg {
-                Owned::Welcome(w) => break w,
-                Owned::Redirect(to) => return End::Redirect(to.resolve(addr.ip)),
-                Owned::Error(code) => return gateway_error(code),
-                Owned::Ping(nonce) => {
+                Err(why) => return End::Failed(why),
+                Ok(Owned::Welcome(w)) => break w,
+                Ok(Owned::Redirect(to)) => return End::Redirect(to.resolve(addr.ip)),
+                Ok(Owned::Error(code)) => return gateway_error(code),
+                Ok(Owned::Ping(nonce)) => {
                     if let Err(end) = link.pong(conn, config, nonce).await {
                         return end;
                     }
                 }
-                _ => return End::Failed(Why::Frame(FrameError::Unexpected)),
+                Ok(_) => return End::Failed(Why::Frame(FrameError::Unexpected)),
             }
         };
 
@@ -608,19 +602,18 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 last_rx + config.ping_interval
             };
             match select3(
-                rx.fill(conn, &mut link.rx),
+                fill(conn, &mut link.rx),
                 self.pushed.wait(),
                 Timer::at(deadline),
             )
             .await
             {
-                Either3::First(Ok(n)) => {
+                Either3::First(Ok(())) => {
                     last_rx = Instant::now();
-                    let msg = match link.session.decode(&mut link.rx[..n]) {
-                        Ok(m) => Owned::from(m),
-                        Err(e) => return End::Failed(Why::Frame(e)),
+                    let msg = match link.receive() {
+                        Ok(m) => m,
+                        Err(why) => return End::Failed(why),
                     };
-                    rx.consume(&mut link.rx, n);
                     match msg {
                         Owned::Ack(ack) => {
                             if ack.through_seq > acked {
@@ -766,7 +759,7 @@ struct Link {
     sessions: u64,
     ping_nonce: u32,
     tx: [u8; MAX_FRAME],
-    rx: [u8; RX_MAX],
+    rx: FrameReassembler<RX_MAX>,
     batch: [u8; MAX_FRAME],
 }
 
@@ -792,6 +785,17 @@ impl Link {
             Ok(Err(e)) => Err(End::Failed(Why::Transport(e))),
             Err(_) => Err(End::Failed(Why::Timeout)),
         }
+    }
+
+    /// Decodes the frame [`fill`] found in `rx`, copying out what the run loop needs.
+    fn receive(&mut self) -> Result<Owned, Why> {
+        let frame = self
+            .rx
+            .next_frame()
+            .map_err(Why::Frame)?
+            .ok_or(Why::Frame(FrameError::Truncated))?;
+        let msg = self.session.decode(frame).map_err(Why::Frame)?;
+        Ok(Owned::from(msg))
     }
 
     async fn pong<C: Connection>(
@@ -875,45 +879,15 @@ impl From<Message<'_>> for Owned {
     }
 }
 
-/// Reassembles frames from the byte stream in the run loop's receive buffer. Keeps its fill
-/// level across cancelled reads, so racing `fill` against timers loses nothing.
-struct FrameReader {
-    filled: usize,
-}
-
-impl FrameReader {
-    fn new() -> Self {
-        Self { filled: 0 }
-    }
-
-    /// Read until `buf` starts with a whole frame; returns its length.
-    async fn fill<C: Connection>(
-        &mut self,
-        conn: &mut C,
-        buf: &mut [u8; RX_MAX],
-    ) -> Result<usize, Why> {
-        loop {
-            if self.filled >= HEADER_LEN {
-                let header: &[u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("12 bytes");
-                let len = read_frame_len(header).map_err(Why::Frame)?;
-                if len > RX_MAX {
-                    return Err(Why::Frame(FrameError::TooLarge));
-                }
-                if self.filled >= len {
-                    return Ok(len);
-                }
-            }
-            match conn.read(&mut buf[self.filled..]).await {
-                Ok(0) => return Err(Why::Closed),
-                Ok(n) => self.filled += n,
-                Err(e) => return Err(Why::Transport(e)),
-            }
+/// Reads until `rx` holds a whole frame (take it with [`Link::receive`]). Cancel-safe: bytes
+/// read stay in `rx` when a timer or a push wins the race against this read.
+async fn fill<C: Connection>(conn: &mut C, rx: &mut FrameReassembler<RX_MAX>) -> Result<(), Why> {
+    while !rx.frame_ready().map_err(Why::Frame)? {
+        match conn.read(rx.read_buf()).await {
+            Ok(0) => return Err(Why::Closed),
+            Ok(n) => rx.commit(n),
+            Err(e) => return Err(Why::Transport(e)),
         }
     }
-
-    /// Drop the first frame (`len` bytes) after it was decoded.
-    fn consume(&mut self, buf: &mut [u8; RX_MAX], len: usize) {
-        buf.copy_within(len..self.filled, 0);
-        self.filled -= len;
-    }
+    Ok(())
 }

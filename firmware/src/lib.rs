@@ -17,6 +17,8 @@ pub mod host_time;
 pub mod outbox;
 pub mod record;
 pub mod store;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod transport;
 
 pub use cairn_protocol::{ErrorCode, GatewayAddr, KEY_LEN, MAX_BLOB, MAX_VALUES};

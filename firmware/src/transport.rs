@@ -5,9 +5,8 @@
 //! connection concurrently, and bounds every call with its own timeout (dropping the future
 //! when it expires). An implementation therefore needs no timers of its own.
 //!
-//! Implementations in this crate: `embassy_net::TcpTransport` (feature `embassy-net`).
-//! On the host (tests, `cairn sim`) implement it over tokio's `TcpStream`; see
-//! `tests/tokio_tcp.rs` for a complete one.
+//! Implementations in this crate: `embassy_net::TcpTransport` (feature `embassy-net`) on
+//! devices and `tokio::TcpTransport` (feature `tokio`) on the host (`cairn sim`, tests).
 
 use cairn_protocol::GatewayAddr;
 

@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
+use cairn_firmware::tokio::{TokioConnection, read_frame};
 use cairn_firmware::{
-    Client, Config, Connection, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
+    Client, Config, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
 };
 use cairn_protocol::{
-    Ack, BatchView, GatewaySession, HEADER_LEN, MAX_FRAME, Message, Pong, Welcome, read_frame_len,
+    Ack, BatchView, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong, Welcome,
 };
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncWriteExt, DuplexStream};
 
 const DEVICES: u64 = 1000;
 const RECORDS: u64 = 20;
@@ -27,47 +28,21 @@ struct Fleet {
     store: Store,
 }
 
-struct Pipe(DuplexStream);
-
 impl Transport for Fleet {
-    type Connection<'a> = Pipe;
-    async fn connect(&mut self, _: GatewayAddr) -> Result<Pipe, TransportError> {
+    type Connection<'a> = TokioConnection<DuplexStream>;
+    async fn connect(&mut self, _: GatewayAddr) -> Result<Self::Connection<'_>, TransportError> {
         let (device, gateway) = tokio::io::duplex(4096);
         tokio::task::spawn_local(serve(gateway, self.store.clone()));
-        Ok(Pipe(device))
+        Ok(TokioConnection::new(device))
     }
-}
-
-impl Connection for Pipe {
-    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        self.0.read(buf).await.map_err(|_| TransportError::Reset)
-    }
-    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
-        self.0.write(buf).await.map_err(|_| TransportError::Reset)
-    }
-    async fn flush(&mut self) -> Result<(), TransportError> {
-        Ok(())
-    }
-    async fn close(&mut self) {
-        let _ = self.0.shutdown().await;
-    }
-}
-
-async fn read_frame(s: &mut DuplexStream) -> Option<Vec<u8>> {
-    let mut header = [0u8; HEADER_LEN];
-    s.read_exact(&mut header).await.ok()?;
-    let len = read_frame_len(&header).ok()?;
-    let mut frame = header.to_vec();
-    frame.resize(len, 0);
-    s.read_exact(&mut frame[HEADER_LEN..]).await.ok()?;
-    Some(frame)
 }
 
 async fn serve(mut s: DuplexStream, store: Store) {
-    let Some(hello) = read_frame(&mut s).await else {
+    let mut frames = FrameReassembler::<MAX_FRAME>::new();
+    let Ok(Some(hello)) = read_frame(&mut s, &mut frames).await else {
         return;
     };
-    let mut session = GatewaySession::accept(&KEY, &hello).expect("hello");
+    let mut session = GatewaySession::accept(&KEY, hello).expect("hello");
     let device = session.hello().device_id;
     let mut out = [0u8; MAX_FRAME];
     let hw = store.borrow().get(&device).map_or(0, |v| v.len() as u64);
@@ -80,8 +55,8 @@ async fn serve(mut s: DuplexStream, store: Store) {
         .encode(&Message::Welcome(welcome), &mut out)
         .unwrap();
     s.write_all(&out[..n]).await.unwrap();
-    while let Some(mut frame) = read_frame(&mut s).await {
-        let reply = match session.decode(&mut frame).unwrap() {
+    while let Ok(Some(frame)) = read_frame(&mut s, &mut frames).await {
+        let reply = match session.decode(frame).unwrap() {
             Message::Batch(view) => {
                 let view = BatchView::parse(view.as_bytes()).unwrap();
                 let mut store = store.borrow_mut();

@@ -1,55 +1,18 @@
-//! The client over real loopback TCP on a tokio current-thread runtime: the shape `cairn sim`
-//! uses. `TokioTransport` below is a complete host transport.
+//! The client over real loopback TCP on a tokio current-thread runtime with the crate's host
+//! adapter (`cairn_firmware::tokio`, feature `tokio`): the shape `cairn sim` uses.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
-use cairn_firmware::{
-    Client, Config, Connection, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
-};
+use cairn_firmware::tokio::{TcpTransport, read_frame};
+use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, Value};
 use cairn_protocol::{
-    Ack, BatchView, GatewaySession, HEADER_LEN, MAX_FRAME, Message, Pong, Welcome, read_frame_len,
+    Ack, BatchView, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong, Welcome,
 };
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A host transport over tokio's `TcpStream`.
-struct TokioTransport;
-
-struct TokioConnection(TcpStream);
-
-impl Transport for TokioTransport {
-    type Connection<'a> = TokioConnection;
-
-    async fn connect(&mut self, addr: GatewayAddr) -> Result<TokioConnection, TransportError> {
-        let addr = std::net::SocketAddrV4::from(addr);
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|_| TransportError::ConnectFailed)?;
-        stream
-            .set_nodelay(true)
-            .map_err(|_| TransportError::Other)?;
-        Ok(TokioConnection(stream))
-    }
-}
-
-impl Connection for TokioConnection {
-    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        // tokio's read is cancel-safe, as the contract requires.
-        self.0.read(buf).await.map_err(|_| TransportError::Reset)
-    }
-    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
-        self.0.write(buf).await.map_err(|_| TransportError::Reset)
-    }
-    async fn flush(&mut self) -> Result<(), TransportError> {
-        self.0.flush().await.map_err(|_| TransportError::Reset)
-    }
-    async fn close(&mut self) {
-        let _ = self.0.shutdown().await;
-    }
-}
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 
 const KEY: [u8; 32] = [9; 32];
 
@@ -60,24 +23,15 @@ struct Gateway {
     connections: u32,
 }
 
-async fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut header = [0u8; HEADER_LEN];
-    s.read_exact(&mut header).await.ok()?;
-    let len = read_frame_len(&header).ok()?;
-    let mut frame = header.to_vec();
-    frame.resize(len, 0);
-    s.read_exact(&mut frame[HEADER_LEN..]).await.ok()?;
-    Some(frame)
-}
-
 /// A minimal gateway: real sessions, commits immediately, closes the first connection after
 /// 500 records to make the device reconnect.
 async fn gateway(listener: TcpListener, state: Rc<RefCell<Gateway>>) {
     loop {
         let (mut s, _) = listener.accept().await.unwrap();
         state.borrow_mut().connections += 1;
-        let hello = read_frame(&mut s).await.unwrap();
-        let mut session = GatewaySession::accept(&KEY, &hello).unwrap();
+        let mut frames = FrameReassembler::<MAX_FRAME>::new();
+        let hello = read_frame(&mut s, &mut frames).await.unwrap().unwrap();
+        let mut session = GatewaySession::accept(&KEY, hello).unwrap();
         let mut out = [0u8; MAX_FRAME];
         let hw = state.borrow().hw;
         let n = session
@@ -91,8 +45,8 @@ async fn gateway(listener: TcpListener, state: Rc<RefCell<Gateway>>) {
             )
             .unwrap();
         s.write_all(&out[..n]).await.unwrap();
-        while let Some(mut frame) = read_frame(&mut s).await {
-            let reply = match session.decode(&mut frame).unwrap() {
+        while let Ok(Some(frame)) = read_frame(&mut s, &mut frames).await {
+            let reply = match session.decode(frame).unwrap() {
                 Message::Batch(view) => {
                     let view = BatchView::parse(view.as_bytes()).unwrap();
                     let mut g = state.borrow_mut();
@@ -146,7 +100,7 @@ fn test_client_over_loopback_tcp_on_tokio_local_set() {
             let mut config = Config::new(7, KEY, 1, gateways);
             config.backoff_floor = embassy_time::Duration::from_millis(1);
             config.backoff_base = embassy_time::Duration::from_millis(5);
-            client.run(&mut TokioTransport, &config).await
+            client.run(&mut TcpTransport::new(), &config).await
         });
 
         let started = std::time::Instant::now();
@@ -171,5 +125,44 @@ fn test_client_over_loopback_tcp_on_tokio_local_set() {
         let g = state.borrow();
         assert_eq!(g.values, (0..2000).collect::<Vec<_>>());
         assert_eq!(g.connections, 2);
+    });
+}
+
+/// `read_frame`'s ends: a clean end between frames, a stream cut inside a frame, a bad header.
+#[test]
+fn read_frame_ends() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Ping header, length 17 (1 body byte + tag), then body and tag.
+        let mut frame = vec![0x43, 0x52, 0x01, 0x07, 0x11, 0, 0, 0, 1, 0, 0, 0];
+        frame.resize(29, 0);
+        let mut frames = FrameReassembler::<MAX_FRAME>::new();
+
+        let two = [&frame[..], &frame[..]].concat();
+        let mut input = &two[..];
+        for _ in 0..2 {
+            let got = read_frame(&mut input, &mut frames).await.unwrap().unwrap();
+            assert_eq!(got, &frame[..]);
+        }
+        assert!(read_frame(&mut input, &mut frames).await.unwrap().is_none());
+
+        frames.reset();
+        let mut cut = &frame[..20];
+        let e = read_frame(&mut cut, &mut frames).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+
+        frames.reset();
+        let mut bad = frame.clone();
+        bad[2] = 9;
+        let e = read_frame(&mut &bad[..], &mut frames).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(
+            e.get_ref()
+                .unwrap()
+                .downcast_ref::<cairn_protocol::FrameError>(),
+            Some(&cairn_protocol::FrameError::UnsupportedVersion)
+        );
     });
 }

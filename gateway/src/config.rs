@@ -20,11 +20,11 @@
 //! election_timeout_max_ms = 300
 //! snapshot_threshold = 8192          # entries since the last snapshot
 //! snapshot_keep_logs = 1024          # entries kept in the log behind a snapshot
-//! write_batch_max = 1024             # commands per group-commit submission
+//! write_batch_max = 1024             # commands per proposal to Raft (the write queue)
 //! write_queue_depth = 8192           # bounded queue in front of Raft
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
-//! undeclared_streams = "telemetry"   # or "reject"; see `schema.rs` for [[stream]] tables
+//! undeclared_streams = "telemetry"   # or "reject"; see `db/schema.rs` for [[stream]] tables
 //! # security (see `security/mod.rs`); names as rqlite's flags
 //! auth = "/etc/cairn/auth.json"      # rqlite's users/passwords/perms file
 //! http_cert = "/etc/cairn/tls/gw1.crt"
@@ -72,14 +72,14 @@ pub struct NodeConfig {
     pub snapshot_keep_logs: u64,
     pub write_batch_max: usize,
     pub write_queue_depth: usize,
-    /// MiB of flushed Raft entries kept in memory (see [`crate::log_store`]); lower it on
+    /// MiB of flushed Raft entries kept in memory (see [`crate::raft::log_store`]); lower it on
     /// boards with little RAM, replication then reads older entries back from disk.
     pub log_cache_mib: usize,
     /// Device address advertised to devices as the leader hint (default: the bound address).
     pub device_adv_addr: Option<String>,
-    /// Device stream tables (`[[stream]]`), see [`crate::schema`].
-    pub stream: Vec<crate::schema::StreamDef>,
-    pub undeclared_streams: crate::schema::Undeclared,
+    /// Device stream tables (`[[stream]]`), see [`crate::db::schema`].
+    pub stream: Vec<crate::db::schema::StreamDef>,
+    pub undeclared_streams: crate::db::schema::Undeclared,
     /// rqlite's auth file (users, passwords, permissions); without it the HTTP API is open.
     pub auth: Option<PathBuf>,
     pub http_cert: Option<PathBuf>,
@@ -130,7 +130,7 @@ impl Default for NodeConfig {
             log_cache_mib: 64,
             device_adv_addr: None,
             stream: Vec::new(),
-            undeclared_streams: crate::schema::Undeclared::Telemetry,
+            undeclared_streams: crate::db::schema::Undeclared::Telemetry,
             auth: None,
             http_cert: None,
             http_key: None,
@@ -384,8 +384,8 @@ impl NodeConfig {
     }
 
     /// The device stream mapping these settings declare.
-    pub fn schema(&self) -> crate::schema::Schema {
-        crate::schema::Schema {
+    pub fn schema(&self) -> crate::db::schema::Schema {
+        crate::db::schema::Schema {
             streams: self.stream.clone(),
             undeclared: self.undeclared_streams,
         }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use cairn_gateway::cli;
+use cairn_gateway::cli::device as admin;
 use cairn_gateway::config::{LogFormat, NodeArgs, NodeConfig};
-use cairn_gateway::ingress::admin;
 
 #[derive(Parser)]
 #[command(
@@ -48,7 +48,8 @@ enum Cmd {
         host: String,
     },
     /// Run simulated devices (the real firmware client) against gateways' device ports.
-    Sim(cairn_gateway::sim::SimArgs),
+    #[cfg(feature = "sim")]
+    Sim(cairn_sim::SimArgs),
     /// Manage the devices allowed on the device port.
     Device {
         #[command(subcommand)]
@@ -87,19 +88,20 @@ fn main() -> std::process::ExitCode {
     let result = match args.command {
         Cmd::Node(a) => NodeConfig::resolve(&a).and_then(|c| {
             cli::init_logging(c.log_format, &c.log_level);
-            cli::runtime()?.block_on(cairn_gateway::node::run(c, cli::shutdown_signal()))
+            cli::runtime()?.block_on(cairn_gateway::daemon::run(c, cli::shutdown_signal()))
         }),
         Cmd::Dev {
             data_dir,
             log_format,
         } => {
             cli::init_logging(log_format, "info");
-            cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir)))
+            cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, dev_fleet)))
         }
         Cmd::Shell { host } => cli::shell(&host),
         Cmd::Backup { file, host } => cli::backup(&host, &file),
         Cmd::Restore { file, host } => cli::restore(&host, &file),
-        Cmd::Sim(a) => cairn_gateway::sim::run(a),
+        #[cfg(feature = "sim")]
+        Cmd::Sim(a) => cairn_sim::run(a, cli::shutdown_signal()),
         Cmd::Device { command, host } => match command {
             DeviceCmd::Add { id, key } => admin::add(&host, id, &key),
             DeviceCmd::List => admin::list(&host),
@@ -115,3 +117,37 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// `cairn dev`'s fleet: five simulated devices at two records a second against the three
+/// local nodes, on a thread of their own (they stop with the process).
+#[cfg(feature = "sim")]
+fn dev_fleet(host: &str, device_addrs: &[String]) {
+    let args = cairn_sim::SimArgs {
+        devices: 5,
+        rate: 2.0,
+        gateways: device_addrs.join(","),
+        duration: None,
+        json: false,
+        host: host.to_string(),
+        first_id: 1,
+        stream: 1,
+        drain: 0.0,
+        threads: Some(1),
+        report: None,
+        quiet: true,
+    };
+    println!(
+        "  5 simulated devices (ids 1-5) push 2 records/s each into table readings:\n  \
+         curl -G '{host}/db/query?pretty' --data-urlencode \\\n    \
+         'q=SELECT device_id, count(*), max(time) FROM readings GROUP BY device_id'"
+    );
+    std::thread::spawn(move || {
+        if let Err(e) = cairn_sim::run(args, std::future::pending()) {
+            eprintln!("cairn dev: simulated devices stopped: {e:#}");
+        }
+    });
+}
+
+/// Without the `sim` feature `cairn dev` runs its three nodes only.
+#[cfg(not(feature = "sim"))]
+fn dev_fleet(_host: &str, _device_addrs: &[String]) {}

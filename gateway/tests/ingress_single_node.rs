@@ -5,58 +5,44 @@
 //! three times stored once, and every kind of bad frame rejected with its code while a good
 //! device keeps streaming on another connection.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_gateway::ingress::metrics::METRICS;
-use cairn_gateway::ingress::{Ingress, IngressConfig, forward};
-use cairn_gateway::log_store::LogStore;
-use cairn_gateway::network::{HttpClient, Network, full};
-use cairn_gateway::raft_types::{Peer, Raft};
-use cairn_gateway::schema::{Column, ColumnType, Schema, StreamDef, Undeclared};
-use cairn_gateway::state_machine::{StateMachine, Store};
+use cairn_gateway::config::NodeConfig;
+use cairn_gateway::db::Store;
+use cairn_gateway::db::schema::{Column, ColumnType, StreamDef, Undeclared};
+use cairn_gateway::metrics::Metrics;
+use cairn_gateway::raft::Raft;
+use cairn_gateway::raft::network::{HttpClient, full};
 use cairn_protocol::{
     BatchEncoder, DeviceSession, ErrorCode, HEADER_LEN, MAX_FRAME, Message, Record, Value, Welcome,
     read_frame_len,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 struct Node {
+    /// Keeps the listeners serving (dropping it stops them).
+    _started: cairn_gateway::daemon::Started,
     _dir: tempfile::TempDir,
     raft: Raft,
     store: Arc<Store>,
+    metrics: Arc<Metrics>,
     device_addr: String,
     http_addr: String,
 }
 
+/// One bootstrapped node from the composition root, every listener on a port the OS picks.
 async fn start_node() -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let log = LogStore::open(&dir.path().join("raft.db")).unwrap();
-    let sm = StateMachine::open(&dir.path().join("sm")).unwrap();
-    let store = sm.store();
-    let config = Arc::new(openraft::Config::default().validate().unwrap());
-    let http = HttpClient::new();
-    let raft = Raft::new(1, config, Network::new(http.clone()), log, sm)
-        .await
-        .unwrap();
-    let device_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let device_addr = device_listener.local_addr().unwrap().to_string();
-    let http_addr = http_listener.local_addr().unwrap().to_string();
-    let peer = Peer {
-        raft_addr: "127.0.0.1:1".into(),
-        http_addr: http_addr.clone(),
-        device_addr: device_addr.clone(),
-    };
-    raft.initialize(BTreeMap::from([(1, peer)])).await.unwrap();
-    raft.wait(Some(Duration::from_secs(10)))
-        .state(openraft::ServerState::Leader, "leader")
-        .await
-        .unwrap();
-    let schema = Schema {
-        streams: vec![StreamDef {
+    let config = NodeConfig {
+        node_id: 1,
+        data_dir: dir.path().to_path_buf(),
+        http_addr: "127.0.0.1:0".into(),
+        raft_addr: "127.0.0.1:0".into(),
+        device_addr: "127.0.0.1:0".into(),
+        bootstrap: true,
+        stream: vec![StreamDef {
             id: 1,
             table: "climate".into(),
             columns: vec![Column {
@@ -64,26 +50,24 @@ async fn start_node() -> Node {
                 ty: ColumnType::Real,
             }],
         }],
-        undeclared: Undeclared::Telemetry,
+        undeclared_streams: Undeclared::Telemetry,
+        ..NodeConfig::default()
     };
-    let ingress = Ingress::new(
-        raft.clone(),
-        store.clone(),
-        http,
-        IngressConfig {
-            schema,
-            ..IngressConfig::default()
-        },
-    );
-    tokio::spawn(ingress.clone().serve(device_listener));
-    let app = forward::routes(ingress);
-    tokio::spawn(async move { axum::serve(http_listener, app).await });
+    let started = cairn_gateway::daemon::start(config).await.unwrap();
+    let cluster = started.cluster.clone();
+    let raft = cluster.raft().clone();
+    raft.wait(Some(Duration::from_secs(10)))
+        .state(openraft::ServerState::Leader, "leader")
+        .await
+        .unwrap();
     Node {
+        _started: started,
         _dir: dir,
         raft,
-        store,
-        device_addr,
-        http_addr,
+        store: cluster.store().clone(),
+        metrics: cluster.metrics().clone(),
+        device_addr: cluster.peer().device_addr.clone(),
+        http_addr: cluster.peer().http_addr.clone(),
     }
 }
 
@@ -299,7 +283,7 @@ async fn test_bad_frames_rejected_while_good_device_streams() {
         }
     });
 
-    let rejects = |code| METRICS.rejects.get(code);
+    let rejects = |code| node.metrics.rejects.get(code);
 
     // Unknown device: unsealed UnknownDevice.
     let before = rejects(ErrorCode::UnknownDevice);

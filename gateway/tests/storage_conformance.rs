@@ -1,8 +1,8 @@
 //! openraft's storage conformance suite against Cairn's SQLite log store and state machine.
 
-use cairn_gateway::log_store::LogStore;
-use cairn_gateway::raft_types::TypeConfig;
-use cairn_gateway::state_machine::StateMachine;
+use cairn_gateway::raft::TypeConfig;
+use cairn_gateway::raft::log_store::LogStore;
+use cairn_gateway::raft::state_machine::StateMachine;
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 
@@ -19,7 +19,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sql
         let dir = tempfile::tempdir().expect("temp dir");
         let log =
             LogStore::open_with_cache(&dir.path().join("raft.db"), self.cache).expect("open log");
-        let sm = StateMachine::open(&dir.path().join("sm")).expect("open state machine");
+        let sm = StateMachine::open(&dir.path().join("sm"), Default::default())
+            .expect("open state machine");
         Ok((dir, log, sm))
     }
 }
@@ -27,7 +28,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sql
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_openraft_storage_suite() {
     Suite::test_all(SqliteBuilder {
-        cache: cairn_gateway::log_store::CACHE_BYTES,
+        cache: cairn_gateway::raft::log_store::CACHE_BYTES,
     })
     .await
     .expect("conformance suite");

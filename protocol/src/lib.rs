@@ -7,7 +7,8 @@
 //! Nothing in this crate panics on input received from the network. Untrusted bytes enter
 //! through [`Frame::new_checked`], [`read_frame_len`], [`DeviceSession::decode`],
 //! [`GatewaySession::peek_hello`], [`GatewaySession::accept`], [`GatewaySession::decode`],
-//! [`Message::decode_body`] and [`BatchView::parse`]; each checks lengths before reading and
+//! [`Message::decode_body`], [`BatchView::parse`] and [`FrameReassembler`] (which takes any
+//! bytes in any chunks and calls in any order); each checks lengths before reading and
 //! reports a problem as an error value. Once [`Frame::new_checked`] (or [`Frame::check`]) has
 //! succeeded, no accessor of that frame panics. Accessors of a frame made with
 //! [`Frame::new_unchecked`], and [`FrameHeader::emit`] on a buffer shorter than
@@ -18,6 +19,7 @@ mod batch;
 mod error;
 mod frame;
 mod message;
+mod reassembler;
 mod security;
 mod session;
 
@@ -30,6 +32,7 @@ pub use frame::{FLAG_SALTED, FLAG_UNSEALED, Frame, FrameHeader, Kind, MAX_LENGTH
 pub use message::{
     Ack, Error, ErrorCode, GatewayAddr, Hello, Message, Ping, Pong, Redirect, Welcome,
 };
+pub use reassembler::FrameReassembler;
 pub use security::{
     Direction, KEY_LEN, MAX_NONCE_COUNTER, NONCE_LEN, SALT_LEN, XNONCE_LEN, nonce, open,
     salted_nonce, seal,

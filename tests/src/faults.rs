@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 
+use crate::device::{READINGS_CONFIG, sim_command};
 use crate::history::{Fate, Ledger, Recorder, Run};
+use crate::http::Client;
 use crate::linearizability::{self, Call, Ret, Verdict};
 use crate::nemesis::{Capabilities, Fault, SplitMix64, Step, Target, schedule};
 use crate::netns::{self, Net, NsGuard};
@@ -119,14 +121,14 @@ impl Outcome {
 /// a paused node does not stall its client for the whole step.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn client_agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .timeout_global(Some(timeout))
-        .timeout_connect(Some(Duration::from_millis(800)))
-        .build()
-        .into()
+/// How long the load's and the nemesis's connects may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// How long the nemesis waits for one `/status` answer.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
+
+fn client(timeout: Duration) -> Client {
+    Client::new(timeout, Some(CONNECT_TIMEOUT))
 }
 
 /// The answer to a request, classified for the checkers.
@@ -139,8 +141,9 @@ enum Answer {
     Unknown(String),
 }
 
-fn send(agent: &ureq::Agent, url: &str, body: &Json) -> Answer {
-    match agent.post(url).send_json(body) {
+fn send(client: &Client, url: &str, body: &Json) -> Answer {
+    // The transport error decides between Failed and Unknown, so this reads ureq's answer.
+    match client.agent().post(url).send_json(body) {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
             let text = resp.body_mut().read_to_string().unwrap_or_default();
@@ -217,7 +220,7 @@ fn client_loop(process: u32, load: Load) {
         ref acked,
         ..
     } = load;
-    let agent = client_agent(CLIENT_TIMEOUT);
+    let agent = client(CLIENT_TIMEOUT);
     let mut rng = SplitMix64::new(seed ^ (u64::from(process) << 40));
     let mut counter: i64 = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -272,13 +275,7 @@ fn client_loop(process: u32, load: Load) {
 }
 
 /// A read of one key at `level` (`Ret::Indeterminate` on any failure).
-fn read_register(
-    agent: &ureq::Agent,
-    node: &str,
-    key: &str,
-    level: &str,
-    load: Option<&Load>,
-) -> Ret {
+fn read_register(agent: &Client, node: &str, key: &str, level: &str, load: Option<&Load>) -> Ret {
     let body = json!([["SELECT v FROM reg WHERE k = ?", key]]);
     let url = format!("http://{node}/db/query?level={level}");
     let answer = match load {
@@ -296,23 +293,6 @@ fn read_register(
         _ => Ret::Indeterminate,
     }
 }
-
-/// A short-timeout `/status` that never panics (a paused node must not stall the nemesis).
-fn status(agent: &ureq::Agent, http: &str) -> Option<Json> {
-    let mut r = agent.get(format!("http://{http}/status")).call().ok()?;
-    if r.status() != 200 {
-        return None;
-    }
-    serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()
-}
-
-/// The stream the fleet pushes on, declared so records land in a table with `k` as a column.
-const STREAM_CONFIG: &str = r#"
-[[stream]]
-id = 1
-table = "readings"
-columns = [{ name = "k", type = "integer" }, { name = "temperature", type = "real" }]
-"#;
 
 /// True when this `cairn` has the `sim` command (device ingress landed).
 fn sim_available() -> bool {
@@ -344,15 +324,18 @@ impl Fleet {
         let leader = env
             .find_leader()
             .expect("a leader to register devices with");
-        let gateways: Vec<String> = env.cluster.nodes.iter().map(|n| n.device.clone()).collect();
+        let gateways: Vec<&str> = env
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| n.device.as_str())
+            .collect();
         let report = env.scratch.path().join("devices.jsonl");
         // Started from the hub thread, so the fleet lives in the hub namespace too.
-        let child = std::process::Command::new(cairn_bin())
-            .args(["sim", "--devices", &devices.to_string()])
+        let child = sim_command(&cairn_bin(), &gateways, &env.cluster.nodes[leader].url(""))
+            .args(["--devices", &devices.to_string()])
             .args(["--rate", &rate.to_string(), "--threads", "1"])
             .args(["--drain", "60", "--json", "--quiet"])
-            .args(["--gateways", &gateways.join(",")])
-            .args(["--host", &env.cluster.nodes[leader].url("")])
             .arg("--report")
             .arg(&report)
             .stdout(std::process::Stdio::piped())
@@ -445,11 +428,11 @@ struct Env {
     _hub: Option<NsGuard>,
     members: Members,
     paused: Vec<usize>,
-    agent: ureq::Agent,
+    agent: Client,
     log: Vec<String>,
     started: Instant,
     verbose: bool,
-    /// Config file and the fleet's report.
+    /// The fleet's report.
     scratch: tempfile::TempDir,
     /// Nodes that stopped without a fault that stops them, with their log tails.
     crashes: Vec<String>,
@@ -510,14 +493,16 @@ impl Env {
             (None, None, None)
         };
         let scratch = tempfile::tempdir().expect("scratch dir");
-        let config = scratch.path().join("cairn.toml");
-        std::fs::write(&config, STREAM_CONFIG).expect("writing cairn.toml");
-        let mut extra = vec!["--config".into(), config.display().to_string()];
-        if place.is_some() {
+        let opts = Options {
+            config: Some(READINGS_CONFIG.into()),
             // Nodes in their own namespaces listen beyond loopback, without auth or node TLS.
-            extra.push("--insecure".into());
-        }
-        let opts = Options { extra };
+            extra: if place.is_some() {
+                vec!["--insecure".into()]
+            } else {
+                Vec::new()
+            },
+            ..Options::default()
+        };
         let cluster = Cluster::start_placed(cfg.nodes, opts, place);
         cluster.execute(&stmts(&[
             "CREATE TABLE reg (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",
@@ -531,7 +516,7 @@ impl Env {
             _hub: hub,
             members: Arc::new(RwLock::new(members)),
             paused: Vec::new(),
-            agent: client_agent(Duration::from_millis(1500)),
+            agent: client(STATUS_TIMEOUT),
             log: Vec::new(),
             started: Instant::now(),
             verbose: cfg.verbose,
@@ -553,24 +538,12 @@ impl Env {
         (0..m.len()).filter(|&i| m[i].is_some()).collect()
     }
 
-    /// The member that says it leads with the highest term, polling for up to 20 s.
+    /// The leader ([`crate::leader_of`]) among the members that are not paused (removed
+    /// members are stopped), polling for up to 20 s.
     fn find_leader(&self) -> Option<usize> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            let mut best: Option<(u64, usize)> = None;
-            for i in self.member_indexes() {
-                if self.paused.contains(&i) {
-                    continue;
-                }
-                let Some(s) = status(&self.agent, &self.cluster.nodes[i].http) else {
-                    continue;
-                };
-                let term = s["raft"]["term"].as_u64().unwrap_or(0);
-                if s["raft"]["state"] == "Leader" && best.is_none_or(|(t, _)| term > t) {
-                    best = Some((term, i));
-                }
-            }
-            if let Some((_, i)) = best {
+            if let Some(i) = self.cluster.find_leader(&self.paused) {
                 return Some(i);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -708,15 +681,9 @@ impl Env {
                 };
                 self.note(format!("remove {t} (node {id}) from the membership"));
                 let url = self.cluster.nodes[l].url("/remove");
-                let agent = self.agent.clone();
                 let removed = poll(Duration::from_secs(30), "DELETE /remove to succeed", || {
-                    let r = agent
-                        .delete(&url)
-                        .force_send_body()
-                        .header("content-type", "application/json")
-                        .send(json!({ "id": id }).to_string())
-                        .ok()?;
-                    Some(r.status().as_u16() == 200)
+                    let r = self.agent.delete(&url, &json!({ "id": id }));
+                    (r.status != 0).then_some(r.status == 200)
                 });
                 if !removed {
                     return false;
@@ -756,7 +723,7 @@ impl Env {
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Some(s) = status(&self.agent, &self.cluster.nodes[i].http) {
+            if let Some(s) = self.cluster.nodes[i].status_within(STATUS_TIMEOUT) {
                 return s["raft"]["running"] != false;
             }
             if !self.cluster.nodes[i].is_running() {
@@ -895,7 +862,7 @@ pub fn run(cfg: &Config) -> Outcome {
 
     env.cluster.wait_converged();
     let leader = env.cluster.leader();
-    let final_agent = client_agent(Duration::from_secs(30));
+    let final_agent = client(Duration::from_secs(30));
     for k in 0..cfg.keys {
         let key = format!("k{k}");
         let p = rec.invoke(u32::MAX, &key, Call::Read);

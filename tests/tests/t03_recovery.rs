@@ -34,6 +34,7 @@ fn test_node_with_purged_log_catches_up_by_snapshot() {
         extra: ["--snapshot-threshold", "20", "--snapshot-keep-logs", "5"]
             .map(String::from)
             .to_vec(),
+        ..Options::default()
     };
     let mut c = Cluster::start_with(3, opts);
     c.execute(&stmts(&["CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT)"]));

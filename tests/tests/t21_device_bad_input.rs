@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use cairn_tests::device::read_frame as read_whole_frame;
 use cairn_tests::nemesis::SplitMix64;
 use cairn_tests::{Cluster, post, stmts};
 use serde_json::json;
@@ -42,13 +43,13 @@ fn connect(addr: &str) -> TcpStream {
 
 /// Reads one frame, or `None` when the gateway closed (or sent nothing for 10 s).
 fn read_frame(s: &mut TcpStream) -> Option<Frame> {
-    let mut h = [0u8; 12];
-    s.read_exact(&mut h).ok()?;
-    assert_eq!(&h[..3], b"CR\x01", "gateway sent a bad header {h:02x?}");
-    let len = u16::from_le_bytes([h[4], h[5]]) as usize;
-    let mut rest = vec![0u8; len];
-    s.read_exact(&mut rest).ok()?;
-    Some((h[3], h[6], rest))
+    let mut buf = [0u8; cairn_protocol::MAX_FRAME];
+    let len = match read_whole_frame(s, &mut buf) {
+        Ok(len) => len,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => panic!("gateway sent {e}"),
+        Err(_) => return None,
+    };
+    Some((buf[3], buf[6], buf[12..len].to_vec()))
 }
 
 /// After an error the gateway closes: the next read sees EOF (or a reset), not a hang.

@@ -8,6 +8,10 @@
 //! target/dist/cairn_<version>-1_<arch>.deb
 //! ```
 //!
+//! The packages hold the bare daemon: cairn-gateway without its default feature `sim`, so no
+//! `cairn sim`, no simulated devices in `cairn dev`, and neither cairn-firmware nor its
+//! embassy-time driver in the binary ([`check_bare_daemon`] keeps it that way).
+//!
 //! Cross builds link with Debian's cross gcc, which also compiles the bundled SQLite. The
 //! xtask sets the linker, `CC` and `AR` per target itself, so no `.cargo/config.toml` or
 //! shell environment is needed, and installs the gcc packages when they are missing.
@@ -102,7 +106,8 @@ pub fn ensure_toolchains(targets: &[&LinuxTarget]) -> Result<()> {
     crate::setup::ensure_packages(&wanted)
 }
 
-/// Builds the `cairn` binary for `target` with cargo profile `profile` and returns its path.
+/// Builds the bare `cairn` binary (no `sim` feature) for `target` with cargo profile `profile`
+/// and returns its path.
 /// All builds share the workspace's `target/` directory, so build scripts and proc macros
 /// are compiled once per profile, not once per target.
 pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
@@ -115,6 +120,7 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
         "cairn-gateway",
         "--bin",
         "cairn",
+        "--no-default-features",
         "--profile",
         profile,
         "--target",
@@ -144,6 +150,47 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
     Ok(binary)
 }
 
+/// Crates the bare daemon must not link: the device client and its host time driver come
+/// only with the `sim` feature.
+const NOT_IN_BARE_DAEMON: [&str; 3] = ["cairn-firmware", "cairn-sim", "embassy-time"];
+
+/// Checks that cairn-gateway without default features depends on none of
+/// [`NOT_IN_BARE_DAEMON`] and that it lints clean that way (code behind `sim` leaves nothing
+/// unused).
+pub fn check_bare_daemon() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tree = util::output(Command::new(cargo).current_dir(util::root()).args([
+        "tree",
+        "--locked",
+        "-p",
+        "cairn-gateway",
+        "--no-default-features",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+    ]))?;
+    let linked: Vec<&str> = tree
+        .lines()
+        .filter(|line| {
+            let name = line.split_whitespace().next().unwrap_or("");
+            NOT_IN_BARE_DAEMON.contains(&name)
+        })
+        .collect();
+    if !linked.is_empty() {
+        bail!("cairn-gateway --no-default-features depends on {linked:?}");
+    }
+    util::cargo(&[
+        "clippy",
+        "-p",
+        "cairn-gateway",
+        "--no-default-features",
+        "--",
+        "-D",
+        "warnings",
+    ])
+}
+
 /// The output directory of `cargo xtask dist`.
 pub fn out_dir() -> PathBuf {
     util::root().join("target").join("dist")
@@ -153,7 +200,8 @@ const HELP: &str = "\
 cargo xtask dist [--target TRIPLE]...
 
 Builds `cairn` with the `dist` profile (opt-level s, fat LTO, one codegen unit, stripped,
-panic=abort) and a Debian package per target into target/dist/. Without --target, all of:
+panic=abort) and without the `sim` feature (no `cairn sim`), and a Debian package per target
+into target/dist/. Without --target, all of:
   aarch64-unknown-linux-gnu (arm64), armv7-unknown-linux-gnueabihf (armhf),
   x86_64-unknown-linux-gnu (amd64)
 ";

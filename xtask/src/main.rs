@@ -131,7 +131,7 @@ fn test(_args: &[String]) -> Result<()> {
         })?;
     }
     util::step("cairn-firmware with all host features", || {
-        let features = "flash-outbox,embassy-net,log";
+        let features = "flash-outbox,embassy-net,log,tokio";
         util::cargo(&[
             "clippy",
             "-p",
@@ -145,6 +145,7 @@ fn test(_args: &[String]) -> Result<()> {
         ])?;
         util::cargo(&["test", "-p", "cairn-firmware", "--features", features])
     })?;
+    util::step("bare daemon (no sim feature)", dist::check_bare_daemon)?;
     util::step("workspace tests", || util::cargo(&["test", "--workspace"]))?;
     faults::test_step()?;
     // The ARM gateway: cross-built, packaged as .deb, run under qemu-user.

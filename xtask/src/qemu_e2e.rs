@@ -1,19 +1,17 @@
 //! `cargo xtask qemu` (no option): the firmware image with the Cairn client against a real
-//! 3-node `cairn` cluster on loopback. The device is registered, the image boots under
-//! qemu-system-arm and pushes through QEMU's user network (the host's 127.0.0.1 is
+//! 3-node `cairn` cluster on loopback (the test harness's [`Cluster`]). The device is
+//! registered, the image boots under qemu-system-arm and pushes through QEMU's user network (the host's 127.0.0.1 is
 //! 10.0.2.2), the leader is killed with SIGKILL while the image is pushing, and afterwards
 //! the HTTP API must show every record the device counted as acknowledged stored exactly
 //! once, with the values the fake sensor produced. Prints
 //! `qemu e2e: pushed=N acked=N stored=N duplicates=0`.
 
-use crate::bench::cairn::Cluster;
-use crate::bench::http;
 use crate::bench::proc::scratch;
 use crate::boards::QEMU;
 use crate::qemu::{Image, ensure_defmt_print};
 use crate::util::step;
 use anyhow::{Context, Result, bail, ensure};
-use std::path::PathBuf;
+use cairn_tests::{Cluster, Node, Options, cairn_bin};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -37,38 +35,39 @@ pub fn run() -> Result<()> {
     power_cut()
 }
 
-/// `CAIRN_BIN` runs a `cairn` built elsewhere; by default the workspace's debug build (the
-/// one `cargo test` already built).
-fn cairn_binary() -> Result<PathBuf> {
-    Ok(match std::env::var_os("CAIRN_BIN") {
-        Some(bin) => bin.into(),
-        None => {
-            crate::util::cargo(&["build", "--quiet", "-p", "cairn-gateway", "--bin", "cairn"])?;
-            crate::util::root().join("target/debug/cairn")
-        }
-    })
-}
-
-/// A fresh 3-node cluster with `device` registered, and the image's `gateways=` setting:
-/// every node's device port as QEMU's guest sees it, the leader's first.
+/// A fresh 3-node cluster of the debug `cairn` (or `CAIRN_BIN`; see [`cairn_bin`]), data
+/// and logs kept in `target/bench/work/NAME`, with `device` registered, and the image's
+/// `gateways=` setting: every node's device port as QEMU's guest sees it, the leader's first.
 fn cluster_with_device(name: &str, device: u64) -> Result<(Cluster, String)> {
-    let cairn = cairn_binary()?;
-    let dir = scratch(name)?;
-    let cluster = Cluster::start(&cairn, &dir)?;
-    let leader = cluster.wait_leader(None, Duration::from_secs(30))?;
-    let host = format!("http://{}", cluster.http_addr(leader));
-    let added = Command::new(&cairn)
+    let dir = crate::util::root().join("target/bench/work").join(name);
+    let cluster = Cluster::start_with(
+        3,
+        Options {
+            dir: Some(dir),
+            ..Options::default()
+        },
+    );
+    let leader = cluster.leader();
+    let added = Command::new(cairn_bin())
         .args(["device", "add", "--id", &device.to_string(), "--key", KEY])
-        .args(["--host", &host])
+        .args(["--host", &cluster.nodes[leader].url("")])
         .status()?;
     ensure!(added.success(), "cairn device add failed: {added}");
-    let mut ids = vec![leader];
-    ids.extend((1..=3).filter(|&id| id != leader));
-    let gateways: Vec<String> = ids
+    let mut order = vec![leader];
+    order.extend((0..cluster.nodes.len()).filter(|&i| i != leader));
+    let gateways = order
         .iter()
-        .map(|&id| format!("10.0.2.2:{}", cluster.device_addr(id).port()))
-        .collect();
+        .map(|&i| Ok(format!("10.0.2.2:{}", device_port(&cluster.nodes[i])?)))
+        .collect::<Result<Vec<String>>>()?;
     Ok((cluster, format!("gateways={}", gateways.join(","))))
+}
+
+/// The port of a node's device address (`host:port`).
+fn device_port(node: &Node) -> Result<u16> {
+    node.device
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .with_context(|| format!("node {} device address {:?}", node.id, node.device))
 }
 
 /// The leader is SIGKILLed while the image (RAM outbox) pushes.
@@ -96,10 +95,11 @@ fn leader_kill_inner() -> Result<()> {
             && let Some(acked) = field(&line, "status samples=", "acked=")
             && acked >= KILL_AT_ACKED
         {
-            let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
-            cluster.kill(leader);
-            println!("qemu e2e: killed leader node {leader} (SIGKILL) at acked={acked}");
-            killed = Some(leader);
+            let leader = cluster.leader();
+            let id = cluster.nodes[leader].id;
+            cluster.kill9(leader);
+            println!("qemu e2e: killed leader node {id} (SIGKILL) at acked={acked}");
+            killed = Some(id);
         }
         if line.contains("cairn: done samples=") {
             done = Some(line);
@@ -113,8 +113,8 @@ fn leader_kill_inner() -> Result<()> {
     let pushed = field(&done, "done samples=", "pushed=").context("pushed= in done line")?;
     let acked = field(&done, "done samples=", "acked=").context("acked= in done line")?;
 
-    let leader = cluster.wait_leader(Some(killed), Duration::from_secs(30))?;
-    let rows = stored_rows(&cluster.http_addr(leader).to_string(), DEVICE)?;
+    let leader = cluster.wait_for_new_leader(killed);
+    let rows = stored_rows(&cluster.nodes[leader], DEVICE)?;
     let stored = rows.len() as u64;
     let mut seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
     seqs.sort_unstable();
@@ -189,13 +189,13 @@ pub fn power_cut() -> Result<()> {
                 continue;
             };
             if followers.is_empty() && acked >= KILL_AT_ACKED {
-                let leader = cluster.wait_leader(None, Duration::from_secs(10))?;
-                if session_port != Some(u64::from(cluster.device_addr(leader).port())) {
+                let leader = cluster.leader();
+                if session_port != Some(u64::from(device_port(&cluster.nodes[leader])?)) {
                     continue;
                 }
-                followers = (1..=3).filter(|&id| id != leader).collect();
-                for &id in &followers {
-                    cluster.kill(id);
+                followers = (0..cluster.nodes.len()).filter(|&i| i != leader).collect();
+                for &i in &followers {
+                    cluster.kill9(i);
                 }
                 println!("qemu power cut: followers {followers:?} killed at acked={acked}");
             } else if !followers.is_empty() && pushed - acked >= UNACKED_AT_CUT {
@@ -206,10 +206,10 @@ pub fn power_cut() -> Result<()> {
             }
         }
         let (pushed_1, acked_1) = cut_at.context("boot 1 never reached the cut point")?;
-        for &id in &followers {
-            cluster.spawn(id, false)?;
+        for &i in &followers {
+            cluster.relaunch(i);
         }
-        cluster.wait_leader(None, Duration::from_secs(30))?;
+        cluster.leader();
 
         // Boot 2 on the same flash: restores, resends, then runs its own samples.
         let boot_2_samples = 60;
@@ -235,8 +235,8 @@ pub fn power_cut() -> Result<()> {
             "boot 2 ended with records unacknowledged"
         );
 
-        let leader = cluster.wait_leader(None, Duration::from_secs(30))?;
-        let rows = stored_rows(&cluster.http_addr(leader).to_string(), device)?;
+        let leader = cluster.leader();
+        let rows = stored_rows(&cluster.nodes[leader], device)?;
         let stored = rows.len() as u64;
         let mut seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
         seqs.sort_unstable();
@@ -293,22 +293,15 @@ struct Row {
 
 /// Every row of the device in the generic `telemetry` table, read with `level=strong`
 /// (through the Raft log, so nothing committed can be missing).
-fn stored_rows(http_addr: &str, device: u64) -> Result<Vec<Row>> {
-    let addr = http_addr.parse()?;
+fn stored_rows(node: &Node, device: u64) -> Result<Vec<Row>> {
     let sql = format!(
         "SELECT seq, stream, \"values\" FROM telemetry WHERE device_id = {device} ORDER BY seq"
     );
-    let r = http::post_json(
-        addr,
-        "/db/query?level=strong",
-        &serde_json::json!([sql]),
-        Duration::from_secs(30),
-    )?;
-    let v = r.json()?;
-    let result = &v["results"][0];
-    if r.status != 200 || result["error"].is_string() {
+    let r = node.query(&sql, "strong");
+    if !r.succeeded() {
         bail!("query failed: {} {}", r.status, r.body);
     }
+    let result = &r.body["results"][0];
     let mut rows = Vec::new();
     for row in result["values"]
         .as_array()

@@ -13,11 +13,23 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs one named step, printing its name and how long it took.
+/// Runs one named step, printing its name and how long it took. A panic in the step (the
+/// test harness's cluster panics, with the nodes' log tails, when a node does not start or
+/// no leader comes) fails the step like an error, so a bench part that panics leaves the
+/// other parts running.
 pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("==> {name}");
     let start = Instant::now();
-    f().with_context(|| format!("step `{name}` failed"))?;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            Err(anyhow::anyhow!("panicked: {msg}"))
+        })
+        .with_context(|| format!("step `{name}` failed"))?;
     println!("<== {name} ({:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -14,12 +14,13 @@ use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
 use cairn_firmware::backoff::Prng;
-use cairn_firmware::{Connection, GatewayAddr, Transport, TransportError};
+use cairn_firmware::tokio::{TokioConnection, read_frame};
+use cairn_firmware::{GatewayAddr, Transport, TransportError};
 use cairn_protocol::{
-    Ack, BatchView, Error, ErrorCode, GatewaySession, HEADER_LEN, Message, Pong, Redirect, Welcome,
-    read_frame_len,
+    Ack, BatchView, Error, ErrorCode, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
+    Redirect, Welcome,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, DuplexStream, WriteHalf};
 
 pub const KEY: [u8; 32] = [7; 32];
 
@@ -204,14 +205,10 @@ pub struct SimTransport {
     pub cluster: ClusterRef,
 }
 
-pub struct SimConnection {
-    stream: DuplexStream,
-}
-
 impl Transport for SimTransport {
-    type Connection<'a> = SimConnection;
+    type Connection<'a> = TokioConnection<DuplexStream>;
 
-    async fn connect(&mut self, addr: GatewayAddr) -> Result<SimConnection, TransportError> {
+    async fn connect(&mut self, addr: GatewayAddr) -> Result<Self::Connection<'_>, TransportError> {
         let index = (addr.port - 4001) as usize;
         let black_hole = {
             let mut c = self.cluster.borrow_mut();
@@ -228,39 +225,8 @@ impl Transport for SimTransport {
         }
         let (device, gateway) = tokio::io::duplex(8192);
         tokio::task::spawn_local(serve(self.cluster.clone(), index, gateway));
-        Ok(SimConnection { stream: device })
+        Ok(TokioConnection::new(device))
     }
-}
-
-impl Connection for SimConnection {
-    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        self.stream
-            .read(buf)
-            .await
-            .map_err(|_| TransportError::Reset)
-    }
-    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
-        self.stream
-            .write(buf)
-            .await
-            .map_err(|_| TransportError::Reset)
-    }
-    async fn flush(&mut self) -> Result<(), TransportError> {
-        self.stream.flush().await.map_err(|_| TransportError::Reset)
-    }
-    async fn close(&mut self) {
-        let _ = self.stream.shutdown().await;
-    }
-}
-
-async fn read_frame(r: &mut ReadHalf<DuplexStream>) -> Option<Vec<u8>> {
-    let mut header = [0u8; HEADER_LEN];
-    r.read_exact(&mut header).await.ok()?;
-    let len = read_frame_len(&header).ok()?;
-    let mut frame = header.to_vec();
-    frame.resize(len, 0);
-    r.read_exact(&mut frame[HEADER_LEN..]).await.ok()?;
-    Some(frame)
 }
 
 struct Replies {
@@ -295,10 +261,11 @@ impl Replies {
 /// One gateway connection: handshake, then batches through a commit pipeline.
 async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
     let (mut r, mut w) = tokio::io::split(stream);
-    let Some(hello_frame) = read_frame(&mut r).await else {
+    let mut frames = FrameReassembler::<MAX_FRAME>::new();
+    let Ok(Some(hello_frame)) = read_frame(&mut r, &mut frames).await else {
         return;
     };
-    let hello = GatewaySession::peek_hello(&hello_frame).expect("hello");
+    let hello = GatewaySession::peek_hello(hello_frame).expect("hello");
     assert_eq!(hello.device_id, DEVICE);
     // Salted replies, as real gateways send them (SPEC §5.4).
     let salt = cluster
@@ -309,7 +276,7 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
         .next_u64()
         .to_le_bytes();
     let session =
-        GatewaySession::accept_salted(&KEY, &hello_frame, salt).expect("hello authenticates");
+        GatewaySession::accept_salted(&KEY, hello_frame, salt).expect("hello authenticates");
     cluster.borrow_mut().hellos.push((index, hello.boot));
     let reject_with = cluster.borrow().reject_with;
     if let Some(code) = reject_with {
@@ -445,7 +412,7 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
         if !*replies.alive.borrow() {
             break;
         }
-        let Some(mut frame) = read_frame(&mut r).await else {
+        let Ok(Some(frame)) = read_frame(&mut r, &mut frames).await else {
             break;
         };
         if !*replies.alive.borrow() {
@@ -457,7 +424,7 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
             replies.kill().await;
             break;
         }
-        let msg = replies.session.borrow_mut().decode(&mut frame);
+        let msg = replies.session.borrow_mut().decode(frame);
         match msg {
             Ok(Message::Batch(view)) => {
                 let last = view.header().last_seq();

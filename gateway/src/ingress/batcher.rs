@@ -20,40 +20,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::apply::{BatchOutcome, DeviceBatch};
-use super::metrics::METRICS;
-
-/// Why a batch could not be committed; each maps to the protocol error the device gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum IngestError {
-    /// No leader is known or it changed under the batch: retry (elsewhere).
-    NotLeader,
-    /// A bounded queue on the way is full.
-    Overloaded,
-    /// Anything else went wrong (the node is shutting down, a transport failed, ...).
-    Internal,
-}
-
-impl IngestError {
-    pub fn code(self) -> cairn_protocol::ErrorCode {
-        match self {
-            IngestError::NotLeader => cairn_protocol::ErrorCode::NotLeader,
-            IngestError::Overloaded => cairn_protocol::ErrorCode::Overloaded,
-            IngestError::Internal => cairn_protocol::ErrorCode::Internal,
-        }
-    }
-}
+use crate::command::device::{BatchOutcome, DeviceBatch};
+use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// The outcomes of one submission, in batch order.
-pub type Outcomes = Result<Vec<BatchOutcome>, IngestError>;
+pub type Outcomes = Result<Vec<BatchOutcome>, Error>;
 
 /// A group on its way: resolves to one outcome per batch once committed (or failed).
 pub struct Commit(pub BoxFuture<'static, Outcomes>);
 
-/// Where groups go: Raft on the leader, the leader's HTTP API on a follower.
+/// Where groups go: the proposer on the leader, the leader's internal listener on a follower.
 pub trait GroupSink: Send + 'static {
     /// Starts committing `batches` as one unit. Calls come one at a time in group order, and
     /// the order of their effects must follow the order of the calls.
@@ -108,10 +87,10 @@ pub struct GroupQueue {
 
 impl GroupQueue {
     /// Starts the grouping task in front of `sink`.
-    pub fn spawn(sink: impl GroupSink, limits: GroupLimits) -> GroupQueue {
+    pub fn spawn(sink: impl GroupSink, limits: GroupLimits, metrics: Arc<Metrics>) -> GroupQueue {
         let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
         let pending = Pending::default();
-        tokio::spawn(run(rx, sink, limits, pending.clone()));
+        tokio::spawn(run(rx, sink, limits, pending.clone(), metrics));
         GroupQueue { tx, pending }
     }
 
@@ -119,7 +98,7 @@ impl GroupQueue {
     pub fn try_submit(
         &self,
         batches: Vec<DeviceBatch>,
-    ) -> Result<oneshot::Receiver<Outcomes>, IngestError> {
+    ) -> Result<oneshot::Receiver<Outcomes>, Error> {
         let (reply, rx) = oneshot::channel();
         let bytes = batches.iter().map(|b| b.body.len() + 24).sum();
         let devices: Vec<u64> = batches.iter().map(|b| b.device_id).collect();
@@ -134,8 +113,8 @@ impl GroupQueue {
             .map_err(|e| {
                 add_pending(&self.pending, &devices, false);
                 match e {
-                    mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
-                    mpsc::error::TrySendError::Closed(_) => IngestError::Internal,
+                    mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+                    mpsc::error::TrySendError::Closed(_) => closed(),
                 }
             })?;
         Ok(rx)
@@ -144,7 +123,7 @@ impl GroupQueue {
     /// Queues `batches` and waits for their outcomes (used for forwarded groups).
     pub async fn submit(&self, batches: Vec<DeviceBatch>) -> Outcomes {
         match self.try_submit(batches) {
-            Ok(rx) => rx.await.unwrap_or(Err(IngestError::Internal)),
+            Ok(rx) => rx.await.unwrap_or_else(|_| Err(closed())),
             Err(e) => Err(e),
         }
     }
@@ -175,6 +154,11 @@ impl GroupQueue {
     }
 }
 
+/// The queue's task is gone: the node is stopping.
+pub fn closed() -> Error {
+    Error::Fatal("the device queue stopped".into())
+}
+
 fn add_pending(pending: &Pending, devices: &[u64], add: bool) {
     let mut p = pending.lock().expect("pending");
     for d in devices {
@@ -195,6 +179,7 @@ async fn run(
     mut sink: impl GroupSink,
     limits: GroupLimits,
     pending: Pending,
+    metrics: Arc<Metrics>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     loop {
@@ -256,16 +241,17 @@ async fn run(
             batches.extend(s.batches);
         }
         let n = batches.len() as u64;
-        METRICS.groups_proposed.fetch_add(1, Relaxed);
-        METRICS.group_batches.fetch_add(n, Relaxed);
-        METRICS.group_batches_max.fetch_max(n, Relaxed);
-        METRICS.group_bytes.fetch_add(bytes as u64, Relaxed);
+        metrics.groups_proposed.fetch_add(1, Relaxed);
+        metrics.group_batches.fetch_add(n, Relaxed);
+        metrics.group_batches_max.fetch_max(n, Relaxed);
+        metrics.group_bytes.fetch_add(bytes as u64, Relaxed);
         let started = Instant::now();
         let done = sink.start(batches).await;
         let pending = pending.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let result = done.0.await;
-            METRICS.commit_latency.record(started.elapsed());
+            metrics.commit_latency.record(started.elapsed());
             drop(permit);
             add_pending(&pending, &devices, false);
             match result {
@@ -278,12 +264,12 @@ async fn run(
                 Ok(outcomes) => {
                     tracing::error!(expected = n, got = outcomes.len(), "outcome count mismatch");
                     for reply in replies {
-                        let _ = reply.send(Err(IngestError::Internal));
+                        let _ = reply.send(Err(Error::Storage("outcome count mismatch".into())));
                     }
                 }
                 Err(e) => {
                     for reply in replies {
-                        let _ = reply.send(Err(e));
+                        let _ = reply.send(Err(e.clone()));
                     }
                 }
             }
@@ -333,6 +319,7 @@ mod tests {
                 max_in_flight: 1,
                 ..GroupLimits::default()
             },
+            Arc::default(),
         );
         let mut rxs = Vec::new();
         for i in 0..50u64 {
@@ -360,6 +347,7 @@ mod tests {
                 max_bytes: 1,
                 ..GroupLimits::default()
             },
+            Arc::default(),
         );
         let mut held = Vec::new();
         let mut overloaded = false;
@@ -367,7 +355,7 @@ mod tests {
             match q.try_submit(vec![batch(i)]) {
                 Ok(rx) => held.push(rx),
                 Err(e) => {
-                    assert_eq!(e, IngestError::Overloaded);
+                    assert_eq!(e, Error::Overloaded);
                     overloaded = true;
                     break;
                 }

@@ -25,17 +25,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_protocol::{
-    Ack, Error, ErrorCode, FrameError, GatewaySession, HEADER_LEN, MAX_FRAME, Message, Pong,
-    Welcome, encode_unsealed_error, read_frame_len,
+    Ack, Error, ErrorCode, FrameError, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
+    Welcome, encode_unsealed_error,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::Ingress;
-use super::apply::{BatchOutcome, DeviceBatch};
-use super::batcher::{IngestError, Outcomes};
-use super::metrics::METRICS;
+use super::batcher::{Outcomes, closed};
+use super::{Ingress, code_of};
+use crate::command::device::{BatchOutcome, DeviceBatch};
+use crate::metrics::Metrics;
 
 /// Batches of one connection awaiting their outcome before reading stops.
 pub const MAX_PENDING: usize = 64;
@@ -43,14 +43,10 @@ pub const MAX_PENDING: usize = 64;
 /// How long a Hello may take to arrive after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads whole frames off a stream into a fixed buffer. `next` is cancel-safe: bytes read
-/// stay in the buffer if the future is dropped.
-struct FrameReader {
-    buf: Box<[u8; 2 * MAX_FRAME]>,
-    filled: usize,
-    /// Length of the frame returned last, dropped from the buffer on the next call.
-    consumed: usize,
-}
+/// Reads whole frames off a stream through the protocol's [`FrameReassembler`] (two frames
+/// of room, so one read often brings several pipelined batches). `next` is cancel-safe: bytes
+/// read stay in the buffer if the future is dropped.
+struct FrameReader(Box<FrameReassembler<{ 2 * MAX_FRAME }>>);
 
 /// Why no frame came.
 enum ReadEnd {
@@ -63,42 +59,27 @@ enum ReadEnd {
 
 impl FrameReader {
     fn new() -> Self {
-        FrameReader {
-            buf: Box::new([0; 2 * MAX_FRAME]),
-            filled: 0,
-            consumed: 0,
-        }
+        FrameReader(Box::default())
     }
 
     async fn next(&mut self, stream: &mut TcpStream) -> Result<&mut [u8], ReadEnd> {
-        if self.consumed > 0 {
-            self.buf.copy_within(self.consumed..self.filled, 0);
-            self.filled -= self.consumed;
-            self.consumed = 0;
-        }
-        loop {
-            if self.filled >= HEADER_LEN {
-                let header: &[u8; HEADER_LEN] =
-                    self.buf[..HEADER_LEN].try_into().expect("header length");
-                let len = read_frame_len(header).map_err(ReadEnd::Frame)?;
-                if self.filled >= len {
-                    self.consumed = len;
-                    return Ok(&mut self.buf[..len]);
-                }
-            }
+        let frames = &mut *self.0;
+        while !frames.frame_ready().map_err(ReadEnd::Frame)? {
             let n = stream
-                .read(&mut self.buf[self.filled..])
+                .read(frames.read_buf())
                 .await
                 .map_err(|_| ReadEnd::Io)?;
             if n == 0 {
-                return Err(if self.filled == 0 {
-                    ReadEnd::Closed
-                } else {
-                    ReadEnd::Frame(FrameError::Truncated)
-                });
+                return Err(frames
+                    .finish()
+                    .map_or_else(ReadEnd::Frame, |()| ReadEnd::Closed));
             }
-            self.filled += n;
+            frames.commit(n);
         }
+        frames
+            .next_frame()
+            .map_err(ReadEnd::Frame)?
+            .ok_or(ReadEnd::Frame(FrameError::Truncated))
     }
 }
 
@@ -110,8 +91,13 @@ fn now_ms() -> i64 {
 }
 
 /// Counts a rejection and writes an Error frame, sealed if a session exists.
-async fn reject(stream: &mut TcpStream, session: Option<&mut GatewaySession>, code: ErrorCode) {
-    METRICS.rejects.count(code);
+async fn reject(
+    m: &Metrics,
+    stream: &mut TcpStream,
+    session: Option<&mut GatewaySession>,
+    code: ErrorCode,
+) {
+    m.rejects.count(code);
     let mut out = [0u8; 64];
     let n = match session {
         Some(s) => s.encode(&Message::Error(Error { code }), &mut out),
@@ -128,7 +114,12 @@ async fn reject(stream: &mut TcpStream, session: Option<&mut GatewaySession>, co
 
 /// Answers a batch with an Error. SeqGap, SchemaMismatch, NotLeader and Overloaded keep the
 /// connection (SPEC §7.6); any other code closes it. Returns whether the connection goes on.
-async fn refuse(stream: &mut TcpStream, session: &mut GatewaySession, code: ErrorCode) -> bool {
+async fn refuse(
+    m: &Metrics,
+    stream: &mut TcpStream,
+    session: &mut GatewaySession,
+    code: ErrorCode,
+) -> bool {
     let keep = matches!(
         code,
         ErrorCode::SeqGap
@@ -137,10 +128,10 @@ async fn refuse(stream: &mut TcpStream, session: &mut GatewaySession, code: Erro
             | ErrorCode::Overloaded
     );
     if !keep {
-        reject(stream, Some(session), code).await;
+        reject(m, stream, Some(session), code).await;
         return false;
     }
-    METRICS.rejects.count(code);
+    m.rejects.count(code);
     send(stream, session, &Message::Error(Error { code })).await
 }
 
@@ -164,7 +155,7 @@ fn stored_through(outcome: &Outcomes) -> Result<u64, ErrorCode> {
             BatchOutcome::Malformed => Err(ErrorCode::Malformed),
         },
         Ok(_) => Err(ErrorCode::Internal),
-        Err(e) => Err(e.code()),
+        Err(e) => Err(code_of(e)),
     }
 }
 
@@ -175,7 +166,7 @@ fn decided(
     let outcome = match pending.front_mut()?.0.try_recv() {
         Ok(o) => o,
         Err(oneshot::error::TryRecvError::Empty) => return None,
-        Err(oneshot::error::TryRecvError::Closed) => Err(IngestError::Internal),
+        Err(oneshot::error::TryRecvError::Closed) => Err(closed()),
     };
     let (_, read_at) = pending.pop_front()?;
     Some((outcome, read_at))
@@ -183,66 +174,68 @@ fn decided(
 
 /// Serves one device connection to the end.
 pub async fn serve(ingress: Arc<Ingress>, mut stream: TcpStream) {
-    METRICS.connections_accepted.fetch_add(1, Relaxed);
-    METRICS.connections_open.fetch_add(1, Relaxed);
+    let m = ingress.metrics();
+    m.connections_accepted.fetch_add(1, Relaxed);
+    m.connections_open.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let end = run(&ingress, &mut stream).await;
     if let Err(code) = end {
         tracing::debug!(?peer, %code, "device connection closed");
     }
-    METRICS.connections_open.fetch_sub(1, Relaxed);
+    m.connections_open.fetch_sub(1, Relaxed);
 }
 
 /// Runs the connection; `Err(code)` when it ended on a rejection (already sent).
 async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode> {
+    let m = ingress.metrics();
     let mut reader = FrameReader::new();
 
     // Hello.
     let frame = match tokio::time::timeout(HELLO_TIMEOUT, reader.next(stream)).await {
         Err(_) | Ok(Err(ReadEnd::Closed | ReadEnd::Io)) => return Ok(()),
         Ok(Err(ReadEnd::Frame(e))) => {
-            reject(stream, None, e.code()).await;
+            reject(m, stream, None, e.code()).await;
             return Err(e.code());
         }
         Ok(Ok(f)) => f,
     };
-    METRICS.frames_in.fetch_add(1, Relaxed);
+    m.frames_in.fetch_add(1, Relaxed);
     let hello = match GatewaySession::peek_hello(frame) {
         Ok(h) => h,
         Err(e) => {
-            reject(stream, None, e.code()).await;
+            reject(m, stream, None, e.code()).await;
             return Err(e.code());
         }
     };
     let key = match ingress.hello_key(hello.device_id).await {
         Ok(Some(key)) => key,
         Ok(None) => {
-            reject(stream, None, ErrorCode::UnknownDevice).await;
+            reject(m, stream, None, ErrorCode::UnknownDevice).await;
             return Err(ErrorCode::UnknownDevice);
         }
         Err(e) => {
-            reject(stream, None, e.code()).await;
-            return Err(e.code());
+            reject(m, stream, None, code_of(&e)).await;
+            return Err(code_of(&e));
         }
     };
     let mut session = match GatewaySession::accept_salted(&key, frame, rand::random()) {
         Ok(s) => s,
         Err(e) => {
-            reject(stream, None, e.code()).await;
+            reject(m, stream, None, e.code()).await;
             return Err(e.code());
         }
     };
     let device_id = hello.device_id;
     if !ingress.fresh_hello(device_id, hello.boot, session.hello_counter()) {
-        reject(stream, Some(&mut session), ErrorCode::Replay).await;
+        reject(m, stream, Some(&mut session), ErrorCode::Replay).await;
         return Err(ErrorCode::Replay);
     }
     let high_water = match ingress.high_water(device_id).await {
         Ok(hw) => hw,
         Err(e) => {
-            reject(stream, Some(&mut session), e.code()).await;
-            return Err(e.code());
+            reject(m, stream, Some(&mut session), code_of(&e)).await;
+            return Err(code_of(&e));
         }
     };
     let welcome = Welcome {
@@ -263,7 +256,7 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
         let can_read = pending.len() < MAX_PENDING;
         let next_outcome = async {
             match pending.front_mut() {
-                Some((rx, _)) => rx.await.unwrap_or(Err(IngestError::Internal)),
+                Some((rx, _)) => rx.await.unwrap_or_else(|_| Err(closed())),
                 None => std::future::pending().await,
             }
         };
@@ -279,7 +272,7 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
                     match stored_through(&outcome) {
                         Ok(seq) => {
                             through = Some(seq);
-                            METRICS.ack_latency.record(read_at.elapsed());
+                            m.ack_latency.record(read_at.elapsed());
                             next = decided(&mut pending);
                         }
                         Err(c) => {
@@ -298,10 +291,10 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
                     if !send(stream, &mut session, &Message::Ack(ack)).await {
                         return Ok(());
                     }
-                    METRICS.acks_sent.fetch_add(1, Relaxed);
+                    m.acks_sent.fetch_add(1, Relaxed);
                 }
                 if let Some(code) = code
-                    && !refuse(stream, &mut session, code).await
+                    && !refuse(m, stream, &mut session, code).await
                 {
                     return Err(code);
                 }
@@ -311,18 +304,18 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
                     Err(_) => return Ok(()),
                     Ok(Err(ReadEnd::Closed | ReadEnd::Io)) => return Ok(()),
                     Ok(Err(ReadEnd::Frame(e))) => {
-                        reject(stream, Some(&mut session), e.code()).await;
+                        reject(m, stream, Some(&mut session), e.code()).await;
                         return Err(e.code());
                     }
                     Ok(Ok(f)) => f,
                 };
-                METRICS.frames_in.fetch_add(1, Relaxed);
+                m.frames_in.fetch_add(1, Relaxed);
                 let received_at_ms = now_ms();
                 let read_at = Instant::now();
                 match session.decode(frame) {
                     Ok(Message::Batch(view)) => {
-                        METRICS.batches_in.fetch_add(1, Relaxed);
-                        METRICS.records_in.fetch_add(u64::from(view.header().count), Relaxed);
+                        m.batches_in.fetch_add(1, Relaxed);
+                        m.records_in.fetch_add(u64::from(view.header().count), Relaxed);
                         let batch = DeviceBatch {
                             device_id,
                             received_at_ms,
@@ -331,8 +324,8 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
                         match ingress.submit(batch) {
                             Ok(rx) => pending.push_back((rx, read_at)),
                             Err(e) => {
-                                if !refuse(stream, &mut session, e.code()).await {
-                                    return Err(e.code());
+                                if !refuse(m, stream, &mut session, code_of(&e)).await {
+                                    return Err(code_of(&e));
                                 }
                             }
                         }
@@ -344,11 +337,11 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
                     }
                     Ok(Message::Pong(_)) => {}
                     Ok(_) => {
-                        reject(stream, Some(&mut session), ErrorCode::Malformed).await;
+                        reject(m, stream, Some(&mut session), ErrorCode::Malformed).await;
                         return Err(ErrorCode::Malformed);
                     }
                     Err(e) => {
-                        reject(stream, Some(&mut session), e.code()).await;
+                        reject(m, stream, Some(&mut session), e.code()).await;
                         return Err(e.code());
                     }
                 }

@@ -2,46 +2,59 @@
 //!
 //! ```text
 //! device ─TCP─▶ listener ─▶ connection task (one per device; connection.rs)
-//!                              │ leader here?  ── yes ─▶ leader GroupQueue ─▶ RaftSink: one entry per group
+//!                              │ leader here?  ── yes ─▶ leader GroupQueue ─▶ ProposeSink: one entry per group
 //!                              │               ── no ──▶ forward GroupQueue ─▶ POST /ingress/forward on the leader
 //!                              ◀── outcomes in order ── Ack{through_seq} after commit + apply
 //! ```
 //!
-//! - [`apply`]: the [`Command::DeviceBatches`](crate::command::Command::DeviceBatches) payload
-//!   and its apply function (rows + high-water in the entry's transaction).
+//! The ingress speaks to the service layer ([`Cluster`]) only: groups enter Raft through the
+//! one proposer, node-to-node calls go through the one leader client. What a group does on
+//! every replica is `command::device`.
+//!
 //! - [`batcher`]: the bounded grouping queue shared by the leader and follower paths.
-//! - [`leader`]: the Raft end of the leader's queue.
-//! - [`forward`]: the follower end (HTTP to the leader) and the HTTP routes: forwarded batches,
-//!   linearizable high-water reads, and the device admin API.
+//! - [`leader`]: the proposer end of the leader's queue.
+//! - [`forward`]: the follower end (to the leader's internal listener) and the internal routes
+//!   it calls: forwarded batches, linearizable high-water and key lookups.
 //! - [`connection`]: the per-connection protocol state machine.
-//! - [`metrics`]: counters for `/status`.
-//! - [`admin`]: `cairn device add|list|remove`.
 
-pub mod admin;
-pub mod apply;
 pub mod batcher;
 pub mod connection;
 pub mod forward;
 pub mod leader;
-pub mod metrics;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cairn_protocol::GatewayAddr;
-use openraft::async_runtime::watch::WatchReceiver;
+use std::sync::atomic::Ordering::Relaxed;
+
+use cairn_protocol::{ErrorCode, GatewayAddr};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use self::apply::DeviceBatch;
-use self::batcher::{GroupLimits, GroupQueue, IngestError, Outcomes};
-use crate::network::HttpClient;
-use crate::raft_types::{NodeId, Peer, Raft};
-use crate::registry::{self, DeviceKey};
-use crate::schema::Schema;
-use crate::state_machine::Store;
+use self::batcher::{GroupLimits, GroupQueue, Outcomes};
+use crate::cluster::Cluster;
+use crate::command::device::DeviceBatch;
+use crate::db::registry::{self, DeviceKey};
+use crate::db::schema::Schema;
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// The protocol error a device gets for an [`Error`]: the one mapping from the service
+/// layer's errors to device codes.
+pub fn code_of(e: &Error) -> ErrorCode {
+    match e {
+        // Retry, here or at the leader the Welcome/Ack hint names.
+        Error::NotLeader(_) | Error::NoLeader | Error::LeaderChanged | Error::Unavailable(_) => {
+            ErrorCode::NotLeader
+        }
+        Error::Overloaded => ErrorCode::Overloaded,
+        Error::BadRequest(_) | Error::NotFound(_) | Error::Fatal(_) | Error::Storage(_) => {
+            ErrorCode::Internal
+        }
+    }
+}
 
 /// Records in a full batch frame of typical readings (about 50 three-value records fit in
 /// `MAX_FRAME`): converts queue slots (batches) into credit (records).
@@ -74,44 +87,43 @@ impl Default for IngressConfig {
 
 /// The device path of one node.
 pub struct Ingress {
-    raft: Raft,
-    store: Arc<Store>,
+    cluster: Arc<Cluster>,
     config: IngressConfig,
     leader_queue: GroupQueue,
     forward_queue: GroupQueue,
-    http: HttpClient,
     /// Last authenticated Hello per device: `(boot, counter)`, to refuse a replayed Hello.
     hellos: Mutex<HashMap<u64, (u32, u32)>>,
 }
 
 impl Ingress {
     /// Starts the grouping tasks; call [`Ingress::serve`] with the bound device listener.
-    pub fn new(
-        raft: Raft,
-        store: Arc<Store>,
-        http: HttpClient,
-        config: IngressConfig,
-    ) -> Arc<Self> {
+    pub fn new(cluster: Arc<Cluster>, config: IngressConfig) -> Arc<Self> {
+        let metrics = cluster.metrics().clone();
         let leader_queue = GroupQueue::spawn(
-            leader::RaftSink::new(raft.clone(), config.schema.clone()),
+            leader::ProposeSink::new(cluster.clone(), config.schema.clone()),
             config.limits,
+            metrics.clone(),
         );
         let forward_queue = GroupQueue::spawn(
-            forward::ForwardSink::new(raft.clone(), http.clone()),
+            forward::ForwardSink::new(cluster.clone()),
             GroupLimits {
                 max_in_flight: 1,
                 ..config.limits
             },
+            metrics,
         );
         Arc::new(Ingress {
-            raft,
-            store,
+            cluster,
             config,
             leader_queue,
             forward_queue,
-            http,
             hellos: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This node's counters.
+    pub fn metrics(&self) -> &Metrics {
+        self.cluster.metrics()
     }
 
     /// Accepts device connections forever, one task each.
@@ -130,36 +142,28 @@ impl Ingress {
         }
     }
 
-    /// The Raft handle (for the HTTP routes).
-    pub fn raft(&self) -> &Raft {
-        &self.raft
-    }
-
     /// The key of a registered device, from this node's replica.
-    pub fn device_key(&self, device_id: u64) -> Result<Option<DeviceKey>, IngestError> {
-        match self.store.read(|c| registry::device_key(c, device_id)) {
-            Ok(Ok(k)) => Ok(k),
-            Ok(Err(e)) => {
+    pub fn device_key(&self, device_id: u64) -> Result<Option<DeviceKey>, Error> {
+        self.cluster
+            .store()
+            .read(|c| registry::device_key(c, device_id))
+            .and_then(|k| k)
+            .map_err(|e| {
                 tracing::warn!(error = %e, "reading the device registry");
-                Err(IngestError::Internal)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the device registry");
-                Err(IngestError::Internal)
-            }
-        }
+                Error::from(e)
+            })
     }
 
     /// The key for a Hello: this replica's, or, if it does not know the device and is not the
     /// leader, the leader's (a device registered a moment ago may reach a lagging follower).
-    pub async fn hello_key(&self, device_id: u64) -> Result<Option<DeviceKey>, IngestError> {
+    pub async fn hello_key(&self, device_id: u64) -> Result<Option<DeviceKey>, Error> {
         match self.device_key(device_id)? {
             Some(k) => Ok(Some(k)),
-            None if self.raft.is_leader() => Ok(None),
+            None if self.cluster.is_leader() => Ok(None),
             // A node that knows no leader (still joining, or electing) cannot tell an unknown
             // device from one registered after its last applied entry: NotLeader, retry soon.
-            None if self.leader_id().is_none() => Err(IngestError::NotLeader),
-            None => forward::remote_device_key(self, device_id).await,
+            None if self.cluster.leader().is_none() => Err(Error::NoLeader),
+            None => forward::remote_device_key(&self.cluster, device_id).await,
         }
     }
 
@@ -177,59 +181,57 @@ impl Ingress {
     }
 
     /// Where a batch goes: this node's Raft if it leads, else the leader by forwarding.
-    pub fn submit(&self, batch: DeviceBatch) -> Result<oneshot::Receiver<Outcomes>, IngestError> {
-        if self.raft.is_leader() {
+    pub fn submit(&self, batch: DeviceBatch) -> Result<oneshot::Receiver<Outcomes>, Error> {
+        if self.cluster.is_leader() {
             self.leader_queue.try_submit(vec![batch])
-        } else if self.leader_id().is_some() {
-            metrics::METRICS
-                .batches_forwarded
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else if self.cluster.leader().is_some() {
+            self.metrics().batches_forwarded.fetch_add(1, Relaxed);
             self.forward_queue.try_submit(vec![batch])
         } else {
-            Err(IngestError::NotLeader)
+            Err(Error::NoLeader)
         }
     }
 
     /// Batches forwarded by a follower, committed here as the leader.
     pub async fn submit_forwarded(&self, batches: Vec<DeviceBatch>) -> Outcomes {
-        if !self.raft.is_leader() {
-            return Err(IngestError::NotLeader);
+        if !self.cluster.is_leader() {
+            return Err(Error::NotLeader(None));
         }
-        metrics::METRICS
+        self.metrics()
             .batches_received_forwarded
-            .fetch_add(batches.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(batches.len() as u64, Relaxed);
         self.leader_queue.submit(batches).await
     }
 
     /// The device's committed high-water, read linearizably: on the leader after confirming
     /// leadership and applying up to the read index; on a follower by asking the leader.
-    pub async fn high_water(&self, device_id: u64) -> Result<u64, IngestError> {
-        if self.raft.is_leader() {
+    pub async fn high_water(&self, device_id: u64) -> Result<u64, Error> {
+        if self.cluster.is_leader() {
             self.local_high_water(device_id).await
         } else {
-            forward::remote_high_water(self, device_id).await
+            forward::remote_high_water(&self.cluster, device_id).await
         }
     }
 
     /// The linearizable read on the leader (SPEC §8 gateway rule 2): first every batch of this
     /// device still queued or in flight here is decided, then leadership is confirmed and the
     /// state machine caught up to the read index, then the high-water is read.
-    pub async fn local_high_water(&self, device_id: u64) -> Result<u64, IngestError> {
+    pub async fn local_high_water(&self, device_id: u64) -> Result<u64, Error> {
         if !self
             .leader_queue
             .settled(device_id, Duration::from_secs(10))
             .await
         {
-            return Err(IngestError::Overloaded);
+            return Err(Error::Overloaded);
         }
-        if let Err(e) = crate::raft_types::confirm_leadership(&self.raft).await {
+        if let Err(e) = self.cluster.confirm_leadership().await {
             tracing::info!(device_id, error = %e, "high-water read: leadership not confirmed");
-            return Err(IngestError::NotLeader);
+            return Err(e);
         }
-        match self.store.read(|c| registry::high_water(c, device_id)) {
-            Ok(Ok(hw)) => Ok(hw),
-            _ => Err(IngestError::Internal),
-        }
+        Ok(self
+            .cluster
+            .store()
+            .read(|c| registry::high_water(c, device_id))??)
     }
 
     /// The credit for the next Welcome/Ack: each open connection's share of the free room in
@@ -238,7 +240,7 @@ impl Ingress {
     /// least one full batch while there is room, so batches stay large; 1 when the queue is
     /// full (a device can always make progress once it is acked).
     pub fn credit(&self) -> u16 {
-        let free = if self.raft.is_leader() {
+        let free = if self.cluster.is_leader() {
             self.leader_queue.free_slots()
         } else {
             self.forward_queue.free_slots()
@@ -247,30 +249,16 @@ impl Ingress {
             return 1;
         }
         let cap = usize::from(self.config.credit).max(1);
-        let connections = (metrics::METRICS
-            .connections_open
-            .load(std::sync::atomic::Ordering::Relaxed) as usize)
-            .max(1);
+        let connections = (self.metrics().connections_open.load(Relaxed) as usize).max(1);
         (free * RECORDS_PER_BATCH / connections).clamp(RECORDS_PER_BATCH.min(cap), cap) as u16
-    }
-
-    fn leader_id(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow_watched().current_leader
-    }
-
-    fn leader_peer(&self) -> Option<Peer> {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        let leader = m.current_leader?;
-        m.membership_config.membership().get_node(&leader).cloned()
     }
 
     /// The leader's device address, when this node knows it and is not the leader.
     pub fn leader_hint(&self) -> Option<GatewayAddr> {
-        if self.raft.is_leader() {
+        if self.cluster.is_leader() {
             return None;
         }
-        let peer = self.leader_peer()?;
+        let (_, peer) = self.cluster.leader()?;
         device_gateway_addr(&peer.device_addr)
     }
 }

@@ -4,8 +4,11 @@
 //!
 //! # How the rest of the gateway calls it
 //!
-//! **Start-up (daemon).** `NodeConfig::resolve` already runs [`check_exposure`]. The daemon
-//! then builds, once:
+//! Nothing below is wired yet; each step is mechanical.
+//!
+//! **Start-up (`daemon.rs`).** `NodeConfig::resolve` already runs [`check_exposure`] (a node
+//! beyond loopback without `--auth` / node mutual TLS refuses to start unless `--insecure`).
+//! `daemon::start` then builds, once:
 //! ```ignore
 //! let auth = Arc::new(match &config.auth {
 //!     Some(f) => Authenticator::from_file(f)?,
@@ -18,16 +21,18 @@
 //! if config.insecure { tracing::warn!("--insecure: ...") }   // at every start
 //! ```
 //!
-//! **Listeners.** Each of the two HTTP listeners replaces `axum::serve(listener, router)` with
+//! **Listeners (`daemon.rs`, the loop over the Raft and HTTP listeners).** Replace the
+//! `tap_io` + `axum::serve(listener, router).with_graceful_shutdown(graceful)` with
 //! ```ignore
-//! let l = tls::SecureListener::new(tcp_listener, http_tls.clone(), tls::Limits::default());
-//! tls::serve(l, router, graceful_shutdown).await?;
+//! let l = tls::SecureListener::new(tcp_listener, tls_config, tls::Limits::default());
+//! tls::serve(l, router, graceful).await
 //! ```
-//! (`raft_server_tls` for the Raft listener). `SecureListener` already sets `TCP_NODELAY`, so
-//! the `tap_io` goes. Handlers that care who is calling extract `ConnectInfo<tls::Remote>`.
+//! (`raft_server_tls` for the Raft listener, `http_tls` for the API). `SecureListener` sets
+//! `TCP_NODELAY` itself. Handlers that care who is calling extract `ConnectInfo<tls::Remote>`.
 //!
-//! **HTTP route table.** Every public route declares its permission with [`auth::require`];
-//! rqlite's mapping, plus `devices`:
+//! **HTTP route table (`http::router`).** Every public route declares its permission with
+//! [`auth::require`] (the router gets `auth` next to the `Cluster`); rqlite's mapping plus
+//! `devices`:
 //!
 //! | route | permission |
 //! |---|---|
@@ -38,40 +43,44 @@
 //! | `POST /db/load`, `POST /boot` | `load` |
 //! | `GET /status`, `/nodes`, `/metrics`, `GET /leader` | `status` |
 //! | `GET /readyz` | `ready` |
-//! | `POST /join` | `Need::AnyOf(&[Join, JoinReadOnly])`, then in the handler: `voter` needs `access.has(Join)`; re-pointing an existing member to new addresses needs `access.has(All)`, else `access.forbidden(Perm::All)` |
+//! | `POST /join` | `Need::AnyOf(&[Join, JoinReadOnly])`, then in `http::admin::join`: `voter` needs `access.has(Join)`; re-pointing an existing member to new addresses needs `access.has(All)`, else `access.forbidden(Perm::All)` |
 //! | `DELETE /remove` | `remove` |
 //! | `POST /snapshot` | `snapshot` |
 //! | `POST /leader` | `leader-ops` |
-//! | `/devices...`, downlink | `devices` |
+//! | `/devices`, `/devices/{id}`, downlink | `devices` |
 //!
 //! ```ignore
 //! Router::new()
-//!     .route("/db/execute", require(&auth, Perm::Execute, post(execute)))
-//!     .route("/join", require(&auth, Need::AnyOf(&[Perm::Join, Perm::JoinReadOnly]), post(join)))
-//! // and in the handler: async fn join(access: Access, ...) { if jr.voter && !access.has(Perm::Join) { return access.forbidden(Perm::Join) } }
+//!     .route("/db/execute", require(&auth, Perm::Execute, post(sql::execute)))
+//!     .route("/join", require(&auth, Need::AnyOf(&[Perm::Join, Perm::JoinReadOnly]), post(admin::join)))
+//! // in the handler: async fn join(access: Access, ...) {
+//! //     if jr.voter && !access.has(Perm::Join) { return access.forbidden(Perm::Join) } ... }
 //! ```
-//! The route layer refuses before the body is read. Forwarding to the leader must copy the
-//! client's `Authorization` header (the leader decides again); with node TLS, forwarding goes
-//! over the Raft listener (node-to-node), never to the leader's public port.
+//! The route layer refuses before the body is read; `tests/security.rs` runs this very table.
 //!
-//! **Raft listener.** Its routes (`/raft/*`, ingress forwarding, key and high-water lookups)
-//! carry no [`auth`] check: mutual TLS is the check (`--node-verify-client`: no node
-//! certificate of the cluster CA, no connection; a `--client` certificate of the same CA is
-//! refused too, see `tls::NodePeerVerifier`). None of them may be merged into the public
-//! router.
+//! **Forwarding (`cluster::client::call_leader`).** A forwarded request must carry the
+//! client's `Authorization` header (add it to `LeaderRequest`; the leader decides again). With
+//! node TLS, forward to the leader's Raft port over mutual TLS rather than to its public port.
 //!
-//! **Node-to-node client.** `network::HttpClient::new` builds its connector with
-//! `tls::node_connector(http_connector, raft_client_tls)` (type `tls::NodeConnector`) and
-//! builds URLs as `https://{raft_addr}` when node TLS is on, `http://` otherwise. Peers'
-//! certificates must name the address dialled (`cairn certs issue --ip`).
+//! **Raft listener (`raft::network::routes`, `ingress::forward::routes`).** No [`auth`] check
+//! there: mutual TLS is the check (`--node-verify-client`: no node certificate of the cluster
+//! CA, no connection; a `--client` certificate of the same CA is refused too, see
+//! `tls::NodePeerVerifier`). None of these routes may be merged into the public router.
 //!
-//! **Joining.** With `--join-as USER`, the join request carries
-//! `Credentials::new(USER, auth.plain_password(USER)?).authorization()` as its `Authorization`
-//! header (the password comes from this node's own auth file, as in rqlite); with HTTP TLS the
-//! join URL is `https://` and the client trusts `--http-ca-cert` (or `--node-ca-cert`).
+//! **Node-to-node client (`raft::network::HttpClient::new`).** Build the connector with
+//! `tls::node_connector(http_connector, raft_client_tls)` (type `tls::NodeConnector`) and the
+//! URLs as `https://{raft_addr}` when node TLS is on, `http://` otherwise (`post` and
+//! `cluster::client` both format `http://` today). Peers' certificates must name the address
+//! dialled (`cairn certs issue --ip`); hyper-rustls checks it.
 //!
-//! **CLI.** `Credentials::for_cli(host, --user, |k| std::env::var(k).ok())` gives the host
-//! without user-info and the credentials (URL, then `--user` + `CAIRN_PASSWORD`, then
+//! **Joining (`daemon::join_loop`).** With `--join-as USER`, the request carries
+//! `Credentials::new(USER, auth.plain_password(USER)?).authorization()` as its
+//! `Authorization` header (the password comes from this node's own auth file, as in rqlite);
+//! with HTTP TLS the join URL is `https://` and the client trusts `--http-ca-cert` (or
+//! `--node-ca-cert`).
+//!
+//! **CLI (`cli/`).** `Credentials::for_cli(host, --user, |k| std::env::var(k).ok())` gives
+//! the host without user-info and the credentials (URL, then `--user` + `CAIRN_PASSWORD`, then
 //! `CAIRN_USER`/`CAIRN_PASSWORD`); each request carries `creds.authorization()`.
 //! For `--ca-cert`: the hyper client takes `tls::node_connector(http, Some(tls::client_config(
 //! ca_cert, None)?))` as it is; ureq (built without TLS today) needs its `rustls-no-provider`
@@ -80,9 +89,11 @@
 
 pub mod auth;
 pub mod certs;
+pub mod credentials;
 pub mod tls;
 
-pub use auth::{Access, Authenticator, Credentials, Decision, Need, Perm, Perms, require};
+pub use auth::{Access, Authenticator, Decision, Need, Perm, Perms, require};
+pub use credentials::Credentials;
 
 /// Whether `addr` (`host:port`) listens only on the loopback interface. Host names other
 /// than `localhost` count as exposed: what they resolve to can change.

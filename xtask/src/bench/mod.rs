@@ -15,9 +15,7 @@
 //!
 //! A part that fails is reported and the others still run; the command then exits non-zero.
 
-pub(crate) mod cairn;
-mod fleet;
-pub(crate) mod http;
+mod cairn;
 mod mqtt;
 mod peers;
 pub(crate) mod proc;
@@ -415,7 +413,7 @@ fn markdown(
 const METHOD: &str = "\
 - **Cairn** (devices): three release `cairn node` processes on loopback (ports chosen by the \
 OS, read back from each node's `addrs.json`), stream 7 declared as a table of three reals. \
-The devices are xtask's protocol-level fleet (`xtask/src/bench/fleet.rs`: the real \
+The devices are the test harness's protocol-level fleet (`tests/src/fleet.rs`: the real \
 `cairn-protocol` session and batch encoder, one thread per device, connected to the leader's \
 device port as the firmware client ends up after a Welcome leader hint) pushing three-`f32` \
 records. Throughput counts records the devices got acknowledged, which the leader sends only \

@@ -23,10 +23,6 @@ impl Guarded {
         })
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
-    }
-
     /// Fails if the process has already exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(c) = self.child.as_mut()

@@ -4,8 +4,9 @@
 use anyhow::{Result, anyhow};
 use cairn_protocol::{
     Ack, BatchEncoder, DeviceSession, EncodeError, GatewaySession, MAX_FRAME, Message, Record,
-    Value, Welcome,
+    Welcome,
 };
+use cairn_tests::device::climate_values;
 
 /// Sizes for a batch of typical three-value records.
 #[derive(Debug, Clone, Copy)]
@@ -45,11 +46,7 @@ pub fn three_value_record() -> Result<Wire> {
     let mut body = [0u8; MAX_FRAME];
     let mut batch = BatchEncoder::new(&mut body, 1001, sent_uptime_ms);
     for i in 0u64.. {
-        let values = [
-            Value::F32(21.5 + (i % 10) as f32 * 0.1),
-            Value::F32(48.25),
-            Value::F32(1013.0),
-        ];
+        let values = climate_values(i);
         let record = Record {
             stream: 1,
             uptime_ms: sent_uptime_ms - 100 * (64 - i.min(63)),

@@ -1,0 +1,361 @@
+//! The `cairn` subcommands other than `node`: `dev`, `shell`, `backup`, `restore`, `device`,
+//! plus the process plumbing they share (logging, runtime, signals).
+
+pub mod device;
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, NodeConfig};
+use crate::db::tables;
+
+/// Logs to stderr, human-readable or JSON. `RUST_LOG` overrides `level`.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let default = if level.contains("openraft") {
+        level.to_string()
+    } else {
+        format!("{level},openraft=error")
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        // Colour only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// `cairn dev`: three nodes in this process on loopback, until Ctrl-C. `fleet` is called once
+/// the nodes are starting, with node 1's HTTP API and every node's device port: the binary
+/// starts its simulated devices there when it is built with the `sim` feature.
+pub async fn dev(data_dir: PathBuf, fleet: impl FnOnce(&str, &[String])) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut nodes = Vec::new();
+    let mut device_addrs = Vec::new();
+    for i in 1..=3u64 {
+        let base = 4001 + (i - 1) * 10;
+        let c = NodeConfig {
+            node_id: i,
+            data_dir: data_dir.join(format!("node{i}")),
+            http_addr: format!("127.0.0.1:{base}"),
+            raft_addr: format!("127.0.0.1:{}", base + 1),
+            device_addr: format!("127.0.0.1:{}", base + 2),
+            stream: dev_streams(),
+            bootstrap: i == 1,
+            join: (i != 1).then(|| "http://127.0.0.1:4001".to_string()),
+            ..NodeConfig::default()
+        };
+        device_addrs.push(c.device_addr.clone());
+        let mut stop = stop_rx.clone();
+        nodes.push(tokio::spawn(crate::daemon::run(c, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })));
+    }
+    println!("cairn dev: three nodes, data in {}", data_dir.display());
+    for i in 0..3 {
+        println!(
+            "  node {}: http://127.0.0.1:{}  (raft :{}, devices :{})",
+            i + 1,
+            4001 + i * 10,
+            4002 + i * 10,
+            4003 + i * 10
+        );
+    }
+    println!(
+        "try:\n  curl -XPOST 'http://127.0.0.1:4001/db/execute?pretty' -H 'Content-Type: application/json' \\\n    \
+         -d '[\"CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)\", [\"INSERT INTO notes(body) VALUES(?)\", \"hello\"]]'\n  \
+         curl -G 'http://127.0.0.1:4011/db/query?pretty&level=linearizable' --data-urlencode 'q=SELECT * FROM notes'\n  \
+         cairn shell --host http://127.0.0.1:4001\nCtrl-C stops all three."
+    );
+    fleet("http://127.0.0.1:4001", &device_addrs);
+    shutdown_signal().await;
+    println!("stopping...");
+    let _ = stop_tx.send(true);
+    for n in nodes {
+        match n.await {
+            Ok(Err(e)) => eprintln!("node: {e:#}"),
+            Err(e) => eprintln!("node task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The stream table `cairn dev` declares for simulated devices: stream 1 →
+/// `readings(k, temperature)`, what `cairn sim` pushes by default.
+pub fn dev_streams() -> Vec<crate::db::schema::StreamDef> {
+    use crate::db::schema::{Column, ColumnType, StreamDef};
+    vec![StreamDef {
+        id: 1,
+        table: "readings".into(),
+        columns: vec![
+            Column {
+                name: "k".into(),
+                ty: ColumnType::Integer,
+            },
+            Column {
+                name: "temperature".into(),
+                ty: ColumnType::Real,
+            },
+        ],
+    }]
+}
+
+pub(crate) fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+pub(crate) fn post_json(
+    agent: &ureq::Agent,
+    url: &str,
+    body: &Json,
+) -> anyhow::Result<(u16, Json)> {
+    let mut resp = agent.post(url).send_json(body)?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string()?;
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(Json::String(text)),
+    ))
+}
+
+pub(crate) fn get_json(agent: &ureq::Agent, url: &str) -> anyhow::Result<Json> {
+    let mut resp = agent.get(url).call()?;
+    let text = resp.body_mut().read_to_string()?;
+    Ok(serde_json::from_str(&text).unwrap_or(Json::String(text)))
+}
+
+fn cell(v: &Json) -> String {
+    match v {
+        Json::Null => "NULL".into(),
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Prints rqlite results as tables / row counts.
+fn print_results(v: &Json, out: &mut impl Write) -> std::io::Result<()> {
+    let Some(results) = v["results"].as_array() else {
+        return writeln!(out, "{v}");
+    };
+    for r in results {
+        if let Some(e) = r.get("error") {
+            writeln!(out, "ERROR: {}", cell(e))?;
+        } else if let Some(cols) = r.get("columns").and_then(|c| c.as_array()) {
+            let rows: Vec<Vec<String>> = r["values"]
+                .as_array()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|row| {
+                            row.as_array()
+                                .map(|c| c.iter().map(cell).collect())
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let heads: Vec<String> = cols.iter().map(cell).collect();
+            let widths: Vec<usize> = (0..heads.len())
+                .map(|i| {
+                    rows.iter()
+                        .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                        .max()
+                        .unwrap_or(0)
+                        .max(heads[i].chars().count())
+                })
+                .collect();
+            let line = |cells: &[String]| {
+                cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
+            writeln!(out, "{}", line(&heads))?;
+            writeln!(
+                out,
+                "{}",
+                widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("-+-")
+            )?;
+            for r in &rows {
+                writeln!(out, "{}", line(r))?;
+            }
+        } else if let Some(n) = r.get("rows_affected") {
+            writeln!(out, "{} row(s) affected", cell(n))?;
+        }
+    }
+    Ok(())
+}
+
+/// `cairn shell`: one statement per line; dot commands like the rqlite shell.
+pub fn shell(host: &str) -> anyhow::Result<()> {
+    let host = host.trim_end_matches('/');
+    let agent = agent();
+    let status = get_json(&agent, &format!("{host}/status"))
+        .map_err(|e| anyhow::anyhow!("cannot reach {host}: {e}"))?;
+    println!(
+        "connected to {host} (node {}, {}); .help for help",
+        status["node_id"], status["raft"]["state"]
+    );
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    let mut level = "weak".to_string();
+    loop {
+        print!("{}> ", host.trim_start_matches("http://"));
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            return Ok(());
+        }
+        let line = line.trim().trim_end_matches(';').trim();
+        if line.is_empty() {
+            continue;
+        }
+        let r: anyhow::Result<()> = (|| {
+            match line
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                ".quit" | ".exit" => std::process::exit(0),
+                ".help" => println!(
+                    ".tables              list tables\n.schema              show CREATE statements\n\
+                     .nodes               cluster members\n.status              this node's status\n\
+                     .consistency [LEVEL] show or set read level (none|weak|linearizable|strong)\n\
+                     .backup FILE         download the database\n.restore FILE        load a SQLite file or SQL dump\n\
+                     .exit                leave\nanything else is SQL, sent to /db/request"
+                ),
+                ".tables" => {
+                    let v = post_json(
+                        &agent,
+                        &format!("{host}/db/query?level={level}"),
+                        &json!([format!(
+                            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name != '{}' ORDER BY name",
+                            tables::RAFT
+                        )]),
+                    )?;
+                    print_results(&v.1, &mut out)?;
+                }
+                ".schema" => {
+                    let v = post_json(
+                        &agent,
+                        &format!("{host}/db/query?level={level}"),
+                        &json!([format!(
+                            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name != '{}'",
+                            tables::RAFT
+                        )]),
+                    )?;
+                    print_results(&v.1, &mut out)?;
+                }
+                ".nodes" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&get_json(&agent, &format!("{host}/nodes"))?)?
+                ),
+                ".status" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&get_json(&agent, &format!("{host}/status"))?)?
+                ),
+                ".consistency" => match line.split_whitespace().nth(1) {
+                    Some(l) => level = l.to_string(),
+                    None => println!("{level}"),
+                },
+                ".backup" => match line.split_whitespace().nth(1) {
+                    Some(f) => backup(host, Path::new(f))?,
+                    None => println!("usage: .backup FILE"),
+                },
+                ".restore" => match line.split_whitespace().nth(1) {
+                    Some(f) => restore(host, Path::new(f))?,
+                    None => println!("usage: .restore FILE"),
+                },
+                w if w.starts_with('.') => println!("unknown command {w}; .help for help"),
+                _ => {
+                    let (_, v) = post_json(
+                        &agent,
+                        &format!("{host}/db/request?level={level}"),
+                        &json!([line]),
+                    )?;
+                    print_results(&v, &mut out)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            println!("ERROR: {e}");
+        }
+    }
+}
+
+/// `cairn backup FILE`: streams `/db/backup` (from the leader) into FILE.
+pub fn backup(host: &str, file: &Path) -> anyhow::Result<()> {
+    let host = host.trim_end_matches('/');
+    let mut resp = agent().get(format!("{host}/db/backup")).call()?;
+    if !resp.status().is_success() {
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        anyhow::bail!("backup failed ({}): {text}", resp.status());
+    }
+    let tmp = file.with_extension("part");
+    let mut out = std::fs::File::create(&tmp)?;
+    let n = std::io::copy(&mut resp.into_body().into_reader(), &mut out)?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    println!("backed up {n} bytes to {}", file.display());
+    Ok(())
+}
+
+/// `cairn restore FILE`: replaces the database with FILE through `/db/load`.
+pub fn restore(host: &str, file: &Path) -> anyhow::Result<()> {
+    let host = host.trim_end_matches('/');
+    let f = std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let mut resp = agent()
+        .post(format!("{host}/db/load"))
+        .header("content-type", "application/octet-stream")
+        .send(f)?;
+    let status = resp.status();
+    let text = resp.body_mut().read_to_string()?;
+    if !status.is_success() || text.contains("\"error\"") {
+        anyhow::bail!("restore failed ({status}): {text}");
+    }
+    println!("restored {}: {text}", file.display());
+    Ok(())
+}

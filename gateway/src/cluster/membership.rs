@@ -1,0 +1,146 @@
+//! Membership through openraft's own API, behind the service layer and its error type:
+//! joining (learner first, then voter), removing, and handing leadership over on shutdown.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use openraft::ChangeMembers;
+
+use super::Cluster;
+use crate::error::Error;
+use crate::raft::{NodeId, Peer, raft_error};
+
+/// The body of `POST /join` (rqlite's shape plus the HTTP address).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct JoinRequest {
+    pub id: NodeId,
+    /// Raft address.
+    pub addr: String,
+    pub http_addr: String,
+    /// Device address (the leader hint devices get), absent from plain rqlite clients.
+    #[serde(default)]
+    pub device_addr: String,
+    #[serde(default = "yes")]
+    pub voter: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Cluster {
+    /// Adds a node (or updates its addresses): as a learner that is caught up before this
+    /// returns, then promoted to voter if it asks to be one. The leader only.
+    pub async fn join(&self, jr: &JoinRequest) -> Result<(), Error> {
+        self.require_leader()?;
+        let peer = Peer {
+            raft_addr: jr.addr.clone(),
+            http_addr: jr.http_addr.clone(),
+            device_addr: jr.device_addr.clone(),
+        };
+        let m = self.raft_metrics();
+        let membership = m.membership_config.membership().clone();
+        let is_voter = membership.voter_ids().any(|v| v == jr.id);
+        let failed = |e| match raft_error(e) {
+            Error::Unavailable(msg) => Error::Unavailable(format!("join: {msg}")),
+            other => other,
+        };
+        match membership.get_node(&jr.id) {
+            Some(existing) if *existing != peer => {
+                self.raft
+                    .change_membership(
+                        ChangeMembers::SetNodes(BTreeMap::from([(jr.id, peer.clone())])),
+                        false,
+                    )
+                    .await
+                    .map_err(failed)?;
+            }
+            Some(_) => {}
+            None => {
+                tracing::info!(id = jr.id, %peer, "adding learner");
+                self.raft
+                    .add_learner(jr.id, peer.clone(), true)
+                    .await
+                    .map_err(failed)?;
+            }
+        }
+        if jr.voter && !is_voter {
+            tracing::info!(id = jr.id, "promoting to voter");
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds([jr.id].into()), false)
+                .await
+                .map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a voter or a learner. The leader only.
+    pub async fn remove(&self, id: NodeId) -> Result<(), Error> {
+        self.require_leader()?;
+        let m = self.raft_metrics();
+        let membership = m.membership_config.membership();
+        let change = if membership.voter_ids().any(|v| v == id) {
+            ChangeMembers::RemoveVoters([id].into())
+        } else if membership.get_node(&id).is_some() {
+            ChangeMembers::RemoveNodes([id].into())
+        } else {
+            return Err(Error::NotFound(format!("node {id} is not a member")));
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| match raft_error(e) {
+                Error::Unavailable(msg) => Error::Unavailable(format!("remove: {msg}")),
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    /// True when this node is a voter in the membership it holds.
+    pub fn is_voter(&self) -> bool {
+        self.raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.id)
+    }
+
+    /// If leader, hands leadership to the most up-to-date voter and waits (up to 3 s) for it
+    /// to take over.
+    pub async fn step_down(&self) {
+        let m = self.raft_metrics();
+        if m.current_leader != Some(self.id) {
+            return;
+        }
+        let voters: Vec<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != self.id)
+            .collect();
+        let matched = |id: &NodeId| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(id).cloned().flatten())
+                .map(|l| l.index)
+        };
+        let Some(target) = voters.iter().max_by_key(|id| matched(id)).copied() else {
+            return;
+        };
+        tracing::info!(target, "transferring leadership before shutdown");
+        if let Err(e) = self.raft.trigger().transfer_leader(target).await {
+            tracing::warn!("transfer leader: {e}");
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let leader = self.raft_metrics().current_leader;
+            if leader.is_some() && leader != Some(self.id) {
+                tracing::info!(new_leader = ?leader, "leadership transferred");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!("leadership transfer did not complete in 3 s");
+    }
+}

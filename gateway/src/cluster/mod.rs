@@ -1,0 +1,331 @@
+//! The service layer: what one node can do for a client, whichever edge the client came in
+//! by (the HTTP API, the device port). Every edge speaks to [`Cluster`] and nothing below it,
+//! as rqlite's HTTP service speaks to its one `Store` interface.
+//!
+//! - leadership: [`Cluster::leader`] (the one lookup), [`Cluster::is_leader`],
+//!   [`Cluster::confirm_leadership`];
+//! - writes: [`Cluster::write`] and [`Cluster::propose`], through the one proposer
+//!   (`raft::proposer`); [`Cluster::execute`] adds the deterministic rewrite for SQL;
+//! - reads at each consistency level: [`Cluster::query`], [`Cluster::read`];
+//! - membership ([`membership`]): join, remove, hand over leadership;
+//! - the one client that reaches the leader ([`client`]).
+//!
+//! A call that needs the leader and is made on a follower answers [`Error::NotLeader`];
+//! the edge decides whether to forward (the HTTP API) or to tell the device.
+
+pub mod client;
+pub mod membership;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+
+use crate::command::sql::SqlCommand;
+use crate::command::{Command, CommandResponse, rewrite};
+use crate::db::Store;
+use crate::db::sql::{Statement, StatementResult};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::raft::log_store::LogStats;
+use crate::raft::network::HttpClient;
+use crate::raft::proposer::{Proposal, Proposer};
+use crate::raft::{NodeId, Peer, Raft};
+
+/// How consistent a read must be (rqlite's `level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// This node's database, whatever it has applied.
+    None,
+    /// The leader's database (followers forward).
+    Weak,
+    /// The leader's database after a ReadIndex round confirmed its leadership.
+    Linearizable,
+    /// Through the Raft log, like a write.
+    Strong,
+}
+
+impl std::str::FromStr for Level {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "none" => Ok(Level::None),
+            "weak" | "" => Ok(Level::Weak),
+            "linearizable" => Ok(Level::Linearizable),
+            "strong" => Ok(Level::Strong),
+            other => Err(Error::BadRequest(format!(
+                "unknown level {other:?}: use none, weak, linearizable or strong"
+            ))),
+        }
+    }
+}
+
+/// One node's view of the cluster and the operations every edge uses. Cheap to share
+/// (`Arc<Cluster>`).
+pub struct Cluster {
+    id: NodeId,
+    /// This node's advertised addresses.
+    peer: Peer,
+    raft: Raft,
+    store: Arc<Store>,
+    proposer: Proposer,
+    client: HttpClient,
+    metrics: Arc<Metrics>,
+    log_stats: Arc<LogStats>,
+    /// Where backups and loads may put scratch files (the data directory).
+    scratch_dir: PathBuf,
+    started: Instant,
+}
+
+/// The parts a [`Cluster`] is made of (the composition root builds them).
+pub struct Parts {
+    pub id: NodeId,
+    pub peer: Peer,
+    pub raft: Raft,
+    pub store: Arc<Store>,
+    pub proposer: Proposer,
+    pub client: HttpClient,
+    pub metrics: Arc<Metrics>,
+    pub log_stats: Arc<LogStats>,
+    pub scratch_dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn new(p: Parts) -> Arc<Self> {
+        Arc::new(Cluster {
+            id: p.id,
+            peer: p.peer,
+            raft: p.raft,
+            store: p.store,
+            proposer: p.proposer,
+            client: p.client,
+            metrics: p.metrics,
+            log_stats: p.log_stats,
+            scratch_dir: p.scratch_dir,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// This node's advertised addresses.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// The Raft handle, for status pages and the RPC server.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The live database (for local reads that need no leader).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// This node's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The Raft log's counters.
+    pub fn log_stats(&self) -> &LogStats {
+        &self.log_stats
+    }
+
+    /// The pooled HTTP client (node-to-node).
+    pub fn http(&self) -> &HttpClient {
+        &self.client
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn scratch_dir(&self) -> &std::path::Path {
+        &self.scratch_dir
+    }
+
+    /// Openraft's view of this node (state, term, indexes, membership).
+    pub fn raft_metrics(&self) -> openraft::RaftMetrics<crate::raft::TypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Leadership
+    // -----------------------------------------------------------------------------------------
+
+    /// The leader as this node currently believes, with its addresses: the one leader lookup.
+    pub fn leader(&self) -> Option<(NodeId, Peer)> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let id = m.current_leader?;
+        let peer = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, peer))
+    }
+
+    /// True when this node leads (as far as it knows).
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// Waits up to `timeout` for some node to be leader.
+    pub async fn wait_leader(&self, timeout: Duration) -> Option<(NodeId, Peer)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader() {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// [`Error::NotLeader`] unless this node leads.
+    fn require_leader(&self) -> Result<(), Error> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(Error::NotLeader(self.leader().map(|(id, _)| id)))
+        }
+    }
+
+    /// Confirms with a quorum that this node still leads and waits until the read index is
+    /// applied (ReadIndex); reads after it are linearizable.
+    pub async fn confirm_leadership(&self) -> Result<(), Error> {
+        self.require_leader()?;
+        crate::raft::confirm_leadership(&self.raft).await
+    }
+
+    /// True while Raft runs (false once it stopped on a fatal error or shut down).
+    pub fn running(&self) -> bool {
+        self.raft.metrics().borrow_watched().running_state.is_ok()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Writes
+    // -----------------------------------------------------------------------------------------
+
+    /// Queues `cmd` for the log on the leader; its place in the log is fixed on return.
+    pub async fn propose(&self, cmd: Command) -> Result<Proposal, Error> {
+        self.require_leader()?;
+        self.proposer.propose(cmd).await
+    }
+
+    /// Proposes `cmd` on the leader and waits until it is applied.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResponse, Error> {
+        self.propose(cmd).await?.applied().await
+    }
+
+    /// Runs SQL statements through the log as one command, after making them deterministic
+    /// when `rewrite` (writes; not for strong reads or loads, which hold no such SQL).
+    pub async fn execute(
+        &self,
+        statements: Vec<Statement>,
+        transaction: bool,
+        rewrite: bool,
+    ) -> Result<Vec<StatementResult>, Error> {
+        let mut cmd = SqlCommand {
+            statements,
+            transaction,
+        };
+        if rewrite {
+            rewrite::prepare_write(&mut cmd, &rewrite::Stamp::now())?;
+        }
+        match self.write(Command::Sql(cmd)).await? {
+            CommandResponse::Sql(results) => Ok(results),
+            other => Err(Error::Storage(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reads
+    // -----------------------------------------------------------------------------------------
+
+    /// Runs `f` on a read-only connection to this node's database, off the async workers.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let store = self.store.clone();
+        Ok(tokio::task::spawn_blocking(move || store.read(f)).await??)
+    }
+
+    /// Read-only SQL at `level`. Levels other than `none` need the leader.
+    pub async fn query(
+        &self,
+        statements: Vec<Statement>,
+        level: Level,
+        transaction: bool,
+    ) -> Result<Vec<StatementResult>, Error> {
+        match level {
+            Level::None => {}
+            Level::Weak => self.require_leader()?,
+            Level::Linearizable => self.confirm_leadership().await?,
+            Level::Strong => {
+                self.require_leader()?;
+                if !self.all_read_only(&statements).await {
+                    return Err(Error::BadRequest(
+                        "attempt to change database via query operation".into(),
+                    ));
+                }
+                return self.execute(statements, transaction, false).await;
+            }
+        }
+        self.read(move |c| crate::db::sql::query(c, &statements, transaction))
+            .await
+    }
+
+    /// True when SQLite says every statement is read-only. Statements that do not prepare (for
+    /// example because an earlier statement creates their table) count as writes.
+    pub async fn all_read_only(&self, statements: &[Statement]) -> bool {
+        let sqls: Vec<String> = statements.iter().map(|s| s.sql.clone()).collect();
+        self.read(move |c| {
+            sqls.iter()
+                .all(|s| c.prepare(s).map(|p| p.readonly()).unwrap_or(false))
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// A consistent copy of this node's database as an open, already unlinked file.
+    pub async fn backup(&self) -> Result<std::fs::File, Error> {
+        let store = self.store.clone();
+        let tmp = self
+            .scratch_dir
+            .join(format!("backup-{}.db", rand::random::<u64>()));
+        let f = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            store.copy_to(&tmp)?;
+            let f = std::fs::File::open(&tmp)?;
+            // Unlinked but open: the stream reads it, nothing is left behind.
+            std::fs::remove_file(&tmp)?;
+            Ok(f)
+        })
+        .await??;
+        Ok(f)
+    }
+
+    /// Replaces every user table with the contents of `data` (a SQLite file or SQL text), as
+    /// one transaction through the log. The leader only.
+    pub async fn load(&self, data: bytes::Bytes) -> Result<Vec<StatementResult>, Error> {
+        self.require_leader()?;
+        let dir = self.scratch_dir.clone();
+        let statements = self
+            .read(move |c| -> Result<Vec<Statement>, Error> {
+                let existing = crate::db::load::user_objects(c)?;
+                crate::db::load::load_statements(&data, &dir, &existing)
+                    .map_err(|e| Error::BadRequest(format!("load: {e}")))
+            })
+            .await??;
+        self.execute(statements, true, false).await
+    }
+}

@@ -1,0 +1,457 @@
+//! Applying [`Command::DeviceBatches`](super::Command::DeviceBatches): one Raft entry
+//! holding batches of many devices, applied in the entry's single SQLite transaction together
+//! with each device's new high-water seq.
+//!
+//! Per batch, in entry order (the same on every replica):
+//! 1. `last_seq <= high_water`: already stored, [`BatchOutcome::Duplicate`] (acked through the
+//!    high-water, not applied);
+//! 2. `first_seq > high_water + 1`: records are missing before it, [`BatchOutcome::Gap`];
+//! 3. a record that does not fit its stream's table: [`BatchOutcome::SchemaMismatch`], nothing
+//!    of the batch is written;
+//! 4. otherwise the records above the high-water are inserted and the high-water becomes
+//!    `last_seq`: [`BatchOutcome::Applied`].
+//!
+//! Time: the receiving gateway stamps `received_at_ms` (its clock) before proposing; a record
+//! taken at device uptime `u` is stored at `received_at_ms - (sent_uptime_ms - u)`. Both inputs
+//! are in the entry, so every replica computes the same text.
+
+use std::collections::HashMap;
+
+use cairn_protocol::{BatchView, RecordView};
+use rusqlite::types::ToSqlOutput;
+use rusqlite::{CachedStatement, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::db::registry::create_tables;
+use crate::db::schema::{
+    Schema, TELEMETRY_TABLE, Undeclared, column_value, int, utc_text, values_json,
+};
+use crate::db::tables::HIGH_WATER as HIGH_WATER_TABLE;
+use crate::metrics::Metrics;
+
+/// One device's batch as it travels in the log: the authenticated, decrypted Batch body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceBatch {
+    pub device_id: u64,
+    /// Unix ms on the receiving gateway's clock when the frame was read.
+    pub received_at_ms: i64,
+    /// The Batch body (clear text, validated with `BatchView::parse` before proposing).
+    #[serde(with = "serde_bytes_vec")]
+    pub body: Vec<u8>,
+}
+
+/// Bytes as one postcard byte string rather than a sequence of u8 (same bytes in postcard,
+/// but far more compact in any self-describing format).
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = a.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+impl DeviceBatch {
+    /// The parsed body. Bodies are validated before they are proposed, so this fails only for
+    /// an entry written by a broken node; every replica then answers `Malformed` alike.
+    pub fn view(&self) -> Option<BatchView<'_>> {
+        BatchView::parse(&self.body).ok()
+    }
+}
+
+/// What became of one batch; the ingress turns it into an Ack or an Error for the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchOutcome {
+    /// Stored; every record through `through_seq` is committed.
+    Applied { through_seq: u64 },
+    /// Already stored before; `through_seq` is the device's high-water (SPEC §8 rule 3).
+    Duplicate { through_seq: u64 },
+    /// Refused: the batch starts above `high_water + 1`.
+    Gap { high_water: u64 },
+    /// Refused: a record does not fit its stream (or the stream is undeclared and rejected).
+    SchemaMismatch,
+    /// Refused: the body does not parse.
+    Malformed,
+}
+
+/// Statistics of one applied entry, for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ApplyStats {
+    pub batches: u64,
+    pub records: u64,
+}
+
+/// Checks that every record of `view` fits the schema.
+fn fits(schema: &Schema, view: &BatchView<'_>) -> bool {
+    view.records().all(|r| {
+        let Ok(r) = r else { return false };
+        match schema.stream(r.stream) {
+            Some(def) => {
+                r.value_count() == def.columns.len()
+                    && r.values()
+                        .zip(&def.columns)
+                        .all(|(v, c)| column_value(c.ty, &v).is_some())
+            }
+            None => schema.undeclared == Undeclared::Telemetry,
+        }
+    })
+}
+
+/// Insert statements, prepared once per entry and per table.
+struct Inserts<'c> {
+    conn: &'c Connection,
+    schema: Schema,
+    by_stream: HashMap<u16, CachedStatement<'c>>,
+    telemetry: Option<CachedStatement<'c>>,
+}
+
+impl<'c> Inserts<'c> {
+    fn insert(
+        &mut self,
+        device_id: u64,
+        r: &RecordView<'_>,
+        time: &str,
+        received: &str,
+    ) -> rusqlite::Result<()> {
+        let dev = int(device_id as i64);
+        let seq = int(r.seq as i64);
+        match self.schema.stream(r.stream) {
+            Some(def) => {
+                let stmt = match self.by_stream.entry(r.stream) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let mut sql = format!(
+                            "INSERT OR IGNORE INTO \"{}\" (device_id, seq, time, received_at",
+                            def.table
+                        );
+                        for c in &def.columns {
+                            sql.push_str(&format!(", \"{}\"", c.name));
+                        }
+                        sql.push_str(") VALUES (?1, ?2, ?3, ?4");
+                        for i in 0..def.columns.len() {
+                            sql.push_str(&format!(", ?{}", i + 5));
+                        }
+                        sql.push(')');
+                        e.insert(self.conn.prepare_cached(&sql)?)
+                    }
+                };
+                let mut params: Vec<ToSqlOutput<'_>> = Vec::with_capacity(4 + def.columns.len());
+                params.push(dev);
+                params.push(seq);
+                params.push(ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(
+                    time.as_bytes(),
+                )));
+                params.push(ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(
+                    received.as_bytes(),
+                )));
+                for (v, c) in r.values().zip(&def.columns) {
+                    // Checked by `fits` before any insert of this batch.
+                    params.push(column_value(c.ty, &v).ok_or(rusqlite::Error::InvalidQuery)?);
+                }
+                stmt.execute(rusqlite::params_from_iter(params.iter()))?;
+            }
+            None => {
+                let stmt = match &mut self.telemetry {
+                    Some(s) => s,
+                    slot => slot.insert({
+                        // Also when no definitions were ever applied (see `create_telemetry`);
+                        // once per entry that writes here, not on every entry.
+                        crate::db::schema::create_telemetry(self.conn)?;
+                        self.conn.prepare_cached(&format!(
+                        "INSERT OR IGNORE INTO {TELEMETRY_TABLE} \
+                         (device_id, seq, stream, time, received_at, \"values\") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                        ))?
+                    }),
+                };
+                stmt.execute(rusqlite::params![
+                    dev,
+                    seq,
+                    i64::from(r.stream),
+                    time,
+                    received,
+                    values_json(r.values())
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The command's apply function: [`apply_device_batches`] plus this replica's metrics.
+pub fn apply(
+    conn: &Connection,
+    m: &Metrics,
+    batches: &[DeviceBatch],
+) -> rusqlite::Result<Vec<BatchOutcome>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut stats = ApplyStats::default();
+    let out = apply_device_batches(conn, batches, &mut stats)?;
+    m.batches_applied.fetch_add(stats.batches, Relaxed);
+    m.records_applied.fetch_add(stats.records, Relaxed);
+    let dups = out
+        .iter()
+        .filter(|o| matches!(o, BatchOutcome::Duplicate { .. }))
+        .count();
+    m.batches_duplicate.fetch_add(dups as u64, Relaxed);
+    Ok(out)
+}
+
+/// Applies a group of device batches inside the entry's transaction; one outcome per batch.
+pub fn apply_device_batches(
+    conn: &Connection,
+    batches: &[DeviceBatch],
+    stats: &mut ApplyStats,
+) -> rusqlite::Result<Vec<BatchOutcome>> {
+    create_tables(conn)?;
+    let schema = Schema::load(conn)?;
+    // Room for every stream table's insert next to the SQL API's statements.
+    conn.set_prepared_statement_cache_capacity(64 + schema.streams.len());
+    let mut inserts = Inserts {
+        conn,
+        schema,
+        by_stream: HashMap::new(),
+        telemetry: None,
+    };
+    let mut get_hw = conn.prepare_cached(&format!(
+        "SELECT seq FROM {HIGH_WATER_TABLE} WHERE device_id = ?1"
+    ))?;
+    let mut set_hw = conn.prepare_cached(&format!(
+        "INSERT INTO {HIGH_WATER_TABLE}(device_id, seq) VALUES (?1, ?2) \
+         ON CONFLICT(device_id) DO UPDATE SET seq = excluded.seq"
+    ))?;
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let Some(view) = b.view() else {
+            out.push(BatchOutcome::Malformed);
+            continue;
+        };
+        let h = view.header();
+        let hw = get_hw
+            .query_row([b.device_id as i64], |r| r.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(0) as u64;
+        let last = h.last_seq();
+        if last <= hw {
+            out.push(BatchOutcome::Duplicate { through_seq: hw });
+            continue;
+        }
+        if h.first_seq > hw + 1 {
+            out.push(BatchOutcome::Gap { high_water: hw });
+            continue;
+        }
+        if !fits(&inserts.schema, &view) {
+            out.push(BatchOutcome::SchemaMismatch);
+            continue;
+        }
+        let received = utc_text(b.received_at_ms);
+        for r in view.records() {
+            let r = r.map_err(|_| rusqlite::Error::InvalidQuery)?;
+            if r.seq <= hw {
+                continue;
+            }
+            let age = h.sent_uptime_ms - r.uptime_ms;
+            let time = utc_text(
+                b.received_at_ms
+                    .saturating_sub(age.min(i64::MAX as u64) as i64),
+            );
+            inserts.insert(b.device_id, &r, &time, &received)?;
+            stats.records += 1;
+        }
+        set_hw.execute([b.device_id as i64, last as i64])?;
+        stats.batches += 1;
+        out.push(BatchOutcome::Applied { through_seq: last });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::{BatchEncoder, MAX_FRAME, Record, Value};
+
+    use super::*;
+    use crate::db::schema::{Column, ColumnType, StreamDef};
+
+    pub(crate) fn batch(
+        device_id: u64,
+        first_seq: u64,
+        records: &[(u16, &[Value<'_>])],
+    ) -> DeviceBatch {
+        let mut buf = [0u8; MAX_FRAME];
+        let mut enc = BatchEncoder::new(&mut buf, first_seq, 10_000);
+        for (i, (stream, values)) in records.iter().enumerate() {
+            enc.push(&Record {
+                stream: *stream,
+                uptime_ms: 9_000 + i as u64,
+                values,
+            })
+            .unwrap();
+        }
+        let view = enc.finish().unwrap();
+        DeviceBatch {
+            device_id,
+            received_at_ms: 1_795_632_240_000,
+            body: view.as_bytes().to_vec(),
+        }
+    }
+
+    fn db() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        Schema {
+            streams: vec![StreamDef {
+                id: 1,
+                table: "climate".into(),
+                columns: vec![Column {
+                    name: "temperature".into(),
+                    ty: ColumnType::Real,
+                }],
+            }],
+            undeclared: Undeclared::Telemetry,
+        }
+        .install(&conn)
+        .unwrap();
+        conn
+    }
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A batch applied before any stream definitions (a leader whose DefineStreams entry was
+    /// not committed) used to fail with "no such table: telemetry", fatal on every replica.
+    #[test]
+    fn test_batch_before_any_definitions_goes_to_telemetry() {
+        let conn = Connection::open_in_memory().unwrap();
+        let b = batch(9, 1, &[(4, &[Value::F32(1.5)]), (4, &[Value::F32(2.5)])]);
+        let mut stats = ApplyStats::default();
+        let out = apply_device_batches(&conn, &[b], &mut stats).unwrap();
+        assert_eq!(out, vec![BatchOutcome::Applied { through_seq: 2 }]);
+        assert_eq!(count(&conn, TELEMETRY_TABLE), 2);
+    }
+
+    #[test]
+    fn test_same_batch_three_times_stored_once() {
+        let conn = db();
+        let b = batch(
+            7,
+            1,
+            &[
+                (1, &[Value::F32(20.5)]),
+                (9, &[Value::I64(-3), Value::Str("x")]),
+            ],
+        );
+        let mut stats = ApplyStats::default();
+        let out = apply_device_batches(&conn, &[b.clone(), b.clone()], &mut stats).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                BatchOutcome::Applied { through_seq: 2 },
+                BatchOutcome::Duplicate { through_seq: 2 }
+            ]
+        );
+        let out = apply_device_batches(&conn, &[b], &mut stats).unwrap();
+        assert_eq!(out, vec![BatchOutcome::Duplicate { through_seq: 2 }]);
+        assert_eq!(count(&conn, "climate"), 1);
+        assert_eq!(count(&conn, "telemetry"), 1);
+        let (time, received, temp): (String, String, f64) = conn
+            .query_row(
+                "SELECT time, received_at, temperature FROM climate",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(received, "2026-11-25T18:44:00.000Z");
+        assert_eq!(time, "2026-11-25T18:43:59.000Z");
+        assert_eq!(temp, 20.5);
+        let values: String = conn
+            .query_row("SELECT \"values\" FROM telemetry WHERE seq = 2", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(values, r#"[-3,"x"]"#);
+        assert_eq!(stats.records, 2);
+    }
+
+    #[test]
+    fn test_overlap_gap_and_mismatch() {
+        let conn = db();
+        let mut stats = ApplyStats::default();
+        let v: &[Value<'_>] = &[Value::F64(1.0)];
+        let first = batch(1, 1, &[(1, v), (1, v), (1, v)]);
+        let overlap = batch(1, 2, &[(1, v), (1, v), (1, v)]);
+        let gap = batch(1, 9, &[(1, v)]);
+        let wrong_type = batch(1, 5, &[(1, v), (1, &[Value::Str("hot")])]);
+        let wrong_count = batch(1, 5, &[(1, &[])]);
+        let out = apply_device_batches(
+            &conn,
+            &[first, overlap, gap, wrong_type, wrong_count],
+            &mut stats,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                BatchOutcome::Applied { through_seq: 3 },
+                BatchOutcome::Applied { through_seq: 4 },
+                BatchOutcome::Gap { high_water: 4 },
+                BatchOutcome::SchemaMismatch,
+                BatchOutcome::SchemaMismatch,
+            ]
+        );
+        assert_eq!(count(&conn, "climate"), 4);
+        assert_eq!(crate::db::registry::high_water(&conn, 1).unwrap(), 4);
+    }
+
+    #[test]
+    fn test_undeclared_rejected() {
+        let conn = Connection::open_in_memory().unwrap();
+        Schema {
+            streams: vec![],
+            undeclared: Undeclared::Reject,
+        }
+        .install(&conn)
+        .unwrap();
+        let out = apply_device_batches(
+            &conn,
+            &[batch(1, 1, &[(4, &[Value::Bool(true)])])],
+            &mut ApplyStats::default(),
+        )
+        .unwrap();
+        assert_eq!(out, vec![BatchOutcome::SchemaMismatch]);
+        assert_eq!(count(&conn, "telemetry"), 0);
+    }
+
+    #[test]
+    fn test_postcard_round_trip() {
+        let b = batch(3, 1, &[(1, &[Value::F32(1.0)])]);
+        let bytes = postcard::to_allocvec(&b).unwrap();
+        assert!(bytes.len() < b.body.len() + 16);
+        assert_eq!(postcard::from_bytes::<DeviceBatch>(&bytes).unwrap(), b);
+    }
+}

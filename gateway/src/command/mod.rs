@@ -1,0 +1,104 @@
+//! The Raft log command: what one entry asks every replica to do.
+//!
+//! # Extension point
+//!
+//! Every command kind is one variant of [`Command`] with its payload type and its apply
+//! function in a module of its own: [`sql`] for [`Command::Sql`], [`device`] for
+//! [`Command::DeviceBatches`], [`registry`] for [`Command::DeviceRegistry`]. [`apply`] is the
+//! only place that dispatches on the variant. To add a command:
+//!
+//! 1. put the payload type and `fn apply_xxx(conn: &Connection, ctx: &ApplyContext, cmd: &Xxx)
+//!    -> CommandResponse` in a new module;
+//! 2. add a variant here, an arm to [`apply`] and, if it answers something new, a variant to
+//!    [`CommandResponse`];
+//! 3. propose it through the service layer (`cluster::Cluster::write`), which hands it to the
+//!    one proposer (`raft::proposer`).
+//!
+//! Rules every apply function keeps (the state machine relies on them):
+//! - it runs inside the entry's open SQLite transaction and never commits or rolls it back
+//!   (use `SAVEPOINT` for partial rollback); the caller stores the applied log id in the same
+//!   transaction and commits;
+//! - it is deterministic: same database + same command = same bytes, on every replica. No
+//!   clocks, no randomness: the leader puts such values into the command before proposing;
+//! - a failure that depends on the data (a SQL error, a constraint) is a *result*, returned in
+//!   the response and identical everywhere; only storage failures are `Err`.
+//!
+//! Variants are never renumbered or removed: entries are postcard-encoded, which identifies a
+//! variant by its position. New variants go at the end.
+
+pub mod device;
+pub mod registry;
+pub mod rewrite;
+pub mod sql;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use self::device::{BatchOutcome, DeviceBatch};
+use self::registry::{RegistryCommand, RegistryOutcome};
+use self::sql::SqlCommand;
+use crate::db::sql::StatementResult;
+use crate::metrics::Metrics;
+
+/// One Raft log entry's application payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// rqlite-style SQL statements (`/db/execute`, `/db/request`, strong reads).
+    Sql(SqlCommand),
+    /// Device batches grouped by the leader's ingress ([`device`]).
+    DeviceBatches(Vec<DeviceBatch>),
+    /// Device registry and stream definitions ([`registry`]).
+    DeviceRegistry(RegistryCommand),
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Sql(c) => write!(
+                f,
+                "Sql({} statements, transaction={})",
+                c.statements.len(),
+                c.transaction
+            ),
+            Command::DeviceBatches(b) => write!(f, "DeviceBatches({} batches)", b.len()),
+            Command::DeviceRegistry(c) => write!(f, "DeviceRegistry({c})"),
+        }
+    }
+}
+
+/// What applying a command answers to the client that proposed it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub enum CommandResponse {
+    /// Blank and membership entries answer nothing.
+    #[default]
+    Empty,
+    /// One result per SQL statement, in order.
+    Sql(Vec<StatementResult>),
+    /// One outcome per device batch, in order.
+    DeviceBatches(Vec<BatchOutcome>),
+    DeviceRegistry(RegistryOutcome),
+}
+
+/// What an apply function may use besides the connection: this replica's counters (they
+/// count, they never change what is applied).
+pub struct ApplyContext<'a> {
+    pub metrics: &'a Metrics,
+}
+
+/// Applies `cmd` inside the caller's open transaction on `conn`: the one dispatch point.
+pub fn apply(
+    conn: &rusqlite::Connection,
+    ctx: &ApplyContext<'_>,
+    cmd: &Command,
+) -> rusqlite::Result<CommandResponse> {
+    match cmd {
+        Command::Sql(sql) => sql::apply_sql(conn, sql).map(CommandResponse::Sql),
+        Command::DeviceBatches(b) => {
+            device::apply(conn, ctx.metrics, b).map(CommandResponse::DeviceBatches)
+        }
+        Command::DeviceRegistry(c) => {
+            registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! [`Command::Sql`](super::Command::Sql): rqlite statements applied in the entry's
+//! transaction, with rqlite's autocommit or `?transaction` semantics.
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+
+use crate::db::sql::{Statement, StatementResult, run_statement};
+
+/// The payload of [`Command::Sql`](super::Command::Sql).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SqlCommand {
+    pub statements: Vec<Statement>,
+    /// All statements succeed or none does (`?transaction`).
+    pub transaction: bool,
+}
+
+/// Applies a SQL command inside the entry's open transaction.
+///
+/// With `transaction`, all statements share one savepoint: the first error rolls all of them
+/// back and the remaining statements are not run (their results are absent, as in rqlite).
+/// Without it, each statement has its own savepoint, so a failing statement leaves the
+/// others' effects in place, like autocommit.
+pub fn apply_sql(conn: &Connection, cmd: &SqlCommand) -> rusqlite::Result<Vec<StatementResult>> {
+    let mut results = Vec::with_capacity(cmd.statements.len());
+    if cmd.transaction {
+        conn.execute_batch("SAVEPOINT cairn_request")?;
+        for st in &cmd.statements {
+            let r = run_statement(conn, st);
+            let failed = r.error.is_some();
+            results.push(r);
+            if failed {
+                conn.execute_batch("ROLLBACK TO cairn_request")?;
+                break;
+            }
+        }
+        conn.execute_batch("RELEASE cairn_request")?;
+    } else {
+        for st in &cmd.statements {
+            conn.execute_batch("SAVEPOINT cairn_statement")?;
+            let r = run_statement(conn, st);
+            if r.error.is_some() {
+                conn.execute_batch("ROLLBACK TO cairn_statement")?;
+            }
+            conn.execute_batch("RELEASE cairn_statement")?;
+            results.push(r);
+        }
+    }
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::sql::{Params, Value};
+
+    #[test]
+    fn test_apply_sql_savepoints() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(a INTEGER PRIMARY KEY, b TEXT); BEGIN")
+            .unwrap();
+        let cmd = SqlCommand {
+            statements: vec![
+                Statement::new("INSERT INTO t(b) VALUES('x')"),
+                Statement::new("INSERT INTO nope VALUES(1)"),
+                Statement {
+                    sql: "INSERT INTO t(b) VALUES(:b)".into(),
+                    params: Params::Named(vec![("b".into(), Value::Text("y".into()))]),
+                },
+            ],
+            transaction: false,
+        };
+        let r = apply_sql(&conn, &cmd).unwrap();
+        assert_eq!(r.len(), 3);
+        assert!(r[1].error.as_deref().unwrap().contains("no such table"));
+        assert_eq!(r[2].last_insert_id, 2);
+        let tx = SqlCommand {
+            transaction: true,
+            ..cmd
+        };
+        let r = apply_sql(&conn, &tx).unwrap();
+        assert_eq!(r.len(), 2, "stops at the first error");
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2, "the transaction's first insert was rolled back");
+    }
+
+    #[test]
+    fn test_transaction_control_is_an_error_result_in_apply() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(a); BEGIN").unwrap();
+        let cmd = SqlCommand {
+            statements: vec![
+                Statement::new("COMMIT"),
+                Statement::new("INSERT INTO t VALUES(1)"),
+            ],
+            transaction: false,
+        };
+        let r = apply_sql(&conn, &cmd).unwrap();
+        assert!(r[0].error.as_deref().unwrap().contains("COMMIT"));
+        assert!(
+            !conn.is_autocommit(),
+            "the entry's transaction is still open"
+        );
+    }
+}

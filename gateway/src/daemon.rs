@@ -1,0 +1,274 @@
+//! The composition root of one gateway: bind the listeners, open storage, start Raft, the
+//! proposer, the service layer and the edges, serve, and stop cleanly (leadership handed
+//! over first).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use tokio::net::TcpListener;
+
+use crate::cluster::membership::JoinRequest;
+use crate::cluster::{Cluster, Parts};
+use crate::config::NodeConfig;
+use crate::ingress::{Ingress, IngressConfig};
+use crate::metrics::Metrics;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{self, HttpClient, Network};
+use crate::raft::proposer::Proposer;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{Peer, Raft, io_err};
+
+/// The addresses a node actually bound, written to `DATA_DIR/addrs.json` at start-up so that
+/// scripts and tests can use port 0 and still find the node.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BoundAddrs {
+    pub http_addr: String,
+    pub raft_addr: String,
+    #[serde(default)]
+    pub device_addr: String,
+}
+
+/// Runs a gateway until `shutdown` resolves (or Raft fails fatally), then stops cleanly.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let started = start(config).await?;
+    let node = started.cluster.clone();
+    let mut metrics = node.raft().metrics();
+    let fatal = async {
+        loop {
+            if let Err(e) = &metrics.borrow_watched().running_state {
+                return e.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown => {
+            tracing::info!(node_id = node.id(), "shutting down");
+            started.stop().await;
+            Ok(())
+        }
+        e = fatal => {
+            tracing::error!(node_id = node.id(), "FATAL: raft stopped: {e}");
+            started.stop().await;
+            anyhow::bail!("fatal raft error on node {}: {e}", node.id())
+        }
+    }
+}
+
+/// A started node and its server tasks.
+pub struct Started {
+    pub cluster: Arc<Cluster>,
+    pub ingress: Arc<Ingress>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Started {
+    /// Hands over leadership, stops Raft, then the listeners.
+    pub async fn stop(self) {
+        self.cluster.step_down().await;
+        if let Err(e) = self.cluster.raft().shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+        let _ = self.stop_tx.send(true);
+        for s in self.servers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+        }
+    }
+}
+
+/// Opens storage, starts Raft and the listeners, bootstraps or joins. Returns once serving.
+pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let http_listener = TcpListener::bind(&config.http_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding HTTP address {}: {e}", config.http_addr))?;
+    let raft_listener = TcpListener::bind(&config.raft_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding Raft address {}: {e}", config.raft_addr))?;
+    let device_listener = TcpListener::bind(&config.device_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding device address {}: {e}", config.device_addr))?;
+    let bound = BoundAddrs {
+        http_addr: http_listener.local_addr()?.to_string(),
+        raft_addr: raft_listener.local_addr()?.to_string(),
+        device_addr: device_listener.local_addr()?.to_string(),
+    };
+    let peer = Peer {
+        http_addr: config
+            .http_adv_addr
+            .clone()
+            .unwrap_or_else(|| bound.http_addr.clone()),
+        raft_addr: config
+            .raft_adv_addr
+            .clone()
+            .unwrap_or_else(|| bound.raft_addr.clone()),
+        device_addr: config
+            .device_adv_addr
+            .clone()
+            .unwrap_or_else(|| bound.device_addr.clone()),
+    };
+    write_atomic(
+        &config.data_dir.join("addrs.json"),
+        &serde_json::to_vec(&bound)?,
+    )?;
+
+    let metrics = Arc::new(Metrics::default());
+    let log_store =
+        LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
+    let log_stats = log_store.stats();
+    let sm = StateMachine::open(&config.data_dir.join("sm"), metrics.clone())?;
+    let client = HttpClient::new();
+    let raft = Raft::new(
+        config.node_id,
+        Arc::new(config.raft_config()?),
+        Network::new(client.clone()),
+        log_store,
+        sm.clone(),
+    )
+    .await?;
+    let proposer = Proposer::start(
+        raft.clone(),
+        config.write_queue_depth,
+        config.write_batch_max,
+        metrics.clone(),
+    );
+    let cluster = Cluster::new(Parts {
+        id: config.node_id,
+        peer: peer.clone(),
+        raft: raft.clone(),
+        store: sm.store(),
+        proposer,
+        client,
+        metrics,
+        log_stats,
+        scratch_dir: config.data_dir.clone(),
+    });
+    let ingress = Ingress::new(
+        cluster.clone(),
+        IngressConfig {
+            schema: config.schema(),
+            ..Default::default()
+        },
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for (listener, router) in [
+        (
+            raft_listener,
+            network::routes(raft.clone(), sm)
+                .merge(crate::ingress::forward::routes(ingress.clone())),
+        ),
+        (http_listener, crate::http::router(cluster.clone())),
+    ] {
+        let mut stop = stop_rx.clone();
+        servers.push(tokio::spawn(async move {
+            let graceful = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            // Small responses (Raft RPC answers, acks of writes) go out at once.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+                let _ = s.set_nodelay(true);
+            });
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(graceful)
+                .await
+            {
+                tracing::error!("server: {e}");
+            }
+        }));
+    }
+    let mut stop = stop_rx.clone();
+    let serving = ingress.clone();
+    servers.push(tokio::spawn(async move {
+        tokio::select! {
+            () = serving.serve(device_listener) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }));
+    tracing::info!(
+        node_id = cluster.id(),
+        http = %bound.http_addr,
+        raft = %bound.raft_addr,
+        device = %bound.device_addr,
+        "cairn node started"
+    );
+
+    let initialized = raft.is_initialized().await?;
+    if !initialized && config.bootstrap {
+        tracing::info!("bootstrapping a new cluster");
+        raft.initialize(BTreeMap::from([(cluster.id(), peer.clone())]))
+            .await?;
+    } else if let Some(join) = &config.join
+        && (!initialized || (!config.non_voter && !cluster.is_voter()))
+    {
+        // A fresh node joins; so does one that crashed after joining as a learner but before
+        // its promotion (the leader then only promotes it).
+        let urls: Vec<String> = join
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .collect();
+        let req = JoinRequest {
+            id: cluster.id(),
+            addr: peer.raft_addr.clone(),
+            http_addr: peer.http_addr.clone(),
+            device_addr: peer.device_addr.clone(),
+            voter: !config.non_voter,
+        };
+        tokio::spawn(join_loop(cluster.clone(), req, urls));
+    }
+    Ok(Started {
+        cluster,
+        ingress,
+        stop_tx,
+        servers,
+    })
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(tmp, path)
+}
+
+/// Asks the nodes at `urls` (any member; it forwards to the leader) to add this one, until
+/// one accepts or Raft stops.
+async fn join_loop(cluster: Arc<Cluster>, req: JoinRequest, urls: Vec<String>) {
+    let body = serde_json::to_vec(&req).expect("json");
+    loop {
+        for url in &urls {
+            let r = hyper::Request::post(format!("{url}/join"))
+                .header("content-type", "application/json")
+                .body(network::full(body.clone()))
+                .map_err(io_err);
+            let res = match r {
+                Ok(r) => cluster.http().send(r, Duration::from_secs(120)).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok((s, _, _)) if s.is_success() => {
+                    tracing::info!(%url, "joined the cluster");
+                    return;
+                }
+                Ok((s, _, b)) => {
+                    tracing::warn!(%url, "join refused ({s}): {}", String::from_utf8_lossy(&b))
+                }
+                Err(e) => tracing::warn!(%url, "join failed: {e}"),
+            }
+        }
+        if !cluster.running() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,107 @@
+//! The device admin API behind `cairn device add|list|remove`. On a follower it is forwarded
+//! to the leader, so it is linearizable wherever it is sent.
+//!
+//! | route | body | answer |
+//! |---|---|---|
+//! | `POST /devices` | JSON `{"id": 7, "key": "<64 hex digits>"}` | JSON `{"device_id": 7, "replaced": false}` |
+//! | `GET /devices` | | JSON `{"devices": [{"device_id": 7, "high_water": 120}]}` |
+//! | `DELETE /devices/{device_id}` | | JSON `{"device_id": 7, "removed": true}` |
+//!
+//! Errors are `{"error": "..."}` with the status [`status_of`] gives.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::rqlite::status_of;
+use super::{Original, Served, on_leader};
+use crate::cluster::Cluster;
+use crate::command::registry::{RegistryCommand, RegistryOutcome};
+use crate::command::{Command, CommandResponse};
+use crate::db::registry;
+use crate::error::Error;
+
+fn error(e: &Error) -> Response {
+    (status_of(e), Json(json!({ "error": e.to_string() }))).into_response()
+}
+
+/// Applies `cmd` on the leader (forwarding the request there from a follower).
+async fn registry_write(
+    n: &Cluster,
+    req: &Original,
+    cmd: RegistryCommand,
+) -> Result<Served<RegistryOutcome>, Error> {
+    on_leader(n, req, false, || async {
+        match n.write(Command::DeviceRegistry(cmd.clone())).await? {
+            CommandResponse::DeviceRegistry(o) => Ok(o),
+            other => Err(Error::Storage(format!("unexpected response {other:?}"))),
+        }
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct AddDevice {
+    id: u64,
+    key: String,
+}
+
+pub async fn add(State(n): State<Arc<Cluster>>, original: Original) -> Response {
+    let req: AddDevice = match serde_json::from_slice(&original.body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(&Error::BadRequest(format!(
+                "expected {{\"id\": N, \"key\": \"HEX\"}}: {e}"
+            )));
+        }
+    };
+    let key = match registry::parse_key(&req.key) {
+        Ok(k) => k,
+        Err(e) => return error(&Error::BadRequest(e.to_string())),
+    };
+    let cmd = RegistryCommand::Add {
+        device_id: req.id,
+        key,
+    };
+    match registry_write(&n, &original, cmd).await {
+        Ok(Served::Here(RegistryOutcome::Added { replaced })) => {
+            Json(json!({"device_id": req.id, "replaced": replaced})).into_response()
+        }
+        Ok(Served::Here(o)) => error(&Error::Storage(format!("{o:?}"))),
+        Ok(Served::There(resp)) => resp,
+        Err(e) => error(&e),
+    }
+}
+
+pub async fn remove(
+    State(n): State<Arc<Cluster>>,
+    Path(device_id): Path<u64>,
+    original: Original,
+) -> Response {
+    let cmd = RegistryCommand::Remove { device_id };
+    match registry_write(&n, &original, cmd).await {
+        Ok(Served::Here(RegistryOutcome::Removed { existed })) => {
+            Json(json!({"device_id": device_id, "removed": existed})).into_response()
+        }
+        Ok(Served::Here(o)) => error(&Error::Storage(format!("{o:?}"))),
+        Ok(Served::There(resp)) => resp,
+        Err(e) => error(&e),
+    }
+}
+
+pub async fn list(State(n): State<Arc<Cluster>>, original: Original) -> Response {
+    let r = on_leader(&n, &original, false, || async {
+        n.confirm_leadership().await?;
+        Ok(n.read(registry::list_devices).await??)
+    })
+    .await;
+    match r {
+        Ok(Served::Here(devices)) => Json(json!({ "devices": devices })).into_response(),
+        Ok(Served::There(resp)) => resp,
+        Err(e) => error(&e),
+    }
+}

@@ -1,0 +1,177 @@
+//! `/db/*`: SQL writes and reads at each consistency level, backups and loads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::rqlite::{
+    Opts, error_response, json_response, parse_statements, result_json, results_response,
+};
+use super::{Original, Served, on_leader, redirect_to_leader};
+use crate::cluster::{Cluster, Level};
+use crate::db::sql::{Statement, StatementResult};
+use crate::error::Error;
+use crate::raft::network::file_body;
+
+/// Answers results served here, relays the leader's answer, or renders the error.
+fn answer(r: Result<Served<Vec<StatementResult>>, Error>, o: &Opts, start: Instant) -> Response {
+    match r {
+        Ok(Served::Here(results)) => results_response(&results, o, start),
+        Ok(Served::There(resp)) => resp,
+        Err(e) => error_response(&e, o.pretty),
+    }
+}
+
+/// SQL through Raft on the leader (made deterministic first when `rewrite`).
+async fn write(
+    n: &Cluster,
+    statements: Vec<Statement>,
+    o: &Opts,
+    req: &Original,
+    rewrite: bool,
+) -> Response {
+    let start = Instant::now();
+    let r = on_leader(n, req, o.redirect, || {
+        n.execute(statements.clone(), o.transaction, rewrite)
+    })
+    .await;
+    answer(r, o, start)
+}
+
+/// A read at the requested consistency level; `none` never leaves this node.
+async fn read(n: &Cluster, statements: Vec<Statement>, o: &Opts, req: &Original) -> Response {
+    let start = Instant::now();
+    let level = match o.level.parse::<Level>() {
+        Ok(l) => l,
+        Err(e) => return error_response(&e, o.pretty),
+    };
+    let r = if level == Level::None {
+        n.query(statements, level, o.transaction)
+            .await
+            .map(Served::Here)
+    } else {
+        on_leader(n, req, o.redirect, || {
+            n.query(statements.clone(), level, o.transaction)
+        })
+        .await
+    };
+    answer(r, o, start)
+}
+
+/// Which SQL endpoint a request came to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Execute,
+    Query,
+    Request,
+}
+
+/// A SQL request's statements: the `q` parameter (`/db/query`) or the JSON body.
+fn statements(
+    at: Endpoint,
+    q: &HashMap<String, String>,
+    req: &Original,
+) -> Result<Vec<Statement>, Error> {
+    match (at, q.get("q"), &req.method) {
+        (Endpoint::Query, Some(sql), _) => Ok(vec![Statement::new(sql.clone())]),
+        (Endpoint::Query, None, &Method::GET) => {
+            Err(Error::BadRequest("missing q parameter".into()))
+        }
+        _ => parse_statements(&req.body),
+    }
+}
+
+/// Counts and parses a SQL request, then writes it through Raft or reads it at the requested
+/// level (`/db/request` reads when every statement is read-only).
+async fn serve(at: Endpoint, n: &Cluster, q: HashMap<String, String>, req: Original) -> Response {
+    n.metrics().http_requests.fetch_add(1, Ordering::Relaxed);
+    let o = Opts::from(&q);
+    let statements = match statements(at, &q, &req) {
+        Ok(s) => s,
+        Err(e) => return error_response(&e, o.pretty),
+    };
+    let reading = match at {
+        Endpoint::Query => true,
+        Endpoint::Request => n.all_read_only(&statements).await,
+        Endpoint::Execute => false,
+    };
+    if reading {
+        read(n, statements, &o, &req).await
+    } else {
+        write(n, statements, &o, &req, true).await
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+pub async fn execute(State(n): State<Arc<Cluster>>, Query(q): Params, req: Original) -> Response {
+    serve(Endpoint::Execute, &n, q, req).await
+}
+
+pub async fn query(State(n): State<Arc<Cluster>>, Query(q): Params, req: Original) -> Response {
+    serve(Endpoint::Query, &n, q, req).await
+}
+
+/// rqlite's unified endpoint: reads go the read path, anything else through Raft.
+pub async fn request(State(n): State<Arc<Cluster>>, Query(q): Params, req: Original) -> Response {
+    serve(Endpoint::Request, &n, q, req).await
+}
+
+/// The database as a SQLite file, streamed. Served by the leader (others redirect there)
+/// unless `?noleader`, which returns this node's copy.
+pub async fn backup(
+    State(n): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+) -> Response {
+    let o = Opts::from(&q);
+    if !q.contains_key("noleader") && !n.is_leader() {
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/db/backup");
+        return redirect_to_leader(&n, path)
+            .await
+            .unwrap_or_else(|e| error_response(&e, o.pretty));
+    }
+    match n.backup().await {
+        Ok(file) => {
+            let body = Body::new(file_body(Vec::new(), file));
+            let mut resp = (StatusCode::OK, body).into_response();
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            resp
+        }
+        Err(e) => error_response(&e, o.pretty),
+    }
+}
+
+/// Replaces the database with an uploaded SQLite file or SQL text, through Raft as one
+/// transaction (so every replica loads the same rows).
+pub async fn load(
+    State(n): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Original,
+) -> Response {
+    let o = Opts::from(&q);
+    let results = match on_leader(&n, &req, o.redirect, || n.load(req.body.clone())).await {
+        Ok(Served::Here(results)) => results,
+        Ok(Served::There(resp)) => return resp,
+        Err(e) => return error_response(&e, o.pretty),
+    };
+    // Summarise instead of echoing one result per loaded row; report the first error.
+    let summary = match results.iter().find(|r| r.error.is_some()) {
+        Some(err) => json!({"results": [result_json(err, &o)]}),
+        None => json!({"results": [{"last_insert_id": 0, "rows_affected": results.len()}]}),
+    };
+    json_response(StatusCode::OK, &summary, o.pretty)
+}

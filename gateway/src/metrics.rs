@@ -1,0 +1,280 @@
+//! One node's counters: the device path (`"ingress"` in `GET /status`), the write queue and
+//! the SQL API (`/metrics`).
+//!
+//! One [`Metrics`] per node, made by the composition root and handed to every part that
+//! counts (`cairn dev` runs three nodes in one process and each `/status` shows its own).
+//! Every counter is a relaxed atomic; the latency histograms have power-of-two microsecond
+//! buckets, so a percentile is exact to within a factor of two (reported as the bucket's
+//! upper bound).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use cairn_protocol::ErrorCode;
+use serde_json::json;
+
+const BUCKETS: usize = 32;
+
+/// A histogram of durations in power-of-two microsecond buckets.
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            buckets: [const { AtomicU64::new(0) }; BUCKETS],
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = (64 - us.leading_zeros() as usize).min(BUCKETS - 1);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// The upper bound (µs) of the bucket holding quantile `q` (0..=1); 0 when empty.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        let total = self.count.load(Relaxed);
+        if total == 0 {
+            return 0;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Relaxed);
+            if seen >= rank {
+                return if i == 0 { 1 } else { 1u64 << i };
+            }
+        }
+        1u64 << (BUCKETS - 1)
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let count = self.count.load(Relaxed);
+        json!({
+            "count": count,
+            "mean_us": self.sum_us.load(Relaxed).checked_div(count).unwrap_or(0),
+            "p50_us": self.quantile_us(0.5),
+            "p99_us": self.quantile_us(0.99),
+        })
+    }
+}
+
+/// Rejections by reason: one counter per protocol error code the gateway sends.
+pub struct Rejects {
+    codes: [AtomicU64; 12],
+}
+
+impl Rejects {
+    fn new() -> Self {
+        Rejects {
+            codes: [const { AtomicU64::new(0) }; 12],
+        }
+    }
+
+    pub fn count(&self, code: ErrorCode) {
+        let i = usize::from(code.to_u8()).min(11);
+        self.codes[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.codes[usize::from(code.to_u8()).min(11)].load(Relaxed)
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for i in 1..=11u8 {
+            let code = ErrorCode::from_u8(i);
+            let name = code.to_string().replace(' ', "_");
+            m.insert(name, self.codes[usize::from(i)].load(Relaxed).into());
+        }
+        m.into()
+    }
+}
+
+/// Everything one node counts.
+pub struct Metrics {
+    /// SQL requests served by the HTTP API.
+    pub http_requests: AtomicU64,
+    /// Commands proposed through the write queue, and the batches they went in.
+    pub writes_proposed: AtomicU64,
+    pub write_batches: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub batches_in: AtomicU64,
+    pub records_in: AtomicU64,
+    pub acks_sent: AtomicU64,
+    pub rejects: Rejects,
+    /// Batches this node sent to the leader / received from followers.
+    pub batches_forwarded: AtomicU64,
+    pub batches_received_forwarded: AtomicU64,
+    /// Raft entries proposed by the leader's batcher and the batches/bytes they held.
+    pub groups_proposed: AtomicU64,
+    pub group_batches: AtomicU64,
+    pub group_bytes: AtomicU64,
+    pub group_batches_max: AtomicU64,
+    /// Applied on this replica (every replica counts what it applies).
+    pub batches_applied: AtomicU64,
+    pub records_applied: AtomicU64,
+    pub batches_duplicate: AtomicU64,
+    /// Proposal to applied response, on the leader.
+    pub commit_latency: Histogram,
+    /// Batch read off the socket to Ack written, on the node the device talks to.
+    pub ack_latency: Histogram,
+    /// One state-machine apply call (every kind of entry), queueing on the blocking pool
+    /// included.
+    pub apply_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            http_requests: AtomicU64::new(0),
+            writes_proposed: AtomicU64::new(0),
+            write_batches: AtomicU64::new(0),
+            connections_accepted: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            frames_in: AtomicU64::new(0),
+            batches_in: AtomicU64::new(0),
+            records_in: AtomicU64::new(0),
+            acks_sent: AtomicU64::new(0),
+            rejects: Rejects::new(),
+            batches_forwarded: AtomicU64::new(0),
+            batches_received_forwarded: AtomicU64::new(0),
+            groups_proposed: AtomicU64::new(0),
+            group_batches: AtomicU64::new(0),
+            group_bytes: AtomicU64::new(0),
+            group_batches_max: AtomicU64::new(0),
+            batches_applied: AtomicU64::new(0),
+            records_applied: AtomicU64::new(0),
+            batches_duplicate: AtomicU64::new(0),
+            commit_latency: Histogram::new(),
+            ack_latency: Histogram::new(),
+            apply_latency: Histogram::new(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The device path's counters as a JSON object for `/status`.
+    pub fn ingress_json(&self) -> serde_json::Value {
+        let groups = self.groups_proposed.load(Relaxed);
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        json!({
+            "connections_accepted": g(&self.connections_accepted),
+            "connections_open": g(&self.connections_open),
+            "frames_in": g(&self.frames_in),
+            "batches_in": g(&self.batches_in),
+            "records_in": g(&self.records_in),
+            "acks_sent": g(&self.acks_sent),
+            "rejects": self.rejects.to_json(),
+            "batches_forwarded": g(&self.batches_forwarded),
+            "batches_received_forwarded": g(&self.batches_received_forwarded),
+            "groups_proposed": groups,
+            "group_batches_mean": g(&self.group_batches).checked_div(groups).unwrap_or(0),
+            "group_batches_max": g(&self.group_batches_max),
+            "group_bytes_mean": g(&self.group_bytes).checked_div(groups).unwrap_or(0),
+            "batches_applied": g(&self.batches_applied),
+            "records_applied": g(&self.records_applied),
+            "batches_duplicate": g(&self.batches_duplicate),
+            "commit_latency": self.commit_latency.to_json(),
+            "ack_latency": self.ack_latency.to_json(),
+            "apply_latency": self.apply_latency.to_json(),
+        })
+    }
+}
+
+impl Metrics {
+    /// The device path's counters in Prometheus text format, labelled with the node id.
+    pub fn ingress_prometheus(&self, node_id: u64) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = write!(
+                out,
+                "# HELP cairn_ingress_{name} {help}\n# TYPE cairn_ingress_{name} counter\n\
+                 cairn_ingress_{name}{{node_id=\"{node_id}\"}} {v}\n"
+            );
+        };
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        counter("frames_total", "Device frames read.", g(&self.frames_in));
+        counter("batches_total", "Device batches read.", g(&self.batches_in));
+        counter("records_total", "Device records read.", g(&self.records_in));
+        counter("acks_total", "Acks sent to devices.", g(&self.acks_sent));
+        counter(
+            "groups_total",
+            "Raft entries of device batches proposed.",
+            g(&self.groups_proposed),
+        );
+        counter(
+            "records_applied_total",
+            "Device records applied on this replica.",
+            g(&self.records_applied),
+        );
+        counter(
+            "batches_forwarded_total",
+            "Device batches forwarded to the leader.",
+            g(&self.batches_forwarded),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cairn_ingress_rejects_total Device frames or connections rejected, by error code."
+        );
+        let _ = writeln!(out, "# TYPE cairn_ingress_rejects_total counter");
+        for i in 1..=11u8 {
+            let code = ErrorCode::from_u8(i);
+            let _ = writeln!(
+                out,
+                "cairn_ingress_rejects_total{{node_id=\"{node_id}\",reason=\"{}\"}} {}",
+                code.to_string().replace(' ', "_"),
+                self.rejects.get(code)
+            );
+        }
+        for (name, h) in [
+            ("commit_latency", &self.commit_latency),
+            ("ack_latency", &self.ack_latency),
+            ("apply_latency", &self.apply_latency),
+        ] {
+            let _ = writeln!(out, "# TYPE cairn_ingress_{name}_seconds summary");
+            for q in [0.5, 0.99] {
+                let _ = writeln!(
+                    out,
+                    "cairn_ingress_{name}_seconds{{node_id=\"{node_id}\",quantile=\"{q}\"}} {}",
+                    h.quantile_us(q) as f64 / 1e6
+                );
+            }
+            let _ = writeln!(
+                out,
+                "cairn_ingress_{name}_seconds_count{{node_id=\"{node_id}\"}} {}",
+                h.count.load(Relaxed)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_histogram_quantiles() {
+        let h = Histogram::new();
+        assert_eq!(h.quantile_us(0.5), 0);
+        for _ in 0..98 {
+            h.record(Duration::from_micros(100));
+        }
+        h.record(Duration::from_millis(10));
+        h.record(Duration::from_millis(10));
+        assert_eq!(h.quantile_us(0.5), 128);
+        assert_eq!(h.quantile_us(0.99), 16384);
+    }
+}

@@ -1,0 +1,493 @@
+//! The Raft log, the vote and the committed log id, in their own SQLite file (`raft.db`).
+//!
+//! # Correctness requirements (from openraft's `RaftLogStorage`) and how they are met
+//!
+//! - `append` returns at once and reports completion through its callback only after the
+//!   entries are durable. The entries go into an in-memory cache (readable the moment `append`
+//!   returns) and to one writer thread, which commits everything queued since its last commit
+//!   as one SQLite transaction in WAL mode with `synchronous=FULL` (`COMMIT` returns after the
+//!   WAL is fsync'd) and then calls the callbacks in order. So the Raft core never waits for
+//!   the disk: the leader replicates an entry while its own fsync runs, and appends that
+//!   arrive during an fsync share the next one.
+//! - Write IO is serialised: every write (append, vote, truncate, purge, committed hint) goes
+//!   through the writer's one FIFO queue; `save_vote`, `truncate_after` and `purge` wait for
+//!   their turn to be committed before returning (the vote is durable before it returns).
+//! - The committed log id is only a hint for faster recovery (the state machine persists its
+//!   own applied id): `save_committed` queues it without waiting; it is written in the
+//!   writer's next transaction, and alone it is committed with `synchronous=NORMAL` (no fsync
+//!   of its own, made durable by the next append or vote).
+//! - Reads are atomic and never miss an appended entry: a reader takes what the cache holds,
+//!   then reads the rest in one SQLite read transaction on its own connection. An entry
+//!   leaves the cache only after the transaction holding it committed, and truncation/purge
+//!   drop cache entries before returning, so an entry is always in one of the two.
+//!
+//! The cache keeps the newest entries (at most [`CACHE_BYTES`], or `log_cache_mib`, of encoded
+//! entries once they are flushed), so replication to followers and apply read recent entries from memory
+//! instead of decoding them back from SQLite.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+use super::{Entry, LogId, TypeConfig, Vote, io_err};
+
+/// Encoded bytes of flushed entries kept in memory for readers, unless configured
+/// (`log_cache_mib`).
+pub const CACHE_BYTES: usize = 64 << 20;
+
+/// SQLite-backed Raft log. Cloning shares the cache, the writer and the reader connection.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+    writer: mpsc::Sender<Op>,
+}
+
+struct Shared {
+    /// Entries appended and not yet evicted (all unflushed ones, plus recent flushed ones).
+    cache: Mutex<BTreeMap<u64, Entry>>,
+    /// The last saved vote (it is also on disk before `save_vote` returns).
+    vote: Mutex<Option<Vote>>,
+    /// Connection for reads (WAL: readers never block the writer).
+    reader: Mutex<Connection>,
+    stats: Arc<LogStats>,
+}
+
+/// Counters for `/status` and `/metrics`: entries per append shows how well writes share
+/// fsyncs (group commit).
+#[derive(Default, Debug)]
+pub struct LogStats {
+    /// Durable appends, i.e. log fsyncs.
+    pub appends: AtomicU64,
+    /// Entries written by those appends.
+    pub entries: AtomicU64,
+    /// Microseconds the writer spent in those transactions (insert + fsync), in all.
+    pub write_us: AtomicU64,
+}
+
+/// One write, in the writer's queue.
+enum Op {
+    Append {
+        entries: Vec<Entry>,
+        callback: IOFlushed<TypeConfig>,
+    },
+    Committed(Vec<u8>),
+    Vote(Vec<u8>, oneshot::Sender<std::io::Result<()>>),
+    Truncate(i64, oneshot::Sender<std::io::Result<()>>),
+    Purge(i64, Vec<u8>, oneshot::Sender<std::io::Result<()>>),
+}
+
+fn encode<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
+    postcard::to_allocvec(v).map_err(io_err)
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
+    postcard::from_bytes(b).map_err(|e| io_err(format!("undecodable raft log record: {e}")))
+}
+
+impl LogStore {
+    /// Opens (creating if needed) the log database at `path` and starts its writer thread
+    /// (which ends when the last clone is dropped), caching [`CACHE_BYTES`].
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_with_cache(path, CACHE_BYTES)
+    }
+
+    /// Like [`LogStore::open`], keeping at most `cache_bytes` of flushed entries in memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> anyhow::Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, log_id BLOB NOT NULL, entry BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);",
+        )?;
+        let vote: Option<Vote> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'vote'", [], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+            .map(|b| decode(&b))
+            .transpose()?;
+        let reader = Connection::open(path)?;
+        let shared = Arc::new(Shared {
+            cache: Mutex::default(),
+            vote: Mutex::new(vote),
+            reader: Mutex::new(reader),
+            stats: Arc::default(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || Writer::new(conn, s, cache_bytes).run(rx))?;
+        Ok(LogStore { shared, writer: tx })
+    }
+
+    /// The store's counters (shared with every clone).
+    pub fn stats(&self) -> Arc<LogStats> {
+        self.shared.stats.clone()
+    }
+
+    fn send(&self, op: Op) -> std::io::Result<()> {
+        self.writer
+            .send(op)
+            .map_err(|_| io_err("raft log writer stopped"))
+    }
+
+    /// Queues `op` (built around a reply channel) and waits until it is committed.
+    async fn write_and_wait(
+        &self,
+        op: impl FnOnce(oneshot::Sender<std::io::Result<()>>) -> Op,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(op(tx))?;
+        rx.await.map_err(|_| io_err("raft log writer stopped"))?
+    }
+
+    async fn with_reader<T, F>(&self, f: F) -> std::io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = shared
+                .reader
+                .lock()
+                .map_err(|_| io_err("log reader mutex poisoned"))?;
+            f(&mut guard).map_err(io_err)
+        })
+        .await
+        .map_err(io_err)?
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.shared.cache.lock().expect("log cache")
+    }
+}
+
+/// The writer thread: drains the queue, commits what it took as one transaction, then
+/// answers (callbacks in order) and evicts flushed entries beyond the cache budget.
+struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    /// Flushed entries still in the cache, oldest first, with their encoded size.
+    flushed: VecDeque<(LogId, usize)>,
+    flushed_bytes: usize,
+    budget: usize,
+}
+
+impl Writer {
+    fn new(conn: Connection, shared: Arc<Shared>, budget: usize) -> Self {
+        Writer {
+            conn,
+            shared,
+            flushed: VecDeque::new(),
+            flushed_bytes: 0,
+            budget,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut ops = vec![first];
+            while let Ok(op) = rx.try_recv() {
+                ops.push(op);
+            }
+            self.commit(ops);
+        }
+    }
+
+    fn commit(&mut self, ops: Vec<Op>) {
+        // Only committed-index hints: no fsync needed.
+        let durable = ops.iter().any(|op| !matches!(op, Op::Committed(_)));
+        let mut written: Vec<(LogId, usize)> = Vec::new();
+        let started = std::time::Instant::now();
+        let res = (|| -> std::io::Result<()> {
+            if !durable {
+                self.conn
+                    .pragma_update(None, "synchronous", "NORMAL")
+                    .map_err(io_err)?;
+            }
+            let tx = self.conn.transaction().map_err(io_err)?;
+            for op in &ops {
+                match op {
+                    Op::Append { entries, .. } => {
+                        let mut st = tx
+                            .prepare_cached(
+                                "INSERT OR REPLACE INTO log(idx, log_id, entry) VALUES(?1, ?2, ?3)",
+                            )
+                            .map_err(io_err)?;
+                        for e in entries {
+                            let body = encode(e)?;
+                            st.execute(params![e.log_id.index as i64, encode(&e.log_id)?, &body])
+                                .map_err(io_err)?;
+                            written.push((e.log_id, body.len()));
+                        }
+                    }
+                    Op::Committed(b) => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO meta(key, value) VALUES('committed', ?1)",
+                            [b],
+                        )
+                        .map_err(io_err)?;
+                    }
+                    Op::Vote(b, _) => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO meta(key, value) VALUES('vote', ?1)",
+                            [b],
+                        )
+                        .map_err(io_err)?;
+                    }
+                    Op::Truncate(after, _) => {
+                        tx.execute("DELETE FROM log WHERE idx > ?1", [after])
+                            .map_err(io_err)?;
+                    }
+                    Op::Purge(upto, b, _) => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO meta(key, value) VALUES('last_purged', ?1)",
+                            [b],
+                        )
+                        .map_err(io_err)?;
+                        tx.execute("DELETE FROM log WHERE idx <= ?1", [upto])
+                            .map_err(io_err)?;
+                    }
+                }
+            }
+            // synchronous=FULL: returns after the WAL is fsync'd.
+            tx.commit().map_err(io_err)?;
+            if !durable {
+                self.conn
+                    .pragma_update(None, "synchronous", "FULL")
+                    .map_err(io_err)?;
+            }
+            Ok(())
+        })();
+        if res.is_ok() && !written.is_empty() {
+            let stats = &self.shared.stats;
+            stats.appends.fetch_add(1, Ordering::Relaxed);
+            stats
+                .entries
+                .fetch_add(written.len() as u64, Ordering::Relaxed);
+            stats
+                .write_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.evict(written);
+        }
+        for op in ops {
+            let r = match &res {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io_err(e)),
+            };
+            match op {
+                Op::Append { callback, .. } => callback.io_completed(r),
+                Op::Committed(_) => {}
+                Op::Vote(_, reply) | Op::Truncate(_, reply) | Op::Purge(_, _, reply) => {
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+
+    /// Drops the oldest flushed entries from the cache beyond the budget. An entry is only
+    /// dropped if the cache still holds that very entry (not a later one at the same index).
+    fn evict(&mut self, written: Vec<(LogId, usize)>) {
+        for w in written {
+            self.flushed_bytes += w.1;
+            self.flushed.push_back(w);
+        }
+        if self.flushed_bytes <= self.budget {
+            return;
+        }
+        let mut cache = self.shared.cache.lock().expect("log cache");
+        while self.flushed_bytes > self.budget {
+            let Some((id, size)) = self.flushed.pop_front() else {
+                break;
+            };
+            self.flushed_bytes -= size;
+            if cache.get(&id.index).is_some_and(|e| e.log_id == id) {
+                cache.remove(&id.index);
+            }
+        }
+    }
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let lo = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let hi = match range.end_bound() {
+        Bound::Included(&e) => e,
+        Bound::Excluded(&e) => {
+            if e == 0 {
+                return (1, 0);
+            }
+            e - 1
+        }
+        Bound::Unbounded => i64::MAX as u64,
+    };
+    (lo.min(i64::MAX as u64), hi.min(i64::MAX as u64))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, std::io::Error> {
+        let (lo, hi) = bounds(&range);
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        // The cache first: an entry missing from it at the low end was flushed before it
+        // was evicted, so SQLite (read after this) has it.
+        let cached: Vec<Entry> = self
+            .cache()
+            .range(lo..=hi)
+            .map(|(_, e)| e.clone())
+            .collect();
+        let from_cache = cached.first().map(|e| e.log_id.index);
+        if from_cache == Some(lo) {
+            return Ok(cached);
+        }
+        // Below the first cached index (or everything, if nothing is cached) comes from disk.
+        let disk_hi = from_cache.map(|i| i as i64 - 1).unwrap_or(hi as i64);
+        let raws: Vec<Vec<u8>> = self
+            .with_reader(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx",
+                )?;
+                let rows = st.query_map(params![lo as i64, disk_hi], |r| r.get::<_, Vec<u8>>(0))?;
+                rows.collect()
+            })
+            .await?;
+        let mut out = raws
+            .iter()
+            .map(|b| decode::<Entry>(b))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        out.extend(cached);
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, std::io::Error> {
+        Ok(*self.shared.vote.lock().expect("vote"))
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, std::io::Error> {
+        let (last_purged, last_raw) = self
+            .with_reader(|c| {
+                let purged: Option<Vec<u8>> = c
+                    .query_row(
+                        "SELECT value FROM meta WHERE key = 'last_purged'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let last: Option<Vec<u8>> = c
+                    .query_row(
+                        "SELECT log_id FROM log ORDER BY idx DESC LIMIT 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok((purged, last))
+            })
+            .await?;
+        let last_purged: Option<LogId> = last_purged.map(|b| decode(&b)).transpose()?;
+        let cached_last = self.cache().last_key_value().map(|(_, e)| e.log_id);
+        let last_log_id = match (cached_last, last_raw) {
+            (Some(c), _) => Some(c),
+            (None, Some(b)) => Some(decode::<LogId>(&b)?),
+            (None, None) => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
+        let b = encode(vote)?;
+        self.write_and_wait(|tx| Op::Vote(b, tx)).await?;
+        *self.shared.vote.lock().expect("vote") = Some(*vote);
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
+        // A hint only: queued, not waited for.
+        self.send(Op::Committed(encode(&committed)?))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {
+        let raw: Option<Vec<u8>> = self
+            .with_reader(|c| {
+                c.query_row("SELECT value FROM meta WHERE key = 'committed'", [], |r| {
+                    r.get(0)
+                })
+                .optional()
+            })
+            .await?;
+        Ok(raw
+            .map(|b| decode::<Option<LogId>>(&b))
+            .transpose()?
+            .flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), std::io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        {
+            let mut cache = self.cache();
+            for e in &entries {
+                cache.insert(e.log_id.index, e.clone());
+            }
+        }
+        self.send(Op::Append { entries, callback })
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), std::io::Error> {
+        let after = last_log_id.map(|l| l.index as i64).unwrap_or(-1);
+        {
+            let mut cache = self.cache();
+            let keep_to = (after + 1).max(0) as u64;
+            drop(cache.split_off(&keep_to));
+        }
+        self.write_and_wait(|tx| Op::Truncate(after, tx)).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), std::io::Error> {
+        let b = encode(&log_id)?;
+        let upto = log_id.index as i64;
+        {
+            let mut cache = self.cache();
+            let rest = cache.split_off(&(log_id.index + 1));
+            *cache = rest;
+        }
+        self.write_and_wait(|tx| Op::Purge(upto, b, tx)).await
+    }
+}

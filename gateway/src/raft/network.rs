@@ -1,0 +1,396 @@
+//! Raft RPCs between gateways, both halves: HTTP/1.1 on `--raft-addr`, postcard bodies.
+//!
+//! | path | request body | response body |
+//! |---|---|---|
+//! | `POST /raft/append` | `AppendEntriesRequest` | `Result<AppendEntriesResponse, String>` |
+//! | `POST /raft/vote` | `VoteRequest` | `Result<VoteResponse, String>` |
+//! | `POST /raft/pre-vote` | `VoteRequest` | `Result<VoteResponse, String>` |
+//! | `POST /raft/transfer-leader` | `TransferLeaderRequest` | `Result<TransferLeaderResponse, String>` |
+//! | `POST /raft/snapshot` | `u32` LE length, postcard `(Vote, SnapshotMeta)`, then the raw database file | `Result<SnapshotResponse, String>` |
+//!
+//! The `Err(String)` arm carries a remote failure (the remote Raft stopped); transport problems
+//! are HTTP or socket errors. Connections are pooled and reused (keep-alive), `TCP_NODELAY` is
+//! set, connecting times out after 500 ms and every RPC after openraft's hard TTL (at least
+//! [`APPEND_TTL_FLOOR`] for appends). Snapshots are
+//! streamed from and to files in 64 KiB chunks.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body as AxumBody;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, RaftNetworkV2};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::state_machine::{SnapshotFile, StateMachine};
+use super::{NodeId, Peer, Raft, SnapshotMeta, TypeConfig, Vote, io_err};
+
+/// The shortest time an AppendEntries RPC (heartbeats included) may take before it counts as
+/// failed.
+pub const APPEND_TTL_FLOOR: Duration = Duration::from_millis(500);
+
+/// Request and response body type of the shared HTTP client.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A pooled HTTP/1.1 client, shared by the Raft transport and the API's forwarding.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpConnector, Body>,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A body from bytes in memory.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A body streamed from a file, 64 KiB at a time, after an optional prefix.
+pub fn file_body(prefix: Vec<u8>, file: std::fs::File) -> Body {
+    let file = tokio::fs::File::from_std(file);
+    let stream =
+        futures_util::stream::unfold((Some(prefix), file), |(prefix, mut file)| async move {
+            if let Some(p) = prefix {
+                return Some((Ok(Frame::data(Bytes::from(p))), (None, file)));
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Frame::data(Bytes::from(buf))), (None, file)))
+                }
+                Err(e) => Some((Err(e), (None, file))),
+            }
+        });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+impl HttpClient {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(500)));
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        HttpClient { inner }
+    }
+
+    /// Sends `req` and collects the whole response, failing after `timeout`.
+    pub async fn send(
+        &self,
+        req: hyper::Request<Body>,
+        timeout: Duration,
+    ) -> std::io::Result<(hyper::StatusCode, hyper::HeaderMap, Bytes)> {
+        let fut = async {
+            let resp = self.inner.request(req).await.map_err(io_err)?;
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect().await.map_err(io_err)?.to_bytes();
+            Ok::<_, std::io::Error>((parts.status, parts.headers, bytes))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))?
+    }
+
+    /// POSTs `body` to `http://{addr}{path}`.
+    pub async fn post(
+        &self,
+        addr: &str,
+        path: &str,
+        body: Body,
+        timeout: Duration,
+    ) -> std::io::Result<Bytes> {
+        let req = hyper::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .map_err(io_err)?;
+        let (status, _, bytes) = self.send(req, timeout).await?;
+        if !status.is_success() {
+            return Err(io_err(format!(
+                "{path} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Encodes an RPC body.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encoding of a Raft message cannot fail")
+}
+
+/// Decodes an RPC body.
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
+    postcard::from_bytes(b).map_err(|e| io_err(format!("undecodable RPC body: {e}")))
+}
+
+/// Creates one [`PeerConnection`] per target; all share the pooled client.
+#[derive(Clone, Default)]
+pub struct Network {
+    client: HttpClient,
+}
+
+impl Network {
+    pub fn new(client: HttpClient) -> Self {
+        Network { client }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Peer) -> Self::Network {
+        PeerConnection {
+            target,
+            addr: Arc::from(node.raft_addr.as_str()),
+            client: self.client.clone(),
+        }
+    }
+}
+
+/// The Raft RPC client for one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    addr: Arc<str>,
+    client: HttpClient,
+}
+
+impl PeerConnection {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let bytes = self
+            .client
+            .post(&self.addr, path, full(encode(req)), timeout)
+            .await
+            .map_err(|e| {
+                if matches!(e.kind(), std::io::ErrorKind::TimedOut) {
+                    RPCError::Network(NetworkError::new(&e))
+                } else {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+            })?;
+        let r: Result<Resp, String> =
+            decode(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        r.map_err(|remote| {
+            RPCError::Network(NetworkError::new(&io_err(format!(
+                "node {}: {remote}",
+                self.target
+            ))))
+        })
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // openraft's TTL for appends is one heartbeat interval (50 ms by default): too short
+        // for a follower to take a 1 MiB group entry on a loaded machine, and an append that
+        // times out is sent again, which loads the follower more. Give it a floor.
+        let ttl = option.hard_ttl().max(APPEND_TTL_FLOOR);
+        self.call("/raft/append", &rpc, ttl).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("/raft/vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("/raft/pre-vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("/raft/transfer-leader", &req, option.hard_ttl())
+            .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let head = encode(&(vote, snapshot.meta.clone()));
+        let mut prefix = (head.len() as u32).to_le_bytes().to_vec();
+        prefix.extend_from_slice(&head);
+        let body = file_body(prefix, snapshot.snapshot.file);
+        let send = self
+            .client
+            .post(&self.addr, "/raft/snapshot", body, Duration::from_secs(600));
+        let bytes = tokio::select! {
+            r = send => r.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let r: Result<SnapshotResponse<TypeConfig>, String> =
+            decode(&bytes).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        r.map_err(|remote| StreamingError::Network(NetworkError::new(&io_err(remote))))
+    }
+}
+
+/// Decodes the head of a snapshot upload: `(vote, meta)` and where the file bytes start.
+pub fn decode_snapshot_head(buf: &[u8]) -> Option<std::io::Result<(Vote, SnapshotMeta, usize)>> {
+    let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+    let head = buf.get(4..4 + len)?;
+    Some(decode::<(Vote, SnapshotMeta)>(head).map(|(v, m)| (v, m, 4 + len)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server half: the routes on `--raft-addr`.
+// ---------------------------------------------------------------------------------------------
+
+/// What the RPC handlers need: the local Raft and where incoming snapshots go.
+struct RpcServer {
+    raft: Raft,
+    state_machine: StateMachine,
+    /// Numbers incoming snapshot files.
+    snapshots: AtomicU64,
+}
+
+/// The Raft RPC routes (the table above), to be served on the Raft listener.
+pub fn routes(raft: Raft, state_machine: StateMachine) -> Router {
+    let server = Arc::new(RpcServer {
+        raft,
+        state_machine,
+        snapshots: AtomicU64::new(0),
+    });
+    Router::new()
+        .route("/raft/append", post(rpc_append))
+        .route("/raft/vote", post(rpc_vote))
+        .route("/raft/pre-vote", post(rpc_pre_vote))
+        .route("/raft/transfer-leader", post(rpc_transfer_leader))
+        .route("/raft/snapshot", post(rpc_snapshot))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(server)
+}
+
+fn reply<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Vec<u8> {
+    encode(&r.map_err(|e| e.to_string()))
+}
+
+/// Decodes the request, hands it to `call` and encodes its result (the `Err(String)` arm
+/// also carries an undecodable request).
+async fn serve_rpc<Req, Resp, E, Fut>(body: &[u8], call: impl FnOnce(Req) -> Fut) -> Vec<u8>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    E: std::fmt::Display,
+    Fut: Future<Output = Result<Resp, E>>,
+{
+    match decode(body) {
+        Ok(req) => reply(call(req).await),
+        Err(e) => reply::<(), _>(Err(e)),
+    }
+}
+
+async fn rpc_append(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    serve_rpc(&body, |req| n.raft.append_entries(req)).await
+}
+
+async fn rpc_vote(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    serve_rpc(&body, |req| n.raft.vote(req)).await
+}
+
+async fn rpc_pre_vote(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    serve_rpc(&body, |req| n.raft.pre_vote(req)).await
+}
+
+async fn rpc_transfer_leader(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+    serve_rpc(&body, |req| n.raft.handle_transfer_leader(req)).await
+}
+
+async fn rpc_snapshot(State(n): State<Arc<RpcServer>>, body: AxumBody) -> Vec<u8> {
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        n.snapshots.fetch_add(1, Ordering::Relaxed)
+    );
+    let path = n.state_machine.incoming_path(&tag);
+    let r = receive_snapshot(&n, body, &path).await;
+    let _ = std::fs::remove_file(&path);
+    reply(r)
+}
+
+/// Streams an uploaded snapshot to a file, then hands it to Raft to install.
+async fn receive_snapshot(
+    n: &RpcServer,
+    body: AxumBody,
+    path: &Path,
+) -> std::io::Result<SnapshotResponse<TypeConfig>> {
+    let mut stream = body.into_data_stream();
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut head_buf = Vec::new();
+    let mut head = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(io_err)?;
+        if head.is_some() {
+            file.write_all(&chunk).await?;
+            continue;
+        }
+        head_buf.extend_from_slice(&chunk);
+        if let Some(r) = decode_snapshot_head(&head_buf) {
+            let (vote, meta, offset) = r?;
+            file.write_all(&head_buf[offset..]).await?;
+            head = Some((vote, meta));
+        }
+    }
+    file.sync_all().await?;
+    drop(file);
+    let (vote, meta) = head.ok_or_else(|| io_err("snapshot upload ended before its header"))?;
+    let snapshot = SnapshotFile {
+        file: std::fs::File::open(path)?,
+        path: path.to_path_buf(),
+    };
+    n.raft
+        .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot })
+        .await
+        .map_err(io_err)
+}

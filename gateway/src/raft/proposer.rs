@@ -1,0 +1,120 @@
+//! The proposer: the one way into the Raft log. SQL writes, device groups and registry
+//! commands all come through here; membership changes go through openraft's own API
+//! (`cluster::membership`).
+//!
+//! Writers put their command on a bounded queue. One task drains everything queued (up to
+//! `write_batch_max`) and hands it to openraft in one `client_write_many` call, which appends
+//! the whole batch with one log write, hence one fsync on every replica, and replicates it in
+//! one AppendEntries round. It does not wait for that batch to commit before taking the next,
+//! so batches pipeline; under load each batch is whatever arrived during the previous fsync.
+//! Each command stays its own entry, so every request keeps its own transaction and result.
+//!
+//! Order: commands enter the log in the order [`Proposer::propose`] returned (one queue, one
+//! draining task, `client_write_many` queues its entries in the Raft core before returning).
+//! The device path relies on it to keep groups in order while several are in flight.
+//!
+//! A full queue makes `propose` wait: back-pressure instead of unbounded memory.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Raft, fatal, write_error};
+use crate::command::{Command, CommandResponse};
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+struct Pending {
+    cmd: Command,
+    done: oneshot::Sender<Result<CommandResponse, Error>>,
+}
+
+/// A proposed command on its way: resolves once it is committed and applied (or refused).
+pub struct Proposal(oneshot::Receiver<Result<CommandResponse, Error>>);
+
+impl Proposal {
+    /// Waits for the command's result.
+    pub async fn applied(self) -> Result<CommandResponse, Error> {
+        self.0
+            .await
+            .map_err(|_| Error::Fatal("write dropped by a stopping node".into()))?
+    }
+}
+
+/// Handle to the queue; cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Proposer {
+    /// Starts the draining task: at most `depth` commands wait, at most `max_batch` go to
+    /// openraft in one call.
+    pub fn start(raft: Raft, depth: usize, max_batch: usize, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        tokio::spawn(drain(raft, rx, max_batch.max(1), metrics));
+        Proposer { tx }
+    }
+
+    /// Queues `cmd` (waiting while the queue is full); its place in the log is fixed once this
+    /// returns.
+    pub async fn propose(&self, cmd: Command) -> Result<Proposal, Error> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { cmd, done })
+            .await
+            .map_err(|_| Error::Fatal("write queue closed".into()))?;
+        Ok(Proposal(rx))
+    }
+
+    /// Proposes `cmd` and waits until it is committed and applied (or refused).
+    pub async fn submit(&self, cmd: Command) -> Result<CommandResponse, Error> {
+        self.propose(cmd).await?.applied().await
+    }
+}
+
+async fn drain(
+    raft: Raft,
+    mut rx: mpsc::Receiver<Pending>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        metrics.write_batches.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .writes_proposed
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let (cmds, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.done)).unzip();
+        match raft.client_write_many(cmds).await {
+            Ok(mut results) => {
+                // Answer this batch on its own task so the next batch can be proposed now.
+                tokio::spawn(async move {
+                    for done in waiters {
+                        let r = match results.next().await {
+                            Some(Ok(Ok(resp))) => Ok(resp.response),
+                            Some(Ok(Err(e))) => Err(write_error(e)),
+                            Some(Err(f)) => Err(fatal(f)),
+                            None => Err(Error::Fatal("no result for write".into())),
+                        };
+                        let _ = done.send(r);
+                    }
+                });
+            }
+            Err(f) => {
+                let e = fatal(f);
+                for done in waiters {
+                    let _ = done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}

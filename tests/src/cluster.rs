@@ -1,0 +1,647 @@
+//! The cluster launcher: real `cairn node` processes, their addresses, signals, and the one
+//! definition of "the leader" ([`leader_of`]) that the tests, the fault suite, the bench and
+//! the QEMU end-to-end all use.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value as Json;
+
+use crate::http::{Client, Reply, get, post};
+use crate::{TIMEOUT, poll};
+
+/// How long one `/status` read of a leader lookup may take: a paused or overloaded node is
+/// skipped for that round rather than stalling it.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Path of the debug `cairn` binary, built on first use (`cargo build -p cairn-gateway --bin
+/// cairn`, a no-op when `cargo test --workspace` already built it), or `CAIRN_BIN`.
+pub fn cairn_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("CAIRN_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "cairn-gateway", "--bin", "cairn"])
+            .current_dir(root)
+            .status()
+            .expect("running cargo build for the cairn binary");
+        assert!(status.success(), "building the cairn binary failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target"));
+        let bin = target.join("debug").join("cairn");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// What one node says about leadership, from its `GET /status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    /// Index of the node in [`Cluster::nodes`].
+    pub index: usize,
+    pub id: u64,
+    pub term: u64,
+    /// The leader this node names, if it knows one.
+    pub leader_id: Option<u64>,
+    /// The node's Raft state is `Leader`.
+    pub leads: bool,
+}
+
+impl View {
+    fn of(index: usize, id: u64, status: &Json) -> Option<View> {
+        let raft = &status["raft"];
+        Some(View {
+            index,
+            id,
+            term: raft["term"].as_u64()?,
+            leader_id: raft["leader_id"].as_u64(),
+            leads: raft["state"] == "Leader",
+        })
+    }
+}
+
+/// The leader among the nodes that answered: the node that says it leads (state `Leader`,
+/// naming itself) in the highest term any of them reports, and that, when any other node
+/// answered, at least one other node names as its leader.
+///
+/// The highest term rules out a deposed leader cut off in a minority (it still says it leads,
+/// in its old term) and a restarted node that still names the leader it knew; the naming
+/// rules out a node that has just won an election nobody has heard from yet. This is the
+/// harness's only definition of "the leader"; it returns an index into `views`' nodes.
+pub fn leader_of(views: &[View]) -> Option<usize> {
+    let top = views.iter().map(|v| v.term).max()?;
+    let l = views
+        .iter()
+        .find(|v| v.leads && v.term == top && v.leader_id == Some(v.id))?;
+    let named = views.len() == 1
+        || views
+            .iter()
+            .any(|v| v.id != l.id && v.leader_id == Some(l.id));
+    named.then_some(l.index)
+}
+
+/// Builds the command that runs the daemon; arguments (`node --node-id ...`) are appended.
+pub type Launcher = Arc<dyn Fn() -> Command + Send + Sync>;
+
+/// Where a node runs, for fault tests: called before every start of node `id` with its data
+/// dir and the command about to run; may adjust the command (enter a network namespace,
+/// mount a tmpfs on the dir) and returns the address to bind instead of `127.0.0.1`.
+pub type Place = Arc<dyn Fn(u64, &Path, &mut Command) -> String + Send + Sync>;
+
+/// Settings for a cluster's nodes; `Options::default()` runs [`cairn_bin`] in a temp dir.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Extra `cairn node` flags for every node.
+    pub extra: Vec<String>,
+    /// `cairn.toml` text every node reads (`--config`), written into the cluster's directory.
+    pub config: Option<String>,
+    /// How to run the daemon instead of `Command::new(cairn_bin())`: the bench runs a release
+    /// build, the ARM check a cross-built binary under qemu-user.
+    pub launcher: Option<Launcher>,
+    /// `RUST_LOG` of the nodes (default `info,openraft=error`).
+    pub log: Option<String>,
+    /// Keep data and logs in this directory (emptied first, left in place afterwards) instead
+    /// of a temp dir removed on drop.
+    pub dir: Option<PathBuf>,
+    /// How long start-up, readiness, a leader, an accepted write and a clean exit may take
+    /// (default [`TIMEOUT`]; a node under qemu-user is slower).
+    pub timeout: Option<Duration>,
+}
+
+impl Options {
+    /// Runs `bin` for every node.
+    pub fn binary(bin: impl Into<PathBuf>) -> Options {
+        let bin = bin.into();
+        Options {
+            launcher: Some(Arc::new(move || Command::new(&bin))),
+            ..Options::default()
+        }
+    }
+}
+
+/// One `cairn node` process (or its remains, when stopped).
+pub struct Node {
+    pub id: u64,
+    pub dir: PathBuf,
+    /// `host:port` of the HTTP API.
+    pub http: String,
+    /// `host:port` of the Raft transport.
+    pub raft: String,
+    /// `host:port` of the device port (kept across restarts, like the others).
+    pub device: String,
+    extra: Vec<String>,
+    place: Option<Place>,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// Whether the harness holds a process for this node (not killed, terminated or exited).
+    pub fn is_started(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `GET /status`, or `None` if the node does not answer.
+    pub fn status(&self) -> Option<Json> {
+        let r = get(&self.url("/status"));
+        (r.status == 200).then_some(r.body)
+    }
+
+    /// `GET /status` giving up after `timeout` (a paused node must not stall the caller).
+    pub fn status_within(&self, timeout: Duration) -> Option<Json> {
+        let r = Client::new(timeout, None).get(&self.url("/status"));
+        (r.status == 200).then_some(r.body)
+    }
+
+    /// Whether `GET /readyz` answers 200 (the node knows a leader).
+    pub fn is_ready(&self) -> bool {
+        get(&self.url("/readyz")).status == 200
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// `POST /db/execute` with `statements` (rqlite JSON), with query string `qs`.
+    pub fn execute(&self, statements: &Json, qs: &str) -> Reply {
+        post(&self.url(&format!("/db/execute{qs}")), statements)
+    }
+
+    /// `GET /db/query?q=SQL&level=LEVEL`.
+    pub fn query(&self, sql: &str, level: &str) -> Reply {
+        Client::default().get_query(&self.url("/db/query"), &[("q", sql), ("level", level)])
+    }
+
+    /// The rows of a successful single-statement query (empty if none), panicking on errors.
+    /// A `503` (no leader for a moment, e.g. an election on a loaded machine) is retried, as
+    /// an rqlite client would.
+    pub fn rows(&self, sql: &str, level: &str) -> Vec<Vec<Json>> {
+        let r = poll(
+            TIMEOUT,
+            &format!("query on node {} to answer", self.id),
+            || Some(self.query(sql, level)).filter(|r| r.status != 503),
+        );
+        assert_eq!(
+            r.status, 200,
+            "query on node {} failed: {:?}",
+            self.id, r.body
+        );
+        let res = &r.body["results"][0];
+        assert!(
+            res.get("error").is_none(),
+            "query error on node {}: {res}",
+            self.id
+        );
+        res["values"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| r.as_array().cloned().unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn raft_u64(&self, key: &str) -> Option<u64> {
+        self.status()?.get("raft")?.get(key)?.as_u64()
+    }
+
+    pub fn applied_index(&self) -> Option<u64> {
+        self.raft_u64("applied_index")
+    }
+
+    /// A digest of every user table's rows, read locally (`level=none`).
+    pub fn checksum(&self) -> u64 {
+        let tables = self.rows(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' \
+             AND name != '_cairn_raft' ORDER BY name",
+            "none",
+        );
+        let mut h = DefaultHasher::new();
+        for t in tables {
+            let name = t[0].as_str().expect("table name").to_string();
+            name.hash(&mut h);
+            // Sorted here rather than `ORDER BY rowid`: device tables are WITHOUT ROWID.
+            let mut rows: Vec<String> = self
+                .rows(&format!("SELECT * FROM \"{name}\""), "none")
+                .into_iter()
+                .map(|r| Json::from(r).to_string())
+                .collect();
+            rows.sort();
+            rows.hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+/// The cluster's directory: a temp dir removed on drop, or one the caller keeps.
+enum Dir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+/// Real `cairn node` processes. Dropping it kills them (and removes a temp dir).
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    extra: Vec<String>,
+    launcher: Launcher,
+    log: String,
+    timeout: Duration,
+    place: Option<Place>,
+    dir: Dir,
+}
+
+impl Cluster {
+    /// Starts `n` nodes: node 1 bootstraps, the others join it; waits until all are voters
+    /// and a leader is known.
+    pub fn start(n: usize) -> Cluster {
+        Self::start_with(n, Options::default())
+    }
+
+    pub fn start_with(n: usize, opts: Options) -> Cluster {
+        Self::start_placed(n, opts, None)
+    }
+
+    /// Like [`Cluster::start_with`], with every node (also those added later) placed by
+    /// `place` (see [`Place`]).
+    pub fn start_placed(n: usize, opts: Options, place: Option<Place>) -> Cluster {
+        let dir = match opts.dir {
+            Some(d) => {
+                if d.exists() {
+                    std::fs::remove_dir_all(&d)
+                        .unwrap_or_else(|e| panic!("clearing {}: {e}", d.display()));
+                }
+                std::fs::create_dir_all(&d)
+                    .unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+                Dir::Kept(d)
+            }
+            None => Dir::Temp(
+                tempfile::Builder::new()
+                    .prefix("cairn-test-")
+                    .tempdir()
+                    .expect("temp dir"),
+            ),
+        };
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            extra: opts.extra,
+            launcher: opts
+                .launcher
+                .unwrap_or_else(|| Arc::new(|| Command::new(cairn_bin()))),
+            log: opts.log.unwrap_or_else(|| "info,openraft=error".into()),
+            timeout: opts.timeout.unwrap_or(TIMEOUT),
+            place,
+            dir,
+        };
+        if let Some(text) = opts.config {
+            let path = c.dir().join("cairn.toml");
+            std::fs::write(&path, text).expect("writing cairn.toml");
+            c.extra
+                .extend(["--config".to_string(), path.display().to_string()]);
+        }
+        c.spawn_new(&["--bootstrap"]);
+        c.wait_ready(0);
+        for _ in 1..n {
+            c.add_node(&[]);
+        }
+        let ids: Vec<u64> = c.nodes.iter().map(|n| n.id).collect();
+        poll(c.timeout, "all nodes to be voters", || {
+            let s = c.nodes[c.leader()].status()?;
+            let voters: Vec<u64> = serde_json::from_value(s["raft"]["voters"].clone()).ok()?;
+            (voters == ids).then_some(())
+        });
+        c
+    }
+
+    pub fn dir(&self) -> &Path {
+        match &self.dir {
+            Dir::Temp(t) => t.path(),
+            Dir::Kept(p) => p,
+        }
+    }
+
+    /// Adds a node that joins through the leader's HTTP API, with extra flags.
+    pub fn add_node(&mut self, extra: &[&str]) -> usize {
+        let via = self.nodes[self.leader()].url("");
+        let mut flags = vec!["--join".to_string(), via];
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let i = self.spawn_new(&flags);
+        self.wait_ready(i);
+        i
+    }
+
+    fn spawn_new(&mut self, flags: &[&str]) -> usize {
+        let id = self.nodes.len() as u64 + 1;
+        let node_dir = self.dir().join(format!("node{id}"));
+        std::fs::create_dir_all(&node_dir).expect("node dir");
+        let mut extra: Vec<String> = self.extra.clone();
+        extra.extend(flags.iter().map(|s| s.to_string()));
+        self.nodes.push(Node {
+            id,
+            dir: node_dir,
+            http: "127.0.0.1:0".into(),
+            raft: "127.0.0.1:0".into(),
+            extra,
+            device: String::new(),
+            place: self.place.clone(),
+            child: None,
+        });
+        let i = self.nodes.len() - 1;
+        self.spawn(i);
+        i
+    }
+
+    /// Starts node `i`'s process (same flags, ports and data as before) and waits until it
+    /// wrote the addresses it bound.
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let mut cmd = (self.launcher)();
+        let host = match &node.place {
+            Some(place) => place(node.id, &node.dir, &mut cmd),
+            None => "127.0.0.1".into(),
+        };
+        if node.http == "127.0.0.1:0" {
+            // First start: bind where the placement says; restarts reuse the bound ports.
+            node.http = format!("{host}:0");
+            node.raft = format!("{host}:0");
+            node.device = format!("{host}:0");
+        }
+        let addrs = node.dir.join("addrs.json");
+        let _ = std::fs::remove_file(&addrs);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("node.log"))
+            .expect("log file");
+        let child = cmd
+            .arg("node")
+            .args(["--node-id", &node.id.to_string()])
+            .arg("--data-dir")
+            .arg(&node.dir)
+            .args(["--http-addr", &node.http, "--raft-addr", &node.raft])
+            .args(["--device-addr", &node.device])
+            .args(&node.extra)
+            .env("RUST_LOG", &self.log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        node.child = Some(child);
+        let bound: Json = poll(self.timeout, "the node to write addrs.json", || {
+            // Checked before the read: a node may write the file and exit right after.
+            let running = node.is_running();
+            let bound = std::fs::read(&addrs)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            assert!(
+                bound.is_some() || running,
+                "node {} exited:\n{}",
+                node.id,
+                node.log()
+            );
+            bound
+        });
+        node.http = bound["http_addr"].as_str().expect("http_addr").to_string();
+        node.raft = bound["raft_addr"].as_str().expect("raft_addr").to_string();
+        if let Some(d) = bound["device_addr"].as_str().filter(|d| !d.is_empty()) {
+            node.device = d.to_string();
+        }
+    }
+
+    /// Waits until node `i` answers `/readyz` (it knows a leader).
+    pub fn wait_ready(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        poll(self.timeout, &format!("node {} to be ready", n.id), || {
+            assert!(n.is_running(), "node {} exited:\n{}", n.id, n.log());
+            n.is_ready().then_some(())
+        });
+    }
+
+    /// What every started node not in `skip` says about leadership (one `/status` each;
+    /// nodes that do not answer within 2 s are left out).
+    pub fn views(&self, skip: &[usize]) -> Vec<View> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].child.is_some() && !skip.contains(i))
+            .filter_map(|i| {
+                let n = &self.nodes[i];
+                View::of(i, n.id, &n.status_within(STATUS_TIMEOUT)?)
+            })
+            .collect()
+    }
+
+    /// Index of the leader ([`leader_of`]) among started nodes not in `skip`, if one is
+    /// known right now.
+    pub fn find_leader(&self, skip: &[usize]) -> Option<usize> {
+        leader_of(&self.views(skip))
+    }
+
+    /// Index (into `nodes`) of the leader, waiting up to [`TIMEOUT`] (or
+    /// [`Options::timeout`]) for one.
+    pub fn leader(&self) -> usize {
+        poll(self.timeout, "a leader", || self.find_leader(&[]))
+    }
+
+    /// Waits for a leader other than node id `old` and returns its index.
+    pub fn wait_for_new_leader(&self, old: u64) -> usize {
+        poll(self.timeout, "a new leader", || {
+            let i = self.find_leader(&[])?;
+            (self.nodes[i].id != old).then_some(i)
+        })
+    }
+
+    /// Indexes of started nodes other than the leader.
+    pub fn followers(&self) -> Vec<usize> {
+        let l = self.leader();
+        (0..self.nodes.len())
+            .filter(|&i| i != l && self.nodes[i].child.is_some())
+            .collect()
+    }
+
+    /// `SIGKILL`: the process gets no chance to clean up.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            // SAFETY: plain kill(2) on a child we own.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    /// `SIGTERM` and wait for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self, i: usize) -> bool {
+        let Some(mut c) = self.nodes[i].child.take() else {
+            return false;
+        };
+        // SAFETY: plain kill(2) on a child we own.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let status = poll(self.timeout, "the node to exit after SIGTERM", || {
+            c.try_wait().ok().flatten()
+        });
+        status.success()
+    }
+
+    /// Starts a stopped node again on the same ports, data and flags, and waits until it is
+    /// ready (it already holds its membership, so `--bootstrap`/`--join` change nothing).
+    pub fn restart(&mut self, i: usize) {
+        self.relaunch(i);
+        self.wait_ready(i);
+    }
+
+    /// Starts a stopped node again without waiting for it to become ready.
+    pub fn relaunch(&mut self, i: usize) {
+        assert!(
+            self.nodes[i].child.is_none(),
+            "node {} is still running",
+            self.nodes[i].id
+        );
+        self.spawn(i);
+    }
+
+    /// Waits for node `i`'s process to exit on its own.
+    pub fn wait_exit(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut c = self.nodes[i].child.take().expect("node is not running");
+        poll(self.timeout, "the node to exit", || {
+            c.try_wait().ok().flatten()
+        })
+    }
+
+    /// Waits until every started node has applied what the leader has committed.
+    pub fn wait_converged(&self) {
+        let l = self.leader();
+        let target = poll(TIMEOUT, "the leader's commit index", || {
+            self.nodes[l].status()?["raft"]["commit_index"].as_u64()
+        });
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            poll(
+                TIMEOUT,
+                &format!("node {} to apply index {target}", n.id),
+                || (n.applied_index()? >= target).then_some(()),
+            );
+        }
+    }
+
+    /// Asserts every started node holds identical table contents; returns the checksum.
+    pub fn assert_identical(&self) -> u64 {
+        self.wait_converged();
+        let sums: Vec<(u64, u64)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| (n.id, n.checksum()))
+            .collect();
+        assert!(
+            sums.windows(2).all(|w| w[0].1 == w[1].1),
+            "replicas differ: {sums:?}"
+        );
+        sums[0].1
+    }
+
+    /// Executes on the leader, retrying while a new leader refuses writes for a moment.
+    pub fn execute(&self, statements: &Json) -> Json {
+        poll(self.timeout, "an accepted write", || {
+            let l = self.find_leader(&[])?;
+            let r = self.nodes[l].execute(statements, "");
+            (r.status == 200).then_some(r.body)
+        })
+    }
+
+    /// Prints the last lines of every node's log (done on drop when a test panics).
+    pub fn print_log_tails(&self) {
+        for n in &self.nodes {
+            let log = n.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "---- last lines of node {} ({}) ----\n{}",
+                n.id,
+                n.dir.display(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill9(i);
+        }
+        if std::thread::panicking() {
+            self.print_log_tails();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(id: u64, term: u64, leader_id: Option<u64>, leads: bool) -> View {
+        View {
+            index: id as usize - 1,
+            id,
+            term,
+            leader_id,
+            leads,
+        }
+    }
+
+    #[test]
+    fn test_leader_is_named_and_of_the_highest_term() {
+        // Settled: everyone names node 2.
+        let settled = [
+            v(1, 4, Some(2), false),
+            v(2, 4, Some(2), true),
+            v(3, 4, Some(2), false),
+        ];
+        assert_eq!(leader_of(&settled), Some(1));
+        // A deposed leader in a minority still says it leads in term 4; node 3 leads term 5.
+        let deposed = [
+            v(1, 4, Some(1), true),
+            v(2, 5, Some(3), false),
+            v(3, 5, Some(3), true),
+        ];
+        assert_eq!(leader_of(&deposed), Some(2));
+        // A restarted node still names the old leader: not enough to make it the leader.
+        let restarted = [v(1, 4, Some(2), false), v(3, 5, Some(3), true)];
+        assert_eq!(leader_of(&restarted), None);
+        // Just elected, nobody has heard from it yet.
+        let fresh = [v(1, 6, None, false), v(2, 6, Some(2), true)];
+        assert_eq!(leader_of(&fresh), None);
+        // A single answering node may name itself.
+        assert_eq!(leader_of(&[v(1, 1, Some(1), true)]), Some(0));
+        // Nobody leads, or nobody answered.
+        assert_eq!(
+            leader_of(&[v(1, 2, None, false), v(2, 2, None, false)]),
+            None
+        );
+        assert_eq!(leader_of(&[]), None);
+    }
+}

@@ -1,0 +1,249 @@
+//! Device ingress end to end: `cairn sim` (a fleet running the real `cairn-firmware` client)
+//! against a three-node cluster of real `cairn node` processes.
+//!
+//! Every simulated device pushes records `[U64(k), F32(t)]` with `k = 1, 2, 3, ...`, so the
+//! database can be checked by content: a record stored twice under two seqs would show up as a
+//! repeated `k`.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Stdio;
+use std::time::Duration;
+
+use cairn_tests::device::{READINGS_CONFIG, hex, read_frame, sim_command, sim_summary};
+use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, poll};
+use serde_json::Value as Json;
+
+fn cluster() -> Cluster {
+    Cluster::start_with(
+        3,
+        Options {
+            config: Some(READINGS_CONFIG.into()),
+            ..Options::default()
+        },
+    )
+}
+
+/// Every node's device address as its `/status` reports it.
+fn device_addr(c: &Cluster, i: usize) -> String {
+    c.nodes[i].status().expect("status")["device_addr"]
+        .as_str()
+        .expect("device_addr")
+        .to_string()
+}
+
+fn records_applied(c: &Cluster, i: usize) -> u64 {
+    c.nodes[i]
+        .status()
+        .and_then(|s| s["ingress"]["records_applied"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Per device: (stored rows, distinct k, min k, max k) on one replica, read locally.
+fn stored(c: &Cluster, i: usize) -> std::collections::BTreeMap<u64, (u64, u64, u64, u64)> {
+    c.nodes[i]
+        .rows(
+            "SELECT device_id, count(*), count(DISTINCT k), min(k), max(k) FROM readings \
+             GROUP BY device_id",
+            "none",
+        )
+        .into_iter()
+        .map(|r| {
+            let v: Vec<u64> = r.iter().map(|x| x.as_u64().expect("integer")).collect();
+            (v[0], (v[1], v[2], v[3], v[4]))
+        })
+        .collect()
+}
+
+#[test]
+fn test_kill9_leader_while_100_devices_stream_every_acked_record_stored_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut c = cluster();
+    let leader = c.leader();
+    let report = dir.path().join("report.jsonl");
+    let gateways: Vec<String> = (0..c.nodes.len()).map(|i| device_addr(&c, i)).collect();
+    let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
+    let sim = sim_command(&cairn_bin(), &gateways, &c.nodes[leader].url(""))
+        .args(["--devices", "100", "--rate", "20", "--duration", "12"])
+        .args(["--drain", "60", "--json", "--quiet", "--first-id", "1000"])
+        .arg("--report")
+        .arg(&report)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning cairn sim");
+
+    // Kill the leader once records flow.
+    poll(TIMEOUT, "device records to be applied", || {
+        (records_applied(&c, leader) >= 2000).then_some(())
+    });
+    let old_id = c.nodes[leader].id;
+    c.kill9(leader);
+    let new = c.wait_for_new_leader(old_id);
+    let before = records_applied(&c, new);
+    poll(TIMEOUT, "records applied under the new leader", || {
+        (records_applied(&c, new) > before + 1000).then_some(())
+    });
+    c.restart(leader);
+
+    let out = sim.wait_with_output().expect("cairn sim");
+    assert!(out.status.success(), "cairn sim failed");
+    let summary = sim_summary(&out.stdout).expect("JSON summary");
+    println!("cairn sim: {summary}");
+    assert_eq!(summary["devices"], 100);
+    assert!(summary["pushed"].as_u64().unwrap() >= 100 * 20 * 10);
+
+    // Devices: nothing lost on their side; whatever is not acked is still in their outbox.
+    let devices: Vec<Json> = std::fs::read_to_string(&report)
+        .expect("report")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("report line"))
+        .collect();
+    assert_eq!(devices.len(), 100);
+    for d in &devices {
+        let f = |k: &str| d[k].as_u64().expect(k);
+        assert_eq!(f("dropped"), 0, "{d}");
+        assert_eq!(f("acked") + f("queued"), f("pushed"), "{d}");
+    }
+
+    // Every replica, the restarted old leader included: each device's records are stored
+    // exactly once, k = 1..=n without holes or repeats, and n covers everything acked.
+    let sum = c.assert_identical();
+    println!("replicas identical (checksum {sum:x})");
+    for i in 0..c.nodes.len() {
+        let rows = stored(&c, i);
+        for d in &devices {
+            let id = d["device_id"].as_u64().unwrap();
+            let acked_through = d["acked_through"].as_u64().unwrap();
+            let (n, distinct, min, max) = rows.get(&id).copied().unwrap_or((0, 0, 0, 0));
+            assert_eq!(
+                n, distinct,
+                "device {id}: a record stored twice on node {i}"
+            );
+            if n > 0 {
+                assert_eq!((min, max), (1, n), "device {id}: holes on node {i}");
+            }
+            assert!(
+                n >= acked_through,
+                "device {id}: acked through {acked_through}, node {i} holds {n}"
+            );
+        }
+    }
+}
+
+#[test]
+fn test_devices_on_followers_are_forwarded_to_the_leader() {
+    let c = cluster();
+    let leader = c.leader();
+    let followers = c.followers();
+    let gateways: Vec<String> = followers.iter().map(|&i| device_addr(&c, i)).collect();
+    let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
+    // Only followers in the list: every batch must be forwarded to reach the leader.
+    let out = sim_command(&cairn_bin(), &gateways, &c.nodes[followers[0]].url(""))
+        .args(["--devices", "4", "--rate", "50", "--duration", "3"])
+        .args(["--drain", "30", "--json", "--quiet", "--first-id", "50"])
+        .output()
+        .expect("cairn sim");
+    assert!(out.status.success());
+    let summary = sim_summary(&out.stdout).expect("JSON summary");
+    assert_eq!(summary["acked"], summary["pushed"], "{summary}");
+    assert!(summary["acked"].as_u64().unwrap() >= 4 * 50 * 2);
+    let forwarded: u64 = followers
+        .iter()
+        .map(|&i| {
+            c.nodes[i].status().unwrap()["ingress"]["batches_forwarded"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(forwarded > 0, "no batch was forwarded");
+    let leader_status = c.nodes[leader].status().unwrap();
+    assert!(
+        leader_status["ingress"]["batches_received_forwarded"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    c.assert_identical();
+    let rows = c.nodes[leader].rows(
+        "SELECT count(*), count(DISTINCT device_id || ':' || k) FROM readings",
+        "none",
+    );
+    assert_eq!(rows[0][0], rows[0][1], "a record stored twice");
+    assert_eq!(rows[0][0], summary["acked"]);
+    poll(Duration::from_secs(5), "device list", || {
+        let list = cairn_tests::get(&c.nodes[followers[1]].url("/devices"));
+        (list.body["devices"].as_array()?.len() == 4).then_some(())
+    });
+}
+
+/// Reads one gateway frame and decodes it with the device's session.
+fn recv(stream: &mut TcpStream, session: &mut cairn_protocol::DeviceSession) -> String {
+    let mut buf = [0u8; cairn_protocol::MAX_FRAME];
+    let len = read_frame(stream, &mut buf).expect("a gateway frame");
+    format!(
+        "{:?}",
+        session
+            .decode(&mut buf[..len])
+            .expect("a valid gateway frame")
+    )
+}
+
+#[test]
+fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
+    use cairn_protocol::{BatchEncoder, DeviceSession, MAX_FRAME, Message, Record, Value};
+    let c = cluster();
+    let key = [0x42u8; 32];
+    let hex = hex(&key);
+    // Registered through a follower (forwarded); retried while a leader settles.
+    poll(TIMEOUT, "the device to be registered", || {
+        let r = cairn_tests::post(
+            &c.nodes[c.followers()[0]].url("/devices"),
+            &serde_json::json!({"id": 77, "key": hex}),
+        );
+        (r.status == 200).then_some(())
+    });
+    let leader = c.leader();
+    let follower = c.followers()[0];
+    let addr = |i: usize| device_addr(&c, i);
+    let leader_addr: std::net::SocketAddrV4 = addr(leader).parse().unwrap();
+    let hint = format!("{:?}", Some(cairn_protocol::GatewayAddr::from(leader_addr)));
+
+    let mut stream = TcpStream::connect(addr(follower)).expect("connect to the follower");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut session = DeviceSession::new(&key, 9, 0);
+    let mut frame = [0u8; MAX_FRAME];
+    let n = session
+        .encode(&Message::Hello(session.hello(77, 1, 8)), &mut frame)
+        .unwrap();
+    stream.write_all(&frame[..n]).unwrap();
+    let welcome = recv(&mut stream, &mut session);
+    assert!(
+        welcome.starts_with("Welcome(Welcome { high_water: 0, leader: "),
+        "{welcome}"
+    );
+    assert!(
+        welcome.contains(&hint),
+        "{welcome} lacks the leader hint {hint}"
+    );
+
+    let mut body = [0u8; MAX_FRAME];
+    let mut enc = BatchEncoder::new(&mut body, 1, 1000);
+    for k in 1..=3u64 {
+        let v = [Value::U64(k), Value::F32(1.0)];
+        enc.push(&Record {
+            stream: 1,
+            uptime_ms: 900,
+            values: &v,
+        })
+        .unwrap();
+    }
+    let n = session
+        .encode(&Message::Batch(enc.finish().unwrap()), &mut frame)
+        .unwrap();
+    stream.write_all(&frame[..n]).unwrap();
+    let ack = recv(&mut stream, &mut session);
+    assert!(ack.starts_with("Ack(Ack { through_seq: 3,"), "{ack}");
+    assert!(ack.contains(&hint), "{ack} lacks the leader hint {hint}");
+}

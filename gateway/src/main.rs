@@ -57,6 +57,11 @@ enum Cmd {
         #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
         host: String,
     },
+    /// Cluster CA and node/client certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        command: cairn_gateway::security::certs::CertsCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,6 +107,7 @@ fn main() -> std::process::ExitCode {
             DeviceCmd::List => admin::list(&host),
             DeviceCmd::Remove { id } => admin::remove(&host, id),
         },
+        Cmd::Certs { command } => cairn_gateway::security::certs::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

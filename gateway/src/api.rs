@@ -230,10 +230,15 @@ async fn write_path(
         statements,
         transaction: o.transaction,
     };
-    if rewrite && let Err(e) = sql::prepare_write(&mut cmd, &Stamp::now()) {
+    let stamp = Stamp::now();
+    if rewrite && let Err(e) = sql::prepare_write(&mut cmd, &stamp) {
         return error_response(StatusCode::BAD_REQUEST, e, o.pretty);
     }
-    match n.writes.submit(Command::Sql(cmd)).await {
+    let cmd = Command::SqlAt {
+        stamp_ms: stamp.unix_ms(),
+        sql: cmd,
+    };
+    match n.writes.submit(cmd).await {
         Ok(CommandResponse::Sql(results)) => results_response(&results, o, start),
         Ok(other) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -250,8 +255,15 @@ async fn local_read(n: &Node, statements: Vec<Statement>, o: &Opts) -> Response 
     let start = Instant::now();
     let store = n.store.clone();
     let tx = o.transaction;
-    let r =
-        tokio::task::spawn_blocking(move || store.read(|c| sql::query(c, &statements, tx))).await;
+    let limits = n.config.read_limits();
+    // Dropped with this future when the client goes away: the read stops at once.
+    let cancel = crate::sandbox::CancelOnDrop(Default::default());
+    let flag = cancel.0.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        store.read(|c| sql::query(c, &statements, tx, &limits, Some(flag)))
+    })
+    .await;
+    drop(cancel);
     match r {
         Ok(Ok(results)) => results_response(&results, o, start),
         Ok(Err(e)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, e, o.pretty),
@@ -309,8 +321,10 @@ async fn all_read_only(n: &Node, statements: &[Statement]) -> bool {
     tokio::task::spawn_blocking(move || {
         store
             .read(|c| {
-                sqls.iter()
-                    .all(|s| c.prepare(s).map(|p| p.readonly()).unwrap_or(false))
+                crate::sandbox::user(crate::sandbox::Mode::Read, || {
+                    sqls.iter()
+                        .all(|s| c.prepare(s).map(|p| p.readonly()).unwrap_or(false))
+                })
             })
             .unwrap_or(false)
     })

@@ -43,6 +43,20 @@ pub enum Command {
     DeviceBatches(Vec<DeviceBatch>),
     /// Device registry and stream definitions (`registry.rs`).
     DeviceRegistry(RegistryCommand),
+    /// SQL with the leader's clock when it proposed the entry (Unix ms): "now" for the
+    /// entry's SQL on every replica (see `sandbox.rs`).
+    SqlAt { stamp_ms: i64, sql: SqlCommand },
+}
+
+impl Command {
+    /// The leader's stamp SQL time functions see while this entry applies, if it has one.
+    pub fn stamp_ms(&self) -> Option<i64> {
+        match self {
+            Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
+            Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
+            Command::Sql(_) | Command::DeviceRegistry(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for Command {
@@ -56,6 +70,12 @@ impl fmt::Display for Command {
             ),
             Command::DeviceBatches(b) => write!(f, "DeviceBatches({} batches)", b.len()),
             Command::DeviceRegistry(c) => write!(f, "DeviceRegistry({c})"),
+            Command::SqlAt { stamp_ms, sql } => write!(
+                f,
+                "SqlAt({stamp_ms}, {} statements, transaction={})",
+                sql.statements.len(),
+                sql.transaction
+            ),
         }
     }
 }
@@ -85,9 +105,11 @@ pub fn apply(
     ctx: &ApplyContext<'_>,
     cmd: &Command,
 ) -> rusqlite::Result<CommandResponse> {
-    let _ = ctx;
+    let _entry = crate::sandbox::enter_entry(ctx.log_id.index, cmd.stamp_ms());
     match cmd {
-        Command::Sql(sql) => crate::sql::apply_sql(conn, sql).map(CommandResponse::Sql),
+        Command::Sql(sql) | Command::SqlAt { sql, .. } => {
+            crate::sql::apply_sql(conn, sql).map(CommandResponse::Sql)
+        }
         Command::DeviceBatches(b) => {
             crate::ingress::apply::apply(conn, b).map(CommandResponse::DeviceBatches)
         }

@@ -13,6 +13,7 @@
 //! - [`config`]: command-line flags and the TOML file.
 //! - [`ingress`]: the device port: connections, grouping into Raft entries, forwarding.
 //! - [`registry`]: registered devices, their keys and high-water seqs.
+//! - [`sandbox`]: what user SQL may do, and making it deterministic on every replica.
 //! - [`schema`]: the `[[stream]]` tables device records are stored in.
 //! - [`sim`]: `cairn sim`, a fleet of host devices running the real firmware client.
 
@@ -27,6 +28,7 @@ pub mod network;
 pub mod node;
 pub mod raft_types;
 pub mod registry;
+pub mod sandbox;
 pub mod schema;
 pub mod sim;
 pub mod sql;

@@ -202,19 +202,29 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, params: &Params) -> rusqlite::Result
 /// Runs one statement: rows if it returns any, else rows affected and last insert id.
 /// SQL errors become the result's `error`.
 pub fn run_statement(conn: &Connection, st: &Statement) -> StatementResult {
+    run_checked(conn, st).unwrap_or_else(|e| StatementResult::error(crate::sandbox::describe(&e)))
+}
+
+/// Like [`run_statement`], but an error of this node's environment (disk full, I/O, ...) is
+/// an `Err` rather than a result: apply must never record one (see [`crate::sandbox`]).
+pub fn run_checked(conn: &Connection, st: &Statement) -> rusqlite::Result<StatementResult> {
     let start = Instant::now();
     if let Some(kw) = transaction_control_keyword(&st.sql) {
         // Would end the entry's (or the reader's) transaction behind the caller's back.
-        return StatementResult::error(format!(
+        return Ok(StatementResult::error(format!(
             "{kw} is not allowed; use ?transaction to run statements atomically"
-        ));
+        )));
+    }
+    if let Err(e) = crate::sandbox::precheck(&st.sql) {
+        return Ok(StatementResult::error(format!("not authorized: {e}")));
     }
     let mut res = match run_statement_inner(conn, st) {
         Ok(r) => r,
-        Err(e) => StatementResult::error(e.to_string()),
+        Err(e) if crate::sandbox::is_environment_error(&e) => return Err(e),
+        Err(e) => StatementResult::error(crate::sandbox::describe(&e)),
     };
     res.time = start.elapsed().as_secs_f64();
-    res
+    Ok(res)
 }
 
 fn run_statement_inner(conn: &Connection, st: &Statement) -> rusqlite::Result<StatementResult> {
@@ -238,9 +248,21 @@ fn run_statement_inner(conn: &Connection, st: &Statement) -> rusqlite::Result<St
     let mut rows = stmt.raw_query();
     while let Some(row) = rows.next()? {
         let mut out = Vec::with_capacity(ncol);
+        let mut bytes = 0;
         for i in 0..ncol {
-            out.push(Value::from(row.get_ref(i)?));
+            let v = row.get_ref(i)?;
+            bytes += match v {
+                ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
+                _ => 8,
+            };
+            out.push(Value::from(v));
         }
+        crate::sandbox::charge_row(bytes).map_err(|msg| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
+                Some(msg),
+            )
+        })?;
         values.push(out);
     }
     // rqlite reports the declared type; for expressions it falls back to the value's type.
@@ -274,43 +296,49 @@ fn run_statement_inner(conn: &Connection, st: &Statement) -> rusqlite::Result<St
 /// Without it, each statement has its own savepoint, so a failing statement leaves the
 /// others' effects in place, like autocommit.
 pub fn apply_sql(conn: &Connection, cmd: &SqlCommand) -> rusqlite::Result<Vec<StatementResult>> {
-    let mut results = Vec::with_capacity(cmd.statements.len());
-    if cmd.transaction {
-        conn.execute_batch("SAVEPOINT cairn_request")?;
-        for st in &cmd.statements {
-            let r = run_statement(conn, st);
-            let failed = r.error.is_some();
-            results.push(r);
-            if failed {
-                conn.execute_batch("ROLLBACK TO cairn_request")?;
-                break;
-            }
+    struct Runner<'a>(&'a SqlCommand);
+    impl crate::sandbox::StatementRunner for Runner<'_> {
+        type Result = StatementResult;
+        fn run(&mut self, conn: &Connection, i: usize) -> rusqlite::Result<StatementResult> {
+            run_checked(conn, &self.0.statements[i])
         }
-        conn.execute_batch("RELEASE cairn_request")?;
-    } else {
-        for st in &cmd.statements {
-            conn.execute_batch("SAVEPOINT cairn_statement")?;
-            let r = run_statement(conn, st);
-            if r.error.is_some() {
-                conn.execute_batch("ROLLBACK TO cairn_statement")?;
-            }
-            conn.execute_batch("RELEASE cairn_statement")?;
-            results.push(r);
+        fn error(r: &StatementResult) -> Option<&str> {
+            r.error.as_deref()
+        }
+        fn failed(msg: String) -> StatementResult {
+            StatementResult::error(msg)
+        }
+        fn fail(r: &mut StatementResult, msg: String) {
+            *r = StatementResult::error(msg);
         }
     }
-    Ok(results)
+    crate::sandbox::apply_statements(
+        conn,
+        &mut Runner(cmd),
+        cmd.statements.len(),
+        cmd.transaction,
+    )
 }
 
-/// Runs read-only statements on a reader connection (no savepoints, no log).
+/// Runs read-only statements on a reader connection (no savepoints, no log), under the
+/// sandbox's read rules and `limits`; `cancel` stops the read when it becomes true.
 pub fn query(
     conn: &Connection,
     statements: &[Statement],
     transaction: bool,
+    limits: &crate::sandbox::ReadLimits,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> Vec<StatementResult> {
     if transaction {
         let _ = conn.execute_batch("BEGIN");
     }
-    let out = statements.iter().map(|s| run_statement(conn, s)).collect();
+    let out = {
+        let _read = crate::sandbox::enter_read(limits, cancel);
+        statements
+            .iter()
+            .map(|s| crate::sandbox::user(crate::sandbox::Mode::Read, || run_statement(conn, s)))
+            .collect()
+    };
     if transaction {
         let _ = conn.execute_batch("COMMIT");
     }
@@ -321,7 +349,7 @@ pub fn query(
 pub fn user_objects(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
     let mut st = conn.prepare(
         "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'view') \
-         AND name NOT LIKE 'sqlite_%' AND name != '_cairn_raft' ORDER BY type DESC, name",
+         AND name NOT LIKE 'sqlite_%' AND substr(name, 1, 7) != '_cairn_' ORDER BY type DESC, name",
     )?;
     let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
@@ -364,7 +392,7 @@ pub fn load_statements(
             .collect();
         let mut st = src.prepare(
             "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL \
-             AND name NOT LIKE 'sqlite_%' AND name != '_cairn_raft' \
+             AND name NOT LIKE 'sqlite_%' AND substr(name, 1, 7) != '_cairn_' \
              ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'index' THEN 1 WHEN 'view' THEN 2 ELSE 3 END, rowid",
         )?;
         let objects: Vec<(String, String, String)> = st
@@ -437,10 +465,25 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// This node's clock, never lower than a stamp it gave before.
     pub fn now() -> Self {
+        static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let prev = LAST_MS.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
         Stamp {
-            now: SystemTime::now(),
+            now: UNIX_EPOCH + std::time::Duration::from_millis(ms.max(prev) as u64),
         }
+    }
+
+    /// The stamp in Unix ms, as entries carry it.
+    pub fn unix_ms(&self) -> i64 {
+        self.now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
     }
 }
 
@@ -455,10 +498,30 @@ pub fn prepare_write(cmd: &mut SqlCommand, stamp: &Stamp) -> Result<(), String> 
                 "statement {i}: {kw} is not allowed; use ?transaction to run statements atomically"
             ));
         }
+        crate::sandbox::precheck(&st.sql)
+            .map_err(|e| format!("statement {i}: not authorized: {e}"))?;
         st.sql =
             rewrite_nondeterministic(&st.sql, stamp).map_err(|e| format!("statement {i}: {e}"))?;
     }
     Ok(())
+}
+
+/// The words of `sql` outside string literals, quoted identifiers and comments, uppercased.
+pub(crate) fn significant_words(sql: &str) -> Vec<String> {
+    tokenize(sql)
+        .into_iter()
+        .filter(|t| t.kind == TokKind::Word)
+        .map(|t| t.text(sql).to_ascii_uppercase())
+        .collect()
+}
+
+/// Every token of `sql` except spaces and comments, as written.
+pub(crate) fn significant_tokens(sql: &str) -> Vec<&str> {
+    tokenize(sql)
+        .into_iter()
+        .filter(|t| !matches!(t.kind, TokKind::Space | TokKind::Comment))
+        .map(|t| t.text(sql))
+        .collect()
 }
 
 /// The keyword if `sql` starts with a transaction-control statement.

@@ -60,7 +60,7 @@ pub struct StateMachine {
 }
 
 fn open_db(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
+    let conn = crate::sandbox::open_writer(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -117,12 +117,9 @@ impl Store {
         let conn = match conn {
             Some(c) => c,
             None => {
-                let c = Connection::open_with_flags(
-                    &self.db_path,
-                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
+                // Read-only at the file level: no statement can make it a writer.
+                let c = crate::sandbox::open_reader(&self.db_path)?;
                 c.busy_timeout(std::time::Duration::from_secs(10))?;
-                c.pragma_update(None, "query_only", "ON")?;
                 c
             }
         };

@@ -722,8 +722,9 @@ async fn load(
     let data = body.clone();
     let dir = n.config.data_dir.clone();
     let stmts = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Statement>> {
-        let existing = store.read(sql::user_objects)??;
-        sql::load_statements(&data, &dir, &existing)
+        let (existing, streams) =
+            store.read(|c| (sql::user_objects(c), crate::sandbox::stream_tables(c)))?;
+        sql::load_statements(&data, &dir, &existing?, &streams)
     })
     .await;
     let statements = match stmts {

@@ -401,7 +401,7 @@ fn t22_fuzz_hostile_sql() {
         let body: Vec<String> = (0..n).map(|_| hostile(&mut rng, &dir)).collect();
         let l = c.leader();
         let node = &c.nodes[(l + (rng.next() % 3) as usize) % c.nodes.len()];
-        let qs = if rng.next() % 3 == 0 {
+        let qs = if rng.next().is_multiple_of(3) {
             "?transaction"
         } else {
             ""

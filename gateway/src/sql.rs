@@ -439,7 +439,7 @@ pub fn load_statements(
         for (_, name, _, _) in objects.iter().filter(|o| o.0 == "table") {
             let mut rows = src.prepare(&format!("SELECT * FROM {}", quote_ident(name)))?;
             let n = rows.column_count();
-            let cols: Vec<String> = rows.column_names().into_iter().map(quote_ident).collect();
+            let cols: Vec<String> = rows.column_names().map(quote_ident).collect();
             let insert = format!(
                 "INSERT INTO {}({}) VALUES({})",
                 quote_ident(name),

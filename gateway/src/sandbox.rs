@@ -1187,6 +1187,19 @@ mod tests {
         r
     }
 
+    /// A fresh writer with one entry of `sqls` applied.
+    fn fresh(sqls: &[&str]) -> (tempfile::TempDir, Connection, Vec<StatementResult>) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = writer(dir.path());
+        let r = apply(&conn, 1, STAMP, sql(sqls));
+        (dir, conn, r)
+    }
+
+    /// The one value `q` answers.
+    fn one<T: rusqlite::types::FromSql>(conn: &Connection, q: &str) -> T {
+        conn.query_row(q, [], |r| r.get(0)).unwrap()
+    }
+
     fn sql(s: &[&str]) -> Vec<Statement> {
         s.iter().map(|s| Statement::new(*s)).collect()
     }
@@ -1250,17 +1263,12 @@ mod tests {
             eprintln!("{a}\n    -> {}", err(r));
         }
         assert!(!outside.exists(), "nothing is written outside the data dir");
-        let hw: i64 = conn
-            .query_row("SELECT seq FROM _cairn_high_water", [], |r| r.get(0))
-            .unwrap();
+        let hw: i64 = one(&conn, "SELECT seq FROM _cairn_high_water");
         assert_eq!(hw, 10);
-        let objects: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name IN ('x','y','c','r','d','_cairn_mine','tr','u','e')",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let objects: i64 = one(
+            &conn,
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('x','y','c','r','d','_cairn_mine','tr','u','e')",
+        );
         assert_eq!(objects, 0);
         assert!(!conn.is_autocommit() || conn.is_autocommit());
     }
@@ -1296,67 +1304,45 @@ mod tests {
         for (a, r) in ok.iter().zip(&r) {
             assert!(r.error.is_none(), "{a}: {}", err(r));
         }
-        let n: i64 = conn
-            .query_row("SELECT count(*) FROM c", [], |r| r.get(0))
-            .unwrap();
+        let n: i64 = one(&conn, "SELECT count(*) FROM c");
         assert_eq!(n, 4, "cascade deleted one, the trigger added three");
-        let v: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let v: i64 = one(&conn, "PRAGMA user_version");
         assert_eq!(v, 7);
     }
 
     #[test]
     fn test_rowid_max_and_deferred_fk_and_rollback() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = writer(dir.path());
-        let r = apply(
-            &conn,
-            1,
-            STAMP,
-            sql(&[
-                "CREATE TABLE t(a)",
-                "INSERT INTO t(rowid, a) VALUES(9223372036854775807, 1)",
-                "INSERT INTO t(rowid, a) VALUES(5, 1)",
-                "CREATE TABLE par(id INTEGER PRIMARY KEY)",
-                "CREATE TABLE ch(p REFERENCES par(id) DEFERRABLE INITIALLY DEFERRED)",
-                "INSERT INTO ch VALUES(5)",
-                "INSERT OR ROLLBACK INTO t VALUES(1)",
-                "INSERT INTO t SELECT a FROM t",
-            ]),
-        );
+        let (_dir, conn, r) = fresh(&[
+            "CREATE TABLE t(a)",
+            "INSERT INTO t(rowid, a) VALUES(9223372036854775807, 1)",
+            "INSERT INTO t(rowid, a) VALUES(5, 1)",
+            "CREATE TABLE par(id INTEGER PRIMARY KEY)",
+            "CREATE TABLE ch(p REFERENCES par(id) DEFERRABLE INITIALLY DEFERRED)",
+            "INSERT INTO ch VALUES(5)",
+            "INSERT OR ROLLBACK INTO t VALUES(1)",
+            "INSERT INTO t SELECT a FROM t",
+        ]);
         assert!(err(&r[1]).contains("9223372036854775807"), "{}", err(&r[1]));
         assert!(r[2].error.is_none());
         assert!(err(&r[5]).contains("FOREIGN KEY"), "{}", err(&r[5]));
         assert!(err(&r[6]).contains("ROLLBACK"), "{}", err(&r[6]));
         assert!(r[7].error.is_none());
-        let n: i64 = conn
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .unwrap();
+        let n: i64 = one(&conn, "SELECT count(*) FROM t");
         assert_eq!(n, 2);
     }
 
     #[test]
     fn test_write_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = writer(dir.path());
-        let r = apply(
-            &conn,
-            1,
-            STAMP,
-            sql(&[
-                "CREATE TABLE t(a)",
-                "INSERT INTO t VALUES(1)",
-                "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
-                "INSERT INTO t VALUES(2)",
-            ]),
-        );
+        let (_dir, conn, r) = fresh(&[
+            "CREATE TABLE t(a)",
+            "INSERT INTO t VALUES(1)",
+            "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
+            "INSERT INTO t VALUES(2)",
+        ]);
         assert!(r[0].error.is_none() && r[1].error.is_none());
         assert!(err(&r[2]).contains("write budget"), "{}", err(&r[2]));
         assert!(err(&r[3]).contains("write budget"), "{}", err(&r[3]));
-        let n: i64 = conn
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .unwrap();
+        let n: i64 = one(&conn, "SELECT count(*) FROM t");
         assert_eq!(
             n, 1,
             "the statements before the budget ran out stay applied"
@@ -1429,9 +1415,7 @@ mod tests {
             "{}",
             err(&out[0])
         );
-        let n: i64 = w
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .unwrap();
+        let n: i64 = one(&w, "SELECT count(*) FROM t");
         assert_eq!(n, 3);
     }
 
@@ -1487,9 +1471,7 @@ mod tests {
                 assert!(r[9].error.is_some());
             }
         }
-        let ts: String = conn
-            .query_row("SELECT ts FROM t WHERE id = 1", [], |r| r.get(0))
-            .unwrap();
+        let ts: String = one(&conn, "SELECT ts FROM t WHERE id = 1");
         assert_eq!(
             ts, "2024-02-29 12:34:56",
             "CURRENT_TIMESTAMP is the entry's stamp"

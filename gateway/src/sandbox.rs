@@ -390,20 +390,20 @@ pub fn harden(conn: &mut Connection, kind: Kind) -> rusqlite::Result<()> {
     let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_INNOCUOUS;
     conn.create_scalar_function("random", 0, flags, |_| Ok(next_random()))?;
     conn.create_scalar_function("randomblob", 1, flags, |ctx| {
-        let n = ctx.get::<i64>(0).unwrap_or(1).max(1);
-        if n > i64::from(MAX_LENGTH) {
-            return Err(rusqlite::Error::SqliteFailure(
-                ffi::Error::new(ffi::SQLITE_TOOBIG),
-                Some("string or blob too big".into()),
-            ));
-        }
-        let mut out = vec![0u8; n as usize];
+        let n = blob_len(ctx.get::<i64>(0).unwrap_or(1).max(1))?;
+        let mut out = vec![0u8; n];
         for chunk in out.chunks_mut(8) {
             let r = next_random().to_le_bytes();
             chunk.copy_from_slice(&r[..chunk.len()]);
         }
         Ok(out)
     })?;
+    conn.create_scalar_function(
+        "zeroblob",
+        1,
+        flags | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| Ok(vec![0u8; blob_len(ctx.get::<i64>(0).unwrap_or(0).max(0))?]),
+    )?;
     conn.authorizer(Some(authorize))?;
     conn.progress_handler(PROGRESS_INTERVAL as c_int, Some(progress))?;
     Ok(())
@@ -428,6 +428,35 @@ pub fn open_reader(path: &std::path::Path) -> rusqlite::Result<Connection> {
     )?;
     harden(&mut conn, Kind::Reader)?;
     Ok(conn)
+}
+
+/// Checks a generated blob's length, and charges it (one step a byte) to the write budget:
+/// otherwise a cheap loop of `randomblob(64 MiB)` would write gigabytes within the step count.
+fn blob_len(n: i64) -> rusqlite::Result<usize> {
+    let fail = |code, msg: String| {
+        Err(rusqlite::Error::SqliteFailure(
+            ffi::Error::new(code),
+            Some(msg),
+        ))
+    };
+    if n > i64::from(MAX_LENGTH) {
+        return fail(ffi::SQLITE_TOOBIG, "string or blob too big".into());
+    }
+    let over = LOCAL.with(|l| {
+        if l.entry.get().is_none() || l.mode.get() != Some(Mode::Write) {
+            return false;
+        }
+        let s = l.steps.get().saturating_add(n as u64);
+        l.steps.set(s);
+        if s > WRITE_BUDGET_STEPS {
+            l.budget_hit.set(true);
+        }
+        s > WRITE_BUDGET_STEPS
+    });
+    if over {
+        return fail(ffi::SQLITE_ERROR, budget_message());
+    }
+    Ok(n as usize)
 }
 
 /// SplitMix64: while applying, seeded from the entry; otherwise real randomness.
@@ -1347,6 +1376,12 @@ mod tests {
             n, 1,
             "the statements before the budget ran out stay applied"
         );
+        let (_dir, _conn, r) = fresh(&[
+            "CREATE TABLE b(x)",
+            "INSERT INTO b WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 100) \
+             SELECT randomblob(60000000) FROM c",
+        ]);
+        assert!(err(&r[1]).contains("write budget"), "{}", err(&r[1]));
         // The next entry has its own budget.
         let r = apply(&conn, 2, STAMP, sql(&["INSERT INTO t VALUES(3)"]));
         assert!(r[0].error.is_none());

@@ -152,6 +152,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         metrics,
         log_stats,
         scratch_dir: config.data_dir.clone(),
+        read_limits: config.read_limits(),
     });
     let ingress = Ingress::new(
         cluster.clone(),

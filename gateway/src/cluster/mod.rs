@@ -26,6 +26,7 @@ use openraft::async_runtime::WatchReceiver;
 use crate::command::sql::SqlCommand;
 use crate::command::{Command, CommandResponse, rewrite};
 use crate::db::Store;
+use crate::db::sandbox::{CancelOnDrop, ReadLimits};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -77,6 +78,8 @@ pub struct Cluster {
     log_stats: Arc<LogStats>,
     /// Where backups and loads may put scratch files (the data directory).
     scratch_dir: PathBuf,
+    /// Limits of one local read (this node's settings).
+    read_limits: ReadLimits,
     started: Instant,
 }
 
@@ -91,6 +94,7 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     pub log_stats: Arc<LogStats>,
     pub scratch_dir: PathBuf,
+    pub read_limits: ReadLimits,
 }
 
 impl Cluster {
@@ -105,6 +109,7 @@ impl Cluster {
             metrics: p.metrics,
             log_stats: p.log_stats,
             scratch_dir: p.scratch_dir,
+            read_limits: p.read_limits,
             started: Instant::now(),
         })
     }
@@ -238,10 +243,15 @@ impl Cluster {
             statements,
             transaction,
         };
+        let stamp = rewrite::Stamp::now();
         if rewrite {
-            rewrite::prepare_write(&mut cmd, &rewrite::Stamp::now())?;
+            rewrite::prepare_write(&mut cmd, &stamp)?;
         }
-        match self.write(Command::Sql(cmd)).await? {
+        let cmd = Command::SqlAt {
+            stamp_ms: stamp.unix_ms(),
+            sql: cmd,
+        };
+        match self.write(cmd).await? {
             CommandResponse::Sql(results) => Ok(results),
             other => Err(Error::Storage(format!("unexpected response {other:?}"))),
         }
@@ -281,20 +291,24 @@ impl Cluster {
                 return self.execute(statements, transaction, false).await;
             }
         }
-        self.read(move |c| crate::db::sql::query(c, &statements, transaction))
-            .await
+        let limits = self.read_limits.clone();
+        // Dropped with this future when the client goes away: the read stops at once.
+        let cancel = CancelOnDrop::default();
+        let flag = cancel.flag();
+        let out = self
+            .read(move |c| crate::db::sql::query(c, &statements, transaction, &limits, Some(flag)))
+            .await;
+        drop(cancel);
+        out
     }
 
     /// True when SQLite says every statement is read-only. Statements that do not prepare (for
     /// example because an earlier statement creates their table) count as writes.
     pub async fn all_read_only(&self, statements: &[Statement]) -> bool {
         let sqls: Vec<String> = statements.iter().map(|s| s.sql.clone()).collect();
-        self.read(move |c| {
-            sqls.iter()
-                .all(|s| c.prepare(s).map(|p| p.readonly()).unwrap_or(false))
-        })
-        .await
-        .unwrap_or(false)
+        self.read(move |c| crate::db::sql::all_read_only(c, &sqls))
+            .await
+            .unwrap_or(false)
     }
 
     /// A consistent copy of this node's database as an open, already unlinked file.
@@ -322,7 +336,8 @@ impl Cluster {
         let statements = self
             .read(move |c| -> Result<Vec<Statement>, Error> {
                 let existing = crate::db::load::user_objects(c)?;
-                crate::db::load::load_statements(&data, &dir, &existing)
+                let streams = crate::db::sandbox::stream_tables(c);
+                crate::db::load::load_statements(&data, &dir, &existing, &streams)
                     .map_err(|e| Error::BadRequest(format!("load: {e}")))
             })
             .await??;

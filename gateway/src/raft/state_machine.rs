@@ -169,12 +169,13 @@ impl Inner {
 
     fn apply_entries(&self, entries: Vec<Entry>) -> std::io::Result<Vec<CommandResponse>> {
         let mut conn = self.store.writer();
-        let ctx = ApplyContext {
-            metrics: &self.metrics,
-        };
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
             let tx = conn.transaction().map_err(io_err)?;
+            let ctx = ApplyContext {
+                index: entry.log_id.index,
+                metrics: &self.metrics,
+            };
             let resp = match &entry.payload {
                 EntryPayload::Blank => CommandResponse::Empty,
                 EntryPayload::Normal(cmd) => command::apply(&tx, &ctx, cmd).map_err(io_err)?,

@@ -211,6 +211,14 @@ impl Cluster {
         crate::raft::confirm_leadership(&self.raft).await
     }
 
+    /// Storage work this node holds because of its environment (a full disk, ...): the Raft
+    /// log writer's and apply's failures, if any. The node is not ready while it holds any.
+    pub fn storage_held(&self) -> Vec<(&'static str, String)> {
+        let log = self.log_stats.stall.held().map(|e| ("raft log write", e));
+        let apply = self.metrics.apply_stall.held().map(|e| ("apply", e));
+        log.into_iter().chain(apply).collect()
+    }
+
     /// True while Raft runs (false once it stopped on a fatal error or shut down).
     pub fn running(&self) -> bool {
         self.raft.metrics().borrow_watched().running_state.is_ok()

@@ -8,8 +8,10 @@
 //! - [`schema`]: the `[[stream]]` tables device records land in.
 //! - [`registry`]: registered devices, their keys and high-water seqs.
 //! - [`load`]: turning an uploaded database or SQL dump into statements (`/db/load`).
+//! - [`failure`]: which SQLite errors are the environment's (hold, exit, corrupt).
 //! - [`sandbox`]: what user SQL may do, and making it apply identically on every replica.
 
+pub mod failure;
 pub mod lex;
 pub mod load;
 pub mod registry;

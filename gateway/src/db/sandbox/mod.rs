@@ -78,6 +78,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::ErrorCode;
 
+use super::failure::{Failure, classify};
+
 pub use self::apply::apply_statements;
 pub use self::authorizer::{
     INSPECT_PRAGMAS, NODE_PRAGMAS, PRAGMAS_WITH_ARGUMENT, SETTABLE_PRAGMAS, is_cairn, precheck,
@@ -349,19 +351,7 @@ pub fn is_environment_error(e: &rusqlite::Error) -> bool {
     };
     match f.code {
         ErrorCode::OperationInterrupted => !LOCAL.with(|l| l.budget_hit.get()),
-        ErrorCode::DatabaseBusy
-        | ErrorCode::DatabaseLocked
-        | ErrorCode::OutOfMemory
-        | ErrorCode::ReadOnly
-        | ErrorCode::SystemIoFailure
-        | ErrorCode::DatabaseCorrupt
-        | ErrorCode::DiskFull
-        | ErrorCode::CannotOpen
-        | ErrorCode::FileLockingProtocolFailed
-        | ErrorCode::NotADatabase
-        | ErrorCode::NoLargeFileSupport
-        | ErrorCode::PermissionDenied => true,
-        _ => false,
+        _ => classify(e) != Failure::Other,
     }
 }
 

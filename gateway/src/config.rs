@@ -26,6 +26,7 @@
 //! read_timeout_ms = 30000            # a read (/db/query) is interrupted after this long
 //! read_max_rows = 1000000            # rows one read request may return
 //! read_max_bytes = 268435456         # bytes one read request may return
+//! max_db_size_mib = 4096             # a /db/load bringing a larger database is refused
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
 //! undeclared_streams = "telemetry"   # or "reject"; see `db/schema.rs` for [[stream]] tables
 //!
@@ -72,6 +73,8 @@ pub struct NodeConfig {
     pub read_max_rows: u64,
     /// Bytes of values one read request may return.
     pub read_max_bytes: u64,
+    /// A `/db/load` whose database is larger (MiB) is refused; its upload is cut off there.
+    pub max_db_size_mib: u64,
     /// Device address advertised to devices as the leader hint (default: the bound address).
     pub device_adv_addr: Option<String>,
     /// Device stream tables (`[[stream]]`), see [`crate::db::schema`].
@@ -114,6 +117,7 @@ impl Default for NodeConfig {
             read_timeout_ms: 30_000,
             read_max_rows: 1_000_000,
             read_max_bytes: 256 << 20,
+            max_db_size_mib: 4096,
             device_adv_addr: None,
             stream: Vec::new(),
             undeclared_streams: crate::db::schema::Undeclared::Telemetry,
@@ -191,6 +195,9 @@ pub struct NodeArgs {
     /// Bytes one read request may return (default 256 MiB).
     #[arg(long)]
     pub read_max_bytes: Option<u64>,
+    /// Largest database a `/db/load` may bring, in MiB (default 4096).
+    #[arg(long)]
+    pub max_db_size_mib: Option<u64>,
 }
 
 impl NodeConfig {
@@ -228,7 +235,8 @@ impl NodeConfig {
             log_cache_mib,
             read_timeout_ms,
             read_max_rows,
-            read_max_bytes
+            read_max_bytes,
+            max_db_size_mib
         );
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();

@@ -80,6 +80,8 @@ pub struct Cluster {
     scratch_dir: PathBuf,
     /// Limits of one local read (this node's settings).
     read_limits: ReadLimits,
+    /// Largest database a load may bring (`max_db_size_mib`).
+    max_db_bytes: u64,
     started: Instant,
 }
 
@@ -95,6 +97,7 @@ pub struct Parts {
     pub log_stats: Arc<LogStats>,
     pub scratch_dir: PathBuf,
     pub read_limits: ReadLimits,
+    pub max_db_bytes: u64,
 }
 
 impl Cluster {
@@ -110,6 +113,7 @@ impl Cluster {
             log_stats: p.log_stats,
             scratch_dir: p.scratch_dir,
             read_limits: p.read_limits,
+            max_db_bytes: p.max_db_bytes,
             started: Instant::now(),
         })
     }
@@ -336,19 +340,81 @@ impl Cluster {
         Ok(f)
     }
 
-    /// Replaces every user table with the contents of `data` (a SQLite file or SQL text), as
-    /// one transaction through the log. The leader only.
-    pub async fn load(&self, data: bytes::Bytes) -> Result<Vec<StatementResult>, Error> {
+    /// Largest load this node accepts (`max_db_size_mib`), in bytes.
+    pub fn max_load_bytes(&self) -> u64 {
+        self.max_db_bytes
+    }
+
+    /// Loads the SQLite file or SQL text in the file `upload` (which this call deletes): the
+    /// user's tables are replaced, or, from a Cairn backup, data and Cairn's state together
+    /// (see `db::load`). The file goes through the log in chunks of at most
+    /// [`CHUNK_BYTES`](crate::command::load::CHUNK_BYTES) and takes effect at the last one.
+    /// The leader only.
+    pub async fn load_file(&self, upload: PathBuf) -> Result<Vec<StatementResult>, Error> {
+        let r = self.load_prepared(&upload).await;
+        let _ = std::fs::remove_file(&upload);
+        r
+    }
+
+    async fn load_prepared(&self, upload: &std::path::Path) -> Result<Vec<StatementResult>, Error> {
         self.require_leader()?;
-        let dir = self.scratch_dir.clone();
-        let statements = self
-            .read(move |c| -> Result<Vec<Statement>, Error> {
-                let existing = crate::db::load::user_objects(c)?;
-                let streams = crate::db::sandbox::stream_tables(c);
-                crate::db::load::load_statements(&data, &dir, &existing, &streams)
-                    .map_err(|e| Error::BadRequest(format!("load: {e}")))
-            })
-            .await??;
-        self.execute(statements, true, false).await
+        let (dir, up) = (self.scratch_dir.clone(), upload.to_path_buf());
+        let src = tokio::task::spawn_blocking(move || crate::db::load::prepare(&up, &dir))
+            .await?
+            .map_err(|e| Error::BadRequest(format!("load: {e}")))?;
+        let r = self.send_load(&src).await;
+        if src.scratch {
+            let _ = std::fs::remove_file(&src.path);
+        }
+        r
+    }
+
+    /// Proposes the prepared file chunk by chunk, each applied before the next is read.
+    async fn send_load(
+        &self,
+        src: &crate::db::load::Source,
+    ) -> Result<Vec<StatementResult>, Error> {
+        use crate::command::load::{CHUNK_BYTES, LoadChunk, LoadEnd};
+        use tokio::io::AsyncReadExt;
+        if src.size > self.max_db_bytes {
+            return Err(Error::BadRequest(format!(
+                "load: the database would be {} bytes, over this node's max_db_size_mib ({} MiB)",
+                src.size,
+                self.max_db_bytes >> 20
+            )));
+        }
+        // TODO(issue 14): a Cairn backup (`src.backup`) restores Cairn's state too and needs
+        // the `all` permission; check it here once access control exists.
+        let load_id = rand::random::<u64>();
+        let mut file = tokio::fs::File::open(&src.path).await?;
+        let mut offset = 0u64;
+        loop {
+            let mut data = vec![0u8; CHUNK_BYTES];
+            let mut n = 0;
+            while n < data.len() {
+                let got = file.read(&mut data[n..]).await?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            data.truncate(n);
+            let last = offset + n as u64 >= src.size;
+            let chunk = LoadChunk {
+                load_id,
+                offset,
+                data,
+                last: last.then_some(LoadEnd {
+                    len: src.size,
+                    restore_state: src.backup,
+                }),
+            };
+            offset += n as u64;
+            match self.write(Command::LoadChunk(chunk)).await? {
+                CommandResponse::Sql(results) if last => return Ok(results),
+                CommandResponse::Empty if !last => {}
+                other => return Err(Error::Storage(format!("unexpected response {other:?}"))),
+            }
+        }
     }
 }

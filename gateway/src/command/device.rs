@@ -42,7 +42,7 @@ pub struct DeviceBatch {
 
 /// Bytes as one postcard byte string rather than a sequence of u8 (same bytes in postcard,
 /// but far more compact in any self-describing format).
-mod serde_bytes_vec {
+pub(super) mod serde_bytes_vec {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {

@@ -28,6 +28,7 @@
 //! variant by its position. New variants go at the end.
 
 pub mod device;
+pub mod load;
 pub mod registry;
 pub mod rewrite;
 pub mod sql;
@@ -37,6 +38,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use self::device::{BatchOutcome, DeviceBatch};
+use self::load::LoadChunk;
 use self::registry::{RegistryCommand, RegistryOutcome};
 use self::sql::SqlCommand;
 use crate::db::sql::StatementResult;
@@ -54,6 +56,8 @@ pub enum Command {
     /// SQL with the leader's clock when it proposed the entry (Unix ms): "now" for the
     /// entry's SQL on every replica (see `db::sandbox`).
     SqlAt { stamp_ms: i64, sql: SqlCommand },
+    /// One chunk of a `/db/load` ([`load`]); the last one swaps the load in.
+    LoadChunk(LoadChunk),
 }
 
 impl Command {
@@ -62,7 +66,7 @@ impl Command {
         match self {
             Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
             Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
-            Command::Sql(_) | Command::DeviceRegistry(_) => None,
+            Command::Sql(_) | Command::DeviceRegistry(_) | Command::LoadChunk(_) => None,
         }
     }
 }
@@ -78,6 +82,14 @@ impl fmt::Display for Command {
             ),
             Command::DeviceBatches(b) => write!(f, "DeviceBatches({} batches)", b.len()),
             Command::DeviceRegistry(c) => write!(f, "DeviceRegistry({c})"),
+            Command::LoadChunk(c) => write!(
+                f,
+                "LoadChunk(load {}, {} bytes at {}{})",
+                c.load_id,
+                c.data.len(),
+                c.offset,
+                if c.last.is_some() { ", last" } else { "" }
+            ),
             Command::SqlAt { stamp_ms, sql } => write!(
                 f,
                 "SqlAt({stamp_ms}, {} statements, transaction={})",
@@ -126,5 +138,9 @@ pub fn apply(
         Command::DeviceRegistry(c) => {
             registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
         }
+        Command::LoadChunk(c) => load::apply_chunk(conn, c).map(|r| match r {
+            Some(result) => CommandResponse::Sql(vec![result]),
+            None => CommandResponse::Empty,
+        }),
     }
 }

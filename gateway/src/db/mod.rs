@@ -40,6 +40,8 @@ pub mod tables {
     pub const STREAMS: &str = "_cairn_streams";
     /// Records of streams without a definition.
     pub const TELEMETRY: &str = "telemetry";
+    /// Chunks of a `/db/load` on its way through the log (`command::load`).
+    pub const LOAD: &str = "_cairn_load";
 }
 
 /// Readers kept open for reuse.

@@ -219,6 +219,16 @@ pub fn user<T>(mode: Mode, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Runs `f` with `streams` as the device stream tables the authorizer protects (set by
+/// [`apply_statements`] for an entry's statements; other callers of [`user`] with
+/// [`Mode::Write`] set it here).
+pub fn with_streams<T>(streams: BTreeSet<String>, f: impl FnOnce() -> T) -> T {
+    let prev = LOCAL.with(|l| l.streams.replace(streams));
+    let out = f();
+    LOCAL.with(|l| *l.streams.borrow_mut() = prev);
+    out
+}
+
 /// The state of one entry being applied on this thread; restores the previous on drop.
 pub struct EntryGuard {
     prev: Option<(u64, Option<i64>)>,

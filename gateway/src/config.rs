@@ -23,6 +23,10 @@
 //! write_batch_max = 1024             # commands per proposal to Raft (the write queue)
 //! write_queue_depth = 8192           # bounded queue in front of Raft
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
+//! read_timeout_ms = 30000            # a read (/db/query) is interrupted after this long
+//! read_max_rows = 1000000            # rows one read request may return
+//! read_max_bytes = 268435456         # bytes one read request may return
+//! max_db_size_mib = 4096             # a /db/load bringing a larger database is refused
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
 //! undeclared_streams = "telemetry"   # or "reject"; see `db/schema.rs` for [[stream]] tables
 //! # security (see `security/mod.rs`); names as rqlite's flags
@@ -75,6 +79,14 @@ pub struct NodeConfig {
     /// MiB of flushed Raft entries kept in memory (see [`crate::raft::log_store`]); lower it on
     /// boards with little RAM, replication then reads older entries back from disk.
     pub log_cache_mib: usize,
+    /// A read is interrupted after this many ms (reads are local: a per-node setting).
+    pub read_timeout_ms: u64,
+    /// Rows one read request may return.
+    pub read_max_rows: u64,
+    /// Bytes of values one read request may return.
+    pub read_max_bytes: u64,
+    /// A `/db/load` whose database is larger (MiB) is refused; its upload is cut off there.
+    pub max_db_size_mib: u64,
     /// Device address advertised to devices as the leader hint (default: the bound address).
     pub device_adv_addr: Option<String>,
     /// Device stream tables (`[[stream]]`), see [`crate::db::schema`].
@@ -128,6 +140,10 @@ impl Default for NodeConfig {
             write_batch_max: 1024,
             write_queue_depth: 8192,
             log_cache_mib: 64,
+            read_timeout_ms: 30_000,
+            read_max_rows: 1_000_000,
+            read_max_bytes: 256 << 20,
+            max_db_size_mib: 4096,
             device_adv_addr: None,
             stream: Vec::new(),
             undeclared_streams: crate::db::schema::Undeclared::Telemetry,
@@ -240,6 +256,18 @@ pub struct NodeArgs {
     /// Allow listening beyond loopback without --auth or node TLS.
     #[arg(long)]
     pub insecure: bool,
+    /// A read is interrupted after this many ms (default 30000).
+    #[arg(long)]
+    pub read_timeout_ms: Option<u64>,
+    /// Rows one read request may return (default 1000000).
+    #[arg(long)]
+    pub read_max_rows: Option<u64>,
+    /// Bytes one read request may return (default 256 MiB).
+    #[arg(long)]
+    pub read_max_bytes: Option<u64>,
+    /// Largest database a `/db/load` may bring, in MiB (default 4096).
+    #[arg(long)]
+    pub max_db_size_mib: Option<u64>,
 }
 
 impl NodeConfig {
@@ -274,7 +302,11 @@ impl NodeConfig {
             snapshot_keep_logs,
             write_batch_max,
             write_queue_depth,
-            log_cache_mib
+            log_cache_mib,
+            read_timeout_ms,
+            read_max_rows,
+            read_max_bytes,
+            max_db_size_mib
         );
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
@@ -314,6 +346,15 @@ impl NodeConfig {
         c.insecure |= args.insecure;
         c.validate()?;
         Ok(c)
+    }
+
+    /// The limits of one read request on this node.
+    pub fn read_limits(&self) -> crate::db::sandbox::ReadLimits {
+        crate::db::sandbox::ReadLimits {
+            timeout: std::time::Duration::from_millis(self.read_timeout_ms),
+            max_rows: self.read_max_rows,
+            max_bytes: self.read_max_bytes,
+        }
     }
 
     fn validate(&self) -> anyhow::Result<()> {

@@ -152,6 +152,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         metrics,
         log_stats,
         scratch_dir: config.data_dir.clone(),
+        read_limits: config.read_limits(),
+        max_db_bytes: config.max_db_size_mib << 20,
     });
     let ingress = Ingress::new(
         cluster.clone(),

@@ -81,6 +81,14 @@ enum DeviceCmd {
         #[arg(long)]
         id: u64,
     },
+    /// Set a device's committed high-water seq (a logged admin action): the device resumes at
+    /// SEQ + 1. Refused while stored records of the device lie above SEQ.
+    Reset {
+        #[arg(long)]
+        id: u64,
+        #[arg(long, default_value_t = 0)]
+        seq: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -106,6 +114,7 @@ fn main() -> std::process::ExitCode {
             DeviceCmd::Add { id, key } => admin::add(&host, id, &key),
             DeviceCmd::List => admin::list(&host),
             DeviceCmd::Remove { id } => admin::remove(&host, id),
+            DeviceCmd::Reset { id, seq } => admin::reset(&host, id, seq),
         },
         Cmd::Certs { command } => cairn_gateway::security::certs::run(command),
     };

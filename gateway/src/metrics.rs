@@ -7,13 +7,98 @@
 //! buckets, so a percentile is exact to within a factor of two (reported as the bucket's
 //! upper bound).
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cairn_protocol::ErrorCode;
 use serde_json::json;
 
 const BUCKETS: usize = 32;
+
+/// Storage work held by an environment failure (disk full, out of memory, busy; see
+/// `db::failure`): what failed, since when, how often it was retried. The writer that holds
+/// the work reports here; `/readyz` and `/status` read it.
+#[derive(Default, Debug)]
+pub struct Stall {
+    state: Mutex<Option<StallState>>,
+}
+
+#[derive(Debug)]
+struct StallState {
+    error: String,
+    since: Instant,
+    retries: u64,
+    logged: Instant,
+}
+
+/// First wait before a held write is tried again; it doubles up to [`STALL_BACKOFF_MAX`].
+pub const STALL_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest wait between two tries of a held write.
+pub const STALL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Stall {
+    /// Records that `what` failed with `error` and is held; returns how long to wait before
+    /// trying again. Logged at the first failure and then every 30 s.
+    pub fn hold(&self, what: &str, error: &str) -> Duration {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let st = s.get_or_insert_with(|| {
+            tracing::error!("{what} held: {error}; retrying until it succeeds (node not ready)");
+            StallState {
+                error: error.to_string(),
+                since: now,
+                retries: 0,
+                logged: now,
+            }
+        });
+        st.retries += 1;
+        st.error = error.to_string();
+        if now.duration_since(st.logged) >= Duration::from_secs(30) {
+            st.logged = now;
+            tracing::warn!(
+                "{what} still held after {:.0?} ({} tries): {error}",
+                now.duration_since(st.since),
+                st.retries
+            );
+        }
+        let shift = st.retries.min(16) as u32;
+        STALL_BACKOFF_MIN
+            .saturating_mul(1 << shift.saturating_sub(1))
+            .min(STALL_BACKOFF_MAX)
+    }
+
+    /// The held work went through: logs the resumption if it was held.
+    pub fn clear(&self, what: &str) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(st) = s.take() {
+            tracing::info!(
+                "{what} resumed after {:.1?} ({} tries)",
+                st.since.elapsed(),
+                st.retries
+            );
+        }
+    }
+
+    /// The failure holding the work, if any.
+    pub fn held(&self) -> Option<String> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.as_ref().map(|st| st.error.clone())
+    }
+
+    /// `null`, or `{"error", "held_s", "retries"}` for `/status`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.as_ref() {
+            None => serde_json::Value::Null,
+            Some(st) => json!({
+                "error": st.error,
+                "held_s": st.since.elapsed().as_secs_f64(),
+                "retries": st.retries,
+            }),
+        }
+    }
+}
 
 /// A histogram of durations in power-of-two microsecond buckets.
 pub struct Histogram {
@@ -132,11 +217,14 @@ pub struct Metrics {
     /// One state-machine apply call (every kind of entry), queueing on the blocking pool
     /// included.
     pub apply_latency: Histogram,
+    /// Apply held by an environment failure (disk full, ...), if it is.
+    pub apply_stall: Stall,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            apply_stall: Stall::default(),
             http_requests: AtomicU64::new(0),
             writes_proposed: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),

@@ -1,4 +1,4 @@
-//! `cairn device add|list|remove`: the registry admin API (`/devices`, see
+//! `cairn device add|list|remove|reset`: the registry admin API (`/devices`, see
 //! [`crate::http::devices`]) from the command line.
 
 use serde_json::{Value as Json, json};
@@ -69,4 +69,21 @@ pub fn remove(host: &str, id: u64) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("device {id} is not registered")
     }
+}
+
+/// Sets device `id`'s committed high-water seq to `seq` (a logged admin action; refused while
+/// stored records of the device lie above `seq`).
+pub fn reset(host: &str, id: u64, seq: u64) -> anyhow::Result<()> {
+    let host = host.trim_end_matches('/');
+    let (status, body) = post_json(
+        &agent(),
+        &format!("{host}/devices/{id}/reset"),
+        &json!({ "seq": seq }),
+    )?;
+    check(status, &body)?;
+    println!(
+        "device {id}: high-water {} -> {}",
+        body["previous"], body["high_water"]
+    );
+    Ok(())
 }

@@ -42,7 +42,7 @@ pub struct DeviceBatch {
 
 /// Bytes as one postcard byte string rather than a sequence of u8 (same bytes in postcard,
 /// but far more compact in any self-describing format).
-mod serde_bytes_vec {
+pub(super) mod serde_bytes_vec {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -261,7 +261,8 @@ pub fn apply_device_batches(
             out.push(BatchOutcome::Duplicate { through_seq: hw });
             continue;
         }
-        if h.first_seq > hw + 1 {
+        // Checked: a high-water of u64::MAX has no next seq (every batch is a duplicate).
+        if hw.checked_add(1).is_none_or(|next| h.first_seq > next) {
             out.push(BatchOutcome::Gap { high_water: hw });
             continue;
         }
@@ -275,7 +276,8 @@ pub fn apply_device_batches(
             if r.seq <= hw {
                 continue;
             }
-            let age = h.sent_uptime_ms - r.uptime_ms;
+            // A record cannot be younger than its batch; a device that says so gets age 0.
+            let age = h.sent_uptime_ms.saturating_sub(r.uptime_ms);
             let time = utc_text(
                 b.received_at_ms
                     .saturating_sub(age.min(i64::MAX as u64) as i64),

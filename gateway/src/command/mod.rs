@@ -19,7 +19,8 @@
 //!   (use `SAVEPOINT` for partial rollback); the caller stores the applied log id in the same
 //!   transaction and commits;
 //! - it is deterministic: same database + same command = same bytes, on every replica. No
-//!   clocks, no randomness: the leader puts such values into the command before proposing;
+//!   clocks, no randomness: the leader puts such values into the command before proposing
+//!   (user SQL's "now" and `random()` come from the entry, see `db::sandbox`);
 //! - a failure that depends on the data (a SQL error, a constraint) is a *result*, returned in
 //!   the response and identical everywhere; only storage failures are `Err`.
 //!
@@ -27,6 +28,7 @@
 //! variant by its position. New variants go at the end.
 
 pub mod device;
+pub mod load;
 pub mod registry;
 pub mod rewrite;
 pub mod sql;
@@ -36,6 +38,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use self::device::{BatchOutcome, DeviceBatch};
+use self::load::LoadChunk;
 use self::registry::{RegistryCommand, RegistryOutcome};
 use self::sql::SqlCommand;
 use crate::db::sql::StatementResult;
@@ -50,6 +53,22 @@ pub enum Command {
     DeviceBatches(Vec<DeviceBatch>),
     /// Device registry and stream definitions ([`registry`]).
     DeviceRegistry(RegistryCommand),
+    /// SQL with the leader's clock when it proposed the entry (Unix ms): "now" for the
+    /// entry's SQL on every replica (see `db::sandbox`).
+    SqlAt { stamp_ms: i64, sql: SqlCommand },
+    /// One chunk of a `/db/load` ([`load`]); the last one swaps the load in.
+    LoadChunk(LoadChunk),
+}
+
+impl Command {
+    /// The leader's stamp SQL time functions see while this entry applies, if it has one.
+    pub fn stamp_ms(&self) -> Option<i64> {
+        match self {
+            Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
+            Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
+            Command::Sql(_) | Command::DeviceRegistry(_) | Command::LoadChunk(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for Command {
@@ -63,6 +82,20 @@ impl fmt::Display for Command {
             ),
             Command::DeviceBatches(b) => write!(f, "DeviceBatches({} batches)", b.len()),
             Command::DeviceRegistry(c) => write!(f, "DeviceRegistry({c})"),
+            Command::LoadChunk(c) => write!(
+                f,
+                "LoadChunk(load {}, {} bytes at {}{})",
+                c.load_id,
+                c.data.len(),
+                c.offset,
+                if c.last.is_some() { ", last" } else { "" }
+            ),
+            Command::SqlAt { stamp_ms, sql } => write!(
+                f,
+                "SqlAt({stamp_ms}, {} statements, transaction={})",
+                sql.statements.len(),
+                sql.transaction
+            ),
         }
     }
 }
@@ -80,9 +113,11 @@ pub enum CommandResponse {
     DeviceRegistry(RegistryOutcome),
 }
 
-/// What an apply function may use besides the connection: this replica's counters (they
-/// count, they never change what is applied).
+/// What an apply function may use besides the connection: the entry's log index (it seeds
+/// the entry's deterministic `random()`), and this replica's counters (they count, they never
+/// change what is applied).
 pub struct ApplyContext<'a> {
+    pub index: u64,
     pub metrics: &'a Metrics,
 }
 
@@ -92,13 +127,20 @@ pub fn apply(
     ctx: &ApplyContext<'_>,
     cmd: &Command,
 ) -> rusqlite::Result<CommandResponse> {
+    let _entry = crate::db::sandbox::enter_entry(ctx.index, cmd.stamp_ms());
     match cmd {
-        Command::Sql(sql) => sql::apply_sql(conn, sql).map(CommandResponse::Sql),
+        Command::Sql(sql) | Command::SqlAt { sql, .. } => {
+            sql::apply_sql(conn, sql).map(CommandResponse::Sql)
+        }
         Command::DeviceBatches(b) => {
             device::apply(conn, ctx.metrics, b).map(CommandResponse::DeviceBatches)
         }
         Command::DeviceRegistry(c) => {
             registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
         }
+        Command::LoadChunk(c) => load::apply_chunk(conn, c).map(|r| match r {
+            Some(result) => CommandResponse::Sql(vec![result]),
+            None => CommandResponse::Empty,
+        }),
     }
 }

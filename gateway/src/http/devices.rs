@@ -6,6 +6,11 @@
 //! | `POST /devices` | JSON `{"id": 7, "key": "<64 hex digits>"}` | JSON `{"device_id": 7, "replaced": false}` |
 //! | `GET /devices` | | JSON `{"devices": [{"device_id": 7, "high_water": 120}]}` |
 //! | `DELETE /devices/{device_id}` | | JSON `{"device_id": 7, "removed": true}` |
+//! | `POST /devices/{device_id}/reset` | JSON `{"seq": 0}` (optional, default 0) | JSON `{"device_id": 7, "previous": 120, "high_water": 0}` |
+//!
+//! A reset is a logged admin action (a Raft entry, and a warning in every replica's log); it is
+//! refused (400) while stored records of the device lie above the new high-water. It will need
+//! the `devices` permission once access control exists (issue 14).
 //!
 //! Errors are `{"error": "..."}` with the status [`status_of`] gives.
 
@@ -87,6 +92,52 @@ pub async fn remove(
         Ok(Served::Here(RegistryOutcome::Removed { existed })) => {
             Json(json!({"device_id": device_id, "removed": existed})).into_response()
         }
+        Ok(Served::Here(o)) => error(&Error::Storage(format!("{o:?}"))),
+        Ok(Served::There(resp)) => resp,
+        Err(e) => error(&e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResetDevice {
+    #[serde(default)]
+    seq: u64,
+}
+
+pub async fn reset(
+    State(n): State<Arc<Cluster>>,
+    Path(device_id): Path<u64>,
+    original: Original,
+) -> Response {
+    let req: ResetDevice = if original.body.is_empty() {
+        ResetDevice::default()
+    } else {
+        match serde_json::from_slice(&original.body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(&Error::BadRequest(format!(
+                    "expected {{\"seq\": N}} or no body: {e}"
+                )));
+            }
+        }
+    };
+    let cmd = RegistryCommand::ResetHighWater {
+        device_id,
+        seq: req.seq,
+    };
+    match registry_write(&n, &original, cmd).await {
+        Ok(Served::Here(RegistryOutcome::HighWaterReset { previous })) => {
+            tracing::warn!(
+                device_id,
+                previous,
+                seq = req.seq,
+                "device high-water reset"
+            );
+            Json(json!({"device_id": device_id, "previous": previous, "high_water": req.seq}))
+                .into_response()
+        }
+        Ok(Served::Here(RegistryOutcome::ResetRefused(why))) => error(&Error::BadRequest(why)),
         Ok(Served::Here(o)) => error(&Error::Storage(format!("{o:?}"))),
         Ok(Served::There(resp)) => resp,
         Err(e) => error(&e),

@@ -56,6 +56,7 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
         .route("/metrics", get(admin::metrics))
         .route("/devices", post(devices::add).get(devices::list))
         .route("/devices/{device_id}", delete(devices::remove))
+        .route("/devices/{device_id}/reset", post(devices::reset))
         .layer(DefaultBodyLimit::max(256 << 20))
         .with_state(cluster)
 }

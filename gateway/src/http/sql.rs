@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -155,23 +155,86 @@ pub async fn backup(
     }
 }
 
-/// Replaces the database with an uploaded SQLite file or SQL text, through Raft as one
-/// transaction (so every replica loads the same rows).
+/// Replaces the database with an uploaded SQLite file or SQL text (see `db::load`). On the
+/// leader the body streams to a file in the data dir (never whole in memory), cut off at
+/// `max_db_size_mib`; the file then reaches every replica in bounded chunks through the log.
+/// A follower forwards the request (its body within the API's 256 MiB limit).
 pub async fn load(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
-    req: Original,
+    req: Request,
 ) -> Response {
     let o = Opts::from(&q);
-    let results = match on_leader(&n, &req, o.redirect, || n.load(req.body.clone())).await {
+    let r = if n.is_leader() && !o.redirect {
+        match spool(&n, req.into_body()).await {
+            Ok(path) => n.load_file(path).await.map(Served::Here),
+            Err(e) => Err(e),
+        }
+    } else {
+        let original = match Original::from_request(req, &()).await {
+            Ok(o) => o,
+            Err(resp) => return resp,
+        };
+        on_leader(&n, &original, o.redirect, || async {
+            let path = upload_path(&n);
+            tokio::fs::write(&path, &original.body).await?;
+            n.load_file(path).await
+        })
+        .await
+    };
+    let results = match r {
         Ok(Served::Here(results)) => results,
         Ok(Served::There(resp)) => return resp,
         Err(e) => return error_response(&e, o.pretty),
     };
-    // Summarise instead of echoing one result per loaded row; report the first error.
+    // One summary result: the rows loaded, or the error.
     let summary = match results.iter().find(|r| r.error.is_some()) {
         Some(err) => json!({"results": [result_json(err, &o)]}),
-        None => json!({"results": [{"last_insert_id": 0, "rows_affected": results.len()}]}),
+        None => json!({"results": [{
+            "last_insert_id": 0,
+            "rows_affected": results.iter().map(|r| r.rows_affected).sum::<i64>(),
+        }]}),
     };
     json_response(StatusCode::OK, &summary, o.pretty)
+}
+
+fn upload_path(n: &Cluster) -> std::path::PathBuf {
+    n.scratch_dir()
+        .join(format!("upload-{}.tmp", rand::random::<u64>()))
+}
+
+/// Streams a request body to a new file in the data dir, refusing it beyond the node's
+/// largest load.
+async fn spool(n: &Cluster, body: Body) -> Result<std::path::PathBuf, Error> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let path = upload_path(n);
+    let max = n.max_load_bytes();
+    let r = async {
+        let mut file = tokio::fs::File::create(&path).await?;
+        let mut stream = body.into_data_stream();
+        let mut len = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| Error::BadRequest(format!("load: reading the body: {e}")))?;
+            len += chunk.len() as u64;
+            if len > max {
+                return Err(Error::BadRequest(format!(
+                    "load: the upload is larger than this node's max_db_size_mib ({} MiB)",
+                    max >> 20
+                )));
+            }
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    match r {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            Err(e)
+        }
+    }
 }

@@ -8,13 +8,15 @@
 //!   (`raft::proposer`); [`Cluster::execute`] adds the deterministic rewrite for SQL;
 //! - reads at each consistency level: [`Cluster::query`], [`Cluster::read`];
 //! - membership ([`membership`]): join, remove, hand over leadership;
-//! - the one client that reaches the leader ([`client`]).
+//! - the one client that reaches the leader ([`client`]);
+//! - stream definitions and dead-letter replays ([`streams`]).
 //!
 //! A call that needs the leader and is made on a follower answers [`Error::NotLeader`];
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
 pub mod client;
 pub mod membership;
+pub mod streams;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,6 +80,8 @@ pub struct Cluster {
     /// Where backups and loads may put scratch files (the data directory).
     scratch_dir: PathBuf,
     started: Instant,
+    /// This node's configured stream definitions (set by the composition root).
+    streams: streams::StreamsConfig,
 }
 
 /// The parts a [`Cluster`] is made of (the composition root builds them).
@@ -106,6 +110,7 @@ impl Cluster {
             log_stats: p.log_stats,
             scratch_dir: p.scratch_dir,
             started: Instant::now(),
+            streams: Default::default(),
         })
     }
 

@@ -4,7 +4,8 @@
 //!
 //! Every command kind is one variant of [`Command`] with its payload type and its apply
 //! function in a module of its own: [`sql`] for [`Command::Sql`], [`device`] for
-//! [`Command::DeviceBatches`], [`registry`] for [`Command::DeviceRegistry`]. [`apply`] is the
+//! [`Command::DeviceBatches`] (with [`dead_letter`] for the records that do not fit),
+//! [`registry`] for [`Command::DeviceRegistry`], [`streams`] for [`Command::Streams`]. [`apply`] is the
 //! only place that dispatches on the variant. To add a command:
 //!
 //! 1. put the payload type and `fn apply_xxx(conn: &Connection, ctx: &ApplyContext, cmd: &Xxx)
@@ -26,10 +27,12 @@
 //! Variants are never renumbered or removed: entries are postcard-encoded, which identifies a
 //! variant by its position. New variants go at the end.
 
+pub mod dead_letter;
 pub mod device;
 pub mod registry;
 pub mod rewrite;
 pub mod sql;
+pub mod streams;
 
 use std::fmt;
 
@@ -38,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use self::device::{BatchOutcome, DeviceBatch};
 use self::registry::{RegistryCommand, RegistryOutcome};
 use self::sql::SqlCommand;
+use self::streams::{StreamsCommand, StreamsOutcome};
 use crate::db::sql::StatementResult;
 use crate::metrics::Metrics;
 
@@ -50,6 +54,8 @@ pub enum Command {
     DeviceBatches(Vec<DeviceBatch>),
     /// Device registry and stream definitions ([`registry`]).
     DeviceRegistry(RegistryCommand),
+    /// Stream definitions with `on_mismatch`, and dead-letter replays ([`streams`]).
+    Streams(StreamsCommand),
 }
 
 impl fmt::Display for Command {
@@ -63,6 +69,7 @@ impl fmt::Display for Command {
             ),
             Command::DeviceBatches(b) => write!(f, "DeviceBatches({} batches)", b.len()),
             Command::DeviceRegistry(c) => write!(f, "DeviceRegistry({c})"),
+            Command::Streams(c) => write!(f, "Streams({c})"),
         }
     }
 }
@@ -78,6 +85,7 @@ pub enum CommandResponse {
     /// One outcome per device batch, in order.
     DeviceBatches(Vec<BatchOutcome>),
     DeviceRegistry(RegistryOutcome),
+    Streams(StreamsOutcome),
 }
 
 /// What an apply function may use besides the connection: this replica's counters (they
@@ -100,5 +108,6 @@ pub fn apply(
         Command::DeviceRegistry(c) => {
             registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
         }
+        Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
     }
 }

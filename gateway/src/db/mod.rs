@@ -6,9 +6,11 @@
 //! - [`sql`]: rqlite-shaped statements and results, run on a connection.
 //! - [`lex`]: a small SQL lexer (transaction control, the deterministic rewrite).
 //! - [`schema`]: the `[[stream]]` tables device records land in.
+//! - [`dead_letter`]: records that do not fit their stream, kept with the reason.
 //! - [`registry`]: registered devices, their keys and high-water seqs.
 //! - [`load`]: turning an uploaded database or SQL dump into statements (`/db/load`).
 
+pub mod dead_letter;
 pub mod lex;
 pub mod load;
 pub mod registry;
@@ -35,6 +37,8 @@ pub mod tables {
     pub const STREAMS: &str = "_cairn_streams";
     /// Records of streams without a definition.
     pub const TELEMETRY: &str = "telemetry";
+    /// Records that did not fit their stream's declared columns (`db::dead_letter`).
+    pub const DEAD_LETTER: &str = "dead_letter";
 }
 
 /// Readers kept open for reuse.

@@ -105,7 +105,7 @@ impl Rejects {
 pub const DEAD_LETTER_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Records written to `dead_letter` on this replica, per device and stream, and when each
-/// pair's warning was last logged.
+/// pair's misfit warning (dead-lettered or refused) was last logged.
 #[derive(Default)]
 pub struct DeadLetterCounts {
     by_pair: Mutex<BTreeMap<(u64, u16), DeadLetterPair>>,
@@ -118,16 +118,16 @@ struct DeadLetterPair {
 }
 
 impl DeadLetterCounts {
-    /// Counts one record of `device_id` on `stream`. `Some(n)` when its warning is due now,
-    /// `n` being the records of the pair not logged since the previous one.
-    pub fn count(&self, device_id: u64, stream: u16) -> Option<u64> {
+    /// Notes one misfit of `device_id` on `stream`, counted if `dead_lettered`. `Some(n)` when
+    /// its warning is due now, `n` being the misfits of the pair not logged since the last.
+    pub fn count(&self, device_id: u64, stream: u16, dead_lettered: bool) -> Option<u64> {
         let mut m = self.by_pair.lock().unwrap_or_else(|p| p.into_inner());
         let p = m.entry((device_id, stream)).or_insert(DeadLetterPair {
             count: 0,
             last_warned: None,
             unlogged: 0,
         });
-        p.count += 1;
+        p.count += u64::from(dead_lettered);
         let now = Instant::now();
         if p.last_warned
             .is_some_and(|t| now.duration_since(t) < DEAD_LETTER_WARN_EVERY)
@@ -142,7 +142,10 @@ impl DeadLetterCounts {
     /// `(device_id, stream, records)` in key order.
     pub fn counts(&self) -> Vec<(u64, u16, u64)> {
         let m = self.by_pair.lock().unwrap_or_else(|p| p.into_inner());
-        m.iter().map(|(&(d, s), p)| (d, s, p.count)).collect()
+        m.iter()
+            .filter(|(_, p)| p.count > 0)
+            .map(|(&(d, s), p)| (d, s, p.count))
+            .collect()
     }
 
     fn to_json(&self) -> serde_json::Value {
@@ -352,13 +355,18 @@ mod tests {
     #[test]
     fn test_dead_letter_warning_rate_limited_per_pair() {
         let d = DeadLetterCounts::default();
-        assert_eq!(d.count(7, 1), Some(0));
-        assert_eq!(d.count(7, 1), None);
-        assert_eq!(d.count(7, 1), None);
-        assert_eq!(d.count(7, 2), Some(0), "another stream warns on its own");
+        assert_eq!(d.count(7, 1, true), Some(0));
+        assert_eq!(d.count(7, 1, true), None);
+        assert_eq!(d.count(7, 1, false), None);
+        assert_eq!(d.count(7, 1, true), None);
+        assert_eq!(
+            d.count(7, 2, true),
+            Some(0),
+            "another stream warns on its own"
+        );
         assert_eq!(d.counts(), vec![(7, 1, 3), (7, 2, 1)]);
         let m = Metrics::default();
-        m.dead_letters.count(7, 1);
+        m.dead_letters.count(7, 1, true);
         assert!(m.ingress_prometheus(1).contains(
             "cairn_ingress_dead_lettered_total{node_id=\"1\",device_id=\"7\",stream=\"1\"} 1"
         ));

@@ -45,13 +45,39 @@ pub fn placements(schema: &Schema, view: &BatchView<'_>) -> Option<Vec<Placement
         .collect()
 }
 
-/// One record written to `dead_letter`, for this replica's counters and log.
+/// A record that did not fit its stream, for this replica's counters and log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLettered {
+pub struct Misfit {
     pub device_id: u64,
     pub stream: u16,
     pub seq: u64,
     pub reason: String,
+    /// Written to `dead_letter` (else its batch was refused with `SchemaMismatch`).
+    pub dead_lettered: bool,
+}
+
+/// The first record of `b` that makes [`placements`] refuse it, with the reason.
+pub fn refusal(schema: &Schema, b: &DeviceBatch, view: &BatchView<'_>) -> Option<Misfit> {
+    view.records().find_map(|r| {
+        let r = r.ok()?;
+        let reason = match schema.stream(r.stream) {
+            Some(def) if def.on_mismatch == OnMismatch::Reject && !table::fits(def, &r) => {
+                table::reason(def, &r)
+            }
+            None if schema.undeclared == Undeclared::Reject => format!(
+                "stream {} is not declared and undeclared_streams = \"reject\"",
+                r.stream
+            ),
+            _ => return None,
+        };
+        Some(Misfit {
+            device_id: b.device_id,
+            stream: r.stream,
+            seq: r.seq,
+            reason,
+            dead_lettered: false,
+        })
+    })
 }
 
 /// The `dead_letter` insert, prepared at the first dead-lettered record of an entry.
@@ -74,7 +100,7 @@ impl<'c> DeadLetters<'c> {
         h: &BatchHeader,
         r: &RecordView<'_>,
         time: &str,
-    ) -> rusqlite::Result<DeadLettered> {
+    ) -> rusqlite::Result<Misfit> {
         let reason = schema
             .stream(r.stream)
             .map(|def| table::reason(def, r))
@@ -97,11 +123,12 @@ impl<'c> DeadLetters<'c> {
             values_json(r.values()),
             record,
         ])?;
-        Ok(DeadLettered {
+        Ok(Misfit {
             device_id: b.device_id,
             stream: r.stream,
             seq: r.seq,
             reason,
+            dead_lettered: true,
         })
     }
 }
@@ -185,17 +212,23 @@ fn move_one(
 
 /// Counts dead-lettered records on this replica and logs a warning per device and stream, at
 /// most one every [`crate::metrics::DEAD_LETTER_WARN_EVERY`] (with how many were not logged).
-pub fn report(m: &Metrics, events: &[DeadLettered]) {
-    for e in events {
-        if let Some(unlogged) = m.dead_letters.count(e.device_id, e.stream) {
-            tracing::warn!(
-                device_id = e.device_id,
-                stream = e.stream,
-                seq = e.seq,
-                unlogged,
-                "record does not fit its stream, stored in dead_letter: {}",
-                e.reason
-            );
-        }
+pub fn report(m: &Metrics, misfits: &[Misfit]) {
+    for e in misfits {
+        let Some(unlogged) = m.dead_letters.count(e.device_id, e.stream, e.dead_lettered) else {
+            continue;
+        };
+        let what = if e.dead_lettered {
+            "stored in dead_letter"
+        } else {
+            "batch refused with SchemaMismatch"
+        };
+        tracing::warn!(
+            device_id = e.device_id,
+            stream = e.stream,
+            seq = e.seq,
+            unlogged,
+            "record does not fit its stream, {what}: {}",
+            e.reason
+        );
     }
 }

@@ -106,7 +106,8 @@ pub enum BatchOutcome {
 pub struct ApplyStats {
     pub batches: u64,
     pub records: u64,
-    pub dead_lettered: Vec<dead_letter::DeadLettered>,
+    /// Records that did not fit (dead-lettered, or the first of a refused batch).
+    pub misfits: Vec<dead_letter::Misfit>,
 }
 
 /// The text of a record's `time`: taken at device uptime `r.uptime_ms`, in a batch sealed at
@@ -228,7 +229,7 @@ pub fn apply(
     use std::sync::atomic::Ordering::Relaxed;
     let mut stats = ApplyStats::default();
     let out = apply_device_batches(conn, batches, &mut stats)?;
-    dead_letter::report(m, &stats.dead_lettered);
+    dead_letter::report(m, &stats.misfits);
     m.batches_applied.fetch_add(stats.batches, Relaxed);
     m.records_applied.fetch_add(stats.records, Relaxed);
     let dups = out
@@ -276,6 +277,9 @@ pub fn apply_device_batches(
             continue;
         }
         let Some(placements) = dead_letter::placements(&inserts.schema, &view) else {
+            stats
+                .misfits
+                .extend(dead_letter::refusal(&inserts.schema, b, &view));
             out.push(BatchOutcome::SchemaMismatch);
             continue;
         };
@@ -291,7 +295,7 @@ pub fn apply_device_batches(
                 Placement::DeadLetter => {
                     let time = record_time(b.received_at_ms, &h, &r);
                     let event = dead.insert(&inserts.schema, b, &h, &r, &time)?;
-                    stats.dead_lettered.push(event);
+                    stats.misfits.push(event);
                 }
             }
             stats.records += 1;

@@ -206,8 +206,9 @@ mod tests {
                 BatchOutcome::Duplicate { through_seq: 5 }
             ]
         );
-        assert_eq!(stats.dead_lettered.len(), 1);
-        assert_eq!(stats.dead_lettered[0].seq, 3);
+        assert_eq!(stats.misfits.len(), 1);
+        assert_eq!(stats.misfits[0].seq, 3);
+        assert!(stats.misfits[0].dead_lettered);
         assert_eq!(
             rows(&conn, "SELECT device_id, seq FROM readings ORDER BY seq"),
             vec![(7, 1), (7, 5)]
@@ -303,6 +304,14 @@ mod tests {
             out,
             vec![BatchOutcome::SchemaMismatch, BatchOutcome::SchemaMismatch]
         );
+        // Both logged, neither stored.
+        let refused: Vec<_> = stats
+            .misfits
+            .iter()
+            .map(|m| (m.device_id, m.seq, m.dead_lettered))
+            .collect();
+        assert_eq!(refused, vec![(7, 2, false), (8, 1, false)]);
+        assert!(stats.misfits[0].reason.contains("received (f32)"));
         assert_eq!(rows(&conn, "SELECT device_id, seq FROM readings"), vec![]);
         assert_eq!(
             rows(&conn, "SELECT device_id, seq FROM dead_letter"),

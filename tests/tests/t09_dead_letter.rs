@@ -20,42 +20,35 @@ use cairn_tests::device::{hex, key_of, read_frame};
 use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, get, poll, post};
 use serde_json::{Value as Json, json};
 
-const CONFIG: &str = r#"
+/// Streams 1 (`readings`, with `stream1` as its columns), 2 and 3 (`on_mismatch = "reject"`).
+fn config(stream1: &str) -> String {
+    format!(
+        r#"
 [[stream]]
 id = 1
 table = "readings"
-columns = [{ name = "k", type = "integer" }, { name = "temperature", type = "real" }]
+columns = {stream1}
 
 [[stream]]
 id = 2
 table = "power"
-columns = [{ name = "watts", type = "real" }]
+columns = [{{ name = "watts", type = "real" }}]
 
 [[stream]]
 id = 3
 table = "strict"
-columns = [{ name = "v", type = "integer" }]
+columns = [{{ name = "v", type = "integer" }}]
 on_mismatch = "reject"
-"#;
+"#
+    )
+}
+
+/// Stream 1 as first declared.
+const K_TEMPERATURE: &str =
+    r#"[{ name = "k", type = "integer" }, { name = "temperature", type = "real" }]"#;
 
 /// Stream 1 after a firmware update that sends three reals: the fix.
-const FIXED: &str = r#"
-[[stream]]
-id = 1
-table = "readings"
-columns = [{ name = "temperature", type = "real" }, { name = "humidity", type = "real" }, { name = "pressure", type = "real" }]
-
-[[stream]]
-id = 2
-table = "power"
-columns = [{ name = "watts", type = "real" }]
-
-[[stream]]
-id = 3
-table = "strict"
-columns = [{ name = "v", type = "integer" }]
-on_mismatch = "reject"
-"#;
+const THREE_REALS: &str = r#"[{ name = "temperature", type = "real" }, { name = "humidity", type = "real" }, { name = "pressure", type = "real" }]"#;
 
 const DEVICE: u64 = 7;
 const STRICT_DEVICE: u64 = 8;
@@ -68,7 +61,10 @@ const PER_BATCH: u64 = 3;
 /// (watts), and seq [`BAD`] three reals on stream 1 (what the firmware README pushes).
 fn record(seq: u64) -> (u16, Vec<Value<'static>>) {
     if seq == BAD {
-        (1, vec![Value::F32(21.5), Value::F32(48.0), Value::F32(1013.0)])
+        (
+            1,
+            vec![Value::F32(21.5), Value::F32(48.0), Value::F32(1013.0)],
+        )
     } else if seq % 2 == 1 {
         (1, vec![Value::U64(seq), Value::F32(20.0)])
     } else {
@@ -85,7 +81,9 @@ struct Conn {
 /// Hello, Welcome; `None` if the node refuses or cannot be reached.
 fn connect(session: &mut DeviceSession, id: u64, addr: &str) -> Option<Conn> {
     let mut stream = TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     let mut out = [0u8; MAX_FRAME];
     let n = session
         .encode(&Message::Hello(session.hello(id, 1, 16)), &mut out)
@@ -141,7 +139,10 @@ fn answer(session: &mut DeviceSession, conn: &mut Conn) -> Option<Result<u64, Er
             Message::Ping(p) => {
                 let mut out = [0u8; MAX_FRAME];
                 let n = session
-                    .encode(&Message::Pong(cairn_protocol::Pong { nonce: p.nonce }), &mut out)
+                    .encode(
+                        &Message::Pong(cairn_protocol::Pong { nonce: p.nonce }),
+                        &mut out,
+                    )
                     .ok()?;
                 conn.stream.write_all(&out[..n]).ok()?;
             }
@@ -181,7 +182,7 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
     let mut c = Cluster::start_with(
         3,
         Options {
-            config: Some(CONFIG.into()),
+            config: Some(config(K_TEMPERATURE)),
             ..Options::default()
         },
     );
@@ -210,7 +211,13 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
     assert_eq!(conn.high_water, 0);
     assert!(send(&mut session, &mut conn, 1, PER_BATCH, &record));
     assert_eq!(answer(&mut session, &mut conn), Some(Ok(PER_BATCH)));
-    assert!(send(&mut session, &mut conn, PER_BATCH + 1, 2 * PER_BATCH, &record));
+    assert!(send(
+        &mut session,
+        &mut conn,
+        PER_BATCH + 1,
+        2 * PER_BATCH,
+        &record
+    ));
     let old = c.nodes[l].id;
     c.kill9(l);
     drop(conn);
@@ -276,7 +283,11 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
             "node {id}: only the good strict record"
         );
         assert_eq!(
-            col(&c, i, "SELECT count(*) FROM dead_letter WHERE device_id = 8"),
+            col(
+                &c,
+                i,
+                "SELECT count(*) FROM dead_letter WHERE device_id = 8"
+            ),
             [0]
         );
     }
@@ -320,7 +331,7 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
 
     // Fixed config: a follower reloads it on SIGHUP and the leader applies it; the nodes
     // that have not reloaded yet warn that theirs differs.
-    std::fs::write(c.dir().join("cairn.toml"), FIXED).unwrap();
+    std::fs::write(c.dir().join("cairn.toml"), config(THREE_REALS)).unwrap();
     let leader = c.leader();
     let f = c.followers()[0];
     // SAFETY: plain kill(2) on a child the harness owns.
@@ -329,15 +340,23 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
         let s = get(&c.nodes[leader].url("/streams")).body;
         (s["replicated"]["streams"][0]["columns"].as_array()?.len() == 3).then_some(())
     });
-    poll(TIMEOUT, "the leader to warn that its config differs", || {
-        c.nodes[leader]
-            .log()
-            .contains("differs from the replicated stream definitions")
-            .then_some(())
-    });
+    poll(
+        TIMEOUT,
+        "the leader to warn that its config differs",
+        || {
+            c.nodes[leader]
+                .log()
+                .contains("differs from the replicated stream definitions")
+                .then_some(())
+        },
+    );
     for i in 0..c.nodes.len() {
         let r = post(&c.nodes[i].url("/streams/reload"), &json!({}));
-        assert_eq!(r.status, 200, "reload on node {}: {:?}", c.nodes[i].id, r.body);
+        assert_eq!(
+            r.status, 200,
+            "reload on node {}: {:?}",
+            c.nodes[i].id, r.body
+        );
         assert_eq!(r.body["streams"], 3);
     }
 
@@ -360,7 +379,10 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
     let out = replay(&host, Some(STRICT_DEVICE));
     assert!(out.contains("0 row(s) moved"), "{out}");
     let out = replay(&host, None);
-    assert!(out.contains("1 row(s) moved from dead_letter, 0 still"), "{out}");
+    assert!(
+        out.contains("1 row(s) moved from dead_letter, 0 still"),
+        "{out}"
+    );
     let out = replay(&host, None);
     assert!(out.contains("0 row(s) moved"), "{out}");
     c.assert_identical();

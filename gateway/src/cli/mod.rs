@@ -449,3 +449,39 @@ pub fn restore(host: &str, file: &Path) -> anyhow::Result<()> {
     println!("restored {}: {text}", file.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::schema::{Schema, Undeclared};
+
+    /// The built-in streams keep the simulated devices off stream 1, which the firmware
+    /// README's example declares as three reals; what `cairn dev` prints names both.
+    #[test]
+    fn test_dev_streams_and_their_description() {
+        let schema = Schema {
+            streams: dev_streams(),
+            undeclared: Undeclared::Telemetry,
+        };
+        schema.validate().unwrap();
+        assert_ne!(DEV_FLEET_STREAM, 1);
+        assert_eq!(schema.stream(1).unwrap().columns.len(), 3);
+        let text = describe_streams(&schema, None);
+        assert!(
+            text.contains(
+                "stream 1     -> climate (temperature real, humidity real, pressure real)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("on stream 2: table readings"), "{text}");
+        let only_telemetry = Schema {
+            streams: vec![],
+            undeclared: Undeclared::Reject,
+        };
+        let text = describe_streams(&only_telemetry, Some(Path::new("my.toml")));
+        assert!(
+            text.contains("(from my.toml)") && text.contains("nowhere"),
+            "{text}"
+        );
+    }
+}

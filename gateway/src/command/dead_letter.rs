@@ -91,6 +91,51 @@ impl<'c> DeadLetters<'c> {
         DeadLetters { conn, insert: None }
     }
 
+    /// Before any record of batch `b` is written: if some go to `dead_letter` (per
+    /// `places`) and the table cannot take them (a user table of that name with other
+    /// columns), the batch is refused with `SchemaMismatch` instead (nothing written, the
+    /// device keeps it) and this says why. The same on every replica: it depends on the
+    /// database only (an SQLite error of the plain "SQL error" kind; storage failures stay
+    /// errors).
+    pub fn refuse_if_unusable(
+        &mut self,
+        b: &DeviceBatch,
+        view: &BatchView<'_>,
+        places: &[Placement],
+    ) -> rusqlite::Result<Option<Misfit>> {
+        if self.insert.is_some() || !places.contains(&Placement::DeadLetter) {
+            return Ok(None);
+        }
+        table::create_table(self.conn)?;
+        let why = match self.conn.prepare_cached(&table::insert_sql()) {
+            Ok(stmt) => {
+                self.insert = Some(stmt);
+                return Ok(None);
+            }
+            Err(rusqlite::Error::SqliteFailure(e, msg))
+                if e.code == rusqlite::ErrorCode::Unknown =>
+            {
+                msg.unwrap_or_default()
+            }
+            Err(e) => return Err(e),
+        };
+        let r = view
+            .records()
+            .zip(places)
+            .find_map(|(r, p)| (*p == Placement::DeadLetter).then_some(r.ok()?))
+            .expect("a dead-lettered record");
+        Ok(Some(Misfit {
+            device_id: b.device_id,
+            stream: r.stream,
+            seq: r.seq,
+            reason: format!(
+                "table {} cannot take it: {why}",
+                crate::db::tables::DEAD_LETTER
+            ),
+            dead_lettered: false,
+        }))
+    }
+
     /// Writes record `r` of batch `b` (header `h`, stamped `time`) to `dead_letter` with the
     /// reason it does not fit its stream in `schema`.
     pub fn insert(

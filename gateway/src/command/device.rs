@@ -283,6 +283,11 @@ pub fn apply_device_batches(
             out.push(BatchOutcome::SchemaMismatch);
             continue;
         };
+        if let Some(refused) = dead.refuse_if_unusable(b, &view, &placements)? {
+            stats.misfits.push(refused);
+            out.push(BatchOutcome::SchemaMismatch);
+            continue;
+        }
         for (r, place) in view.records().zip(placements) {
             let r = r.map_err(|_| rusqlite::Error::InvalidQuery)?;
             if r.seq <= hw {

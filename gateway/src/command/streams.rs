@@ -320,6 +320,31 @@ mod tests {
         assert_eq!(crate::db::registry::high_water(&conn, 7).unwrap(), 0);
     }
 
+    /// A user table named `dead_letter` that cannot take the rows: the batch is refused as
+    /// before (nothing lost, the device keeps it), not a failed apply.
+    #[test]
+    fn test_unusable_dead_letter_table_refuses_the_batch() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE dead_letter (note TEXT)")
+            .unwrap();
+        define(&conn, readings(OnMismatch::DeadLetter, K_TEMP));
+        let bad: &[Value<'_>] = &[Value::F32(20.0)];
+        let mut stats = ApplyStats::default();
+        let out = apply_device_batches(
+            &conn,
+            &[crate::command::device::tests::batch(7, 1, &[(1, bad)])],
+            &mut stats,
+        )
+        .unwrap();
+        assert_eq!(out, vec![BatchOutcome::SchemaMismatch]);
+        assert!(
+            stats.misfits[0].reason.contains("cannot take it"),
+            "{:?}",
+            stats.misfits
+        );
+        assert_eq!(crate::db::registry::high_water(&conn, 7).unwrap(), 0);
+    }
+
     /// An entry written by an earlier release (`DefineStreams` without `on_mismatch`) still
     /// decodes, and its streams still refuse what does not fit, as they did then; so do
     /// definitions stored in `_cairn_streams` by that release.

@@ -225,6 +225,7 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
     // The outbox: resend from the high-water each Welcome names, until all is acknowledged.
     let mut acked = PER_BATCH;
     let mut rounds = 0;
+    let mut first_welcome = None;
     poll(TIMEOUT, "every record of device 7 acknowledged", || {
         rounds += 1;
         let i = (0..c.nodes.len()).filter(|&i| i != l).nth(rounds % 2)?;
@@ -235,6 +236,7 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
             conn.high_water
         );
         acked = conn.high_water;
+        first_welcome.get_or_insert(acked);
         while acked < LAST {
             let last = (acked + PER_BATCH).min(LAST);
             if !send(&mut session, &mut conn, acked + 1, last, &record) {
@@ -254,8 +256,14 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
     assert_eq!(acked, LAST);
     let new_leader = c.wait_for_new_leader(old);
     println!(
-        "all {LAST} records acknowledged after {rounds} connection(s); new leader node {}",
-        c.nodes[new_leader].id
+        "all {LAST} records acknowledged after {rounds} connection(s); new leader node {}; \
+         the batch with the bad record was {} before the kill",
+        c.nodes[new_leader].id,
+        if first_welcome >= Some(2 * PER_BATCH) {
+            "committed"
+        } else {
+            "not committed (sent again)"
+        }
     );
     c.restart(l);
     c.assert_identical();

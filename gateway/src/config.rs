@@ -25,6 +25,18 @@
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
 //! undeclared_streams = "telemetry"   # or "reject"; see `db/schema.rs` for [[stream]] tables
+//! # security (see `security/mod.rs`); names as rqlite's flags
+//! auth = "/etc/cairn/auth.json"      # rqlite's users/passwords/perms file
+//! http_cert = "/etc/cairn/tls/gw1.crt"
+//! http_key = "/etc/cairn/tls/gw1.key"
+//! http_ca_cert = "/etc/cairn/tls/ca.crt"   # CA of client certificates
+//! http_verify_client = false
+//! node_cert = "/etc/cairn/tls/gw1.crt"
+//! node_key = "/etc/cairn/tls/gw1.key"
+//! node_ca_cert = "/etc/cairn/tls/ca.crt"   # the cluster CA
+//! node_verify_client = true
+//! join_as = "joiner"                 # user of `auth` whose password a join sends
+//! insecure = false                   # listen beyond loopback without auth / node TLS
 //!
 //! [[stream]]
 //! id = 1
@@ -76,6 +88,20 @@ pub struct NodeConfig {
     /// `POST /streams/reload`) reads its `[[stream]]` tables again. Not a key.
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
+    /// rqlite's auth file (users, passwords, permissions); without it the HTTP API is open.
+    pub auth: Option<PathBuf>,
+    pub http_cert: Option<PathBuf>,
+    pub http_key: Option<PathBuf>,
+    pub http_ca_cert: Option<PathBuf>,
+    pub http_verify_client: bool,
+    pub node_cert: Option<PathBuf>,
+    pub node_key: Option<PathBuf>,
+    pub node_ca_cert: Option<PathBuf>,
+    pub node_verify_client: bool,
+    /// The user (of `auth`) a join authenticates as.
+    pub join_as: Option<String>,
+    /// Listen beyond loopback without auth or node TLS (logged as a warning at every start).
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -114,6 +140,17 @@ impl Default for NodeConfig {
             stream: Vec::new(),
             undeclared_streams: crate::db::schema::Undeclared::Telemetry,
             config_file: None,
+            auth: None,
+            http_cert: None,
+            http_key: None,
+            http_ca_cert: None,
+            http_verify_client: false,
+            node_cert: None,
+            node_key: None,
+            node_ca_cert: None,
+            node_verify_client: false,
+            join_as: None,
+            insecure: false,
         }
     }
 }
@@ -179,6 +216,39 @@ pub struct NodeArgs {
     /// MiB of recent Raft entries kept in memory for replication and apply (default 64).
     #[arg(long)]
     pub log_cache_mib: Option<usize>,
+    /// rqlite's auth file: JSON list of {"username", "password", "perms"}; "*" is anonymous.
+    #[arg(long)]
+    pub auth: Option<PathBuf>,
+    /// HTTPS for the API: certificate (PEM; reloaded when the file changes).
+    #[arg(long)]
+    pub http_cert: Option<PathBuf>,
+    /// HTTPS for the API: private key (PEM).
+    #[arg(long)]
+    pub http_key: Option<PathBuf>,
+    /// CA of HTTP client certificates.
+    #[arg(long)]
+    pub http_ca_cert: Option<PathBuf>,
+    /// Require HTTP clients to present a certificate of --http-ca-cert.
+    #[arg(long)]
+    pub http_verify_client: bool,
+    /// Node-to-node TLS: this node's certificate (PEM; `cairn certs issue`).
+    #[arg(long)]
+    pub node_cert: Option<PathBuf>,
+    /// Node-to-node TLS: this node's private key (PEM).
+    #[arg(long)]
+    pub node_key: Option<PathBuf>,
+    /// Node-to-node TLS: the cluster CA (`cairn certs init`).
+    #[arg(long)]
+    pub node_ca_cert: Option<PathBuf>,
+    /// Require peers to present a certificate of the cluster CA on the Raft port.
+    #[arg(long)]
+    pub node_verify_client: bool,
+    /// Join as this user of the --auth file (its password is sent with the join).
+    #[arg(long)]
+    pub join_as: Option<String>,
+    /// Allow listening beyond loopback without --auth or node TLS.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl NodeConfig {
@@ -238,6 +308,22 @@ impl NodeConfig {
         if args.non_voter {
             c.non_voter = true;
         }
+        macro_rules! some {
+            ($($f:ident),*) => {$( if args.$f.is_some() { c.$f = args.$f.clone(); } )*};
+        }
+        some!(
+            auth,
+            http_cert,
+            http_key,
+            http_ca_cert,
+            node_cert,
+            node_key,
+            node_ca_cert,
+            join_as
+        );
+        c.http_verify_client |= args.http_verify_client;
+        c.node_verify_client |= args.node_verify_client;
+        c.insecure |= args.insecure;
         c.validate()?;
         Ok(c)
     }
@@ -256,7 +342,57 @@ impl NodeConfig {
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;
+        let node_tls = self.node_tls()?;
+        self.http_tls()?;
+        crate::security::check_exposure(&crate::security::Exposure {
+            http_addr: &self.http_addr,
+            raft_addr: &self.raft_addr,
+            auth: self.auth.is_some(),
+            node_mtls: node_tls.is_some_and(|t| t.verify_client),
+            insecure: self.insecure,
+        })
+        .map_err(anyhow::Error::msg)?;
         Ok(())
+    }
+
+    /// HTTPS settings of the API, if `http_cert` and `http_key` are set.
+    pub fn http_tls(&self) -> anyhow::Result<Option<crate::security::tls::HttpTls>> {
+        match (&self.http_cert, &self.http_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::security::tls::HttpTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca_cert: self.http_ca_cert.clone(),
+                verify_client: self.http_verify_client,
+            })),
+            (None, None) => {
+                anyhow::ensure!(
+                    self.http_ca_cert.is_none() && !self.http_verify_client,
+                    "http_ca_cert / http_verify_client need http_cert and http_key"
+                );
+                Ok(None)
+            }
+            _ => anyhow::bail!("http_cert and http_key go together"),
+        }
+    }
+
+    /// Node-to-node TLS settings, if `node_cert`, `node_key` and `node_ca_cert` are set.
+    pub fn node_tls(&self) -> anyhow::Result<Option<crate::security::tls::NodeTls>> {
+        match (&self.node_cert, &self.node_key, &self.node_ca_cert) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::security::tls::NodeTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca_cert: ca.clone(),
+                verify_client: self.node_verify_client,
+            })),
+            (None, None, None) => {
+                anyhow::ensure!(
+                    !self.node_verify_client,
+                    "node_verify_client needs node_cert, node_key and node_ca_cert"
+                );
+                Ok(None)
+            }
+            _ => anyhow::bail!("node_cert, node_key and node_ca_cert go together"),
+        }
     }
 
     /// The device stream mapping these settings declare.
@@ -310,7 +446,7 @@ mod tests {
         let p = dir.path().join("cairn.toml");
         std::fs::write(
             &p,
-            "node_id = 7\nhttp_addr = \"0.0.0.0:5001\"\nheartbeat_ms = 20\n",
+            "node_id = 7\nhttp_addr = \"0.0.0.0:5001\"\nheartbeat_ms = 20\ninsecure = true\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -328,6 +464,94 @@ mod tests {
         assert_eq!(c.raft_addr, "127.0.0.1:4002");
         assert!(c.bootstrap);
         c.raft_config().unwrap();
+    }
+
+    #[test]
+    fn test_security_keys_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cairn.toml");
+        std::fs::write(
+            &p,
+            "http_addr = \"0.0.0.0:4001\"\nauth = \"/etc/cairn/auth.json\"\n\
+             node_cert = \"n.crt\"\nnode_key = \"n.key\"\nnode_ca_cert = \"ca.crt\"\n\
+             node_verify_client = true\njoin_as = \"joiner\"\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["x", "--config", p.to_str().unwrap()]);
+        let c = NodeConfig::resolve(&cli.node).unwrap();
+        assert_eq!(c.auth.as_deref(), Some(Path::new("/etc/cairn/auth.json")));
+        assert_eq!(c.join_as.as_deref(), Some("joiner"));
+        let t = c.node_tls().unwrap().unwrap();
+        assert!(t.verify_client);
+        assert_eq!(t.ca_cert, Path::new("ca.crt"));
+        assert_eq!(c.http_tls().unwrap(), None);
+
+        let cli = Cli::parse_from([
+            "x",
+            "--http-addr",
+            "0.0.0.0:4001",
+            "--raft-addr",
+            "0.0.0.0:4002",
+            "--auth",
+            "a.json",
+            "--http-cert",
+            "h.crt",
+            "--http-key",
+            "h.key",
+            "--http-ca-cert",
+            "ca.crt",
+            "--http-verify-client",
+            "--node-cert",
+            "n.crt",
+            "--node-key",
+            "n.key",
+            "--node-ca-cert",
+            "ca.crt",
+            "--node-verify-client",
+            "--join-as",
+            "j",
+        ]);
+        let c = NodeConfig::resolve(&cli.node).unwrap();
+        let h = c.http_tls().unwrap().unwrap();
+        assert!(h.verify_client);
+        assert_eq!(h.ca_cert.as_deref(), Some(Path::new("ca.crt")));
+    }
+
+    #[test]
+    fn test_secure_by_default_refusal() {
+        let cli = Cli::parse_from(["x", "--http-addr", "0.0.0.0:4001"]);
+        let e = NodeConfig::resolve(&cli.node).unwrap_err().to_string();
+        assert!(e.contains("--auth FILE") && e.contains("--insecure"), "{e}");
+        let cli = Cli::parse_from(["x", "--http-addr", "0.0.0.0:4001", "--insecure"]);
+        assert!(NodeConfig::resolve(&cli.node).unwrap().insecure);
+        // Node TLS without client verification is not mutual: still refused beyond loopback.
+        let cli = Cli::parse_from([
+            "x",
+            "--raft-addr",
+            "10.0.0.5:4002",
+            "--node-cert",
+            "n.crt",
+            "--node-key",
+            "n.key",
+            "--node-ca-cert",
+            "ca.crt",
+        ]);
+        let e = NodeConfig::resolve(&cli.node).unwrap_err().to_string();
+        assert!(e.contains("--node-verify-client"), "{e}");
+    }
+
+    #[test]
+    fn test_tls_files_go_together() {
+        for flags in [
+            &["--http-cert", "h.crt"][..],
+            &["--http-ca-cert", "ca.crt"],
+            &["--http-verify-client"],
+            &["--node-cert", "n.crt", "--node-key", "n.key"],
+            &["--node-verify-client"],
+        ] {
+            let cli = Cli::parse_from(std::iter::once("x").chain(flags.iter().copied()));
+            assert!(NodeConfig::resolve(&cli.node).is_err(), "{flags:?}");
+        }
     }
 
     #[test]

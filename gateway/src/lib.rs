@@ -11,3 +11,4 @@ pub mod http;
 pub mod ingress;
 pub mod metrics;
 pub mod raft;
+pub mod security;

@@ -68,6 +68,11 @@ enum Cmd {
         #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
         host: String,
     },
+    /// Cluster CA and node/client certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        command: cairn_gateway::security::certs::CertsCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -136,6 +141,7 @@ fn main() -> std::process::ExitCode {
             StreamsCmd::Reload => cli::streams::reload(&host),
             StreamsCmd::Replay { stream, device } => cli::streams::replay(&host, stream, device),
         },
+        Cmd::Certs { command } => cairn_gateway::security::certs::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -495,6 +495,12 @@ impl Env {
         let scratch = tempfile::tempdir().expect("scratch dir");
         let opts = Options {
             config: Some(READINGS_CONFIG.into()),
+            // Nodes in their own namespaces listen beyond loopback, without auth or node TLS.
+            extra: if place.is_some() {
+                vec!["--insecure".into()]
+            } else {
+                Vec::new()
+            },
             ..Options::default()
         };
         let cluster = Cluster::start_placed(cfg.nodes, opts, place);

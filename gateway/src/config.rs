@@ -46,7 +46,11 @@
 //! id = 1
 //! table = "climate"
 //! columns = [{ name = "temperature", type = "real" }, { name = "humidity", type = "real" }]
+//! on_mismatch = "dead-letter"        # or "reject"
 //! ```
+//!
+//! `[[stream]]` and `undeclared_streams` are read again on SIGHUP and `POST /streams/reload`
+//! (see `cluster::streams`); the other keys only at start.
 
 use std::path::{Path, PathBuf};
 
@@ -92,6 +96,10 @@ pub struct NodeConfig {
     /// Device stream tables (`[[stream]]`), see [`crate::db::schema`].
     pub stream: Vec<crate::db::schema::StreamDef>,
     pub undeclared_streams: crate::db::schema::Undeclared,
+    /// The file these settings were read from (`--config`): a reload (SIGHUP,
+    /// `POST /streams/reload`) reads its `[[stream]]` tables again. Not a key.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
     /// rqlite's auth file (users, passwords, permissions); without it the HTTP API is open.
     pub auth: Option<PathBuf>,
     pub http_cert: Option<PathBuf>,
@@ -147,6 +155,7 @@ impl Default for NodeConfig {
             device_adv_addr: None,
             stream: Vec::new(),
             undeclared_streams: crate::db::schema::Undeclared::Telemetry,
+            config_file: None,
             auth: None,
             http_cert: None,
             http_key: None,
@@ -281,7 +290,10 @@ impl NodeConfig {
     /// The file (if any) overridden by the flags that were given.
     pub fn resolve(args: &NodeArgs) -> anyhow::Result<Self> {
         let mut c = match &args.config {
-            Some(p) => Self::from_file(p)?,
+            Some(p) => Self {
+                config_file: Some(p.clone()),
+                ..Self::from_file(p)?
+            },
             None => Self::default(),
         };
         macro_rules! over {

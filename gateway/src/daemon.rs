@@ -39,6 +39,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let started = start(config).await?;
     let node = started.cluster.clone();
+    let reloads = tokio::spawn(reload_on_sighup(node.clone()));
     let mut metrics = node.raft().metrics();
     let fatal = async {
         loop {
@@ -50,6 +51,7 @@ pub async fn run(
             }
         }
     };
+    let _stop_reloads = AbortOnDrop(reloads);
     tokio::select! {
         _ = shutdown => {
             tracing::info!(node_id = node.id(), "shutting down");
@@ -155,13 +157,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         read_limits: config.read_limits(),
         max_db_bytes: config.max_db_size_mib << 20,
     });
-    let ingress = Ingress::new(
-        cluster.clone(),
-        IngressConfig {
-            schema: config.schema(),
-            ..Default::default()
-        },
-    );
+    cluster
+        .streams()
+        .configure(config.config_file.clone(), config.schema());
+    let ingress = Ingress::new(cluster.clone(), IngressConfig::default());
+    tokio::spawn(crate::cluster::streams::watch_drift(cluster.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -169,7 +169,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         (
             raft_listener,
             network::routes(raft.clone(), sm)
-                .merge(crate::ingress::forward::routes(ingress.clone())),
+                .merge(crate::ingress::forward::routes(ingress.clone()))
+                .merge(crate::cluster::streams::routes(cluster.clone())),
         ),
         (http_listener, crate::http::router(cluster.clone())),
     ] {
@@ -235,6 +236,28 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         stop_tx,
         servers,
     })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reloads the `[[stream]]` config on every SIGHUP (see `cluster::streams`).
+async fn reload_on_sighup(cluster: Arc<Cluster>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match cluster.reload_streams().await {
+            Ok(s) => tracing::info!(streams = s.streams.len(), "SIGHUP: stream config proposed"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: stream config not reloaded"),
+        }
+    }
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

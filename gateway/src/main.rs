@@ -29,6 +29,10 @@ enum Cmd {
         data_dir: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// A `cairn node` config file whose `[[stream]]` tables and `undeclared_streams` the
+        /// three nodes use (default: built-in tables, printed at start).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Interactive SQL shell, like the rqlite shell.
     Shell {
@@ -57,10 +61,34 @@ enum Cmd {
         #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
         host: String,
     },
+    /// Stream definitions and records that did not fit them (`dead_letter`).
+    Streams {
+        #[command(subcommand)]
+        command: StreamsCmd,
+        #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
+        host: String,
+    },
     /// Cluster CA and node/client certificates for TLS.
     Certs {
         #[command(subcommand)]
         command: cairn_gateway::security::certs::CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum StreamsCmd {
+    /// This node's configured and the replicated stream definitions, and dead-letter rows.
+    Show,
+    /// Have the node read its config file's `[[stream]]` tables again and propose them (like
+    /// SIGHUP).
+    Reload,
+    /// Move dead-letter rows that fit the replicated definitions into their stream's table.
+    Replay {
+        #[arg(long)]
+        stream: u16,
+        /// Only this device's rows (default: every device's).
+        #[arg(long)]
+        device: Option<u64>,
     },
 }
 
@@ -101,9 +129,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Dev {
             data_dir,
             log_format,
+            config,
         } => {
             cli::init_logging(log_format, "info");
-            cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, dev_fleet)))
+            cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, config, dev_fleet)))
         }
         Cmd::Shell { host } => cli::shell(&host),
         Cmd::Backup { file, host } => cli::backup(&host, &file),
@@ -115,6 +144,11 @@ fn main() -> std::process::ExitCode {
             DeviceCmd::List => admin::list(&host),
             DeviceCmd::Remove { id } => admin::remove(&host, id),
             DeviceCmd::Reset { id, seq } => admin::reset(&host, id, seq),
+        },
+        Cmd::Streams { command, host } => match command {
+            StreamsCmd::Show => cli::streams::show(&host),
+            StreamsCmd::Reload => cli::streams::reload(&host),
+            StreamsCmd::Replay { stream, device } => cli::streams::replay(&host, stream, device),
         },
         Cmd::Certs { command } => cairn_gateway::security::certs::run(command),
     };
@@ -139,16 +173,17 @@ fn dev_fleet(host: &str, device_addrs: &[String]) {
         json: false,
         host: host.to_string(),
         first_id: 1,
-        stream: 1,
+        stream: cli::DEV_FLEET_STREAM,
         drain: 0.0,
         threads: Some(1),
         report: None,
         quiet: true,
     };
     println!(
-        "  5 simulated devices (ids 1-5) push 2 records/s each into table readings:\n  \
+        "  5 simulated devices (ids 1-5) push 2 records/s each on stream {}:\n  \
          curl -G '{host}/db/query?pretty' --data-urlencode \\\n    \
-         'q=SELECT device_id, count(*), max(time) FROM readings GROUP BY device_id'"
+         'q=SELECT device_id, count(*), max(time) FROM readings GROUP BY device_id'",
+        cli::DEV_FLEET_STREAM
     );
     std::thread::spawn(move || {
         if let Err(e) = cairn_sim::run(args, std::future::pending()) {

@@ -7,6 +7,7 @@
 //! buckets, so a percentile is exact to within a factor of two (reported as the bucket's
 //! upper bound).
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -184,6 +185,62 @@ impl Rejects {
     }
 }
 
+/// The dead-letter warning of one device and stream is logged at most this often.
+pub const DEAD_LETTER_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Records written to `dead_letter` on this replica, per device and stream, and when each
+/// pair's misfit warning (dead-lettered or refused) was last logged.
+#[derive(Default)]
+pub struct DeadLetterCounts {
+    by_pair: Mutex<BTreeMap<(u64, u16), DeadLetterPair>>,
+}
+
+struct DeadLetterPair {
+    count: u64,
+    last_warned: Option<Instant>,
+    unlogged: u64,
+}
+
+impl DeadLetterCounts {
+    /// Notes one misfit of `device_id` on `stream`, counted if `dead_lettered`. `Some(n)` when
+    /// its warning is due now, `n` being the misfits of the pair not logged since the last.
+    pub fn count(&self, device_id: u64, stream: u16, dead_lettered: bool) -> Option<u64> {
+        let mut m = self.by_pair.lock().unwrap_or_else(|p| p.into_inner());
+        let p = m.entry((device_id, stream)).or_insert(DeadLetterPair {
+            count: 0,
+            last_warned: None,
+            unlogged: 0,
+        });
+        p.count += u64::from(dead_lettered);
+        let now = Instant::now();
+        if p.last_warned
+            .is_some_and(|t| now.duration_since(t) < DEAD_LETTER_WARN_EVERY)
+        {
+            p.unlogged += 1;
+            return None;
+        }
+        p.last_warned = Some(now);
+        Some(std::mem::take(&mut p.unlogged))
+    }
+
+    /// `(device_id, stream, records)` in key order.
+    pub fn counts(&self) -> Vec<(u64, u16, u64)> {
+        let m = self.by_pair.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(_, p)| p.count > 0)
+            .map(|(&(d, s), p)| (d, s, p.count))
+            .collect()
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        self.counts()
+            .into_iter()
+            .map(|(d, s, n)| json!({"device_id": d, "stream": s, "records": n}))
+            .collect::<Vec<_>>()
+            .into()
+    }
+}
+
 /// Everything one node counts.
 pub struct Metrics {
     /// SQL requests served by the HTTP API.
@@ -210,6 +267,8 @@ pub struct Metrics {
     pub batches_applied: AtomicU64,
     pub records_applied: AtomicU64,
     pub batches_duplicate: AtomicU64,
+    /// Records this replica applied into `dead_letter`, per device and stream.
+    pub dead_letters: DeadLetterCounts,
     /// Proposal to applied response, on the leader.
     pub commit_latency: Histogram,
     /// Batch read off the socket to Ack written, on the node the device talks to.
@@ -244,6 +303,7 @@ impl Default for Metrics {
             batches_applied: AtomicU64::new(0),
             records_applied: AtomicU64::new(0),
             batches_duplicate: AtomicU64::new(0),
+            dead_letters: DeadLetterCounts::default(),
             commit_latency: Histogram::new(),
             ack_latency: Histogram::new(),
             apply_latency: Histogram::new(),
@@ -273,6 +333,7 @@ impl Metrics {
             "batches_applied": g(&self.batches_applied),
             "records_applied": g(&self.records_applied),
             "batches_duplicate": g(&self.batches_duplicate),
+            "dead_lettered": self.dead_letters.to_json(),
             "commit_latency": self.commit_latency.to_json(),
             "ack_latency": self.ack_latency.to_json(),
             "apply_latency": self.apply_latency.to_json(),
@@ -326,6 +387,18 @@ impl Metrics {
                 self.rejects.get(code)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP cairn_ingress_dead_lettered_total Device records applied into dead_letter on \
+             this replica, by device and stream.\n# TYPE cairn_ingress_dead_lettered_total counter"
+        );
+        for (device, stream, n) in self.dead_letters.counts() {
+            let _ = writeln!(
+                out,
+                "cairn_ingress_dead_lettered_total{{node_id=\"{node_id}\",device_id=\"{device}\",\
+                 stream=\"{stream}\"}} {n}"
+            );
+        }
         for (name, h) in [
             ("commit_latency", &self.commit_latency),
             ("ack_latency", &self.ack_latency),
@@ -364,5 +437,26 @@ mod tests {
         h.record(Duration::from_millis(10));
         assert_eq!(h.quantile_us(0.5), 128);
         assert_eq!(h.quantile_us(0.99), 16384);
+    }
+
+    #[test]
+    fn test_dead_letter_warning_rate_limited_per_pair() {
+        let d = DeadLetterCounts::default();
+        assert_eq!(d.count(7, 1, true), Some(0));
+        assert_eq!(d.count(7, 1, true), None);
+        assert_eq!(d.count(7, 1, false), None);
+        assert_eq!(d.count(7, 1, true), None);
+        assert_eq!(
+            d.count(7, 2, true),
+            Some(0),
+            "another stream warns on its own"
+        );
+        assert_eq!(d.counts(), vec![(7, 1, 3), (7, 2, 1)]);
+        let m = Metrics::default();
+        m.dead_letters.count(7, 1, true);
+        assert!(m.ingress_prometheus(1).contains(
+            "cairn_ingress_dead_lettered_total{node_id=\"1\",device_id=\"7\",stream=\"1\"} 1"
+        ));
+        assert_eq!(m.ingress_json()["dead_lettered"][0]["records"], 1);
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cairn_gateway::config::NodeConfig;
 use cairn_gateway::db::Store;
-use cairn_gateway::db::schema::{Column, ColumnType, StreamDef, Undeclared};
+use cairn_gateway::db::schema::{Column, ColumnType, OnMismatch, StreamDef, Undeclared};
 use cairn_gateway::metrics::Metrics;
 use cairn_gateway::raft::Raft;
 use cairn_gateway::raft::network::{HttpClient, full};
@@ -49,6 +49,7 @@ async fn start_node() -> Node {
                 name: "temperature".into(),
                 ty: ColumnType::Real,
             }],
+            on_mismatch: OnMismatch::DeadLetter,
         }],
         undeclared_streams: Undeclared::Telemetry,
         ..NodeConfig::default()

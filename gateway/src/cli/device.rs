@@ -43,12 +43,17 @@ pub fn list(host: &str) -> anyhow::Result<()> {
         anyhow::bail!("{e}");
     }
     let devices = body["devices"].as_array().cloned().unwrap_or_default();
-    println!("{:>20}  {:>20}", "device_id", "high_water");
+    println!("{:>20}  {:>20}  dead_letter", "device_id", "high_water");
     for d in &devices {
+        let dead: Vec<String> = d["dead_letter"]
+            .as_object()
+            .map(|m| m.iter().map(|(s, n)| format!("stream {s}: {n}")).collect())
+            .unwrap_or_default();
         println!(
-            "{:>20}  {:>20}",
+            "{:>20}  {:>20}  {}",
             d["device_id"].to_string(),
-            d["high_water"].to_string()
+            d["high_water"].to_string(),
+            dead.join(", ")
         );
     }
     println!("{} device(s)", devices.len());

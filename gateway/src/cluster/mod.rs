@@ -8,13 +8,15 @@
 //!   (`raft::proposer`); [`Cluster::execute`] adds the deterministic rewrite for SQL;
 //! - reads at each consistency level: [`Cluster::query`], [`Cluster::read`];
 //! - membership ([`membership`]): join, remove, hand over leadership;
-//! - the one client that reaches the leader ([`client`]).
+//! - the one client that reaches the leader ([`client`]);
+//! - stream definitions and dead-letter replays ([`streams`]).
 //!
 //! A call that needs the leader and is made on a follower answers [`Error::NotLeader`];
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
 pub mod client;
 pub mod membership;
+pub mod streams;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -83,6 +85,8 @@ pub struct Cluster {
     /// Largest database a load may bring (`max_db_size_mib`).
     max_db_bytes: u64,
     started: Instant,
+    /// This node's configured stream definitions (set by the composition root).
+    streams: streams::StreamsConfig,
 }
 
 /// The parts a [`Cluster`] is made of (the composition root builds them).
@@ -115,6 +119,7 @@ impl Cluster {
             read_limits: p.read_limits,
             max_db_bytes: p.max_db_bytes,
             started: Instant::now(),
+            streams: Default::default(),
         })
     }
 

@@ -4,7 +4,8 @@
 //!
 //! Every command kind is one variant of [`Command`] with its payload type and its apply
 //! function in a module of its own: [`sql`] for [`Command::Sql`], [`device`] for
-//! [`Command::DeviceBatches`], [`registry`] for [`Command::DeviceRegistry`]. [`apply`] is the
+//! [`Command::DeviceBatches`] (with [`dead_letter`] for the records that do not fit),
+//! [`registry`] for [`Command::DeviceRegistry`], [`streams`] for [`Command::Streams`]. [`apply`] is the
 //! only place that dispatches on the variant. To add a command:
 //!
 //! 1. put the payload type and `fn apply_xxx(conn: &Connection, ctx: &ApplyContext, cmd: &Xxx)
@@ -27,11 +28,13 @@
 //! Variants are never renumbered or removed: entries are postcard-encoded, which identifies a
 //! variant by its position. New variants go at the end.
 
+pub mod dead_letter;
 pub mod device;
 pub mod load;
 pub mod registry;
 pub mod rewrite;
 pub mod sql;
+pub mod streams;
 
 use std::fmt;
 
@@ -41,6 +44,7 @@ use self::device::{BatchOutcome, DeviceBatch};
 use self::load::LoadChunk;
 use self::registry::{RegistryCommand, RegistryOutcome};
 use self::sql::SqlCommand;
+use self::streams::{StreamsCommand, StreamsOutcome};
 use crate::db::sql::StatementResult;
 use crate::metrics::Metrics;
 
@@ -58,6 +62,8 @@ pub enum Command {
     SqlAt { stamp_ms: i64, sql: SqlCommand },
     /// One chunk of a `/db/load` ([`load`]); the last one swaps the load in.
     LoadChunk(LoadChunk),
+    /// Stream definitions with `on_mismatch`, and dead-letter replays ([`streams`]).
+    Streams(StreamsCommand),
 }
 
 impl Command {
@@ -66,7 +72,10 @@ impl Command {
         match self {
             Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
             Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
-            Command::Sql(_) | Command::DeviceRegistry(_) | Command::LoadChunk(_) => None,
+            Command::Sql(_)
+            | Command::DeviceRegistry(_)
+            | Command::LoadChunk(_)
+            | Command::Streams(_) => None,
         }
     }
 }
@@ -96,6 +105,7 @@ impl fmt::Display for Command {
                 sql.statements.len(),
                 sql.transaction
             ),
+            Command::Streams(c) => write!(f, "Streams({c})"),
         }
     }
 }
@@ -111,6 +121,7 @@ pub enum CommandResponse {
     /// One outcome per device batch, in order.
     DeviceBatches(Vec<BatchOutcome>),
     DeviceRegistry(RegistryOutcome),
+    Streams(StreamsOutcome),
 }
 
 /// What an apply function may use besides the connection: the entry's log index (it seeds
@@ -142,5 +153,6 @@ pub fn apply(
             Some(result) => CommandResponse::Sql(vec![result]),
             None => CommandResponse::Empty,
         }),
+        Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
     }
 }

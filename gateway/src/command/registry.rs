@@ -4,6 +4,7 @@
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
+use super::streams::{SchemaV1, install};
 use crate::db::registry::{DeviceKey, create_tables};
 use crate::db::schema::Schema;
 use crate::db::tables::{DEVICES as DEVICES_TABLE, HIGH_WATER as HIGH_WATER_TABLE};
@@ -15,8 +16,9 @@ pub enum RegistryCommand {
     Add { device_id: u64, key: DeviceKey },
     /// Forget a device's key.
     Remove { device_id: u64 },
-    /// Install the stream tables and definitions (proposed by each new leader).
-    DefineStreams(Schema),
+    /// Install the stream tables and definitions: what earlier releases proposed, kept so
+    /// their logs apply alike. New definitions travel as `StreamsCommand::Define`.
+    DefineStreams(SchemaV1),
     /// Set a device's high-water seq (`cairn device reset`): the one way besides the device's
     /// own batches that it moves (SQL cannot write it, see `db::sandbox`). Refused while
     /// stored records of the device lie above `seq`: the device would resend those seqs and
@@ -89,19 +91,10 @@ pub fn apply_registry(
         RegistryCommand::ResetHighWater { device_id, seq } => {
             reset_high_water(conn, *device_id, *seq)?
         }
-        RegistryCommand::DefineStreams(schema) => {
-            conn.execute_batch("SAVEPOINT define_streams")?;
-            match schema.install(conn) {
-                Ok(()) => {
-                    conn.execute_batch("RELEASE define_streams")?;
-                    RegistryOutcome::StreamsDefined
-                }
-                Err(e) => {
-                    conn.execute_batch("ROLLBACK TO define_streams; RELEASE define_streams")?;
-                    RegistryOutcome::Failed(e.to_string())
-                }
-            }
-        }
+        RegistryCommand::DefineStreams(legacy) => match install(conn, &Schema::from(legacy))? {
+            Ok(()) => RegistryOutcome::StreamsDefined,
+            Err(e) => RegistryOutcome::Failed(e),
+        },
     })
 }
 

@@ -273,6 +273,7 @@ mod tests {
         crate::db::registry::create_tables(&conn).unwrap();
         Schema {
             streams: vec![StreamDef {
+                on_mismatch: Default::default(),
                 id: 1,
                 table: "climate".into(),
                 columns: vec![Column {

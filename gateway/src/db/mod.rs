@@ -6,11 +6,13 @@
 //! - [`sql`]: rqlite-shaped statements and results, run on a connection.
 //! - [`lex`]: a small SQL lexer (transaction control, the deterministic rewrite).
 //! - [`schema`]: the `[[stream]]` tables device records land in.
+//! - [`dead_letter`]: records that do not fit their stream, kept with the reason.
 //! - [`registry`]: registered devices, their keys and high-water seqs.
 //! - [`load`]: turning an uploaded database or SQL dump into statements (`/db/load`).
 //! - [`failure`]: which SQLite errors are the environment's (hold, exit, corrupt).
 //! - [`sandbox`]: what user SQL may do, and making it apply identically on every replica.
 
+pub mod dead_letter;
 pub mod failure;
 pub mod lex;
 pub mod load;
@@ -42,6 +44,8 @@ pub mod tables {
     pub const TELEMETRY: &str = "telemetry";
     /// Chunks of a `/db/load` on its way through the log (`command::load`).
     pub const LOAD: &str = "_cairn_load";
+    /// Records that did not fit their stream's declared columns (`db::dead_letter`).
+    pub const DEAD_LETTER: &str = "dead_letter";
 }
 
 /// Readers kept open for reuse.

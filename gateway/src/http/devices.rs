@@ -4,7 +4,7 @@
 //! | route | body | answer |
 //! |---|---|---|
 //! | `POST /devices` | JSON `{"id": 7, "key": "<64 hex digits>"}` | JSON `{"device_id": 7, "replaced": false}` |
-//! | `GET /devices` | | JSON `{"devices": [{"device_id": 7, "high_water": 120}]}` |
+//! | `GET /devices` | | JSON `{"devices": [{"device_id": 7, "high_water": 120, "dead_letter": {"1": 2}}]}` (rows in `dead_letter` per stream) |
 //! | `DELETE /devices/{device_id}` | | JSON `{"device_id": 7, "removed": true}` |
 //! | `POST /devices/{device_id}/reset` | JSON `{"seq": 0}` (optional, default 0) | JSON `{"device_id": 7, "previous": 120, "high_water": 0}` |
 //!
@@ -27,7 +27,7 @@ use super::{Original, Served, on_leader};
 use crate::cluster::Cluster;
 use crate::command::registry::{RegistryCommand, RegistryOutcome};
 use crate::command::{Command, CommandResponse};
-use crate::db::registry;
+use crate::db::{dead_letter, registry};
 use crate::error::Error;
 
 fn error(e: &Error) -> Response {
@@ -147,11 +147,29 @@ pub async fn reset(
 pub async fn list(State(n): State<Arc<Cluster>>, original: Original) -> Response {
     let r = on_leader(&n, &original, false, || async {
         n.confirm_leadership().await?;
-        Ok(n.read(registry::list_devices).await??)
+        let read = n
+            .read(|c| -> rusqlite::Result<_> {
+                Ok((registry::list_devices(c)?, dead_letter::counts(c)?))
+            })
+            .await??;
+        Ok(read)
     })
     .await;
     match r {
-        Ok(Served::Here(devices)) => Json(json!({ "devices": devices })).into_response(),
+        Ok(Served::Here((devices, counts))) => {
+            let devices: Vec<_> = devices
+                .into_iter()
+                .map(|d| {
+                    let dead: serde_json::Map<String, serde_json::Value> = counts
+                        .iter()
+                        .filter(|(id, _, _)| *id == d.device_id)
+                        .map(|(_, stream, rows)| (stream.to_string(), (*rows).into()))
+                        .collect();
+                    json!({"device_id": d.device_id, "high_water": d.high_water, "dead_letter": dead})
+                })
+                .collect();
+            Json(json!({ "devices": devices })).into_response()
+        }
         Ok(Served::There(resp)) => resp,
         Err(e) => error(&e),
     }

@@ -12,11 +12,13 @@
 //! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`.
 //! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove`).
+//! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
 
 pub mod admin;
 pub mod devices;
 pub mod rqlite;
 pub mod sql;
+pub mod streams;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -57,6 +59,9 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
         .route("/devices", post(devices::add).get(devices::list))
         .route("/devices/{device_id}", delete(devices::remove))
         .route("/devices/{device_id}/reset", post(devices::reset))
+        .route("/streams", get(streams::show))
+        .route("/streams/reload", post(streams::reload))
+        .route("/streams/{stream}/replay", post(streams::replay))
         .layer(DefaultBodyLimit::max(256 << 20))
         .with_state(cluster)
 }

@@ -37,7 +37,6 @@ use self::batcher::{GroupLimits, GroupQueue, Outcomes};
 use crate::cluster::Cluster;
 use crate::command::device::DeviceBatch;
 use crate::db::registry::{self, DeviceKey};
-use crate::db::schema::Schema;
 use crate::error::Error;
 use crate::metrics::Metrics;
 
@@ -68,8 +67,6 @@ pub struct IngressConfig {
     pub credit: u16,
     /// The leader's grouping queue (and, with one group in flight, the follower's).
     pub limits: GroupLimits,
-    /// Stream tables, proposed by this node when it becomes leader.
-    pub schema: Schema,
     /// A connection with no frame for this long is closed.
     pub idle_timeout: Duration,
 }
@@ -79,7 +76,6 @@ impl Default for IngressConfig {
         IngressConfig {
             credit: 1024,
             limits: GroupLimits::default(),
-            schema: Schema::default(),
             idle_timeout: Duration::from_secs(120),
         }
     }
@@ -100,7 +96,7 @@ impl Ingress {
     pub fn new(cluster: Arc<Cluster>, config: IngressConfig) -> Arc<Self> {
         let metrics = cluster.metrics().clone();
         let leader_queue = GroupQueue::spawn(
-            leader::ProposeSink::new(cluster.clone(), config.schema.clone()),
+            leader::ProposeSink::new(cluster.clone()),
             config.limits,
             metrics.clone(),
         );

@@ -48,6 +48,8 @@
 //! | `POST /snapshot` | `snapshot` |
 //! | `POST /leader` | `leader-ops` |
 //! | `/devices`, `/devices/{id}`, downlink | `devices` |
+//! | `GET /streams` | `status` |
+//! | `POST /streams/reload`, `POST /streams/{id}/replay` | `devices` |
 //!
 //! ```ignore
 //! Router::new()

@@ -20,6 +20,7 @@ fn writer(dir: &Path) -> Connection {
     crate::db::registry::create_tables(&conn).unwrap();
     Schema {
         streams: vec![StreamDef {
+            on_mismatch: Default::default(),
             id: 1,
             table: "climate".into(),
             columns: vec![Column {

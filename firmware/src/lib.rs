@@ -26,7 +26,7 @@ pub mod transport;
 /// writes regions with the very code devices read them with.
 pub use cairn_protocol::settings;
 pub use cairn_protocol::{ErrorCode, GatewayAddr, KEY_LEN, MAX_BLOB, MAX_VALUES};
-pub use client::{Client, Config, ConnectionState, PushError, Status, Value};
+pub use client::{Client, Config, ConnectionState, PushError, Pushed, Status, Value};
 pub use outbox::OverflowPolicy;
 pub use store::{RamOnly, Store};
 pub use transport::{Connection, Transport, TransportError};

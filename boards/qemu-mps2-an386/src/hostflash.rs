@@ -42,10 +42,7 @@ impl HostFlash {
                 .open(path)
                 .map_err(|_| NorFlashErrorKind::Other)?,
         };
-        let len = file
-            .metadata()
-            .map_err(|_| NorFlashErrorKind::Other)?
-            .len() as usize;
+        let len = file.metadata().map_err(|_| NorFlashErrorKind::Other)?.len() as usize;
         if len > CAPACITY {
             return Err(NorFlashErrorKind::OutOfBounds);
         }

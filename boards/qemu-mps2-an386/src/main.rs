@@ -13,9 +13,9 @@ mod systick;
 use cairn_board_app::{SETTINGS_LEN, Settings};
 use core::panic::PanicInfo;
 use defmt_semihosting as _;
-use embedded_storage_async::nor_flash::ReadNorFlash;
 use embassy_executor::Spawner;
 use embassy_net::{Runner, StackResources};
+use embedded_storage_async::nor_flash::ReadNorFlash;
 use lan9118::{Lan9118, Lan9118Irq};
 use static_cell::StaticCell;
 

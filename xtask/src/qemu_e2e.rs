@@ -48,7 +48,7 @@ pub fn run() -> Result<()> {
 
 /// A fresh 3-node cluster of the debug `cairn` (or `CAIRN_BIN`; see [`cairn_bin`]), data
 /// and logs kept in `target/bench/work/NAME`.
-fn cluster(name: &str) -> Cluster {
+pub(crate) fn cluster(name: &str) -> Cluster {
     let dir = crate::util::root().join("target/bench/work").join(name);
     Cluster::start_with(
         3,
@@ -63,6 +63,14 @@ fn cluster(name: &str) -> Cluster {
 /// CLI, registered, and written with every node's device port as QEMU's guest sees it (the
 /// leader's first) into a new flash file for the image (`flash=FLASH`).
 fn provision(cluster: &Cluster, device: u64, flash: &Path) -> Result<()> {
+    provision_at(cluster, device, flash, QEMU_HOST_IP)
+}
+
+/// The host's 127.0.0.1 as a guest on QEMU's user network sees it.
+const QEMU_HOST_IP: &str = "10.0.2.2";
+
+/// [`provision`] with the gateways' device ports at `ip` (127.0.0.1 for a host process).
+pub(crate) fn provision_at(cluster: &Cluster, device: u64, flash: &Path, ip: &str) -> Result<()> {
     let leader = cluster.leader();
     let mut order = vec![leader];
     order.extend((0..cluster.nodes.len()).filter(|&i| i != leader));
@@ -74,7 +82,7 @@ fn provision(cluster: &Cluster, device: u64, flash: &Path) -> Result<()> {
     for &i in &order {
         add.args([
             "--gateway",
-            &format!("10.0.2.2:{}", device_port(&cluster.nodes[i])?),
+            &format!("{ip}:{}", device_port(&cluster.nodes[i])?),
         ]);
     }
     let added = add.stdout(std::process::Stdio::null()).status()?;
@@ -440,15 +448,15 @@ fn field(line: &str, marker: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
-struct Row {
-    seq: u64,
-    stream: u64,
-    values: Vec<serde_json::Value>,
+pub(crate) struct Row {
+    pub seq: u64,
+    pub stream: u64,
+    pub values: Vec<serde_json::Value>,
 }
 
 /// Every row of the device in the generic `telemetry` table, read with `level=strong`
 /// (through the Raft log, so nothing committed can be missing).
-fn stored_rows(node: &Node, device: u64) -> Result<Vec<Row>> {
+pub(crate) fn stored_rows(node: &Node, device: u64) -> Result<Vec<Row>> {
     let sql = format!(
         "SELECT seq, stream, \"values\" FROM telemetry WHERE device_id = {device} ORDER BY seq"
     );

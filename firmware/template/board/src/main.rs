@@ -105,7 +105,10 @@ async fn main(spawner: Spawner) {
     spawner.spawn(net_task(runner).unwrap());
 
     // [5] Wait for an address before the client's first connect.
-    info!("cairn: device {} waiting for an address", identity.device_id);
+    info!(
+        "cairn: device {} waiting for an address",
+        identity.device_id
+    );
     stack.wait_config_up().await;
 
     // [6] The client owns the connection in its own task.

@@ -18,7 +18,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().ok_or("usage: cairn-template-host SETTINGS_FILE [RECORDS]")?;
+    let path = args
+        .next()
+        .ok_or("usage: cairn-template-host SETTINGS_FILE [RECORDS]")?;
     let records: u64 = args.next().map_or(Ok(10), |n| n.parse())?;
 
     // Who am I: the settings file, decoded by the same codec the firmware uses.

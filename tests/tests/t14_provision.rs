@@ -28,6 +28,26 @@ fn cairn(args: &[&str]) -> Output {
     out
 }
 
+/// `cairn device add --id ID --generate --provision-out FILE --gateway G... --host HOST`.
+fn generate(id: &str, file: &Path, gateways: &[&str], host: &str) -> Output {
+    let mut args = vec!["device", "add", "--id", id, "--generate", "--provision-out"];
+    args.push(file.to_str().unwrap());
+    for g in gateways {
+        args.extend(["--gateway", g]);
+    }
+    args.extend(["--host", host]);
+    cairn(&args)
+}
+
+/// Whether `cairn device list` shows device `id`.
+fn listed(host: &str, id: &str) -> bool {
+    let list = cairn(&["device", "list", "--host", host]);
+    assert!(list.status.success());
+    String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(id))
+}
+
 fn read_settings(path: &Path) -> DeviceSettings {
     let bytes = std::fs::read(path).expect("settings file");
     assert_eq!(bytes.len(), SETTINGS_LEN);
@@ -54,23 +74,8 @@ fn test_generate_register_and_provision_in_one_step() {
     let host = cluster.nodes[0].url("");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dev41.bin");
-    let file_s = file.to_str().unwrap();
 
-    let out = cairn(&[
-        "device",
-        "add",
-        "--id",
-        "41",
-        "--generate",
-        "--provision-out",
-        file_s,
-        "--gateway",
-        "10.0.2.2:4003",
-        "--gateway",
-        "192.168.7.2:4013",
-        "--host",
-        &host,
-    ]);
+    let out = generate("41", &file, &["10.0.2.2:4003", "192.168.7.2:4013"], &host);
     assert!(out.status.success());
     let key = printed_key(&out.stdout);
     let settings = read_settings(&file);
@@ -96,15 +101,7 @@ fn test_generate_register_and_provision_in_one_step() {
     }
 
     // Registered: listed. No route returns the key.
-    let list = cairn(&["device", "list", "--host", &host]);
-    assert!(list.status.success());
-    let listed = String::from_utf8_lossy(&list.stdout);
-    assert!(
-        listed
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some("41")),
-        "{listed}"
-    );
+    assert!(listed(&host, "41"));
     let hex = cairn_tests::device::hex(&key);
     let devices = cairn_tests::get(&cluster.nodes[0].url("/devices"));
     assert!(
@@ -112,47 +109,20 @@ fn test_generate_register_and_provision_in_one_step() {
         "/devices shows the key"
     );
 
-    // A second generated key differs, and an existing file is never overwritten.
-    let again = cairn(&[
-        "device",
-        "add",
-        "--id",
-        "42",
-        "--generate",
-        "--provision-out",
-        file_s,
-        "--gateway",
-        "10.0.2.2:4003",
-        "--host",
-        &host,
-    ]);
+    // An existing file is never overwritten, and then nothing is registered.
+    let again = generate("42", &file, &["10.0.2.2:4003"], &host);
     assert!(
         !again.status.success(),
         "overwrote an existing settings file"
     );
     assert_eq!(read_settings(&file).device_id, 41);
-    let listed =
-        String::from_utf8_lossy(&cairn(&["device", "list", "--host", &host]).stdout).into_owned();
     assert!(
-        !listed
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some("42")),
-        "device 42 registered although its settings file could not be written: {listed}"
+        !listed(&host, "42"),
+        "device 42 registered although its settings file could not be written"
     );
+    // A second generated key differs.
     let file2 = dir.path().join("dev42.bin");
-    let out2 = cairn(&[
-        "device",
-        "add",
-        "--id",
-        "42",
-        "--generate",
-        "--provision-out",
-        file2.to_str().unwrap(),
-        "--gateway",
-        "10.0.2.2:4003",
-        "--host",
-        &host,
-    ]);
+    let out2 = generate("42", &file2, &["10.0.2.2:4003"], &host);
     assert!(out2.status.success());
     assert_ne!(printed_key(&out2.stdout), key);
     assert_eq!(read_settings(&file2).key, printed_key(&out2.stdout));
@@ -233,19 +203,7 @@ fn test_provision_is_offline_and_add_failure_leaves_no_file() {
 
     // `add` against an unreachable cluster fails and leaves no settings file behind.
     let f = dir.path().join("unregistered.bin");
-    let out = cairn(&[
-        "device",
-        "add",
-        "--id",
-        "9",
-        "--generate",
-        "--provision-out",
-        f.to_str().unwrap(),
-        "--gateway",
-        "10.0.0.2:4003",
-        "--host",
-        dead,
-    ]);
+    let out = generate("9", &f, &["10.0.0.2:4003"], dead);
     assert!(!out.status.success());
     assert!(
         !f.exists(),

@@ -4,6 +4,8 @@
 //!
 //! No route returns a key: a key is shown when it is generated here (`add --generate`) and
 //! otherwise only exists where the operator keeps it. `provision` never contacts the cluster.
+//! `cairn device rekey --id N --generate --provision-out FILE` (the device-sessions issue's
+//! grace window) is meant to reuse [`generate_key`], [`write_settings`] and [`ProvisionOut`].
 
 use std::io::Write as _;
 use std::net::SocketAddrV4;

@@ -63,7 +63,13 @@ fn smoke() -> Result<()> {
     let started = Instant::now();
     let run = boot(
         &elf,
-        &format!("samples={SMOKE_SAMPLES} period-ms=20 gateways=10.0.2.2:{port}"),
+        &format!(
+            "samples={SMOKE_SAMPLES} period-ms=20 gateways=10.0.2.2:{port} flash={}",
+            // Blank (a development build needs none), and not in the working directory.
+            crate::bench::proc::scratch("qemu-smoke-flash")?
+                .join("flash.bin")
+                .display()
+        ),
         Duration::from_secs(120),
     )?;
     println!(

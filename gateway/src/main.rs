@@ -99,8 +99,36 @@ enum DeviceCmd {
         #[arg(long)]
         id: u64,
         /// 32-byte key as 64 hex digits.
+        #[arg(long, required_unless_present = "generate")]
+        key: Option<String>,
+        /// Generate the key here from the operating system's randomness; it is printed once
+        /// and written to --provision-out, and no command reads it back.
+        #[arg(long, conflicts_with = "key")]
+        generate: bool,
+        /// Also write the device's settings region (id, key, gateways) to FILE, a new file:
+        /// flash it at the board's settings offset (QEMU board: `flash=FILE`).
+        #[arg(long, value_name = "FILE", requires = "gateways")]
+        provision_out: Option<PathBuf>,
+        /// A gateway's device address as the device reaches it, in the order it tries them
+        /// (1 to 4; with --provision-out).
+        #[arg(long = "gateway", value_name = "IP:PORT", requires = "provision_out")]
+        gateways: Vec<std::net::SocketAddrV4>,
+    },
+    /// Write a device's settings region (id, key, gateways) to a new FILE without contacting
+    /// any gateway (register the same key with `cairn device add`).
+    Provision {
+        #[arg(long)]
+        id: u64,
+        /// 32-byte key as 64 hex digits.
         #[arg(long)]
         key: String,
+        /// A gateway's device address as the device reaches it, in the order it tries them
+        /// (1 to 4).
+        #[arg(long = "gateway", value_name = "IP:PORT", required = true)]
+        gateways: Vec<std::net::SocketAddrV4>,
+        /// The settings file to create.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// List registered devices with their committed high-water seq.
     List,
@@ -140,7 +168,26 @@ fn main() -> std::process::ExitCode {
         #[cfg(feature = "sim")]
         Cmd::Sim(a) => cairn_sim::run(a, cli::shutdown_signal()),
         Cmd::Device { command, host } => match command {
-            DeviceCmd::Add { id, key } => admin::add(&host, id, &key),
+            DeviceCmd::Add {
+                id,
+                key,
+                generate,
+                provision_out,
+                gateways,
+            } => {
+                let key = match key {
+                    Some(hex) if !generate => admin::KeySource::Hex(hex),
+                    _ => admin::KeySource::Generate,
+                };
+                let provision = provision_out.map(|file| admin::ProvisionOut { file, gateways });
+                admin::add(&host, id, key, provision)
+            }
+            DeviceCmd::Provision {
+                id,
+                key,
+                gateways,
+                out,
+            } => admin::provision(id, &key, &gateways, &out),
             DeviceCmd::List => admin::list(&host),
             DeviceCmd::Remove { id } => admin::remove(&host, id),
             DeviceCmd::Reset { id, seq } => admin::reset(&host, id, seq),

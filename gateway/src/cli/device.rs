@@ -1,6 +1,18 @@
-//! `cairn device add|list|remove|reset`: the registry admin API (`/devices`, see
-//! [`crate::http::devices`]) from the command line.
+//! `cairn device add|list|remove|reset|provision`: the registry admin API (`/devices`, see
+//! [`crate::http::devices`]) from the command line, and the device settings regions it
+//! writes (`cairn_protocol::settings`: id, key, gateways).
+//!
+//! No route returns a key: a key is shown when it is generated here (`add --generate`) and
+//! otherwise only exists where the operator keeps it. `provision` never contacts the cluster.
+//! `cairn device rekey --id N --generate --provision-out FILE` (the device-sessions issue's
+//! grace window) is meant to reuse [`generate_key`], [`write_settings`] and [`ProvisionOut`].
 
+use std::io::Write as _;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+
+use cairn_protocol::GatewayAddr;
+use cairn_protocol::settings::DeviceSettings;
 use serde_json::{Value as Json, json};
 
 use super::{agent, get_json, post_json};
@@ -17,14 +29,77 @@ fn check(status: u16, body: &Json) -> anyhow::Result<()> {
     anyhow::bail!("{msg} (HTTP {status})")
 }
 
-/// Registers device `id` with key `key_hex` (64 hex digits).
-pub fn add(host: &str, id: u64, key_hex: &str) -> anyhow::Result<()> {
-    registry::parse_key(key_hex)?;
+/// Where `cairn device add` gets the device's key.
+pub enum KeySource {
+    /// Given on the command line (64 hex digits).
+    Hex(String),
+    /// Generated here from the operating system's randomness, shown once.
+    Generate,
+}
+
+/// A settings region to write for the device (`--provision-out FILE --gateway IP:PORT...`).
+pub struct ProvisionOut {
+    pub file: PathBuf,
+    pub gateways: Vec<SocketAddrV4>,
+}
+
+/// A fresh device key from the operating system's random source (`getrandom`).
+pub fn generate_key() -> anyhow::Result<registry::DeviceKey> {
+    use rand::TryRngCore;
+    let mut key = [0u8; cairn_protocol::KEY_LEN];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut key)
+        .map_err(|e| anyhow::anyhow!("no randomness from the operating system: {e}"))?;
+    Ok(key)
+}
+
+/// Registers device `id` with its key (given or generated) and, with `provision`, writes its
+/// settings region. The file is written before the key is registered and removed again if
+/// registering fails, so a registered generated key always exists in the file (and on the
+/// terminal), and a failed registration leaves no file behind.
+pub fn add(
+    host: &str,
+    id: u64,
+    key: KeySource,
+    provision: Option<ProvisionOut>,
+) -> anyhow::Result<()> {
+    let (key, generated) = match key {
+        KeySource::Hex(hex) => (registry::parse_key(&hex)?, false),
+        KeySource::Generate => (generate_key()?, true),
+    };
+    let written = match &provision {
+        Some(p) => Some(write_settings(&p.file, &settings(id, key, &p.gateways)?)?),
+        None => None,
+    };
+    let registered = register(host, id, &key);
+    if let Err(e) = registered {
+        if let Some(file) = &written {
+            let _ = std::fs::remove_file(file);
+        }
+        return Err(e);
+    }
+    if let Some(p) = &provision {
+        println!(
+            "device {id}: settings region written to {} ({} bytes)",
+            p.file.display(),
+            cairn_protocol::settings::SETTINGS_LEN
+        );
+    }
+    if generated {
+        println!(
+            "device {id}: generated key {} (shown this once; no command reads it back)",
+            registry::key_hex(&key)
+        );
+    }
+    Ok(())
+}
+
+fn register(host: &str, id: u64, key: &registry::DeviceKey) -> anyhow::Result<()> {
     let host = host.trim_end_matches('/');
     let (status, body) = post_json(
         &agent(),
         &format!("{host}/devices"),
-        &json!({"id": id, "key": key_hex}),
+        &json!({"id": id, "key": registry::key_hex(key)}),
     )?;
     check(status, &body)?;
     if body["replaced"].as_bool() == Some(true) {
@@ -33,6 +108,54 @@ pub fn add(host: &str, id: u64, key_hex: &str) -> anyhow::Result<()> {
         println!("device {id}: registered");
     }
     Ok(())
+}
+
+/// `cairn device provision`: writes the settings region of device `id` with `key_hex` to
+/// `out`. Offline: contacts no gateway (register the key with `cairn device add`).
+pub fn provision(
+    id: u64,
+    key_hex: &str,
+    gateways: &[SocketAddrV4],
+    out: &Path,
+) -> anyhow::Result<()> {
+    let key = registry::parse_key(key_hex)?;
+    write_settings(out, &settings(id, key, gateways)?)?;
+    println!(
+        "device {id}: settings region written to {} ({} bytes)",
+        out.display(),
+        cairn_protocol::settings::SETTINGS_LEN
+    );
+    Ok(())
+}
+
+fn settings(
+    id: u64,
+    key: registry::DeviceKey,
+    gateways: &[SocketAddrV4],
+) -> anyhow::Result<DeviceSettings> {
+    let gateways: Vec<GatewayAddr> = gateways.iter().copied().map(GatewayAddr::from).collect();
+    DeviceSettings::new(id, key, &gateways).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: give each gateway's device address as the device reaches it, --gateway IP:PORT"
+        )
+    })
+}
+
+/// Writes the encoded settings block to a new file `path` (never over an existing one: it
+/// holds a key), readable only by its owner. The file is the region's first bytes: flash it at
+/// the board's settings offset, or pass it to the QEMU board as `flash=PATH` (its flash file
+/// starts with the settings region and is extended to full size, erased, on first boot).
+pub fn write_settings(path: &Path, settings: &DeviceSettings) -> anyhow::Result<PathBuf> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    file.write_all(&settings.encode())?;
+    file.sync_all()?;
+    Ok(path.to_owned())
 }
 
 /// Prints the registered devices and their committed high-water seqs.

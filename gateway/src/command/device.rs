@@ -297,7 +297,6 @@ mod tests {
     use cairn_protocol::{BatchEncoder, MAX_FRAME, Record, Value};
 
     use super::*;
-    use crate::db::schema::{Column, ColumnType, StreamDef};
 
     pub(crate) fn batch(
         device_id: u64,
@@ -324,19 +323,7 @@ mod tests {
 
     fn db() -> Connection {
         let conn = Connection::open_in_memory().unwrap();
-        Schema {
-            streams: vec![StreamDef {
-                id: 1,
-                table: "climate".into(),
-                columns: vec![Column {
-                    name: "temperature".into(),
-                    ty: ColumnType::Real,
-                }],
-            }],
-            undeclared: Undeclared::Telemetry,
-        }
-        .install(&conn)
-        .unwrap();
+        crate::db::schema::test_climate().install(&conn).unwrap();
         conn
     }
 

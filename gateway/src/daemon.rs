@@ -191,6 +191,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
             }
         }));
     }
+    let (watching, stop) = (cluster.clone(), stop_rx.clone());
+    servers.push(tokio::spawn(async move {
+        watching.hand_over_while_held(stop).await;
+    }));
     let mut stop = stop_rx.clone();
     let serving = ingress.clone();
     servers.push(tokio::spawn(async move {

@@ -1,7 +1,7 @@
-//! A follower's disk fills up while the cluster takes writes (its data dir is a small tmpfs;
-//! needs root): the other two keep serving, the full one holds its work instead of failing
-//! (it stays up and says it is not ready), catches up by itself once space returns, and the
-//! three replicas end identical (issue 26, item 3).
+//! A node's disk fills up while the cluster takes writes (its data dir is a small tmpfs;
+//! needs root): the other two keep serving (a full leader hands leadership over), the full one
+//! holds its work instead of failing (it stays up and says it is not ready), catches up by
+//! itself once space returns, and the three replicas end identical (issue 26, item 3).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,13 +10,23 @@ use cairn_tests::tmpfs::Tmpfs;
 use cairn_tests::{Cluster, Options, Place, get, poll, stmts};
 use serde_json::{Value as Json, json};
 
-/// Node id whose data dir is the small tmpfs (a follower: node 1 bootstraps and leads).
-const FULL_ID: u64 = 3;
 /// Size of that tmpfs.
 const DISK_MIB: u64 = 32;
 /// Writes sent while the disk is full, each with a 16 KiB blob (about 5 MiB in all: more than
 /// the follower could hold if it had not been stopped by the full disk).
 const WRITES_WHILE_FULL: usize = 300;
+
+/// Writes on whichever node leads, as a client with a 5 s timeout would: a write sent to a
+/// leader whose disk just filled gets no answer until space returns, so it is sent again to
+/// the new leader.
+fn write(c: &Cluster, body: &Json) -> Json {
+    let client = cairn_tests::Client::new(Duration::from_secs(5), None);
+    poll(Duration::from_secs(60), "an accepted write", || {
+        let l = c.find_leader(&[])?;
+        let r = client.post(&c.nodes[l].url("/db/execute"), body);
+        (r.status == 200).then_some(r.body)
+    })
+}
 
 fn held(status: &Json) -> bool {
     let h = &status["storage_held"];
@@ -25,6 +35,17 @@ fn held(status: &Json) -> bool {
 
 #[test]
 fn test_full_disk_follower_holds_its_work_and_catches_up() {
+    // Node 1 bootstraps and leads; node 3 joins as a follower.
+    full_disk(3, false);
+}
+
+#[test]
+fn test_full_disk_leader_hands_over_and_catches_up() {
+    full_disk(1, true);
+}
+
+/// Fills the disk of node `full_id` (the leader when `leads`) during writes.
+fn full_disk(full_id: u64, leads: bool) {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: mounting a tmpfs needs root");
@@ -35,7 +56,7 @@ fn test_full_disk_follower_holds_its_work_and_catches_up() {
     let d = disk.clone();
     let place: Place = Arc::new(move |id, dir, _cmd| {
         let mut d = d.lock().expect("disk lock");
-        if id == FULL_ID && d.is_none() {
+        if id == full_id && d.is_none() {
             *d = Some(Tmpfs::mount(dir, DISK_MIB).expect("mounting the follower's tmpfs"));
         }
         "127.0.0.1".into()
@@ -44,17 +65,18 @@ fn test_full_disk_follower_holds_its_work_and_catches_up() {
     let full = c
         .nodes
         .iter()
-        .position(|n| n.id == FULL_ID)
+        .position(|n| n.id == full_id)
         .expect("the tmpfs node");
     c.execute(&stmts(&[
         "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)",
         "INSERT INTO t(v) VALUES(randomblob(16384))",
     ]));
     c.assert_identical();
-    assert_ne!(
-        c.leader(),
-        full,
-        "the node with the small disk must be a follower"
+    assert_eq!(
+        c.leader() == full,
+        leads,
+        "node {full_id} leads: {}",
+        !leads
     );
 
     let ballast = disk
@@ -65,17 +87,22 @@ fn test_full_disk_follower_holds_its_work_and_catches_up() {
         .fill()
         .expect("filling the tmpfs");
     println!(
-        "filled node {FULL_ID}'s disk with {} KiB of ballast",
+        "filled node {full_id}'s disk with {} KiB of ballast",
         ballast >> 10
     );
 
-    // The other two keep serving writes: every one is acknowledged.
+    // The other two keep serving writes: every one is acknowledged (the harness retries a
+    // write refused while leadership moves; OR REPLACE makes a retry of an applied one
+    // harmless).
     let started = Instant::now();
     for i in 0..WRITES_WHILE_FULL {
-        let r = c.execute(&json!([[
-            "INSERT INTO t(id, v) VALUES(?, randomblob(16384))",
-            1000 + i
-        ]]));
+        let r = write(
+            &c,
+            &json!([[
+                "INSERT OR REPLACE INTO t(id, v) VALUES(?, randomblob(16384))",
+                1000 + i
+            ]]),
+        );
         assert!(
             r["results"][0]["error"].is_null(),
             "write {i} failed while one follower's disk is full: {r}"
@@ -86,6 +113,7 @@ fn test_full_disk_follower_holds_its_work_and_catches_up() {
         started.elapsed()
     );
     let leader = c.leader();
+    assert_ne!(leader, full, "a node with a full disk does not lead");
     let target = c.nodes[leader]
         .applied_index()
         .expect("leader's applied index");
@@ -137,7 +165,7 @@ fn test_full_disk_follower_holds_its_work_and_catches_up() {
         },
     );
     println!(
-        "node {FULL_ID} caught up from index {behind} to {target} in {caught_up:.2?} after space returned"
+        "node {full_id} caught up from index {behind} to {target} in {caught_up:.2?} after space returned"
     );
     let n: i64 = c.nodes[full].rows("SELECT count(*) FROM t", "none")[0][0]
         .as_i64()

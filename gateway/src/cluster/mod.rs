@@ -240,6 +240,13 @@ impl Cluster {
     /// Queues `cmd` for the log on the leader; its place in the log is fixed on return.
     pub async fn propose(&self, cmd: Command) -> Result<Proposal, Error> {
         self.require_leader()?;
+        // A leader that cannot write its log or apply (a full disk) could not answer: the
+        // client hears it at once and goes elsewhere (leadership moves, see membership.rs).
+        if let Some((what, e)) = self.storage_held().first() {
+            return Err(Error::Unavailable(format!(
+                "this node's storage is held ({what}: {e}); retry shortly"
+            )));
+        }
         self.proposer.propose(cmd).await
     }
 

@@ -265,26 +265,12 @@ fn copy_rows(from: &Connection, to: &Connection, table: &str) -> Result<u64, Swa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::schema::{Column, ColumnType, Schema, StreamDef, Undeclared};
 
     /// A live database like a replica's: Cairn's tables, one stream table, a user table.
     fn live(dir: &Path) -> Connection {
         let conn = crate::db::open(&dir.join("db.sqlite")).unwrap();
         crate::db::registry::create_tables(&conn).unwrap();
-        Schema {
-            streams: vec![StreamDef {
-                on_mismatch: Default::default(),
-                id: 1,
-                table: "climate".into(),
-                columns: vec![Column {
-                    name: "temperature".into(),
-                    ty: ColumnType::Real,
-                }],
-            }],
-            undeclared: Undeclared::Telemetry,
-        }
-        .install(&conn)
-        .unwrap();
+        crate::db::schema::test_climate().install(&conn).unwrap();
         conn.execute_batch(
             "INSERT INTO _cairn_high_water VALUES(7, 10);
              INSERT INTO _cairn_devices VALUES(7, x'0102');

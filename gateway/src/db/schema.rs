@@ -354,6 +354,23 @@ pub fn int(i: i64) -> ToSqlOutput<'static> {
     ToSqlOutput::Borrowed(ValueRef::Integer(i))
 }
 
+/// A schema with one stream (id 1, table `climate`, a `temperature` real), for tests.
+#[cfg(test)]
+pub fn test_climate() -> Schema {
+    Schema {
+        streams: vec![StreamDef {
+            id: 1,
+            table: "climate".into(),
+            columns: vec![Column {
+                name: "temperature".into(),
+                ty: ColumnType::Real,
+            }],
+            on_mismatch: OnMismatch::default(),
+        }],
+        undeclared: Undeclared::Telemetry,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,6 @@ use rusqlite::Connection;
 
 use super::authorizer::is_plain_index;
 use super::*;
-use crate::db::schema::{Column, ColumnType, Schema, StreamDef, Undeclared};
 use crate::db::sql::{Params, Statement, StatementResult, Value};
 
 /// A writer like the state machine's, with Cairn's tables and one stream table.
@@ -18,20 +17,7 @@ fn writer(dir: &Path) -> Connection {
     let conn = open_writer(&dir.join("db.sqlite")).unwrap();
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     crate::db::registry::create_tables(&conn).unwrap();
-    Schema {
-        streams: vec![StreamDef {
-            on_mismatch: Default::default(),
-            id: 1,
-            table: "climate".into(),
-            columns: vec![Column {
-                name: "temperature".into(),
-                ty: ColumnType::Real,
-            }],
-        }],
-        undeclared: Undeclared::Telemetry,
-    }
-    .install(&conn)
-    .unwrap();
+    crate::db::schema::test_climate().install(&conn).unwrap();
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS _cairn_raft(key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID;
          INSERT OR REPLACE INTO _cairn_high_water VALUES(7, 10);

@@ -25,6 +25,7 @@
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
 //! undeclared_streams = "telemetry"   # or "reject"; see `db/schema.rs` for [[stream]] tables
+//! feed_capacity = 1024               # committed device batches kept for slow subscribers (embedding)
 //!
 //! [[stream]]
 //! id = 1
@@ -36,6 +37,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
+
+/// Committed device batches the record feed keeps for slow subscribers by default.
+pub const DEFAULT_FEED_CAPACITY: usize = 1024;
 
 /// Settings of one gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +72,9 @@ pub struct NodeConfig {
     /// Device stream tables (`[[stream]]`), see [`crate::db::schema`].
     pub stream: Vec<crate::db::schema::StreamDef>,
     pub undeclared_streams: crate::db::schema::Undeclared,
+    /// Committed device batches kept for subscribers of the record feed that fall behind
+    /// (the embedding API's `Node::subscribe`; see `command::feed`).
+    pub feed_capacity: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -105,6 +112,7 @@ impl Default for NodeConfig {
             device_adv_addr: None,
             stream: Vec::new(),
             undeclared_streams: crate::db::schema::Undeclared::Telemetry,
+            feed_capacity: DEFAULT_FEED_CAPACITY,
         }
     }
 }
@@ -170,6 +178,9 @@ pub struct NodeArgs {
     /// MiB of recent Raft entries kept in memory for replication and apply (default 64).
     #[arg(long)]
     pub log_cache_mib: Option<usize>,
+    /// Committed device batches kept for slow subscribers of the record feed (default 1024).
+    #[arg(long)]
+    pub feed_capacity: Option<usize>,
 }
 
 impl NodeConfig {
@@ -204,7 +215,8 @@ impl NodeConfig {
             snapshot_keep_logs,
             write_batch_max,
             write_queue_depth,
-            log_cache_mib
+            log_cache_mib,
+            feed_capacity
         );
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
@@ -241,6 +253,7 @@ impl NodeConfig {
             self.write_batch_max > 0 && self.write_queue_depth > 0,
             "write queue sizes must be positive"
         );
+        anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;

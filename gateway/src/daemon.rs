@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::cluster::membership::JoinRequest;
 use crate::cluster::{Cluster, Parts};
+use crate::command::feed::Feed;
 use crate::config::NodeConfig;
 use crate::ingress::{Ingress, IngressConfig};
 use crate::metrics::Metrics;
@@ -126,7 +127,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     let log_store =
         LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
     let log_stats = log_store.stats();
-    let sm = StateMachine::open(&config.data_dir.join("sm"), metrics.clone())?;
+    let feed = Arc::new(Feed::new(config.feed_capacity));
+    let sm =
+        StateMachine::open_with_feed(&config.data_dir.join("sm"), metrics.clone(), feed.clone())?;
     let client = HttpClient::new();
     let raft = Raft::new(
         config.node_id,
@@ -152,6 +155,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         metrics,
         log_stats,
         scratch_dir: config.data_dir.clone(),
+        feed,
     });
     let ingress = Ingress::new(
         cluster.clone(),
@@ -167,7 +171,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         (
             raft_listener,
             network::routes(raft.clone(), sm)
-                .merge(crate::ingress::forward::routes(ingress.clone())),
+                .merge(crate::ingress::forward::routes(ingress.clone()))
+                .merge(crate::cluster::forward::routes(cluster.clone())),
         ),
         (http_listener, crate::http::router(cluster.clone())),
     ] {

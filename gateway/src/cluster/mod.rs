@@ -8,12 +8,15 @@
 //!   (`raft::proposer`); [`Cluster::execute`] adds the deterministic rewrite for SQL;
 //! - reads at each consistency level: [`Cluster::query`], [`Cluster::read`];
 //! - membership ([`membership`]): join, remove, hand over leadership;
-//! - the one client that reaches the leader ([`client`]).
+//! - the one client that reaches the leader ([`client`]), and SQL that goes there from
+//!   anywhere ([`forward`], for the embedding API);
+//! - the feed of committed device records: [`Cluster::subscribe`].
 //!
 //! A call that needs the leader and is made on a follower answers [`Error::NotLeader`];
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
 pub mod client;
+pub mod forward;
 pub mod membership;
 
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 
+use crate::command::feed::{Feed, Subscription};
 use crate::command::sql::SqlCommand;
 use crate::command::{Command, CommandResponse, rewrite};
 use crate::db::Store;
@@ -35,7 +39,7 @@ use crate::raft::proposer::{Proposal, Proposer};
 use crate::raft::{NodeId, Peer, Raft};
 
 /// How consistent a read must be (rqlite's `level`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Level {
     /// This node's database, whatever it has applied.
     None,
@@ -77,6 +81,7 @@ pub struct Cluster {
     log_stats: Arc<LogStats>,
     /// Where backups and loads may put scratch files (the data directory).
     scratch_dir: PathBuf,
+    feed: Arc<Feed>,
     started: Instant,
 }
 
@@ -91,6 +96,8 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     pub log_stats: Arc<LogStats>,
     pub scratch_dir: PathBuf,
+    /// The state machine's feed of stored device records.
+    pub feed: Arc<Feed>,
 }
 
 impl Cluster {
@@ -105,6 +112,7 @@ impl Cluster {
             metrics: p.metrics,
             log_stats: p.log_stats,
             scratch_dir: p.scratch_dir,
+            feed: p.feed,
             started: Instant::now(),
         })
     }
@@ -149,6 +157,12 @@ impl Cluster {
 
     pub fn scratch_dir(&self) -> &std::path::Path {
         &self.scratch_dir
+    }
+
+    /// A subscription to the device records this replica stores from now on, each once, as
+    /// their entries commit (see [`crate::command::feed`]).
+    pub fn subscribe(&self) -> Subscription {
+        self.feed.subscribe()
     }
 
     /// Openraft's view of this node (state, term, indexes, membership).

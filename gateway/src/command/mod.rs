@@ -27,6 +27,7 @@
 //! variant by its position. New variants go at the end.
 
 pub mod device;
+pub mod feed;
 pub mod registry;
 pub mod rewrite;
 pub mod sql;
@@ -36,6 +37,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use self::device::{BatchOutcome, DeviceBatch};
+use self::feed::Feed;
 use self::registry::{RegistryCommand, RegistryOutcome};
 use self::sql::SqlCommand;
 use crate::db::sql::StatementResult;
@@ -80,10 +82,11 @@ pub enum CommandResponse {
     DeviceRegistry(RegistryOutcome),
 }
 
-/// What an apply function may use besides the connection: this replica's counters (they
-/// count, they never change what is applied).
+/// What an apply function may use besides the connection: this replica's counters and its
+/// feed of stored device records (they observe, they never change what is applied).
 pub struct ApplyContext<'a> {
     pub metrics: &'a Metrics,
+    pub feed: &'a Feed,
 }
 
 /// Applies `cmd` inside the caller's open transaction on `conn`: the one dispatch point.
@@ -95,7 +98,7 @@ pub fn apply(
     match cmd {
         Command::Sql(sql) => sql::apply_sql(conn, sql).map(CommandResponse::Sql),
         Command::DeviceBatches(b) => {
-            device::apply(conn, ctx.metrics, b).map(CommandResponse::DeviceBatches)
+            device::apply(conn, ctx, b).map(CommandResponse::DeviceBatches)
         }
         Command::DeviceRegistry(c) => {
             registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)

@@ -29,6 +29,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use rusqlite::{Connection, OptionalExtension};
 
 use super::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, io_err};
+use crate::command::feed::Feed;
 use crate::command::{self, ApplyContext, Command, CommandResponse};
 use crate::db::{self, Store, tables};
 use crate::metrics::Metrics;
@@ -55,6 +56,7 @@ struct Inner {
     current_snapshot: Mutex<Option<SnapshotMeta>>,
     snapshot_seq: AtomicU64,
     metrics: Arc<Metrics>,
+    feed: Arc<Feed>,
 }
 
 /// Reads the applied log id and membership recorded inside a database.
@@ -171,6 +173,7 @@ impl Inner {
         let mut conn = self.store.writer();
         let ctx = ApplyContext {
             metrics: &self.metrics,
+            feed: &self.feed,
         };
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -201,6 +204,7 @@ impl Inner {
             )
             .map_err(io_err)?;
             tx.commit().map_err(io_err)?;
+            self.feed.publish(entry.log_id.index);
             self.applied.lock().map_err(io_err)?.0 = Some(entry.log_id);
             out.push(resp);
         }
@@ -211,6 +215,15 @@ impl Inner {
 impl StateMachine {
     /// Opens (creating if needed) the state machine under `dir`, counting into `metrics`.
     pub fn open(dir: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        Self::open_with_feed(dir, metrics, Arc::default())
+    }
+
+    /// [`StateMachine::open`], publishing stored device records to `feed`.
+    pub fn open_with_feed(
+        dir: &Path,
+        metrics: Arc<Metrics>,
+        feed: Arc<Feed>,
+    ) -> anyhow::Result<Self> {
         let snap_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snap_dir)?;
         // Leftovers of an interrupted build or transfer are never needed.
@@ -236,6 +249,7 @@ impl StateMachine {
                 current_snapshot: Mutex::new(current_snapshot),
                 snapshot_seq: AtomicU64::new(0),
                 metrics,
+                feed,
             }),
         })
     }
@@ -330,6 +344,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let m = meta.clone();
         blocking(move || inner.install(&m, snapshot)).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        self.inner
+            .feed
+            .snapshot_installed(meta.last_log_id.map_or(0, |l| l.index));
         Ok(())
     }
 

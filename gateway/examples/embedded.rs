@@ -134,7 +134,12 @@ async fn main() -> anyhow::Result<()> {
                 Ok(batch) => {
                     for r in batch.records() {
                         let values: Vec<String> = r.values().map(|v| v.to_string()).collect();
-                        println!("device {} seq {}: {}", r.device_id, r.seq, values.join(", "));
+                        println!(
+                            "device {} seq {}: {}",
+                            r.device_id,
+                            r.seq,
+                            values.join(", ")
+                        );
                     }
                 }
                 Err(e @ cairn_gateway::embed::FeedError::Closed) => {

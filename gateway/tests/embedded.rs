@@ -167,7 +167,11 @@ async fn test_three_embedded_nodes_serve_sql_and_publish_records_once() {
         while seqs.last() != Some(&10) {
             let batch = next(sub).await;
             assert_eq!(batch.device_id, 42);
-            assert!(batch.log_index > last_index, "log order on node {}", node.id());
+            assert!(
+                batch.log_index > last_index,
+                "log order on node {}",
+                node.id()
+            );
             last_index = batch.log_index;
             for r in batch.records() {
                 assert_eq!((r.device_id, r.stream), (42, 1));

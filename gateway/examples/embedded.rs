@@ -15,16 +15,15 @@ use std::time::Duration;
 use cairn_gateway::db::schema::{Column, ColumnType, StreamDef};
 use cairn_gateway::embed::{Level, Node, NodeConfig, Statement, StatementResult, Value};
 
-/// Starts three nodes with their data under `dir`: node 1 bootstraps, nodes 2 and 3 join
-/// through its HTTP API. Returns once each of them knows the leader and the three voters.
-pub async fn start_cluster(dir: &Path) -> anyhow::Result<Vec<Node>> {
-    let config = |id: u64| NodeConfig {
+/// Node `id`'s settings: loopback, ports chosen by the OS, data in `dir/node{id}`, and the
+/// devices' stream 1 stored in the table `climate`.
+pub fn config(dir: &Path, id: u64) -> NodeConfig {
+    NodeConfig {
         node_id: id,
         data_dir: dir.join(format!("node{id}")),
         http_addr: "127.0.0.1:0".into(),
         raft_addr: "127.0.0.1:0".into(),
         device_addr: "127.0.0.1:0".into(),
-        // Devices' stream 1 goes to the table `climate`.
         stream: vec![StreamDef {
             id: 1,
             table: "climate".into(),
@@ -34,10 +33,15 @@ pub async fn start_cluster(dir: &Path) -> anyhow::Result<Vec<Node>> {
             }],
         }],
         ..NodeConfig::default()
-    };
+    }
+}
+
+/// Starts three nodes with their data under `dir`: node 1 bootstraps, nodes 2 and 3 join
+/// through its HTTP API. Returns once each of them knows the leader and the three voters.
+pub async fn start_cluster(dir: &Path) -> anyhow::Result<Vec<Node>> {
     let first = Node::start(NodeConfig {
         bootstrap: true,
-        ..config(1)
+        ..config(dir, 1)
     })
     .await?;
     let join = format!("http://{}", first.peer().http_addr);
@@ -45,7 +49,7 @@ pub async fn start_cluster(dir: &Path) -> anyhow::Result<Vec<Node>> {
     for id in [2, 3] {
         let node = Node::start(NodeConfig {
             join: Some(join.clone()),
-            ..config(id)
+            ..config(dir, id)
         })
         .await?;
         nodes.push(node);

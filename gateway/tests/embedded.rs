@@ -203,14 +203,9 @@ async fn test_three_embedded_nodes_serve_sql_and_publish_records_once() {
 async fn test_a_lagging_subscriber_is_told_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(NodeConfig {
-        node_id: 1,
-        data_dir: dir.path().to_path_buf(),
-        http_addr: "127.0.0.1:0".into(),
-        raft_addr: "127.0.0.1:0".into(),
-        device_addr: "127.0.0.1:0".into(),
         bootstrap: true,
         feed_capacity: 2,
-        ..NodeConfig::default()
+        ..example::config(dir.path(), 1)
     })
     .await
     .unwrap();

@@ -41,6 +41,7 @@
 //! node_verify_client = true
 //! join_as = "joiner"                 # user of `auth` whose password a join sends
 //! insecure = false                   # listen beyond loopback without auth / node TLS
+//! feed_capacity = 1024               # committed device batches kept for slow subscribers (embedding)
 //!
 //! [[stream]]
 //! id = 1
@@ -56,6 +57,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
+
+/// Committed device batches the record feed keeps for slow subscribers by default.
+pub const DEFAULT_FEED_CAPACITY: usize = 1024;
 
 /// Settings of one gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +118,9 @@ pub struct NodeConfig {
     pub join_as: Option<String>,
     /// Listen beyond loopback without auth or node TLS (logged as a warning at every start).
     pub insecure: bool,
+    /// Committed device batches kept for subscribers of the record feed that fall behind
+    /// (the embedding API's `Node::subscribe`; see `command::feed`).
+    pub feed_capacity: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -167,6 +174,7 @@ impl Default for NodeConfig {
             node_verify_client: false,
             join_as: None,
             insecure: false,
+            feed_capacity: DEFAULT_FEED_CAPACITY,
         }
     }
 }
@@ -277,6 +285,9 @@ pub struct NodeArgs {
     /// Largest database a `/db/load` may bring, in MiB (default 4096).
     #[arg(long)]
     pub max_db_size_mib: Option<u64>,
+    /// Committed device batches kept for slow subscribers of the record feed (default 1024).
+    #[arg(long)]
+    pub feed_capacity: Option<usize>,
 }
 
 impl NodeConfig {
@@ -318,7 +329,8 @@ impl NodeConfig {
             read_timeout_ms,
             read_max_rows,
             read_max_bytes,
-            max_db_size_mib
+            max_db_size_mib,
+            feed_capacity
         );
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
@@ -380,6 +392,7 @@ impl NodeConfig {
             self.write_batch_max > 0 && self.write_queue_depth > 0,
             "write queue sizes must be positive"
         );
+        anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::cluster::membership::JoinRequest;
 use crate::cluster::{Cluster, Parts};
+use crate::command::feed::Feed;
 use crate::config::NodeConfig;
 use crate::ingress::{Ingress, IngressConfig};
 use crate::metrics::Metrics;
@@ -128,7 +129,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     let log_store =
         LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
     let log_stats = log_store.stats();
-    let sm = StateMachine::open(&config.data_dir.join("sm"), metrics.clone())?;
+    let feed = Arc::new(Feed::new(config.feed_capacity));
+    let sm =
+        StateMachine::open_with_feed(&config.data_dir.join("sm"), metrics.clone(), feed.clone())?;
     let client = HttpClient::new();
     let raft = Raft::new(
         config.node_id,
@@ -156,6 +159,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         scratch_dir: config.data_dir.clone(),
         read_limits: config.read_limits(),
         max_db_bytes: config.max_db_size_mib << 20,
+        feed,
     });
     cluster
         .streams()
@@ -170,7 +174,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
             raft_listener,
             network::routes(raft.clone(), sm)
                 .merge(crate::ingress::forward::routes(ingress.clone()))
-                .merge(crate::cluster::streams::routes(cluster.clone())),
+                .merge(crate::cluster::streams::routes(cluster.clone()))
+                .merge(crate::cluster::forward::routes(cluster.clone())),
         ),
         (http_listener, crate::http::router(cluster.clone())),
     ] {

@@ -10,11 +10,15 @@
 //! - membership ([`membership`]): join, remove, hand over leadership;
 //! - the one client that reaches the leader ([`client`]);
 //! - stream definitions and dead-letter replays ([`streams`]).
+//! - the one client that reaches the leader ([`client`]), and SQL that goes there from
+//!   anywhere ([`forward`], for the embedding API);
+//! - the feed of committed device records: [`Cluster::subscribe`].
 //!
 //! A call that needs the leader and is made on a follower answers [`Error::NotLeader`];
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
 pub mod client;
+pub mod forward;
 pub mod membership;
 pub mod streams;
 
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 
+use crate::command::feed::{Feed, Subscription};
 use crate::command::sql::SqlCommand;
 use crate::command::{Command, CommandResponse, rewrite};
 use crate::db::Store;
@@ -38,7 +43,7 @@ use crate::raft::proposer::{Proposal, Proposer};
 use crate::raft::{NodeId, Peer, Raft};
 
 /// How consistent a read must be (rqlite's `level`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Level {
     /// This node's database, whatever it has applied.
     None,
@@ -84,6 +89,7 @@ pub struct Cluster {
     read_limits: ReadLimits,
     /// Largest database a load may bring (`max_db_size_mib`).
     max_db_bytes: u64,
+    feed: Arc<Feed>,
     started: Instant,
     /// This node's configured stream definitions (set by the composition root).
     streams: streams::StreamsConfig,
@@ -102,6 +108,8 @@ pub struct Parts {
     pub scratch_dir: PathBuf,
     pub read_limits: ReadLimits,
     pub max_db_bytes: u64,
+    /// The state machine's feed of stored device records.
+    pub feed: Arc<Feed>,
 }
 
 impl Cluster {
@@ -118,6 +126,7 @@ impl Cluster {
             scratch_dir: p.scratch_dir,
             read_limits: p.read_limits,
             max_db_bytes: p.max_db_bytes,
+            feed: p.feed,
             started: Instant::now(),
             streams: Default::default(),
         })
@@ -163,6 +172,12 @@ impl Cluster {
 
     pub fn scratch_dir(&self) -> &std::path::Path {
         &self.scratch_dir
+    }
+
+    /// A subscription to the device records this replica stores from now on, each once, as
+    /// their entries commit (see [`crate::command::feed`]).
+    pub fn subscribe(&self) -> Subscription {
+        self.feed.subscribe()
     }
 
     /// Openraft's view of this node (state, term, indexes, membership).

@@ -24,11 +24,11 @@ use rusqlite::types::ToSqlOutput;
 use rusqlite::{CachedStatement, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use super::ApplyContext;
 use super::dead_letter::{self, DeadLetters, Placement};
 use crate::db::registry::create_tables;
 use crate::db::schema::{Schema, TELEMETRY_TABLE, column_value, int, utc_text, values_json};
 use crate::db::tables::HIGH_WATER as HIGH_WATER_TABLE;
-use crate::metrics::Metrics;
 
 /// One device's batch as it travels in the log: the authenticated, decrypted Batch body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +108,16 @@ pub struct ApplyStats {
     pub records: u64,
     /// Records that did not fit (dead-lettered, or the first of a refused batch).
     pub misfits: Vec<dead_letter::Misfit>,
+    /// When `Some` (someone subscribes to the [`Feed`](super::feed::Feed)): per stored
+    /// batch, its index in the entry and the first seq stored.
+    pub stored: Option<Vec<(usize, u64)>>,
+}
+
+/// The stored time (Unix ms) of a record taken at device uptime `uptime_ms`, in a batch sent
+/// at `sent_uptime_ms` and read at `received_at_ms` (see the module doc).
+pub fn record_time_ms(received_at_ms: i64, sent_uptime_ms: u64, uptime_ms: u64) -> i64 {
+    let age = sent_uptime_ms.saturating_sub(uptime_ms);
+    received_at_ms.saturating_sub(age.min(i64::MAX as u64) as i64)
 }
 
 /// The text of a record's `time`: taken at device uptime `r.uptime_ms`, in a batch sealed at
@@ -221,16 +231,24 @@ impl<'c> Inserts<'c> {
     }
 }
 
-/// The command's apply function: [`apply_device_batches`] plus this replica's metrics.
+/// The command's apply function: [`apply_device_batches`] plus this replica's metrics and
+/// its [`Feed`](super::feed::Feed) of stored records.
 pub fn apply(
     conn: &Connection,
-    m: &Metrics,
+    ctx: &ApplyContext<'_>,
     batches: &[DeviceBatch],
 ) -> rusqlite::Result<Vec<BatchOutcome>> {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut stats = ApplyStats::default();
+    let m = ctx.metrics;
+    let mut stats = ApplyStats {
+        stored: ctx.feed.wanted().then(Vec::new),
+        ..ApplyStats::default()
+    };
     let out = apply_device_batches(conn, batches, &mut stats)?;
     dead_letter::report(m, &stats.misfits);
+    for &(i, from_seq) in stats.stored.iter().flatten() {
+        ctx.feed.stage(&batches[i], from_seq);
+    }
     m.batches_applied.fetch_add(stats.batches, Relaxed);
     m.records_applied.fetch_add(stats.records, Relaxed);
     let dups = out
@@ -258,7 +276,7 @@ pub fn apply_device_batches(
          ON CONFLICT(device_id) DO UPDATE SET seq = excluded.seq"
     ))?;
     let mut out = Vec::with_capacity(batches.len());
-    for b in batches {
+    for (i, b) in batches.iter().enumerate() {
         let Some(view) = b.view() else {
             out.push(BatchOutcome::Malformed);
             continue;
@@ -308,6 +326,9 @@ pub fn apply_device_batches(
             stats.records += 1;
         }
         set_hw.execute([b.device_id as i64, last as i64])?;
+        if let Some(stored) = &mut stats.stored {
+            stored.push((i, hw + 1));
+        }
         stats.batches += 1;
         out.push(BatchOutcome::Applied { through_seq: last });
     }

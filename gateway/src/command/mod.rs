@@ -30,6 +30,7 @@
 
 pub mod dead_letter;
 pub mod device;
+pub mod feed;
 pub mod load;
 pub mod registry;
 pub mod rewrite;
@@ -41,6 +42,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use self::device::{BatchOutcome, DeviceBatch};
+use self::feed::Feed;
 use self::load::LoadChunk;
 use self::registry::{RegistryCommand, RegistryOutcome};
 use self::sql::SqlCommand;
@@ -125,11 +127,12 @@ pub enum CommandResponse {
 }
 
 /// What an apply function may use besides the connection: the entry's log index (it seeds
-/// the entry's deterministic `random()`), and this replica's counters (they count, they never
-/// change what is applied).
+/// the entry's deterministic `random()`), this replica's counters and its feed of stored
+/// device records (they observe, they never change what is applied).
 pub struct ApplyContext<'a> {
     pub index: u64,
     pub metrics: &'a Metrics,
+    pub feed: &'a Feed,
 }
 
 /// Applies `cmd` inside the caller's open transaction on `conn`: the one dispatch point.
@@ -144,7 +147,7 @@ pub fn apply(
             sql::apply_sql(conn, sql).map(CommandResponse::Sql)
         }
         Command::DeviceBatches(b) => {
-            device::apply(conn, ctx.metrics, b).map(CommandResponse::DeviceBatches)
+            device::apply(conn, ctx, b).map(CommandResponse::DeviceBatches)
         }
         Command::DeviceRegistry(c) => {
             registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)

@@ -22,7 +22,7 @@ pub mod streams;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
@@ -32,12 +32,8 @@ use axum::routing::{delete, get, post};
 use bytes::Bytes;
 
 use crate::cluster::Cluster;
-use crate::cluster::client::{FORWARDED, LeaderRequest, Port};
+use crate::cluster::client::{FORWARDED, LEADER_WAIT, LeaderRequest, Port};
 use crate::error::Error;
-
-/// How long a request that needs the leader waits for one to be known (or for leadership to
-/// settle after it moved under a write that was therefore not proposed).
-const LEADER_WAIT: Duration = Duration::from_secs(3);
 
 /// How long a forwarded request may take on the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -105,9 +101,7 @@ pub enum Served<T> {
 }
 
 /// Runs `op` here if this node leads, else sends the original request to the leader (or
-/// `301`s the client there with `redirect`). An `op` refused with `NotLeader` proposed
-/// nothing (leadership moved between the check and the proposal): it goes to the new leader,
-/// or is tried again here while leadership settles, for up to `LEADER_WAIT` (3 s).
+/// `301`s the client there with `redirect`), by [`Cluster::on_leader`]'s rules.
 pub async fn on_leader<T, Fut>(
     n: &Cluster,
     req: &Original,
@@ -117,19 +111,14 @@ pub async fn on_leader<T, Fut>(
 where
     Fut: Future<Output = Result<T, Error>>,
 {
-    let deadline = Instant::now() + LEADER_WAIT;
-    loop {
-        if n.is_leader() {
-            match op().await {
-                Err(e) if e.is_not_leader() && Instant::now() < deadline => {}
-                r => return r.map(Served::Here),
-            }
-        } else if n.leader().is_some() || Instant::now() >= deadline {
-            return to_leader(n, req, redirect).await.map(Served::There);
-        }
-        // No leader known yet (an election is on), or it is still this node: shortly again.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    n.on_leader(
+        || {
+            let here = op();
+            async move { here.await.map(Served::Here) }
+        },
+        || async { to_leader(n, req, redirect).await.map(Served::There) },
+    )
+    .await
 }
 
 /// Sends the request to the leader and relays its answer (or `301`s the client there).

@@ -33,6 +33,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use rusqlite::{Connection, OptionalExtension};
 
 use super::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, io_err};
+use crate::command::feed::Feed;
 use crate::command::{self, ApplyContext, Command, CommandResponse};
 use crate::db::failure::{self, Failure};
 use crate::db::{self, Store, tables};
@@ -60,6 +61,7 @@ struct Inner {
     current_snapshot: Mutex<Option<SnapshotMeta>>,
     snapshot_seq: AtomicU64,
     metrics: Arc<Metrics>,
+    feed: Arc<Feed>,
 }
 
 /// Reads the applied log id and membership recorded inside a database.
@@ -179,6 +181,7 @@ impl Inner {
         let mut conn = self.store.writer();
         for entry in &entries[out.len()..] {
             let (resp, membership) = self.apply_one(&mut conn, entry).map_err(Halt::from)?;
+            self.feed.publish(entry.log_id.index);
             let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
             applied.0 = Some(entry.log_id);
             if let Some(m) = membership {
@@ -200,6 +203,7 @@ impl Inner {
         let ctx = ApplyContext {
             index: entry.log_id.index,
             metrics: &self.metrics,
+            feed: &self.feed,
         };
         let mut membership = None;
         let resp = match &entry.payload {
@@ -273,6 +277,15 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Failed> {
 impl StateMachine {
     /// Opens (creating if needed) the state machine under `dir`, counting into `metrics`.
     pub fn open(dir: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        Self::open_with_feed(dir, metrics, Arc::default())
+    }
+
+    /// [`StateMachine::open`], publishing stored device records to `feed`.
+    pub fn open_with_feed(
+        dir: &Path,
+        metrics: Arc<Metrics>,
+        feed: Arc<Feed>,
+    ) -> anyhow::Result<Self> {
         let snap_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snap_dir)?;
         // Leftovers of an interrupted build or transfer are never needed.
@@ -298,6 +311,7 @@ impl StateMachine {
                 current_snapshot: Mutex::new(current_snapshot),
                 snapshot_seq: AtomicU64::new(0),
                 metrics,
+                feed,
             }),
         })
     }
@@ -419,6 +433,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let m = meta.clone();
         blocking(move || inner.install(&m, snapshot)).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        self.inner
+            .feed
+            .snapshot_installed(meta.last_log_id.map_or(0, |l| l.index));
         Ok(())
     }
 

@@ -203,6 +203,9 @@ fn upload_path(n: &Cluster) -> std::path::PathBuf {
         .join(format!("upload-{}.tmp", rand::random::<u64>()))
 }
 
+/// Bytes of an oversized upload read and dropped before the refusal is sent.
+const DRAIN_BEYOND_MAX: u64 = 64 << 20;
+
 /// Streams a request body to a new file in the data dir, refusing it beyond the node's
 /// largest load.
 async fn spool(n: &Cluster, body: Body) -> Result<std::path::PathBuf, Error> {
@@ -219,6 +222,15 @@ async fn spool(n: &Cluster, body: Body) -> Result<std::path::PathBuf, Error> {
                 chunk.map_err(|e| Error::BadRequest(format!("load: reading the body: {e}")))?;
             len += chunk.len() as u64;
             if len > max {
+                // Read (and drop) the rest of a modest overrun before answering, so the
+                // client gets the clear error instead of a reset while it is still sending.
+                let drain_to = max.saturating_add(DRAIN_BEYOND_MAX);
+                while len <= drain_to {
+                    match stream.next().await {
+                        Some(Ok(more)) => len += more.len() as u64,
+                        _ => break,
+                    }
+                }
                 return Err(Error::BadRequest(format!(
                     "load: the upload is larger than this node's max_db_size_mib ({} MiB)",
                     max >> 20

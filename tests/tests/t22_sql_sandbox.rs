@@ -180,7 +180,7 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
         "none",
     );
     assert!(!names.is_empty());
-    let info = n.rows("PRAGMA table_info(_cairn_high_water)", "weak");
+    let info = n.rows("PRAGMA table_info(_cairn_raft)", "weak");
     assert_eq!(info.len(), 2);
 
     // The write budget: an endless recursive CTE fails the same way on every replica.

@@ -340,7 +340,7 @@ pub(crate) mod tests {
     use cairn_protocol::{BatchEncoder, MAX_FRAME, Record, Value};
 
     use super::*;
-    use crate::db::schema::{Column, ColumnType, StreamDef, Undeclared};
+    use crate::db::schema::Undeclared;
 
     pub(crate) fn batch(
         device_id: u64,
@@ -367,21 +367,10 @@ pub(crate) mod tests {
 
     fn db() -> Connection {
         let conn = Connection::open_in_memory().unwrap();
-        Schema {
-            streams: vec![StreamDef {
-                id: 1,
-                table: "climate".into(),
-                columns: vec![Column {
-                    name: "temperature".into(),
-                    ty: ColumnType::Real,
-                }],
-                // Today's refusal; dead-lettering is tested in `command::streams`.
-                on_mismatch: crate::db::schema::OnMismatch::Reject,
-            }],
-            undeclared: Undeclared::Telemetry,
-        }
-        .install(&conn)
-        .unwrap();
+        let mut schema = crate::db::schema::test_climate();
+        // Today's refusal; dead-lettering is tested in `command::streams`.
+        schema.streams[0].on_mismatch = crate::db::schema::OnMismatch::Reject;
+        schema.install(&conn).unwrap();
         conn
     }
 

@@ -143,6 +143,12 @@ impl Feed {
             });
     }
 
+    /// Forgets what an entry staged: call before applying it, so an attempt that was rolled
+    /// back (a held storage error, then a retry) never publishes its records twice.
+    pub fn discard_staged(&self) {
+        self.staged.lock().expect("feed mutex").clear();
+    }
+
     /// Publishes what the entry at `log_index` staged; call after it committed.
     pub fn publish(&self, log_index: u64) {
         let staged = std::mem::take(&mut *self.staged.lock().expect("feed mutex"));

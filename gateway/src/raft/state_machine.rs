@@ -199,6 +199,7 @@ impl Inner {
         conn: &mut Connection,
         entry: &Entry,
     ) -> Result<(CommandResponse, Option<StoredMembership>), Failed> {
+        self.feed.discard_staged();
         let tx = conn.transaction()?;
         let ctx = ApplyContext {
             index: entry.log_id.index,

@@ -37,6 +37,7 @@
 //! node_verify_client = true
 //! join_as = "joiner"                 # user of `auth` whose password a join sends
 //! insecure = false                   # listen beyond loopback without auth / node TLS
+//! max_db_mib = 8192                  # largest database accepted as a snapshot from a peer
 //!
 //! [[stream]]
 //! id = 1
@@ -94,6 +95,8 @@ pub struct NodeConfig {
     pub join_as: Option<String>,
     /// Listen beyond loopback without auth or node TLS (logged as a warning at every start).
     pub insecure: bool,
+    /// The largest database (MiB) this node accepts as a snapshot stream from a peer.
+    pub max_db_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -142,6 +145,7 @@ impl Default for NodeConfig {
             node_verify_client: false,
             join_as: None,
             insecure: false,
+            max_db_mib: 8192,
         }
     }
 }
@@ -207,6 +211,9 @@ pub struct NodeArgs {
     /// MiB of recent Raft entries kept in memory for replication and apply (default 64).
     #[arg(long)]
     pub log_cache_mib: Option<usize>,
+    /// Largest database (MiB) accepted as a snapshot from a peer (default 8192).
+    #[arg(long)]
+    pub max_db_mib: Option<u64>,
     /// rqlite's auth file: JSON list of {"username", "password", "perms"}; "*" is anonymous.
     #[arg(long)]
     pub auth: Option<PathBuf>,
@@ -274,7 +281,8 @@ impl NodeConfig {
             snapshot_keep_logs,
             write_batch_max,
             write_queue_depth,
-            log_cache_mib
+            log_cache_mib,
+            max_db_mib
         );
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();

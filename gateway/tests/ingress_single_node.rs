@@ -74,15 +74,15 @@ async fn start_node() -> Node {
 async fn add_device(node: &Node, id: u64, key: &[u8; 32]) {
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let body = format!(r#"{{"id": {id}, "key": "{hex}"}}"#);
-    let resp = HttpClient::new()
-        .post(
-            &node.http_addr,
-            "/devices",
-            full(body),
-            Duration::from_secs(10),
-        )
+    let req = hyper::Request::post(format!("http://{}/devices", node.http_addr))
+        .header("content-type", "application/json")
+        .body(full(body))
+        .unwrap();
+    let (status, _, resp) = HttpClient::new(None)
+        .send(req, Duration::from_secs(10))
         .await
         .unwrap();
+    assert!(status.is_success(), "{status}");
     let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
     assert_eq!(v["device_id"], id);
 }

@@ -35,19 +35,17 @@ async fn test_two_nodes_in_one_process_count_apart() {
     let dir = tempfile::tempdir().unwrap();
     let a = start(1, dir.path()).await;
     let b = start(2, dir.path()).await;
-    let http = HttpClient::new();
+    let http = HttpClient::new(None);
     for sql in [
         r#"["CREATE TABLE t (x INTEGER)"]"#,
         r#"["INSERT INTO t VALUES (1)"]"#,
     ] {
-        http.post(
-            &a.cluster.peer().http_addr,
-            "/db/execute",
-            full(sql),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        let req = hyper::Request::post(format!("http://{}/db/execute", a.cluster.peer().http_addr))
+            .header("content-type", "application/json")
+            .body(full(sql))
+            .unwrap();
+        let (status, _, _) = http.send(req, Duration::from_secs(10)).await.unwrap();
+        assert!(status.is_success(), "{status}");
     }
     let device = tokio::net::TcpStream::connect(&a.cluster.peer().device_addr)
         .await

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
@@ -14,7 +15,7 @@ use serde_json::json;
 use super::rqlite::{
     Opts, error_response, json_response, parse_statements, result_json, results_response,
 };
-use super::{Original, Served, on_leader, redirect_to_leader};
+use super::{Original, Scheme, Served, on_leader, redirect_to_leader};
 use crate::cluster::{Cluster, Level};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
@@ -129,6 +130,7 @@ pub async fn request(State(n): State<Arc<Cluster>>, Query(q): Params, req: Origi
 pub async fn backup(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
+    Extension(scheme): Extension<Scheme>,
     uri: Uri,
 ) -> Response {
     let o = Opts::from(&q);
@@ -137,7 +139,7 @@ pub async fn backup(
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/db/backup");
-        return redirect_to_leader(&n, path)
+        return redirect_to_leader(&n, scheme, path)
             .await
             .unwrap_or_else(|e| error_response(&e, o.pretty));
     }

@@ -32,20 +32,20 @@ enum Cmd {
     },
     /// Interactive SQL shell, like the rqlite shell.
     Shell {
-        #[arg(long, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Download the database (a SQLite file) to FILE.
     Backup {
         file: PathBuf,
-        #[arg(long, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Replace the database with FILE (a SQLite file or SQL text).
     Restore {
         file: PathBuf,
-        #[arg(long, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Run simulated devices (the real firmware client) against gateways' device ports.
     #[cfg(feature = "sim")]
@@ -54,8 +54,8 @@ enum Cmd {
     Device {
         #[command(subcommand)]
         command: DeviceCmd,
-        #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Cluster CA and node/client certificates for TLS.
     Certs {
@@ -97,16 +97,18 @@ fn main() -> std::process::ExitCode {
             cli::init_logging(log_format, "info");
             cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, dev_fleet)))
         }
-        Cmd::Shell { host } => cli::shell(&host),
-        Cmd::Backup { file, host } => cli::backup(&host, &file),
-        Cmd::Restore { file, host } => cli::restore(&host, &file),
+        Cmd::Shell { conn } => cli::shell(&conn),
+        Cmd::Backup { file, conn } => cli::Api::connect(&conn).and_then(|a| cli::backup(&a, &file)),
+        Cmd::Restore { file, conn } => {
+            cli::Api::connect(&conn).and_then(|a| cli::restore(&a, &file))
+        }
         #[cfg(feature = "sim")]
         Cmd::Sim(a) => cairn_sim::run(a, cli::shutdown_signal()),
-        Cmd::Device { command, host } => match command {
-            DeviceCmd::Add { id, key } => admin::add(&host, id, &key),
-            DeviceCmd::List => admin::list(&host),
-            DeviceCmd::Remove { id } => admin::remove(&host, id),
-        },
+        Cmd::Device { command, conn } => cli::Api::connect(&conn).and_then(|api| match command {
+            DeviceCmd::Add { id, key } => admin::add(&api, id, &key),
+            DeviceCmd::List => admin::list(&api),
+            DeviceCmd::Remove { id } => admin::remove(&api, id),
+        }),
         Cmd::Certs { command } => cairn_gateway::security::certs::run(command),
     };
     match result {
@@ -135,6 +137,8 @@ fn dev_fleet(host: &str, device_addrs: &[String]) {
         threads: Some(1),
         report: None,
         quiet: true,
+        user: None,
+        ca_cert: None,
     };
     println!(
         "  5 simulated devices (ids 1-5) push 2 records/s each into table readings:\n  \

@@ -1,31 +1,15 @@
 //! `cairn device add|list|remove`: the registry admin API (`/devices`, see
 //! [`crate::http::devices`]) from the command line.
 
-use serde_json::{Value as Json, json};
+use serde_json::json;
 
-use super::{agent, get_json, post_json};
+use super::{Api, answer, check};
 use crate::db::registry;
 
-fn check(status: u16, body: &Json) -> anyhow::Result<()> {
-    if (200..300).contains(&status) {
-        return Ok(());
-    }
-    let msg = body["error"]
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| body.to_string());
-    anyhow::bail!("{msg} (HTTP {status})")
-}
-
 /// Registers device `id` with key `key_hex` (64 hex digits).
-pub fn add(host: &str, id: u64, key_hex: &str) -> anyhow::Result<()> {
+pub fn add(api: &Api, id: u64, key_hex: &str) -> anyhow::Result<()> {
     registry::parse_key(key_hex)?;
-    let host = host.trim_end_matches('/');
-    let (status, body) = post_json(
-        &agent(),
-        &format!("{host}/devices"),
-        &json!({"id": id, "key": key_hex}),
-    )?;
+    let (status, body) = api.post_json("/devices", &json!({"id": id, "key": key_hex}))?;
     check(status, &body)?;
     if body["replaced"].as_bool() == Some(true) {
         println!("device {id}: key replaced");
@@ -36,12 +20,9 @@ pub fn add(host: &str, id: u64, key_hex: &str) -> anyhow::Result<()> {
 }
 
 /// Prints the registered devices and their committed high-water seqs.
-pub fn list(host: &str) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
-    let body = get_json(&agent(), &format!("{host}/devices"))?;
-    if let Some(e) = body["error"].as_str() {
-        anyhow::bail!("{e}");
-    }
+pub fn list(api: &Api) -> anyhow::Result<()> {
+    let (status, body) = api.get_json("/devices")?;
+    check(status, &body)?;
     let devices = body["devices"].as_array().cloned().unwrap_or_default();
     println!("{:>20}  {:>20}", "device_id", "high_water");
     for d in &devices {
@@ -56,12 +37,8 @@ pub fn list(host: &str) -> anyhow::Result<()> {
 }
 
 /// Forgets device `id`'s key (its stored records and high-water stay).
-pub fn remove(host: &str, id: u64) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
-    let mut resp = agent().delete(&format!("{host}/devices/{id}")).call()?;
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string()?;
-    let body: Json = serde_json::from_str(&text).unwrap_or(Json::String(text));
+pub fn remove(api: &Api, id: u64) -> anyhow::Result<()> {
+    let (status, body) = answer(api.delete(&format!("/devices/{id}")).call()?)?;
     check(status, &body)?;
     if body["removed"].as_bool() == Some(true) {
         println!("device {id}: removed");

@@ -597,3 +597,50 @@ fn test_auth_alone_over_plain_http_and_credentials_in_forwarding() {
     assert!(r.succeeded(), "{:?}", r.body);
     c.assert_identical();
 }
+
+/// rqlite's own Python client (pyrqlite, `cargo xtask setup` installs it) over HTTPS with
+/// Basic credentials, through a follower; with a wrong password it gets nothing done.
+const PYRQLITE: &str = r#"
+import ssl, sys
+import pyrqlite.dbapi2 as db
+host, port, ca, user, password, table = sys.argv[1:7]
+conn = db.connect(scheme="https", host=host, port=int(port), user=user, password=password,
+                  ssl_context=ssl.create_default_context(cafile=ca))
+cur = conn.cursor()
+cur.execute("CREATE TABLE %s (id INTEGER PRIMARY KEY, name TEXT)" % table)
+cur.execute("INSERT INTO %s(name) VALUES(?)" % table, ("from pyrqlite",))
+cur.execute("SELECT name FROM %s" % table)
+print("ROW", cur.fetchone()[0])
+"#;
+
+#[test]
+fn test_pyrqlite_connects_with_credentials_over_https() {
+    let c = secure_cluster(3);
+    let f = c.followers()[0];
+    let (host, port) = c.nodes[f].http.rsplit_once(':').unwrap();
+    let ca = c.tls_dir().join("ca.crt").display().to_string();
+    let run = |user: &str, password: &str, table: &str| {
+        Command::new("python3")
+            .args(["-c", PYRQLITE, host, port, &ca, user, password, table])
+            .output()
+            .expect("python3 (cargo xtask setup installs it and pyrqlite)")
+    };
+    let ok = run(ADMIN.0, ADMIN.1, "py");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success() && out.contains("ROW from pyrqlite"),
+        "pyrqlite: {out}\n{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = run(ADMIN.0, "wrong", "py_intruder");
+    assert!(
+        !String::from_utf8_lossy(&bad.stdout).contains("ROW"),
+        "a wrong password got through"
+    );
+    let l = c.leader();
+    let tables = c.nodes[l].rows(
+        "SELECT name FROM sqlite_master WHERE name LIKE 'py%' ORDER BY name",
+        "strong",
+    );
+    assert_eq!(tables, vec![vec![json!("py")]]);
+}

@@ -335,6 +335,14 @@ fn test_raft_port_refuses_plain_text_and_foreign_certificates() {
     let r = ok.get(format!("https://{raft}/raft/ping")).call().unwrap();
     assert_eq!(r.status(), 200);
     assert_ne!(post_status(&ok, &format!("https://{raft}/raft/vote")), 0);
+    // Even a member's bodies are bounded: a vote is a few hundred bytes.
+    let big = vec![0u8; 100 << 10];
+    let r = ok
+        .post(format!("https://{raft}/raft/vote"))
+        .header("content-type", "application/octet-stream")
+        .send(&big[..])
+        .unwrap();
+    assert_eq!(r.status(), 413);
     // Nobody was deposed.
     assert_eq!(c.leader(), l);
     assert_eq!(c.nodes[l].status().unwrap()["raft"]["term"], term);

@@ -50,6 +50,10 @@ const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// How long a forwarded request may take on the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a client may take to send a request body (a slow client holds a connection
+/// slot meanwhile; 256 MiB at 10 Mbit/s takes about 215 s).
+const BODY_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Where the leader's Raft listener serves this router for forwarded requests.
 pub const FORWARD_PREFIX: &str = "/api";
 
@@ -182,8 +186,9 @@ impl<S: Send + Sync> FromRequest<S> for Original {
             req.headers().clone(),
         );
         let scheme = scheme_of(req.extensions());
-        let body = Bytes::from_request(req, state)
+        let body = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state))
             .await
+            .map_err(|_| error_body(StatusCode::REQUEST_TIMEOUT, "request body too slow"))?
             .map_err(IntoResponse::into_response)?;
         Ok(Original {
             method,

@@ -8,9 +8,10 @@
 //!   at every handshake with one `stat` per file), so a renewed certificate is used by the next
 //!   connection without a restart. A half-written pair (new certificate, old key) is ignored
 //!   until both files match; the previous pair stays in use meanwhile.
-//! - [`SecureListener`]: an `axum::serve` listener that performs handshakes on their own tasks
-//!   (a slow client cannot hold up others), bounds them by a timeout, and caps connections per
-//!   listener and per peer address. [`serve`] runs a router on it.
+//! - [`SecureListener`]: a listener that performs handshakes on their own tasks (a slow
+//!   client cannot hold up others), bounds them by a timeout, and caps connections per
+//!   listener and per peer address. [`serve`] runs a router on it, closing connections that
+//!   stay idle or trickle their request heads ([`Limits::idle_timeout`]).
 //! - [`node_connector`]: the hyper client connector for node-to-node requests (`https://`
 //!   with node TLS, `http://` without).
 
@@ -27,7 +28,9 @@ use std::time::{Duration, SystemTime};
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -399,6 +402,10 @@ pub struct Limits {
     pub max_per_peer: usize,
     /// Time a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Time a client has to send a request's head once the connection waits for one: an
+    /// idle keep-alive connection, or a slow client trickling its headers, is closed after
+    /// it ([`serve`]). Node-to-node clients close idle connections after 60 s themselves.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -408,6 +415,7 @@ impl Default for Limits {
             // Peers pool up to 64 idle connections each (network.rs); leave room for bursts.
             max_per_peer: 256,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -547,6 +555,7 @@ pub struct SecureListener {
     ready: tokio::sync::mpsc::Receiver<(ServerIo, Remote)>,
     local: SocketAddr,
     accept_task: tokio::task::JoinHandle<()>,
+    limits: Limits,
 }
 
 impl Drop for SecureListener {
@@ -569,6 +578,7 @@ impl SecureListener {
             ready,
             local,
             accept_task,
+            limits,
         }
     }
 }
@@ -658,17 +668,59 @@ impl axum::serve::Listener for SecureListener {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then lets open requests finish.
-/// Handlers may extract `ConnectInfo<Remote>`.
+/// Serves `router` (HTTP/1.1) on `listener` until `shutdown` resolves, then lets open
+/// requests finish. Handlers may extract `ConnectInfo<Remote>`. A connection that does not
+/// send a complete request head within [`Limits::idle_timeout`] of waiting for one (idle
+/// keep-alive, or headers trickled slowly) is closed; bodies are bounded by the routes'
+/// limits and the callers' own timeouts.
 pub async fn serve(
-    listener: SecureListener,
+    mut listener: SecureListener,
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<Remote>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let idle = listener.limits.idle_timeout;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Every connection task holds a sender; `recv` ends once they are all gone.
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, remote) = tokio::select! {
+            c = listener.ready.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(remote.clone()));
+            let mut router = router.clone();
+            tower_service::Service::call(&mut router, req)
+        });
+        let mut stop = stop_rx.clone();
+        let open = open_tx.clone();
+        tokio::spawn(async move {
+            let _open = open;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(idle);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!("connection: {e}");
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_tx);
+    let _ = open_rx.recv().await;
+    Ok(())
 }

@@ -53,37 +53,26 @@ pub fn test_step() -> Result<()> {
             .chain(["--seed".into(), seed.to_string(), "--quiet".into()])
             .collect()
     } else {
-        let (n, steps, seed) = BOUNDED;
-        [
-            "--schedules",
-            &n.to_string(),
-            "--steps",
-            &steps.to_string(),
-            "--seed",
-            &seed.to_string(),
-            "--quiet",
-        ]
-        .map(String::from)
-        .to_vec()
+        schedule_args(BOUNDED, &[])
     };
     step(
         &format!("faults ({})", if soak { "soak" } else { "bounded" }),
         || faults(&args),
     )?;
-    let (n, steps, seed) = SECURE;
-    let secure: Vec<String> = [
-        "--schedules",
-        &n.to_string(),
-        "--steps",
-        &steps.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--quiet",
-        "--secure",
-    ]
-    .map(String::from)
-    .to_vec();
+    let secure = schedule_args(SECURE, &["--secure"]);
     step("faults (secure: auth, HTTPS, node mTLS)", || {
         faults(&secure)
     })
+}
+
+/// `cairn-faults` arguments for (schedules, steps, first seed), quiet, plus `extra`.
+fn schedule_args((n, steps, seed): (u64, u64, u64), extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--schedules", "--steps", "--seed"]
+        .into_iter()
+        .zip([n, steps, seed])
+        .flat_map(|(flag, v)| [flag.to_string(), v.to_string()])
+        .collect();
+    args.push("--quiet".into());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }

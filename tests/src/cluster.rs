@@ -134,6 +134,7 @@ pub const JOINER: (&str, &str) = ("joiner", "joiner-pw");
 #[derive(Debug, Clone)]
 pub struct Security {
     /// rqlite's auth file (a JSON list); must list [`ADMIN`] and [`JOINER`] as they are.
+    /// `Json::Null`: no `--auth` (TLS alone, the API open as on any loopback node).
     pub users: Json,
     /// `--http-cert`/`--http-key` (the node certificate) on every node.
     pub http_tls: bool,
@@ -404,14 +405,16 @@ impl Cluster {
         let Some(sec) = &self.security else {
             return;
         };
-        let auth = self.dir().join("auth.json");
-        std::fs::write(&auth, sec.users.to_string()).expect("writing auth.json");
-        self.extra.extend([
-            "--auth".to_string(),
-            auth.display().to_string(),
-            "--join-as".to_string(),
-            JOINER.0.to_string(),
-        ]);
+        if !sec.users.is_null() {
+            let auth = self.dir().join("auth.json");
+            std::fs::write(&auth, sec.users.to_string()).expect("writing auth.json");
+            self.extra.extend([
+                "--auth".to_string(),
+                auth.display().to_string(),
+                "--join-as".to_string(),
+                JOINER.0.to_string(),
+            ]);
+        }
         if sec.http_tls || sec.node_tls {
             let ca = self.dir().join("ca");
             self.certs(&["init", &ca.display().to_string()]);
@@ -447,7 +450,7 @@ impl Cluster {
         match &self.security {
             None => Auth::default(),
             Some(sec) => Auth {
-                user: Some((ADMIN.0.into(), ADMIN.1.into())),
+                user: (!sec.users.is_null()).then(|| (ADMIN.0.into(), ADMIN.1.into())),
                 ca_cert: sec.http_tls.then(|| self.tls_dir().join("ca.crt")),
             },
         }

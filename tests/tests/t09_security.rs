@@ -652,3 +652,71 @@ fn test_pyrqlite_connects_with_credentials_over_https() {
     );
     assert_eq!(tables, vec![vec![json!("py")]]);
 }
+
+#[test]
+fn test_cli_takes_credentials_and_a_ca() {
+    let c = secure_cluster(3);
+    let f = c.followers()[0];
+    let host = c.nodes[f].url("");
+    let cli = |args: &[&str], auth: &Auth| {
+        let mut cmd = Command::new(cairn_bin());
+        cmd.args(args).args(["--host", &host]);
+        cairn_tests::device::authenticate(&mut cmd, auth);
+        cmd.output().expect("running cairn")
+    };
+    let admin = c.auth();
+    let key = "33".repeat(32);
+    let out = cli(&["device", "add", "--id", "5", "--key", &key], &admin);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["device", "list"], &admin);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains("1 device(s)"),
+        "{listed}"
+    );
+    // Without credentials: refused, with the node's reason.
+    let out = cli(&["device", "list"], &admin.anonymous());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{out:?}"
+    );
+    // Without the CA: the HTTPS certificate is not trusted.
+    let out = cli(
+        &["device", "list"],
+        &Auth {
+            ca_cert: None,
+            ..admin.clone()
+        },
+    );
+    assert!(!out.status.success());
+    // A backup through a follower: redirected to the leader, credentials kept.
+    let file = c.dir().join("backup.sqlite");
+    let out = cli(&["backup", file.to_str().unwrap()], &admin);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.starts_with(b"SQLite format 3\0"));
+    // Credentials in the URL work as well.
+    let (scheme, rest) = host.split_once("://").unwrap();
+    let out = Command::new(cairn_bin())
+        .args(["device", "list", "--host"])
+        .arg(format!("{scheme}://{}:{}@{rest}", ADMIN.0, ADMIN.1))
+        .arg("--ca-cert")
+        .arg(admin.ca_cert.as_ref().unwrap())
+        .env_remove("CAIRN_USER")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -159,8 +159,10 @@ impl Api {
             crate::security::Credentials::for_cli(&c.host, c.user.as_deref(), |k| {
                 std::env::var(k).ok()
             });
+        // Redirects are followed by hand (`backup`), keeping the credentials.
         let mut b = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .max_redirects(0)
             .timeout_global(Some(Duration::from_secs(60)));
         if let Some(ca) = &c.ca_cert {
             let roots = crate::security::tls::load_certs(ca)?

@@ -65,6 +65,7 @@
 pub mod auth;
 pub mod certs;
 pub mod credentials;
+pub mod listener;
 pub mod tls;
 
 pub use auth::{Access, Authenticator, Decision, Need, Perm, Perms, require};

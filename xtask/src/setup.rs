@@ -25,7 +25,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("arm-none-eabi-size", "binutils-arm-none-eabi"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),
-    // A real rqlite client for the tests (t09_security connects with credentials over HTTPS).
+    // A real rqlite client for the tests (t12_security connects with credentials over HTTPS).
     ("python3", "python3"),
 ];
 

@@ -57,6 +57,17 @@ impl From<ValuesError> for PushError {
     }
 }
 
+/// What [`Client::push_with`] did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Pushed {
+    /// The record's seq (provisional until sent, see [`Client::push`]).
+    pub seq: Seq,
+    /// Older records dropped to make room (only under `DropOldest`; also counted in
+    /// [`Status::dropped`]).
+    pub dropped: u32,
+}
+
 /// Where the connection is. `Connected` means a Welcome was received on the current connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -96,6 +107,10 @@ pub struct Status {
     pub acked_through: Seq,
     /// Records waiting in the outbox.
     pub queued: u32,
+    /// Bytes of the outbox in use (records, their headers, wrap-around waste).
+    pub outbox_bytes: u32,
+    /// Size of the outbox in bytes (`N` of `Client<M, N>`).
+    pub outbox_capacity: u32,
     /// The gateway of the current or last session.
     pub gateway: Option<GatewayAddr>,
     /// The last error code a gateway sent.
@@ -307,17 +322,45 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
     /// it for logging and ordering, not as a durable id before [`Status::acked_through`]
     /// passes it.
     pub fn push(&self, stream: u16, values: &[Value<'_>]) -> Result<Seq, PushError> {
+        self.push_inner(stream, values, None).map(|p| p.seq)
+    }
+
+    /// [`Client::push`] with `policy` deciding, for this record only, what happens when the
+    /// outbox is full (the client's own policy is untouched, so no other push sees the
+    /// change), and reporting how many older records were dropped to make room. For example
+    /// `RejectNewest` for an alarm that must not push readings out, in a `DropOldest` client.
+    pub fn push_with(
+        &self,
+        stream: u16,
+        values: &[Value<'_>],
+        policy: OverflowPolicy,
+    ) -> Result<Pushed, PushError> {
+        self.push_inner(stream, values, Some(policy))
+    }
+
+    fn push_inner(
+        &self,
+        stream: u16,
+        values: &[Value<'_>],
+        policy: Option<OverflowPolicy>,
+    ) -> Result<Pushed, PushError> {
         let uptime_ms = Instant::now().as_millis();
         let len = record::encoded_len(uptime_ms, values)?;
-        let seq = self.lock(|s| {
-            match s
+        let pushed = self.lock(|s| {
+            let own = s.outbox.policy();
+            s.outbox.set_policy(policy.unwrap_or(own));
+            let result = s
                 .outbox
-                .push(len, |dst| record::encode(dst, stream, uptime_ms, values))
-            {
+                .push(len, |dst| record::encode(dst, stream, uptime_ms, values));
+            s.outbox.set_policy(own);
+            match result {
                 Ok(p) => {
                     s.stats.pushed += 1;
                     s.note_dropped(p.dropped);
-                    Ok(s.outbox.next_seq() - 1)
+                    Ok(Pushed {
+                        seq: s.outbox.next_seq() - 1,
+                        dropped: p.dropped,
+                    })
                 }
                 Err(OutboxFull::Full) => {
                     s.stats.rejected += 1;
@@ -327,7 +370,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             }
         })?;
         self.pushed.signal(());
-        Ok(seq)
+        Ok(pushed)
     }
 
     /// Wait until the outbox is empty: every record pushed so far has been acknowledged (or
@@ -353,6 +396,8 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 reconnects: t.reconnects,
                 acked_through: t.acked_through,
                 queued: s.outbox.len() as u32,
+                outbox_bytes: s.outbox.bytes_used() as u32,
+                outbox_capacity: N as u32,
                 gateway: t.gateway,
                 last_error: (s.last_error != 0).then(|| ErrorCode::from_u8(s.last_error)),
             }
@@ -376,9 +421,9 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
     /// Own the connection forever with a RAM-only outbox: connect, hand-shake, send, retry,
     /// fail over. Run it in its own task; it only returns if dropped.
     ///
-    /// On the host it runs on a tokio `current_thread` runtime inside a `LocalSet` (the client
-    /// is `!Send` with `NoopRawMutex`) with this crate's features `std` (the time driver) and
-    /// `tokio` (the transport, `tokio::TcpTransport`).
+    /// On the host: see the crate documentation's *Run it on the host* (features `std` for the
+    /// time driver and `tokio` for the transport, a `current_thread` runtime with a
+    /// `LocalSet`).
     pub async fn run<T: Transport>(&self, transport: &mut T, config: &Config<'_>) -> ! {
         self.run_with_store(transport, config, &mut RamOnly).await
     }

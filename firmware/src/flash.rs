@@ -125,6 +125,7 @@
 //! what is already in flash and retries on every sync. A device whose flash keeps failing stops
 //! sending new records (they wait in RAM) rather than risk the exactly-once promise.
 
+use cairn_protocol::settings::crc32;
 use core::ops::Range;
 
 use embassy_sync::blocking_mutex::raw::RawMutex;
@@ -215,32 +216,6 @@ impl State {
             popped: u64_at(20),
         }
     }
-}
-
-/// CRC-32 (IEEE), four bits at a time: a 64-byte table.
-fn crc32(data: &[u8]) -> u32 {
-    const T: [u32; 16] = {
-        let mut t = [0u32; 16];
-        let mut i = 0;
-        while i < 16 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 4 {
-                c = (c >> 1) ^ (0xEDB8_8320 & (c & 1).wrapping_neg());
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut crc = !0u32;
-    for b in data {
-        crc ^= u32::from(*b);
-        crc = (crc >> 4) ^ T[(crc & 15) as usize];
-        crc = (crc >> 4) ^ T[(crc & 15) as usize];
-    }
-    !crc
 }
 
 /// The first 4 bytes of a commit word; the top bit is clear so it never reads as erased.

@@ -21,8 +21,12 @@ pub mod store;
 pub mod tokio;
 pub mod transport;
 
+/// The device settings region (id, key, gateways; versioned, CRC-checked): read it at boot
+/// so one image serves a fleet. The codec lives in `cairn-protocol` so that the `cairn` CLI
+/// writes regions with the very code devices read them with.
+pub use cairn_protocol::settings;
 pub use cairn_protocol::{ErrorCode, GatewayAddr, KEY_LEN, MAX_BLOB, MAX_VALUES};
-pub use client::{Client, Config, ConnectionState, PushError, Status, Value};
+pub use client::{Client, Config, ConnectionState, PushError, Pushed, Status, Value};
 pub use outbox::OverflowPolicy;
 pub use store::{RamOnly, Store};
 pub use transport::{Connection, Transport, TransportError};

@@ -5,31 +5,8 @@
 //! off any tokio stream through the protocol's [`FrameReassembler`] (for host-side peers such
 //! as test gateways).
 //!
-//! The client is `!Send` with `NoopRawMutex`: drive [`Client::run`](crate::Client::run) on a
-//! tokio `current_thread` runtime inside a `LocalSet`, one task per device, with this crate's
-//! `std` feature for the embassy-time driver.
-//!
-//! ```no_run
-//! use cairn_firmware::tokio::TcpTransport;
-//! use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, Value};
-//! use embassy_sync::blocking_mutex::raw::NoopRawMutex;
-//!
-//! let gateways: &'static [GatewayAddr] =
-//!     Box::leak(Box::new([GatewayAddr::new([127, 0, 0, 1], 4003)]));
-//! let config: &'static Config<'static> =
-//!     Box::leak(Box::new(Config::new(1, [7; 32], /* boot */ 1, gateways)));
-//! let client: &'static Client<NoopRawMutex, 4096> =
-//!     Box::leak(Box::new(Client::new(OverflowPolicy::RejectNewest)));
-//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-//! tokio::task::LocalSet::new().block_on(&rt, async {
-//!     tokio::task::spawn_local(async { client.run(&mut TcpTransport::new(), config).await });
-//!     client.push(1, &[Value::F32(21.5)]).expect("room in the outbox");
-//!     while client.status().acked_through < 1 {
-//!         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-//!     }
-//! });
-//! # Ok::<(), std::io::Error>(())
-//! ```
+//! The recipe (features, time driver, executor, an example) is the crate documentation's
+//! *Run it on the host* section, the one place it is written.
 
 extern crate std;
 

@@ -23,6 +23,10 @@
 //! write_batch_max = 1024             # commands per proposal to Raft (the write queue)
 //! write_queue_depth = 8192           # bounded queue in front of Raft
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
+//! read_timeout_ms = 30000            # a read (/db/query) is interrupted after this long
+//! read_max_rows = 1000000            # rows one read request may return
+//! read_max_bytes = 268435456         # bytes one read request may return
+//! max_db_size_mib = 4096             # a /db/load or a peer's snapshot of a larger database is refused
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
 //! undeclared_streams = "telemetry"   # or "reject"; see `db/schema.rs` for [[stream]] tables
 //! # security (see `security/mod.rs`); names as rqlite's flags
@@ -37,18 +41,25 @@
 //! node_verify_client = true
 //! join_as = "joiner"                 # user of `auth` whose password a join sends
 //! insecure = false                   # listen beyond loopback without auth / node TLS
-//! max_db_mib = 8192                  # largest database accepted as a snapshot from a peer
+//! feed_capacity = 1024               # committed device batches kept for slow subscribers (embedding)
 //!
 //! [[stream]]
 //! id = 1
 //! table = "climate"
 //! columns = [{ name = "temperature", type = "real" }, { name = "humidity", type = "real" }]
+//! on_mismatch = "dead-letter"        # or "reject"
 //! ```
+//!
+//! `[[stream]]` and `undeclared_streams` are read again on SIGHUP and `POST /streams/reload`
+//! (see `cluster::streams`); the other keys only at start.
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
+
+/// Committed device batches the record feed keeps for slow subscribers by default.
+pub const DEFAULT_FEED_CAPACITY: usize = 1024;
 
 /// Settings of one gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,11 +87,23 @@ pub struct NodeConfig {
     /// MiB of flushed Raft entries kept in memory (see [`crate::raft::log_store`]); lower it on
     /// boards with little RAM, replication then reads older entries back from disk.
     pub log_cache_mib: usize,
+    /// A read is interrupted after this many ms (reads are local: a per-node setting).
+    pub read_timeout_ms: u64,
+    /// Rows one read request may return.
+    pub read_max_rows: u64,
+    /// Bytes of values one read request may return.
+    pub read_max_bytes: u64,
+    /// A `/db/load` whose database is larger (MiB) is refused; its upload is cut off there.
+    pub max_db_size_mib: u64,
     /// Device address advertised to devices as the leader hint (default: the bound address).
     pub device_adv_addr: Option<String>,
     /// Device stream tables (`[[stream]]`), see [`crate::db::schema`].
     pub stream: Vec<crate::db::schema::StreamDef>,
     pub undeclared_streams: crate::db::schema::Undeclared,
+    /// The file these settings were read from (`--config`): a reload (SIGHUP,
+    /// `POST /streams/reload`) reads its `[[stream]]` tables again. Not a key.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
     /// rqlite's auth file (users, passwords, permissions); without it the HTTP API is open.
     pub auth: Option<PathBuf>,
     pub http_cert: Option<PathBuf>,
@@ -95,8 +118,9 @@ pub struct NodeConfig {
     pub join_as: Option<String>,
     /// Listen beyond loopback without auth or node TLS (logged as a warning at every start).
     pub insecure: bool,
-    /// The largest database (MiB) this node accepts as a snapshot stream from a peer.
-    pub max_db_mib: u64,
+    /// Committed device batches kept for subscribers of the record feed that fall behind
+    /// (the embedding API's `Node::subscribe`; see `command::feed`).
+    pub feed_capacity: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -131,9 +155,14 @@ impl Default for NodeConfig {
             write_batch_max: 1024,
             write_queue_depth: 8192,
             log_cache_mib: 64,
+            read_timeout_ms: 30_000,
+            read_max_rows: 1_000_000,
+            read_max_bytes: 256 << 20,
+            max_db_size_mib: 4096,
             device_adv_addr: None,
             stream: Vec::new(),
             undeclared_streams: crate::db::schema::Undeclared::Telemetry,
+            config_file: None,
             auth: None,
             http_cert: None,
             http_key: None,
@@ -145,7 +174,7 @@ impl Default for NodeConfig {
             node_verify_client: false,
             join_as: None,
             insecure: false,
-            max_db_mib: 8192,
+            feed_capacity: DEFAULT_FEED_CAPACITY,
         }
     }
 }
@@ -211,9 +240,6 @@ pub struct NodeArgs {
     /// MiB of recent Raft entries kept in memory for replication and apply (default 64).
     #[arg(long)]
     pub log_cache_mib: Option<usize>,
-    /// Largest database (MiB) accepted as a snapshot from a peer (default 8192).
-    #[arg(long)]
-    pub max_db_mib: Option<u64>,
     /// rqlite's auth file: JSON list of {"username", "password", "perms"}; "*" is anonymous.
     #[arg(long)]
     pub auth: Option<PathBuf>,
@@ -247,6 +273,21 @@ pub struct NodeArgs {
     /// Allow listening beyond loopback without --auth or node TLS.
     #[arg(long)]
     pub insecure: bool,
+    /// A read is interrupted after this many ms (default 30000).
+    #[arg(long)]
+    pub read_timeout_ms: Option<u64>,
+    /// Rows one read request may return (default 1000000).
+    #[arg(long)]
+    pub read_max_rows: Option<u64>,
+    /// Bytes one read request may return (default 256 MiB).
+    #[arg(long)]
+    pub read_max_bytes: Option<u64>,
+    /// Largest database a `/db/load` may bring, in MiB (default 4096).
+    #[arg(long)]
+    pub max_db_size_mib: Option<u64>,
+    /// Committed device batches kept for slow subscribers of the record feed (default 1024).
+    #[arg(long)]
+    pub feed_capacity: Option<usize>,
 }
 
 impl NodeConfig {
@@ -260,7 +301,10 @@ impl NodeConfig {
     /// The file (if any) overridden by the flags that were given.
     pub fn resolve(args: &NodeArgs) -> anyhow::Result<Self> {
         let mut c = match &args.config {
-            Some(p) => Self::from_file(p)?,
+            Some(p) => Self {
+                config_file: Some(p.clone()),
+                ..Self::from_file(p)?
+            },
             None => Self::default(),
         };
         macro_rules! over {
@@ -282,7 +326,11 @@ impl NodeConfig {
             write_batch_max,
             write_queue_depth,
             log_cache_mib,
-            max_db_mib
+            read_timeout_ms,
+            read_max_rows,
+            read_max_bytes,
+            max_db_size_mib,
+            feed_capacity
         );
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
@@ -324,6 +372,15 @@ impl NodeConfig {
         Ok(c)
     }
 
+    /// The limits of one read request on this node.
+    pub fn read_limits(&self) -> crate::db::sandbox::ReadLimits {
+        crate::db::sandbox::ReadLimits {
+            timeout: std::time::Duration::from_millis(self.read_timeout_ms),
+            max_rows: self.read_max_rows,
+            max_bytes: self.read_max_bytes,
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
         anyhow::ensure!(
@@ -335,6 +392,7 @@ impl NodeConfig {
             self.write_batch_max > 0 && self.write_queue_depth > 0,
             "write queue sizes must be positive"
         );
+        anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;

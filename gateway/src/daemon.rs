@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::cluster::membership::JoinRequest;
 use crate::cluster::{Cluster, Parts};
+use crate::command::feed::Feed;
 use crate::config::NodeConfig;
 use crate::ingress::{Ingress, IngressConfig};
 use crate::metrics::Metrics;
@@ -111,6 +112,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let started = start(config).await?;
     let node = started.cluster.clone();
+    let reloads = tokio::spawn(reload_on_sighup(node.clone()));
     let mut metrics = node.raft().metrics();
     let fatal = async {
         loop {
@@ -122,6 +124,7 @@ pub async fn run(
             }
         }
     };
+    let _stop_reloads = AbortOnDrop(reloads);
     tokio::select! {
         _ = shutdown => {
             tracing::info!(node_id = node.id(), "shutting down");
@@ -199,7 +202,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     let log_store =
         LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
     let log_stats = log_store.stats();
-    let sm = StateMachine::open(&config.data_dir.join("sm"), metrics.clone())?;
+    let feed = Arc::new(Feed::new(config.feed_capacity));
+    let sm =
+        StateMachine::open_with_feed(&config.data_dir.join("sm"), metrics.clone(), feed.clone())?;
     let client = HttpClient::new(sec.raft_client_tls.clone());
     let raft = Raft::new(
         config.node_id,
@@ -225,14 +230,15 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         metrics,
         log_stats,
         scratch_dir: config.data_dir.clone(),
+        read_limits: config.read_limits(),
+        max_db_bytes: config.max_db_size_mib << 20,
+        feed,
     });
-    let ingress = Ingress::new(
-        cluster.clone(),
-        IngressConfig {
-            schema: config.schema(),
-            ..Default::default()
-        },
-    );
+    cluster
+        .streams()
+        .configure(config.config_file.clone(), config.schema());
+    let ingress = Ingress::new(cluster.clone(), IngressConfig::default());
+    tokio::spawn(crate::cluster::streams::watch_drift(cluster.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -240,8 +246,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     // The Raft listener: node-to-node routes only, plus the API under `/api` for requests a
     // follower forwards to the leader (each carries its client's credentials and passes the
     // same permission checks; see `http::to_leader`).
-    let internal = network::routes(raft.clone(), sm, config.max_db_mib << 20)
+    let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20)
         .merge(crate::ingress::forward::routes(ingress.clone()))
+        .merge(crate::cluster::streams::routes(cluster.clone()))
+        .merge(crate::cluster::forward::routes(cluster.clone()))
         .nest(crate::http::FORWARD_PREFIX, api.clone());
     for (listener, server_tls, router) in [
         (raft_listener, sec.raft_server_tls.clone(), internal),
@@ -260,6 +268,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
             }
         }));
     }
+    let (watching, stop) = (cluster.clone(), stop_rx.clone());
+    servers.push(tokio::spawn(async move {
+        watching.hand_over_while_held(stop).await;
+    }));
     let mut stop = stop_rx.clone();
     let serving = ingress.clone();
     servers.push(tokio::spawn(async move {
@@ -311,6 +323,28 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         stop_tx,
         servers,
     })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reloads the `[[stream]]` config on every SIGHUP (see `cluster::streams`).
+async fn reload_on_sighup(cluster: Arc<Cluster>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match cluster.reload_streams().await {
+            Ok(s) => tracing::info!(streams = s.streams.len(), "SIGHUP: stream config proposed"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: stream config not reloaded"),
+        }
+    }
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

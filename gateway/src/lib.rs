@@ -6,6 +6,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod embed;
 pub mod error;
 pub mod http;
 pub mod ingress;

@@ -29,6 +29,10 @@ enum Cmd {
         data_dir: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// A `cairn node` config file whose `[[stream]]` tables and `undeclared_streams` the
+        /// three nodes use (default: built-in tables, printed at start).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Interactive SQL shell, like the rqlite shell.
     Shell {
@@ -57,10 +61,34 @@ enum Cmd {
         #[command(flatten)]
         conn: cli::ConnArgs,
     },
+    /// Stream definitions and records that did not fit them (`dead_letter`).
+    Streams {
+        #[command(subcommand)]
+        command: StreamsCmd,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
+    },
     /// Cluster CA and node/client certificates for TLS.
     Certs {
         #[command(subcommand)]
         command: cairn_gateway::security::certs::CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum StreamsCmd {
+    /// This node's configured and the replicated stream definitions, and dead-letter rows.
+    Show,
+    /// Have the node read its config file's `[[stream]]` tables again and propose them (like
+    /// SIGHUP).
+    Reload,
+    /// Move dead-letter rows that fit the replicated definitions into their stream's table.
+    Replay {
+        #[arg(long)]
+        stream: u16,
+        /// Only this device's rows (default: every device's).
+        #[arg(long)]
+        device: Option<u64>,
     },
 }
 
@@ -71,8 +99,36 @@ enum DeviceCmd {
         #[arg(long)]
         id: u64,
         /// 32-byte key as 64 hex digits.
+        #[arg(long, required_unless_present = "generate")]
+        key: Option<String>,
+        /// Generate the key here from the operating system's randomness; it is printed once
+        /// and written to --provision-out, and no command reads it back.
+        #[arg(long, conflicts_with = "key")]
+        generate: bool,
+        /// Also write the device's settings region (id, key, gateways) to FILE, a new file:
+        /// flash it at the board's settings offset (QEMU board: `flash=FILE`).
+        #[arg(long, value_name = "FILE", requires = "gateways")]
+        provision_out: Option<PathBuf>,
+        /// A gateway's device address as the device reaches it, in the order it tries them
+        /// (1 to 4; with --provision-out).
+        #[arg(long = "gateway", value_name = "IP:PORT", requires = "provision_out")]
+        gateways: Vec<std::net::SocketAddrV4>,
+    },
+    /// Write a device's settings region (id, key, gateways) to a new FILE without contacting
+    /// any gateway (register the same key with `cairn device add`).
+    Provision {
+        #[arg(long)]
+        id: u64,
+        /// 32-byte key as 64 hex digits.
         #[arg(long)]
         key: String,
+        /// A gateway's device address as the device reaches it, in the order it tries them
+        /// (1 to 4).
+        #[arg(long = "gateway", value_name = "IP:PORT", required = true)]
+        gateways: Vec<std::net::SocketAddrV4>,
+        /// The settings file to create.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// List registered devices with their committed high-water seq.
     List,
@@ -80,6 +136,14 @@ enum DeviceCmd {
     Remove {
         #[arg(long)]
         id: u64,
+    },
+    /// Set a device's committed high-water seq (a logged admin action): the device resumes at
+    /// SEQ + 1. Refused while stored records of the device lie above SEQ.
+    Reset {
+        #[arg(long)]
+        id: u64,
+        #[arg(long, default_value_t = 0)]
+        seq: u64,
     },
 }
 
@@ -93,9 +157,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Dev {
             data_dir,
             log_format,
+            config,
         } => {
             cli::init_logging(log_format, "info");
-            cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, dev_fleet)))
+            cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, config, dev_fleet)))
         }
         Cmd::Shell { conn } => cli::shell(&conn),
         Cmd::Backup { file, conn } => cli::Api::connect(&conn).and_then(|a| cli::backup(&a, &file)),
@@ -105,9 +170,34 @@ fn main() -> std::process::ExitCode {
         #[cfg(feature = "sim")]
         Cmd::Sim(a) => cairn_sim::run(a, cli::shutdown_signal()),
         Cmd::Device { command, conn } => cli::Api::connect(&conn).and_then(|api| match command {
-            DeviceCmd::Add { id, key } => admin::add(&api, id, &key),
+            DeviceCmd::Add {
+                id,
+                key,
+                generate,
+                provision_out,
+                gateways,
+            } => {
+                let key = match key {
+                    Some(hex) if !generate => admin::KeySource::Hex(hex),
+                    _ => admin::KeySource::Generate,
+                };
+                let provision = provision_out.map(|file| admin::ProvisionOut { file, gateways });
+                admin::add(&api, id, key, provision)
+            }
+            DeviceCmd::Provision {
+                id,
+                key,
+                gateways,
+                out,
+            } => admin::provision(id, &key, &gateways, &out),
             DeviceCmd::List => admin::list(&api),
             DeviceCmd::Remove { id } => admin::remove(&api, id),
+            DeviceCmd::Reset { id, seq } => admin::reset(&api, id, seq),
+        }),
+        Cmd::Streams { command, conn } => cli::Api::connect(&conn).and_then(|api| match command {
+            StreamsCmd::Show => cli::streams::show(&api),
+            StreamsCmd::Reload => cli::streams::reload(&api),
+            StreamsCmd::Replay { stream, device } => cli::streams::replay(&api, stream, device),
         }),
         Cmd::Certs { command } => cairn_gateway::security::certs::run(command),
     };
@@ -132,7 +222,7 @@ fn dev_fleet(host: &str, device_addrs: &[String]) {
         json: false,
         host: host.to_string(),
         first_id: 1,
-        stream: 1,
+        stream: cli::DEV_FLEET_STREAM,
         drain: 0.0,
         threads: Some(1),
         report: None,
@@ -141,9 +231,10 @@ fn dev_fleet(host: &str, device_addrs: &[String]) {
         ca_cert: None,
     };
     println!(
-        "  5 simulated devices (ids 1-5) push 2 records/s each into table readings:\n  \
+        "  5 simulated devices (ids 1-5) push 2 records/s each on stream {}:\n  \
          curl -G '{host}/db/query?pretty' --data-urlencode \\\n    \
-         'q=SELECT device_id, count(*), max(time) FROM readings GROUP BY device_id'"
+         'q=SELECT device_id, count(*), max(time) FROM readings GROUP BY device_id'",
+        cli::DEV_FLEET_STREAM
     );
     std::thread::spawn(move || {
         if let Err(e) = cairn_sim::run(args, std::future::pending()) {

@@ -7,13 +7,99 @@
 //! buckets, so a percentile is exact to within a factor of two (reported as the bucket's
 //! upper bound).
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cairn_protocol::ErrorCode;
 use serde_json::json;
 
 const BUCKETS: usize = 32;
+
+/// Storage work held by an environment failure (disk full, out of memory, busy; see
+/// `db::failure`): what failed, since when, how often it was retried. The writer that holds
+/// the work reports here; `/readyz` and `/status` read it.
+#[derive(Default, Debug)]
+pub struct Stall {
+    state: Mutex<Option<StallState>>,
+}
+
+#[derive(Debug)]
+struct StallState {
+    error: String,
+    since: Instant,
+    retries: u64,
+    logged: Instant,
+}
+
+/// First wait before a held write is tried again; it doubles up to [`STALL_BACKOFF_MAX`].
+pub const STALL_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest wait between two tries of a held write.
+pub const STALL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Stall {
+    /// Records that `what` failed with `error` and is held; returns how long to wait before
+    /// trying again. Logged at the first failure and then every 30 s.
+    pub fn hold(&self, what: &str, error: &str) -> Duration {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let st = s.get_or_insert_with(|| {
+            tracing::error!("{what} held: {error}; retrying until it succeeds (node not ready)");
+            StallState {
+                error: error.to_string(),
+                since: now,
+                retries: 0,
+                logged: now,
+            }
+        });
+        st.retries += 1;
+        st.error = error.to_string();
+        if now.duration_since(st.logged) >= Duration::from_secs(30) {
+            st.logged = now;
+            tracing::warn!(
+                "{what} still held after {:.0?} ({} tries): {error}",
+                now.duration_since(st.since),
+                st.retries
+            );
+        }
+        let shift = st.retries.min(16) as u32;
+        STALL_BACKOFF_MIN
+            .saturating_mul(1 << shift.saturating_sub(1))
+            .min(STALL_BACKOFF_MAX)
+    }
+
+    /// The held work went through: logs the resumption if it was held.
+    pub fn clear(&self, what: &str) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(st) = s.take() {
+            tracing::info!(
+                "{what} resumed after {:.1?} ({} tries)",
+                st.since.elapsed(),
+                st.retries
+            );
+        }
+    }
+
+    /// The failure holding the work, if any.
+    pub fn held(&self) -> Option<String> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.as_ref().map(|st| st.error.clone())
+    }
+
+    /// `null`, or `{"error", "held_s", "retries"}` for `/status`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.as_ref() {
+            None => serde_json::Value::Null,
+            Some(st) => json!({
+                "error": st.error,
+                "held_s": st.since.elapsed().as_secs_f64(),
+                "retries": st.retries,
+            }),
+        }
+    }
+}
 
 /// A histogram of durations in power-of-two microsecond buckets.
 pub struct Histogram {
@@ -99,6 +185,62 @@ impl Rejects {
     }
 }
 
+/// The dead-letter warning of one device and stream is logged at most this often.
+pub const DEAD_LETTER_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Records written to `dead_letter` on this replica, per device and stream, and when each
+/// pair's misfit warning (dead-lettered or refused) was last logged.
+#[derive(Default)]
+pub struct DeadLetterCounts {
+    by_pair: Mutex<BTreeMap<(u64, u16), DeadLetterPair>>,
+}
+
+struct DeadLetterPair {
+    count: u64,
+    last_warned: Option<Instant>,
+    unlogged: u64,
+}
+
+impl DeadLetterCounts {
+    /// Notes one misfit of `device_id` on `stream`, counted if `dead_lettered`. `Some(n)` when
+    /// its warning is due now, `n` being the misfits of the pair not logged since the last.
+    pub fn count(&self, device_id: u64, stream: u16, dead_lettered: bool) -> Option<u64> {
+        let mut m = self.by_pair.lock().unwrap_or_else(|p| p.into_inner());
+        let p = m.entry((device_id, stream)).or_insert(DeadLetterPair {
+            count: 0,
+            last_warned: None,
+            unlogged: 0,
+        });
+        p.count += u64::from(dead_lettered);
+        let now = Instant::now();
+        if p.last_warned
+            .is_some_and(|t| now.duration_since(t) < DEAD_LETTER_WARN_EVERY)
+        {
+            p.unlogged += 1;
+            return None;
+        }
+        p.last_warned = Some(now);
+        Some(std::mem::take(&mut p.unlogged))
+    }
+
+    /// `(device_id, stream, records)` in key order.
+    pub fn counts(&self) -> Vec<(u64, u16, u64)> {
+        let m = self.by_pair.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(_, p)| p.count > 0)
+            .map(|(&(d, s), p)| (d, s, p.count))
+            .collect()
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        self.counts()
+            .into_iter()
+            .map(|(d, s, n)| json!({"device_id": d, "stream": s, "records": n}))
+            .collect::<Vec<_>>()
+            .into()
+    }
+}
+
 /// Everything one node counts.
 pub struct Metrics {
     /// SQL requests served by the HTTP API.
@@ -125,6 +267,8 @@ pub struct Metrics {
     pub batches_applied: AtomicU64,
     pub records_applied: AtomicU64,
     pub batches_duplicate: AtomicU64,
+    /// Records this replica applied into `dead_letter`, per device and stream.
+    pub dead_letters: DeadLetterCounts,
     /// Proposal to applied response, on the leader.
     pub commit_latency: Histogram,
     /// Batch read off the socket to Ack written, on the node the device talks to.
@@ -132,11 +276,14 @@ pub struct Metrics {
     /// One state-machine apply call (every kind of entry), queueing on the blocking pool
     /// included.
     pub apply_latency: Histogram,
+    /// Apply held by an environment failure (disk full, ...), if it is.
+    pub apply_stall: Stall,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            apply_stall: Stall::default(),
             http_requests: AtomicU64::new(0),
             writes_proposed: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),
@@ -156,6 +303,7 @@ impl Default for Metrics {
             batches_applied: AtomicU64::new(0),
             records_applied: AtomicU64::new(0),
             batches_duplicate: AtomicU64::new(0),
+            dead_letters: DeadLetterCounts::default(),
             commit_latency: Histogram::new(),
             ack_latency: Histogram::new(),
             apply_latency: Histogram::new(),
@@ -185,6 +333,7 @@ impl Metrics {
             "batches_applied": g(&self.batches_applied),
             "records_applied": g(&self.records_applied),
             "batches_duplicate": g(&self.batches_duplicate),
+            "dead_lettered": self.dead_letters.to_json(),
             "commit_latency": self.commit_latency.to_json(),
             "ack_latency": self.ack_latency.to_json(),
             "apply_latency": self.apply_latency.to_json(),
@@ -238,6 +387,18 @@ impl Metrics {
                 self.rejects.get(code)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP cairn_ingress_dead_lettered_total Device records applied into dead_letter on \
+             this replica, by device and stream.\n# TYPE cairn_ingress_dead_lettered_total counter"
+        );
+        for (device, stream, n) in self.dead_letters.counts() {
+            let _ = writeln!(
+                out,
+                "cairn_ingress_dead_lettered_total{{node_id=\"{node_id}\",device_id=\"{device}\",\
+                 stream=\"{stream}\"}} {n}"
+            );
+        }
         for (name, h) in [
             ("commit_latency", &self.commit_latency),
             ("ack_latency", &self.ack_latency),
@@ -276,5 +437,26 @@ mod tests {
         h.record(Duration::from_millis(10));
         assert_eq!(h.quantile_us(0.5), 128);
         assert_eq!(h.quantile_us(0.99), 16384);
+    }
+
+    #[test]
+    fn test_dead_letter_warning_rate_limited_per_pair() {
+        let d = DeadLetterCounts::default();
+        assert_eq!(d.count(7, 1, true), Some(0));
+        assert_eq!(d.count(7, 1, true), None);
+        assert_eq!(d.count(7, 1, false), None);
+        assert_eq!(d.count(7, 1, true), None);
+        assert_eq!(
+            d.count(7, 2, true),
+            Some(0),
+            "another stream warns on its own"
+        );
+        assert_eq!(d.counts(), vec![(7, 1, 3), (7, 2, 1)]);
+        let m = Metrics::default();
+        m.dead_letters.count(7, 1, true);
+        assert!(m.ingress_prometheus(1).contains(
+            "cairn_ingress_dead_lettered_total{node_id=\"1\",device_id=\"7\",stream=\"1\"} 1"
+        ));
+        assert_eq!(m.ingress_json()["dead_lettered"][0]["records"], 1);
     }
 }

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use cairn_gateway::config::NodeConfig;
 use cairn_gateway::db::Store;
-use cairn_gateway::db::schema::{Column, ColumnType, StreamDef, Undeclared};
+use cairn_gateway::db::schema::{Column, ColumnType, OnMismatch, StreamDef, Undeclared};
 use cairn_gateway::metrics::Metrics;
 use cairn_gateway::raft::Raft;
-use cairn_gateway::raft::network::{HttpClient, full};
+use cairn_gateway::raft::network::HttpClient;
 use cairn_protocol::{
     BatchEncoder, DeviceSession, ErrorCode, HEADER_LEN, MAX_FRAME, Message, Record, Value, Welcome,
     read_frame_len,
@@ -49,6 +49,7 @@ async fn start_node() -> Node {
                 name: "temperature".into(),
                 ty: ColumnType::Real,
             }],
+            on_mismatch: OnMismatch::DeadLetter,
         }],
         undeclared_streams: Undeclared::Telemetry,
         ..NodeConfig::default()
@@ -74,15 +75,10 @@ async fn start_node() -> Node {
 async fn add_device(node: &Node, id: u64, key: &[u8; 32]) {
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let body = format!(r#"{{"id": {id}, "key": "{hex}"}}"#);
-    let req = hyper::Request::post(format!("http://{}/devices", node.http_addr))
-        .header("content-type", "application/json")
-        .body(full(body))
-        .unwrap();
-    let (status, _, resp) = HttpClient::new(None)
-        .send(req, Duration::from_secs(10))
+    let resp = HttpClient::new(None)
+        .post_json(&node.http_addr, "/devices", body, Duration::from_secs(10))
         .await
         .unwrap();
-    assert!(status.is_success(), "{status}");
     let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
     assert_eq!(v["device_id"], id);
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cairn_gateway::config::NodeConfig;
 use cairn_gateway::daemon::{self, Started};
-use cairn_gateway::raft::network::{HttpClient, full};
+use cairn_gateway::raft::network::HttpClient;
 
 async fn start(id: u64, dir: &std::path::Path) -> Started {
     let started = daemon::start(NodeConfig {
@@ -40,12 +40,14 @@ async fn test_two_nodes_in_one_process_count_apart() {
         r#"["CREATE TABLE t (x INTEGER)"]"#,
         r#"["INSERT INTO t VALUES (1)"]"#,
     ] {
-        let req = hyper::Request::post(format!("http://{}/db/execute", a.cluster.peer().http_addr))
-            .header("content-type", "application/json")
-            .body(full(sql))
-            .unwrap();
-        let (status, _, _) = http.send(req, Duration::from_secs(10)).await.unwrap();
-        assert!(status.is_success(), "{status}");
+        http.post_json(
+            &a.cluster.peer().http_addr,
+            "/db/execute",
+            sql,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     }
     let device = tokio::net::TcpStream::connect(&a.cluster.peer().device_addr)
         .await

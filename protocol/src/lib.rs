@@ -22,6 +22,7 @@ mod message;
 mod reassembler;
 mod security;
 mod session;
+pub mod settings;
 
 pub use batch::{
     BATCH_HEADER_MAX, BatchEncoder, BatchHeader, BatchView, Record, RecordView, Records, Value,

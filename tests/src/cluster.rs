@@ -291,7 +291,7 @@ impl Node {
     pub fn checksum(&self) -> u64 {
         let tables = self.rows(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' \
-             AND name != '_cairn_raft' ORDER BY name",
+             AND substr(name, 1, 7) != '_cairn_' ORDER BY name",
             "none",
         );
         let mut h = DefaultHasher::new();

@@ -127,6 +127,10 @@ fn test_backup_and_load() {
         .send(&bytes[..])
         .unwrap();
     assert_eq!(r.status(), 200);
+    let mut r = r;
+    let body: serde_json::Value =
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(body["results"][0]["error"].is_null(), "{body}");
     c.wait_converged();
     for n in &c.nodes {
         assert_eq!(

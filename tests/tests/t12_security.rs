@@ -19,6 +19,7 @@ use serde_json::{Value as Json, json};
 const STATUS_ONLY: (&str, &str) = ("watcher", "watcher-pw");
 const READY_ONLY: (&str, &str) = ("prober", "prober-pw");
 const LEARNER: (&str, &str) = ("learner", "learner-pw");
+const LOADER: (&str, &str) = ("loader", "loader-pw");
 
 fn users() -> Json {
     let mut users = Security::full().users;
@@ -26,6 +27,7 @@ fn users() -> Json {
         {"username": STATUS_ONLY.0, "password": STATUS_ONLY.1, "perms": ["status"]},
         {"username": READY_ONLY.0, "password": READY_ONLY.1, "perms": ["ready"]},
         {"username": LEARNER.0, "password": LEARNER.1, "perms": ["join-read-only"]},
+        {"username": LOADER.0, "password": LOADER.1, "perms": ["load", "query"]},
     ]);
     users
         .as_array_mut()
@@ -216,6 +218,23 @@ fn test_every_public_route_refuses_anonymous_and_underprivileged_and_changes_not
         br#"["DELETE FROM t"]"#,
     );
     assert_eq!(r.status, 415, "{:?}", r.body);
+    // `load` replaces user tables, but a Cairn backup (it restores the device registry and
+    // its keys) needs `all`: refused, and nothing changes.
+    let mut backup = Vec::new();
+    let mut resp = admin
+        .authorize(admin.agent().get(c.nodes[l].url("/db/backup")))
+        .call()
+        .unwrap();
+    std::io::Read::read_to_end(&mut resp.body_mut().as_reader(), &mut backup).unwrap();
+    assert!(backup.starts_with(b"SQLite format 3\0"));
+    let loader = Client::with_auth(TIMEOUT, None, &auth.as_user(LOADER.0, LOADER.1));
+    let r = loader.post_bytes(
+        &c.nodes[l].url("/db/load"),
+        "application/octet-stream",
+        &backup,
+    );
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert_eq!(state(&c), before, "a refused load changed something");
     // The admin (through a follower: forwarded with its credentials) gets everything.
     let f = c.followers()[0];
     let r = c.nodes[f].execute(&json!(["INSERT INTO t(v) VALUES ('admin')"]), "");

@@ -15,6 +15,7 @@ mod qemu;
 mod qemu_e2e;
 mod setup;
 mod size;
+mod template;
 mod util;
 
 use anyhow::{Result, bail};
@@ -29,6 +30,7 @@ commands:
   firmware-size  the client's own cost in a minimal Cortex-M4F image (firmware/size-probe)
   host-smoke  the board app as a Linux process on TAP in a network namespace (root)
   qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
+  template  the board template built out of tree (NUCLEO-F429ZI, host) and run on a cluster
   arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
   bench   Cairn against dqlite, Mosquitto and hiqlite on this machine (`--quick`: < 3 min)
   faults  seeded fault schedules on a real cluster (`--schedules N [--seed S] [--steps K]`)
@@ -44,6 +46,7 @@ fn main() -> Result<()> {
         "setup" => setup::run(),
         "test" => test(rest),
         "qemu" => qemu::run_command(rest),
+        "template" => template::run_command(),
         "dist" => dist::run(rest),
         "faults" => faults::run_command(rest),
         "bench" => bench::run(rest),
@@ -158,8 +161,11 @@ fn test(_args: &[String]) -> Result<()> {
         }
         Ok(())
     })?;
-    // The image against a real cluster: leader killed, then the device's power cut.
+    // The image against a real cluster: leader killed, the device's power cut, one image as
+    // two provisioned devices.
     qemu::run_command(&[])?;
+    // The template a newcomer copies: out of tree, --locked, the host variant on a cluster.
+    template::run_command()?;
     host_board::run_command(&[])?;
     println!("xtask test: all steps passed");
     Ok(())

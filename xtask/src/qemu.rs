@@ -31,8 +31,10 @@ pub fn run_command(args: &[String]) -> Result<()> {
         Some("--smoke") => step("qemu smoke (network skeleton)", smoke),
         Some("--leader-kill") => crate::qemu_e2e::leader_kill(),
         Some("--power-cut") => crate::qemu_e2e::power_cut(),
+        Some("--settings") => crate::qemu_e2e::settings(),
         Some(other) => bail!(
-            "unknown option `{other}` (expected --smoke, --leader-kill, --power-cut or nothing)"
+            "unknown option `{other}` (expected --smoke, --leader-kill, --power-cut, --settings \
+             or nothing)"
         ),
         None => crate::qemu_e2e::run(),
     }
@@ -51,7 +53,8 @@ pub fn ensure_defmt_print() -> Result<()> {
 fn smoke() -> Result<()> {
     ensure_defmt_print()?;
     let device = SMOKE_DEVICE.to_string();
-    let elf = QEMU.build(&[], &[("CAIRN_DEVICE_ID", &device)])?;
+    // A development build: no settings region, the identity is the build's.
+    let elf = QEMU.build(&["dev-settings"], &[("CAIRN_DEVICE_ID", &device)])?;
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
@@ -60,7 +63,13 @@ fn smoke() -> Result<()> {
     let started = Instant::now();
     let run = boot(
         &elf,
-        &format!("samples={SMOKE_SAMPLES} period-ms=20 gateways=10.0.2.2:{port}"),
+        &format!(
+            "samples={SMOKE_SAMPLES} period-ms=20 gateways=10.0.2.2:{port} flash={}",
+            // Blank (a development build needs none), and not in the working directory.
+            crate::bench::proc::scratch("qemu-smoke-flash")?
+                .join("flash.bin")
+                .display()
+        ),
         Duration::from_secs(120),
     )?;
     println!(

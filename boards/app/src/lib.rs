@@ -15,6 +15,63 @@ pub use settings::{DEV_KEY, Gateway, MAX_GATEWAYS, SettingError, Settings};
 
 include!(concat!(env!("OUT_DIR"), "/build_settings.rs"));
 
+pub use cairn_protocol::settings::{DeviceSettings, SETTINGS_LEN, SettingsError as RegionError};
+
+/// True in a development build (feature `dev-settings`): an unprovisioned device falls back
+/// to [`BUILD`] and its identity may be overridden (QEMU's command line).
+pub const DEV_SETTINGS: bool = cfg!(feature = "dev-settings");
+
+impl Settings {
+    /// These settings with the identity (device id, key, gateways) of a settings region.
+    pub fn with_identity(mut self, identity: &DeviceSettings) -> Self {
+        self.device_id = identity.device_id;
+        self.key = identity.key;
+        let none = Gateway {
+            ip: [0; 4],
+            port: 0,
+        };
+        self.gateways = [none; MAX_GATEWAYS];
+        for (to, from) in self.gateways.iter_mut().zip(identity.gateways()) {
+            *to = Gateway {
+                ip: from.ip,
+                port: from.port,
+            };
+        }
+        self.gateway_count = identity.gateways().len();
+        self
+    }
+}
+
+/// The settings a board boots with, given the first [`SETTINGS_LEN`] (or more) bytes of its
+/// settings region (written by `cairn device add --provision-out` or `cairn device
+/// provision`): the region's identity over [`BUILD`]'s sampling settings. A blank or invalid
+/// region is an error, which the board must treat as "refuse to start", unless this is a
+/// development build (`dev-settings`), which then runs as [`BUILD`] says (by default device 1
+/// with the development key).
+pub fn boot_settings(region: &[u8]) -> Result<Settings, RegionError> {
+    match DeviceSettings::decode(region) {
+        Ok(identity) => {
+            info!(
+                "cairn: provisioned as device {}, {} gateway(s)",
+                identity.device_id,
+                identity.gateways().len()
+            );
+            Ok(BUILD.with_identity(&identity))
+        }
+        Err(e) if DEV_SETTINGS => {
+            warn!(
+                "cairn: settings region: {}; development build: device {} with the build's key",
+                e, BUILD.device_id
+            );
+            Ok(BUILD)
+        }
+        Err(e) => {
+            error!("cairn: settings region: {}; refusing to start", e);
+            Err(e)
+        }
+    }
+}
+
 use embassy_net::Stack;
 
 /// TCP socket buffers, the same with and without the client so that `cargo xtask size`

@@ -1,7 +1,9 @@
-//! NOR flash for the flash outbox on a board that has none: QEMU's mps2 boards map only
-//! RAM. This flash keeps its cells in a file on the host, reached through semihosting
-//! file calls, so its contents survive the image being killed and booted again (the power
-//! cut the flash outbox exists for). It behaves as NOR does: erase sets a 4 KiB page to
+//! NOR flash on a board that has none: QEMU's mps2 boards map only RAM. This flash keeps
+//! its cells in a file on the host, reached through semihosting file calls, so its contents
+//! survive the image being killed and booted again (the power cut the flash outbox exists
+//! for). Layout: the settings region in the first 4 KiB page ([`SETTINGS`]), then the flash
+//! outbox's 64 KiB ([`OUTBOX`]). A shorter file is extended with erased cells, so the 96-byte
+//! file `cairn device add --provision-out` writes is a flash file as it stands. It behaves as NOR does: erase sets a 4 KiB page to
 //! 0xFF, a write can only clear bits (new = old AND data). It implements only `NorFlash`:
 //! the flash outbox never writes a word twice, so it needs no `MultiwriteNorFlash`.
 
@@ -10,9 +12,14 @@ use embedded_storage_async::nor_flash::{ErrorType, NorFlash, NorFlashErrorKind, 
 use semihosting::fs::File;
 use semihosting::io::{Read, Seek, SeekFrom, Write};
 
-/// 16 pages of 4 KiB.
-pub const CAPACITY: usize = 64 * 1024;
+/// 17 pages of 4 KiB: the settings page and 16 for the outbox.
+pub const CAPACITY: usize = 68 * 1024;
 const PAGE: usize = 4096;
+/// The settings region (device id, key, gateways): the first page.
+pub const SETTINGS: core::ops::Range<u32> = 0..PAGE as u32;
+/// The flash outbox's log: the other 16 pages.
+#[cfg_attr(not(feature = "flash-outbox"), allow(dead_code))]
+pub const OUTBOX: core::ops::Range<u32> = PAGE as u32..CAPACITY as u32;
 const WORD: usize = 4;
 
 pub struct HostFlash {
@@ -20,23 +27,27 @@ pub struct HostFlash {
 }
 
 impl HostFlash {
-    /// Opens the flash file, creating an erased one (all 0xFF) if it does not exist.
+    /// Opens the flash file, creating it if it does not exist; a file shorter than
+    /// [`CAPACITY`] (a new one, or a settings file) is extended with erased cells (0xFF). A
+    /// longer file is refused rather than cut.
     pub fn open(path: &CStr) -> Result<Self, NorFlashErrorKind> {
-        if let Ok(file) = File::options().read(true).write(true).open(path) {
-            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            if len == CAPACITY as u64 {
-                return Ok(Self { file });
-            }
+        // Semihosting opens read-write without creating, or creates by truncating.
+        let file = match File::options().read(true).write(true).open(path) {
+            Ok(file) => file,
+            Err(_) => File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|_| NorFlashErrorKind::Other)?,
+        };
+        let len = file.metadata().map_err(|_| NorFlashErrorKind::Other)?.len() as usize;
+        if len > CAPACITY {
+            return Err(NorFlashErrorKind::OutOfBounds);
         }
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|_| NorFlashErrorKind::Other)?;
         let mut flash = Self { file };
-        flash.fill(0, CAPACITY)?;
+        flash.fill(len, CAPACITY)?;
         Ok(flash)
     }
 

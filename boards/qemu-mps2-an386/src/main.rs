@@ -1,34 +1,33 @@
 //! Cairn on QEMU's mps2-an386 (Cortex-M4F): SysTick time driver, LAN9118 Ethernet,
-//! DHCP from QEMU's user network, defmt over semihosting, exit codes through semihosting.
-//! See README.md for how to run it and what the exit codes mean.
+//! DHCP from QEMU's user network, defmt over semihosting, exit codes through semihosting,
+//! the device's identity from the settings region of its host-file flash. See README.md for
+//! how to run it and what the exit codes mean.
 
 #![no_std]
 #![no_main]
 
-#[cfg(feature = "flash-outbox")]
 mod hostflash;
 mod lan9118;
 mod systick;
 
-use cairn_board_app::Settings;
+use cairn_board_app::{SETTINGS_LEN, Settings};
 use core::panic::PanicInfo;
 use defmt_semihosting as _;
 use embassy_executor::Spawner;
 use embassy_net::{Runner, StackResources};
+use embedded_storage_async::nor_flash::ReadNorFlash;
 use lan9118::{Lan9118, Lan9118Irq};
 use static_cell::StaticCell;
 
 /// Exit codes besides the application's own (`AppError::exit_code`, 2..=4).
 const EXIT_NO_NIC: i32 = 5;
 const EXIT_BAD_SETTING: i32 = 6;
+const EXIT_NOT_PROVISIONED: i32 = 9;
 const EXIT_PANIC: i32 = 101;
 
 /// The flash file when the command line names none (`flash=PATH`), relative to QEMU's
 /// working directory.
 const DEFAULT_FLASH: &str = "cairn-flash.bin";
-/// The flash outbox's log: all of the 64 KiB host flash (16 erase units of 4 KiB).
-#[cfg(feature = "flash-outbox")]
-const OUTBOX_REGION: core::ops::Range<u32> = 0..0x1_0000;
 
 defmt::timestamp!("{=u64:ms}", embassy_time::Instant::now().as_millis());
 
@@ -37,7 +36,35 @@ async fn main(spawner: Spawner) {
     let core = cortex_m::Peripherals::take().unwrap();
     systick::init(core.SYST);
 
-    let Some((settings, flash_path)) = settings() else {
+    // Every build reads its identity from the settings region of the flash file
+    // (`flash=PATH`), so one image serves every device.
+    let Some(flash_path) = flash_path() else {
+        semihosting::process::exit(EXIT_BAD_SETTING);
+    };
+    let path = core::ffi::CStr::from_bytes_until_nul(&flash_path).unwrap_or(c"cairn-flash.bin");
+    let mut flash = match hostflash::HostFlash::open(path) {
+        Ok(flash) => flash,
+        Err(_) => {
+            defmt::error!(
+                "flash file {=str}: cannot open",
+                path.to_str().unwrap_or("?")
+            );
+            semihosting::process::exit(EXIT_BAD_SETTING);
+        }
+    };
+    let mut region = [0u8; SETTINGS_LEN];
+    if flash
+        .read(hostflash::SETTINGS.start, &mut region)
+        .await
+        .is_err()
+    {
+        defmt::error!("flash file: cannot read the settings region");
+        semihosting::process::exit(EXIT_BAD_SETTING);
+    }
+    let Ok(settings) = cairn_board_app::boot_settings(&region) else {
+        semihosting::process::exit(EXIT_NOT_PROVISIONED);
+    };
+    let Some(settings) = overrides(settings) else {
         semihosting::process::exit(EXIT_BAD_SETTING);
     };
     // The boot number must differ on every boot (it is part of every nonce). This board
@@ -68,22 +95,11 @@ async fn main(spawner: Spawner) {
     let result = {
         // The boot number comes from the counter in flash instead of the host clock.
         let _ = boot;
-        let path = core::ffi::CStr::from_bytes_until_nul(&flash_path).unwrap_or(c"cairn-flash.bin");
-        let flash = match hostflash::HostFlash::open(path) {
-            Ok(flash) => flash,
-            Err(_) => {
-                defmt::error!(
-                    "flash file {=str}: cannot open",
-                    path.to_str().unwrap_or("?")
-                );
-                semihosting::process::exit(EXIT_BAD_SETTING);
-            }
-        };
-        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION).await
+        cairn_board_app::run_with_flash(stack, &settings, flash, hostflash::OUTBOX).await
     };
     #[cfg(not(feature = "flash-outbox"))]
     let result = {
-        let _ = flash_path;
+        drop(flash);
         cairn_board_app::run(stack, &settings, boot).await
     };
     let code = match result {
@@ -104,32 +120,58 @@ async fn net_task(mut runner: Runner<'static, Lan9118>) -> ! {
 /// A NUL-terminated path for the flash file.
 type FlashPath = [u8; 128];
 
-/// The build-time settings, overridden by `key=value` words of the semihosting command
-/// line (`qemu-system-arm ... -append "samples=20"`), and the flash file (`flash=PATH`,
-/// used with the `flash-outbox` feature).
-fn settings() -> Option<(Settings, FlashPath)> {
-    let mut settings = cairn_board_app::BUILD;
-    let mut flash_path = [0u8; 128];
-    flash_path[..DEFAULT_FLASH.len()].copy_from_slice(DEFAULT_FLASH.as_bytes());
+/// The words of the semihosting command line (`qemu-system-arm ... -append "samples=20"`),
+/// after the image's file name.
+fn for_each_arg(mut f: impl FnMut(&str) -> Option<()>) -> Option<()> {
     if let Ok(args) = semihosting::experimental::env::args::<512>() {
-        // The first word is the image's file name.
         for arg in args.into_iter().skip(1).flatten() {
-            if let Some(path) = arg.strip_prefix("flash=") {
-                if path.len() >= flash_path.len() {
-                    defmt::error!("flash path too long");
-                    return None;
-                }
-                flash_path = [0; 128];
-                flash_path[..path.len()].copy_from_slice(path.as_bytes());
-                continue;
-            }
-            if let Err(e) = settings.apply(arg) {
-                defmt::error!("setting {=str}: {}", arg, defmt::Display2Format(&e));
-                return None;
-            }
+            f(arg)?;
         }
     }
-    Some((settings, flash_path))
+    Some(())
+}
+
+/// The flash file: `flash=PATH` on the command line, or [`DEFAULT_FLASH`].
+fn flash_path() -> Option<FlashPath> {
+    let mut flash_path = [0u8; 128];
+    flash_path[..DEFAULT_FLASH.len()].copy_from_slice(DEFAULT_FLASH.as_bytes());
+    for_each_arg(|arg| {
+        if let Some(path) = arg.strip_prefix("flash=") {
+            if path.len() >= flash_path.len() {
+                defmt::error!("flash path too long");
+                return None;
+            }
+            flash_path = [0; 128];
+            flash_path[..path.len()].copy_from_slice(path.as_bytes());
+        }
+        Some(())
+    })?;
+    Some(flash_path)
+}
+
+/// `settings` with the `key=value` words of the command line applied (see
+/// ../app/README.md). Only a development build (`dev-settings`) takes the identity (device-id,
+/// key, gateways) from there; a release image's comes from its settings region alone.
+fn overrides(mut settings: Settings) -> Option<Settings> {
+    for_each_arg(|arg| {
+        if arg.starts_with("flash=") {
+            return Some(());
+        }
+        let name = arg.split_once('=').map_or(arg, |(name, _)| name);
+        if !cairn_board_app::DEV_SETTINGS && matches!(name, "device-id" | "key" | "gateways") {
+            defmt::error!(
+                "setting {=str}: the identity comes from the settings region (build with dev-settings to override it)",
+                name
+            );
+            return None;
+        }
+        if let Err(e) = settings.apply(arg) {
+            defmt::error!("setting {=str}: {}", arg, defmt::Display2Format(&e));
+            return None;
+        }
+        Some(())
+    })?;
+    Some(settings)
 }
 
 fn host_seconds() -> u64 {

@@ -1,7 +1,8 @@
 //! The `cairn` subcommands other than `node`: `dev`, `shell`, `backup`, `restore`, `device`,
-//! plus the process plumbing they share (logging, runtime, signals).
+//! `streams`, plus the process plumbing they share (logging, runtime, signals).
 
 pub mod device;
+pub mod streams;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -54,10 +55,27 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `cairn dev`: three nodes in this process on loopback, until Ctrl-C. `fleet` is called once
-/// the nodes are starting, with node 1's HTTP API and every node's device port: the binary
-/// starts its simulated devices there when it is built with the `sim` feature.
-pub async fn dev(data_dir: PathBuf, fleet: impl FnOnce(&str, &[String])) -> anyhow::Result<()> {
+/// `cairn dev`: three nodes in this process on loopback, until Ctrl-C. The stream tables are
+/// [`dev_streams`], or the `[[stream]]` tables and `undeclared_streams` of `config` (a `cairn
+/// node` config file; its other keys are not used, and it is read again on SIGHUP or `POST
+/// /streams/reload`). `fleet` is called once the nodes are starting, with node 1's HTTP API
+/// and every node's device port: the binary starts its simulated devices there, on stream
+/// [`DEV_FLEET_STREAM`], when it is built with the `sim` feature.
+pub async fn dev(
+    data_dir: PathBuf,
+    config: Option<PathBuf>,
+    fleet: impl FnOnce(&str, &[String]),
+) -> anyhow::Result<()> {
+    let (stream, undeclared_streams) = match &config {
+        Some(path) => {
+            let c = NodeConfig::from_file(path)?;
+            c.schema()
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{}: [[stream]]: {e}", path.display()))?;
+            (c.stream, c.undeclared_streams)
+        }
+        None => (dev_streams(), crate::db::schema::Undeclared::Telemetry),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut nodes = Vec::new();
     let mut device_addrs = Vec::new();
@@ -69,7 +87,9 @@ pub async fn dev(data_dir: PathBuf, fleet: impl FnOnce(&str, &[String])) -> anyh
             http_addr: format!("127.0.0.1:{base}"),
             raft_addr: format!("127.0.0.1:{}", base + 1),
             device_addr: format!("127.0.0.1:{}", base + 2),
-            stream: dev_streams(),
+            stream: stream.clone(),
+            undeclared_streams,
+            config_file: config.clone(),
             bootstrap: i == 1,
             join: (i != 1).then(|| "http://127.0.0.1:4001".to_string()),
             ..NodeConfig::default()
@@ -90,6 +110,16 @@ pub async fn dev(data_dir: PathBuf, fleet: impl FnOnce(&str, &[String])) -> anyh
             4003 + i * 10
         );
     }
+    print!(
+        "{}",
+        describe_streams(
+            &crate::db::schema::Schema {
+                streams: stream,
+                undeclared: undeclared_streams,
+            },
+            config.as_deref(),
+        )
+    );
     println!(
         "try:\n  curl -XPOST 'http://127.0.0.1:4001/db/execute?pretty' -H 'Content-Type: application/json' \\\n    \
          -d '[\"CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)\", [\"INSERT INTO notes(body) VALUES(?)\", \"hello\"]]'\n  \
@@ -110,24 +140,84 @@ pub async fn dev(data_dir: PathBuf, fleet: impl FnOnce(&str, &[String])) -> anyh
     Ok(())
 }
 
-/// The stream table `cairn dev` declares for simulated devices: stream 1 →
-/// `readings(k, temperature)`, what `cairn sim` pushes by default.
+/// The stream `cairn dev`'s simulated devices push on (`cairn sim --stream`): not stream 1,
+/// which the firmware README's example uses.
+pub const DEV_FLEET_STREAM: u16 = 2;
+
+/// The stream tables `cairn dev` declares without `--config`: stream 1 →
+/// `climate(temperature, humidity, pressure)`, the three reals of the firmware README's
+/// example, and stream [`DEV_FLEET_STREAM`] → `readings(k, temperature)`, what `cairn sim`
+/// pushes.
 pub fn dev_streams() -> Vec<crate::db::schema::StreamDef> {
-    use crate::db::schema::{Column, ColumnType, StreamDef};
-    vec![StreamDef {
-        id: 1,
-        table: "readings".into(),
-        columns: vec![
-            Column {
-                name: "k".into(),
-                ty: ColumnType::Integer,
-            },
-            Column {
-                name: "temperature".into(),
-                ty: ColumnType::Real,
-            },
-        ],
-    }]
+    use crate::db::schema::{Column, ColumnType, OnMismatch, StreamDef};
+    let col = |name: &str, ty| Column {
+        name: name.into(),
+        ty,
+    };
+    vec![
+        StreamDef {
+            id: 1,
+            table: "climate".into(),
+            columns: vec![
+                col("temperature", ColumnType::Real),
+                col("humidity", ColumnType::Real),
+                col("pressure", ColumnType::Real),
+            ],
+            on_mismatch: OnMismatch::DeadLetter,
+        },
+        StreamDef {
+            id: DEV_FLEET_STREAM,
+            table: "readings".into(),
+            columns: vec![
+                col("k", ColumnType::Integer),
+                col("temperature", ColumnType::Real),
+            ],
+            on_mismatch: OnMismatch::DeadLetter,
+        },
+    ]
+}
+
+/// What `cairn dev` prints about its streams: each declared table, where other streams go,
+/// and where the simulated devices' records land.
+pub fn describe_streams(schema: &crate::db::schema::Schema, config: Option<&Path>) -> String {
+    use crate::db::schema::{OnMismatch, Undeclared};
+    use std::fmt::Write as _;
+    let mut out = match config {
+        Some(p) => format!("  streams (from {}):\n", p.display()),
+        None => "  streams (built in; --config FILE to declare your own):\n".to_string(),
+    };
+    for s in &schema.streams {
+        let _ = writeln!(
+            out,
+            "    stream {:<5} -> {} {}{}",
+            s.id,
+            s.table,
+            crate::db::dead_letter::expected_shape(s),
+            match s.on_mismatch {
+                OnMismatch::DeadLetter => "  (misfits to dead_letter)",
+                OnMismatch::Reject => "  (misfits rejected)",
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "    other streams -> {}",
+        match schema.undeclared {
+            Undeclared::Telemetry => "telemetry",
+            Undeclared::Reject => "rejected (SchemaMismatch)",
+        }
+    );
+    let fleet = match schema.stream(DEV_FLEET_STREAM) {
+        Some(s) => format!("table {}", s.table),
+        None if schema.undeclared == Undeclared::Telemetry => "table telemetry".to_string(),
+        None => "nowhere (undeclared streams are rejected)".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "  simulated devices (if built with them) push (k u64, temperature f32) on stream \
+         {DEV_FLEET_STREAM}: {fleet}"
+    );
+    out
 }
 
 /// How a CLI command reaches a node: `--host` (user-info allowed), `--user` (password from
@@ -445,4 +535,40 @@ pub fn restore(api: &Api, file: &Path) -> anyhow::Result<()> {
     }
     println!("restored {}: {text}", file.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::schema::{Schema, Undeclared};
+
+    /// The built-in streams keep the simulated devices off stream 1, which the firmware
+    /// README's example declares as three reals; what `cairn dev` prints names both.
+    #[test]
+    fn test_dev_streams_and_their_description() {
+        let schema = Schema {
+            streams: dev_streams(),
+            undeclared: Undeclared::Telemetry,
+        };
+        schema.validate().unwrap();
+        assert_ne!(DEV_FLEET_STREAM, 1);
+        assert_eq!(schema.stream(1).unwrap().columns.len(), 3);
+        let text = describe_streams(&schema, None);
+        assert!(
+            text.contains(
+                "stream 1     -> climate (temperature real, humidity real, pressure real)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("on stream 2: table readings"), "{text}");
+        let only_telemetry = Schema {
+            streams: vec![],
+            undeclared: Undeclared::Reject,
+        };
+        let text = describe_streams(&only_telemetry, Some(Path::new("my.toml")));
+        assert!(
+            text.contains("(from my.toml)") && text.contains("nowhere"),
+            "{text}"
+        );
+    }
 }

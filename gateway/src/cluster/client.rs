@@ -3,7 +3,8 @@
 //! [`Cluster::leader_addr`] and [`Cluster::call_leader`], so they find the leader the same
 //! way and fail the same way.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::{HeaderMap, Method, StatusCode};
@@ -12,6 +13,10 @@ use super::Cluster;
 use crate::error::Error;
 use crate::raft::NodeId;
 use crate::raft::network::full;
+
+/// How long a call that needs the leader waits for one to be known (or for leadership to
+/// settle after it moved under a write that was therefore not proposed).
+pub const LEADER_WAIT: Duration = Duration::from_secs(3);
 
 /// Header on a request one node forwarded to another: never forwarded a second time.
 pub const FORWARDED: &str = "x-cairn-forwarded";
@@ -45,6 +50,34 @@ pub struct LeaderResponse {
 }
 
 impl Cluster {
+    /// Runs `here` if this node leads, else `there` (which takes the call to the leader). A
+    /// `here` refused with `NotLeader` proposed nothing (leadership moved between the check and
+    /// the proposal): it goes `there` to the new leader, or is tried again here while
+    /// leadership settles, for up to [`LEADER_WAIT`].
+    pub async fn on_leader<T, Here, There>(
+        &self,
+        here: impl Fn() -> Here,
+        there: impl FnOnce() -> There,
+    ) -> Result<T, Error>
+    where
+        Here: Future<Output = Result<T, Error>>,
+        There: Future<Output = Result<T, Error>>,
+    {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            if self.is_leader() {
+                match here().await {
+                    Err(e) if e.is_not_leader() && Instant::now() < deadline => {}
+                    r => return r,
+                }
+            } else if self.leader().is_some() || Instant::now() >= deadline {
+                return there().await;
+            }
+            // No leader known yet (an election is on), or it is still this node: shortly again.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The leader's id and its address on `port`, waiting up to `wait` for one to be known.
     /// [`Error::NoLeader`] if none is; [`Error::Unavailable`] if it is this node (leadership
     /// is changing under the caller).

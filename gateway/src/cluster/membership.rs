@@ -159,7 +159,7 @@ impl Cluster {
         let Some(target) = voters.iter().max_by_key(|id| matched(id)).copied() else {
             return;
         };
-        tracing::info!(target, "transferring leadership before shutdown");
+        tracing::info!(target, "transferring leadership");
         if let Err(e) = self.raft.trigger().transfer_leader(target).await {
             tracing::warn!("transfer leader: {e}");
             return;
@@ -174,5 +174,31 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::warn!("leadership transfer did not complete in 3 s");
+    }
+
+    /// Watches this node's storage until `stop` is set: a leader whose storage has been held
+    /// (a full disk, see `db::failure`) for a second hands leadership to another voter. It can
+    /// neither apply nor answer writes until space returns; the others can, and it cannot win
+    /// an election meanwhile (its vote would have to be written first).
+    pub async fn hand_over_while_held(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        const GRACE: Duration = Duration::from_secs(1);
+        let mut since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let held = self.storage_held();
+            if held.is_empty() {
+                since = None;
+                continue;
+            }
+            let t = *since.get_or_insert_with(Instant::now);
+            if t.elapsed() >= GRACE && self.is_leader() {
+                tracing::warn!(?held, "storage held on the leader: handing leadership over");
+                self.step_down().await;
+                since = Some(Instant::now());
+            }
+        }
     }
 }

@@ -8,13 +8,19 @@
 //!   (`raft::proposer`); [`Cluster::execute`] adds the deterministic rewrite for SQL;
 //! - reads at each consistency level: [`Cluster::query`], [`Cluster::read`];
 //! - membership ([`membership`]): join, remove, hand over leadership;
-//! - the one client that reaches the leader ([`client`]).
+//! - the one client that reaches the leader ([`client`]);
+//! - stream definitions and dead-letter replays ([`streams`]).
+//! - the one client that reaches the leader ([`client`]), and SQL that goes there from
+//!   anywhere ([`forward`], for the embedding API);
+//! - the feed of committed device records: [`Cluster::subscribe`].
 //!
 //! A call that needs the leader and is made on a follower answers [`Error::NotLeader`];
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
 pub mod client;
+pub mod forward;
 pub mod membership;
+pub mod streams;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,9 +29,11 @@ use std::time::{Duration, Instant};
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 
+use crate::command::feed::{Feed, Subscription};
 use crate::command::sql::SqlCommand;
 use crate::command::{Command, CommandResponse, rewrite};
 use crate::db::Store;
+use crate::db::sandbox::{CancelOnDrop, ReadLimits};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -35,7 +43,7 @@ use crate::raft::proposer::{Proposal, Proposer};
 use crate::raft::{NodeId, Peer, Raft};
 
 /// How consistent a read must be (rqlite's `level`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Level {
     /// This node's database, whatever it has applied.
     None,
@@ -77,7 +85,14 @@ pub struct Cluster {
     log_stats: Arc<LogStats>,
     /// Where backups and loads may put scratch files (the data directory).
     scratch_dir: PathBuf,
+    /// Limits of one local read (this node's settings).
+    read_limits: ReadLimits,
+    /// Largest database a load may bring (`max_db_size_mib`).
+    max_db_bytes: u64,
+    feed: Arc<Feed>,
     started: Instant,
+    /// This node's configured stream definitions (set by the composition root).
+    streams: streams::StreamsConfig,
 }
 
 /// The parts a [`Cluster`] is made of (the composition root builds them).
@@ -91,6 +106,10 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     pub log_stats: Arc<LogStats>,
     pub scratch_dir: PathBuf,
+    pub read_limits: ReadLimits,
+    pub max_db_bytes: u64,
+    /// The state machine's feed of stored device records.
+    pub feed: Arc<Feed>,
 }
 
 impl Cluster {
@@ -105,7 +124,11 @@ impl Cluster {
             metrics: p.metrics,
             log_stats: p.log_stats,
             scratch_dir: p.scratch_dir,
+            read_limits: p.read_limits,
+            max_db_bytes: p.max_db_bytes,
+            feed: p.feed,
             started: Instant::now(),
+            streams: Default::default(),
         })
     }
 
@@ -149,6 +172,12 @@ impl Cluster {
 
     pub fn scratch_dir(&self) -> &std::path::Path {
         &self.scratch_dir
+    }
+
+    /// A subscription to the device records this replica stores from now on, each once, as
+    /// their entries commit (see [`crate::command::feed`]).
+    pub fn subscribe(&self) -> Subscription {
+        self.feed.subscribe()
     }
 
     /// Openraft's view of this node (state, term, indexes, membership).
@@ -206,6 +235,14 @@ impl Cluster {
         crate::raft::confirm_leadership(&self.raft).await
     }
 
+    /// Storage work this node holds because of its environment (a full disk, ...): the Raft
+    /// log writer's and apply's failures, if any. The node is not ready while it holds any.
+    pub fn storage_held(&self) -> Vec<(&'static str, String)> {
+        let log = self.log_stats.stall.held().map(|e| ("raft log write", e));
+        let apply = self.metrics.apply_stall.held().map(|e| ("apply", e));
+        log.into_iter().chain(apply).collect()
+    }
+
     /// True while Raft runs (false once it stopped on a fatal error or shut down).
     pub fn running(&self) -> bool {
         self.raft.metrics().borrow_watched().running_state.is_ok()
@@ -218,6 +255,13 @@ impl Cluster {
     /// Queues `cmd` for the log on the leader; its place in the log is fixed on return.
     pub async fn propose(&self, cmd: Command) -> Result<Proposal, Error> {
         self.require_leader()?;
+        // A leader that cannot write its log or apply (a full disk) could not answer: the
+        // client hears it at once and goes elsewhere (leadership moves, see membership.rs).
+        if let Some((what, e)) = self.storage_held().first() {
+            return Err(Error::Unavailable(format!(
+                "this node's storage is held ({what}: {e}); retry shortly"
+            )));
+        }
         self.proposer.propose(cmd).await
     }
 
@@ -238,10 +282,15 @@ impl Cluster {
             statements,
             transaction,
         };
+        let stamp = rewrite::Stamp::now();
         if rewrite {
-            rewrite::prepare_write(&mut cmd, &rewrite::Stamp::now())?;
+            rewrite::prepare_write(&mut cmd, &stamp)?;
         }
-        match self.write(Command::Sql(cmd)).await? {
+        let cmd = Command::SqlAt {
+            stamp_ms: stamp.unix_ms(),
+            sql: cmd,
+        };
+        match self.write(cmd).await? {
             CommandResponse::Sql(results) => Ok(results),
             other => Err(Error::Storage(format!("unexpected response {other:?}"))),
         }
@@ -281,20 +330,24 @@ impl Cluster {
                 return self.execute(statements, transaction, false).await;
             }
         }
-        self.read(move |c| crate::db::sql::query(c, &statements, transaction))
-            .await
+        let limits = self.read_limits.clone();
+        // Dropped with this future when the client goes away: the read stops at once.
+        let cancel = CancelOnDrop::default();
+        let flag = cancel.flag();
+        let out = self
+            .read(move |c| crate::db::sql::query(c, &statements, transaction, &limits, Some(flag)))
+            .await;
+        drop(cancel);
+        out
     }
 
     /// True when SQLite says every statement is read-only. Statements that do not prepare (for
     /// example because an earlier statement creates their table) count as writes.
     pub async fn all_read_only(&self, statements: &[Statement]) -> bool {
         let sqls: Vec<String> = statements.iter().map(|s| s.sql.clone()).collect();
-        self.read(move |c| {
-            sqls.iter()
-                .all(|s| c.prepare(s).map(|p| p.readonly()).unwrap_or(false))
-        })
-        .await
-        .unwrap_or(false)
+        self.read(move |c| crate::db::sql::all_read_only(c, &sqls))
+            .await
+            .unwrap_or(false)
     }
 
     /// A consistent copy of this node's database as an open, already unlinked file.
@@ -314,18 +367,96 @@ impl Cluster {
         Ok(f)
     }
 
-    /// Replaces every user table with the contents of `data` (a SQLite file or SQL text), as
-    /// one transaction through the log. The leader only.
-    pub async fn load(&self, data: bytes::Bytes) -> Result<Vec<StatementResult>, Error> {
+    /// Largest load this node accepts (`max_db_size_mib`), in bytes.
+    pub fn max_load_bytes(&self) -> u64 {
+        self.max_db_bytes
+    }
+
+    /// Loads the SQLite file or SQL text in the file `upload` (which this call deletes): the
+    /// user's tables are replaced, or, from a Cairn backup, data and Cairn's state together
+    /// (see `db::load`). The file goes through the log in chunks of at most
+    /// [`CHUNK_BYTES`](crate::command::load::CHUNK_BYTES) and takes effect at the last one.
+    /// The leader only.
+    /// `restore_state`: the caller may restore Cairn's own state (the `all` permission), which
+    /// a Cairn backup carries (device registry and keys, high-waters); without it such a file
+    /// is refused ([`Error::Forbidden`]) and a plain SQLite file or dump loads as usual.
+    pub async fn load_file(
+        &self,
+        upload: PathBuf,
+        restore_state: bool,
+    ) -> Result<Vec<StatementResult>, Error> {
+        let r = self.load_prepared(&upload, restore_state).await;
+        let _ = std::fs::remove_file(&upload);
+        r
+    }
+
+    async fn load_prepared(
+        &self,
+        upload: &std::path::Path,
+        restore_state: bool,
+    ) -> Result<Vec<StatementResult>, Error> {
         self.require_leader()?;
-        let dir = self.scratch_dir.clone();
-        let statements = self
-            .read(move |c| -> Result<Vec<Statement>, Error> {
-                let existing = crate::db::load::user_objects(c)?;
-                crate::db::load::load_statements(&data, &dir, &existing)
-                    .map_err(|e| Error::BadRequest(format!("load: {e}")))
-            })
-            .await??;
-        self.execute(statements, true, false).await
+        let (dir, up) = (self.scratch_dir.clone(), upload.to_path_buf());
+        let src = tokio::task::spawn_blocking(move || crate::db::load::prepare(&up, &dir))
+            .await?
+            .map_err(|e| Error::BadRequest(format!("load: {e}")))?;
+        let r = if src.backup && !restore_state {
+            Err(Error::Forbidden(
+                "load: a Cairn backup restores the device registry and needs permission all".into(),
+            ))
+        } else {
+            self.send_load(&src).await
+        };
+        if src.scratch {
+            let _ = std::fs::remove_file(&src.path);
+        }
+        r
+    }
+
+    /// Proposes the prepared file chunk by chunk, each applied before the next is read.
+    async fn send_load(
+        &self,
+        src: &crate::db::load::Source,
+    ) -> Result<Vec<StatementResult>, Error> {
+        use crate::command::load::{CHUNK_BYTES, LoadChunk, LoadEnd};
+        use tokio::io::AsyncReadExt;
+        if src.size > self.max_db_bytes {
+            return Err(Error::BadRequest(format!(
+                "load: the database would be {} bytes, over this node's max_db_size_mib ({} MiB)",
+                src.size,
+                self.max_db_bytes >> 20
+            )));
+        }
+        let load_id = rand::random::<u64>();
+        let mut file = tokio::fs::File::open(&src.path).await?;
+        let mut offset = 0u64;
+        loop {
+            let mut data = vec![0u8; CHUNK_BYTES];
+            let mut n = 0;
+            while n < data.len() {
+                let got = file.read(&mut data[n..]).await?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            data.truncate(n);
+            let last = offset + n as u64 >= src.size;
+            let chunk = LoadChunk {
+                load_id,
+                offset,
+                data,
+                last: last.then_some(LoadEnd {
+                    len: src.size,
+                    restore_state: src.backup,
+                }),
+            };
+            offset += n as u64;
+            match self.write(Command::LoadChunk(chunk)).await? {
+                CommandResponse::Sql(results) if last => return Ok(results),
+                CommandResponse::Empty if !last => {}
+                other => return Err(Error::Storage(format!("unexpected response {other:?}"))),
+            }
+        }
     }
 }

@@ -6,9 +6,11 @@
 //! 1. `last_seq <= high_water`: already stored, [`BatchOutcome::Duplicate`] (acked through the
 //!    high-water, not applied);
 //! 2. `first_seq > high_water + 1`: records are missing before it, [`BatchOutcome::Gap`];
-//! 3. a record that does not fit its stream's table: [`BatchOutcome::SchemaMismatch`], nothing
-//!    of the batch is written;
-//! 4. otherwise the records above the high-water are inserted and the high-water becomes
+//! 3. a record that does not fit its stream's table and may not be dead-lettered (its stream
+//!    says `on_mismatch = "reject"`, or it is undeclared and `undeclared_streams = "reject"`):
+//!    [`BatchOutcome::SchemaMismatch`], nothing of the batch is written;
+//! 4. otherwise the records above the high-water are inserted (those that do not fit their
+//!    stream into `dead_letter`, see [`super::dead_letter`]) and the high-water becomes
 //!    `last_seq`: [`BatchOutcome::Applied`].
 //!
 //! Time: the receiving gateway stamps `received_at_ms` (its clock) before proposing; a record
@@ -17,17 +19,16 @@
 
 use std::collections::HashMap;
 
-use cairn_protocol::{BatchView, RecordView};
+use cairn_protocol::{BatchHeader, BatchView, RecordView};
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{CachedStatement, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use super::ApplyContext;
+use super::dead_letter::{self, DeadLetters, Placement};
 use crate::db::registry::create_tables;
-use crate::db::schema::{
-    Schema, TELEMETRY_TABLE, Undeclared, column_value, int, utc_text, values_json,
-};
+use crate::db::schema::{Schema, TELEMETRY_TABLE, column_value, int, utc_text, values_json};
 use crate::db::tables::HIGH_WATER as HIGH_WATER_TABLE;
-use crate::metrics::Metrics;
 
 /// One device's batch as it travels in the log: the authenticated, decrypted Batch body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +43,7 @@ pub struct DeviceBatch {
 
 /// Bytes as one postcard byte string rather than a sequence of u8 (same bytes in postcard,
 /// but far more compact in any self-describing format).
-mod serde_bytes_vec {
+pub(super) mod serde_bytes_vec {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -100,45 +101,73 @@ pub enum BatchOutcome {
     Malformed,
 }
 
-/// Statistics of one applied entry, for the metrics.
-#[derive(Debug, Default, Clone, Copy)]
+/// Statistics of one applied entry, for the metrics and the dead-letter warnings.
+#[derive(Debug, Default, Clone)]
 pub struct ApplyStats {
     pub batches: u64,
     pub records: u64,
+    /// Records that did not fit (dead-lettered, or the first of a refused batch).
+    pub misfits: Vec<dead_letter::Misfit>,
+    /// When `Some` (someone subscribes to the [`Feed`](super::feed::Feed)): per stored
+    /// batch, its index in the entry and the first seq stored.
+    pub stored: Option<Vec<(usize, u64)>>,
 }
 
-/// Checks that every record of `view` fits the schema.
-fn fits(schema: &Schema, view: &BatchView<'_>) -> bool {
-    view.records().all(|r| {
-        let Ok(r) = r else { return false };
-        match schema.stream(r.stream) {
-            Some(def) => {
-                r.value_count() == def.columns.len()
-                    && r.values()
-                        .zip(&def.columns)
-                        .all(|(v, c)| column_value(c.ty, &v).is_some())
-            }
-            None => schema.undeclared == Undeclared::Telemetry,
-        }
-    })
+/// The stored time (Unix ms) of a record taken at device uptime `uptime_ms`, in a batch sent
+/// at `sent_uptime_ms` and read at `received_at_ms` (see the module doc).
+pub fn record_time_ms(received_at_ms: i64, sent_uptime_ms: u64, uptime_ms: u64) -> i64 {
+    let age = sent_uptime_ms.saturating_sub(uptime_ms);
+    received_at_ms.saturating_sub(age.min(i64::MAX as u64) as i64)
+}
+
+/// The text of a record's `time`: taken at device uptime `r.uptime_ms`, in a batch sealed at
+/// `h.sent_uptime_ms` and read at `received_at_ms` (see the module documentation).
+fn record_time(received_at_ms: i64, h: &BatchHeader, r: &RecordView<'_>) -> String {
+    // A record cannot be younger than its batch; a device that says so gets age 0.
+    let age = h.sent_uptime_ms.saturating_sub(r.uptime_ms);
+    utc_text(received_at_ms.saturating_sub(age.min(i64::MAX as u64) as i64))
 }
 
 /// Insert statements, prepared once per entry and per table.
-struct Inserts<'c> {
+pub(crate) struct Inserts<'c> {
     conn: &'c Connection,
-    schema: Schema,
+    pub(crate) schema: Schema,
     by_stream: HashMap<u16, CachedStatement<'c>>,
     telemetry: Option<CachedStatement<'c>>,
 }
 
 impl<'c> Inserts<'c> {
+    pub(crate) fn new(conn: &'c Connection, schema: Schema) -> Self {
+        // Room for every stream table's insert next to the SQL API's statements.
+        conn.set_prepared_statement_cache_capacity(64 + schema.streams.len());
+        Inserts {
+            conn,
+            schema,
+            by_stream: HashMap::new(),
+            telemetry: None,
+        }
+    }
+
+    /// Stores record `r` of batch `b` (header `h`) in its stream's table, or `telemetry`;
+    /// the rows written (0 if the key was already there). The record must fit (checked by
+    /// [`dead_letter::placements`]).
+    pub(crate) fn store(
+        &mut self,
+        b: &DeviceBatch,
+        h: &BatchHeader,
+        r: &RecordView<'_>,
+    ) -> rusqlite::Result<usize> {
+        let time = record_time(b.received_at_ms, h, r);
+        self.insert(b.device_id, r, &time, &utc_text(b.received_at_ms))
+    }
+
     fn insert(
         &mut self,
         device_id: u64,
         r: &RecordView<'_>,
         time: &str,
         received: &str,
-    ) -> rusqlite::Result<()> {
+    ) -> rusqlite::Result<usize> {
         let dev = int(device_id as i64);
         let seq = int(r.seq as i64);
         match self.schema.stream(r.stream) {
@@ -171,10 +200,10 @@ impl<'c> Inserts<'c> {
                     received.as_bytes(),
                 )));
                 for (v, c) in r.values().zip(&def.columns) {
-                    // Checked by `fits` before any insert of this batch.
+                    // Checked by `dead_letter::placements` before any insert of this batch.
                     params.push(column_value(c.ty, &v).ok_or(rusqlite::Error::InvalidQuery)?);
                 }
-                stmt.execute(rusqlite::params_from_iter(params.iter()))?;
+                stmt.execute(rusqlite::params_from_iter(params.iter()))
             }
             None => {
                 let stmt = match &mut self.telemetry {
@@ -196,22 +225,30 @@ impl<'c> Inserts<'c> {
                     time,
                     received,
                     values_json(r.values())
-                ])?;
+                ])
             }
         }
-        Ok(())
     }
 }
 
-/// The command's apply function: [`apply_device_batches`] plus this replica's metrics.
+/// The command's apply function: [`apply_device_batches`] plus this replica's metrics and
+/// its [`Feed`](super::feed::Feed) of stored records.
 pub fn apply(
     conn: &Connection,
-    m: &Metrics,
+    ctx: &ApplyContext<'_>,
     batches: &[DeviceBatch],
 ) -> rusqlite::Result<Vec<BatchOutcome>> {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut stats = ApplyStats::default();
+    let m = ctx.metrics;
+    let mut stats = ApplyStats {
+        stored: ctx.feed.wanted().then(Vec::new),
+        ..ApplyStats::default()
+    };
     let out = apply_device_batches(conn, batches, &mut stats)?;
+    dead_letter::report(m, &stats.misfits);
+    for &(i, from_seq) in stats.stored.iter().flatten() {
+        ctx.feed.stage(&batches[i], from_seq);
+    }
     m.batches_applied.fetch_add(stats.batches, Relaxed);
     m.records_applied.fetch_add(stats.records, Relaxed);
     let dups = out
@@ -229,15 +266,8 @@ pub fn apply_device_batches(
     stats: &mut ApplyStats,
 ) -> rusqlite::Result<Vec<BatchOutcome>> {
     create_tables(conn)?;
-    let schema = Schema::load(conn)?;
-    // Room for every stream table's insert next to the SQL API's statements.
-    conn.set_prepared_statement_cache_capacity(64 + schema.streams.len());
-    let mut inserts = Inserts {
-        conn,
-        schema,
-        by_stream: HashMap::new(),
-        telemetry: None,
-    };
+    let mut inserts = Inserts::new(conn, Schema::load(conn)?);
+    let mut dead = DeadLetters::new(conn);
     let mut get_hw = conn.prepare_cached(&format!(
         "SELECT seq FROM {HIGH_WATER_TABLE} WHERE device_id = ?1"
     ))?;
@@ -246,7 +276,7 @@ pub fn apply_device_batches(
          ON CONFLICT(device_id) DO UPDATE SET seq = excluded.seq"
     ))?;
     let mut out = Vec::with_capacity(batches.len());
-    for b in batches {
+    for (i, b) in batches.iter().enumerate() {
         let Some(view) = b.view() else {
             out.push(BatchOutcome::Malformed);
             continue;
@@ -261,29 +291,44 @@ pub fn apply_device_batches(
             out.push(BatchOutcome::Duplicate { through_seq: hw });
             continue;
         }
-        if h.first_seq > hw + 1 {
+        // Checked: a high-water of u64::MAX has no next seq (every batch is a duplicate).
+        if hw.checked_add(1).is_none_or(|next| h.first_seq > next) {
             out.push(BatchOutcome::Gap { high_water: hw });
             continue;
         }
-        if !fits(&inserts.schema, &view) {
+        let Some(placements) = dead_letter::placements(&inserts.schema, &view) else {
+            stats
+                .misfits
+                .extend(dead_letter::refusal(&inserts.schema, b, &view));
+            out.push(BatchOutcome::SchemaMismatch);
+            continue;
+        };
+        if let Some(refused) = dead.refuse_if_unusable(b, &view, &placements)? {
+            stats.misfits.push(refused);
             out.push(BatchOutcome::SchemaMismatch);
             continue;
         }
-        let received = utc_text(b.received_at_ms);
-        for r in view.records() {
+        for (r, place) in view.records().zip(placements) {
             let r = r.map_err(|_| rusqlite::Error::InvalidQuery)?;
             if r.seq <= hw {
                 continue;
             }
-            let age = h.sent_uptime_ms - r.uptime_ms;
-            let time = utc_text(
-                b.received_at_ms
-                    .saturating_sub(age.min(i64::MAX as u64) as i64),
-            );
-            inserts.insert(b.device_id, &r, &time, &received)?;
+            match place {
+                Placement::Store => {
+                    inserts.store(b, &h, &r)?;
+                }
+                Placement::DeadLetter => {
+                    let time = record_time(b.received_at_ms, &h, &r);
+                    let event = dead.insert(&inserts.schema, b, &h, &r, &time)?;
+                    stats.misfits.push(event);
+                }
+            }
             stats.records += 1;
         }
         set_hw.execute([b.device_id as i64, last as i64])?;
+        if let Some(stored) = &mut stats.stored {
+            stored.push((i, hw + 1));
+        }
         stats.batches += 1;
         out.push(BatchOutcome::Applied { through_seq: last });
     }
@@ -291,11 +336,11 @@ pub fn apply_device_batches(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use cairn_protocol::{BatchEncoder, MAX_FRAME, Record, Value};
 
     use super::*;
-    use crate::db::schema::{Column, ColumnType, StreamDef};
+    use crate::db::schema::{Column, ColumnType, StreamDef, Undeclared};
 
     pub(crate) fn batch(
         device_id: u64,
@@ -330,6 +375,8 @@ mod tests {
                     name: "temperature".into(),
                     ty: ColumnType::Real,
                 }],
+                // Today's refusal; dead-lettering is tested in `command::streams`.
+                on_mismatch: crate::db::schema::OnMismatch::Reject,
             }],
             undeclared: Undeclared::Telemetry,
         }

@@ -4,7 +4,8 @@
 //!
 //! Every command kind is one variant of [`Command`] with its payload type and its apply
 //! function in a module of its own: [`sql`] for [`Command::Sql`], [`device`] for
-//! [`Command::DeviceBatches`], [`registry`] for [`Command::DeviceRegistry`]. [`apply`] is the
+//! [`Command::DeviceBatches`] (with [`dead_letter`] for the records that do not fit),
+//! [`registry`] for [`Command::DeviceRegistry`], [`streams`] for [`Command::Streams`]. [`apply`] is the
 //! only place that dispatches on the variant. To add a command:
 //!
 //! 1. put the payload type and `fn apply_xxx(conn: &Connection, ctx: &ApplyContext, cmd: &Xxx)
@@ -19,25 +20,33 @@
 //!   (use `SAVEPOINT` for partial rollback); the caller stores the applied log id in the same
 //!   transaction and commits;
 //! - it is deterministic: same database + same command = same bytes, on every replica. No
-//!   clocks, no randomness: the leader puts such values into the command before proposing;
+//!   clocks, no randomness: the leader puts such values into the command before proposing
+//!   (user SQL's "now" and `random()` come from the entry, see `db::sandbox`);
 //! - a failure that depends on the data (a SQL error, a constraint) is a *result*, returned in
 //!   the response and identical everywhere; only storage failures are `Err`.
 //!
 //! Variants are never renumbered or removed: entries are postcard-encoded, which identifies a
 //! variant by its position. New variants go at the end.
 
+pub mod dead_letter;
 pub mod device;
+pub mod feed;
+pub mod load;
 pub mod registry;
 pub mod rewrite;
 pub mod sql;
+pub mod streams;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use self::device::{BatchOutcome, DeviceBatch};
+use self::feed::Feed;
+use self::load::LoadChunk;
 use self::registry::{RegistryCommand, RegistryOutcome};
 use self::sql::SqlCommand;
+use self::streams::{StreamsCommand, StreamsOutcome};
 use crate::db::sql::StatementResult;
 use crate::metrics::Metrics;
 
@@ -50,6 +59,27 @@ pub enum Command {
     DeviceBatches(Vec<DeviceBatch>),
     /// Device registry and stream definitions ([`registry`]).
     DeviceRegistry(RegistryCommand),
+    /// SQL with the leader's clock when it proposed the entry (Unix ms): "now" for the
+    /// entry's SQL on every replica (see `db::sandbox`).
+    SqlAt { stamp_ms: i64, sql: SqlCommand },
+    /// One chunk of a `/db/load` ([`load`]); the last one swaps the load in.
+    LoadChunk(LoadChunk),
+    /// Stream definitions with `on_mismatch`, and dead-letter replays ([`streams`]).
+    Streams(StreamsCommand),
+}
+
+impl Command {
+    /// The leader's stamp SQL time functions see while this entry applies, if it has one.
+    pub fn stamp_ms(&self) -> Option<i64> {
+        match self {
+            Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
+            Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
+            Command::Sql(_)
+            | Command::DeviceRegistry(_)
+            | Command::LoadChunk(_)
+            | Command::Streams(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for Command {
@@ -63,6 +93,21 @@ impl fmt::Display for Command {
             ),
             Command::DeviceBatches(b) => write!(f, "DeviceBatches({} batches)", b.len()),
             Command::DeviceRegistry(c) => write!(f, "DeviceRegistry({c})"),
+            Command::LoadChunk(c) => write!(
+                f,
+                "LoadChunk(load {}, {} bytes at {}{})",
+                c.load_id,
+                c.data.len(),
+                c.offset,
+                if c.last.is_some() { ", last" } else { "" }
+            ),
+            Command::SqlAt { stamp_ms, sql } => write!(
+                f,
+                "SqlAt({stamp_ms}, {} statements, transaction={})",
+                sql.statements.len(),
+                sql.transaction
+            ),
+            Command::Streams(c) => write!(f, "Streams({c})"),
         }
     }
 }
@@ -78,12 +123,16 @@ pub enum CommandResponse {
     /// One outcome per device batch, in order.
     DeviceBatches(Vec<BatchOutcome>),
     DeviceRegistry(RegistryOutcome),
+    Streams(StreamsOutcome),
 }
 
-/// What an apply function may use besides the connection: this replica's counters (they
-/// count, they never change what is applied).
+/// What an apply function may use besides the connection: the entry's log index (it seeds
+/// the entry's deterministic `random()`), this replica's counters and its feed of stored
+/// device records (they observe, they never change what is applied).
 pub struct ApplyContext<'a> {
+    pub index: u64,
     pub metrics: &'a Metrics,
+    pub feed: &'a Feed,
 }
 
 /// Applies `cmd` inside the caller's open transaction on `conn`: the one dispatch point.
@@ -92,13 +141,21 @@ pub fn apply(
     ctx: &ApplyContext<'_>,
     cmd: &Command,
 ) -> rusqlite::Result<CommandResponse> {
+    let _entry = crate::db::sandbox::enter_entry(ctx.index, cmd.stamp_ms());
     match cmd {
-        Command::Sql(sql) => sql::apply_sql(conn, sql).map(CommandResponse::Sql),
+        Command::Sql(sql) | Command::SqlAt { sql, .. } => {
+            sql::apply_sql(conn, sql).map(CommandResponse::Sql)
+        }
         Command::DeviceBatches(b) => {
-            device::apply(conn, ctx.metrics, b).map(CommandResponse::DeviceBatches)
+            device::apply(conn, ctx, b).map(CommandResponse::DeviceBatches)
         }
         Command::DeviceRegistry(c) => {
             registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
         }
+        Command::LoadChunk(c) => load::apply_chunk(conn, c).map(|r| match r {
+            Some(result) => CommandResponse::Sql(vec![result]),
+            None => CommandResponse::Empty,
+        }),
+        Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
     }
 }

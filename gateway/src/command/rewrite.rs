@@ -14,10 +14,25 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// This node's clock, never lower than a stamp it gave before.
     pub fn now() -> Self {
+        static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let prev = LAST_MS.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
         Stamp {
-            now: SystemTime::now(),
+            now: UNIX_EPOCH + std::time::Duration::from_millis(ms.max(prev) as u64),
         }
+    }
+
+    /// The stamp in Unix ms, as entries carry it.
+    pub fn unix_ms(&self) -> i64 {
+        self.now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
     }
 }
 
@@ -32,6 +47,8 @@ pub fn prepare_write(cmd: &mut SqlCommand, stamp: &Stamp) -> Result<(), Error> {
                 "statement {i}: {kw} is not allowed; use ?transaction to run statements atomically"
             )));
         }
+        crate::db::sandbox::precheck(&st.sql)
+            .map_err(|e| Error::BadRequest(format!("statement {i}: not authorized: {e}")))?;
         st.sql = rewrite_nondeterministic(&st.sql, stamp)
             .map_err(|e| Error::BadRequest(format!("statement {i}: {e}")))?;
     }

@@ -4,7 +4,7 @@
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
-use crate::db::sql::{Statement, StatementResult, run_statement};
+use crate::db::sql::{Statement, StatementResult};
 
 /// The payload of [`Command::Sql`](super::Command::Sql).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -14,38 +14,11 @@ pub struct SqlCommand {
     pub transaction: bool,
 }
 
-/// Applies a SQL command inside the entry's open transaction.
-///
-/// With `transaction`, all statements share one savepoint: the first error rolls all of them
-/// back and the remaining statements are not run (their results are absent, as in rqlite).
-/// Without it, each statement has its own savepoint, so a failing statement leaves the
-/// others' effects in place, like autocommit.
+/// Applies a SQL command inside the entry's open transaction, under the sandbox's write
+/// rules ([`crate::db::sandbox::apply_statements`] has the savepoint semantics: rqlite's
+/// autocommit, or all-or-nothing with `transaction`).
 pub fn apply_sql(conn: &Connection, cmd: &SqlCommand) -> rusqlite::Result<Vec<StatementResult>> {
-    let mut results = Vec::with_capacity(cmd.statements.len());
-    if cmd.transaction {
-        conn.execute_batch("SAVEPOINT cairn_request")?;
-        for st in &cmd.statements {
-            let r = run_statement(conn, st);
-            let failed = r.error.is_some();
-            results.push(r);
-            if failed {
-                conn.execute_batch("ROLLBACK TO cairn_request")?;
-                break;
-            }
-        }
-        conn.execute_batch("RELEASE cairn_request")?;
-    } else {
-        for st in &cmd.statements {
-            conn.execute_batch("SAVEPOINT cairn_statement")?;
-            let r = run_statement(conn, st);
-            if r.error.is_some() {
-                conn.execute_batch("ROLLBACK TO cairn_statement")?;
-            }
-            conn.execute_batch("RELEASE cairn_statement")?;
-            results.push(r);
-        }
-    }
-    Ok(results)
+    crate::db::sandbox::apply_statements(conn, &cmd.statements, cmd.transaction)
 }
 
 #[cfg(test)]

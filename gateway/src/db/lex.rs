@@ -15,6 +15,24 @@ pub fn transaction_control_keyword(sql: &str) -> Option<String> {
     .then_some(word)
 }
 
+/// The words of `sql` outside string literals, quoted identifiers and comments, uppercased.
+pub fn significant_words(sql: &str) -> Vec<String> {
+    tokenize(sql)
+        .into_iter()
+        .filter(|t| t.kind == TokKind::Word)
+        .map(|t| t.text(sql).to_ascii_uppercase())
+        .collect()
+}
+
+/// Every token of `sql` except spaces and comments, as written.
+pub fn significant_tokens(sql: &str) -> Vec<&str> {
+    tokenize(sql)
+        .into_iter()
+        .filter(|t| !matches!(t.kind, TokKind::Space | TokKind::Comment))
+        .map(|t| t.text(sql))
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TokKind {
     Word,

@@ -1,19 +1,41 @@
-//! `/db/load`: the statements that replace the database's user tables with the contents of an
-//! uploaded SQLite file or SQL text. They go through Raft as one SQL command, so every replica
-//! loads the same rows.
+//! `/db/load`: replacing the database's user tables (and, from a Cairn backup, Cairn's state)
+//! with the contents of an uploaded SQLite file or SQL text.
+//!
+//! On the leader, [`prepare`] turns the upload (already streamed to a file) into a checked
+//! SQLite file on disk: SQL text runs in a scratch database under the sandbox's load rules
+//! (no ATTACH, VACUUM, extensions; other pragmas are no-ops), a time limit and a size cap. The
+//! file then travels the log in bounded chunks (`command::load`), and every replica swaps it in
+//! with [`swap_in`] at the last chunk's index, in that entry's one transaction:
+//!
+//! - a plain file or dump replaces the user's tables (device stream tables keep their schema
+//!   and get the loaded rows) and leaves the device registry, high-water marks, stream
+//!   definitions and Raft metadata untouched;
+//! - a Cairn backup (it holds [`STATE_TABLES`]) restores data and Cairn's state together:
+//!   every table including the stream tables, the registry, the high-water marks and the stream
+//!   definitions, never a mix of old and new. The Raft metadata (`_cairn_raft`) is never loaded.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
-use super::sql::{Params, Statement, Value};
+use super::sandbox::{self, Kind, Mode};
+use super::sql::Value;
 use super::tables;
 
-/// User tables and views of a database: `(type, name)`, excluding SQLite's and Cairn's own.
+/// Cairn's tables a backup restores. `_cairn_raft` is never among them: the live cluster's
+/// applied position and membership stay.
+pub const STATE_TABLES: [&str; 3] = [tables::DEVICES, tables::HIGH_WATER, tables::STREAMS];
+
+/// User tables and views of a database: `(type, name)`, excluding SQLite's and Cairn's own
+/// (`_cairn_*`).
 pub fn user_objects(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
     let mut st = conn.prepare(
         "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'view') \
-         AND name NOT LIKE 'sqlite_%' AND name != ?1 ORDER BY type DESC, name",
+         AND name NOT LIKE 'sqlite_%' AND substr(name, 1, 7) != '_cairn_' ORDER BY type DESC, name",
     )?;
-    let rows = st.query_map([tables::RAFT], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }
 
@@ -21,76 +43,368 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Statements that replace a database holding `existing` objects with the contents of `data`
-/// (a SQLite file, or SQL text such as `sqlite3 .dump` output), for `/db/load`.
-pub fn load_statements(
-    data: &[u8],
-    scratch_dir: &std::path::Path,
-    existing: &[(String, String)],
-) -> anyhow::Result<Vec<Statement>> {
-    let mut tmp = None;
-    let src = if data.starts_with(b"SQLite format 3\0") {
-        let path = scratch_dir.join(format!("load-{}.db", rand::random::<u64>()));
-        std::fs::write(&path, data)?;
-        tmp = Some(path.clone());
-        super::open_read_only(&path)?
+/// A load's source, ready to be sent through the log.
+#[derive(Debug)]
+pub struct Source {
+    /// The SQLite file.
+    pub path: PathBuf,
+    /// True when it was made from SQL text (the caller deletes it).
+    pub scratch: bool,
+    /// True when it holds Cairn's state ([`STATE_TABLES`]): a Cairn backup.
+    pub backup: bool,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Turns an upload (a SQLite file, or SQL text such as `sqlite3 .dump` output) into a checked
+/// SQLite file in `scratch_dir`. An uploaded SQLite file is used where it is (after
+/// `PRAGMA quick_check`, so a damaged file is refused here rather than at apply).
+pub fn prepare(upload: &Path, scratch_dir: &Path) -> anyhow::Result<Source> {
+    let mut head = [0u8; 16];
+    let n = std::fs::File::open(upload)?.read(&mut head)?;
+    let (path, scratch) = if head[..n] == *b"SQLite format 3\0" {
+        (upload.to_path_buf(), false)
     } else {
-        let text = std::str::from_utf8(data)
+        let text = std::fs::read(upload)?;
+        let text = String::from_utf8(text)
             .map_err(|_| anyhow::anyhow!("body is neither a SQLite file nor UTF-8 SQL"))?;
-        let c = Connection::open_in_memory()?;
-        c.execute_batch(text)?;
-        c
-    };
-    let result = (|| -> anyhow::Result<Vec<Statement>> {
-        let mut out: Vec<Statement> = existing
-            .iter()
-            .map(|(kind, name)| {
-                Statement::new(format!(
-                    "DROP {} IF EXISTS {}",
-                    kind.to_uppercase(),
-                    quote_ident(name)
-                ))
-            })
-            .collect();
-        let mut st = src.prepare(
-            "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL \
-             AND name NOT LIKE 'sqlite_%' AND name != ?1 \
-             ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'index' THEN 1 WHEN 'view' THEN 2 ELSE 3 END, rowid",
-        )?;
-        let objects: Vec<(String, String, String)> = st
-            .query_map([tables::RAFT], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        for (kind, _, sql) in objects.iter().filter(|o| o.0 == "table") {
-            let _ = kind;
-            out.push(Statement::new(sql.clone()));
+        let path = scratch_dir.join(format!("load-{}.db", rand::random::<u64>()));
+        if let Err(e) = run_text(&text, &path) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
         }
-        for (_, name, _) in objects.iter().filter(|o| o.0 == "table") {
-            let mut rows = src.prepare(&format!("SELECT * FROM {}", quote_ident(name)))?;
-            let n = rows.column_count();
-            let insert = format!(
-                "INSERT INTO {} VALUES({})",
-                quote_ident(name),
-                vec!["?"; n].join(", ")
-            );
-            let mut q = rows.raw_query();
-            while let Some(row) = q.next()? {
-                let values = (0..n)
-                    .map(|i| row.get_ref(i).map(Value::from))
-                    .collect::<rusqlite::Result<_>>()?;
-                out.push(Statement {
-                    sql: insert.clone(),
-                    params: Params::Positional(values),
-                });
+        (path, true)
+    };
+    let checked = (|| -> anyhow::Result<bool> {
+        let mut c = super::open_read_only(&path)?;
+        sandbox::harden(&mut c, Kind::Scratch)?;
+        let ok: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        anyhow::ensure!(ok == "ok", "the uploaded database is damaged: {ok}");
+        let backup: bool = c.query_row(
+            &format!(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name IN ({})",
+                STATE_TABLES.map(|t| format!("'{t}'")).join(", ")
+            ),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(backup)
+    })();
+    let backup = match checked {
+        Ok(b) => b,
+        Err(e) => {
+            if scratch {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(e);
+        }
+    };
+    let size = std::fs::metadata(&path)?.len();
+    Ok(Source {
+        path,
+        scratch,
+        backup,
+        size,
+    })
+}
+
+/// Runs SQL text into a new database file at `path`, under the sandbox's load rules.
+fn run_text(text: &str, path: &Path) -> anyhow::Result<()> {
+    let mut c = Connection::open(path)?;
+    sandbox::harden(&mut c, Kind::Scratch)?;
+    c.pragma_update(None, "journal_mode", "OFF")?;
+    c.pragma_update(None, "synchronous", "OFF")?;
+    // The loaded database may be a few times its SQL text, never unbounded (a recursive CTE in
+    // a dump would otherwise become a load of any size).
+    let pages = (text.len() as u64 * 4 + (16 << 20)) / 4096;
+    c.pragma_update(None, "max_page_count", pages as i64)?;
+    let _load = sandbox::enter_load(&sandbox::ReadLimits {
+        timeout: std::time::Duration::from_secs(60),
+        ..Default::default()
+    });
+    sandbox::user(Mode::Load, || c.execute_batch(text)).map_err(|e| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => anyhow::anyhow!(
+            "the loaded SQL grew beyond {} bytes (4 x its text + 16 MiB)",
+            pages * 4096
+        ),
+        _ => anyhow::anyhow!("{}", sandbox::describe(&e)),
+    })
+}
+
+/// Why a swap did not happen.
+pub enum SwapError {
+    /// The same on every replica (the file's contents refused or failing a constraint): a
+    /// result; the caller rolls the swap back.
+    Data(String),
+    /// This replica's environment: a storage error (see `db::failure`).
+    Env(rusqlite::Error),
+}
+
+/// Errors on the live database: the environment's stay storage errors, the rest are results.
+fn live(e: rusqlite::Error) -> SwapError {
+    if sandbox::is_environment_error(&e) {
+        SwapError::Env(e)
+    } else {
+        SwapError::Data(sandbox::describe(&e))
+    }
+}
+
+/// Errors reading the loaded file: every replica holds the same bytes, so they are results.
+fn src(e: rusqlite::Error) -> SwapError {
+    SwapError::Data(format!("reading the loaded database: {e}"))
+}
+
+/// Replaces the live database's user tables with those of the SQLite file at `file`, and with
+/// `restore_state` also Cairn's state (see the module doc). Runs inside the caller's
+/// transaction; returns the number of rows loaded.
+pub fn swap_in(conn: &Connection, file: &Path, restore_state: bool) -> Result<u64, SwapError> {
+    let mut from = super::open_read_only(file).map_err(src)?;
+    sandbox::harden(&mut from, Kind::Scratch).map_err(src)?;
+    let streams = sandbox::stream_tables(conn);
+    // A plain load keeps the stream tables' (Cairn's) schema; a backup brings its own.
+    let kept = |name: &str| !restore_state && streams.contains(&name.to_ascii_lowercase());
+    let objects: Vec<(String, String, String, String)> = sandbox::system(|| {
+        from.prepare(
+            "SELECT type, name, sql, tbl_name FROM sqlite_master WHERE sql IS NOT NULL \
+             AND name NOT LIKE 'sqlite_%' AND substr(name, 1, 7) != '_cairn_' \
+             AND substr(tbl_name, 1, 7) != '_cairn_' \
+             ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'index' THEN 1 WHEN 'view' THEN 2 ELSE 3 END, rowid",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()
+    })
+    .map_err(src)?;
+    // Out with the old: Cairn's own statements (stream tables may not be dropped by users).
+    for (kind, name) in user_objects(conn).map_err(live)? {
+        let sql = if kept(&name) {
+            format!("DELETE FROM {}", quote_ident(&name))
+        } else {
+            format!(
+                "DROP {} IF EXISTS {}",
+                kind.to_uppercase(),
+                quote_ident(&name)
+            )
+        };
+        sandbox::system(|| conn.execute_batch(&sql)).map_err(live)?;
+    }
+    // The new schema under the user rules (no `_cairn_` names, no triggers on stream tables...).
+    for (_, _, sql, _) in objects.iter().filter(|o| o.0 == "table" && !kept(&o.1)) {
+        user_ddl(conn, sql, &streams)?;
+    }
+    let mut rows = 0;
+    for (_, name, _, _) in objects.iter().filter(|o| o.0 == "table") {
+        rows += copy_rows(&from, conn, name)?;
+    }
+    for (_, _, sql, _) in objects.iter().filter(|o| o.0 != "table" && !kept(&o.3)) {
+        user_ddl(conn, sql, &streams)?;
+    }
+    if restore_state {
+        // Only proposed for a caller with the `all` permission (`Cluster::load_file`).
+        sandbox::system(|| {
+            super::registry::create_tables(conn)?;
+            super::schema::Schema::load(conn).map(drop)
+        })
+        .map_err(live)?;
+        for t in STATE_TABLES {
+            sandbox::system(|| conn.execute_batch(&format!("DELETE FROM {t}"))).map_err(live)?;
+            let present: bool = from
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [t],
+                    |r| r.get(0),
+                )
+                .map_err(src)?;
+            if present {
+                rows += copy_rows(&from, conn, t)?;
             }
         }
-        for (_, _, sql) in objects.iter().filter(|o| o.0 != "table") {
-            out.push(Statement::new(sql.clone()));
-        }
-        Ok(out)
-    })();
-    drop(src);
-    if let Some(p) = tmp {
-        let _ = std::fs::remove_file(p);
+        // Device batches need every defined stream table, whatever the backup held.
+        sandbox::system(|| super::schema::Schema::load(conn)?.install(conn)).map_err(live)?;
     }
-    result
+    Ok(rows)
+}
+
+/// Runs one statement of the loaded schema under the user rules of a write.
+fn user_ddl(conn: &Connection, sql: &str, streams: &BTreeSet<String>) -> Result<(), SwapError> {
+    sandbox::precheck(sql).map_err(|e| SwapError::Data(format!("not authorized: {e}")))?;
+    sandbox::with_streams(streams.clone(), || {
+        sandbox::user(Mode::Write, || conn.execute_batch(sql))
+    })
+    .map_err(live)
+}
+
+/// Copies every row of `table` from the loaded file into the live table of the same name.
+fn copy_rows(from: &Connection, to: &Connection, table: &str) -> Result<u64, SwapError> {
+    let mut select = from
+        .prepare(&format!("SELECT * FROM {}", quote_ident(table)))
+        .map_err(src)?;
+    let n = select.column_count();
+    let cols: Vec<String> = select.column_names().map(quote_ident).collect();
+    let insert = format!(
+        "INSERT INTO {}({}) VALUES({})",
+        quote_ident(table),
+        cols.join(", "),
+        vec!["?"; n].join(", ")
+    );
+    let mut insert = sandbox::system(|| to.prepare(&insert)).map_err(live)?;
+    let mut q = select.raw_query();
+    let mut rows = 0;
+    while let Some(row) = q.next().map_err(src)? {
+        let values = (0..n)
+            .map(|i| row.get_ref(i).map(Value::from))
+            .collect::<rusqlite::Result<Vec<Value>>>()
+            .map_err(src)?;
+        sandbox::system(|| insert.execute(rusqlite::params_from_iter(values.iter())))
+            .map_err(live)?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A live database like a replica's: Cairn's tables, one stream table, a user table.
+    fn live(dir: &Path) -> Connection {
+        let conn = crate::db::open(&dir.join("db.sqlite")).unwrap();
+        crate::db::registry::create_tables(&conn).unwrap();
+        crate::db::schema::test_climate().install(&conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO _cairn_high_water VALUES(7, 10);
+             INSERT INTO _cairn_devices VALUES(7, x'0102');
+             INSERT INTO _cairn_raft VALUES('last_applied', x'01');
+             CREATE TABLE old(a); INSERT INTO old VALUES(1);",
+        )
+        .unwrap();
+        conn
+    }
+
+    fn upload(dir: &Path, text: &str) -> anyhow::Result<Source> {
+        let up = dir.join(format!("upload-{}.sql", rand::random::<u32>()));
+        std::fs::write(&up, text).unwrap();
+        prepare(&up, dir)
+    }
+
+    fn one<T: rusqlite::types::FromSql>(conn: &Connection, q: &str) -> T {
+        conn.query_row(q, [], |r| r.get(0)).unwrap()
+    }
+
+    fn swap(conn: &Connection, src: &Source) -> Result<u64, String> {
+        conn.execute_batch("BEGIN").unwrap();
+        let r = swap_in(conn, &src.path, src.backup);
+        match r {
+            Ok(n) => {
+                conn.execute_batch("COMMIT").unwrap();
+                Ok(n)
+            }
+            Err(SwapError::Data(m)) => {
+                conn.execute_batch("ROLLBACK").unwrap();
+                Err(m)
+            }
+            Err(SwapError::Env(e)) => panic!("environment error: {e}"),
+        }
+    }
+
+    #[test]
+    fn test_sql_text_is_sandboxed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside.db");
+        for bad in [
+            format!("ATTACH '{}' AS x; CREATE TABLE x.t(a);", outside.display()),
+            format!("VACUUM INTO '{}'", outside.display()),
+            "SELECT load_extension('x')".into(),
+            "CREATE TABLE t(a); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+             INSERT INTO t SELECT randomblob(1000) FROM c"
+                .into(),
+        ] {
+            let e = upload(dir.path(), &bad).unwrap_err().to_string();
+            eprintln!("{bad}\n    -> {e}");
+        }
+        assert!(!outside.exists());
+    }
+
+    #[test]
+    fn test_plain_load_keeps_cairns_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = live(dir.path());
+        let src = upload(
+            dir.path(),
+            "PRAGMA foreign_keys=OFF;\nBEGIN TRANSACTION;\n\
+             CREATE TABLE u(a);\nINSERT INTO u VALUES(1), (2);\n\
+             CREATE TABLE _cairn_raft(key, value);\nINSERT INTO _cairn_raft VALUES('x', 1);\n\
+             CREATE INDEX ui ON u(a);\nCOMMIT;",
+        )
+        .unwrap();
+        assert!(!src.backup);
+        assert_eq!(swap(&conn, &src), Ok(2));
+        let n: i64 = one(&conn, "SELECT count(*) FROM u");
+        assert_eq!(n, 2);
+        let old: i64 = one(
+            &conn,
+            "SELECT count(*) FROM sqlite_master WHERE name = 'old'",
+        );
+        assert_eq!(old, 0, "user tables are replaced");
+        let hw: i64 = one(
+            &conn,
+            "SELECT seq FROM _cairn_high_water WHERE device_id = 7",
+        );
+        assert_eq!(hw, 10, "high-water untouched");
+        let devices: i64 = one(&conn, "SELECT count(*) FROM _cairn_devices");
+        assert_eq!(devices, 1, "registry untouched");
+        let raft: i64 = one(&conn, "SELECT count(*) FROM _cairn_raft");
+        assert_eq!(raft, 1, "Raft metadata untouched");
+        let climate: i64 = one(
+            &conn,
+            "SELECT count(*) FROM sqlite_master WHERE name = 'climate'",
+        );
+        assert_eq!(climate, 1, "stream tables keep their schema");
+    }
+
+    #[test]
+    fn test_backup_restores_data_and_state_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = live(dir.path());
+        let src = upload(
+            dir.path(),
+            "CREATE TABLE u(a); INSERT INTO u VALUES(1);
+             CREATE TABLE _cairn_devices (device_id INTEGER PRIMARY KEY, key BLOB NOT NULL);
+             INSERT INTO _cairn_devices VALUES(1, x'00'), (2, x'01');
+             CREATE TABLE _cairn_high_water (device_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+             INSERT INTO _cairn_high_water VALUES(1, 99);
+             CREATE TABLE _cairn_raft(key, value); INSERT INTO _cairn_raft VALUES('membership', 1);",
+        )
+        .unwrap();
+        assert!(src.backup);
+        assert_eq!(swap(&conn, &src), Ok(4));
+        let devices: String = one(&conn, "SELECT group_concat(device_id) FROM _cairn_devices");
+        assert_eq!(devices, "1,2", "the backup's registry, not a mix");
+        let hw: String = one(
+            &conn,
+            "SELECT group_concat(device_id || ':' || seq) FROM _cairn_high_water",
+        );
+        assert_eq!(hw, "1:99");
+        let raft: String = one(&conn, "SELECT group_concat(key) FROM _cairn_raft");
+        assert_eq!(raft, "last_applied", "Raft metadata is never loaded");
+        let telemetry: i64 = one(
+            &conn,
+            "SELECT count(*) FROM sqlite_master WHERE name = 'telemetry'",
+        );
+        assert_eq!(telemetry, 1, "the stream tables Cairn needs exist");
+    }
+
+    #[test]
+    fn test_refused_schema_rolls_the_whole_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = live(dir.path());
+        let src = upload(
+            dir.path(),
+            "CREATE TABLE u(a); INSERT INTO u VALUES(1); CREATE VIRTUAL TABLE d USING dbstat;",
+        )
+        .unwrap();
+        let e = swap(&conn, &src).unwrap_err();
+        assert!(e.contains("dbstat"), "{e}");
+        let old: i64 = one(&conn, "SELECT count(*) FROM old");
+        assert_eq!(old, 1, "nothing of the load stayed");
+    }
 }

@@ -6,12 +6,18 @@
 //! - [`sql`]: rqlite-shaped statements and results, run on a connection.
 //! - [`lex`]: a small SQL lexer (transaction control, the deterministic rewrite).
 //! - [`schema`]: the `[[stream]]` tables device records land in.
+//! - [`dead_letter`]: records that do not fit their stream, kept with the reason.
 //! - [`registry`]: registered devices, their keys and high-water seqs.
 //! - [`load`]: turning an uploaded database or SQL dump into statements (`/db/load`).
+//! - [`failure`]: which SQLite errors are the environment's (hold, exit, corrupt).
+//! - [`sandbox`]: what user SQL may do, and making it apply identically on every replica.
 
+pub mod dead_letter;
+pub mod failure;
 pub mod lex;
 pub mod load;
 pub mod registry;
+pub mod sandbox;
 pub mod schema;
 pub mod sql;
 
@@ -22,8 +28,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-/// Cairn's own tables inside the replicated database, in one place. User SQL may read them;
-/// `/db/load` and the shell's `.tables` leave them out.
+/// Cairn's own tables inside the replicated database, in one place. User SQL can see their
+/// names and columns but neither read nor write their contents ([`sandbox`]); `/db/load` and
+/// the shell's `.tables` leave them out.
 pub mod tables {
     /// The applied log id and membership (`key`, `value`), written with every applied entry.
     pub const RAFT: &str = "_cairn_raft";
@@ -35,6 +42,10 @@ pub mod tables {
     pub const STREAMS: &str = "_cairn_streams";
     /// Records of streams without a definition.
     pub const TELEMETRY: &str = "telemetry";
+    /// Chunks of a `/db/load` on its way through the log (`command::load`).
+    pub const LOAD: &str = "_cairn_load";
+    /// Records that did not fit their stream's declared columns (`db::dead_letter`).
+    pub const DEAD_LETTER: &str = "dead_letter";
 }
 
 /// Readers kept open for reuse.
@@ -43,10 +54,11 @@ const READ_POOL: usize = 16;
 /// How long a connection waits for a lock before SQLite reports `SQLITE_BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens the live database for writing: WAL, `synchronous=NORMAL` (the Raft log is the
-/// durable record), and the table of the applied position.
+/// Opens the live database for writing: hardened and on the apply VFS ([`sandbox`]), WAL,
+/// `synchronous=NORMAL` (the Raft log is the durable record), and the table of the applied
+/// position.
 pub fn open(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
+    let conn = sandbox::open_writer(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -85,19 +97,16 @@ impl Store {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on a read-only connection (`query_only=ON`) to the live database. A
-    /// transaction `f` leaves open is rolled back before the connection goes back to the pool.
+    /// Runs `f` on a connection to the live database opened read-only at the file level (no
+    /// statement can make it a writer) and hardened ([`sandbox`]). A transaction `f` leaves
+    /// open is rolled back before the connection goes back to the pool.
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> T) -> rusqlite::Result<T> {
         let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let conn = match pooled {
             Some(c) => c,
             None => {
-                let c = Connection::open_with_flags(
-                    &self.path,
-                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
+                let c = sandbox::open_reader(&self.path)?;
                 c.busy_timeout(BUSY_TIMEOUT)?;
-                c.pragma_update(None, "query_only", "ON")?;
                 c
             }
         };

@@ -94,23 +94,9 @@ pub fn list_devices(conn: &Connection) -> rusqlite::Result<Vec<DeviceInfo>> {
     .collect()
 }
 
-/// Why a device key does not parse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a device key is {} hex digits ({} bytes)", 2 * cairn_protocol::KEY_LEN, cairn_protocol::KEY_LEN)]
-pub struct BadKey;
-
-/// Parses a key given as 64 hex digits.
-pub fn parse_key(hex: &str) -> Result<DeviceKey, BadKey> {
-    let hex = hex.trim();
-    if hex.len() != 2 * cairn_protocol::KEY_LEN || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(BadKey);
-    }
-    let mut key = [0u8; cairn_protocol::KEY_LEN];
-    for (i, k) in key.iter_mut().enumerate() {
-        *k = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| BadKey)?;
-    }
-    Ok(key)
-}
+/// The key parser `cairn device add`/`provision` and the `/devices` API share with the
+/// firmware's settings codec (64 hex digits).
+pub use cairn_protocol::settings::{BadKey, parse_key};
 
 /// A key as 64 lowercase hex digits.
 pub fn key_hex(key: &DeviceKey) -> String {

@@ -8,6 +8,7 @@
 //! id = 1
 //! table = "climate"
 //! columns = [{ name = "temperature", type = "real" }, { name = "humidity", type = "real" }]
+//! on_mismatch = "dead-letter"        # default; or "reject": the batch gets SchemaMismatch
 //! ```
 //!
 //! Every stream table starts with the same four columns, then the declared ones in order:
@@ -25,11 +26,14 @@
 //! # Determinism
 //!
 //! The definitions are replicated: the leader proposes its configuration
-//! (`RegistryCommand::DefineStreams` in `command::registry`) when it takes office, before any device
-//! batch of its term, and apply reads them back from `_cairn_streams`. So every replica maps a
-//! record the same way even if nodes run different config files (the latest leader's wins).
+//! (`StreamsCommand::Define` in `command::streams`) when it takes office, before any device
+//! batch of its term, and a node proposes it when it reloads its config file; apply reads them
+//! back from `_cairn_streams`. So every replica maps a record the same way even if nodes run
+//! different config files (the latest leader's or reload's wins; the others warn).
 //!
-//! Type rules (a record that breaks one is refused whole with `SchemaMismatch`): the record has
+//! Type rules (a record that breaks one goes to `dead_letter` with the reason, see
+//! [`super::dead_letter`], or with `on_mismatch = "reject"` its batch is refused whole with
+//! `SchemaMismatch`): the record has
 //! exactly as many values as the table has declared columns; `integer` takes I64 and U64 up to
 //! `i64::MAX`; `real` takes F32, F64 and integers; `text` takes Str; `blob` takes Bytes;
 //! `bool` takes Bool (stored as 0/1).
@@ -37,11 +41,13 @@
 use std::fmt::Write as _;
 
 use cairn_protocol::Value;
-use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-pub use super::tables::{STREAMS as STREAMS_TABLE, TELEMETRY as TELEMETRY_TABLE};
+pub use super::tables::{
+    DEAD_LETTER as DEAD_LETTER_TABLE, STREAMS as STREAMS_TABLE, TELEMETRY as TELEMETRY_TABLE,
+};
 
 /// Column names every stream table starts with; declared columns may not reuse them.
 pub const FIXED_COLUMNS: [&str; 4] = ["device_id", "seq", "time", "received_at"];
@@ -82,6 +88,17 @@ pub struct Column {
     pub ty: ColumnType,
 }
 
+/// What happens to a record of a declared stream that does not fit its columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnMismatch {
+    /// Store it in `dead_letter` with the reason and acknowledge it.
+    #[default]
+    DeadLetter,
+    /// Refuse its whole batch with `SchemaMismatch` (the device retries it).
+    Reject,
+}
+
 /// One `[[stream]]` entry: records of stream `id` go to `table`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +106,8 @@ pub struct StreamDef {
     pub id: u16,
     pub table: String,
     pub columns: Vec<Column>,
+    #[serde(default)]
+    pub on_mismatch: OnMismatch,
 }
 
 /// What happens to records of a stream the config does not declare.
@@ -133,7 +152,7 @@ impl Schema {
                     s.id, s.table
                 )));
             }
-            if lower == TELEMETRY_TABLE || !tables.insert(lower) {
+            if lower == TELEMETRY_TABLE || lower == DEAD_LETTER_TABLE || !tables.insert(lower) {
                 return Err(InvalidSchema(format!(
                     "stream {}: table {:?} is already used",
                     s.id, s.table
@@ -212,7 +231,9 @@ impl Schema {
         Ok(())
     }
 
-    /// The definitions stored by the last [`Schema::install`] (the default if none).
+    /// The definitions stored by the last [`Schema::install`] (the default if none were
+    /// ever installed). Stored definitions that do not parse are an error, never the default:
+    /// records would silently land elsewhere than on the replicas that can read them.
     pub fn load(conn: &Connection) -> rusqlite::Result<Schema> {
         create_meta(conn)?;
         let json: Option<String> = conn
@@ -220,10 +241,26 @@ impl Schema {
                 "SELECT value FROM {STREAMS_TABLE} WHERE key = 'schema'"
             ))?
             .query_row([], |r| r.get(0))
-            .ok();
-        Ok(json
-            .and_then(|j| serde_json::from_str(&j).ok())
-            .unwrap_or_default())
+            .optional()?;
+        let Some(json) = json else {
+            return Ok(Schema::default());
+        };
+        let bad = |e: serde_json::Error| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Text,
+                format!("stored stream definitions in {STREAMS_TABLE}: {e}").into(),
+            )
+        };
+        let mut v: serde_json::Value = serde_json::from_str(&json).map_err(bad)?;
+        // Definitions stored before `on_mismatch` existed were applied with today's "reject"
+        // (the serde default is the config file's, "dead-letter").
+        if let Some(streams) = v.get_mut("streams").and_then(|s| s.as_array_mut()) {
+            for s in streams.iter_mut().filter_map(|s| s.as_object_mut()) {
+                s.entry("on_mismatch").or_insert_with(|| "reject".into());
+            }
+        }
+        serde_json::from_value(v).map_err(bad)
     }
 }
 
@@ -317,6 +354,23 @@ pub fn int(i: i64) -> ToSqlOutput<'static> {
     ToSqlOutput::Borrowed(ValueRef::Integer(i))
 }
 
+/// A schema with one stream (id 1, table `climate`, a `temperature` real), for tests.
+#[cfg(test)]
+pub fn test_climate() -> Schema {
+    Schema {
+        streams: vec![StreamDef {
+            id: 1,
+            table: "climate".into(),
+            columns: vec![Column {
+                name: "temperature".into(),
+                ty: ColumnType::Real,
+            }],
+            on_mismatch: OnMismatch::default(),
+        }],
+        undeclared: Undeclared::Telemetry,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +390,7 @@ mod tests {
                         ty: ColumnType::Text,
                     },
                 ],
+                on_mismatch: OnMismatch::DeadLetter,
             }],
             undeclared: Undeclared::Telemetry,
         }
@@ -363,6 +418,9 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = climate();
         s.streams[0].table = "telemetry".into();
+        assert!(s.validate().is_err());
+        let mut s = climate();
+        s.streams[0].table = "Dead_Letter".into();
         assert!(s.validate().is_err());
     }
 

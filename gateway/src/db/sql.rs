@@ -1,6 +1,8 @@
 //! rqlite-shaped SQL on a connection: values, statements with their parameters, and the
 //! result of running one, typed the way rqlite types columns.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -8,6 +10,7 @@ use rusqlite::{Connection, ToSql};
 use serde::{Deserialize, Serialize};
 
 use super::lex::transaction_control_keyword;
+use super::sandbox;
 
 /// A SQL value as a parameter or a result cell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,19 +121,29 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, params: &Params) -> rusqlite::Result
 /// Runs one statement: rows if it returns any, else rows affected and last insert id.
 /// SQL errors become the result's `error`.
 pub fn run_statement(conn: &Connection, st: &Statement) -> StatementResult {
+    run_checked(conn, st).unwrap_or_else(|e| StatementResult::error(sandbox::describe(&e)))
+}
+
+/// Like [`run_statement`], but an error of this node's environment (disk full, I/O, ...) is
+/// an `Err` rather than a result: apply must never record one (see [`sandbox`]).
+pub fn run_checked(conn: &Connection, st: &Statement) -> rusqlite::Result<StatementResult> {
     let start = Instant::now();
     if let Some(kw) = transaction_control_keyword(&st.sql) {
         // Would end the entry's (or the reader's) transaction behind the caller's back.
-        return StatementResult::error(format!(
+        return Ok(StatementResult::error(format!(
             "{kw} is not allowed; use ?transaction to run statements atomically"
-        ));
+        )));
+    }
+    if let Err(e) = sandbox::precheck(&st.sql) {
+        return Ok(StatementResult::error(format!("not authorized: {e}")));
     }
     let mut res = match run_statement_inner(conn, st) {
         Ok(r) => r,
-        Err(e) => StatementResult::error(e.to_string()),
+        Err(e) if sandbox::is_environment_error(&e) => return Err(e),
+        Err(e) => StatementResult::error(sandbox::describe(&e)),
     };
     res.time = start.elapsed().as_secs_f64();
-    res
+    Ok(res)
 }
 
 fn run_statement_inner(conn: &Connection, st: &Statement) -> rusqlite::Result<StatementResult> {
@@ -154,9 +167,21 @@ fn run_statement_inner(conn: &Connection, st: &Statement) -> rusqlite::Result<St
     let mut rows = stmt.raw_query();
     while let Some(row) = rows.next()? {
         let mut out = Vec::with_capacity(ncol);
+        let mut bytes = 0;
         for i in 0..ncol {
-            out.push(Value::from(row.get_ref(i)?));
+            let v = row.get_ref(i)?;
+            bytes += match v {
+                ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
+                _ => 8,
+            };
+            out.push(Value::from(v));
         }
+        sandbox::charge_row(bytes).map_err(|msg| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
+                Some(msg),
+            )
+        })?;
         values.push(out);
     }
     // rqlite reports the declared type; for expressions it falls back to the value's type.
@@ -183,20 +208,39 @@ fn run_statement_inner(conn: &Connection, st: &Statement) -> rusqlite::Result<St
     })
 }
 
-/// Runs read-only statements on a reader connection (no savepoints, no log).
+/// Runs read-only statements on a reader connection (no savepoints, no log), under the
+/// sandbox's read rules and `limits`; `cancel` stops the read when it becomes true.
 pub fn query(
     conn: &Connection,
     statements: &[Statement],
     transaction: bool,
+    limits: &sandbox::ReadLimits,
+    cancel: Option<Arc<AtomicBool>>,
 ) -> Vec<StatementResult> {
     if transaction {
         let _ = conn.execute_batch("BEGIN");
     }
-    let out = statements.iter().map(|s| run_statement(conn, s)).collect();
+    let out = {
+        let _read = sandbox::enter_read(limits, cancel);
+        statements
+            .iter()
+            .map(|s| sandbox::user(sandbox::Mode::Read, || run_statement(conn, s)))
+            .collect()
+    };
     if transaction {
         let _ = conn.execute_batch("COMMIT");
     }
     out
+}
+
+/// True when SQLite says every statement is read-only (prepared under the read rules).
+/// Statements that do not prepare (for example because an earlier statement creates their
+/// table) count as writes.
+pub fn all_read_only(conn: &Connection, sqls: &[String]) -> bool {
+    sandbox::user(sandbox::Mode::Read, || {
+        sqls.iter()
+            .all(|s| conn.prepare(s).map(|p| p.readonly()).unwrap_or(false))
+    })
 }
 
 /// Standard base64 with padding, for blob cells.

@@ -70,6 +70,11 @@ pub async fn status(
             "commands": metrics.writes_proposed.load(Ordering::Relaxed),
             "batches": metrics.write_batches.load(Ordering::Relaxed),
         },
+        // Work held by a full disk (or another failure waited out): null when none.
+        "storage_held": {
+            "log_write": log.stall.to_json(),
+            "apply": metrics.apply_stall.to_json(),
+        },
     });
     json_response(StatusCode::OK, &body, o.pretty)
 }
@@ -126,6 +131,18 @@ pub async fn readyz(
 ) -> Response {
     if !n.running() {
         return (StatusCode::SERVICE_UNAVAILABLE, "[-]node stopped\n").into_response();
+    }
+    let held = n.storage_held();
+    if !held.is_empty() {
+        let lines: String = held
+            .iter()
+            .map(|(what, e)| format!("[-]store: {what} held: {e}\n"))
+            .collect();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("[+]node ok\n{lines}"),
+        )
+            .into_response();
     }
     if q.contains_key("noleader") {
         return (StatusCode::OK, "[+]node ok\n").into_response();

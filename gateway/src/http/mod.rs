@@ -12,6 +12,7 @@
 //! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`.
 //! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove`).
+//! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
 //!
 //! Every route declares its permission ([`require`], rqlite's names plus `devices`) and the
 //! body it takes ([`body_type`]): a refused request is answered 401/403/415 before its body is
@@ -24,10 +25,11 @@ pub mod admin;
 pub mod devices;
 pub mod rqlite;
 pub mod sql;
+pub mod streams;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
@@ -38,14 +40,10 @@ use axum::{Extension, Router};
 use bytes::Bytes;
 
 use crate::cluster::Cluster;
-use crate::cluster::client::{FORWARDED, LeaderRequest, Port};
+use crate::cluster::client::{FORWARDED, LEADER_WAIT, LeaderRequest, Port};
 use crate::error::Error;
 use crate::security::auth::error_body;
 use crate::security::{Authenticator, Need, Perm, require};
-
-/// How long a request that needs the leader waits for one to be known (or for leadership to
-/// settle after it moved under a write that was therefore not proposed).
-const LEADER_WAIT: Duration = Duration::from_secs(3);
 
 /// How long a forwarded request may take on the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -120,6 +118,19 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
         .route(
             "/devices/{device_id}",
             require(a, Perm::Devices, body_type(JSON, delete(devices::remove))),
+        )
+        .route(
+            "/devices/{device_id}/reset",
+            require(a, Perm::Devices, body_type(JSON, post(devices::reset))),
+        )
+        .route("/streams", require(a, Perm::Status, get(streams::show)))
+        .route(
+            "/streams/reload",
+            require(a, Perm::Devices, body_type(JSON, post(streams::reload))),
+        )
+        .route(
+            "/streams/{stream}/replay",
+            require(a, Perm::Devices, body_type(JSON, post(streams::replay))),
         )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(Extension(Scheme(if https { "https" } else { "http" })))
@@ -209,9 +220,7 @@ pub enum Served<T> {
 }
 
 /// Runs `op` here if this node leads, else sends the original request to the leader (or
-/// `301`s the client there with `redirect`). An `op` refused with `NotLeader` proposed
-/// nothing (leadership moved between the check and the proposal): it goes to the new leader,
-/// or is tried again here while leadership settles, for up to `LEADER_WAIT` (3 s).
+/// `301`s the client there with `redirect`), by [`Cluster::on_leader`]'s rules.
 pub async fn on_leader<T, Fut>(
     n: &Cluster,
     req: &Original,
@@ -221,19 +230,14 @@ pub async fn on_leader<T, Fut>(
 where
     Fut: Future<Output = Result<T, Error>>,
 {
-    let deadline = Instant::now() + LEADER_WAIT;
-    loop {
-        if n.is_leader() {
-            match op().await {
-                Err(e) if e.is_not_leader() && Instant::now() < deadline => {}
-                r => return r.map(Served::Here),
-            }
-        } else if n.leader().is_some() || Instant::now() >= deadline {
-            return to_leader(n, req, redirect).await.map(Served::There);
-        }
-        // No leader known yet (an election is on), or it is still this node: shortly again.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    n.on_leader(
+        || {
+            let here = op();
+            async move { here.await.map(Served::Here) }
+        },
+        || async { to_leader(n, req, redirect).await.map(Served::There) },
+    )
+    .await
 }
 
 /// The scheme the router put in a request's extensions (`http` outside the router).

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -20,6 +20,7 @@ use crate::cluster::{Cluster, Level};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
 use crate::raft::network::file_body;
+use crate::security::{Access, Perm};
 
 /// Answers results served here, relays the leader's answer, or renders the error.
 fn answer(r: Result<Served<Vec<StatementResult>>, Error>, o: &Opts, start: Instant) -> Response {
@@ -157,23 +158,103 @@ pub async fn backup(
     }
 }
 
-/// Replaces the database with an uploaded SQLite file or SQL text, through Raft as one
-/// transaction (so every replica loads the same rows).
+/// Replaces the database with an uploaded SQLite file or SQL text (see `db::load`). On the
+/// leader the body streams to a file in the data dir (never whole in memory), cut off at
+/// `max_db_size_mib`; the file then reaches every replica in bounded chunks through the log.
+/// A follower forwards the request (its body within the API's 256 MiB limit).
+///
+/// The route needs `load`; a Cairn backup (which restores the device registry and its keys)
+/// needs `all` as well, known once the file is read.
 pub async fn load(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
-    req: Original,
+    access: Access,
+    req: Request,
 ) -> Response {
     let o = Opts::from(&q);
-    let results = match on_leader(&n, &req, o.redirect, || n.load(req.body.clone())).await {
+    let restore_state = access.has(Perm::All);
+    let r = if n.is_leader() && !o.redirect {
+        match spool(&n, req.into_body()).await {
+            Ok(path) => n.load_file(path, restore_state).await.map(Served::Here),
+            Err(e) => Err(e),
+        }
+    } else {
+        let original = match Original::from_request(req, &()).await {
+            Ok(o) => o,
+            Err(resp) => return resp,
+        };
+        on_leader(&n, &original, o.redirect, || async {
+            let path = upload_path(&n);
+            tokio::fs::write(&path, &original.body).await?;
+            n.load_file(path, restore_state).await
+        })
+        .await
+    };
+    let results = match r {
         Ok(Served::Here(results)) => results,
         Ok(Served::There(resp)) => return resp,
         Err(e) => return error_response(&e, o.pretty),
     };
-    // Summarise instead of echoing one result per loaded row; report the first error.
+    // One summary result: the rows loaded, or the error.
     let summary = match results.iter().find(|r| r.error.is_some()) {
         Some(err) => json!({"results": [result_json(err, &o)]}),
-        None => json!({"results": [{"last_insert_id": 0, "rows_affected": results.len()}]}),
+        None => json!({"results": [{
+            "last_insert_id": 0,
+            "rows_affected": results.iter().map(|r| r.rows_affected).sum::<i64>(),
+        }]}),
     };
     json_response(StatusCode::OK, &summary, o.pretty)
+}
+
+fn upload_path(n: &Cluster) -> std::path::PathBuf {
+    n.scratch_dir()
+        .join(format!("upload-{}.tmp", rand::random::<u64>()))
+}
+
+/// Bytes of an oversized upload read and dropped before the refusal is sent.
+const DRAIN_BEYOND_MAX: u64 = 64 << 20;
+
+/// Streams a request body to a new file in the data dir, refusing it beyond the node's
+/// largest load.
+async fn spool(n: &Cluster, body: Body) -> Result<std::path::PathBuf, Error> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let path = upload_path(n);
+    let max = n.max_load_bytes();
+    let r = async {
+        let mut file = tokio::fs::File::create(&path).await?;
+        let mut stream = body.into_data_stream();
+        let mut len = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| Error::BadRequest(format!("load: reading the body: {e}")))?;
+            len += chunk.len() as u64;
+            if len > max {
+                // Read (and drop) the rest of a modest overrun before answering, so the
+                // client gets the clear error instead of a reset while it is still sending.
+                let drain_to = max.saturating_add(DRAIN_BEYOND_MAX);
+                while len <= drain_to {
+                    match stream.next().await {
+                        Some(Ok(more)) => len += more.len() as u64,
+                        _ => break,
+                    }
+                }
+                return Err(Error::BadRequest(format!(
+                    "load: the upload is larger than this node's max_db_size_mib ({} MiB)",
+                    max >> 20
+                )));
+            }
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    match r {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            Err(e)
+        }
+    }
 }

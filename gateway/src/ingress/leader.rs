@@ -1,6 +1,7 @@
 //! The leader's end of the group queue: one group becomes one Raft entry
 //! ([`Command::DeviceBatches`]) through the service layer's proposer, and the stream tables are
-//! (re)defined at the start of every term this node leads, before its first group.
+//! (re)defined at the start of every term this node leads, before its first group, with this
+//! node's configured definitions (`cluster::streams`).
 
 use std::sync::Arc;
 
@@ -9,24 +10,21 @@ use futures_util::future::BoxFuture;
 use super::batcher::{Commit, GroupSink};
 use crate::cluster::Cluster;
 use crate::command::device::DeviceBatch;
-use crate::command::registry::RegistryCommand;
+use crate::command::streams::StreamsCommand;
 use crate::command::{Command, CommandResponse};
-use crate::db::schema::Schema;
 use crate::error::Error;
 
 /// Proposes groups through the node's proposer.
 pub struct ProposeSink {
     cluster: Arc<Cluster>,
-    schema: Schema,
     /// The term in which this node last proposed the stream definitions.
     defined_term: Option<u64>,
 }
 
 impl ProposeSink {
-    pub fn new(cluster: Arc<Cluster>, schema: Schema) -> Self {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
         ProposeSink {
             cluster,
-            schema,
             defined_term: None,
         }
     }
@@ -44,7 +42,7 @@ impl ProposeSink {
         if self.defined_term == Some(term) {
             return true;
         }
-        let cmd = Command::DeviceRegistry(RegistryCommand::DefineStreams(self.schema.clone()));
+        let cmd = Command::Streams(StreamsCommand::Define(self.cluster.streams().schema()));
         let Ok(proposal) = self.cluster.propose(cmd).await else {
             return false;
         };

@@ -37,7 +37,6 @@ use self::batcher::{GroupLimits, GroupQueue, Outcomes};
 use crate::cluster::Cluster;
 use crate::command::device::DeviceBatch;
 use crate::db::registry::{self, DeviceKey};
-use crate::db::schema::Schema;
 use crate::error::Error;
 use crate::metrics::Metrics;
 
@@ -50,9 +49,11 @@ pub fn code_of(e: &Error) -> ErrorCode {
             ErrorCode::NotLeader
         }
         Error::Overloaded => ErrorCode::Overloaded,
-        Error::BadRequest(_) | Error::NotFound(_) | Error::Fatal(_) | Error::Storage(_) => {
-            ErrorCode::Internal
-        }
+        Error::BadRequest(_)
+        | Error::NotFound(_)
+        | Error::Fatal(_)
+        | Error::Storage(_)
+        | Error::Forbidden(_) => ErrorCode::Internal,
     }
 }
 
@@ -68,8 +69,6 @@ pub struct IngressConfig {
     pub credit: u16,
     /// The leader's grouping queue (and, with one group in flight, the follower's).
     pub limits: GroupLimits,
-    /// Stream tables, proposed by this node when it becomes leader.
-    pub schema: Schema,
     /// A connection with no frame for this long is closed.
     pub idle_timeout: Duration,
 }
@@ -79,7 +78,6 @@ impl Default for IngressConfig {
         IngressConfig {
             credit: 1024,
             limits: GroupLimits::default(),
-            schema: Schema::default(),
             idle_timeout: Duration::from_secs(120),
         }
     }
@@ -100,7 +98,7 @@ impl Ingress {
     pub fn new(cluster: Arc<Cluster>, config: IngressConfig) -> Arc<Self> {
         let metrics = cluster.metrics().clone();
         let leader_queue = GroupQueue::spawn(
-            leader::ProposeSink::new(cluster.clone(), config.schema.clone()),
+            leader::ProposeSink::new(cluster.clone()),
             config.limits,
             metrics.clone(),
         );

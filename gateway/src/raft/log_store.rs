@@ -20,6 +20,10 @@
 //!   then reads the rest in one SQLite read transaction on its own connection. An entry
 //!   leaves the cache only after the transaction holding it committed, and truncation/purge
 //!   drop cache entries before returning, so an entry is always in one of the two.
+//! - Failures of the environment (`db::failure`): on a full disk the writer holds what it took
+//!   and tries the same transaction again with back-off, answering nothing meanwhile (openraft
+//!   waits for the flush, the node reports the stall), and goes on when space returns; an I/O
+//!   error (a failed fsync) ends the process; a corrupt file is an error (the node stops).
 //!
 //! The cache keeps the newest entries (at most [`CACHE_BYTES`], or `log_cache_mib`, of encoded
 //! entries once they are flushed), so replication to followers and apply read recent entries from memory
@@ -40,6 +44,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{Entry, LogId, TypeConfig, Vote, io_err};
+use crate::db::failure::{self, Failure};
+use crate::metrics::Stall;
 
 /// Encoded bytes of flushed entries kept in memory for readers, unless configured
 /// (`log_cache_mib`).
@@ -72,6 +78,8 @@ pub struct LogStats {
     pub entries: AtomicU64,
     /// Microseconds the writer spent in those transactions (insert + fsync), in all.
     pub write_us: AtomicU64,
+    /// Writes held by a full disk (or another failure to wait out), if they are.
+    pub stall: Stall,
 }
 
 /// One write, in the writer's queue.
@@ -88,6 +96,10 @@ enum Op {
 
 fn encode<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
     postcard::to_allocvec(v).map_err(io_err)
+}
+
+fn to_sql_err(e: std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
 }
 
 fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
@@ -184,6 +196,8 @@ struct Writer {
     flushed: VecDeque<(LogId, usize)>,
     flushed_bytes: usize,
     budget: usize,
+    /// The connection's `synchronous` is `FULL` (else `NORMAL`).
+    sync_full: bool,
 }
 
 impl Writer {
@@ -194,6 +208,7 @@ impl Writer {
             flushed: VecDeque::new(),
             flushed_bytes: 0,
             budget,
+            sync_full: true,
         }
     }
 
@@ -207,72 +222,37 @@ impl Writer {
         }
     }
 
+    /// Commits `ops` as one transaction, then answers them. A full disk (or another failure
+    /// that `db::failure` says to hold) is retried with back-off until it succeeds, and never
+    /// reported to openraft, which treats every storage error as fatal; an I/O error ends the
+    /// process; a corrupt file is reported (openraft stops the node).
     fn commit(&mut self, ops: Vec<Op>) {
-        // Only committed-index hints: no fsync needed.
-        let durable = ops.iter().any(|op| !matches!(op, Op::Committed(_)));
-        let mut written: Vec<(LogId, usize)> = Vec::new();
         let started = std::time::Instant::now();
-        let res = (|| -> std::io::Result<()> {
-            if !durable {
-                self.conn
-                    .pragma_update(None, "synchronous", "NORMAL")
-                    .map_err(io_err)?;
-            }
-            let tx = self.conn.transaction().map_err(io_err)?;
-            for op in &ops {
-                match op {
-                    Op::Append { entries, .. } => {
-                        let mut st = tx
-                            .prepare_cached(
-                                "INSERT OR REPLACE INTO log(idx, log_id, entry) VALUES(?1, ?2, ?3)",
-                            )
-                            .map_err(io_err)?;
-                        for e in entries {
-                            let body = encode(e)?;
-                            st.execute(params![e.log_id.index as i64, encode(&e.log_id)?, &body])
-                                .map_err(io_err)?;
-                            written.push((e.log_id, body.len()));
-                        }
-                    }
-                    Op::Committed(b) => {
-                        tx.execute(
-                            "INSERT OR REPLACE INTO meta(key, value) VALUES('committed', ?1)",
-                            [b],
-                        )
-                        .map_err(io_err)?;
-                    }
-                    Op::Vote(b, _) => {
-                        tx.execute(
-                            "INSERT OR REPLACE INTO meta(key, value) VALUES('vote', ?1)",
-                            [b],
-                        )
-                        .map_err(io_err)?;
-                    }
-                    Op::Truncate(after, _) => {
-                        tx.execute("DELETE FROM log WHERE idx > ?1", [after])
-                            .map_err(io_err)?;
-                    }
-                    Op::Purge(upto, b, _) => {
-                        tx.execute(
-                            "INSERT OR REPLACE INTO meta(key, value) VALUES('last_purged', ?1)",
-                            [b],
-                        )
-                        .map_err(io_err)?;
-                        tx.execute("DELETE FROM log WHERE idx <= ?1", [upto])
-                            .map_err(io_err)?;
-                    }
+        let res = loop {
+            let mut written: Vec<(LogId, usize)> = Vec::new();
+            match self.write(&ops, &mut written) {
+                Ok(()) => {
+                    self.shared.stats.stall.clear("raft log write");
+                    break Ok(written);
                 }
+                Err(e) => match failure::classify(&e) {
+                    Failure::Hold => {
+                        let wait = self
+                            .shared
+                            .stats
+                            .stall
+                            .hold("raft log write", &failure::describe(&e));
+                        std::thread::sleep(wait);
+                    }
+                    Failure::Exit => super::exit_on_io_error("raft log write", &e),
+                    Failure::Corrupt => break Err(super::corrupt("raft log", &e)),
+                    Failure::Other => break Err(io_err(e)),
+                },
             }
-            // synchronous=FULL: returns after the WAL is fsync'd.
-            tx.commit().map_err(io_err)?;
-            if !durable {
-                self.conn
-                    .pragma_update(None, "synchronous", "FULL")
-                    .map_err(io_err)?;
-            }
-            Ok(())
-        })();
-        if res.is_ok() && !written.is_empty() {
+        };
+        if let Ok(written) = &res
+            && !written.is_empty()
+        {
             let stats = &self.shared.stats;
             stats.appends.fetch_add(1, Ordering::Relaxed);
             stats
@@ -281,8 +261,8 @@ impl Writer {
             stats
                 .write_us
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            self.evict(written);
         }
+        let res = res.map(|written| self.evict(written));
         for op in ops {
             let r = match &res {
                 Ok(()) => Ok(()),
@@ -296,6 +276,57 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// One try at writing `ops` in one transaction (rolled back on error).
+    fn write(&mut self, ops: &[Op], written: &mut Vec<(LogId, usize)>) -> rusqlite::Result<()> {
+        // Only committed-index hints: no fsync needed.
+        let durable = ops.iter().any(|op| !matches!(op, Op::Committed(_)));
+        if durable != self.sync_full {
+            let mode = if durable { "FULL" } else { "NORMAL" };
+            self.conn.pragma_update(None, "synchronous", mode)?;
+            self.sync_full = durable;
+        }
+        let tx = self.conn.transaction()?;
+        for op in ops {
+            match op {
+                Op::Append { entries, .. } => {
+                    let mut st = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO log(idx, log_id, entry) VALUES(?1, ?2, ?3)",
+                    )?;
+                    for e in entries {
+                        let body = encode(e).map_err(to_sql_err)?;
+                        let id = encode(&e.log_id).map_err(to_sql_err)?;
+                        st.execute(params![e.log_id.index as i64, id, &body])?;
+                        written.push((e.log_id, body.len()));
+                    }
+                }
+                Op::Committed(b) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES('committed', ?1)",
+                        [b],
+                    )?;
+                }
+                Op::Vote(b, _) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES('vote', ?1)",
+                        [b],
+                    )?;
+                }
+                Op::Truncate(after, _) => {
+                    tx.execute("DELETE FROM log WHERE idx > ?1", [after])?;
+                }
+                Op::Purge(upto, b, _) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES('last_purged', ?1)",
+                        [b],
+                    )?;
+                    tx.execute("DELETE FROM log WHERE idx <= ?1", [upto])?;
+                }
+            }
+        }
+        // synchronous=FULL: returns after the WAL is fsync'd.
+        tx.commit()
     }
 
     /// Drops the oldest flushed entries from the cache beyond the budget. An entry is only

@@ -61,6 +61,28 @@ pub fn io_err(e: impl fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// Ends the process after an I/O error on a storage write (`db::failure::Failure::Exit`):
+/// after a failed fsync Linux may drop the dirty pages and a later fsync reports success, so
+/// the write is never tried again. The node restarts (systemd) and recovers from what was
+/// durable: the fsync'd Raft log, and the database that openraft re-applies from it.
+pub fn exit_on_io_error(what: &str, e: &rusqlite::Error) -> ! {
+    let msg = crate::db::failure::describe(e);
+    tracing::error!(
+        "FATAL: {what}: I/O error: {msg}; exiting so that the node restarts from what is durable"
+    );
+    eprintln!("FATAL: {what}: I/O error: {msg}");
+    std::process::exit(74)
+}
+
+/// The error openraft gets for a corrupt database file: the node stops with it.
+pub fn corrupt(what: &str, e: &rusqlite::Error) -> std::io::Error {
+    io_err(format!(
+        "{what}: the database file is corrupt ({}): this replica stops; repair it from the \
+         leader (move the data dir away and rejoin, which installs a snapshot)",
+        crate::db::failure::describe(e)
+    ))
+}
+
 /// Confirms this node still leads (a ReadIndex round: a quorum answered a heartbeat sent
 /// after the call), as `ensure_linearizable(ReadIndex)`. Under load a round can expire
 /// before a quorum answers (`QuorumNotEnough`) although nothing is wrong: it is tried again

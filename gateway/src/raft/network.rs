@@ -131,7 +131,8 @@ impl HttpClient {
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))?
     }
 
-    /// POSTs `body` to `http://{addr}{path}`.
+    /// POSTs a postcard `body` to `path` on the peer at `addr`; the answer's body, or an error
+    /// for a non-2xx status.
     pub async fn post(
         &self,
         addr: &str,
@@ -139,8 +140,32 @@ impl HttpClient {
         body: Body,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
+        self.post_as(addr, path, "application/octet-stream", body, timeout)
+            .await
+    }
+
+    /// [`Self::post`] with a JSON body (tests and tools calling a node's API).
+    pub async fn post_json(
+        &self,
+        addr: &str,
+        path: &str,
+        body: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> std::io::Result<Bytes> {
+        self.post_as(addr, path, "application/json", full(body), timeout)
+            .await
+    }
+
+    async fn post_as(
+        &self,
+        addr: &str,
+        path: &str,
+        content_type: &str,
+        body: Body,
+        timeout: Duration,
+    ) -> std::io::Result<Bytes> {
         let req = hyper::Request::post(self.url(addr, path))
-            .header("content-type", "application/octet-stream")
+            .header("content-type", content_type)
             .body(body)
             .map_err(io_err)?;
         let (status, _, bytes) = self.send(req, timeout).await?;

@@ -16,6 +16,10 @@
 //!   single step, which is one write transaction: readers see the old or the new database,
 //!   never a mix, and a crash leaves one or the other.
 //! - Snapshots are files and move as streams; the database is never held in memory whole.
+//! - Applying never reports an environment failure of this replica as a result, nor to
+//!   openraft when it can be waited out (`db::failure`): on a full disk the entry is rolled
+//!   back and applied again with back-off until it goes through (the node reports the stall);
+//!   an I/O error ends the process; a corrupt file stops the node with a clear error.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -29,7 +33,9 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use rusqlite::{Connection, OptionalExtension};
 
 use super::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, io_err};
+use crate::command::feed::Feed;
 use crate::command::{self, ApplyContext, Command, CommandResponse};
+use crate::db::failure::{self, Failure};
 use crate::db::{self, Store, tables};
 use crate::metrics::Metrics;
 
@@ -55,6 +61,7 @@ struct Inner {
     current_snapshot: Mutex<Option<SnapshotMeta>>,
     snapshot_seq: AtomicU64,
     metrics: Arc<Metrics>,
+    feed: Arc<Feed>,
 }
 
 /// Reads the applied log id and membership recorded inside a database.
@@ -167,50 +174,118 @@ impl Inner {
         Ok(())
     }
 
-    fn apply_entries(&self, entries: Vec<Entry>) -> std::io::Result<Vec<CommandResponse>> {
+    /// Applies `entries[out.len()..]`, one transaction each, pushing their responses to
+    /// `out`. Stops at an entry that failed: rolled back, and either held (to be tried again)
+    /// or fatal.
+    fn apply_entries(&self, entries: &[Entry], out: &mut Vec<CommandResponse>) -> Result<(), Halt> {
         let mut conn = self.store.writer();
-        let ctx = ApplyContext {
-            metrics: &self.metrics,
-        };
-        let mut out = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let tx = conn.transaction().map_err(io_err)?;
-            let resp = match &entry.payload {
-                EntryPayload::Blank => CommandResponse::Empty,
-                EntryPayload::Normal(cmd) => command::apply(&tx, &ctx, cmd).map_err(io_err)?,
-                EntryPayload::Membership(m) => {
-                    let sm = StoredMembership::new(Some(entry.log_id), m.clone());
-                    tx.execute(
-                        &format!(
-                            "INSERT OR REPLACE INTO {}(key, value) VALUES('membership', ?1)",
-                            tables::RAFT
-                        ),
-                        [serde_json::to_vec(&sm).map_err(io_err)?],
-                    )
-                    .map_err(io_err)?;
-                    self.applied.lock().map_err(io_err)?.1 = sm;
-                    CommandResponse::Empty
-                }
-            };
-            tx.execute(
-                &format!(
-                    "INSERT OR REPLACE INTO {}(key, value) VALUES('last_applied', ?1)",
-                    tables::RAFT
-                ),
-                [serde_json::to_vec(&Some(entry.log_id)).map_err(io_err)?],
-            )
-            .map_err(io_err)?;
-            tx.commit().map_err(io_err)?;
-            self.applied.lock().map_err(io_err)?.0 = Some(entry.log_id);
+        for entry in &entries[out.len()..] {
+            let (resp, membership) = self.apply_one(&mut conn, entry).map_err(Halt::from)?;
+            self.feed.publish(entry.log_id.index);
+            let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+            applied.0 = Some(entry.log_id);
+            if let Some(m) = membership {
+                applied.1 = m;
+            }
             out.push(resp);
         }
-        Ok(out)
+        Ok(())
     }
+
+    /// One entry in one transaction, with its log id (and membership): the response, and the
+    /// new membership if it is a membership entry.
+    fn apply_one(
+        &self,
+        conn: &mut Connection,
+        entry: &Entry,
+    ) -> Result<(CommandResponse, Option<StoredMembership>), Failed> {
+        let tx = conn.transaction()?;
+        let ctx = ApplyContext {
+            index: entry.log_id.index,
+            metrics: &self.metrics,
+            feed: &self.feed,
+        };
+        let mut membership = None;
+        let resp = match &entry.payload {
+            EntryPayload::Blank => CommandResponse::Empty,
+            EntryPayload::Normal(cmd) => command::apply(&tx, &ctx, cmd)?,
+            EntryPayload::Membership(m) => {
+                let sm = StoredMembership::new(Some(entry.log_id), m.clone());
+                tx.execute(
+                    &format!(
+                        "INSERT OR REPLACE INTO {}(key, value) VALUES('membership', ?1)",
+                        tables::RAFT
+                    ),
+                    [json(&sm)?],
+                )?;
+                membership = Some(sm);
+                CommandResponse::Empty
+            }
+        };
+        tx.execute(
+            &format!(
+                "INSERT OR REPLACE INTO {}(key, value) VALUES('last_applied', ?1)",
+                tables::RAFT
+            ),
+            [json(&Some(entry.log_id))?],
+        )?;
+        tx.commit()?;
+        Ok((resp, membership))
+    }
+}
+
+/// A failed try at applying one entry.
+enum Failed {
+    Sqlite(rusqlite::Error),
+    Io(std::io::Error),
+}
+
+impl From<rusqlite::Error> for Failed {
+    fn from(e: rusqlite::Error) -> Self {
+        Failed::Sqlite(e)
+    }
+}
+
+/// Why applying stopped before the end of a batch.
+enum Halt {
+    /// An environment failure to wait out (`db::failure`): the entry was rolled back and is
+    /// tried again; openraft is not told.
+    Held(rusqlite::Error),
+    /// The node stops (openraft gets the error).
+    Fatal(std::io::Error),
+}
+
+impl From<Failed> for Halt {
+    fn from(f: Failed) -> Self {
+        match f {
+            Failed::Io(e) => Halt::Fatal(e),
+            Failed::Sqlite(e) => match failure::classify(&e) {
+                Failure::Hold => Halt::Held(e),
+                Failure::Exit => super::exit_on_io_error("apply", &e),
+                Failure::Corrupt => Halt::Fatal(super::corrupt("apply", &e)),
+                Failure::Other => Halt::Fatal(io_err(e)),
+            },
+        }
+    }
+}
+
+/// A value stored as JSON in `_cairn_raft`.
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Failed> {
+    serde_json::to_vec(v).map_err(|e| Failed::Io(io_err(e)))
 }
 
 impl StateMachine {
     /// Opens (creating if needed) the state machine under `dir`, counting into `metrics`.
     pub fn open(dir: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        Self::open_with_feed(dir, metrics, Arc::default())
+    }
+
+    /// [`StateMachine::open`], publishing stored device records to `feed`.
+    pub fn open_with_feed(
+        dir: &Path,
+        metrics: Arc<Metrics>,
+        feed: Arc<Feed>,
+    ) -> anyhow::Result<Self> {
         let snap_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snap_dir)?;
         // Leftovers of an interrupted build or transfer are never needed.
@@ -236,6 +311,7 @@ impl StateMachine {
                 current_snapshot: Mutex::new(current_snapshot),
                 snapshot_seq: AtomicU64::new(0),
                 metrics,
+                feed,
             }),
         })
     }
@@ -302,12 +378,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // A small entry (one device batch, a membership change) applies in tens of µs: run it
         // here rather than pay a hop to the blocking pool and back on the ack path. Anything
         // larger goes to the blocking pool so it never stalls the runtime's workers.
-        let responses = if entries.iter().all(is_small) && entries.len() <= 4 {
-            inner.apply_entries(entries)?
-        } else {
-            let applying = inner.clone();
-            blocking(move || applying.apply_entries(entries)).await?
-        };
+        let mut inline = entries.iter().all(is_small) && entries.len() <= 4;
+        let mut entries = entries;
+        let mut responses = Vec::with_capacity(entries.len());
+        loop {
+            let r = if inline {
+                inner.apply_entries(&entries, &mut responses)
+            } else {
+                let applying = inner.clone();
+                let (e, o, r) = tokio::task::spawn_blocking(move || {
+                    let r = applying.apply_entries(&entries, &mut responses);
+                    (entries, responses, r)
+                })
+                .await
+                .map_err(io_err)?;
+                (entries, responses) = (e, o);
+                r
+            };
+            match r {
+                Ok(()) => break,
+                // Disk full and the like: wait it out and apply the same entry again; the
+                // node reports the stall meanwhile.
+                Err(Halt::Held(e)) => {
+                    let wait = inner
+                        .metrics
+                        .apply_stall
+                        .hold("apply", &failure::describe(&e));
+                    tokio::time::sleep(wait).await;
+                    inline = false;
+                }
+                Err(Halt::Fatal(e)) => return Err(e),
+            }
+        }
+        inner.metrics.apply_stall.clear("apply");
         inner.metrics.apply_latency.record(started.elapsed());
         for (resp, responder) in responses.into_iter().zip(responders) {
             if let Some(r) = responder {
@@ -330,6 +433,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let m = meta.clone();
         blocking(move || inner.install(&m, snapshot)).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        self.inner
+            .feed
+            .snapshot_installed(meta.last_log_id.map_or(0, |l| l.index));
         Ok(())
     }
 

@@ -33,6 +33,8 @@
 //! | `POST /snapshot` | `snapshot` |
 //! | `POST /leader` | `leader-ops` |
 //! | `/devices`, `/devices/{id}`, downlink | `devices` |
+//! | `GET /streams` | `status` |
+//! | `POST /streams/reload`, `POST /streams/{id}/replay` | `devices` |
 //!
 //! A route added later takes its line in `http::router` the same way:
 //! `.route(path, require(a, Perm::X, body_type(JSON, post(handler))))`.

@@ -436,7 +436,7 @@ async fn receive_snapshot(
         received += chunk.len() as u64;
         if received > n.max_snapshot.saturating_add(SMALL_RPC_LIMIT as u64) {
             return Err(io_err(format!(
-                "snapshot larger than the maximum database size ({} bytes, max_db_mib)",
+                "snapshot larger than the maximum database size ({} bytes, max_db_size_mib)",
                 n.max_snapshot
             )));
         }

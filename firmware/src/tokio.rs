@@ -11,13 +11,13 @@
 //!
 //! ```no_run
 //! use cairn_firmware::tokio::TcpTransport;
-//! use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, Value};
+//! use cairn_firmware::{BootNonce, Client, Config, GatewayAddr, OverflowPolicy, Value};
 //! use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 //!
 //! let gateways: &'static [GatewayAddr] =
 //!     Box::leak(Box::new([GatewayAddr::new([127, 0, 0, 1], 4003)]));
 //! let config: &'static Config<'static> =
-//!     Box::leak(Box::new(Config::new(1, [7; 32], /* boot */ 1, gateways)));
+//!     Box::leak(Box::new(Config::new(1, [7; 32], 1, BootNonce::from_rng([9; 12]), gateways)));
 //! let client: &'static Client<NoopRawMutex, 4096> =
 //!     Box::leak(Box::new(Client::new(OverflowPolicy::RejectNewest)));
 //! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

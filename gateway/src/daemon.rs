@@ -157,6 +157,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         cluster.clone(),
         IngressConfig {
             schema: config.schema(),
+            accept_protocol_1: config.accept_protocol_1,
+            max_connections: config.device_max_connections,
+            max_per_address: config.device_max_per_address,
+            handshake_timeout: Duration::from_millis(config.device_handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(config.device_idle_timeout_ms),
             ..Default::default()
         },
     );

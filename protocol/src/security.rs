@@ -187,10 +187,19 @@ pub(crate) fn open(
 /// Verifies a frame whose header and whole body are associated data (a Hello: nothing is
 /// encrypted), without needing a mutable buffer.
 pub(crate) fn verify(key: &[u8; KEY_LEN], counter: u32, frame: &[u8]) -> Result<(), FrameError> {
+    verify_with(key, &nonce(counter), frame)
+}
+
+/// [`verify`] under any ChaCha20-Poly1305 nonce (protocol 1 builds its own).
+pub(crate) fn verify_with(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    frame: &[u8],
+) -> Result<(), FrameError> {
     let view = Frame::new_checked(frame)?;
     ChaCha20Poly1305::new(GenericArray::from_slice(key))
         .decrypt_in_place_detached(
-            Nonce::from_slice(&nonce(counter)),
+            Nonce::from_slice(nonce),
             &frame[..HEADER_LEN + view.body_len()],
             &mut [],
             Tag::from_slice(view.tag()),

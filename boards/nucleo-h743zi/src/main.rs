@@ -69,7 +69,20 @@ async fn main(spawner: Spawner) {
     );
     spawner.spawn(net_task(runner).unwrap());
 
-    match cairn_board_app::run(stack, &settings, boot).await {
+    // The boot nonce: 12 bytes of the RNG peripheral, a true RNG (SPEC.md §5.2).
+    #[cfg(feature = "client")]
+    let result = {
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut nonce);
+        let nonce = cairn_board_app::BootNonce::from_rng(nonce);
+        cairn_board_app::run(stack, &settings, boot, nonce).await
+    };
+    #[cfg(not(feature = "client"))]
+    let result = {
+        let _ = boot;
+        cairn_board_app::run(stack, &settings).await
+    };
+    match result {
         Ok(report) => defmt::info!("cairn: finished: {}", report),
         Err(e) => defmt::error!("cairn: stopped: {}", e),
     }

@@ -13,9 +13,8 @@
 //! [`seal`] and [`open`] do the unsalted cryptography only; the counter rules live in the
 //! session types.
 
-use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::aead::generic_array::GenericArray;
-use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag, XChaCha20Poly1305};
+use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, XChaCha20Poly1305};
 
 use crate::HEADER_LEN;
 use crate::error::{EncodeError, FrameError};
@@ -178,16 +177,7 @@ pub(crate) fn verify_hello(
     counter: u64,
     frame: &[u8],
 ) -> Result<(), FrameError> {
-    let view = Frame::new_checked(frame)?;
-    let n = nonce(boot, Direction::DeviceToGateway, counter);
-    cipher(key)
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&n),
-            &frame[..HEADER_LEN + view.body_len()],
-            &mut [],
-            Tag::from_slice(view.tag()),
-        )
-        .map_err(|_| FrameError::BadAuth)
+    security::verify_with(key, &nonce(boot, Direction::DeviceToGateway, counter), frame)
 }
 
 #[cfg(test)]

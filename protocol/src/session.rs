@@ -594,7 +594,7 @@ mod test {
             .unwrap();
         let mut replayed = GatewaySession::accept(&KEY, &hello[..hn], [9; CHALLENGE_LEN]).unwrap();
         assert_eq!(
-            replayed.decode(&mut ping.clone()[..pn]),
+            replayed.decode(&mut { ping }[..pn]),
             Err(FrameError::BadAuth)
         );
         assert!(gw.decode(&mut ping[..pn]).is_ok());
@@ -626,20 +626,14 @@ mod test {
         let mut hello = [0u8; 64];
         dev.encode(&Message::Hello(dev.hello(9, 3, 50)), &mut hello)
             .unwrap();
-        assert_eq!(
-            dev.decode(&mut rec[0].clone()[..n0]),
-            Err(FrameError::BadAuth)
-        );
-        assert_eq!(
-            dev.decode(&mut rec[1].clone()[..n1]),
-            Err(FrameError::BadAuth)
-        );
+        assert_eq!(dev.decode(&mut { rec[0] }[..n0]), Err(FrameError::BadAuth));
+        assert_eq!(dev.decode(&mut { rec[1] }[..n1]), Err(FrameError::BadAuth));
         let mut rebooted = DeviceSession::new(&KEY, 42, [6; BOOT_NONCE_LEN]);
         rebooted
             .encode(&Message::Hello(rebooted.hello(9, 3, 50)), &mut hello)
             .unwrap();
         assert_eq!(
-            rebooted.decode(&mut rec[0].clone()[..n0]),
+            rebooted.decode(&mut { rec[0] }[..n0]),
             Err(FrameError::BadAuth)
         );
         assert!(!rebooted.is_open());

@@ -177,7 +177,11 @@ pub(crate) fn verify_hello(
     counter: u64,
     frame: &[u8],
 ) -> Result<(), FrameError> {
-    security::verify_with(key, &nonce(boot, Direction::DeviceToGateway, counter), frame)
+    security::verify_with(
+        key,
+        &nonce(boot, Direction::DeviceToGateway, counter),
+        frame,
+    )
 }
 
 #[cfg(test)]

@@ -11,9 +11,9 @@ mod echo;
 pub mod sensor;
 mod settings;
 
-pub use settings::{DEV_KEY, Gateway, MAX_GATEWAYS, SettingError, Settings};
 #[cfg(feature = "client")]
 pub use cairn_firmware::BootNonce;
+pub use settings::{DEV_KEY, Gateway, MAX_GATEWAYS, SettingError, Settings};
 
 include!(concat!(env!("OUT_DIR"), "/build_settings.rs"));
 

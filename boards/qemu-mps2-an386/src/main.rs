@@ -104,9 +104,7 @@ async fn main(spawner: Spawner) {
     let result = {
         drop(flash);
         let e = host_entropy();
-        let nonce = [
-            e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7], 0, 0, 0, 0,
-        ];
+        let nonce = [e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7], 0, 0, 0, 0];
         let nonce = cairn_board_app::BootNonce::insecure(nonce);
         cairn_board_app::run(stack, &settings, boot, nonce).await
     };
@@ -193,7 +191,8 @@ fn overrides(mut settings: Settings) -> Option<Settings> {
 fn host_entropy() -> [u8; 8] {
     let secs = host_seconds() as u32;
     let ticks = embassy_time::Instant::now().as_ticks() as u32;
-    let mixed = (u64::from(secs) << 32 | u64::from(ticks)) ^ u64::from(cortex_m::peripheral::DWT::cycle_count());
+    let mixed = (u64::from(secs) << 32 | u64::from(ticks))
+        ^ u64::from(cortex_m::peripheral::DWT::cycle_count());
     mixed.to_le_bytes()
 }
 

@@ -121,6 +121,16 @@ pub struct NodeConfig {
     /// Committed device batches kept for subscribers of the record feed that fall behind
     /// (the embedding API's `Node::subscribe`; see `command::feed`).
     pub feed_capacity: usize,
+    /// Accept protocol 1 devices (a migration period; see protocol/SPEC.md appendix A).
+    pub accept_protocol_1: bool,
+    /// Device connections open at once on this node; more are closed at once.
+    pub device_max_connections: usize,
+    /// Device connections open at once from one IP address.
+    pub device_max_per_address: usize,
+    /// A device connection must deliver its Hello within this many ms.
+    pub device_handshake_timeout_ms: u64,
+    /// A device connection with no frame for this many ms is closed.
+    pub device_idle_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -175,6 +185,11 @@ impl Default for NodeConfig {
             join_as: None,
             insecure: false,
             feed_capacity: DEFAULT_FEED_CAPACITY,
+            accept_protocol_1: false,
+            device_max_connections: 8192,
+            device_max_per_address: 1024,
+            device_handshake_timeout_ms: 5_000,
+            device_idle_timeout_ms: 120_000,
         }
     }
 }
@@ -288,6 +303,22 @@ pub struct NodeArgs {
     /// Committed device batches kept for slow subscribers of the record feed (default 1024).
     #[arg(long)]
     pub feed_capacity: Option<usize>,
+    /// Also accept devices that speak protocol 1 (a migration period: a recorded protocol 1
+    /// connection can be replayed; logged at every start).
+    #[arg(long)]
+    pub accept_protocol_1: bool,
+    /// Device connections open at once on this node (default 8192).
+    #[arg(long)]
+    pub device_max_connections: Option<usize>,
+    /// Device connections open at once from one IP address (default 1024).
+    #[arg(long)]
+    pub device_max_per_address: Option<usize>,
+    /// Milliseconds a device connection has to send its Hello (default 5000).
+    #[arg(long)]
+    pub device_handshake_timeout_ms: Option<u64>,
+    /// Milliseconds without a frame after which a device connection is closed (default 120000).
+    #[arg(long)]
+    pub device_idle_timeout_ms: Option<u64>,
 }
 
 impl NodeConfig {
@@ -330,8 +361,15 @@ impl NodeConfig {
             read_max_rows,
             read_max_bytes,
             max_db_size_mib,
-            feed_capacity
+            feed_capacity,
+            device_max_connections,
+            device_max_per_address,
+            device_handshake_timeout_ms,
+            device_idle_timeout_ms
         );
+        if args.accept_protocol_1 {
+            c.accept_protocol_1 = true;
+        }
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
         }

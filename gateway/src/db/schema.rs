@@ -33,6 +33,14 @@
 //! exactly as many values as the table has declared columns; `integer` takes I64 and U64 up to
 //! `i64::MAX`; `real` takes F32, F64 and integers; `text` takes Str; `blob` takes Bytes;
 //! `bool` takes Bool (stored as 0/1).
+//!
+//! # Values as sent
+//!
+//! A device's `f32` is stored as the shortest decimal that reads back as the same `f32`
+//! ([`f32_as_sent`]): 20.1 is stored as the `f64` nearest to 20.1 (shown as `20.1`), not as
+//! the widened `20.100000381469727`, in `real` columns and in the `telemetry` JSON alike. `f64`,
+//! integers, booleans, text and blobs are stored unchanged. NaN and the infinities have no
+//! JSON or SQL number: they are stored as NULL (`null` in the JSON), for `f32` and `f64`.
 
 use std::fmt::Write as _;
 
@@ -255,8 +263,9 @@ pub fn column_value(ty: ColumnType, v: &Value<'_>) -> Option<ToSqlOutput<'static
     Some(ToSqlOutput::Owned(match (ty, *v) {
         (ColumnType::Integer, Value::I64(i)) => Sql::Integer(i),
         (ColumnType::Integer, Value::U64(u)) => Sql::Integer(i64::try_from(u).ok()?),
-        (ColumnType::Real, Value::F32(f)) => Sql::Real(f64::from(f)),
-        (ColumnType::Real, Value::F64(f)) => Sql::Real(f),
+        (ColumnType::Real, Value::F32(f)) => f32_as_sent(f).map_or(Sql::Null, Sql::Real),
+        (ColumnType::Real, Value::F64(f)) if f.is_finite() => Sql::Real(f),
+        (ColumnType::Real, Value::F64(_)) => Sql::Null,
         (ColumnType::Real, Value::I64(i)) => Sql::Real(i as f64),
         (ColumnType::Real, Value::U64(u)) => Sql::Real(u as f64),
         (ColumnType::Text, Value::Str(s)) => Sql::Text(s.to_owned()),
@@ -277,7 +286,7 @@ pub fn values_json<'a>(values: impl Iterator<Item = Value<'a>>) -> String {
             Value::Bool(b) => write!(out, "{b}"),
             Value::I64(i) => write!(out, "{i}"),
             Value::U64(u) => write!(out, "{u}"),
-            Value::F32(f) if f.is_finite() => write!(out, "{}", f64::from(f)),
+            Value::F32(f) if f.is_finite() => write_f32(&mut out, f),
             Value::F64(f) if f.is_finite() => write!(out, "{f}"),
             Value::F32(_) | Value::F64(_) => write!(out, "null"),
             Value::Bytes(b) => write!(out, "\"{}\"", super::sql::base64(b)),
@@ -286,6 +295,54 @@ pub fn values_json<'a>(values: impl Iterator<Item = Value<'a>>) -> String {
     }
     out.push(']');
     out
+}
+
+/// Room for any `f32` in scientific form: sign, 9 digits, point, `e`, exponent sign, 2 digits.
+struct ExpBuf {
+    bytes: [u8; 24],
+    len: usize,
+}
+
+impl std::fmt::Write for ExpBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// The `f64` nearest to the shortest decimal that reads back as `f`: what the device meant
+/// (20.1, not the widened 20.100000381469727). `None` for NaN and the infinities.
+///
+/// Rust's float formatting without a precision writes the shortest round-trip digits; the
+/// scientific form keeps them on the stack. Every `f32` survives `decimal -> f64 -> f32`
+/// (`test_f32_as_sent_exhaustive`, all 2^32 bit patterns).
+pub fn f32_as_sent(f: f32) -> Option<f64> {
+    if !f.is_finite() {
+        return None;
+    }
+    let mut buf = ExpBuf {
+        bytes: [0; 24],
+        len: 0,
+    };
+    write!(buf, "{f:e}").ok()?;
+    std::str::from_utf8(&buf.bytes[..buf.len]).ok()?.parse().ok()
+}
+
+/// A finite `f32` as a JSON number with its shortest round-trip digits: plain (`20.1`, `-0`)
+/// between 1e-5 and 1e16, scientific (`1e-38`, `3.4028235e38`) outside, so no value takes
+/// more than 15 characters.
+fn write_f32(out: &mut String, f: f32) -> std::fmt::Result {
+    let a = f.abs();
+    if a == 0.0 || (1e-5..1e16).contains(&a) {
+        write!(out, "{f}")
+    } else {
+        write!(out, "{f:e}")
+    }
 }
 
 /// The proleptic Gregorian `(year, month, day)` of a day counted from 1970-01-01 (Howard
@@ -407,5 +464,104 @@ mod tests {
             ),
             r#"[true,1.5,"a\"b","/w=="]"#
         );
+    }
+
+    /// Awkward `f32`s: the stored `f64`, its JSON text, and what rqlite's JSON shows.
+    #[test]
+    fn test_f32_as_sent_golden() {
+        let sub_min = f32::from_bits(1);
+        let sub_max = f32::from_bits(0x007f_ffff);
+        let cases: [(f32, f64, &str); 11] = [
+            (20.1, 20.1, "20.1"),
+            (0.1, 0.1, "0.1"),
+            (-273.15, -273.15, "-273.15"),
+            (16_777_217.0, 16_777_216.0, "16777216"),
+            (1e-38, 1e-38, "1e-38"),
+            (f32::MAX, 3.402_823_5e38, "3.4028235e38"),
+            (f32::MIN_POSITIVE, 1.175_494_4e-38, "1.1754944e-38"),
+            (sub_min, 1e-45, "1e-45"),
+            (sub_max, 1.175_494_2e-38, "1.1754942e-38"),
+            (1e-5, 1e-5, "0.00001"),
+            (-0.0, -0.0, "-0"),
+        ];
+        for (f, want, json) in cases {
+            let got = f32_as_sent(f).unwrap();
+            assert_eq!(got.to_bits(), want.to_bits(), "{f:e}");
+            assert_eq!(got as f32, f, "{f:e} reads back");
+            assert_eq!(values_json([Value::F32(f)].into_iter()), format!("[{json}]"));
+        }
+        for f in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(f32_as_sent(f), None);
+            assert_eq!(values_json([Value::F32(f)].into_iter()), "[null]");
+            let null = Some(ToSqlOutput::Owned(rusqlite::types::Value::Null));
+            assert_eq!(column_value(ColumnType::Real, &Value::F32(f)), null);
+            assert_eq!(column_value(ColumnType::Real, &Value::F64(f64::from(f))), null);
+        }
+        // f64 is stored as sent, digits and all.
+        assert_eq!(
+            column_value(ColumnType::Real, &Value::F64(f64::from(20.1f32))),
+            Some(ToSqlOutput::Owned(rusqlite::types::Value::Real(
+                20.100000381469727
+            )))
+        );
+    }
+
+    /// Through SQLite and the rqlite-shaped result: a `real` cell and the `telemetry` JSON
+    /// come back as the device's digits.
+    #[test]
+    fn test_f32_as_sent_through_sqlite() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (r REAL, j TEXT)").unwrap();
+        let r = column_value(ColumnType::Real, &Value::F32(20.1)).unwrap();
+        let j = values_json([Value::F32(20.1), Value::F32(1e-38)].into_iter());
+        conn.execute("INSERT INTO t VALUES (?1, ?2)", rusqlite::params![r, j])
+            .unwrap();
+        let res = super::super::sql::run_statement(
+            &conn,
+            &super::super::sql::Statement::new("SELECT r, j, json_extract(j, '$[0]') FROM t"),
+        );
+        let shown = serde_json::to_string(&res.values).unwrap();
+        assert!(shown.contains(r#"{"Real":20.1}"#), "{shown}");
+        assert!(shown.contains(r#"[20.1,1e-38]"#), "{shown}");
+        assert_eq!(res.values[0][2], super::super::sql::Value::Real(20.1));
+    }
+
+    /// Every `f32` bit pattern: decimal -> f64 -> f32 gives the same `f32` (NaNs and the
+    /// infinities give NULL). About a minute per core in a release build:
+    /// `cargo test --release -p cairn-gateway --lib f32_as_sent_exhaustive -- --ignored`.
+    #[test]
+    #[ignore = "4.3 billion values; run by hand, see the doc comment"]
+    fn test_f32_as_sent_exhaustive() {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+        let span = (1u64 << 32) / threads;
+        let started = std::time::Instant::now();
+        let bad: u64 = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    s.spawn(move || {
+                        let end = if t + 1 == threads { 1 << 32 } else { (t + 1) * span };
+                        let mut bad = 0u64;
+                        for bits in t * span..end {
+                            let f = f32::from_bits(bits as u32);
+                            let ok = match f32_as_sent(f) {
+                                Some(d) => (d as f32).to_bits() == f.to_bits(),
+                                None => !f.is_finite(),
+                            };
+                            if !ok {
+                                bad += 1;
+                                eprintln!("{bits:#010x} {f:e} -> {:?}", f32_as_sent(f));
+                            }
+                        }
+                        bad
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        eprintln!(
+            "f32_as_sent: 2^32 bit patterns, {bad} mismatches, {:.1?} on {threads} threads",
+            started.elapsed()
+        );
+        assert_eq!(bad, 0);
     }
 }

@@ -12,8 +12,10 @@
 //!    `last_seq`: [`BatchOutcome::Applied`].
 //!
 //! Time: the receiving gateway stamps `received_at_ms` (its clock) before proposing; a record
-//! taken at device uptime `u` is stored at `received_at_ms - (sent_uptime_ms - u)`. Both inputs
-//! are in the entry, so every replica computes the same text.
+//! taken at device uptime `u` is stored with `time_ms = received_at_ms - (sent_uptime_ms - u)`
+//! and `age_ms = received_at_ms - time_ms` (the generated `time` and `received_at` columns show
+//! them as text, see `db::schema`). Both inputs are in the entry, so every replica stores the
+//! same integers.
 
 use std::collections::HashMap;
 
@@ -23,9 +25,7 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::db::registry::create_tables;
-use crate::db::schema::{
-    Schema, TELEMETRY_TABLE, Undeclared, column_value, int, utc_text, values_json,
-};
+use crate::db::schema::{Schema, TELEMETRY_TABLE, Undeclared, column_value, int, values_json};
 use crate::db::tables::HIGH_WATER as HIGH_WATER_TABLE;
 use crate::metrics::Metrics;
 
@@ -136,8 +136,8 @@ impl<'c> Inserts<'c> {
         &mut self,
         device_id: u64,
         r: &RecordView<'_>,
-        time: &str,
-        received: &str,
+        time_ms: i64,
+        age_ms: i64,
     ) -> rusqlite::Result<()> {
         let dev = int(device_id as i64);
         let seq = int(r.seq as i64);
@@ -147,7 +147,7 @@ impl<'c> Inserts<'c> {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
                         let mut sql = format!(
-                            "INSERT OR IGNORE INTO \"{}\" (device_id, seq, time, received_at",
+                            "INSERT OR IGNORE INTO \"{}\" (device_id, seq, time_ms, age_ms",
                             def.table
                         );
                         for c in &def.columns {
@@ -164,12 +164,8 @@ impl<'c> Inserts<'c> {
                 let mut params: Vec<ToSqlOutput<'_>> = Vec::with_capacity(4 + def.columns.len());
                 params.push(dev);
                 params.push(seq);
-                params.push(ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(
-                    time.as_bytes(),
-                )));
-                params.push(ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(
-                    received.as_bytes(),
-                )));
+                params.push(int(time_ms));
+                params.push(int(age_ms));
                 for (v, c) in r.values().zip(&def.columns) {
                     // Checked by `fits` before any insert of this batch.
                     params.push(column_value(c.ty, &v).ok_or(rusqlite::Error::InvalidQuery)?);
@@ -185,7 +181,7 @@ impl<'c> Inserts<'c> {
                         crate::db::schema::create_telemetry(self.conn)?;
                         self.conn.prepare_cached(&format!(
                         "INSERT OR IGNORE INTO {TELEMETRY_TABLE} \
-                         (device_id, seq, stream, time, received_at, \"values\") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                         (device_id, seq, stream, time_ms, age_ms, \"values\") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
                         ))?
                     }),
                 };
@@ -193,8 +189,8 @@ impl<'c> Inserts<'c> {
                     dev,
                     seq,
                     i64::from(r.stream),
-                    time,
-                    received,
+                    time_ms,
+                    age_ms,
                     values_json(r.values())
                 ])?;
             }
@@ -269,18 +265,17 @@ pub fn apply_device_batches(
             out.push(BatchOutcome::SchemaMismatch);
             continue;
         }
-        let received = utc_text(b.received_at_ms);
         for r in view.records() {
             let r = r.map_err(|_| rusqlite::Error::InvalidQuery)?;
             if r.seq <= hw {
                 continue;
             }
             let age = h.sent_uptime_ms - r.uptime_ms;
-            let time = utc_text(
-                b.received_at_ms
-                    .saturating_sub(age.min(i64::MAX as u64) as i64),
-            );
-            inserts.insert(b.device_id, &r, &time, &received)?;
+            let time_ms = b
+                .received_at_ms
+                .saturating_sub(age.min(i64::MAX as u64) as i64);
+            let age_ms = b.received_at_ms.saturating_sub(time_ms);
+            inserts.insert(b.device_id, &r, time_ms, age_ms)?;
             stats.records += 1;
         }
         set_hw.execute([b.device_id as i64, last as i64])?;

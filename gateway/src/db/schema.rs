@@ -10,17 +10,34 @@
 //! columns = [{ name = "temperature", type = "real" }, { name = "humidity", type = "real" }]
 //! ```
 //!
-//! Every stream table starts with the same four columns, then the declared ones in order:
+//! Every stream table starts with the same four columns, then the declared ones in order, then
+//! the two stored time columns:
 //!
 //! | column | SQLite type | meaning |
 //! |---|---|---|
 //! | `device_id` | INTEGER | the sending device |
 //! | `seq` | INTEGER | the record's per-device sequence number; `(device_id, seq)` is the key |
-//! | `time` | TEXT | when the device took the record, UTC, `2026-11-25T18:44:00.123Z` |
-//! | `received_at` | TEXT | when the gateway that received the frame read it, same format |
+//! | `time` | TEXT, virtual | when the device took the record, UTC, `2026-11-25T18:44:00.123Z` |
+//! | `received_at` | TEXT, virtual | when the gateway that received the frame read it, same format |
+//! | ... | | the declared columns |
+//! | `time_ms` | INTEGER | `time` as Unix milliseconds: what is stored |
+//! | `age_ms` | INTEGER | `received_at` minus `time`: how long the record waited on the device |
 //!
-//! Undeclared streams go to `telemetry(device_id, seq, stream, time, received_at, "values")`
-//! with the values as a JSON array (bytes as base64 strings, like rqlite's blobs).
+//! `time` and `received_at` are VIRTUAL generated columns: computed from `time_ms` and `age_ms`
+//! when read, never stored, so a row costs two small integers instead of two 24-character
+//! texts, while `SELECT *` and `WHERE time >= '2026-11-25T18:00'` read as before. Ranges on
+//! `time_ms` are cheaper (no text per row), and the primary key `(device_id, seq)` serves
+//! per-device queries (a device's seq grows with its time):
+//!
+//! ```sql
+//! SELECT time, temperature FROM climate
+//!  WHERE device_id = 7 AND time_ms >= unixepoch('2026-11-25T18:00:00Z') * 1000
+//!  ORDER BY seq;
+//! ```
+//!
+//! Undeclared streams go to `telemetry(device_id, seq, stream, time, received_at, "values",
+//! time_ms, age_ms)` with the values as a JSON array (bytes as base64 strings, like rqlite's
+//! blobs).
 //!
 //! # Determinism
 //!
@@ -51,8 +68,25 @@ use serde::{Deserialize, Serialize};
 
 pub use super::tables::{STREAMS as STREAMS_TABLE, TELEMETRY as TELEMETRY_TABLE};
 
-/// Column names every stream table starts with; declared columns may not reuse them.
-pub const FIXED_COLUMNS: [&str; 4] = ["device_id", "seq", "time", "received_at"];
+/// Column names every stream table has besides the declared ones, which may not reuse them.
+pub const FIXED_COLUMNS: [&str; 6] = [
+    "device_id",
+    "seq",
+    "time",
+    "received_at",
+    "time_ms",
+    "age_ms",
+];
+
+/// The generated `time` and `received_at` columns (UTC text with milliseconds, like
+/// [`utc_text`]), computed from the stored `time_ms` and `age_ms` whenever they are read.
+const TIME_COLUMNS: &str = "time TEXT GENERATED ALWAYS AS \
+     (strftime('%Y-%m-%dT%H:%M:%fZ', time_ms / 1000.0, 'unixepoch')) VIRTUAL, \
+     received_at TEXT GENERATED ALWAYS AS \
+     (strftime('%Y-%m-%dT%H:%M:%fZ', (time_ms + age_ms) / 1000.0, 'unixepoch')) VIRTUAL";
+
+/// The stored time columns, last in every table's definition.
+const STORED_TIME_COLUMNS: &str = "time_ms INTEGER NOT NULL, age_ms INTEGER NOT NULL";
 
 /// Why a set of stream definitions is refused (names the stream and what is wrong).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,7 +196,7 @@ impl Schema {
                     || !names.insert(lc)
                 {
                     return Err(InvalidSchema(format!(
-                        "stream {}: column {:?} is not a valid, unique name (device_id, seq, time and received_at are taken)",
+                        "stream {}: column {:?} is not a valid, unique name (device_id, seq, time, received_at, time_ms and age_ms are taken)",
                         s.id, c.name
                     )));
                 }
@@ -184,13 +218,16 @@ impl Schema {
         for s in &self.streams {
             let mut ddl = format!(
                 "CREATE TABLE IF NOT EXISTS \"{}\" (device_id INTEGER NOT NULL, seq INTEGER NOT NULL, \
-                 time TEXT NOT NULL, received_at TEXT NOT NULL",
+                 {TIME_COLUMNS}",
                 s.table
             );
             for c in &s.columns {
                 let _ = write!(ddl, ", \"{}\" {}", c.name, c.ty.sql());
             }
-            ddl.push_str(", PRIMARY KEY (device_id, seq)) WITHOUT ROWID");
+            let _ = write!(
+                ddl,
+                ", {STORED_TIME_COLUMNS}, PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
+            );
             conn.execute_batch(&ddl)?;
             // A table made by an older definition gets the columns it lacks.
             let existing: Vec<String> = conn
@@ -241,9 +278,8 @@ impl Schema {
 pub fn create_telemetry(conn: &Connection) -> rusqlite::Result<()> {
     conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {TELEMETRY_TABLE} (device_id INTEGER NOT NULL, \
-         seq INTEGER NOT NULL, stream INTEGER NOT NULL, time TEXT NOT NULL, \
-         received_at TEXT NOT NULL, \"values\" TEXT NOT NULL, \
-         PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
+         seq INTEGER NOT NULL, stream INTEGER NOT NULL, {TIME_COLUMNS}, \
+         \"values\" TEXT NOT NULL, {STORED_TIME_COLUMNS}, PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
     ))?
     .execute([])
     .map(drop)
@@ -330,7 +366,10 @@ pub fn f32_as_sent(f: f32) -> Option<f64> {
         len: 0,
     };
     write!(buf, "{f:e}").ok()?;
-    std::str::from_utf8(&buf.bytes[..buf.len]).ok()?.parse().ok()
+    std::str::from_utf8(&buf.bytes[..buf.len])
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// A finite `f32` as a JSON number with its shortest round-trip digits: plain (`20.1`, `-0`)
@@ -438,12 +477,12 @@ mod tests {
         wider.install(&conn).unwrap();
         let n: i64 = conn
             .query_row(
-                "SELECT count(*) FROM pragma_table_info('climate')",
+                "SELECT count(*) FROM pragma_table_xinfo('climate')",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(n, 7);
+        assert_eq!(n, 9);
     }
 
     #[test]
@@ -463,6 +502,109 @@ mod tests {
                 .into_iter()
             ),
             r#"[true,1.5,"a\"b","/w=="]"#
+        );
+    }
+
+    /// The generated `time` and `received_at` show exactly what [`utc_text`] shows, `SELECT *`
+    /// keeps the old columns first with their declared types, and text ranges on `time` work.
+    #[test]
+    fn test_generated_time_columns() {
+        let conn = Connection::open_in_memory().unwrap();
+        climate().install(&conn).unwrap();
+        let mut ins = conn
+            .prepare(
+                "INSERT INTO climate (device_id, seq, time_ms, age_ms, temperature, label) \
+                 VALUES (1, ?1, ?2, ?3, 20.1, 'x')",
+            )
+            .unwrap();
+        // Millisecond edges, leap days, before 1970, and a walk in odd steps across decades.
+        let mut samples: Vec<i64> = vec![
+            0,
+            1,
+            999,
+            -1,
+            -86_400_001,
+            951_782_400_123,
+            1_795_632_240_000,
+            1_795_632_299_999,
+            4_102_444_799_999,
+        ];
+        let mut t = 946_684_800_000i64;
+        while t < 2_524_608_000_000 {
+            samples.push(t);
+            t += 7_777_777_777 + 13;
+        }
+        for (seq, &ms) in samples.iter().enumerate() {
+            ins.execute(rusqlite::params![seq as i64, ms, (seq as i64) * 37])
+                .unwrap();
+        }
+        let mut q = conn
+            .prepare("SELECT seq, time, received_at FROM climate ORDER BY seq")
+            .unwrap();
+        let rows: Vec<(i64, String, String)> = q
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows.len(), samples.len());
+        for ((seq, time, received), ms) in rows.into_iter().zip(&samples) {
+            assert_eq!(time, utc_text(*ms), "time_ms {ms}");
+            assert_eq!(
+                received,
+                utc_text(ms + seq * 37),
+                "time_ms {ms} + {}",
+                seq * 37
+            );
+        }
+        let all = super::super::sql::run_statement(
+            &conn,
+            &super::super::sql::Statement::new("SELECT * FROM climate LIMIT 1"),
+        );
+        assert_eq!(
+            all.columns,
+            [
+                "device_id",
+                "seq",
+                "time",
+                "received_at",
+                "temperature",
+                "label",
+                "time_ms",
+                "age_ms"
+            ]
+        );
+        assert_eq!(
+            all.types,
+            [
+                "integer", "integer", "text", "text", "real", "text", "integer", "integer"
+            ]
+        );
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM climate WHERE time >= '2026-11-25T18:44' \
+                 AND time < '2026-11-25T18:45'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 2);
+        create_telemetry(&conn).unwrap();
+        let t = super::super::sql::run_statement(
+            &conn,
+            &super::super::sql::Statement::new("SELECT * FROM telemetry"),
+        );
+        assert_eq!(
+            t.columns,
+            [
+                "device_id",
+                "seq",
+                "stream",
+                "time",
+                "received_at",
+                "values",
+                "time_ms",
+                "age_ms"
+            ]
         );
     }
 
@@ -488,14 +630,20 @@ mod tests {
             let got = f32_as_sent(f).unwrap();
             assert_eq!(got.to_bits(), want.to_bits(), "{f:e}");
             assert_eq!(got as f32, f, "{f:e} reads back");
-            assert_eq!(values_json([Value::F32(f)].into_iter()), format!("[{json}]"));
+            assert_eq!(
+                values_json([Value::F32(f)].into_iter()),
+                format!("[{json}]")
+            );
         }
         for f in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             assert_eq!(f32_as_sent(f), None);
             assert_eq!(values_json([Value::F32(f)].into_iter()), "[null]");
             let null = Some(ToSqlOutput::Owned(rusqlite::types::Value::Null));
             assert_eq!(column_value(ColumnType::Real, &Value::F32(f)), null);
-            assert_eq!(column_value(ColumnType::Real, &Value::F64(f64::from(f))), null);
+            assert_eq!(
+                column_value(ColumnType::Real, &Value::F64(f64::from(f))),
+                null
+            );
         }
         // f64 is stored as sent, digits and all.
         assert_eq!(
@@ -511,7 +659,8 @@ mod tests {
     #[test]
     fn test_f32_as_sent_through_sqlite() {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE t (r REAL, j TEXT)").unwrap();
+        conn.execute_batch("CREATE TABLE t (r REAL, j TEXT)")
+            .unwrap();
         let r = column_value(ColumnType::Real, &Value::F32(20.1)).unwrap();
         let j = values_json([Value::F32(20.1), Value::F32(1e-38)].into_iter());
         conn.execute("INSERT INTO t VALUES (?1, ?2)", rusqlite::params![r, j])
@@ -539,7 +688,11 @@ mod tests {
             let workers: Vec<_> = (0..threads)
                 .map(|t| {
                     s.spawn(move || {
-                        let end = if t + 1 == threads { 1 << 32 } else { (t + 1) * span };
+                        let end = if t + 1 == threads {
+                            1 << 32
+                        } else {
+                            (t + 1) * span
+                        };
                         let mut bad = 0u64;
                         for bits in t * span..end {
                             let f = f32::from_bits(bits as u32);

@@ -57,6 +57,11 @@ impl Rng {
     }
 }
 
+/// The first column of the first row.
+fn one<T: rusqlite::types::FromSql>(conn: &rusqlite::Connection, sql: &str) -> T {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
 /// Applies `records` records of stream `stream` and returns the bytes of the database file
 /// after a checkpoint, and of the WAL before it.
 async fn fill(dir: &Path, records: u64, stream: u16, random: bool) -> (u64, u64) {
@@ -123,19 +128,17 @@ async fn fill(dir: &Path, records: u64, stream: u16, random: bool) -> (u64, u64)
     let wal = std::fs::metadata(dir.join("db.sqlite-wal")).map_or(0, |m| m.len());
     let table = if stream == 7 { "climate" } else { "telemetry" };
     let conn = rusqlite::Connection::open(&db).unwrap();
-    let n: i64 = conn
-        .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
-        .unwrap();
+    let n: i64 = one(&conn, &format!("SELECT count(*) FROM {table}"));
     assert_eq!(n as u64, sent);
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .unwrap();
-    let sample: String = conn
-        .query_row(
-            &format!("SELECT json_group_array(json_array(time, received_at)) FROM (SELECT * FROM {table} LIMIT 1)"),
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let sample: String = one(
+        &conn,
+        &format!(
+            "SELECT json_group_array(json_array(time, received_at)) \
+             FROM (SELECT * FROM {table} LIMIT 1)"
+        ),
+    );
     let (payload, pages, unused): (i64, i64, i64) = conn
         .query_row(
             "SELECT sum(payload), sum(pgsize), sum(unused) FROM dbstat WHERE name = ?1",
@@ -155,13 +158,10 @@ async fn fill(dir: &Path, records: u64, stream: u16, random: bool) -> (u64, u64)
         "CREATE INDEX {table}_time ON {table}(time_ms, device_id)"
     ))
     .unwrap();
-    let index: i64 = conn
-        .query_row(
-            &format!("SELECT sum(pgsize) FROM dbstat WHERE name = '{table}_time'"),
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let index: i64 = one(
+        &conn,
+        &format!("SELECT sum(pgsize) FROM dbstat WHERE name = '{table}_time'"),
+    );
     println!(
         "{table}: an index on (time_ms, device_id) would add {:.1} B/record",
         index as f64 / n as f64

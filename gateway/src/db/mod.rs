@@ -37,6 +37,9 @@ pub mod tables {
     pub const TELEMETRY: &str = "telemetry";
 }
 
+/// How long truncating the WAL after a snapshot transfer may wait for readers.
+const FINISH_WAIT: Duration = Duration::from_millis(200);
+
 /// Readers kept open for reuse.
 const READ_POOL: usize = 16;
 
@@ -394,10 +397,12 @@ impl Pages {
     }
 
     /// Ends the read transaction and cuts the WAL back to nothing: while the view was open
-    /// every commit went to the WAL's end. Best effort (waits for the writer at most
-    /// [`BUSY_TIMEOUT`]); the WAL is checkpointed again by later commits anyway.
+    /// every commit went to the WAL's end. Best effort: the checkpoint holds SQLite's write
+    /// lock while it waits for readers, so it gives up after [`FINISH_WAIT`] rather than stall
+    /// apply; the WAL is then cut back at its next reset (`journal_size_limit`).
     pub fn finish(self) {
         let _ = self.conn.execute_batch("COMMIT");
+        let _ = self.conn.busy_timeout(FINISH_WAIT);
         if let Err(e) = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))

@@ -448,6 +448,11 @@ mod tests {
         }
     }
 
+    /// One statement, rqlite-shaped result.
+    fn run(conn: &Connection, sql: &str) -> super::super::sql::StatementResult {
+        super::super::sql::run_statement(conn, &super::super::sql::Statement::new(sql))
+    }
+
     #[test]
     fn test_utc_text() {
         assert_eq!(utc_text(0), "1970-01-01T00:00:00.000Z");
@@ -567,10 +572,7 @@ mod tests {
                 seq * 37
             );
         }
-        let all = super::super::sql::run_statement(
-            &conn,
-            &super::super::sql::Statement::new("SELECT * FROM climate LIMIT 1"),
-        );
+        let all = run(&conn, "SELECT * FROM climate LIMIT 1");
         assert_eq!(
             all.columns,
             [
@@ -600,10 +602,7 @@ mod tests {
             .unwrap();
         assert_eq!(n, 2);
         create_telemetry(&conn).unwrap();
-        let t = super::super::sql::run_statement(
-            &conn,
-            &super::super::sql::Statement::new("SELECT * FROM telemetry"),
-        );
+        let t = run(&conn, "SELECT * FROM telemetry");
         assert_eq!(
             t.columns,
             [
@@ -685,10 +684,7 @@ mod tests {
         let j = values_json([Value::F32(20.1), Value::F32(1e-38)].into_iter());
         conn.execute("INSERT INTO t VALUES (?1, ?2)", rusqlite::params![r, j])
             .unwrap();
-        let res = super::super::sql::run_statement(
-            &conn,
-            &super::super::sql::Statement::new("SELECT r, j, json_extract(j, '$[0]') FROM t"),
-        );
+        let res = run(&conn, "SELECT r, j, json_extract(j, '$[0]') FROM t");
         let shown = serde_json::to_string(&res.values).unwrap();
         assert!(shown.contains(r#"{"Real":20.1}"#), "{shown}");
         assert!(shown.contains(r#"[20.1,1e-38]"#), "{shown}");

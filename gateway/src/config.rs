@@ -20,6 +20,7 @@
 //! election_timeout_max_ms = 300
 //! snapshot_threshold = 8192          # entries since the last snapshot
 //! snapshot_keep_logs = 1024          # entries kept in the log behind a snapshot
+//! snapshot_log_mib = 32              # also take a snapshot when the Raft log holds more (0: off)
 //! write_batch_max = 1024             # commands per proposal to Raft (the write queue)
 //! write_queue_depth = 8192           # bounded queue in front of Raft
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
@@ -82,6 +83,10 @@ pub struct NodeConfig {
     pub election_timeout_max_ms: u64,
     pub snapshot_threshold: u64,
     pub snapshot_keep_logs: u64,
+    /// Take a snapshot when the Raft log holds more than this many MiB (0: only
+    /// `snapshot_threshold`), so the log is bounded in bytes too; see
+    /// [`crate::raft::snapshot_on_log_size`].
+    pub snapshot_log_mib: u64,
     pub write_batch_max: usize,
     pub write_queue_depth: usize,
     /// MiB of flushed Raft entries kept in memory (see [`crate::raft::log_store`]); lower it on
@@ -162,6 +167,7 @@ impl Default for NodeConfig {
             election_timeout_max_ms: 300,
             snapshot_threshold: 8192,
             snapshot_keep_logs: 1024,
+            snapshot_log_mib: 32,
             write_batch_max: 1024,
             write_queue_depth: 8192,
             log_cache_mib: 64,
@@ -248,6 +254,9 @@ pub struct NodeArgs {
     /// Entries to keep in the log behind the latest snapshot.
     #[arg(long)]
     pub snapshot_keep_logs: Option<u64>,
+    /// Also take a snapshot when the Raft log holds more than this many MiB (default 32, 0: off).
+    #[arg(long)]
+    pub snapshot_log_mib: Option<u64>,
     #[arg(long)]
     pub write_batch_max: Option<usize>,
     #[arg(long)]
@@ -354,6 +363,7 @@ impl NodeConfig {
             election_timeout_max_ms,
             snapshot_threshold,
             snapshot_keep_logs,
+            snapshot_log_mib,
             write_batch_max,
             write_queue_depth,
             log_cache_mib,

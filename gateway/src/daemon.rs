@@ -214,6 +214,13 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         sm.clone(),
     )
     .await?;
+    if config.snapshot_log_mib > 0 {
+        tokio::spawn(crate::raft::snapshot_on_log_size(
+            raft.clone(),
+            config.data_dir.join("raft.db"),
+            config.snapshot_log_mib << 20,
+        ));
+    }
     let proposer = Proposer::start(
         raft.clone(),
         config.write_queue_depth,

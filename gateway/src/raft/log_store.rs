@@ -118,6 +118,7 @@ impl LogStore {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "journal_size_limit", crate::db::WAL_SIZE_LIMIT)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, log_id BLOB NOT NULL, entry BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);",

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::ApplyContext;
 use super::dead_letter::{self, DeadLetters, Placement};
 use crate::db::registry::create_tables;
-use crate::db::schema::{Schema, TELEMETRY_TABLE, column_value, int, utc_text, values_json};
+use crate::db::schema::{Schema, TELEMETRY_TABLE, column_value, int, values_json};
 use crate::db::tables::HIGH_WATER as HIGH_WATER_TABLE;
 
 /// One device's batch as it travels in the log: the authenticated, decrypted Batch body.
@@ -329,8 +329,8 @@ pub fn apply_device_batches(
                     inserts.store(b, &h, &r)?;
                 }
                 Placement::DeadLetter => {
-                    let time = utc_text(RecordTime::of(b.received_at_ms, &h, &r).time_ms);
-                    let event = dead.insert(&inserts.schema, b, &h, &r, &time)?;
+                    let time = RecordTime::of(b.received_at_ms, &h, &r);
+                    let event = dead.insert(&inserts.schema, b, &h, &r, time)?;
                     stats.misfits.push(event);
                 }
             }

@@ -85,14 +85,15 @@ pub const FIXED_COLUMNS: [&str; 6] = [
 ];
 
 /// The generated `time` and `received_at` columns (UTC text with milliseconds, like
-/// [`utc_text`]), computed from the stored `time_ms` and `age_ms` whenever they are read.
-const TIME_COLUMNS: &str = "time TEXT GENERATED ALWAYS AS \
+/// [`utc_text`]), computed from the stored `time_ms` and `age_ms` whenever they are read. The
+/// `dead_letter` table has them too (`db::dead_letter`).
+pub const TIME_COLUMNS: &str = "time TEXT GENERATED ALWAYS AS \
      (strftime('%Y-%m-%dT%H:%M:%fZ', time_ms / 1000.0, 'unixepoch')) VIRTUAL, \
      received_at TEXT GENERATED ALWAYS AS \
      (strftime('%Y-%m-%dT%H:%M:%fZ', (time_ms + age_ms) / 1000.0, 'unixepoch')) VIRTUAL";
 
 /// The stored time columns, last in every table's definition.
-const STORED_TIME_COLUMNS: &str = "time_ms INTEGER NOT NULL, age_ms INTEGER NOT NULL";
+pub const STORED_TIME_COLUMNS: &str = "time_ms INTEGER NOT NULL, age_ms INTEGER NOT NULL";
 
 /// Why a set of stream definitions is refused (names the stream and what is wrong).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -82,6 +82,25 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Checks that the bundled SQLite has the raw-page table snapshots are streamed with (built
+/// with `SQLITE_ENABLE_DBPAGE_VTAB`, which the workspace's `.cargo/config.toml` sets through
+/// `LIBSQLITE3_FLAGS`): a build without it could never send a snapshot, so it refuses to start.
+pub fn check_raw_pages() -> anyhow::Result<()> {
+    let conn = Connection::open_in_memory()?;
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_module_list WHERE name = ?1",
+        [DBPAGE],
+        |r| r.get(0),
+    )?;
+    anyhow::ensure!(
+        n == 1,
+        "this build's SQLite lacks {DBPAGE} (snapshots are streamed with it): build the \
+         gateway with LIBSQLITE3_FLAGS=\"-DSQLITE_ENABLE_DBPAGE_VTAB\" (set in the workspace's \
+         .cargo/config.toml; an embedding project sets it in its own)"
+    );
+    Ok(())
+}
+
 /// Opens a database file read-only (a snapshot, an uploaded file).
 pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
     Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -382,16 +401,13 @@ impl Pages {
     /// Ends the read transaction and cuts the WAL back to nothing: while the view was open
     /// every commit went to the WAL's end. Best effort: the checkpoint holds SQLite's write
     /// lock while it waits for readers, so it gives up after [`FINISH_WAIT`] rather than stall
-    /// apply; the WAL is then cut back at its next reset (`journal_size_limit`).
-    pub fn finish(self) {
+    /// apply (busy); the WAL is then cut back at its next reset (`journal_size_limit`). The
+    /// error is the caller's to classify (`raft::finish_transfer`).
+    pub fn finish(self) -> rusqlite::Result<()> {
         let _ = self.conn.execute_batch("COMMIT");
-        let _ = self.conn.busy_timeout(FINISH_WAIT);
-        if let Err(e) = self
-            .conn
+        self.conn.busy_timeout(FINISH_WAIT)?;
+        self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
-            tracing::warn!("truncating the WAL after a snapshot transfer: {e}");
-        }
     }
 }
 
@@ -464,7 +480,7 @@ mod tests {
         let len = pages.len();
         pages.write_to(&mut out).unwrap();
         out.sync_all().unwrap();
-        pages.finish();
+        pages.finish().unwrap();
         assert_eq!(std::fs::metadata(&staged).unwrap().len(), len);
         store.replace_with(&staged).unwrap();
         assert!(!staged.exists());

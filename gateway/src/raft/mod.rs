@@ -106,6 +106,18 @@ pub async fn snapshot_on_log_size(raft: Raft, log_path: std::path::PathBuf, limi
     }
 }
 
+/// Ends a snapshot transfer's read transaction and truncates the WAL ([`crate::db::Pages::finish`]).
+/// The truncation is best effort, except that an I/O error ends the process like any failed
+/// write (`db::failure`): the same write is never tried again.
+pub fn finish_transfer(pages: crate::db::Pages) {
+    if let Err(e) = pages.finish() {
+        if crate::db::failure::classify(&e) == crate::db::failure::Failure::Exit {
+            exit_on_io_error("truncating the WAL after a snapshot transfer", &e);
+        }
+        tracing::warn!("truncating the WAL after a snapshot transfer: {e}");
+    }
+}
+
 /// `io::Error` from anything displayable, for the storage traits' error type.
 pub fn io_err(e: impl fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())

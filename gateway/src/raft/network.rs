@@ -114,7 +114,7 @@ fn pages_body(prefix: Vec<u8>, mut pages: crate::db::Pages) -> Body {
                 return;
             }
         }
-        pages.finish();
+        super::finish_transfer(pages);
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|c| (c.map(Frame::data), rx))

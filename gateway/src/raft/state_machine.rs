@@ -110,12 +110,13 @@ impl Inner {
     }
 
     /// Makes the database durable and reports what it holds (see the module doc), with a view
-    /// of exactly that state (opened before apply can go on).
-    fn build_snapshot(&self) -> std::io::Result<(SnapshotMeta, db::Pages)> {
+    /// of exactly that state (opened before apply can go on). A failure is classified by the
+    /// caller (`db::failure`): a full disk holds the build, an I/O error ends the process.
+    fn build_snapshot(&self) -> rusqlite::Result<(SnapshotMeta, db::Pages)> {
         let writer = self.store.writer();
-        db::make_durable(&writer).map_err(io_err)?;
+        db::make_durable(&writer)?;
         let (last_log_id, last_membership) = self.applied();
-        let pages = self.store.pages().map_err(io_err)?;
+        let pages = self.store.pages()?;
         drop(writer);
         Ok((
             SnapshotMeta {
@@ -153,7 +154,7 @@ impl Inner {
                 let mut out = std::io::BufWriter::new(File::create(&staged)?);
                 pages.write_to(&mut out)?;
                 out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-                pages.finish();
+                super::finish_transfer(pages);
             }
         }
         let got = read_snapshot_meta(&staged)?;
@@ -288,9 +289,28 @@ impl StateMachine {
         for e in std::fs::read_dir(&snap_dir)? {
             let _ = std::fs::remove_file(e?.path());
         }
+        db::check_raw_pages()?;
         let store = Store::open(&dir.join("db.sqlite"))?;
-        // openraft takes what it finds here as a durable snapshot (see the module doc).
-        db::make_durable(&store.writer())?;
+        // openraft takes what it finds here as a durable snapshot (see the module doc); on a
+        // full disk the start waits for space, an I/O error exits.
+        let mut waited = false;
+        while let Err(e) = db::make_durable(&store.writer()) {
+            match failure::classify(&e) {
+                Failure::Hold => {
+                    if !waited {
+                        tracing::error!(
+                            "start held: making the database durable: {}; retrying every second",
+                            failure::describe(&e)
+                        );
+                        waited = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                Failure::Exit => super::exit_on_io_error("start", &e),
+                Failure::Corrupt => return Err(super::corrupt("start", &e).into()),
+                Failure::Other => return Err(e.into()),
+            }
+        }
         let applied = read_applied(&store.writer())?;
         Ok(StateMachine {
             inner: Arc::new(Inner {
@@ -337,8 +357,28 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(
         &mut self,
     ) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>, std::io::Error> {
-        let inner = self.inner.clone();
-        let (meta, pages) = blocking(move || inner.build_snapshot()).await?;
+        // The durable commit and checkpoint write: on a full disk the build waits for space
+        // like apply does (openraft takes any storage error as fatal), an I/O error exits.
+        let (meta, pages) = loop {
+            let inner = self.inner.clone();
+            let built = tokio::task::spawn_blocking(move || inner.build_snapshot())
+                .await
+                .map_err(io_err)?;
+            let e = match built {
+                Ok(b) => break b,
+                Err(e) => e,
+            };
+            match failure::classify(&e) {
+                Failure::Hold => {
+                    let stall = &self.inner.metrics.apply_stall;
+                    tokio::time::sleep(stall.hold("snapshot", &failure::describe(&e))).await;
+                }
+                Failure::Exit => super::exit_on_io_error("snapshot", &e),
+                Failure::Corrupt => return Err(super::corrupt("snapshot", &e)),
+                Failure::Other => return Err(io_err(e)),
+            }
+        };
+        self.inner.metrics.apply_stall.clear("snapshot");
         tracing::info!(last_log_id = ?meta.last_log_id, "snapshot point: database durable");
         Ok(openraft::Snapshot {
             meta,

@@ -68,10 +68,7 @@ fn one<T: rusqlite::types::FromSql>(conn: &rusqlite::Connection, sql: &str) -> T
 async fn fill(dir: &Path, records: u64, stream: u16, random: bool) -> (u64, u64) {
     let mut sm = StateMachine::open(dir, Default::default()).unwrap();
     let mut index = 1;
-    let define = entry(
-        index,
-        Command::Streams(StreamsCommand::Define(schema())),
-    );
+    let define = entry(index, Command::Streams(StreamsCommand::Define(schema())));
     sm.apply(futures_util::stream::iter([Ok((define, None))]))
         .await
         .unwrap();

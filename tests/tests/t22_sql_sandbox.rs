@@ -181,7 +181,10 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
         vec![vec![json!(2)]]
     );
     assert_eq!(
-        c.nodes[l].rows("SELECT count(*) FROM sqlite_master WHERE name = 'p'", "none"),
+        c.nodes[l].rows(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'p'",
+            "none"
+        ),
         vec![vec![json!(0)]],
         "no table over the raw pages"
     );

@@ -424,7 +424,10 @@ mod tests {
         .unwrap();
         let shown = |c: &Connection| -> (String, String) {
             (
-                one(c, "SELECT time || ' ' || received_at || ' ' || temperature FROM climate"),
+                one(
+                    c,
+                    "SELECT time || ' ' || received_at || ' ' || temperature FROM climate",
+                ),
                 one(c, "SELECT time || ' ' || received_at FROM dead_letter"),
             )
         };

@@ -12,11 +12,11 @@ use rusqlite::limits::Limit;
 use rusqlite::{Connection, ffi};
 
 use super::authorizer::authorize;
-use crate::db::DBPAGE;
 use super::{
     Kind, LOCAL, MAX_EXPR_DEPTH, MAX_LENGTH, MAX_SQL_LENGTH, MAX_TRIGGER_DEPTH, Mode,
     PROGRESS_INTERVAL, WRITE_BUDGET_STEPS, budget_message, in_apply,
 };
+use crate::db::DBPAGE;
 
 /// The VFS the replicated database's writer is opened on: the default VFS, except that its
 /// clock answers with the applying entry's stamp.

@@ -504,9 +504,13 @@ mod tests {
         }
     }
 
-    /// One statement, rqlite-shaped result.
+    /// One read, rqlite-shaped result (as `/db/query` runs it).
     fn run(conn: &Connection, sql: &str) -> super::super::sql::StatementResult {
-        super::super::sql::run_statement(conn, &super::super::sql::Statement::new(sql))
+        let st = [super::super::sql::Statement::new(sql)];
+        let limits = super::super::sandbox::ReadLimits::default();
+        let mut out = super::super::sql::query(conn, &st, false, &limits, None);
+        assert_eq!(out[0].error, None, "{sql}");
+        out.remove(0)
     }
 
     #[test]

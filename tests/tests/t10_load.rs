@@ -92,6 +92,30 @@ fn reset(node: &Node, id: u64, seq: u64) {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// Node `n` holds the 10,000-row file loaded over table `old`, with device 7 registered at
+/// high-water 5 as before the load.
+fn assert_plain_load(n: &Node) {
+    assert_eq!(
+        n.rows("SELECT count(*) FROM big", "none"),
+        [[json!(10_000)]]
+    );
+    assert_eq!(
+        n.rows(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'old'",
+            "none"
+        ),
+        [[json!(0)]],
+        "node {}: user tables replaced",
+        n.id
+    );
+    assert_eq!(
+        state(n),
+        (vec![7], vec![(7, 5)]),
+        "node {}: registry kept",
+        n.id
+    );
+}
+
 #[test]
 fn test_chunked_load_keeps_or_restores_cairns_state() {
     let c = Cluster::start(3);
@@ -115,25 +139,7 @@ fn test_chunked_load_keeps_or_restores_cairns_state() {
     assert_eq!(body["results"][0]["rows_affected"], 10_001);
     c.wait_converged();
     for n in &c.nodes {
-        assert_eq!(
-            n.rows("SELECT count(*) FROM big", "none"),
-            [[json!(10_000)]]
-        );
-        assert_eq!(
-            n.rows(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'old'",
-                "none"
-            ),
-            [[json!(0)]],
-            "node {}: user tables replaced",
-            n.id
-        );
-        assert_eq!(
-            state(n),
-            (vec![7], vec![(7, 5)]),
-            "node {}: registry kept",
-            n.id
-        );
+        assert_plain_load(n);
     }
     c.assert_identical();
 
@@ -168,13 +174,7 @@ fn test_chunked_load_keeps_or_restores_cairns_state() {
 /// as on the others, no chunks left, identical bytes; then it applies from the log again.
 #[test]
 fn test_load_then_snapshot_install_on_a_lagging_follower() {
-    let opts = Options {
-        extra: ["--snapshot-threshold", "20", "--snapshot-keep-logs", "5"]
-            .map(String::from)
-            .to_vec(),
-        ..Options::default()
-    };
-    let mut c = Cluster::start_with(3, opts);
+    let mut c = Cluster::start_with(3, Options::snapshot_often(20, 5));
     let dir = tempfile::tempdir().unwrap();
     let leader = c.leader();
     register(&c.nodes[leader].url(""), 7..8).unwrap();
@@ -210,24 +210,11 @@ fn test_load_then_snapshot_install_on_a_lagging_follower() {
         .expect("follower installed a snapshot");
     assert!(snap > behind, "snapshot {snap} should be past {behind}");
     for n in &c.nodes {
-        assert_eq!(
-            n.rows("SELECT count(*) FROM big", "none"),
-            [[json!(10_000)]]
-        );
+        assert_plain_load(n);
         assert_eq!(
             n.rows("SELECT count(*) FROM after_load", "none"),
             [[json!(30)]]
         );
-        assert_eq!(
-            n.rows(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'old'",
-                "none"
-            ),
-            [[json!(0)]],
-            "node {}: user tables replaced",
-            n.id
-        );
-        assert_eq!(state(n), (vec![7], vec![(7, 5)]), "node {}", n.id);
     }
     c.assert_identical();
     // After the install the follower applies from the log again.

@@ -180,6 +180,12 @@ impl Cluster {
         self.feed.subscribe()
     }
 
+    /// Sees a new value whenever this replica committed a registry change or installed a
+    /// snapshot (open device sessions recheck their key then).
+    pub fn registry_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.feed.registry_changes()
+    }
+
     /// Openraft's view of this node (state, term, indexes, membership).
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<crate::raft::TypeConfig> {
         self.raft.metrics().borrow_watched().clone()

@@ -12,11 +12,16 @@
 //!   nothing; one that overlaps publishes the records above the old high-water). Records that
 //!   reach this replica inside a snapshot are not published one by one: the subscriber gets
 //!   [`FeedError::SnapshotInstalled`] instead.
+//!
+//! The feed also tells the device path when the registry changed ([`Feed::registry_changes`]):
+//! after every committed registry entry and every installed snapshot, so open device sessions
+//! recheck their key (revocation, rotation) on every replica as soon as it applies.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cairn_protocol::{BatchView, RecordView, Values};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use super::device::{DeviceBatch, record_time_ms};
 
@@ -100,6 +105,10 @@ pub struct Feed {
     tx: broadcast::Sender<Item>,
     /// Batches stored by the entry being applied, published when it commits.
     staged: Mutex<Vec<CommittedBatch>>,
+    /// The entry being applied changed the registry.
+    registry_staged: AtomicBool,
+    /// Counts committed registry changes (see [`Feed::registry_changes`]).
+    registry: watch::Sender<u64>,
 }
 
 impl Default for Feed {
@@ -114,7 +123,24 @@ impl Feed {
         Feed {
             tx: broadcast::channel(capacity.max(1)).0,
             staged: Mutex::new(Vec::new()),
+            registry_staged: AtomicBool::new(false),
+            registry: watch::Sender::new(0),
         }
+    }
+
+    /// Notes that the entry being applied changes the device registry.
+    pub fn stage_registry_change(&self) {
+        self.registry_staged.store(true, Ordering::Relaxed);
+    }
+
+    /// A receiver that sees a new value after every committed registry entry or installed
+    /// snapshot on this replica.
+    pub fn registry_changes(&self) -> watch::Receiver<u64> {
+        self.registry.subscribe()
+    }
+
+    fn registry_changed(&self) {
+        self.registry.send_modify(|n| *n += 1);
     }
 
     /// A new subscriber, receiving what commits from now on.
@@ -147,6 +173,7 @@ impl Feed {
     /// back (a held storage error, then a retry) never publishes its records twice.
     pub fn discard_staged(&self) {
         self.staged.lock().expect("feed mutex").clear();
+        self.registry_staged.store(false, Ordering::Relaxed);
     }
 
     /// Publishes what the entry at `log_index` staged; call after it committed.
@@ -157,10 +184,14 @@ impl Feed {
             // An error only means every subscriber left meanwhile.
             let _ = self.tx.send(Item::Batch(Arc::new(b)));
         }
+        if self.registry_staged.swap(false, Ordering::Relaxed) {
+            self.registry_changed();
+        }
     }
 
     /// Tells subscribers that a snapshot up to `log_index` replaced the database.
     pub fn snapshot_installed(&self, log_index: u64) {
+        self.registry_changed();
         if self.wanted() {
             let _ = self.tx.send(Item::Snapshot(log_index));
         }

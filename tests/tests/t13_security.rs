@@ -114,7 +114,12 @@ fn routes() -> Vec<Route> {
             j(json!({"key": key, "grace_s": 60})),
             "devices",
         ),
-        r("POST", "/devices/1/protocol", j(json!({"version": 1})), "devices"),
+        r(
+            "POST",
+            "/devices/1/protocol",
+            j(json!({"version": 1})),
+            "devices",
+        ),
     ]
 }
 

@@ -178,7 +178,9 @@ fn test_revoked_device_is_cut_off_everywhere_and_refused() {
         assert!(ingress(&c, i, "sessions_closed_key") >= 1, "node {i}");
     }
 
-    // Every later Hello is refused, unsealed, on every gateway; nothing more is stored.
+    // Every later Hello is refused, unsealed, on every gateway (the third applies the entry a
+    // moment later); nothing more is stored.
+    c.wait_converged();
     for i in 0..3 {
         let refused = hello(&device_addr(&c, i), 700, &key_of(700)).err();
         assert_eq!(
@@ -220,7 +222,10 @@ fn test_revoked_device_is_cut_off_everywhere_and_refused() {
         leader,
         &["rekey", "--id", "700", "--key", &hex(&new_key)],
     );
-    let (mut a, hw) = hello(&on_follower, 700, &new_key).expect("welcomed with the new key");
+    // The follower applies the rekey a moment after the leader answered: a device retries.
+    let (mut a, hw) = poll(TIMEOUT, "welcomed with the new key by a follower", || {
+        hello(&on_follower, 700, &new_key).ok()
+    });
     assert_eq!(hw, 6);
     assert_eq!(a.batch(7), 9);
     assert!(hello(&on_leader, 700, &key_of(700)).is_err());
@@ -267,7 +272,9 @@ fn test_rekeyed_device_uses_its_new_key_and_the_old_one_only_in_the_grace_window
     let (mut again, hw) = hello(&on_leader, 701, &old_key).expect("old key in the grace window");
     assert_eq!(hw, 6);
     assert!(ingress(&c, leader, "hellos_previous_key") >= 1);
-    let (mut new, hw) = hello(&on_follower, 701, &new_key).expect("new key");
+    let (mut new, hw) = poll(TIMEOUT, "new key welcomed by the follower", || {
+        hello(&on_follower, 701, &new_key).ok()
+    });
     assert_eq!(hw, 6);
     assert_eq!(new.batch(7), 9);
     assert_eq!(again.batch(10), 12);

@@ -180,9 +180,9 @@ impl Cluster {
         self.feed.subscribe()
     }
 
-    /// Sees a new value whenever this replica committed a registry change or installed a
-    /// snapshot (open device sessions recheck their key then).
-    pub fn registry_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// Whose device keys this replica changed as it commits them (`None`: anyone's, after a
+    /// snapshot or a restored backup); open device sessions recheck their key then.
+    pub fn registry_changes(&self) -> tokio::sync::broadcast::Receiver<Option<u64>> {
         self.feed.registry_changes()
     }
 

@@ -13,15 +13,15 @@
 //!   reach this replica inside a snapshot are not published one by one: the subscriber gets
 //!   [`FeedError::SnapshotInstalled`] instead.
 //!
-//! The feed also tells the device path when the registry changed ([`Feed::registry_changes`]):
-//! after every committed registry entry and every installed snapshot, so open device sessions
-//! recheck their key (revocation, rotation) on every replica as soon as it applies.
+//! The feed also tells the device path whose keys changed ([`Feed::registry_changes`]): after
+//! every committed entry that changes a device's keys (the device's id) and every installed
+//! snapshot or restored backup (`None`: anyone's), so open device sessions recheck their key
+//! (revocation, rotation) on every replica as soon as it applies.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cairn_protocol::{BatchView, RecordView, Values};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
 use super::device::{DeviceBatch, record_time_ms};
 
@@ -100,15 +100,18 @@ pub enum FeedError {
     Closed,
 }
 
+/// Key changes kept for device sessions that have not looked yet; beyond, they recheck all.
+const REGISTRY_CHANGES: usize = 1024;
+
 /// One replica's feed: the state machine publishes, subscribers receive.
 pub struct Feed {
     tx: broadcast::Sender<Item>,
     /// Batches stored by the entry being applied, published when it commits.
     staged: Mutex<Vec<CommittedBatch>>,
-    /// The entry being applied changed the registry.
-    registry_staged: AtomicBool,
-    /// Counts committed registry changes (see [`Feed::registry_changes`]).
-    registry: watch::Sender<u64>,
+    /// Devices whose keys the entry being applied changes (`None`: anyone's).
+    registry_staged: Mutex<Vec<Option<u64>>>,
+    /// Committed key changes (see [`Feed::registry_changes`]).
+    registry: broadcast::Sender<Option<u64>>,
 }
 
 impl Default for Feed {
@@ -123,24 +126,28 @@ impl Feed {
         Feed {
             tx: broadcast::channel(capacity.max(1)).0,
             staged: Mutex::new(Vec::new()),
-            registry_staged: AtomicBool::new(false),
-            registry: watch::Sender::new(0),
+            registry_staged: Mutex::new(Vec::new()),
+            registry: broadcast::channel(REGISTRY_CHANGES).0,
         }
     }
 
-    /// Notes that the entry being applied changes the device registry.
-    pub fn stage_registry_change(&self) {
-        self.registry_staged.store(true, Ordering::Relaxed);
+    /// Notes that the entry being applied changes the keys of `device` (`None`: anyone's).
+    pub fn stage_registry_change(&self, device: Option<u64>) {
+        self.registry_staged
+            .lock()
+            .expect("feed mutex")
+            .push(device);
     }
 
-    /// A receiver that sees a new value after every committed registry entry or installed
-    /// snapshot on this replica.
-    pub fn registry_changes(&self) -> watch::Receiver<u64> {
+    /// Whose keys changed, as this replica commits it: a device id, or `None` for anyone's (a
+    /// snapshot, a restored backup). A receiver that lags gets `Lagged`: recheck everything.
+    pub fn registry_changes(&self) -> broadcast::Receiver<Option<u64>> {
         self.registry.subscribe()
     }
 
-    fn registry_changed(&self) {
-        self.registry.send_modify(|n| *n += 1);
+    fn registry_changed(&self, device: Option<u64>) {
+        // An error only means no device session is open.
+        let _ = self.registry.send(device);
     }
 
     /// A new subscriber, receiving what commits from now on.
@@ -173,7 +180,7 @@ impl Feed {
     /// back (a held storage error, then a retry) never publishes its records twice.
     pub fn discard_staged(&self) {
         self.staged.lock().expect("feed mutex").clear();
-        self.registry_staged.store(false, Ordering::Relaxed);
+        self.registry_staged.lock().expect("feed mutex").clear();
     }
 
     /// Publishes what the entry at `log_index` staged; call after it committed.
@@ -184,14 +191,15 @@ impl Feed {
             // An error only means every subscriber left meanwhile.
             let _ = self.tx.send(Item::Batch(Arc::new(b)));
         }
-        if self.registry_staged.swap(false, Ordering::Relaxed) {
-            self.registry_changed();
+        let changed = std::mem::take(&mut *self.registry_staged.lock().expect("feed mutex"));
+        for device in changed {
+            self.registry_changed(device);
         }
     }
 
     /// Tells subscribers that a snapshot up to `log_index` replaced the database.
     pub fn snapshot_installed(&self, log_index: u64) {
-        self.registry_changed();
+        self.registry_changed(None);
         if self.wanted() {
             let _ = self.tx.send(Item::Snapshot(log_index));
         }

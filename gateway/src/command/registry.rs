@@ -62,6 +62,22 @@ pub enum RegistryCommand {
     },
 }
 
+impl RegistryCommand {
+    /// The device whose accepted keys this command may change (open sessions recheck theirs).
+    pub fn changes_keys_of(&self) -> Option<u64> {
+        match self {
+            RegistryCommand::Add { device_id, .. }
+            | RegistryCommand::Remove { device_id }
+            | RegistryCommand::Revoke { device_id, .. }
+            | RegistryCommand::Rekey { device_id, .. } => Some(*device_id),
+            RegistryCommand::DefineStreams(_)
+            | RegistryCommand::ResetHighWater { .. }
+            | RegistryCommand::SetProtocol { .. }
+            | RegistryCommand::KeySeen { .. } => None,
+        }
+    }
+}
+
 impl std::fmt::Display for RegistryCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

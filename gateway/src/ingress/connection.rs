@@ -39,7 +39,7 @@ use cairn_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 use super::batcher::{Outcomes, closed};
 use super::{HelloKeys, Ingress, Note, Slot, code_of};
@@ -425,10 +425,13 @@ async fn run(ingress: &Arc<Ingress>, stream: &mut TcpStream) -> Result<(), Error
             }
         };
         tokio::select! {
-            changed = registry.changed() => {
-                if changed.is_err() {
+            changed = registry.recv() => {
+                match changed {
+                    Ok(Some(id)) if id != device_id => continue,
+                    // Its own keys, anyone's, or more changes than were kept: recheck.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     // The node is stopping.
-                    return Ok(());
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 }
                 match ingress.session_valid_until(device_id, &key.key, key.from_replica, now_ms()) {
                     Some(until) => key.grace_until_ms = until,

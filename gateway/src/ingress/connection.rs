@@ -336,17 +336,18 @@ async fn handshake(
         }
         m.hellos_v1.fetch_add(1, Relaxed);
     }
-    if used == keys.key {
-        if let (Some(rekeyed_at_ms), None) = (keys.state.rekeyed_at_ms, keys.state.new_key_seen_ms)
-        {
-            ingress.note(
-                device_id,
-                Note::KeySeen {
-                    rekeyed_at_ms,
-                    at_ms: now,
-                },
-            );
-        }
+    if let (true, Some(rekeyed_at_ms), None) = (
+        used == keys.key,
+        keys.state.rekeyed_at_ms,
+        keys.state.new_key_seen_ms,
+    ) {
+        ingress.note(
+            device_id,
+            Note::KeySeen {
+                rekeyed_at_ms,
+                at_ms: now,
+            },
+        );
     }
     if v1_hello.is_none() && keys.state.protocol == v1::VERSION {
         ingress.note(device_id, Note::SpokeV2);

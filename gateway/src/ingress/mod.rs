@@ -209,7 +209,7 @@ impl Ingress {
         if config.accept_protocol_1 {
             let registered_v1 = cluster
                 .store()
-                .read(|c| registry::key_states(c))
+                .read(registry::key_states)
                 .ok()
                 .and_then(Result::ok)
                 .map(|ks| ks.iter().filter(|(_, k)| k.protocol == 1).count());

@@ -382,6 +382,34 @@ fn test_overloaded_and_unknown_device_back_off_longer() {
     });
 }
 
+/// Boot 1 of the device (boot number 5): ten records stored and acknowledged while an attacker
+/// records the gateway's replies, which it returns (a Welcome, then Acks).
+async fn record_first_boot(
+    cluster: &ClusterRef,
+    gws: &'static [cairn_firmware::GatewayAddr],
+) -> Vec<Vec<u8>> {
+    cluster.borrow_mut().recording = Some(Vec::new());
+    let first = leak::<4096>(OverflowPolicy::RejectNewest);
+    with_client(first, cluster, gws, 5, async move {
+        push_many(first, 0, 10).await;
+        assert!(wait_until(StdDuration::from_secs(10), || first.status().acked == 10).await);
+    })
+    .await;
+    let recorded = cluster.borrow_mut().recording.take().unwrap();
+    assert!(recorded.len() >= 2, "a Welcome and at least one Ack");
+    recorded
+}
+
+/// What anyone on the path can send: an unsealed Error(SeqGap), and a recorded Ack flagged
+/// unsealed.
+fn unsealed_frames(recorded: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
+    let mut error = [0u8; 64];
+    let n = cairn_protocol::encode_unsealed_error(ErrorCode::SeqGap, &mut error).unwrap();
+    let mut ack = recorded[1].clone();
+    ack[6] = cairn_protocol::FLAG_UNSEALED;
+    (error[..n].to_vec(), ack)
+}
+
 /// Gateway frames recorded on an earlier boot (same boot number), and forged or unsealed
 /// Welcome/Ack/Error frames, make a rebooted device drop, skip or renumber nothing; once a
 /// real gateway answers, every record is stored exactly once (SPEC.md §5.7).
@@ -391,16 +419,7 @@ fn test_recorded_and_forged_gateway_frames_drop_nothing() {
     local.block_on(&rt, async {
         let cluster = cluster(1, Faults::default(), 11);
         let gws = gateways(1);
-        // Boot 1: ten records stored and acknowledged, while an attacker records the replies.
-        cluster.borrow_mut().recording = Some(Vec::new());
-        let first = leak::<4096>(OverflowPolicy::RejectNewest);
-        with_client(first, &cluster, gws, 5, async move {
-            push_many(first, 0, 10).await;
-            assert!(wait_until(StdDuration::from_secs(10), || first.status().acked == 10).await);
-        })
-        .await;
-        let recorded = cluster.borrow_mut().recording.take().unwrap();
-        assert!(recorded.len() >= 2, "a Welcome and at least one Ack");
+        let recorded = record_first_boot(&cluster, gws).await;
         let acks_through_10 = recorded.concat();
 
         // Boot 2, same boot number, RAM outbox: five records the cluster has never seen, which
@@ -408,15 +427,12 @@ fn test_recorded_and_forged_gateway_frames_drop_nothing() {
         let mut forged_welcome = recorded[0].clone();
         let last = forged_welcome.len() - 1;
         forged_welcome[last] ^= 1;
-        let mut unsealed = [0u8; 64];
-        let n = cairn_protocol::encode_unsealed_error(ErrorCode::SeqGap, &mut unsealed).unwrap();
-        let mut unsealed_ack = recorded[1].clone();
-        unsealed_ack[6] = cairn_protocol::FLAG_UNSEALED;
+        let (unsealed_error, unsealed_ack) = unsealed_frames(&recorded);
         let attacks: Vec<Vec<u8>> = vec![
             acks_through_10,
             recorded[1..].concat(),
             forged_welcome,
-            unsealed[..n].to_vec(),
+            unsealed_error,
             unsealed_ack,
         ];
         let second = leak::<4096>(OverflowPolicy::RejectNewest);
@@ -460,14 +476,7 @@ fn test_frames_injected_into_a_live_session_drop_nothing() {
     local.block_on(&rt, async {
         let cluster = cluster(1, Faults::default(), 13);
         let gws = gateways(1);
-        cluster.borrow_mut().recording = Some(Vec::new());
-        let first = leak::<4096>(OverflowPolicy::RejectNewest);
-        with_client(first, &cluster, gws, 5, async move {
-            push_many(first, 0, 10).await;
-            assert!(wait_until(StdDuration::from_secs(10), || first.status().acked == 10).await);
-        })
-        .await;
-        let recorded = cluster.borrow_mut().recording.take().unwrap();
+        let recorded = record_first_boot(&cluster, gws).await;
 
         // An Ack through seq 1000 sealed by an attacker under a key of its own, with the
         // counter the device expects next.
@@ -500,15 +509,12 @@ fn test_frames_injected_into_a_live_session_drop_nothing() {
             )
             .unwrap();
         let foreign_ack = foreign_ack[..n].to_vec();
-        let mut unsealed = [0u8; 64];
-        let m = cairn_protocol::encode_unsealed_error(ErrorCode::SeqGap, &mut unsealed).unwrap();
-        let mut unsealed_ack = recorded[1].clone();
-        unsealed_ack[6] = cairn_protocol::FLAG_UNSEALED;
+        let (unsealed_error, unsealed_ack) = unsealed_frames(&recorded);
         let injections: Vec<Vec<u8>> = vec![
             recorded[1..].concat(),
             foreign_ack,
             recorded[0].clone(),
-            unsealed[..m].to_vec(),
+            unsealed_error,
             unsealed_ack,
         ];
 

@@ -211,11 +211,7 @@ fn main() -> std::process::ExitCode {
                 gateways,
                 protocol,
             } => {
-                let key = match key {
-                    Some(hex) if !generate => admin::KeySource::Hex(hex),
-                    _ => admin::KeySource::Generate,
-                };
-                let provision = provision_out.map(|file| admin::ProvisionOut { file, gateways });
+                let (key, provision) = admin::key_flags(key, generate, provision_out, gateways);
                 admin::add(&api, id, key, provision, protocol)
             }
             DeviceCmd::Revoke { id } => admin::revoke(&api, id),
@@ -231,11 +227,7 @@ fn main() -> std::process::ExitCode {
                 gateways,
                 status: false,
             } => {
-                let key = match key {
-                    Some(hex) if !generate => admin::KeySource::Hex(hex),
-                    _ => admin::KeySource::Generate,
-                };
-                let provision = provision_out.map(|file| admin::ProvisionOut { file, gateways });
+                let (key, provision) = admin::key_flags(key, generate, provision_out, gateways);
                 admin::rekey(&api, id, key, provision, grace_secs)
             }
             DeviceCmd::Provision {

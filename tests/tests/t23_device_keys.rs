@@ -146,13 +146,20 @@ fn cli(c: &Cluster, node: usize, args: &[&str]) -> String {
     text
 }
 
-#[test]
-fn test_revoked_device_is_cut_off_everywhere_and_refused() {
+/// A 3-node cluster with device `id` registered (key [`key_of`]): the cluster, the leader and
+/// a follower.
+fn three_nodes_with_device(id: u64) -> (Cluster, usize, usize) {
     let c = Cluster::start(3);
     let leader = c.leader();
     let follower = c.followers()[0];
+    register(c.nodes[leader].url("").trim_end_matches('/'), id..id + 1).unwrap();
+    (c, leader, follower)
+}
+
+#[test]
+fn test_revoked_device_is_cut_off_everywhere_and_refused() {
+    let (c, leader, follower) = three_nodes_with_device(700);
     let (on_leader, on_follower) = (device_addr(&c, leader), device_addr(&c, follower));
-    register(c.nodes[leader].url("").trim_end_matches('/'), 700..701).unwrap();
 
     // Two open sessions of the device, one per gateway, each with records acknowledged.
     let (mut a, hw) = hello(&on_leader, 700, &key_of(700)).expect("welcomed by the leader");
@@ -234,11 +241,8 @@ fn test_revoked_device_is_cut_off_everywhere_and_refused() {
 
 #[test]
 fn test_rekeyed_device_uses_its_new_key_and_the_old_one_only_in_the_grace_window() {
-    let c = Cluster::start(3);
-    let leader = c.leader();
-    let follower = c.followers()[0];
+    let (c, leader, follower) = three_nodes_with_device(701);
     let (on_leader, on_follower) = (device_addr(&c, leader), device_addr(&c, follower));
-    register(c.nodes[leader].url("").trim_end_matches('/'), 701..702).unwrap();
     let old_key = key_of(701);
     let new_key = [0x42u8; 32];
 

@@ -31,6 +31,22 @@ pub struct ProvisionOut {
     pub gateways: Vec<SocketAddrV4>,
 }
 
+/// The key and settings-region flags of `add` and `rekey`: `--key HEX` or `--generate`, and
+/// `--provision-out FILE --gateway IP:PORT...`.
+pub fn key_flags(
+    key: Option<String>,
+    generate: bool,
+    provision_out: Option<PathBuf>,
+    gateways: Vec<SocketAddrV4>,
+) -> (KeySource, Option<ProvisionOut>) {
+    let key = match key {
+        Some(hex) if !generate => KeySource::Hex(hex),
+        _ => KeySource::Generate,
+    };
+    let provision = provision_out.map(|file| ProvisionOut { file, gateways });
+    (key, provision)
+}
+
 /// A fresh device key from the operating system's random source (`getrandom`).
 pub fn generate_key() -> anyhow::Result<registry::DeviceKey> {
     use rand::TryRngCore;

@@ -44,6 +44,12 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The request's JSON body, or the 400 answer saying what was `expected`.
+fn body<T: serde::de::DeserializeOwned>(req: &Original, expected: &str) -> Result<T, Response> {
+    serde_json::from_slice(&req.body)
+        .map_err(|e| error(&Error::BadRequest(format!("expected {expected}: {e}"))))
+}
+
 fn error(e: &Error) -> Response {
     (status_of(e), Json(json!({ "error": e.to_string() }))).into_response()
 }
@@ -83,13 +89,9 @@ struct AddDevice {
 }
 
 pub async fn add(State(n): State<Arc<Cluster>>, original: Original) -> Response {
-    let req: AddDevice = match serde_json::from_slice(&original.body) {
+    let req: AddDevice = match body(&original, r#"{"id": N, "key": "HEX"}"#) {
         Ok(r) => r,
-        Err(e) => {
-            return error(&Error::BadRequest(format!(
-                "expected {{\"id\": N, \"key\": \"HEX\"}}: {e}"
-            )));
-        }
+        Err(resp) => return resp,
     };
     let key = match registry::parse_key(&req.key) {
         Ok(k) => k,
@@ -172,13 +174,9 @@ pub async fn reset(
     let req: ResetDevice = if original.body.is_empty() {
         ResetDevice::default()
     } else {
-        match serde_json::from_slice(&original.body) {
+        match body(&original, r#"{"seq": N} or no body"#) {
             Ok(r) => r,
-            Err(e) => {
-                return error(&Error::BadRequest(format!(
-                    "expected {{\"seq\": N}} or no body: {e}"
-                )));
-            }
+            Err(resp) => return resp,
         }
     };
     let cmd = RegistryCommand::ResetHighWater {
@@ -239,13 +237,9 @@ pub async fn rekey(
     Path(device_id): Path<u64>,
     original: Original,
 ) -> Response {
-    let req: RekeyDevice = match serde_json::from_slice(&original.body) {
+    let req: RekeyDevice = match body(&original, r#"{"key": "HEX", "grace_s": N}"#) {
         Ok(r) => r,
-        Err(e) => {
-            return error(&Error::BadRequest(format!(
-                "expected {{\"key\": \"HEX\", \"grace_s\": N}}: {e}"
-            )));
-        }
+        Err(resp) => return resp,
     };
     let key = match registry::parse_key(&req.key) {
         Ok(k) => k,
@@ -284,13 +278,9 @@ pub async fn protocol(
     Path(device_id): Path<u64>,
     original: Original,
 ) -> Response {
-    let req: SetProtocol = match serde_json::from_slice(&original.body) {
+    let req: SetProtocol = match body(&original, r#"{"version": N}"#) {
         Ok(r) => r,
-        Err(e) => {
-            return error(&Error::BadRequest(format!(
-                "expected {{\"version\": N}}: {e}"
-            )));
-        }
+        Err(resp) => return resp,
     };
     let cmd = RegistryCommand::SetProtocol {
         device_id,

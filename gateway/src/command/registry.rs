@@ -518,6 +518,22 @@ mod tests {
         assert_eq!(k.state.revoked_at_ms, Some(50));
         assert_eq!(k.state.previous_at(60), None);
         assert_eq!(crate::db::registry::high_water(&conn, 5).unwrap(), 42);
+        // Batches of a revoked device committed after the revoke are not stored; others are.
+        {
+            use crate::command::device::{BatchOutcome, apply_device_batches, tests::batch};
+            crate::db::schema::create_telemetry(&conn).unwrap();
+            let v = [cairn_protocol::Value::U64(1)];
+            let batches = [batch(5, 43, &[(9, &v)]), batch(6, 1, &[(9, &v)])];
+            let out = apply_device_batches(&conn, &batches, &mut Default::default()).unwrap();
+            assert_eq!(
+                out,
+                vec![
+                    BatchOutcome::Revoked,
+                    BatchOutcome::Applied { through_seq: 1 }
+                ]
+            );
+            assert_eq!(crate::db::registry::high_water(&conn, 5).unwrap(), 42);
+        }
         // A rekey of a revoked device lifts the revocation with the new key only.
         assert_eq!(
             apply(rekey([3; 32], 70)),

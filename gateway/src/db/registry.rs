@@ -207,6 +207,18 @@ pub fn device_keys(conn: &Connection, device_id: u64) -> rusqlite::Result<Option
     }))
 }
 
+/// The revoked devices (read once per applied entry of device batches: a small set).
+pub fn revoked_devices(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<u64>> {
+    if !has_key_table(conn)? {
+        return Ok(Default::default());
+    }
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT device_id FROM {KEYS_TABLE} WHERE revoked_at_ms IS NOT NULL"
+    ))?;
+    stmt.query_map([], |r| Ok(r.get::<_, i64>(0)? as u64))?
+        .collect()
+}
+
 /// Every device with a key-state row, by id.
 pub fn key_states(conn: &Connection) -> rusqlite::Result<Vec<(u64, KeyState)>> {
     if !has_key_table(conn)? {

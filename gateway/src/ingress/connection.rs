@@ -210,6 +210,7 @@ fn stored_through(outcome: &Outcomes) -> Result<u64, ErrorCode> {
             BatchOutcome::Gap { .. } => Err(ErrorCode::SeqGap),
             BatchOutcome::SchemaMismatch => Err(ErrorCode::SchemaMismatch),
             BatchOutcome::Malformed => Err(ErrorCode::Malformed),
+            BatchOutcome::Revoked => Err(ErrorCode::UnknownDevice),
         },
         Ok(_) => Err(ErrorCode::Internal),
         Err(e) => Err(code_of(e)),

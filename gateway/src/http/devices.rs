@@ -44,10 +44,10 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The request's JSON body, or the 400 answer saying what was `expected`.
-fn body<T: serde::de::DeserializeOwned>(req: &Original, expected: &str) -> Result<T, Response> {
+/// The request's JSON body, or the bad request saying what was `expected`.
+fn body<T: serde::de::DeserializeOwned>(req: &Original, expected: &str) -> Result<T, Error> {
     serde_json::from_slice(&req.body)
-        .map_err(|e| error(&Error::BadRequest(format!("expected {expected}: {e}"))))
+        .map_err(|e| Error::BadRequest(format!("expected {expected}: {e}")))
 }
 
 fn error(e: &Error) -> Response {
@@ -91,7 +91,7 @@ struct AddDevice {
 pub async fn add(State(n): State<Arc<Cluster>>, original: Original) -> Response {
     let req: AddDevice = match body(&original, r#"{"id": N, "key": "HEX"}"#) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return error(&e),
     };
     let key = match registry::parse_key(&req.key) {
         Ok(k) => k,
@@ -176,7 +176,7 @@ pub async fn reset(
     } else {
         match body(&original, r#"{"seq": N} or no body"#) {
             Ok(r) => r,
-            Err(resp) => return resp,
+            Err(e) => return error(&e),
         }
     };
     let cmd = RegistryCommand::ResetHighWater {
@@ -239,7 +239,7 @@ pub async fn rekey(
 ) -> Response {
     let req: RekeyDevice = match body(&original, r#"{"key": "HEX", "grace_s": N}"#) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return error(&e),
     };
     let key = match registry::parse_key(&req.key) {
         Ok(k) => k,
@@ -280,7 +280,7 @@ pub async fn protocol(
 ) -> Response {
     let req: SetProtocol = match body(&original, r#"{"version": N}"#) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return error(&e),
     };
     let cmd = RegistryCommand::SetProtocol {
         device_id,

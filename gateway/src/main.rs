@@ -113,6 +113,39 @@ enum DeviceCmd {
         /// (1 to 4; with --provision-out).
         #[arg(long = "gateway", value_name = "IP:PORT", requires = "provision_out")]
         gateways: Vec<std::net::SocketAddrV4>,
+        /// 1: a protocol 1 device, accepted only by gateways started with
+        /// --accept-protocol-1 (default 2).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        protocol: Option<u8>,
+    },
+    /// Revoke a device: every gateway closes its open connection and refuses its Hellos
+    /// (records it already had acknowledged stay). A new key (`rekey`, `add`) lifts it.
+    Revoke {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Install a new key for a device; its current key stays accepted for the grace window.
+    /// With --status, show when it was rekeyed and when it was first seen with the new key.
+    Rekey {
+        #[arg(long)]
+        id: u64,
+        /// The new 32-byte key as 64 hex digits.
+        #[arg(long, required_unless_present_any = ["generate", "status"], conflicts_with = "status")]
+        key: Option<String>,
+        /// Generate the new key here; it is printed once and written to --provision-out.
+        #[arg(long, conflicts_with_all = ["key", "status"])]
+        generate: bool,
+        /// How long the current key stays accepted, in seconds.
+        #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+        grace_secs: u64,
+        /// Also write the device's settings region with the new key to FILE, a new file.
+        #[arg(long, value_name = "FILE", requires = "gateways")]
+        provision_out: Option<PathBuf>,
+        #[arg(long = "gateway", value_name = "IP:PORT", requires = "provision_out")]
+        gateways: Vec<std::net::SocketAddrV4>,
+        /// Show the device's key rotation instead of changing it.
+        #[arg(long)]
+        status: bool,
     },
     /// Write a device's settings region (id, key, gateways) to a new FILE without contacting
     /// any gateway (register the same key with `cairn device add`).
@@ -176,13 +209,26 @@ fn main() -> std::process::ExitCode {
                 generate,
                 provision_out,
                 gateways,
+                protocol,
             } => {
-                let key = match key {
-                    Some(hex) if !generate => admin::KeySource::Hex(hex),
-                    _ => admin::KeySource::Generate,
-                };
-                let provision = provision_out.map(|file| admin::ProvisionOut { file, gateways });
-                admin::add(&api, id, key, provision)
+                let (key, provision) = admin::key_flags(key, generate, provision_out, gateways);
+                admin::add(&api, id, key, provision, protocol)
+            }
+            DeviceCmd::Revoke { id } => admin::revoke(&api, id),
+            DeviceCmd::Rekey {
+                id, status: true, ..
+            } => admin::rekey_status(&api, id),
+            DeviceCmd::Rekey {
+                id,
+                key,
+                generate,
+                grace_secs,
+                provision_out,
+                gateways,
+                status: false,
+            } => {
+                let (key, provision) = admin::key_flags(key, generate, provision_out, gateways);
+                admin::rekey(&api, id, key, provision, grace_secs)
             }
             DeviceCmd::Provision {
                 id,

@@ -257,6 +257,14 @@ pub struct Metrics {
     pub rejects: Rejects,
     /// Protocol 1 Hellos accepted (only with `--accept-protocol-1`).
     pub hellos_v1: AtomicU64,
+    /// Hellos refused because the device is revoked; Hellos accepted under a device's
+    /// previous key (rekey grace window); protocol 1 Hellos of devices registered for 2.
+    pub hellos_revoked: AtomicU64,
+    pub hellos_previous_key: AtomicU64,
+    pub hellos_v1_refused: AtomicU64,
+    /// Open sessions closed because their key stopped being accepted (revoked, replaced,
+    /// grace window over).
+    pub sessions_closed_key: AtomicU64,
     /// Connections closed at once: over the global cap / over the per-address cap.
     pub connections_over_cap: AtomicU64,
     pub connections_over_address_cap: AtomicU64,
@@ -307,6 +315,10 @@ impl Default for Metrics {
             acks_sent: AtomicU64::new(0),
             rejects: Rejects::new(),
             hellos_v1: AtomicU64::new(0),
+            hellos_revoked: AtomicU64::new(0),
+            hellos_previous_key: AtomicU64::new(0),
+            hellos_v1_refused: AtomicU64::new(0),
+            sessions_closed_key: AtomicU64::new(0),
             connections_over_cap: AtomicU64::new(0),
             connections_over_address_cap: AtomicU64::new(0),
             handshake_timeouts: AtomicU64::new(0),
@@ -344,6 +356,10 @@ impl Metrics {
             "acks_sent": g(&self.acks_sent),
             "rejects": self.rejects.to_json(),
             "hellos_v1": g(&self.hellos_v1),
+            "hellos_revoked": g(&self.hellos_revoked),
+            "hellos_previous_key": g(&self.hellos_previous_key),
+            "hellos_v1_refused": g(&self.hellos_v1_refused),
+            "sessions_closed_key": g(&self.sessions_closed_key),
             "connections_over_cap": g(&self.connections_over_cap),
             "connections_over_address_cap": g(&self.connections_over_address_cap),
             "handshake_timeouts": g(&self.handshake_timeouts),
@@ -403,6 +419,26 @@ impl Metrics {
             "hellos_v1_total",
             "Protocol 1 Hellos accepted (migration flag).",
             g(&self.hellos_v1),
+        );
+        counter(
+            "hellos_revoked_total",
+            "Hellos refused: the device is revoked.",
+            g(&self.hellos_revoked),
+        );
+        counter(
+            "hellos_previous_key_total",
+            "Hellos accepted under a device's previous key (rekey grace window).",
+            g(&self.hellos_previous_key),
+        );
+        counter(
+            "hellos_v1_refused_total",
+            "Protocol 1 Hellos refused: the device is registered for protocol 2.",
+            g(&self.hellos_v1_refused),
+        );
+        counter(
+            "sessions_closed_key_total",
+            "Open device sessions closed: their key was revoked, replaced or its grace ended.",
+            g(&self.sessions_closed_key),
         );
         counter(
             "connections_over_cap_total",

@@ -107,6 +107,19 @@ fn routes() -> Vec<Route> {
         ),
         r("GET", "/devices", None, "devices"),
         r("DELETE", "/devices/1", None, "devices"),
+        r("POST", "/devices/1/revoke", j(json!({})), "devices"),
+        r(
+            "POST",
+            "/devices/1/rekey",
+            j(json!({"key": key, "grace_s": 60})),
+            "devices",
+        ),
+        r(
+            "POST",
+            "/devices/1/protocol",
+            j(json!({"version": 1})),
+            "devices",
+        ),
     ]
 }
 

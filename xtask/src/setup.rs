@@ -30,7 +30,11 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// Python packages the tests use: pyrqlite, rqlite's DB-API client (from PyPI).
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("pyrqlite", "pyrqlite")];
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("pyrqlite", "pyrqlite"),
+    // protocol/tests/crosscheck.py
+    ("cryptography", "cryptography"),
+];
 
 pub fn run_setup() -> Result<()> {
     ensure_packages(PACKAGES)?;

@@ -180,6 +180,12 @@ impl Cluster {
         self.feed.subscribe()
     }
 
+    /// Whose device keys this replica changed as it commits them (`None`: anyone's, after a
+    /// snapshot or a restored backup); open device sessions recheck their key then.
+    pub fn registry_changes(&self) -> tokio::sync::broadcast::Receiver<Option<u64>> {
+        self.feed.registry_changes()
+    }
+
     /// Openraft's view of this node (state, term, indexes, membership).
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<crate::raft::TypeConfig> {
         self.raft.metrics().borrow_watched().clone()

@@ -3,6 +3,8 @@
 //! with each device's new high-water seq.
 //!
 //! Per batch, in entry order (the same on every replica):
+//! 0. the device is revoked (`cairn device revoke`, an earlier entry): [`BatchOutcome::Revoked`],
+//!    nothing written (a batch read before the revoke but committed after it is not stored);
 //! 1. `last_seq <= high_water`: already stored, [`BatchOutcome::Duplicate`] (acked through the
 //!    high-water, not applied);
 //! 2. `first_seq > high_water + 1`: records are missing before it, [`BatchOutcome::Gap`];
@@ -101,6 +103,8 @@ pub enum BatchOutcome {
     SchemaMismatch,
     /// Refused: the body does not parse.
     Malformed,
+    /// Refused: the device was revoked by an earlier entry.
+    Revoked,
 }
 
 /// Statistics of one applied entry, for the metrics and the dead-letter warnings.
@@ -286,8 +290,13 @@ pub fn apply_device_batches(
         "INSERT INTO {HIGH_WATER_TABLE}(device_id, seq) VALUES (?1, ?2) \
          ON CONFLICT(device_id) DO UPDATE SET seq = excluded.seq"
     ))?;
+    let revoked = crate::db::registry::revoked_devices(conn)?;
     let mut out = Vec::with_capacity(batches.len());
     for (i, b) in batches.iter().enumerate() {
+        if revoked.contains(&b.device_id) {
+            out.push(BatchOutcome::Revoked);
+            continue;
+        }
         let Some(view) = b.view() else {
             out.push(BatchOutcome::Malformed);
             continue;

@@ -150,12 +150,21 @@ pub fn apply(
             device::apply(conn, ctx, b).map(CommandResponse::DeviceBatches)
         }
         Command::DeviceRegistry(c) => {
+            if let Some(device) = c.changes_keys_of() {
+                ctx.feed.stage_registry_change(Some(device));
+            }
             registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
         }
-        Command::LoadChunk(c) => load::apply_chunk(conn, c).map(|r| match r {
-            Some(result) => CommandResponse::Sql(vec![result]),
-            None => CommandResponse::Empty,
-        }),
+        Command::LoadChunk(c) => {
+            if c.last.is_some() {
+                // A restored backup brings its own registry.
+                ctx.feed.stage_registry_change(None);
+            }
+            load::apply_chunk(conn, c).map(|r| match r {
+                Some(result) => CommandResponse::Sql(vec![result]),
+                None => CommandResponse::Empty,
+            })
+        }
         Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
     }
 }

@@ -26,7 +26,12 @@ use super::tables;
 
 /// Cairn's tables a backup restores. `_cairn_raft` is never among them: the live cluster's
 /// applied position and membership stay.
-pub const STATE_TABLES: [&str; 3] = [tables::DEVICES, tables::HIGH_WATER, tables::STREAMS];
+pub const STATE_TABLES: [&str; 4] = [
+    tables::DEVICES,
+    tables::HIGH_WATER,
+    tables::STREAMS,
+    tables::DEVICE_KEYS,
+];
 
 /// User tables and views of a database: `(type, name)`, excluding SQLite's and Cairn's own
 /// (`_cairn_*`).
@@ -202,6 +207,7 @@ pub fn swap_in(conn: &Connection, file: &Path, restore_state: bool) -> Result<u6
         // Only proposed for a caller with the `all` permission (`Cluster::load_file`).
         sandbox::system(|| {
             super::registry::create_tables(conn)?;
+            super::registry::create_key_table(conn)?;
             super::schema::Schema::load(conn).map(drop)
         })
         .map_err(live)?;

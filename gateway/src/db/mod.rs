@@ -36,6 +36,9 @@ pub mod tables {
     pub const RAFT: &str = "_cairn_raft";
     /// Registered devices: `(device_id INTEGER PRIMARY KEY, key BLOB NOT NULL)`.
     pub const DEVICES: &str = "_cairn_devices";
+    /// Key rotation, revocation and protocol of devices that had any (`db::registry`); created
+    /// by the first such registry command, so older entries apply to the same bytes.
+    pub const DEVICE_KEYS: &str = "_cairn_device_keys";
     /// Highest applied seq per device: `(device_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)`.
     pub const HIGH_WATER: &str = "_cairn_high_water";
     /// The replicated stream definitions (`key`, `value`).

@@ -11,7 +11,7 @@
 //! - [`rqlite`]: request and response shapes.
 //! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`.
 //! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
-//! - [`devices`]: `/devices` (`cairn device add|list|remove`).
+//! - [`devices`]: `/devices` (`cairn device add|list|remove|reset|revoke|rekey`).
 //! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
 //!
 //! Every route declares its permission ([`require`], rqlite's names plus `devices`) and the
@@ -122,6 +122,18 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
         .route(
             "/devices/{device_id}/reset",
             require(a, Perm::Devices, body_type(JSON, post(devices::reset))),
+        )
+        .route(
+            "/devices/{device_id}/revoke",
+            require(a, Perm::Devices, body_type(JSON, post(devices::revoke))),
+        )
+        .route(
+            "/devices/{device_id}/rekey",
+            require(a, Perm::Devices, body_type(JSON, post(devices::rekey))),
+        )
+        .route(
+            "/devices/{device_id}/protocol",
+            require(a, Perm::Devices, body_type(JSON, post(devices::protocol))),
         )
         .route("/streams", require(a, Perm::Status, get(streams::show)))
         .route(

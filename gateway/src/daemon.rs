@@ -227,12 +227,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         store: sm.store(),
         proposer,
         client,
-        metrics,
+        metrics: metrics.clone(),
         log_stats,
         scratch_dir: config.data_dir.clone(),
         read_limits: config.read_limits(),
         max_db_bytes: config.max_db_size_mib << 20,
         feed,
+        queue: crate::cluster::queue::Settings {
+            capacity: config.write_queue_capacity,
+            batch_size: config.write_queue_batch_size,
+            timeout: Duration::from_millis(config.write_queue_timeout_ms),
+            transaction: config.write_queue_tx,
+        },
     });
     cluster
         .streams()
@@ -256,7 +262,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     // The Raft listener: node-to-node routes only, plus the API under `/api` for requests a
     // follower forwards to the leader (each carries its client's credentials and passes the
     // same permission checks; see `http::to_leader`).
-    let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20)
+    let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20, metrics)
         .merge(crate::ingress::forward::routes(ingress.clone()))
         .merge(crate::cluster::streams::routes(cluster.clone()))
         .merge(crate::cluster::forward::routes(cluster.clone()))

@@ -72,6 +72,17 @@ impl std::str::FromStr for Level {
     }
 }
 
+/// `statements` as a write would put them in the log now, after the deterministic rewrite
+/// (rqlite's `/db/sql`; the write queue's check before it accepts a request).
+pub fn rewritten(statements: Vec<Statement>) -> Result<Vec<Statement>, Error> {
+    let mut cmd = SqlCommand {
+        statements,
+        transaction: false,
+    };
+    rewrite::prepare_write(&mut cmd, &rewrite::Stamp::now())?;
+    Ok(cmd.statements)
+}
+
 /// One node's view of the cluster and the operations every edge uses. Cheap to share
 /// (`Arc<Cluster>`).
 pub struct Cluster {
@@ -192,6 +203,39 @@ impl Cluster {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// When this node started, as RFC 3339 UTC.
+    pub fn started_at(&self) -> String {
+        let started = std::time::SystemTime::now() - self.uptime();
+        let ms = started
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        crate::db::schema::utc_text(ms)
+    }
+
+    /// rqlite's `/readyz?sync`: waits up to `wait` until this node has applied what the
+    /// leader had committed (as the leader last told it; the leader's own commit index on the
+    /// leader). False on timeout.
+    pub async fn wait_synced(&self, wait: Duration) -> bool {
+        let m = self.raft_metrics();
+        let target = if self.is_leader() {
+            m.local_committed.map(|l| l.index).unwrap_or(0)
+        } else {
+            self.metrics.leader_contact.leader_commit()
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            let applied = self.raft_metrics().last_applied.map(|l| l.index).unwrap_or(0);
+            if applied >= target {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn scratch_dir(&self) -> &std::path::Path {

@@ -25,8 +25,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Cluster;
 use super::forward::SqlRequest;
-use crate::command::rewrite;
-use crate::command::sql::SqlCommand;
 use crate::db::sql::Statement;
 use crate::error::Error;
 
@@ -143,11 +141,7 @@ impl WriteQueue {
     /// proposed; `wait` asks for a ticket that resolves once they are written.
     pub async fn push(&self, statements: Vec<Statement>, wait: bool) -> Result<Ticket, Error> {
         if !statements.is_empty() {
-            let mut probe = SqlCommand {
-                statements: statements.clone(),
-                transaction: false,
-            };
-            rewrite::prepare_write(&mut probe, &rewrite::Stamp::now())?;
+            super::rewritten(statements.clone())?;
         }
         let (flushed, rx) = if wait {
             let (tx, rx) = oneshot::channel();

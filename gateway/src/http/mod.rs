@@ -11,6 +11,7 @@
 //! - [`rqlite`]: request and response shapes.
 //! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`.
 //! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
+//! - [`ops`]: `/leader`, `/snapshot`, `/db/sql`, `/debug/vars`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove`).
 //! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
 //!
@@ -23,6 +24,7 @@
 
 pub mod admin;
 pub mod devices;
+pub mod ops;
 pub mod rqlite;
 pub mod sql;
 pub mod streams;
@@ -95,6 +97,23 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
             "/db/load",
             require(a, Perm::Load, body_type(LOAD, post(sql::load))),
         )
+        .route(
+            "/db/sql",
+            require(a, Perm::Query, body_type(JSON, post(ops::sql))),
+        )
+        .route(
+            "/leader",
+            require(a, Perm::Status, get(ops::leader)).merge(require(
+                a,
+                Perm::LeaderOps,
+                body_type(JSON, post(ops::step_down)),
+            )),
+        )
+        .route(
+            "/snapshot",
+            require(a, Perm::Snapshot, body_type(JSON, post(ops::snapshot))),
+        )
+        .route("/debug/vars", require(a, Perm::Status, get(ops::debug_vars)))
         .route("/status", require(a, Perm::Status, get(admin::status)))
         .route("/nodes", require(a, Perm::Status, get(admin::nodes)))
         .route("/metrics", require(a, Perm::Status, get(admin::metrics)))

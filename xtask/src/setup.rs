@@ -29,8 +29,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
 ];
 
-/// Python packages the tests use: pyrqlite, rqlite's DB-API client (from PyPI).
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("pyrqlite", "pyrqlite")];
+/// Python packages the tests use (from PyPI): pyrqlite, rqlite's DB-API client, and
+/// SQLAlchemy's rqlite dialect (which brings SQLAlchemy).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("pyrqlite", "pyrqlite"),
+    ("sqlalchemy_rqlite", "sqlalchemy-rqlite"),
+];
 
 pub fn run_setup() -> Result<()> {
     ensure_packages(PACKAGES)?;

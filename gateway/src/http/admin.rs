@@ -255,7 +255,11 @@ pub async fn nodes(
     let o = Opts::from(&q);
     let list = probe_nodes(&n, scheme, flag(&q, "nonvoters")).await;
     if q.get("ver").is_some_and(|v| v == "2") {
-        return json_response(StatusCode::OK, &json!({ "nodes": list }), o.pretty);
+        #[derive(serde::Serialize)]
+        struct Nodes {
+            nodes: Vec<NodeJson>,
+        }
+        return json_response(StatusCode::OK, &Nodes { nodes: list }, o.pretty);
     }
     let map: BTreeMap<String, NodeJson> = list.into_iter().map(|n| (n.id.clone(), n)).collect();
     json_response(StatusCode::OK, &map, o.pretty)

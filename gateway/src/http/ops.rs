@@ -27,7 +27,13 @@ pub async fn leader(
     let o = Opts::from(&q);
     let nodes = probe_nodes(&n, scheme, true).await;
     match nodes.into_iter().find(|m| m.leader) {
-        Some(l) => json_response(StatusCode::OK, &json!({ "leader": l }), o.pretty),
+        Some(leader) => {
+            #[derive(serde::Serialize)]
+            struct Leader {
+                leader: super::admin::NodeJson,
+            }
+            json_response(StatusCode::OK, &Leader { leader }, o.pretty)
+        }
         None => error_response(&Error::NoLeader, o.pretty),
     }
 }

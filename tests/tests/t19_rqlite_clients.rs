@@ -5,7 +5,8 @@
 //! `/debug/vars`, `/db/sql`); read levels `auto` and `freshness`; queued writes under
 //! `kill -9` of the leader (every write whose `wait` returned is on every survivor).
 //!
-//! The Python clients are installed by `cargo xtask setup` (pyrqlite, sqlalchemy-rqlite).
+//! The clients are installed by `cargo xtask setup` (pyrqlite and sqlalchemy-rqlite from PyPI,
+//! rqlite-js from npm under `target/rqlite-js`).
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +44,46 @@ fn test_python_clients_through_follower_and_leader() {
     c.assert_identical();
     let n = c.nodes[f].rows("SELECT count(*) FROM via_follower_people", "none");
     assert_eq!(n, vec![vec![json!(26)]]);
+}
+
+/// rqlite-js's modules, installed by `cargo xtask setup` under `target/rqlite-js`.
+fn rqlite_js_modules() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let dir = root.join("target/rqlite-js/node_modules");
+    assert!(
+        dir.join("rqlite-js/package.json").exists(),
+        "{} lacks rqlite-js: run `cargo xtask setup`",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn test_rqlite_js_through_follower_and_leader() {
+    let c = Cluster::start(3);
+    let modules = rqlite_js_modules();
+    let script = std::env::temp_dir().join(format!("cairn-rqlite-js-{}.js", std::process::id()));
+    std::fs::write(&script, include_str!("clients/rqlite_js.js")).expect("writing the script");
+    let f = c.followers()[0];
+    let l = c.leader();
+    // rqlite-js spreads reads over its hosts and follows redirects to the leader.
+    let hosts = format!("{},{}", c.nodes[f].url(""), c.nodes[l].url(""));
+    let out = Command::new("node")
+        .arg(&script)
+        .args([hosts.as_str(), "js_t"])
+        .env("NODE_PATH", &modules)
+        .output()
+        .expect("node (cargo xtask setup installs it)");
+    let _ = std::fs::remove_file(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().filter(|l| l.starts_with("OK ")).count() == 4,
+        "rqlite-js: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.assert_identical();
 }
 
 /// `POST path` with a JSON body; the answer's status and exact text.
@@ -129,9 +170,20 @@ fn test_response_shapes_match_rqlite() {
     // Errors per statement; timings add `time` to each result and the response.
     let r = node.execute(&stmts(&["INSERT INTO nope VALUES(1)"]), "?timings");
     assert_eq!(r.body["results"][0]["error"], "no such table: nope");
-    let r = node.execute(&json!([["INSERT INTO foo(name) VALUES(?)", "z"]]), "?timings");
-    assert!(r.body["time"].as_f64().is_some_and(|t| t > 0.0), "{}", r.body);
-    assert!(r.body["results"][0]["time"].as_f64().is_some(), "{}", r.body);
+    let r = node.execute(
+        &json!([["INSERT INTO foo(name) VALUES(?)", "z"]]),
+        "?timings",
+    );
+    assert!(
+        r.body["time"].as_f64().is_some_and(|t| t > 0.0),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["results"][0]["time"].as_f64().is_some(),
+        "{}",
+        r.body
+    );
 
     // level=auto on a voter is weak; freshness on a follower's none read is met while the
     // leader is in touch, strictly too.
@@ -175,7 +227,10 @@ fn test_operator_routes_in_rqlite_shapes() {
     assert_eq!(store["raft"]["state"], "Follower");
     assert_eq!(store["raft"]["voter"], true);
     for k in ["commit_index", "applied_index", "last_log_index"] {
-        assert!(store["raft"][k].as_u64().is_some_and(|i| i > 0), "{k}: {store}");
+        assert!(
+            store["raft"][k].as_u64().is_some_and(|i| i > 0),
+            "{k}: {store}"
+        );
     }
     assert_eq!(store["fsm_index"], store["db_applied_index"]);
     assert!(store["sqlite3"]["version"].as_str().is_some(), "{store}");
@@ -239,9 +294,10 @@ fn test_operator_routes_in_rqlite_shapes() {
     );
     let st = get("/status").body;
     assert!(st["store"]["raft"]["last_snapshot_index"].as_u64() > Some(0));
-    let sql = node
-        .client()
-        .post(&node.url("/db/sql"), &json!(["INSERT INTO t VALUES(random())"]));
+    let sql = node.client().post(
+        &node.url("/db/sql"),
+        &json!(["INSERT INTO t VALUES(random())"]),
+    );
     let text = sql.body["results"][0]["sql"].as_str().unwrap_or("");
     assert!(
         text.starts_with("INSERT INTO t VALUES(") && !text.contains("random"),
@@ -267,7 +323,9 @@ fn test_operator_routes_in_rqlite_shapes() {
 #[test]
 fn test_queued_writes_survive_kill9_of_the_leader() {
     let mut c = Cluster::start(3);
-    c.execute(&stmts(&["CREATE TABLE q (id INTEGER PRIMARY KEY, writer INTEGER)"]));
+    c.execute(&stmts(&[
+        "CREATE TABLE q (id INTEGER PRIMARY KEY, writer INTEGER)",
+    ]));
     let l = c.leader();
     let followers = c.followers();
     let urls: Vec<String> = followers

@@ -227,7 +227,11 @@ impl Cluster {
         };
         let deadline = Instant::now() + wait;
         loop {
-            let applied = self.raft_metrics().last_applied.map(|l| l.index).unwrap_or(0);
+            let applied = self
+                .raft_metrics()
+                .last_applied
+                .map(|l| l.index)
+                .unwrap_or(0);
             if applied >= target {
                 return true;
             }

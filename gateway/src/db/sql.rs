@@ -160,11 +160,17 @@ fn run_statement_inner(conn: &Connection, st: &Statement) -> rusqlite::Result<St
         let inserted = changed
             && (conn.last_insert_rowid() != rowid
                 || matches!(
-                    super::lex::significant_words(&st.sql).first().map(String::as_str),
+                    super::lex::significant_words(&st.sql)
+                        .first()
+                        .map(String::as_str),
                     Some("INSERT" | "REPLACE")
                 ));
         return Ok(StatementResult {
-            last_insert_id: if inserted { conn.last_insert_rowid() } else { 0 },
+            last_insert_id: if inserted {
+                conn.last_insert_rowid()
+            } else {
+                0
+            },
             rows_affected: if changed { conn.changes() as i64 } else { 0 },
             ..Default::default()
         });

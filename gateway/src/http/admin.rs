@@ -318,7 +318,10 @@ pub async fn readyz(
 }
 
 /// Parses the JSON body of an admin request (`/join`, `/remove`).
-fn parse_admin_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {
+pub(super) fn parse_admin_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, Error> {
     serde_json::from_slice(body)
         .map_err(|e| Error::BadRequest(format!("invalid {what} request: {e}")))
 }

@@ -113,7 +113,10 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
             "/snapshot",
             require(a, Perm::Snapshot, body_type(JSON, post(ops::snapshot))),
         )
-        .route("/debug/vars", require(a, Perm::Status, get(ops::debug_vars)))
+        .route(
+            "/debug/vars",
+            require(a, Perm::Status, get(ops::debug_vars)),
+        )
         .route("/status", require(a, Perm::Status, get(admin::status)))
         .route("/nodes", require(a, Perm::Status, get(admin::nodes)))
         .route("/metrics", require(a, Perm::Status, get(admin::metrics)))

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{Value as Json, json};
 
-use super::admin::probe_nodes;
+use super::admin::{parse_admin_body, probe_nodes};
 use super::rqlite::{Opts, error_response, json_response, parse_statements};
 use super::{Original, Scheme, Served, on_leader};
 use crate::cluster::{Cluster, rewritten};
@@ -57,14 +57,9 @@ pub async fn step_down(
     let sd: StepDown = if req.body.iter().all(u8::is_ascii_whitespace) {
         StepDown::default()
     } else {
-        match serde_json::from_slice(&req.body) {
+        match parse_admin_body(&req.body, "leader") {
             Ok(sd) => sd,
-            Err(e) => {
-                return error_response(
-                    &Error::BadRequest(format!("invalid leader request: {e}")),
-                    o.pretty,
-                );
-            }
+            Err(e) => return error_response(&e, o.pretty),
         }
     };
     match on_leader(&n, &req, o.redirect, || n.step_down_to(sd.id)).await {
@@ -103,10 +98,7 @@ pub async fn sql(Query(q): Query<HashMap<String, String>>, req: Original) -> Res
     let r = parse_statements(&req.body).and_then(rewritten);
     match r {
         Ok(statements) => {
-            let results: Vec<Json> = statements
-                .iter()
-                .map(|s| json!({ "sql": s.sql }))
-                .collect();
+            let results: Vec<Json> = statements.iter().map(|s| json!({ "sql": s.sql })).collect();
             json_response(StatusCode::OK, &json!({ "results": results }), o.pretty)
         }
         Err(e) => error_response(&e, o.pretty),

@@ -195,7 +195,9 @@ fn escape_like_go(out: Vec<u8>) -> Vec<u8> {
             b'<' => esc.extend_from_slice(b"\\u003c"),
             b'>' => esc.extend_from_slice(b"\\u003e"),
             b'&' => esc.extend_from_slice(b"\\u0026"),
-            0xE2 if out.get(i + 1) == Some(&0x80) && matches!(out.get(i + 2), Some(0xA8 | 0xA9)) => {
+            0xE2 if out.get(i + 1) == Some(&0x80)
+                && matches!(out.get(i + 2), Some(0xA8 | 0xA9)) =>
+            {
                 esc.extend_from_slice(if out[i + 2] == 0xA8 {
                     b"\\u2028"
                 } else {

@@ -58,7 +58,11 @@ async fn write(
 fn level_of(n: &Cluster, o: &Opts) -> Result<Level, Error> {
     if o.level == "auto" {
         let m = n.raft_metrics();
-        let voter = m.membership_config.membership().voter_ids().any(|v| v == n.id());
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == n.id());
         return Ok(if voter { Level::Weak } else { Level::None });
     }
     o.level.parse::<Level>()
@@ -79,7 +83,10 @@ async fn read(
         Err(e) => return error_response(&e, o.pretty),
     };
     let r = if level == Level::None {
-        match o.freshness.map(|f| n.check_freshness(f, o.freshness_strict)) {
+        match o
+            .freshness
+            .map(|f| n.check_freshness(f, o.freshness_strict))
+        {
             Some(Err(e)) => Err(e),
             _ => n
                 .query_within(statements, level, o.transaction, o.db_timeout)

@@ -13,6 +13,7 @@
 //! bootstrap = false
 //! join = "http://10.0.0.4:4001"      # comma-separated list allowed
 //! non_voter = false
+//! raft_cluster_remove_shutdown = false # a node stopped with SIGTERM leaves the cluster
 //! log_format = "text"                # or "json"
 //! log_level = "info"                 # RUST_LOG overrides
 //! heartbeat_ms = 50
@@ -79,6 +80,8 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     pub join: Option<String>,
     pub non_voter: bool,
+    /// rqlite's `-raft-cluster-remove-shutdown`: on a graceful stop, leave the cluster.
+    pub raft_cluster_remove_shutdown: bool,
     pub log_format: LogFormat,
     pub log_level: String,
     pub heartbeat_ms: u64,
@@ -164,6 +167,7 @@ impl Default for NodeConfig {
             bootstrap: false,
             join: None,
             non_voter: false,
+            raft_cluster_remove_shutdown: false,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             // LAN defaults: a follower notices a dead leader after 150-300 ms.
@@ -245,6 +249,9 @@ pub struct NodeArgs {
     /// Join as a read replica that never votes.
     #[arg(long)]
     pub non_voter: bool,
+    /// On a graceful stop (SIGTERM), leave the cluster (rqlite's -raft-cluster-remove-shutdown).
+    #[arg(long)]
+    pub raft_cluster_remove_shutdown: bool,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter such as `info` or `cairn_gateway=debug` (RUST_LOG wins).
@@ -400,6 +407,7 @@ impl NodeConfig {
             c.accept_protocol_1 = true;
         }
         c.write_queue_tx |= args.write_queue_tx;
+        c.raft_cluster_remove_shutdown |= args.raft_cluster_remove_shutdown;
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
         }

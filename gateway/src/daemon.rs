@@ -145,11 +145,20 @@ pub struct Started {
     pub ingress: Arc<Ingress>,
     stop_tx: tokio::sync::watch::Sender<bool>,
     servers: Vec<tokio::task::JoinHandle<()>>,
+    /// `--raft-cluster-remove-shutdown`: leave the cluster when stopping.
+    leave_on_stop: bool,
 }
 
 impl Started {
-    /// Hands over leadership, stops Raft, then the listeners.
+    /// Hands over leadership (and leaves the cluster with `--raft-cluster-remove-shutdown`),
+    /// stops Raft, then the listeners.
     pub async fn stop(self) {
+        if self.leave_on_stop && self.cluster.running() {
+            match self.cluster.leave().await {
+                Ok(()) => tracing::info!("left the cluster (raft_cluster_remove_shutdown)"),
+                Err(e) => tracing::warn!("leaving the cluster: {e}"),
+            }
+        }
         self.cluster.step_down().await;
         if let Err(e) = self.cluster.raft().shutdown().await {
             tracing::warn!("raft shutdown: {e}");
@@ -338,6 +347,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         ingress,
         stop_tx,
         servers,
+        leave_on_stop: config.raft_cluster_remove_shutdown,
     })
 }
 

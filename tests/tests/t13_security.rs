@@ -99,6 +99,12 @@ fn routes() -> Vec<Route> {
         r("GET", "/debug/vars", None, "status"),
         r(
             "POST",
+            "/boot",
+            Some(("application/octet-stream", b"SQLite format 3\0".to_vec())),
+            "load",
+        ),
+        r(
+            "POST",
             "/join",
             j(json!({"id": 9, "addr": "127.0.0.1:1", "http_addr": "127.0.0.1:2"})),
             "join or join-read-only",

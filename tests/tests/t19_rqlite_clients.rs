@@ -303,6 +303,12 @@ fn test_operator_routes_in_rqlite_shapes() {
         text.starts_with("INSERT INTO t VALUES(") && !text.contains("random"),
         "{sql:?}"
     );
+    let boot = node.client().post_bytes(
+        &node.url("/boot"),
+        "application/octet-stream",
+        b"SQLite format 3\0",
+    );
+    assert_eq!(boot.status, 400, "/boot on 3 members: {:?}", boot.body);
     let vars = get("/debug/vars").body;
     assert!(vars["http"]["requests"].as_u64().is_some(), "{vars}");
 
@@ -393,6 +399,90 @@ fn test_queued_writes_survive_kill9_of_the_leader() {
             missing.len(),
             &missing[..missing.len().min(10)]
         );
+    }
+    c.assert_identical();
+}
+
+/// rqlite's `/boot`: a SQLite file made by another program becomes a lone node's database.
+#[test]
+fn test_boot_a_single_node_from_a_sqlite_file() {
+    let c = Cluster::start(1);
+    let file = std::env::temp_dir().join(format!("cairn-boot-{}.db", std::process::id()));
+    let made = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1])\n\
+             c.execute('CREATE TABLE booted (k INTEGER PRIMARY KEY, v TEXT)')\n\
+             c.executemany('INSERT INTO booted(v) VALUES(?)', [('a',), ('b',), ('c',)])\n\
+             c.commit()",
+        ])
+        .arg(&file)
+        .status()
+        .expect("python3");
+    assert!(made.success());
+    let bytes = std::fs::read(&file).expect("the SQLite file");
+    let _ = std::fs::remove_file(&file);
+    let n = &c.nodes[0];
+    let r = n
+        .client()
+        .post_bytes(&n.url("/boot"), "application/octet-stream", &bytes);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        n.rows("SELECT v FROM booted ORDER BY k", "strong"),
+        vec![vec![json!("a")], vec![json!("b")], vec![json!("c")]]
+    );
+}
+
+/// rqlite's `-raft-cluster-remove-shutdown`: a member stopped with SIGTERM leaves the cluster,
+/// and the others go on with one member less.
+#[test]
+fn test_a_member_with_remove_shutdown_leaves_when_stopped() {
+    let mut c = Cluster::start(3);
+    let i = c.add_node(&["--raft-cluster-remove-shutdown"]);
+    let members = |c: &Cluster| {
+        let l = c.find_leader(&[])?;
+        let st = c.nodes[l].status()?;
+        Some(st["store"]["nodes"].as_array()?.len())
+    };
+    poll(TIMEOUT, "4 voters", || {
+        let l = c.find_leader(&[])?;
+        (c.nodes[l].status()?["raft"]["voters"].as_array()?.len() == 4).then_some(())
+    });
+    assert!(c.terminate(i), "the leaving node exits cleanly");
+    poll(TIMEOUT, "3 members after the stop", || {
+        (members(&c)? == 3).then_some(())
+    });
+    c.execute(&stmts(&["CREATE TABLE after_leave (v)"]));
+    c.assert_identical();
+}
+
+/// `cairn shell` through a pseudo-terminal: SQL and rqlite's dot commands.
+#[test]
+fn test_shell_dot_commands_through_a_pty() {
+    let c = Cluster::start(3);
+    let f = c.followers()[0];
+    let out = Command::new("python3")
+        .args(["-c", include_str!("clients/shell_pty.py")])
+        .arg(cairn_tests::cairn_bin())
+        .arg(c.nodes[f].url(""))
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "shell: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "from the shell",
+        "sh_v",
+        "Run Time:",
+        "[+]node ok",
+        "CREATE TABLE sh",
+        "\"leader\"",
+    ] {
+        assert!(text.contains(want), "no {want:?} in:\n{text}");
     }
     c.assert_identical();
 }

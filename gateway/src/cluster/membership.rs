@@ -193,6 +193,41 @@ impl Cluster {
         ))
     }
 
+    /// rqlite's `-raft-cluster-remove-shutdown`: a node stopping gracefully leaves the cluster.
+    /// A leader hands leadership over first; then the leader removes this node (asked on its
+    /// Raft listener, `POST /cluster/leave`).
+    pub async fn leave(&self) -> Result<(), Error> {
+        if self.is_leader() {
+            self.step_down_to(None).await?;
+        }
+        let id = self.id;
+        // A membership change still in progress (this node's own promotion, say) refuses the
+        // removal for a moment: asked again for up to 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .on_leader(
+                    || self.remove(id),
+                    || async {
+                        self.call_leader_internal::<Result<(), Error>>(
+                            hyper::Method::POST,
+                            "/cluster/leave",
+                            crate::raft::network::encode(&id),
+                            Duration::from_secs(10),
+                        )
+                        .await?
+                    },
+                )
+                .await;
+            match r {
+                Err(Error::Unavailable(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// rqlite's `POST /snapshot`: this node snapshots its state machine now (and may then
     /// purge its log); waits up to `wait` for the snapshot to cover what was applied when
     /// asked. The snapshot's last index.

@@ -9,7 +9,7 @@
 //! `?redirect`.
 //!
 //! - [`rqlite`]: request and response shapes.
-//! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`.
+//! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`, `/boot`.
 //! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
 //! - [`ops`]: `/leader`, `/snapshot`, `/db/sql`, `/debug/vars`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove`).
@@ -68,6 +68,8 @@ pub struct Scheme(pub &'static str);
 const JSON: &[&str] = &["application/json"];
 /// `/db/load`: a SQLite file or a SQL dump.
 const LOAD: &[&str] = &["application/octet-stream", "text/plain"];
+/// `/boot`: a SQLite file.
+const BOOT: &[&str] = &["application/octet-stream"];
 
 /// Every public route, with its permission and body type. `https`: this API is served
 /// over TLS (redirects and `/nodes` name `https://` URLs).
@@ -96,6 +98,10 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
         .route(
             "/db/load",
             require(a, Perm::Load, body_type(LOAD, post(sql::load))),
+        )
+        .route(
+            "/boot",
+            require(a, Perm::Load, body_type(BOOT, post(sql::boot))),
         )
         .route(
             "/db/sql",

@@ -300,6 +300,30 @@ pub async fn load(
     json_response(StatusCode::OK, &body, o.pretty)
 }
 
+/// rqlite's `POST /boot`: a whole SQLite file into a single-node cluster. rqlite writes it
+/// beside the log; here it takes `/db/load`'s path (streamed to disk, through the log in
+/// chunks), and a node that has other members refuses it (use `/db/load` there).
+pub async fn boot(
+    State(n): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+    access: Access,
+    req: Request,
+) -> Response {
+    let members = n
+        .raft_metrics()
+        .membership_config
+        .membership()
+        .nodes()
+        .count();
+    if members > 1 {
+        let e = Error::BadRequest(format!(
+            "boot is for a single-node cluster and this one has {members} members: use /db/load"
+        ));
+        return error_response(&e, Opts::from(&q).pretty);
+    }
+    load(State(n), Query(q), access, req).await
+}
+
 fn upload_path(n: &Cluster) -> std::path::PathBuf {
     n.scratch_dir()
         .join(format!("upload-{}.tmp", rand::random::<u64>()))

@@ -17,6 +17,7 @@ use super::rqlite::{
     results_response,
 };
 use super::{Original, Scheme, Served, on_leader, redirect_to_leader};
+use crate::cluster::client::LEADER_WAIT;
 use crate::cluster::{Cluster, Level};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
@@ -167,7 +168,9 @@ async fn queued(
     req: &Original,
 ) -> Response {
     let start = Instant::now();
-    if !super::rqlite::flag(q, "noleader") && n.leader().is_none() {
+    // As rqlite: no queue on a node that knows no leader (unless `noleader`); an election
+    // under way gets the time other writes get to settle.
+    if !super::rqlite::flag(q, "noleader") && n.wait_leader(LEADER_WAIT).await.is_none() {
         return error_response(&Error::NoLeader, o.pretty);
     }
     let statements = match parse_statements(&req.body) {

@@ -309,6 +309,16 @@ fn test_operator_routes_in_rqlite_shapes() {
         b"SQLite format 3\0",
     );
     assert_eq!(boot.status, 400, "/boot on 3 members: {:?}", boot.body);
+    // rqlite's SQL dump of the user tables (this node's copy with `noleader`).
+    let (s, dump) = raw_get(&node.url("/db/backup?fmt=sql&noleader"));
+    assert_eq!(s, 200, "{dump}");
+    assert!(
+        dump.starts_with("PRAGMA foreign_keys=OFF;\nBEGIN TRANSACTION;\n")
+            && dump.contains("CREATE TABLE t (v);\nINSERT INTO \"t\" VALUES(1);\n")
+            && dump.ends_with("COMMIT;\n")
+            && !dump.contains("_cairn"),
+        "{dump}"
+    );
     let vars = get("/debug/vars").body;
     assert!(vars["http"]["requests"].as_u64().is_some(), "{vars}");
 

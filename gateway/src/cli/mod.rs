@@ -447,7 +447,8 @@ pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
                      .consistency [LEVEL] show or set read level (none|weak|linearizable|strong|auto)\n\
                      .timer on|off        show the time each request took\n\
                      .snapshot            snapshot this node now\n.remove ID           remove a member\n\
-                     .backup FILE         download the database\n.restore FILE        load a SQLite file or SQL dump\n\
+                     .backup FILE         download the database\n.dump FILE           write the user tables as SQL\n\
+                     .restore FILE        load a SQLite file or SQL dump\n\
                      .boot FILE           load a SQLite file into a single-node cluster\n\
                      .exit                leave\nanything else is SQL, sent to /db/request"
                 ),
@@ -493,6 +494,10 @@ pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
                         println!("{code} {}", resp.body_mut().read_to_string()?);
                     }
                     None => println!("usage: .remove ID"),
+                },
+                ".dump" => match line.split_whitespace().nth(1) {
+                    Some(f) => download(&api, "/db/backup?fmt=sql", Path::new(f))?,
+                    None => println!("usage: .dump FILE"),
                 },
                 ".boot" => match line.split_whitespace().nth(1) {
                     Some(f) => load_file(&api, "/boot", Path::new(f))?,
@@ -561,7 +566,12 @@ pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
 
 /// `cairn backup FILE`: streams `/db/backup` (from the leader) into FILE.
 pub fn backup(api: &Api, file: &Path) -> anyhow::Result<()> {
-    let mut resp = api.get("/db/backup").call()?;
+    download(api, "/db/backup", file)
+}
+
+/// Streams `path` (from the leader) into FILE.
+fn download(api: &Api, path: &str, file: &Path) -> anyhow::Result<()> {
+    let mut resp = api.get(path).call()?;
     if resp.status().is_redirection()
         && let Some(to) = resp.headers().get("location").and_then(|l| l.to_str().ok())
     {

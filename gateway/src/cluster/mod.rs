@@ -18,6 +18,7 @@
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
 pub mod client;
+pub mod dump;
 pub mod forward;
 pub mod membership;
 pub mod queue;

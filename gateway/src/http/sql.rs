@@ -218,8 +218,9 @@ pub async fn request(State(n): State<Arc<Cluster>>, Query(q): Params, req: Origi
     serve(Endpoint::Request, &n, q, req).await
 }
 
-/// The database as a SQLite file, streamed. Served by the leader (others redirect there)
-/// unless `?noleader`, which returns this node's copy.
+/// The database as a SQLite file, streamed (already compact: `vacuum` changes nothing), or
+/// with `fmt=sql` (and `tables=a,b`) as rqlite's SQL dump of the user tables. Served by the
+/// leader (others redirect there) unless `?noleader`, which returns this node's copy.
 pub async fn backup(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
@@ -235,6 +236,28 @@ pub async fn backup(
         return redirect_to_leader(&n, scheme, path)
             .await
             .unwrap_or_else(|e| error_response(&e, o.pretty));
+    }
+    if let Some(fmt) = q.get("fmt").filter(|f| f.as_str() != "binary") {
+        if fmt != "sql" {
+            let e = Error::BadRequest(format!("unknown backup format {fmt:?}: use sql"));
+            return error_response(&e, o.pretty);
+        }
+        let only = q
+            .get("tables")
+            .map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>());
+        return match n.dump_sql(only).await {
+            Ok(text) => (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/sql")],
+                text,
+            )
+                .into_response(),
+            Err(e) => error_response(&e, o.pretty),
+        };
+    }
+    if super::rqlite::flag(&q, "compress") {
+        let e = Error::BadRequest("compress is not supported".into());
+        return error_response(&e, o.pretty);
     }
     match n.backup().await {
         Ok(file) => {

@@ -140,8 +140,10 @@ impl Cluster {
     /// If leader, hands leadership to the most up-to-date voter and waits (up to 3 s) for it
     /// to take over.
     pub async fn step_down(&self) {
-        if let Err(e) = self.step_down_to(None).await {
-            tracing::warn!("stepping down: {e}");
+        match self.step_down_to(None).await {
+            // Not the leader, or no other voter (a single node): nothing to hand over.
+            Ok(_) | Err(Error::NotLeader(_) | Error::BadRequest(_)) => {}
+            Err(e) => tracing::warn!("stepping down: {e}"),
         }
     }
 

@@ -13,6 +13,7 @@
 //! bootstrap = false
 //! join = "http://10.0.0.4:4001"      # comma-separated list allowed
 //! non_voter = false
+//! raft_cluster_remove_shutdown = false # a node stopped with SIGTERM leaves the cluster
 //! log_format = "text"                # or "json"
 //! log_level = "info"                 # RUST_LOG overrides
 //! heartbeat_ms = 50
@@ -23,6 +24,10 @@
 //! snapshot_log_mib = 32              # also take a snapshot when the Raft log holds more (0: off)
 //! write_batch_max = 1024             # commands per proposal to Raft (the write queue)
 //! write_queue_depth = 8192           # bounded queue in front of Raft
+//! write_queue_capacity = 1024        # rqlite's queued writes (?queue): requests waiting
+//! write_queue_batch_size = 128       # statements per queued batch (one Raft entry)
+//! write_queue_timeout_ms = 50        # a queued batch leaves at most this long after its first
+//! write_queue_tx = false             # run each queued batch as one transaction
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
 //! read_timeout_ms = 30000            # a read (/db/query) is interrupted after this long
 //! read_max_rows = 1000000            # rows one read request may return
@@ -76,6 +81,8 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     pub join: Option<String>,
     pub non_voter: bool,
+    /// rqlite's `-raft-cluster-remove-shutdown`: on a graceful stop, leave the cluster.
+    pub raft_cluster_remove_shutdown: bool,
     pub log_format: LogFormat,
     pub log_level: String,
     pub heartbeat_ms: u64,
@@ -89,6 +96,12 @@ pub struct NodeConfig {
     pub snapshot_log_mib: u64,
     pub write_batch_max: usize,
     pub write_queue_depth: usize,
+    /// rqlite's queued writes (`/db/execute?queue`, `cluster::queue`): requests that may wait,
+    /// statements per batch, ms a batch waits for more, one transaction per batch.
+    pub write_queue_capacity: usize,
+    pub write_queue_batch_size: usize,
+    pub write_queue_timeout_ms: u64,
+    pub write_queue_tx: bool,
     /// MiB of flushed Raft entries kept in memory (see [`crate::raft::log_store`]); lower it on
     /// boards with little RAM, replication then reads older entries back from disk.
     pub log_cache_mib: usize,
@@ -159,6 +172,7 @@ impl Default for NodeConfig {
             bootstrap: false,
             join: None,
             non_voter: false,
+            raft_cluster_remove_shutdown: false,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             // LAN defaults: a follower notices a dead leader after 150-300 ms.
@@ -170,6 +184,10 @@ impl Default for NodeConfig {
             snapshot_log_mib: 32,
             write_batch_max: 1024,
             write_queue_depth: 8192,
+            write_queue_capacity: 1024,
+            write_queue_batch_size: 128,
+            write_queue_timeout_ms: 50,
+            write_queue_tx: false,
             log_cache_mib: 64,
             read_timeout_ms: 30_000,
             read_max_rows: 1_000_000,
@@ -237,6 +255,9 @@ pub struct NodeArgs {
     /// Join as a read replica that never votes.
     #[arg(long)]
     pub non_voter: bool,
+    /// On a graceful stop (SIGTERM), leave the cluster (rqlite's -raft-cluster-remove-shutdown).
+    #[arg(long)]
+    pub raft_cluster_remove_shutdown: bool,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter such as `info` or `cairn_gateway=debug` (RUST_LOG wins).
@@ -261,6 +282,18 @@ pub struct NodeArgs {
     pub write_batch_max: Option<usize>,
     #[arg(long)]
     pub write_queue_depth: Option<usize>,
+    /// Queued writes (`?queue`) that may wait before writers block (rqlite's default 1024).
+    #[arg(long)]
+    pub write_queue_capacity: Option<usize>,
+    /// Statements per queued batch, one Raft entry (default 128).
+    #[arg(long)]
+    pub write_queue_batch_size: Option<usize>,
+    /// Milliseconds a queued batch waits for more requests (default 50).
+    #[arg(long)]
+    pub write_queue_timeout_ms: Option<u64>,
+    /// Run each queued batch as one transaction.
+    #[arg(long)]
+    pub write_queue_tx: bool,
     /// MiB of recent Raft entries kept in memory for replication and apply (default 64).
     #[arg(long)]
     pub log_cache_mib: Option<usize>,
@@ -366,6 +399,9 @@ impl NodeConfig {
             snapshot_log_mib,
             write_batch_max,
             write_queue_depth,
+            write_queue_capacity,
+            write_queue_batch_size,
+            write_queue_timeout_ms,
             log_cache_mib,
             read_timeout_ms,
             read_max_rows,
@@ -380,6 +416,8 @@ impl NodeConfig {
         if args.accept_protocol_1 {
             c.accept_protocol_1 = true;
         }
+        c.write_queue_tx |= args.write_queue_tx;
+        c.raft_cluster_remove_shutdown |= args.raft_cluster_remove_shutdown;
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
         }
@@ -437,7 +475,10 @@ impl NodeConfig {
             "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
         );
         anyhow::ensure!(
-            self.write_batch_max > 0 && self.write_queue_depth > 0,
+            self.write_batch_max > 0
+                && self.write_queue_depth > 0
+                && self.write_queue_capacity > 0
+                && self.write_queue_batch_size > 0,
             "write queue sizes must be positive"
         );
         anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");

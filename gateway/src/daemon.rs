@@ -145,11 +145,20 @@ pub struct Started {
     pub ingress: Arc<Ingress>,
     stop_tx: tokio::sync::watch::Sender<bool>,
     servers: Vec<tokio::task::JoinHandle<()>>,
+    /// `--raft-cluster-remove-shutdown`: leave the cluster when stopping.
+    leave_on_stop: bool,
 }
 
 impl Started {
-    /// Hands over leadership, stops Raft, then the listeners.
+    /// Hands over leadership (and leaves the cluster with `--raft-cluster-remove-shutdown`),
+    /// stops Raft, then the listeners.
     pub async fn stop(self) {
+        if self.leave_on_stop && self.cluster.running() {
+            match self.cluster.leave().await {
+                Ok(()) => tracing::info!("left the cluster (raft_cluster_remove_shutdown)"),
+                Err(e) => tracing::warn!("leaving the cluster: {e}"),
+            }
+        }
         self.cluster.step_down().await;
         if let Err(e) = self.cluster.raft().shutdown().await {
             tracing::warn!("raft shutdown: {e}");
@@ -234,12 +243,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         store: sm.store(),
         proposer,
         client,
-        metrics,
+        metrics: metrics.clone(),
         log_stats,
         scratch_dir: config.data_dir.clone(),
         read_limits: config.read_limits(),
         max_db_bytes: config.max_db_size_mib << 20,
         feed,
+        queue: crate::cluster::queue::Settings {
+            capacity: config.write_queue_capacity,
+            batch_size: config.write_queue_batch_size,
+            timeout: Duration::from_millis(config.write_queue_timeout_ms),
+            transaction: config.write_queue_tx,
+        },
     });
     cluster
         .streams()
@@ -263,7 +278,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     // The Raft listener: node-to-node routes only, plus the API under `/api` for requests a
     // follower forwards to the leader (each carries its client's credentials and passes the
     // same permission checks; see `http::to_leader`).
-    let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20)
+    let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20, metrics)
         .merge(crate::ingress::forward::routes(ingress.clone()))
         .merge(crate::cluster::streams::routes(cluster.clone()))
         .merge(crate::cluster::forward::routes(cluster.clone()))
@@ -339,6 +354,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         ingress,
         stop_tx,
         servers,
+        leave_on_stop: config.raft_cluster_remove_shutdown,
     })
 }
 

@@ -298,6 +298,57 @@ pub struct Metrics {
     pub apply_latency: Histogram,
     /// Apply held by an environment failure (disk full, ...), if it is.
     pub apply_stall: Stall,
+    /// When this node last took an AppendEntries from a leader (rqlite's "last contact"),
+    /// for `freshness` on `none` reads.
+    pub leader_contact: LeaderContact,
+}
+
+/// The last AppendEntries (heartbeats included) this node accepted from a leader, and the
+/// commit index the leader sent with it.
+#[derive(Debug)]
+pub struct LeaderContact {
+    origin: std::time::Instant,
+    /// Milliseconds after `origin` plus one (0: never).
+    at_ms: AtomicU64,
+    leader_commit: AtomicU64,
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        LeaderContact {
+            origin: std::time::Instant::now(),
+            at_ms: AtomicU64::new(0),
+            leader_commit: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LeaderContact {
+    /// Notes an accepted AppendEntries that carried `leader_commit`.
+    pub fn touch(&self, leader_commit: Option<u64>) {
+        let ms = self.origin.elapsed().as_millis() as u64 + 1;
+        self.at_ms.store(ms, Relaxed);
+        if let Some(c) = leader_commit {
+            self.leader_commit.fetch_max(c, Relaxed);
+        }
+    }
+
+    /// How long ago the leader was last heard from (`None`: never since start).
+    pub fn since(&self) -> Option<std::time::Duration> {
+        match self.at_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(
+                self.origin
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(ms - 1)),
+            ),
+        }
+    }
+
+    /// The highest commit index a leader has told this node.
+    pub fn leader_commit(&self) -> u64 {
+        self.leader_commit.load(Relaxed)
+    }
 }
 
 impl Default for Metrics {
@@ -338,6 +389,7 @@ impl Default for Metrics {
             commit_latency: Histogram::new(),
             ack_latency: Histogram::new(),
             apply_latency: Histogram::new(),
+            leader_contact: LeaderContact::default(),
         }
     }
 }

@@ -125,9 +125,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         &serde_json::to_vec(&bound)?,
     )?;
 
-    let metrics = Arc::new(Metrics::default());
     let log_store =
         LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
+    let metrics = Arc::new(Metrics {
+        stamp_floor: log_store.stamp_floor(),
+        ..Metrics::default()
+    });
     let log_stats = log_store.stats();
     let feed = Arc::new(Feed::new(config.feed_capacity));
     let sm =

@@ -8,8 +8,8 @@
 //! upper bound).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_protocol::ErrorCode;
@@ -278,6 +278,12 @@ pub struct Metrics {
     pub apply_latency: Histogram,
     /// Apply held by an environment failure (disk full, ...), if it is.
     pub apply_stall: Stall,
+    /// The highest entry stamp (Unix ms) this node has seen in its log or its database: the
+    /// proposer never stamps below it, so time in the log never goes back across leaders.
+    /// Shared with the log store (`raft::log_store::LogStore::stamp_floor`).
+    pub stamp_floor: Arc<AtomicI64>,
+    /// Continuous backup, on the node that runs it (the leader).
+    pub backup: BackupStats,
 }
 
 impl Default for Metrics {
@@ -307,6 +313,8 @@ impl Default for Metrics {
             commit_latency: Histogram::new(),
             ack_latency: Histogram::new(),
             apply_latency: Histogram::new(),
+            stamp_floor: Arc::default(),
+            backup: BackupStats::default(),
         }
     }
 }
@@ -418,6 +426,109 @@ impl Metrics {
                 h.count.load(Relaxed)
             );
         }
+        out
+    }
+}
+
+/// Continuous backup's counters (`backup/`), shown in `/status` (`"backup"`) and `/metrics`.
+#[derive(Default, Debug)]
+pub struct BackupStats {
+    /// This node runs the backup now (it leads and a `--backup-url` is set).
+    pub active: std::sync::atomic::AtomicBool,
+    /// The last log index (and its stamp) stored on every target.
+    pub shipped_index: AtomicU64,
+    pub shipped_stamp_ms: AtomicI64,
+    /// The last committed index (and its stamp) the backup saw.
+    pub committed_index: AtomicU64,
+    pub committed_stamp_ms: AtomicI64,
+    /// Wall clock (Unix ms) of the last successful upload.
+    pub last_upload_ms: AtomicI64,
+    pub bytes_written: AtomicU64,
+    pub objects_written: AtomicU64,
+    pub snapshots_written: AtomicU64,
+    pub objects_deleted: AtomicU64,
+    pub errors: AtomicU64,
+    /// The last failure, until the next success.
+    pub last_error: Mutex<Option<String>>,
+    /// Log entries lost to the backup (shipped position behind the log's purge point, so a
+    /// full snapshot was or will be taken instead): `(first, last)` index.
+    pub gap: Mutex<Option<(u64, u64)>>,
+}
+
+impl BackupStats {
+    /// Records a failure (kept for `/status` until the next success).
+    pub fn failed(&self, e: &str) {
+        self.errors.fetch_add(1, Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+
+    /// Records one object written.
+    pub fn uploaded(&self, bytes: u64, now_ms: i64) {
+        self.bytes_written.fetch_add(bytes, Relaxed);
+        self.objects_written.fetch_add(1, Relaxed);
+        self.last_upload_ms.store(now_ms, Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn lag(&self) -> (u64, i64) {
+        let shipped = self.shipped_index.load(Relaxed);
+        let committed = self.committed_index.load(Relaxed);
+        let ms = self.committed_stamp_ms.load(Relaxed) - self.shipped_stamp_ms.load(Relaxed);
+        (committed.saturating_sub(shipped), if shipped >= committed { 0 } else { ms.max(0) })
+    }
+
+    /// The `"backup"` object of `/status`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        let (lag_index, lag_ms) = self.lag();
+        let gap = *self.gap.lock().unwrap_or_else(|p| p.into_inner());
+        json!({
+            "active": self.active.load(Relaxed),
+            "shipped_index": g(&self.shipped_index),
+            "committed_index": g(&self.committed_index),
+            "lag_index": lag_index,
+            "lag_ms": lag_ms,
+            "last_upload_ms": self.last_upload_ms.load(Relaxed),
+            "bytes_written": g(&self.bytes_written),
+            "objects_written": g(&self.objects_written),
+            "snapshots_written": g(&self.snapshots_written),
+            "objects_deleted": g(&self.objects_deleted),
+            "errors": g(&self.errors),
+            "last_error": *self.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+            "gap": gap.map(|(a, b)| json!({"from_index": a, "to_index": b})),
+        })
+    }
+
+    /// The backup's counters in Prometheus text format.
+    pub fn prometheus(&self, node_id: u64) -> String {
+        use std::fmt::Write as _;
+        let (lag_index, lag_ms) = self.lag();
+        let mut out = String::new();
+        for (name, kind, help, v) in [
+            ("active", "gauge", "1 while this node runs the backup.", u64::from(self.active.load(Relaxed))),
+            ("lag_entries", "gauge", "Committed log entries not yet stored on every target.", lag_index),
+            ("bytes_written_total", "counter", "Bytes of backup objects written.", self.bytes_written.load(Relaxed)),
+            ("objects_written_total", "counter", "Backup objects written.", self.objects_written.load(Relaxed)),
+            ("snapshots_written_total", "counter", "Full snapshots written.", self.snapshots_written.load(Relaxed)),
+            ("errors_total", "counter", "Failed backup uploads and listings.", self.errors.load(Relaxed)),
+        ] {
+            let _ = write!(
+                out,
+                "# HELP cairn_backup_{name} {help}\n# TYPE cairn_backup_{name} {kind}\n\
+                 cairn_backup_{name}{{node_id=\"{node_id}\"}} {v}\n"
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP cairn_backup_lag_seconds Stamp of the last committed entry minus that of the \
+             last shipped one.\n# TYPE cairn_backup_lag_seconds gauge\n\
+             cairn_backup_lag_seconds{{node_id=\"{node_id}\"}} {}\n\
+             # HELP cairn_backup_last_upload_timestamp_seconds Unix time of the last upload.\n\
+             # TYPE cairn_backup_last_upload_timestamp_seconds gauge\n\
+             cairn_backup_last_upload_timestamp_seconds{{node_id=\"{node_id}\"}} {}\n",
+            lag_ms as f64 / 1e3,
+            self.last_upload_ms.load(Relaxed) as f64 / 1e3
+        );
         out
     }
 }

@@ -66,12 +66,19 @@ pub enum Command {
     LoadChunk(LoadChunk),
     /// Stream definitions with `on_mismatch`, and dead-letter replays ([`streams`]).
     Streams(StreamsCommand),
+    /// Any other command with the leader's wall clock when it proposed the entry (Unix ms),
+    /// never lower than the previous entry's (`raft::proposer`): the entry's time for
+    /// point-in-time restore. The inner command applies as it would alone.
+    Stamped { stamp_ms: i64, cmd: Box<Command> },
 }
 
 impl Command {
     /// The leader's stamp SQL time functions see while this entry applies, if it has one.
     pub fn stamp_ms(&self) -> Option<i64> {
         match self {
+            // The inner command's own time (the SQL rewrite's clock, device receive times)
+            // stays what its SQL sees, as before stamping; the entry stamp is never lower.
+            Command::Stamped { stamp_ms, cmd } => cmd.stamp_ms().or(Some(*stamp_ms)),
             Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
             Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
             Command::Sql(_)
@@ -79,6 +86,31 @@ impl Command {
             | Command::LoadChunk(_)
             | Command::Streams(_) => None,
         }
+    }
+
+    /// The leader's stamp on the entry (`None` for entries proposed before stamping).
+    pub fn entry_stamp_ms(&self) -> Option<i64> {
+        match self {
+            Command::Stamped { stamp_ms, .. } => Some(*stamp_ms),
+            _ => None,
+        }
+    }
+
+    /// The command without its stamp.
+    pub fn unstamped(&self) -> &Command {
+        match self {
+            Command::Stamped { cmd, .. } => cmd.unstamped(),
+            c => c,
+        }
+    }
+
+    /// `self` stamped with `stamp_ms` (an old stamp is replaced).
+    pub fn stamped(self, stamp_ms: i64) -> Command {
+        let cmd = match self {
+            Command::Stamped { cmd, .. } => cmd,
+            c => Box::new(c),
+        };
+        Command::Stamped { stamp_ms, cmd }
     }
 }
 
@@ -108,6 +140,7 @@ impl fmt::Display for Command {
                 sql.transaction
             ),
             Command::Streams(c) => write!(f, "Streams({c})"),
+            Command::Stamped { stamp_ms, cmd } => write!(f, "Stamped({stamp_ms}, {cmd})"),
         }
     }
 }
@@ -142,7 +175,7 @@ pub fn apply(
     cmd: &Command,
 ) -> rusqlite::Result<CommandResponse> {
     let _entry = crate::db::sandbox::enter_entry(ctx.index, cmd.stamp_ms());
-    match cmd {
+    match cmd.unstamped() {
         Command::Sql(sql) | Command::SqlAt { sql, .. } => {
             sql::apply_sql(conn, sql).map(CommandResponse::Sql)
         }
@@ -157,5 +190,7 @@ pub fn apply(
             None => CommandResponse::Empty,
         }),
         Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
+        // `unstamped` took every stamp off.
+        Command::Stamped { .. } => Ok(CommandResponse::Empty),
     }
 }

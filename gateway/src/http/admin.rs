@@ -57,6 +57,7 @@ pub async fn status(
         },
         "db_size": n.store().size(),
         "ingress": metrics.ingress_json(),
+        "backup": metrics.backup.to_json(),
         "log_store": {
             "appends": log.appends.load(Ordering::Relaxed),
             "entries": log.entries.load(Ordering::Relaxed),
@@ -301,6 +302,7 @@ pub async fn metrics(State(n): State<Arc<Cluster>>) -> Response {
         counters.write_batches.load(Ordering::Relaxed) as f64,
     );
     out.push_str(&counters.ingress_prometheus(id));
+    out.push_str(&counters.backup.prometheus(id));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

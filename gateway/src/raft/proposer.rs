@@ -14,9 +14,15 @@
 //! The device path relies on it to keep groups in order while several are in flight.
 //!
 //! A full queue makes `propose` wait: back-pressure instead of unbounded memory.
+//!
+//! Time: every command leaves here as [`Command::Stamped`] with the leader's wall clock,
+//! never lower than the previous entry's stamp. "Previous" includes other leaders' entries:
+//! the floor ([`Metrics::stamp_floor`]) is the highest stamp in this node's log (which, on
+//! a leader, holds every committed entry) or applied database, so a leader change or a clock
+//! step back never makes time in the log go back. Point-in-time restore relies on it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -93,7 +99,11 @@ async fn drain(
         metrics
             .writes_proposed
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let (cmds, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.done)).unzip();
+        let stamp = next_stamp(&metrics.stamp_floor);
+        let (cmds, waiters): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|p| (p.cmd.stamped(stamp), p.done))
+            .unzip();
         match raft.client_write_many(cmds).await {
             Ok(mut results) => {
                 // Answer this batch on its own task so the next batch can be proposed now.
@@ -116,5 +126,31 @@ async fn drain(
                 }
             }
         }
+    }
+}
+
+/// The stamp of the next batch: the wall clock (Unix ms), raised to the floor, which it then
+/// becomes. One batch shares one stamp (its entries are proposed together).
+fn next_stamp(floor: &AtomicI64) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let prev = floor.fetch_max(now, Ordering::Relaxed);
+    now.max(prev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_stamp_never_below_floor() {
+        let floor = AtomicI64::new(i64::MAX - 5);
+        assert_eq!(next_stamp(&floor), i64::MAX - 5);
+        let floor = AtomicI64::new(0);
+        let a = next_stamp(&floor);
+        let b = next_stamp(&floor);
+        assert!(a > 1_700_000_000_000 && b >= a);
+        assert_eq!(floor.load(Ordering::Relaxed), b);
     }
 }

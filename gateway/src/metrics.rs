@@ -435,9 +435,8 @@ impl Metrics {
 pub struct BackupStats {
     /// This node runs the backup now (it leads and a `--backup-url` is set).
     pub active: std::sync::atomic::AtomicBool,
-    /// The last log index (and its stamp) stored on every target.
-    pub shipped_index: AtomicU64,
-    pub shipped_stamp_ms: AtomicI64,
+    /// Per target URL: the last log index (and its stamp) stored there.
+    pub shipped: Mutex<BTreeMap<String, (u64, i64)>>,
     /// The last committed index (and its stamp) the backup saw.
     pub committed_index: AtomicU64,
     pub committed_stamp_ms: AtomicI64,
@@ -470,11 +469,28 @@ impl BackupStats {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Records that `target` holds the log through `index` (stamped `stamp_ms`).
+    pub fn shipped_to(&self, target: &str, index: u64, stamp_ms: i64) {
+        self.shipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.to_string(), (index, stamp_ms));
+    }
+
+    /// The position every target holds (the least advanced one's).
+    fn shipped_all(&self) -> (u64, i64) {
+        let s = self.shipped.lock().unwrap_or_else(|p| p.into_inner());
+        s.values().copied().min().unwrap_or((0, 0))
+    }
+
     fn lag(&self) -> (u64, i64) {
-        let shipped = self.shipped_index.load(Relaxed);
+        let (shipped, stamp) = self.shipped_all();
         let committed = self.committed_index.load(Relaxed);
-        let ms = self.committed_stamp_ms.load(Relaxed) - self.shipped_stamp_ms.load(Relaxed);
-        (committed.saturating_sub(shipped), if shipped >= committed { 0 } else { ms.max(0) })
+        let ms = self.committed_stamp_ms.load(Relaxed) - stamp;
+        (
+            committed.saturating_sub(shipped),
+            if shipped >= committed { 0 } else { ms.max(0) },
+        )
     }
 
     /// The `"backup"` object of `/status`.
@@ -484,7 +500,10 @@ impl BackupStats {
         let gap = *self.gap.lock().unwrap_or_else(|p| p.into_inner());
         json!({
             "active": self.active.load(Relaxed),
-            "shipped_index": g(&self.shipped_index),
+            "shipped_index": self.shipped_all().0,
+            "targets": self.shipped.lock().unwrap_or_else(|p| p.into_inner()).iter()
+                .map(|(t, (i, _))| (t.clone(), json!({"shipped_index": i})))
+                .collect::<serde_json::Map<_, _>>(),
             "committed_index": g(&self.committed_index),
             "lag_index": lag_index,
             "lag_ms": lag_ms,
@@ -505,12 +524,42 @@ impl BackupStats {
         let (lag_index, lag_ms) = self.lag();
         let mut out = String::new();
         for (name, kind, help, v) in [
-            ("active", "gauge", "1 while this node runs the backup.", u64::from(self.active.load(Relaxed))),
-            ("lag_entries", "gauge", "Committed log entries not yet stored on every target.", lag_index),
-            ("bytes_written_total", "counter", "Bytes of backup objects written.", self.bytes_written.load(Relaxed)),
-            ("objects_written_total", "counter", "Backup objects written.", self.objects_written.load(Relaxed)),
-            ("snapshots_written_total", "counter", "Full snapshots written.", self.snapshots_written.load(Relaxed)),
-            ("errors_total", "counter", "Failed backup uploads and listings.", self.errors.load(Relaxed)),
+            (
+                "active",
+                "gauge",
+                "1 while this node runs the backup.",
+                u64::from(self.active.load(Relaxed)),
+            ),
+            (
+                "lag_entries",
+                "gauge",
+                "Committed log entries not yet stored on every target.",
+                lag_index,
+            ),
+            (
+                "bytes_written_total",
+                "counter",
+                "Bytes of backup objects written.",
+                self.bytes_written.load(Relaxed),
+            ),
+            (
+                "objects_written_total",
+                "counter",
+                "Backup objects written.",
+                self.objects_written.load(Relaxed),
+            ),
+            (
+                "snapshots_written_total",
+                "counter",
+                "Full snapshots written.",
+                self.snapshots_written.load(Relaxed),
+            ),
+            (
+                "errors_total",
+                "counter",
+                "Failed backup uploads and listings.",
+                self.errors.load(Relaxed),
+            ),
         ] {
             let _ = write!(
                 out,

@@ -28,6 +28,7 @@
 //! Variants are never renumbered or removed: entries are postcard-encoded, which identifies a
 //! variant by its position. New variants go at the end.
 
+pub mod backup;
 pub mod dead_letter;
 pub mod device;
 pub mod feed;
@@ -70,6 +71,8 @@ pub enum Command {
     /// never lower than the previous entry's (`raft::proposer`): the entry's time for
     /// point-in-time restore. The inner command applies as it would alone.
     Stamped { stamp_ms: i64, cmd: Box<Command> },
+    /// How far the continuous backup stored the log on one target ([`backup`]).
+    BackupShipped(backup::BackupShipped),
 }
 
 impl Command {
@@ -84,7 +87,8 @@ impl Command {
             Command::Sql(_)
             | Command::DeviceRegistry(_)
             | Command::LoadChunk(_)
-            | Command::Streams(_) => None,
+            | Command::Streams(_)
+            | Command::BackupShipped(_) => None,
         }
     }
 
@@ -141,6 +145,11 @@ impl fmt::Display for Command {
             ),
             Command::Streams(c) => write!(f, "Streams({c})"),
             Command::Stamped { stamp_ms, cmd } => write!(f, "Stamped({stamp_ms}, {cmd})"),
+            Command::BackupShipped(b) => write!(
+                f,
+                "BackupShipped({} through {})",
+                b.target, b.position.index
+            ),
         }
     }
 }
@@ -190,6 +199,9 @@ pub fn apply(
             None => CommandResponse::Empty,
         }),
         Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
+        Command::BackupShipped(b) => {
+            backup::apply_shipped(conn, b).map(|()| CommandResponse::Empty)
+        }
         // `unstamped` took every stamp off.
         Command::Stamped { .. } => Ok(CommandResponse::Empty),
     }

@@ -46,6 +46,8 @@ pub mod tables {
     pub const LOAD: &str = "_cairn_load";
     /// Records that did not fit their stream's declared columns (`db::dead_letter`).
     pub const DEAD_LETTER: &str = "dead_letter";
+    /// Continuous backup's shipped positions and the history epoch (`command::backup`).
+    pub const BACKUP: &str = "_cairn_backup";
 }
 
 /// Readers kept open for reuse.

@@ -108,6 +108,31 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
     postcard::from_bytes(b).map_err(|e| io_err(format!("undecodable raft log record: {e}")))
 }
 
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, log_id BLOB NOT NULL, entry BLOB NOT NULL);
+     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);";
+
+/// Creates the log of a node whose database was rebuilt from a backup (`cairn restore`): empty,
+/// purged through `last` (the restored index, so a joining node gets a snapshot), with a vote
+/// for `id` in `last`'s term so that its first election moves to a later term.
+pub fn start_after(path: &Path, last: LogId, id: super::NodeId) -> anyhow::Result<()> {
+    let conn = Connection::open(path)?;
+    conn.execute_batch(SCHEMA)?;
+    let vote = Vote::new(last.leader_id.term, id);
+    let tx = conn.unchecked_transaction()?;
+    for (k, v) in [
+        ("last_purged", encode(&last)?),
+        ("committed", encode(&Some(last))?),
+        ("vote", encode(&vote)?),
+    ] {
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES(?1, ?2)",
+            params![k, v],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 fn note_stamp(floor: &AtomicI64, e: &Entry) {
     if let openraft::EntryPayload::Normal(c) = &e.payload
         && let Some(s) = c.entry_stamp_ms()
@@ -128,10 +153,7 @@ impl LogStore {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, log_id BLOB NOT NULL, entry BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);",
-        )?;
+        conn.execute_batch(SCHEMA)?;
         let vote: Option<Vote> = conn
             .query_row("SELECT value FROM meta WHERE key = 'vote'", [], |r| {
                 r.get::<_, Vec<u8>>(0)

@@ -65,7 +65,7 @@ struct Inner {
 }
 
 /// Reads the applied log id and membership recorded inside a database.
-fn read_applied(conn: &Connection) -> std::io::Result<(Option<LogId>, StoredMembership)> {
+pub fn read_applied(conn: &Connection) -> std::io::Result<(Option<LogId>, StoredMembership)> {
     let get = |key: &str| -> std::io::Result<Option<Vec<u8>>> {
         conn.query_row(
             &format!("SELECT value FROM {} WHERE key = ?1", tables::RAFT),

@@ -84,24 +84,40 @@ impl Target {
         match self {
             Target::S3(s) => s.list(dir).await,
             Target::Dir(d) => {
-                let mut out = Vec::new();
-                let mut rd = match tokio::fs::read_dir(d.join(dir)).await {
-                    Ok(rd) => rd,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-                    Err(e) => return Err(e),
-                };
-                while let Some(e) = rd.next_entry().await? {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with('.') {
-                        continue; // a write in progress
-                    }
-                    out.push((format!("{dir}{name}"), e.metadata().await?.len()));
-                }
-                out.sort();
-                Ok(out)
+                let (root, dir) = (d.clone(), dir.to_string());
+                tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::new();
+                    walk(&root, &root.join(&dir), &mut out)?;
+                    out.sort();
+                    Ok(out)
+                })
+                .await
+                .map_err(std::io::Error::other)?
             }
         }
     }
+}
+
+/// Files below `dir` (keys relative to `root`, `/`-separated), skipping writes in progress.
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let e = e?;
+        let path = e.path();
+        let meta = e.metadata()?;
+        if meta.is_dir() {
+            walk(root, &path, out)?;
+        } else if !e.file_name().to_string_lossy().starts_with('.') {
+            let rel = path.strip_prefix(root).map_err(std::io::Error::other)?;
+            let key: Vec<_> = rel.iter().map(|c| c.to_string_lossy()).collect();
+            out.push((key.join("/"), meta.len()));
+        }
+    }
+    Ok(())
 }
 
 /// Writes a file through a temporary name, fsyncs it and its directory.

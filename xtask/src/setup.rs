@@ -27,8 +27,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
 ];
 
+/// (program on PATH that proves the package is there; PyPI requirement)
+const PYPI: &[(&str, &str)] = &[
+    // The S3-compatible server the backup tests (t18) store into.
+    ("moto_server", "moto[server]"),
+];
+
 pub fn run_setup() -> Result<()> {
     ensure_packages(PACKAGES)?;
+    ensure_pypi(PYPI)?;
     // Make sure the pinned toolchain and its targets are installed. `cargo xtask` runs with
     // RUSTUP_TOOLCHAIN set by the cargo proxy, which makes rustup ignore rust-toolchain.toml
     // (and its targets): drop it, then add the listed targets explicitly, since a machine
@@ -90,6 +97,33 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
         let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
         args.extend(missing.iter().copied());
         apt(&args)?;
+    }
+    Ok(())
+}
+
+/// Installs each PyPI requirement whose program is not on PATH, with the machine's pip
+/// (Debian's Python refuses without `--break-system-packages`).
+pub fn ensure_pypi(packages: &[(&str, &str)]) -> Result<()> {
+    for (bin, req) in packages {
+        if have(bin) {
+            continue;
+        }
+        if !have("pip3") && !have("pip") {
+            ensure_packages(&[("pip3", "python3-pip")])?;
+        }
+        println!("installing from PyPI: {req}");
+        let pip = |extra: &[&str]| {
+            Command::new("python3")
+                .args(["-m", "pip", "install", "-q"])
+                .args(extra)
+                .arg(req)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        anyhow::ensure!(
+            pip(&[]) || pip(&["--break-system-packages"]),
+            "pip install {req} failed"
+        );
     }
     Ok(())
 }

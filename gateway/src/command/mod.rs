@@ -79,9 +79,13 @@ impl Command {
     /// The leader's stamp SQL time functions see while this entry applies, if it has one.
     pub fn stamp_ms(&self) -> Option<i64> {
         match self {
-            // The inner command's own time (the SQL rewrite's clock, device receive times)
-            // stays what its SQL sees, as before stamping; the entry stamp is never lower.
-            Command::Stamped { stamp_ms, cmd } => cmd.stamp_ms().or(Some(*stamp_ms)),
+            // The entry's stamp is its "now" (for SQL it is the clock the rewrite read, unless
+            // the previous entry's stamp was later). Device batches keep the receive times
+            // their records are converted with.
+            Command::Stamped { stamp_ms, cmd } => match cmd.as_ref() {
+                Command::DeviceBatches(_) => cmd.stamp_ms(),
+                _ => Some(*stamp_ms),
+            },
             Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
             Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
             Command::Sql(_)

@@ -99,11 +99,12 @@ async fn drain(
         metrics
             .writes_proposed
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let stamp = next_stamp(&metrics.stamp_floor);
+        let mut clock = Stamps::new(&metrics.stamp_floor);
         let (cmds, waiters): (Vec<_>, Vec<_>) = batch
             .into_iter()
-            .map(|p| (p.cmd.stamped(stamp), p.done))
+            .map(|p| (clock.stamp(p.cmd), p.done))
             .unzip();
+        metrics.stamp_floor.fetch_max(clock.last, Ordering::Relaxed);
         match raft.client_write_many(cmds).await {
             Ok(mut results) => {
                 // Answer this batch on its own task so the next batch can be proposed now.
@@ -129,14 +130,32 @@ async fn drain(
     }
 }
 
-/// The stamp of the next batch: the wall clock (Unix ms), raised to the floor, which it then
-/// becomes. One batch shares one stamp (its entries are proposed together).
-fn next_stamp(floor: &AtomicI64) -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let prev = floor.fetch_max(now, Ordering::Relaxed);
-    now.max(prev)
+/// Stamps one batch: each entry gets the wall clock (for SQL, the clock its rewrite read, so
+/// that its `'now'` literals and the entry's stamp agree), raised to the previous entry's.
+struct Stamps {
+    now: i64,
+    last: i64,
+}
+
+impl Stamps {
+    fn new(floor: &AtomicI64) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Stamps {
+            now,
+            last: floor.load(Ordering::Relaxed),
+        }
+    }
+
+    fn stamp(&mut self, cmd: Command) -> Command {
+        let own = match cmd.unstamped() {
+            Command::SqlAt { stamp_ms, .. } => *stamp_ms,
+            _ => self.now,
+        };
+        self.last = self.last.max(own);
+        cmd.stamped(self.last)
+    }
 }
 
 #[cfg(test)]
@@ -145,12 +164,31 @@ mod tests {
 
     #[test]
     fn test_stamp_never_below_floor() {
+        let sql = |stamp_ms| Command::SqlAt {
+            stamp_ms,
+            sql: crate::command::sql::SqlCommand {
+                statements: Vec::new(),
+                transaction: false,
+            },
+        };
         let floor = AtomicI64::new(i64::MAX - 5);
-        assert_eq!(next_stamp(&floor), i64::MAX - 5);
+        let mut s = Stamps::new(&floor);
+        assert_eq!(s.stamp(sql(7)).entry_stamp_ms(), Some(i64::MAX - 5));
         let floor = AtomicI64::new(0);
-        let a = next_stamp(&floor);
-        let b = next_stamp(&floor);
-        assert!(a > 1_700_000_000_000 && b >= a);
-        assert_eq!(floor.load(Ordering::Relaxed), b);
+        let mut s = Stamps::new(&floor);
+        let a = s.stamp(sql(1_000)).entry_stamp_ms().unwrap();
+        assert_eq!(a, 1_000, "SQL keeps the clock its rewrite read");
+        let b = s.stamp(sql(500)).entry_stamp_ms().unwrap();
+        assert_eq!(b, 1_000, "never below the previous entry");
+        let c = s
+            .stamp(Command::DeviceBatches(Vec::new()))
+            .entry_stamp_ms()
+            .unwrap();
+        assert!(c > 1_700_000_000_000);
+        // Stamping again replaces the stamp instead of nesting.
+        let again = s.stamp(Command::DeviceBatches(Vec::new()).stamped(3));
+        assert!(
+            matches!(again, Command::Stamped { ref cmd, .. } if !matches!(**cmd, Command::Stamped { .. }))
+        );
     }
 }

@@ -461,6 +461,14 @@ impl BackupStats {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
     }
 
+    /// Notes the commit position the lag is measured against (the shipper does at every
+    /// tick; `/status` does too while this node runs the backup, so the lag it shows is
+    /// current).
+    pub fn observe_commit(&self, index: u64, stamp_ms: i64) {
+        self.committed_index.fetch_max(index, Relaxed);
+        self.committed_stamp_ms.fetch_max(stamp_ms, Relaxed);
+    }
+
     /// Records one object written.
     pub fn uploaded(&self, bytes: u64, now_ms: i64) {
         self.bytes_written.fetch_add(bytes, Relaxed);

@@ -598,14 +598,31 @@ fn test_s3_backup_with_leader_change_restores_everything_once() {
     }
 
     // --to-index: the restore stops exactly there.
+    // --to-index: the restore stops exactly there (halfway between the oldest snapshot kept
+    // and the end).
+    let number_after = |line: &str, word: &str| -> u64 {
+        let rest = &line[line.find(word).unwrap() + word.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .find(|s| !s.is_empty())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let oldest = list.lines().find(|l| l.contains("snapshot ")).unwrap();
+    let end = list
+        .lines()
+        .find(|l| l.contains("restorable through"))
+        .unwrap();
+    let to = (number_after(oldest, "index") + number_after(end, "index")) / 2;
     let idx = work.path().join("idx");
+    let to_flag = to.to_string();
     let out = restore_ok(
         &url,
         &idx,
-        &[s3_flags[0], s3_flags[1], "--to-index", "40"],
+        &[s3_flags[0], s3_flags[1], "--to-index", &to_flag],
         &env,
     );
-    assert!(out.contains("through index 40"), "{out}");
+    assert!(out.contains(&format!("through index {to} ")), "{out}");
 
     // --restore-if-empty: a node with an empty data dir starts from the latest backup.
     let fresh = work.path().join("fresh");

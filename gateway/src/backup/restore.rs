@@ -33,10 +33,15 @@ impl EpochObjects {
     /// by the segments that follow on from it.
     pub fn last_position(&self) -> Option<ShippedPosition> {
         let (snap, _) = self.snapshots.last()?;
-        let mut pos = ShippedPosition {
+        Some(self.segments_after(ShippedPosition {
             index: snap.last,
             stamp_ms: snap.last_stamp,
-        };
+        }))
+    }
+
+    /// `from`, extended by the segments that continue it without a hole.
+    pub fn segments_after(&self, from: ShippedPosition) -> ShippedPosition {
+        let mut pos = from;
         for (seg, _) in &self.segments {
             if seg.first <= pos.index + 1 && seg.last > pos.index {
                 pos = ShippedPosition {
@@ -45,7 +50,7 @@ impl EpochObjects {
                 };
             }
         }
-        Some(pos)
+        pos
     }
 
     /// `(first, last, first_stamp, last_stamp, objects, bytes)` of each run of segments

@@ -140,11 +140,12 @@ impl Shipper {
         };
         let catalog = Catalog::load(&self.target).await?;
         let objects = catalog.epochs.get(&epoch);
-        let listed = objects.and_then(|o| o.last_position());
-        let shipped = match (recorded, listed) {
-            (Some(r), Some(l)) if l.index > r.index => l,
-            (Some(r), _) => r,
-            (None, Some(l)) => l,
+        // From the recorded position, or (never recorded) the latest snapshot, on through the
+        // segments an earlier leader stored after it.
+        let shipped = match (recorded, objects) {
+            (Some(r), Some(o)) => o.segments_after(r),
+            (Some(r), None) => r,
+            (None, Some(o)) => o.last_position().unwrap_or_default(),
             (None, None) => ShippedPosition::default(),
         };
         let snapshot_index = objects
@@ -194,6 +195,9 @@ impl Shipper {
         let due = applied > st.snapshot_index
             && (st.snapshot_at.elapsed() >= self.s.snapshot_interval
                 || applied - st.snapshot_index >= self.s.snapshot_entries);
+        // A periodic snapshot does not move the segment stream: segments stay gapless, so
+        // every index after the first snapshot has a restore point (only a real gap in the
+        // log starts the stream again, from a snapshot).
         if st.need_snapshot || due {
             self.snapshot(st).await?;
             self.retain(st).await;
@@ -286,7 +290,7 @@ impl Shipper {
             .snapshots_written
             .fetch_add(1, Relaxed);
         tracing::info!(target_url = %self.url, index, bytes = data.len(), "backup snapshot stored");
-        if index > st.shipped.index {
+        if st.need_snapshot && index > st.shipped.index {
             st.shipped = ShippedPosition {
                 index,
                 stamp_ms: stamp,

@@ -33,6 +33,12 @@ pub async fn status(
         .and_then(|l| membership.get_node(&l).cloned());
     let log = n.log_stats();
     let metrics = n.metrics();
+    if metrics.backup.active.load(Ordering::Relaxed) {
+        metrics.backup.observe_commit(
+            m.last_applied.as_ref().map_or(0, |l| l.index),
+            metrics.stamp_floor.load(Ordering::Relaxed),
+        );
+    }
     let body = json!({
         "node_id": n.id(),
         "version": env!("CARGO_PKG_VERSION"),

@@ -108,7 +108,10 @@ fn restored_rows(dir: &Path) -> BTreeMap<(u64, u64), i64> {
 }
 
 /// Per device: (records, distinct k, min k, max k) and the high-water of a restored dir.
-fn restored_devices(dir: &Path) -> (BTreeMap<u64, (u64, u64, u64, u64)>, BTreeMap<u64, u64>) {
+/// Per device: (records, distinct k, min k, max k).
+type DeviceRows = BTreeMap<u64, (u64, u64, u64, u64)>;
+
+fn restored_devices(dir: &Path) -> (DeviceRows, BTreeMap<u64, u64>) {
     let conn = rusqlite::Connection::open_with_flags(
         dir.join("sm/db.sqlite"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -436,8 +439,7 @@ fn test_file_backup_survives_kill9_of_the_cluster_and_restores_to_a_point_in_tim
     copy_dir(&bk, &bad);
     let snap = files(&bad)
         .into_iter()
-        .filter(|f| f.extension().is_some_and(|e| e == "snap"))
-        .next_back()
+        .rfind(|f| f.extension().is_some_and(|e| e == "snap"))
         .expect("a snapshot");
     let mut bytes = std::fs::read(&snap).unwrap();
     let mid = bytes.len() / 2;

@@ -11,7 +11,7 @@ use super::s3::{S3, S3Options};
 #[derive(Clone)]
 pub enum Target {
     Dir(PathBuf),
-    S3(S3),
+    S3(Box<S3>),
 }
 
 impl std::fmt::Debug for Target {
@@ -34,7 +34,7 @@ impl Target {
                 "backup URL {url}: S3 credentials needed (--backup-s3-access-key-id and \
                  --backup-s3-secret-access-key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
             );
-            return Ok(Target::S3(S3::new(bucket, prefix, s3.clone())?));
+            return Ok(Target::S3(Box::new(S3::new(bucket, prefix, s3.clone())?)));
         }
         let path = url.strip_prefix("file://").unwrap_or(url);
         anyhow::ensure!(

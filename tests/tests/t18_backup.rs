@@ -493,12 +493,19 @@ fn moto() -> Moto {
         .local_addr()
         .unwrap()
         .port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("moto_server (PyPI moto[server]; `cargo xtask setup` installs it)");
+        .expect("python3 -m moto.server (PyPI moto[server]; `cargo xtask setup` installs it)");
     let endpoint = format!("http://127.0.0.1:{port}");
     let m = Moto(child, endpoint.clone());
     poll(TIMEOUT, "moto_server to answer", || {

@@ -25,17 +25,18 @@ const PACKAGES: &[(&str, &str)] = &[
     ("arm-none-eabi-size", "binutils-arm-none-eabi"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),
+    // A real rqlite client for the tests (t13_security connects with credentials over HTTPS).
+    ("python3", "python3"),
 ];
 
-/// (program on PATH that proves the package is there; PyPI requirement)
-const PYPI: &[(&str, &str)] = &[
-    // The S3-compatible server the backup tests (t18) store into.
-    ("moto_server", "moto[server]"),
-];
+/// Python packages the tests use: pyrqlite, rqlite's DB-API client (from PyPI).
+/// moto's standalone S3-compatible server stores the backups of t18_backup.
+const PYTHON_PACKAGES: &[(&str, &str)] =
+    &[("pyrqlite", "pyrqlite"), ("moto.server", "moto[server]")];
 
 pub fn run_setup() -> Result<()> {
     ensure_packages(PACKAGES)?;
-    ensure_pypi(PYPI)?;
+    ensure_python(PYTHON_PACKAGES)?;
     // Make sure the pinned toolchain and its targets are installed. `cargo xtask` runs with
     // RUSTUP_TOOLCHAIN set by the cargo proxy, which makes rustup ignore rust-toolchain.toml
     // (and its targets): drop it, then add the listed targets explicitly, since a machine
@@ -101,31 +102,36 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// Installs each PyPI requirement whose program is not on PATH, with the machine's pip
-/// (Debian's Python refuses without `--break-system-packages`).
-pub fn ensure_pypi(packages: &[(&str, &str)]) -> Result<()> {
-    for (bin, req) in packages {
-        if have(bin) {
-            continue;
-        }
-        if !have("pip3") && !have("pip") {
-            ensure_packages(&[("pip3", "python3-pip")])?;
-        }
-        println!("installing from PyPI: {req}");
-        let pip = |extra: &[&str]| {
-            Command::new("python3")
-                .args(["-m", "pip", "install", "-q"])
-                .args(extra)
-                .arg(req)
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        anyhow::ensure!(
-            pip(&[]) || pip(&["--break-system-packages"]),
-            "pip install {req} failed"
-        );
+/// Installs each (module, PyPI package) whose module `python3` cannot import, with pip
+/// (Debian's python3-pip first when pip itself is missing).
+fn ensure_python(packages: &[(&str, &str)]) -> Result<()> {
+    let importable = |m: &str| {
+        Command::new("python3")
+            .args(["-c", &format!("import {m}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(m, _)| !importable(m))
+        .map(|(_, p)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    if !importable("pip") {
+        ensure_packages(&[(
+            "/usr/lib/python3/dist-packages/pip/__init__.py",
+            "python3-pip",
+        )])?;
+    }
+    println!("installing Python packages: {}", missing.join(" "));
+    // Debian marks its Python as externally managed; these are test tools only.
+    exec(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--break-system-packages"])
+            .args(&missing),
+    )
 }
 
 pub fn run() -> Result<()> {

@@ -15,11 +15,14 @@
 //! - [`target`]: a directory or an S3-compatible bucket ([`s3`], SigV4 over hyper).
 //! - [`shipper`]: the leader's loop for one target; the shipped position goes through Raft
 //!   (`Command::BackupShipped`) so that a new leader resumes there.
+//! - [`compact`]: runs of small old segments merged into one (after each snapshot), with
+//!   retention (`backup_retention`, `backup_retention_snapshots`) in the shipper.
 //! - [`restore`]: `cairn restore --from URL`, `cairn backup list`, `--restore-if-empty`.
 //!
 //! Objects of one history epoch live under `{epoch:06}/` of the target; a restore starts a new
 //! epoch, so the restored site's backup never mixes with the one it was restored from.
 
+pub mod compact;
 pub mod object;
 pub mod restore;
 pub mod s3;

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use openraft::storage::RaftLogStorage;
 use openraft::{EntryPayload, RaftLogReader};
 
+use super::compact;
 use super::object::{self, Kind, ObjectName};
 use super::restore::Catalog;
 use super::target::Target;
@@ -351,6 +352,12 @@ impl Shipper {
                 .iter()
                 .filter(|(n, _)| n.last <= oldest_kept),
         );
+        let kept: Vec<(ObjectName, u64)> = objects
+            .segments
+            .iter()
+            .filter(|(n, _)| n.last > oldest_kept)
+            .cloned()
+            .collect();
         for (name, _) in doomed {
             match self.target.delete(&self.key(st.epoch, name)).await {
                 Ok(()) => {
@@ -362,6 +369,15 @@ impl Shipper {
                 }
                 Err(e) => return self.failed(&format!("retention: {e}")),
             }
+        }
+        let stats = &self.cluster.metrics().backup;
+        match compact::compact(&self.target, st.epoch, &kept, self.s.key.as_ref(), now_ms()).await {
+            Ok(c) => {
+                stats.objects_written.fetch_add(c.written, Relaxed);
+                stats.bytes_written.fetch_add(c.bytes, Relaxed);
+                stats.objects_deleted.fetch_add(c.deleted, Relaxed);
+            }
+            Err(e) => self.failed(&format!("compaction: {e:#}")),
         }
     }
 }

@@ -530,43 +530,56 @@ impl BackupStats {
     pub fn prometheus(&self, node_id: u64) -> String {
         use std::fmt::Write as _;
         let (lag_index, lag_ms) = self.lag();
+        let n = |c: &AtomicU64| c.load(Relaxed) as f64;
         let mut out = String::new();
         for (name, kind, help, v) in [
             (
                 "active",
                 "gauge",
                 "1 while this node runs the backup.",
-                u64::from(self.active.load(Relaxed)),
+                f64::from(u8::from(self.active.load(Relaxed))),
             ),
             (
                 "lag_entries",
                 "gauge",
                 "Committed log entries not yet stored on every target.",
-                lag_index,
+                lag_index as f64,
+            ),
+            (
+                "lag_seconds",
+                "gauge",
+                "Stamp of the last committed entry minus that of the last shipped one.",
+                lag_ms as f64 / 1e3,
+            ),
+            (
+                "last_upload_timestamp_seconds",
+                "gauge",
+                "Unix time of the last upload.",
+                self.last_upload_ms.load(Relaxed) as f64 / 1e3,
             ),
             (
                 "bytes_written_total",
                 "counter",
                 "Bytes of backup objects written.",
-                self.bytes_written.load(Relaxed),
+                n(&self.bytes_written),
             ),
             (
                 "objects_written_total",
                 "counter",
                 "Backup objects written.",
-                self.objects_written.load(Relaxed),
+                n(&self.objects_written),
             ),
             (
                 "snapshots_written_total",
                 "counter",
                 "Full snapshots written.",
-                self.snapshots_written.load(Relaxed),
+                n(&self.snapshots_written),
             ),
             (
                 "errors_total",
                 "counter",
                 "Failed backup uploads and listings.",
-                self.errors.load(Relaxed),
+                n(&self.errors),
             ),
         ] {
             let _ = write!(
@@ -575,17 +588,6 @@ impl BackupStats {
                  cairn_backup_{name}{{node_id=\"{node_id}\"}} {v}\n"
             );
         }
-        let _ = write!(
-            out,
-            "# HELP cairn_backup_lag_seconds Stamp of the last committed entry minus that of the \
-             last shipped one.\n# TYPE cairn_backup_lag_seconds gauge\n\
-             cairn_backup_lag_seconds{{node_id=\"{node_id}\"}} {}\n\
-             # HELP cairn_backup_last_upload_timestamp_seconds Unix time of the last upload.\n\
-             # TYPE cairn_backup_last_upload_timestamp_seconds gauge\n\
-             cairn_backup_last_upload_timestamp_seconds{{node_id=\"{node_id}\"}} {}\n",
-            lag_ms as f64 / 1e3,
-            self.last_upload_ms.load(Relaxed) as f64 / 1e3
-        );
         out
     }
 }

@@ -212,6 +212,15 @@ fn start_node(dir: &Path, extra: &[&str], env: &[(&str, String)]) -> (Child, Str
     (child, http)
 }
 
+/// Asserts that the node at `http` serves `n` rows of `acked`.
+fn assert_served_rows(http: &str, n: usize) {
+    let got = cairn_tests::get(&format!(
+        "http://{http}/db/query?level=linearizable&q=SELECT%20count(*)%20FROM%20acked"
+    ))
+    .body;
+    assert_eq!(got["results"][0]["values"][0][0], json!(n), "{got}");
+}
+
 fn kill(mut c: Child) {
     let _ = c.kill();
     let _ = c.wait();
@@ -465,15 +474,7 @@ fn test_file_backup_survives_kill9_of_the_cluster_and_restores_to_a_point_in_tim
 
     // The restored directory starts as a one-node cluster holding exactly that data.
     let (node, http) = start_node(&full, &[], &[]);
-    let got = cairn_tests::get(&format!(
-        "http://{http}/db/query?level=linearizable&q=SELECT%20count(*)%20FROM%20acked"
-    ))
-    .body;
-    assert_eq!(
-        got["results"][0]["values"][0][0],
-        json!(rows.len()),
-        "{got}"
-    );
+    assert_served_rows(&http, rows.len());
     let r = cairn_tests::post(
         &format!("http://{http}/db/execute"),
         &json!([["INSERT INTO acked(w, seq) VALUES(99, 1)"]]),
@@ -637,14 +638,6 @@ fn test_s3_backup_with_leader_change_restores_everything_once() {
         ],
         &env,
     );
-    let got = cairn_tests::get(&format!(
-        "http://{http}/db/query?level=linearizable&q=SELECT%20count(*)%20FROM%20acked"
-    ))
-    .body;
-    assert_eq!(
-        got["results"][0]["values"][0][0],
-        json!(rows.len()),
-        "{got}"
-    );
+    assert_served_rows(&http, rows.len());
     kill(node);
 }

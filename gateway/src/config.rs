@@ -48,6 +48,20 @@
 //! join_as = "joiner"                 # user of `auth` whose password a join sends
 //! insecure = false                   # listen beyond loopback without auth / node TLS
 //! feed_capacity = 1024               # committed device batches kept for slow subscribers (embedding)
+//! # continuous backup (see `backup/`); the leader ships the log to every URL
+//! backup_url = ["s3://bucket/site-a", "file:///mnt/usb/cairn"]
+//! backup_interval = "1s"             # log segments shipped this often
+//! backup_snapshot_interval = "1h"    # a full snapshot at least this often...
+//! backup_snapshot_entries = 100000   # ...or after this many entries
+//! backup_retention = "24h"           # older snapshots (and the segments before them) go
+//! backup_retention_snapshots = 2     # but at least this many snapshots stay
+//! backup_key_file = "/etc/cairn/backup.key"  # 32 bytes (or 64 hex digits): objects encrypted
+//! backup_s3_endpoint = "http://127.0.0.1:9000"  # S3-compatible service; AWS when unset
+//! backup_s3_region = "us-east-1"
+//! backup_s3_access_key_id = "..."    # or AWS_ACCESS_KEY_ID
+//! backup_s3_secret_access_key = "..."  # or AWS_SECRET_ACCESS_KEY
+//! backup_s3_ca_cert = "/etc/cairn/s3-ca.crt"  # CAs for an https endpoint (default: system's)
+//! restore_if_empty = false           # an empty data dir restores the latest backup, then bootstraps
 //!
 //! [[stream]]
 //! id = 1
@@ -149,6 +163,40 @@ pub struct NodeConfig {
     pub device_handshake_timeout_ms: u64,
     /// A device connection with no frame for this many ms is closed.
     pub device_idle_timeout_ms: u64,
+    /// Continuous backup targets (`file:///DIR`, `s3://BUCKET/PREFIX`); empty: no backup.
+    pub backup_url: Vec<String>,
+    pub backup_interval: String,
+    pub backup_snapshot_interval: String,
+    pub backup_snapshot_entries: u64,
+    pub backup_retention: String,
+    pub backup_retention_snapshots: usize,
+    pub backup_key_file: Option<PathBuf>,
+    pub backup_s3_endpoint: Option<String>,
+    pub backup_s3_region: Option<String>,
+    pub backup_s3_access_key_id: Option<String>,
+    pub backup_s3_secret_access_key: Option<String>,
+    pub backup_s3_ca_cert: Option<PathBuf>,
+    /// Start from the latest backup of `backup_url` when the data dir is empty.
+    pub restore_if_empty: bool,
+}
+
+/// A duration as the config writes it: `250ms`, `1s`, `5m`, `2h`, `7d`.
+pub fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| anyhow::anyhow!("duration {s:?}: expected a number and ms, s, m, h or d"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" | "" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => anyhow::bail!("duration {s:?}: unit must be ms, s, m, h or d"),
+    };
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -214,6 +262,19 @@ impl Default for NodeConfig {
             device_max_per_address: 1024,
             device_handshake_timeout_ms: 5_000,
             device_idle_timeout_ms: 120_000,
+            backup_url: Vec::new(),
+            backup_interval: "1s".into(),
+            backup_snapshot_interval: "1h".into(),
+            backup_snapshot_entries: 100_000,
+            backup_retention: "24h".into(),
+            backup_retention_snapshots: 2,
+            backup_key_file: None,
+            backup_s3_endpoint: None,
+            backup_s3_region: None,
+            backup_s3_access_key_id: None,
+            backup_s3_secret_access_key: None,
+            backup_s3_ca_cert: None,
+            restore_if_empty: false,
         }
     }
 }
@@ -361,6 +422,44 @@ pub struct NodeArgs {
     /// Milliseconds without a frame after which a device connection is closed (default 120000).
     #[arg(long)]
     pub device_idle_timeout_ms: Option<u64>,
+    /// Continuous backup to file:///DIR or s3://BUCKET/PREFIX (repeat for several targets).
+    #[arg(long)]
+    pub backup_url: Vec<String>,
+    /// How often the leader ships committed log segments (default 1s).
+    #[arg(long)]
+    pub backup_interval: Option<String>,
+    /// A full snapshot at least this often (default 1h).
+    #[arg(long)]
+    pub backup_snapshot_interval: Option<String>,
+    /// A full snapshot after this many entries (default 100000).
+    #[arg(long)]
+    pub backup_snapshot_entries: Option<u64>,
+    /// Keep snapshots (and the segments after them) this long (default 24h).
+    #[arg(long)]
+    pub backup_retention: Option<String>,
+    /// Keep at least this many snapshots whatever their age (default 2).
+    #[arg(long)]
+    pub backup_retention_snapshots: Option<usize>,
+    /// Encrypt backup objects with this key (32 bytes, or 64 hex digits).
+    #[arg(long)]
+    pub backup_key_file: Option<PathBuf>,
+    /// S3-compatible endpoint such as http://127.0.0.1:9000 (default: AWS).
+    #[arg(long)]
+    pub backup_s3_endpoint: Option<String>,
+    #[arg(long)]
+    pub backup_s3_region: Option<String>,
+    /// S3 access key id (default: AWS_ACCESS_KEY_ID).
+    #[arg(long)]
+    pub backup_s3_access_key_id: Option<String>,
+    /// S3 secret key (default: AWS_SECRET_ACCESS_KEY).
+    #[arg(long)]
+    pub backup_s3_secret_access_key: Option<String>,
+    /// CAs (PEM) to trust for an https S3 endpoint (default: the system's).
+    #[arg(long)]
+    pub backup_s3_ca_cert: Option<PathBuf>,
+    /// With an empty data dir, restore the latest backup of --backup-url and bootstrap.
+    #[arg(long)]
+    pub restore_if_empty: bool,
 }
 
 impl NodeConfig {
@@ -411,13 +510,22 @@ impl NodeConfig {
             device_max_connections,
             device_max_per_address,
             device_handshake_timeout_ms,
-            device_idle_timeout_ms
+            device_idle_timeout_ms,
+            backup_interval,
+            backup_snapshot_interval,
+            backup_snapshot_entries,
+            backup_retention,
+            backup_retention_snapshots
         );
         if args.accept_protocol_1 {
             c.accept_protocol_1 = true;
         }
         c.write_queue_tx |= args.write_queue_tx;
         c.raft_cluster_remove_shutdown |= args.raft_cluster_remove_shutdown;
+        if !args.backup_url.is_empty() {
+            c.backup_url = args.backup_url.clone();
+        }
+        c.restore_if_empty |= args.restore_if_empty;
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
         }
@@ -449,7 +557,13 @@ impl NodeConfig {
             node_cert,
             node_key,
             node_ca_cert,
-            join_as
+            join_as,
+            backup_key_file,
+            backup_s3_endpoint,
+            backup_s3_region,
+            backup_s3_access_key_id,
+            backup_s3_secret_access_key,
+            backup_s3_ca_cert
         );
         c.http_verify_client |= args.http_verify_client;
         c.node_verify_client |= args.node_verify_client;
@@ -482,6 +596,20 @@ impl NodeConfig {
             "write queue sizes must be positive"
         );
         anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");
+        for d in [
+            &self.backup_interval,
+            &self.backup_snapshot_interval,
+            &self.backup_retention,
+        ] {
+            anyhow::ensure!(
+                !parse_duration(d)?.is_zero(),
+                "backup durations must be positive"
+            );
+        }
+        anyhow::ensure!(
+            !self.restore_if_empty || !self.backup_url.is_empty(),
+            "restore_if_empty needs backup_url"
+        );
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;

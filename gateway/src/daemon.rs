@@ -171,8 +171,12 @@ impl Started {
 }
 
 /// Opens storage, starts Raft and the listeners, bootstraps or joins. Returns once serving.
-pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
+pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
     let sec = Security::build(&config)?;
+    let backup = crate::backup::BackupSettings::from_config(&config)?;
+    if let Some(b) = backup.as_ref().filter(|_| config.restore_if_empty) {
+        config.bootstrap |= crate::backup::restore::if_empty(&config.data_dir, b).await?;
+    }
     std::fs::create_dir_all(&config.data_dir)?;
     let http_listener = TcpListener::bind(&config.http_addr)
         .await
@@ -207,14 +211,27 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         &serde_json::to_vec(&bound)?,
     )?;
 
-    let metrics = Arc::new(Metrics::default());
+    if crate::backup::restore::is_restored(&config.data_dir) {
+        anyhow::ensure!(
+            config.bootstrap,
+            "{} holds a restored backup: start it with --bootstrap (a one-node cluster others \
+             then join)",
+            config.data_dir.display()
+        );
+        crate::backup::restore::adopt(&config.data_dir, config.node_id, &peer)?;
+    }
     let log_store =
         LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
+    let metrics = Arc::new(Metrics {
+        stamp_floor: log_store.stamp_floor(),
+        ..Metrics::default()
+    });
     let log_stats = log_store.stats();
     let feed = Arc::new(Feed::new(config.feed_capacity));
     let sm =
         StateMachine::open_with_feed(&config.data_dir.join("sm"), metrics.clone(), feed.clone())?;
     let client = HttpClient::new(sec.raft_client_tls.clone());
+    let backup_log = log_store.clone();
     let raft = Raft::new(
         config.node_id,
         Arc::new(config.raft_config()?),
@@ -299,6 +316,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
                 tracing::error!("server: {e}");
             }
         }));
+    }
+    if let Some(b) = backup {
+        servers.extend(crate::backup::start(
+            cluster.clone(),
+            backup_log,
+            b,
+            stop_rx.clone(),
+        )?);
     }
     let (watching, stop) = (cluster.clone(), stop_rx.clone());
     servers.push(tokio::spawn(async move {

@@ -39,17 +39,35 @@ enum Cmd {
         #[command(flatten)]
         conn: cli::ConnArgs,
     },
-    /// Download the database (a SQLite file) to FILE.
+    /// Download the database (a SQLite file) to FILE; `backup list --from URL` shows a
+    /// continuous backup.
+    #[command(args_conflicts_with_subcommands = true)]
     Backup {
-        file: PathBuf,
+        #[command(subcommand)]
+        command: Option<BackupCmd>,
+        #[arg(required = true)]
+        file: Option<PathBuf>,
         #[command(flatten)]
         conn: cli::ConnArgs,
     },
-    /// Replace the database with FILE (a SQLite file or SQL text).
+    /// Replace the database with FILE (a SQLite file or SQL text), or rebuild a data dir from
+    /// a continuous backup (`--from URL --data-dir DIR [--to-time T | --to-index N]`).
     Restore {
-        file: PathBuf,
+        #[arg(required_unless_present = "from", conflicts_with = "from")]
+        file: Option<PathBuf>,
         #[command(flatten)]
         conn: cli::ConnArgs,
+        #[command(flatten)]
+        source: Option<cli::backup::BackupSource>,
+        /// The new data directory (must be empty or absent).
+        #[arg(long, requires = "from")]
+        data_dir: Option<PathBuf>,
+        /// Stop after the last entry stamped at or before this time (RFC 3339).
+        #[arg(long, requires = "from", conflicts_with = "to_index")]
+        to_time: Option<String>,
+        /// Stop after this log index.
+        #[arg(long, requires = "from")]
+        to_index: Option<u64>,
     },
     /// Run simulated devices (the real firmware client) against gateways' device ports.
     #[cfg(feature = "sim")]
@@ -73,6 +91,12 @@ enum Cmd {
         #[command(subcommand)]
         command: cairn_gateway::security::certs::CertsCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// What a continuous backup holds: snapshots, covered index and time ranges, sizes.
+    List(cli::backup::BackupSource),
 }
 
 #[derive(Subcommand)]
@@ -196,8 +220,24 @@ fn main() -> std::process::ExitCode {
             cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, config, dev_fleet)))
         }
         Cmd::Shell { conn } => cli::shell(&conn),
-        Cmd::Backup { file, conn } => cli::Api::connect(&conn).and_then(|a| cli::backup(&a, &file)),
-        Cmd::Restore { file, conn } => {
+        Cmd::Backup {
+            command: Some(BackupCmd::List(src)),
+            ..
+        } => cli::backup::list(&src),
+        Cmd::Backup { file, conn, .. } => cli::Api::connect(&conn)
+            .and_then(|a| cli::backup(&a, &file.expect("clap requires FILE without a subcommand"))),
+        Cmd::Restore {
+            source: Some(src),
+            data_dir,
+            to_time,
+            to_index,
+            ..
+        } => match data_dir {
+            Some(dir) => cli::backup::restore_from(&src, &dir, to_time.as_deref(), to_index),
+            None => Err(anyhow::anyhow!("restore --from needs --data-dir DIR")),
+        },
+        Cmd::Restore { file, conn, .. } => {
+            let file = file.expect("clap requires FILE without --from");
             cli::Api::connect(&conn).and_then(|a| cli::restore(&a, &file))
         }
         #[cfg(feature = "sim")]

@@ -36,6 +36,8 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("sqlalchemy_rqlite", "sqlalchemy-rqlite"),
     // protocol/tests/crosscheck.py
     ("cryptography", "cryptography"),
+    // moto's standalone S3-compatible server stores the backups of t18_backup.
+    ("moto.server", "moto[server]"),
 ];
 
 /// npm packages the tests use, installed under [`NODE_DIR`] of the workspace (t19 looks

@@ -1,6 +1,7 @@
 //! The `cairn` subcommands other than `node`: `dev`, `shell`, `backup`, `restore`, `device`,
 //! `streams`, plus the process plumbing they share (logging, runtime, signals).
 
+pub mod backup;
 pub mod device;
 pub mod streams;
 

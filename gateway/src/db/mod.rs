@@ -49,6 +49,8 @@ pub mod tables {
     pub const LOAD: &str = "_cairn_load";
     /// Records that did not fit their stream's declared columns (`db::dead_letter`).
     pub const DEAD_LETTER: &str = "dead_letter";
+    /// Continuous backup's shipped positions and the history epoch (`command::backup`).
+    pub const BACKUP: &str = "_cairn_backup";
 }
 
 /// How long truncating the WAL after a snapshot transfer may wait for readers.

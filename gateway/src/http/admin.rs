@@ -37,6 +37,12 @@ pub async fn status(
     let metrics = n.metrics();
     let store = store_json(&n, &m);
     let http = http_json(&n);
+    if metrics.backup.active.load(Ordering::Relaxed) {
+        metrics.backup.observe_commit(
+            m.last_applied.as_ref().map_or(0, |l| l.index),
+            metrics.stamp_floor.load(Ordering::Relaxed),
+        );
+    }
     let body = json!({
         // rqlite's sections, which its tools and test helpers read.
         "store": store,
@@ -69,6 +75,7 @@ pub async fn status(
         },
         "db_size": n.store().size(),
         "ingress": metrics.ingress_json(),
+        "backup": metrics.backup.to_json(),
         "log_store": {
             "appends": log.appends.load(Ordering::Relaxed),
             "entries": log.entries.load(Ordering::Relaxed),
@@ -495,6 +502,7 @@ pub async fn metrics(State(n): State<Arc<Cluster>>) -> Response {
         counters.write_batches.load(Ordering::Relaxed) as f64,
     );
     out.push_str(&counters.ingress_prometheus(id));
+    out.push_str(&counters.backup.prometheus(id));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

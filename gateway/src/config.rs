@@ -50,6 +50,17 @@
 //! on_mismatch = "dead-letter"        # or "reject"
 //! ```
 //!
+//! Export, retention and the disk guard (see `config/export.rs` for `[[export]]`):
+//!
+//! ```toml
+//! site = "north-field"               # idempotency keys of exports; default a generated id
+//! cdc_config = "http://h:8000/cdc"   # rqlite's --cdc-config: a URL or a JSON file
+//! retention = "7d"                   # delete stream rows received longer ago
+//! keep_unexported = true             # ... only once every export delivered them
+//! disk_guard_free_mib = 256          # below this much free space: ingest refused (0: off)
+//! disk_guard_db_mib = 0              # above this database size: ingest refused (0: off)
+//! ```
+//!
 //! `[[stream]]` and `undeclared_streams` are read again on SIGHUP and `POST /streams/reload`
 //! (see `cluster::streams`); the other keys only at start.
 
@@ -57,6 +68,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
+
+pub mod export;
 
 /// Committed device batches the record feed keeps for slow subscribers by default.
 pub const DEFAULT_FEED_CAPACITY: usize = 1024;
@@ -121,6 +134,21 @@ pub struct NodeConfig {
     /// Committed device batches kept for subscribers of the record feed that fall behind
     /// (the embedding API's `Node::subscribe`; see `command::feed`).
     pub feed_capacity: usize,
+    /// The site id every exported record's key starts with (default: a generated cluster
+    /// id, stored in the replicated database on first leadership).
+    pub site: Option<String>,
+    /// Export destinations (`config::export`).
+    pub export: Vec<export::ExportDef>,
+    /// rqlite's `--cdc-config`: one more webhook destination named `cdc`.
+    pub cdc_config: Option<String>,
+    /// Stream rows received longer ago than this are deleted (`"7d"`).
+    pub retention: Option<String>,
+    /// Retention deletes only rows every export destination has delivered.
+    pub keep_unexported: bool,
+    /// Ingest is refused while the data dir's file system has less free space (MiB; 0: off).
+    pub disk_guard_free_mib: u64,
+    /// Ingest is refused while the database is larger (MiB; 0: off).
+    pub disk_guard_db_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -175,6 +203,13 @@ impl Default for NodeConfig {
             join_as: None,
             insecure: false,
             feed_capacity: DEFAULT_FEED_CAPACITY,
+            site: None,
+            export: Vec::new(),
+            cdc_config: None,
+            retention: None,
+            keep_unexported: false,
+            disk_guard_free_mib: 0,
+            disk_guard_db_mib: 0,
         }
     }
 }
@@ -288,6 +323,12 @@ pub struct NodeArgs {
     /// Committed device batches kept for slow subscribers of the record feed (default 1024).
     #[arg(long)]
     pub feed_capacity: Option<usize>,
+    /// Site id of exported records' keys (default: a generated cluster id).
+    #[arg(long)]
+    pub site: Option<String>,
+    /// rqlite's CDC: a webhook URL or a JSON config file in rqlite's format.
+    #[arg(long)]
+    pub cdc_config: Option<String>,
 }
 
 impl NodeConfig {
@@ -363,7 +404,9 @@ impl NodeConfig {
             node_cert,
             node_key,
             node_ca_cert,
-            join_as
+            join_as,
+            site,
+            cdc_config
         );
         c.http_verify_client |= args.http_verify_client;
         c.node_verify_client |= args.node_verify_client;
@@ -393,6 +436,7 @@ impl NodeConfig {
             "write queue sizes must be positive"
         );
         anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");
+        export::validate(&self.exports()?, self.retention.as_deref())?;
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;
@@ -447,6 +491,15 @@ impl NodeConfig {
             }
             _ => anyhow::bail!("node_cert, node_key and node_ca_cert go together"),
         }
+    }
+
+    /// The export destinations: `[[export]]` and `--cdc-config`.
+    pub fn exports(&self) -> anyhow::Result<Vec<export::ExportDef>> {
+        let mut out = self.export.clone();
+        if let Some(c) = &self.cdc_config {
+            out.push(export::ExportDef::from_cdc_config(c)?);
+        }
+        Ok(out)
     }
 
     /// The device stream mapping these settings declare.

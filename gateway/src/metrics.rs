@@ -7,6 +7,8 @@
 //! buckets, so a percentile is exact to within a factor of two (reported as the bucket's
 //! upper bound).
 
+pub mod export;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -278,12 +280,18 @@ pub struct Metrics {
     pub apply_latency: Histogram,
     /// Apply held by an environment failure (disk full, ...), if it is.
     pub apply_stall: Stall,
+    /// Ingest refused by the disk guard (free space or database size past its mark).
+    pub disk_guard: Stall,
+    /// Per export destination (the leader's runners).
+    pub exports: export::ExportCounters,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             apply_stall: Stall::default(),
+            disk_guard: Stall::default(),
+            exports: export::ExportCounters::default(),
             http_requests: AtomicU64::new(0),
             writes_proposed: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),

@@ -30,6 +30,7 @@
 
 pub mod dead_letter;
 pub mod device;
+pub mod export;
 pub mod feed;
 pub mod load;
 pub mod registry;
@@ -42,6 +43,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use self::device::{BatchOutcome, DeviceBatch};
+use self::export::{ExportCommand, ExportOutcome};
 use self::feed::Feed;
 use self::load::LoadChunk;
 use self::registry::{RegistryCommand, RegistryOutcome};
@@ -66,6 +68,8 @@ pub enum Command {
     LoadChunk(LoadChunk),
     /// Stream definitions with `on_mismatch`, and dead-letter replays ([`streams`]).
     Streams(StreamsCommand),
+    /// Site id, export cursors and retention, proposed by the leader ([`export`]).
+    Export(ExportCommand),
 }
 
 impl Command {
@@ -77,7 +81,8 @@ impl Command {
             Command::Sql(_)
             | Command::DeviceRegistry(_)
             | Command::LoadChunk(_)
-            | Command::Streams(_) => None,
+            | Command::Streams(_)
+            | Command::Export(_) => None,
         }
     }
 }
@@ -108,6 +113,7 @@ impl fmt::Display for Command {
                 sql.transaction
             ),
             Command::Streams(c) => write!(f, "Streams({c})"),
+            Command::Export(c) => write!(f, "Export({c})"),
         }
     }
 }
@@ -124,6 +130,7 @@ pub enum CommandResponse {
     DeviceBatches(Vec<BatchOutcome>),
     DeviceRegistry(RegistryOutcome),
     Streams(StreamsOutcome),
+    Export(ExportOutcome),
 }
 
 /// What an apply function may use besides the connection: the entry's log index (it seeds
@@ -157,5 +164,6 @@ pub fn apply(
             None => CommandResponse::Empty,
         }),
         Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
+        Command::Export(c) => export::apply_export(conn, c).map(CommandResponse::Export),
     }
 }

@@ -25,6 +25,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("arm-none-eabi-size", "binutils-arm-none-eabi"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),
+    // Export destinations the export tests start (tests/src/servers.rs).
+    ("/usr/lib/postgresql/15/bin/postgres", "postgresql-15"),
+    ("/usr/sbin/nats-server", "nats-server"),
+    ("/usr/sbin/mosquitto", "mosquitto"),
+    ("mosquitto_sub", "mosquitto-clients"),
 ];
 
 pub fn run_setup() -> Result<()> {

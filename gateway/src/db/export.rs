@@ -121,11 +121,7 @@ pub fn set_site(conn: &Connection, site: &str) -> rusqlite::Result<String> {
         ),
         [site],
     )?;
-    Ok(site_or_empty(conn)?)
-}
-
-fn site_or_empty(conn: &Connection) -> rusqlite::Result<String> {
-    Ok(site(conn)?.unwrap_or_default())
+    Ok(self::site(conn)?.unwrap_or_default())
 }
 
 /// A device's registration epoch (0 until it first changes).

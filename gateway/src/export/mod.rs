@@ -457,7 +457,7 @@ async fn commit(
 async fn retain(cluster: Arc<Cluster>, keep_ms: i64, keep_unexported: bool) {
     loop {
         let tables = cluster
-            .read(|c| crate::db::sandbox::stream_tables(c))
+            .read(crate::db::sandbox::stream_tables)
             .await
             .unwrap_or_default();
         for table in tables {

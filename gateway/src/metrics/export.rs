@@ -82,7 +82,8 @@ impl ExportCounters {
         use std::fmt::Write as _;
         let all = self.all();
         let mut out = String::new();
-        let metrics: [(&str, &str, &str, fn(&DestinationStats) -> f64); 4] = [
+        type Gauge = fn(&DestinationStats) -> f64;
+        let metrics: [(&str, &str, &str, Gauge); 4] = [
             (
                 "delivered_total",
                 "counter",

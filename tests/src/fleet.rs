@@ -20,6 +20,16 @@ use std::time::{Duration, Instant};
 /// The stream the fleet writes; the bench declares it as a three-`real` table.
 pub const STREAM: u16 = 7;
 
+/// The config of [`STREAM`] as a table `climate` of three reals (what the fleet sends).
+pub fn stream_toml() -> String {
+    format!(
+        "[[stream]]\nid = {STREAM}\ntable = \"climate\"\ncolumns = [\
+         {{ name = \"temperature\", type = \"real\" }}, \
+         {{ name = \"humidity\", type = \"real\" }}, \
+         {{ name = \"pressure\", type = \"real\" }}]\n"
+    )
+}
+
 /// Records one device puts in a batch at most (a full 1 KiB frame holds about 49).
 const MAX_BATCH: u16 = 64;
 

@@ -27,10 +27,7 @@ fn config(pg: &str, nats: &str, mqtt: &str, webhook: &str) -> String {
         r#"
 site = "{SITE}"
 
-[[stream]]
-id = {stream}
-table = "climate"
-columns = [{{ name = "temperature", type = "real" }}, {{ name = "humidity", type = "real" }}, {{ name = "pressure", type = "real" }}]
+{streams}
 
 [[export]]
 name = "warehouse"
@@ -55,7 +52,7 @@ kind = "webhook"
 url = "{webhook}"
 priority = -1
 "#,
-        stream = fleet::STREAM
+        streams = fleet::stream_toml()
     )
 }
 

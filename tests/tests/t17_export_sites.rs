@@ -15,10 +15,7 @@ fn config(site: &str, pg: &str, nats: &str) -> String {
         r#"
 site = "{site}"
 
-[[stream]]
-id = {stream}
-table = "climate"
-columns = [{{ name = "temperature", type = "real" }}, {{ name = "humidity", type = "real" }}, {{ name = "pressure", type = "real" }}]
+{streams}
 
 [[export]]
 name = "warehouse"
@@ -31,7 +28,7 @@ kind = "nats"
 url = "{nats}"
 stream = "SITES"
 "#,
-        stream = fleet::STREAM
+        streams = fleet::stream_toml()
     )
 }
 

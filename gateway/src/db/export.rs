@@ -89,14 +89,32 @@ pub fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Maps "no such table" (nothing written yet) to `None`.
+/// True for "no such table": nothing of export was written yet.
+fn is_absent(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(_, Some(m)) if m.contains("no such table"))
+}
+
+/// Maps "no such table" to `None`.
 fn absent_is_none<T>(r: rusqlite::Result<Option<T>>) -> rusqlite::Result<Option<T>> {
     match r {
-        Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.contains("no such table") => {
-            Ok(None)
-        }
+        Err(e) if is_absent(&e) => Ok(None),
         other => other,
     }
+}
+
+/// The rows of `sql`, none if its table does not exist yet.
+fn rows_if_present<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut stmt = match conn.prepare(sql) {
+        Ok(s) => s,
+        Err(e) if is_absent(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    stmt.query_map(params, map)?.collect()
 }
 
 /// The site id, once a leader has set it.
@@ -246,14 +264,9 @@ pub fn journal_after(
          WHERE (log_index, ordinal) > (?1, ?2) ORDER BY log_index, ordinal LIMIT ?3",
         tables::EXPORT_JOURNAL
     );
-    let mut stmt = match conn.prepare(&sql) {
-        Ok(s) => s,
-        Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => {
-            return Ok(Vec::new());
-        }
-        Err(e) => return Err(e),
-    };
-    let rows = stmt.query_map(
+    rows_if_present(
+        conn,
+        &sql,
         rusqlite::params![after.log_index as i64, after.ordinal, limit as i64],
         |r| {
             Ok(JournalRow {
@@ -268,8 +281,7 @@ pub fn journal_after(
                 at_ms: r.get(6)?,
             })
         },
-    )?;
-    rows.collect()
+    )
 }
 
 /// Records (by seq count) and the oldest receive time of the journal after `after`: a
@@ -285,9 +297,7 @@ pub fn backlog(conn: &Connection, after: Position) -> rusqlite::Result<(u64, Opt
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?)),
     );
     match r {
-        Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => {
-            Ok((0, None))
-        }
+        Err(e) if is_absent(&e) => Ok((0, None)),
         other => other,
     }
 }
@@ -298,14 +308,7 @@ pub fn cursors(conn: &Connection) -> rusqlite::Result<Vec<Cursor>> {
         "SELECT name, log_index, ordinal, delivered FROM {} ORDER BY name",
         tables::EXPORT_CURSORS
     );
-    let mut stmt = match conn.prepare(&sql) {
-        Ok(s) => s,
-        Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => {
-            return Ok(Vec::new());
-        }
-        Err(e) => return Err(e),
-    };
-    let rows = stmt.query_map([], |r| {
+    rows_if_present(conn, &sql, [], |r| {
         Ok(Cursor {
             name: r.get(0)?,
             pos: Position {
@@ -314,8 +317,7 @@ pub fn cursors(conn: &Connection) -> rusqlite::Result<Vec<Cursor>> {
             },
             delivered: r.get::<_, i64>(3)? as u64,
         })
-    })?;
-    rows.collect()
+    })
 }
 
 /// Moves a destination's cursor forward (never back: a late commit of an older position from

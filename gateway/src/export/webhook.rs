@@ -42,7 +42,7 @@ impl Webhook {
             ));
         }
         Ok(Webhook {
-            client: HttpClient::new(),
+            client: HttpClient::new(None),
             url: url.to_string(),
             node_id: node_id.to_string(),
             service_id,

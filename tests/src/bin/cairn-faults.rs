@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cairn-faults [--schedules N] [--seed S] [--steps K] [--nodes 3] [--loopback] [--quiet]
+//!              [--secure]                 # --auth, HTTPS and node mutual TLS on every node
 //!              [--read-level none|weak]   # show the checker catching stale reads
 //! cairn-faults --check FILE     # re-run the checkers on a saved failing run
 //! ```
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
         if args.iter().any(|a| a == "--loopback") {
             cfg.isolation = false;
         }
+        cfg.secure = args.iter().any(|a| a == "--secure");
         cfg.out_dir = std::env::var_os("CAIRN_FAULTS_DIR")
             .map(Into::into)
             .unwrap_or_else(std::env::temp_dir);

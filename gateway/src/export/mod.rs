@@ -39,7 +39,8 @@ const TICK: Duration = Duration::from_millis(200);
 const IDLE: Duration = Duration::from_millis(50);
 /// Rows one retention entry deletes at most.
 const RETAIN_PER_ENTRY: u64 = 5_000;
-/// How often the leader runs retention.
+/// How often the leader runs retention at most (a short retention runs every half of it,
+/// but not more often than every second).
 const RETAIN_EVERY: Duration = Duration::from_secs(10);
 /// A delivered cursor is committed at least this often while a runner is busy.
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
@@ -452,9 +453,12 @@ async fn commit(
     }
 }
 
-/// Retention on the leader: every [`RETAIN_EVERY`], each stream table's rows received more
-/// than `keep_ms` ago, in entries of at most [`RETAIN_PER_ENTRY`] rows.
+/// Retention on the leader: every [`RETAIN_EVERY`] (or half the retention), each stream
+/// table's rows received more than `keep_ms` ago, in entries of at most [`RETAIN_PER_ENTRY`]
+/// rows.
 async fn retain(cluster: Arc<Cluster>, keep_ms: i64, keep_unexported: bool) {
+    let every = Duration::from_millis((keep_ms / 2).max(0) as u64)
+        .clamp(Duration::from_secs(1), RETAIN_EVERY);
     loop {
         let tables = cluster
             .read(crate::db::sandbox::stream_tables)
@@ -486,6 +490,6 @@ async fn retain(cluster: Arc<Cluster>, keep_ms: i64, keep_unexported: bool) {
                 }
             }
         }
-        tokio::time::sleep(RETAIN_EVERY).await;
+        tokio::time::sleep(every).await;
     }
 }

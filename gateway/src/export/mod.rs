@@ -200,6 +200,15 @@ async fn lead_term(cluster: &Arc<Cluster>, settings: &Arc<ExportSettings>) -> Re
         }
     };
     let cursors = cluster.read(journal::cursors).await??;
+    for c in &cursors {
+        if !settings.destinations.iter().any(|d| d.name == c.name) {
+            tracing::warn!(
+                destination = %c.name,
+                "export: a registered destination is not in this leader's config; its cursor \
+                 holds the export journal back until it is configured again"
+            );
+        }
+    }
     for d in &settings.destinations {
         if !cursors.iter().any(|c| c.name == d.name) {
             export_write(

@@ -1,7 +1,8 @@
 //! Retention and the disk guard (issue 28, items 5 and 6):
 //!
 //! - `retention = "2s"` with `keep_unexported = true`: stream rows older than that stay while
-//!   the export destination is away, and go once it has them all; user tables are untouched;
+//!   the export destination (rqlite's `--cdc-config URL`) is away, and go once it has them
+//!   all; user tables are untouched;
 //! - a node whose data dir (a 96 MiB tmpfs; needs root) has less free space than
 //!   `disk_guard_free_mib` answers device batches with Overloaded and SQL writes with 503,
 //!   loses nothing, and takes data again by itself once space returns.
@@ -35,23 +36,23 @@ fn stream(c: &Cluster, ids: std::ops::Range<u64>, secs: u64) -> fleet::Report {
 fn test_retention_keeps_unexported_rows_then_deletes_them() {
     let hook = WebhookReceiver::start().expect("webhook receiver");
     hook.set_down(true);
+    // The destination comes from rqlite's flag: a webhook named `cdc`.
     let config = format!(
-        "retention = \"2s\"\nkeep_unexported = true\n{}\n[[export]]\nname = \"hook\"\n\
-         kind = \"webhook\"\nurl = \"{}\"\n",
-        fleet::stream_toml(),
-        hook.url
+        "retention = \"2s\"\nkeep_unexported = true\n{}",
+        fleet::stream_toml()
     );
     let c = Cluster::start_with(
         1,
         Options {
             config: Some(config),
+            extra: vec!["--cdc-config".into(), hook.url.clone()],
             ..Options::default()
         },
     );
     poll(
         Duration::from_secs(30),
         "the destination registered",
-        || (c.nodes[0].status()?["export"]["hook"]["running"] == true).then_some(()),
+        || (c.nodes[0].status()?["export"]["cdc"]["running"] == true).then_some(()),
     );
     c.execute(&stmts(&[
         "CREATE TABLE notes (t TEXT)",

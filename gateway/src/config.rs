@@ -70,6 +70,17 @@
 //! on_mismatch = "dead-letter"        # or "reject"
 //! ```
 //!
+//! Export, retention and the disk guard (see `config/export.rs` for `[[export]]`):
+//!
+//! ```toml
+//! site = "north-field"               # idempotency keys of exports; default a generated id
+//! cdc_config = "http://h:8000/cdc"   # rqlite's --cdc-config: a URL or a JSON file
+//! retention = "7d"                   # delete stream rows received longer ago
+//! keep_unexported = true             # ... only once every export delivered them
+//! disk_guard_free_mib = 256          # below this much free space: ingest refused (0: off)
+//! disk_guard_db_mib = 0              # above this database size: ingest refused (0: off)
+//! ```
+//!
 //! `[[stream]]` and `undeclared_streams` are read again on SIGHUP and `POST /streams/reload`
 //! (see `cluster::streams`); the other keys only at start.
 
@@ -77,6 +88,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
+
+pub mod export;
 
 /// Committed device batches the record feed keeps for slow subscribers by default.
 pub const DEFAULT_FEED_CAPACITY: usize = 1024;
@@ -178,6 +191,21 @@ pub struct NodeConfig {
     pub backup_s3_ca_cert: Option<PathBuf>,
     /// Start from the latest backup of `backup_url` when the data dir is empty.
     pub restore_if_empty: bool,
+    /// The site id every exported record's key starts with (default: a generated cluster
+    /// id, stored in the replicated database on first leadership).
+    pub site: Option<String>,
+    /// Export destinations (`config::export`).
+    pub export: Vec<export::ExportDef>,
+    /// rqlite's `--cdc-config`: one more webhook destination named `cdc`.
+    pub cdc_config: Option<String>,
+    /// Stream rows received longer ago than this are deleted (`"7d"`).
+    pub retention: Option<String>,
+    /// Retention deletes only rows every export destination has delivered.
+    pub keep_unexported: bool,
+    /// Ingest is refused while the data dir's file system has less free space (MiB; 0: off).
+    pub disk_guard_free_mib: u64,
+    /// Ingest is refused while the database is larger (MiB; 0: off).
+    pub disk_guard_db_mib: u64,
 }
 
 /// A duration as the config writes it: `250ms`, `1s`, `5m`, `2h`, `7d`.
@@ -275,6 +303,13 @@ impl Default for NodeConfig {
             backup_s3_secret_access_key: None,
             backup_s3_ca_cert: None,
             restore_if_empty: false,
+            site: None,
+            export: Vec::new(),
+            cdc_config: None,
+            retention: None,
+            keep_unexported: false,
+            disk_guard_free_mib: 0,
+            disk_guard_db_mib: 0,
         }
     }
 }
@@ -460,6 +495,12 @@ pub struct NodeArgs {
     /// With an empty data dir, restore the latest backup of --backup-url and bootstrap.
     #[arg(long)]
     pub restore_if_empty: bool,
+    /// Site id of exported records' keys (default: a generated cluster id).
+    #[arg(long)]
+    pub site: Option<String>,
+    /// rqlite's CDC: a webhook URL or a JSON config file in rqlite's format.
+    #[arg(long)]
+    pub cdc_config: Option<String>,
 }
 
 impl NodeConfig {
@@ -563,7 +604,9 @@ impl NodeConfig {
             backup_s3_region,
             backup_s3_access_key_id,
             backup_s3_secret_access_key,
-            backup_s3_ca_cert
+            backup_s3_ca_cert,
+            site,
+            cdc_config
         );
         c.http_verify_client |= args.http_verify_client;
         c.node_verify_client |= args.node_verify_client;
@@ -610,6 +653,7 @@ impl NodeConfig {
             !self.restore_if_empty || !self.backup_url.is_empty(),
             "restore_if_empty needs backup_url"
         );
+        export::validate(&self.exports()?, self.retention.as_deref())?;
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;
@@ -664,6 +708,15 @@ impl NodeConfig {
             }
             _ => anyhow::bail!("node_cert, node_key and node_ca_cert go together"),
         }
+    }
+
+    /// The export destinations: `[[export]]` and `--cdc-config`.
+    pub fn exports(&self) -> anyhow::Result<Vec<export::ExportDef>> {
+        let mut out = self.export.clone();
+        if let Some(c) = &self.cdc_config {
+            out.push(export::ExportDef::from_cdc_config(c)?);
+        }
+        Ok(out)
     }
 
     /// The device stream mapping these settings declare.

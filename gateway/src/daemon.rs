@@ -325,6 +325,11 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
             stop_rx.clone(),
         )?);
     }
+    servers.push(tokio::spawn(crate::export::supervise(
+        cluster.clone(),
+        crate::export::ExportSettings::from_config(&config)?,
+        stop_rx.clone(),
+    )));
     let (watching, stop) = (cluster.clone(), stop_rx.clone());
     servers.push(tokio::spawn(async move {
         watching.hand_over_while_held(stop).await;

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod db;
 pub mod embed;
 pub mod error;
+pub mod export;
 pub mod http;
 pub mod ingress;
 pub mod metrics;

@@ -7,6 +7,8 @@
 //! buckets, so a percentile is exact to within a factor of two (reported as the bucket's
 //! upper bound).
 
+pub mod export;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -307,6 +309,10 @@ pub struct Metrics {
     pub stamp_floor: Arc<AtomicI64>,
     /// Continuous backup, on the node that runs it (the leader).
     pub backup: BackupStats,
+    /// Ingest refused by the disk guard (free space or database size past its mark).
+    pub disk_guard: Stall,
+    /// Per export destination (the leader's runners).
+    pub exports: export::ExportCounters,
 }
 
 /// The last AppendEntries (heartbeats included) this node accepted from a leader, and the
@@ -361,6 +367,8 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             apply_stall: Stall::default(),
+            disk_guard: Stall::default(),
+            exports: export::ExportCounters::default(),
             http_requests: AtomicU64::new(0),
             writes_proposed: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),

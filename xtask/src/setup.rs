@@ -27,6 +27,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     // A real rqlite client for the tests (t13_security connects with credentials over HTTPS).
     ("python3", "python3"),
+    // Export destinations the export tests start (tests/src/servers.rs).
+    ("/usr/lib/postgresql/15/bin/postgres", "postgresql-15"),
+    ("/usr/sbin/nats-server", "nats-server"),
+    ("/usr/sbin/mosquitto", "mosquitto"),
+    ("mosquitto_sub", "mosquitto-clients"),
 ];
 
 /// Python packages the tests use (from PyPI): pyrqlite, rqlite's DB-API client, and

@@ -341,6 +341,18 @@ impl Cluster {
                 "this node's storage is held ({what}: {e}); retry shortly"
             )));
         }
+        // The disk guard refuses new data, never what frees space (retention, cursors).
+        if let Some(e) = self.metrics.disk_guard.held() {
+            match cmd {
+                Command::DeviceBatches(_) => return Err(Error::Overloaded),
+                Command::Sql(_) | Command::SqlAt { .. } | Command::LoadChunk(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "disk guard: {e}; writes refused"
+                    )));
+                }
+                _ => {}
+            }
+        }
         self.proposer.propose(cmd).await
     }
 

@@ -117,6 +117,9 @@ pub struct ApplyStats {
     /// When `Some` (someone subscribes to the [`Feed`](super::feed::Feed)): per stored
     /// batch, its index in the entry and the first seq stored.
     pub stored: Option<Vec<(usize, u64)>>,
+    /// Per stored batch (always): its index in the entry and the first seq stored, for the
+    /// export journal (`db::export`).
+    pub journal: Vec<(usize, u64)>,
 }
 
 /// The stored time (Unix ms) of a record taken at device uptime `uptime_ms`, in a batch sent
@@ -261,6 +264,16 @@ pub fn apply(
     };
     let out = apply_device_batches(conn, batches, &mut stats)?;
     dead_letter::report(m, &stats.misfits);
+    let journal: Vec<_> = stats
+        .journal
+        .iter()
+        .filter_map(|&(i, from)| {
+            let last = batches[i].view()?.header().last_seq();
+            let b = &batches[i];
+            Some((i as u32, b.device_id, from, last, b.received_at_ms))
+        })
+        .collect();
+    crate::db::export::journal(conn, ctx.index, &journal)?;
     for &(i, from_seq) in stats.stored.iter().flatten() {
         ctx.feed.stage(&batches[i], from_seq);
     }
@@ -346,6 +359,7 @@ pub fn apply_device_batches(
             stats.records += 1;
         }
         set_hw.execute([b.device_id as i64, last as i64])?;
+        stats.journal.push((i, hw + 1));
         if let Some(stored) = &mut stats.stored {
             stored.push((i, hw + 1));
         }

@@ -31,6 +31,7 @@
 pub mod backup;
 pub mod dead_letter;
 pub mod device;
+pub mod export;
 pub mod feed;
 pub mod load;
 pub mod registry;
@@ -43,6 +44,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use self::device::{BatchOutcome, DeviceBatch};
+use self::export::{ExportCommand, ExportOutcome};
 use self::feed::Feed;
 use self::load::LoadChunk;
 use self::registry::{RegistryCommand, RegistryOutcome};
@@ -73,6 +75,8 @@ pub enum Command {
     Stamped { stamp_ms: i64, cmd: Box<Command> },
     /// How far the continuous backup stored the log on one target ([`backup`]).
     BackupShipped(backup::BackupShipped),
+    /// Site id, export cursors and retention, proposed by the leader ([`export`]).
+    Export(ExportCommand),
 }
 
 impl Command {
@@ -92,7 +96,8 @@ impl Command {
             | Command::DeviceRegistry(_)
             | Command::LoadChunk(_)
             | Command::Streams(_)
-            | Command::BackupShipped(_) => None,
+            | Command::BackupShipped(_)
+            | Command::Export(_) => None,
         }
     }
 
@@ -154,6 +159,7 @@ impl fmt::Display for Command {
                 "BackupShipped({} through {})",
                 b.target, b.position.index
             ),
+            Command::Export(c) => write!(f, "Export({c})"),
         }
     }
 }
@@ -170,6 +176,7 @@ pub enum CommandResponse {
     DeviceBatches(Vec<BatchOutcome>),
     DeviceRegistry(RegistryOutcome),
     Streams(StreamsOutcome),
+    Export(ExportOutcome),
 }
 
 /// What an apply function may use besides the connection: the entry's log index (it seeds
@@ -217,5 +224,6 @@ pub fn apply(
         }
         // `unstamped` took every stamp off.
         Command::Stamped { .. } => Ok(CommandResponse::Empty),
+        Command::Export(c) => export::apply_export(conn, c).map(CommandResponse::Export),
     }
 }

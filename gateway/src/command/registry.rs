@@ -161,6 +161,11 @@ pub fn apply_registry(
                 rusqlite::params![*device_id as i64, &key[..]],
             )? > 0;
             if !replaced {
+                // Removed and added again: possibly another device under the old id, whose
+                // seqs may repeat old ones; exports key its records with a new epoch.
+                if crate::db::export::was_removed(conn, *device_id)? {
+                    crate::db::export::bump_epoch(conn, *device_id, None)?;
+                }
                 conn.execute(
                     &format!("INSERT INTO {DEVICES_TABLE}(device_id, key) VALUES (?1, ?2)"),
                     rusqlite::params![*device_id as i64, &key[..]],
@@ -188,6 +193,9 @@ pub fn apply_registry(
                     &format!("DELETE FROM {KEYS_TABLE} WHERE device_id = ?1"),
                     [*device_id as i64],
                 )?;
+            }
+            if n > 0 {
+                crate::db::export::mark_removed(conn, *device_id)?;
             }
             RegistryOutcome::Removed { existed: n > 0 }
         }
@@ -349,10 +357,14 @@ fn reset_high_water(
         ),
         rusqlite::params![device_id as i64, seq as i64],
     )?;
+    // Seqs above `seq` will be sent again and name new records: a new epoch keeps their
+    // export keys apart from the old ones.
+    let epoch = crate::db::export::bump_epoch(conn, device_id, Some(seq))?;
     tracing::warn!(
         device_id,
         previous,
         seq,
+        epoch,
         "device high-water reset by an admin"
     );
     Ok(RegistryOutcome::HighWaterReset { previous })

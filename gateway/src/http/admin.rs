@@ -76,6 +76,7 @@ pub async fn status(
         "db_size": n.store().size(),
         "ingress": metrics.ingress_json(),
         "backup": metrics.backup.to_json(),
+        "export": metrics.exports.to_json(),
         "log_store": {
             "appends": log.appends.load(Ordering::Relaxed),
             "entries": log.entries.load(Ordering::Relaxed),
@@ -92,6 +93,8 @@ pub async fn status(
             "log_write": log.stall.to_json(),
             "apply": metrics.apply_stall.to_json(),
         },
+        // Ingest refused by the disk guard: null when not.
+        "disk_guard": metrics.disk_guard.to_json(),
     });
     json_response(StatusCode::OK, &body, o.pretty)
 }
@@ -503,6 +506,7 @@ pub async fn metrics(State(n): State<Arc<Cluster>>) -> Response {
     );
     out.push_str(&counters.ingress_prometheus(id));
     out.push_str(&counters.backup.prometheus(id));
+    out.push_str(&counters.exports.prometheus(id));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

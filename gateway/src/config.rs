@@ -216,14 +216,17 @@ pub fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
     let n: u64 = n
         .parse()
         .map_err(|_| anyhow::anyhow!("duration {s:?}: expected a number and ms, s, m, h or d"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" | "" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" | "" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => anyhow::bail!("duration {s:?}: unit must be ms, s, m, h or d"),
     };
+    let ms = n
+        .checked_mul(unit_ms)
+        .ok_or_else(|| anyhow::anyhow!("duration {s:?} too large"))?;
     Ok(std::time::Duration::from_millis(ms))
 }
 

@@ -343,7 +343,7 @@ impl Cluster {
         }
         // The disk guard refuses new data, never what frees space (retention, cursors).
         if let Some(e) = self.metrics.disk_guard.held() {
-            match cmd {
+            match cmd.unstamped() {
                 Command::DeviceBatches(_) => return Err(Error::Overloaded),
                 Command::Sql(_) | Command::SqlAt { .. } | Command::LoadChunk(_) => {
                     return Err(Error::Unavailable(format!(

@@ -83,8 +83,6 @@ pub fn read_shipped(conn: &Connection, target: &str) -> rusqlite::Result<Option<
 }
 
 /// The site's history epoch (0 until the first restore).
-// TODO(export, issue 28): the export helper's per-device epochs should grow with this one;
-// if both land, share one `history_epoch` function from here.
 pub fn history_epoch(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(get(conn, "history_epoch")?
         .and_then(|b| String::from_utf8(b).ok())
@@ -93,9 +91,13 @@ pub fn history_epoch(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// Starts a new history epoch (`cairn restore`, on the restored database before it serves)
-/// and forgets every shipped position: the new history is backed up from scratch.
+/// and forgets every shipped position: the new history is backed up from scratch. Every
+/// device starts a new export epoch too (`db::export`): its seqs after the restored point
+/// may name new records. The lost history may have raised epochs past the restored ones, so
+/// the new ones start at `epoch << 32` (above any a history reaches).
 pub fn start_epoch(conn: &Connection, epoch: u64) -> rusqlite::Result<()> {
     put(conn, "history_epoch", epoch.to_string().into_bytes())?;
+    crate::db::export::bump_all_epochs(conn, epoch << 32)?;
     conn.execute(
         &format!("DELETE FROM {} WHERE key LIKE 'shipped:%'", tables::BACKUP),
         [],
@@ -119,8 +121,14 @@ mod tests {
         apply_shipped(&c, &at(10)).unwrap();
         apply_shipped(&c, &at(7)).unwrap();
         assert_eq!(read_shipped(&c, "file:///x").unwrap().unwrap().index, 10);
+        assert_eq!(crate::db::export::bump_epoch(&c, 9, None).unwrap(), 1);
         start_epoch(&c, 3).unwrap();
         assert_eq!(history_epoch(&c).unwrap(), 3);
         assert_eq!(read_shipped(&c, "file:///x").unwrap(), None);
+        assert_eq!(
+            crate::db::export::epoch(&c, 9).unwrap(),
+            3 << 32,
+            "a restore starts a new epoch of every device"
+        );
     }
 }

@@ -11,7 +11,6 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::db::export::{self, Cursor};
-use crate::db::schema::utc_text;
 
 /// What an export entry asks every replica to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,9 +116,9 @@ fn retain(
     let n = conn.execute(
         &format!(
             "DELETE FROM \"{table}\" WHERE (device_id, seq) IN (SELECT device_id, seq FROM \
-             \"{table}\" WHERE received_at < ?1 LIMIT ?2)"
+             \"{table}\" WHERE time_ms + age_ms < ?1 LIMIT ?2)"
         ),
-        rusqlite::params![utc_text(before_ms), limit as i64],
+        rusqlite::params![before_ms, limit as i64],
     )? as u64;
     // Journal rows of deleted records name nothing any more (and without destinations
     // nothing else trims them).

@@ -144,26 +144,13 @@ fn go_duration_ms(v: &serde_json::Value) -> Option<u64> {
     }
 }
 
-/// `"500ms"`, `"30s"`, `"15m"`, `"12h"`, `"7d"` in ms.
+/// `"500ms"`, `"30s"`, `"15m"`, `"12h"`, `"7d"` in ms (the unit is required here).
 pub fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| anyhow::anyhow!("duration {s:?} needs a unit (ms, s, m, h, d)"))?;
-    let (n, unit) = s.split_at(split);
-    let n: i64 = n
-        .parse()
-        .map_err(|_| anyhow::anyhow!("duration {s:?}: not a number"))?;
-    let ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        u => anyhow::bail!("duration {s:?}: unknown unit {u:?} (ms, s, m, h, d)"),
-    };
-    n.checked_mul(ms)
-        .ok_or_else(|| anyhow::anyhow!("duration {s:?} too large"))
+    anyhow::ensure!(
+        s.trim().ends_with(|c: char| c.is_ascii_alphabetic()),
+        "duration {s:?} needs a unit (ms, s, m, h, d)"
+    );
+    Ok(i64::try_from(super::parse_duration(s)?.as_millis())?)
 }
 
 /// Checks names are unique and set, and durations parse.

@@ -185,6 +185,51 @@ pub fn bump_epoch(
     epoch(conn, device_id)
 }
 
+/// Raises each `(device_id, epoch)`'s stored epoch to at least `epoch` (a loaded backup's).
+pub fn merge_epochs(conn: &Connection, epochs: &[(i64, i64)]) -> rusqlite::Result<()> {
+    create_tables(conn)?;
+    let mut st = conn.prepare(&format!(
+        "INSERT INTO {} (device_id, epoch, removed) VALUES (?1, ?2, 0) \
+         ON CONFLICT(device_id) DO UPDATE SET epoch = max(epoch, excluded.epoch)",
+        tables::DEVICE_EPOCHS
+    ))?;
+    for (device_id, epoch) in epochs {
+        st.execute([device_id, epoch])?;
+    }
+    Ok(())
+}
+
+/// Starts a new epoch, at least `floor`, of every registered device and of every device
+/// export knows (a restore starts a new history: seqs after the restored point may name new
+/// records).
+pub fn bump_all_epochs(conn: &Connection, floor: u64) -> rusqlite::Result<()> {
+    create_tables(conn)?;
+    let registered: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [tables::DEVICES],
+        |r| r.get(0),
+    )?;
+    if registered {
+        conn.execute(
+            &format!(
+                "INSERT INTO {} (device_id, epoch, removed) SELECT device_id, 0, 0 FROM {} \
+                 WHERE true ON CONFLICT(device_id) DO NOTHING",
+                tables::DEVICE_EPOCHS,
+                tables::DEVICES
+            ),
+            [],
+        )?;
+    }
+    conn.execute(
+        &format!(
+            "UPDATE {} SET epoch = max(epoch + 1, ?1)",
+            tables::DEVICE_EPOCHS
+        ),
+        [floor as i64],
+    )
+    .map(drop)
+}
+
 /// Notes that `device_id` was removed from the registry: adding it again starts a new epoch.
 pub fn mark_removed(conn: &Connection, device_id: u64) -> rusqlite::Result<()> {
     create_tables(conn)?;

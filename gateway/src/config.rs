@@ -89,7 +89,11 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+mod backup;
 pub mod export;
+mod tls;
+
+pub use backup::parse_duration;
 
 /// Committed device batches the record feed keeps for slow subscribers by default.
 pub const DEFAULT_FEED_CAPACITY: usize = 1024;
@@ -206,28 +210,6 @@ pub struct NodeConfig {
     pub disk_guard_free_mib: u64,
     /// Ingest is refused while the database is larger (MiB; 0: off).
     pub disk_guard_db_mib: u64,
-}
-
-/// A duration as the config writes it: `250ms`, `1s`, `5m`, `2h`, `7d`.
-pub fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| anyhow::anyhow!("duration {s:?}: expected a number and ms, s, m, h or d"))?;
-    let unit_ms: u64 = match unit {
-        "ms" => 1,
-        "s" | "" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => anyhow::bail!("duration {s:?}: unit must be ms, s, m, h or d"),
-    };
-    let ms = n
-        .checked_mul(unit_ms)
-        .ok_or_else(|| anyhow::anyhow!("duration {s:?} too large"))?;
-    Ok(std::time::Duration::from_millis(ms))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -642,20 +624,7 @@ impl NodeConfig {
             "write queue sizes must be positive"
         );
         anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");
-        for d in [
-            &self.backup_interval,
-            &self.backup_snapshot_interval,
-            &self.backup_retention,
-        ] {
-            anyhow::ensure!(
-                !parse_duration(d)?.is_zero(),
-                "backup durations must be positive"
-            );
-        }
-        anyhow::ensure!(
-            !self.restore_if_empty || !self.backup_url.is_empty(),
-            "restore_if_empty needs backup_url"
-        );
+        self.validate_backup()?;
         export::validate(&self.exports()?, self.retention.as_deref())?;
         self.schema()
             .validate()
@@ -671,46 +640,6 @@ impl NodeConfig {
         })
         .map_err(anyhow::Error::msg)?;
         Ok(())
-    }
-
-    /// HTTPS settings of the API, if `http_cert` and `http_key` are set.
-    pub fn http_tls(&self) -> anyhow::Result<Option<crate::security::tls::HttpTls>> {
-        match (&self.http_cert, &self.http_key) {
-            (Some(cert), Some(key)) => Ok(Some(crate::security::tls::HttpTls {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca_cert: self.http_ca_cert.clone(),
-                verify_client: self.http_verify_client,
-            })),
-            (None, None) => {
-                anyhow::ensure!(
-                    self.http_ca_cert.is_none() && !self.http_verify_client,
-                    "http_ca_cert / http_verify_client need http_cert and http_key"
-                );
-                Ok(None)
-            }
-            _ => anyhow::bail!("http_cert and http_key go together"),
-        }
-    }
-
-    /// Node-to-node TLS settings, if `node_cert`, `node_key` and `node_ca_cert` are set.
-    pub fn node_tls(&self) -> anyhow::Result<Option<crate::security::tls::NodeTls>> {
-        match (&self.node_cert, &self.node_key, &self.node_ca_cert) {
-            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::security::tls::NodeTls {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca_cert: ca.clone(),
-                verify_client: self.node_verify_client,
-            })),
-            (None, None, None) => {
-                anyhow::ensure!(
-                    !self.node_verify_client,
-                    "node_verify_client needs node_cert, node_key and node_ca_cert"
-                );
-                Ok(None)
-            }
-            _ => anyhow::bail!("node_cert, node_key and node_ca_cert go together"),
-        }
     }
 
     /// The export destinations: `[[export]]` and `--cdc-config`.

@@ -262,7 +262,13 @@ pub fn open(
                 .map_err(|_| ObjectError::WrongKey(key.to_string()))?
         }
     };
-    let out = zstd::bulk::decompress(&body, len).map_err(|_| corrupt("zstd body"))?;
+    // The header's length is not under the checksum: never allocate by it. The stream
+    // decoder grows with what the body really holds, and stops one byte past the claim.
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(&body[..])
+        .and_then(|d| d.take(len as u64 + 1).read_to_end(&mut out))
+        .map_err(|_| corrupt("zstd body"))?;
     if out.len() != len {
         return Err(corrupt("length mismatch"));
     }
@@ -316,6 +322,14 @@ mod tests {
                 .to_string();
             assert!(e.contains("segments/a") && e.contains("checksum"), "{e}");
         }
+        // A length field claiming far more than the body holds: named as corrupt, no
+        // allocation by the claim.
+        let mut lying = seal(Kind::Segment, "segments/a", &data, None);
+        lying[12..20].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        let e = open(Kind::Segment, "segments/a", &lying, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("segments/a") && e.contains("length"), "{e}");
         let sealed = seal(Kind::Segment, "segments/a", &data, Some(&k));
         assert!(matches!(
             open(Kind::Segment, "segments/a", &sealed, None),

@@ -29,9 +29,10 @@ use super::tables;
 /// The site id (`tables::SITE`) is kept when the backup holds none. Device epochs
 /// (`tables::DEVICE_EPOCHS`) are not replaced but merged: each device continues after the higher
 /// of the live and the backup's epoch, so no export key is ever reused (`db::export`).
-pub const STATE_TABLES: [&str; 5] = [
+pub const STATE_TABLES: [&str; 6] = [
     tables::DEVICES,
     tables::HIGH_WATER,
+    tables::DEVICE_TIMES,
     tables::STREAMS,
     tables::DEVICE_KEYS,
     tables::SITE,

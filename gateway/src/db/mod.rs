@@ -43,6 +43,10 @@ pub mod tables {
     pub const DEVICE_KEYS: &str = "_cairn_device_keys";
     /// Highest applied seq per device: `(device_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)`.
     pub const HIGH_WATER: &str = "_cairn_high_water";
+    /// The time of each device's latest stored record: `(device_id INTEGER PRIMARY KEY,
+    /// time_ms INTEGER NOT NULL)`. A later record is never stored with an earlier time
+    /// (`command::device`).
+    pub const DEVICE_TIMES: &str = "_cairn_device_times";
     /// The replicated stream definitions (`key`, `value`).
     pub const STREAMS: &str = "_cairn_streams";
     /// Records of streams without a definition.

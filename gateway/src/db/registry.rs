@@ -43,6 +43,11 @@ pub fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
         "CREATE TABLE IF NOT EXISTS {HIGH_WATER_TABLE} (device_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)"
     ))?
     .execute([])?;
+    conn.prepare_cached(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (device_id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL)",
+        tables::DEVICE_TIMES
+    ))?
+    .execute([])?;
     Ok(())
 }
 

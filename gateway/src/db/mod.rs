@@ -67,6 +67,16 @@ pub mod tables {
     pub const EXPORT_CURSORS: &str = "_cairn_export_cursors";
 }
 
+/// Free space of the file system holding `dir`, in bytes (for unprivileged users).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs is plain old data; all-zero is a valid value.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
 /// How long truncating the WAL after a snapshot transfer may wait for readers.
 const FINISH_WAIT: Duration = Duration::from_millis(200);
 

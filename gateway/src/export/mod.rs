@@ -120,20 +120,11 @@ fn stopped(cluster: &Cluster, settings: &ExportSettings) {
     }
 }
 
-/// Free space of the file system holding `dir`, in bytes.
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
-    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
-}
-
 /// Holds or lifts the disk guard on this node.
 fn disk_guard(cluster: &Cluster, s: &ExportSettings) {
     let mut why = None;
     if s.disk_guard_free_bytes > 0
-        && let Some(free) = free_bytes(&s.data_dir)
+        && let Some(free) = crate::db::free_bytes(&s.data_dir)
         && free < s.disk_guard_free_bytes
     {
         why = Some(format!(

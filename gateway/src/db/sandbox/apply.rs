@@ -29,6 +29,7 @@ pub fn apply_statements(
     transaction: bool,
 ) -> rusqlite::Result<Vec<StatementResult>> {
     let n = statements.len();
+    let _cap = PageCap::set(conn)?;
     let seed = LOCAL.with(|l| l.entry.get().map(|e| e.0).unwrap_or(0));
     let streams = stream_tables(conn);
     LOCAL.with(|l| *l.streams.borrow_mut() = streams);
@@ -57,6 +58,45 @@ pub fn apply_statements(
 }
 
 type Lost = (usize, String);
+
+/// SQLite's own largest `max_page_count` (`SQLITE_MAX_PAGE_COUNT`), restored after an entry.
+const NO_PAGE_CAP: u64 = 0xffff_fffe;
+
+/// The entry's page cap ([`super::WRITE_BUDGET_BYTES`]) while its statements run; lifted on
+/// drop, so Cairn's own writes (device batches, registry, loads) never meet it.
+struct PageCap<'c> {
+    conn: &'c Connection,
+}
+
+impl<'c> PageCap<'c> {
+    fn set(conn: &'c Connection) -> rusqlite::Result<Self> {
+        system(|| {
+            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let budget = super::WRITE_BUDGET_BYTES / size.max(512) as u64;
+            let cap = (pages.max(0) as u64)
+                .saturating_add(budget)
+                .min(NO_PAGE_CAP);
+            conn.query_row(&format!("PRAGMA max_page_count = {cap}"), [], |_| Ok(()))
+        })?;
+        let dir = conn
+            .path()
+            .and_then(|p| std::path::Path::new(p).parent())
+            .map(std::path::Path::to_path_buf);
+        LOCAL.with(|l| *l.page_cap.borrow_mut() = dir);
+        Ok(PageCap { conn })
+    }
+}
+
+impl Drop for PageCap<'_> {
+    fn drop(&mut self) {
+        LOCAL.with(|l| l.page_cap.borrow_mut().take());
+        let lift = format!("PRAGMA max_page_count = {NO_PAGE_CAP}");
+        if let Err(e) = system(|| self.conn.query_row(&lift, [], |_| Ok(()))) {
+            tracing::error!("lifting the entry's page cap: {e}");
+        }
+    }
+}
 
 fn apply_once(
     conn: &Connection,

@@ -94,6 +94,18 @@ pub use self::connection::{APPLY_VFS, harden, open_reader, open_writer};
 /// part of the entry format.
 pub const WRITE_BUDGET_STEPS: u64 = 50_000_000;
 
+/// New database pages one log entry's user SQL may add, in bytes: a constant of the cluster
+/// like [`WRITE_BUDGET_STEPS`]. The step budget alone does not bound bytes: a cheap loop
+/// inserting a 64 MiB string built by `printf` or `||` writes terabytes within 50 M steps. Set
+/// as the writer's `max_page_count` (database pages before the entry plus this) while the
+/// entry's statements run: every replica holds the same pages, so the same statement reaches
+/// the cap everywhere.
+#[cfg(not(test))]
+pub const WRITE_BUDGET_BYTES: u64 = 256 << 20;
+/// Smaller under unit tests, so that exceeding it stays quick.
+#[cfg(test)]
+pub const WRITE_BUDGET_BYTES: u64 = 4 << 20;
+
 /// How often (in VM steps) the progress handler runs.
 const PROGRESS_INTERVAL: u64 = 1000;
 
@@ -162,6 +174,8 @@ struct Local {
     rng: Cell<u64>,
     steps: Cell<u64>,
     budget_hit: Cell<bool>,
+    /// The writer's directory while an entry's page cap is set ([`apply_statements`]).
+    page_cap: RefCell<Option<std::path::PathBuf>>,
     deadline: Cell<Option<Instant>>,
     cancel: RefCell<Option<Arc<AtomicBool>>>,
     /// Why the read was interrupted, if it was.
@@ -361,8 +375,26 @@ pub fn is_environment_error(e: &rusqlite::Error) -> bool {
     };
     match f.code {
         ErrorCode::OperationInterrupted => !LOCAL.with(|l| l.budget_hit.get()),
+        ErrorCode::DiskFull => !page_cap_reached(),
         _ => classify(e) != Failure::Other,
     }
+}
+
+/// True (and the budget spent) when `SQLITE_FULL` came from the entry's page cap rather than
+/// the disk: a cap is set and the disk has room for twice the budget. A full disk near the
+/// cap is taken for the disk (held and retried, so no replica records a result the others
+/// might not), and decided again once space returns.
+fn page_cap_reached() -> bool {
+    LOCAL.with(|l| {
+        let Some(dir) = l.page_cap.borrow().clone() else {
+            return false;
+        };
+        let room = crate::db::free_bytes(&dir).is_some_and(|b| b >= 2 * WRITE_BUDGET_BYTES);
+        if room {
+            l.budget_hit.set(true);
+        }
+        room
+    })
 }
 
 /// The message of a failed user statement: the sandbox's reason when it refused it.
@@ -372,6 +404,12 @@ pub fn describe(e: &rusqlite::Error) -> String {
         && (e.to_string().contains("not authorized") || e.to_string().contains("prohibited"))
     {
         return format!("not authorized: {reason}");
+    }
+    if let rusqlite::Error::SqliteFailure(f, _) = e
+        && f.code == ErrorCode::DiskFull
+        && LOCAL.with(|l| l.budget_hit.get())
+    {
+        return budget_message();
     }
     if let rusqlite::Error::SqliteFailure(f, _) = e
         && f.code == ErrorCode::OperationInterrupted
@@ -394,7 +432,8 @@ pub fn describe(e: &rusqlite::Error) -> String {
 
 fn budget_message() -> String {
     format!(
-        "statement exceeded the write budget of {WRITE_BUDGET_STEPS} SQLite steps per request \
-         (the rest of the request is not run)"
+        "statement exceeded the write budget of {WRITE_BUDGET_STEPS} SQLite steps and {} MiB of \
+         new database pages per request (the rest of the request is not run)",
+        WRITE_BUDGET_BYTES >> 20
     )
 }

@@ -257,6 +257,48 @@ fn test_write_budget() {
     assert!(r[0].error.is_none());
 }
 
+/// Bytes built by `printf` and `||` cost few steps: the page cap stops them, at the same
+/// statement on two replicas, which end with the same bytes; Cairn's own writes after the
+/// entry are not capped.
+#[test]
+fn test_write_budget_in_bytes() {
+    let entry = [
+        "CREATE TABLE big(s)",
+        "INSERT INTO big VALUES(printf('%.*c', 1000, 'x'))",
+        // 200 rows of 64 KiB: 12.5 MiB, three times the unit tests' cap, in ~5,000 steps.
+        "INSERT INTO big WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c \
+         WHERE i < 200) SELECT printf('%.*c', 65536, 'y') || i FROM c",
+        "INSERT INTO big VALUES('after')",
+    ];
+    let (_a, one_db, r1) = fresh(&entry);
+    let (_b, two_db, r2) = fresh(&entry);
+    let errors = |r: &[StatementResult]| r.iter().map(|r| r.error.clone()).collect::<Vec<_>>();
+    assert_eq!(errors(&r1), errors(&r2));
+    assert!(r1[0].error.is_none() && r1[1].error.is_none());
+    assert!(
+        err(&r1[2]).contains("MiB of new database pages"),
+        "{}",
+        err(&r1[2])
+    );
+    assert!(err(&r1[3]).contains("write budget"), "{}", err(&r1[3]));
+    for conn in [&one_db, &two_db] {
+        let n: i64 = one(conn, "SELECT count(*) FROM big");
+        assert_eq!(n, 1, "only the statement before the cap stays");
+        let cap: i64 = one(conn, "PRAGMA max_page_count");
+        assert_eq!(cap, 0xffff_fffe, "the cap is lifted after the entry");
+    }
+    let bytes = |c: &Connection| -> String { one(c, "SELECT group_concat(hex(s)) FROM big") };
+    assert_eq!(bytes(&one_db), bytes(&two_db));
+    // A smaller entry afterwards is not refused.
+    let r = apply(
+        &one_db,
+        2,
+        STAMP,
+        sql(&["INSERT INTO big VALUES(printf('%.*c', 100000, 'z'))"]),
+    );
+    assert!(r[0].error.is_none(), "{:?}", r[0].error);
+}
+
 #[test]
 fn test_reader_is_read_only_and_limited() {
     let dir = tempfile::tempdir().unwrap();

@@ -25,6 +25,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("arm-none-eabi-size", "binutils-arm-none-eabi"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),
+    // The fault suite: power cuts on faultfs (FUSE), clock faults with libfaketime.
+    ("fusermount3", "fuse3"),
+    ("faketime", "faketime"),
 ];
 
 pub fn run_setup() -> Result<()> {

@@ -350,18 +350,18 @@ impl Inner {
 
     /// The overlay of `ino`, created from the backing file's current size.
     fn overlay(&mut self, ino: u64, file: &File) -> Result<&mut Overlay, Errno> {
-        if !self.overlays.contains_key(&ino) {
-            let size = file.metadata().map_err(err)?.len();
-            self.overlays.insert(
-                ino,
-                Overlay {
+        use std::collections::hash_map::Entry;
+        match self.overlays.entry(ino) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let size = file.metadata().map_err(err)?.len();
+                Ok(e.insert(Overlay {
                     pages: BTreeMap::new(),
                     size,
                     floor: size,
-                },
-            );
+                }))
+            }
         }
-        Ok(self.overlays.get_mut(&ino).expect("just inserted"))
     }
 
     /// Drops what is known about a name that is going away (unlink, rename over it).

@@ -979,7 +979,7 @@ impl Env {
                 }
                 for &i in &nodes {
                     let id = self.id(i);
-                    let tear = tear.then(|| self.seed ^ (id << 32) ^ self.log.len() as u64);
+                    let tear = tear.then_some(self.seed ^ (id << 32) ^ self.log.len() as u64);
                     let cut = self
                         .mounts
                         .lock()

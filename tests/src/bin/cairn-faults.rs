@@ -45,6 +45,28 @@ struct Totals {
     seconds: f64,
     /// (seed, replay command, first line of why).
     failures: Vec<(u64, String, String)>,
+    /// Failing schedules by what failed first ([`category`]).
+    #[serde(default)]
+    failed_by: BTreeMap<String, u64>,
+}
+
+/// What failed in a schedule, most serious first: a soak's failures sorted into kinds.
+fn category(o: &faults::Outcome) -> &'static str {
+    if o.lost > 0 {
+        "lost"
+    } else if o.duplicated + o.phantom > 0 {
+        "duplicated"
+    } else if o.diverged > 0 {
+        "diverged"
+    } else if o.nonlinearizable + o.undecided > 0 {
+        "nonlinearizable"
+    } else if o.crashed > 0 {
+        "crashed or harness"
+    } else if o.misordered > 0 {
+        "record time order"
+    } else {
+        "other"
+    }
 }
 
 impl Totals {
@@ -98,7 +120,16 @@ impl Totals {
         if self.failures.is_empty() {
             s += "failing seeds: none\n";
         } else {
-            s += &format!("failing seeds ({}):\n", self.failures.len());
+            let by: Vec<String> = self
+                .failed_by
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
+            s += &format!(
+                "failing seeds ({}; {}):\n",
+                self.failures.len(),
+                by.join(", ")
+            );
             for (seed, replay, why) in &self.failures {
                 s += &format!("  seed {seed}: {replay}\n      {why}\n");
             }
@@ -269,6 +300,7 @@ fn main() -> ExitCode {
                 .take(300)
                 .collect();
             total.failures.push((o.seed, cfg.replay(), why));
+            *total.failed_by.entry(category(&o).into()).or_default() += 1;
         }
         if let (Some(d), Some(p)) = (&soak_dir, &state_path) {
             write_atomic(p, &serde_json::to_string_pretty(&total).expect("state"));

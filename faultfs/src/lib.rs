@@ -1,30 +1,4 @@
-//! faultfs: a passthrough FUSE filesystem that keeps file data in memory until `fsync` or
-//! `fdatasync`, so a simulated power cut loses exactly what a real one may lose.
-//!
-//! A `kill -9` leaves the kernel's page cache intact: a program that forgets to fsync passes
-//! every crash test. Jepsen's LazyFS closes that gap for etcd and others; this is the same
-//! idea for Cairn's fault suite, small enough to read in one sitting.
-//!
-//! The model (a disk with a volatile write cache and a journaling filesystem):
-//! - File **data and size** (writes, truncations) live in a per-file overlay of 4 KiB pages
-//!   until the file is fsync'd; reads see the overlay, so running programs notice nothing.
-//! - **Names** (create, mkdir, rename, unlink, rmdir) reach the backing directory at once, as
-//!   a journaling filesystem orders metadata; a renamed file that was never fsync'd keeps
-//!   only its synced bytes after a cut (the classic zero-length-file-after-rename).
-//! - [`Mount::power_cut`] drops every overlay and remounts, which also empties the kernel's
-//!   caches of the mount, as a reboot would. With `tear`, the last unsynced write is
-//!   persisted partly: a seeded number of its leading 512-byte sectors, never all of them.
-//! - Files named in [`Options::durable_names`] (the harness's own `node.log`) are written
-//!   through, so a node's log survives the cut that its data does not.
-//! - A write that needs a new overlay page fails with `ENOSPC` when the backing filesystem
-//!   has no room left for everything pending (delayed allocation with a reservation, as
-//!   ext4 does), so a full disk still answers at `write(2)`.
-//!
-//! POSIX locks are left to the kernel (faultfs does not ask for `FUSE_POSIX_LOCKS`), and the
-//! files are opened without `direct_io`, so shared `mmap` works: SQLite's WAL index (`-shm`)
-//! needs both.
-//!
-//! Needs `/dev/fuse` and root (or `fusermount3`).
+#![doc = include_str!("../README.md")]
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr, OsString};

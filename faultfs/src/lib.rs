@@ -269,8 +269,9 @@ fn attr_of(ino: u64, m: &Metadata, size: Option<u64>) -> FileAttr {
     }
 }
 
-/// Reads `buf.len()` bytes at `offset`, zero-filling past the end of the file.
-fn read_full(f: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+/// Reads `buf.len()` bytes at `offset`, zero-filling past the end of the file; returns how
+/// many bytes the file had.
+fn read_full(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match f.read_at(&mut buf[done..], offset + done as u64) {
@@ -281,7 +282,7 @@ fn read_full(f: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
         }
     }
     buf[done..].fill(0);
-    Ok(())
+    Ok(done)
 }
 
 impl Inner {
@@ -418,16 +419,8 @@ impl Inner {
         let file = &self.handles.get(&fh).ok_or(Errno::EBADF)?.file;
         let Some(o) = self.overlays.get(&ino) else {
             let mut buf = vec![0u8; size as usize];
-            let mut done = 0;
-            while done < buf.len() {
-                match file.read_at(&mut buf[done..], offset + done as u64) {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(err(e)),
-                }
-            }
-            buf.truncate(done);
+            let n = read_full(file, &mut buf, offset).map_err(err)?;
+            buf.truncate(n);
             return Ok(buf);
         };
         let end = (offset + u64::from(size)).min(o.size);

@@ -168,20 +168,12 @@ fn test_full_backing_answers_enospc_at_write() {
     // A 1 MiB tmpfs as the disk.
     let backing = dir.path().join("small");
     fs::create_dir(&backing).unwrap();
-    let src = CString::new("tmpfs").unwrap();
-    let target = CString::new(backing.as_os_str().as_bytes()).unwrap();
-    let opts = CString::new("size=1m").unwrap();
-    // SAFETY: mount(2) with valid C strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            src.as_ptr(),
-            0,
-            opts.as_ptr().cast(),
-        )
-    };
-    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&backing)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount -t tmpfs failed");
     drop(m);
     let small = Mount::new(&backing, &dir.path().join("mnt2"), Options::default()).unwrap();
     let f = File::create(small.mountpoint().join("big")).unwrap();
@@ -197,8 +189,10 @@ fn test_full_backing_answers_enospc_at_write() {
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
     drop(f);
     drop(small);
-    // SAFETY: umount2(2) on the tmpfs mounted above.
-    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&backing)
+        .status();
 }
 
 #[test]

@@ -287,27 +287,32 @@ fn client_loop(process: u32, load: Load) {
         } else if choice >= 75 {
             cas_key_op(&load, process, &agent, &node, &mut rng);
         } else if choice < 45 {
-            let p = rec.invoke(process, &key, Call::Write(fresh));
-            let body = json!([[
-                "INSERT INTO reg(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
-                key,
-                fresh
-            ]]);
-            let ret = match load.tally(send(&agent, &format!("http://{node}/db/execute"), &body)) {
-                Answer::Ok(_) => {
-                    *acked.lock().expect("acked lock") += 1;
-                    Ret::Written
-                }
-                Answer::Failed(_) => Ret::Failed,
-                Answer::Unknown(_) => Ret::Indeterminate,
-            };
-            rec.complete(p, ret);
+            write_register(&load, process, &agent, &node, &key, fresh);
         } else {
             let p = rec.invoke(process, &key, Call::Read);
             let ret = read_register(&agent, &node, &key, &load.read_level, Some(&load));
             rec.complete(p, ret);
         }
     }
+}
+
+/// A recorded blind write of `value` to register `key` (an upsert).
+fn write_register(load: &Load, process: u32, agent: &Client, node: &str, key: &str, value: i64) {
+    let p = load.rec.invoke(process, key, Call::Write(value));
+    let body = json!([[
+        "INSERT INTO reg(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+        key,
+        value
+    ]]);
+    let ret = match load.tally(send(agent, &format!("http://{node}/db/execute"), &body)) {
+        Answer::Ok(_) => {
+            *load.acked.lock().expect("acked lock") += 1;
+            Ret::Written
+        }
+        Answer::Failed(_) => Ret::Failed,
+        Answer::Unknown(_) => Ret::Indeterminate,
+    };
+    load.rec.complete(p, ret);
 }
 
 /// How long the compare-and-set keys live: all clients move to fresh keys together, so each
@@ -332,23 +337,7 @@ fn cas_key_op(load: &Load, process: u32, agent: &Client, node: &str, rng: &mut S
             let ret = read_register(agent, node, &key, &load.read_level, Some(load));
             load.rec.complete(p, ret);
         }
-        1 => {
-            let p = load.rec.invoke(process, &key, Call::Write(to));
-            let body = json!([[
-                "INSERT INTO reg(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
-                key,
-                to
-            ]]);
-            let ret = match load.tally(send(agent, &url, &body)) {
-                Answer::Ok(_) => {
-                    *load.acked.lock().expect("acked lock") += 1;
-                    Ret::Written
-                }
-                Answer::Failed(_) => Ret::Failed,
-                Answer::Unknown(_) => Ret::Indeterminate,
-            };
-            load.rec.complete(p, ret);
-        }
+        1 => write_register(load, process, agent, node, &key, to),
         _ => {
             let p = load.rec.invoke(process, &key, Call::Cas { from, to });
             let body = json!([["UPDATE reg SET v = ? WHERE k = ? AND v = ?", to, key, from]]);

@@ -26,7 +26,7 @@
 //! read_timeout_ms = 30000            # a read (/db/query) is interrupted after this long
 //! read_max_rows = 1000000            # rows one read request may return
 //! read_max_bytes = 268435456         # bytes one read request may return
-//! max_db_size_mib = 4096             # a /db/load bringing a larger database is refused
+//! max_db_size_mib = 4096             # a /db/load or a peer's snapshot of a larger database is refused
 //! device_adv_addr = "10.0.0.5:4003" # leader hint sent to devices (default: the bound address)
 //! undeclared_streams = "telemetry"   # or "reject"; see `db/schema.rs` for [[stream]] tables
 //! # security (see `security/mod.rs`); names as rqlite's flags

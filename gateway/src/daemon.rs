@@ -22,6 +22,78 @@ use crate::raft::network::{self, HttpClient, Network};
 use crate::raft::proposer::Proposer;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{Peer, Raft, io_err};
+use crate::security::tls::{self, SecureListener};
+use crate::security::{Authenticator, Credentials};
+
+/// The security settings of one node, built once at start-up (see `security/mod.rs`).
+struct Security {
+    auth: Arc<Authenticator>,
+    /// HTTPS of the API (`--http-cert`), `None` for plain HTTP.
+    http_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Node mutual TLS on the Raft listener and for this node's calls to its peers.
+    raft_server_tls: Option<Arc<rustls::ServerConfig>>,
+    raft_client_tls: Option<Arc<rustls::ClientConfig>>,
+    /// What a join request sends: the client (trusting `--http-ca-cert`, else the cluster CA,
+    /// presenting the node certificate) and the `--join-as` credentials.
+    join_client: HttpClient,
+    join_as: Option<Credentials>,
+}
+
+impl Security {
+    fn build(config: &NodeConfig) -> anyhow::Result<Security> {
+        let auth = Arc::new(match &config.auth {
+            Some(f) => Authenticator::from_file(f)?,
+            None => Authenticator::disabled(),
+        });
+        let http_tls = config
+            .http_tls()?
+            .map(|t| tls::http_server_config(&t))
+            .transpose()?;
+        let node_tls = config.node_tls()?;
+        let raft_server_tls = node_tls.as_ref().map(tls::node_server_config).transpose()?;
+        let raft_client_tls = node_tls.as_ref().map(tls::node_client_config).transpose()?;
+        let join_ca = config
+            .http_ca_cert
+            .as_ref()
+            .or(config.node_ca_cert.as_ref());
+        let join_tls = match join_ca {
+            Some(ca) => {
+                let cert = node_tls
+                    .as_ref()
+                    .map(|t| tls::ReloadingCert::load(&t.cert, &t.key))
+                    .transpose()?;
+                Some(tls::client_config(ca, cert)?)
+            }
+            None => None,
+        };
+        let join_as = match &config.join_as {
+            None => None,
+            Some(user) => {
+                let password = auth.plain_password(user).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--join-as {user}: the --auth file must list {user} with a plain-text \
+                         password (a joining node sends it, as rqlite does)"
+                    )
+                })?;
+                Some(Credentials::new(user.clone(), password))
+            }
+        };
+        if config.insecure {
+            tracing::warn!(
+                "--insecure: this node may listen beyond loopback without --auth or node mutual \
+                 TLS; anyone who reaches its ports can read and change everything"
+            );
+        }
+        Ok(Security {
+            auth,
+            http_tls,
+            raft_server_tls,
+            raft_client_tls,
+            join_client: HttpClient::new(join_tls),
+            join_as,
+        })
+    }
+}
 
 /// The addresses a node actually bound, written to `DATA_DIR/addrs.json` at start-up so that
 /// scripts and tests can use port 0 and still find the node.
@@ -91,6 +163,7 @@ impl Started {
 
 /// Opens storage, starts Raft and the listeners, bootstraps or joins. Returns once serving.
 pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
+    let sec = Security::build(&config)?;
     std::fs::create_dir_all(&config.data_dir)?;
     let http_listener = TcpListener::bind(&config.http_addr)
         .await
@@ -132,7 +205,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     let feed = Arc::new(Feed::new(config.feed_capacity));
     let sm =
         StateMachine::open_with_feed(&config.data_dir.join("sm"), metrics.clone(), feed.clone())?;
-    let client = HttpClient::new();
+    let client = HttpClient::new(sec.raft_client_tls.clone());
     let raft = Raft::new(
         config.node_id,
         Arc::new(config.raft_config()?),
@@ -169,29 +242,28 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for (listener, router) in [
-        (
-            raft_listener,
-            network::routes(raft.clone(), sm)
-                .merge(crate::ingress::forward::routes(ingress.clone()))
-                .merge(crate::cluster::streams::routes(cluster.clone()))
-                .merge(crate::cluster::forward::routes(cluster.clone())),
-        ),
-        (http_listener, crate::http::router(cluster.clone())),
+    let api = crate::http::router(cluster.clone(), sec.auth.clone(), sec.http_tls.is_some());
+    // The Raft listener: node-to-node routes only, plus the API under `/api` for requests a
+    // follower forwards to the leader (each carries its client's credentials and passes the
+    // same permission checks; see `http::to_leader`).
+    let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20)
+        .merge(crate::ingress::forward::routes(ingress.clone()))
+        .merge(crate::cluster::streams::routes(cluster.clone()))
+        .merge(crate::cluster::forward::routes(cluster.clone()))
+        .nest(crate::http::FORWARD_PREFIX, api.clone());
+    for (listener, server_tls, router) in [
+        (raft_listener, sec.raft_server_tls.clone(), internal),
+        (http_listener, sec.http_tls.clone(), api),
     ] {
         let mut stop = stop_rx.clone();
+        // Handshakes off the accept loop, bounded in time; connections capped per listener
+        // and per peer address; TCP_NODELAY set (small Raft answers and acks go out at once).
+        let listener = SecureListener::new(listener, server_tls, tls::Limits::default());
         servers.push(tokio::spawn(async move {
             let graceful = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            // Small responses (Raft RPC answers, acks of writes) go out at once.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
-                let _ = s.set_nodelay(true);
-            });
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(graceful)
-                .await
-            {
+            if let Err(e) = tls::serve(listener, router, graceful).await {
                 tracing::error!("server: {e}");
             }
         }));
@@ -237,7 +309,13 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
             device_addr: peer.device_addr.clone(),
             voter: !config.non_voter,
         };
-        tokio::spawn(join_loop(cluster.clone(), req, urls));
+        tokio::spawn(join_loop(
+            cluster.clone(),
+            req,
+            urls,
+            sec.join_client,
+            sec.join_as,
+        ));
     }
     Ok(Started {
         cluster,
@@ -276,17 +354,25 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Asks the nodes at `urls` (any member; it forwards to the leader) to add this one, until
-/// one accepts or Raft stops.
-async fn join_loop(cluster: Arc<Cluster>, req: JoinRequest, urls: Vec<String>) {
+/// one accepts or Raft stops. `creds` (`--join-as`) go as Basic credentials.
+async fn join_loop(
+    cluster: Arc<Cluster>,
+    req: JoinRequest,
+    urls: Vec<String>,
+    client: HttpClient,
+    creds: Option<Credentials>,
+) {
     let body = serde_json::to_vec(&req).expect("json");
     loop {
         for url in &urls {
-            let r = hyper::Request::post(format!("{url}/join"))
-                .header("content-type", "application/json")
-                .body(network::full(body.clone()))
-                .map_err(io_err);
+            let mut r = hyper::Request::post(format!("{url}/join"))
+                .header("content-type", "application/json");
+            if let Some(c) = &creds {
+                r = r.header(hyper::header::AUTHORIZATION, c.authorization());
+            }
+            let r = r.body(network::full(body.clone())).map_err(io_err);
             let res = match r {
-                Ok(r) => cluster.http().send(r, Duration::from_secs(120)).await,
+                Ok(r) => client.send(r, Duration::from_secs(120)).await,
                 Err(e) => Err(e),
             };
             match res {

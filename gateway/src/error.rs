@@ -39,6 +39,10 @@ pub enum Error {
     /// A local failure outside Raft (reading the database, a task that panicked).
     #[error("{0}")]
     Storage(String),
+    /// The caller lacks a permission this particular request needs (known only once its body
+    /// was read, like a `/db/load` of a Cairn backup, which restores the device registry).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl Error {

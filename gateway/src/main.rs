@@ -36,20 +36,20 @@ enum Cmd {
     },
     /// Interactive SQL shell, like the rqlite shell.
     Shell {
-        #[arg(long, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Download the database (a SQLite file) to FILE.
     Backup {
         file: PathBuf,
-        #[arg(long, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Replace the database with FILE (a SQLite file or SQL text).
     Restore {
         file: PathBuf,
-        #[arg(long, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Run simulated devices (the real firmware client) against gateways' device ports.
     #[cfg(feature = "sim")]
@@ -58,15 +58,15 @@ enum Cmd {
     Device {
         #[command(subcommand)]
         command: DeviceCmd,
-        #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Stream definitions and records that did not fit them (`dead_letter`).
     Streams {
         #[command(subcommand)]
         command: StreamsCmd,
-        #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
-        host: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
     },
     /// Cluster CA and node/client certificates for TLS.
     Certs {
@@ -162,12 +162,14 @@ fn main() -> std::process::ExitCode {
             cli::init_logging(log_format, "info");
             cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, config, dev_fleet)))
         }
-        Cmd::Shell { host } => cli::shell(&host),
-        Cmd::Backup { file, host } => cli::backup(&host, &file),
-        Cmd::Restore { file, host } => cli::restore(&host, &file),
+        Cmd::Shell { conn } => cli::shell(&conn),
+        Cmd::Backup { file, conn } => cli::Api::connect(&conn).and_then(|a| cli::backup(&a, &file)),
+        Cmd::Restore { file, conn } => {
+            cli::Api::connect(&conn).and_then(|a| cli::restore(&a, &file))
+        }
         #[cfg(feature = "sim")]
         Cmd::Sim(a) => cairn_sim::run(a, cli::shutdown_signal()),
-        Cmd::Device { command, host } => match command {
+        Cmd::Device { command, conn } => cli::Api::connect(&conn).and_then(|api| match command {
             DeviceCmd::Add {
                 id,
                 key,
@@ -180,7 +182,7 @@ fn main() -> std::process::ExitCode {
                     _ => admin::KeySource::Generate,
                 };
                 let provision = provision_out.map(|file| admin::ProvisionOut { file, gateways });
-                admin::add(&host, id, key, provision)
+                admin::add(&api, id, key, provision)
             }
             DeviceCmd::Provision {
                 id,
@@ -188,15 +190,15 @@ fn main() -> std::process::ExitCode {
                 gateways,
                 out,
             } => admin::provision(id, &key, &gateways, &out),
-            DeviceCmd::List => admin::list(&host),
-            DeviceCmd::Remove { id } => admin::remove(&host, id),
-            DeviceCmd::Reset { id, seq } => admin::reset(&host, id, seq),
-        },
-        Cmd::Streams { command, host } => match command {
-            StreamsCmd::Show => cli::streams::show(&host),
-            StreamsCmd::Reload => cli::streams::reload(&host),
-            StreamsCmd::Replay { stream, device } => cli::streams::replay(&host, stream, device),
-        },
+            DeviceCmd::List => admin::list(&api),
+            DeviceCmd::Remove { id } => admin::remove(&api, id),
+            DeviceCmd::Reset { id, seq } => admin::reset(&api, id, seq),
+        }),
+        Cmd::Streams { command, conn } => cli::Api::connect(&conn).and_then(|api| match command {
+            StreamsCmd::Show => cli::streams::show(&api),
+            StreamsCmd::Reload => cli::streams::reload(&api),
+            StreamsCmd::Replay { stream, device } => cli::streams::replay(&api, stream, device),
+        }),
         Cmd::Certs { command } => cairn_gateway::security::certs::run(command),
     };
     match result {
@@ -225,6 +227,8 @@ fn dev_fleet(host: &str, device_addrs: &[String]) {
         threads: Some(1),
         report: None,
         quiet: true,
+        user: None,
+        ca_cert: None,
     };
     println!(
         "  5 simulated devices (ids 1-5) push 2 records/s each on stream {}:\n  \

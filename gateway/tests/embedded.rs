@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cairn_firmware::tokio::read_frame;
 use cairn_gateway::embed::{CommittedBatch, Error, FeedError, Level, Node, NodeConfig, Value};
-use cairn_gateway::raft::network::{HttpClient, full};
+use cairn_gateway::raft::network::HttpClient;
 use cairn_protocol::{
     BatchEncoder, DeviceSession, FrameReassembler, MAX_FRAME, Message, Record, Value as Reading,
 };
@@ -25,11 +25,11 @@ const HANG: Duration = Duration::from_secs(60);
 /// Registers device `id` with `key` through a node's device admin API.
 async fn add_device(node: &Node, id: u64, key: &[u8; 32]) {
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    let resp = HttpClient::new()
-        .post(
+    let resp = HttpClient::new(None)
+        .post_json(
             &node.peer().http_addr,
             "/devices",
-            full(format!(r#"{{"id": {id}, "key": "{hex}"}}"#)),
+            format!(r#"{{"id": {id}, "key": "{hex}"}}"#),
             HANG,
         )
         .await

@@ -13,7 +13,7 @@ use cairn_gateway::db::Store;
 use cairn_gateway::db::schema::{Column, ColumnType, OnMismatch, StreamDef, Undeclared};
 use cairn_gateway::metrics::Metrics;
 use cairn_gateway::raft::Raft;
-use cairn_gateway::raft::network::{HttpClient, full};
+use cairn_gateway::raft::network::HttpClient;
 use cairn_protocol::{
     BatchEncoder, DeviceSession, ErrorCode, HEADER_LEN, MAX_FRAME, Message, Record, Value, Welcome,
     read_frame_len,
@@ -75,13 +75,8 @@ async fn start_node() -> Node {
 async fn add_device(node: &Node, id: u64, key: &[u8; 32]) {
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let body = format!(r#"{{"id": {id}, "key": "{hex}"}}"#);
-    let resp = HttpClient::new()
-        .post(
-            &node.http_addr,
-            "/devices",
-            full(body),
-            Duration::from_secs(10),
-        )
+    let resp = HttpClient::new(None)
+        .post_json(&node.http_addr, "/devices", body, Duration::from_secs(10))
         .await
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cairn_gateway::config::NodeConfig;
 use cairn_gateway::daemon::{self, Started};
-use cairn_gateway::raft::network::{HttpClient, full};
+use cairn_gateway::raft::network::HttpClient;
 
 async fn start(id: u64, dir: &std::path::Path) -> Started {
     let started = daemon::start(NodeConfig {
@@ -35,15 +35,15 @@ async fn test_two_nodes_in_one_process_count_apart() {
     let dir = tempfile::tempdir().unwrap();
     let a = start(1, dir.path()).await;
     let b = start(2, dir.path()).await;
-    let http = HttpClient::new();
+    let http = HttpClient::new(None);
     for sql in [
         r#"["CREATE TABLE t (x INTEGER)"]"#,
         r#"["INSERT INTO t VALUES (1)"]"#,
     ] {
-        http.post(
+        http.post_json(
             &a.cluster.peer().http_addr,
             "/db/execute",
-            full(sql),
+            sql,
             Duration::from_secs(10),
         )
         .await

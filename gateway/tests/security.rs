@@ -637,6 +637,33 @@ async fn test_handshake_timeout_closes_silent_clients() {
 }
 
 #[tokio::test]
+async fn test_idle_and_slow_clients_are_closed() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let server = start(hello_router().await, None, limits).await;
+    // A client that trickles its request head and never finishes it.
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /hello HTTP/1.1\r\nHo").await.unwrap();
+    assert!(closed_by_server(&mut slow).await);
+    // A keep-alive connection that goes idle after its request.
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    while !buf.ends_with(b"hello") {
+        let mut chunk = [0u8; 256];
+        let n = idle.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert!(buf.starts_with(b"HTTP/1.1 200"));
+    assert!(closed_by_server(&mut idle).await);
+}
+
+#[tokio::test]
 async fn test_connection_cap_per_peer() {
     let limits = Limits {
         max_per_peer: 1,

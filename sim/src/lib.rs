@@ -35,9 +35,15 @@ pub struct SimArgs {
     /// End with one JSON summary line.
     #[arg(long)]
     pub json: bool,
-    /// HTTP API used to register the devices' keys.
+    /// HTTP API used to register the devices' keys (`http://user:pass@host` also works).
     #[arg(long, default_value = "http://127.0.0.1:4001")]
     pub host: String,
+    /// User with the `devices` permission (password from CAIRN_PASSWORD); or CAIRN_USER.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// CA certificate (PEM) of the API's HTTPS certificate.
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
     /// Id of the first device; the others follow.
     #[arg(long, default_value_t = 1)]
     pub first_id: u64,
@@ -140,9 +146,53 @@ fn parse_gateways(s: &str) -> anyhow::Result<Vec<GatewayAddr>> {
     Ok(out)
 }
 
+/// The API host without user-info, and the `Authorization` header to send: user-info in
+/// the URL, else `user` (or `CAIRN_USER`) with `CAIRN_PASSWORD`.
+fn credentials(host: &str, user: Option<&str>) -> (String, Option<String>) {
+    use base64::Engine;
+    let basic = |u: &str, p: &str| {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        Some(format!("Basic {token}"))
+    };
+    let (scheme, rest) = host.split_once("://").unwrap_or(("http", host));
+    let end = rest.find('/').unwrap_or(rest.len());
+    if let Some((userinfo, after)) = rest[..end].rsplit_once('@') {
+        let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        return (format!("{scheme}://{after}{}", &rest[end..]), basic(u, p));
+    }
+    let user = user
+        .map(str::to_string)
+        .or_else(|| std::env::var("CAIRN_USER").ok());
+    let password = std::env::var("CAIRN_PASSWORD").unwrap_or_default();
+    (host.to_string(), user.and_then(|u| basic(&u, &password)))
+}
+
+/// An agent for the API: HTTPS (rustls with ring) trusting `ca_cert` when given.
+fn api_agent(ca_cert: Option<&std::path::Path>) -> anyhow::Result<ureq::Agent> {
+    let mut b = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)));
+    if let Some(ca) = ca_cert {
+        let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
+        let root = ureq::tls::Certificate::from_pem(&pem)?;
+        b = b.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::Rustls)
+                .unversioned_rustls_crypto_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[root]))
+                .build(),
+        );
+    }
+    Ok(b.build().into())
+}
+
 /// Registers every device's key through the HTTP API (a few threads in parallel).
-fn register(host: &str, devices: &[Device]) -> anyhow::Result<()> {
+fn register(args: &SimArgs, devices: &[Device]) -> anyhow::Result<()> {
+    let (host, authorization) = credentials(&args.host, args.user.as_deref());
     let host = host.trim_end_matches('/').to_string();
+    let agent = api_agent(args.ca_cert.as_deref())?;
     let chunks: Vec<Vec<(u64, String)>> = devices
         .chunks(devices.len().div_ceil(8).max(1))
         .map(|c| {
@@ -154,18 +204,16 @@ fn register(host: &str, devices: &[Device]) -> anyhow::Result<()> {
     let handles: Vec<_> = chunks
         .into_iter()
         .map(|chunk| {
-            let host = host.clone();
+            let (host, agent, authorization) = (host.clone(), agent.clone(), authorization.clone());
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(10)))
-                    .build()
-                    .into();
                 for (id, key) in chunk {
                     let deadline = Instant::now() + Duration::from_secs(30);
                     loop {
-                        let r = agent
-                            .post(&format!("{host}/devices"))
+                        let mut req = agent.post(&format!("{host}/devices"));
+                        if let Some(a) = &authorization {
+                            req = req.header("authorization", a);
+                        }
+                        let r = req
                             .send_json(json!({"id": id, "key": key}))
                             .map_err(anyhow::Error::from)
                             .and_then(|mut resp| {
@@ -323,7 +371,7 @@ pub fn run(
             boot: rand::random(),
         })
         .collect();
-    register(&args.host, &devices)?;
+    register(&args, &devices)?;
     if !args.quiet {
         eprintln!(
             "cairn sim: {} devices ({}..={}), {} records/s each, gateways {}",

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value as Json;
 
-use crate::http::{Client, Reply, get, post};
+use crate::http::{Auth, Client, Reply};
 use crate::{TIMEOUT, poll};
 
 /// How long one `/status` read of a leader lookup may take: a paused or overloaded node is
@@ -118,6 +118,42 @@ pub struct Options {
     /// How long start-up, readiness, a leader, an accepted write and a clean exit may take
     /// (default [`TIMEOUT`]; a node under qemu-user is slower).
     pub timeout: Option<Duration>,
+    /// Authentication and TLS on every node (default: none, loopback nodes run open).
+    pub security: Option<Security>,
+}
+
+/// The harness's administrator in [`Security::users`]: every permission.
+pub const ADMIN: (&str, &str) = ("admin", "admin-pw");
+/// The user nodes join as (`--join-as`): `join` only.
+pub const JOINER: (&str, &str) = ("joiner", "joiner-pw");
+
+/// Authentication and TLS for a cluster's nodes: an `--auth` file, certificates from
+/// `cairn certs` (one cluster CA in the cluster's directory, one node certificate per node
+/// naming the address it binds), HTTPS on the API and mutual TLS between nodes. The harness
+/// talks to the nodes as [`ADMIN`], trusting the cluster CA; nodes join as [`JOINER`].
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// rqlite's auth file (a JSON list); must list [`ADMIN`] and [`JOINER`] as they are.
+    /// `Json::Null`: no `--auth` (TLS alone, the API open as on any loopback node).
+    pub users: Json,
+    /// `--http-cert`/`--http-key` (the node certificate) on every node.
+    pub http_tls: bool,
+    /// `--node-cert`, `--node-key`, `--node-ca-cert`, `--node-verify-client` on every node.
+    pub node_tls: bool,
+}
+
+impl Security {
+    /// Auth, HTTPS and node mutual TLS, with [`ADMIN`], [`JOINER`] and nothing for anonymous.
+    pub fn full() -> Security {
+        Security {
+            users: serde_json::json!([
+                {"username": ADMIN.0, "password": ADMIN.1, "perms": ["all"]},
+                {"username": JOINER.0, "password": JOINER.1, "perms": ["join"]},
+            ]),
+            http_tls: true,
+            node_tls: true,
+        }
+    }
 }
 
 impl Options {
@@ -144,11 +180,24 @@ pub struct Node {
     extra: Vec<String>,
     place: Option<Place>,
     child: Option<Child>,
+    /// How the harness talks to it (credentials, CA) and its API's scheme.
+    auth: Auth,
+    scheme: &'static str,
 }
 
 impl Node {
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.http, path)
+        format!("{}://{}{}", self.scheme, self.http, path)
+    }
+
+    /// What the harness authenticates with (the cluster's administrator and CA, if any).
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// A client with the harness's credentials and CA, requests bounded by [`TIMEOUT`].
+    pub fn client(&self) -> Client {
+        Client::with_auth(TIMEOUT, None, &self.auth)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -169,19 +218,19 @@ impl Node {
 
     /// `GET /status`, or `None` if the node does not answer.
     pub fn status(&self) -> Option<Json> {
-        let r = get(&self.url("/status"));
+        let r = self.client().get(&self.url("/status"));
         (r.status == 200).then_some(r.body)
     }
 
     /// `GET /status` giving up after `timeout` (a paused node must not stall the caller).
     pub fn status_within(&self, timeout: Duration) -> Option<Json> {
-        let r = Client::new(timeout, None).get(&self.url("/status"));
+        let r = Client::with_auth(timeout, None, &self.auth).get(&self.url("/status"));
         (r.status == 200).then_some(r.body)
     }
 
     /// Whether `GET /readyz` answers 200 (the node knows a leader).
     pub fn is_ready(&self) -> bool {
-        get(&self.url("/readyz")).status == 200
+        self.client().get(&self.url("/readyz")).status == 200
     }
 
     pub fn log(&self) -> String {
@@ -190,12 +239,14 @@ impl Node {
 
     /// `POST /db/execute` with `statements` (rqlite JSON), with query string `qs`.
     pub fn execute(&self, statements: &Json, qs: &str) -> Reply {
-        post(&self.url(&format!("/db/execute{qs}")), statements)
+        self.client()
+            .post(&self.url(&format!("/db/execute{qs}")), statements)
     }
 
     /// `GET /db/query?q=SQL&level=LEVEL`.
     pub fn query(&self, sql: &str, level: &str) -> Reply {
-        Client::default().get_query(&self.url("/db/query"), &[("q", sql), ("level", level)])
+        self.client()
+            .get_query(&self.url("/db/query"), &[("q", sql), ("level", level)])
     }
 
     /// The rows of a successful single-statement query (empty if none), panicking on errors.
@@ -280,6 +331,7 @@ pub struct Cluster {
     timeout: Duration,
     place: Option<Place>,
     dir: Dir,
+    security: Option<Security>,
 }
 
 impl Cluster {
@@ -323,7 +375,9 @@ impl Cluster {
             timeout: opts.timeout.unwrap_or(TIMEOUT),
             place,
             dir,
+            security: opts.security,
         };
+        c.prepare_security();
         if let Some(text) = opts.config {
             let path = c.dir().join("cairn.toml");
             std::fs::write(&path, text).expect("writing cairn.toml");
@@ -349,6 +403,111 @@ impl Cluster {
             Dir::Temp(t) => t.path(),
             Dir::Kept(p) => p,
         }
+    }
+
+    /// Writes the auth file and creates the cluster CA (`cairn certs init`), if secure.
+    fn prepare_security(&mut self) {
+        let Some(sec) = &self.security else {
+            return;
+        };
+        if !sec.users.is_null() {
+            let auth = self.dir().join("auth.json");
+            std::fs::write(&auth, sec.users.to_string()).expect("writing auth.json");
+            self.extra.extend([
+                "--auth".to_string(),
+                auth.display().to_string(),
+                "--join-as".to_string(),
+                JOINER.0.to_string(),
+            ]);
+        }
+        if sec.http_tls || sec.node_tls {
+            let ca = self.dir().join("ca");
+            self.certs(&["init", &ca.display().to_string()]);
+        }
+    }
+
+    /// Runs `cairn certs ARGS` (the same binary as the nodes), panicking on failure.
+    pub fn certs(&self, args: &[&str]) {
+        let out = (self.launcher)()
+            .arg("certs")
+            .args(args)
+            .output()
+            .expect("running cairn certs");
+        assert!(
+            out.status.success(),
+            "cairn certs {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Where `cairn certs issue` put the cluster's certificates (`NAME.crt`, `ca.crt`).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir().join("tls")
+    }
+
+    /// The cluster CA's directory (`ca.crt`, `ca.key`), for issuing more certificates.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir().join("ca")
+    }
+
+    /// The harness's client identity: [`ADMIN`] and the cluster CA, when secure.
+    pub fn auth(&self) -> Auth {
+        match &self.security {
+            None => Auth::default(),
+            Some(sec) => Auth {
+                user: (!sec.users.is_null()).then(|| (ADMIN.0.into(), ADMIN.1.into())),
+                ca_cert: sec.http_tls.then(|| self.tls_dir().join("ca.crt")),
+            },
+        }
+    }
+
+    /// The TLS flags of node `id` bound on `host`, issuing its certificate first.
+    fn tls_flags(&self, id: u64, host: &str) -> Vec<String> {
+        let Some(sec) = self.security.as_ref().filter(|s| s.http_tls || s.node_tls) else {
+            return Vec::new();
+        };
+        let dir = self.tls_dir();
+        let name = format!("node{id}");
+        let (crt, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        if !crt.exists() {
+            self.certs(&[
+                "issue",
+                "--ca",
+                &self.ca_dir().display().to_string(),
+                "--name",
+                &name,
+                "--ip",
+                host,
+                "--out",
+                &dir.display().to_string(),
+            ]);
+        }
+        let (crt, key) = (crt.display().to_string(), key.display().to_string());
+        let ca = dir.join("ca.crt").display().to_string();
+        let mut flags = Vec::new();
+        if sec.http_tls {
+            flags.extend([
+                "--http-cert".into(),
+                crt.clone(),
+                "--http-key".into(),
+                key.clone(),
+            ]);
+        }
+        if sec.node_tls {
+            flags.extend([
+                "--node-cert".into(),
+                crt,
+                "--node-key".into(),
+                key,
+                "--node-ca-cert".into(),
+                ca,
+                "--node-verify-client".into(),
+            ]);
+        }
+        flags
     }
 
     /// Adds a node that joins through the leader's HTTP API, with extra flags.
@@ -377,6 +536,12 @@ impl Cluster {
             device: String::new(),
             place: self.place.clone(),
             child: None,
+            auth: self.auth(),
+            scheme: if self.security.as_ref().is_some_and(|s| s.http_tls) {
+                "https"
+            } else {
+                "http"
+            },
         });
         let i = self.nodes.len() - 1;
         self.spawn(i);
@@ -386,12 +551,13 @@ impl Cluster {
     /// Starts node `i`'s process (same flags, ports and data as before) and waits until it
     /// wrote the addresses it bound.
     fn spawn(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
         let mut cmd = (self.launcher)();
-        let host = match &node.place {
-            Some(place) => place(node.id, &node.dir, &mut cmd),
+        let host = match &self.nodes[i].place {
+            Some(place) => place(self.nodes[i].id, &self.nodes[i].dir, &mut cmd),
             None => "127.0.0.1".into(),
         };
+        let tls_flags = self.tls_flags(self.nodes[i].id, &host);
+        let node = &mut self.nodes[i];
         if node.http == "127.0.0.1:0" {
             // First start: bind where the placement says; restarts reuse the bound ports.
             node.http = format!("{host}:0");
@@ -413,6 +579,7 @@ impl Cluster {
             .args(["--http-addr", &node.http, "--raft-addr", &node.raft])
             .args(["--device-addr", &node.device])
             .args(&node.extra)
+            .args(&tls_flags)
             .env("RUST_LOG", &self.log)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

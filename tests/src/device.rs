@@ -110,6 +110,17 @@ pub fn sim_command(bin: &Path, gateways: &[&str], host: &str) -> Command {
     cmd
 }
 
+/// Gives a CLI command (`cairn sim`, `cairn device`, ...) the harness's credentials and CA:
+/// `--user` with `CAIRN_PASSWORD`, `--ca-cert`.
+pub fn authenticate(cmd: &mut Command, auth: &crate::http::Auth) {
+    if let Some((user, password)) = &auth.user {
+        cmd.args(["--user", user]).env("CAIRN_PASSWORD", password);
+    }
+    if let Some(ca) = &auth.ca_cert {
+        cmd.arg("--ca-cert").arg(ca);
+    }
+}
+
 /// The JSON summary `cairn sim --json` prints as its last `{...}` line.
 pub fn sim_summary(stdout: &[u8]) -> Option<Json> {
     String::from_utf8_lossy(stdout)

@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 
-use crate::device::{READINGS_CONFIG, sim_command};
+use crate::device::{READINGS_CONFIG, authenticate, sim_command};
 use crate::history::{Fate, Ledger, Recorder, Run};
+use crate::http::Auth;
 use crate::http::Client;
 use crate::linearizability::{self, Call, Ret, Verdict};
 use crate::nemesis::{
@@ -41,7 +42,7 @@ use crate::nemesis::{
 };
 use crate::netns::{self, Net, NsGuard};
 use crate::tmpfs::Tmpfs;
-use crate::{Cluster, Options, Place, cairn_bin, poll, stmts};
+use crate::{Cluster, Options, Place, Security, cairn_bin, poll, stmts};
 
 /// What one schedule runs.
 #[derive(Debug, Clone)]
@@ -71,6 +72,9 @@ pub struct Config {
     /// `none` or `weak` exist to show the checker saying no: stale reads from a cut-off
     /// node must be caught (`cairn-faults --read-level none`).
     pub read_level: String,
+    /// `--auth`, HTTPS and node mutual TLS on every node (`cairn-faults --secure`); the load,
+    /// the nemesis and the devices' registration then authenticate.
+    pub secure: bool,
 }
 
 impl Config {
@@ -85,6 +89,9 @@ impl Config {
         }
         if self.nodes != 3 {
             cmd += &format!(" --nodes {}", self.nodes);
+        }
+        if self.secure {
+            cmd += " --secure";
         }
         if self.unsafe_no_fsync {
             cmd += " --unsafe-no-fsync";
@@ -107,6 +114,7 @@ impl Config {
             read_level: "linearizable".into(),
             focus: Focus::Mixed,
             unsafe_no_fsync: false,
+            secure: false,
         }
     }
 }
@@ -159,8 +167,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long the nemesis waits for one `/status` answer.
 const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
 
-fn client(timeout: Duration) -> Client {
-    Client::new(timeout, Some(CONNECT_TIMEOUT))
+fn client(timeout: Duration, auth: &Auth) -> Client {
+    Client::with_auth(timeout, Some(CONNECT_TIMEOUT), auth)
+}
+
+/// `path` on the API at `node` (`https://` when the harness trusts a CA).
+fn api_url(auth: &Auth, node: &str, path: &str) -> String {
+    let scheme = if auth.ca_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{node}{path}")
 }
 
 /// The answer to a request, classified for the checkers.
@@ -175,7 +193,7 @@ enum Answer {
 
 fn send(client: &Client, url: &str, body: &Json) -> Answer {
     // The transport error decides between Failed and Unknown, so this reads ureq's answer.
-    match client.agent().post(url).send_json(body) {
+    match client.authorize(client.agent().post(url)).send_json(body) {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
             let text = resp.body_mut().read_to_string().unwrap_or_default();
@@ -220,6 +238,7 @@ struct Load {
     read_level: String,
     /// When the load started: compare-and-set keys move on every [`CAS_KEY_SECS`].
     epoch: Instant,
+    auth: Auth,
     /// Why requests did not succeed: error text (shortened) and how often.
     errors: Arc<Mutex<BTreeMap<String, u64>>>,
 }
@@ -254,7 +273,8 @@ fn client_loop(process: u32, load: Load) {
         ref acked,
         ..
     } = load;
-    let agent = client(CLIENT_TIMEOUT);
+    let auth = &load.auth;
+    let agent = client(CLIENT_TIMEOUT, auth);
     let mut rng = SplitMix64::new(seed ^ (u64::from(process) << 40));
     let mut counter: i64 = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -275,7 +295,7 @@ fn client_loop(process: u32, load: Load) {
             let token = format!("p{process}-{counter}");
             let body = json!([["INSERT INTO ledger(token) VALUES(?)", token]]);
             ledger.record(&token, Fate::Indeterminate);
-            let fate = match load.tally(send(&agent, &format!("http://{node}/db/execute"), &body)) {
+            let fate = match load.tally(send(&agent, &api_url(auth, &node, "/db/execute"), &body)) {
                 Answer::Ok(_) => Fate::Acked,
                 Answer::Failed(_) => Fate::Failed,
                 Answer::Unknown(_) => Fate::Indeterminate,
@@ -290,7 +310,7 @@ fn client_loop(process: u32, load: Load) {
             write_register(&load, process, &agent, &node, &key, fresh);
         } else {
             let p = rec.invoke(process, &key, Call::Read);
-            let ret = read_register(&agent, &node, &key, &load.read_level, Some(&load));
+            let ret = read_register(&agent, auth, &node, &key, &load.read_level, Some(&load));
             rec.complete(p, ret);
         }
     }
@@ -304,7 +324,8 @@ fn write_register(load: &Load, process: u32, agent: &Client, node: &str, key: &s
         key,
         value
     ]]);
-    let ret = match load.tally(send(agent, &format!("http://{node}/db/execute"), &body)) {
+    let url = api_url(&load.auth, node, "/db/execute");
+    let ret = match load.tally(send(agent, &url, &body)) {
         Answer::Ok(_) => {
             *load.acked.lock().expect("acked lock") += 1;
             Ret::Written
@@ -330,11 +351,11 @@ fn cas_key_op(load: &Load, process: u32, agent: &Client, node: &str, rng: &mut S
         rng.below(2)
     );
     let (from, to) = (rng.below(5) as i64, rng.below(5) as i64);
-    let url = format!("http://{node}/db/execute");
+    let url = api_url(&load.auth, node, "/db/execute");
     match rng.below(3) {
         0 => {
             let p = load.rec.invoke(process, &key, Call::Read);
-            let ret = read_register(agent, node, &key, &load.read_level, Some(load));
+            let ret = read_register(agent, &load.auth, node, &key, &load.read_level, Some(load));
             load.rec.complete(p, ret);
         }
         1 => write_register(load, process, agent, node, &key, to),
@@ -358,9 +379,16 @@ fn cas_key_op(load: &Load, process: u32, agent: &Client, node: &str, rng: &mut S
 }
 
 /// A read of one key at `level` (`Ret::Indeterminate` on any failure).
-fn read_register(agent: &Client, node: &str, key: &str, level: &str, load: Option<&Load>) -> Ret {
+fn read_register(
+    agent: &Client,
+    auth: &Auth,
+    node: &str,
+    key: &str,
+    level: &str,
+    load: Option<&Load>,
+) -> Ret {
     let body = json!([["SELECT v FROM reg WHERE k = ?", key]]);
-    let url = format!("http://{node}/db/query?level={level}");
+    let url = api_url(auth, node, &format!("/db/query?level={level}"));
     let answer = match load {
         Some(l) => l.tally(send(agent, &url, &body)),
         None => send(agent, &url, &body),
@@ -425,7 +453,9 @@ impl Fleet {
             .collect();
         let report = env.scratch.path().join("devices.jsonl");
         // Started from the hub thread, so the fleet lives in the hub namespace too.
-        let child = sim_command(&cairn_bin(), &gateways, &env.cluster.nodes[leader].url(""))
+        let mut cmd = sim_command(&cairn_bin(), &gateways, &env.cluster.nodes[leader].url(""));
+        authenticate(&mut cmd, &env.cluster.auth());
+        let child = cmd
             .args(["--devices", &devices.to_string()])
             .args(["--rate", &rate.to_string(), "--threads", "1"])
             .args(["--drain", "60", "--json", "--quiet"])
@@ -744,15 +774,18 @@ impl Env {
         };
         let opts = Options {
             config: Some(READINGS_CONFIG.into()),
-            // Nodes in their own namespaces listen beyond loopback, without auth or node TLS.
-            extra: if place.is_some() {
+            // Nodes in their own namespaces listen beyond loopback: without auth and node TLS
+            // they need --insecure.
+            extra: if place.is_some() && !cfg.secure {
                 vec!["--insecure".into()]
             } else {
                 Vec::new()
             },
+            security: cfg.secure.then(Security::full),
             ..Options::default()
         };
         let cluster = Cluster::start_placed(cfg.nodes, opts, place);
+        let agent = client(STATUS_TIMEOUT, &cluster.auth());
         cluster.execute(&stmts(&[
             "CREATE TABLE reg (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",
             "CREATE TABLE ledger (token TEXT NOT NULL)",
@@ -773,7 +806,7 @@ impl Env {
             _hub: hub,
             members: Arc::new(RwLock::new(members)),
             paused: Vec::new(),
-            agent: client(STATUS_TIMEOUT),
+            agent,
             log: Vec::new(),
             started: Instant::now(),
             verbose: cfg.verbose,
@@ -1261,6 +1294,7 @@ pub fn run(cfg: &Config) -> Outcome {
         acked: Arc::default(),
         read_level: cfg.read_level.clone(),
         epoch: Instant::now(),
+        auth: env.cluster.auth(),
         errors: Arc::default(),
     };
     let (rec, ledger, stop, acked) = (
@@ -1303,12 +1337,14 @@ pub fn run(cfg: &Config) -> Outcome {
 
     env.cluster.wait_converged();
     let leader = env.cluster.leader();
-    let final_agent = client(Duration::from_secs(30));
+    let final_auth = env.cluster.auth();
+    let final_agent = client(Duration::from_secs(30), &final_auth);
     for k in 0..cfg.keys {
         let key = format!("k{k}");
         let p = rec.invoke(u32::MAX, &key, Call::Read);
         let ret = read_register(
             &final_agent,
+            &final_auth,
             &env.cluster.nodes[leader].http,
             &key,
             "linearizable",

@@ -1,11 +1,15 @@
-//! The harness's one HTTP client (ureq, blocking, no TLS): used by the tests, the fault
-//! suite, the bench's SQL load and the QEMU end-to-end. Statuses are never turned into
-//! errors and redirects are never followed, so a test sees exactly what the node answered.
+//! The harness's one HTTP client (ureq, blocking; HTTPS with rustls and ring when given a CA,
+//! Basic credentials when given a user): used by the tests, the fault suite, the bench's SQL
+//! load and the QEMU end-to-end. Statuses are never turned into errors and redirects are
+//! never followed, so a test sees exactly what the node answered.
 //! A [`Client`] keeps its connections alive between requests (ureq pools them, with
 //! `TCP_NODELAY`), which the benchmark loops rely on.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use serde_json::Value as Json;
 
 use crate::TIMEOUT;
@@ -38,10 +42,46 @@ impl Reply {
     }
 }
 
+/// Who a [`Client`] is: Basic credentials and the CA it trusts for `https://` URLs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Auth {
+    /// (user, password), sent as Basic credentials with every request.
+    pub user: Option<(String, String)>,
+    /// PEM file of the CA that signed the nodes' HTTPS certificates.
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl Auth {
+    /// These credentials, trusting the same CA.
+    pub fn as_user(&self, user: &str, password: &str) -> Auth {
+        Auth {
+            user: Some((user.into(), password.into())),
+            ca_cert: self.ca_cert.clone(),
+        }
+    }
+
+    /// No credentials, trusting the same CA.
+    pub fn anonymous(&self) -> Auth {
+        Auth {
+            user: None,
+            ca_cert: self.ca_cert.clone(),
+        }
+    }
+
+    /// The `Authorization` header value, if any.
+    pub fn authorization(&self) -> Option<String> {
+        self.user.as_ref().map(|(u, p)| {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            format!("Basic {token}")
+        })
+    }
+}
+
 /// A blocking client; clones share the connection pool.
 #[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
+    authorization: Option<String>,
 }
 
 impl Default for Client {
@@ -55,28 +95,46 @@ impl Client {
     /// A client whose requests give up after `timeout` (and, if given, whose connects give
     /// up after `connect`).
     pub fn new(timeout: Duration, connect: Option<Duration>) -> Client {
-        let agent = ureq::Agent::config_builder()
+        Client::with_auth(timeout, connect, &Auth::default())
+    }
+
+    /// [`Client::new`] sending `auth`'s credentials and trusting its CA.
+    pub fn with_auth(timeout: Duration, connect: Option<Duration>, auth: &Auth) -> Client {
+        let mut b = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
             .timeout_global(Some(timeout))
-            .timeout_connect(connect)
-            .build()
-            .into();
-        Client { agent }
+            .timeout_connect(connect);
+        if let Some(ca) = &auth.ca_cert {
+            b = b.tls_config(tls_config(ca));
+        }
+        Client {
+            agent: b.build().into(),
+            authorization: auth.authorization(),
+        }
     }
 
-    /// The underlying agent, for callers that classify transport errors themselves.
+    /// The underlying agent, for callers that classify transport errors themselves (it
+    /// trusts the CA but sends no credentials: add [`Client::authorize`]).
     pub fn agent(&self) -> &ureq::Agent {
         &self.agent
     }
 
+    /// Adds this client's credentials (if any) to a request built on [`Client::agent`].
+    pub fn authorize<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(a) => req.header("authorization", a),
+            None => req,
+        }
+    }
+
     pub fn get(&self, url: &str) -> Reply {
-        reply(self.agent.get(url).call())
+        reply(self.authorize(self.agent.get(url)).call())
     }
 
     /// `GET url?k=v&...` with the pairs encoded.
     pub fn get_query(&self, url: &str, pairs: &[(&str, &str)]) -> Reply {
-        let mut req = self.agent.get(url);
+        let mut req = self.authorize(self.agent.get(url));
         for (k, v) in pairs {
             req = req.query(*k, *v);
         }
@@ -84,28 +142,47 @@ impl Client {
     }
 
     pub fn post(&self, url: &str, body: &Json) -> Reply {
-        reply(self.agent.post(url).send_json(body))
+        reply(self.authorize(self.agent.post(url)).send_json(body))
     }
 
     /// `POST` of JSON already serialised (benchmark loops build their bodies once).
     pub fn post_text(&self, url: &str, json: &str) -> Reply {
         reply(
-            self.agent
-                .post(url)
+            self.authorize(self.agent.post(url))
                 .header("content-type", "application/json")
                 .send(json),
         )
     }
 
+    /// `POST` of raw bytes with the given `Content-Type`.
+    pub fn post_bytes(&self, url: &str, content_type: &str, body: &[u8]) -> Reply {
+        reply(
+            self.authorize(self.agent.post(url))
+                .header("content-type", content_type)
+                .send(body),
+        )
+    }
+
     pub fn delete(&self, url: &str, body: &Json) -> Reply {
         reply(
-            self.agent
-                .delete(url)
+            self.authorize(self.agent.delete(url))
                 .force_send_body()
                 .header("content-type", "application/json")
                 .send(body.to_string()),
         )
     }
+}
+
+/// rustls with the ring provider, trusting only the CA in `ca` (a PEM file).
+fn tls_config(ca: &std::path::Path) -> ureq::tls::TlsConfig {
+    let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("reading {}: {e}", ca.display()));
+    let cert = ureq::tls::Certificate::from_pem(&pem)
+        .unwrap_or_else(|e| panic!("CA {}: {e}", ca.display()));
+    ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&[cert]))
+        .build()
 }
 
 fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {

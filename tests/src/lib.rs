@@ -31,8 +31,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 
-pub use cluster::{Cluster, Launcher, Node, Options, Place, View, cairn_bin, leader_of};
-pub use http::{Client, Reply, agent, delete, get, post};
+pub use cluster::{
+    ADMIN, Cluster, JOINER, Launcher, Node, Options, Place, Security, View, cairn_bin, leader_of,
+};
+pub use http::{Auth, Client, Reply, agent, delete, get, post};
 
 /// How long start-up, elections and catch-up may take before a test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(30);

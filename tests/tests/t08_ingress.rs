@@ -10,15 +10,22 @@ use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::Duration;
 
-use cairn_tests::device::{READINGS_CONFIG, hex, read_frame, sim_command, sim_summary};
-use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, poll};
+use cairn_tests::device::{
+    READINGS_CONFIG, authenticate, hex, read_frame, sim_command, sim_summary,
+};
+use cairn_tests::{Cluster, Options, Security, TIMEOUT, cairn_bin, poll};
 use serde_json::Value as Json;
 
 fn cluster() -> Cluster {
+    cluster_with(None)
+}
+
+fn cluster_with(security: Option<Security>) -> Cluster {
     Cluster::start_with(
         3,
         Options {
             config: Some(READINGS_CONFIG.into()),
+            security,
             ..Options::default()
         },
     )
@@ -57,13 +64,27 @@ fn stored(c: &Cluster, i: usize) -> std::collections::BTreeMap<u64, (u64, u64, u
 
 #[test]
 fn test_kill9_leader_while_100_devices_stream_every_acked_record_stored_once() {
+    kill9_leader_while_100_devices_stream(None);
+}
+
+/// The same with `--auth`, HTTPS and node mutual TLS on every node: forwarded groups, key
+/// and high-water lookups and Raft all run over mutual TLS; `cairn sim` registers its
+/// devices with credentials over HTTPS.
+#[test]
+fn test_kill9_leader_with_tls_and_auth_every_acked_record_stored_once() {
+    kill9_leader_while_100_devices_stream(Some(Security::full()));
+}
+
+fn kill9_leader_while_100_devices_stream(security: Option<Security>) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut c = cluster();
+    let mut c = cluster_with(security);
     let leader = c.leader();
     let report = dir.path().join("report.jsonl");
     let gateways: Vec<String> = (0..c.nodes.len()).map(|i| device_addr(&c, i)).collect();
     let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
-    let sim = sim_command(&cairn_bin(), &gateways, &c.nodes[leader].url(""))
+    let mut sim = sim_command(&cairn_bin(), &gateways, &c.nodes[leader].url(""));
+    authenticate(&mut sim, &c.auth());
+    let sim = sim
         .args(["--devices", "100", "--rate", "20", "--duration", "12"])
         .args(["--drain", "60", "--json", "--quiet", "--first-id", "1000"])
         .arg("--report")

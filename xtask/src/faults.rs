@@ -13,8 +13,10 @@
 //! Partitions, loss, disk full and power cuts need root; without it the schedules use the
 //! other faults. `--unsafe-no-fsync` runs the nodes on a `cairn` built with the gateway's
 //! test-only `unsafe-no-fsync` feature (the Raft log never fsync'd): the power cuts must
-//! catch it. `cargo xtask test` runs [`BOUNDED`]; with `CAIRN_SOAK=1` it runs [`SOAK`] with a
-//! seed from the clock (printed, so a failure can be replayed with `--seed`).
+//! catch it. `cargo xtask test` runs [`BOUNDED`] (overlap, power cut and clock schedules in
+//! turn); with `CAIRN_SOAK=1` it runs [`SOAK`] with a seed from the clock (printed, so a
+//! failure can be replayed with `--seed`); then [`SECURE`] with `--secure` (every node with
+//! `--auth`, HTTPS and node mutual TLS).
 
 use crate::util::{cargo, root, run, step};
 use anyhow::Result;
@@ -26,6 +28,9 @@ use std::process::Command;
 pub const BOUNDED: (u64, u64, u64) = (3, 3, 1);
 /// The same with `CAIRN_SOAK=1`.
 pub const SOAK: (u64, u64) = (30, 8);
+/// (schedules, steps, first seed) run again with `--secure` (auth, HTTPS, node mutual TLS on
+/// every node) by `cargo xtask test`: about a minute.
+pub const SECURE: (u64, u64, u64) = (2, 4, 101);
 
 /// The no-fsync daemon's name next to `cairn` in `target/debug`.
 const NO_FSYNC_BIN: &str = "cairn-unsafe-no-fsync";
@@ -105,22 +110,26 @@ pub fn test_step() -> Result<()> {
             .chain(["--seed".into(), seed.to_string(), "--quiet".into()])
             .collect()
     } else {
-        let (n, steps, seed) = BOUNDED;
-        [
-            "--schedules",
-            &n.to_string(),
-            "--steps",
-            &steps.to_string(),
-            "--seed",
-            &seed.to_string(),
-            "--mix",
-            "--quiet",
-        ]
-        .map(String::from)
-        .to_vec()
+        schedule_args(BOUNDED, &["--mix"])
     };
     step(
         &format!("faults ({})", if soak { "soak" } else { "bounded" }),
         || faults(&args),
-    )
+    )?;
+    let secure = schedule_args(SECURE, &["--secure"]);
+    step("faults (secure: auth, HTTPS, node mTLS)", || {
+        faults(&secure)
+    })
+}
+
+/// `cairn-faults` arguments for (schedules, steps, first seed), quiet, plus `extra`.
+fn schedule_args((n, steps, seed): (u64, u64, u64), extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--schedules", "--steps", "--seed"]
+        .into_iter()
+        .zip([n, steps, seed])
+        .flat_map(|(flag, v)| [flag.to_string(), v.to_string()])
+        .collect();
+    args.push("--quiet".into());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }

@@ -28,10 +28,16 @@ const PACKAGES: &[(&str, &str)] = &[
     // The fault suite: power cuts on faultfs (FUSE), clock faults with libfaketime.
     ("fusermount3", "fuse3"),
     ("faketime", "faketime"),
+    // A real rqlite client for the tests (t13_security connects with credentials over HTTPS).
+    ("python3", "python3"),
 ];
+
+/// Python packages the tests use: pyrqlite, rqlite's DB-API client (from PyPI).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("pyrqlite", "pyrqlite")];
 
 pub fn run_setup() -> Result<()> {
     ensure_packages(PACKAGES)?;
+    ensure_python(PYTHON_PACKAGES)?;
     // Make sure the pinned toolchain and its targets are installed. `cargo xtask` runs with
     // RUSTUP_TOOLCHAIN set by the cargo proxy, which makes rustup ignore rust-toolchain.toml
     // (and its targets): drop it, then add the listed targets explicitly, since a machine
@@ -95,6 +101,38 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
         apt(&args)?;
     }
     Ok(())
+}
+
+/// Installs each (module, PyPI package) whose module `python3` cannot import, with pip
+/// (Debian's python3-pip first when pip itself is missing).
+fn ensure_python(packages: &[(&str, &str)]) -> Result<()> {
+    let importable = |m: &str| {
+        Command::new("python3")
+            .args(["-c", &format!("import {m}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(m, _)| !importable(m))
+        .map(|(_, p)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !importable("pip") {
+        ensure_packages(&[(
+            "/usr/lib/python3/dist-packages/pip/__init__.py",
+            "python3-pip",
+        )])?;
+    }
+    println!("installing Python packages: {}", missing.join(" "));
+    // Debian marks its Python as externally managed; these are test tools only.
+    exec(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--break-system-packages"])
+            .args(&missing),
+    )
 }
 
 pub fn run() -> Result<()> {

@@ -13,21 +13,10 @@ use std::path::{Path, PathBuf};
 
 use cairn_protocol::GatewayAddr;
 use cairn_protocol::settings::DeviceSettings;
-use serde_json::{Value as Json, json};
+use serde_json::json;
 
-use super::{agent, get_json, post_json};
+use super::{Api, answer, check};
 use crate::db::registry;
-
-fn check(status: u16, body: &Json) -> anyhow::Result<()> {
-    if (200..300).contains(&status) {
-        return Ok(());
-    }
-    let msg = body["error"]
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| body.to_string());
-    anyhow::bail!("{msg} (HTTP {status})")
-}
 
 /// Where `cairn device add` gets the device's key.
 pub enum KeySource {
@@ -58,7 +47,7 @@ pub fn generate_key() -> anyhow::Result<registry::DeviceKey> {
 /// registering fails, so a registered generated key always exists in the file (and on the
 /// terminal), and a failed registration leaves no file behind.
 pub fn add(
-    host: &str,
+    api: &Api,
     id: u64,
     key: KeySource,
     provision: Option<ProvisionOut>,
@@ -71,7 +60,7 @@ pub fn add(
         Some(p) => Some(write_settings(&p.file, &settings(id, key, &p.gateways)?)?),
         None => None,
     };
-    let registered = register(host, id, &key);
+    let registered = register(api, id, &key);
     if let Err(e) = registered {
         if let Some(file) = &written {
             let _ = std::fs::remove_file(file);
@@ -94,11 +83,9 @@ pub fn add(
     Ok(())
 }
 
-fn register(host: &str, id: u64, key: &registry::DeviceKey) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
-    let (status, body) = post_json(
-        &agent(),
-        &format!("{host}/devices"),
+fn register(api: &Api, id: u64, key: &registry::DeviceKey) -> anyhow::Result<()> {
+    let (status, body) = api.post_json(
+        "/devices",
         &json!({"id": id, "key": registry::key_hex(key)}),
     )?;
     check(status, &body)?;
@@ -159,12 +146,9 @@ pub fn write_settings(path: &Path, settings: &DeviceSettings) -> anyhow::Result<
 }
 
 /// Prints the registered devices and their committed high-water seqs.
-pub fn list(host: &str) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
-    let body = get_json(&agent(), &format!("{host}/devices"))?;
-    if let Some(e) = body["error"].as_str() {
-        anyhow::bail!("{e}");
-    }
+pub fn list(api: &Api) -> anyhow::Result<()> {
+    let (status, body) = api.get_json("/devices")?;
+    check(status, &body)?;
     let devices = body["devices"].as_array().cloned().unwrap_or_default();
     println!("{:>20}  {:>20}  dead_letter", "device_id", "high_water");
     for d in &devices {
@@ -184,12 +168,8 @@ pub fn list(host: &str) -> anyhow::Result<()> {
 }
 
 /// Forgets device `id`'s key (its stored records and high-water stay).
-pub fn remove(host: &str, id: u64) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
-    let mut resp = agent().delete(&format!("{host}/devices/{id}")).call()?;
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string()?;
-    let body: Json = serde_json::from_str(&text).unwrap_or(Json::String(text));
+pub fn remove(api: &Api, id: u64) -> anyhow::Result<()> {
+    let (status, body) = answer(api.delete(&format!("/devices/{id}")).call()?)?;
     check(status, &body)?;
     if body["removed"].as_bool() == Some(true) {
         println!("device {id}: removed");
@@ -201,13 +181,8 @@ pub fn remove(host: &str, id: u64) -> anyhow::Result<()> {
 
 /// Sets device `id`'s committed high-water seq to `seq` (a logged admin action; refused while
 /// stored records of the device lie above `seq`).
-pub fn reset(host: &str, id: u64, seq: u64) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
-    let (status, body) = post_json(
-        &agent(),
-        &format!("{host}/devices/{id}/reset"),
-        &json!({ "seq": seq }),
-    )?;
+pub fn reset(api: &Api, id: u64, seq: u64) -> anyhow::Result<()> {
+    let (status, body) = api.post_json(&format!("/devices/{id}/reset"), &json!({ "seq": seq }))?;
     check(status, &body)?;
     println!(
         "device {id}: high-water {} -> {}",

@@ -220,20 +220,95 @@ pub fn describe_streams(schema: &crate::db::schema::Schema, config: Option<&Path
     out
 }
 
-pub(crate) fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
+/// How a CLI command reaches a node: `--host` (user-info allowed), `--user` (password from
+/// `CAIRN_PASSWORD`; or `CAIRN_USER`), `--ca-cert` for `https://` hosts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnArgs {
+    /// The node's HTTP API; `https://` with --ca-cert; `http://user:pass@host` also works.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:4001")]
+    pub host: String,
+    /// User of the node's --auth file (password from CAIRN_PASSWORD); or set CAIRN_USER.
+    #[arg(long, global = true)]
+    pub user: Option<String>,
+    /// CA certificate (PEM) that signed the node's HTTPS certificate (`cairn certs`).
+    #[arg(long, global = true)]
+    pub ca_cert: Option<PathBuf>,
 }
 
-pub(crate) fn post_json(
-    agent: &ureq::Agent,
-    url: &str,
-    body: &Json,
-) -> anyhow::Result<(u16, Json)> {
-    let mut resp = agent.post(url).send_json(body)?;
+/// A node's API with the credentials and trust a CLI command was given.
+pub struct Api {
+    /// The host without user-info or trailing `/`.
+    pub host: String,
+    agent: ureq::Agent,
+    authorization: Option<String>,
+}
+
+impl Api {
+    pub fn connect(c: &ConnArgs) -> anyhow::Result<Api> {
+        let (host, creds) =
+            crate::security::Credentials::for_cli(&c.host, c.user.as_deref(), |k| {
+                std::env::var(k).ok()
+            });
+        // Redirects are followed by hand (`backup`), keeping the credentials.
+        let mut b = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(Duration::from_secs(60)));
+        if let Some(ca) = &c.ca_cert {
+            let roots = crate::security::tls::load_certs(ca)?
+                .into_iter()
+                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+                .collect::<Vec<_>>();
+            b = b.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .provider(ureq::tls::TlsProvider::Rustls)
+                    .unversioned_rustls_crypto_provider(crate::security::tls::provider())
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                    .build(),
+            );
+        }
+        let authorization = creds
+            .map(|c| c.authorization().to_str().map(str::to_string))
+            .transpose()?;
+        Ok(Api {
+            host: host.trim_end_matches('/').to_string(),
+            agent: b.build().into(),
+            authorization,
+        })
+    }
+
+    fn auth<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(a) => r.header("authorization", a),
+            None => r,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.auth(self.agent.get(format!("{}{path}", self.host)))
+    }
+
+    pub fn post(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        self.auth(self.agent.post(format!("{}{path}", self.host)))
+    }
+
+    pub fn delete(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.auth(self.agent.delete(format!("{}{path}", self.host)))
+    }
+
+    /// `POST path` with a JSON body: the status and the answer (JSON, or its text).
+    pub fn post_json(&self, path: &str, body: &Json) -> anyhow::Result<(u16, Json)> {
+        answer(self.post(path).send_json(body)?)
+    }
+
+    /// `GET path`: the status and the answer.
+    pub fn get_json(&self, path: &str) -> anyhow::Result<(u16, Json)> {
+        answer(self.get(path).call()?)
+    }
+}
+
+/// A response's status and its body as JSON (or the text, when it is not JSON).
+pub(crate) fn answer(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Result<(u16, Json)> {
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string()?;
     Ok((
@@ -242,10 +317,17 @@ pub(crate) fn post_json(
     ))
 }
 
-pub(crate) fn get_json(agent: &ureq::Agent, url: &str) -> anyhow::Result<Json> {
-    let mut resp = agent.get(url).call()?;
-    let text = resp.body_mut().read_to_string()?;
-    Ok(serde_json::from_str(&text).unwrap_or(Json::String(text)))
+/// Fails with the node's error text unless `status` is 2xx.
+pub(crate) fn check(status: u16, body: &Json) -> anyhow::Result<()> {
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let msg = body["error"]
+        .as_str()
+        .or_else(|| body["results"][0]["error"].as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| body.to_string());
+    anyhow::bail!("{msg} (HTTP {status})")
 }
 
 fn cell(v: &Json) -> String {
@@ -316,11 +398,13 @@ fn print_results(v: &Json, out: &mut impl Write) -> std::io::Result<()> {
 }
 
 /// `cairn shell`: one statement per line; dot commands like the rqlite shell.
-pub fn shell(host: &str) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
-    let agent = agent();
-    let status = get_json(&agent, &format!("{host}/status"))
+pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
+    let api = Api::connect(conn)?;
+    let host = api.host.as_str();
+    let (code, status) = api
+        .get_json("/status")
         .map_err(|e| anyhow::anyhow!("cannot reach {host}: {e}"))?;
+    check(code, &status)?;
     println!(
         "connected to {host} (node {}, {}); .help for help",
         status["node_id"], status["raft"]["state"]
@@ -329,7 +413,11 @@ pub fn shell(host: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     let mut level = "weak".to_string();
     loop {
-        print!("{}> ", host.trim_start_matches("http://"));
+        print!(
+            "{}> ",
+            host.trim_start_matches("http://")
+                .trim_start_matches("https://")
+        );
         out.flush()?;
         let mut line = String::new();
         if stdin.lock().read_line(&mut line)? == 0 {
@@ -357,9 +445,8 @@ pub fn shell(host: &str) -> anyhow::Result<()> {
                      .exit                leave\nanything else is SQL, sent to /db/request"
                 ),
                 ".tables" => {
-                    let v = post_json(
-                        &agent,
-                        &format!("{host}/db/query?level={level}"),
+                    let v = api.post_json(
+                        &format!("/db/query?level={level}"),
                         &json!([format!(
                             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name != '{}' ORDER BY name",
                             tables::RAFT
@@ -368,9 +455,8 @@ pub fn shell(host: &str) -> anyhow::Result<()> {
                     print_results(&v.1, &mut out)?;
                 }
                 ".schema" => {
-                    let v = post_json(
-                        &agent,
-                        &format!("{host}/db/query?level={level}"),
+                    let v = api.post_json(
+                        &format!("/db/query?level={level}"),
                         &json!([format!(
                             "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name != '{}'",
                             tables::RAFT
@@ -380,31 +466,28 @@ pub fn shell(host: &str) -> anyhow::Result<()> {
                 }
                 ".nodes" => println!(
                     "{}",
-                    serde_json::to_string_pretty(&get_json(&agent, &format!("{host}/nodes"))?)?
+                    serde_json::to_string_pretty(&api.get_json("/nodes")?.1)?
                 ),
                 ".status" => println!(
                     "{}",
-                    serde_json::to_string_pretty(&get_json(&agent, &format!("{host}/status"))?)?
+                    serde_json::to_string_pretty(&api.get_json("/status")?.1)?
                 ),
                 ".consistency" => match line.split_whitespace().nth(1) {
                     Some(l) => level = l.to_string(),
                     None => println!("{level}"),
                 },
                 ".backup" => match line.split_whitespace().nth(1) {
-                    Some(f) => backup(host, Path::new(f))?,
+                    Some(f) => backup(&api, Path::new(f))?,
                     None => println!("usage: .backup FILE"),
                 },
                 ".restore" => match line.split_whitespace().nth(1) {
-                    Some(f) => restore(host, Path::new(f))?,
+                    Some(f) => restore(&api, Path::new(f))?,
                     None => println!("usage: .restore FILE"),
                 },
                 w if w.starts_with('.') => println!("unknown command {w}; .help for help"),
                 _ => {
-                    let (_, v) = post_json(
-                        &agent,
-                        &format!("{host}/db/request?level={level}"),
-                        &json!([line]),
-                    )?;
+                    let (_, v) =
+                        api.post_json(&format!("/db/request?level={level}"), &json!([line]))?;
                     print_results(&v, &mut out)?;
                 }
             }
@@ -417,9 +500,14 @@ pub fn shell(host: &str) -> anyhow::Result<()> {
 }
 
 /// `cairn backup FILE`: streams `/db/backup` (from the leader) into FILE.
-pub fn backup(host: &str, file: &Path) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
-    let mut resp = agent().get(format!("{host}/db/backup")).call()?;
+pub fn backup(api: &Api, file: &Path) -> anyhow::Result<()> {
+    let mut resp = api.get("/db/backup").call()?;
+    if resp.status().is_redirection()
+        && let Some(to) = resp.headers().get("location").and_then(|l| l.to_str().ok())
+    {
+        // The leader's address: same credentials, same trust.
+        resp = api.auth(api.agent.get(to)).call()?;
+    }
     if !resp.status().is_success() {
         let text = resp.body_mut().read_to_string().unwrap_or_default();
         anyhow::bail!("backup failed ({}): {text}", resp.status());
@@ -434,11 +522,10 @@ pub fn backup(host: &str, file: &Path) -> anyhow::Result<()> {
 }
 
 /// `cairn restore FILE`: replaces the database with FILE through `/db/load`.
-pub fn restore(host: &str, file: &Path) -> anyhow::Result<()> {
-    let host = host.trim_end_matches('/');
+pub fn restore(api: &Api, file: &Path) -> anyhow::Result<()> {
     let f = std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let mut resp = agent()
-        .post(format!("{host}/db/load"))
+    let mut resp = api
+        .post("/db/load")
         .header("content-type", "application/octet-stream")
         .send(f)?;
     let status = resp.status();

@@ -36,6 +36,9 @@ pub struct LeaderRequest<'a> {
     /// Path and query string, starting with `/`.
     pub path: &'a str,
     pub content_type: Option<&'a str>,
+    /// The client's `Authorization` header, for a forwarded API request (the leader checks it
+    /// again).
+    pub authorization: Option<hyper::header::HeaderValue>,
     pub body: Bytes,
 }
 
@@ -105,10 +108,13 @@ impl Cluster {
         let (id, addr) = self.leader_addr(port, wait).await?;
         let mut builder = hyper::Request::builder()
             .method(req.method)
-            .uri(format!("http://{addr}{}", req.path))
+            .uri(self.client.url(&addr, req.path))
             .header(FORWARDED, self.id.to_string());
         if let Some(ct) = req.content_type {
             builder = builder.header(hyper::header::CONTENT_TYPE, ct);
+        }
+        if let Some(a) = req.authorization {
+            builder = builder.header(hyper::header::AUTHORIZATION, a);
         }
         let request = builder
             .body(full(req.body))
@@ -138,6 +144,7 @@ impl Cluster {
             method,
             path,
             content_type: Some("application/octet-stream"),
+            authorization: None,
             body: body.into(),
         };
         let resp = self

@@ -28,16 +28,27 @@ fn yes() -> bool {
     true
 }
 
+impl JoinRequest {
+    /// The addresses the joining node asks to be reached at.
+    pub fn peer(&self) -> Peer {
+        Peer {
+            raft_addr: self.addr.clone(),
+            http_addr: self.http_addr.clone(),
+            device_addr: self.device_addr.clone(),
+        }
+    }
+}
+
 impl Cluster {
     /// Adds a node (or updates its addresses): as a learner that is caught up before this
     /// returns, then promoted to voter if it asks to be one. The leader only.
+    ///
+    /// A new or re-addressed node must first answer on its Raft address (`/raft/ping`): with
+    /// node mutual TLS that proves it holds a node certificate of the cluster CA naming that
+    /// address, so a process without one never becomes a member.
     pub async fn join(&self, jr: &JoinRequest) -> Result<(), Error> {
         self.require_leader()?;
-        let peer = Peer {
-            raft_addr: jr.addr.clone(),
-            http_addr: jr.http_addr.clone(),
-            device_addr: jr.device_addr.clone(),
-        };
+        let peer = jr.peer();
         let m = self.raft_metrics();
         let membership = m.membership_config.membership().clone();
         let is_voter = membership.voter_ids().any(|v| v == jr.id);
@@ -45,6 +56,9 @@ impl Cluster {
             Error::Unavailable(msg) => Error::Unavailable(format!("join: {msg}")),
             other => other,
         };
+        if membership.get_node(&jr.id) != Some(&peer) {
+            self.check_reachable(jr.id, &peer.raft_addr).await?;
+        }
         match membership.get_node(&jr.id) {
             Some(existing) if *existing != peer => {
                 self.raft
@@ -72,6 +86,24 @@ impl Cluster {
                 .map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// Whether node `id` answers on its Raft address `addr` (over node TLS when on).
+    async fn check_reachable(&self, id: NodeId, addr: &str) -> Result<(), Error> {
+        let url = self.client.url(addr, "/raft/ping");
+        let req = hyper::Request::get(&url)
+            .body(crate::raft::network::full(bytes::Bytes::new()))
+            .map_err(|e| Error::BadRequest(format!("join: Raft address {addr:?}: {e}")))?;
+        match self.client.send(req, Duration::from_secs(5)).await {
+            Ok((s, _, _)) if s.is_success() => Ok(()),
+            Ok((s, _, _)) => Err(Error::BadRequest(format!(
+                "join: node {id} at {addr} answered {s} on its Raft port"
+            ))),
+            Err(e) => Err(Error::BadRequest(format!(
+                "join: node {id} does not answer at {url} (with node TLS it needs a node \
+                 certificate of the cluster CA naming that address): {e}"
+            ))),
+        }
     }
 
     /// Removes a voter or a learner. The leader only.

@@ -377,19 +377,36 @@ impl Cluster {
     /// (see `db::load`). The file goes through the log in chunks of at most
     /// [`CHUNK_BYTES`](crate::command::load::CHUNK_BYTES) and takes effect at the last one.
     /// The leader only.
-    pub async fn load_file(&self, upload: PathBuf) -> Result<Vec<StatementResult>, Error> {
-        let r = self.load_prepared(&upload).await;
+    /// `restore_state`: the caller may restore Cairn's own state (the `all` permission), which
+    /// a Cairn backup carries (device registry and keys, high-waters); without it such a file
+    /// is refused ([`Error::Forbidden`]) and a plain SQLite file or dump loads as usual.
+    pub async fn load_file(
+        &self,
+        upload: PathBuf,
+        restore_state: bool,
+    ) -> Result<Vec<StatementResult>, Error> {
+        let r = self.load_prepared(&upload, restore_state).await;
         let _ = std::fs::remove_file(&upload);
         r
     }
 
-    async fn load_prepared(&self, upload: &std::path::Path) -> Result<Vec<StatementResult>, Error> {
+    async fn load_prepared(
+        &self,
+        upload: &std::path::Path,
+        restore_state: bool,
+    ) -> Result<Vec<StatementResult>, Error> {
         self.require_leader()?;
         let (dir, up) = (self.scratch_dir.clone(), upload.to_path_buf());
         let src = tokio::task::spawn_blocking(move || crate::db::load::prepare(&up, &dir))
             .await?
             .map_err(|e| Error::BadRequest(format!("load: {e}")))?;
-        let r = self.send_load(&src).await;
+        let r = if src.backup && !restore_state {
+            Err(Error::Forbidden(
+                "load: a Cairn backup restores the device registry and needs permission all".into(),
+            ))
+        } else {
+            self.send_load(&src).await
+        };
         if src.scratch {
             let _ = std::fs::remove_file(&src.path);
         }
@@ -410,8 +427,6 @@ impl Cluster {
                 self.max_db_bytes >> 20
             )));
         }
-        // TODO(issue 14): a Cairn backup (`src.backup`) restores Cairn's state too and needs
-        // the `all` permission; check it here once access control exists.
         let load_id = rand::random::<u64>();
         let mut file = tokio::fs::File::open(&src.path).await?;
         let mut offset = 0u64;

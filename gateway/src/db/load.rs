@@ -199,8 +199,7 @@ pub fn swap_in(conn: &Connection, file: &Path, restore_state: bool) -> Result<u6
         user_ddl(conn, sql, &streams)?;
     }
     if restore_state {
-        // TODO(issue 14): restoring Cairn's state needs the `all` permission (checked by the
-        // HTTP edge before proposing, once access control exists).
+        // Only proposed for a caller with the `all` permission (`Cluster::load_file`).
         sandbox::system(|| {
             super::registry::create_tables(conn)?;
             super::schema::Schema::load(conn).map(drop)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,12 +15,13 @@ use serde::Deserialize as _;
 use serde_json::{Value as Json, json};
 
 use super::rqlite::{Opts, error_response, json_response};
-use super::{Original, Served, on_leader};
+use super::{Original, Scheme, Served, on_leader};
 use crate::cluster::Cluster;
 use crate::cluster::membership::JoinRequest;
 use crate::error::Error;
 use crate::raft::network::full;
 use crate::raft::{LogId, Peer};
+use crate::security::{Access, Perm};
 
 pub async fn status(
     State(n): State<Arc<Cluster>>,
@@ -80,16 +82,18 @@ pub async fn status(
 pub async fn nodes(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
+    Extension(scheme): Extension<Scheme>,
 ) -> Response {
     let o = Opts::from(&q);
     let m = n.raft_metrics();
     let membership = m.membership_config.membership().clone();
     let voters: Vec<u64> = membership.voter_ids().collect();
     let peers: Vec<(u64, Peer)> = membership.nodes().map(|(id, p)| (*id, p.clone())).collect();
+    // Reachable: answers on its Raft listener (over node mutual TLS when that is on).
     let checks = peers.iter().map(|(id, p)| {
         let client = n.http().clone();
         let me = *id == n.id();
-        let url = format!("http://{}/readyz?noleader", p.http_addr);
+        let url = client.url(&p.raft_addr, "/raft/ping");
         async move {
             if me {
                 return true;
@@ -109,7 +113,7 @@ pub async fn nodes(
                 id.to_string(),
                 json!({
                     "id": id.to_string(),
-                    "api_addr": format!("http://{}", p.http_addr),
+                    "api_addr": format!("{}://{}", scheme.0, p.http_addr),
                     "addr": p.raft_addr,
                     "voter": voters.contains(id),
                     "reachable": ok,
@@ -168,9 +172,14 @@ fn done(r: Result<Served<()>, Error>, pretty: bool) -> Response {
     }
 }
 
+/// `POST /join`. The route lets in `join` and `join-read-only`; a voter needs `join`, and
+/// changing the addresses of an existing member needs `all` (else anyone allowed to join could
+/// point a member's traffic, device keys included, at a machine of their choosing). The
+/// leader checks again when the request is forwarded, against its own membership.
 pub async fn join(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
+    access: Access,
     req: Original,
 ) -> Response {
     let o = Opts::from(&q);
@@ -178,6 +187,18 @@ pub async fn join(
         Ok(jr) => jr,
         Err(e) => return error_response(&e, o.pretty),
     };
+    if jr.voter && !access.has(Perm::Join) {
+        return access.forbidden(Perm::Join);
+    }
+    let m = n.raft_metrics();
+    let repoints = m
+        .membership_config
+        .membership()
+        .get_node(&jr.id)
+        .is_some_and(|p| *p != jr.peer());
+    if repoints && !access.has(Perm::All) {
+        return access.forbidden(Perm::All);
+    }
     done(
         on_leader(&n, &req, o.redirect, || n.join(&jr)).await,
         o.pretty,

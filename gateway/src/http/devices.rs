@@ -9,8 +9,8 @@
 //! | `POST /devices/{device_id}/reset` | JSON `{"seq": 0}` (optional, default 0) | JSON `{"device_id": 7, "previous": 120, "high_water": 0}` |
 //!
 //! A reset is a logged admin action (a Raft entry, and a warning in every replica's log); it is
-//! refused (400) while stored records of the device lie above the new high-water. It will need
-//! the `devices` permission once access control exists (issue 14).
+//! refused (400) while stored records of the device lie above the new high-water. Every route
+//! here needs the `devices` permission (`http::router`).
 //!
 //! Errors are `{"error": "..."}` with the status [`status_of`] gives.
 

@@ -13,6 +13,13 @@
 //! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove`).
 //! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
+//!
+//! Every route declares its permission ([`require`], rqlite's names plus `devices`) and the
+//! body it takes ([`body_type`]): a refused request is answered 401/403/415 before its body is
+//! read. Requests a follower forwards go to the leader's Raft listener (node mutual TLS) under
+//! [`FORWARD_PREFIX`], carrying the client's own `Authorization` header: the leader checks
+//! them again with the same table, so forwarding never grants more than the client has.
+//! No route here returns a device key; node-to-node routes live on the Raft listener only.
 
 pub mod admin;
 pub mod devices;
@@ -24,42 +31,149 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
+use axum::{Extension, Router};
 use bytes::Bytes;
 
 use crate::cluster::Cluster;
 use crate::cluster::client::{FORWARDED, LEADER_WAIT, LeaderRequest, Port};
 use crate::error::Error;
+use crate::security::auth::error_body;
+use crate::security::{Authenticator, Need, Perm, require};
 
 /// How long a forwarded request may take on the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Every public route.
-pub fn router(cluster: Arc<Cluster>) -> Router {
+/// How long a client may take to send a request body (a slow client holds a connection
+/// slot meanwhile; 256 MiB at 10 Mbit/s takes about 215 s).
+const BODY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Where the leader's Raft listener serves this router for forwarded requests.
+pub const FORWARD_PREFIX: &str = "/api";
+
+/// The largest request body of any public route (`/db/load` of a SQLite file included).
+pub const BODY_LIMIT: usize = 256 << 20;
+
+/// The scheme of this node's API (`https` with `--http-cert`), for the URLs it hands out.
+#[derive(Debug, Clone, Copy)]
+pub struct Scheme(pub &'static str);
+
+/// The body types of JSON routes.
+const JSON: &[&str] = &["application/json"];
+/// `/db/load`: a SQLite file or a SQL dump.
+const LOAD: &[&str] = &["application/octet-stream", "text/plain"];
+
+/// Every public route, with its permission and body type. `https`: this API is served
+/// over TLS (redirects and `/nodes` name `https://` URLs).
+pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> Router {
+    let a = &auth;
+    let sql = Need::AllOf(&[Perm::Query, Perm::Execute]);
+    let join = Need::AnyOf(&[Perm::Join, Perm::JoinReadOnly]);
     Router::new()
-        .route("/db/execute", post(sql::execute))
-        .route("/db/query", get(sql::query).post(sql::query))
-        .route("/db/request", post(sql::request))
-        .route("/db/backup", get(sql::backup))
-        .route("/db/load", post(sql::load))
-        .route("/status", get(admin::status))
-        .route("/nodes", get(admin::nodes))
-        .route("/readyz", get(admin::readyz))
-        .route("/join", post(admin::join))
-        .route("/remove", delete(admin::remove))
-        .route("/metrics", get(admin::metrics))
-        .route("/devices", post(devices::add).get(devices::list))
-        .route("/devices/{device_id}", delete(devices::remove))
-        .route("/devices/{device_id}/reset", post(devices::reset))
-        .route("/streams", get(streams::show))
-        .route("/streams/reload", post(streams::reload))
-        .route("/streams/{stream}/replay", post(streams::replay))
-        .layer(DefaultBodyLimit::max(256 << 20))
+        .route(
+            "/db/execute",
+            require(a, Perm::Execute, body_type(JSON, post(sql::execute))),
+        )
+        .route(
+            "/db/query",
+            require(
+                a,
+                Perm::Query,
+                body_type(JSON, get(sql::query).post(sql::query)),
+            ),
+        )
+        .route(
+            "/db/request",
+            require(a, sql, body_type(JSON, post(sql::request))),
+        )
+        .route("/db/backup", require(a, Perm::Backup, get(sql::backup)))
+        .route(
+            "/db/load",
+            require(a, Perm::Load, body_type(LOAD, post(sql::load))),
+        )
+        .route("/status", require(a, Perm::Status, get(admin::status)))
+        .route("/nodes", require(a, Perm::Status, get(admin::nodes)))
+        .route("/metrics", require(a, Perm::Status, get(admin::metrics)))
+        .route("/readyz", require(a, Perm::Ready, get(admin::readyz)))
+        .route(
+            "/join",
+            require(a, join, body_type(JSON, post(admin::join))),
+        )
+        .route(
+            "/remove",
+            require(a, Perm::Remove, body_type(JSON, delete(admin::remove))),
+        )
+        .route(
+            "/devices",
+            require(
+                a,
+                Perm::Devices,
+                body_type(JSON, post(devices::add).get(devices::list)),
+            ),
+        )
+        .route(
+            "/devices/{device_id}",
+            require(a, Perm::Devices, body_type(JSON, delete(devices::remove))),
+        )
+        .route(
+            "/devices/{device_id}/reset",
+            require(a, Perm::Devices, body_type(JSON, post(devices::reset))),
+        )
+        .route("/streams", require(a, Perm::Status, get(streams::show)))
+        .route(
+            "/streams/reload",
+            require(a, Perm::Devices, body_type(JSON, post(streams::reload))),
+        )
+        .route(
+            "/streams/{stream}/replay",
+            require(a, Perm::Devices, body_type(JSON, post(streams::replay))),
+        )
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(Extension(Scheme(if https { "https" } else { "http" })))
         .with_state(cluster)
+}
+
+/// Refuses (415) a request whose body is not one of `types`: a `Content-Type` outside them,
+/// or a body without one. So a page in a browser on the LAN cannot post to the API as a
+/// "simple" cross-origin request (those carry form or `text/plain` types), and a body is
+/// never read as something it is not. A request without a body needs no type.
+pub fn body_type<S>(types: &'static [&'static str], route: MethodRouter<S>) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    route.route_layer(axum::middleware::from_fn_with_state(types, check_body_type))
+}
+
+async fn check_body_type(
+    State(types): State<&'static [&'static str]>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let h = req.headers();
+    let has_body = h
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|l| l.as_bytes() != b"0")
+        || h.contains_key(header::TRANSFER_ENCODING);
+    let ok = match h.get(header::CONTENT_TYPE) {
+        Some(v) => {
+            let v = v.to_str().unwrap_or("");
+            let media = v.split(';').next().unwrap_or("").trim();
+            types.iter().any(|t| media.eq_ignore_ascii_case(t))
+        }
+        None => !has_body,
+    };
+    if ok {
+        next.run(req).await
+    } else {
+        error_body(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!("Content-Type must be {}", types.join(" or ")),
+        )
+    }
 }
 
 /// The original request, kept so that it can be forwarded or redirected unchanged. An
@@ -69,6 +183,8 @@ pub struct Original {
     pub uri: Uri,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// This API's scheme, for redirects.
+    pub scheme: Scheme,
 }
 
 impl<S: Send + Sync> FromRequest<S> for Original {
@@ -80,14 +196,17 @@ impl<S: Send + Sync> FromRequest<S> for Original {
             req.uri().clone(),
             req.headers().clone(),
         );
-        let body = Bytes::from_request(req, state)
+        let scheme = scheme_of(req.extensions());
+        let body = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state))
             .await
+            .map_err(|_| error_body(StatusCode::REQUEST_TIMEOUT, "request body too slow"))?
             .map_err(IntoResponse::into_response)?;
         Ok(Original {
             method,
             uri,
             headers,
             body,
+            scheme,
         })
     }
 }
@@ -121,7 +240,17 @@ where
     .await
 }
 
+/// The scheme the router put in a request's extensions (`http` outside the router).
+pub fn scheme_of(ext: &axum::http::Extensions) -> Scheme {
+    ext.get::<Scheme>().copied().unwrap_or(Scheme("http"))
+}
+
 /// Sends the request to the leader and relays its answer (or `301`s the client there).
+///
+/// Forwarded requests go to the leader's Raft listener (mutual TLS with node TLS on) under
+/// [`FORWARD_PREFIX`], with the client's `Authorization` header and nothing else that
+/// identifies anyone: the leader runs the same permission checks on them, so a client gets
+/// exactly what it would get by asking the leader itself.
 async fn to_leader(n: &Cluster, req: &Original, redirect: bool) -> Result<Response, Error> {
     if req.headers.contains_key(FORWARDED) {
         // Never forward twice: the sender thought we were leader and we are not (any more).
@@ -129,22 +258,28 @@ async fn to_leader(n: &Cluster, req: &Original, redirect: bool) -> Result<Respon
     }
     let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if redirect {
-        return redirect_to_leader(n, path).await;
+        return redirect_to_leader(n, req.scheme, path).await;
     }
+    let forward_path = format!("{FORWARD_PREFIX}{path}");
     let leader_req = LeaderRequest {
         method: req.method.clone(),
-        path,
+        path: &forward_path,
         content_type: req
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
+        authorization: req.headers.get(header::AUTHORIZATION).cloned(),
         body: req.body.clone(),
     };
     let answer = n
-        .call_leader(Port::Api, leader_req, LEADER_WAIT, FORWARD_TIMEOUT)
+        .call_leader(Port::Internal, leader_req, LEADER_WAIT, FORWARD_TIMEOUT)
         .await?;
     let mut resp = (answer.status, answer.body).into_response();
-    for h in [header::CONTENT_TYPE, header::LOCATION] {
+    for h in [
+        header::CONTENT_TYPE,
+        header::LOCATION,
+        header::WWW_AUTHENTICATE,
+    ] {
         if let Some(v) = answer.headers.get(&h) {
             resp.headers_mut().insert(h, v.clone());
         }
@@ -153,8 +288,8 @@ async fn to_leader(n: &Cluster, req: &Original, redirect: bool) -> Result<Respon
 }
 
 /// `301` to the same path on the leader's API.
-async fn redirect_to_leader(n: &Cluster, path: &str) -> Result<Response, Error> {
+async fn redirect_to_leader(n: &Cluster, scheme: Scheme, path: &str) -> Result<Response, Error> {
     let (_, addr) = n.leader_addr(Port::Api, LEADER_WAIT).await?;
-    let url = format!("http://{addr}{path}");
+    let url = format!("{}://{addr}{path}", scheme.0);
     Ok((StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, url)]).into_response())
 }

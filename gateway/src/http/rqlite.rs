@@ -44,6 +44,7 @@ pub fn status_of(e: &Error) -> StatusCode {
     match e {
         Error::BadRequest(_) => StatusCode::BAD_REQUEST,
         Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Error::NotLeader(_)
         | Error::NoLeader

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
@@ -14,11 +15,12 @@ use serde_json::json;
 use super::rqlite::{
     Opts, error_response, json_response, parse_statements, result_json, results_response,
 };
-use super::{Original, Served, on_leader, redirect_to_leader};
+use super::{Original, Scheme, Served, on_leader, redirect_to_leader};
 use crate::cluster::{Cluster, Level};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
 use crate::raft::network::file_body;
+use crate::security::{Access, Perm};
 
 /// Answers results served here, relays the leader's answer, or renders the error.
 fn answer(r: Result<Served<Vec<StatementResult>>, Error>, o: &Opts, start: Instant) -> Response {
@@ -129,6 +131,7 @@ pub async fn request(State(n): State<Arc<Cluster>>, Query(q): Params, req: Origi
 pub async fn backup(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
+    Extension(scheme): Extension<Scheme>,
     uri: Uri,
 ) -> Response {
     let o = Opts::from(&q);
@@ -137,7 +140,7 @@ pub async fn backup(
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/db/backup");
-        return redirect_to_leader(&n, path)
+        return redirect_to_leader(&n, scheme, path)
             .await
             .unwrap_or_else(|e| error_response(&e, o.pretty));
     }
@@ -159,15 +162,20 @@ pub async fn backup(
 /// leader the body streams to a file in the data dir (never whole in memory), cut off at
 /// `max_db_size_mib`; the file then reaches every replica in bounded chunks through the log.
 /// A follower forwards the request (its body within the API's 256 MiB limit).
+///
+/// The route needs `load`; a Cairn backup (which restores the device registry and its keys)
+/// needs `all` as well, known once the file is read.
 pub async fn load(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
+    access: Access,
     req: Request,
 ) -> Response {
     let o = Opts::from(&q);
+    let restore_state = access.has(Perm::All);
     let r = if n.is_leader() && !o.redirect {
         match spool(&n, req.into_body()).await {
-            Ok(path) => n.load_file(path).await.map(Served::Here),
+            Ok(path) => n.load_file(path, restore_state).await.map(Served::Here),
             Err(e) => Err(e),
         }
     } else {
@@ -178,7 +186,7 @@ pub async fn load(
         on_leader(&n, &original, o.redirect, || async {
             let path = upload_path(&n);
             tokio::fs::write(&path, &original.body).await?;
-            n.load_file(path).await
+            n.load_file(path, restore_state).await
         })
         .await
     };

@@ -7,8 +7,9 @@
 //! | `GET /ingress/high-water/{device_id}` | | postcard `Result<u64, Error>` |
 //! | `GET /ingress/key/{device_id}` | | postcard `Result<Option<[u8; 32]>, Error>` |
 //!
-//! They are node to node only (the keys are in the replicated database anyway). The device
-//! admin API (`/devices`) is public and lives with the HTTP API.
+//! They are node to node only: served on the Raft listener, behind node mutual TLS when it is
+//! configured, never on the public HTTP port (the key lookup answers a key). The device admin
+//! API (`/devices`) is public, needs the `devices` permission and never returns a key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +95,8 @@ pub fn routes(ingress: Arc<Ingress>) -> axum::Router {
         .route("/ingress/forward", post(forwarded))
         .route("/ingress/high-water/{device_id}", get(high_water))
         .route("/ingress/key/{device_id}", get(device_key))
+        // Groups close at about 1 MiB (`batcher::GroupLimits`); room for the last batch.
+        .layer(axum::extract::DefaultBodyLimit::max(16 << 20))
         .with_state(ingress)
 }
 

@@ -49,9 +49,11 @@ pub fn code_of(e: &Error) -> ErrorCode {
             ErrorCode::NotLeader
         }
         Error::Overloaded => ErrorCode::Overloaded,
-        Error::BadRequest(_) | Error::NotFound(_) | Error::Fatal(_) | Error::Storage(_) => {
-            ErrorCode::Internal
-        }
+        Error::BadRequest(_)
+        | Error::NotFound(_)
+        | Error::Fatal(_)
+        | Error::Storage(_)
+        | Error::Forbidden(_) => ErrorCode::Internal,
     }
 }
 

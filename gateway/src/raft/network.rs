@@ -44,6 +44,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::state_machine::{SnapshotFile, StateMachine};
 use super::{NodeId, Peer, Raft, SnapshotMeta, TypeConfig, Vote, io_err};
+use crate::security::tls::{NodeConnector, node_connector};
 
 /// The shortest time an AppendEntries RPC (heartbeats included) may take before it counts as
 /// failed.
@@ -52,15 +53,18 @@ pub const APPEND_TTL_FLOOR: Duration = Duration::from_millis(500);
 /// Request and response body type of the shared HTTP client.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
-/// A pooled HTTP/1.1 client, shared by the Raft transport and the API's forwarding.
+/// A pooled HTTP/1.1 client, shared by the Raft transport, the device path's node-to-node
+/// calls and the API's forwarding: `https://` with node mutual TLS (`--node-cert` and
+/// friends), `http://` without.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Body>,
+    inner: Client<NodeConnector, Body>,
+    scheme: &'static str,
 }
 
 impl Default for HttpClient {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
@@ -91,15 +95,23 @@ pub fn file_body(prefix: Vec<u8>, file: std::fs::File) -> Body {
 }
 
 impl HttpClient {
-    pub fn new() -> Self {
+    /// `tls`: this node's client side of node TLS (`tls::node_client_config`), or `None` for
+    /// plain text.
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_millis(500)));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
-            .build(connector);
-        HttpClient { inner }
+            .build(node_connector(connector, tls));
+        HttpClient { inner, scheme }
+    }
+
+    /// The URL of `path` on a peer's listener at `addr` (`https://` with node TLS).
+    pub fn url(&self, addr: &str, path: &str) -> String {
+        format!("{}://{addr}{path}", self.scheme)
     }
 
     /// Sends `req` and collects the whole response, failing after `timeout`.
@@ -119,7 +131,8 @@ impl HttpClient {
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))?
     }
 
-    /// POSTs `body` to `http://{addr}{path}`.
+    /// POSTs a postcard `body` to `path` on the peer at `addr`; the answer's body, or an error
+    /// for a non-2xx status.
     pub async fn post(
         &self,
         addr: &str,
@@ -127,8 +140,32 @@ impl HttpClient {
         body: Body,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        let req = hyper::Request::post(format!("http://{addr}{path}"))
-            .header("content-type", "application/octet-stream")
+        self.post_as(addr, path, "application/octet-stream", body, timeout)
+            .await
+    }
+
+    /// [`Self::post`] with a JSON body (tests and tools calling a node's API).
+    pub async fn post_json(
+        &self,
+        addr: &str,
+        path: &str,
+        body: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> std::io::Result<Bytes> {
+        self.post_as(addr, path, "application/json", full(body), timeout)
+            .await
+    }
+
+    async fn post_as(
+        &self,
+        addr: &str,
+        path: &str,
+        content_type: &str,
+        body: Body,
+        timeout: Duration,
+    ) -> std::io::Result<Bytes> {
+        let req = hyper::Request::post(self.url(addr, path))
+            .header("content-type", content_type)
             .body(body)
             .map_err(io_err)?;
         let (status, _, bytes) = self.send(req, timeout).await?;
@@ -293,22 +330,46 @@ struct RpcServer {
     state_machine: StateMachine,
     /// Numbers incoming snapshot files.
     snapshots: AtomicU64,
+    /// The largest snapshot stream accepted (the configured maximum database size).
+    max_snapshot: u64,
 }
 
-/// The Raft RPC routes (the table above), to be served on the Raft listener.
-pub fn routes(raft: Raft, state_machine: StateMachine) -> Router {
+/// The largest vote, pre-vote or transfer-leader body: a few hundred bytes in practice.
+pub const SMALL_RPC_LIMIT: usize = 64 << 10;
+
+/// The largest AppendEntries body: twice the API's body limit, so the largest write the API
+/// accepts still replicates (with room for the entries around it); held in memory.
+pub const APPEND_LIMIT: usize = 512 << 20;
+
+/// The Raft RPC routes (the table above), to be served on the Raft listener only, with
+/// their body limits: [`SMALL_RPC_LIMIT`], [`APPEND_LIMIT`], and `max_snapshot` bytes for a
+/// snapshot stream (written to a file as it arrives). `GET /raft/ping` answers 200: the
+/// reachability check of `/nodes` and of joins (with node TLS it proves the peer holds a
+/// certificate of the cluster CA for that address).
+pub fn routes(raft: Raft, state_machine: StateMachine, max_snapshot: u64) -> Router {
     let server = Arc::new(RpcServer {
         raft,
         state_machine,
         snapshots: AtomicU64::new(0),
+        max_snapshot,
     });
+    let small = DefaultBodyLimit::max(SMALL_RPC_LIMIT);
     Router::new()
-        .route("/raft/append", post(rpc_append))
-        .route("/raft/vote", post(rpc_vote))
-        .route("/raft/pre-vote", post(rpc_pre_vote))
-        .route("/raft/transfer-leader", post(rpc_transfer_leader))
-        .route("/raft/snapshot", post(rpc_snapshot))
-        .layer(DefaultBodyLimit::disable())
+        .route(
+            "/raft/append",
+            post(rpc_append).layer(DefaultBodyLimit::max(APPEND_LIMIT)),
+        )
+        .route("/raft/vote", post(rpc_vote).layer(small))
+        .route("/raft/pre-vote", post(rpc_pre_vote).layer(small))
+        .route(
+            "/raft/transfer-leader",
+            post(rpc_transfer_leader).layer(small),
+        )
+        .route(
+            "/raft/snapshot",
+            post(rpc_snapshot).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/raft/ping", axum::routing::get(|| async { "ok" }))
         .with_state(server)
 }
 
@@ -369,8 +430,19 @@ async fn receive_snapshot(
     let mut file = tokio::fs::File::create(path).await?;
     let mut head_buf = Vec::new();
     let mut head = None;
+    let mut received = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(io_err)?;
+        received += chunk.len() as u64;
+        if received > n.max_snapshot.saturating_add(SMALL_RPC_LIMIT as u64) {
+            return Err(io_err(format!(
+                "snapshot larger than the maximum database size ({} bytes, max_db_size_mib)",
+                n.max_snapshot
+            )));
+        }
+        if head.is_none() && head_buf.len() > SMALL_RPC_LIMIT {
+            return Err(io_err("snapshot header too large"));
+        }
         if head.is_some() {
             file.write_all(&chunk).await?;
             continue;

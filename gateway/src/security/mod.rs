@@ -4,34 +4,19 @@
 //!
 //! # How the rest of the gateway calls it
 //!
-//! Nothing below is wired yet; each step is mechanical.
+//! **Start-up (`daemon::Security::build`).** `NodeConfig::resolve` runs [`check_exposure`]
+//! (a node beyond loopback without `--auth` / node mutual TLS refuses to start unless
+//! `--insecure`, which is then logged as a warning at every start). `daemon::start` builds
+//! the [`Authenticator`], the HTTPS server config, the Raft listener's server config
+//! ([`tls::node_server_config`]), this node's client config ([`tls::node_client_config`]),
+//! the join client and the `--join-as` credentials once.
 //!
-//! **Start-up (`daemon.rs`).** `NodeConfig::resolve` already runs [`check_exposure`] (a node
-//! beyond loopback without `--auth` / node mutual TLS refuses to start unless `--insecure`).
-//! `daemon::start` then builds, once:
-//! ```ignore
-//! let auth = Arc::new(match &config.auth {
-//!     Some(f) => Authenticator::from_file(f)?,
-//!     None => Authenticator::disabled(),
-//! });
-//! let http_tls = config.http_tls()?.map(|t| tls::http_server_config(&t)).transpose()?;
-//! let node_tls = config.node_tls()?;
-//! let raft_server_tls = node_tls.as_ref().map(tls::node_server_config).transpose()?;
-//! let raft_client_tls = node_tls.as_ref().map(tls::node_client_config).transpose()?;
-//! if config.insecure { tracing::warn!("--insecure: ...") }   // at every start
-//! ```
-//!
-//! **Listeners (`daemon.rs`, the loop over the Raft and HTTP listeners).** Replace the
-//! `tap_io` + `axum::serve(listener, router).with_graceful_shutdown(graceful)` with
-//! ```ignore
-//! let l = tls::SecureListener::new(tcp_listener, tls_config, tls::Limits::default());
-//! tls::serve(l, router, graceful).await
-//! ```
-//! (`raft_server_tls` for the Raft listener, `http_tls` for the API). `SecureListener` sets
-//! `TCP_NODELAY` itself. Handlers that care who is calling extract `ConnectInfo<tls::Remote>`.
+//! **Listeners (`daemon::start`).** Both the API and the Raft listener are a
+//! [`tls::SecureListener`] (TLS when configured, plain otherwise; handshakes bounded, caps per
+//! listener and per peer) served by [`tls::serve`] (idle and slow request heads closed).
 //!
 //! **HTTP route table (`http::router`).** Every public route declares its permission with
-//! [`auth::require`] (the router gets `auth` next to the `Cluster`); rqlite's mapping plus
+//! [`auth::require`] and its body type with `http::body_type`; rqlite's mapping plus
 //! `devices`:
 //!
 //! | route | permission |
@@ -43,7 +28,7 @@
 //! | `POST /db/load`, `POST /boot` | `load` |
 //! | `GET /status`, `/nodes`, `/metrics`, `GET /leader` | `status` |
 //! | `GET /readyz` | `ready` |
-//! | `POST /join` | `Need::AnyOf(&[Join, JoinReadOnly])`, then in `http::admin::join`: `voter` needs `access.has(Join)`; re-pointing an existing member to new addresses needs `access.has(All)`, else `access.forbidden(Perm::All)` |
+//! | `POST /join` | `Need::AnyOf(&[Join, JoinReadOnly])`, then in `http::admin::join`: a voter needs `join`; re-pointing an existing member to new addresses needs `all` |
 //! | `DELETE /remove` | `remove` |
 //! | `POST /snapshot` | `snapshot` |
 //! | `POST /leader` | `leader-ops` |
@@ -51,47 +36,38 @@
 //! | `GET /streams` | `status` |
 //! | `POST /streams/reload`, `POST /streams/{id}/replay` | `devices` |
 //!
-//! ```ignore
-//! Router::new()
-//!     .route("/db/execute", require(&auth, Perm::Execute, post(sql::execute)))
-//!     .route("/join", require(&auth, Need::AnyOf(&[Perm::Join, Perm::JoinReadOnly]), post(admin::join)))
-//! // in the handler: async fn join(access: Access, ...) {
-//! //     if jr.voter && !access.has(Perm::Join) { return access.forbidden(Perm::Join) } ... }
-//! ```
-//! The route layer refuses before the body is read; `tests/security.rs` runs this very table.
+//! A route added later takes its line in `http::router` the same way:
+//! `.route(path, require(a, Perm::X, body_type(JSON, post(handler))))`.
 //!
-//! **Forwarding (`cluster::client::call_leader`).** A forwarded request must carry the
-//! client's `Authorization` header (add it to `LeaderRequest`; the leader decides again). With
-//! node TLS, forward to the leader's Raft port over mutual TLS rather than to its public port.
+//! **Forwarding (`http::to_leader`).** A follower sends a request that needs the leader to the
+//! leader's Raft listener (node mutual TLS) under `/api`, carrying the client's own
+//! `Authorization` header and nothing that identifies the follower as anything but a
+//! transport: the leader runs the same route table on it, so a forwarded request gets exactly
+//! what the client would get from the leader directly (never more).
 //!
 //! **Raft listener (`raft::network::routes`, `ingress::forward::routes`).** No [`auth`] check
-//! there: mutual TLS is the check (`--node-verify-client`: no node certificate of the cluster
-//! CA, no connection; a `--client` certificate of the same CA is refused too, see
-//! `tls::NodePeerVerifier`). None of these routes may be merged into the public router.
+//! on node-to-node routes: mutual TLS is the check (`--node-verify-client`: no node
+//! certificate of the cluster CA, no connection; a `--client` certificate of the same CA is
+//! refused too, see `tls::NodePeerVerifier`). None of them is on the public router.
 //!
-//! **Node-to-node client (`raft::network::HttpClient::new`).** Build the connector with
-//! `tls::node_connector(http_connector, raft_client_tls)` (type `tls::NodeConnector`) and the
-//! URLs as `https://{raft_addr}` when node TLS is on, `http://` otherwise (`post` and
-//! `cluster::client` both format `http://` today). Peers' certificates must name the address
-//! dialled (`cairn certs issue --ip`); hyper-rustls checks it.
+//! **Node-to-node client (`raft::network::HttpClient::new`).** `tls::node_connector` with the
+//! node client config; URLs are `https://` with node TLS (`HttpClient::url`). Peers'
+//! certificates must name the address dialled (`cairn certs issue --ip`).
 //!
-//! **Joining (`daemon::join_loop`).** With `--join-as USER`, the request carries
-//! `Credentials::new(USER, auth.plain_password(USER)?).authorization()` as its
-//! `Authorization` header (the password comes from this node's own auth file, as in rqlite);
-//! with HTTP TLS the join URL is `https://` and the client trusts `--http-ca-cert` (or
-//! `--node-ca-cert`).
+//! **Joining (`daemon::join_loop`, `cluster::membership`).** With `--join-as USER` the join
+//! carries `USER`'s password from this node's own auth file (as in rqlite); the join client
+//! trusts `--http-ca-cert` (or the cluster CA) and presents the node certificate. The leader
+//! adds a node (or new addresses) only after it answered `/raft/ping` on its Raft address, so
+//! with node TLS a joiner must hold a node certificate of the cluster CA for that address.
 //!
-//! **CLI (`cli/`).** `Credentials::for_cli(host, --user, |k| std::env::var(k).ok())` gives
-//! the host without user-info and the credentials (URL, then `--user` + `CAIRN_PASSWORD`, then
-//! `CAIRN_USER`/`CAIRN_PASSWORD`); each request carries `creds.authorization()`.
-//! For `--ca-cert`: the hyper client takes `tls::node_connector(http, Some(tls::client_config(
-//! ca_cert, None)?))` as it is; ureq (built without TLS today) needs its `rustls-no-provider`
-//! feature plus ring through rustls, and its own `TlsConfig` with the CA from
-//! `tls::load_certs` (its `rustls` feature would also pull webpki-roots, unwanted here).
+//! **CLI (`cli::ConnArgs`, `cli::Api`; `cairn sim` alike).** [`Credentials::for_cli`] gives the
+//! host and the credentials (URL, then `--user` + `CAIRN_PASSWORD`, then `CAIRN_USER`);
+//! `--ca-cert` makes ureq trust that CA (rustls with ring, no bundled roots).
 
 pub mod auth;
 pub mod certs;
 pub mod credentials;
+pub mod listener;
 pub mod tls;
 
 pub use auth::{Access, Authenticator, Decision, Need, Perm, Perms, require};

@@ -8,25 +8,19 @@
 //!   at every handshake with one `stat` per file), so a renewed certificate is used by the next
 //!   connection without a restart. A half-written pair (new certificate, old key) is ignored
 //!   until both files match; the previous pair stays in use meanwhile.
-//! - [`SecureListener`]: an `axum::serve` listener that performs handshakes on their own tasks
-//!   (a slow client cannot hold up others), bounds them by a timeout, and caps connections per
-//!   listener and per peer address. [`serve`] runs a router on it.
+//! - [`SecureListener`]: a listener that performs handshakes on their own tasks (a slow
+//!   client cannot hold up others), bounds them by a timeout, and caps connections per
+//!   listener and per peer address. [`serve`] runs a router on it, closing connections that
+//!   stay idle or trickle their request heads ([`Limits::idle_timeout`]).
 //! - [`node_connector`]: the hyper client connector for node-to-node requests (`https://`
 //!   with node TLS, `http://` without).
 
-use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -40,10 +34,8 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+
+pub use super::listener::{Limits, Remote, SecureListener, ServerIo, serve};
 
 /// The crypto provider every TLS config of Cairn uses: ring.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -388,287 +380,4 @@ pub fn node_connector(mut http: HttpConnector, tls: Option<Arc<ClientConfig>>) -
         .https_or_http()
         .enable_http1()
         .wrap_connector(http)
-}
-
-/// Bounds on one listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Open connections (handshaking or established) on the listener.
-    pub max_connections: usize,
-    /// Open connections from one IP address.
-    pub max_per_peer: usize,
-    /// Time a client has to finish the TLS handshake.
-    pub handshake_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 1024,
-            // Peers pool up to 64 idle connections each (network.rs); leave room for bursts.
-            max_per_peer: 256,
-            handshake_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// The peer of an accepted connection; handlers get it with
-/// `axum::extract::ConnectInfo<Remote>` when served by [`serve`].
-#[derive(Debug, Clone)]
-pub struct Remote {
-    pub addr: SocketAddr,
-    /// The verified client certificate (leaf), with client-certificate TLS.
-    pub client_cert: Option<CertificateDer<'static>>,
-}
-
-impl Connected<IncomingStream<'_, SecureListener>> for Remote {
-    fn connect_info(stream: IncomingStream<'_, SecureListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// A connection slot counted against [`Limits`]; freed when the connection is dropped.
-struct Slot {
-    counts: Arc<Counts>,
-    ip: IpAddr,
-}
-
-#[derive(Default)]
-struct Counts {
-    total: AtomicUsize,
-    per_peer: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl Counts {
-    fn take(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Option<Slot> {
-        let mut per = self.per_peer.lock().expect("connection counts");
-        let n = per.entry(ip).or_default();
-        if *n >= limits.max_per_peer || self.total.load(Ordering::Relaxed) >= limits.max_connections
-        {
-            if *n == 0 {
-                per.remove(&ip);
-            }
-            return None;
-        }
-        *n += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
-        Some(Slot {
-            counts: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut per = self.counts.per_peer.lock().expect("connection counts");
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-        self.counts.total.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-/// An accepted connection: plain TCP or TLS, holding its slot.
-pub struct ServerIo {
-    stream: Stream,
-    _slot: Slot,
-}
-
-macro_rules! delegate {
-    ($self:ident, $s:ident => $e:expr) => {
-        match &mut $self.get_mut().stream {
-            Stream::Plain($s) => {
-                let $s = Pin::new($s);
-                $e
-            }
-            Stream::Tls($s) => {
-                let $s = Pin::new($s.as_mut());
-                $e
-            }
-        }
-    };
-}
-
-impl AsyncRead for ServerIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for ServerIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_shutdown(cx))
-    }
-}
-
-/// A TCP listener that hands `axum::serve` only connections that finished their TLS handshake
-/// (or plain ones, without TLS), within [`Limits`].
-pub struct SecureListener {
-    ready: tokio::sync::mpsc::Receiver<(ServerIo, Remote)>,
-    local: SocketAddr,
-    accept_task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for SecureListener {
-    fn drop(&mut self) {
-        self.accept_task.abort();
-    }
-}
-
-impl SecureListener {
-    /// Starts accepting on `listener`; `tls` = `None` serves plain text.
-    pub fn new(listener: TcpListener, tls: Option<Arc<ServerConfig>>, limits: Limits) -> Self {
-        let local = listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        // A small queue: when the server is slow to take connections, accepting slows down too.
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let acceptor = tls.map(TlsAcceptor::from);
-        let accept_task = tokio::spawn(accept_loop(listener, acceptor, limits, tx));
-        SecureListener {
-            ready,
-            local,
-            accept_task,
-        }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
-    limits: Limits,
-    tx: tokio::sync::mpsc::Sender<(ServerIo, Remote)>,
-) {
-    let counts = Arc::new(Counts::default());
-    loop {
-        let (tcp, addr) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(slot) = counts.take(addr.ip(), &limits) else {
-            tracing::debug!(%addr, "connection refused: listener or peer at its connection cap");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let Some(acceptor) = acceptor.clone() else {
-            let io = ServerIo {
-                stream: Stream::Plain(tcp),
-                _slot: slot,
-            };
-            let remote = Remote {
-                addr,
-                client_cert: None,
-            };
-            if tx.send((io, remote)).await.is_err() {
-                return;
-            }
-            continue;
-        };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%addr, "TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let client_cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned());
-            let io = ServerIo {
-                stream: Stream::Tls(Box::new(tls)),
-                _slot: slot,
-            };
-            let _ = tx.send((io, Remote { addr, client_cert })).await;
-        });
-    }
-}
-
-impl axum::serve::Listener for SecureListener {
-    type Io = ServerIo;
-    type Addr = Remote;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            // The accept task ended (only by a panic): serve nothing more, without spinning.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(Remote {
-            addr: self.local,
-            client_cert: None,
-        })
-    }
-}
-
-/// Serves `router` on `listener` until `shutdown` resolves, then lets open requests finish.
-/// Handlers may extract `ConnectInfo<Remote>`.
-pub async fn serve(
-    listener: SecureListener,
-    router: axum::Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<Remote>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
 }

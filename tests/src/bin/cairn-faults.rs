@@ -5,6 +5,7 @@
 //! ```text
 //! cairn-faults [--schedules N] [--seed S] [--steps K] [--nodes 3] [--loopback] [--quiet]
 //!              [--focus mixed|overlap|powercut|clock] [--mix]   # --mix: cycle overlap, powercut, clock
+//!              [--secure]                 # --auth, HTTPS and node mutual TLS on every node
 //!              [--read-level none|weak]   # show the checker catching stale reads
 //!              [--unsafe-no-fsync]        # CAIRN_BIN was built so: only labels the replay lines
 //!              [--soak-dir DIR [--hours H]]   # resumable: state and summary in DIR
@@ -242,6 +243,7 @@ fn main() -> ExitCode {
         if has("--loopback") {
             cfg.isolation = false;
         }
+        cfg.secure = has("--secure");
         cfg.out_dir = out_dir.clone();
         let t = Instant::now();
         let o = match std::panic::catch_unwind(|| faults::run(&cfg)) {

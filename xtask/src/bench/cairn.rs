@@ -9,7 +9,7 @@ use super::report::{Measurement, Results};
 use super::{Profile, wire};
 use anyhow::{Context, Result, ensure};
 use cairn_tests::device::{self, sim_command, sim_summary};
-use cairn_tests::{Client, Cluster, Options, fleet};
+use cairn_tests::{Client, Cluster, Options, Security, fleet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,11 +40,17 @@ pub fn build() -> Result<PathBuf> {
 /// harness's launcher, their data and `node.log` files kept in `target/bench/work/cairn`.
 /// Every node reads `config` (TOML text).
 fn start_cluster(bin: &Path, config: String) -> Cluster {
+    start_cluster_with(bin, config, None)
+}
+
+/// [`start_cluster`] with the harness's `security` settings.
+fn start_cluster_with(bin: &Path, config: String, security: Option<Security>) -> Cluster {
     let dir = crate::util::root().join("target/bench/work/cairn");
     Cluster::start_with(
         3,
         Options {
             config: Some(config),
+            security,
             // `CAIRN_BENCH_LOG=info` (any RUST_LOG filter) for the nodes' node.log files.
             log: Some(std::env::var("CAIRN_BENCH_LOG").unwrap_or_else(|_| "warn".into())),
             dir: Some(dir),
@@ -113,7 +119,7 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
     let mut cluster = start_cluster(bin, stream_config());
 
     // `CAIRN_BENCH_STEPS=devices,failover-devices` (any of sql, devices, failover-http,
-    // failover-devices, restart) runs a subset, for investigating one figure.
+    // failover-devices, restart, node-tls) runs a subset, for investigating one figure.
     let steps = std::env::var("CAIRN_BENCH_STEPS").ok();
     let wants = |step: &str| {
         steps
@@ -135,6 +141,34 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
     }
     if wants("restart") {
         restart(profile, &mut cluster, results)?;
+    }
+    if wants("node-tls") {
+        drop(cluster);
+        node_tls(profile, bin, results)?;
+    }
+    Ok(())
+}
+
+/// SQL and device figures again on a cluster with node mutual TLS (Raft, forwarding), beside
+/// the plain ones: the same runs, reported as system "... , node TLS" (latency p50 and best
+/// throughput). The API stays plain HTTP without auth, as for the plain figures.
+fn node_tls(profile: &Profile, bin: &Path, results: &mut Results) -> Result<()> {
+    let security = Security {
+        users: serde_json::Value::Null,
+        http_tls: false,
+        node_tls: true,
+    };
+    let cluster = start_cluster_with(bin, stream_config(), Some(security));
+    let mut tls = Results::default();
+    http_sql(profile, &cluster, &mut tls)?;
+    devices(profile, &cluster, bin, &mut tls)?;
+    for m in tls.0 {
+        if m.name == names::LAT_P50 || m.name == names::TPUT_BEST {
+            results.push(Measurement {
+                system: format!("{}, node TLS", m.system),
+                ..m
+            });
+        }
     }
     Ok(())
 }

@@ -2,16 +2,22 @@
 //!
 //! One [`run`] call:
 //! 1. starts `nodes` real `cairn node` processes through the [`Cluster`] harness, each in its
-//!    own network namespace on a tmpfs data dir when `isolation` is on (root), else on loopback;
+//!    own network namespace on a tmpfs data dir when `isolation` is on (root), else on loopback.
+//!    When the schedule holds a power cut, each data dir is a faultfs mount over that tmpfs
+//!    (file data kept in memory until fsync, dropped by a cut); when it holds a clock fault,
+//!    each node runs under libfaketime with its own control file;
 //! 2. starts `clients` HTTP client threads, each bound to one node as Jepsen binds clients,
-//!    doing register writes and `level=linearizable` reads on a few keys ([`Recorder`]; no
-//!    compare-and-set in the load: a failed CAS can only be explained by writes whose outcome
-//!    is unknown, which keeps every timed-out write in the search and makes it explode after
-//!    a partition; the checker itself handles CAS), and appends of unique tokens to a table without a unique constraint
-//!    ([`Ledger`]); and, when the `cairn` binary has `sim`, a fleet of simulated devices
-//!    (the real firmware client) pushing records `[U64(k), F32(t)]`, `k = 1, 2, 3, ...`, to the
-//!    nodes' device ports (stream 1 declared as table `readings`);
-//! 3. executes the [`schedule`] drawn from the seed, each fault injected, held and healed;
+//!    doing register writes and `level=linearizable` reads on a few long-lived keys, reads,
+//!    writes and compare-and-sets on short-lived keys (fresh ones every [`CAS_KEY_SECS`]: a
+//!    failed compare-and-set keeps every indeterminate write in the search, so each of those
+//!    keys' histories is kept short, as Jepsen's independent keys are) ([`Recorder`]), and
+//!    appends of unique tokens to a table without a unique constraint ([`Ledger`]); and,
+//!    when the `cairn` binary has `sim`, a fleet of simulated devices (the real firmware
+//!    client) pushing records `[U64(k), F32(t)]`, `k = 1, 2, 3, ...`, to the nodes' device
+//!    ports (stream 1 declared as table `readings`);
+//! 3. executes the [`schedule`] drawn from the seed: each step injects one fault or two or
+//!    three at once (targets resolved against the leader at the start of the step, one fault
+//!    per node), holds them, heals them (network first, restarts last);
 //! 4. heals everything, stops the load, waits for every member to apply the leader's commit
 //!    index, reads every key once more linearizably, and checks:
 //!    - every acknowledged token and every record acknowledged to a device (`k <= acked`
@@ -19,8 +25,12 @@
 //!      record that was never pushed (`lost`, `duplicated`; never-pushed counts as duplicated
 //!      in the summary line),
 //!    - every replica's user tables identical through `level=none` reads (`diverged`),
-//!    - the register history linearizable ([`crate::linearizability`]; `nonlinearizable`).
+//!    - the register history linearizable ([`crate::linearizability`]; `nonlinearizable`),
+//!    - every device's record times never below its previous record's and within the run
+//!      (plus the schedule's largest forward clock jump) (`misordered`).
 //!
+//! A node that cannot start again after a kill or a power cut is a crash (recorded with its
+//! log tail), not a harness panic, so a build that loses data still ends with the checks.
 //! A failure message carries the seed, the schedule and the offending key's history; the whole
 //! [`Run`] is written as JSON to `out_dir` for `cairn-faults --check FILE`.
 

@@ -30,6 +30,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Totals {
     base_seed: u64,
+    /// The options that shape the schedules (`--steps`, `--focus`, ...): a resumed soak
+    /// must run the same ones.
+    #[serde(default)]
+    options: String,
     /// Schedules run so far (the next one is `base_seed + schedules`).
     schedules: u64,
     faults: u64,
@@ -110,10 +114,11 @@ impl Totals {
 
     fn report(&self) -> String {
         let mut s = format!(
-            "{}\nbase seed {}, {:.1} h of schedules; misordered record times {}, crashed nodes \
-             {}\n",
+            "{}\nbase seed {}, options {:?}, {:.1} h of schedules; misordered record times {}, \
+             crashed nodes {}\n",
             self.line(),
             self.base_seed,
+            self.options,
             self.seconds / 3600.0,
             self.misordered,
             self.crashed
@@ -188,7 +193,26 @@ fn main() -> ExitCode {
         .and_then(|p| std::fs::read(p).ok())
         .map(|b| serde_json::from_slice(&b).expect("a readable soak state.json"))
         .unwrap_or_default();
+    // Everything that changes what schedule `i` is, or how it runs.
+    let options: Vec<String> = ["--steps", "--nodes", "--focus", "--read-level"]
+        .iter()
+        .filter_map(|f| value(f).map(|v| format!("{f} {v}")))
+        .chain(
+            ["--mix", "--secure", "--loopback", "--unsafe-no-fsync"]
+                .iter()
+                .filter(|f| has(f))
+                .map(|f| f.to_string()),
+        )
+        .collect();
+    let options = options.join(" ");
     let resumed = total.schedules > 0;
+    assert!(
+        !resumed || total.options == options,
+        "the soak dir holds a run with options {:?}, not {options:?}: use the same ones, or \
+         another --soak-dir",
+        total.options
+    );
+    total.options = options;
     if !resumed {
         total.base_seed = value("--seed").map_or_else(
             || {
@@ -207,13 +231,17 @@ fn main() -> ExitCode {
     });
     if let Some(d) = &soak_dir {
         std::fs::create_dir_all(d).expect("creating the soak dir");
+        let limit = if schedules == u64::MAX {
+            "no limit".to_string()
+        } else {
+            schedules.to_string()
+        };
         println!(
-            "soak in {}: {} base seed {}, {} of {} schedules done",
+            "soak in {}: {} base seed {}, {} schedules done (of {limit})",
             d.display(),
             if resumed { "resuming," } else { "starting," },
             total.base_seed,
             total.schedules,
-            schedules
         );
     }
     let focus: Option<Focus> = value("--focus").map(|f| f.parse().expect("--focus"));

@@ -31,6 +31,10 @@ const TTL: Duration = Duration::from_secs(1);
 pub struct Options {
     /// File names (last path component) written straight through to the backing directory.
     pub durable_names: Vec<String>,
+    /// Name endings of scratch files whose content after a cut does not matter (SQLite's
+    /// `-shm` index, rebuilt on open): a tear never picks their writes, so it lands where it
+    /// tests something.
+    pub scratch_suffixes: Vec<String>,
 }
 
 /// What a power cut threw away.
@@ -157,6 +161,7 @@ struct Inner {
     dead: bool,
     backing: PathBuf,
     durable: Vec<OsString>,
+    scratch: Vec<String>,
     /// FUSE inode -> backing path.
     paths: HashMap<u64, PathBuf>,
     overlays: HashMap<u64, Overlay>,
@@ -175,6 +180,7 @@ impl State {
                 dead: false,
                 backing: backing.to_path_buf(),
                 durable: options.durable_names.iter().map(OsString::from).collect(),
+                scratch: options.scratch_suffixes.clone(),
                 paths,
                 overlays: HashMap::new(),
                 handles: HashMap::new(),
@@ -311,6 +317,16 @@ impl Inner {
             .is_some_and(|n| self.durable.iter().any(|d| d == n))
     }
 
+    fn is_scratch(&self, ino: u64) -> bool {
+        self.paths
+            .get(&ino)
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| {
+                let n = n.to_string_lossy();
+                self.scratch.iter().any(|s| n.ends_with(s.as_str()))
+            })
+    }
+
     /// Records `path` under its inode and returns its attributes (as programs see them).
     fn remember(&mut self, path: PathBuf) -> Result<FileAttr, Errno> {
         let m = fs::symlink_metadata(&path).map_err(err)?;
@@ -407,8 +423,10 @@ impl Inner {
                 .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
         }
         o.size = o.size.max(end);
-        let first_page = ((first + 1) * PAGE - offset).min(data.len() as u64) as usize;
-        self.last_write = Some((ino, offset, data[..first_page].to_vec()));
+        if !self.is_scratch(ino) {
+            let first_page = ((first + 1) * PAGE - offset).min(data.len() as u64) as usize;
+            self.last_write = Some((ino, offset, data[..first_page].to_vec()));
+        }
         Ok(data.len() as u32)
     }
 

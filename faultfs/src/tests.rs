@@ -14,6 +14,7 @@ fn mounted() -> Option<(tempfile::TempDir, Mount)> {
     fs::create_dir(&backing).unwrap();
     let opts = Options {
         durable_names: vec!["node.log".into()],
+        scratch_suffixes: vec!["-shm".into()],
     };
     let m = Mount::new(&backing, &dir.path().join("mnt"), opts).unwrap();
     Some((dir, m))
@@ -133,6 +134,26 @@ fn test_torn_write_persists_whole_sectors_never_all() {
     kept.sort();
     kept.dedup();
     assert!(kept.len() > 1, "every seed tore the same way: {kept:?}");
+}
+
+#[test]
+fn test_scratch_files_are_never_the_torn_write() {
+    let Some((_dir, mut m)) = mounted() else {
+        return;
+    };
+    let wal = m.mountpoint().join("raft.db-wal");
+    let shm = m.mountpoint().join("raft.db-shm");
+    File::create(&wal)
+        .unwrap()
+        .write_all_at(&[3u8; 4096], 0)
+        .unwrap();
+    File::create(&shm)
+        .unwrap()
+        .write_all_at(&[4u8; 4096], 0)
+        .unwrap();
+    let cut = m.power_cut(Some(1)).unwrap();
+    let (path, ..) = cut.torn.expect("a torn write");
+    assert_eq!(path.file_name().unwrap(), "raft.db-wal");
 }
 
 #[test]

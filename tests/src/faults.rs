@@ -761,6 +761,7 @@ impl Env {
                 {
                     let opts = faultfs::Options {
                         durable_names: vec!["node.log".into()],
+                        scratch_suffixes: vec!["-shm".into()],
                     };
                     e.insert(faultfs::Mount::new(&disk, dir, opts).expect("mounting faultfs"));
                 }

@@ -677,19 +677,47 @@ impl Filesystem for FaultFs {
             if flags.contains(RenameFlags::RENAME_NOREPLACE) && fs::symlink_metadata(&to).is_ok() {
                 return Err(Errno::EEXIST);
             }
-            if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
+            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+            if !(flags - RenameFlags::RENAME_NOREPLACE - RenameFlags::RENAME_EXCHANGE).is_empty() {
                 return Err(Errno::EINVAL);
             }
-            s.forget_path(&to);
-            fs::rename(&from, &to).map_err(err)?;
-            // Re-point the moved inode and, for a directory, everything below it.
-            for p in s.paths.values_mut() {
-                if let Ok(rest) = p.strip_prefix(&from) {
-                    *p = if rest.as_os_str().is_empty() {
-                        to.clone()
+            if exchange {
+                // Both names stay, each on the other's inode (a file swap).
+                let c =
+                    |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL);
+                let (a, b) = (c(&from)?, c(&to)?);
+                // SAFETY: renameat2(2) with valid C strings that outlive the call.
+                let rc = unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        a.as_ptr(),
+                        libc::AT_FDCWD,
+                        b.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+                if rc != 0 {
+                    return Err(err(io::Error::last_os_error()));
+                }
+            } else {
+                s.forget_path(&to);
+                fs::rename(&from, &to).map_err(err)?;
+            }
+            // Re-point the moved inodes and, for a directory, everything below it.
+            let moved = |p: &Path, a: &Path, b: &Path| {
+                p.strip_prefix(a).ok().map(|rest| {
+                    if rest.as_os_str().is_empty() {
+                        b.to_path_buf()
                     } else {
-                        to.join(rest)
-                    };
+                        b.join(rest)
+                    }
+                })
+            };
+            for p in s.paths.values_mut() {
+                if let Some(q) = moved(p, &from, &to) {
+                    *p = q;
+                } else if exchange && let Some(q) = moved(p, &to, &from) {
+                    *p = q;
                 }
             }
             Ok(())

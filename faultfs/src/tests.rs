@@ -182,6 +182,40 @@ fn test_rename_over_keeps_only_synced_bytes() {
 }
 
 #[test]
+fn test_rename_exchange_swaps_names_and_unsynced_data_stays_with_its_inode() {
+    let Some((_dir, mut m)) = mounted() else {
+        return;
+    };
+    let (a, b) = (m.mountpoint().join("a"), m.mountpoint().join("b"));
+    let fa = File::create(&a).unwrap();
+    fa.write_all_at(b"synced a", 0).unwrap();
+    fa.sync_all().unwrap();
+    fs::write(&b, b"unsynced b").unwrap();
+    let (ca, cb) = (
+        CString::new(a.as_os_str().as_bytes()).unwrap(),
+        CString::new(b.as_os_str().as_bytes()).unwrap(),
+    );
+    // SAFETY: renameat2(2) with valid C strings.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    assert_eq!(fs::read(&a).unwrap(), b"unsynced b");
+    assert_eq!(fs::read(&b).unwrap(), b"synced a");
+    fa.write_all_at(b"S", 0).unwrap();
+    fa.sync_all().unwrap();
+    m.power_cut(None).unwrap();
+    assert_eq!(fs::read(&a).unwrap(), b"");
+    assert_eq!(fs::read(&b).unwrap(), b"Synced a");
+}
+
+#[test]
 fn test_full_backing_answers_enospc_at_write() {
     let Some((dir, m)) = mounted() else {
         return;

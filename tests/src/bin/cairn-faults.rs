@@ -14,7 +14,8 @@
 //! Schedule `i` uses seed `S + i`; without `--seed`, `S` comes from the clock and is printed.
 //! With `--soak-dir`, `DIR/state.json` keeps the base seed, the next schedule and the totals
 //! after every schedule, so a soak stopped at any point goes on where it was; `DIR/summary.txt`
-//! holds the summary line and every failing seed with its replay command.
+//! holds the summary line and every failing seed with its replay command; `touch DIR/stop`
+//! ends the soak after the schedule that is running.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -252,7 +253,13 @@ fn main() -> ExitCode {
             .unwrap_or_else(std::env::temp_dir)
     });
     let mut run_now = 0u64;
-    while total.schedules < schedules && deadline.is_none_or(|d| Instant::now() < d) {
+    // `touch DIR/stop` ends a soak cleanly after the schedule that is running.
+    let stop_file = soak_dir.as_ref().map(|d| d.join("stop"));
+    let stop_asked = || stop_file.as_ref().is_some_and(|f| f.exists());
+    while total.schedules < schedules
+        && deadline.is_none_or(|d| Instant::now() < d)
+        && !stop_asked()
+    {
         let i = total.schedules;
         let mut cfg = Config::new(total.base_seed + i);
         cfg.steps = num("--steps", cfg.steps as u64) as usize;
@@ -336,6 +343,10 @@ fn main() -> ExitCode {
             write_atomic(p, &serde_json::to_string_pretty(&total).expect("state"));
             write_atomic(&d.join("summary.txt"), &total.report());
         }
+    }
+    if let Some(f) = stop_file.as_ref().filter(|f| f.exists()) {
+        let _ = std::fs::remove_file(f);
+        println!("stopped: {} was there", f.display());
     }
     if soak_dir.is_some() {
         println!("ran {run_now} schedules now");

@@ -4,7 +4,7 @@ use core::cell::RefCell;
 
 use cairn_protocol::{
     Ack, BatchEncoder, DeviceSession, EncodeError, ErrorCode, FrameError, FrameReassembler,
-    GatewayAddr, KEY_LEN, MAX_FRAME, Message, Ping, Record, Welcome,
+    GatewayAddr, KEY_LEN, MAX_FRAME, Message, Ping, Record, Welcome, unsealed_error_code,
 };
 use embassy_futures::select::{Either, Either3, select, select3};
 use embassy_sync::blocking_mutex::Mutex;
@@ -14,6 +14,7 @@ use embassy_time::{Duration, Instant, Timer, with_timeout};
 
 use crate::Seq;
 use crate::backoff::{Backoff, Prng};
+use crate::nonce::BootNonce;
 use crate::outbox::{Outbox, OutboxFull, OverflowPolicy};
 use crate::record::{self, StoredRecord, ValuesError};
 use crate::store::{RamOnly, Store};
@@ -125,9 +126,12 @@ pub struct Config<'a> {
     pub device_id: u64,
     /// The device's pre-shared key.
     pub key: [u8; KEY_LEN],
-    /// Boot number: must differ on every boot (it is part of every nonce). With
-    /// `flash-outbox` use `flash::FlashOutbox::boot`; otherwise a hardware RNG.
+    /// Boot number, sent in the Hello: the time base of this boot's uptimes. Uniqueness is
+    /// not needed for security (protocol 2); with `flash-outbox` use
+    /// `flash::FlashOutbox::boot`.
     pub boot: u32,
+    /// This boot's nonce (SPEC.md §5.2): never repeats under `key`.
+    pub boot_nonce: BootNonce,
     /// Sent in Hello.
     pub firmware_version: u32,
     /// Gateways to try, in order; the list is rotated on failure. At least one.
@@ -157,12 +161,14 @@ impl<'a> Config<'a> {
         device_id: u64,
         key: [u8; KEY_LEN],
         boot: u32,
+        boot_nonce: BootNonce,
         gateways: &'a [GatewayAddr],
     ) -> Self {
         Self {
             device_id,
             key,
             boot,
+            boot_nonce,
             firmware_version: 0,
             gateways,
             max_batch: 64,
@@ -209,11 +215,12 @@ pub(crate) struct Shared<const N: usize> {
 impl<const N: usize> Shared<N> {
     /// Seq of the next record to put on the wire.
     fn wire_next(&self) -> Seq {
-        self.wire_last + 1
+        self.wire_last.saturating_add(1)
     }
 
+    /// `seq` ≥ 1 (seqs start at 1; callers check their additions).
     pub(crate) fn set_wire_next(&mut self, seq: Seq) {
-        self.wire_last = seq - 1;
+        self.wire_last = seq.saturating_sub(1);
     }
 
     /// Renumber all held records so the oldest gets `first`; remembered for the store.
@@ -249,8 +256,8 @@ impl<const N: usize> Shared<N> {
     #[cfg(feature = "flash-outbox")]
     pub(crate) fn start_after(&mut self, floor: Seq) {
         if self.outbox.is_empty() {
-            self.outbox.rebase(floor + 1);
-            self.set_wire_next(floor + 1);
+            self.outbox.rebase(floor.saturating_add(1));
+            self.set_wire_next(floor.saturating_add(1));
         }
     }
 
@@ -358,7 +365,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                     s.stats.pushed += 1;
                     s.note_dropped(p.dropped);
                     Ok(Pushed {
-                        seq: s.outbox.next_seq() - 1,
+                        seq: s.outbox.next_seq().saturating_sub(1),
                         dropped: p.dropped,
                     })
                 }
@@ -437,7 +444,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
     ) -> ! {
         assert!(!config.gateways.is_empty(), "Config::gateways is empty");
         let mut link = Link {
-            session: DeviceSession::new(&config.key, config.boot, 0),
+            session: DeviceSession::new(&config.key, config.boot, config.boot_nonce.bytes()),
             backoff: Backoff::new(
                 config.backoff_floor,
                 config.backoff_base,
@@ -480,6 +487,9 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                     });
                     link.next_gateway = link.next_gateway.wrapping_add(1);
                     Some(match why {
+                        // Anyone on the path can forge an unsealed frame: it is a dropped
+                        // connection, nothing more (SPEC.md §5.6).
+                        Why::Unsealed(_) => link.backoff.next_delay(),
                         Why::Gateway(ErrorCode::Overloaded) => {
                             link.backoff.next_delay_at_least(config.overloaded_delay)
                         }
@@ -588,6 +598,10 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         // Welcome: of the records ever sent, those at or below high-water are committed. The
         // rest are renumbered to follow high-water without a gap (a no-op unless records were
         // dropped, or were pushed before this boot's first Welcome) and resent from there.
+        // A high-water at the end of the seq space cannot be followed (a broken gateway).
+        let Some(resume) = welcome.high_water.checked_add(1) else {
+            return End::Failed(Why::Frame(FrameError::Malformed));
+        };
         let first_session = link.sessions == 0;
         link.sessions += 1;
         link.redirects = 0;
@@ -599,8 +613,8 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             let sent_through = s.wire_last;
             let n = s.outbox.ack_through(welcome.high_water.min(sent_through));
             s.stats.acked += n as u64;
-            s.rebase(welcome.high_water + 1);
-            s.set_wire_next(welcome.high_water + 1);
+            s.rebase(resume);
+            s.set_wire_next(resume);
             s.stats.acked_through = welcome.high_water;
             s.stats.state = ConnectionState::Connected;
             s.last_error = 0;
@@ -613,7 +627,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             "cairn: connected to {}, high-water {}, credit {}",
             addr, welcome.high_water, welcome.credit
         );
-        let mut window_end = welcome.high_water + u64::from(welcome.credit);
+        let mut window_end = welcome.high_water.saturating_add(u64::from(welcome.credit));
         let mut acked = welcome.high_water;
         let mut last_rx = Instant::now();
         let mut last_progress = Instant::now();
@@ -628,7 +642,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                     .await
                 {
                     Ok(Some(first)) => {
-                        if first == acked + 1 {
+                        if acked.checked_add(1) == Some(first) {
                             // Nothing was in flight: the ack clock starts now.
                             last_progress = Instant::now();
                         }
@@ -638,7 +652,7 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                 }
             }
 
-            let in_flight = self.lock(|s| s.wire_next()) > acked + 1;
+            let in_flight = self.lock(|s| s.wire_last) > acked;
             let deadline = if in_flight {
                 last_progress + config.response_timeout
             } else if let Some(at) = ping_sent {
@@ -661,18 +675,21 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
                     };
                     match msg {
                         Owned::Ack(ack) => {
-                            if ack.through_seq > acked {
-                                acked = ack.through_seq;
+                            // An Ack covers only records that were sent: a gateway that claims
+                            // more is broken, and nothing unsent is dropped on its word.
+                            let through = self.lock(|s| ack.through_seq.min(s.wire_last));
+                            if through > acked {
+                                acked = through;
                                 last_progress = Instant::now();
                             }
-                            window_end = acked + u64::from(ack.credit);
+                            window_end = acked.saturating_add(u64::from(ack.credit));
                             if let Some(leader) = ack.leader {
                                 link.hint = Some(leader.resolve(addr.ip));
                             }
                             self.lock(|s| {
-                                let n = s.outbox.ack_through(ack.through_seq);
+                                let n = s.outbox.ack_through(through);
                                 s.stats.acked += n as u64;
-                                s.stats.acked_through = s.stats.acked_through.max(ack.through_seq);
+                                s.stats.acked_through = s.stats.acked_through.max(through);
                             });
                             self.drained.signal(());
                             trace!("cairn: ack through {}", ack.through_seq);
@@ -768,7 +785,8 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
             let len = session
                 .encode(&Message::Batch(view), &mut tx[..])
                 .map_err(|_| End::Failed(Why::Encode))?;
-            s.set_wire_next(first + n);
+            // `finish` checked that `first + n - 1` fits a seq.
+            s.set_wire_next(first.saturating_add(n));
             Ok(Some((len, first, n)))
         })?;
         let Some((len, first, n)) = built else {
@@ -776,7 +794,11 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
         };
         match with_timeout(config.response_timeout, write_all(conn, &tx[..len])).await {
             Ok(Ok(())) => {
-                trace!("cairn: sent batch {}..={}", first, first + n - 1);
+                trace!(
+                    "cairn: sent batch {}..={}",
+                    first,
+                    first.saturating_add(n - 1)
+                );
                 Ok(Some(first))
             }
             Ok(Err(e)) => Err(End::Failed(Why::Transport(e))),
@@ -788,8 +810,8 @@ impl<M: RawMutex, const N: usize> Client<M, N> {
 /// Consecutive redirects followed without a Welcome before falling back to the list.
 const MAX_REDIRECTS: u32 = 3;
 
-/// Receive buffer: gateway frames are small (the largest in protocol v1, a Welcome with a
-/// leader hint, is under 48 bytes), so the client does not reserve a full `MAX_FRAME` for
+/// Receive buffer: gateway frames are small (the largest in protocol 2, a Welcome with a
+/// leader hint and the challenge, is under 60 bytes), so the client does not reserve a full `MAX_FRAME` for
 /// them. A larger gateway frame ends the connection as `TooLarge`.
 const RX_MAX: usize = 256;
 
@@ -839,8 +861,12 @@ impl Link {
             .next_frame()
             .map_err(Why::Frame)?
             .ok_or(Why::Frame(FrameError::Truncated))?;
-        let msg = self.session.decode(frame).map_err(Why::Frame)?;
-        Ok(Owned::from(msg))
+        let unsealed = unsealed_error_code(frame);
+        match self.session.decode(frame) {
+            Ok(msg) => Ok(Owned::from(msg)),
+            Err(FrameError::Unsealed) => Err(Why::Unsealed(unsealed)),
+            Err(e) => Err(Why::Frame(e)),
+        }
     }
 
     async fn pong<C: Connection>(
@@ -871,6 +897,8 @@ enum Why {
     Frame(FrameError),
     Encode,
     Gateway(ErrorCode),
+    /// An unsealed Error frame (its code, for the log only).
+    Unsealed(Option<ErrorCode>),
 }
 
 impl core::fmt::Display for Why {
@@ -882,16 +910,19 @@ impl core::fmt::Display for Why {
             Why::Frame(e) => write!(f, "bad frame: {e}"),
             Why::Encode => f.write_str("could not encode a frame"),
             Why::Gateway(code) => write!(f, "gateway error {code}"),
+            Why::Unsealed(Some(code)) => write!(f, "unsealed error {code} (not authenticated)"),
+            Why::Unsealed(None) => f.write_str("unsealed error (not authenticated)"),
         }
     }
 }
 
-/// What each gateway error code means for the device (all of them end the connection; the
-/// next Welcome re-synchronises seqs, so resending is always safe):
+/// What each sealed gateway error code means for the device (all of them end the connection;
+/// the next Welcome re-synchronises seqs, so resending is always safe; an unsealed Error is
+/// only a dropped connection, SPEC.md §5.6):
 /// - `NotLeader`, `Internal`, `SeqGap`, `Replay`, `Malformed`, `TooLarge`, unknown codes:
 ///   back off normally and try the next gateway.
 /// - `Overloaded`: back off at least `Config::overloaded_delay`, then try the next gateway.
-/// - `UnknownDevice`, `BadAuth`, `UnsupportedVersion`, `SchemaMismatch`: configuration
+/// - `BadAuth`, `UnsupportedVersion`, `SchemaMismatch` (and `UnknownDevice`): configuration
 ///   problems that retrying soon will not fix; wait the maximum back-off and keep the records
 ///   (the code shows in [`Status::last_error`] until a session succeeds).
 fn gateway_error(code: ErrorCode) -> End {

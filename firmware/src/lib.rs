@@ -14,6 +14,7 @@ pub mod embassy_net;
 pub mod flash;
 #[cfg(feature = "std")]
 pub mod host_time;
+pub mod nonce;
 pub mod outbox;
 pub mod record;
 pub mod store;
@@ -27,6 +28,7 @@ pub mod transport;
 pub use cairn_protocol::settings;
 pub use cairn_protocol::{ErrorCode, GatewayAddr, KEY_LEN, MAX_BLOB, MAX_VALUES};
 pub use client::{Client, Config, ConnectionState, PushError, Pushed, Status, Value};
+pub use nonce::BootNonce;
 pub use outbox::OverflowPolicy;
 pub use store::{RamOnly, Store};
 pub use transport::{Connection, Transport, TransportError};

@@ -9,10 +9,11 @@ use std::time::Duration as StdDuration;
 
 use cairn_firmware::tokio::{TokioConnection, read_frame};
 use cairn_firmware::{
-    Client, Config, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
+    BootNonce, Client, Config, GatewayAddr, OverflowPolicy, Transport, TransportError, Value,
 };
 use cairn_protocol::{
-    Ack, BatchView, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong, Welcome,
+    Ack, BatchView, CHALLENGE_LEN, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
+    Welcome,
 };
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 use tokio::io::{AsyncWriteExt, DuplexStream};
@@ -42,7 +43,7 @@ async fn serve(mut s: DuplexStream, store: Store) {
     let Ok(Some(hello)) = read_frame(&mut s, &mut frames).await else {
         return;
     };
-    let mut session = GatewaySession::accept(&KEY, hello).expect("hello");
+    let mut session = GatewaySession::accept(&KEY, hello, [3; CHALLENGE_LEN]).expect("hello");
     let device = session.hello().device_id;
     let mut out = [0u8; MAX_FRAME];
     let hw = store.borrow().get(&device).map_or(0, |v| v.len() as u64);
@@ -104,7 +105,8 @@ fn test_thousand_clients_on_one_thread() {
                 Box::leak(Box::new(Client::new(OverflowPolicy::RejectNewest)));
             let store = store.clone();
             tokio::task::spawn_local(async move {
-                let mut config = Config::new(id, KEY, 1, gateways);
+                let mut config =
+                    Config::new(id, KEY, 1, BootNonce::from_rng([id as u8; 12]), gateways);
                 config.ping_interval = embassy_time::Duration::from_millis(200);
                 client.run(&mut Fleet { store }, &config).await
             });

@@ -352,22 +352,99 @@ fn test_overloaded_and_unknown_device_back_off_longer() {
                 // overloaded_delay is 60 ms, backoff_max 80 ms.
                 assert!(w[1] - w[0] >= 55, "attempts too close: {attempts:?}");
             }
-            c2.borrow_mut().reject_with = Some(ErrorCode::UnknownDevice);
+            // A sealed configuration error waits the longest back-off.
+            c2.borrow_mut().reject_with = Some(ErrorCode::BadAuth);
             c2.borrow_mut().attempts.clear();
             tokio::time::sleep(StdDuration::from_millis(400)).await;
             let attempts: Vec<u64> = c2.borrow().attempts.iter().map(|a| a.1).collect();
             for w in attempts.windows(2) {
-                assert!(
-                    w[1] - w[0] >= 75,
-                    "UnknownDevice waits backoff_max: {attempts:?}"
-                );
+                assert!(w[1] - w[0] >= 75, "BadAuth waits backoff_max: {attempts:?}");
             }
-            assert_eq!(client.status().last_error, Some(ErrorCode::UnknownDevice));
-            client.push(1, &[Value::U64(0)]).unwrap();
+            assert_eq!(client.status().last_error, Some(ErrorCode::BadAuth));
+            // An unsealed UnknownDevice is only a dropped connection: no long back-off, and
+            // its code is not taken as the gateway's word.
             c2.borrow_mut().reject_with = None;
+            c2.borrow_mut().reject_unsealed = Some(ErrorCode::UnknownDevice);
+            c2.borrow_mut().attempts.clear();
+            tokio::time::sleep(StdDuration::from_millis(400)).await;
+            assert!(
+                c2.borrow().attempts.len() >= 3,
+                "{:?}",
+                c2.borrow().attempts
+            );
+            assert_ne!(client.status().last_error, Some(ErrorCode::UnknownDevice));
+            client.push(1, &[Value::U64(0)]).unwrap();
+            c2.borrow_mut().reject_unsealed = None;
             assert!(wait_until(StdDuration::from_secs(5), || client.status().acked == 1).await);
         })
         .await;
+    });
+}
+
+/// Gateway frames recorded on an earlier boot (same boot number), and forged or unsealed
+/// Welcome/Ack/Error frames, make a rebooted device drop, skip or renumber nothing; once a
+/// real gateway answers, every record is stored exactly once (SPEC.md §5.7).
+#[test]
+fn test_recorded_and_forged_gateway_frames_drop_nothing() {
+    let (rt, local) = local();
+    local.block_on(&rt, async {
+        let cluster = cluster(1, Faults::default(), 11);
+        let gws = gateways(1);
+        // Boot 1: ten records stored and acknowledged, while an attacker records the replies.
+        cluster.borrow_mut().recording = Some(Vec::new());
+        let first = leak::<4096>(OverflowPolicy::RejectNewest);
+        with_client(first, &cluster, gws, 5, async move {
+            push_many(first, 0, 10).await;
+            assert!(wait_until(StdDuration::from_secs(10), || first.status().acked == 10).await);
+        })
+        .await;
+        let recorded = cluster.borrow_mut().recording.take().unwrap();
+        assert!(recorded.len() >= 2, "a Welcome and at least one Ack");
+        let acks_through_10 = recorded.concat();
+
+        // Boot 2, same boot number, RAM outbox: five records the cluster has never seen, which
+        // a replayed "Welcome(hw 0), Ack(through 10)" would have the device drop.
+        let mut forged_welcome = recorded[0].clone();
+        let last = forged_welcome.len() - 1;
+        forged_welcome[last] ^= 1;
+        let mut unsealed = [0u8; 64];
+        let n = cairn_protocol::encode_unsealed_error(ErrorCode::SeqGap, &mut unsealed).unwrap();
+        let mut unsealed_ack = recorded[1].clone();
+        unsealed_ack[6] = cairn_protocol::FLAG_UNSEALED;
+        let attacks: Vec<Vec<u8>> = vec![
+            acks_through_10,
+            recorded[1..].concat(),
+            forged_welcome,
+            unsealed[..n].to_vec(),
+            unsealed_ack,
+        ];
+        let second = leak::<4096>(OverflowPolicy::RejectNewest);
+        for k in 100..105u64 {
+            second.push(1, &[Value::U64(k)]).unwrap();
+        }
+        let c2 = cluster.clone();
+        with_client(second, &cluster, gws, 5, async move {
+            for attack in attacks {
+                let before = c2.borrow().hellos.len();
+                c2.borrow_mut().replay = Some(attack);
+                assert!(
+                    wait_until(StdDuration::from_secs(5), || c2.borrow().hellos.len()
+                        >= before + 2)
+                    .await
+                );
+                let st = second.status();
+                assert_eq!((st.acked, st.queued, st.dropped), (0, 5, 0), "{st:?}");
+                assert_eq!(st.acked_through, 0);
+            }
+            c2.borrow_mut().replay = None;
+            assert!(wait_until(StdDuration::from_secs(10), || second.status().acked == 5).await);
+            assert_eq!(second.status().acked_through, 15);
+        })
+        .await;
+        let c = cluster.borrow();
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        let want: Vec<u64> = (0..10).chain(100..105).collect();
+        assert_eq!(c.payloads(), want);
     });
 }
 

@@ -6,9 +6,10 @@ use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
 use cairn_firmware::tokio::{TcpTransport, read_frame};
-use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, Value};
+use cairn_firmware::{BootNonce, Client, Config, GatewayAddr, OverflowPolicy, Value};
 use cairn_protocol::{
-    Ack, BatchView, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong, Welcome,
+    Ack, BatchView, CHALLENGE_LEN, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
+    Welcome,
 };
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 use tokio::io::AsyncWriteExt;
@@ -31,7 +32,7 @@ async fn gateway(listener: TcpListener, state: Rc<RefCell<Gateway>>) {
         state.borrow_mut().connections += 1;
         let mut frames = FrameReassembler::<MAX_FRAME>::new();
         let hello = read_frame(&mut s, &mut frames).await.unwrap().unwrap();
-        let mut session = GatewaySession::accept(&KEY, hello).unwrap();
+        let mut session = GatewaySession::accept(&KEY, hello, [3; CHALLENGE_LEN]).unwrap();
         let mut out = [0u8; MAX_FRAME];
         let hw = state.borrow().hw;
         let n = session
@@ -97,7 +98,7 @@ fn test_client_over_loopback_tcp_on_tokio_local_set() {
         let gateways: &'static [GatewayAddr] =
             Box::leak(Box::new([GatewayAddr::new([127, 0, 0, 1], port)]));
         let runner = tokio::task::spawn_local(async move {
-            let mut config = Config::new(7, KEY, 1, gateways);
+            let mut config = Config::new(7, KEY, 1, BootNonce::from_rng([7; 12]), gateways);
             config.backoff_floor = embassy_time::Duration::from_millis(1);
             config.backoff_base = embassy_time::Duration::from_millis(5);
             client.run(&mut TcpTransport::new(), &config).await

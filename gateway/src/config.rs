@@ -20,6 +20,7 @@
 //! election_timeout_max_ms = 300
 //! snapshot_threshold = 8192          # entries since the last snapshot
 //! snapshot_keep_logs = 1024          # entries kept in the log behind a snapshot
+//! snapshot_log_mib = 32              # also take a snapshot when the Raft log holds more (0: off)
 //! write_batch_max = 1024             # commands per proposal to Raft (the write queue)
 //! write_queue_depth = 8192           # bounded queue in front of Raft
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
@@ -82,6 +83,10 @@ pub struct NodeConfig {
     pub election_timeout_max_ms: u64,
     pub snapshot_threshold: u64,
     pub snapshot_keep_logs: u64,
+    /// Take a snapshot when the Raft log holds more than this many MiB (0: only
+    /// `snapshot_threshold`), so the log is bounded in bytes too; see
+    /// [`crate::raft::snapshot_on_log_size`].
+    pub snapshot_log_mib: u64,
     pub write_batch_max: usize,
     pub write_queue_depth: usize,
     /// MiB of flushed Raft entries kept in memory (see [`crate::raft::log_store`]); lower it on
@@ -121,6 +126,16 @@ pub struct NodeConfig {
     /// Committed device batches kept for subscribers of the record feed that fall behind
     /// (the embedding API's `Node::subscribe`; see `command::feed`).
     pub feed_capacity: usize,
+    /// Accept protocol 1 devices (a migration period; see protocol/SPEC.md appendix A).
+    pub accept_protocol_1: bool,
+    /// Device connections open at once on this node; more are closed at once.
+    pub device_max_connections: usize,
+    /// Device connections open at once from one IP address.
+    pub device_max_per_address: usize,
+    /// A device connection must deliver its Hello within this many ms.
+    pub device_handshake_timeout_ms: u64,
+    /// A device connection with no frame for this many ms is closed.
+    pub device_idle_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -152,6 +167,7 @@ impl Default for NodeConfig {
             election_timeout_max_ms: 300,
             snapshot_threshold: 8192,
             snapshot_keep_logs: 1024,
+            snapshot_log_mib: 32,
             write_batch_max: 1024,
             write_queue_depth: 8192,
             log_cache_mib: 64,
@@ -175,6 +191,11 @@ impl Default for NodeConfig {
             join_as: None,
             insecure: false,
             feed_capacity: DEFAULT_FEED_CAPACITY,
+            accept_protocol_1: false,
+            device_max_connections: 8192,
+            device_max_per_address: 1024,
+            device_handshake_timeout_ms: 5_000,
+            device_idle_timeout_ms: 120_000,
         }
     }
 }
@@ -233,6 +254,9 @@ pub struct NodeArgs {
     /// Entries to keep in the log behind the latest snapshot.
     #[arg(long)]
     pub snapshot_keep_logs: Option<u64>,
+    /// Also take a snapshot when the Raft log holds more than this many MiB (default 32, 0: off).
+    #[arg(long)]
+    pub snapshot_log_mib: Option<u64>,
     #[arg(long)]
     pub write_batch_max: Option<usize>,
     #[arg(long)]
@@ -288,6 +312,22 @@ pub struct NodeArgs {
     /// Committed device batches kept for slow subscribers of the record feed (default 1024).
     #[arg(long)]
     pub feed_capacity: Option<usize>,
+    /// Also accept devices that speak protocol 1 (a migration period: a recorded protocol 1
+    /// connection can be replayed; logged at every start).
+    #[arg(long)]
+    pub accept_protocol_1: bool,
+    /// Device connections open at once on this node (default 8192).
+    #[arg(long)]
+    pub device_max_connections: Option<usize>,
+    /// Device connections open at once from one IP address (default 1024).
+    #[arg(long)]
+    pub device_max_per_address: Option<usize>,
+    /// Milliseconds a device connection has to send its Hello (default 5000).
+    #[arg(long)]
+    pub device_handshake_timeout_ms: Option<u64>,
+    /// Milliseconds without a frame after which a device connection is closed (default 120000).
+    #[arg(long)]
+    pub device_idle_timeout_ms: Option<u64>,
 }
 
 impl NodeConfig {
@@ -323,6 +363,7 @@ impl NodeConfig {
             election_timeout_max_ms,
             snapshot_threshold,
             snapshot_keep_logs,
+            snapshot_log_mib,
             write_batch_max,
             write_queue_depth,
             log_cache_mib,
@@ -330,8 +371,15 @@ impl NodeConfig {
             read_max_rows,
             read_max_bytes,
             max_db_size_mib,
-            feed_capacity
+            feed_capacity,
+            device_max_connections,
+            device_max_per_address,
+            device_handshake_timeout_ms,
+            device_idle_timeout_ms
         );
+        if args.accept_protocol_1 {
+            c.accept_protocol_1 = true;
+        }
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
         }

@@ -214,6 +214,13 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         sm.clone(),
     )
     .await?;
+    if config.snapshot_log_mib > 0 {
+        tokio::spawn(crate::raft::snapshot_on_log_size(
+            raft.clone(),
+            config.data_dir.join("raft.db"),
+            config.snapshot_log_mib << 20,
+        ));
+    }
     let proposer = Proposer::start(
         raft.clone(),
         config.write_queue_depth,
@@ -237,7 +244,17 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     cluster
         .streams()
         .configure(config.config_file.clone(), config.schema());
-    let ingress = Ingress::new(cluster.clone(), IngressConfig::default());
+    let ingress = Ingress::new(
+        cluster.clone(),
+        IngressConfig {
+            accept_protocol_1: config.accept_protocol_1,
+            max_connections: config.device_max_connections,
+            max_per_address: config.device_max_per_address,
+            handshake_timeout: Duration::from_millis(config.device_handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(config.device_idle_timeout_ms),
+            ..Default::default()
+        },
+    );
     tokio::spawn(crate::cluster::streams::watch_drift(cluster.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

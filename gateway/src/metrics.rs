@@ -255,6 +255,18 @@ pub struct Metrics {
     pub records_in: AtomicU64,
     pub acks_sent: AtomicU64,
     pub rejects: Rejects,
+    /// Protocol 1 Hellos accepted (only with `--accept-protocol-1`).
+    pub hellos_v1: AtomicU64,
+    /// Connections closed at once: over the global cap / over the per-address cap.
+    pub connections_over_cap: AtomicU64,
+    pub connections_over_address_cap: AtomicU64,
+    /// Connections closed because no Hello came before the handshake deadline.
+    pub handshake_timeouts: AtomicU64,
+    /// Connections closed after the idle timeout, or because the device did not read.
+    pub idle_closed: AtomicU64,
+    pub slow_closed: AtomicU64,
+    /// Unknown-device Hellos at a follower answered from its negative cache (no leader call).
+    pub unknown_device_cached: AtomicU64,
     /// Batches this node sent to the leader / received from followers.
     pub batches_forwarded: AtomicU64,
     pub batches_received_forwarded: AtomicU64,
@@ -294,6 +306,13 @@ impl Default for Metrics {
             records_in: AtomicU64::new(0),
             acks_sent: AtomicU64::new(0),
             rejects: Rejects::new(),
+            hellos_v1: AtomicU64::new(0),
+            connections_over_cap: AtomicU64::new(0),
+            connections_over_address_cap: AtomicU64::new(0),
+            handshake_timeouts: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
+            slow_closed: AtomicU64::new(0),
+            unknown_device_cached: AtomicU64::new(0),
             batches_forwarded: AtomicU64::new(0),
             batches_received_forwarded: AtomicU64::new(0),
             groups_proposed: AtomicU64::new(0),
@@ -324,6 +343,13 @@ impl Metrics {
             "records_in": g(&self.records_in),
             "acks_sent": g(&self.acks_sent),
             "rejects": self.rejects.to_json(),
+            "hellos_v1": g(&self.hellos_v1),
+            "connections_over_cap": g(&self.connections_over_cap),
+            "connections_over_address_cap": g(&self.connections_over_address_cap),
+            "handshake_timeouts": g(&self.handshake_timeouts),
+            "idle_closed": g(&self.idle_closed),
+            "slow_closed": g(&self.slow_closed),
+            "unknown_device_cached": g(&self.unknown_device_cached),
             "batches_forwarded": g(&self.batches_forwarded),
             "batches_received_forwarded": g(&self.batches_received_forwarded),
             "groups_proposed": groups,
@@ -372,6 +398,41 @@ impl Metrics {
             "batches_forwarded_total",
             "Device batches forwarded to the leader.",
             g(&self.batches_forwarded),
+        );
+        counter(
+            "hellos_v1_total",
+            "Protocol 1 Hellos accepted (migration flag).",
+            g(&self.hellos_v1),
+        );
+        counter(
+            "connections_over_cap_total",
+            "Device connections closed at once: the global cap was reached.",
+            g(&self.connections_over_cap),
+        );
+        counter(
+            "connections_over_address_cap_total",
+            "Device connections closed at once: the per-address cap was reached.",
+            g(&self.connections_over_address_cap),
+        );
+        counter(
+            "handshake_timeouts_total",
+            "Device connections closed without a Hello before the deadline.",
+            g(&self.handshake_timeouts),
+        );
+        counter(
+            "idle_closed_total",
+            "Device connections closed after the idle timeout.",
+            g(&self.idle_closed),
+        );
+        counter(
+            "slow_closed_total",
+            "Device connections closed because the device did not read its replies.",
+            g(&self.slow_closed),
+        );
+        counter(
+            "unknown_device_cached_total",
+            "Unknown-device Hellos refused from a follower's negative cache.",
+            g(&self.unknown_device_cached),
         );
         let _ = writeln!(
             out,

@@ -50,7 +50,7 @@ impl Device {
     async fn connect(id: u64, key: &[u8; 32], addr: &str) -> Device {
         let mut dev = Device {
             id,
-            session: DeviceSession::new(key, 1, 1),
+            session: DeviceSession::new(key, 1, rand::random()),
             stream: TcpStream::connect(addr).await.unwrap(),
             frames: FrameReassembler::new(),
         };

@@ -95,7 +95,7 @@ impl TestDevice {
     fn new(id: u64, key: &[u8; 32]) -> Self {
         TestDevice {
             id,
-            session: DeviceSession::new(key, 7 + id as u32, 1),
+            session: DeviceSession::new(key, 7 + id as u32, rand::random()),
             stream: None,
             next_seq: 1,
         }
@@ -165,6 +165,10 @@ impl TestDevice {
         let len = read_frame_len(buf[..HEADER_LEN].try_into().unwrap()).unwrap();
         stream.read_exact(&mut buf[HEADER_LEN..len]).await.unwrap();
         let buf: &'static mut [u8] = Box::leak(buf.into_boxed_slice());
+        // An unsealed Error is read for its code here (a device would only close).
+        if let Some(code) = cairn_protocol::unsealed_error_code(&buf[..len]) {
+            return Err(code);
+        }
         match self.session.decode(&mut buf[..len]).unwrap() {
             Message::Error(e) => Err(e.code),
             m => Ok(Some(m)),
@@ -315,31 +319,38 @@ async fn test_bad_frames_rejected_while_good_device_streams() {
     dev.send_raw(&frame).await;
     assert_eq!(dev.expect_error().await, ErrorCode::Replay);
 
-    // Replayed connection start: the same Hello bytes again.
+    // A recorded connection, replayed (SPEC §5.7): the Hello is welcomed, under a fresh
+    // challenge, so the recorded batch does not open and nothing more is stored.
     let mut hello = [0u8; MAX_FRAME];
     let h = dev.session.hello(21, 1, 64);
     let n = dev.session.encode(&Message::Hello(h), &mut hello).unwrap();
-    // An eavesdropper replaying the Hello is answered under that Hello's keys: decode the
-    // answer with the session as it was right after the Hello.
     let after_hello = dev.session.clone();
     dev.stream = Some(TcpStream::connect(&node.device_addr).await.unwrap());
     dev.send_raw(&hello[..n]).await;
     assert!(matches!(dev.recv().await, Ok(Some(Message::Welcome(_)))));
+    let recorded = dev.batch_frame(4, 3);
+    dev.send_raw(&recorded).await;
+    assert_eq!(dev.expect_ack().await, 6);
+    let before = rejects(ErrorCode::BadAuth);
     dev.stream = Some(TcpStream::connect(&node.device_addr).await.unwrap());
     dev.send_raw(&hello[..n]).await;
+    // (The test reads the replies with the device's own session; an eavesdropper could not.)
     dev.session = after_hello;
-    assert_eq!(dev.expect_error().await, ErrorCode::Replay);
+    assert!(matches!(dev.recv().await, Ok(Some(Message::Welcome(_)))));
+    dev.send_raw(&recorded).await;
+    assert_eq!(dev.expect_error().await, ErrorCode::BadAuth);
+    assert!(rejects(ErrorCode::BadAuth) > before);
 
     // Truncated: half a frame, then the device stops sending.
     dev.connect(&node.device_addr).await.unwrap();
-    let frame = dev.batch_frame(4, 3);
+    let frame = dev.batch_frame(7, 3);
     dev.send_raw(&frame[..frame.len() / 2]).await;
     dev.stream.as_mut().unwrap().shutdown().await.unwrap();
     assert_eq!(dev.expect_error().await, ErrorCode::Malformed);
 
     // Oversized: a header declaring more than MAX_FRAME.
     dev.connect(&node.device_addr).await.unwrap();
-    let mut frame = dev.batch_frame(4, 3);
+    let mut frame = dev.batch_frame(7, 3);
     frame[4..6].copy_from_slice(&(MAX_FRAME as u16).to_le_bytes());
     dev.send_raw(&frame).await;
     assert_eq!(dev.expect_error().await, ErrorCode::TooLarge);
@@ -349,13 +360,13 @@ async fn test_bad_frames_rejected_while_good_device_streams() {
     dev.send_raw(&[0x55; 40]).await;
     assert_eq!(dev.expect_error().await, ErrorCode::Malformed);
 
-    // Nothing of the bad frames was applied: device 21 has exactly its one good batch.
+    // Nothing of the bad frames was applied: device 21 has exactly its two good batches.
     assert_eq!(
         count(
             &node.store,
             "SELECT count(*) FROM climate WHERE device_id = 21"
         ),
-        3
+        6
     );
     let _ = stop_tx.send(());
     let acked = streaming.await.unwrap();

@@ -32,6 +32,9 @@ pub enum FrameError {
     /// A well-formed frame that is not allowed here (a second Hello, a reply before Hello,
     /// a Hello sent to a device).
     Unexpected,
+    /// An unsealed Error frame (protocol 2 devices): anyone can forge one, so it only closes
+    /// the connection.
+    Unsealed,
 }
 
 impl FrameError {
@@ -42,7 +45,8 @@ impl FrameError {
             | FrameError::BadMagic
             | FrameError::UnknownKind
             | FrameError::Malformed
-            | FrameError::Unexpected => ErrorCode::Malformed,
+            | FrameError::Unexpected
+            | FrameError::Unsealed => ErrorCode::Malformed,
             FrameError::UnsupportedVersion => ErrorCode::UnsupportedVersion,
             FrameError::TooLarge => ErrorCode::TooLarge,
             FrameError::BadAuth => ErrorCode::BadAuth,
@@ -64,6 +68,7 @@ impl fmt::Display for FrameError {
             FrameError::Replay => "replayed frame (counter not increasing)",
             FrameError::Reordered => "reordered frame (counter skipped)",
             FrameError::Unexpected => "message not allowed at this point",
+            FrameError::Unsealed => "unsealed error frame (not authenticated)",
         })
     }
 }

@@ -14,7 +14,7 @@
 use core::fmt;
 
 use crate::error::FrameError;
-use crate::{HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL_VERSION, TAG_LEN};
+use crate::{HEADER_LEN, MAGIC, MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TAG_LEN};
 
 mod field {
     use core::ops::{Range, RangeFrom};
@@ -253,7 +253,7 @@ fn check_header_prefix(data: &[u8]) -> Result<(), FrameError> {
     if data[field::MAGIC] != MAGIC {
         return Err(FrameError::BadMagic);
     }
-    if data[field::VERSION] != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&data[field::VERSION]) {
         return Err(FrameError::UnsupportedVersion);
     }
     let length = usize::from(u16::from_le_bytes([data[4], data[5]]));
@@ -300,7 +300,7 @@ impl FrameHeader {
         let salted = flags & FLAG_SALTED != 0;
         if flags & !(FLAG_UNSEALED | FLAG_SALTED) != 0
             || flags == FLAG_UNSEALED | FLAG_SALTED
-            || (salted && (frame.counter() != 0 || frame.body_len() < crate::SALT_LEN))
+            || (salted && (frame.counter() != 0 || frame.body_len() < crate::v1::SALT_LEN))
             || frame.reserved() != 0
         {
             return Err(FrameError::Malformed);
@@ -364,7 +364,7 @@ mod test {
 
     // A Ping frame header: kind 7, length 17 (1 body byte + tag), counter 0x0403_0201.
     static HEADER: [u8; 12] = [
-        0x43, 0x52, 0x01, 0x07, 0x11, 0x00, 0x00, 0x00, 0x01, 0x02, 0x03, 0x04,
+        0x43, 0x52, 0x02, 0x07, 0x11, 0x00, 0x00, 0x00, 0x01, 0x02, 0x03, 0x04,
     ];
 
     fn frame_bytes() -> [u8; 29] {
@@ -427,7 +427,7 @@ mod test {
             FrameError::BadMagic
         );
         let mut b = frame_bytes();
-        b[2] = 2;
+        b[2] = 3;
         assert_eq!(
             Frame::new_checked(&b[..]).unwrap_err(),
             FrameError::UnsupportedVersion

@@ -23,6 +23,7 @@ mod reassembler;
 mod security;
 mod session;
 pub mod settings;
+pub mod v1;
 
 pub use batch::{
     BATCH_HEADER_MAX, BatchEncoder, BatchHeader, BatchView, Record, RecordView, Records, Value,
@@ -35,16 +36,24 @@ pub use message::{
 };
 pub use reassembler::FrameReassembler;
 pub use security::{
-    Direction, KEY_LEN, MAX_NONCE_COUNTER, NONCE_LEN, SALT_LEN, XNONCE_LEN, nonce, open,
-    salted_nonce, seal,
+    BOOT_NONCE_LEN, CHALLENGE_LEN, DEVICE_NONCE_LEN, KEY_LEN, LABEL_DEVICE_TO_GATEWAY,
+    LABEL_GATEWAY_TO_DEVICE, LABEL_HELLO, NONCE_LEN, ROOT_LABEL, TrafficKeys, connection_key,
+    hchacha20, hello_key, nonce, root_key, traffic_keys,
 };
-pub use session::{DeviceSession, GatewaySession, MAX_REPLIES, encode_unsealed_error};
+pub use session::{
+    DeviceSession, GatewaySession, MAX_CONNECTIONS, encode_unsealed_error,
+    encode_unsealed_error_version, unsealed_error_code,
+};
 
 /// The first two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"CR";
 
 /// The protocol version this crate speaks (header byte 2 and `Hello::protocol_version`).
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
+
+/// The oldest version whose frames [`read_frame_len`] and [`Frame::check`] accept (so a
+/// gateway can read, and answer, a protocol 1 device); the sessions check their own version.
+pub const MIN_PROTOCOL_VERSION: u8 = 1;
 
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 12;

@@ -183,12 +183,15 @@ impl fmt::Display for ErrorCode {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Hello {
     pub device_id: u64,
-    /// Differs on every boot of the device; part of every nonce.
+    /// The device's boot number: the time base of its records' uptimes (SPEC.md §9).
     pub boot: u32,
     pub firmware_version: u32,
     pub protocol_version: u8,
     /// The most records the device puts in one batch.
     pub max_batch: u16,
+    /// The device's nonce for this connection: never repeats under the device's key
+    /// (SPEC.md §5.2); the connection's keys are derived from it.
+    pub nonce: [u8; 16],
 }
 
 /// Gateway → device, the answer to Hello.
@@ -255,13 +258,13 @@ pub enum Message<'a> {
     Pong(Pong),
 }
 
-fn encode_struct<T: Serialize>(value: &T, out: &mut [u8]) -> Result<usize, EncodeError> {
+pub(crate) fn encode_struct<T: Serialize>(value: &T, out: &mut [u8]) -> Result<usize, EncodeError> {
     postcard::to_slice(value, out)
         .map(|used| used.len())
         .map_err(|_| EncodeError::Full)
 }
 
-fn decode_struct<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
+pub(crate) fn decode_struct<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
     let (value, rest) = postcard::take_from_bytes(body)?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes);
@@ -396,15 +399,19 @@ impl fmt::Display for Message<'_> {
 mod test {
     use super::*;
 
-    static HELLO_BYTES: [u8; 8] = [0x82, 0x02, 0x07, 0x82, 0x80, 0x04, 0x01, 0x32];
+    static HELLO_BYTES: [u8; 24] = [
+        0x82, 0x02, 0x07, 0x82, 0x80, 0x04, 0x02, 0x32, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+        14, 15, 16,
+    ];
 
     fn hello() -> Hello {
         Hello {
             device_id: 258,
             boot: 7,
             firmware_version: 0x0001_0002,
-            protocol_version: 1,
+            protocol_version: 2,
             max_batch: 50,
+            nonce: core::array::from_fn(|i| i as u8 + 1),
         }
     }
 
@@ -415,18 +422,18 @@ mod test {
             Ok(Message::Hello(hello()))
         );
         assert_eq!(
-            Message::decode_body(Kind::Hello, &HELLO_BYTES[..7]),
+            Message::decode_body(Kind::Hello, &HELLO_BYTES[..23]),
             Err(DecodeError::Truncated)
         );
     }
 
     #[test]
     fn test_emit() {
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 32];
         let n = Message::Hello(hello()).encode_body(&mut buf).unwrap();
         assert_eq!(&buf[..n], &HELLO_BYTES);
         assert_eq!(
-            Message::Hello(hello()).encode_body(&mut buf[..7]),
+            Message::Hello(hello()).encode_body(&mut buf[..23]),
             Err(EncodeError::Full)
         );
     }
@@ -466,7 +473,7 @@ mod test {
         use std::string::ToString;
         assert_eq!(
             Message::Hello(hello()).to_string(),
-            "Hello device=258 boot=7 fw=65538 proto=1 max_batch=50"
+            "Hello device=258 boot=7 fw=65538 proto=2 max_batch=50"
         );
         let w = Welcome {
             high_water: 3,

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Recomputes the sealed frames of SPEC.md §10 with an independent implementation.
+"""Recomputes the keys of SPEC.md §5.3, the frames of §10 (protocol 2) and those of appendix A
+(protocol 1) with an independent implementation.
 
-ChaCha20-Poly1305 comes from the `cryptography` package; HChaCha20 (for the salted
-XChaCha20-Poly1305 frames) is written out below and checked against the test vector of
-draft-irtf-cfrg-xchacha §2.2.1. Run: python3 protocol/tests/crosscheck.py
+ChaCha20-Poly1305 comes from the `cryptography` package (pip install cryptography); HChaCha20
+(the key schedule, and protocol 1's salted XChaCha20-Poly1305 frames) is written out below and
+checked against the test vector of draft-irtf-cfrg-xchacha §2.2.1.
+Run: python3 protocol/tests/crosscheck.py
 """
 import struct
 import sys
@@ -66,13 +68,13 @@ check("hchacha20 draft vector",
 
 hello_hdr = h("435201011800000005000000")
 hello_body = h("8202078280040132")
-check("10.1 hello tag", aead.encrypt(nonce(BOOT, 0, 5), b"", hello_hdr + hello_body),
+check("A v1 hello tag", aead.encrypt(nonce(BOOT, 0, 5), b"", hello_hdr + hello_body),
       h("317b4d77737c8d4ed485d8d0f11871f4"))
 
-check("10.2 ping", aead.encrypt(nonce(BOOT, 0, 6), h("effdb6f50d"), h("435201071500000006000000")),
+check("A v1 ping", aead.encrypt(nonce(BOOT, 0, 6), h("effdb6f50d"), h("435201071500000006000000")),
       h("2e1d731614b44be5e1daeb4580153f9fc06302b90c"))
 
-check("10.3 ack", aead.encrypt(nonce(BOOT, 1, HELLO_COUNTER << 24), h("024000"),
+check("A v1 ack", aead.encrypt(nonce(BOOT, 1, HELLO_COUNTER << 24), h("024000"),
                                h("435201041300000000000000")),
       h("4e0bdfb3f4627161820affd94e649f119a41ad"))
 
@@ -81,9 +83,50 @@ def xnonce(index):
     return SALT + struct.pack("<II", BOOT, HELLO_COUNTER) + b"\x01" + index.to_bytes(7, "little")
 
 
-check("10.4 salted welcome", xseal(KEY, xnonce(0), h("ac020040"), h("435201021c00020000000000") + SALT),
+check("A v1 salted welcome", xseal(KEY, xnonce(0), h("ac020040"), h("435201021c00020000000000") + SALT),
       h("945cba83060fb2f3deed30e52284514f542bde06"))
-check("10.4 salted ack", xseal(KEY, xnonce(1), h("024000"), h("435201041300000001000000")),
+check("A v1 salted ack", xseal(KEY, xnonce(1), h("024000"), h("435201041300000001000000")),
       h("baaad8e3f4ca5954649f99129c94a2e6ed45bc"))
+
+
+# Protocol 2 (SPEC.md §5.3, §10)
+def n2(counter):
+    return struct.pack("<I", counter) + b"\0" * 8
+
+
+def header(kind, body_len, counter):
+    return bytes([0x43, 0x52, 2, kind]) + struct.pack("<H", body_len + 16) + b"\0\0" + struct.pack("<I", counter)
+
+
+device_nonce = bytes(range(0xB0, 0xBC)) + struct.pack("<I", 5)
+challenge = bytes(range(0xC0, 0xCC))
+root = hchacha20(KEY, b"cairn protocol 2")
+conn = hchacha20(root, device_nonce)
+hello_key = hchacha20(conn, b"\0" * 12 + b"hllo")
+d2g = hchacha20(conn, challenge + b"d2gw")
+g2d = hchacha20(conn, challenge + b"gw2d")
+check("5.3 root", root, h("e3ea7be274491e35e43111875750a188abecdaa94f6d7bc754323442f6f52d10"))
+check("5.3 conn", conn, h("8f91c5189875f2df4b858b6d222c9d48a8e9d597cc6f01678f78439be42286b4"))
+check("5.3 hello", hello_key, h("163f17e0d06a9f020d0664a222300c02dd762075d1a603725f5b326f8eba90d6"))
+check("5.3 d2g", d2g, h("53d4ba9cc1a8be3bbe105696b00cd63c7ccd029b82f3a391bb31622fd45c9e2f"))
+check("5.3 g2d", g2d, h("88df283a6e333f7fcc48b9b81abf91bdd4132c7e022ed7102ed12bebfaa23772"))
+check("5.3 same boot, other boot nonce",
+      hchacha20(root, bytes(range(0xD0, 0xDC)) + struct.pack("<I", 5)),
+      h("a50a053f6bf79c5c911a080d014a2180997ab91a5a198da22fa759d13a56df3c"))
+
+hello_body = h("8202078280040232") + device_nonce
+hdr = header(1, len(hello_body), 0)
+check("10.1 hello", hdr + hello_body + ChaCha20Poly1305(hello_key).encrypt(n2(0), b"", hdr + hello_body),
+      h("4352020128000000000000008202078280040232b0b1b2b3b4b5b6b7b8b9babb05000000"
+        "3cf1b029fbb1d4efd0216c84e4b4555a"))
+hdr = header(2, 12 + 4, 0)
+check("10.2 welcome", hdr + challenge + ChaCha20Poly1305(g2d).encrypt(n2(0), h("ac020040"), hdr + challenge),
+      h("435202022000000000000000c0c1c2c3c4c5c6c7c8c9cacb87ceaf36d78e089b852e860695c71718974ec333"))
+hdr = header(7, 5, 1)
+check("10.3 ping", hdr + ChaCha20Poly1305(d2g).encrypt(n2(1), h("effdb6f50d"), hdr),
+      h("43520207150000000100000046f8e3ef31567060f6155d0629473250975ad331f6"))
+hdr = header(4, 3, 1)
+check("10.4 ack", hdr + ChaCha20Poly1305(g2d).encrypt(n2(1), h("024000"), hdr),
+      h("4352020413000000010000001a4d70261fee91bfde607407ae6dd60df2909a"))
 
 sys.exit(1 if failures else 0)

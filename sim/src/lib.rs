@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use cairn_firmware::tokio::TcpTransport;
-use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, Value};
+use cairn_firmware::{BootNonce, Client, Config, GatewayAddr, OverflowPolicy, Value};
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 use serde_json::json;
 
@@ -269,8 +269,14 @@ fn run_thread(
             let mut list = gateways.to_vec();
             list.rotate_left((d.id % gateways.len() as u64) as usize);
             let list: &'static [GatewayAddr] = Box::leak(list.into_boxed_slice());
-            let config: &'static Config<'static> =
-                Box::leak(Box::new(Config::new(d.id, d.key, d.boot, list)));
+            let config: &'static Config<'static> = Box::leak(Box::new(Config::new(
+                d.id,
+                d.key,
+                d.boot,
+                // The operating system's RNG (SPEC.md §5.2).
+                BootNonce::from_rng(rand::random()),
+                list,
+            )));
             runners.push(tokio::task::spawn_local(async move {
                 client.run(&mut TcpTransport::new(), config).await
             }));

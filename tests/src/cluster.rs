@@ -165,6 +165,20 @@ impl Options {
             ..Options::default()
         }
     }
+
+    /// Snapshots every `threshold` applied entries, keeping `keep` entries behind them, so a
+    /// stopped node soon needs a snapshot to catch up.
+    pub fn snapshot_often(threshold: u64, keep: u64) -> Options {
+        Options {
+            extra: vec![
+                "--snapshot-threshold".into(),
+                threshold.to_string(),
+                "--snapshot-keep-logs".into(),
+                keep.to_string(),
+            ],
+            ..Options::default()
+        }
+    }
 }
 
 /// One `cairn node` process (or its remains, when stopped).

@@ -43,6 +43,16 @@ pub fn read_frame(r: &mut impl Read, buf: &mut [u8; MAX_FRAME]) -> io::Result<us
     Ok(len)
 }
 
+/// A boot nonce for a test device session: 12 bytes of the operating system's RNG
+/// (`/dev/urandom`), as host builds take them (protocol/SPEC.md §5.2).
+pub fn boot_nonce() -> [u8; cairn_protocol::BOOT_NONCE_LEN] {
+    let mut n = [0u8; cairn_protocol::BOOT_NONCE_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut n))
+        .expect("reading /dev/urandom");
+    n
+}
+
 /// A test device's pre-shared key, derived from its id (test devices are throwaway).
 pub fn key_of(id: u64) -> [u8; 32] {
     let mut k = [0x5au8; 32];

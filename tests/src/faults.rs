@@ -1440,8 +1440,7 @@ pub fn run(cfg: &Config) -> Outcome {
     if devices.as_ref().is_some_and(|d| d.is_ok()) {
         let rows: Vec<(u64, u64, i64)> = rows_or_none(
             &env.cluster.nodes[leader],
-            "SELECT device_id, seq, CAST(round((julianday(time) - 2440587.5) * 86400000) \
-             AS INTEGER) FROM readings ORDER BY device_id, seq",
+            "SELECT device_id, seq, time_ms FROM readings ORDER BY device_id, seq",
         )
         .into_iter()
         .map(|r| {

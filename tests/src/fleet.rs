@@ -168,7 +168,7 @@ fn device(plan: &Plan<'_>, id: u64, stop: &AtomicBool, start: Instant) -> Result
         id,
         stop,
         start,
-        session: DeviceSession::new(&key_of(id), 1, 0),
+        session: DeviceSession::new(&key_of(id), 1, crate::device::boot_nonce()),
         stats: DeviceStats::default(),
         first_high_water: None,
         acked: 0,

@@ -30,13 +30,7 @@ fn test_restarted_node_catches_up_from_log() {
 
 #[test]
 fn test_node_with_purged_log_catches_up_by_snapshot() {
-    let opts = Options {
-        extra: ["--snapshot-threshold", "20", "--snapshot-keep-logs", "5"]
-            .map(String::from)
-            .to_vec(),
-        ..Options::default()
-    };
-    let mut c = Cluster::start_with(3, opts);
+    let mut c = Cluster::start_with(3, Options::snapshot_often(20, 5));
     c.execute(&stmts(&["CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT)"]));
     let f = c.followers()[0];
     let behind = c.nodes[f].applied_index().expect("follower status");

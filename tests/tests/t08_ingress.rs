@@ -233,7 +233,7 @@ fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut session = DeviceSession::new(&key, 9, 0);
+    let mut session = DeviceSession::new(&key, 9, rand_boot_nonce());
     let mut frame = [0u8; MAX_FRAME];
     let n = session
         .encode(&Message::Hello(session.hello(77, 1, 8)), &mut frame)
@@ -267,4 +267,9 @@ fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
     let ack = recv(&mut stream, &mut session);
     assert!(ack.starts_with("Ack(Ack { through_seq: 3,"), "{ack}");
     assert!(ack.contains(&hint), "{ack} lacks the leader hint {hint}");
+}
+
+/// A boot nonce from the operating system's RNG (SPEC.md §5.2).
+fn rand_boot_nonce() -> [u8; cairn_protocol::BOOT_NONCE_LEN] {
+    cairn_tests::device::boot_nonce()
 }

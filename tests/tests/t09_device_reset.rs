@@ -80,8 +80,8 @@ fn test_reset_is_the_only_admin_way_to_move_a_high_water() {
 
     // Stored records above the requested value: refused, nothing changes.
     c.execute(&json!([[
-        "INSERT INTO telemetry(device_id, seq, stream, time, received_at, \"values\") \
-         VALUES(7, 41, 1, 't', 't', '[]'), (7, 42, 1, 't', 't', '[]')"
+        "INSERT INTO telemetry(device_id, seq, stream, time_ms, age_ms, \"values\") \
+         VALUES(7, 41, 1, 0, 0, '[]'), (7, 42, 1, 0, 0, '[]')"
     ]]));
     let (ok, out) = cairn_device(
         &c.nodes[leader].url(""),

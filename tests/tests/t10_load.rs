@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use cairn_tests::device::register;
-use cairn_tests::{Cluster, Node, Options, post, stmts};
+use cairn_tests::{Cluster, Node, Options, TIMEOUT, poll, post, stmts};
 use serde_json::{Value as Json, json};
 
 /// A SQLite file with table `big` of `rows` rows of 1 KiB blobs (deterministic contents).
@@ -92,6 +92,30 @@ fn reset(node: &Node, id: u64, seq: u64) {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// Node `n` holds the 10,000-row file loaded over table `old`, with device 7 registered at
+/// high-water 5 as before the load.
+fn assert_plain_load(n: &Node) {
+    assert_eq!(
+        n.rows("SELECT count(*) FROM big", "none"),
+        [[json!(10_000)]]
+    );
+    assert_eq!(
+        n.rows(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'old'",
+            "none"
+        ),
+        [[json!(0)]],
+        "node {}: user tables replaced",
+        n.id
+    );
+    assert_eq!(
+        state(n),
+        (vec![7], vec![(7, 5)]),
+        "node {}: registry kept",
+        n.id
+    );
+}
+
 #[test]
 fn test_chunked_load_keeps_or_restores_cairns_state() {
     let c = Cluster::start(3);
@@ -115,25 +139,7 @@ fn test_chunked_load_keeps_or_restores_cairns_state() {
     assert_eq!(body["results"][0]["rows_affected"], 10_001);
     c.wait_converged();
     for n in &c.nodes {
-        assert_eq!(
-            n.rows("SELECT count(*) FROM big", "none"),
-            [[json!(10_000)]]
-        );
-        assert_eq!(
-            n.rows(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'old'",
-                "none"
-            ),
-            [[json!(0)]],
-            "node {}: user tables replaced",
-            n.id
-        );
-        assert_eq!(
-            state(n),
-            (vec![7], vec![(7, 5)]),
-            "node {}: registry kept",
-            n.id
-        );
+        assert_plain_load(n);
     }
     c.assert_identical();
 
@@ -160,6 +166,64 @@ fn test_chunked_load_keeps_or_restores_cairns_state() {
             [[json!(0)]]
         );
     }
+    c.assert_identical();
+}
+
+/// A load while a follower is down, then a snapshot past it: the follower installs the live
+/// database the leader streams (a file swap) and ends with the loaded tables and Cairn's state
+/// as on the others, no chunks left, identical bytes; then it applies from the log again.
+#[test]
+fn test_load_then_snapshot_install_on_a_lagging_follower() {
+    let mut c = Cluster::start_with(3, Options::snapshot_often(20, 5));
+    let dir = tempfile::tempdir().unwrap();
+    let leader = c.leader();
+    register(&c.nodes[leader].url(""), 7..8).unwrap();
+    reset(&c.nodes[leader], 7, 5);
+    c.execute(&stmts(&[
+        "CREATE TABLE old (a)",
+        "INSERT INTO old VALUES(1)",
+    ]));
+    let f = c.followers()[0];
+    let behind = c.nodes[f].applied_index().expect("follower status");
+    c.kill9(f);
+
+    let (status, body) = load(&c.nodes[c.leader()], &sqlite_file(dir.path(), 10_000));
+    assert_eq!(status, 200, "{body}");
+    assert!(body["results"][0]["error"].is_null(), "{body}");
+    c.execute(&stmts(&["CREATE TABLE after_load (k INTEGER PRIMARY KEY)"]));
+    for k in 0..30 {
+        c.execute(&serde_json::json!([[
+            "INSERT INTO after_load(k) VALUES(?)",
+            k
+        ]]));
+    }
+    let l = c.leader();
+    let purged = poll(TIMEOUT, "the leader to purge its log past the load", || {
+        let p = c.nodes[l].status()?["raft"]["purged_index"].as_u64()?;
+        (p > behind + 3).then_some(p)
+    });
+    println!("follower stopped at {behind}, leader purged through {purged}");
+    c.restart(f);
+    c.wait_converged();
+    let snap = c.nodes[f].status().unwrap()["raft"]["snapshot_index"]
+        .as_u64()
+        .expect("follower installed a snapshot");
+    assert!(snap > behind, "snapshot {snap} should be past {behind}");
+    for n in &c.nodes {
+        assert_plain_load(n);
+        assert_eq!(
+            n.rows("SELECT count(*) FROM after_load", "none"),
+            [[json!(30)]]
+        );
+    }
+    c.assert_identical();
+    // After the install the follower applies from the log again.
+    c.execute(&stmts(&["INSERT INTO after_load(k) VALUES(100)"]));
+    c.wait_converged();
+    assert_eq!(
+        c.nodes[f].rows("SELECT count(*) FROM after_load", "none"),
+        [[json!(31)]]
+    );
     c.assert_identical();
 }
 

@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use cairn_protocol::{BatchEncoder, DeviceSession, ErrorCode, MAX_FRAME, Message, Record, Value};
-use cairn_tests::device::{hex, key_of, read_frame};
+use cairn_tests::device::{boot_nonce, hex, key_of, read_frame};
 use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, get, poll, post};
 use serde_json::{Value as Json, json};
 
@@ -191,7 +191,7 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
     let l = c.leader();
 
     // on_mismatch = "reject": today's behaviour, the batch is refused and nothing stored.
-    let mut strict = DeviceSession::new(&key_of(STRICT_DEVICE), 1, 0);
+    let mut strict = DeviceSession::new(&key_of(STRICT_DEVICE), 1, boot_nonce());
     let mut conn = connect(&mut strict, STRICT_DEVICE, &c.nodes[l].device).expect("Welcome");
     let good = |_| (3u16, vec![Value::I64(1)]);
     assert!(send(&mut strict, &mut conn, 1, 1, &good));
@@ -206,7 +206,7 @@ fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
 
     // Device 7: the first batch acknowledged, the one holding the bad record sent to the
     // leader, which is killed before the device reads its answer.
-    let mut session = DeviceSession::new(&key_of(DEVICE), 1, 0);
+    let mut session = DeviceSession::new(&key_of(DEVICE), 1, boot_nonce());
     let mut conn = connect(&mut session, DEVICE, &c.nodes[l].device).expect("Welcome");
     assert_eq!(conn.high_water, 0);
     assert!(send(&mut session, &mut conn, 1, PER_BATCH, &record));

@@ -4,7 +4,8 @@
 //! still gets its `Welcome`, and nothing is stored.
 //!
 //! The well-formed frames are the golden vectors of SPEC §10 (key `00 01 .. 1f`, device 258,
-//! boot 7), so this test needs no client code.
+//! boot 7), so this test needs no client code. A protocol 1 Hello (SPEC appendix A) is refused:
+//! no downgrade without `--accept-protocol-1`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -15,8 +16,16 @@ use cairn_tests::nemesis::SplitMix64;
 use cairn_tests::{Cluster, post, stmts};
 use serde_json::json;
 
-/// SPEC §10.1: Hello of device 258, boot 7, counter 5.
-const HELLO: [u8; 36] = [
+/// SPEC §10.1: Hello of device 258, boot 7, device nonce b0 .. bb 05 00 00 00.
+const HELLO: [u8; 52] = [
+    0x43, 0x52, 0x02, 0x01, 0x28, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // header
+    0x82, 0x02, 0x07, 0x82, 0x80, 0x04, 0x02, 0x32, 0xb0, 0xb1, 0xb2, 0xb3, 0xb4, 0xb5, 0xb6, 0xb7,
+    0xb8, 0xb9, 0xba, 0xbb, 0x05, 0x00, 0x00, 0x00, // body
+    0x3c, 0xf1, 0xb0, 0x29, 0xfb, 0xb1, 0xd4, 0xef, 0xd0, 0x21, 0x6c, 0x84, 0xe4, 0xb4, 0x55,
+    0x5a, // tag
+];
+/// SPEC appendix A: the protocol 1 Hello of the same device.
+const HELLO_V1: [u8; 36] = [
     0x43, 0x52, 0x01, 0x01, 0x18, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, // header
     0x82, 0x02, 0x07, 0x82, 0x80, 0x04, 0x01, 0x32, // body
     0x31, 0x7b, 0x4d, 0x77, 0x73, 0x7c, 0x8d, 0x4e, 0xd4, 0x85, 0xd8, 0xd0, 0xf1, 0x18, 0x71,
@@ -128,6 +137,13 @@ fn test_device_port_survives_garbage_and_answers_with_error_codes() {
         let mut h = HELLO;
         h[2] = 9;
         expect_error(&addr, &h, &[UNSUPPORTED_VERSION], &what("version 9"));
+        // A valid protocol 1 Hello of a registered device: no downgrade by default.
+        expect_error(
+            &addr,
+            &HELLO_V1,
+            &[UNSUPPORTED_VERSION],
+            &what("protocol 1 Hello"),
+        );
         // Length beyond MAX_FRAME, and below the tag size.
         let mut big = HELLO.to_vec();
         big[4..6].copy_from_slice(&2000u16.to_le_bytes());
@@ -143,7 +159,7 @@ fn test_device_port_survives_garbage_and_answers_with_error_codes() {
         expect_error(&addr, &small, &[MALFORMED], &what("length below the tag"));
         // A Hello whose tag does not verify, and one for an unknown device.
         let mut bad_tag = HELLO;
-        bad_tag[35] ^= 1;
+        bad_tag[51] ^= 1;
         expect_error(&addr, &bad_tag, &[BAD_AUTH], &what("bad tag"));
         let mut unknown = HELLO;
         unknown[12] = 0x83; // device 259: no key registered, so the tag cannot be checked
@@ -154,7 +170,7 @@ fn test_device_port_survives_garbage_and_answers_with_error_codes() {
             let mut junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             if n % 2 == 0 {
                 // Half of them with a plausible header so the body parser sees the garbage.
-                junk[..4].copy_from_slice(&[0x43, 0x52, 0x01, (n % 9) as u8]);
+                junk[..4].copy_from_slice(&[0x43, 0x52, 1 + (n % 2) as u8, (n % 9) as u8]);
             }
             let mut s = connect(&addr);
             let _ = s.write_all(&junk);
@@ -171,7 +187,7 @@ fn test_device_port_survives_garbage_and_answers_with_error_codes() {
             assert_closed(&mut s, &what("random junk"));
         }
         // Truncated: a Hello cut short, then the write half closed.
-        for cut in [1, 5, 12, 20, 35] {
+        for cut in [1, 5, 12, 20, 51] {
             let mut s = connect(&addr);
             s.write_all(&HELLO[..cut]).unwrap();
             let _ = s.shutdown(std::net::Shutdown::Write);

@@ -143,6 +143,14 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
         "CREATE TEMP TABLE tt(a)".into(),
         "INSERT INTO t(v) VALUES(datetime('now', 'localtime'))".into(),
         "INSERT INTO t(v) SELECT changes()".into(),
+        // The raw-page table (compiled in for snapshot transfers) is not there for user SQL.
+        "SELECT * FROM sqlite_dbpage".into(),
+        "SELECT data FROM sqlite_dbpage('main') WHERE pgno = 1".into(),
+        "INSERT INTO t(v) SELECT hex(data) FROM sqlite_dbpage".into(),
+        "UPDATE sqlite_dbpage SET data = zeroblob(4096) WHERE pgno = 1".into(),
+        "INSERT INTO sqlite_dbpage(pgno, data) VALUES(1, zeroblob(4096))".into(),
+        "DELETE FROM sqlite_dbpage".into(),
+        "CREATE VIRTUAL TABLE p USING sqlite_dbpage".into(),
     ];
     for sql in &attacks {
         let l = c.leader();
@@ -171,6 +179,14 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
     assert_eq!(
         c.nodes[l].rows("SELECT count(*) FROM t", "none"),
         vec![vec![json!(2)]]
+    );
+    assert_eq!(
+        c.nodes[l].rows(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'p'",
+            "none"
+        ),
+        vec![vec![json!(0)]],
+        "no table over the raw pages"
     );
 
     // Schema tools keep working: Cairn's tables are listed and described, not read.
@@ -216,6 +232,8 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
     // /db/load: SQL text runs sandboxed and never touches Cairn's tables.
     for text in [
         format!("ATTACH '{}' AS x; CREATE TABLE x.y(a);", outside.display()),
+        "CREATE VIRTUAL TABLE p USING sqlite_dbpage;".into(),
+        "CREATE TABLE pages AS SELECT data FROM sqlite_dbpage;".into(),
         "CREATE TABLE big(a); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) \
          INSERT INTO big SELECT randomblob(100000) FROM c;"
             .into(),

@@ -7,7 +7,9 @@ use crate::{AppError, Report, Settings, TCP_RX_BYTES, TCP_TX_BYTES};
 use cairn_firmware::embassy_net::TcpTransport;
 #[cfg(feature = "flash-outbox")]
 use cairn_firmware::flash::FlashOutbox;
-use cairn_firmware::{Client, Config, GatewayAddr, OverflowPolicy, RamOnly, Store, Value};
+use cairn_firmware::{
+    BootNonce, Client, Config, GatewayAddr, OverflowPolicy, RamOnly, Store, Value,
+};
 #[cfg(feature = "flash-outbox")]
 use core::ops::Range;
 use embassy_futures::select::{Either, select};
@@ -28,10 +30,15 @@ const STATUS_EVERY: u32 = 10;
 type AppClient = Client<NoopRawMutex, OUTBOX_BYTES>;
 
 /// Runs with the outbox in RAM only: records not yet acknowledged are lost on reset.
-pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Report, AppError> {
+pub async fn run(
+    stack: Stack<'_>,
+    settings: &Settings,
+    boot: u32,
+    boot_nonce: BootNonce,
+) -> Result<Report, AppError> {
     // Telemetry keeps the newest readings when the outbox overflows during an outage.
     let client = AppClient::new(OverflowPolicy::DropOldest);
-    drive(stack, settings, boot, &client, &mut RamOnly).await
+    drive(stack, settings, boot, boot_nonce, &client, &mut RamOnly).await
 }
 
 /// Runs with the outbox mirrored in NOR flash (`region`: a byte range of `flash` aligned to
@@ -43,6 +50,7 @@ pub async fn run_with_flash<F: NorFlash>(
     settings: &Settings,
     flash: F,
     region: Range<u32>,
+    entropy: [u8; 8],
 ) -> Result<Report, AppError> {
     let mut store = FlashOutbox::open(flash, region).await.map_err(|e| {
         error!("cairn: flash outbox: {}", e);
@@ -59,13 +67,16 @@ pub async fn run_with_flash<F: NorFlash>(
         restored
     );
     let boot = store.boot();
-    drive(stack, settings, boot, &client, &mut store).await
+    // The boot counter is persisted before the first Hello: unique per boot (SPEC.md §5.2).
+    let boot_nonce = BootNonce::from_counter(boot, entropy);
+    drive(stack, settings, boot, boot_nonce, &client, &mut store).await
 }
 
 async fn drive<S: Store>(
     stack: Stack<'_>,
     settings: &Settings,
     boot: u32,
+    boot_nonce: BootNonce,
     client: &AppClient,
     store: &mut S,
 ) -> Result<Report, AppError> {
@@ -83,6 +94,7 @@ async fn drive<S: Store>(
         settings.device_id,
         settings.key,
         boot,
+        boot_nonce,
         &gateways[..settings.gateway_count],
     );
     let mut transport = TcpTransport::<TCP_RX_BYTES, TCP_TX_BYTES>::new(stack);

@@ -11,6 +11,8 @@ mod echo;
 pub mod sensor;
 mod settings;
 
+#[cfg(feature = "client")]
+pub use cairn_firmware::BootNonce;
 pub use settings::{DEV_KEY, Gateway, MAX_GATEWAYS, SettingError, Settings};
 
 include!(concat!(env!("OUT_DIR"), "/build_settings.rs"));
@@ -126,33 +128,42 @@ impl AppError {
 /// waits for DHCP, then samples the fake sensor every `settings.period_ms` and sends the
 /// readings to the gateways. Returns after `settings.samples` samples (never when 0).
 ///
-/// `boot` must differ on every boot of the device (a flash counter, a hardware random
-/// number, or the host clock under QEMU): the client uses it in every nonce.
-pub async fn run(stack: Stack<'_>, settings: &Settings, boot: u32) -> Result<Report, AppError> {
+/// `boot` is the boot number sent in the Hello (the time base of the records' uptimes);
+/// `boot_nonce` must never repeat under the device's key (protocol/SPEC.md §5.2 says where
+/// each board takes it from).
+#[cfg(feature = "client")]
+pub async fn run(
+    stack: Stack<'_>,
+    settings: &Settings,
+    boot: u32,
+    boot_nonce: BootNonce,
+) -> Result<Report, AppError> {
     wait_for_address(stack, settings).await;
-    #[cfg(feature = "client")]
-    let report = client::run(stack, settings, boot).await;
-    #[cfg(not(feature = "client"))]
-    let report = {
-        let _ = boot;
-        echo::run(stack, settings).await
-    };
-    finish(report)
+    finish(client::run(stack, settings, boot, boot_nonce).await)
+}
+
+/// The network skeleton (no client): DHCP and a TCP echo exchange.
+#[cfg(not(feature = "client"))]
+pub async fn run(stack: Stack<'_>, settings: &Settings) -> Result<Report, AppError> {
+    wait_for_address(stack, settings).await;
+    finish(echo::run(stack, settings).await)
 }
 
 /// [`run`] with the client's outbox mirrored in NOR flash (feature `flash-outbox`), so
 /// unacknowledged records survive resets; the boot number comes from the flash's boot
-/// counter. `region` is a byte range of `flash` aligned to its erase units, at least two of
-/// them (see `cairn_firmware::flash` for sizing and wear).
+/// counter, and so does the boot nonce, mixed with the board's `entropy` (SPEC.md §5.2).
+/// `region` is a byte range of `flash` aligned to its erase units, at least two of them (see
+/// `cairn_firmware::flash` for sizing and wear).
 #[cfg(feature = "flash-outbox")]
 pub async fn run_with_flash<F: embedded_storage_async::nor_flash::NorFlash>(
     stack: Stack<'_>,
     settings: &Settings,
     flash: F,
     region: core::ops::Range<u32>,
+    entropy: [u8; 8],
 ) -> Result<Report, AppError> {
     wait_for_address(stack, settings).await;
-    finish(client::run_with_flash(stack, settings, flash, region).await)
+    finish(client::run_with_flash(stack, settings, flash, region, entropy).await)
 }
 
 async fn wait_for_address(stack: Stack<'_>, settings: &Settings) {

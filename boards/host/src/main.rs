@@ -134,7 +134,24 @@ async fn main(spawner: Spawner) {
 
     static SETTINGS: StaticCell<Settings> = StaticCell::new();
     let settings = SETTINGS.init(args.settings);
-    let code = match cairn_board_app::run(stack, settings, boot).await {
+    #[cfg(feature = "client")]
+    let run = {
+        // The boot nonce: 12 bytes of the operating system's RNG (SPEC.md §5.2).
+        let mut nonce = [0u8; 12];
+        if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| {
+            use std::io::Read;
+            f.read_exact(&mut nonce)
+        }) {
+            eprintln!("cairn-board-host: reading /dev/urandom: {e}");
+            exit(EXIT_USAGE);
+        }
+        let nonce = cairn_board_app::BootNonce::from_rng(nonce);
+        cairn_board_app::run(stack, settings, boot, nonce)
+    };
+    // Without the client: the network skeleton only (`cargo xtask host-smoke`).
+    #[cfg(not(feature = "client"))]
+    let run = cairn_board_app::run(stack, settings);
+    let code = match run.await {
         Ok(_) => 0,
         Err(e) => {
             log::error!("cairn: stopped: {e:?}");

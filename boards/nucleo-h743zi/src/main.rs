@@ -76,15 +76,29 @@ async fn main(spawner: Spawner) {
     );
     spawner.spawn(net_task(runner).unwrap());
 
-    // With a flash outbox the boot number comes from its counter in flash instead.
+    // With a flash outbox the boot number comes from its counter in flash instead, and the
+    // boot nonce from that counter mixed with 8 bytes of the RNG (SPEC.md §5.2).
     #[cfg(feature = "flash-outbox")]
     let result = {
         let _ = boot;
+        let mut entropy = [0u8; 8];
+        rng.fill_bytes(&mut entropy);
         let flash = embassy_stm32::flash::Flash::new(p.FLASH, Irqs);
-        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION).await
+        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION, entropy).await
     };
-    #[cfg(not(feature = "flash-outbox"))]
-    let result = cairn_board_app::run(stack, &settings, boot).await;
+    // The boot nonce: 12 bytes of the RNG peripheral, a true RNG (SPEC.md §5.2).
+    #[cfg(all(feature = "client", not(feature = "flash-outbox")))]
+    let result = {
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut nonce);
+        let nonce = cairn_board_app::BootNonce::from_rng(nonce);
+        cairn_board_app::run(stack, &settings, boot, nonce).await
+    };
+    #[cfg(not(feature = "client"))]
+    let result = {
+        let _ = boot;
+        cairn_board_app::run(stack, &settings).await
+    };
     match result {
         Ok(report) => defmt::info!("cairn: finished: {}", report),
         Err(e) => defmt::error!("cairn: stopped: {}", e),

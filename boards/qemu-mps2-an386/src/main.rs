@@ -67,8 +67,7 @@ async fn main(spawner: Spawner) {
     let Some(settings) = overrides(settings) else {
         semihosting::process::exit(EXIT_BAD_SETTING);
     };
-    // The boot number must differ on every boot (it is part of every nonce). This board
-    // has no flash counter and no RNG, but semihosting gives it the host's clock.
+    // The boot number: the host's clock, through semihosting (the board has no RNG).
     let boot = host_seconds() as u32;
 
     let nic = match Lan9118::new() {
@@ -95,12 +94,25 @@ async fn main(spawner: Spawner) {
     let result = {
         // The boot number comes from the counter in flash instead of the host clock.
         let _ = boot;
-        cairn_board_app::run_with_flash(stack, &settings, flash, hostflash::OUTBOX).await
+        // The boot nonce: the flash boot counter mixed with the host clock (SPEC.md §5.2).
+        let entropy = host_entropy();
+        cairn_board_app::run_with_flash(stack, &settings, flash, hostflash::OUTBOX, entropy).await
     };
-    #[cfg(not(feature = "flash-outbox"))]
+    // Without a flash file there is no counter: the host clock alone is not unique, so this
+    // build opts in with `insecure-nonce` (see Cargo.toml).
+    #[cfg(all(feature = "client", not(feature = "flash-outbox")))]
     let result = {
         drop(flash);
-        cairn_board_app::run(stack, &settings, boot).await
+        let e = host_entropy();
+        let nonce = [e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7], 0, 0, 0, 0];
+        let nonce = cairn_board_app::BootNonce::insecure(nonce);
+        cairn_board_app::run(stack, &settings, boot, nonce).await
+    };
+    #[cfg(not(feature = "client"))]
+    let result = {
+        drop(flash);
+        let _ = boot;
+        cairn_board_app::run(stack, &settings).await
     };
     let code = match result {
         Ok(_) => 0,
@@ -172,6 +184,16 @@ fn overrides(mut settings: Settings) -> Option<Settings> {
         Some(())
     })?;
     Some(settings)
+}
+
+/// What entropy the board has: the host's clock in seconds and the ticks since the image
+/// started (semihosting), and the cycle counter.
+fn host_entropy() -> [u8; 8] {
+    let secs = host_seconds() as u32;
+    let ticks = embassy_time::Instant::now().as_ticks() as u32;
+    let mixed = (u64::from(secs) << 32 | u64::from(ticks))
+        ^ u64::from(cortex_m::peripheral::DWT::cycle_count());
+    mixed.to_le_bytes()
 }
 
 fn host_seconds() -> u64 {

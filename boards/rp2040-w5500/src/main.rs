@@ -84,17 +84,31 @@ async fn main(spawner: Spawner) {
     );
     spawner.spawn(net_task(runner).unwrap());
 
-    // With a flash outbox the boot number comes from its counter in flash instead.
+    // With a flash outbox the boot number comes from its counter in flash instead, and the
+    // boot nonce is that counter mixed with 8 bytes of the ring oscillator (SPEC.md §5.2).
     #[cfg(feature = "flash-outbox")]
     let result = {
         let _ = boot;
         let flash = embassy_rp::flash::Flash::<_, embassy_rp::flash::Async, FLASH_SIZE>::new(
             p.FLASH, p.DMA_CH2, Irqs,
         );
-        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION).await
+        let entropy = rng.next_u64().to_le_bytes();
+        cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION, entropy).await
     };
-    #[cfg(not(feature = "flash-outbox"))]
-    let result = cairn_board_app::run(stack, &settings, boot).await;
+    // Without it the ring oscillator is all there is, which the RP2040's datasheet calls
+    // unfit for security: this build opts in with `insecure-nonce` (see Cargo.toml).
+    #[cfg(all(feature = "client", not(feature = "flash-outbox")))]
+    let result = {
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut nonce);
+        let nonce = cairn_board_app::BootNonce::insecure(nonce);
+        cairn_board_app::run(stack, &settings, boot, nonce).await
+    };
+    #[cfg(not(feature = "client"))]
+    let result = {
+        let _ = boot;
+        cairn_board_app::run(stack, &settings).await
+    };
     match result {
         Ok(report) => defmt::info!("cairn: finished: {}", report),
         Err(e) => defmt::error!("cairn: stopped: {}", e),

@@ -92,7 +92,8 @@ mod probe {
         for (i, k) in key.iter_mut().enumerate() {
             *k = input(i);
         }
-        Config::new(u64::from(input(5)), key, u32::from(input(6)), &GATEWAYS)
+        let nonce = cairn_firmware::BootNonce::from_rng([input(8); 12]);
+        Config::new(u64::from(input(5)), key, u32::from(input(6)), nonce, &GATEWAYS)
     }
 
     pub fn push() {
@@ -192,6 +193,7 @@ async fn uplink() -> ! {
     probe::push();
     let mut config = probe::config();
     config.boot = store.boot();
+    config.boot_nonce = cairn_firmware::BootNonce::from_counter(store.boot(), [input(9); 8]);
     probe::CLIENT
         .run_with_store(&mut probe::Wire, &config, &mut store)
         .await

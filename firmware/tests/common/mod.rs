@@ -106,8 +106,16 @@ pub struct Cluster {
     pub rng: Option<Prng>,
     /// Connection attempt instants (ms since test start) per gateway.
     pub attempts: Vec<(usize, u64)>,
-    /// Force every Hello to be answered with this error (unsealed).
+    /// Force every Hello to be answered with this error, sealed (the gateway accepted the
+    /// Hello, then refused).
     pub reject_with: Option<ErrorCode>,
+    /// Force every Hello to be answered with this error, unsealed (a gateway that cannot seal,
+    /// or anyone on the path).
+    pub reject_unsealed: Option<ErrorCode>,
+    /// When set, every frame a gateway sends is recorded here.
+    pub recording: Option<Vec<Vec<u8>>>,
+    /// When set, an attacker answers every Hello with these bytes instead of a gateway.
+    pub replay: Option<Vec<u8>>,
     pub epoch: Option<std::time::Instant>,
     /// Batches received and not yet committed or lost, over all connections.
     pub in_pipeline: u64,
@@ -230,6 +238,7 @@ impl Transport for SimTransport {
 }
 
 struct Replies {
+    cluster: ClusterRef,
     session: RefCell<GatewaySession>,
     writer: tokio::sync::Mutex<WriteHalf<DuplexStream>>,
     alive: RefCell<bool>,
@@ -246,6 +255,9 @@ impl Replies {
             .borrow_mut()
             .encode(msg, &mut buf)
             .expect("encode reply");
+        if let Some(rec) = self.cluster.borrow_mut().recording.as_mut() {
+            rec.push(buf[..n].to_vec());
+        }
         let mut w = self.writer.lock().await;
         if w.write_all(&buf[..n]).await.is_err() {
             *self.alive.borrow_mut() = false;
@@ -267,29 +279,48 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
     };
     let hello = GatewaySession::peek_hello(hello_frame).expect("hello");
     assert_eq!(hello.device_id, DEVICE);
-    // Salted replies, as real gateways send them (SPEC §5.4).
-    let salt = cluster
-        .borrow_mut()
-        .rng
-        .as_mut()
-        .unwrap()
-        .next_u64()
-        .to_le_bytes();
+    let replay = cluster.borrow().replay.clone();
+    if let Some(bytes) = replay {
+        // Not a gateway: whatever was recorded or forged, then read until the device closes.
+        cluster.borrow_mut().hellos.push((index, hello.boot));
+        let _ = w.write_all(&bytes).await;
+        while let Ok(Some(_)) = read_frame(&mut r, &mut frames).await {
+            cluster
+                .borrow_mut()
+                .violations
+                .push("device sent after a replay".into());
+        }
+        return;
+    }
+    // A fresh challenge per connection, as real gateways draw (SPEC §5.5).
+    let mut challenge = [0u8; cairn_protocol::CHALLENGE_LEN];
+    {
+        let mut c = cluster.borrow_mut();
+        let rng = c.rng.as_mut().unwrap();
+        challenge[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+        challenge[8..].copy_from_slice(&rng.next_u64().to_le_bytes()[..4]);
+    }
     let session =
-        GatewaySession::accept_salted(&KEY, hello_frame, salt).expect("hello authenticates");
+        GatewaySession::accept(&KEY, hello_frame, challenge).expect("hello authenticates");
     cluster.borrow_mut().hellos.push((index, hello.boot));
-    let reject_with = cluster.borrow().reject_with;
-    if let Some(code) = reject_with {
+    let reject_unsealed = cluster.borrow().reject_unsealed;
+    if let Some(code) = reject_unsealed {
         let mut buf = [0u8; 64];
         let n = cairn_protocol::encode_unsealed_error(code, &mut buf).unwrap();
         let _ = w.write_all(&buf[..n]).await;
         return;
     }
     let replies = Rc::new(Replies {
+        cluster: cluster.clone(),
         session: RefCell::new(session),
         writer: tokio::sync::Mutex::new(w),
         alive: RefCell::new(true),
     });
+    let reject_with = cluster.borrow().reject_with;
+    if let Some(code) = reject_with {
+        replies.send(&Message::Error(Error { code })).await;
+        return;
+    }
     let (leader, mode, credit) = {
         let c = cluster.borrow();
         (c.leader, c.faults.follower, c.faults.credit)
@@ -470,7 +501,7 @@ pub async fn wait_until(timeout: StdDuration, mut cond: impl FnMut() -> bool) ->
 
 /// Fast settings for tests (real time, so keep everything short).
 pub fn fast_config(gateways: &[GatewayAddr], boot: u32) -> cairn_firmware::Config<'_> {
-    let mut c = cairn_firmware::Config::new(DEVICE, KEY, boot, gateways);
+    let mut c = cairn_firmware::Config::new(DEVICE, KEY, boot, boot_nonce(boot), gateways);
     c.connect_timeout = embassy_time::Duration::from_millis(200);
     c.response_timeout = embassy_time::Duration::from_millis(1000);
     c.ping_interval = embassy_time::Duration::from_millis(150);
@@ -480,4 +511,11 @@ pub fn fast_config(gateways: &[GatewayAddr], boot: u32) -> cairn_firmware::Confi
     c.overloaded_delay = embassy_time::Duration::from_millis(60);
     c.max_batch = 32;
     c
+}
+
+/// A boot nonce no other client of this test process gets (a counter, as flash boards have).
+pub fn boot_nonce(boot: u32) -> cairn_firmware::BootNonce {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    cairn_firmware::BootNonce::from_counter(boot, n.to_le_bytes())
 }

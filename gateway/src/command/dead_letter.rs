@@ -12,9 +12,9 @@ use cairn_protocol::{BatchEncoder, BatchHeader, BatchView, MAX_FRAME, Record, Re
 use rusqlite::{CachedStatement, Connection};
 use serde::{Deserialize, Serialize};
 
-use super::device::{DeviceBatch, Inserts};
+use super::device::{DeviceBatch, Inserts, RecordTime};
 use crate::db::dead_letter as table;
-use crate::db::schema::{OnMismatch, Schema, Undeclared, utc_text, values_json};
+use crate::db::schema::{OnMismatch, Schema, Undeclared, values_json};
 use crate::metrics::Metrics;
 
 /// Where one record of a batch goes.
@@ -136,7 +136,7 @@ impl<'c> DeadLetters<'c> {
         }))
     }
 
-    /// Writes record `r` of batch `b` (header `h`, stamped `time`) to `dead_letter` with the
+    /// Writes record `r` of batch `b` (header `h`, stored at `time`) to `dead_letter` with the
     /// reason it does not fit its stream in `schema`.
     pub fn insert(
         &mut self,
@@ -144,7 +144,7 @@ impl<'c> DeadLetters<'c> {
         b: &DeviceBatch,
         h: &BatchHeader,
         r: &RecordView<'_>,
-        time: &str,
+        time: RecordTime,
     ) -> rusqlite::Result<Misfit> {
         let reason = schema
             .stream(r.stream)
@@ -162,11 +162,11 @@ impl<'c> DeadLetters<'c> {
             b.device_id as i64,
             r.seq as i64,
             i64::from(r.stream),
-            time,
-            utc_text(b.received_at_ms),
             &reason,
             values_json(r.values()),
             record,
+            time.time_ms,
+            time.age_ms,
         ])?;
         Ok(Misfit {
             device_id: b.device_id,

@@ -14,8 +14,10 @@
 //!    `last_seq`: [`BatchOutcome::Applied`].
 //!
 //! Time: the receiving gateway stamps `received_at_ms` (its clock) before proposing; a record
-//! taken at device uptime `u` is stored at `received_at_ms - (sent_uptime_ms - u)`. Both inputs
-//! are in the entry, so every replica computes the same text.
+//! taken at device uptime `u` is stored with `time_ms = received_at_ms - (sent_uptime_ms - u)`
+//! and `age_ms = received_at_ms - time_ms` (the generated `time` and `received_at` columns show
+//! them as text, see `db::schema`). Both inputs are in the entry, so every replica stores the
+//! same integers.
 
 use std::collections::HashMap;
 
@@ -27,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::ApplyContext;
 use super::dead_letter::{self, DeadLetters, Placement};
 use crate::db::registry::create_tables;
-use crate::db::schema::{Schema, TELEMETRY_TABLE, column_value, int, utc_text, values_json};
+use crate::db::schema::{Schema, TELEMETRY_TABLE, column_value, int, values_json};
 use crate::db::tables::HIGH_WATER as HIGH_WATER_TABLE;
 
 /// One device's batch as it travels in the log: the authenticated, decrypted Batch body.
@@ -120,12 +122,25 @@ pub fn record_time_ms(received_at_ms: i64, sent_uptime_ms: u64, uptime_ms: u64) 
     received_at_ms.saturating_sub(age.min(i64::MAX as u64) as i64)
 }
 
-/// The text of a record's `time`: taken at device uptime `r.uptime_ms`, in a batch sealed at
-/// `h.sent_uptime_ms` and read at `received_at_ms` (see the module documentation).
-fn record_time(received_at_ms: i64, h: &BatchHeader, r: &RecordView<'_>) -> String {
-    // A record cannot be younger than its batch; a device that says so gets age 0.
-    let age = h.sent_uptime_ms.saturating_sub(r.uptime_ms);
-    utc_text(received_at_ms.saturating_sub(age.min(i64::MAX as u64) as i64))
+/// A record's stored time columns: `time_ms` (when the device took it) and `age_ms` (how long
+/// it waited before the gateway read it; `received_at` is `time_ms + age_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordTime {
+    pub time_ms: i64,
+    pub age_ms: i64,
+}
+
+impl RecordTime {
+    /// Record `r` taken at device uptime `r.uptime_ms`, in a batch sealed at
+    /// `h.sent_uptime_ms` and read at `received_at_ms` (see the module documentation). A
+    /// record cannot be younger than its batch; a device that says so gets age 0.
+    pub fn of(received_at_ms: i64, h: &BatchHeader, r: &RecordView<'_>) -> Self {
+        let time_ms = record_time_ms(received_at_ms, h.sent_uptime_ms, r.uptime_ms);
+        RecordTime {
+            time_ms,
+            age_ms: received_at_ms.saturating_sub(time_ms),
+        }
+    }
 }
 
 /// Insert statements, prepared once per entry and per table.
@@ -157,16 +172,16 @@ impl<'c> Inserts<'c> {
         h: &BatchHeader,
         r: &RecordView<'_>,
     ) -> rusqlite::Result<usize> {
-        let time = record_time(b.received_at_ms, h, r);
-        self.insert(b.device_id, r, &time, &utc_text(b.received_at_ms))
+        let t = RecordTime::of(b.received_at_ms, h, r);
+        self.insert(b.device_id, r, t.time_ms, t.age_ms)
     }
 
     fn insert(
         &mut self,
         device_id: u64,
         r: &RecordView<'_>,
-        time: &str,
-        received: &str,
+        time_ms: i64,
+        age_ms: i64,
     ) -> rusqlite::Result<usize> {
         let dev = int(device_id as i64);
         let seq = int(r.seq as i64);
@@ -176,7 +191,7 @@ impl<'c> Inserts<'c> {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
                         let mut sql = format!(
-                            "INSERT OR IGNORE INTO \"{}\" (device_id, seq, time, received_at",
+                            "INSERT OR IGNORE INTO \"{}\" (device_id, seq, time_ms, age_ms",
                             def.table
                         );
                         for c in &def.columns {
@@ -193,12 +208,8 @@ impl<'c> Inserts<'c> {
                 let mut params: Vec<ToSqlOutput<'_>> = Vec::with_capacity(4 + def.columns.len());
                 params.push(dev);
                 params.push(seq);
-                params.push(ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(
-                    time.as_bytes(),
-                )));
-                params.push(ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(
-                    received.as_bytes(),
-                )));
+                params.push(int(time_ms));
+                params.push(int(age_ms));
                 for (v, c) in r.values().zip(&def.columns) {
                     // Checked by `dead_letter::placements` before any insert of this batch.
                     params.push(column_value(c.ty, &v).ok_or(rusqlite::Error::InvalidQuery)?);
@@ -214,7 +225,7 @@ impl<'c> Inserts<'c> {
                         crate::db::schema::create_telemetry(self.conn)?;
                         self.conn.prepare_cached(&format!(
                         "INSERT OR IGNORE INTO {TELEMETRY_TABLE} \
-                         (device_id, seq, stream, time, received_at, \"values\") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                         (device_id, seq, stream, time_ms, age_ms, \"values\") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
                         ))?
                     }),
                 };
@@ -222,8 +233,8 @@ impl<'c> Inserts<'c> {
                     dev,
                     seq,
                     i64::from(r.stream),
-                    time,
-                    received,
+                    time_ms,
+                    age_ms,
                     values_json(r.values())
                 ])
             }
@@ -318,8 +329,8 @@ pub fn apply_device_batches(
                     inserts.store(b, &h, &r)?;
                 }
                 Placement::DeadLetter => {
-                    let time = record_time(b.received_at_ms, &h, &r);
-                    let event = dead.insert(&inserts.schema, b, &h, &r, &time)?;
+                    let time = RecordTime::of(b.received_at_ms, &h, &r);
+                    let event = dead.insert(&inserts.schema, b, &h, &r, time)?;
                     stats.misfits.push(event);
                 }
             }

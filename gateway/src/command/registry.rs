@@ -208,7 +208,8 @@ mod tests {
         crate::db::schema::create_telemetry(&conn).unwrap();
         conn.execute_batch(
             "INSERT INTO _cairn_high_water VALUES(7, 20);
-             INSERT INTO telemetry VALUES(7, 19, 1, 't', 't', '[]'), (7, 20, 1, 't', 't', '[]');",
+             INSERT INTO telemetry(device_id, seq, stream, time_ms, age_ms, \"values\") \
+             VALUES(7, 19, 1, 0, 0, '[]'), (7, 20, 1, 0, 0, '[]');",
         )
         .unwrap();
         let reset = |seq| {

@@ -189,7 +189,7 @@ mod tests {
     fn test_mismatch_dead_lettered_once_then_replayed() {
         let conn = Connection::open_in_memory().unwrap();
         define(&conn, readings(OnMismatch::DeadLetter, K_TEMP));
-        let three: &[Value<'_>] = &[Value::F32(21.5), Value::F32(48.0), Value::F32(1013.0)];
+        let three: &[Value<'_>] = &[Value::F32(20.1), Value::F32(48.0), Value::F32(1013.0)];
         let good: &[Value<'_>] = &[Value::U64(1), Value::F32(20.0)];
         let watts: &[Value<'_>] = &[Value::F64(3.5)];
         let b = crate::command::device::tests::batch(
@@ -229,8 +229,20 @@ mod tests {
             )
             .unwrap();
         assert!(reason.contains("received (f32, f32, f32)"), "{reason}");
-        assert_eq!(values, "[21.5,48,1013]");
+        // Values as sent (20.1, not 20.100000381469727); time stored as integers, shown as text.
+        assert_eq!(values, "[20.1,48,1013]");
         assert_eq!(time, "2026-11-25T18:43:59.002Z");
+        let stored: (String, i64, i64) = conn
+            .query_row(
+                "SELECT received_at, time_ms, age_ms FROM dead_letter",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            stored,
+            ("2026-11-25T18:44:00.000Z".into(), 1_795_632_239_002, 998)
+        );
 
         // Still does not fit: a replay leaves it.
         let replay = StreamsCommand::Replay {
@@ -266,16 +278,16 @@ mod tests {
                 remaining: 0
             })
         );
-        let (time, pressure): (String, f64) = conn
+        let (time, temperature, pressure): (String, f64, f64) = conn
             .query_row(
-                "SELECT time, pressure FROM readings WHERE seq = 3",
+                "SELECT time, temperature, pressure FROM readings WHERE seq = 3",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .unwrap();
         assert_eq!(
-            (time.as_str(), pressure),
-            ("2026-11-25T18:43:59.002Z", 1013.0)
+            (time.as_str(), temperature, pressure),
+            ("2026-11-25T18:43:59.002Z", 20.1, 1013.0)
         );
         assert_eq!(
             rows(&conn, "SELECT device_id, seq FROM dead_letter"),

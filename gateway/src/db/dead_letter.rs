@@ -6,10 +6,11 @@
 //! |---|---|---|
 //! | `device_id`, `seq` | INTEGER | the record's key, as in the stream tables |
 //! | `stream` | INTEGER | the stream it was sent on |
-//! | `time`, `received_at` | TEXT | as in the stream tables |
+//! | `time`, `received_at` | TEXT, virtual | as in the stream tables (generated from `time_ms` and `age_ms`) |
 //! | `reason` | TEXT | what did not fit: `expected (k integer, t real), received (f32, f32, f32)` |
-//! | `values` | TEXT | the values as a JSON array, like `telemetry` |
+//! | `values` | TEXT | the values as a JSON array, like `telemetry` (an `f32` as the shortest decimal that reads back as it) |
 //! | `record` | BLOB | the record as it arrived (a one-record `DeviceBatch`, postcard), so a replay stores exactly what a direct apply would have |
+//! | `time_ms`, `age_ms` | INTEGER | what is stored, as in the stream tables |
 //!
 //! A `(device_id, seq)` is in at most one of the stream tables, `telemetry` and `dead_letter`:
 //! the device's high-water decides once whether a record is applied, and a replay
@@ -18,26 +19,28 @@
 use cairn_protocol::{RecordView, Value};
 use rusqlite::Connection;
 
-use super::schema::{ColumnType, DEAD_LETTER_TABLE, StreamDef, column_value};
+use super::schema::{
+    ColumnType, DEAD_LETTER_TABLE, STORED_TIME_COLUMNS, StreamDef, TIME_COLUMNS, column_value,
+};
 
 /// Creates the table if it is missing (at the first dead-lettered record, and when stream
 /// definitions are installed by `command::streams`).
 pub fn create_table(conn: &Connection) -> rusqlite::Result<()> {
     conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (device_id INTEGER NOT NULL, \
-         seq INTEGER NOT NULL, stream INTEGER NOT NULL, time TEXT NOT NULL, \
-         received_at TEXT NOT NULL, reason TEXT NOT NULL, \"values\" TEXT NOT NULL, \
-         record BLOB NOT NULL, PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
+         seq INTEGER NOT NULL, stream INTEGER NOT NULL, {TIME_COLUMNS}, \
+         reason TEXT NOT NULL, \"values\" TEXT NOT NULL, record BLOB NOT NULL, \
+         {STORED_TIME_COLUMNS}, PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
     ))?
     .execute([])
     .map(drop)
 }
 
-/// The insert of one row; `?1..?8` are the columns in table order.
+/// The insert of one row; `?1..?8` are the stored columns in table order.
 pub fn insert_sql() -> String {
     format!(
-        "INSERT OR IGNORE INTO {DEAD_LETTER_TABLE} (device_id, seq, stream, time, received_at, \
-         reason, \"values\", record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        "INSERT OR IGNORE INTO {DEAD_LETTER_TABLE} (device_id, seq, stream, reason, \"values\", \
+         record, time_ms, age_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     )
 }
 

@@ -233,13 +233,25 @@ fn user_ddl(conn: &Connection, sql: &str, streams: &BTreeSet<String>) -> Result<
     .map_err(live)
 }
 
-/// Copies every row of `table` from the loaded file into the live table of the same name.
+/// Copies every row of `table` from the loaded file into the live table of the same name: its
+/// ordinary columns, not the generated ones (the stream tables' `time` and `received_at`,
+/// computed from `time_ms` and `age_ms`).
 fn copy_rows(from: &Connection, to: &Connection, table: &str) -> Result<u64, SwapError> {
+    let stored: Vec<String> = sandbox::system(|| {
+        from.prepare("SELECT name FROM pragma_table_xinfo(?1) WHERE hidden = 0 ORDER BY cid")?
+            .query_map([table], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<_>>()
+    })
+    .map_err(src)?;
+    let cols: Vec<String> = stored.iter().map(|c| quote_ident(c)).collect();
     let mut select = from
-        .prepare(&format!("SELECT * FROM {}", quote_ident(table)))
+        .prepare(&format!(
+            "SELECT {} FROM {}",
+            cols.join(", "),
+            quote_ident(table)
+        ))
         .map_err(src)?;
     let n = select.column_count();
-    let cols: Vec<String> = select.column_names().map(quote_ident).collect();
     let insert = format!(
         "INSERT INTO {}({}) VALUES({})",
         quote_ident(table),
@@ -391,6 +403,62 @@ mod tests {
             "SELECT count(*) FROM sqlite_master WHERE name = 'telemetry'",
         );
         assert_eq!(telemetry, 1, "the stream tables Cairn needs exist");
+    }
+
+    /// Stream tables and `dead_letter` store `time_ms`/`age_ms` and generate `time` and
+    /// `received_at`: a backup of them, and a plain file holding them, load their stored
+    /// columns and read back the same.
+    #[test]
+    fn test_generated_time_columns_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        let conn = live(&a);
+        crate::db::dead_letter::create_table(&conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO climate(device_id, seq, time_ms, age_ms, temperature) \
+             VALUES(7, 1, 1795632239000, 1000, 20.1);
+             INSERT INTO dead_letter(device_id, seq, stream, reason, \"values\", record, \
+             time_ms, age_ms) VALUES(7, 2, 1, 'r', '[1]', x'00', 1795632239500, 500);",
+        )
+        .unwrap();
+        let shown = |c: &Connection| -> (String, String) {
+            (
+                one(
+                    c,
+                    "SELECT time || ' ' || received_at || ' ' || temperature FROM climate",
+                ),
+                one(c, "SELECT time || ' ' || received_at FROM dead_letter"),
+            )
+        };
+        let before = shown(&conn);
+        assert_eq!(
+            before.0,
+            "2026-11-25T18:43:59.000Z 2026-11-25T18:44:00.000Z 20.1"
+        );
+        let backup = dir.path().join("backup.db");
+        let plain = dir.path().join("plain.db");
+        for (file, keep_state) in [(&backup, true), (&plain, false)] {
+            let raw = Connection::open(a.join("db.sqlite")).unwrap();
+            raw.execute("VACUUM INTO ?1", [file.to_string_lossy()])
+                .unwrap();
+            if !keep_state {
+                let f = Connection::open(file).unwrap();
+                for t in STATE_TABLES.iter().chain([&tables::RAFT]) {
+                    f.execute_batch(&format!("DROP TABLE IF EXISTS {t}"))
+                        .unwrap();
+                }
+            }
+        }
+        for (file, is_backup) in [(&backup, true), (&plain, false)] {
+            let b = dir.path().join(format!("b-{is_backup}"));
+            std::fs::create_dir(&b).unwrap();
+            let target = live(&b);
+            let src = prepare(file, dir.path()).unwrap();
+            assert_eq!(src.backup, is_backup);
+            swap(&target, &src).unwrap();
+            assert_eq!(shown(&target), before, "backup: {is_backup}");
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! One device connection: Hello → Welcome, then batches in and cumulative Acks out.
 //!
 //! ```text
-//! Hello ──▶ key lookup (local registry) ─ unknown ─▶ unsealed Error(UnknownDevice), close
-//!           accept (tag, version)         ─ bad ────▶ unsealed Error(code), close
-//!           replayed Hello (same boot, counter not newer) ─▶ Error(Replay), close
+//! Hello ──▶ version 2 (or 1 with --accept-protocol-1, else unsealed UnsupportedVersion)
+//!           key lookup (local registry) ─ unknown ─▶ unsealed Error(UnknownDevice), close
+//!           accept (tag, version), fresh challenge ─ bad ─▶ unsealed Error(code), close
+//!           (protocol 1 only: replayed Hello, same boot and counter not newer ─▶ Error(Replay))
 //!           high-water read linearizably on the leader ─▶ Welcome{high_water, leader, credit}
 //! Batch ──▶ decode (tag, counter, body) ─ bad ─▶ Error(code), close; nothing applied
 //!           submit to the leader's queue (or forward) ─ full ─▶ Error(Overloaded)
@@ -14,10 +15,14 @@
 //! Ping  ──▶ Pong
 //! ```
 //!
-//! Bounded: one frame buffer of `2 * MAX_FRAME`, at most [`MAX_PENDING`] batches awaiting
-//! their outcome (then the connection stops reading and TCP pushes back), an idle timeout.
-//! Every rejection is counted in the metrics by its error code. A failure only ever closes
-//! this connection.
+//! Bounded: admitted within the global and per-address caps (`Ingress::serve`), one frame
+//! buffer of `2 * MAX_FRAME`, at most [`MAX_PENDING`] batches awaiting their outcome (then the
+//! connection stops reading and TCP pushes back), a handshake deadline, an idle timeout, and
+//! a write deadline (a device that does not read its replies is dropped). Every rejection is
+//! counted in the metrics by its error code. A failure only ever closes this connection.
+//!
+//! A recorded protocol 2 connection replayed here gets a fresh challenge, so its recorded
+//! frames do not open (`BadAuth`): nothing is stored or acknowledged.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -25,23 +30,46 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_protocol::{
-    Ack, Error, ErrorCode, FrameError, FrameReassembler, GatewaySession, MAX_FRAME, Message, Pong,
-    Welcome, encode_unsealed_error,
+    Ack, EncodeError, Error, ErrorCode, Frame, FrameError, FrameReassembler, GatewaySession,
+    MAX_FRAME, Message, PROTOCOL_VERSION, Pong, Welcome, encode_unsealed_error_version, v1,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::batcher::{Outcomes, closed};
-use super::{Ingress, code_of};
+use super::{Ingress, Slot, code_of};
 use crate::command::device::{BatchOutcome, DeviceBatch};
 use crate::metrics::Metrics;
 
 /// Batches of one connection awaiting their outcome before reading stops.
 pub const MAX_PENDING: usize = 64;
 
-/// How long a Hello may take to arrive after connecting.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one reply may take to write: a device that does not read is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The session of a connection, in the device's protocol version.
+enum Session {
+    V2(GatewaySession),
+    /// Only with `--accept-protocol-1`.
+    V1(v1::GatewaySession),
+}
+
+impl Session {
+    fn encode(&mut self, msg: &Message<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
+        match self {
+            Session::V2(s) => s.encode(msg, out),
+            Session::V1(s) => s.encode(msg, out),
+        }
+    }
+
+    fn decode<'b>(&mut self, frame: &'b mut [u8]) -> Result<Message<'b>, FrameError> {
+        match self {
+            Session::V2(s) => s.decode(frame),
+            Session::V1(s) => s.decode(frame),
+        }
+    }
+}
 
 /// Reads whole frames off a stream through the protocol's [`FrameReassembler`] (two frames
 /// of room, so one read often brings several pipelined batches). `next` is cancel-safe: bytes
@@ -90,18 +118,29 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Counts a rejection and writes an Error frame, sealed if a session exists.
+/// Counts a rejection and writes an Error frame, sealed if a session exists (else unsealed,
+/// in protocol 2 framing unless the device spoke protocol 1).
 async fn reject(
     m: &Metrics,
     stream: &mut TcpStream,
-    session: Option<&mut GatewaySession>,
+    session: Option<&mut Session>,
     code: ErrorCode,
+) {
+    reject_in(m, stream, session, code, PROTOCOL_VERSION).await
+}
+
+async fn reject_in(
+    m: &Metrics,
+    stream: &mut TcpStream,
+    session: Option<&mut Session>,
+    code: ErrorCode,
+    version: u8,
 ) {
     m.rejects.count(code);
     let mut out = [0u8; 64];
     let n = match session {
         Some(s) => s.encode(&Message::Error(Error { code }), &mut out),
-        None => encode_unsealed_error(code, &mut out),
+        None => encode_unsealed_error_version(code, version, &mut out),
     };
     if let Ok(n) = n {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -117,7 +156,7 @@ async fn reject(
 async fn refuse(
     m: &Metrics,
     stream: &mut TcpStream,
-    session: &mut GatewaySession,
+    session: &mut Session,
     code: ErrorCode,
 ) -> bool {
     let keep = matches!(
@@ -132,14 +171,27 @@ async fn refuse(
         return false;
     }
     m.rejects.count(code);
-    send(stream, session, &Message::Error(Error { code })).await
+    send(m, stream, session, &Message::Error(Error { code })).await
 }
 
-async fn send(stream: &mut TcpStream, session: &mut GatewaySession, msg: &Message<'_>) -> bool {
+/// Seals and writes one reply; false if the connection is over (broken, or the device did
+/// not take the bytes within [`WRITE_TIMEOUT`]).
+async fn send(
+    m: &Metrics,
+    stream: &mut TcpStream,
+    session: &mut Session,
+    msg: &Message<'_>,
+) -> bool {
     let mut out = [0u8; 128];
-    match session.encode(msg, &mut out) {
-        Ok(n) => stream.write_all(&out[..n]).await.is_ok(),
-        Err(_) => false,
+    let Ok(n) = session.encode(msg, &mut out) else {
+        return false;
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&out[..n])).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            m.slow_closed.fetch_add(1, Relaxed);
+            false
+        }
     }
 }
 
@@ -172,18 +224,80 @@ fn decided(
     Some((outcome, read_at))
 }
 
-/// Serves one device connection to the end.
-pub async fn serve(ingress: Arc<Ingress>, mut stream: TcpStream) {
-    let m = ingress.metrics();
-    m.connections_accepted.fetch_add(1, Relaxed);
-    m.connections_open.fetch_add(1, Relaxed);
+/// Serves one device connection to the end; `slot` counts it against the caps until then.
+pub async fn serve(ingress: Arc<Ingress>, mut stream: TcpStream, slot: Slot) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let end = run(&ingress, &mut stream).await;
     if let Err(code) = end {
         tracing::debug!(?peer, %code, "device connection closed");
     }
-    m.connections_open.fetch_sub(1, Relaxed);
+    drop(slot);
+}
+
+/// Hello to an accepted session: the device id and the session, or the code already sent.
+async fn handshake(
+    ingress: &Ingress,
+    stream: &mut TcpStream,
+    frame: &[u8],
+) -> Result<(u64, Session), ErrorCode> {
+    let m = ingress.metrics();
+    let version = Frame::new_unchecked(frame).version();
+    // The device id, read unauthenticated to find the key (and the protocol 1 Hello).
+    let (device_id, v1_hello) = match version {
+        PROTOCOL_VERSION => match GatewaySession::peek_hello(frame) {
+            Ok(h) => (h.device_id, None),
+            Err(e) => {
+                reject(m, stream, None, e.code()).await;
+                return Err(e.code());
+            }
+        },
+        v1::VERSION if ingress.config.accept_protocol_1 => {
+            match v1::GatewaySession::peek_hello(frame) {
+                Ok(h) => (h.device_id, Some(h)),
+                Err(e) => {
+                    reject_in(m, stream, None, e.code(), version).await;
+                    return Err(e.code());
+                }
+            }
+        }
+        _ => {
+            // No downgrade: an older device is answered in its framing, and refused.
+            let code = ErrorCode::UnsupportedVersion;
+            reject_in(m, stream, None, code, version).await;
+            return Err(code);
+        }
+    };
+    let key = match ingress.hello_key(device_id).await {
+        Ok(Some(key)) => key,
+        Ok(None) => {
+            reject_in(m, stream, None, ErrorCode::UnknownDevice, version).await;
+            return Err(ErrorCode::UnknownDevice);
+        }
+        Err(e) => {
+            reject_in(m, stream, None, code_of(&e), version).await;
+            return Err(code_of(&e));
+        }
+    };
+    let accepted = match v1_hello {
+        None => GatewaySession::accept(&key, frame, rand::random()).map(Session::V2),
+        Some(_) => v1::GatewaySession::accept_salted(&key, frame, rand::random()).map(Session::V1),
+    };
+    let mut session = match accepted {
+        Ok(s) => s,
+        Err(e) => {
+            reject_in(m, stream, None, e.code(), version).await;
+            return Err(e.code());
+        }
+    };
+    if let (Some(h), Session::V1(s)) = (v1_hello, &session) {
+        if !ingress.fresh_hello(device_id, h.boot, s.hello_counter()) {
+            reject(m, stream, Some(&mut session), ErrorCode::Replay).await;
+            return Err(ErrorCode::Replay);
+        }
+        m.hellos_v1.fetch_add(1, Relaxed);
+    }
+    Ok((device_id, session))
 }
 
 /// Runs the connection; `Err(code)` when it ended on a rejection (already sent).
@@ -191,46 +305,22 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
     let m = ingress.metrics();
     let mut reader = FrameReader::new();
 
-    // Hello.
-    let frame = match tokio::time::timeout(HELLO_TIMEOUT, reader.next(stream)).await {
-        Err(_) | Ok(Err(ReadEnd::Closed | ReadEnd::Io)) => return Ok(()),
-        Ok(Err(ReadEnd::Frame(e))) => {
-            reject(m, stream, None, e.code()).await;
-            return Err(e.code());
-        }
-        Ok(Ok(f)) => f,
-    };
+    // Hello, within the handshake deadline.
+    let frame =
+        match tokio::time::timeout(ingress.config.handshake_timeout, reader.next(stream)).await {
+            Err(_) => {
+                m.handshake_timeouts.fetch_add(1, Relaxed);
+                return Ok(());
+            }
+            Ok(Err(ReadEnd::Closed | ReadEnd::Io)) => return Ok(()),
+            Ok(Err(ReadEnd::Frame(e))) => {
+                reject(m, stream, None, e.code()).await;
+                return Err(e.code());
+            }
+            Ok(Ok(f)) => f,
+        };
     m.frames_in.fetch_add(1, Relaxed);
-    let hello = match GatewaySession::peek_hello(frame) {
-        Ok(h) => h,
-        Err(e) => {
-            reject(m, stream, None, e.code()).await;
-            return Err(e.code());
-        }
-    };
-    let key = match ingress.hello_key(hello.device_id).await {
-        Ok(Some(key)) => key,
-        Ok(None) => {
-            reject(m, stream, None, ErrorCode::UnknownDevice).await;
-            return Err(ErrorCode::UnknownDevice);
-        }
-        Err(e) => {
-            reject(m, stream, None, code_of(&e)).await;
-            return Err(code_of(&e));
-        }
-    };
-    let mut session = match GatewaySession::accept_salted(&key, frame, rand::random()) {
-        Ok(s) => s,
-        Err(e) => {
-            reject(m, stream, None, e.code()).await;
-            return Err(e.code());
-        }
-    };
-    let device_id = hello.device_id;
-    if !ingress.fresh_hello(device_id, hello.boot, session.hello_counter()) {
-        reject(m, stream, Some(&mut session), ErrorCode::Replay).await;
-        return Err(ErrorCode::Replay);
-    }
+    let (device_id, mut session) = handshake(ingress, stream, frame).await?;
     let high_water = match ingress.high_water(device_id).await {
         Ok(hw) => hw,
         Err(e) => {
@@ -243,7 +333,7 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
         leader: ingress.leader_hint(),
         credit: ingress.credit(),
     };
-    if !send(stream, &mut session, &Message::Welcome(welcome)).await {
+    if !send(m, stream, &mut session, &Message::Welcome(welcome)).await {
         return Ok(());
     }
     tracing::debug!(device_id, high_water, "device connected");
@@ -288,7 +378,7 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
                         credit: ingress.credit(),
                         leader: ingress.leader_hint(),
                     };
-                    if !send(stream, &mut session, &Message::Ack(ack)).await {
+                    if !send(m, stream, &mut session, &Message::Ack(ack)).await {
                         return Ok(());
                     }
                     m.acks_sent.fetch_add(1, Relaxed);
@@ -301,7 +391,10 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
             }
             frame = tokio::time::timeout(idle, reader.next(stream)), if can_read => {
                 let frame = match frame {
-                    Err(_) => return Ok(()),
+                    Err(_) => {
+                        m.idle_closed.fetch_add(1, Relaxed);
+                        return Ok(());
+                    }
                     Ok(Err(ReadEnd::Closed | ReadEnd::Io)) => return Ok(()),
                     Ok(Err(ReadEnd::Frame(e))) => {
                         reject(m, stream, Some(&mut session), e.code()).await;
@@ -331,7 +424,7 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
                         }
                     }
                     Ok(Message::Ping(p)) => {
-                        if !send(stream, &mut session, &Message::Pong(Pong { nonce: p.nonce })).await {
+                        if !send(m, stream, &mut session, &Message::Pong(Pong { nonce: p.nonce })).await {
                             return Ok(());
                         }
                     }

@@ -23,9 +23,9 @@ pub mod forward;
 pub mod leader;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -71,6 +71,13 @@ pub struct IngressConfig {
     pub limits: GroupLimits,
     /// A connection with no frame for this long is closed.
     pub idle_timeout: Duration,
+    /// A connection must deliver its Hello within this long.
+    pub handshake_timeout: Duration,
+    /// Connections open at once, in all and from one IP address; more are closed at once.
+    pub max_connections: usize,
+    pub max_per_address: usize,
+    /// Accept protocol 1 devices (migration period).
+    pub accept_protocol_1: bool,
 }
 
 impl Default for IngressConfig {
@@ -79,6 +86,10 @@ impl Default for IngressConfig {
             credit: 1024,
             limits: GroupLimits::default(),
             idle_timeout: Duration::from_secs(120),
+            handshake_timeout: Duration::from_secs(5),
+            max_connections: 8192,
+            max_per_address: 1024,
+            accept_protocol_1: false,
         }
     }
 }
@@ -89,8 +100,40 @@ pub struct Ingress {
     config: IngressConfig,
     leader_queue: GroupQueue,
     forward_queue: GroupQueue,
-    /// Last authenticated Hello per device: `(boot, counter)`, to refuse a replayed Hello.
+    /// Protocol 1 only: last authenticated Hello per device, `(boot, counter)`, to refuse a
+    /// replayed Hello (protocol 2 needs no state for that).
     hellos: Mutex<HashMap<u64, (u32, u32)>>,
+    /// Open connections per peer IP address.
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Follower only: devices the leader did not know, and when it said so.
+    unknown: Mutex<HashMap<u64, Instant>>,
+}
+
+/// How long a follower answers Hellos of a device the leader did not know from its own cache.
+const UNKNOWN_DEVICE_TTL: Duration = Duration::from_secs(5);
+/// The negative cache's bound: beyond it, expired entries are dropped, then all of them.
+const UNKNOWN_DEVICE_MAX: usize = 65_536;
+
+/// One open device connection counted against the caps; uncounted when dropped.
+pub struct Slot {
+    ingress: Arc<Ingress>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.ingress
+            .metrics()
+            .connections_open
+            .fetch_sub(1, Relaxed);
+        let mut map = self.ingress.per_address.lock().expect("per-address table");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Ingress {
@@ -110,12 +153,21 @@ impl Ingress {
             },
             metrics,
         );
+        if config.accept_protocol_1 {
+            tracing::warn!(
+                "accepting protocol 1 devices (--accept-protocol-1): their recorded connections \
+                 can be replayed and their nonces depend on unique boot numbers; move them to \
+                 protocol 2 and drop the flag"
+            );
+        }
         Arc::new(Ingress {
             cluster,
             config,
             leader_queue,
             forward_queue,
             hellos: Mutex::new(HashMap::new()),
+            per_address: Mutex::new(HashMap::new()),
+            unknown: Mutex::new(HashMap::new()),
         })
     }
 
@@ -124,12 +176,15 @@ impl Ingress {
         self.cluster.metrics()
     }
 
-    /// Accepts device connections forever, one task each.
+    /// Accepts device connections forever, one task each, within the connection caps.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(connection::serve(self.clone(), stream));
+                Ok((stream, peer)) => {
+                    // Over a cap the socket is dropped at once: no task, no buffer.
+                    if let Some(slot) = self.admit(peer.ip()) {
+                        tokio::spawn(connection::serve(self.clone(), stream, slot));
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -138,6 +193,30 @@ impl Ingress {
                 }
             }
         }
+    }
+
+    /// Counts a new connection from `ip` against the global and per-address caps.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let m = self.metrics();
+        m.connections_accepted.fetch_add(1, Relaxed);
+        if m.connections_open.load(Relaxed) as usize >= self.config.max_connections {
+            m.connections_over_cap.fetch_add(1, Relaxed);
+            return None;
+        }
+        {
+            let mut map = self.per_address.lock().expect("per-address table");
+            let n = map.entry(ip).or_insert(0);
+            if *n >= self.config.max_per_address {
+                m.connections_over_address_cap.fetch_add(1, Relaxed);
+                return None;
+            }
+            *n += 1;
+        }
+        m.connections_open.fetch_add(1, Relaxed);
+        Some(Slot {
+            ingress: self.clone(),
+            ip,
+        })
     }
 
     /// The key of a registered device, from this node's replica.
@@ -161,12 +240,39 @@ impl Ingress {
             // A node that knows no leader (still joining, or electing) cannot tell an unknown
             // device from one registered after its last applied entry: NotLeader, retry soon.
             None if self.cluster.leader().is_none() => Err(Error::NoLeader),
-            None => forward::remote_device_key(&self.cluster, device_id).await,
+            None => {
+                // No leader round trip per Hello of an unknown device: the leader's answer is
+                // kept for a few seconds (a device registered meanwhile waits that long here).
+                if let Some(at) = self
+                    .unknown
+                    .lock()
+                    .expect("unknown-device cache")
+                    .get(&device_id)
+                    && at.elapsed() < UNKNOWN_DEVICE_TTL
+                {
+                    self.metrics().unknown_device_cached.fetch_add(1, Relaxed);
+                    return Ok(None);
+                }
+                let key = forward::remote_device_key(&self.cluster, device_id).await?;
+                let mut unknown = self.unknown.lock().expect("unknown-device cache");
+                if key.is_none() {
+                    if unknown.len() >= UNKNOWN_DEVICE_MAX {
+                        unknown.retain(|_, at| at.elapsed() < UNKNOWN_DEVICE_TTL);
+                        if unknown.len() >= UNKNOWN_DEVICE_MAX {
+                            unknown.clear();
+                        }
+                    }
+                    unknown.insert(device_id, Instant::now());
+                } else {
+                    unknown.remove(&device_id);
+                }
+                Ok(key)
+            }
         }
     }
 
-    /// Records an authenticated Hello; false if it is not newer than the last one of the same
-    /// boot (a replayed connection start).
+    /// Protocol 1: records an authenticated Hello; false if it is not newer than the last one
+    /// of the same boot (a replayed connection start).
     pub fn fresh_hello(&self, device_id: u64, boot: u32, counter: u32) -> bool {
         let mut hellos = self.hellos.lock().expect("hello table");
         match hellos.get(&device_id) {

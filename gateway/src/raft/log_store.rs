@@ -128,6 +128,7 @@ impl LogStore {
         conn.pragma_update(None, "synchronous", DURABLE)?;
         #[cfg(feature = "unsafe-no-fsync")]
         tracing::warn!("built with unsafe-no-fsync: the Raft log is never fsync'd (tests only)");
+        conn.pragma_update(None, "journal_size_limit", crate::db::WAL_SIZE_LIMIT)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, log_id BLOB NOT NULL, entry BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);",

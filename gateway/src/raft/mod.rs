@@ -56,6 +56,68 @@ pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
 
+/// Bytes the Raft log holds in `raft.db`: its pages in use (free pages, left by purges, are
+/// reused by later appends).
+fn log_bytes(path: &std::path::Path) -> rusqlite::Result<u64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.query_row(
+        "SELECT (p.page_count - f.freelist_count) * s.page_size \
+         FROM pragma_page_count p, pragma_freelist_count f, pragma_page_size s",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|b| b.max(0) as u64)
+}
+
+/// Asks for a snapshot whenever the Raft log at `log_path` holds more than `limit` bytes and
+/// something was applied since the last snapshot: openraft's own policy counts entries only,
+/// and an entry can be one device record or a megabyte of them. A snapshot costs a durable
+/// commit (the database is the snapshot), after which openraft purges the log down to
+/// `snapshot_keep_logs` entries. Runs until Raft stops.
+pub async fn snapshot_on_log_size(raft: Raft, log_path: std::path::PathBuf, limit: u64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut asked: Option<(tokio::time::Instant, Option<u64>)> = None;
+    loop {
+        tick.tick().await;
+        let path = log_path.clone();
+        let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || log_bytes(&path)).await else {
+            continue;
+        };
+        if bytes <= limit {
+            continue;
+        }
+        let m = openraft::async_runtime::WatchReceiver::borrow_watched(&raft.metrics()).clone();
+        let snapshot = m.snapshot.as_ref().map(|l| l.index);
+        let applied = m.last_applied.as_ref().map(|l| l.index);
+        // Nothing new to snapshot, or the last request has not been served yet.
+        let pending = asked.is_some_and(|(at, s)| {
+            s == snapshot && at.elapsed() < std::time::Duration::from_secs(5)
+        });
+        if applied <= snapshot || pending {
+            continue;
+        }
+        tracing::info!(log_bytes = bytes, limit, "Raft log over its size: snapshot");
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        asked = Some((tokio::time::Instant::now(), snapshot));
+    }
+}
+
+/// Ends a snapshot transfer's read transaction and truncates the WAL ([`crate::db::Pages::finish`]).
+/// The truncation is best effort, except that an I/O error ends the process like any failed
+/// write (`db::failure`): the same write is never tried again.
+pub fn finish_transfer(pages: crate::db::Pages) {
+    if let Err(e) = pages.finish() {
+        if crate::db::failure::classify(&e) == crate::db::failure::Failure::Exit {
+            exit_on_io_error("truncating the WAL after a snapshot transfer", &e);
+        }
+        tracing::warn!("truncating the WAL after a snapshot transfer: {e}");
+    }
+}
+
 /// `io::Error` from anything displayable, for the storage traits' error type.
 pub fn io_err(e: impl fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -130,4 +192,29 @@ pub fn raft_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Err
 /// Raft stopped: this node is dead.
 pub fn fatal(f: Fatal<TypeConfig>) -> Error {
     Error::Fatal(f.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size watcher reads the log's pages in use through its own read-only connection while
+    /// the log store's writer keeps the file open in WAL mode; purged rows stop counting.
+    #[test]
+    fn test_log_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.db");
+        let w = rusqlite::Connection::open(&path).unwrap();
+        w.pragma_update(None, "journal_mode", "WAL").unwrap();
+        w.execute_batch(
+            "CREATE TABLE log (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL); \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
+             INSERT INTO log SELECT i, randomblob(1000) FROM n;",
+        )
+        .unwrap();
+        let full = super::log_bytes(&path).unwrap();
+        assert!(full > 2_000_000, "{full}");
+        w.execute_batch("DELETE FROM log WHERE idx <= 1900")
+            .unwrap();
+        let purged = super::log_bytes(&path).unwrap();
+        assert!(purged < full / 5, "{purged} of {full}");
+    }
 }

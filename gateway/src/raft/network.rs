@@ -6,13 +6,14 @@
 //! | `POST /raft/vote` | `VoteRequest` | `Result<VoteResponse, String>` |
 //! | `POST /raft/pre-vote` | `VoteRequest` | `Result<VoteResponse, String>` |
 //! | `POST /raft/transfer-leader` | `TransferLeaderRequest` | `Result<TransferLeaderResponse, String>` |
-//! | `POST /raft/snapshot` | `u32` LE length, postcard `(Vote, SnapshotMeta)`, then the raw database file | `Result<SnapshotResponse, String>` |
+//! | `POST /raft/snapshot` | `u32` LE length, postcard `(Vote, SnapshotMeta)`, then the database's pages in order (a database file) | `Result<SnapshotResponse, String>` |
 //!
 //! The `Err(String)` arm carries a remote failure (the remote Raft stopped); transport problems
 //! are HTTP or socket errors. Connections are pooled and reused (keep-alive), `TCP_NODELAY` is
 //! set, connecting times out after 500 ms and every RPC after openraft's hard TTL (at least
 //! [`APPEND_TTL_FLOOR`] for appends). Snapshots are
-//! streamed from and to files in 64 KiB chunks.
+//! streamed in 64 KiB chunks: from the sender's live database (one read transaction, page by
+//! page), to a file on the receiver.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,7 +43,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::state_machine::{SnapshotFile, StateMachine};
+use super::state_machine::{SnapshotData, StateMachine};
 use super::{NodeId, Peer, Raft, SnapshotMeta, TypeConfig, Vote, io_err};
 use crate::security::tls::{NodeConnector, node_connector};
 
@@ -91,6 +92,33 @@ pub fn file_body(prefix: Vec<u8>, file: std::fs::File) -> Body {
                 Err(e) => Some((Err(e), (None, file))),
             }
         });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// A body of a snapshot view's pages, read on a blocking thread 64 KiB at a time, after a
+/// prefix. When the last page is read the view's transaction ends and the WAL, which grew
+/// meanwhile, is truncated.
+fn pages_body(prefix: Vec<u8>, mut pages: crate::db::Pages) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let _ = tx.try_send(Ok(Bytes::from(prefix)));
+    tokio::task::spawn_blocking(move || {
+        loop {
+            let chunk = match pages.next_chunk(64 * 1024) {
+                Ok(Some(c)) => Ok(Bytes::from(c)),
+                Ok(None) => break,
+                Err(e) => Err(io_err(e)),
+            };
+            let failed = chunk.is_err();
+            // The receiver went away (the transfer was cancelled or failed): stop reading.
+            if tx.blocking_send(chunk).is_err() || failed {
+                return;
+            }
+        }
+        super::finish_transfer(pages);
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|c| (c.map(Frame::data), rx))
+    });
     BodyExt::boxed(StreamBody::new(stream))
 }
 
@@ -250,7 +278,7 @@ impl PeerConnection {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -292,14 +320,21 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     async fn full_snapshot(
         &mut self,
         vote: Vote,
-        snapshot: openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, SnapshotData>,
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let head = encode(&(vote, snapshot.meta.clone()));
         let mut prefix = (head.len() as u32).to_le_bytes().to_vec();
         prefix.extend_from_slice(&head);
-        let body = file_body(prefix, snapshot.snapshot.file);
+        let body = match snapshot.snapshot {
+            SnapshotData::Live(pages) => pages_body(prefix, pages),
+            SnapshotData::Received(path) => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+                file_body(prefix, file)
+            }
+        };
         let send = self
             .client
             .post(&self.addr, "/raft/snapshot", body, Duration::from_secs(600));
@@ -457,10 +492,7 @@ async fn receive_snapshot(
     file.sync_all().await?;
     drop(file);
     let (vote, meta) = head.ok_or_else(|| io_err("snapshot upload ended before its header"))?;
-    let snapshot = SnapshotFile {
-        file: std::fs::File::open(path)?,
-        path: path.to_path_buf(),
-    };
+    let snapshot = SnapshotData::Received(path.to_path_buf());
     n.raft
         .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot })
         .await

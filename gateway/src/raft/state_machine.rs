@@ -1,5 +1,5 @@
 //! openraft's state machine: applying entries to the replicated database (`sm/db.sqlite`,
-//! [`crate::db::Store`]) and its snapshots (`sm/snapshots/`).
+//! [`crate::db::Store`]) and its snapshots, which are the database itself.
 //!
 //! # Correctness requirements (from openraft's `RaftStateMachine`) and how they are met
 //!
@@ -9,22 +9,30 @@
 //! - The database runs in WAL mode with `synchronous=NORMAL`: a commit is atomic but not
 //!   fsync'd on its own. A process crash loses nothing; a power cut may roll the database back a
 //!   few entries, which openraft re-applies from the log (the log itself is fsync'd).
-//! - A snapshot is `VACUUM INTO` a new file from a separate connection: a consistent copy whose
-//!   `_cairn_raft` table says exactly which log id it contains. It is fsync'd and renamed to
-//!   `current.db` before it is reported, so a reported snapshot is durable.
-//! - Installing a snapshot copies it into the live database with SQLite's backup API in a
-//!   single step, which is one write transaction: readers see the old or the new database,
-//!   never a mix, and a crash leaves one or the other.
-//! - Snapshots are files and move as streams; the database is never held in memory whole.
+//! - There is no second copy of the database at rest. Building a snapshot copies nothing: it
+//!   makes the database durable ([`db::make_durable`]: a `synchronous=FULL` commit, then a
+//!   checkpoint) and reports the applied log id as of that point. openraft purges the log only
+//!   behind a reported snapshot, so it never drops entries a power cut could roll the database
+//!   back below. Opening the state machine makes the database durable the same way, because
+//!   openraft takes the snapshot it finds at start-up ([`get_current_snapshot`]) as durable too.
+//! - A snapshot to send is one read transaction on its own connection
+//!   ([`db::Store::pages`]): the applied log id and membership are read from `_cairn_raft`
+//!   inside it, and the same transaction's pages are streamed, so metadata and data cannot
+//!   disagree. The WAL grows by what is applied during the transfer and is truncated after it.
+//! - Installing a snapshot writes the received pages to a file next to the database, checks
+//!   that its `_cairn_raft` holds the log id the metadata names, and swaps files
+//!   ([`db::Store::replace_with`]: close every connection, rename, fsync the directory,
+//!   reopen): nothing is copied through the WAL, and a crash leaves the old or the new file.
+//! - Snapshots move as streams; the database is never held in memory whole.
 //! - Applying never reports an environment failure of this replica as a result, nor to
 //!   openraft when it can be waited out (`db::failure`): on a full disk the entry is rolled
 //!   back and applied again with back-off until it goes through (the node reports the stall);
 //!   an I/O error ends the process; a corrupt file stops the node with a clear error.
+//!
+//! [`get_current_snapshot`]: RaftStateMachine::get_current_snapshot
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::TryStreamExt;
@@ -39,13 +47,14 @@ use crate::db::failure::{self, Failure};
 use crate::db::{self, Store, tables};
 use crate::metrics::Metrics;
 
-/// A snapshot as openraft moves it around: an open file plus where it lives.
-///
-/// The open handle keeps the bytes readable even if a newer snapshot replaces the file.
+/// A snapshot as openraft moves it around.
 #[derive(Debug)]
-pub struct SnapshotFile {
-    pub file: File,
-    pub path: PathBuf,
+pub enum SnapshotData {
+    /// The live database as of one read transaction, read page by page when sent.
+    Live(db::Pages),
+    /// A database file received from the leader (in this node's snapshot directory), to be
+    /// installed.
+    Received(PathBuf),
 }
 
 /// openraft's handle on the replicated database; cloning shares it.
@@ -58,8 +67,6 @@ struct Inner {
     store: Arc<Store>,
     snap_dir: PathBuf,
     applied: Mutex<(Option<LogId>, StoredMembership)>,
-    current_snapshot: Mutex<Option<SnapshotMeta>>,
-    snapshot_seq: AtomicU64,
     metrics: Arc<Metrics>,
     feed: Arc<Feed>,
 }
@@ -86,17 +93,14 @@ fn read_applied(conn: &Connection) -> std::io::Result<(Option<LogId>, StoredMemb
     Ok((applied, membership))
 }
 
+/// The metadata a database file's `_cairn_raft` table holds.
 fn read_snapshot_meta(path: &Path) -> std::io::Result<SnapshotMeta> {
-    let conn = db::open_read_only(path).map_err(io_err)?;
+    let conn = rusqlite::Connection::open(path).map_err(io_err)?;
     let (last_log_id, last_membership) = read_applied(&conn)?;
     Ok(SnapshotMeta {
         last_log_id,
         last_membership,
     })
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 impl Inner {
@@ -105,72 +109,64 @@ impl Inner {
         self.applied.lock().expect("applied mutex").clone()
     }
 
-    fn build_snapshot(&self) -> std::io::Result<(SnapshotMeta, SnapshotFile)> {
-        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let building = self
-            .snap_dir
-            .join(format!("building-{}-{seq}.db", std::process::id()));
-        self.store.copy_to(&building)?;
-        let meta = read_snapshot_meta(&building)?;
-        let file = File::open(&building)?;
-        let current = self.snap_dir.join("current.db");
-        let mut cur = self.current_snapshot.lock().map_err(io_err)?;
-        let newer = cur
-            .as_ref()
-            .is_none_or(|c| c.last_log_id <= meta.last_log_id);
-        if newer {
-            std::fs::rename(&building, &current)?;
-            sync_dir(&self.snap_dir)?;
-            *cur = Some(meta.clone());
-            Ok((
-                meta,
-                SnapshotFile {
-                    file,
-                    path: current,
-                },
-            ))
-        } else {
-            let _ = std::fs::remove_file(&building);
-            Ok((
-                meta,
-                SnapshotFile {
-                    file,
-                    path: building,
-                },
-            ))
-        }
+    /// Makes the database durable and reports what it holds (see the module doc), with a view
+    /// of exactly that state (opened before apply can go on). A failure is classified by the
+    /// caller (`db::failure`): a full disk holds the build, an I/O error ends the process.
+    fn build_snapshot(&self) -> rusqlite::Result<(SnapshotMeta, db::Pages)> {
+        let writer = self.store.writer();
+        db::make_durable(&writer)?;
+        let (last_log_id, last_membership) = self.applied();
+        let pages = self.store.pages()?;
+        drop(writer);
+        Ok((
+            SnapshotMeta {
+                last_log_id,
+                last_membership,
+            },
+            pages,
+        ))
     }
 
-    fn install(&self, meta: &SnapshotMeta, mut snap: SnapshotFile) -> std::io::Result<()> {
+    /// The live database as a snapshot: one read transaction, its metadata read inside it.
+    /// `None` before anything was applied.
+    fn current_snapshot(&self) -> std::io::Result<Option<(SnapshotMeta, db::Pages)>> {
+        let pages = self.store.pages().map_err(io_err)?;
+        let (last_log_id, last_membership) = read_applied(pages.conn())?;
+        if last_log_id.is_none() {
+            return Ok(None);
+        }
+        Ok(Some((
+            SnapshotMeta {
+                last_log_id,
+                last_membership,
+            },
+            pages,
+        )))
+    }
+
+    fn install(&self, meta: &SnapshotMeta, snap: SnapshotData) -> std::io::Result<()> {
         let staged = self.snap_dir.join("installing.db");
-        if snap.path.starts_with(&self.snap_dir) && snap.path != self.snap_dir.join("current.db") {
+        let _ = std::fs::remove_file(&staged);
+        match snap {
             // Received by our transport into our own directory: just move it.
-            std::fs::rename(&snap.path, &staged)?;
-        } else {
-            snap.file.seek(SeekFrom::Start(0))?;
-            let mut out = File::create(&staged)?;
-            std::io::copy(&mut snap.file, &mut out)?;
-            out.sync_all()?;
+            SnapshotData::Received(path) => std::fs::rename(&path, &staged)?,
+            SnapshotData::Live(mut pages) => {
+                let mut out = std::io::BufWriter::new(File::create(&staged)?);
+                pages.write_to(&mut out)?;
+                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                super::finish_transfer(pages);
+            }
         }
         let got = read_snapshot_meta(&staged)?;
         if got.last_log_id != meta.last_log_id {
+            let _ = std::fs::remove_file(&staged);
             return Err(io_err(format!(
                 "snapshot file holds {:?}, metadata says {:?}",
                 got.last_log_id, meta.last_log_id
             )));
         }
-        {
-            let src = db::open_read_only(&staged).map_err(io_err)?;
-            let mut dst = self.store.writer();
-            // One step = one write transaction on the live database: atomic.
-            let backup = rusqlite::backup::Backup::new(&src, &mut dst).map_err(io_err)?;
-            backup.step(-1).map_err(io_err)?;
-            drop(backup);
-            *self.applied.lock().map_err(io_err)? = read_applied(&dst)?;
-        }
-        std::fs::rename(&staged, self.snap_dir.join("current.db"))?;
-        sync_dir(&self.snap_dir)?;
-        *self.current_snapshot.lock().map_err(io_err)? = Some(meta.clone());
+        self.store.replace_with(&staged)?;
+        *self.applied.lock().map_err(io_err)? = read_applied(&self.store.writer())?;
         Ok(())
     }
 
@@ -289,28 +285,38 @@ impl StateMachine {
     ) -> anyhow::Result<Self> {
         let snap_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snap_dir)?;
-        // Leftovers of an interrupted build or transfer are never needed.
+        // Leftovers of an interrupted transfer or install are never needed.
         for e in std::fs::read_dir(&snap_dir)? {
-            let p = e?.path();
-            if p.file_name().is_some_and(|n| n != "current.db") {
-                let _ = std::fs::remove_file(&p);
+            let _ = std::fs::remove_file(e?.path());
+        }
+        db::check_raw_pages()?;
+        let store = Store::open(&dir.join("db.sqlite"))?;
+        // openraft takes what it finds here as a durable snapshot (see the module doc); on a
+        // full disk the start waits for space, an I/O error exits.
+        let mut waited = false;
+        while let Err(e) = db::make_durable(&store.writer()) {
+            match failure::classify(&e) {
+                Failure::Hold => {
+                    if !waited {
+                        tracing::error!(
+                            "start held: making the database durable: {}; retrying every second",
+                            failure::describe(&e)
+                        );
+                        waited = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                Failure::Exit => super::exit_on_io_error("start", &e),
+                Failure::Corrupt => return Err(super::corrupt("start", &e).into()),
+                Failure::Other => return Err(e.into()),
             }
         }
-        let store = Store::open(&dir.join("db.sqlite"))?;
         let applied = read_applied(&store.writer())?;
-        let current = snap_dir.join("current.db");
-        let current_snapshot = if current.exists() {
-            Some(read_snapshot_meta(&current)?)
-        } else {
-            None
-        };
         Ok(StateMachine {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
                 snap_dir,
                 applied: Mutex::new(applied),
-                current_snapshot: Mutex::new(current_snapshot),
-                snapshot_seq: AtomicU64::new(0),
                 metrics,
                 feed,
             }),
@@ -346,20 +352,43 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
 
     async fn build_snapshot(
         &mut self,
-    ) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>, std::io::Error> {
-        let inner = self.inner.clone();
-        let (meta, snapshot) = blocking(move || inner.build_snapshot()).await?;
-        tracing::info!(last_log_id = ?meta.last_log_id, "built snapshot");
-        Ok(openraft::Snapshot { meta, snapshot })
+    ) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>, std::io::Error> {
+        // The durable commit and checkpoint write: on a full disk the build waits for space
+        // like apply does (openraft takes any storage error as fatal), an I/O error exits.
+        let (meta, pages) = loop {
+            let inner = self.inner.clone();
+            let built = tokio::task::spawn_blocking(move || inner.build_snapshot())
+                .await
+                .map_err(io_err)?;
+            let e = match built {
+                Ok(b) => break b,
+                Err(e) => e,
+            };
+            match failure::classify(&e) {
+                Failure::Hold => {
+                    let stall = &self.inner.metrics.apply_stall;
+                    tokio::time::sleep(stall.hold("snapshot", &failure::describe(&e))).await;
+                }
+                Failure::Exit => super::exit_on_io_error("snapshot", &e),
+                Failure::Corrupt => return Err(super::corrupt("snapshot", &e)),
+                Failure::Other => return Err(io_err(e)),
+            }
+        };
+        self.inner.metrics.apply_stall.clear("snapshot");
+        tracing::info!(last_log_id = ?meta.last_log_id, "snapshot point: database durable");
+        Ok(openraft::Snapshot {
+            meta,
+            snapshot: SnapshotData::Live(pages),
+        })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
@@ -428,7 +457,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: SnapshotFile,
+        snapshot: SnapshotData,
     ) -> Result<(), std::io::Error> {
         let inner = self.inner.clone();
         let m = meta.clone();
@@ -442,14 +471,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(
         &mut self,
-    ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>>, std::io::Error> {
-        let meta = self.inner.current_snapshot.lock().map_err(io_err)?.clone();
-        let Some(meta) = meta else { return Ok(None) };
-        let path = self.inner.snap_dir.join("current.db");
-        let file = File::open(&path)?;
-        Ok(Some(openraft::Snapshot {
+    ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>>, std::io::Error> {
+        let inner = self.inner.clone();
+        let current = blocking(move || inner.current_snapshot()).await?;
+        Ok(current.map(|(meta, pages)| openraft::Snapshot {
             meta,
-            snapshot: SnapshotFile { file, path },
+            snapshot: SnapshotData::Live(pages),
         }))
     }
 }

@@ -15,7 +15,7 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 fn device_round(frame: &mut [u8; cairn_protocol::MAX_FRAME]) -> usize {
     use cairn_protocol::*;
     let key = black_box([0x42u8; KEY_LEN]);
-    let mut session = DeviceSession::new(&key, black_box(1), black_box(0));
+    let mut session = DeviceSession::new(&key, black_box(1), black_box([0; BOOT_NONCE_LEN]));
     let hello = session.hello(black_box(7), 1, 50);
     let mut total = session.encode(&Message::Hello(hello), frame).unwrap_or(0);
 
@@ -36,10 +36,13 @@ fn device_round(frame: &mut [u8; cairn_protocol::MAX_FRAME]) -> usize {
         total += session.encode(&Message::Batch(view), frame).unwrap_or(0);
     }
 
-    // Gateway replies (both unsealed-plan and salted XChaCha paths are linked).
+    // Gateway replies: the first one derives the connection's keys (HChaCha20).
     let n = black_box(frame.len());
     if let Ok(Message::Ack(ack)) = session.decode(&mut frame[..n]) {
         total += ack.through_seq as usize;
+    }
+    if let Ok(view) = BatchView::parse(black_box(&body[..8])) {
+        total += session.encode(&Message::Batch(view), frame).unwrap_or(0);
     }
     total
 }

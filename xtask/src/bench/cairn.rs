@@ -331,7 +331,96 @@ fn devices(profile: &Profile, cluster: &Cluster, bin: &Path, results: &mut Resul
         best,
         "records/s",
     ));
+    disk_per_record(cluster, leader, results)?;
     firmware_client(profile, cluster, bin, leader, results)
+}
+
+/// The parts of a node's data directory, by what they hold.
+const DISK_PARTS: [&str; 5] = ["database", "Raft log", "snapshots", "WALs", "other"];
+
+/// Which of [`DISK_PARTS`] a file of a node's data directory belongs to.
+fn disk_part(rel: &Path) -> usize {
+    let name = rel.to_string_lossy();
+    if name.ends_with("-wal") || name.ends_with("-shm") {
+        3
+    } else if rel.starts_with("sm/snapshots") {
+        2
+    } else if name == "sm/db.sqlite" {
+        0
+    } else if name == "raft.db" {
+        1
+    } else {
+        4
+    }
+}
+
+/// Bytes of every file under `dir`, summed per [`DISK_PARTS`].
+fn disk_usage(dir: &Path) -> Result<[u64; 5]> {
+    let mut parts = [0u64; 5];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e?;
+            let meta = e.metadata()?;
+            if meta.is_dir() {
+                todo.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir)?.to_path_buf();
+                parts[disk_part(&rel)] += meta.len();
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// Bytes on disk per stored device record on every node, split by what holds them, once the
+/// followers have applied what the leader has (the target: at most 64 per node at
+/// 6 M records, everything in the data directory counted; node logs are "other").
+fn disk_per_record(cluster: &Cluster, leader: usize, results: &mut Results) -> Result<()> {
+    let target = cluster.nodes[leader].applied_index().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline
+        && cluster
+            .nodes
+            .iter()
+            .any(|n| n.applied_index().unwrap_or(0) < target)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut worst = [0f64; 6];
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let records = query_local_i64(cluster, i, "SELECT count(*) FROM climate")?.max(1) as f64;
+        let parts = disk_usage(&node.dir)?;
+        let total: u64 = parts.iter().sum();
+        let mut line = format!(
+            "    node {} disk: {records} records, {:.1} B/record in all ({:.1} MB):",
+            node.id,
+            total as f64 / records,
+            total as f64 / 1e6
+        );
+        for (k, name) in DISK_PARTS.iter().enumerate() {
+            let per = parts[k] as f64 / records;
+            line.push_str(&format!(" {name} {per:.1}"));
+            worst[k] = worst[k].max(per);
+        }
+        worst[5] = worst[5].max(total as f64 / records);
+        println!("{line}");
+    }
+    results.push(Measurement::new(
+        names::DISK_PER_RECORD,
+        SYSTEM,
+        worst[5],
+        "bytes",
+    ));
+    for (k, name) in DISK_PARTS.iter().enumerate() {
+        results.push(Measurement::new(
+            &format!("{} ({name})", names::DISK_PER_RECORD),
+            SYSTEM,
+            worst[k],
+            "bytes",
+        ));
+    }
+    Ok(())
 }
 
 /// The same leader loaded by `cairn sim`: the real `cairn-firmware` client (outbox,

@@ -37,6 +37,8 @@ pub mod names {
     pub const FAILOVER: &str = "failover: kill -9 of the leader to the next ack";
     pub const RSS: &str = "gateway RSS under load (leader)";
     pub const RESTART: &str = "restart of a node holding 1,000,000 rows";
+    /// Cairn only: the worst node's data directory per stored device record.
+    pub const DISK_PER_RECORD: &str = "disk bytes per record per node";
 }
 
 /// How long and how hard each part runs.
@@ -262,6 +264,12 @@ fn goals() -> Vec<Goal> {
             cairn: (CS, FAILOVER),
             better: Better::Lower,
             target: 1000.0,
+        },
+        Goal {
+            what: "disk bytes per stored record per node, whole data directory (target at 6 M records)",
+            cairn: (C, DISK_PER_RECORD),
+            better: Better::AtMost,
+            target: 64.0,
         },
         Goal {
             what: "record bytes in a batch body",

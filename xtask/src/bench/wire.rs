@@ -3,8 +3,8 @@
 
 use anyhow::{Result, anyhow};
 use cairn_protocol::{
-    Ack, BatchEncoder, DeviceSession, EncodeError, GatewaySession, MAX_FRAME, Message, Record,
-    Welcome,
+    Ack, BOOT_NONCE_LEN, BatchEncoder, CHALLENGE_LEN, DeviceSession, EncodeError, GatewaySession,
+    MAX_FRAME, Message, Record, Welcome,
 };
 use cairn_tests::device::climate_values;
 
@@ -24,13 +24,13 @@ pub struct Wire {
 pub fn three_value_record() -> Result<Wire> {
     let e = |e: EncodeError| anyhow!("protocol encoder: {e}");
     let key = [7u8; 32];
-    let mut device = DeviceSession::new(&key, 1, 0);
+    let mut device = DeviceSession::new(&key, 1, [3; BOOT_NONCE_LEN]);
     let mut hello_frame = [0u8; MAX_FRAME];
     let hello = device.hello(42, 1, 64);
     let n = device
         .encode(&Message::Hello(hello), &mut hello_frame)
         .map_err(e)?;
-    let mut gateway = GatewaySession::accept_salted(&key, &hello_frame[..n], [9u8; 8])
+    let mut gateway = GatewaySession::accept(&key, &hello_frame[..n], [9u8; CHALLENGE_LEN])
         .map_err(|err| anyhow!("accept: {err}"))?;
     let mut reply = [0u8; MAX_FRAME];
     let welcome = Welcome {
@@ -38,9 +38,12 @@ pub fn three_value_record() -> Result<Wire> {
         leader: None,
         credit: 256,
     };
-    gateway
+    let n = gateway
         .encode(&Message::Welcome(welcome), &mut reply)
         .map_err(e)?;
+    device
+        .decode(&mut reply[..n])
+        .map_err(|err| anyhow!("welcome: {err}"))?;
 
     let sent_uptime_ms = 3_600_000u64;
     let mut body = [0u8; MAX_FRAME];

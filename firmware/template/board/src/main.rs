@@ -12,7 +12,7 @@ mod fmt;
 
 use cairn_firmware::embassy_net::TcpTransport;
 use cairn_firmware::settings::{DeviceSettings, SETTINGS_LEN};
-use cairn_firmware::{Client, Config, OverflowPolicy, Value};
+use cairn_firmware::{BootNonce, Client, Config, OverflowPolicy, Value};
 use defmt_rtt as _;
 use embassy_executor::Spawner;
 use embassy_net::{Stack, StackResources};
@@ -72,6 +72,10 @@ async fn main(spawner: Spawner) {
     let mut rng = Rng::new(p.RNG, Irqs);
     let boot = rng.next_u32();
     let seed = rng.next_u64();
+    // The boot nonce: 12 bytes of the hardware RNG, never repeated under the device's key
+    // (protocol/SPEC.md §5.2).
+    let mut nonce = [0u8; 12];
+    rng.fill_bytes(&mut nonce);
 
     // [4] The network stack: the on-chip MAC, a locally administered MAC address derived
     // from the device id, DHCP. NUCLEO-144 RMII pins: REF_CLK PA1, CRS_DV PA7, RXD0 PC4,
@@ -117,6 +121,7 @@ async fn main(spawner: Spawner) {
         identity.device_id,
         identity.key,
         boot,
+        BootNonce::from_rng(nonce),
         identity.gateways(),
     ));
     spawner.spawn(uplink(stack, config).unwrap());

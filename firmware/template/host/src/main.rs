@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cairn_firmware::settings::DeviceSettings;
 use cairn_firmware::tokio::TcpTransport;
-use cairn_firmware::{Client, Config, OverflowPolicy, Value};
+use cairn_firmware::{BootNonce, Client, Config, OverflowPolicy, Value};
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -26,9 +26,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Who am I: the settings file, decoded by the same codec the firmware uses.
     let region = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
     let identity = DeviceSettings::decode(&region).map_err(|e| format!("{path}: {e}"))?;
-    // A boot number that differs on every start (it is part of every nonce).
+    // A boot number and a boot nonce that differ on every start, from the OS RNG (the nonce
+    // must never repeat under the device's key: protocol/SPEC.md §5.2).
     let mut boot = [0u8; 4];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut boot)?;
+    let mut nonce = [0u8; 12];
+    let mut urandom = std::fs::File::open("/dev/urandom")?;
+    std::io::Read::read_exact(&mut urandom, &mut boot)?;
+    std::io::Read::read_exact(&mut urandom, &mut nonce)?;
 
     // The client and its settings live as long as the program.
     let identity: &'static DeviceSettings = Box::leak(Box::new(identity));
@@ -36,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         identity.device_id,
         identity.key,
         u32::from_le_bytes(boot),
+        BootNonce::from_rng(nonce),
         identity.gateways(),
     )));
     let client: &'static Client<NoopRawMutex, 4096> =

@@ -9,7 +9,7 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use super::{LOCAL, Mode, mode, system};
 use crate::db::lex::{significant_tokens, significant_words};
 use crate::db::schema::Schema;
-use crate::db::tables;
+use crate::db::{DBPAGE, tables};
 
 /// Pragmas that only describe the schema or the build: the same on every replica, allowed in
 /// reads and writes. Those marked in [`PRAGMAS_WITH_ARGUMENT`] take a table or index name;
@@ -160,11 +160,32 @@ fn pragma_rule(mode: Mode, name: &str, value: Option<&str>) -> Result<Authorizat
     }
 }
 
+/// True if `action` reads, writes or creates a table of the raw-page module ([`DBPAGE`]).
+fn raw_pages(action: &AuthAction<'_>) -> bool {
+    use AuthAction as A;
+    let name = match *action {
+        A::Read { table_name, .. }
+        | A::Insert { table_name }
+        | A::Update { table_name, .. }
+        | A::Delete { table_name } => table_name,
+        A::CreateVtable { module_name, .. } => module_name,
+        _ => return false,
+    };
+    name.eq_ignore_ascii_case(DBPAGE)
+}
+
 fn rule(mode: Mode, ctx: &AuthContext<'_>) -> Result<Authorization, String> {
     use AuthAction as A;
     use Authorization::{Allow, Ignore};
     if mode == Mode::System {
         return Ok(Allow);
+    }
+    // Also dropped from every connection user SQL runs on (`connection::harden`): the raw
+    // pages would show Cairn's own tables byte for byte and, written, bypass every rule.
+    if raw_pages(&ctx.action) {
+        return Err(format!(
+            "{DBPAGE} (the database's raw pages) is not readable or writable by SQL"
+        ));
     }
     let load = mode == Mode::Load;
     let temp = ctx

@@ -16,6 +16,7 @@ use super::{
     Kind, LOCAL, MAX_EXPR_DEPTH, MAX_LENGTH, MAX_SQL_LENGTH, MAX_TRIGGER_DEPTH, Mode,
     PROGRESS_INTERVAL, WRITE_BUDGET_STEPS, budget_message, in_apply,
 };
+use crate::db::DBPAGE;
 
 /// The VFS the replicated database's writer is opened on: the default VFS, except that its
 /// clock answers with the applying entry's stamp.
@@ -50,8 +51,34 @@ pub fn harden(conn: &mut Connection, kind: Kind) -> rusqlite::Result<()> {
         flags | FunctionFlags::SQLITE_DETERMINISTIC,
         |ctx| Ok(vec![0u8; blob_len(ctx.get::<i64>(0).unwrap_or(0).max(0))?]),
     )?;
+    without_raw_pages(conn)?;
     conn.authorizer(Some(authorize))?;
     conn.progress_handler(PROGRESS_INTERVAL as c_int, Some(progress))?;
+    Ok(())
+}
+
+/// Removes the raw-page table ([`DBPAGE`], compiled in for snapshot transfers) from a
+/// connection user SQL may run on: read, it would show Cairn's own tables (device keys) byte
+/// for byte; written, it would bypass every rule. Every other table-valued function
+/// (`json_each`, `fts5`, ...) stays. The authorizer refuses the name as well.
+fn without_raw_pages(conn: &Connection) -> rusqlite::Result<()> {
+    let keep: Vec<std::ffi::CString> = conn
+        .prepare("SELECT name FROM pragma_module_list WHERE name <> ?1")?
+        .query_map([DBPAGE], |r| r.get::<_, String>(0))?
+        .filter_map(|n| n.ok().and_then(|n| std::ffi::CString::new(n).ok()))
+        .collect();
+    let mut list: Vec<*const std::ffi::c_char> = keep.iter().map(|n| n.as_ptr()).collect();
+    list.push(std::ptr::null());
+    // SAFETY: `conn.handle()` is a live connection used on this thread only for the call;
+    // `list` is a NULL-terminated array of NUL-terminated strings that outlive the call
+    // (SQLite copies nothing from it after returning).
+    let rc = unsafe { ffi::sqlite3_drop_modules(conn.handle(), list.as_mut_ptr()) };
+    if rc != ffi::SQLITE_OK {
+        return Err(rusqlite::Error::SqliteFailure(
+            ffi::Error::new(rc),
+            Some("dropping sqlite_dbpage".into()),
+        ));
+    }
     Ok(())
 }
 

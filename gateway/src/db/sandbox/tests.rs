@@ -111,6 +111,12 @@ fn test_refused_writes() {
         "CREATE TABLE c AS SELECT * FROM pragma_page_count".into(),
         "CREATE TABLE c AS SELECT * FROM dbstat".into(),
         "CREATE TABLE c AS SELECT datetime('now', 'localtime') AS n".into(),
+        "CREATE TABLE c AS SELECT data FROM sqlite_dbpage".into(),
+        "CREATE TABLE c AS SELECT data FROM sqlite_dbpage('main') WHERE pgno = 1".into(),
+        "UPDATE sqlite_dbpage SET data = zeroblob(4096) WHERE pgno = 1".into(),
+        "INSERT INTO sqlite_dbpage(pgno, data) VALUES(1, zeroblob(4096))".into(),
+        "DELETE FROM sqlite_dbpage".into(),
+        "CREATE VIRTUAL TABLE p USING sqlite_dbpage".into(),
     ];
     let sts: Vec<Statement> = attacks.iter().map(Statement::new).collect();
     let r = apply(&conn, 1, STAMP, sts);
@@ -123,10 +129,47 @@ fn test_refused_writes() {
     assert_eq!(hw, 10);
     let objects: i64 = one(
         &conn,
-        "SELECT count(*) FROM sqlite_master WHERE name IN ('x','y','c','r','d','_cairn_mine','tr','u','e')",
+        "SELECT count(*) FROM sqlite_master WHERE name IN ('x','y','c','r','d','p','_cairn_mine','tr','u','e')",
     );
     assert_eq!(objects, 0);
     assert!(!conn.is_autocommit() || conn.is_autocommit());
+}
+
+/// The raw-page table (compiled in for snapshot transfers) is neither on the connections user
+/// SQL runs on nor allowed by the authorizer, in any mode: reading it would show `_cairn_*`
+/// contents (device keys) byte for byte, writing it would bypass every rule.
+#[test]
+fn test_raw_pages_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = writer(dir.path());
+    let r = open_reader(&dir.path().join("db.sqlite")).unwrap();
+    let read = "SELECT count(*) FROM sqlite_dbpage";
+    let out = crate::db::sql::query(&r, &sql(&[read]), false, &ReadLimits::default(), None);
+    assert!(err(&out[0]).contains("sqlite_dbpage"), "{out:?}");
+    // A connection that has the module, under the authorizer alone.
+    let mut raw = Connection::open(dir.path().join("db.sqlite")).unwrap();
+    let has: i64 = one(&raw, read);
+    assert!(has > 0, "the build has sqlite_dbpage");
+    raw.authorizer(Some(super::authorizer::authorize)).unwrap();
+    for mode in [Mode::Read, Mode::Write, Mode::Load] {
+        for q in [
+            read,
+            "SELECT data FROM sqlite_dbpage('main') WHERE pgno = 1",
+            "UPDATE sqlite_dbpage SET data = data WHERE pgno = 1",
+            "INSERT INTO sqlite_dbpage(pgno, data) VALUES(1, zeroblob(4096))",
+            "CREATE VIRTUAL TABLE temp.p USING sqlite_dbpage",
+        ] {
+            let e = user(mode, || raw.execute_batch(q)).unwrap_err();
+            let why = describe(&e);
+            assert!(why.contains("not authorized"), "{mode:?} {q}: {why}");
+        }
+    }
+    raw.authorizer(None::<fn(rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authorization>)
+        .unwrap();
+    let ok: String = one(&raw, "PRAGMA integrity_check");
+    assert_eq!(ok, "ok");
+    let hw: i64 = one(&w, "SELECT seq FROM _cairn_high_water");
+    assert_eq!(hw, 10);
 }
 
 #[test]

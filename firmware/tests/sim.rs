@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration as StdDuration;
 
 use cairn_firmware::{Client, ConnectionState, ErrorCode, OverflowPolicy, PushError, Value};
+use cairn_protocol::{Ack, Message, Welcome};
 use common::*;
 use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
 
@@ -381,6 +382,34 @@ fn test_overloaded_and_unknown_device_back_off_longer() {
     });
 }
 
+/// Boot 1 of the device (boot number 5): ten records stored and acknowledged while an attacker
+/// records the gateway's replies, which it returns (a Welcome, then Acks).
+async fn record_first_boot(
+    cluster: &ClusterRef,
+    gws: &'static [cairn_firmware::GatewayAddr],
+) -> Vec<Vec<u8>> {
+    cluster.borrow_mut().recording = Some(Vec::new());
+    let first = leak::<4096>(OverflowPolicy::RejectNewest);
+    with_client(first, cluster, gws, 5, async move {
+        push_many(first, 0, 10).await;
+        assert!(wait_until(StdDuration::from_secs(10), || first.status().acked == 10).await);
+    })
+    .await;
+    let recorded = cluster.borrow_mut().recording.take().unwrap();
+    assert!(recorded.len() >= 2, "a Welcome and at least one Ack");
+    recorded
+}
+
+/// What anyone on the path can send: an unsealed Error(SeqGap), and a recorded Ack flagged
+/// unsealed.
+fn unsealed_frames(recorded: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
+    let mut error = [0u8; 64];
+    let n = cairn_protocol::encode_unsealed_error(ErrorCode::SeqGap, &mut error).unwrap();
+    let mut ack = recorded[1].clone();
+    ack[6] = cairn_protocol::FLAG_UNSEALED;
+    (error[..n].to_vec(), ack)
+}
+
 /// Gateway frames recorded on an earlier boot (same boot number), and forged or unsealed
 /// Welcome/Ack/Error frames, make a rebooted device drop, skip or renumber nothing; once a
 /// real gateway answers, every record is stored exactly once (SPEC.md §5.7).
@@ -390,16 +419,7 @@ fn test_recorded_and_forged_gateway_frames_drop_nothing() {
     local.block_on(&rt, async {
         let cluster = cluster(1, Faults::default(), 11);
         let gws = gateways(1);
-        // Boot 1: ten records stored and acknowledged, while an attacker records the replies.
-        cluster.borrow_mut().recording = Some(Vec::new());
-        let first = leak::<4096>(OverflowPolicy::RejectNewest);
-        with_client(first, &cluster, gws, 5, async move {
-            push_many(first, 0, 10).await;
-            assert!(wait_until(StdDuration::from_secs(10), || first.status().acked == 10).await);
-        })
-        .await;
-        let recorded = cluster.borrow_mut().recording.take().unwrap();
-        assert!(recorded.len() >= 2, "a Welcome and at least one Ack");
+        let recorded = record_first_boot(&cluster, gws).await;
         let acks_through_10 = recorded.concat();
 
         // Boot 2, same boot number, RAM outbox: five records the cluster has never seen, which
@@ -407,15 +427,12 @@ fn test_recorded_and_forged_gateway_frames_drop_nothing() {
         let mut forged_welcome = recorded[0].clone();
         let last = forged_welcome.len() - 1;
         forged_welcome[last] ^= 1;
-        let mut unsealed = [0u8; 64];
-        let n = cairn_protocol::encode_unsealed_error(ErrorCode::SeqGap, &mut unsealed).unwrap();
-        let mut unsealed_ack = recorded[1].clone();
-        unsealed_ack[6] = cairn_protocol::FLAG_UNSEALED;
+        let (unsealed_error, unsealed_ack) = unsealed_frames(&recorded);
         let attacks: Vec<Vec<u8>> = vec![
             acks_through_10,
             recorded[1..].concat(),
             forged_welcome,
-            unsealed[..n].to_vec(),
+            unsealed_error,
             unsealed_ack,
         ];
         let second = leak::<4096>(OverflowPolicy::RejectNewest);
@@ -444,6 +461,107 @@ fn test_recorded_and_forged_gateway_frames_drop_nothing() {
         let c = cluster.borrow();
         assert!(c.violations.is_empty(), "{:?}", c.violations);
         let want: Vec<u64> = (0..10).chain(100..105).collect();
+        assert_eq!(c.payloads(), want);
+    });
+}
+
+/// Inside a live session (after the gateway's authentic Welcome), frames an attacker on the
+/// path injects or alters — an Ack recorded on an earlier boot, an Ack sealed under another
+/// key, another connection's Welcome, unsealed Error and Ack frames, real Acks with one byte
+/// changed — never make the device drop or skip a record: it never believes a record acked
+/// that the cluster has not committed, and every record is stored exactly once in the end.
+#[test]
+fn test_frames_injected_into_a_live_session_drop_nothing() {
+    let (rt, local) = local();
+    local.block_on(&rt, async {
+        let cluster = cluster(1, Faults::default(), 13);
+        let gws = gateways(1);
+        let recorded = record_first_boot(&cluster, gws).await;
+
+        // An Ack through seq 1000 sealed by an attacker under a key of its own, with the
+        // counter the device expects next.
+        let mut attacker = cairn_protocol::DeviceSession::new(&[0x13; 32], 5, [9u8; 12]);
+        let mut hello = [0u8; 128];
+        let n = attacker
+            .encode(&Message::Hello(attacker.hello(DEVICE, 1, 8)), &mut hello)
+            .unwrap();
+        let mut gw =
+            cairn_protocol::GatewaySession::accept(&[0x13; 32], &hello[..n], [7; 12]).unwrap();
+        let mut scratch = [0u8; 128];
+        gw.encode(
+            &Message::Welcome(Welcome {
+                high_water: 0,
+                leader: None,
+                credit: 8,
+            }),
+            &mut scratch,
+        )
+        .unwrap();
+        let mut foreign_ack = [0u8; 128];
+        let n = gw
+            .encode(
+                &Message::Ack(Ack {
+                    through_seq: 1000,
+                    credit: 8,
+                    leader: None,
+                }),
+                &mut foreign_ack,
+            )
+            .unwrap();
+        let foreign_ack = foreign_ack[..n].to_vec();
+        let (unsealed_error, unsealed_ack) = unsealed_frames(&recorded);
+        let injections: Vec<Vec<u8>> = vec![
+            recorded[1..].concat(),
+            foreign_ack,
+            recorded[0].clone(),
+            unsealed_error,
+            unsealed_ack,
+        ];
+
+        let second = leak::<4096>(OverflowPolicy::RejectNewest);
+        for k in 100..110u64 {
+            second.push(1, &[Value::U64(k)]).unwrap();
+        }
+        let c2 = cluster.clone();
+        with_client(second, &cluster, gws, 5, async move {
+            let check = |c2: &ClusterRef| {
+                let st = second.status();
+                assert!(
+                    st.acked_through <= c2.borrow().hw,
+                    "{st:?} beyond the committed"
+                );
+                assert_eq!(st.dropped, 0, "{st:?}");
+            };
+            for bytes in injections {
+                let before = c2.borrow().hellos.len();
+                c2.borrow_mut().inject_after_welcome = Some(bytes);
+                assert!(
+                    wait_until(StdDuration::from_secs(5), || c2.borrow().hellos.len()
+                        >= before + 2)
+                    .await
+                );
+                check(&c2);
+            }
+            c2.borrow_mut().inject_after_welcome = None;
+            c2.borrow_mut().tamper_acks = true;
+            for k in 110..115u64 {
+                second.push(1, &[Value::U64(k)]).unwrap();
+            }
+            let before = c2.borrow().hellos.len();
+            assert!(
+                wait_until(StdDuration::from_secs(5), || c2.borrow().hellos.len()
+                    >= before + 2)
+                .await
+            );
+            check(&c2);
+            c2.borrow_mut().tamper_acks = false;
+            assert!(wait_until(StdDuration::from_secs(10), || second.status().queued == 0).await);
+            assert_eq!(second.status().acked_through, 25);
+        })
+        .await;
+        let c = cluster.borrow();
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        let want: Vec<u64> = (0..10).chain(100..115).collect();
         assert_eq!(c.payloads(), want);
     });
 }

@@ -13,6 +13,7 @@
 //! bootstrap = false
 //! join = "http://10.0.0.4:4001"      # comma-separated list allowed
 //! non_voter = false
+//! raft_cluster_remove_shutdown = false # a node stopped with SIGTERM leaves the cluster
 //! log_format = "text"                # or "json"
 //! log_level = "info"                 # RUST_LOG overrides
 //! heartbeat_ms = 50
@@ -23,6 +24,10 @@
 //! snapshot_log_mib = 32              # also take a snapshot when the Raft log holds more (0: off)
 //! write_batch_max = 1024             # commands per proposal to Raft (the write queue)
 //! write_queue_depth = 8192           # bounded queue in front of Raft
+//! write_queue_capacity = 1024        # rqlite's queued writes (?queue): requests waiting
+//! write_queue_batch_size = 128       # statements per queued batch (one Raft entry)
+//! write_queue_timeout_ms = 50        # a queued batch leaves at most this long after its first
+//! write_queue_tx = false             # run each queued batch as one transaction
 //! log_cache_mib = 64                 # recent Raft entries kept in memory for replication/apply
 //! read_timeout_ms = 30000            # a read (/db/query) is interrupted after this long
 //! read_max_rows = 1000000            # rows one read request may return
@@ -43,12 +48,37 @@
 //! join_as = "joiner"                 # user of `auth` whose password a join sends
 //! insecure = false                   # listen beyond loopback without auth / node TLS
 //! feed_capacity = 1024               # committed device batches kept for slow subscribers (embedding)
+//! # continuous backup (see `backup/`); the leader ships the log to every URL
+//! backup_url = ["s3://bucket/site-a", "file:///mnt/usb/cairn"]
+//! backup_interval = "1s"             # log segments shipped this often
+//! backup_snapshot_interval = "1h"    # a full snapshot at least this often...
+//! backup_snapshot_entries = 100000   # ...or after this many entries
+//! backup_retention = "24h"           # older snapshots (and the segments before them) go
+//! backup_retention_snapshots = 2     # but at least this many snapshots stay
+//! backup_key_file = "/etc/cairn/backup.key"  # 32 bytes (or 64 hex digits): objects encrypted
+//! backup_s3_endpoint = "http://127.0.0.1:9000"  # S3-compatible service; AWS when unset
+//! backup_s3_region = "us-east-1"
+//! backup_s3_access_key_id = "..."    # or AWS_ACCESS_KEY_ID
+//! backup_s3_secret_access_key = "..."  # or AWS_SECRET_ACCESS_KEY
+//! backup_s3_ca_cert = "/etc/cairn/s3-ca.crt"  # CAs for an https endpoint (default: system's)
+//! restore_if_empty = false           # an empty data dir restores the latest backup, then bootstraps
 //!
 //! [[stream]]
 //! id = 1
 //! table = "climate"
 //! columns = [{ name = "temperature", type = "real" }, { name = "humidity", type = "real" }]
 //! on_mismatch = "dead-letter"        # or "reject"
+//! ```
+//!
+//! Export, retention and the disk guard (see `config/export.rs` for `[[export]]`):
+//!
+//! ```toml
+//! site = "north-field"               # idempotency keys of exports; default a generated id
+//! cdc_config = "http://h:8000/cdc"   # rqlite's --cdc-config: a URL or a JSON file
+//! retention = "7d"                   # delete stream rows received longer ago
+//! keep_unexported = true             # ... only once every export delivered them
+//! disk_guard_free_mib = 256          # below this much free space: ingest refused (0: off)
+//! disk_guard_db_mib = 0              # above this database size: ingest refused (0: off)
 //! ```
 //!
 //! `[[stream]]` and `undeclared_streams` are read again on SIGHUP and `POST /streams/reload`
@@ -58,6 +88,12 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
+
+mod backup;
+pub mod export;
+mod tls;
+
+pub use backup::parse_duration;
 
 /// Committed device batches the record feed keeps for slow subscribers by default.
 pub const DEFAULT_FEED_CAPACITY: usize = 1024;
@@ -76,6 +112,8 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     pub join: Option<String>,
     pub non_voter: bool,
+    /// rqlite's `-raft-cluster-remove-shutdown`: on a graceful stop, leave the cluster.
+    pub raft_cluster_remove_shutdown: bool,
     pub log_format: LogFormat,
     pub log_level: String,
     pub heartbeat_ms: u64,
@@ -89,6 +127,12 @@ pub struct NodeConfig {
     pub snapshot_log_mib: u64,
     pub write_batch_max: usize,
     pub write_queue_depth: usize,
+    /// rqlite's queued writes (`/db/execute?queue`, `cluster::queue`): requests that may wait,
+    /// statements per batch, ms a batch waits for more, one transaction per batch.
+    pub write_queue_capacity: usize,
+    pub write_queue_batch_size: usize,
+    pub write_queue_timeout_ms: u64,
+    pub write_queue_tx: bool,
     /// MiB of flushed Raft entries kept in memory (see [`crate::raft::log_store`]); lower it on
     /// boards with little RAM, replication then reads older entries back from disk.
     pub log_cache_mib: usize,
@@ -136,6 +180,36 @@ pub struct NodeConfig {
     pub device_handshake_timeout_ms: u64,
     /// A device connection with no frame for this many ms is closed.
     pub device_idle_timeout_ms: u64,
+    /// Continuous backup targets (`file:///DIR`, `s3://BUCKET/PREFIX`); empty: no backup.
+    pub backup_url: Vec<String>,
+    pub backup_interval: String,
+    pub backup_snapshot_interval: String,
+    pub backup_snapshot_entries: u64,
+    pub backup_retention: String,
+    pub backup_retention_snapshots: usize,
+    pub backup_key_file: Option<PathBuf>,
+    pub backup_s3_endpoint: Option<String>,
+    pub backup_s3_region: Option<String>,
+    pub backup_s3_access_key_id: Option<String>,
+    pub backup_s3_secret_access_key: Option<String>,
+    pub backup_s3_ca_cert: Option<PathBuf>,
+    /// Start from the latest backup of `backup_url` when the data dir is empty.
+    pub restore_if_empty: bool,
+    /// The site id every exported record's key starts with (default: a generated cluster
+    /// id, stored in the replicated database on first leadership).
+    pub site: Option<String>,
+    /// Export destinations (`config::export`).
+    pub export: Vec<export::ExportDef>,
+    /// rqlite's `--cdc-config`: one more webhook destination named `cdc`.
+    pub cdc_config: Option<String>,
+    /// Stream rows received longer ago than this are deleted (`"7d"`).
+    pub retention: Option<String>,
+    /// Retention deletes only rows every export destination has delivered.
+    pub keep_unexported: bool,
+    /// Ingest is refused while the data dir's file system has less free space (MiB; 0: off).
+    pub disk_guard_free_mib: u64,
+    /// Ingest is refused while the database is larger (MiB; 0: off).
+    pub disk_guard_db_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -159,6 +233,7 @@ impl Default for NodeConfig {
             bootstrap: false,
             join: None,
             non_voter: false,
+            raft_cluster_remove_shutdown: false,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             // LAN defaults: a follower notices a dead leader after 150-300 ms.
@@ -170,6 +245,10 @@ impl Default for NodeConfig {
             snapshot_log_mib: 32,
             write_batch_max: 1024,
             write_queue_depth: 8192,
+            write_queue_capacity: 1024,
+            write_queue_batch_size: 128,
+            write_queue_timeout_ms: 50,
+            write_queue_tx: false,
             log_cache_mib: 64,
             read_timeout_ms: 30_000,
             read_max_rows: 1_000_000,
@@ -196,6 +275,26 @@ impl Default for NodeConfig {
             device_max_per_address: 1024,
             device_handshake_timeout_ms: 5_000,
             device_idle_timeout_ms: 120_000,
+            backup_url: Vec::new(),
+            backup_interval: "1s".into(),
+            backup_snapshot_interval: "1h".into(),
+            backup_snapshot_entries: 100_000,
+            backup_retention: "24h".into(),
+            backup_retention_snapshots: 2,
+            backup_key_file: None,
+            backup_s3_endpoint: None,
+            backup_s3_region: None,
+            backup_s3_access_key_id: None,
+            backup_s3_secret_access_key: None,
+            backup_s3_ca_cert: None,
+            restore_if_empty: false,
+            site: None,
+            export: Vec::new(),
+            cdc_config: None,
+            retention: None,
+            keep_unexported: false,
+            disk_guard_free_mib: 0,
+            disk_guard_db_mib: 0,
         }
     }
 }
@@ -237,6 +336,9 @@ pub struct NodeArgs {
     /// Join as a read replica that never votes.
     #[arg(long)]
     pub non_voter: bool,
+    /// On a graceful stop (SIGTERM), leave the cluster (rqlite's -raft-cluster-remove-shutdown).
+    #[arg(long)]
+    pub raft_cluster_remove_shutdown: bool,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter such as `info` or `cairn_gateway=debug` (RUST_LOG wins).
@@ -261,6 +363,18 @@ pub struct NodeArgs {
     pub write_batch_max: Option<usize>,
     #[arg(long)]
     pub write_queue_depth: Option<usize>,
+    /// Queued writes (`?queue`) that may wait before writers block (rqlite's default 1024).
+    #[arg(long)]
+    pub write_queue_capacity: Option<usize>,
+    /// Statements per queued batch, one Raft entry (default 128).
+    #[arg(long)]
+    pub write_queue_batch_size: Option<usize>,
+    /// Milliseconds a queued batch waits for more requests (default 50).
+    #[arg(long)]
+    pub write_queue_timeout_ms: Option<u64>,
+    /// Run each queued batch as one transaction.
+    #[arg(long)]
+    pub write_queue_tx: bool,
     /// MiB of recent Raft entries kept in memory for replication and apply (default 64).
     #[arg(long)]
     pub log_cache_mib: Option<usize>,
@@ -328,6 +442,50 @@ pub struct NodeArgs {
     /// Milliseconds without a frame after which a device connection is closed (default 120000).
     #[arg(long)]
     pub device_idle_timeout_ms: Option<u64>,
+    /// Continuous backup to file:///DIR or s3://BUCKET/PREFIX (repeat for several targets).
+    #[arg(long)]
+    pub backup_url: Vec<String>,
+    /// How often the leader ships committed log segments (default 1s).
+    #[arg(long)]
+    pub backup_interval: Option<String>,
+    /// A full snapshot at least this often (default 1h).
+    #[arg(long)]
+    pub backup_snapshot_interval: Option<String>,
+    /// A full snapshot after this many entries (default 100000).
+    #[arg(long)]
+    pub backup_snapshot_entries: Option<u64>,
+    /// Keep snapshots (and the segments after them) this long (default 24h).
+    #[arg(long)]
+    pub backup_retention: Option<String>,
+    /// Keep at least this many snapshots whatever their age (default 2).
+    #[arg(long)]
+    pub backup_retention_snapshots: Option<usize>,
+    /// Encrypt backup objects with this key (32 bytes, or 64 hex digits).
+    #[arg(long)]
+    pub backup_key_file: Option<PathBuf>,
+    /// S3-compatible endpoint such as http://127.0.0.1:9000 (default: AWS).
+    #[arg(long)]
+    pub backup_s3_endpoint: Option<String>,
+    #[arg(long)]
+    pub backup_s3_region: Option<String>,
+    /// S3 access key id (default: AWS_ACCESS_KEY_ID).
+    #[arg(long)]
+    pub backup_s3_access_key_id: Option<String>,
+    /// S3 secret key (default: AWS_SECRET_ACCESS_KEY).
+    #[arg(long)]
+    pub backup_s3_secret_access_key: Option<String>,
+    /// CAs (PEM) to trust for an https S3 endpoint (default: the system's).
+    #[arg(long)]
+    pub backup_s3_ca_cert: Option<PathBuf>,
+    /// With an empty data dir, restore the latest backup of --backup-url and bootstrap.
+    #[arg(long)]
+    pub restore_if_empty: bool,
+    /// Site id of exported records' keys (default: a generated cluster id).
+    #[arg(long)]
+    pub site: Option<String>,
+    /// rqlite's CDC: a webhook URL or a JSON config file in rqlite's format.
+    #[arg(long)]
+    pub cdc_config: Option<String>,
 }
 
 impl NodeConfig {
@@ -366,6 +524,9 @@ impl NodeConfig {
             snapshot_log_mib,
             write_batch_max,
             write_queue_depth,
+            write_queue_capacity,
+            write_queue_batch_size,
+            write_queue_timeout_ms,
             log_cache_mib,
             read_timeout_ms,
             read_max_rows,
@@ -375,11 +536,22 @@ impl NodeConfig {
             device_max_connections,
             device_max_per_address,
             device_handshake_timeout_ms,
-            device_idle_timeout_ms
+            device_idle_timeout_ms,
+            backup_interval,
+            backup_snapshot_interval,
+            backup_snapshot_entries,
+            backup_retention,
+            backup_retention_snapshots
         );
         if args.accept_protocol_1 {
             c.accept_protocol_1 = true;
         }
+        c.write_queue_tx |= args.write_queue_tx;
+        c.raft_cluster_remove_shutdown |= args.raft_cluster_remove_shutdown;
+        if !args.backup_url.is_empty() {
+            c.backup_url = args.backup_url.clone();
+        }
+        c.restore_if_empty |= args.restore_if_empty;
         if args.http_adv_addr.is_some() {
             c.http_adv_addr = args.http_adv_addr.clone();
         }
@@ -411,7 +583,15 @@ impl NodeConfig {
             node_cert,
             node_key,
             node_ca_cert,
-            join_as
+            join_as,
+            backup_key_file,
+            backup_s3_endpoint,
+            backup_s3_region,
+            backup_s3_access_key_id,
+            backup_s3_secret_access_key,
+            backup_s3_ca_cert,
+            site,
+            cdc_config
         );
         c.http_verify_client |= args.http_verify_client;
         c.node_verify_client |= args.node_verify_client;
@@ -437,10 +617,15 @@ impl NodeConfig {
             "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
         );
         anyhow::ensure!(
-            self.write_batch_max > 0 && self.write_queue_depth > 0,
+            self.write_batch_max > 0
+                && self.write_queue_depth > 0
+                && self.write_queue_capacity > 0
+                && self.write_queue_batch_size > 0,
             "write queue sizes must be positive"
         );
         anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");
+        self.validate_backup()?;
+        export::validate(&self.exports()?, self.retention.as_deref())?;
         self.schema()
             .validate()
             .map_err(|e| anyhow::anyhow!("[[stream]]: {e}"))?;
@@ -457,44 +642,13 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// HTTPS settings of the API, if `http_cert` and `http_key` are set.
-    pub fn http_tls(&self) -> anyhow::Result<Option<crate::security::tls::HttpTls>> {
-        match (&self.http_cert, &self.http_key) {
-            (Some(cert), Some(key)) => Ok(Some(crate::security::tls::HttpTls {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca_cert: self.http_ca_cert.clone(),
-                verify_client: self.http_verify_client,
-            })),
-            (None, None) => {
-                anyhow::ensure!(
-                    self.http_ca_cert.is_none() && !self.http_verify_client,
-                    "http_ca_cert / http_verify_client need http_cert and http_key"
-                );
-                Ok(None)
-            }
-            _ => anyhow::bail!("http_cert and http_key go together"),
+    /// The export destinations: `[[export]]` and `--cdc-config`.
+    pub fn exports(&self) -> anyhow::Result<Vec<export::ExportDef>> {
+        let mut out = self.export.clone();
+        if let Some(c) = &self.cdc_config {
+            out.push(export::ExportDef::from_cdc_config(c)?);
         }
-    }
-
-    /// Node-to-node TLS settings, if `node_cert`, `node_key` and `node_ca_cert` are set.
-    pub fn node_tls(&self) -> anyhow::Result<Option<crate::security::tls::NodeTls>> {
-        match (&self.node_cert, &self.node_key, &self.node_ca_cert) {
-            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::security::tls::NodeTls {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca_cert: ca.clone(),
-                verify_client: self.node_verify_client,
-            })),
-            (None, None, None) => {
-                anyhow::ensure!(
-                    !self.node_verify_client,
-                    "node_verify_client needs node_cert, node_key and node_ca_cert"
-                );
-                Ok(None)
-            }
-            _ => anyhow::bail!("node_cert, node_key and node_ca_cert go together"),
-        }
+        Ok(out)
     }
 
     /// The device stream mapping these settings declare.

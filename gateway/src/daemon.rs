@@ -145,11 +145,20 @@ pub struct Started {
     pub ingress: Arc<Ingress>,
     stop_tx: tokio::sync::watch::Sender<bool>,
     servers: Vec<tokio::task::JoinHandle<()>>,
+    /// `--raft-cluster-remove-shutdown`: leave the cluster when stopping.
+    leave_on_stop: bool,
 }
 
 impl Started {
-    /// Hands over leadership, stops Raft, then the listeners.
+    /// Hands over leadership (and leaves the cluster with `--raft-cluster-remove-shutdown`),
+    /// stops Raft, then the listeners.
     pub async fn stop(self) {
+        if self.leave_on_stop && self.cluster.running() {
+            match self.cluster.leave().await {
+                Ok(()) => tracing::info!("left the cluster (raft_cluster_remove_shutdown)"),
+                Err(e) => tracing::warn!("leaving the cluster: {e}"),
+            }
+        }
         self.cluster.step_down().await;
         if let Err(e) = self.cluster.raft().shutdown().await {
             tracing::warn!("raft shutdown: {e}");
@@ -162,8 +171,12 @@ impl Started {
 }
 
 /// Opens storage, starts Raft and the listeners, bootstraps or joins. Returns once serving.
-pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
+pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
     let sec = Security::build(&config)?;
+    let backup = crate::backup::BackupSettings::from_config(&config)?;
+    if let Some(b) = backup.as_ref().filter(|_| config.restore_if_empty) {
+        config.bootstrap |= crate::backup::restore::if_empty(&config.data_dir, b).await?;
+    }
     std::fs::create_dir_all(&config.data_dir)?;
     let http_listener = TcpListener::bind(&config.http_addr)
         .await
@@ -198,14 +211,27 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         &serde_json::to_vec(&bound)?,
     )?;
 
-    let metrics = Arc::new(Metrics::default());
+    if crate::backup::restore::is_restored(&config.data_dir) {
+        anyhow::ensure!(
+            config.bootstrap,
+            "{} holds a restored backup: start it with --bootstrap (a one-node cluster others \
+             then join)",
+            config.data_dir.display()
+        );
+        crate::backup::restore::adopt(&config.data_dir, config.node_id, &peer)?;
+    }
     let log_store =
         LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
+    let metrics = Arc::new(Metrics {
+        stamp_floor: log_store.stamp_floor(),
+        ..Metrics::default()
+    });
     let log_stats = log_store.stats();
     let feed = Arc::new(Feed::new(config.feed_capacity));
     let sm =
         StateMachine::open_with_feed(&config.data_dir.join("sm"), metrics.clone(), feed.clone())?;
     let client = HttpClient::new(sec.raft_client_tls.clone());
+    let backup_log = log_store.clone();
     let raft = Raft::new(
         config.node_id,
         Arc::new(config.raft_config()?),
@@ -234,12 +260,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         store: sm.store(),
         proposer,
         client,
-        metrics,
+        metrics: metrics.clone(),
         log_stats,
         scratch_dir: config.data_dir.clone(),
         read_limits: config.read_limits(),
         max_db_bytes: config.max_db_size_mib << 20,
         feed,
+        queue: crate::cluster::queue::Settings {
+            capacity: config.write_queue_capacity,
+            batch_size: config.write_queue_batch_size,
+            timeout: Duration::from_millis(config.write_queue_timeout_ms),
+            transaction: config.write_queue_tx,
+        },
     });
     cluster
         .streams()
@@ -263,7 +295,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
     // The Raft listener: node-to-node routes only, plus the API under `/api` for requests a
     // follower forwards to the leader (each carries its client's credentials and passes the
     // same permission checks; see `http::to_leader`).
-    let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20)
+    let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20, metrics)
         .merge(crate::ingress::forward::routes(ingress.clone()))
         .merge(crate::cluster::streams::routes(cluster.clone()))
         .merge(crate::cluster::forward::routes(cluster.clone()))
@@ -285,6 +317,19 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
             }
         }));
     }
+    if let Some(b) = backup {
+        servers.extend(crate::backup::start(
+            cluster.clone(),
+            backup_log,
+            b,
+            stop_rx.clone(),
+        )?);
+    }
+    servers.push(tokio::spawn(crate::export::supervise(
+        cluster.clone(),
+        crate::export::ExportSettings::from_config(&config)?,
+        stop_rx.clone(),
+    )));
     let (watching, stop) = (cluster.clone(), stop_rx.clone());
     servers.push(tokio::spawn(async move {
         watching.hand_over_while_held(stop).await;
@@ -339,6 +384,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Started> {
         ingress,
         stop_tx,
         servers,
+        leave_on_stop: config.raft_cluster_remove_shutdown,
     })
 }
 

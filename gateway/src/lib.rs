@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod backup;
 pub mod cli;
 pub mod cluster;
 pub mod command;
@@ -8,6 +9,7 @@ pub mod daemon;
 pub mod db;
 pub mod embed;
 pub mod error;
+pub mod export;
 pub mod http;
 pub mod ingress;
 pub mod metrics;

@@ -39,17 +39,35 @@ enum Cmd {
         #[command(flatten)]
         conn: cli::ConnArgs,
     },
-    /// Download the database (a SQLite file) to FILE.
+    /// Download the database (a SQLite file) to FILE; `backup list --from URL` shows a
+    /// continuous backup.
+    #[command(args_conflicts_with_subcommands = true)]
     Backup {
-        file: PathBuf,
+        #[command(subcommand)]
+        command: Option<BackupCmd>,
+        #[arg(required = true)]
+        file: Option<PathBuf>,
         #[command(flatten)]
         conn: cli::ConnArgs,
     },
-    /// Replace the database with FILE (a SQLite file or SQL text).
+    /// Replace the database with FILE (a SQLite file or SQL text), or rebuild a data dir from
+    /// a continuous backup (`--from URL --data-dir DIR [--to-time T | --to-index N]`).
     Restore {
-        file: PathBuf,
+        #[arg(required_unless_present = "from", conflicts_with = "from")]
+        file: Option<PathBuf>,
         #[command(flatten)]
         conn: cli::ConnArgs,
+        #[command(flatten)]
+        source: Option<cli::backup::BackupSource>,
+        /// The new data directory (must be empty or absent).
+        #[arg(long, requires = "from")]
+        data_dir: Option<PathBuf>,
+        /// Stop after the last entry stamped at or before this time (RFC 3339).
+        #[arg(long, requires = "from", conflicts_with = "to_index")]
+        to_time: Option<String>,
+        /// Stop after this log index.
+        #[arg(long, requires = "from")]
+        to_index: Option<u64>,
     },
     /// Run simulated devices (the real firmware client) against gateways' device ports.
     #[cfg(feature = "sim")]
@@ -73,6 +91,12 @@ enum Cmd {
         #[command(subcommand)]
         command: cairn_gateway::security::certs::CertsCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// What a continuous backup holds: snapshots, covered index and time ranges, sizes.
+    List(cli::backup::BackupSource),
 }
 
 #[derive(Subcommand)]
@@ -113,6 +137,39 @@ enum DeviceCmd {
         /// (1 to 4; with --provision-out).
         #[arg(long = "gateway", value_name = "IP:PORT", requires = "provision_out")]
         gateways: Vec<std::net::SocketAddrV4>,
+        /// 1: a protocol 1 device, accepted only by gateways started with
+        /// --accept-protocol-1 (default 2).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        protocol: Option<u8>,
+    },
+    /// Revoke a device: every gateway closes its open connection and refuses its Hellos
+    /// (records it already had acknowledged stay). A new key (`rekey`, `add`) lifts it.
+    Revoke {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Install a new key for a device; its current key stays accepted for the grace window.
+    /// With --status, show when it was rekeyed and when it was first seen with the new key.
+    Rekey {
+        #[arg(long)]
+        id: u64,
+        /// The new 32-byte key as 64 hex digits.
+        #[arg(long, required_unless_present_any = ["generate", "status"], conflicts_with = "status")]
+        key: Option<String>,
+        /// Generate the new key here; it is printed once and written to --provision-out.
+        #[arg(long, conflicts_with_all = ["key", "status"])]
+        generate: bool,
+        /// How long the current key stays accepted, in seconds.
+        #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+        grace_secs: u64,
+        /// Also write the device's settings region with the new key to FILE, a new file.
+        #[arg(long, value_name = "FILE", requires = "gateways")]
+        provision_out: Option<PathBuf>,
+        #[arg(long = "gateway", value_name = "IP:PORT", requires = "provision_out")]
+        gateways: Vec<std::net::SocketAddrV4>,
+        /// Show the device's key rotation instead of changing it.
+        #[arg(long)]
+        status: bool,
     },
     /// Write a device's settings region (id, key, gateways) to a new FILE without contacting
     /// any gateway (register the same key with `cairn device add`).
@@ -163,8 +220,24 @@ fn main() -> std::process::ExitCode {
             cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, config, dev_fleet)))
         }
         Cmd::Shell { conn } => cli::shell(&conn),
-        Cmd::Backup { file, conn } => cli::Api::connect(&conn).and_then(|a| cli::backup(&a, &file)),
-        Cmd::Restore { file, conn } => {
+        Cmd::Backup {
+            command: Some(BackupCmd::List(src)),
+            ..
+        } => cli::backup::list(&src),
+        Cmd::Backup { file, conn, .. } => cli::Api::connect(&conn)
+            .and_then(|a| cli::backup(&a, &file.expect("clap requires FILE without a subcommand"))),
+        Cmd::Restore {
+            source: Some(src),
+            data_dir,
+            to_time,
+            to_index,
+            ..
+        } => match data_dir {
+            Some(dir) => cli::backup::restore_from(&src, &dir, to_time.as_deref(), to_index),
+            None => Err(anyhow::anyhow!("restore --from needs --data-dir DIR")),
+        },
+        Cmd::Restore { file, conn, .. } => {
+            let file = file.expect("clap requires FILE without --from");
             cli::Api::connect(&conn).and_then(|a| cli::restore(&a, &file))
         }
         #[cfg(feature = "sim")]
@@ -176,13 +249,26 @@ fn main() -> std::process::ExitCode {
                 generate,
                 provision_out,
                 gateways,
+                protocol,
             } => {
-                let key = match key {
-                    Some(hex) if !generate => admin::KeySource::Hex(hex),
-                    _ => admin::KeySource::Generate,
-                };
-                let provision = provision_out.map(|file| admin::ProvisionOut { file, gateways });
-                admin::add(&api, id, key, provision)
+                let (key, provision) = admin::key_flags(key, generate, provision_out, gateways);
+                admin::add(&api, id, key, provision, protocol)
+            }
+            DeviceCmd::Revoke { id } => admin::revoke(&api, id),
+            DeviceCmd::Rekey {
+                id, status: true, ..
+            } => admin::rekey_status(&api, id),
+            DeviceCmd::Rekey {
+                id,
+                key,
+                generate,
+                grace_secs,
+                provision_out,
+                gateways,
+                status: false,
+            } => {
+                let (key, provision) = admin::key_flags(key, generate, provision_out, gateways);
+                admin::rekey(&api, id, key, provision, grace_secs)
             }
             DeviceCmd::Provision {
                 id,

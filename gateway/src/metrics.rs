@@ -7,9 +7,14 @@
 //! buckets, so a percentile is exact to within a factor of two (reported as the bucket's
 //! upper bound).
 
+mod backup;
+pub mod export;
+
+pub use backup::BackupStats;
+
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_protocol::ErrorCode;
@@ -257,6 +262,14 @@ pub struct Metrics {
     pub rejects: Rejects,
     /// Protocol 1 Hellos accepted (only with `--accept-protocol-1`).
     pub hellos_v1: AtomicU64,
+    /// Hellos refused because the device is revoked; Hellos accepted under a device's
+    /// previous key (rekey grace window); protocol 1 Hellos of devices registered for 2.
+    pub hellos_revoked: AtomicU64,
+    pub hellos_previous_key: AtomicU64,
+    pub hellos_v1_refused: AtomicU64,
+    /// Open sessions closed because their key stopped being accepted (revoked, replaced,
+    /// grace window over).
+    pub sessions_closed_key: AtomicU64,
     /// Connections closed at once: over the global cap / over the per-address cap.
     pub connections_over_cap: AtomicU64,
     pub connections_over_address_cap: AtomicU64,
@@ -290,12 +303,75 @@ pub struct Metrics {
     pub apply_latency: Histogram,
     /// Apply held by an environment failure (disk full, ...), if it is.
     pub apply_stall: Stall,
+    /// When this node last took an AppendEntries from a leader (rqlite's "last contact"),
+    /// for `freshness` on `none` reads.
+    pub leader_contact: LeaderContact,
+    /// The highest entry stamp (Unix ms) this node has seen in its log or its database: the
+    /// proposer never stamps below it, so time in the log never goes back across leaders.
+    /// Shared with the log store (`raft::log_store::LogStore::stamp_floor`).
+    pub stamp_floor: Arc<AtomicI64>,
+    /// Continuous backup, on the node that runs it (the leader).
+    pub backup: BackupStats,
+    /// Ingest refused by the disk guard (free space or database size past its mark).
+    pub disk_guard: Stall,
+    /// Per export destination (the leader's runners).
+    pub exports: export::ExportCounters,
+}
+
+/// The last AppendEntries (heartbeats included) this node accepted from a leader, and the
+/// commit index the leader sent with it.
+#[derive(Debug)]
+pub struct LeaderContact {
+    origin: std::time::Instant,
+    /// Milliseconds after `origin` plus one (0: never).
+    at_ms: AtomicU64,
+    leader_commit: AtomicU64,
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        LeaderContact {
+            origin: std::time::Instant::now(),
+            at_ms: AtomicU64::new(0),
+            leader_commit: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LeaderContact {
+    /// Notes an accepted AppendEntries that carried `leader_commit`.
+    pub fn touch(&self, leader_commit: Option<u64>) {
+        let ms = self.origin.elapsed().as_millis() as u64 + 1;
+        self.at_ms.store(ms, Relaxed);
+        if let Some(c) = leader_commit {
+            self.leader_commit.fetch_max(c, Relaxed);
+        }
+    }
+
+    /// How long ago the leader was last heard from (`None`: never since start).
+    pub fn since(&self) -> Option<std::time::Duration> {
+        match self.at_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(
+                self.origin
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(ms - 1)),
+            ),
+        }
+    }
+
+    /// The highest commit index a leader has told this node.
+    pub fn leader_commit(&self) -> u64 {
+        self.leader_commit.load(Relaxed)
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             apply_stall: Stall::default(),
+            disk_guard: Stall::default(),
+            exports: export::ExportCounters::default(),
             http_requests: AtomicU64::new(0),
             writes_proposed: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),
@@ -307,6 +383,10 @@ impl Default for Metrics {
             acks_sent: AtomicU64::new(0),
             rejects: Rejects::new(),
             hellos_v1: AtomicU64::new(0),
+            hellos_revoked: AtomicU64::new(0),
+            hellos_previous_key: AtomicU64::new(0),
+            hellos_v1_refused: AtomicU64::new(0),
+            sessions_closed_key: AtomicU64::new(0),
             connections_over_cap: AtomicU64::new(0),
             connections_over_address_cap: AtomicU64::new(0),
             handshake_timeouts: AtomicU64::new(0),
@@ -326,6 +406,9 @@ impl Default for Metrics {
             commit_latency: Histogram::new(),
             ack_latency: Histogram::new(),
             apply_latency: Histogram::new(),
+            leader_contact: LeaderContact::default(),
+            stamp_floor: Arc::default(),
+            backup: BackupStats::default(),
         }
     }
 }
@@ -344,6 +427,10 @@ impl Metrics {
             "acks_sent": g(&self.acks_sent),
             "rejects": self.rejects.to_json(),
             "hellos_v1": g(&self.hellos_v1),
+            "hellos_revoked": g(&self.hellos_revoked),
+            "hellos_previous_key": g(&self.hellos_previous_key),
+            "hellos_v1_refused": g(&self.hellos_v1_refused),
+            "sessions_closed_key": g(&self.sessions_closed_key),
             "connections_over_cap": g(&self.connections_over_cap),
             "connections_over_address_cap": g(&self.connections_over_address_cap),
             "handshake_timeouts": g(&self.handshake_timeouts),
@@ -403,6 +490,26 @@ impl Metrics {
             "hellos_v1_total",
             "Protocol 1 Hellos accepted (migration flag).",
             g(&self.hellos_v1),
+        );
+        counter(
+            "hellos_revoked_total",
+            "Hellos refused: the device is revoked.",
+            g(&self.hellos_revoked),
+        );
+        counter(
+            "hellos_previous_key_total",
+            "Hellos accepted under a device's previous key (rekey grace window).",
+            g(&self.hellos_previous_key),
+        );
+        counter(
+            "hellos_v1_refused_total",
+            "Protocol 1 Hellos refused: the device is registered for protocol 2.",
+            g(&self.hellos_v1_refused),
+        );
+        counter(
+            "sessions_closed_key_total",
+            "Open device sessions closed: their key was revoked, replaced or its grace ended.",
+            g(&self.sessions_closed_key),
         );
         counter(
             "connections_over_cap_total",

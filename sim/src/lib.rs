@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use cairn_firmware::tokio::TcpTransport;
-use cairn_firmware::{BootNonce, Client, Config, GatewayAddr, OverflowPolicy, Value};
+use cairn_firmware::tokio::{TcpTransport, TokioConnection};
+use cairn_firmware::{
+    BootNonce, Client, Config, Connection, GatewayAddr, OverflowPolicy, Transport, TransportError,
+    Value,
+};
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
 use serde_json::json;
 
@@ -127,6 +130,66 @@ struct Fleet {
     pushed: AtomicU64,
     acked: AtomicU64,
     latencies: Latencies,
+    /// Per connection: TCP connect, and the protocol handshake (Hello written to the first
+    /// bytes of the gateway's answer, the Welcome: one round trip plus the gateway's key
+    /// lookup, key derivation and linearizable high-water read).
+    connects: Latencies,
+    handshakes: Latencies,
+}
+
+/// The TCP transport, timing every connection's connect and handshake into the fleet.
+struct TimedTransport {
+    fleet: Arc<Fleet>,
+}
+
+struct TimedConnection {
+    inner: TokioConnection,
+    fleet: Arc<Fleet>,
+    /// When the first frame (the Hello) was written, until the first answer arrives.
+    hello_at: Option<Instant>,
+    answered: bool,
+}
+
+impl Transport for TimedTransport {
+    type Connection<'a> = TimedConnection;
+
+    async fn connect(&mut self, addr: GatewayAddr) -> Result<TimedConnection, TransportError> {
+        let start = Instant::now();
+        let inner = TcpTransport::new().connect(addr).await?;
+        self.fleet.connects.record(start.elapsed());
+        Ok(TimedConnection {
+            inner,
+            fleet: self.fleet.clone(),
+            hello_at: None,
+            answered: false,
+        })
+    }
+}
+
+impl Connection for TimedConnection {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        let n = self.inner.read(buf).await?;
+        if n > 0 && !self.answered {
+            self.answered = true;
+            if let Some(at) = self.hello_at {
+                self.fleet.handshakes.record(at.elapsed());
+            }
+        }
+        Ok(n)
+    }
+
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
+        self.hello_at.get_or_insert_with(Instant::now);
+        self.inner.write(buf).await
+    }
+
+    async fn flush(&mut self) -> Result<(), TransportError> {
+        self.inner.flush().await
+    }
+
+    async fn close(&mut self) {
+        self.inner.close().await
+    }
 }
 
 fn parse_gateways(s: &str) -> anyhow::Result<Vec<GatewayAddr>> {
@@ -277,8 +340,9 @@ fn run_thread(
                 BootNonce::from_rng(rand::random()),
                 list,
             )));
+            let fleet = fleet.clone();
             runners.push(tokio::task::spawn_local(async move {
-                client.run(&mut TcpTransport::new(), config).await
+                client.run(&mut TimedTransport { fleet }, config).await
             }));
             clients.push((client, d.id));
         }
@@ -395,6 +459,8 @@ pub fn run(
         pushed: AtomicU64::new(0),
         acked: AtomicU64::new(0),
         latencies: Latencies::new(),
+        connects: Latencies::new(),
+        handshakes: Latencies::new(),
     });
     let threads = args
         .threads
@@ -482,6 +548,10 @@ pub fn run(
         "queued": sum(|r| u64::from(r.queued)),
         "p50_ms": fleet.latencies.quantile_ms(0.5),
         "p99_ms": fleet.latencies.quantile_ms(0.99),
+        // Per connection: TCP connect, and Hello -> Welcome (SPEC.md §5: one round trip).
+        "connect_p50_ms": fleet.connects.quantile_ms(0.5),
+        "handshake_p50_ms": fleet.handshakes.quantile_ms(0.5),
+        "handshake_p99_ms": fleet.handshakes.quantile_ms(0.99),
         // Acknowledged while pushing, per second of pushing.
         "records_per_s": (acked_at_stop as f64 / elapsed.max(1e-9)).round(),
     });

@@ -20,6 +20,16 @@ use std::time::{Duration, Instant};
 /// The stream the fleet writes; the bench declares it as a three-`real` table.
 pub const STREAM: u16 = 7;
 
+/// The config of [`STREAM`] as a table `climate` of three reals (what the fleet sends).
+pub fn stream_toml() -> String {
+    format!(
+        "[[stream]]\nid = {STREAM}\ntable = \"climate\"\ncolumns = [\
+         {{ name = \"temperature\", type = \"real\" }}, \
+         {{ name = \"humidity\", type = \"real\" }}, \
+         {{ name = \"pressure\", type = \"real\" }}]\n"
+    )
+}
+
 /// Records one device puts in a batch at most (a full 1 KiB frame holds about 49).
 const MAX_BATCH: u16 = 64;
 
@@ -90,8 +100,13 @@ pub struct Plan<'a> {
     pub probe: Option<&'a AckProbe>,
 }
 
+/// Fleets run by this process so far: each run's devices say a new boot number in their
+/// Hello, so a device of a second run is not taken for a replay of the first's Hellos.
+static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// Runs the fleet for `plan.duration`, one thread per device.
 pub fn run(plan: &Plan<'_>) -> Result<Report> {
+    let boot = RUNS.fetch_add(1, Ordering::Relaxed) + 1;
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let mut report = Report::default();
@@ -102,7 +117,7 @@ pub fn run(plan: &Plan<'_>) -> Result<Report> {
             handles.push(
                 std::thread::Builder::new()
                     .stack_size(256 * 1024)
-                    .spawn_scoped(scope, move || device(plan, id, stop, start))?,
+                    .spawn_scoped(scope, move || device(plan, id, boot, stop, start))?,
             );
         }
         std::thread::sleep(plan.duration);
@@ -162,13 +177,19 @@ impl<R: Read> Read for Counted<R> {
 /// One device: connects, and after any error reconnects to the next gateway (or the leader
 /// a Welcome names) with a fresh Hello, resuming at the announced high water, as SPEC §8 asks.
 /// Gives up only if it cannot get a record acknowledged for 30 s.
-fn device(plan: &Plan<'_>, id: u64, stop: &AtomicBool, start: Instant) -> Result<DeviceStats> {
+fn device(
+    plan: &Plan<'_>,
+    id: u64,
+    boot: u32,
+    stop: &AtomicBool,
+    start: Instant,
+) -> Result<DeviceStats> {
     let mut d = Device {
         plan,
         id,
         stop,
         start,
-        session: DeviceSession::new(&key_of(id), 1, crate::device::boot_nonce()),
+        session: DeviceSession::new(&key_of(id), boot, crate::device::boot_nonce()),
         stats: DeviceStats::default(),
         first_high_water: None,
         acked: 0,

@@ -13,6 +13,8 @@
 //!   `cairn sim`) and a fleet of them, one thread each, for load.
 //! - [`faults`] with [`nemesis`], [`netns`], [`tmpfs`], [`history`] and [`linearizability`]:
 //!   seeded fault schedules and their checkers.
+//! - [`servers`]: real export destinations (PostgreSQL, NATS JetStream, mosquitto) and a
+//!   webhook receiver, started per test.
 //! - Nothing sleeps for a fixed time: [`poll`] retries until a condition holds or a timeout
 //!   names what never happened.
 
@@ -25,6 +27,7 @@ pub mod http;
 pub mod linearizability;
 pub mod nemesis;
 pub mod netns;
+pub mod servers;
 pub mod tmpfs;
 
 use std::time::{Duration, Instant};

@@ -92,6 +92,17 @@ fn routes() -> Vec<Route> {
         r("GET", "/nodes", None, "status"),
         r("GET", "/metrics", None, "status"),
         r("GET", "/readyz", None, "ready"),
+        r("GET", "/leader", None, "status"),
+        r("POST", "/leader", j(json!({})), "leader-ops"),
+        r("POST", "/snapshot", j(json!({})), "snapshot"),
+        r("POST", "/db/sql", j(json!(["SELECT 1"])), "query"),
+        r("GET", "/debug/vars", None, "status"),
+        r(
+            "POST",
+            "/boot",
+            Some(("application/octet-stream", b"SQLite format 3\0".to_vec())),
+            "load",
+        ),
         r(
             "POST",
             "/join",
@@ -107,6 +118,19 @@ fn routes() -> Vec<Route> {
         ),
         r("GET", "/devices", None, "devices"),
         r("DELETE", "/devices/1", None, "devices"),
+        r("POST", "/devices/1/revoke", j(json!({})), "devices"),
+        r(
+            "POST",
+            "/devices/1/rekey",
+            j(json!({"key": key, "grace_s": 60})),
+            "devices",
+        ),
+        r(
+            "POST",
+            "/devices/1/protocol",
+            j(json!({"version": 1})),
+            "devices",
+        ),
     ]
 }
 

@@ -118,6 +118,14 @@ fn test(_args: &[String]) -> Result<()> {
             "warnings",
         ])
     })?;
+    // SPEC.md's derived keys and sealed frames (protocol 2 and appendix A) recomputed with
+    // Python's `cryptography`, and found in the spec's hex blocks.
+    util::step("protocol cross-check", || {
+        util::run(
+            std::process::Command::new("python3")
+                .arg(util::root().join("protocol/tests/crosscheck.py")),
+        )
+    })?;
     for target in ["thumbv7em-none-eabihf", "thumbv6m-none-eabi"] {
         util::step(&format!("no_std build ({target})"), || {
             util::cargo(&["build", "-p", "cairn-protocol", "--target", target])?;

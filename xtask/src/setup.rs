@@ -30,14 +30,39 @@ const PACKAGES: &[(&str, &str)] = &[
     ("faketime", "faketime"),
     // A real rqlite client for the tests (t13_security connects with credentials over HTTPS).
     ("python3", "python3"),
+    // Export destinations the export tests start (tests/src/servers.rs).
+    ("/usr/lib/postgresql/15/bin/postgres", "postgresql-15"),
+    ("/usr/sbin/nats-server", "nats-server"),
+    ("/usr/sbin/mosquitto", "mosquitto"),
+    ("mosquitto_sub", "mosquitto-clients"),
 ];
 
-/// Python packages the tests use: pyrqlite, rqlite's DB-API client (from PyPI).
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("pyrqlite", "pyrqlite")];
+/// Python packages the tests use (from PyPI): pyrqlite, rqlite's DB-API client, and
+/// SQLAlchemy's rqlite dialect (which brings SQLAlchemy).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("pyrqlite", "pyrqlite"),
+    ("sqlalchemy_rqlite", "sqlalchemy-rqlite"),
+    // protocol/tests/crosscheck.py
+    ("cryptography", "cryptography"),
+    // moto's standalone S3-compatible server stores the backups of t18_backup.
+    ("moto.server", "moto[server]"),
+];
+
+/// npm packages the tests use, installed under [`NODE_DIR`] of the workspace (t19 looks
+/// there): rqlite-js, rqlite's JavaScript client, and the Babel runtime its build requires
+/// without declaring it.
+const NODE_PACKAGES: &[(&str, &str)] = &[
+    ("rqlite-js", "rqlite-js@2"),
+    ("@babel/runtime", "@babel/runtime@7"),
+];
+
+/// Where [`NODE_PACKAGES`] go, relative to the workspace root (inside `target/`, not tracked).
+pub const NODE_DIR: &str = "target/rqlite-js";
 
 pub fn run_setup() -> Result<()> {
     ensure_packages(PACKAGES)?;
     ensure_python(PYTHON_PACKAGES)?;
+    ensure_node(NODE_PACKAGES)?;
     // Make sure the pinned toolchain and its targets are installed. `cargo xtask` runs with
     // RUSTUP_TOOLCHAIN set by the cargo proxy, which makes rustup ignore rust-toolchain.toml
     // (and its targets): drop it, then add the listed targets explicitly, since a machine
@@ -131,6 +156,34 @@ fn ensure_python(packages: &[(&str, &str)]) -> Result<()> {
     exec(
         Command::new("python3")
             .args(["-m", "pip", "install", "-q", "--break-system-packages"])
+            .args(&missing),
+    )
+}
+
+/// Installs each (module, npm package) missing from [`NODE_DIR`] with npm (Debian's nodejs
+/// and npm first when they are missing).
+fn ensure_node(packages: &[(&str, &str)]) -> Result<()> {
+    let dir = crate::util::root().join(NODE_DIR);
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(m, _)| {
+            !dir.join("node_modules")
+                .join(m)
+                .join("package.json")
+                .exists()
+        })
+        .map(|(_, p)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    ensure_packages(&[("node", "nodejs"), ("npm", "npm")])?;
+    std::fs::create_dir_all(&dir)?;
+    println!("installing npm packages: {}", missing.join(" "));
+    exec(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
             .args(&missing),
     )
 }

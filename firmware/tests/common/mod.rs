@@ -116,6 +116,11 @@ pub struct Cluster {
     pub recording: Option<Vec<Vec<u8>>>,
     /// When set, an attacker answers every Hello with these bytes instead of a gateway.
     pub replay: Option<Vec<u8>>,
+    /// When set, an attacker on the path writes these bytes right after the gateway's real
+    /// Welcome on every connection.
+    pub inject_after_welcome: Option<Vec<u8>>,
+    /// When set, an attacker on the path flips a ciphertext byte of every Ack.
+    pub tamper_acks: bool,
     pub epoch: Option<std::time::Instant>,
     /// Batches received and not yet committed or lost, over all connections.
     pub in_pipeline: u64,
@@ -258,6 +263,9 @@ impl Replies {
         if let Some(rec) = self.cluster.borrow_mut().recording.as_mut() {
             rec.push(buf[..n].to_vec());
         }
+        if matches!(msg, Message::Ack(_)) && self.cluster.borrow().tamper_acks {
+            buf[cairn_protocol::HEADER_LEN] ^= 0x01;
+        }
         let mut w = self.writer.lock().await;
         if w.write_all(&buf[..n]).await.is_err() {
             *self.alive.borrow_mut() = false;
@@ -363,6 +371,10 @@ async fn serve(cluster: ClusterRef, index: usize, stream: DuplexStream) {
             credit,
         }))
         .await;
+    let inject = cluster.borrow().inject_after_welcome.clone();
+    if let Some(bytes) = inject {
+        let _ = replies.writer.lock().await.write_all(&bytes).await;
+    }
 
     // Commit pipeline: batches are committed in order, each after a random delay.
     let pending: Rc<RefCell<VecDeque<Vec<u8>>>> = Rc::default();

@@ -1,6 +1,7 @@
 //! The `cairn` subcommands other than `node`: `dev`, `shell`, `backup`, `restore`, `device`,
 //! `streams`, plus the process plumbing they share (logging, runtime, signals).
 
+pub mod backup;
 pub mod device;
 pub mod streams;
 
@@ -412,6 +413,7 @@ pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     let mut level = "weak".to_string();
+    let mut timer = false;
     loop {
         print!(
             "{}> ",
@@ -439,11 +441,69 @@ pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
                 ".quit" | ".exit" => std::process::exit(0),
                 ".help" => println!(
                     ".tables              list tables\n.schema              show CREATE statements\n\
+                     .indexes             list indexes\n\
                      .nodes               cluster members\n.status              this node's status\n\
-                     .consistency [LEVEL] show or set read level (none|weak|linearizable|strong)\n\
-                     .backup FILE         download the database\n.restore FILE        load a SQLite file or SQL dump\n\
+                     .leader              the leader\n.ready               whether the node is ready\n\
+                     .expvar              counters (/debug/vars)\n\
+                     .consistency [LEVEL] show or set read level (none|weak|linearizable|strong|auto)\n\
+                     .timer on|off        show the time each request took\n\
+                     .snapshot            snapshot this node now\n.remove ID           remove a member\n\
+                     .backup FILE         download the database\n.dump FILE           write the user tables as SQL\n\
+                     .restore FILE        load a SQLite file or SQL dump\n\
+                     .boot FILE           load a SQLite file into a single-node cluster\n\
                      .exit                leave\nanything else is SQL, sent to /db/request"
                 ),
+                ".indexes" => {
+                    let v = api.post_json(
+                        &format!("/db/query?level={level}"),
+                        &json!([
+                            "SELECT name, tbl_name AS \"table\" FROM sqlite_master WHERE type='index' ORDER BY name"
+                        ]),
+                    )?;
+                    print_results(&v.1, &mut out)?;
+                }
+                ".leader" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&api.get_json("/leader")?.1)?
+                ),
+                ".ready" => {
+                    let mut resp = api.get("/readyz").call()?;
+                    print!("{}", resp.body_mut().read_to_string()?);
+                }
+                ".expvar" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&api.get_json("/debug/vars")?.1)?
+                ),
+                ".timer" => match line.split_whitespace().nth(1) {
+                    Some("on") => timer = true,
+                    Some("off") => timer = false,
+                    _ => println!("usage: .timer on|off"),
+                },
+                ".snapshot" => {
+                    let (code, v) = api.post_json("/snapshot", &json!({}))?;
+                    check(code, &v)?;
+                    println!("{v}");
+                }
+                ".remove" => match line.split_whitespace().nth(1) {
+                    Some(id) => {
+                        let mut resp = api
+                            .delete("/remove")
+                            .force_send_body()
+                            .header("content-type", "application/json")
+                            .send(json!({ "id": id }).to_string())?;
+                        let code = resp.status().as_u16();
+                        println!("{code} {}", resp.body_mut().read_to_string()?);
+                    }
+                    None => println!("usage: .remove ID"),
+                },
+                ".dump" => match line.split_whitespace().nth(1) {
+                    Some(f) => download(&api, "/db/backup?fmt=sql", Path::new(f))?,
+                    None => println!("usage: .dump FILE"),
+                },
+                ".boot" => match line.split_whitespace().nth(1) {
+                    Some(f) => load_file(&api, "/boot", Path::new(f))?,
+                    None => println!("usage: .boot FILE"),
+                },
                 ".tables" => {
                     let v = api.post_json(
                         &format!("/db/query?level={level}"),
@@ -486,9 +546,15 @@ pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
                 },
                 w if w.starts_with('.') => println!("unknown command {w}; .help for help"),
                 _ => {
-                    let (_, v) =
-                        api.post_json(&format!("/db/request?level={level}"), &json!([line]))?;
+                    let timings = if timer { "&timings" } else { "" };
+                    let (_, v) = api.post_json(
+                        &format!("/db/request?level={level}{timings}"),
+                        &json!([line]),
+                    )?;
                     print_results(&v, &mut out)?;
+                    if let Some(t) = v["time"].as_f64() {
+                        println!("Run Time: {t:.6} seconds");
+                    }
                 }
             }
             Ok(())
@@ -501,7 +567,12 @@ pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
 
 /// `cairn backup FILE`: streams `/db/backup` (from the leader) into FILE.
 pub fn backup(api: &Api, file: &Path) -> anyhow::Result<()> {
-    let mut resp = api.get("/db/backup").call()?;
+    download(api, "/db/backup", file)
+}
+
+/// Streams `path` (from the leader) into FILE.
+fn download(api: &Api, path: &str, file: &Path) -> anyhow::Result<()> {
+    let mut resp = api.get(path).call()?;
     if resp.status().is_redirection()
         && let Some(to) = resp.headers().get("location").and_then(|l| l.to_str().ok())
     {
@@ -523,9 +594,14 @@ pub fn backup(api: &Api, file: &Path) -> anyhow::Result<()> {
 
 /// `cairn restore FILE`: replaces the database with FILE through `/db/load`.
 pub fn restore(api: &Api, file: &Path) -> anyhow::Result<()> {
+    load_file(api, "/db/load", file)
+}
+
+/// Sends a SQLite file (or, to `/db/load`, a SQL dump) to `route`.
+fn load_file(api: &Api, route: &str, file: &Path) -> anyhow::Result<()> {
     let f = std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let mut resp = api
-        .post("/db/load")
+        .post(route)
         .header("content-type", "application/octet-stream")
         .send(f)?;
     let status = resp.status();

@@ -5,6 +5,7 @@
 //! | route | body | answer |
 //! |---|---|---|
 //! | `POST /cluster/sql` | postcard [`SqlRequest`] | postcard `Result<Vec<StatementResult>, Error>` |
+//! | `POST /cluster/leave` | postcard node id | postcard `Result<(), Error>`: the leader removes the member ([`Cluster::leave`]) |
 //!
 //! Values travel typed (postcard), unlike a detour through the JSON API. The route never
 //! forwards again: a node that no longer leads answers `NotLeader`. The HTTP API keeps its
@@ -91,6 +92,7 @@ impl Cluster {
 pub fn routes(cluster: Arc<Cluster>) -> axum::Router {
     axum::Router::new()
         .route("/cluster/sql", post(forwarded))
+        .route("/cluster/leave", post(leave))
         // As much as the HTTP API takes.
         .layer(DefaultBodyLimit::max(256 << 20))
         .with_state(cluster)
@@ -102,4 +104,13 @@ async fn forwarded(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Vec<u8> 
         Err(e) => Err(Error::BadRequest(e.to_string())),
     };
     encode(&results)
+}
+
+/// A member stopping with `--raft-cluster-remove-shutdown` asks the leader to remove it.
+async fn leave(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Vec<u8> {
+    let r = match decode::<crate::raft::NodeId>(&body) {
+        Ok(id) => cluster.remove(id).await,
+        Err(e) => Err(Error::BadRequest(e.to_string())),
+    };
+    encode(&r)
 }

@@ -140,9 +140,19 @@ impl Cluster {
     /// If leader, hands leadership to the most up-to-date voter and waits (up to 3 s) for it
     /// to take over.
     pub async fn step_down(&self) {
+        match self.step_down_to(None).await {
+            // Not the leader, or no other voter (a single node): nothing to hand over.
+            Ok(_) | Err(Error::NotLeader(_) | Error::BadRequest(_)) => {}
+            Err(e) => tracing::warn!("stepping down: {e}"),
+        }
+    }
+
+    /// rqlite's `POST /leader`: hands leadership to `target` (a voter), or to the most
+    /// up-to-date voter, and waits (up to 3 s) for a new leader; its id. The leader only.
+    pub async fn step_down_to(&self, target: Option<NodeId>) -> Result<NodeId, Error> {
         let m = self.raft_metrics();
         if m.current_leader != Some(self.id) {
-            return;
+            return Err(Error::NotLeader(m.current_leader));
         }
         let voters: Vec<NodeId> = m
             .membership_config
@@ -156,24 +166,95 @@ impl Cluster {
                 .and_then(|r| r.get(id).cloned().flatten())
                 .map(|l| l.index)
         };
-        let Some(target) = voters.iter().max_by_key(|id| matched(id)).copied() else {
-            return;
+        let target = match target {
+            Some(t) if voters.contains(&t) => t,
+            Some(t) => return Err(Error::BadRequest(format!("node {t} is not another voter"))),
+            None => voters
+                .iter()
+                .max_by_key(|id| matched(id))
+                .copied()
+                .ok_or_else(|| Error::BadRequest("no other voter to hand leadership to".into()))?,
         };
         tracing::info!(target, "transferring leadership");
-        if let Err(e) = self.raft.trigger().transfer_leader(target).await {
-            tracing::warn!("transfer leader: {e}");
-            return;
-        }
+        self.raft
+            .trigger()
+            .transfer_leader(target)
+            .await
+            .map_err(|e| Error::Unavailable(format!("transfer leader: {e}")))?;
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             let leader = self.raft_metrics().current_leader;
-            if leader.is_some() && leader != Some(self.id) {
-                tracing::info!(new_leader = ?leader, "leadership transferred");
-                return;
+            if let Some(l) = leader.filter(|l| *l != self.id) {
+                tracing::info!(new_leader = l, "leadership transferred");
+                return Ok(l);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tracing::warn!("leadership transfer did not complete in 3 s");
+        Err(Error::Unavailable(
+            "leadership transfer did not complete in 3 s".into(),
+        ))
+    }
+
+    /// rqlite's `-raft-cluster-remove-shutdown`: a node stopping gracefully leaves the cluster.
+    /// A leader hands leadership over first; then the leader removes this node (asked on its
+    /// Raft listener, `POST /cluster/leave`).
+    pub async fn leave(&self) -> Result<(), Error> {
+        if self.is_leader() {
+            self.step_down_to(None).await?;
+        }
+        let id = self.id;
+        // A membership change still in progress (this node's own promotion, say) refuses the
+        // removal for a moment: asked again for up to 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .on_leader(
+                    || self.remove(id),
+                    || async {
+                        self.call_leader_internal::<Result<(), Error>>(
+                            hyper::Method::POST,
+                            "/cluster/leave",
+                            crate::raft::network::encode(&id),
+                            Duration::from_secs(10),
+                        )
+                        .await?
+                    },
+                )
+                .await;
+            match r {
+                Err(Error::Unavailable(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// rqlite's `POST /snapshot`: this node snapshots its state machine now (and may then
+    /// purge its log); waits up to `wait` for the snapshot to cover what was applied when
+    /// asked. The snapshot's last index.
+    pub async fn snapshot_now(&self, wait: Duration) -> Result<u64, Error> {
+        let applied = self
+            .raft_metrics()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0);
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Error::Unavailable(format!("snapshot: {e}")))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            let at = self.raft_metrics().snapshot.map(|l| l.index).unwrap_or(0);
+            if at >= applied {
+                return Ok(at);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable("snapshot not finished in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Watches this node's storage until `stop` is set: a leader whose storage has been held

@@ -18,12 +18,14 @@
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
 pub mod client;
+pub mod dump;
 pub mod forward;
 pub mod membership;
+pub mod queue;
 pub mod streams;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -71,6 +73,17 @@ impl std::str::FromStr for Level {
     }
 }
 
+/// `statements` as a write would put them in the log now, after the deterministic rewrite
+/// (rqlite's `/db/sql`; the write queue's check before it accepts a request).
+pub fn rewritten(statements: Vec<Statement>) -> Result<Vec<Statement>, Error> {
+    let mut cmd = SqlCommand {
+        statements,
+        transaction: false,
+    };
+    rewrite::prepare_write(&mut cmd, &rewrite::Stamp::now())?;
+    Ok(cmd.statements)
+}
+
 /// One node's view of the cluster and the operations every edge uses. Cheap to share
 /// (`Arc<Cluster>`).
 pub struct Cluster {
@@ -93,6 +106,9 @@ pub struct Cluster {
     started: Instant,
     /// This node's configured stream definitions (set by the composition root).
     streams: streams::StreamsConfig,
+    /// rqlite's queued writes (`?queue`), started on first use.
+    queue: OnceLock<queue::WriteQueue>,
+    queue_settings: queue::Settings,
 }
 
 /// The parts a [`Cluster`] is made of (the composition root builds them).
@@ -110,6 +126,8 @@ pub struct Parts {
     pub max_db_bytes: u64,
     /// The state machine's feed of stored device records.
     pub feed: Arc<Feed>,
+    /// rqlite's queued writes: capacity, batch size, timeout, transaction.
+    pub queue: queue::Settings,
 }
 
 impl Cluster {
@@ -129,7 +147,25 @@ impl Cluster {
             feed: p.feed,
             started: Instant::now(),
             streams: Default::default(),
+            queue: OnceLock::new(),
+            queue_settings: p.queue,
         })
+    }
+
+    /// This node's queue of rqlite's queued writes (started on first use).
+    pub fn write_queue(self: &Arc<Self>) -> &queue::WriteQueue {
+        self.queue
+            .get_or_init(|| queue::WriteQueue::start(Arc::downgrade(self), self.queue_settings))
+    }
+
+    /// The queue, if any request used it yet.
+    pub fn write_queue_started(&self) -> Option<&queue::WriteQueue> {
+        self.queue.get()
+    }
+
+    /// The queue's settings.
+    pub fn write_queue_settings(&self) -> &queue::Settings {
+        &self.queue_settings
     }
 
     pub fn id(&self) -> NodeId {
@@ -170,6 +206,43 @@ impl Cluster {
         self.started.elapsed()
     }
 
+    /// When this node started, as RFC 3339 UTC.
+    pub fn started_at(&self) -> String {
+        let started = std::time::SystemTime::now() - self.uptime();
+        let ms = started
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        crate::db::schema::utc_text(ms)
+    }
+
+    /// rqlite's `/readyz?sync`: waits up to `wait` until this node has applied what the
+    /// leader had committed (as the leader last told it; the leader's own commit index on the
+    /// leader). False on timeout.
+    pub async fn wait_synced(&self, wait: Duration) -> bool {
+        let m = self.raft_metrics();
+        let target = if self.is_leader() {
+            m.local_committed.map(|l| l.index).unwrap_or(0)
+        } else {
+            self.metrics.leader_contact.leader_commit()
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            let applied = self
+                .raft_metrics()
+                .last_applied
+                .map(|l| l.index)
+                .unwrap_or(0);
+            if applied >= target {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn scratch_dir(&self) -> &std::path::Path {
         &self.scratch_dir
     }
@@ -178,6 +251,12 @@ impl Cluster {
     /// their entries commit (see [`crate::command::feed`]).
     pub fn subscribe(&self) -> Subscription {
         self.feed.subscribe()
+    }
+
+    /// Whose device keys this replica changed as it commits them (`None`: anyone's, after a
+    /// snapshot or a restored backup); open device sessions recheck their key then.
+    pub fn registry_changes(&self) -> tokio::sync::broadcast::Receiver<Option<u64>> {
+        self.feed.registry_changes()
     }
 
     /// Openraft's view of this node (state, term, indexes, membership).
@@ -262,6 +341,18 @@ impl Cluster {
                 "this node's storage is held ({what}: {e}); retry shortly"
             )));
         }
+        // The disk guard refuses new data, never what frees space (retention, cursors).
+        if let Some(e) = self.metrics.disk_guard.held() {
+            match cmd.unstamped() {
+                Command::DeviceBatches(_) => return Err(Error::Overloaded),
+                Command::Sql(_) | Command::SqlAt { .. } | Command::LoadChunk(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "disk guard: {e}; writes refused"
+                    )));
+                }
+                _ => {}
+            }
+        }
         self.proposer.propose(cmd).await
     }
 
@@ -316,6 +407,45 @@ impl Cluster {
         level: Level,
         transaction: bool,
     ) -> Result<Vec<StatementResult>, Error> {
+        self.query_within(statements, level, transaction, None)
+            .await
+    }
+
+    /// rqlite's `freshness` for a `none` read on this node: the leader must have been heard
+    /// from within `freshness`, and with `strict` this node must also have applied what the
+    /// leader had committed when it was last heard from. A leader is always fresh.
+    pub fn check_freshness(&self, freshness: Duration, strict: bool) -> Result<(), Error> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        let contact = &self.metrics.leader_contact;
+        let stale = || Error::Unavailable("stale read".into());
+        match contact.since() {
+            Some(ago) if ago <= freshness => {}
+            _ => return Err(stale()),
+        }
+        if strict {
+            let applied = self
+                .raft_metrics()
+                .last_applied
+                .map(|l| l.index)
+                .unwrap_or(0);
+            if applied < contact.leader_commit() {
+                return Err(stale());
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Cluster::query`] with the read interrupted after `timeout` when that is shorter than
+    /// this node's `read_timeout` (rqlite's `db_timeout`).
+    pub async fn query_within(
+        &self,
+        statements: Vec<Statement>,
+        level: Level,
+        transaction: bool,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<StatementResult>, Error> {
         match level {
             Level::None => {}
             Level::Weak => self.require_leader()?,
@@ -330,7 +460,10 @@ impl Cluster {
                 return self.execute(statements, transaction, false).await;
             }
         }
-        let limits = self.read_limits.clone();
+        let mut limits = self.read_limits.clone();
+        if let Some(t) = timeout {
+            limits.timeout = limits.timeout.min(t);
+        }
         // Dropped with this future when the client goes away: the read stops at once.
         let cancel = CancelOnDrop::default();
         let flag = cancel.flag();

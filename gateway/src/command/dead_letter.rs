@@ -221,9 +221,15 @@ pub fn replay(conn: &Connection, stream: u16, device: Option<u64>) -> rusqlite::
         return Ok(out);
     }
     let mut inserts = Inserts::new(conn, Schema::load(conn)?);
-    for (device_id, seq, record) in rows {
-        let moved = match postcard::from_bytes::<DeviceBatch>(&record) {
-            Ok(b) if b.device_id == device_id => move_one(conn, &mut inserts, &b, seq)?,
+    for row in rows {
+        let time = RecordTime {
+            time_ms: row.time_ms,
+            age_ms: row.age_ms,
+        };
+        let moved = match postcard::from_bytes::<DeviceBatch>(&row.record) {
+            Ok(b) if b.device_id == row.device_id => {
+                move_one(conn, &mut inserts, &b, row.seq, time)?
+            }
             // A row changed by SQL: left for a person to look at.
             _ => false,
         };
@@ -236,12 +242,14 @@ pub fn replay(conn: &Connection, stream: u16, device: Option<u64>) -> rusqlite::
     Ok(out)
 }
 
-/// Moves one dead-lettered record (a one-record batch `b`) if it now fits.
+/// Moves one dead-lettered record (a one-record batch `b`, stored with `time`) if it now
+/// fits; it keeps its time.
 fn move_one(
     conn: &Connection,
     inserts: &mut Inserts<'_>,
     b: &DeviceBatch,
     seq: u64,
+    time: RecordTime,
 ) -> rusqlite::Result<bool> {
     let Some(view) = b.view() else {
         return Ok(false);
@@ -252,7 +260,7 @@ fn move_one(
     if r.seq != seq || placements(&inserts.schema, &view) != Some(vec![Placement::Store]) {
         return Ok(false);
     }
-    Ok(inserts.store(b, &view.header(), &r)? == 1 && table::delete(conn, b.device_id, seq)?)
+    Ok(inserts.store(b.device_id, &r, time)? == 1 && table::delete(conn, b.device_id, seq)?)
 }
 
 /// Counts dead-lettered records on this replica and logs a warning per device and stream, at

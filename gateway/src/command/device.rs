@@ -3,6 +3,8 @@
 //! with each device's new high-water seq.
 //!
 //! Per batch, in entry order (the same on every replica):
+//! 0. the device is revoked (`cairn device revoke`, an earlier entry): [`BatchOutcome::Revoked`],
+//!    nothing written (a batch read before the revoke but committed after it is not stored);
 //! 1. `last_seq <= high_water`: already stored, [`BatchOutcome::Duplicate`] (acked through the
 //!    high-water, not applied);
 //! 2. `first_seq > high_water + 1`: records are missing before it, [`BatchOutcome::Gap`];
@@ -17,7 +19,11 @@
 //! taken at device uptime `u` is stored with `time_ms = received_at_ms - (sent_uptime_ms - u)`
 //! and `age_ms = received_at_ms - time_ms` (the generated `time` and `received_at` columns show
 //! them as text, see `db::schema`). Both inputs are in the entry, so every replica stores the
-//! same integers.
+//! same integers. A record's time never goes below the device's previous stored record
+//! ([`tables::DEVICE_TIMES`](crate::db::tables::DEVICE_TIMES)): the offset `received_at_ms -
+//! sent_uptime_ms` moves with network delay from batch to batch, and a gateway's clock can
+//! be stepped back (NTP) or differ from the last gateway's after a failover. The floored
+//! record keeps `age_ms >= 0`.
 
 use std::collections::HashMap;
 
@@ -30,7 +36,7 @@ use super::ApplyContext;
 use super::dead_letter::{self, DeadLetters, Placement};
 use crate::db::registry::create_tables;
 use crate::db::schema::{Schema, TELEMETRY_TABLE, column_value, int, values_json};
-use crate::db::tables::HIGH_WATER as HIGH_WATER_TABLE;
+use crate::db::tables::{DEVICE_TIMES as DEVICE_TIMES_TABLE, HIGH_WATER as HIGH_WATER_TABLE};
 
 /// One device's batch as it travels in the log: the authenticated, decrypted Batch body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +107,8 @@ pub enum BatchOutcome {
     SchemaMismatch,
     /// Refused: the body does not parse.
     Malformed,
+    /// Refused: the device was revoked by an earlier entry.
+    Revoked,
 }
 
 /// Statistics of one applied entry, for the metrics and the dead-letter warnings.
@@ -113,6 +121,9 @@ pub struct ApplyStats {
     /// When `Some` (someone subscribes to the [`Feed`](super::feed::Feed)): per stored
     /// batch, its index in the entry and the first seq stored.
     pub stored: Option<Vec<(usize, u64)>>,
+    /// Per stored batch (always): its index in the entry and the first seq stored, for the
+    /// export journal (`db::export`).
+    pub journal: Vec<(usize, u64)>,
 }
 
 /// The stored time (Unix ms) of a record taken at device uptime `uptime_ms`, in a batch sent
@@ -141,6 +152,21 @@ impl RecordTime {
             age_ms: received_at_ms.saturating_sub(time_ms),
         }
     }
+
+    /// This time, or `floor` (the device's previous record) when it is earlier; the age
+    /// shrinks by as much, never below 0.
+    pub fn at_least(self, floor: Option<i64>) -> Self {
+        match floor {
+            Some(f) if f > self.time_ms => RecordTime {
+                time_ms: f,
+                age_ms: self
+                    .age_ms
+                    .saturating_sub(f.saturating_sub(self.time_ms))
+                    .max(0),
+            },
+            _ => self,
+        }
+    }
 }
 
 /// Insert statements, prepared once per entry and per table.
@@ -163,26 +189,16 @@ impl<'c> Inserts<'c> {
         }
     }
 
-    /// Stores record `r` of batch `b` (header `h`) in its stream's table, or `telemetry`;
-    /// the rows written (0 if the key was already there). The record must fit (checked by
-    /// [`dead_letter::placements`]).
+    /// Stores record `r` of device `device_id` with time `t` in its stream's table, or
+    /// `telemetry`; the rows written (0 if the key was already there). The record must fit
+    /// (checked by [`dead_letter::placements`]).
     pub(crate) fn store(
-        &mut self,
-        b: &DeviceBatch,
-        h: &BatchHeader,
-        r: &RecordView<'_>,
-    ) -> rusqlite::Result<usize> {
-        let t = RecordTime::of(b.received_at_ms, h, r);
-        self.insert(b.device_id, r, t.time_ms, t.age_ms)
-    }
-
-    fn insert(
         &mut self,
         device_id: u64,
         r: &RecordView<'_>,
-        time_ms: i64,
-        age_ms: i64,
+        t: RecordTime,
     ) -> rusqlite::Result<usize> {
+        let RecordTime { time_ms, age_ms } = t;
         let dev = int(device_id as i64);
         let seq = int(r.seq as i64);
         match self.schema.stream(r.stream) {
@@ -257,6 +273,16 @@ pub fn apply(
     };
     let out = apply_device_batches(conn, batches, &mut stats)?;
     dead_letter::report(m, &stats.misfits);
+    let journal: Vec<_> = stats
+        .journal
+        .iter()
+        .filter_map(|&(i, from)| {
+            let last = batches[i].view()?.header().last_seq();
+            let b = &batches[i];
+            Some((i as u32, b.device_id, from, last, b.received_at_ms))
+        })
+        .collect();
+    crate::db::export::journal(conn, ctx.index, &journal)?;
     for &(i, from_seq) in stats.stored.iter().flatten() {
         ctx.feed.stage(&batches[i], from_seq);
     }
@@ -286,8 +312,20 @@ pub fn apply_device_batches(
         "INSERT INTO {HIGH_WATER_TABLE}(device_id, seq) VALUES (?1, ?2) \
          ON CONFLICT(device_id) DO UPDATE SET seq = excluded.seq"
     ))?;
+    let mut get_time = conn.prepare_cached(&format!(
+        "SELECT time_ms FROM {DEVICE_TIMES_TABLE} WHERE device_id = ?1"
+    ))?;
+    let mut set_time = conn.prepare_cached(&format!(
+        "INSERT INTO {DEVICE_TIMES_TABLE}(device_id, time_ms) VALUES (?1, ?2) \
+         ON CONFLICT(device_id) DO UPDATE SET time_ms = excluded.time_ms"
+    ))?;
+    let revoked = crate::db::registry::revoked_devices(conn)?;
     let mut out = Vec::with_capacity(batches.len());
     for (i, b) in batches.iter().enumerate() {
+        if revoked.contains(&b.device_id) {
+            out.push(BatchOutcome::Revoked);
+            continue;
+        }
         let Some(view) = b.view() else {
             out.push(BatchOutcome::Malformed);
             continue;
@@ -319,24 +357,32 @@ pub fn apply_device_batches(
             out.push(BatchOutcome::SchemaMismatch);
             continue;
         }
+        let mut floor: Option<i64> = get_time
+            .query_row([b.device_id as i64], |r| r.get(0))
+            .optional()?;
         for (r, place) in view.records().zip(placements) {
             let r = r.map_err(|_| rusqlite::Error::InvalidQuery)?;
             if r.seq <= hw {
                 continue;
             }
+            let time = RecordTime::of(b.received_at_ms, &h, &r).at_least(floor);
+            floor = Some(time.time_ms);
             match place {
                 Placement::Store => {
-                    inserts.store(b, &h, &r)?;
+                    inserts.store(b.device_id, &r, time)?;
                 }
                 Placement::DeadLetter => {
-                    let time = RecordTime::of(b.received_at_ms, &h, &r);
                     let event = dead.insert(&inserts.schema, b, &h, &r, time)?;
                     stats.misfits.push(event);
                 }
             }
             stats.records += 1;
         }
+        if let Some(t) = floor {
+            set_time.execute([b.device_id as i64, t])?;
+        }
         set_hw.execute([b.device_id as i64, last as i64])?;
+        stats.journal.push((i, hw + 1));
         if let Some(stored) = &mut stats.stored {
             stored.push((i, hw + 1));
         }
@@ -443,6 +489,62 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(values, r#"[-3,"x"]"#);
         assert_eq!(stats.records, 2);
+    }
+
+    /// Batch 2 read 400 ms earlier relative to the device's uptime than batch 1 (less network
+    /// delay, or the gateway's clock stepped back): its records are stored at the previous
+    /// record's time, never before it, with the age shrunk (not below 0); records of
+    /// undeclared streams (`telemetry`) too.
+    #[test]
+    fn test_record_time_never_goes_back() {
+        let conn = db();
+        let v: &[Value<'_>] = &[Value::F64(1.0)];
+        let first = batch(1, 1, &[(1, v), (1, v)]);
+        let mut second = batch(1, 3, &[(1, v), (9, v)]);
+        second.received_at_ms = first.received_at_ms - 400;
+        let mut stats = ApplyStats::default();
+        apply_device_batches(&conn, &[first, second], &mut stats).unwrap();
+        let times: Vec<(i64, i64, i64)> = conn
+            .prepare(
+                "SELECT seq, time_ms, age_ms FROM climate \
+                 UNION ALL SELECT seq, time_ms, age_ms FROM telemetry ORDER BY seq",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let t0 = 1_795_632_240_000;
+        // Records at uptime 9,000 and 9,001 of batches sealed at uptime 10,000.
+        assert_eq!(
+            times,
+            [
+                (1, t0 - 1_000, 1_000),
+                (2, t0 - 999, 999),
+                (3, t0 - 999, 599),
+                (4, t0 - 999, 599)
+            ]
+        );
+        let floor: i64 = conn
+            .query_row(
+                "SELECT time_ms FROM _cairn_device_times WHERE device_id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(floor, t0 - 999);
+        // A gateway clock far behind: the age never goes negative.
+        let mut late = batch(1, 5, &[(1, v)]);
+        late.received_at_ms = t0 - 60_000;
+        apply_device_batches(&conn, &[late], &mut stats).unwrap();
+        let (time, age): (i64, i64) = conn
+            .query_row(
+                "SELECT time_ms, age_ms FROM climate WHERE seq = 5",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((time, age), (t0 - 999, 0));
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //!   nothing; one that overlaps publishes the records above the old high-water). Records that
 //!   reach this replica inside a snapshot are not published one by one: the subscriber gets
 //!   [`FeedError::SnapshotInstalled`] instead.
+//!
+//! The feed also tells the device path whose keys changed ([`Feed::registry_changes`]): after
+//! every committed entry that changes a device's keys (the device's id) and every installed
+//! snapshot or restored backup (`None`: anyone's), so open device sessions recheck their key
+//! (revocation, rotation) on every replica as soon as it applies.
 
 use std::sync::{Arc, Mutex};
 
@@ -95,11 +100,18 @@ pub enum FeedError {
     Closed,
 }
 
+/// Key changes kept for device sessions that have not looked yet; beyond, they recheck all.
+const REGISTRY_CHANGES: usize = 1024;
+
 /// One replica's feed: the state machine publishes, subscribers receive.
 pub struct Feed {
     tx: broadcast::Sender<Item>,
     /// Batches stored by the entry being applied, published when it commits.
     staged: Mutex<Vec<CommittedBatch>>,
+    /// Devices whose keys the entry being applied changes (`None`: anyone's).
+    registry_staged: Mutex<Vec<Option<u64>>>,
+    /// Committed key changes (see [`Feed::registry_changes`]).
+    registry: broadcast::Sender<Option<u64>>,
 }
 
 impl Default for Feed {
@@ -114,7 +126,28 @@ impl Feed {
         Feed {
             tx: broadcast::channel(capacity.max(1)).0,
             staged: Mutex::new(Vec::new()),
+            registry_staged: Mutex::new(Vec::new()),
+            registry: broadcast::channel(REGISTRY_CHANGES).0,
         }
+    }
+
+    /// Notes that the entry being applied changes the keys of `device` (`None`: anyone's).
+    pub fn stage_registry_change(&self, device: Option<u64>) {
+        self.registry_staged
+            .lock()
+            .expect("feed mutex")
+            .push(device);
+    }
+
+    /// Whose keys changed, as this replica commits it: a device id, or `None` for anyone's (a
+    /// snapshot, a restored backup). A receiver that lags gets `Lagged`: recheck everything.
+    pub fn registry_changes(&self) -> broadcast::Receiver<Option<u64>> {
+        self.registry.subscribe()
+    }
+
+    fn registry_changed(&self, device: Option<u64>) {
+        // An error only means no device session is open.
+        let _ = self.registry.send(device);
     }
 
     /// A new subscriber, receiving what commits from now on.
@@ -147,6 +180,7 @@ impl Feed {
     /// back (a held storage error, then a retry) never publishes its records twice.
     pub fn discard_staged(&self) {
         self.staged.lock().expect("feed mutex").clear();
+        self.registry_staged.lock().expect("feed mutex").clear();
     }
 
     /// Publishes what the entry at `log_index` staged; call after it committed.
@@ -157,10 +191,15 @@ impl Feed {
             // An error only means every subscriber left meanwhile.
             let _ = self.tx.send(Item::Batch(Arc::new(b)));
         }
+        let changed = std::mem::take(&mut *self.registry_staged.lock().expect("feed mutex"));
+        for device in changed {
+            self.registry_changed(device);
+        }
     }
 
     /// Tells subscribers that a snapshot up to `log_index` replaced the database.
     pub fn snapshot_installed(&self, log_index: u64) {
+        self.registry_changed(None);
         if self.wanted() {
             let _ = self.tx.send(Item::Snapshot(log_index));
         }

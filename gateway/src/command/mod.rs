@@ -28,8 +28,10 @@
 //! Variants are never renumbered or removed: entries are postcard-encoded, which identifies a
 //! variant by its position. New variants go at the end.
 
+pub mod backup;
 pub mod dead_letter;
 pub mod device;
+pub mod export;
 pub mod feed;
 pub mod load;
 pub mod registry;
@@ -42,6 +44,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use self::device::{BatchOutcome, DeviceBatch};
+use self::export::{ExportCommand, ExportOutcome};
 use self::feed::Feed;
 use self::load::LoadChunk;
 use self::registry::{RegistryCommand, RegistryOutcome};
@@ -66,19 +69,61 @@ pub enum Command {
     LoadChunk(LoadChunk),
     /// Stream definitions with `on_mismatch`, and dead-letter replays ([`streams`]).
     Streams(StreamsCommand),
+    /// Any other command with the leader's wall clock when it proposed the entry (Unix ms),
+    /// never lower than the previous entry's (`raft::proposer`): the entry's time for
+    /// point-in-time restore. The inner command applies as it would alone.
+    Stamped { stamp_ms: i64, cmd: Box<Command> },
+    /// How far the continuous backup stored the log on one target ([`backup`]).
+    BackupShipped(backup::BackupShipped),
+    /// Site id, export cursors and retention, proposed by the leader ([`export`]).
+    Export(ExportCommand),
 }
 
 impl Command {
     /// The leader's stamp SQL time functions see while this entry applies, if it has one.
     pub fn stamp_ms(&self) -> Option<i64> {
         match self {
+            // The entry's stamp is its "now" (for SQL it is the clock the rewrite read, unless
+            // the previous entry's stamp was later). Device batches keep the receive times
+            // their records are converted with.
+            Command::Stamped { stamp_ms, cmd } => match cmd.as_ref() {
+                Command::DeviceBatches(_) => cmd.stamp_ms(),
+                _ => Some(*stamp_ms),
+            },
             Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
             Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
             Command::Sql(_)
             | Command::DeviceRegistry(_)
             | Command::LoadChunk(_)
-            | Command::Streams(_) => None,
+            | Command::Streams(_)
+            | Command::BackupShipped(_)
+            | Command::Export(_) => None,
         }
+    }
+
+    /// The leader's stamp on the entry (`None` for entries proposed before stamping).
+    pub fn entry_stamp_ms(&self) -> Option<i64> {
+        match self {
+            Command::Stamped { stamp_ms, .. } => Some(*stamp_ms),
+            _ => None,
+        }
+    }
+
+    /// The command without its stamp.
+    pub fn unstamped(&self) -> &Command {
+        match self {
+            Command::Stamped { cmd, .. } => cmd.unstamped(),
+            c => c,
+        }
+    }
+
+    /// `self` stamped with `stamp_ms` (an old stamp is replaced).
+    pub fn stamped(self, stamp_ms: i64) -> Command {
+        let cmd = match self {
+            Command::Stamped { cmd, .. } => cmd,
+            c => Box::new(c),
+        };
+        Command::Stamped { stamp_ms, cmd }
     }
 }
 
@@ -108,6 +153,13 @@ impl fmt::Display for Command {
                 sql.transaction
             ),
             Command::Streams(c) => write!(f, "Streams({c})"),
+            Command::Stamped { stamp_ms, cmd } => write!(f, "Stamped({stamp_ms}, {cmd})"),
+            Command::BackupShipped(b) => write!(
+                f,
+                "BackupShipped({} through {})",
+                b.target, b.position.index
+            ),
+            Command::Export(c) => write!(f, "Export({c})"),
         }
     }
 }
@@ -124,6 +176,7 @@ pub enum CommandResponse {
     DeviceBatches(Vec<BatchOutcome>),
     DeviceRegistry(RegistryOutcome),
     Streams(StreamsOutcome),
+    Export(ExportOutcome),
 }
 
 /// What an apply function may use besides the connection: the entry's log index (it seeds
@@ -142,7 +195,7 @@ pub fn apply(
     cmd: &Command,
 ) -> rusqlite::Result<CommandResponse> {
     let _entry = crate::db::sandbox::enter_entry(ctx.index, cmd.stamp_ms());
-    match cmd {
+    match cmd.unstamped() {
         Command::Sql(sql) | Command::SqlAt { sql, .. } => {
             sql::apply_sql(conn, sql).map(CommandResponse::Sql)
         }
@@ -150,12 +203,27 @@ pub fn apply(
             device::apply(conn, ctx, b).map(CommandResponse::DeviceBatches)
         }
         Command::DeviceRegistry(c) => {
+            if let Some(device) = c.changes_keys_of() {
+                ctx.feed.stage_registry_change(Some(device));
+            }
             registry::apply_registry(conn, c).map(CommandResponse::DeviceRegistry)
         }
-        Command::LoadChunk(c) => load::apply_chunk(conn, c).map(|r| match r {
-            Some(result) => CommandResponse::Sql(vec![result]),
-            None => CommandResponse::Empty,
-        }),
+        Command::LoadChunk(c) => {
+            if c.last.is_some() {
+                // A restored backup brings its own registry.
+                ctx.feed.stage_registry_change(None);
+            }
+            load::apply_chunk(conn, c).map(|r| match r {
+                Some(result) => CommandResponse::Sql(vec![result]),
+                None => CommandResponse::Empty,
+            })
+        }
         Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
+        Command::BackupShipped(b) => {
+            backup::apply_shipped(conn, b).map(|()| CommandResponse::Empty)
+        }
+        // `unstamped` took every stamp off.
+        Command::Stamped { .. } => Ok(CommandResponse::Empty),
+        Command::Export(c) => export::apply_export(conn, c).map(CommandResponse::Export),
     }
 }

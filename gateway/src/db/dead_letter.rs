@@ -73,27 +73,41 @@ pub fn counts(conn: &Connection) -> rusqlite::Result<Vec<(u64, u16, u64)>> {
     .collect()
 }
 
-/// The rows of `stream` (of one device, or all) as `(device_id, seq, record)`, in key order.
+/// A dead-lettered record as a replay reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadRow {
+    pub device_id: u64,
+    pub seq: u64,
+    /// The record as a one-record batch, postcard-encoded.
+    pub record: Vec<u8>,
+    /// The stored time columns, kept when the record moves.
+    pub time_ms: i64,
+    pub age_ms: i64,
+}
+
+/// The rows of `stream` (of one device, or all), in key order.
 pub fn rows_of_stream(
     conn: &Connection,
     stream: u16,
     device: Option<u64>,
-) -> rusqlite::Result<Vec<(u64, u64, Vec<u8>)>> {
+) -> rusqlite::Result<Vec<DeadRow>> {
     if !exists(conn)? {
         return Ok(Vec::new());
     }
     let mut st = conn.prepare(&format!(
-        "SELECT device_id, seq, record FROM {DEAD_LETTER_TABLE} \
+        "SELECT device_id, seq, record, time_ms, age_ms FROM {DEAD_LETTER_TABLE} \
          WHERE stream = ?1 AND (?2 IS NULL OR device_id = ?2) ORDER BY device_id, seq"
     ))?;
     st.query_map(
         rusqlite::params![i64::from(stream), device.map(|d| d as i64)],
         |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get(2)?,
-            ))
+            Ok(DeadRow {
+                device_id: r.get::<_, i64>(0)? as u64,
+                seq: r.get::<_, i64>(1)? as u64,
+                record: r.get(2)?,
+                time_ms: r.get(3)?,
+                age_ms: r.get(4)?,
+            })
         },
     )?
     .collect()

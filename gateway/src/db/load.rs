@@ -26,7 +26,17 @@ use super::tables;
 
 /// Cairn's tables a backup restores. `_cairn_raft` is never among them: the live cluster's
 /// applied position and membership stay.
-pub const STATE_TABLES: [&str; 3] = [tables::DEVICES, tables::HIGH_WATER, tables::STREAMS];
+/// The site id (`tables::SITE`) is kept when the backup holds none. Device epochs
+/// (`tables::DEVICE_EPOCHS`) are not replaced but merged: each device continues after the higher
+/// of the live and the backup's epoch, so no export key is ever reused (`db::export`).
+pub const STATE_TABLES: [&str; 6] = [
+    tables::DEVICES,
+    tables::HIGH_WATER,
+    tables::DEVICE_TIMES,
+    tables::STREAMS,
+    tables::DEVICE_KEYS,
+    tables::SITE,
+];
 
 /// User tables and views of a database: `(type, name)`, excluding SQLite's and Cairn's own
 /// (`_cairn_*`).
@@ -202,22 +212,48 @@ pub fn swap_in(conn: &Connection, file: &Path, restore_state: bool) -> Result<u6
         // Only proposed for a caller with the `all` permission (`Cluster::load_file`).
         sandbox::system(|| {
             super::registry::create_tables(conn)?;
+            super::registry::create_key_table(conn)?;
+            super::export::create_tables(conn)?;
             super::schema::Schema::load(conn).map(drop)
         })
         .map_err(live)?;
+        let present = |t: &str| -> Result<bool, SwapError> {
+            from.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [t],
+                |r| r.get(0),
+            )
+            .map_err(src)
+        };
         for t in STATE_TABLES {
+            let present = present(t)?;
+            if t == tables::SITE && !present {
+                continue;
+            }
             sandbox::system(|| conn.execute_batch(&format!("DELETE FROM {t}"))).map_err(live)?;
-            let present: bool = from
-                .query_row(
-                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    [t],
-                    |r| r.get(0),
-                )
-                .map_err(src)?;
             if present {
                 rows += copy_rows(&from, conn, t)?;
             }
         }
+        // The restored devices' seqs may repeat ones exported since the backup: a new epoch.
+        let epochs: Vec<(i64, i64)> = if present(tables::DEVICE_EPOCHS)? {
+            sandbox::system(|| {
+                from.prepare(&format!(
+                    "SELECT device_id, epoch FROM {}",
+                    tables::DEVICE_EPOCHS
+                ))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(src)?
+        } else {
+            Vec::new()
+        };
+        sandbox::system(|| {
+            super::export::merge_epochs(conn, &epochs)?;
+            super::export::bump_all_epochs(conn, 0)
+        })
+        .map_err(live)?;
         // Device batches need every defined stream table, whatever the backup held.
         sandbox::system(|| super::schema::Schema::load(conn)?.install(conn)).map_err(live)?;
     }

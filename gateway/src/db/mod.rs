@@ -8,11 +8,13 @@
 //! - [`schema`]: the `[[stream]]` tables device records land in.
 //! - [`dead_letter`]: records that do not fit their stream, kept with the reason.
 //! - [`registry`]: registered devices, their keys and high-water seqs.
+//! - [`export`]: the site id, device epochs, the export journal and cursors.
 //! - [`load`]: turning an uploaded database or SQL dump into statements (`/db/load`).
 //! - [`failure`]: which SQLite errors are the environment's (hold, exit, corrupt).
 //! - [`sandbox`]: what user SQL may do, and making it apply identically on every replica.
 
 pub mod dead_letter;
+pub mod export;
 pub mod failure;
 pub mod lex;
 pub mod load;
@@ -36,8 +38,15 @@ pub mod tables {
     pub const RAFT: &str = "_cairn_raft";
     /// Registered devices: `(device_id INTEGER PRIMARY KEY, key BLOB NOT NULL)`.
     pub const DEVICES: &str = "_cairn_devices";
+    /// Key rotation, revocation and protocol of devices that had any (`db::registry`); created
+    /// by the first such registry command, so older entries apply to the same bytes.
+    pub const DEVICE_KEYS: &str = "_cairn_device_keys";
     /// Highest applied seq per device: `(device_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)`.
     pub const HIGH_WATER: &str = "_cairn_high_water";
+    /// The time of each device's latest stored record: `(device_id INTEGER PRIMARY KEY,
+    /// time_ms INTEGER NOT NULL)`. A later record is never stored with an earlier time
+    /// (`command::device`).
+    pub const DEVICE_TIMES: &str = "_cairn_device_times";
     /// The replicated stream definitions (`key`, `value`).
     pub const STREAMS: &str = "_cairn_streams";
     /// Records of streams without a definition.
@@ -46,6 +55,16 @@ pub mod tables {
     pub const LOAD: &str = "_cairn_load";
     /// Records that did not fit their stream's declared columns (`db::dead_letter`).
     pub const DEAD_LETTER: &str = "dead_letter";
+    /// Continuous backup's shipped positions and the history epoch (`command::backup`).
+    pub const BACKUP: &str = "_cairn_backup";
+    /// The site id exports key records with (`db::export`).
+    pub const SITE: &str = "_cairn_site";
+    /// Each device's registration epoch (`db::export`).
+    pub const DEVICE_EPOCHS: &str = "_cairn_device_epochs";
+    /// Stored device batches in commit order, until every export delivered them.
+    pub const EXPORT_JOURNAL: &str = "_cairn_export_journal";
+    /// Each export destination's committed cursor.
+    pub const EXPORT_CURSORS: &str = "_cairn_export_cursors";
 }
 
 /// How long truncating the WAL after a snapshot transfer may wait for readers.

@@ -6,6 +6,12 @@
 //! high-water is written in the same transaction as the device's rows (`command::device`).
 //! Removing a device forgets its key, not its high-water: if it is added again its records
 //! still never repeat a committed seq (its next Welcome tells it where to continue).
+//!
+//! Key rotation, revocation and the protocol a device is registered for live in
+//! [`tables::DEVICE_KEYS`], one row per device that ever had any of them (no row: protocol 2,
+//! one key, not revoked). It is created by the first command that writes it (`Rekey`,
+//! `Revoke`, `SetProtocol`), never by older entries, so a log written before it existed applies
+//! to the same bytes on every release.
 
 use rusqlite::{Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
@@ -14,6 +20,7 @@ use super::tables;
 
 const DEVICES_TABLE: &str = tables::DEVICES;
 const HIGH_WATER_TABLE: &str = tables::HIGH_WATER;
+const KEYS_TABLE: &str = tables::DEVICE_KEYS;
 
 /// A device's pre-shared key.
 pub type DeviceKey = [u8; cairn_protocol::KEY_LEN];
@@ -34,6 +41,11 @@ pub fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
     .execute([])?;
     conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {HIGH_WATER_TABLE} (device_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)"
+    ))?
+    .execute([])?;
+    conn.prepare_cached(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (device_id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL)",
+        tables::DEVICE_TIMES
     ))?
     .execute([])?;
     Ok(())
@@ -90,6 +102,138 @@ pub fn list_devices(conn: &Connection) -> rusqlite::Result<Vec<DeviceInfo>> {
             device_id: r.get::<_, i64>(0)? as u64,
             high_water: r.get::<_, i64>(1)? as u64,
         })
+    })?
+    .collect()
+}
+
+/// Creates the key-state table if needed (only commands that write it call this).
+pub fn create_key_table(conn: &Connection) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "CREATE TABLE IF NOT EXISTS {KEYS_TABLE} (device_id INTEGER PRIMARY KEY, \
+         previous_key BLOB, grace_until_ms INTEGER, rekeyed_at_ms INTEGER, \
+         new_key_seen_ms INTEGER, revoked_at_ms INTEGER, protocol INTEGER NOT NULL DEFAULT 2)"
+    ))?
+    .execute([])?;
+    Ok(())
+}
+
+/// Whether the key-state table exists (it does once any device was rekeyed, revoked or
+/// registered for protocol 1).
+pub fn has_key_table(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+    )?
+    .query_row([KEYS_TABLE], |r| r.get(0))
+}
+
+/// A device's key rotation, revocation and protocol, as replicated (times are the leader's
+/// clock, Unix ms, carried in the commands).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// The key before the last `rekey`, accepted until `grace_until_ms`.
+    #[serde(skip)]
+    pub previous_key: Option<DeviceKey>,
+    pub grace_until_ms: Option<i64>,
+    pub rekeyed_at_ms: Option<i64>,
+    /// When a gateway first saw the device authenticate with the key installed by the last
+    /// `rekey`.
+    pub new_key_seen_ms: Option<i64>,
+    /// Set: every Hello of the device is refused (its stored records stay).
+    pub revoked_at_ms: Option<i64>,
+    /// The protocol version the device is registered for: 2, or 1 (accepted only with
+    /// `--accept-protocol-1`).
+    pub protocol: u8,
+}
+
+impl KeyState {
+    /// A device with no row: protocol 2, one key.
+    pub const NONE: KeyState = KeyState {
+        previous_key: None,
+        grace_until_ms: None,
+        rekeyed_at_ms: None,
+        new_key_seen_ms: None,
+        revoked_at_ms: None,
+        protocol: cairn_protocol::PROTOCOL_VERSION,
+    };
+
+    /// The previous key while it is still accepted at `now_ms`.
+    pub fn previous_at(&self, now_ms: i64) -> Option<DeviceKey> {
+        match (self.previous_key, self.grace_until_ms) {
+            (Some(k), Some(until)) if now_ms < until && self.revoked_at_ms.is_none() => Some(k),
+            _ => None,
+        }
+    }
+}
+
+/// What a gateway needs to accept a Hello: the device's key and its key state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeys {
+    pub key: DeviceKey,
+    pub state: KeyState,
+}
+
+fn key_state_of(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<KeyState> {
+    let previous: Option<Vec<u8>> = r.get(at)?;
+    Ok(KeyState {
+        previous_key: previous.and_then(|k| k.try_into().ok()),
+        grace_until_ms: r.get(at + 1)?,
+        rekeyed_at_ms: r.get(at + 2)?,
+        new_key_seen_ms: r.get(at + 3)?,
+        revoked_at_ms: r.get(at + 4)?,
+        protocol: r.get(at + 5)?,
+    })
+}
+
+const KEY_STATE_COLUMNS: &str =
+    "previous_key, grace_until_ms, rekeyed_at_ms, new_key_seen_ms, revoked_at_ms, protocol";
+
+/// A device's key state (no row: [`KeyState::NONE`]).
+pub fn key_state(conn: &Connection, device_id: u64) -> rusqlite::Result<KeyState> {
+    if !has_key_table(conn)? {
+        return Ok(KeyState::NONE);
+    }
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {KEY_STATE_COLUMNS} FROM {KEYS_TABLE} WHERE device_id = ?1"
+        ))?
+        .query_row([device_id as i64], |r| key_state_of(r, 0))
+        .optional()?
+        .unwrap_or(KeyState::NONE))
+}
+
+/// The keys and key state of a registered device.
+pub fn device_keys(conn: &Connection, device_id: u64) -> rusqlite::Result<Option<DeviceKeys>> {
+    let Some(key) = device_key(conn, device_id)? else {
+        return Ok(None);
+    };
+    Ok(Some(DeviceKeys {
+        key,
+        state: key_state(conn, device_id)?,
+    }))
+}
+
+/// The revoked devices (read once per applied entry of device batches: a small set).
+pub fn revoked_devices(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<u64>> {
+    if !has_key_table(conn)? {
+        return Ok(Default::default());
+    }
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT device_id FROM {KEYS_TABLE} WHERE revoked_at_ms IS NOT NULL"
+    ))?;
+    stmt.query_map([], |r| Ok(r.get::<_, i64>(0)? as u64))?
+        .collect()
+}
+
+/// Every device with a key-state row, by id.
+pub fn key_states(conn: &Connection) -> rusqlite::Result<Vec<(u64, KeyState)>> {
+    if !has_key_table(conn)? {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(&format!(
+        "SELECT device_id, {KEY_STATE_COLUMNS} FROM {KEYS_TABLE} ORDER BY device_id"
+    ))?;
+    stmt.query_map([], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, key_state_of(r, 1)?))
     })?
     .collect()
 }

@@ -151,10 +151,27 @@ fn run_statement_inner(conn: &Connection, st: &Statement) -> rusqlite::Result<St
     bind(&mut stmt, &st.params)?;
     let ncol = stmt.column_count();
     if ncol == 0 {
+        // `changes()` and `last_insert_rowid()` keep the values of the connection's last
+        // INSERT/UPDATE/DELETE: a statement that changed no row (DDL, a no-op UPDATE) reports
+        // neither, as rqlite answers `{}` for DDL.
+        let (total, rowid) = (conn.total_changes(), conn.last_insert_rowid());
         stmt.raw_execute()?;
+        let changed = conn.total_changes() != total;
+        let inserted = changed
+            && (conn.last_insert_rowid() != rowid
+                || matches!(
+                    super::lex::significant_words(&st.sql)
+                        .first()
+                        .map(String::as_str),
+                    Some("INSERT" | "REPLACE")
+                ));
         return Ok(StatementResult {
-            last_insert_id: conn.last_insert_rowid(),
-            rows_affected: conn.changes() as i64,
+            last_insert_id: if inserted {
+                conn.last_insert_rowid()
+            } else {
+                0
+            },
+            rows_affected: if changed { conn.changes() as i64 } else { 0 },
             ..Default::default()
         });
     }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde::Deserialize as _;
 use serde_json::{Value as Json, json};
 
-use super::rqlite::{Opts, error_response, json_response};
+use super::rqlite::{Opts, error_response, flag, json_response};
 use super::{Original, Scheme, Served, on_leader};
 use crate::cluster::Cluster;
 use crate::cluster::membership::JoinRequest;
@@ -35,7 +35,23 @@ pub async fn status(
         .and_then(|l| membership.get_node(&l).cloned());
     let log = n.log_stats();
     let metrics = n.metrics();
+    let store = store_json(&n, &m);
+    let http = http_json(&n);
+    if metrics.backup.active.load(Ordering::Relaxed) {
+        metrics.backup.observe_commit(
+            m.last_applied.as_ref().map_or(0, |l| l.index),
+            metrics.stamp_floor.load(Ordering::Relaxed),
+        );
+    }
     let body = json!({
+        // rqlite's sections, which its tools and test helpers read.
+        "store": store,
+        "http": http,
+        "node": {
+            "start_time": n.started_at(),
+            "uptime": format!("{:?}", n.uptime()),
+        },
+        "build": {"version": env!("CARGO_PKG_VERSION")},
         "node_id": n.id(),
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": n.uptime().as_secs_f64(),
@@ -59,6 +75,8 @@ pub async fn status(
         },
         "db_size": n.store().size(),
         "ingress": metrics.ingress_json(),
+        "backup": metrics.backup.to_json(),
+        "export": metrics.exports.to_json(),
         "log_store": {
             "appends": log.appends.load(Ordering::Relaxed),
             "entries": log.entries.load(Ordering::Relaxed),
@@ -75,54 +93,186 @@ pub async fn status(
             "log_write": log.stall.to_json(),
             "apply": metrics.apply_stall.to_json(),
         },
+        // Ingest refused by the disk guard: null when not.
+        "disk_guard": metrics.disk_guard.to_json(),
     });
     json_response(StatusCode::OK, &body, o.pretty)
 }
 
+/// rqlite's `store` section of `/status`: leader, Raft state and indexes, the SQLite file.
+fn store_json(n: &Cluster, m: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> Json {
+    let membership = m.membership_config.membership();
+    let idx = |l: &Option<LogId>| l.as_ref().map(|l| l.index).unwrap_or(0);
+    let voter = membership.voter_ids().any(|v| v == n.id());
+    // hashicorp/raft's state names; a read replica (openraft's Learner) is a Follower that
+    // does not vote, as rqlite shows a non-voter.
+    let state = match m.state {
+        openraft::ServerState::Leader => "Leader",
+        openraft::ServerState::Candidate => "Candidate",
+        openraft::ServerState::Shutdown => "Shutdown",
+        openraft::ServerState::Follower | openraft::ServerState::Learner => "Follower",
+    };
+    let leader = m
+        .current_leader
+        .and_then(|l| membership.get_node(&l).map(|p| (l, p.raft_addr.clone())));
+    let applied = idx(&m.last_applied);
+    let nodes: Vec<Json> = membership
+        .nodes()
+        .map(|(id, p)| {
+            json!({"id": id.to_string(), "addr": p.raft_addr,
+                   "suffrage": if membership.voter_ids().any(|v| v == *id) { "Voter" } else { "Nonvoter" }})
+        })
+        .collect();
+    let db_path = n.scratch_dir().join("sm").join("db.sqlite");
+    json!({
+        "node_id": n.id().to_string(),
+        "addr": n.peer().raft_addr,
+        "leader": {
+            "node_id": leader.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default(),
+            "addr": leader.map(|(_, a)| a).unwrap_or_default(),
+        },
+        "raft": {
+            "state": state,
+            "voter": voter,
+            "term": m.current_term,
+            "commit_index": idx(&m.local_committed),
+            "applied_index": applied,
+            "last_log_index": m.last_log_index.unwrap_or(0),
+            "last_snapshot_index": idx(&m.snapshot),
+            "num_peers": membership.voter_ids().filter(|v| *v != n.id()).count(),
+            "last_contact": n.metrics().leader_contact.since().map(|d| format!("{d:?}")),
+        },
+        "fsm_index": applied,
+        "db_applied_index": applied,
+        "dir": n.scratch_dir(),
+        "sqlite3": {
+            "path": db_path,
+            "db_size": n.store().size(),
+            "version": rusqlite::version(),
+            "mem_stats": {},
+        },
+        "snapshot_store": {
+            "dir": n.scratch_dir().join("sm").join("snapshots"),
+            "snapshots": m.snapshot.as_ref().map(|l| vec![l.index.to_string()]).unwrap_or_default(),
+        },
+        "nodes": nodes,
+    })
+}
+
+/// rqlite's `http` section of `/status`: the queued writes' settings and sequence number.
+fn http_json(n: &Cluster) -> Json {
+    let s = n.write_queue_settings();
+    let seq = n
+        .write_queue_started()
+        .map(|q| q.stats().last_sequence.load(Ordering::Relaxed))
+        .unwrap_or(0);
+    json!({
+        "queue": {
+            "_default": {
+                "max_size": s.capacity,
+                "batch_size": s.batch_size,
+                "timeout": format!("{:?}", s.timeout),
+                "transaction": s.transaction,
+                "sequence_number": seq,
+            }
+        }
+    })
+}
+
+/// One member as rqlite's `/nodes` shows it (`http/nodes.go`'s `Node`): reachability is a
+/// ping of the member's Raft listener (over node mutual TLS when that is on), timed.
+#[derive(serde::Serialize)]
+pub struct NodeJson {
+    pub id: String,
+    pub api_addr: String,
+    pub addr: String,
+    pub version: String,
+    pub voter: bool,
+    pub reachable: bool,
+    pub leader: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub time: f64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub time_s: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+fn is_zero(t: &f64) -> bool {
+    *t == 0.0
+}
+
+/// The members (voters only unless `nonvoters`), each checked, sorted by id as rqlite sorts
+/// (as strings).
+pub async fn probe_nodes(n: &Cluster, scheme: Scheme, nonvoters: bool) -> Vec<NodeJson> {
+    let m = n.raft_metrics();
+    let membership = m.membership_config.membership().clone();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let peers: Vec<(u64, Peer)> = membership
+        .nodes()
+        .filter(|(id, _)| nonvoters || voters.contains(id))
+        .map(|(id, p)| (*id, p.clone()))
+        .collect();
+    let checks = peers.iter().map(|(id, p)| {
+        let client = n.http().clone();
+        let me = *id == n.id();
+        let url = client.url(&p.raft_addr, "/raft/ping");
+        async move {
+            let start = std::time::Instant::now();
+            let r = if me {
+                Ok(())
+            } else {
+                match hyper::Request::get(url).body(full(Bytes::new())) {
+                    Ok(req) => match client.send(req, Duration::from_millis(500)).await {
+                        Ok((s, _, _)) if s.is_success() => Ok(()),
+                        Ok((s, _, _)) => Err(format!("ping answered {s}")),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            (r, start.elapsed())
+        }
+    });
+    let checked = futures_util::future::join_all(checks).await;
+    let mut out: Vec<NodeJson> = peers
+        .iter()
+        .zip(checked)
+        .map(|((id, p), (r, took))| NodeJson {
+            id: id.to_string(),
+            api_addr: format!("{}://{}", scheme.0, p.http_addr),
+            addr: p.raft_addr.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            voter: voters.contains(id),
+            reachable: r.is_ok(),
+            leader: m.current_leader == Some(*id),
+            time: took.as_secs_f64(),
+            time_s: format!("{took:?}"),
+            error: r.err().unwrap_or_default(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// `GET /nodes`: rqlite's map of id to member (`?nonvoters` adds read replicas), or with
+/// `?ver=2` its `{"nodes": [...]}` list.
 pub async fn nodes(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
     Extension(scheme): Extension<Scheme>,
 ) -> Response {
     let o = Opts::from(&q);
-    let m = n.raft_metrics();
-    let membership = m.membership_config.membership().clone();
-    let voters: Vec<u64> = membership.voter_ids().collect();
-    let peers: Vec<(u64, Peer)> = membership.nodes().map(|(id, p)| (*id, p.clone())).collect();
-    // Reachable: answers on its Raft listener (over node mutual TLS when that is on).
-    let checks = peers.iter().map(|(id, p)| {
-        let client = n.http().clone();
-        let me = *id == n.id();
-        let url = client.url(&p.raft_addr, "/raft/ping");
-        async move {
-            if me {
-                return true;
-            }
-            let Ok(req) = hyper::Request::get(url).body(full(Bytes::new())) else {
-                return false;
-            };
-            matches!(client.send(req, Duration::from_millis(500)).await, Ok((s, _, _)) if s.is_success())
+    let list = probe_nodes(&n, scheme, flag(&q, "nonvoters")).await;
+    if q.get("ver").is_some_and(|v| v == "2") {
+        #[derive(serde::Serialize)]
+        struct Nodes {
+            nodes: Vec<NodeJson>,
         }
-    });
-    let reachable = futures_util::future::join_all(checks).await;
-    let out: BTreeMap<String, Json> = peers
-        .iter()
-        .zip(reachable)
-        .map(|((id, p), ok)| {
-            (
-                id.to_string(),
-                json!({
-                    "id": id.to_string(),
-                    "api_addr": format!("{}://{}", scheme.0, p.http_addr),
-                    "addr": p.raft_addr,
-                    "voter": voters.contains(id),
-                    "reachable": ok,
-                    "leader": m.current_leader == Some(*id),
-                }),
-            )
-        })
-        .collect();
-    json_response(StatusCode::OK, &json!(out), o.pretty)
+        return json_response(StatusCode::OK, &Nodes { nodes: list }, o.pretty);
+    }
+    let map: BTreeMap<String, NodeJson> = list.into_iter().map(|n| (n.id.clone(), n)).collect();
+    json_response(StatusCode::OK, &map, o.pretty)
 }
 
 pub async fn readyz(
@@ -147,18 +297,41 @@ pub async fn readyz(
     if q.contains_key("noleader") {
         return (StatusCode::OK, "[+]node ok\n").into_response();
     }
-    match n.leader() {
-        Some(_) => (StatusCode::OK, "[+]node ok\n[+]leader ok\n[+]store ok\n").into_response(),
-        None => (
+    if n.leader().is_none() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "[+]node ok\n[-]leader not contactable\n",
         )
-            .into_response(),
+            .into_response();
     }
+    if flag(&q, "sync") {
+        // rqlite's `?sync`: ready once this node has applied what the leader had committed
+        // when asked (`timeout`, 5 s by default).
+        let wait = q
+            .get("timeout")
+            .and_then(|t| super::rqlite::parse_go_duration(t).ok())
+            .unwrap_or(Duration::from_secs(5));
+        if !n.wait_synced(wait).await {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "[+]node ok\n[+]leader ok\n[-]sync timeout\n",
+            )
+                .into_response();
+        }
+        return (
+            StatusCode::OK,
+            "[+]node ok\n[+]leader ok\n[+]store ok\n[+]sync ok\n",
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "[+]node ok\n[+]leader ok\n[+]store ok\n").into_response()
 }
 
 /// Parses the JSON body of an admin request (`/join`, `/remove`).
-fn parse_admin_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {
+pub(super) fn parse_admin_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, Error> {
     serde_json::from_slice(body)
         .map_err(|e| Error::BadRequest(format!("invalid {what} request: {e}")))
 }
@@ -209,6 +382,16 @@ pub async fn join(
 struct RemoveRequest {
     #[serde(deserialize_with = "id_from_string_or_number")]
     id: u64,
+}
+
+/// An optional node id: rqlite's string ids, or a number.
+pub(super) fn opt_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Json::deserialize(d)? {
+        Json::Null => Ok(None),
+        v => id_from_string_or_number(v)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 fn id_from_string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -322,6 +505,8 @@ pub async fn metrics(State(n): State<Arc<Cluster>>) -> Response {
         counters.write_batches.load(Ordering::Relaxed) as f64,
     );
     out.push_str(&counters.ingress_prometheus(id));
+    out.push_str(&counters.backup.prometheus(id));
+    out.push_str(&counters.exports.prometheus(id));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -9,9 +9,10 @@
 //! `?redirect`.
 //!
 //! - [`rqlite`]: request and response shapes.
-//! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`.
+//! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`, `/boot`.
 //! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
-//! - [`devices`]: `/devices` (`cairn device add|list|remove`).
+//! - [`ops`]: `/leader`, `/snapshot`, `/db/sql`, `/debug/vars`.
+//! - [`devices`]: `/devices` (`cairn device add|list|remove|reset|revoke|rekey`).
 //! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
 //!
 //! Every route declares its permission ([`require`], rqlite's names plus `devices`) and the
@@ -23,6 +24,7 @@
 
 pub mod admin;
 pub mod devices;
+pub mod ops;
 pub mod rqlite;
 pub mod sql;
 pub mod streams;
@@ -66,6 +68,8 @@ pub struct Scheme(pub &'static str);
 const JSON: &[&str] = &["application/json"];
 /// `/db/load`: a SQLite file or a SQL dump.
 const LOAD: &[&str] = &["application/octet-stream", "text/plain"];
+/// `/boot`: a SQLite file.
+const BOOT: &[&str] = &["application/octet-stream"];
 
 /// Every public route, with its permission and body type. `https`: this API is served
 /// over TLS (redirects and `/nodes` name `https://` URLs).
@@ -95,6 +99,30 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
             "/db/load",
             require(a, Perm::Load, body_type(LOAD, post(sql::load))),
         )
+        .route(
+            "/boot",
+            require(a, Perm::Load, body_type(BOOT, post(sql::boot))),
+        )
+        .route(
+            "/db/sql",
+            require(a, Perm::Query, body_type(JSON, post(ops::sql))),
+        )
+        .route(
+            "/leader",
+            require(a, Perm::Status, get(ops::leader)).merge(require(
+                a,
+                Perm::LeaderOps,
+                body_type(JSON, post(ops::step_down)),
+            )),
+        )
+        .route(
+            "/snapshot",
+            require(a, Perm::Snapshot, body_type(JSON, post(ops::snapshot))),
+        )
+        .route(
+            "/debug/vars",
+            require(a, Perm::Status, get(ops::debug_vars)),
+        )
         .route("/status", require(a, Perm::Status, get(admin::status)))
         .route("/nodes", require(a, Perm::Status, get(admin::nodes)))
         .route("/metrics", require(a, Perm::Status, get(admin::metrics)))
@@ -122,6 +150,18 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
         .route(
             "/devices/{device_id}/reset",
             require(a, Perm::Devices, body_type(JSON, post(devices::reset))),
+        )
+        .route(
+            "/devices/{device_id}/revoke",
+            require(a, Perm::Devices, body_type(JSON, post(devices::revoke))),
+        )
+        .route(
+            "/devices/{device_id}/rekey",
+            require(a, Perm::Devices, body_type(JSON, post(devices::rekey))),
+        )
+        .route(
+            "/devices/{device_id}/protocol",
+            require(a, Perm::Devices, body_type(JSON, post(devices::protocol))),
         )
         .route("/streams", require(a, Perm::Status, get(streams::show)))
         .route(

@@ -13,9 +13,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::rqlite::{
-    Opts, error_response, json_response, parse_statements, result_json, results_response,
+    Opts, ResponseJson, ResultJson, Shape, error_response, json_response, parse_statements,
+    results_response,
 };
 use super::{Original, Scheme, Served, on_leader, redirect_to_leader};
+use crate::cluster::client::LEADER_WAIT;
 use crate::cluster::{Cluster, Level};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
@@ -23,9 +25,14 @@ use crate::raft::network::file_body;
 use crate::security::{Access, Perm};
 
 /// Answers results served here, relays the leader's answer, or renders the error.
-fn answer(r: Result<Served<Vec<StatementResult>>, Error>, o: &Opts, start: Instant) -> Response {
+fn answer(
+    r: Result<Served<Vec<StatementResult>>, Error>,
+    shape: Shape,
+    o: &Opts,
+    start: Instant,
+) -> Response {
     match r {
-        Ok(Served::Here(results)) => results_response(&results, o, start),
+        Ok(Served::Here(results)) => results_response(&results, shape, o, start),
         Ok(Served::There(resp)) => resp,
         Err(e) => error_response(&e, o.pretty),
     }
@@ -35,6 +42,7 @@ fn answer(r: Result<Served<Vec<StatementResult>>, Error>, o: &Opts, start: Insta
 async fn write(
     n: &Cluster,
     statements: Vec<Statement>,
+    shape: Shape,
     o: &Opts,
     req: &Original,
     rewrite: bool,
@@ -44,27 +52,55 @@ async fn write(
         n.execute(statements.clone(), o.transaction, rewrite)
     })
     .await;
-    answer(r, o, start)
+    answer(r, shape, o, start)
 }
 
-/// A read at the requested consistency level; `none` never leaves this node.
-async fn read(n: &Cluster, statements: Vec<Statement>, o: &Opts, req: &Original) -> Response {
+/// rqlite's `level=auto`: `none` on a node that does not vote (a read replica), else `weak`.
+fn level_of(n: &Cluster, o: &Opts) -> Result<Level, Error> {
+    if o.level == "auto" {
+        let m = n.raft_metrics();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == n.id());
+        return Ok(if voter { Level::Weak } else { Level::None });
+    }
+    o.level.parse::<Level>()
+}
+
+/// A read at the requested consistency level; `none` never leaves this node (and honours
+/// `freshness`).
+async fn read(
+    n: &Cluster,
+    statements: Vec<Statement>,
+    shape: Shape,
+    o: &Opts,
+    req: &Original,
+) -> Response {
     let start = Instant::now();
-    let level = match o.level.parse::<Level>() {
+    let level = match level_of(n, o) {
         Ok(l) => l,
         Err(e) => return error_response(&e, o.pretty),
     };
     let r = if level == Level::None {
-        n.query(statements, level, o.transaction)
-            .await
-            .map(Served::Here)
+        match o
+            .freshness
+            .map(|f| n.check_freshness(f, o.freshness_strict))
+        {
+            Some(Err(e)) => Err(e),
+            _ => n
+                .query_within(statements, level, o.transaction, o.db_timeout)
+                .await
+                .map(Served::Here),
+        }
     } else {
         on_leader(n, req, o.redirect, || {
-            n.query(statements.clone(), level, o.transaction)
+            n.query_within(statements.clone(), level, o.transaction, o.db_timeout)
         })
         .await
     };
-    answer(r, o, start)
+    answer(r, shape, o, start)
 }
 
 /// Which SQL endpoint a request came to.
@@ -90,25 +126,81 @@ fn statements(
     }
 }
 
-/// Counts and parses a SQL request, then writes it through Raft or reads it at the requested
-/// level (`/db/request` reads when every statement is read-only).
-async fn serve(at: Endpoint, n: &Cluster, q: HashMap<String, String>, req: Original) -> Response {
+/// Counts and parses a SQL request, then writes it through Raft (or queues it with `?queue`)
+/// or reads it at the requested level (`/db/request` reads when every statement is
+/// read-only).
+async fn serve(
+    at: Endpoint,
+    n: &Arc<Cluster>,
+    q: HashMap<String, String>,
+    req: Original,
+) -> Response {
     n.metrics().http_requests.fetch_add(1, Ordering::Relaxed);
     let o = Opts::from(&q);
+    if let Err(e) = Opts::check(&q) {
+        return error_response(&e, o.pretty);
+    }
+    if at == Endpoint::Execute && o.queue {
+        return queued(n, &q, &o, &req).await;
+    }
     let statements = match statements(at, &q, &req) {
         Ok(s) => s,
         Err(e) => return error_response(&e, o.pretty),
     };
-    let reading = match at {
-        Endpoint::Query => true,
-        Endpoint::Request => n.all_read_only(&statements).await,
-        Endpoint::Execute => false,
+    let (reading, shape) = match at {
+        Endpoint::Query => (true, Shape::Query),
+        Endpoint::Request => (n.all_read_only(&statements).await, Shape::Request),
+        Endpoint::Execute => (false, Shape::Execute),
     };
     if reading {
-        read(n, statements, &o, &req).await
+        read(n, statements, shape, &o, &req).await
     } else {
-        write(n, statements, &o, &req, true).await
+        write(n, statements, shape, &o, &req, true).await
     }
+}
+
+/// `/db/execute?queue`: queued on this node (leader or not) and answered at once with its
+/// sequence number, or with `wait` once it is written (`408` after `timeout`).
+async fn queued(
+    n: &Arc<Cluster>,
+    q: &HashMap<String, String>,
+    o: &Opts,
+    req: &Original,
+) -> Response {
+    let start = Instant::now();
+    // As rqlite: no queue on a node that knows no leader (unless `noleader`); an election
+    // under way gets the time other writes get to settle.
+    if !super::rqlite::flag(q, "noleader") && n.wait_leader(LEADER_WAIT).await.is_none() {
+        return error_response(&Error::NoLeader, o.pretty);
+    }
+    let statements = match parse_statements(&req.body) {
+        Ok(s) => s,
+        // An empty request that only waits for what is queued before it.
+        Err(_) if o.wait && req.body.iter().all(u8::is_ascii_whitespace) => Vec::new(),
+        Err(e) => return error_response(&e, o.pretty),
+    };
+    let ticket = match n.write_queue().push(statements, o.wait).await {
+        Ok(t) => t,
+        Err(e) => return error_response(&e, o.pretty),
+    };
+    let sequence_number = ticket.sequence_number;
+    if let Err(e) = ticket.flushed(o.timeout).await {
+        let status = match e {
+            Error::Unavailable(_) => StatusCode::REQUEST_TIMEOUT,
+            _ => super::rqlite::status_of(&e),
+        };
+        return json_response(
+            status,
+            &json!({"results": [{"error": e.to_string()}], "sequence_number": sequence_number}),
+            o.pretty,
+        );
+    }
+    let body = ResponseJson {
+        results: Vec::new(),
+        time: o.timings.then(|| start.elapsed().as_secs_f64()),
+        sequence_number: Some(sequence_number),
+    };
+    json_response(StatusCode::OK, &body, o.pretty)
 }
 
 type Params = Query<HashMap<String, String>>;
@@ -126,8 +218,9 @@ pub async fn request(State(n): State<Arc<Cluster>>, Query(q): Params, req: Origi
     serve(Endpoint::Request, &n, q, req).await
 }
 
-/// The database as a SQLite file, streamed. Served by the leader (others redirect there)
-/// unless `?noleader`, which returns this node's copy.
+/// The database as a SQLite file, streamed (already compact: `vacuum` changes nothing), or
+/// with `fmt=sql` (and `tables=a,b`) as rqlite's SQL dump of the user tables. Served by the
+/// leader (others redirect there) unless `?noleader`, which returns this node's copy.
 pub async fn backup(
     State(n): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
@@ -143,6 +236,28 @@ pub async fn backup(
         return redirect_to_leader(&n, scheme, path)
             .await
             .unwrap_or_else(|e| error_response(&e, o.pretty));
+    }
+    if let Some(fmt) = q.get("fmt").filter(|f| f.as_str() != "binary") {
+        if fmt != "sql" {
+            let e = Error::BadRequest(format!("unknown backup format {fmt:?}: use sql"));
+            return error_response(&e, o.pretty);
+        }
+        let only = q
+            .get("tables")
+            .map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>());
+        return match n.dump_sql(only).await {
+            Ok(text) => (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/sql")],
+                text,
+            )
+                .into_response(),
+            Err(e) => error_response(&e, o.pretty),
+        };
+    }
+    if super::rqlite::flag(&q, "compress") {
+        let e = Error::BadRequest("compress is not supported".into());
+        return error_response(&e, o.pretty);
     }
     match n.backup().await {
         Ok(file) => {
@@ -197,13 +312,42 @@ pub async fn load(
     };
     // One summary result: the rows loaded, or the error.
     let summary = match results.iter().find(|r| r.error.is_some()) {
-        Some(err) => json!({"results": [result_json(err, &o)]}),
-        None => json!({"results": [{
-            "last_insert_id": 0,
-            "rows_affected": results.iter().map(|r| r.rows_affected).sum::<i64>(),
-        }]}),
+        Some(err) => err.clone(),
+        None => StatementResult {
+            rows_affected: results.iter().map(|r| r.rows_affected).sum::<i64>(),
+            ..Default::default()
+        },
     };
-    json_response(StatusCode::OK, &summary, o.pretty)
+    let body = ResponseJson {
+        results: vec![ResultJson::new(&summary, Shape::Execute, &o)],
+        time: None,
+        sequence_number: None,
+    };
+    json_response(StatusCode::OK, &body, o.pretty)
+}
+
+/// rqlite's `POST /boot`: a whole SQLite file into a single-node cluster. rqlite writes it
+/// beside the log; here it takes `/db/load`'s path (streamed to disk, through the log in
+/// chunks), and a node that has other members refuses it (use `/db/load` there).
+pub async fn boot(
+    State(n): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+    access: Access,
+    req: Request,
+) -> Response {
+    let members = n
+        .raft_metrics()
+        .membership_config
+        .membership()
+        .nodes()
+        .count();
+    if members > 1 {
+        let e = Error::BadRequest(format!(
+            "boot is for a single-node cluster and this one has {members} members: use /db/load"
+        ));
+        return error_response(&e, Opts::from(&q).pretty);
+    }
+    load(State(n), Query(q), access, req).await
 }
 
 fn upload_path(n: &Cluster) -> std::path::PathBuf {

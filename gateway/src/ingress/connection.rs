@@ -1,9 +1,11 @@
 //! One device connection: Hello → Welcome, then batches in and cumulative Acks out.
 //!
 //! ```text
-//! Hello ──▶ version 2 (or 1 with --accept-protocol-1, else unsealed UnsupportedVersion)
-//!           key lookup (local registry) ─ unknown ─▶ unsealed Error(UnknownDevice), close
-//!           accept (tag, version), fresh challenge ─ bad ─▶ unsealed Error(code), close
+//! Hello ──▶ version 2 (or 1 with --accept-protocol-1 for a device registered for 1, else
+//!           unsealed UnsupportedVersion)
+//!           key lookup (local registry) ─ unknown or revoked ─▶ unsealed Error(UnknownDevice), close
+//!           accept (tag, version) under the key, or the previous key in its rekey grace
+//!           window; fresh challenge ─ bad ─▶ unsealed Error(code), close
 //!           (protocol 1 only: replayed Hello, same boot and counter not newer ─▶ Error(Replay))
 //!           high-water read linearizably on the leader ─▶ Welcome{high_water, leader, credit}
 //! Batch ──▶ decode (tag, counter, body) ─ bad ─▶ Error(code), close; nothing applied
@@ -13,6 +15,8 @@
 //!                                        ─▶ Error(SeqGap | SchemaMismatch | NotLeader | Overloaded),
 //!                                           connection kept (SPEC §7.6); other codes close it
 //! Ping  ──▶ Pong
+//! registry change applied here ─▶ the session's key no longer accepted (revoked, replaced)
+//!           ─▶ close;  grace window of the previous key over ─▶ close
 //! ```
 //!
 //! Bounded: admitted within the global and per-address caps (`Ingress::serve`), one frame
@@ -35,11 +39,12 @@ use cairn_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 use super::batcher::{Outcomes, closed};
-use super::{Ingress, Slot, code_of};
+use super::{HelloKeys, Ingress, Note, Slot, code_of};
 use crate::command::device::{BatchOutcome, DeviceBatch};
+use crate::db::registry::DeviceKey;
 use crate::metrics::Metrics;
 
 /// Batches of one connection awaiting their outcome before reading stops.
@@ -205,6 +210,7 @@ fn stored_through(outcome: &Outcomes) -> Result<u64, ErrorCode> {
             BatchOutcome::Gap { .. } => Err(ErrorCode::SeqGap),
             BatchOutcome::SchemaMismatch => Err(ErrorCode::SchemaMismatch),
             BatchOutcome::Malformed => Err(ErrorCode::Malformed),
+            BatchOutcome::Revoked => Err(ErrorCode::UnknownDevice),
         },
         Ok(_) => Err(ErrorCode::Internal),
         Err(e) => Err(code_of(e)),
@@ -235,12 +241,21 @@ pub async fn serve(ingress: Arc<Ingress>, mut stream: TcpStream, slot: Slot) {
     drop(slot);
 }
 
-/// Hello to an accepted session: the device id and the session, or the code already sent.
+/// The key a session was opened under, rechecked whenever the registry changes.
+struct SessionKey {
+    key: DeviceKey,
+    /// The device's previous key, accepted until this time (Unix ms, this gateway's clock).
+    grace_until_ms: Option<i64>,
+    from_replica: bool,
+}
+
+/// Hello to an accepted session: the device id, the session and its key, or the code already
+/// sent.
 async fn handshake(
-    ingress: &Ingress,
+    ingress: &Arc<Ingress>,
     stream: &mut TcpStream,
     frame: &[u8],
-) -> Result<(u64, Session), ErrorCode> {
+) -> Result<(u64, Session, SessionKey), ErrorCode> {
     let m = ingress.metrics();
     let version = Frame::new_unchecked(frame).version();
     // The device id, read unauthenticated to find the key (and the protocol 1 Hello).
@@ -268,8 +283,8 @@ async fn handshake(
             return Err(code);
         }
     };
-    let key = match ingress.hello_key(device_id).await {
-        Ok(Some(key)) => key,
+    let HelloKeys { keys, from_replica } = match ingress.hello_keys(device_id).await {
+        Ok(Some(keys)) => keys,
         Ok(None) => {
             reject_in(m, stream, None, ErrorCode::UnknownDevice, version).await;
             return Err(ErrorCode::UnknownDevice);
@@ -279,9 +294,34 @@ async fn handshake(
             return Err(code_of(&e));
         }
     };
-    let accepted = match v1_hello {
-        None => GatewaySession::accept(&key, frame, rand::random()).map(Session::V2),
-        Some(_) => v1::GatewaySession::accept_salted(&key, frame, rand::random()).map(Session::V1),
+    if keys.state.revoked_at_ms.is_some() {
+        // Its key may be in other hands: nothing is sealed under it any more.
+        m.hellos_revoked.fetch_add(1, Relaxed);
+        reject_in(m, stream, None, ErrorCode::UnknownDevice, version).await;
+        return Err(ErrorCode::UnknownDevice);
+    }
+    if v1_hello.is_some() && keys.state.protocol != v1::VERSION {
+        // No downgrade per device: only devices registered for protocol 1 may speak it.
+        m.hellos_v1_refused.fetch_add(1, Relaxed);
+        let code = ErrorCode::UnsupportedVersion;
+        reject_in(m, stream, None, code, version).await;
+        return Err(code);
+    }
+    let accept = |key: &DeviceKey| match v1_hello {
+        None => GatewaySession::accept(key, frame, rand::random()).map(Session::V2),
+        Some(_) => v1::GatewaySession::accept_salted(key, frame, rand::random()).map(Session::V1),
+    };
+    let now = now_ms();
+    let previous = keys.state.previous_at(now);
+    let (accepted, used) = match (accept(&keys.key), previous) {
+        (Err(FrameError::BadAuth), Some(old)) => {
+            let r = accept(&old);
+            if r.is_ok() {
+                m.hellos_previous_key.fetch_add(1, Relaxed);
+            }
+            (r, old)
+        }
+        (r, _) => (r, keys.key),
     };
     let mut session = match accepted {
         Ok(s) => s,
@@ -297,13 +337,49 @@ async fn handshake(
         }
         m.hellos_v1.fetch_add(1, Relaxed);
     }
-    Ok((device_id, session))
+    if let (true, Some(rekeyed_at_ms), None) = (
+        used == keys.key,
+        keys.state.rekeyed_at_ms,
+        keys.state.new_key_seen_ms,
+    ) {
+        ingress.note(
+            device_id,
+            Note::KeySeen {
+                rekeyed_at_ms,
+                at_ms: now,
+            },
+        );
+    }
+    if v1_hello.is_none() && keys.state.protocol == v1::VERSION {
+        ingress.note(device_id, Note::SpokeV2);
+    }
+    let key = SessionKey {
+        grace_until_ms: (used != keys.key)
+            .then_some(keys.state.grace_until_ms)
+            .flatten(),
+        key: used,
+        from_replica,
+    };
+    Ok((device_id, session, key))
+}
+
+/// Resolves when the previous key's grace window is over (never for the current key).
+async fn grace_over(until_ms: Option<i64>) {
+    match until_ms {
+        Some(until) => {
+            let left = until.saturating_sub(now_ms()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(left)).await
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs the connection; `Err(code)` when it ended on a rejection (already sent).
-async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode> {
+async fn run(ingress: &Arc<Ingress>, stream: &mut TcpStream) -> Result<(), ErrorCode> {
     let m = ingress.metrics();
     let mut reader = FrameReader::new();
+    // Before the key is read: a revocation applied from here on is seen below.
+    let mut registry = ingress.cluster.registry_changes();
 
     // Hello, within the handshake deadline.
     let frame =
@@ -320,7 +396,7 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
             Ok(Ok(f)) => f,
         };
     m.frames_in.fetch_add(1, Relaxed);
-    let (device_id, mut session) = handshake(ingress, stream, frame).await?;
+    let (device_id, mut session, mut key) = handshake(ingress, stream, frame).await?;
     let high_water = match ingress.high_water(device_id).await {
         Ok(hw) => hw,
         Err(e) => {
@@ -351,6 +427,28 @@ async fn run(ingress: &Ingress, stream: &mut TcpStream) -> Result<(), ErrorCode>
             }
         };
         tokio::select! {
+            changed = registry.recv() => {
+                match changed {
+                    Ok(Some(id)) if id != device_id => continue,
+                    // Its own keys, anyone's, or more changes than were kept: recheck.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    // The node is stopping.
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                }
+                match ingress.session_valid_until(device_id, &key.key, key.from_replica, now_ms()) {
+                    Some(until) => key.grace_until_ms = until,
+                    None => {
+                        m.sessions_closed_key.fetch_add(1, Relaxed);
+                        tracing::info!(device_id, "device session closed: its key is no longer accepted");
+                        return Ok(());
+                    }
+                }
+            }
+            () = grace_over(key.grace_until_ms) => {
+                m.sessions_closed_key.fetch_add(1, Relaxed);
+                tracing::info!(device_id, "device session closed: the previous key's grace window is over");
+                return Ok(());
+            }
             outcome = next_outcome => {
                 let read_at = pending.pop_front().expect("a pending batch").1;
                 // Acks are cumulative: batches decided together get one Ack (fewer bytes

@@ -5,7 +5,8 @@
 //! |---|---|---|
 //! | `POST /ingress/forward` | postcard `Vec<DeviceBatch>` | postcard `Result<Vec<BatchOutcome>, Error>` |
 //! | `GET /ingress/high-water/{device_id}` | | postcard `Result<u64, Error>` |
-//! | `GET /ingress/key/{device_id}` | | postcard `Result<Option<[u8; 32]>, Error>` |
+//! | `GET /ingress/key/{device_id}` | | postcard `Result<Option<[u8; 32]>, Error>` (none for a revoked device) |
+//! | `POST /ingress/note/{device_id}` | postcard [`Note`] | postcard `Result<(), Error>` |
 //!
 //! They are node to node only: served on the Raft listener, behind node mutual TLS when it is
 //! configured, never on the public HTTP port (the key lookup answers a key). The device admin
@@ -20,8 +21,8 @@ use axum::http::Method;
 use axum::routing::{get, post};
 use futures_util::future::BoxFuture;
 
-use super::Ingress;
 use super::batcher::{Commit, GroupSink, Outcomes};
+use super::{Ingress, Note};
 use crate::cluster::Cluster;
 use crate::command::device::DeviceBatch;
 use crate::db::registry::DeviceKey;
@@ -89,12 +90,27 @@ pub async fn remote_device_key(
         .await?
 }
 
+/// A follower's registry note (the device's new key seen, protocol 2 spoken): proposed by
+/// the leader.
+pub async fn remote_note(cluster: &Cluster, device_id: u64, note: Note) -> Result<(), Error> {
+    let path = format!("/ingress/note/{device_id}");
+    cluster
+        .call_leader_internal::<Result<(), Error>>(
+            Method::POST,
+            &path,
+            encode(&note),
+            FORWARD_TIMEOUT,
+        )
+        .await?
+}
+
 /// The node-to-node ingress routes, served on the Raft listener.
 pub fn routes(ingress: Arc<Ingress>) -> axum::Router {
     axum::Router::new()
         .route("/ingress/forward", post(forwarded))
         .route("/ingress/high-water/{device_id}", get(high_water))
         .route("/ingress/key/{device_id}", get(device_key))
+        .route("/ingress/note/{device_id}", post(noted))
         // Groups close at about 1 MiB (`batcher::GroupLimits`); room for the last batch.
         .layer(axum::extract::DefaultBodyLimit::max(16 << 20))
         .with_state(ingress)
@@ -126,4 +142,17 @@ async fn device_key(State(ingress): State<Arc<Ingress>>, Path(device_id): Path<u
         Err(e) => Err(e),
     };
     encode(&key)
+}
+
+async fn noted(
+    State(ingress): State<Arc<Ingress>>,
+    Path(device_id): Path<u64>,
+    body: Bytes,
+) -> Vec<u8> {
+    let r = match decode::<Note>(&body) {
+        Ok(note) if ingress.cluster.is_leader() => ingress.propose_note(device_id, note).await,
+        Ok(_) => Err(Error::NotLeader(None)),
+        Err(_) => Err(Error::BadRequest("undecodable registry note".into())),
+    };
+    encode(&r)
 }

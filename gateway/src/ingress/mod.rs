@@ -22,7 +22,7 @@ pub mod connection;
 pub mod forward;
 pub mod leader;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,7 +36,9 @@ use tokio::sync::oneshot;
 use self::batcher::{GroupLimits, GroupQueue, Outcomes};
 use crate::cluster::Cluster;
 use crate::command::device::DeviceBatch;
-use crate::db::registry::{self, DeviceKey};
+use crate::command::registry::RegistryCommand;
+use crate::command::{Command, CommandResponse};
+use crate::db::registry::{self, DeviceKey, DeviceKeys, KeyState};
 use crate::error::Error;
 use crate::metrics::Metrics;
 
@@ -76,7 +78,7 @@ pub struct IngressConfig {
     /// Connections open at once, in all and from one IP address; more are closed at once.
     pub max_connections: usize,
     pub max_per_address: usize,
-    /// Accept protocol 1 devices (migration period).
+    /// Accept protocol 1 Hellos of devices registered for protocol 1 (migration period).
     pub accept_protocol_1: bool,
 }
 
@@ -107,6 +109,57 @@ pub struct Ingress {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     /// Follower only: devices the leader did not know, and when it said so.
     unknown: Mutex<HashMap<u64, Instant>>,
+    /// Registry notes already sent or proposed from this node (one per fact).
+    noted: Mutex<HashSet<(u64, Note)>>,
+}
+
+/// A fact about a device a gateway learns at its Hello and the registry keeps: proposed by
+/// the leader (a follower sends it there, `POST /ingress/note/{device_id}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Note {
+    /// The device authenticated with the key installed by the rekey at `rekeyed_at_ms`.
+    KeySeen { rekeyed_at_ms: i64, at_ms: i64 },
+    /// A device registered for protocol 1 said a protocol 2 Hello: it is registered for 2
+    /// from now on (no way back to 1).
+    SpokeV2,
+}
+
+impl Note {
+    fn command(self, device_id: u64) -> RegistryCommand {
+        match self {
+            Note::KeySeen {
+                rekeyed_at_ms,
+                at_ms,
+            } => RegistryCommand::KeySeen {
+                device_id,
+                rekeyed_at_ms,
+                at_ms,
+            },
+            Note::SpokeV2 => RegistryCommand::SetProtocol {
+                device_id,
+                version: cairn_protocol::PROTOCOL_VERSION,
+            },
+        }
+    }
+
+    /// One entry per fact: the time a key was seen does not make a new fact.
+    fn dedup_key(self) -> Note {
+        match self {
+            Note::KeySeen { rekeyed_at_ms, .. } => Note::KeySeen {
+                rekeyed_at_ms,
+                at_ms: 0,
+            },
+            n => n,
+        }
+    }
+}
+
+/// The keys a Hello may authenticate under, and where they came from.
+#[derive(Debug, Clone)]
+pub struct HelloKeys {
+    pub keys: DeviceKeys,
+    /// False when this replica does not know the device yet and the leader answered.
+    pub from_replica: bool,
 }
 
 /// How long a follower answers Hellos of a device the leader did not know from its own cache.
@@ -154,8 +207,16 @@ impl Ingress {
             metrics,
         );
         if config.accept_protocol_1 {
+            let registered_v1 = cluster
+                .store()
+                .read(registry::key_states)
+                .ok()
+                .and_then(Result::ok)
+                .map(|ks| ks.iter().filter(|(_, k)| k.protocol == 1).count());
             tracing::warn!(
-                "accepting protocol 1 devices (--accept-protocol-1): their recorded connections \
+                registered_v1,
+                "accepting protocol 1 Hellos (--accept-protocol-1), only of devices registered \
+                 for protocol 1 (`cairn device add --protocol 1`): their recorded connections \
                  can be replayed and their nonces depend on unique boot numbers; move them to \
                  protocol 2 and drop the flag"
             );
@@ -168,6 +229,7 @@ impl Ingress {
             hellos: Mutex::new(HashMap::new()),
             per_address: Mutex::new(HashMap::new()),
             unknown: Mutex::new(HashMap::new()),
+            noted: Mutex::new(HashSet::new()),
         })
     }
 
@@ -219,11 +281,11 @@ impl Ingress {
         })
     }
 
-    /// The key of a registered device, from this node's replica.
-    pub fn device_key(&self, device_id: u64) -> Result<Option<DeviceKey>, Error> {
+    /// The keys of a registered device, from this node's replica.
+    pub fn device_keys(&self, device_id: u64) -> Result<Option<DeviceKeys>, Error> {
         self.cluster
             .store()
-            .read(|c| registry::device_key(c, device_id))
+            .read(|c| registry::device_keys(c, device_id))
             .and_then(|k| k)
             .map_err(|e| {
                 tracing::warn!(error = %e, "reading the device registry");
@@ -231,11 +293,23 @@ impl Ingress {
             })
     }
 
-    /// The key for a Hello: this replica's, or, if it does not know the device and is not the
+    /// The key a Hello of the device would be accepted under now (not a revoked device's),
+    /// as the leader answers a follower that does not know the device.
+    pub fn device_key(&self, device_id: u64) -> Result<Option<DeviceKey>, Error> {
+        Ok(self
+            .device_keys(device_id)?
+            .filter(|k| k.state.revoked_at_ms.is_none())
+            .map(|k| k.key))
+    }
+
+    /// The keys for a Hello: this replica's, or, if it does not know the device and is not the
     /// leader, the leader's (a device registered a moment ago may reach a lagging follower).
-    pub async fn hello_key(&self, device_id: u64) -> Result<Option<DeviceKey>, Error> {
-        match self.device_key(device_id)? {
-            Some(k) => Ok(Some(k)),
+    pub async fn hello_keys(&self, device_id: u64) -> Result<Option<HelloKeys>, Error> {
+        match self.device_keys(device_id)? {
+            Some(keys) => Ok(Some(HelloKeys {
+                keys,
+                from_replica: true,
+            })),
             None if self.cluster.is_leader() => Ok(None),
             // A node that knows no leader (still joining, or electing) cannot tell an unknown
             // device from one registered after its last applied entry: NotLeader, retry soon.
@@ -266,8 +340,81 @@ impl Ingress {
                 } else {
                     unknown.remove(&device_id);
                 }
-                Ok(key)
+                Ok(key.map(|key| HelloKeys {
+                    keys: DeviceKeys {
+                        key,
+                        state: KeyState::NONE,
+                    },
+                    from_replica: false,
+                }))
             }
+        }
+    }
+
+    /// Until when a session opened under `key` may go on, seen at `now_ms`: `None` if no
+    /// longer (revoked, key replaced or removed), `Some(None)` while `key` is the device's key,
+    /// `Some(Some(t))` until `t` when it is the previous key in its grace window. A session
+    /// whose keys came from the leader (`from_replica` false) stays while this replica does
+    /// not know the device yet.
+    pub fn session_valid_until(
+        &self,
+        device_id: u64,
+        key: &DeviceKey,
+        from_replica: bool,
+        now_ms: i64,
+    ) -> Option<Option<i64>> {
+        match self.device_keys(device_id) {
+            Ok(Some(k)) if k.state.revoked_at_ms.is_some() => None,
+            Ok(Some(k)) if k.key == *key => Some(None),
+            Ok(Some(k)) if k.state.previous_at(now_ms) == Some(*key) => {
+                Some(k.state.grace_until_ms)
+            }
+            Ok(Some(_)) => None,
+            Ok(None) if from_replica => None,
+            // A replica that cannot read its registry keeps its sessions: storage trouble is
+            // reported elsewhere, and the next Hello checks again.
+            Ok(None) | Err(_) => Some(None),
+        }
+    }
+
+    /// Has the leader record `note` about the device (once per fact and node), in the
+    /// background: a Hello never waits for it.
+    pub fn note(self: &Arc<Self>, device_id: u64, note: Note) {
+        if !self
+            .noted
+            .lock()
+            .expect("noted set")
+            .insert((device_id, note.dedup_key()))
+        {
+            return;
+        }
+        let ingress = self.clone();
+        tokio::spawn(async move {
+            let r = if ingress.cluster.is_leader() {
+                ingress.propose_note(device_id, note).await
+            } else {
+                forward::remote_note(&ingress.cluster, device_id, note).await
+            };
+            if let Err(e) = r {
+                tracing::info!(device_id, ?note, error = %e, "registry note not recorded; next Hello retries");
+                ingress
+                    .noted
+                    .lock()
+                    .expect("noted set")
+                    .remove(&(device_id, note.dedup_key()));
+            }
+        });
+    }
+
+    /// The leader's end of [`Ingress::note`].
+    pub async fn propose_note(&self, device_id: u64, note: Note) -> Result<(), Error> {
+        match self
+            .cluster
+            .write(Command::DeviceRegistry(note.command(device_id)))
+            .await?
+        {
+            CommandResponse::DeviceRegistry(_) => Ok(()),
+            other => Err(Error::Storage(format!("unexpected response {other:?}"))),
         }
     }
 

@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use openraft::storage::{IOFlushed, RaftLogStorage};
@@ -66,6 +66,8 @@ struct Shared {
     /// Connection for reads (WAL: readers never block the writer).
     reader: Mutex<Connection>,
     stats: Arc<LogStats>,
+    /// The highest entry stamp (`Command::Stamped`) appended or found at open.
+    stamp_floor: Arc<AtomicI64>,
 }
 
 /// Counters for `/status` and `/metrics`: entries per append shows how well writes share
@@ -114,6 +116,39 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
     postcard::from_bytes(b).map_err(|e| io_err(format!("undecodable raft log record: {e}")))
 }
 
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, log_id BLOB NOT NULL, entry BLOB NOT NULL);
+     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);";
+
+/// Creates the log of a node whose database was rebuilt from a backup (`cairn restore`): empty,
+/// purged through `last` (the restored index, so a joining node gets a snapshot), with a vote
+/// for `id` in `last`'s term so that its first election moves to a later term.
+pub fn start_after(path: &Path, last: LogId, id: super::NodeId) -> anyhow::Result<()> {
+    let conn = Connection::open(path)?;
+    conn.execute_batch(SCHEMA)?;
+    let vote = Vote::new(last.leader_id.term, id);
+    let tx = conn.unchecked_transaction()?;
+    for (k, v) in [
+        ("last_purged", encode(&last)?),
+        ("committed", encode(&Some(last))?),
+        ("vote", encode(&vote)?),
+    ] {
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES(?1, ?2)",
+            params![k, v],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn note_stamp(floor: &AtomicI64, e: &Entry) {
+    if let openraft::EntryPayload::Normal(c) = &e.payload
+        && let Some(s) = c.entry_stamp_ms()
+    {
+        floor.fetch_max(s, Ordering::Relaxed);
+    }
+}
+
 impl LogStore {
     /// Opens (creating if needed) the log database at `path` and starts its writer thread
     /// (which ends when the last clone is dropped), caching [`CACHE_BYTES`].
@@ -129,10 +164,7 @@ impl LogStore {
         #[cfg(feature = "unsafe-no-fsync")]
         tracing::warn!("built with unsafe-no-fsync: the Raft log is never fsync'd (tests only)");
         conn.pragma_update(None, "journal_size_limit", crate::db::WAL_SIZE_LIMIT)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, log_id BLOB NOT NULL, entry BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);",
-        )?;
+        conn.execute_batch(SCHEMA)?;
         let vote: Option<Vote> = conn
             .query_row("SELECT value FROM meta WHERE key = 'vote'", [], |r| {
                 r.get::<_, Vec<u8>>(0)
@@ -140,8 +172,18 @@ impl LogStore {
             .optional()?
             .map(|b| decode(&b))
             .transpose()?;
+        let last: Option<Vec<u8>> = conn
+            .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let stamp_floor = Arc::new(AtomicI64::new(0));
+        if let Some(b) = last {
+            note_stamp(&stamp_floor, &decode::<Entry>(&b)?);
+        }
         let reader = Connection::open(path)?;
         let shared = Arc::new(Shared {
+            stamp_floor,
             cache: Mutex::default(),
             vote: Mutex::new(vote),
             reader: Mutex::new(reader),
@@ -153,6 +195,13 @@ impl LogStore {
             .name("raft-log-writer".into())
             .spawn(move || Writer::new(conn, s, cache_bytes).run(rx))?;
         Ok(LogStore { shared, writer: tx })
+    }
+
+    /// The highest entry stamp in this log (Unix ms, 0 if none), kept current by `append`:
+    /// a new leader's log holds every committed entry, so stamping above it keeps time in the
+    /// log monotonic across leader changes (`raft::proposer`).
+    pub fn stamp_floor(&self) -> Arc<AtomicI64> {
+        self.shared.stamp_floor.clone()
     }
 
     /// The store's counters (shared with every clone).
@@ -506,6 +555,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut cache = self.cache();
             for e in &entries {
+                note_stamp(&self.shared.stamp_floor, e);
                 cache.insert(e.log_id.index, e.clone());
             }
         }

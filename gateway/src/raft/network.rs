@@ -362,6 +362,8 @@ pub fn decode_snapshot_head(buf: &[u8]) -> Option<std::io::Result<(Vote, Snapsho
 /// What the RPC handlers need: the local Raft and where incoming snapshots go.
 struct RpcServer {
     raft: Raft,
+    /// Where an accepted AppendEntries is noted (`freshness` of `none` reads).
+    contact: Arc<crate::metrics::Metrics>,
     state_machine: StateMachine,
     /// Numbers incoming snapshot files.
     snapshots: AtomicU64,
@@ -381,9 +383,15 @@ pub const APPEND_LIMIT: usize = 512 << 20;
 /// snapshot stream (written to a file as it arrives). `GET /raft/ping` answers 200: the
 /// reachability check of `/nodes` and of joins (with node TLS it proves the peer holds a
 /// certificate of the cluster CA for that address).
-pub fn routes(raft: Raft, state_machine: StateMachine, max_snapshot: u64) -> Router {
+pub fn routes(
+    raft: Raft,
+    state_machine: StateMachine,
+    max_snapshot: u64,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Router {
     let server = Arc::new(RpcServer {
         raft,
+        contact: metrics,
         state_machine,
         snapshots: AtomicU64::new(0),
         max_snapshot,
@@ -428,7 +436,19 @@ where
 }
 
 async fn rpc_append(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
-    serve_rpc(&body, |req| n.raft.append_entries(req)).await
+    serve_rpc(&body, |req: AppendEntriesRequest<TypeConfig>| async {
+        let commit = req.leader_commit.map(|l| l.index);
+        let r = n.raft.append_entries(req).await;
+        if matches!(
+            r,
+            Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))
+                | Ok(AppendEntriesResponse::Conflict)
+        ) {
+            n.contact.leader_contact.touch(commit);
+        }
+        r
+    })
+    .await
 }
 
 async fn rpc_vote(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {

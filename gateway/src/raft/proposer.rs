@@ -14,9 +14,15 @@
 //! The device path relies on it to keep groups in order while several are in flight.
 //!
 //! A full queue makes `propose` wait: back-pressure instead of unbounded memory.
+//!
+//! Time: every command leaves here as [`Command::Stamped`] with the leader's wall clock,
+//! never lower than the previous entry's stamp. "Previous" includes other leaders' entries:
+//! the floor ([`Metrics::stamp_floor`]) is the highest stamp in this node's log (which, on
+//! a leader, holds every committed entry) or applied database, so a leader change or a clock
+//! step back never makes time in the log go back. Point-in-time restore relies on it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -93,7 +99,12 @@ async fn drain(
         metrics
             .writes_proposed
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let (cmds, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.done)).unzip();
+        let mut clock = Stamps::new(&metrics.stamp_floor);
+        let (cmds, waiters): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|p| (clock.stamp(p.cmd), p.done))
+            .unzip();
+        metrics.stamp_floor.fetch_max(clock.last, Ordering::Relaxed);
         match raft.client_write_many(cmds).await {
             Ok(mut results) => {
                 // Answer this batch on its own task so the next batch can be proposed now.
@@ -116,5 +127,68 @@ async fn drain(
                 }
             }
         }
+    }
+}
+
+/// Stamps one batch: each entry gets the wall clock (for SQL, the clock its rewrite read, so
+/// that its `'now'` literals and the entry's stamp agree), raised to the previous entry's.
+struct Stamps {
+    now: i64,
+    last: i64,
+}
+
+impl Stamps {
+    fn new(floor: &AtomicI64) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Stamps {
+            now,
+            last: floor.load(Ordering::Relaxed),
+        }
+    }
+
+    fn stamp(&mut self, cmd: Command) -> Command {
+        let own = match cmd.unstamped() {
+            Command::SqlAt { stamp_ms, .. } => *stamp_ms,
+            _ => self.now,
+        };
+        self.last = self.last.max(own);
+        cmd.stamped(self.last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_stamp_never_below_floor() {
+        let sql = |stamp_ms| Command::SqlAt {
+            stamp_ms,
+            sql: crate::command::sql::SqlCommand {
+                statements: Vec::new(),
+                transaction: false,
+            },
+        };
+        let floor = AtomicI64::new(i64::MAX - 5);
+        let mut s = Stamps::new(&floor);
+        assert_eq!(s.stamp(sql(7)).entry_stamp_ms(), Some(i64::MAX - 5));
+        let floor = AtomicI64::new(0);
+        let mut s = Stamps::new(&floor);
+        let a = s.stamp(sql(1_000)).entry_stamp_ms().unwrap();
+        assert_eq!(a, 1_000, "SQL keeps the clock its rewrite read");
+        let b = s.stamp(sql(500)).entry_stamp_ms().unwrap();
+        assert_eq!(b, 1_000, "never below the previous entry");
+        let c = s
+            .stamp(Command::DeviceBatches(Vec::new()))
+            .entry_stamp_ms()
+            .unwrap();
+        assert!(c > 1_700_000_000_000);
+        // Stamping again replaces the stamp instead of nesting.
+        let again = s.stamp(Command::DeviceBatches(Vec::new()).stamped(3));
+        assert!(
+            matches!(again, Command::Stamped { ref cmd, .. } if !matches!(**cmd, Command::Stamped { .. }))
+        );
     }
 }

@@ -33,6 +33,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use futures_util::TryStreamExt;
@@ -72,7 +73,7 @@ struct Inner {
 }
 
 /// Reads the applied log id and membership recorded inside a database.
-fn read_applied(conn: &Connection) -> std::io::Result<(Option<LogId>, StoredMembership)> {
+pub fn read_applied(conn: &Connection) -> std::io::Result<(Option<LogId>, StoredMembership)> {
     let get = |key: &str| -> std::io::Result<Option<Vec<u8>>> {
         conn.query_row(
             &format!("SELECT value FROM {} WHERE key = ?1", tables::RAFT),
@@ -166,7 +167,9 @@ impl Inner {
             )));
         }
         self.store.replace_with(&staged)?;
-        *self.applied.lock().map_err(io_err)? = read_applied(&self.store.writer())?;
+        let conn = self.store.writer();
+        *self.applied.lock().map_err(io_err)? = read_applied(&conn)?;
+        note_stamp(&conn, &self.metrics)?;
         Ok(())
     }
 
@@ -205,7 +208,13 @@ impl Inner {
         let mut membership = None;
         let resp = match &entry.payload {
             EntryPayload::Blank => CommandResponse::Empty,
-            EntryPayload::Normal(cmd) => command::apply(&tx, &ctx, cmd)?,
+            EntryPayload::Normal(cmd) => {
+                if let Some(stamp) = cmd.entry_stamp_ms() {
+                    write_stamp(&tx, stamp)?;
+                    self.metrics.stamp_floor.fetch_max(stamp, Ordering::Relaxed);
+                }
+                command::apply(&tx, &ctx, cmd)?
+            }
             EntryPayload::Membership(m) => {
                 let sm = StoredMembership::new(Some(entry.log_id), m.clone());
                 tx.execute(
@@ -266,6 +275,39 @@ impl From<Failed> for Halt {
     }
 }
 
+/// The last applied entry's stamp (`Command::Stamped`), kept in `_cairn_raft` so a node whose
+/// log is empty (after a snapshot, after a restore) still never stamps below it.
+fn write_stamp(conn: &Connection, stamp: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!(
+            "INSERT OR REPLACE INTO {}(key, value) VALUES('stamp', ?1)",
+            tables::RAFT
+        ),
+        [stamp.to_string().into_bytes()],
+    )
+    .map(drop)
+}
+
+/// The stamp of the last stamped entry a database holds, if any.
+pub fn read_stamp(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    let v: Option<Vec<u8>> = conn
+        .query_row(
+            &format!("SELECT value FROM {} WHERE key = 'stamp'", tables::RAFT),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(v.and_then(|b| String::from_utf8_lossy(&b).parse().ok()))
+}
+
+/// Raises this node's stamp floor to what the database holds.
+fn note_stamp(conn: &Connection, metrics: &Metrics) -> std::io::Result<()> {
+    if let Some(s) = read_stamp(conn).map_err(io_err)? {
+        metrics.stamp_floor.fetch_max(s, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 /// A value stored as JSON in `_cairn_raft`.
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Failed> {
     serde_json::to_vec(v).map_err(|e| Failed::Io(io_err(e)))
@@ -312,6 +354,7 @@ impl StateMachine {
             }
         }
         let applied = read_applied(&store.writer())?;
+        note_stamp(&store.writer(), &metrics)?;
         Ok(StateMachine {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
@@ -328,6 +371,29 @@ impl StateMachine {
         self.inner.store.clone()
     }
 
+    /// Applies `entries` in order (a restore replaying a backup's segments): the same apply
+    /// path as openraft's, one transaction per entry. Entries at or below the applied index
+    /// are skipped.
+    pub fn apply_restored(&self, entries: &[Entry]) -> std::io::Result<()> {
+        let applied = self.inner.applied().0.map_or(0, |l| l.index);
+        let fresh: Vec<Entry> = entries
+            .iter()
+            .filter(|e| e.log_id.index > applied)
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        match self.inner.apply_entries(&fresh, &mut out) {
+            Ok(()) => Ok(()),
+            Err(Halt::Held(e)) => Err(io_err(failure::describe(&e))),
+            Err(Halt::Fatal(e)) => Err(e),
+        }
+    }
+
+    /// The last applied log id.
+    pub fn applied_log_id(&self) -> Option<LogId> {
+        self.inner.applied().0
+    }
+
     /// Where the transport should write an incoming snapshot so that install can move it.
     pub fn incoming_path(&self, tag: &str) -> PathBuf {
         self.inner.snap_dir.join(format!("incoming-{tag}.db"))
@@ -338,10 +404,12 @@ impl StateMachine {
 fn is_small(e: &Entry) -> bool {
     match &e.payload {
         EntryPayload::Blank | EntryPayload::Membership(_) => true,
-        EntryPayload::Normal(Command::DeviceBatches(b)) => {
-            b.len() <= 4 && b.iter().map(|b| b.body.len()).sum::<usize>() <= 4096
-        }
-        EntryPayload::Normal(_) => false,
+        EntryPayload::Normal(c) => match c.unstamped() {
+            Command::DeviceBatches(b) => {
+                b.len() <= 4 && b.iter().map(|b| b.body.len()).sum::<usize>() <= 4096
+            }
+            _ => false,
+        },
     }
 }
 

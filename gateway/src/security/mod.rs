@@ -32,7 +32,7 @@
 //! | `DELETE /remove` | `remove` |
 //! | `POST /snapshot` | `snapshot` |
 //! | `POST /leader` | `leader-ops` |
-//! | `/devices`, `/devices/{id}`, downlink | `devices` |
+//! | `/devices`, `/devices/{id}` (and its `/reset`, `/revoke`, `/rekey`, `/protocol`), downlink | `devices` |
 //! | `GET /streams` | `status` |
 //! | `POST /streams/reload`, `POST /streams/{id}/replay` | `devices` |
 //!

@@ -176,12 +176,9 @@ fn node_tls(profile: &Profile, bin: &Path, results: &mut Results) -> Result<()> 
 /// The fleet's stream declared as a table of three reals, the shape of a typical sensor.
 fn stream_config() -> String {
     format!(
-        "{}[[stream]]\nid = {}\ntable = \"climate\"\ncolumns = [\
-         {{ name = \"temperature\", type = \"real\" }}, \
-         {{ name = \"humidity\", type = \"real\" }}, \
-         {{ name = \"pressure\", type = \"real\" }}]\n",
+        "{}{}",
         std::env::var("CAIRN_BENCH_TOML").unwrap_or_default(),
-        fleet::STREAM
+        fleet::stream_toml()
     )
 }
 

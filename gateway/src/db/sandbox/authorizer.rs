@@ -61,6 +61,8 @@ pub const NODE_PRAGMAS: &[&str] = &[
     "schema_version",
     "integrity_check",
     "quick_check",
+    // SQLAlchemy's SQLite dialect reads it on connect for the isolation level.
+    "read_uncommitted",
 ];
 
 /// Virtual table modules a user may create tables with (deterministic, content-only).

@@ -1,0 +1,125 @@
+//! `mqtt`: one QoS 1 publish per record, JSON body (the record with its key), topic from a
+//! template (default `cairn/{site}/{table}/{device_id}`). A delivery succeeds when the
+//! broker has acknowledged (PUBACK) every publish of the batch; on any error the session is
+//! dropped and the whole batch is sent again on a new one (at least once: subscribers
+//! de-duplicate by `key`).
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+use super::nats::fill;
+use super::reader::ExportRecord;
+
+struct Session {
+    client: AsyncClient,
+    acks: mpsc::UnboundedReceiver<Result<(), String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct Mqtt {
+    host: String,
+    port: u16,
+    client_id: String,
+    template: String,
+    timeout: Duration,
+    session: Option<Session>,
+}
+
+impl Mqtt {
+    /// `url`: `mqtt://host:port` (or `host:port`).
+    pub fn new(
+        url: &str,
+        client_id: String,
+        template: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.trim_end_matches('/')
+                    .parse()
+                    .map_err(|_| format!("mqtt url {url}: bad port"))?,
+            ),
+            None => (rest.trim_end_matches('/').to_string(), 1883),
+        };
+        Ok(Mqtt {
+            host,
+            port,
+            client_id,
+            template: template.to_string(),
+            timeout,
+            session: None,
+        })
+    }
+
+    fn session(&mut self) -> &mut Session {
+        self.session.get_or_insert_with(|| {
+            let mut opts = MqttOptions::new(&self.client_id, &self.host, self.port);
+            opts.set_keep_alive(Duration::from_secs(5));
+            let (client, mut events) = AsyncClient::new(opts, 1024);
+            let (tx, acks) = mpsc::unbounded_channel();
+            let task = tokio::spawn(async move {
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            if tx.send(Ok(())).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(format!("mqtt: {e}")));
+                            return;
+                        }
+                    }
+                }
+            });
+            Session { client, acks, task }
+        })
+    }
+
+    pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
+        let timeout = self.timeout;
+        let r = tokio::time::timeout(timeout, self.deliver_inner(site, records)).await;
+        let r = r.unwrap_or_else(|_| Err("mqtt: delivery timed out".into()));
+        if r.is_err() {
+            self.session = None;
+        }
+        r
+    }
+
+    async fn deliver_inner(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
+        let template = self.template.clone();
+        let s = self.session();
+        // Acknowledgements of an earlier, finished batch cannot be pending: each batch waits
+        // for all of its own.
+        while let Ok(a) = s.acks.try_recv() {
+            a?;
+        }
+        for r in records {
+            let body = serde_json::to_vec(&r.message_json(site)).map_err(|e| e.to_string())?;
+            s.client
+                .publish(fill(&template, site, r), QoS::AtLeastOnce, false, body)
+                .await
+                .map_err(|e| format!("mqtt publish: {e}"))?;
+        }
+        let mut acked = 0;
+        while acked < records.len() {
+            match s.acks.recv().await {
+                Some(Ok(())) => acked += 1,
+                Some(Err(e)) => return Err(e),
+                None => return Err("mqtt: session ended".into()),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,88 @@
+//! `nats`: JetStream publish of one JSON message per record, with the idempotency key as
+//! `Nats-Msg-Id` (JetStream drops a repeat inside the stream's duplicate window), each
+//! awaited until the stream acknowledged it. The stream is created (subjects: the subject
+//! template's first token followed by `.>`) if it does not exist.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+use super::reader::ExportRecord;
+
+pub struct Nats {
+    url: String,
+    stream: String,
+    template: String,
+    timeout: Duration,
+    js: Option<jetstream::Context>,
+}
+
+/// `template` with `{site}`, `{table}` and `{device_id}` filled in.
+pub fn fill(template: &str, site: &str, r: &ExportRecord) -> String {
+    template
+        .replace("{site}", site)
+        .replace("{table}", r.table())
+        .replace("{device_id}", &r.device_id.to_string())
+}
+
+impl Nats {
+    pub fn new(url: &str, stream: &str, template: &str, timeout: Duration) -> Self {
+        Nats {
+            url: url.to_string(),
+            stream: stream.to_string(),
+            template: template.to_string(),
+            timeout,
+            js: None,
+        }
+    }
+
+    async fn connect(&mut self) -> Result<jetstream::Context, String> {
+        if let Some(js) = &self.js {
+            return Ok(js.clone());
+        }
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(self.timeout)
+            .connect(self.url.as_str())
+            .await
+            .map_err(|e| format!("nats connect: {e}"))?;
+        let mut js = jetstream::new(client);
+        js.set_timeout(self.timeout);
+        let root = self.template.split('.').next().unwrap_or("cairn");
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![format!("{root}.>")],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("nats: stream {}: {e}", self.stream))?;
+        self.js = Some(js.clone());
+        Ok(js)
+    }
+
+    pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
+        let r = self.deliver_inner(site, records).await;
+        if r.is_err() {
+            self.js = None;
+        }
+        r
+    }
+
+    async fn deliver_inner(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
+        let js = self.connect().await?;
+        let mut acks = Vec::with_capacity(records.len());
+        for r in records {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", r.key(site).as_str());
+            let body = serde_json::to_vec(&r.message_json(site)).map_err(|e| e.to_string())?;
+            let ack = js
+                .publish_with_headers(fill(&self.template, site, r), headers, body.into())
+                .await
+                .map_err(|e| format!("nats publish: {e}"))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| format!("nats ack: {e}"))?;
+        }
+        Ok(())
+    }
+}

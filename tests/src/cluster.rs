@@ -267,6 +267,13 @@ impl Node {
     /// A `503` (no leader for a moment, e.g. an election on a loaded machine) is retried, as
     /// an rqlite client would.
     pub fn rows(&self, sql: &str, level: &str) -> Vec<Vec<Json>> {
+        self.try_rows(sql, level)
+            .unwrap_or_else(|res| panic!("query error on node {}: {res}", self.id))
+    }
+
+    /// Like [`Node::rows`], but a SQL error comes back as the result object (`{"error":
+    /// ...}`) instead of a panic; anything but HTTP 200 or 503 still panics.
+    pub fn try_rows(&self, sql: &str, level: &str) -> Result<Vec<Vec<Json>>, Json> {
         let r = poll(
             TIMEOUT,
             &format!("query on node {} to answer", self.id),
@@ -278,19 +285,17 @@ impl Node {
             self.id, r.body
         );
         let res = &r.body["results"][0];
-        assert!(
-            res.get("error").is_none(),
-            "query error on node {}: {res}",
-            self.id
-        );
-        res["values"]
+        if res.get("error").is_some() {
+            return Err(res.clone());
+        }
+        Ok(res["values"]
             .as_array()
             .map(|rows| {
                 rows.iter()
                     .map(|r| r.as_array().cloned().unwrap_or_default())
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     fn raft_u64(&self, key: &str) -> Option<u64> {

@@ -2,16 +2,22 @@
 //!
 //! One [`run`] call:
 //! 1. starts `nodes` real `cairn node` processes through the [`Cluster`] harness, each in its
-//!    own network namespace on a tmpfs data dir when `isolation` is on (root), else on loopback;
+//!    own network namespace on a tmpfs data dir when `isolation` is on (root), else on loopback.
+//!    When the schedule holds a power cut, each data dir is a faultfs mount over that tmpfs
+//!    (file data kept in memory until fsync, dropped by a cut); when it holds a clock fault,
+//!    each node runs under libfaketime with its own control file;
 //! 2. starts `clients` HTTP client threads, each bound to one node as Jepsen binds clients,
-//!    doing register writes and `level=linearizable` reads on a few keys ([`Recorder`]; no
-//!    compare-and-set in the load: a failed CAS can only be explained by writes whose outcome
-//!    is unknown, which keeps every timed-out write in the search and makes it explode after
-//!    a partition; the checker itself handles CAS), and appends of unique tokens to a table without a unique constraint
-//!    ([`Ledger`]); and, when the `cairn` binary has `sim`, a fleet of simulated devices
-//!    (the real firmware client) pushing records `[U64(k), F32(t)]`, `k = 1, 2, 3, ...`, to the
-//!    nodes' device ports (stream 1 declared as table `readings`);
-//! 3. executes the [`schedule`] drawn from the seed, each fault injected, held and healed;
+//!    doing register writes and `level=linearizable` reads on a few long-lived keys, reads,
+//!    writes and compare-and-sets on short-lived keys (fresh ones every [`CAS_KEY_SECS`]: a
+//!    failed compare-and-set keeps every indeterminate write in the search, so each of those
+//!    keys' histories is kept short, as Jepsen's independent keys are) ([`Recorder`]), and
+//!    appends of unique tokens to a table without a unique constraint ([`Ledger`]); and,
+//!    when the `cairn` binary has `sim`, a fleet of simulated devices (the real firmware
+//!    client) pushing records `[U64(k), F32(t)]`, `k = 1, 2, 3, ...`, to the nodes' device
+//!    ports (stream 1 declared as table `readings`);
+//! 3. executes the [`schedule`] drawn from the seed: each step injects one fault or two or
+//!    three at once (targets resolved against the leader at the start of the step, one fault
+//!    per node), holds them, heals them (network first, restarts last);
 //! 4. heals everything, stops the load, waits for every member to apply the leader's commit
 //!    index, reads every key once more linearizably, and checks:
 //!    - every acknowledged token and every record acknowledged to a device (`k <= acked`
@@ -19,8 +25,12 @@
 //!      record that was never pushed (`lost`, `duplicated`; never-pushed counts as duplicated
 //!      in the summary line),
 //!    - every replica's user tables identical through `level=none` reads (`diverged`),
-//!    - the register history linearizable ([`crate::linearizability`]; `nonlinearizable`).
+//!    - the register history linearizable ([`crate::linearizability`]; `nonlinearizable`),
+//!    - every device's record times never below its previous record's and within the run
+//!      (plus the schedule's largest forward clock jump) (`misordered`).
 //!
+//! A node that cannot start again after a kill or a power cut is a crash (recorded with its
+//! log tail), not a harness panic, so a build that loses data still ends with the checks.
 //! A failure message carries the seed, the schedule and the offending key's history; the whole
 //! [`Run`] is written as JSON to `out_dir` for `cairn-faults --check FILE`.
 
@@ -37,7 +47,9 @@ use crate::history::{Fate, Ledger, Recorder, Run};
 use crate::http::Auth;
 use crate::http::Client;
 use crate::linearizability::{self, Call, Ret, Verdict};
-use crate::nemesis::{Capabilities, Fault, SplitMix64, Step, Target, schedule};
+use crate::nemesis::{
+    Capabilities, CutScope, Fault, Focus, Skew, SplitMix64, Step, Target, schedule,
+};
 use crate::netns::{self, Net, NsGuard};
 use crate::tmpfs::Tmpfs;
 use crate::{Cluster, Options, Place, Security, cairn_bin, poll, stmts};
@@ -62,6 +74,10 @@ pub struct Config {
     pub devices: u64,
     /// Records per second per device.
     pub device_rate: u64,
+    /// What the schedule concentrates on (overlaps, power cuts, clock faults, or a mix).
+    pub focus: Focus,
+    /// The nodes run a `cairn` built with `unsafe-no-fsync` (only changes the replay line).
+    pub unsafe_no_fsync: bool,
     /// Consistency level of the register reads: `linearizable` (the claim under test).
     /// `none` or `weak` exist to show the checker saying no: stale reads from a cut-off
     /// node must be caught (`cairn-faults --read-level none`).
@@ -72,6 +88,27 @@ pub struct Config {
 }
 
 impl Config {
+    /// The command that runs this schedule again.
+    pub fn replay(&self) -> String {
+        let mut cmd = format!(
+            "cargo xtask faults --schedules 1 --seed {} --steps {}",
+            self.seed, self.steps
+        );
+        if self.focus != Focus::Mixed {
+            cmd += &format!(" --focus {}", self.focus);
+        }
+        if self.nodes != 3 {
+            cmd += &format!(" --nodes {}", self.nodes);
+        }
+        if self.secure {
+            cmd += " --secure";
+        }
+        if self.unsafe_no_fsync {
+            cmd += " --unsafe-no-fsync";
+        }
+        cmd
+    }
+
     pub fn new(seed: u64) -> Config {
         Config {
             seed,
@@ -85,6 +122,8 @@ impl Config {
             devices: 8,
             device_rate: 10,
             read_level: "linearizable".into(),
+            focus: Focus::Mixed,
+            unsafe_no_fsync: false,
             secure: false,
         }
     }
@@ -110,6 +149,12 @@ pub struct Outcome {
     pub undecided: usize,
     /// Nodes that stopped on their own (not through a kill, and not after a full disk).
     pub crashed: usize,
+    /// Device records whose time goes back or leaves the run's span.
+    pub misordered: usize,
+    /// Faults injected by kind ([`crate::nemesis::KINDS`]).
+    pub kinds: BTreeMap<&'static str, usize>,
+    /// Steps that held two or three faults at once.
+    pub overlaps: usize,
     /// Observations worth a line in the report that are not failures.
     pub notes: Vec<String>,
     /// `Some` with a full explanation when a check failed.
@@ -201,6 +246,8 @@ struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<u64>>,
     read_level: String,
+    /// When the load started: compare-and-set keys move on every [`CAS_KEY_SECS`].
+    epoch: Instant,
     auth: Auth,
     /// Why requests did not succeed: error text (shortened) and how often.
     errors: Arc<Mutex<BTreeMap<String, u64>>>,
@@ -267,26 +314,76 @@ fn client_loop(process: u32, load: Load) {
                 *acked.lock().expect("acked lock") += 1;
             }
             ledger.record(&token, fate);
-        } else if choice < 60 {
-            let p = rec.invoke(process, &key, Call::Write(fresh));
-            let body = json!([[
-                "INSERT INTO reg(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
-                key,
-                fresh
-            ]]);
-            let ret = match load.tally(send(&agent, &api_url(auth, &node, "/db/execute"), &body)) {
-                Answer::Ok(_) => {
-                    *acked.lock().expect("acked lock") += 1;
-                    Ret::Written
-                }
-                Answer::Failed(_) => Ret::Failed,
-                Answer::Unknown(_) => Ret::Indeterminate,
-            };
-            rec.complete(p, ret);
+        } else if choice >= 75 {
+            cas_key_op(&load, process, &agent, &node, &mut rng);
+        } else if choice < 45 {
+            write_register(&load, process, &agent, &node, &key, fresh);
         } else {
             let p = rec.invoke(process, &key, Call::Read);
             let ret = read_register(&agent, auth, &node, &key, &load.read_level, Some(&load));
             rec.complete(p, ret);
+        }
+    }
+}
+
+/// A recorded blind write of `value` to register `key` (an upsert).
+fn write_register(load: &Load, process: u32, agent: &Client, node: &str, key: &str, value: i64) {
+    let p = load.rec.invoke(process, key, Call::Write(value));
+    let body = json!([[
+        "INSERT INTO reg(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+        key,
+        value
+    ]]);
+    let url = api_url(&load.auth, node, "/db/execute");
+    let ret = match load.tally(send(agent, &url, &body)) {
+        Answer::Ok(_) => {
+            *load.acked.lock().expect("acked lock") += 1;
+            Ret::Written
+        }
+        Answer::Failed(_) => Ret::Failed,
+        Answer::Unknown(_) => Ret::Indeterminate,
+    };
+    load.rec.complete(p, ret);
+}
+
+/// How long the compare-and-set keys live: all clients move to fresh keys together, so each
+/// key's history stays short enough to check exhaustively (Jepsen's independent keys), even
+/// with failed compare-and-sets, which keep every indeterminate write in the search.
+const CAS_KEY_SECS: u64 = 2;
+
+/// One operation on this moment's compare-and-set keys: a read, a write or a compare-and-set
+/// (`UPDATE ... WHERE v = from`, applied when one row changed) over the values 0..5, so that
+/// compare-and-sets often succeed and often fail.
+fn cas_key_op(load: &Load, process: u32, agent: &Client, node: &str, rng: &mut SplitMix64) {
+    let key = format!(
+        "c{}.{}",
+        load.epoch.elapsed().as_secs() / CAS_KEY_SECS,
+        rng.below(2)
+    );
+    let (from, to) = (rng.below(5) as i64, rng.below(5) as i64);
+    let url = api_url(&load.auth, node, "/db/execute");
+    match rng.below(3) {
+        0 => {
+            let p = load.rec.invoke(process, &key, Call::Read);
+            let ret = read_register(agent, &load.auth, node, &key, &load.read_level, Some(load));
+            load.rec.complete(p, ret);
+        }
+        1 => write_register(load, process, agent, node, &key, to),
+        _ => {
+            let p = load.rec.invoke(process, &key, Call::Cas { from, to });
+            let body = json!([["UPDATE reg SET v = ? WHERE k = ? AND v = ?", to, key, from]]);
+            let ret = match load.tally(send(agent, &url, &body)) {
+                Answer::Ok(r) => match r["rows_affected"].as_u64() {
+                    Some(n) => {
+                        *load.acked.lock().expect("acked lock") += 1;
+                        Ret::Cas(n == 1)
+                    }
+                    None => Ret::Indeterminate,
+                },
+                Answer::Failed(_) => Ret::Failed,
+                Answer::Unknown(_) => Ret::Indeterminate,
+            };
+            load.rec.complete(p, ret);
         }
     }
 }
@@ -331,8 +428,18 @@ fn sim_available() -> bool {
 /// A running `cairn sim`: every device pushes `[U64(k), F32(t)]` with `k = 1, 2, 3, ...`, so
 /// the database can be checked by content.
 struct Fleet {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     report: PathBuf,
+}
+
+impl Drop for Fleet {
+    /// A run that ends in a harness panic must not leave the fleet pushing.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// One device's line of `cairn sim --report`.
@@ -368,17 +475,20 @@ impl Fleet {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawning cairn sim");
-        Fleet { child, report }
+        Fleet {
+            child: Some(child),
+            report,
+        }
     }
 
     /// SIGINT (stop pushing, drain), then the per-device report and the fleet's JSON summary
     /// line (with how long the drain took: every pushed record acknowledged after the heal).
-    fn stop(self) -> Result<(Vec<DeviceReport>, String), String> {
+    fn stop(mut self) -> Result<(Vec<DeviceReport>, String), String> {
         let start = Instant::now();
+        let child = self.child.take().expect("the fleet runs");
         // SAFETY: kill(2) on a child we own.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let out = self
-            .child
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child
             .wait_with_output()
             .map_err(|e| format!("cairn sim: {e}"))?;
         if !out.status.success() {
@@ -445,12 +555,66 @@ fn audit_devices(
     (lost, dup, phantom)
 }
 
+/// The rows of a local (`level=none`) read on `node`, or none when the table does not
+/// exist: a table whose creation was acknowledged and then lost (a missing fsync under a
+/// power cut) must show up as lost rows, not as a harness failure.
+fn rows_or_none(node: &crate::Node, sql: &str) -> Vec<Vec<Json>> {
+    node.try_rows(sql, "none").unwrap_or_else(|res| {
+        let missing = res["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("no such table"));
+        assert!(missing, "query error on node {}: {res}", node.id);
+        Vec::new()
+    })
+}
+
+/// Stops the client threads when a run unwinds (a harness panic), so none outlives it.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (the harness's clock, never faked).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Checks stored record times `(device_id, seq, time ms)`, sorted by device then seq: each
+/// at or after the device's previous record, all within `lo..=hi`. Returns what is wrong.
+fn audit_times(rows: &[(u64, u64, i64)], lo: i64, hi: i64) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (k, &(dev, seq, t)) in rows.iter().enumerate() {
+        if !(lo..=hi).contains(&t) {
+            bad.push(format!("device {dev} seq {seq} at {t} ms: outside the run"));
+        }
+        if let Some(&(pdev, pseq, pt)) = k.checked_sub(1).map(|p| &rows[p])
+            && pdev == dev
+            && t < pt
+        {
+            bad.push(format!(
+                "device {dev} seq {seq} at {t} ms, {} ms before seq {pseq}",
+                pt - t
+            ));
+        }
+    }
+    bad
+}
+
 /// Everything one schedule owns. Dropped in an order that kills nodes before unmounting
 /// their disks and deleting their namespaces.
 struct Env {
     cluster: Cluster,
     net: Option<Arc<Mutex<Net>>>,
     disks: Arc<Mutex<BTreeMap<u64, Tmpfs>>>,
+    /// faultfs over each node's tmpfs (schedules with power cuts), by node id.
+    mounts: Arc<Mutex<BTreeMap<u64, faultfs::Mount>>>,
+    /// libfaketime control files (schedules with clock faults), by node id.
+    clocks: BTreeMap<u64, PathBuf>,
     _hub: Option<NsGuard>,
     members: Members,
     paused: Vec<usize>,
@@ -458,10 +622,16 @@ struct Env {
     log: Vec<String>,
     started: Instant,
     verbose: bool,
-    /// The fleet's report.
+    seed: u64,
+    /// The fleet's report, the clock files.
     scratch: tempfile::TempDir,
     /// Nodes that stopped without a fault that stops them, with their log tails.
     crashes: Vec<String>,
+    /// Faults injected, by kind ([`crate::nemesis::KINDS`]), and steps that overlapped.
+    kinds: BTreeMap<&'static str, usize>,
+    overlaps: usize,
+    /// The largest forward clock jump of the schedule (seconds), for the time checks.
+    max_forward_s: u64,
 }
 
 impl Drop for Env {
@@ -476,7 +646,11 @@ impl Drop for Env {
             // The logs live on the tmpfs data dirs: print them before unmounting.
             self.cluster.print_log_tails();
         }
-        self.disks.lock().expect("disks lock").clear();
+        self.mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.disks.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
@@ -487,11 +661,74 @@ fn signal(c: &Cluster, i: usize, sig: i32) {
     }
 }
 
+/// Where Debian's libfaketime lives (multi-threaded variant), if installed.
+pub fn faketime_lib() -> Option<PathBuf> {
+    [
+        "x86_64-linux-gnu",
+        "aarch64-linux-gnu",
+        "arm-linux-gnueabihf",
+    ]
+    .iter()
+    .map(|t| PathBuf::from(format!("/usr/lib/{t}/faketime/libfaketimeMT.so.1")))
+    .find(|p| p.exists())
+}
+
+/// Whether power cuts can run here: root (for the tmpfs under it) and `/dev/fuse`.
+pub fn faultfs_available() -> bool {
+    netns::available() && Path::new("/dev/fuse").exists()
+}
+
+/// A fault in place, and what heals it ([`Env::heal`]).
+enum Active {
+    /// Start these nodes again (after a kill or a power cut).
+    Restart(Vec<usize>),
+    /// `SIGCONT`.
+    Resume(usize),
+    Partition,
+    Loss,
+    /// Delete the ballast, restart the node if the full disk stopped it.
+    Disk(usize),
+    /// Set the node's clock right again.
+    Clock(usize),
+}
+
+impl Active {
+    /// Heal order: the network first (so restarted nodes can find a leader), processes last.
+    fn rank(&self) -> u8 {
+        match self {
+            Active::Partition | Active::Loss => 0,
+            Active::Resume(_) => 1,
+            Active::Disk(_) => 2,
+            Active::Clock(_) => 3,
+            Active::Restart(_) => 4,
+        }
+    }
+}
+
 impl Env {
-    fn start(cfg: &Config) -> Env {
+    fn start(cfg: &Config, steps: &[Step]) -> Env {
         // Build before entering the hub: cargo must see the host's network namespace.
         cairn_bin();
+        let all = || steps.iter().flat_map(|s| s.faults.iter());
+        let use_faultfs = all().any(|f| f.needs_faultfs());
+        let faketime = all()
+            .any(|f| f.needs_faketime())
+            .then(faketime_lib)
+            .flatten();
+        let max_forward_s = all()
+            .filter_map(|f| match f {
+                Fault::Clock {
+                    skew: Skew::Forward(s),
+                    ..
+                } => Some(u64::from(*s)),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let scratch = tempfile::tempdir().expect("scratch dir");
         let disks: Arc<Mutex<BTreeMap<u64, Tmpfs>>> = Arc::default();
+        let mounts: Arc<Mutex<BTreeMap<u64, faultfs::Mount>>> = Arc::default();
+        let clock_dir = scratch.path().to_path_buf();
         let (net, hub, place) = if cfg.isolation {
             let net = Arc::new(Mutex::new(
                 Net::new().expect("creating the private network"),
@@ -501,7 +738,7 @@ impl Env {
                 .expect("net")
                 .enter_hub()
                 .expect("entering the hub");
-            let (n2, d2) = (net.clone(), disks.clone());
+            let (n2, d2, m2) = (net.clone(), disks.clone(), mounts.clone());
             let place: Place = Arc::new(move |id, dir: &Path, cmd| {
                 let mut net = n2.lock().expect("net lock");
                 if net.host(id).is_none() {
@@ -509,8 +746,36 @@ impl Env {
                 }
                 net.enter(id, cmd).expect("entering the node's namespace");
                 let mut disks = d2.lock().expect("disks lock");
+                // With power cuts the tmpfs is faultfs's disk, next to the data dir.
+                let disk = if use_faultfs {
+                    dir.with_extension("disk")
+                } else {
+                    dir.to_path_buf()
+                };
                 if let std::collections::btree_map::Entry::Vacant(e) = disks.entry(id) {
-                    e.insert(Tmpfs::mount(dir, 64).expect("mounting the node's tmpfs"));
+                    e.insert(Tmpfs::mount(&disk, 64).expect("mounting the node's tmpfs"));
+                }
+                let mut mounts = m2.lock().expect("mounts lock");
+                if use_faultfs
+                    && let std::collections::btree_map::Entry::Vacant(e) = mounts.entry(id)
+                {
+                    let opts = faultfs::Options {
+                        durable_names: vec!["node.log".into()],
+                        scratch_suffixes: vec!["-shm".into()],
+                    };
+                    e.insert(faultfs::Mount::new(&disk, dir, opts).expect("mounting faultfs"));
+                }
+                if let Some(lib) = &faketime {
+                    let file = clock_dir.join(format!("clock-{id}"));
+                    if !file.exists() {
+                        std::fs::write(&file, "+0").expect("writing the clock file");
+                    }
+                    // Wall clock only: timers and Instant stay real, as on a real machine.
+                    cmd.env("LD_PRELOAD", lib)
+                        .env("FAKETIME_TIMESTAMP_FILE", &file)
+                        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                        .env("FAKETIME_CACHE_DURATION", "1")
+                        .env("FAKETIME_XRESET", "1");
                 }
                 Net::ip_of(id).to_string()
             });
@@ -518,7 +783,6 @@ impl Env {
         } else {
             (None, None, None)
         };
-        let scratch = tempfile::tempdir().expect("scratch dir");
         let opts = Options {
             config: Some(READINGS_CONFIG.into()),
             // Nodes in their own namespaces listen beyond loopback: without auth and node TLS
@@ -538,10 +802,18 @@ impl Env {
             "CREATE TABLE ledger (token TEXT NOT NULL)",
         ]));
         let members = cluster.nodes.iter().map(|n| Some(n.http.clone())).collect();
+        let clocks = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id, scratch.path().join(format!("clock-{}", n.id))))
+            .filter(|(_, p)| p.exists())
+            .collect();
         Env {
             cluster,
             net,
             disks,
+            mounts,
+            clocks,
             _hub: hub,
             members: Arc::new(RwLock::new(members)),
             paused: Vec::new(),
@@ -549,8 +821,12 @@ impl Env {
             log: Vec::new(),
             started: Instant::now(),
             verbose: cfg.verbose,
+            seed: cfg.seed,
             scratch,
             crashes: Vec::new(),
+            kinds: BTreeMap::new(),
+            overlaps: 0,
+            max_forward_s,
         }
     }
 
@@ -580,15 +856,17 @@ impl Env {
         None
     }
 
-    fn resolve(&self, t: Target) -> Option<usize> {
-        let leader = self.find_leader();
+    /// The node `t` names, given the step's `leader`, skipping nodes another fault of the
+    /// same step already holds (`taken`).
+    fn resolve(&self, t: Target, leader: Option<usize>, taken: &[usize]) -> Option<usize> {
         match t {
-            Target::Leader => leader,
+            Target::Leader => leader.filter(|l| !taken.contains(l)),
             Target::Follower(n) => {
                 let f: Vec<usize> = self
                     .member_indexes()
                     .into_iter()
                     .filter(|&i| Some(i) != leader && !self.paused.contains(&i))
+                    .filter(|i| !taken.contains(i))
                     .collect();
                 (!f.is_empty()).then(|| f[n as usize % f.len()])
             }
@@ -599,36 +877,68 @@ impl Env {
         self.cluster.nodes[i].id
     }
 
-    /// Runs one step; returns false when the step could not find its target (not counted).
-    fn inject(&mut self, step: &Step) -> bool {
-        let hold = Duration::from_millis(step.hold_ms);
-        match step.fault {
+    /// Runs one step: injects its faults (targets resolved against the leader at the start of
+    /// the step, one fault per node), holds them together, heals them. Returns how many faults
+    /// were injected (a fault whose target is gone is skipped and not counted).
+    fn run_step(&mut self, step: &Step) -> usize {
+        let leader = self.find_leader();
+        let mut taken = Vec::new();
+        let mut active = Vec::new();
+        let mut injected = 0;
+        for fault in &step.faults {
+            match self.begin(fault, leader, &mut taken) {
+                Some(a) => {
+                    *self.kinds.entry(fault.kind()).or_default() += 1;
+                    injected += 1;
+                    active.extend(a);
+                }
+                None => self.note(format!("skipped: {fault} (no target)")),
+            }
+        }
+        if injected > 1 {
+            self.overlaps += 1;
+        }
+        std::thread::sleep(Duration::from_millis(step.hold_ms));
+        active.sort_by_key(Active::rank);
+        let mut restart = Vec::new();
+        for a in active {
+            match a {
+                Active::Restart(v) => restart.extend(v),
+                a => self.heal(a),
+            }
+        }
+        self.start_again(&restart);
+        injected
+    }
+
+    /// Injects `fault`; `None` when it has no target.
+    fn begin(
+        &mut self,
+        fault: &Fault,
+        leader: Option<usize>,
+        taken: &mut Vec<usize>,
+    ) -> Option<Vec<Active>> {
+        let mut target = |env: &Env, t: Target| {
+            let i = env.resolve(t, leader, taken)?;
+            taken.push(i);
+            Some(i)
+        };
+        match *fault {
             Fault::Kill(t) => {
-                let Some(i) = self.resolve(t) else {
-                    return false;
-                };
+                let i = target(self, t)?;
                 self.note(format!("kill -9 {t} (node {})", self.id(i)));
                 self.cluster.kill9(i);
-                std::thread::sleep(hold);
-                self.note(format!("restart node {}", self.id(i)));
-                self.cluster.restart(i);
+                Some(vec![Active::Restart(vec![i])])
             }
             Fault::Pause(t) => {
-                let Some(i) = self.resolve(t) else {
-                    return false;
-                };
+                let i = target(self, t)?;
                 self.note(format!("SIGSTOP {t} (node {})", self.id(i)));
                 signal(&self.cluster, i, libc::SIGSTOP);
                 self.paused.push(i);
-                std::thread::sleep(hold);
-                signal(&self.cluster, i, libc::SIGCONT);
-                self.paused.retain(|&p| p != i);
-                self.note(format!("SIGCONT node {}", self.id(i)));
+                Some(vec![Active::Resume(i)])
             }
             Fault::Isolate(t) => {
-                let Some(i) = self.resolve(t) else {
-                    return false;
-                };
+                let i = target(self, t)?;
                 let id = self.id(i);
                 let others: Vec<u64> = self
                     .member_indexes()
@@ -637,10 +947,10 @@ impl Env {
                     .filter(|&j| j != id)
                     .collect();
                 self.note(format!("isolate {t} (node {id}) from {others:?}"));
-                self.partition(&[vec![id], others], hold);
+                self.partition(&[vec![id], others])?;
+                Some(vec![Active::Partition])
             }
             Fault::Split { leader_in_minority } => {
-                let leader = self.find_leader();
                 let mut ids: Vec<u64> = self
                     .member_indexes()
                     .into_iter()
@@ -659,89 +969,229 @@ impl Env {
                         "majority"
                     }
                 ));
-                self.partition(&[a.to_vec(), b.to_vec()], hold);
+                self.partition(&[a.to_vec(), b.to_vec()])?;
+                Some(vec![Active::Partition])
             }
             Fault::Loss { percent } => {
-                let Some(net) = self.net.clone() else {
-                    return false;
-                };
+                let net = self.net.clone()?;
                 self.note(format!("{percent}% packet loss between nodes"));
                 net.lock()
                     .expect("net")
                     .set_loss(percent)
                     .expect("iptables loss");
-                std::thread::sleep(hold);
-                net.lock().expect("net").clear_loss().expect("iptables");
-                self.note("loss cleared".into());
+                Some(vec![Active::Loss])
             }
             Fault::DiskFull(t) => {
-                let Some(i) = self.resolve(t) else {
-                    return false;
-                };
+                let i = target(self, t)?;
                 let id = self.id(i);
                 let filled = {
                     let disks = self.disks.lock().expect("disks");
-                    let Some(d) = disks.get(&id) else {
-                        return false;
-                    };
-                    d.fill().expect("filling the tmpfs")
+                    disks.get(&id)?.fill().expect("filling the tmpfs")
                 };
                 self.note(format!(
                     "disk full on {t} (node {id}, {} KiB ballast)",
                     filled >> 10
                 ));
-                std::thread::sleep(hold);
+                Some(vec![Active::Disk(i)])
+            }
+            Fault::ReplaceMember(t) => {
+                let i = target(self, t)?;
+                self.replace_member(t, i).then(Vec::new)
+            }
+            Fault::PowerCut { scope, tear } => {
+                let nodes: Vec<usize> = match scope {
+                    CutScope::One(t) => vec![target(self, t)?],
+                    CutScope::Minority | CutScope::All => {
+                        let members = self.member_indexes();
+                        let n = match scope {
+                            CutScope::All => members.len(),
+                            _ => (members.len().saturating_sub(1) / 2).max(1),
+                        };
+                        // The leader first, then followers in order.
+                        let mut order: Vec<usize> = leader.into_iter().collect();
+                        order.extend(members.into_iter().filter(|&m| Some(m) != leader));
+                        order.retain(|i| !taken.contains(i) && !self.paused.contains(i));
+                        order.truncate(n);
+                        taken.extend(&order);
+                        order
+                    }
+                };
+                if nodes.is_empty() {
+                    return None;
+                }
+                // Every process dies before any disk loses its cache, as when the power goes.
+                for &i in &nodes {
+                    self.cluster.kill9(i);
+                }
+                for &i in &nodes {
+                    let id = self.id(i);
+                    let tear = tear.then_some(self.seed ^ (id << 32) ^ self.log.len() as u64);
+                    let cut = self
+                        .mounts
+                        .lock()
+                        .expect("mounts")
+                        .get_mut(&id)
+                        .map(|m| m.power_cut(tear).expect("remounting faultfs"));
+                    let what = match cut {
+                        None => "no faultfs: plain kill -9".to_string(),
+                        Some(c) => format!(
+                            "{} unsynced bytes in {} files lost{}",
+                            c.bytes,
+                            c.files,
+                            c.torn.map_or(String::new(), |(p, off, kept, of)| format!(
+                                ", torn write {}@{off}: {kept} of {of} bytes landed",
+                                p.file_name().unwrap_or_default().to_string_lossy()
+                            ))
+                        ),
+                    };
+                    self.note(format!("power cut on node {id} ({scope}): {what}"));
+                }
+                Some(vec![Active::Restart(nodes)])
+            }
+            Fault::Clock { target: t, skew } => {
+                let i = target(self, t)?;
+                let id = self.id(i);
+                let file = self.clocks.get(&id)?.clone();
+                std::fs::write(&file, skew.faketime()).expect("writing the clock file");
+                self.note(format!("clock of {t} (node {id}) {skew}"));
+                Some(vec![Active::Clock(i)])
+            }
+        }
+    }
+
+    /// Removes a fault begun by [`Env::begin`] (restarts are [`Env::start_again`]'s).
+    fn heal(&mut self, a: Active) {
+        match a {
+            Active::Restart(v) => self.start_again(&v),
+            Active::Resume(i) => {
+                signal(&self.cluster, i, libc::SIGCONT);
+                self.paused.retain(|&p| p != i);
+                self.note(format!("SIGCONT node {}", self.id(i)));
+            }
+            Active::Partition => {
+                if let Some(net) = &self.net {
+                    net.lock().expect("net").heal_partition().expect("iptables");
+                }
+                self.note("partition healed".into());
+            }
+            Active::Loss => {
+                if let Some(net) = &self.net {
+                    net.lock().expect("net").clear_loss().expect("iptables");
+                }
+                self.note("loss cleared".into());
+            }
+            Active::Disk(i) => {
+                let id = self.id(i);
                 if let Some(d) = self.disks.lock().expect("disks").get(&id) {
                     d.free().expect("freeing the tmpfs");
                 }
                 self.note(format!("disk freed on node {id}"));
                 self.revive(i);
             }
-            Fault::ReplaceMember(t) => {
-                let Some(i) = self.resolve(t) else {
-                    return false;
-                };
-                if self.member_indexes().len() < 3 {
-                    return false;
-                }
+            Active::Clock(i) => {
                 let id = self.id(i);
-                let Some(l) = self.find_leader() else {
-                    return false;
-                };
-                self.note(format!("remove {t} (node {id}) from the membership"));
-                let url = self.cluster.nodes[l].url("/remove");
-                let removed = poll(Duration::from_secs(30), "DELETE /remove to succeed", || {
-                    let r = self.agent.delete(&url, &json!({ "id": id }));
-                    (r.status != 0).then_some(r.status == 200)
-                });
-                if !removed {
-                    return false;
+                if let Some(f) = self.clocks.get(&id) {
+                    std::fs::write(f, "+0").expect("writing the clock file");
                 }
-                self.members.write().expect("members")[i] = None;
-                self.cluster.kill9(i);
-                let j = self.cluster.add_node(&[]);
-                let http = self.cluster.nodes[j].http.clone();
-                let mut m = self.members.write().expect("members");
-                m.resize(j + 1, None);
-                m[j] = Some(http);
-                drop(m);
-                self.note(format!("node {} joined", self.id(j)));
+                self.note(format!("clock of node {id} set right"));
             }
         }
+    }
+
+    /// Starts killed or power-cut nodes again and waits until they are ready. A node that
+    /// cannot start (or dies starting) is a crash: recorded with its log tail and left out of
+    /// the rest of the run, so the run still ends with checks instead of a harness panic.
+    fn start_again(&mut self, nodes: &[usize]) {
+        for &i in nodes {
+            let id = self.id(i);
+            self.note(format!("restart node {id}"));
+            let launched =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.cluster.relaunch(i)));
+            if launched.is_err() {
+                self.lost_node(i, "did not start again");
+            }
+        }
+        for &i in nodes {
+            if !self.cluster.nodes[i].is_started() {
+                continue;
+            }
+            let deadline = Instant::now() + crate::TIMEOUT;
+            loop {
+                if !self.cluster.nodes[i].is_running() {
+                    self.lost_node(i, "exited while starting again");
+                    break;
+                }
+                if self.cluster.nodes[i].is_ready() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    self.note(format!(
+                        "node {} not ready {} s after its restart",
+                        self.id(i),
+                        crate::TIMEOUT.as_secs()
+                    ));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Records node `i` as crashed and takes it out of the membership the run checks.
+    fn lost_node(&mut self, i: usize, why: &str) {
+        let id = self.id(i);
+        let log = self.cluster.nodes[i].log();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        self.note(format!("node {id} CRASHED: {why}"));
+        self.crashes
+            .push(format!("node {id} {why}:\n{}", tail.join("\n")));
+        self.cluster.kill9(i);
+        self.members.write().expect("members")[i] = None;
+    }
+
+    fn replace_member(&mut self, t: Target, i: usize) -> bool {
+        if self.member_indexes().len() < 3 {
+            return false;
+        }
+        let id = self.id(i);
+        let Some(l) = self.find_leader() else {
+            return false;
+        };
+        self.note(format!("remove {t} (node {id}) from the membership"));
+        let url = self.cluster.nodes[l].url("/remove");
+        let removed = poll(Duration::from_secs(30), "DELETE /remove to succeed", || {
+            let r = self.agent.delete(&url, &json!({ "id": id }));
+            (r.status != 0).then_some(r.status == 200)
+        });
+        if !removed {
+            return false;
+        }
+        self.members.write().expect("members")[i] = None;
+        self.cluster.kill9(i);
+        let j = self.cluster.add_node(&[]);
+        let http = self.cluster.nodes[j].http.clone();
+        let mut m = self.members.write().expect("members");
+        m.resize(j + 1, None);
+        m[j] = Some(http);
+        drop(m);
+        let new_id = self.id(j);
+        let clock = self.scratch.path().join(format!("clock-{new_id}"));
+        if clock.exists() {
+            self.clocks.insert(new_id, clock);
+        }
+        self.note(format!("node {new_id} joined"));
         true
     }
 
-    fn partition(&mut self, groups: &[Vec<u64>], hold: Duration) {
-        let Some(net) = self.net.clone() else {
-            return;
-        };
+    /// Installs a partition; `None` without a private network.
+    fn partition(&mut self, groups: &[Vec<u64>]) -> Option<()> {
+        let net = self.net.clone()?;
         net.lock()
             .expect("net")
             .partition(groups)
             .expect("iptables partition");
-        std::thread::sleep(hold);
-        net.lock().expect("net").heal_partition().expect("iptables");
-        self.note("partition healed".into());
+        Some(())
     }
 
     /// Whether node `i`'s process runs and its Raft has not stopped (waits up to 10 s for an
@@ -771,7 +1221,7 @@ impl Env {
                 "node {id} stopped after its disk filled (expected); restarting it"
             ));
             self.cluster.kill9(i);
-            self.cluster.restart(i);
+            self.start_again(&[i]);
         }
     }
 
@@ -792,7 +1242,7 @@ impl Env {
                 tail.join("\n")
             ));
             self.cluster.kill9(i);
-            self.cluster.restart(i);
+            self.start_again(&[i]);
         }
     }
 
@@ -807,6 +1257,9 @@ impl Env {
         for d in self.disks.lock().expect("disks").values() {
             d.free().expect("freeing a tmpfs");
         }
+        for f in self.clocks.values() {
+            std::fs::write(f, "+0").expect("writing a clock file");
+        }
         self.check_crashes();
     }
 }
@@ -817,8 +1270,10 @@ pub fn run(cfg: &Config) -> Outcome {
     let caps = Capabilities {
         netns: cfg.isolation,
         tmpfs: cfg.isolation,
+        faultfs: cfg.isolation && faultfs_available(),
+        faketime: faketime_lib().is_some(),
     };
-    let steps = schedule(cfg.seed, cfg.steps, caps);
+    let steps = schedule(cfg.seed, cfg.steps, caps, cfg.focus);
     let mut out = Outcome {
         seed: cfg.seed,
         ..Outcome::default()
@@ -838,7 +1293,8 @@ pub fn run(cfg: &Config) -> Outcome {
             println!("  - {s}");
         }
     }
-    let mut env = Env::start(cfg);
+    let mut env = Env::start(cfg, &steps);
+    let wall_start = now_ms();
     let load = Load {
         seed: cfg.seed,
         keys: cfg.keys,
@@ -848,6 +1304,7 @@ pub fn run(cfg: &Config) -> Outcome {
         stop: Arc::new(AtomicBool::new(false)),
         acked: Arc::default(),
         read_level: cfg.read_level.clone(),
+        epoch: Instant::now(),
         auth: env.cluster.auth(),
         errors: Arc::default(),
     };
@@ -870,16 +1327,15 @@ pub fn run(cfg: &Config) -> Outcome {
         })
         .collect();
 
+    let _stop_on_panic = StopOnDrop(stop.clone());
     std::thread::sleep(Duration::from_millis(500));
     for step in &steps {
         env.check_crashes();
-        if env.inject(step) {
-            out.faults += 1;
-        } else {
-            env.note(format!("skipped: {} (no target)", step.fault));
-        }
+        out.faults += env.run_step(step);
         std::thread::sleep(Duration::from_millis(step.gap_ms));
     }
+    out.kinds = env.kinds.clone();
+    out.overlaps = env.overlaps;
     env.heal_all();
     // Let the load run on the healed cluster for a moment so it commits again.
     std::thread::sleep(Duration::from_millis(500));
@@ -925,8 +1381,7 @@ pub fn run(cfg: &Config) -> Outcome {
     let mut stored = BTreeMap::new();
     let mut failures = Vec::new();
     for &i in &members {
-        let tokens: Vec<String> = env.cluster.nodes[i]
-            .rows("SELECT token FROM ledger", "none")
+        let tokens: Vec<String> = rows_or_none(&env.cluster.nodes[i], "SELECT token FROM ledger")
             .into_iter()
             .map(|r| r[0].as_str().unwrap_or_default().to_string())
             .collect();
@@ -953,11 +1408,11 @@ pub fn run(cfg: &Config) -> Outcome {
             out.notes.push(summary.clone());
             out.device_acked = reports.iter().map(|r| r.acked).sum();
             for &i in &members {
-                let rows: Vec<(u64, u64)> = env.cluster.nodes[i]
-                    .rows("SELECT device_id, k FROM readings", "none")
-                    .into_iter()
-                    .map(|r| (r[0].as_u64().unwrap_or(0), r[1].as_u64().unwrap_or(0)))
-                    .collect();
+                let rows: Vec<(u64, u64)> =
+                    rows_or_none(&env.cluster.nodes[i], "SELECT device_id, k FROM readings")
+                        .into_iter()
+                        .map(|r| (r[0].as_u64().unwrap_or(0), r[1].as_u64().unwrap_or(0)))
+                        .collect();
                 let (lost, dup, phantom) = audit_devices(reports, &rows);
                 out.verified += out.device_acked;
                 out.lost = out.lost.max(lost.len());
@@ -978,6 +1433,31 @@ pub fn run(cfg: &Config) -> Outcome {
                     ));
                 }
             }
+        }
+    }
+    // Record times: never below the device's previous record, never outside the run (plus
+    // the schedule's largest forward clock jump).
+    if devices.as_ref().is_some_and(|d| d.is_ok()) {
+        let rows: Vec<(u64, u64, i64)> = rows_or_none(
+            &env.cluster.nodes[leader],
+            "SELECT device_id, seq, time_ms FROM readings ORDER BY device_id, seq",
+        )
+        .into_iter()
+        .map(|r| {
+            let n = |j: usize| r[j].as_i64().unwrap_or(i64::MIN);
+            (n(0) as u64, n(1) as u64, n(2))
+        })
+        .collect();
+        let lo = wall_start - 60_000;
+        let hi = now_ms() + 60_000 + env.max_forward_s as i64 * 1000;
+        let bad = audit_times(&rows, lo, hi);
+        out.misordered = bad.len();
+        if !bad.is_empty() {
+            failures.push(format!(
+                "{} record times out of order or out of range (run {lo}..{hi} ms): {:?}",
+                bad.len(),
+                bad.iter().take(10).collect::<Vec<_>>()
+            ));
         }
     }
     out.crashed = env.crashes.len();
@@ -1024,10 +1504,10 @@ pub fn run(cfg: &Config) -> Outcome {
         let saved = std::fs::create_dir_all(&cfg.out_dir)
             .and_then(|_| std::fs::write(&path, serde_json::to_vec(&run).unwrap_or_default()));
         out.failure = Some(format!(
-            "FAILED seed={} (replay: cargo xtask faults --schedules 1 --seed {}; recheck: \
-             cairn-faults --check {}{})\nwhat happened:\n  {}\n{}",
+            "FAILED seed={} (replay: {}; recheck: cairn-faults --check {}{})\nwhat happened:\n  \
+             {}\n{}",
             cfg.seed,
-            cfg.seed,
+            cfg.replay(),
             path.display(),
             if saved.is_err() { " (not saved)" } else { "" },
             env.log.join("\n  "),
@@ -1056,6 +1536,20 @@ pub fn recheck(run: &Run) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_audit_times_finds_records_going_back_and_out_of_range() {
+        let ok = [(1, 1, 100), (1, 2, 100), (1, 3, 150), (2, 1, 90)];
+        assert!(audit_times(&ok, 50, 200).is_empty());
+        let bad = [(1, 1, 100), (1, 2, 80), (2, 1, 300)];
+        assert_eq!(
+            audit_times(&bad, 50, 200),
+            [
+                "device 1 seq 2 at 80 ms, 20 ms before seq 1",
+                "device 2 seq 1 at 300 ms: outside the run"
+            ]
+        );
+    }
 
     #[test]
     fn test_audit_devices_finds_lost_duplicated_and_never_pushed() {

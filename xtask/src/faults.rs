@@ -1,40 +1,97 @@
-//! `cargo xtask faults --schedules N [--seed S] [--steps K]`: seeded fault schedules against a
-//! real cluster (kill -9, SIGSTOP, partitions and packet loss in network namespaces, disk
-//! full on tmpfs, membership changes), then the checkers; prints one summary line
-//! `faults: schedules=N faults=F acked=A lost=0 duplicated=0 diverged=0 nonlinearizable=0`.
+//! `cargo xtask faults --schedules N [--seed S] [--steps K] [--focus F] [--unsafe-no-fsync]`:
+//! seeded fault schedules against a real cluster (kill -9, SIGSTOP, partitions and packet loss
+//! in network namespaces, disk full on tmpfs, membership changes, power cuts on faultfs,
+//! clock jumps with libfaketime, two or three of them at once), then the checkers; prints one
+//! summary line `faults: schedules=N faults=F kinds=kill:..,...,overlap:.. acked=A lost=0
+//! duplicated=0 diverged=0 nonlinearizable=0`.
+//!
+//! `cargo xtask soak --schedules N | --hours H [--dir D] [...]`: the same, resumable: state,
+//! summary and every failing seed with its replay command in `D` (default `target/soak`);
+//! running it again goes on where it stopped.
 //!
 //! The work is done by `cairn-faults` (tests/src/bin), built here with the `cairn` daemon.
-//! Partitions, loss and disk full need root; without it the schedules use the other faults.
-//! `cargo xtask test` runs [`BOUNDED`]; with `CAIRN_SOAK=1` it runs [`SOAK`] with a seed from
-//! the clock (printed, so a failure can be replayed with `--seed`); then [`SECURE`] with
-//! `--secure` (every node with `--auth`, HTTPS and node mutual TLS).
+//! Partitions, loss, disk full and power cuts need root; without it the schedules use the
+//! other faults. `--unsafe-no-fsync` runs the nodes on a `cairn` built with the gateway's
+//! test-only `unsafe-no-fsync` feature (the Raft log never fsync'd): the power cuts must
+//! catch it. `cargo xtask test` runs [`BOUNDED`] (overlap, power cut and clock schedules in
+//! turn); with `CAIRN_SOAK=1` it runs [`SOAK`] with a seed from the clock (printed, so a
+//! failure can be replayed with `--seed`); then [`SECURE`] with `--secure` (every node with
+//! `--auth`, HTTPS and node mutual TLS).
 
 use crate::util::{cargo, root, run, step};
 use anyhow::Result;
+use std::path::PathBuf;
 use std::process::Command;
 
-/// (schedules, steps per schedule, first seed) for `cargo xtask test`: about two minutes.
-pub const BOUNDED: (u64, u64, u64) = (4, 4, 1);
+/// (schedules, steps per schedule, first seed) for `cargo xtask test`: one overlap, one power
+/// cut and one clock schedule (`--mix` takes them in turn), a few minutes in all.
+pub const BOUNDED: (u64, u64, u64) = (3, 3, 1);
 /// The same with `CAIRN_SOAK=1`.
 pub const SOAK: (u64, u64) = (30, 8);
 /// (schedules, steps, first seed) run again with `--secure` (auth, HTTPS, node mutual TLS on
 /// every node) by `cargo xtask test`: about a minute.
 pub const SECURE: (u64, u64, u64) = (2, 4, 101);
 
+/// The no-fsync daemon's name next to `cairn` in `target/debug`.
+const NO_FSYNC_BIN: &str = "cairn-unsafe-no-fsync";
+
 pub fn run_command(args: &[String]) -> Result<()> {
     step("faults", || faults(args))
 }
 
-/// Builds both binaries and runs `cairn-faults` with `args`.
-pub fn faults(args: &[String]) -> Result<()> {
-    cargo(&["build", "-q", "-p", "cairn-gateway", "--bin", "cairn"])?;
-    cargo(&["build", "-q", "-p", "cairn-tests", "--bin", "cairn-faults"])?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+/// `cargo xtask soak`: [`faults`] with a soak directory (default `target/soak`).
+pub fn soak_command(args: &[String]) -> Result<()> {
+    let mut args = args.to_vec();
+    if let Some(i) = args.iter().position(|a| a == "--dir") {
+        args[i] = "--soak-dir".into();
+    } else {
+        args.push("--soak-dir".into());
+        args.push(target().join("soak").display().to_string());
+    }
+    if !args.iter().any(|a| a == "--schedules") {
+        // --hours alone: no schedule limit.
+        args.extend(["--schedules".into(), u64::MAX.to_string()]);
+    }
+    if !args.iter().any(|a| a == "--quiet") {
+        args.push("--quiet".into());
+    }
+    step("soak", || faults(&args))
+}
+
+fn target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(Into::into)
-        .unwrap_or_else(|| root().join("target"));
-    run(Command::new(target.join("debug/cairn-faults"))
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Builds both binaries (and the no-fsync daemon when asked) and runs `cairn-faults` with
+/// `args`.
+pub fn faults(args: &[String]) -> Result<()> {
+    let bin = if args.iter().any(|a| a == "--unsafe-no-fsync") {
+        // Built under its own name, then the real daemon is built again, so `target/debug/cairn`
+        // is never left without its fsyncs.
+        let features = ["--features", "cairn-gateway/unsafe-no-fsync"];
+        cargo(
+            &[
+                &["build", "-q", "-p", "cairn-gateway", "--bin", "cairn"][..],
+                &features,
+            ]
+            .concat(),
+        )?;
+        std::fs::copy(
+            target().join("debug/cairn"),
+            target().join("debug").join(NO_FSYNC_BIN),
+        )?;
+        cargo(&["build", "-q", "-p", "cairn-gateway", "--bin", "cairn"])?;
+        target().join("debug").join(NO_FSYNC_BIN)
+    } else {
+        cargo(&["build", "-q", "-p", "cairn-gateway", "--bin", "cairn"])?;
+        target().join("debug/cairn")
+    };
+    cargo(&["build", "-q", "-p", "cairn-tests", "--bin", "cairn-faults"])?;
+    run(Command::new(target().join("debug/cairn-faults"))
         .args(args)
-        .env("CAIRN_BIN", target.join("debug/cairn"))
+        .env("CAIRN_BIN", bin)
         .current_dir(root()))
 }
 
@@ -53,7 +110,7 @@ pub fn test_step() -> Result<()> {
             .chain(["--seed".into(), seed.to_string(), "--quiet".into()])
             .collect()
     } else {
-        schedule_args(BOUNDED, &[])
+        schedule_args(BOUNDED, &["--mix"])
     };
     step(
         &format!("faults ({})", if soak { "soak" } else { "bounded" }),

@@ -33,7 +33,9 @@ commands:
   template  the board template built out of tree (NUCLEO-F429ZI, host) and run on a cluster
   arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
   bench   Cairn against dqlite, Mosquitto and hiqlite on this machine (`--quick`: < 3 min)
-  faults  seeded fault schedules on a real cluster (`--schedules N [--seed S] [--steps K]`)
+  faults  seeded fault schedules on a real cluster (`--schedules N [--seed S] [--steps K]
+          [--focus mixed|overlap|powercut|clock] [--mix] [--unsafe-no-fsync]`)
+  soak    long fault runs, resumable (`--schedules N | --hours H [--dir D]`, same options)
   dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, in target/dist/
   help    this text
 ";
@@ -49,6 +51,7 @@ fn main() -> Result<()> {
         "template" => template::run_command(),
         "dist" => dist::run(rest),
         "faults" => faults::run_command(rest),
+        "soak" => faults::soak_command(rest),
         "bench" => bench::run(rest),
         "arm" => arm_check::run(),
         "size" => size::run_command(rest),

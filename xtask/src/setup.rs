@@ -25,6 +25,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("arm-none-eabi-size", "binutils-arm-none-eabi"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),
+    // The fault suite: power cuts on faultfs (FUSE), clock faults with libfaketime.
+    ("fusermount3", "fuse3"),
+    ("faketime", "faketime"),
     // A real rqlite client for the tests (t13_security connects with credentials over HTTPS).
     ("python3", "python3"),
     // Export destinations the export tests start (tests/src/servers.rs).

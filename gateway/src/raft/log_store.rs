@@ -96,6 +96,14 @@ enum Op {
     Purge(i64, Vec<u8>, oneshot::Sender<std::io::Result<()>>),
 }
 
+/// `synchronous` of appends, votes, truncations and purges: FULL (an fsync before the call
+/// completes). The `unsafe-no-fsync` feature (fault-suite builds only, never shipped) turns it
+/// OFF, so the power-cut schedules can show they catch a log that does not reach the disk.
+#[cfg(not(feature = "unsafe-no-fsync"))]
+const DURABLE: &str = "FULL";
+#[cfg(feature = "unsafe-no-fsync")]
+const DURABLE: &str = "OFF";
+
 fn encode<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
     postcard::to_allocvec(v).map_err(io_err)
 }
@@ -152,7 +160,9 @@ impl LogStore {
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> anyhow::Result<Self> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "synchronous", DURABLE)?;
+        #[cfg(feature = "unsafe-no-fsync")]
+        tracing::warn!("built with unsafe-no-fsync: the Raft log is never fsync'd (tests only)");
         conn.pragma_update(None, "journal_size_limit", crate::db::WAL_SIZE_LIMIT)?;
         conn.execute_batch(SCHEMA)?;
         let vote: Option<Vote> = conn
@@ -333,7 +343,7 @@ impl Writer {
         // Only committed-index hints: no fsync needed.
         let durable = ops.iter().any(|op| !matches!(op, Op::Committed(_)));
         if durable != self.sync_full {
-            let mode = if durable { "FULL" } else { "NORMAL" };
+            let mode = if durable { DURABLE } else { "NORMAL" };
             self.conn.pragma_update(None, "synchronous", mode)?;
             self.sync_full = durable;
         }

@@ -6,12 +6,46 @@
 //! and every table including Cairn's own read straight from each node's database file), and
 //! nothing is written outside the data directories. Then a bounded, seeded fuzz of hostile
 //! SQL, the write budget and the read time limit with recursive CTEs, and `/db/load`.
+//!
+//! The cluster runs with `--auth`, and every attack and the fuzz come from an application
+//! user with only the `execute` and `query` permissions ([`APP`]); `/db/load` needs `load`
+//! and is sent as the administrator.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use cairn_tests::{Cluster, Options, Reply, agent, post, stmts};
+use cairn_tests::http::Client;
+use cairn_tests::{ADMIN, Cluster, JOINER, Options, Reply, Security, TIMEOUT, stmts};
 use serde_json::json;
+
+/// The application user every statement is sent as.
+const APP: (&str, &str) = ("app", "app-pw");
+
+/// A cluster with `--auth` (no TLS: the permissions are what this test is about) and `extra`
+/// node flags.
+fn cluster(extra: &[&str]) -> Cluster {
+    Cluster::start_with(
+        3,
+        Options {
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            security: Some(Security {
+                users: json!([
+                    {"username": ADMIN.0, "password": ADMIN.1, "perms": ["all"]},
+                    {"username": JOINER.0, "password": JOINER.1, "perms": ["join"]},
+                    {"username": APP.0, "password": APP.1, "perms": ["execute", "query"]},
+                ]),
+                http_tls: false,
+                node_tls: false,
+            }),
+            ..Options::default()
+        },
+    )
+}
+
+/// A client that authenticates as [`APP`].
+fn app(c: &Cluster) -> Client {
+    Client::with_auth(TIMEOUT, None, &c.nodes[0].auth().as_user(APP.0, APP.1))
+}
 
 /// Every table of a node's database file (Cairn's included, Raft metadata excluded), rows
 /// sorted: what must be identical on every replica.
@@ -108,13 +142,8 @@ fn assert_refused(r: &Reply, what: &str) -> String {
 
 #[test]
 fn t22_attacks_are_refused_and_the_cluster_stays_up() {
-    let mut c = Cluster::start_with(
-        3,
-        Options {
-            extra: vec!["--read-timeout-ms".into(), "1500".into()],
-            ..Options::default()
-        },
-    );
+    let mut c = cluster(&["--read-timeout-ms", "1500"]);
+    let app = app(&c);
     c.execute(&stmts(&[
         "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
         "INSERT INTO t(v) VALUES('kept')",
@@ -155,12 +184,15 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
     for sql in &attacks {
         let l = c.leader();
         let n = &c.nodes[l];
-        let e = assert_refused(&n.execute(&json!([sql]), ""), &format!("execute {sql}"));
+        let e = assert_refused(
+            &app.post(&n.url("/db/execute"), &json!([sql])),
+            &format!("execute {sql}"),
+        );
         println!("execute {sql}\n    -> {e}");
-        let r = post(&n.url("/db/request"), &json!([sql]));
+        let r = app.post(&n.url("/db/request"), &json!([sql]));
         assert_refused(&r, &format!("request {sql}"));
         for level in ["none", "weak", "strong"] {
-            let r = n.query(sql, level);
+            let r = app.get_query(&n.url("/db/query"), &[("q", sql), ("level", level)]);
             assert_refused(&r, &format!("query level={level} {sql}"));
         }
     }
@@ -200,13 +232,13 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
     assert_eq!(info.len(), 2);
 
     // The write budget: an endless recursive CTE fails the same way on every replica.
-    let r = n.execute(
+    let r = app.post(
+        &n.url("/db/execute"),
         &stmts(&[
             "INSERT INTO t(v) VALUES('before budget')",
             "INSERT INTO t(v) WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
              SELECT x FROM c",
         ]),
-        "",
     );
     let e = errors(&r);
     assert!(e[0].is_none(), "{:?}", r.body);
@@ -216,9 +248,16 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
         r.body
     );
     // The read time limit.
-    let r = n.query(
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
-        "none",
+    let r = app.get_query(
+        &n.url("/db/query"),
+        &[
+            (
+                "q",
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+                 SELECT count(*) FROM c",
+            ),
+            ("level", "none"),
+        ],
     );
     assert!(
         errors(&r)[0]
@@ -229,7 +268,11 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
         r.body
     );
 
+    // /db/load needs `load`: the application user is refused.
+    let r = app.post_bytes(&n.url("/db/load"), "text/plain", b"CREATE TABLE nope(a);");
+    assert_eq!(r.status, 403, "{:?}", r.body);
     // /db/load: SQL text runs sandboxed and never touches Cairn's tables.
+    let admin = n.client();
     for text in [
         format!("ATTACH '{}' AS x; CREATE TABLE x.y(a);", outside.display()),
         "CREATE VIRTUAL TABLE p USING sqlite_dbpage;".into(),
@@ -238,19 +281,15 @@ fn t22_attacks_are_refused_and_the_cluster_stays_up() {
          INSERT INTO big SELECT randomblob(100000) FROM c;"
             .into(),
     ] {
-        let r = agent()
-            .post(n.url("/db/load"))
-            .header("content-type", "text/plain")
-            .send(text.as_str())
-            .unwrap();
-        assert_ne!(r.status(), 200, "{text}");
+        let r = admin.post_bytes(&n.url("/db/load"), "text/plain", text.as_bytes());
+        assert_ne!(r.status, 200, "{text}");
     }
-    let r = agent()
-        .post(n.url("/db/load"))
-        .header("content-type", "text/plain")
-        .send("BEGIN; CREATE TABLE loaded(a); INSERT INTO loaded VALUES(1); COMMIT;")
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let r = admin.post_bytes(
+        &n.url("/db/load"),
+        "text/plain",
+        b"BEGIN; CREATE TABLE loaded(a); INSERT INTO loaded VALUES(1); COMMIT;",
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
     assert_healthy(&mut c);
     let l = c.leader();
     // The load's own chunk table (`_cairn_load`) is the one Cairn table a load adds.
@@ -411,7 +450,8 @@ fn hostile(r: &mut Rng, dir: &Path) -> String {
 
 #[test]
 fn t22_fuzz_hostile_sql() {
-    let mut c = Cluster::start(3);
+    let mut c = cluster(&[]);
+    let app = app(&c);
     c.execute(&stmts(&["CREATE TABLE f (a, b)", "CREATE TABLE g (a, b)"]));
     let dir = c.dir().join("fuzz-outside");
     let mut rng = Rng(0x5eed_0026);
@@ -428,9 +468,9 @@ fn t22_fuzz_hostile_sql() {
             ""
         };
         let r = match rng.next() % 3 {
-            0 => node.execute(&json!(body), qs),
-            1 => post(&node.url(&format!("/db/request{qs}")), &json!(body)),
-            _ => post(
+            0 => app.post(&node.url(&format!("/db/execute{qs}")), &json!(body)),
+            1 => app.post(&node.url(&format!("/db/request{qs}")), &json!(body)),
+            _ => app.post(
                 &node.url(&format!(
                     "/db/query?level={}",
                     rng.pick(&["none", "weak", "strong"])

@@ -213,9 +213,17 @@ pub struct Replayed {
 
 /// Moves the `dead_letter` rows of `stream` (of `device`, or every device) that fit the
 /// current stream definitions into their table under the same `(device_id, seq)`. A row whose
-/// key is already taken there (written by SQL) stays.
-pub fn replay(conn: &Connection, stream: u16, device: Option<u64>) -> rusqlite::Result<Replayed> {
+/// key is already taken there (written by SQL) stays. Each moved record is journaled for
+/// export at the replay's log index `index` (its dead-letter row went out under its own key;
+/// now it goes out as a record of its stream).
+pub fn replay(
+    conn: &Connection,
+    index: u64,
+    stream: u16,
+    device: Option<u64>,
+) -> rusqlite::Result<Replayed> {
     let mut out = Replayed::default();
+    let mut journal = Vec::new();
     let rows = table::rows_of_stream(conn, stream, device)?;
     if rows.is_empty() {
         return Ok(out);
@@ -234,11 +242,15 @@ pub fn replay(conn: &Connection, stream: u16, device: Option<u64>) -> rusqlite::
             _ => false,
         };
         if moved {
+            let ordinal = journal.len() as u32;
+            let received = row.time_ms.saturating_add(row.age_ms);
+            journal.push((ordinal, row.device_id, row.seq, row.seq, received));
             out.moved += 1;
         } else {
             out.remaining += 1;
         }
     }
+    crate::db::export::journal(conn, index, &journal)?;
     Ok(out)
 }
 

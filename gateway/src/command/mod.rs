@@ -218,7 +218,9 @@ pub fn apply(
                 None => CommandResponse::Empty,
             })
         }
-        Command::Streams(c) => streams::apply_streams(conn, c).map(CommandResponse::Streams),
+        Command::Streams(c) => {
+            streams::apply_streams(conn, ctx.index, c).map(CommandResponse::Streams)
+        }
         Command::BackupShipped(b) => {
             backup::apply_shipped(conn, b).map(|()| CommandResponse::Empty)
         }

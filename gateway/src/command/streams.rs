@@ -67,8 +67,12 @@ pub fn install(conn: &Connection, schema: &Schema) -> rusqlite::Result<Result<()
     }
 }
 
-/// Applies a streams command inside the entry's transaction.
-pub fn apply_streams(conn: &Connection, cmd: &StreamsCommand) -> rusqlite::Result<StreamsOutcome> {
+/// Applies a streams command (the entry at log index `index`) inside the entry's transaction.
+pub fn apply_streams(
+    conn: &Connection,
+    index: u64,
+    cmd: &StreamsCommand,
+) -> rusqlite::Result<StreamsOutcome> {
     Ok(match cmd {
         StreamsCommand::Define(schema) => {
             table::create_table(conn)?;
@@ -78,7 +82,7 @@ pub fn apply_streams(conn: &Connection, cmd: &StreamsCommand) -> rusqlite::Resul
             }
         }
         StreamsCommand::Replay { stream, device } => {
-            StreamsOutcome::Replayed(dead_letter::replay(conn, *stream, *device)?)
+            StreamsOutcome::Replayed(dead_letter::replay(conn, index, *stream, *device)?)
         }
     })
 }
@@ -177,7 +181,7 @@ mod tests {
 
     fn define(conn: &Connection, s: Schema) {
         assert_eq!(
-            apply_streams(conn, &StreamsCommand::Define(s)).unwrap(),
+            apply_streams(conn, 1, &StreamsCommand::Define(s)).unwrap(),
             StreamsOutcome::Defined
         );
     }
@@ -250,7 +254,7 @@ mod tests {
             device: None,
         };
         assert_eq!(
-            apply_streams(&conn, &replay).unwrap(),
+            apply_streams(&conn, 1, &replay).unwrap(),
             StreamsOutcome::Replayed(Replayed {
                 moved: 0,
                 remaining: 1
@@ -264,7 +268,7 @@ mod tests {
             device: Some(8),
         };
         assert_eq!(
-            apply_streams(&conn, &other).unwrap(),
+            apply_streams(&conn, 1, &other).unwrap(),
             StreamsOutcome::Replayed(Replayed::default())
         );
         let mine = StreamsCommand::Replay {
@@ -272,7 +276,7 @@ mod tests {
             device: Some(7),
         };
         assert_eq!(
-            apply_streams(&conn, &mine).unwrap(),
+            apply_streams(&conn, 1, &mine).unwrap(),
             StreamsOutcome::Replayed(Replayed {
                 moved: 1,
                 remaining: 0
@@ -294,7 +298,7 @@ mod tests {
             vec![]
         );
         assert_eq!(
-            apply_streams(&conn, &mine).unwrap(),
+            apply_streams(&conn, 1, &mine).unwrap(),
             StreamsOutcome::Replayed(Replayed::default())
         );
     }

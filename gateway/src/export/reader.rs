@@ -9,6 +9,7 @@ use rusqlite::types::Value;
 use serde_json::{Map, Value as Json};
 
 use crate::db::export::{self, JournalRow, Position};
+use crate::db::tables::DEAD_LETTER;
 
 /// The columns of one stream table, with SQLite's declared types.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,9 +34,19 @@ pub struct ExportRecord {
 }
 
 impl ExportRecord {
-    /// The idempotency key: unique for the life of the site.
+    /// The idempotency key: unique for the life of the site. A dead-lettered record has its
+    /// own key space (`:dead_letter` appended), so once it is replayed into its stream it is
+    /// delivered again there under the record's plain key.
     pub fn key(&self, site: &str) -> String {
-        format!("{site}:{}:{}:{}", self.device_id, self.epoch, self.seq)
+        let dead = if self.table() == DEAD_LETTER {
+            ":dead_letter"
+        } else {
+            ""
+        };
+        format!(
+            "{site}:{}:{}:{}{dead}",
+            self.device_id, self.epoch, self.seq
+        )
     }
 
     pub fn table(&self) -> &str {
@@ -87,17 +98,14 @@ pub struct ExportBatch {
 }
 
 /// Reads after `after` until about `max_records` records (whole journal rows: a row is
-/// never split), from the stream tables in `filter` (empty: all).
+/// never split), from the stream tables and `dead_letter` in `filter` (empty: all).
 pub fn read_batch(
     conn: &Connection,
     after: Position,
     max_records: usize,
     filter: &[String],
 ) -> rusqlite::Result<ExportBatch> {
-    let tables: Vec<String> = crate::db::sandbox::stream_tables(conn)
-        .into_iter()
-        .filter(|t| filter.is_empty() || filter.iter().any(|f| f.eq_ignore_ascii_case(t)))
-        .collect();
+    let tables: Vec<String> = tables_of(conn, filter).into_iter().collect();
     let mut shapes = HashMap::new();
     for t in &tables {
         if let Some(s) = shape(conn, t)? {
@@ -179,10 +187,12 @@ fn shape(conn: &Connection, table: &str) -> rusqlite::Result<Option<TableShape>>
     }))
 }
 
-/// The stream tables `filter` selects that exist now (for destinations that set up tables).
+/// The stream tables and `dead_letter` that `filter` selects (for destinations that set up
+/// tables; one that does not exist yet is skipped when read).
 pub fn tables_of(conn: &Connection, filter: &[String]) -> BTreeSet<String> {
-    crate::db::sandbox::stream_tables(conn)
-        .into_iter()
+    let mut all = crate::db::sandbox::stream_tables(conn);
+    all.insert(DEAD_LETTER.to_string());
+    all.into_iter()
         .filter(|t| filter.is_empty() || filter.iter().any(|f| f.eq_ignore_ascii_case(t)))
         .collect()
 }
@@ -220,5 +230,47 @@ mod tests {
         assert_eq!(b.records.len(), 1);
         assert_eq!(b.records[0].device_id, 8);
         assert_eq!(b.records[0].row_json()["temperature"], 1.5);
+    }
+
+    /// A record that does not fit goes out from `dead_letter` under its own key; once the
+    /// stream is fixed and the record replayed, it goes out again as a record of its stream.
+    #[test]
+    fn test_dead_letter_exported_then_replayed_record() {
+        use crate::db::schema::{Column, ColumnType};
+        let conn = Connection::open_in_memory().unwrap();
+        let mut schema = crate::db::schema::test_climate();
+        schema.install(&conn).unwrap();
+        crate::db::dead_letter::create_table(&conn).unwrap();
+        let c = export::Cursor {
+            name: "x".into(),
+            pos: Position::default(),
+            delivered: 0,
+        };
+        export::advance_cursor(&conn, &c).unwrap();
+        let b = batch(
+            7,
+            1,
+            &[(1, &[V::F32(1.5)]), (1, &[V::F32(2.5), V::F32(3.5)])],
+        );
+        apply_device_batches(&conn, &[b], &mut ApplyStats::default()).unwrap();
+        export::journal(&conn, 4, &[(0, 7, 1, 2, 10)]).unwrap();
+        let first = read_batch(&conn, Position::default(), 10, &[]).unwrap();
+        let keys: Vec<String> = first.records.iter().map(|r| r.key("s")).collect();
+        assert_eq!(keys, ["s:7:0:1", "s:7:0:2:dead_letter"]);
+        assert_eq!(first.records[1].table(), "dead_letter");
+
+        schema.streams[0].columns.push(Column {
+            name: "humidity".into(),
+            ty: ColumnType::Real,
+        });
+        schema.install(&conn).unwrap();
+        let moved = crate::command::dead_letter::replay(&conn, 5, 1, None).unwrap();
+        assert_eq!(moved.moved, 1);
+        let next = read_batch(&conn, first.through.unwrap(), 10, &[]).unwrap();
+        assert_eq!(next.records.len(), 1);
+        assert_eq!(next.records[0].key("s"), "s:7:0:2");
+        assert_eq!(next.records[0].table(), "climate");
+        assert_eq!(next.records[0].log_index, 5);
+        assert_eq!(next.records[0].row_json()["humidity"], 3.5);
     }
 }

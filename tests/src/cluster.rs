@@ -308,15 +308,21 @@ impl Node {
 
     /// A digest of every user table's rows, read locally (`level=none`).
     pub fn checksum(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.table_digests().hash(&mut h);
+        h.finish()
+    }
+
+    /// Per user table: (name, row count, digest of its rows), read locally (`level=none`).
+    pub fn table_digests(&self) -> Vec<(String, usize, u64)> {
         let tables = self.rows(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' \
              AND substr(name, 1, 7) != '_cairn_' ORDER BY name",
             "none",
         );
-        let mut h = DefaultHasher::new();
+        let mut out = Vec::new();
         for t in tables {
             let name = t[0].as_str().expect("table name").to_string();
-            name.hash(&mut h);
             // Sorted here rather than `ORDER BY rowid`: device tables are WITHOUT ROWID.
             let mut rows: Vec<String> = self
                 .rows(&format!("SELECT * FROM \"{name}\""), "none")
@@ -324,9 +330,11 @@ impl Node {
                 .map(|r| Json::from(r).to_string())
                 .collect();
             rows.sort();
+            let mut h = DefaultHasher::new();
             rows.hash(&mut h);
+            out.push((name, rows.len(), h.finish()));
         }
-        h.finish()
+        out
     }
 }
 
@@ -742,10 +750,15 @@ impl Cluster {
             .filter(|n| n.child.is_some())
             .map(|n| (n.id, n.checksum()))
             .collect();
-        assert!(
-            sums.windows(2).all(|w| w[0].1 == w[1].1),
-            "replicas differ: {sums:?}"
-        );
+        if !sums.windows(2).all(|w| w[0].1 == w[1].1) {
+            let tables: Vec<(u64, Vec<(String, usize, u64)>)> = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .map(|n| (n.id, n.table_digests()))
+                .collect();
+            panic!("replicas differ: {sums:?}; per table (name, rows, digest): {tables:?}");
+        }
         sums[0].1
     }
 

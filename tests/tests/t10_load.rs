@@ -28,19 +28,24 @@ fn sqlite_file(dir: &Path, rows: i64) -> Vec<u8> {
     std::fs::read(&path).unwrap()
 }
 
-/// `POST /db/load` of a SQLite file: (status, body).
+/// `POST /db/load` of a SQLite file: (status, body). A 503 (no leader at hand, nothing
+/// proposed) is sent again, as rqlite clients do.
 fn load(node: &Node, bytes: &[u8]) -> (u16, Json) {
-    let mut r = cairn_tests::agent()
-        .post(node.url("/db/load"))
-        .header("content-type", "application/octet-stream")
-        .send(bytes)
-        .unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Json::String(text)),
-    )
+    poll(TIMEOUT, "a load not refused with 503", || {
+        let mut r = cairn_tests::agent()
+            .post(node.url("/db/load"))
+            .header("content-type", "application/octet-stream")
+            .send(bytes)
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.body_mut().read_to_string().unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Json::String(text));
+        if status == 503 {
+            println!("load answered 503, sending it again: {body}");
+            return None;
+        }
+        Some((status, body))
+    })
 }
 
 /// `GET /db/backup` from the leader.

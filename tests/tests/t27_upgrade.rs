@@ -76,12 +76,19 @@ fn watch_leaders(
 fn sql_writer(
     https: Vec<String>,
     stop: Arc<AtomicBool>,
+    pause: Arc<Pause>,
 ) -> std::thread::JoinHandle<(Vec<u64>, u64)> {
     std::thread::spawn(move || {
         let client = Client::new(Duration::from_secs(5), Some(Duration::from_millis(300)));
         let mut acked = Vec::new();
         let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
+            if pause.asked.load(Ordering::SeqCst) {
+                pause.idle.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            pause.idle.store(false, Ordering::SeqCst);
             n += 1;
             let http = &https[n as usize % https.len()];
             let r = client.post(
@@ -95,6 +102,18 @@ fn sql_writer(
         }
         (acked, n)
     })
+}
+
+/// Holds the SQL writer between two writes (`idle` once it waits).
+#[derive(Default)]
+struct Pause {
+    asked: AtomicBool,
+    idle: AtomicBool,
+}
+
+/// The SQL writes one replica holds, read locally, in order.
+fn written(c: &Cluster, i: usize) -> Vec<Vec<Json>> {
+    c.nodes[i].rows("SELECT n, v FROM w ORDER BY n, v", "none")
 }
 
 fn format_of(c: &Cluster, i: usize) -> Json {
@@ -160,7 +179,12 @@ fn test_rolling_upgrade_from_v0_1_0_loses_nothing_and_activates_after_the_last_n
     let stop = Arc::new(AtomicBool::new(false));
     let nodes: Vec<(u64, String)> = c.nodes.iter().map(|n| (n.id, n.http.clone())).collect();
     let leaders = watch_leaders(nodes.clone(), stop.clone());
-    let writer = sql_writer(nodes.iter().map(|n| n.1.clone()).collect(), stop.clone());
+    let pause = Arc::new(Pause::default());
+    let writer = sql_writer(
+        nodes.iter().map(|n| n.1.clone()).collect(),
+        stop.clone(),
+        pause.clone(),
+    );
 
     // Devices of the previous release's firmware client (`cairn sim` of v0.1.0).
     let dir = tempfile::tempdir().expect("temp dir");
@@ -227,8 +251,25 @@ fn test_rolling_upgrade_from_v0_1_0_loses_nothing_and_activates_after_the_last_n
                 assert!(r.body["results"][0].get("error").is_none(), "{:?}", r.body);
                 mixed_acked.push(n);
             }
-            let sum = c.assert_identical();
-            println!("step {}: mixed replicas identical ({sum:x})", i + 1);
+            // Identical SQL data on every replica (devices go on streaming; their tables are
+            // compared once they stop).
+            pause.asked.store(true, Ordering::SeqCst);
+            poll(TIMEOUT, "the SQL writer to pause", || {
+                pause.idle.load(Ordering::SeqCst).then_some(())
+            });
+            c.wait_converged();
+            let rows: Vec<Vec<Vec<Json>>> = (0..3).map(|j| written(&c, j)).collect();
+            assert!(
+                rows.windows(2).all(|w| w[0] == w[1]),
+                "step {}: replicas differ in w",
+                i + 1
+            );
+            pause.asked.store(false, Ordering::SeqCst);
+            println!(
+                "step {}: {} SQL rows identical on 3 replicas",
+                i + 1,
+                rows[0].len()
+            );
             for j in 0..=i {
                 assert_eq!(format_of(&c, j)["active"], 1, "node {j} in the mixed phase");
             }
@@ -313,8 +354,9 @@ fn test_rolling_upgrade_from_v0_1_0_loses_nothing_and_activates_after_the_last_n
         }
     }
     println!(
-        "SQL: {} of {attempted} writes acknowledged, all stored once; replicas identical ({sum:x})",
-        acked.len()
+        "SQL: {} of {} writes acknowledged, all stored once; replicas identical ({sum:x})",
+        acked.len(),
+        attempted + mixed_acked.len() as u64
     );
 
     // A v0.1.0 node is refused at join now that version 2 is active.

@@ -71,14 +71,12 @@ pub fn apply_activate(conn: &Connection, ctx: &ApplyContext<'_>, to: u32) -> rus
 
 /// The replicated database's migration to layout version `v` (bounded; see the module doc).
 fn migrate_to(conn: &Connection, index: u64, v: u32) -> rusqlite::Result<()> {
-    match v {
-        2 => {
-            conn.execute_batch(&format!(
-                "CREATE TABLE IF NOT EXISTS {MIGRATIONS}(version INTEGER PRIMARY KEY, \
-                 log_index INTEGER NOT NULL)"
-            ))?;
-        }
-        _ => {}
+    // Version 2 introduces the table every later step records itself in.
+    if v == 2 {
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {MIGRATIONS}(version INTEGER PRIMARY KEY, \
+             log_index INTEGER NOT NULL)"
+        ))?;
     }
     conn.execute(
         &format!("INSERT OR REPLACE INTO {MIGRATIONS}(version, log_index) VALUES(?1, ?2)"),

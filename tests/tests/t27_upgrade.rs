@@ -32,17 +32,6 @@ fn status(http: &str) -> Option<Json> {
     (r.status == 200).then_some(r.body)
 }
 
-fn view(index: usize, id: u64, s: &Json) -> Option<View> {
-    let raft = &s["raft"];
-    Some(View {
-        index,
-        id,
-        term: raft["term"].as_u64()?,
-        leader_id: raft["leader_id"].as_u64(),
-        leads: raft["state"] == "Leader",
-    })
-}
-
 /// Watches leadership every 50 ms: `(when, leader id, term)` each time it changes.
 fn watch_leaders(
     nodes: Vec<(u64, String)>,
@@ -54,7 +43,7 @@ fn watch_leaders(
             let views: Vec<View> = nodes
                 .iter()
                 .enumerate()
-                .filter_map(|(i, (id, http))| view(i, *id, &status(http)?))
+                .filter_map(|(i, (id, http))| View::of(i, *id, &status(http)?))
                 .collect();
             if let Some(l) = leader_of(&views) {
                 let (id, term) = (views.iter().find(|v| v.index == l).unwrap().id, {

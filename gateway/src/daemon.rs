@@ -235,7 +235,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
     let raft = Raft::new(
         config.node_id,
         Arc::new(config.raft_config()?),
-        Network::new(client.clone()),
+        Network::new(client.clone()).with_metrics(metrics.clone()),
         log_store,
         sm.clone(),
     )
@@ -288,6 +288,9 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
         },
     );
     tokio::spawn(crate::cluster::streams::watch_drift(cluster.clone()));
+    tokio::spawn(crate::cluster::version::raise_active_version(
+        cluster.clone(),
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();

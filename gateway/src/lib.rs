@@ -15,3 +15,4 @@ pub mod ingress;
 pub mod metrics;
 pub mod raft;
 pub mod security;
+pub mod version;

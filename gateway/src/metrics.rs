@@ -303,6 +303,8 @@ pub struct Metrics {
     pub apply_latency: Histogram,
     /// Apply held by an environment failure (disk full, ...), if it is.
     pub apply_stall: Stall,
+    /// The cluster format versions this node knows of (`version`).
+    pub versions: crate::version::Versions,
     /// When this node last took an AppendEntries from a leader (rqlite's "last contact"),
     /// for `freshness` on `none` reads.
     pub leader_contact: LeaderContact,
@@ -370,6 +372,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             apply_stall: Stall::default(),
+            versions: crate::version::Versions::default(),
             disk_guard: Stall::default(),
             exports: export::ExportCounters::default(),
             http_requests: AtomicU64::new(0),

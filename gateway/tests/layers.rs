@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules, lowest first. A module may use the ones before it, never after.
 const LAYERS: &[&str] = &[
-    "error", "metrics", "security", "db", "config", "command", "raft", "cluster", "ingress",
-    "export", "backup", "http", "daemon", "embed", "cli",
+    "error", "version", "metrics", "security", "db", "config", "command", "raft", "cluster",
+    "ingress", "export", "backup", "http", "daemon", "embed", "cli",
 ];
 
 /// Imports that break the order, each with the reason it is allowed for now.

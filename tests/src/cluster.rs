@@ -60,7 +60,8 @@ pub struct View {
 }
 
 impl View {
-    fn of(index: usize, id: u64, status: &Json) -> Option<View> {
+    /// The view of node `id` (at `index`) from its `/status`.
+    pub fn of(index: usize, id: u64, status: &Json) -> Option<View> {
         let raft = &status["raft"];
         Some(View {
             index,

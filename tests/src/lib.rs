@@ -13,6 +13,8 @@
 //!   `cairn sim`) and a fleet of them, one thread each, for load.
 //! - [`faults`] with [`nemesis`], [`netns`], [`tmpfs`], [`history`] and [`linearizability`]:
 //!   seeded fault schedules and their checkers.
+//! - [`release`]: the previous release (v0.1.0) checked out by commit and built once under
+//!   `target/prev/`, for the rolling-upgrade test.
 //! - [`servers`]: real export destinations (PostgreSQL, NATS JetStream, mosquitto) and a
 //!   webhook receiver, started per test.
 //! - Nothing sleeps for a fixed time: [`poll`] retries until a condition holds or a timeout
@@ -27,6 +29,7 @@ pub mod http;
 pub mod linearizability;
 pub mod nemesis;
 pub mod netns;
+pub mod release;
 pub mod servers;
 pub mod tmpfs;
 

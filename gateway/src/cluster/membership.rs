@@ -48,6 +48,7 @@ impl Cluster {
     /// address, so a process without one never becomes a member.
     pub async fn join(&self, jr: &JoinRequest) -> Result<(), Error> {
         self.require_leader()?;
+        self.check_join_version(jr.id, &jr.addr).await?;
         let peer = jr.peer();
         let m = self.raft_metrics();
         let membership = m.membership_config.membership().clone();

@@ -23,6 +23,7 @@ pub mod forward;
 pub mod membership;
 pub mod queue;
 pub mod streams;
+pub mod version;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -319,7 +320,12 @@ impl Cluster {
     pub fn storage_held(&self) -> Vec<(&'static str, String)> {
         let log = self.log_stats.stall.held().map(|e| ("raft log write", e));
         let apply = self.metrics.apply_stall.held().map(|e| ("apply", e));
-        log.into_iter().chain(apply).collect()
+        let version = self
+            .metrics
+            .versions
+            .blocked()
+            .map(|e| ("format version", e));
+        log.into_iter().chain(apply).chain(version).collect()
     }
 
     /// True while Raft runs (false once it stopped on a fatal error or shut down).
@@ -353,6 +359,7 @@ impl Cluster {
                 _ => {}
             }
         }
+        self.allowed_by_version(&cmd)?;
         self.proposer.propose(cmd).await
     }
 

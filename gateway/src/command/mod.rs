@@ -38,6 +38,7 @@ pub mod registry;
 pub mod rewrite;
 pub mod sql;
 pub mod streams;
+pub mod version;
 
 use std::fmt;
 
@@ -77,6 +78,10 @@ pub enum Command {
     BackupShipped(backup::BackupShipped),
     /// Site id, export cursors and retention, proposed by the leader ([`export`]).
     Export(ExportCommand),
+    /// Format version 2: raises the cluster's active format version to this one and runs
+    /// the replicated database's migrations up to it ([`version`]). Proposed by the leader
+    /// once every member supports it.
+    ActivateVersion(u32),
 }
 
 impl Command {
@@ -97,7 +102,36 @@ impl Command {
             | Command::LoadChunk(_)
             | Command::Streams(_)
             | Command::BackupShipped(_)
-            | Command::Export(_) => None,
+            | Command::Export(_)
+            | Command::ActivateVersion(_) => None,
+        }
+    }
+
+    /// The cluster format version an entry of this kind needs (`crate::version`): the one
+    /// gate every kind added after version 1 goes through. The leader proposes a command only
+    /// when the active version reaches it (`cluster::Cluster::propose`), so an older member
+    /// never meets it. No wildcard: a new variant must name its version here.
+    pub fn min_version(&self) -> u32 {
+        match self {
+            Command::Stamped { cmd, .. } => cmd.min_version(),
+            Command::ActivateVersion(v) => (*v).max(2),
+            Command::Sql(_)
+            | Command::DeviceBatches(_)
+            | Command::DeviceRegistry(_)
+            | Command::SqlAt { .. }
+            | Command::LoadChunk(_)
+            | Command::Streams(_)
+            | Command::BackupShipped(_)
+            | Command::Export(_) => crate::version::V1,
+        }
+    }
+
+    /// The version a binary newer than this one would need to apply this entry, if this
+    /// binary cannot apply it (an `ActivateVersion` beyond [`crate::version::SUPPORTED`]).
+    pub fn needs_newer_binary(&self) -> Option<u32> {
+        match self.unstamped() {
+            Command::ActivateVersion(v) if *v > crate::version::SUPPORTED => Some(*v),
+            _ => None,
         }
     }
 
@@ -160,6 +194,7 @@ impl fmt::Display for Command {
                 b.target, b.position.index
             ),
             Command::Export(c) => write!(f, "Export({c})"),
+            Command::ActivateVersion(v) => write!(f, "ActivateVersion({v})"),
         }
     }
 }
@@ -227,5 +262,8 @@ pub fn apply(
         // `unstamped` took every stamp off.
         Command::Stamped { .. } => Ok(CommandResponse::Empty),
         Command::Export(c) => export::apply_export(conn, c).map(CommandResponse::Export),
+        Command::ActivateVersion(v) => {
+            version::apply_activate(conn, ctx, *v).map(|()| CommandResponse::Empty)
+        }
     }
 }

@@ -54,6 +54,9 @@ pub async fn status(
         "build": {"version": env!("CARGO_PKG_VERSION")},
         "node_id": n.id(),
         "version": env!("CARGO_PKG_VERSION"),
+        // Cluster format versions: what this binary supports, the cluster's active version,
+        // what each peer reported on Raft RPCs, and what stops this node (if anything).
+        "format": metrics.versions.to_json(),
         "uptime_s": n.uptime().as_secs_f64(),
         "http_addr": n.peer().http_addr,
         "raft_addr": n.peer().raft_addr,

@@ -8,6 +8,12 @@
 //! | `POST /raft/transfer-leader` | `TransferLeaderRequest` | `Result<TransferLeaderResponse, String>` |
 //! | `POST /raft/snapshot` | `u32` LE length, postcard `(Vote, SnapshotMeta)`, then the database's pages in order (a database file) | `Result<SnapshotResponse, String>` |
 //!
+//! From format version 2 every request and response also carries the header
+//! `cairn-version` ([`crate::version::HEADER`]) with the sender's highest supported format
+//! version; a version 1 node (v0.1.0) sends none. The bodies are version 1's, unchanged
+//! (`gateway/tests/golden_v1.rs` freezes them). The leader notes each peer's version from its
+//! answers (`Metrics::versions`): that is how it learns when every member supports a version.
+//!
 //! The `Err(String)` arm carries a remote failure (the remote Raft stopped); transport problems
 //! are HTTP or socket errors. Connections are pooled and reused (keep-alive), `TCP_NODELAY` is
 //! set, connecting times out after 500 ms and every RPC after openraft's hard TTL (at least
@@ -45,7 +51,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::state_machine::{SnapshotData, StateMachine};
 use super::{NodeId, Peer, Raft, SnapshotMeta, TypeConfig, Vote, io_err};
+use crate::metrics::Metrics;
 use crate::security::tls::{NodeConnector, node_connector};
+use crate::version::{self, SUPPORTED};
 
 /// The shortest time an AppendEntries RPC (heartbeats included) may take before it counts as
 /// failed.
@@ -221,12 +229,28 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
 #[derive(Clone, Default)]
 pub struct Network {
     client: HttpClient,
+    /// Where peers' format versions are noted (`versions`).
+    metrics: Arc<Metrics>,
 }
 
 impl Network {
     pub fn new(client: HttpClient) -> Self {
-        Network { client }
+        Network {
+            client,
+            metrics: Arc::default(),
+        }
     }
+
+    /// Notes the format version each peer answers with into `metrics.versions`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+}
+
+/// The format version a request or response's headers name (none: version 1).
+pub fn version_of(headers: &hyper::HeaderMap) -> u32 {
+    version::from_header(headers.get(version::HEADER).map(|v| v.as_bytes()))
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -237,6 +261,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: Arc::from(node.raft_addr.as_str()),
             client: self.client.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -246,9 +271,31 @@ pub struct PeerConnection {
     target: NodeId,
     addr: Arc<str>,
     client: HttpClient,
+    metrics: Arc<Metrics>,
 }
 
 impl PeerConnection {
+    /// POSTs `body` to `path` with this node's version header; notes the peer's version from
+    /// a successful answer.
+    async fn post(&self, path: &str, body: Body, timeout: Duration) -> std::io::Result<Bytes> {
+        let req = hyper::Request::post(self.client.url(&self.addr, path))
+            .header("content-type", "application/octet-stream")
+            .header(version::HEADER, SUPPORTED.to_string())
+            .body(body)
+            .map_err(io_err)?;
+        let (status, headers, bytes) = self.client.send(req, timeout).await?;
+        if !status.is_success() {
+            return Err(io_err(format!(
+                "{path} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            )));
+        }
+        self.metrics
+            .versions
+            .note_peer(self.target, version_of(&headers));
+        Ok(bytes)
+    }
+
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         path: &str,
@@ -256,8 +303,7 @@ impl PeerConnection {
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
         let bytes = self
-            .client
-            .post(&self.addr, path, full(encode(req)), timeout)
+            .post(path, full(encode(req)), timeout)
             .await
             .map_err(|e| {
                 if matches!(e.kind(), std::io::ErrorKind::TimedOut) {
@@ -324,6 +370,21 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        // A snapshot is the database in the active version's layout: never sent to a node
+        // that does not support it (it would not know the layout).
+        let layout = self.metrics.versions.active();
+        let theirs = self
+            .metrics
+            .versions
+            .peer(self.target)
+            .unwrap_or(version::V1);
+        if layout > theirs {
+            let e = io_err(format!(
+                "not sending node {} a snapshot of format version {layout}: it supports up to {theirs}",
+                self.target
+            ));
+            return Err(StreamingError::Unreachable(Unreachable::new(&e)));
+        }
         let head = encode(&(vote, snapshot.meta.clone()));
         let mut prefix = (head.len() as u32).to_le_bytes().to_vec();
         prefix.extend_from_slice(&head);
@@ -335,9 +396,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 file_body(prefix, file)
             }
         };
-        let send = self
-            .client
-            .post(&self.addr, "/raft/snapshot", body, Duration::from_secs(600));
+        let send = self.post("/raft/snapshot", body, Duration::from_secs(600));
         let bytes = tokio::select! {
             r = send => r.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?,
             closed = cancel => return Err(StreamingError::Closed(closed)),
@@ -413,7 +472,15 @@ pub fn routes(
             post(rpc_snapshot).layer(DefaultBodyLimit::disable()),
         )
         .route("/raft/ping", axum::routing::get(|| async { "ok" }))
+        .layer(axum::middleware::map_response(with_version))
         .with_state(server)
+}
+
+/// Every answer on the Raft routes names this node's highest supported format version.
+async fn with_version(mut r: axum::response::Response) -> axum::response::Response {
+    r.headers_mut()
+        .insert(version::HEADER, hyper::header::HeaderValue::from(SUPPORTED));
+    r
 }
 
 fn reply<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Vec<u8> {
@@ -435,7 +502,23 @@ where
     }
 }
 
-async fn rpc_append(State(n): State<Arc<RpcServer>>, body: Bytes) -> Vec<u8> {
+async fn rpc_append(
+    State(n): State<Arc<RpcServer>>,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+) -> Vec<u8> {
+    // Entries a newer leader sent that this binary cannot decode: say which version they
+    // need and refuse them (the leader sends them again); nothing is applied, nothing lost.
+    let sender = version_of(&headers);
+    if sender > SUPPORTED
+        && let Err(e) = decode::<AppendEntriesRequest<TypeConfig>>(&body)
+    {
+        n.contact.versions.block(version::needs_newer(
+            &format!("entries from a leader of format version {sender} ({e})"),
+            sender,
+        ));
+        return reply::<(), _>(Err(e));
+    }
     serve_rpc(&body, |req: AppendEntriesRequest<TypeConfig>| async {
         let commit = req.leader_commit.map(|l| l.index);
         let r = n.raft.append_entries(req).await;
@@ -475,6 +558,12 @@ async fn rpc_snapshot(State(n): State<Arc<RpcServer>>, body: AxumBody) -> Vec<u8
     reply(r)
 }
 
+/// The format version of a received snapshot's layout (the active version it records).
+fn snapshot_layout(path: &Path) -> std::io::Result<u32> {
+    let conn = rusqlite::Connection::open(path).map_err(io_err)?;
+    crate::command::version::read_active(&conn).map_err(io_err)
+}
+
 /// Streams an uploaded snapshot to a file, then hands it to Raft to install.
 async fn receive_snapshot(
     n: &RpcServer,
@@ -512,6 +601,12 @@ async fn receive_snapshot(
     file.sync_all().await?;
     drop(file);
     let (vote, meta) = head.ok_or_else(|| io_err("snapshot upload ended before its header"))?;
+    let layout = snapshot_layout(path)?;
+    if layout > SUPPORTED {
+        let why = version::needs_newer(&format!("a snapshot of format version {layout}"), layout);
+        n.contact.versions.block(why.clone());
+        return Err(io_err(why));
+    }
     let snapshot = SnapshotData::Received(path.to_path_buf());
     n.raft
         .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot })

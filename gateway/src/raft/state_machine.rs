@@ -170,6 +170,9 @@ impl Inner {
         let conn = self.store.writer();
         *self.applied.lock().map_err(io_err)? = read_applied(&conn)?;
         note_stamp(&conn, &self.metrics)?;
+        self.metrics
+            .versions
+            .set_active(command::version::read_active(&conn).map_err(io_err)?);
         Ok(())
     }
 
@@ -209,6 +212,9 @@ impl Inner {
         let resp = match &entry.payload {
             EntryPayload::Blank => CommandResponse::Empty,
             EntryPayload::Normal(cmd) => {
+                if let Some(v) = cmd.needs_newer_binary() {
+                    return Err(Failed::Blocked(command::version::too_new(v)));
+                }
                 if let Some(stamp) = cmd.entry_stamp_ms() {
                     write_stamp(&tx, stamp)?;
                     self.metrics.stamp_floor.fetch_max(stamp, Ordering::Relaxed);
@@ -244,6 +250,8 @@ impl Inner {
 enum Failed {
     Sqlite(rusqlite::Error),
     Io(std::io::Error),
+    /// An entry of a newer format version: this binary cannot apply it.
+    Blocked(String),
 }
 
 impl From<rusqlite::Error> for Failed {
@@ -259,12 +267,17 @@ enum Halt {
     Held(rusqlite::Error),
     /// The node stops (openraft gets the error).
     Fatal(std::io::Error),
+    /// An entry this binary cannot apply (a newer format version): the entry was rolled
+    /// back; apply waits here, never skips it and never exits (no crash loop), and goes on
+    /// with the same entry once a newer binary runs.
+    Blocked(String),
 }
 
 impl From<Failed> for Halt {
     fn from(f: Failed) -> Self {
         match f {
             Failed::Io(e) => Halt::Fatal(e),
+            Failed::Blocked(why) => Halt::Blocked(why),
             Failed::Sqlite(e) => match failure::classify(&e) {
                 Failure::Hold => Halt::Held(e),
                 Failure::Exit => super::exit_on_io_error("apply", &e),
@@ -355,6 +368,9 @@ impl StateMachine {
         }
         let applied = read_applied(&store.writer())?;
         note_stamp(&store.writer(), &metrics)?;
+        metrics
+            .versions
+            .set_active(command::version::read_active(&store.writer())?);
         Ok(StateMachine {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
@@ -386,6 +402,7 @@ impl StateMachine {
             Ok(()) => Ok(()),
             Err(Halt::Held(e)) => Err(io_err(failure::describe(&e))),
             Err(Halt::Fatal(e)) => Err(e),
+            Err(Halt::Blocked(why)) => Err(io_err(why)),
         }
     }
 
@@ -506,8 +523,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     inline = false;
                 }
                 Err(Halt::Fatal(e)) => return Err(e),
+                // Never skipped, never an exit: the node reports it and waits for its upgrade.
+                Err(Halt::Blocked(why)) => {
+                    inner.metrics.versions.block(why);
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    inline = false;
+                }
             }
         }
+        inner.metrics.versions.unblock();
         inner.metrics.apply_stall.clear("apply");
         inner.metrics.apply_latency.record(started.elapsed());
         for (resp, responder) in responses.into_iter().zip(responders) {

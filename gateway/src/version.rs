@@ -8,7 +8,7 @@
 //! | version | release | what it adds |
 //! |---|---|---|
 //! | 1 | v0.1.0 (commit 0b11d7a) | the formats below as that release wrote them |
-//! | 2 | this tree | `Command::ActivateVersion` (the active version, with its migration); the `cairn-version` header on Raft RPCs; `format_version` in `raft.db`'s `meta`; `_cairn_migrations` in the replicated database |
+//! | 2 | this tree | `Command::ActivateVersion` (the active version, with its migration); the `cairn-version` header on Raft RPCs; `format_version` in `raft.db`'s `meta`; `_cairn_migrations` in the replicated database; apply semantics: the write budget's page cap on user SQL (`db::sandbox::WRITE_BUDGET_BYTES`) and a dead-letter replay journaling the moved records for export |
 //!
 //! What each version covers:
 //!
@@ -40,6 +40,10 @@ pub const SUPPORTED: u32 = 2;
 
 /// The version of a node, entry or file that says nothing: the v0.1.0 release.
 pub const V1: u32 = 1;
+
+/// The first version after v0.1.0 (this tree): what apply does differently once it is
+/// active is listed in the table above.
+pub const V2: u32 = 2;
 
 /// The HTTP header on Raft RPCs (requests and responses) carrying the sender's [`SUPPORTED`].
 pub const HEADER: &str = "cairn-version";

@@ -213,12 +213,12 @@ pub struct Replayed {
 
 /// Moves the `dead_letter` rows of `stream` (of `device`, or every device) that fit the
 /// current stream definitions into their table under the same `(device_id, seq)`. A row whose
-/// key is already taken there (written by SQL) stays. Each moved record is journaled for
-/// export at the replay's log index `index` (its dead-letter row went out under its own key;
-/// now it goes out as a record of its stream).
+/// key is already taken there (written by SQL) stays. With `journal_at` (the replay's log
+/// index, from format version 2) each moved record is journaled for export (its dead-letter
+/// row went out under its own key; now it goes out as a record of its stream).
 pub fn replay(
     conn: &Connection,
-    index: u64,
+    journal_at: Option<u64>,
     stream: u16,
     device: Option<u64>,
 ) -> rusqlite::Result<Replayed> {
@@ -250,7 +250,9 @@ pub fn replay(
             out.remaining += 1;
         }
     }
-    crate::db::export::journal(conn, index, &journal)?;
+    if let Some(index) = journal_at {
+        crate::db::export::journal(conn, index, &journal)?;
+    }
     Ok(out)
 }
 

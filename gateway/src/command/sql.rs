@@ -17,8 +17,11 @@ pub struct SqlCommand {
 /// Applies a SQL command inside the entry's open transaction, under the sandbox's write
 /// rules ([`crate::db::sandbox::apply_statements`] has the savepoint semantics: rqlite's
 /// autocommit, or all-or-nothing with `transaction`).
+/// The byte budget's page cap applies once the active version is 2 (v0.1.0 replicas apply
+/// without it).
 pub fn apply_sql(conn: &Connection, cmd: &SqlCommand) -> rusqlite::Result<Vec<StatementResult>> {
-    crate::db::sandbox::apply_statements(conn, &cmd.statements, cmd.transaction)
+    let page_cap = super::version::read_active(conn)? >= crate::version::V2;
+    crate::db::sandbox::apply_statements(conn, &cmd.statements, cmd.transaction, page_cap)
 }
 
 #[cfg(test)]

@@ -82,7 +82,10 @@ pub fn apply_streams(
             }
         }
         StreamsCommand::Replay { stream, device } => {
-            StreamsOutcome::Replayed(dead_letter::replay(conn, index, *stream, *device)?)
+            // v0.1.0 replicas journal nothing for a replay.
+            let journal_at =
+                (super::version::read_active(conn)? >= crate::version::V2).then_some(index);
+            StreamsOutcome::Replayed(dead_letter::replay(conn, journal_at, *stream, *device)?)
         }
     })
 }

@@ -264,7 +264,7 @@ mod tests {
             ty: ColumnType::Real,
         });
         schema.install(&conn).unwrap();
-        let moved = crate::command::dead_letter::replay(&conn, 5, 1, None).unwrap();
+        let moved = crate::command::dead_letter::replay(&conn, Some(5), 1, None).unwrap();
         assert_eq!(moved.moved, 1);
         let next = read_batch(&conn, first.through.unwrap(), 10, &[]).unwrap();
         assert_eq!(next.records.len(), 1);

@@ -15,8 +15,9 @@ use crate::db::sql::{Statement, StatementResult, run_checked};
 /// Without it, each statement has its own savepoint, so a failing statement leaves the
 /// others' effects in place, like autocommit. Besides:
 ///
-/// - a statement runs under [`Mode::Write`] rules and the entry's write budget; once the budget
-///   is spent, the remaining statements fail without running;
+/// - a statement runs under [`Mode::Write`] rules and the entry's write budget (with
+///   `page_cap`, also its bytes: [`super::WRITE_BUDGET_BYTES`]); once the budget is spent, the
+///   remaining statements fail without running;
 /// - after a statement, unresolved deferred foreign keys and a rowid of `i64::MAX` are
 ///   failures (both would otherwise differ or fail later, at commit);
 /// - if SQLite rolled back the whole transaction by itself (an interrupted write), the entry's
@@ -27,9 +28,14 @@ pub fn apply_statements(
     conn: &Connection,
     statements: &[Statement],
     transaction: bool,
+    page_cap: bool,
 ) -> rusqlite::Result<Vec<StatementResult>> {
     let n = statements.len();
-    let _cap = PageCap::set(conn)?;
+    let _cap = if page_cap {
+        Some(PageCap::set(conn)?)
+    } else {
+        None
+    };
     let seed = LOCAL.with(|l| l.entry.get().map(|e| e.0).unwrap_or(0));
     let streams = stream_tables(conn);
     LOCAL.with(|l| *l.streams.borrow_mut() = streams);

@@ -1,12 +1,22 @@
 //! Membership through openraft's own API, behind the service layer and its error type:
-//! joining (learner first, then voter), removing, and handing leadership over on shutdown.
+//! joining (learner first, then voter), replacing a node that lost its disk (`--replace`),
+//! removing, and handing leadership over on shutdown.
+//!
+//! Incarnations (`raft::incarnation`): a joining node sends the one its log will store with
+//! its first vote, and the leader records it (`Command::Members`) before adding the node, so
+//! that the node's first RPCs already name it. A member whose id has a recorded incarnation
+//! joins again only under that incarnation; a node that lost its disk is refused and told to
+//! use `--replace`. A member whose log predates incarnations records its own
+//! ([`Cluster::record_own_incarnation`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use openraft::ChangeMembers;
+use openraft::{ChangeMembers, Instant as _};
 
 use super::Cluster;
+use crate::command::Command;
+use crate::command::members::MembersCommand;
 use crate::error::Error;
 use crate::raft::{NodeId, Peer, raft_error};
 
@@ -22,6 +32,13 @@ pub struct JoinRequest {
     pub device_addr: String,
     #[serde(default = "yes")]
     pub voter: bool,
+    /// The joining node's incarnation (absent from plain rqlite clients and older releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<u64>,
+    /// `--replace OLD_ID`: remove node OLD_ID first (it lost its disk); may be the joining
+    /// node's own id. Needs the `remove` permission besides `join`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<NodeId>,
 }
 
 fn yes() -> bool {
@@ -48,6 +65,32 @@ impl Cluster {
     /// address, so a process without one never becomes a member.
     pub async fn join(&self, jr: &JoinRequest) -> Result<(), Error> {
         self.require_leader()?;
+        if let Some(old) = jr.replace {
+            self.remove_replaced(old, jr).await?;
+        }
+        let recorded = self.incarnations.of(jr.id);
+        let member = self
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .get_node(&jr.id)
+            .is_some();
+        if member && recorded.is_some() && recorded != jr.incarnation {
+            return Err(Error::BadRequest(format!(
+                "node {id} is a member under another incarnation: its Raft log was lost or                  replaced (a blank disk), and a node that forgot its votes must not vote again                  under the same id. Start it with --replace {id}: node {id} is removed, then                  joins again as a new node",
+                id = jr.id
+            )));
+        }
+        if let Some(inc) = jr.incarnation
+            && recorded != Some(inc)
+        {
+            // Recorded before the node is added: its first RPCs name it.
+            self.write(Command::Members(MembersCommand::Incarnation {
+                id: jr.id,
+                incarnation: inc,
+            }))
+            .await?;
+        }
         let peer = jr.peer();
         let m = self.raft_metrics();
         let membership = m.membership_config.membership().clone();
@@ -86,6 +129,158 @@ impl Cluster {
                 .map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// The first step of `--replace OLD`: removes node `old` unless it is gone already (a join
+    /// retried after the removal) or is the joining node itself under its new incarnation. The
+    /// leader is never replaced, and the removal must leave a quorum of the remaining voters
+    /// answering.
+    async fn remove_replaced(&self, old: NodeId, jr: &JoinRequest) -> Result<(), Error> {
+        if old == self.id {
+            return Err(Error::BadRequest(format!(
+                "--replace {old}: node {old} is the leader and answers; it has not lost its                  disk (hand leadership over first with POST /leader if it must go)"
+            )));
+        }
+        let m = self.raft_metrics();
+        let membership = m.membership_config.membership().clone();
+        if membership.get_node(&old).is_none()
+            || (old == jr.id
+                && jr.incarnation.is_some()
+                && self.incarnations.of(old) == jr.incarnation)
+        {
+            return Ok(());
+        }
+        let rest: Vec<NodeId> = membership.voter_ids().filter(|v| *v != old).collect();
+        let recent = Duration::from_secs(3);
+        let answering = rest
+            .iter()
+            .filter(|v| {
+                **v == self.id
+                    || m.heartbeat.as_ref().is_some_and(|h| {
+                        h.get(v)
+                            .and_then(|t| t.as_ref())
+                            .is_some_and(|t| t.elapsed() < recent)
+                    })
+            })
+            .count();
+        let quorum = rest.len() / 2 + 1;
+        if rest.is_empty() || answering < quorum {
+            return Err(Error::BadRequest(format!(
+                "--replace {old}: without node {old} the cluster has {} voters, of which {answering}                  answer the leader; a quorum needs {quorum}, so the removal could not commit or                  would leave the cluster without a working quorum. Bring the others back first                  (after a lost majority see `cairn recover`)",
+                rest.len()
+            )));
+        }
+        tracing::warn!(old, new = jr.id, "replacing a node: removing it first");
+        self.remove(old).await
+    }
+
+    /// Records this node's incarnation through the leader when its membership lists it and no
+    /// incarnation is recorded for it (a log that predates incarnations, or a bootstrap node).
+    /// Tried every second until done or `stop`. Never overwrites a recorded one: a different
+    /// record means this node was replaced while it was away, and it says so.
+    pub async fn record_own_incarnation(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let inc = &self.incarnations;
+            let member = self
+                .raft_metrics()
+                .membership_config
+                .membership()
+                .get_node(&self.id)
+                .is_some();
+            if !member || inc.is_blank() || !self.may_propose_members() {
+                continue;
+            }
+            match inc.of(self.id) {
+                Some(r) if r == inc.own() => return,
+                Some(r) => {
+                    if !warned {
+                        tracing::error!(
+                            "the cluster records incarnation {r} for node {}, this node is {}: it                              was replaced while away and takes no part (its RPCs are refused);                              wipe its data dir and join it with --replace {} to bring it back",
+                            self.id,
+                            inc.own(),
+                            self.id
+                        );
+                        warned = true;
+                    }
+                    continue;
+                }
+                None => {}
+            }
+            let (id, own) = (self.id, inc.own());
+            let r = self
+                .on_leader(
+                    || self.record_incarnation(id, own),
+                    || async {
+                        self.call_leader_internal::<Result<(), Error>>(
+                            hyper::Method::POST,
+                            "/cluster/incarnation",
+                            crate::raft::network::encode(&(id, own)),
+                            Duration::from_secs(10),
+                        )
+                        .await?
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::debug!("recording this node's incarnation: {e}");
+            }
+        }
+    }
+
+    /// On the leader: records `incarnation` for member `id` if none is recorded yet.
+    pub async fn record_incarnation(&self, id: NodeId, incarnation: u64) -> Result<(), Error> {
+        self.require_leader()?;
+        let member = self
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+        if !member {
+            return Err(Error::NotFound(format!("node {id} is not a member")));
+        }
+        match self.incarnations.of(id) {
+            None => self
+                .write(Command::Members(MembersCommand::Incarnation {
+                    id,
+                    incarnation,
+                }))
+                .await
+                .map(drop),
+            Some(r) if r == incarnation => Ok(()),
+            Some(_) => Err(Error::BadRequest(format!(
+                "node {id} already has another incarnation recorded"
+            ))),
+        }
+    }
+
+    /// Whether new `Command::Members` entries may be proposed: every member must be able to
+    /// apply them. The one place to gate them on the cluster's active version (issue 31 item
+    /// 1); today every member runs this release.
+    pub fn may_propose_members(&self) -> bool {
+        true
+    }
+
+    /// On the leader: removes node `id` for a member leaving the cluster (`POST
+    /// /cluster/leave`). A member may remove only itself: the request names its incarnation,
+    /// which must be the one recorded for `id`. A request without one (a release without
+    /// incarnations) is taken only while no incarnation is recorded for `id`.
+    pub async fn leave_for(&self, id: NodeId, incarnation: Option<u64>) -> Result<(), Error> {
+        match (self.incarnations.of(id), incarnation) {
+            (None, _) => {}
+            (Some(r), Some(i)) if r == i => {}
+            _ => {
+                return Err(Error::BadRequest(format!(
+                    "/cluster/leave: a member removes only itself, under its own incarnation;                      node {id}'s is not the one given (use DELETE /remove with the remove                      permission)"
+                )));
+            }
+        }
+        self.remove(id).await
     }
 
     /// Whether node `id` answers on its Raft address `addr` (over node TLS when on).
@@ -214,7 +409,9 @@ impl Cluster {
                         self.call_leader_internal::<Result<(), Error>>(
                             hyper::Method::POST,
                             "/cluster/leave",
-                            crate::raft::network::encode(&id),
+                            // The id alone is what releases without incarnations send (and
+                            // read: postcard ignores the bytes after it).
+                            crate::raft::network::encode(&(id, self.incarnations.own())),
                             Duration::from_secs(10),
                         )
                         .await?

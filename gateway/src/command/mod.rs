@@ -34,6 +34,7 @@ pub mod device;
 pub mod export;
 pub mod feed;
 pub mod load;
+pub mod members;
 pub mod registry;
 pub mod rewrite;
 pub mod sql;
@@ -77,6 +78,8 @@ pub enum Command {
     BackupShipped(backup::BackupShipped),
     /// Site id, export cursors and retention, proposed by the leader ([`export`]).
     Export(ExportCommand),
+    /// Members' incarnations and the first entry after `cairn recover` ([`members`]).
+    Members(members::MembersCommand),
 }
 
 impl Command {
@@ -97,7 +100,8 @@ impl Command {
             | Command::LoadChunk(_)
             | Command::Streams(_)
             | Command::BackupShipped(_)
-            | Command::Export(_) => None,
+            | Command::Export(_)
+            | Command::Members(_) => None,
         }
     }
 
@@ -160,6 +164,7 @@ impl fmt::Display for Command {
                 b.target, b.position.index
             ),
             Command::Export(c) => write!(f, "Export({c})"),
+            Command::Members(c) => write!(f, "Members({c})"),
         }
     }
 }
@@ -225,5 +230,8 @@ pub fn apply(
         // `unstamped` took every stamp off.
         Command::Stamped { .. } => Ok(CommandResponse::Empty),
         Command::Export(c) => export::apply_export(conn, c).map(CommandResponse::Export),
+        Command::Members(c) => {
+            members::apply_members(conn, ctx, c).map(|()| CommandResponse::Empty)
+        }
     }
 }

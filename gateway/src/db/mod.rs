@@ -61,6 +61,9 @@ pub mod tables {
     pub const EXPORT_JOURNAL: &str = "_cairn_export_journal";
     /// Each export destination's committed cursor.
     pub const EXPORT_CURSORS: &str = "_cairn_export_cursors";
+    /// Each member's incarnation (`command::members`): `(id INTEGER PRIMARY KEY, incarnation
+    /// INTEGER NOT NULL)`, created by the first `Command::Members` entry.
+    pub const MEMBERS: &str = "_cairn_members";
 }
 
 /// How long truncating the WAL after a snapshot transfer may wait for readers.

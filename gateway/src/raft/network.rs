@@ -8,6 +8,9 @@
 //! | `POST /raft/transfer-leader` | `TransferLeaderRequest` | `Result<TransferLeaderResponse, String>` |
 //! | `POST /raft/snapshot` | `u32` LE length, postcard `(Vote, SnapshotMeta)`, then the database's pages in order (a database file) | `Result<SnapshotResponse, String>` |
 //!
+//! Every `/raft/*` request also carries the sender's and the expected receiver's incarnation
+//! in headers, and a node answers `409` to one not meant for it (`raft::incarnation`).
+//!
 //! The `Err(String)` arm carries a remote failure (the remote Raft stopped); transport problems
 //! are HTTP or socket errors. Connections are pooled and reused (keep-alive), `TCP_NODELAY` is
 //! set, connecting times out after 500 ms and every RPC after openraft's hard TTL (at least
@@ -43,6 +46,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::incarnation::Incarnations;
 use super::state_machine::{SnapshotData, StateMachine};
 use super::{NodeId, Peer, Raft, SnapshotMeta, TypeConfig, Vote, io_err};
 use crate::security::tls::{NodeConnector, node_connector};
@@ -168,7 +172,7 @@ impl HttpClient {
         body: Body,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        self.post_as(addr, path, "application/octet-stream", body, timeout)
+        self.post_as(addr, path, "application/octet-stream", &[], body, timeout)
             .await
     }
 
@@ -180,7 +184,7 @@ impl HttpClient {
         body: impl Into<Bytes>,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        self.post_as(addr, path, "application/json", full(body), timeout)
+        self.post_as(addr, path, "application/json", &[], full(body), timeout)
             .await
     }
 
@@ -189,13 +193,16 @@ impl HttpClient {
         addr: &str,
         path: &str,
         content_type: &str,
+        headers: &[(&str, String)],
         body: Body,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        let req = hyper::Request::post(self.url(addr, path))
-            .header("content-type", content_type)
-            .body(body)
-            .map_err(io_err)?;
+        let mut req =
+            hyper::Request::post(self.url(addr, path)).header("content-type", content_type);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let req = req.body(body).map_err(io_err)?;
         let (status, _, bytes) = self.send(req, timeout).await?;
         if !status.is_success() {
             return Err(io_err(format!(
@@ -221,11 +228,21 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
 #[derive(Clone, Default)]
 pub struct Network {
     client: HttpClient,
+    incarnations: Option<Arc<Incarnations>>,
 }
 
 impl Network {
     pub fn new(client: HttpClient) -> Self {
-        Network { client }
+        Network {
+            client,
+            incarnations: None,
+        }
+    }
+
+    /// Sends this node's and the receiver's incarnations with every RPC.
+    pub fn with_incarnations(mut self, incarnations: Arc<Incarnations>) -> Self {
+        self.incarnations = Some(incarnations);
+        self
     }
 }
 
@@ -237,6 +254,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: Arc::from(node.raft_addr.as_str()),
             client: self.client.clone(),
+            incarnations: self.incarnations.clone(),
         }
     }
 }
@@ -246,9 +264,22 @@ pub struct PeerConnection {
     target: NodeId,
     addr: Arc<str>,
     client: HttpClient,
+    incarnations: Option<Arc<Incarnations>>,
 }
 
 impl PeerConnection {
+    /// POSTs an RPC body with the incarnation headers.
+    async fn post(&self, path: &str, body: Body, timeout: Duration) -> std::io::Result<Bytes> {
+        let headers = match &self.incarnations {
+            Some(i) => i.headers(self.target).to_vec(),
+            None => Vec::new(),
+        };
+        let ct = "application/octet-stream";
+        self.client
+            .post_as(&self.addr, path, ct, &headers, body, timeout)
+            .await
+    }
+
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         path: &str,
@@ -256,8 +287,7 @@ impl PeerConnection {
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
         let bytes = self
-            .client
-            .post(&self.addr, path, full(encode(req)), timeout)
+            .post(path, full(encode(req)), timeout)
             .await
             .map_err(|e| {
                 if matches!(e.kind(), std::io::ErrorKind::TimedOut) {
@@ -335,9 +365,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 file_body(prefix, file)
             }
         };
-        let send = self
-            .client
-            .post(&self.addr, "/raft/snapshot", body, Duration::from_secs(600));
+        let send = self.post("/raft/snapshot", body, Duration::from_secs(600));
         let bytes = tokio::select! {
             r = send => r.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?,
             closed = cancel => return Err(StreamingError::Closed(closed)),

@@ -151,7 +151,8 @@ impl Cluster {
             return Ok(());
         }
         let rest: Vec<NodeId> = membership.voter_ids().filter(|v| *v != old).collect();
-        let recent = Duration::from_secs(3);
+        // A voter answered the leader's heartbeats (every 50 ms by default) within this long.
+        let recent = Duration::from_secs(2);
         let answering = rest
             .iter()
             .filter(|v| {
@@ -257,6 +258,18 @@ impl Cluster {
                 "node {id} already has another incarnation recorded"
             ))),
         }
+    }
+
+    /// `/status`'s `raft.incarnation`: this node's, whether it is blank (no vote stored yet),
+    /// and the members' as this replica recorded them.
+    pub fn incarnation_json(&self) -> serde_json::Value {
+        let inc = &self.incarnations;
+        let recorded: BTreeMap<String, u64> = inc
+            .recorded()
+            .iter()
+            .map(|(id, i)| (id.to_string(), *i))
+            .collect();
+        serde_json::json!({"own": inc.own(), "blank": inc.is_blank(), "members": recorded})
     }
 
     /// Whether new `Command::Members` entries may be proposed: every member must be able to

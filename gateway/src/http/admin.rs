@@ -72,6 +72,7 @@ pub async fn status(
             "voters": membership.voter_ids().collect::<Vec<_>>(),
             "learners": membership.learner_ids().collect::<Vec<_>>(),
             "running": m.running_state.is_ok(),
+            "incarnation": n.incarnation_json(),
         },
         "db_size": n.store().size(),
         "ingress": metrics.ingress_json(),

@@ -322,4 +322,114 @@ mod tests {
         assert!(p[0].voter && !p[1].voter && p[1].id == 2);
         assert!(parse_peers_json(br#"[{"id":"node-a","address":"a:1"}]"#).is_err());
     }
+
+    fn peer(n: u64) -> Peer {
+        Peer {
+            raft_addr: format!("10.0.0.{n}:4002"),
+            http_addr: format!("10.0.0.{n}:4001"),
+            device_addr: format!("10.0.0.{n}:4003"),
+        }
+    }
+
+    /// A survivor's log of a three-node cluster: recover forces {1} (then {1, 4} through
+    /// peers.json) with a raised vote, keeps every entry, and appends the membership and the
+    /// `Recovered` entry in the new term.
+    #[tokio::test]
+    async fn test_recover_forces_membership() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.db");
+        let mut store = LogStore::open(&path).unwrap();
+        let leader = |term| openraft::impls::leader_id_adv::LeaderId { term, node_id: 2 };
+        let three = openraft::Membership::new(
+            vec![BTreeSet::from([1, 2, 3])],
+            BTreeMap::from([(1, peer(1)), (2, peer(2)), (3, peer(3))]),
+        )
+        .unwrap();
+        let mut entries = vec![Entry {
+            log_id: LogId::new(leader(4), 1),
+            payload: EntryPayload::Membership(three),
+        }];
+        for i in 2..=7 {
+            entries.push(Entry {
+                log_id: LogId::new(leader(4), i),
+                payload: EntryPayload::Blank,
+            });
+        }
+        let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+        store.append(entries, IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        store.save_vote(&Vote::new_committed(5, 2)).await.unwrap();
+        let incarnation = store.incarnation().value();
+        drop(store);
+
+        // Not a member of the new membership: refused, nothing written.
+        let err = recover(
+            dir.path(),
+            Some(2),
+            &parse_members("1=10.0.0.1:4002").unwrap(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("must be a voter"), "{err}");
+
+        let r = recover(
+            dir.path(),
+            Some(1),
+            &parse_members("1=10.0.0.9:4002").unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.kept.map(|l| l.index), Some(7));
+        assert_eq!((r.term, r.membership_index), (6, 8));
+        assert!(r.to_string().contains("through index 7"), "{r}");
+
+        let mut store = LogStore::open(&path).unwrap();
+        assert_eq!(store.incarnation().value(), incarnation, "the same life");
+        let vote = store.read_vote().await.unwrap().unwrap();
+        assert_eq!(vote.leader_id.term, 6);
+        let got = store.try_get_log_entries(1..=9).await.unwrap();
+        assert_eq!(got.len(), 9, "nothing dropped");
+        let EntryPayload::Membership(m) = &got[7].payload else {
+            panic!("{:?}", got[7]);
+        };
+        assert_eq!(m.voter_ids().collect::<Vec<_>>(), vec![1]);
+        let node = m.get_node(&1).unwrap();
+        assert_eq!(node.raft_addr, "10.0.0.9:4002");
+        assert_eq!(node.http_addr, "10.0.0.1:4001", "other addresses as known");
+        let EntryPayload::Normal(c) = &got[8].payload else {
+            panic!("{:?}", got[8]);
+        };
+        assert!(c.entry_stamp_ms().is_some());
+        let Command::Members(rec) = c.unstamped() else {
+            panic!("{c}");
+        };
+        assert_eq!(
+            rec,
+            &MembersCommand::Recovered {
+                kept_index: 7,
+                members: vec![1]
+            }
+        );
+        drop(store);
+
+        // peers.json: the same path, applied once.
+        std::fs::write(
+            dir.path().join(PEERS_JSON),
+            br#"[{"id":"1","address":"10.0.0.9:4002","non_voter":false},
+                 {"id":"4","address":"10.0.0.4:4002","non_voter":true}]"#,
+        )
+        .unwrap();
+        let r = peers_json_at_start(dir.path(), 1).await.unwrap().unwrap();
+        assert_eq!((r.kept.map(|l| l.index), r.term), (Some(9), 7));
+        assert!(!dir.path().join(PEERS_JSON).exists());
+        assert!(dir.path().join("peers.json.applied").exists());
+        assert!(peers_json_at_start(dir.path(), 1).await.unwrap().is_none());
+        let mut store = LogStore::open(&path).unwrap();
+        let got = store.try_get_log_entries(10..=10).await.unwrap();
+        let EntryPayload::Membership(m) = &got[0].payload else {
+            panic!("{:?}", got[0]);
+        };
+        assert_eq!(m.voter_ids().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(m.learner_ids().collect::<Vec<_>>(), vec![4]);
+    }
 }

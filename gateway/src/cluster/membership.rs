@@ -65,23 +65,29 @@ impl Cluster {
     /// address, so a process without one never becomes a member.
     pub async fn join(&self, jr: &JoinRequest) -> Result<(), Error> {
         self.require_leader()?;
+        let peer = jr.peer();
+        let known = self.membership_node(jr.id);
+        // Before anything changes: a node that cannot prove it belongs never gets further.
+        if known.as_ref() != Some(&peer) {
+            self.check_reachable(jr.id, &peer.raft_addr).await?;
+        }
         if let Some(old) = jr.replace {
             self.remove_replaced(old, jr).await?;
         }
         let recorded = self.incarnations.of(jr.id);
-        let member = self
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .get_node(&jr.id)
-            .is_some();
-        if member && recorded.is_some() && recorded != jr.incarnation {
-            return Err(Error::BadRequest(format!(
-                "node {id} is a member under another incarnation: its Raft log was lost or                  replaced (a blank disk), and a node that forgot its votes must not vote again                  under the same id. Start it with --replace {id}: node {id} is removed, then                  joins again as a new node",
-                id = jr.id
-            )));
-        }
-        if let Some(inc) = jr.incarnation
+        if self.membership_node(jr.id).is_some() {
+            // A member joins again only as itself (a restart before its promotion). One without
+            // a record (its log predates incarnations) records its own over the Raft listener.
+            if recorded.is_some() && recorded != jr.incarnation {
+                return Err(Error::BadRequest(format!(
+                    "node {id} is a member under another incarnation: its Raft log was lost or \
+                     replaced (a blank disk), and a node that forgot its votes must not vote \
+                     again under the same id. Start it with --replace {id}: node {id} is \
+                     removed, then joins again as a new node",
+                    id = jr.id
+                )));
+            }
+        } else if let Some(inc) = jr.incarnation
             && recorded != Some(inc)
         {
             // Recorded before the node is added: its first RPCs name it.
@@ -91,7 +97,6 @@ impl Cluster {
             }))
             .await?;
         }
-        let peer = jr.peer();
         let m = self.raft_metrics();
         let membership = m.membership_config.membership().clone();
         let is_voter = membership.voter_ids().any(|v| v == jr.id);
@@ -99,9 +104,6 @@ impl Cluster {
             Error::Unavailable(msg) => Error::Unavailable(format!("join: {msg}")),
             other => other,
         };
-        if membership.get_node(&jr.id) != Some(&peer) {
-            self.check_reachable(jr.id, &peer.raft_addr).await?;
-        }
         match membership.get_node(&jr.id) {
             Some(existing) if *existing != peer => {
                 self.raft
@@ -294,6 +296,15 @@ impl Cluster {
             }
         }
         self.remove(id).await
+    }
+
+    /// Node `id`'s addresses in the membership this node holds, if it is a member.
+    fn membership_node(&self, id: NodeId) -> Option<crate::raft::Peer> {
+        self.raft_metrics()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
     }
 
     /// Whether node `id` answers on its Raft address `addr` (over node TLS when on).

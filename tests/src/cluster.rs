@@ -214,6 +214,22 @@ impl Node {
         Client::with_auth(TIMEOUT, None, &self.auth)
     }
 
+    /// The device address this node reports in `/status`.
+    pub fn device_addr(&self) -> String {
+        self.status().expect("status")["device_addr"]
+            .as_str()
+            .expect("device_addr")
+            .to_string()
+    }
+
+    /// Device records this node applied (`/status` `ingress.records_applied`), 0 if it does
+    /// not answer.
+    pub fn records_applied(&self) -> u64 {
+        self.status()
+            .and_then(|s| s["ingress"]["records_applied"].as_u64())
+            .unwrap_or(0)
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(c) => c.try_wait().ok().flatten().is_none(),

@@ -12,25 +12,9 @@
 //!   voters, every acknowledged record stored exactly once on every replica, replicas
 //!   identical.
 
-use std::process::Stdio;
-
-use cairn_tests::device::{READINGS_CONFIG, sim_command, sim_summary};
-use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, poll, post};
+use cairn_tests::device::{READINGS_CONFIG, fleet_command, read_report, sim_summary};
+use cairn_tests::{Cluster, Options, TIMEOUT, poll, post};
 use serde_json::Value as Json;
-
-fn device_addr(c: &Cluster, i: usize) -> String {
-    c.nodes[i].status().expect("status")["device_addr"]
-        .as_str()
-        .expect("device_addr")
-        .to_string()
-}
-
-fn records_applied(c: &Cluster, i: usize) -> u64 {
-    c.nodes[i]
-        .status()
-        .and_then(|s| s["ingress"]["records_applied"].as_u64())
-        .unwrap_or(0)
-}
 
 fn voters(c: &Cluster, i: usize) -> Option<Vec<u64>> {
     serde_json::from_value(c.nodes[i].status()?["raft"]["voters"].clone()).ok()
@@ -79,18 +63,13 @@ fn test_wiped_follower_cannot_vote_and_is_replaced_while_devices_stream() {
 
     // Devices stream through every gateway for the whole procedure.
     let report = c.dir().join("devices.jsonl");
-    let gateways: Vec<String> = (0..3).map(|i| device_addr(&c, i)).collect();
-    let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
-    let sim = sim_command(&cairn_bin(), &gateways, &c.nodes[leader].url(""))
+    let sim = fleet_command(&c, leader, &report)
         .args(["--devices", "20", "--rate", "20", "--duration", "30"])
-        .args(["--drain", "90", "--json", "--quiet", "--first-id", "500"])
-        .arg("--report")
-        .arg(&report)
-        .stdout(Stdio::piped())
+        .args(["--drain", "90", "--first-id", "500"])
         .spawn()
         .expect("spawning cairn sim");
     poll(TIMEOUT, "device records to be applied", || {
-        (records_applied(&c, leader) >= 500).then_some(())
+        (c.nodes[leader].records_applied() >= 500).then_some(())
     });
 
     // The follower's disk is lost; it comes back blank under its old id and old flags.
@@ -138,9 +117,9 @@ fn test_wiped_follower_cannot_vote_and_is_replaced_while_devices_stream() {
     assert_ne!(s["raft"]["incarnation"]["own"].as_u64(), Some(old_inc));
     assert_eq!(s["raft"]["voters"], Json::Array(vec![]), "{s}");
     // The others still count it as a voter and keep committing: records keep flowing.
-    let before = records_applied(&c, leader);
+    let before = c.nodes[leader].records_applied();
     poll(TIMEOUT, "records applied without it", || {
-        (records_applied(&c, leader) > before + 200).then_some(())
+        (c.nodes[leader].records_applied() > before + 200).then_some(())
     });
 
     // A member may remove only itself through /cluster/leave: postcard (id, incarnation).
@@ -212,11 +191,7 @@ fn test_wiped_follower_cannot_vote_and_is_replaced_while_devices_stream() {
     assert!(out.status.success(), "cairn sim failed");
     let summary = sim_summary(&out.stdout).expect("JSON summary");
     println!("cairn sim: {summary}");
-    let devices: Vec<Json> = std::fs::read_to_string(&report)
-        .expect("report")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("report line"))
-        .collect();
+    let devices = read_report(&report);
     assert_eq!(devices.len(), 20);
     let sum = c.assert_identical();
     println!("replicas identical (checksum {sum:x})");

@@ -7,9 +7,9 @@
 //! (seqs without holes or repeats), replicas identical.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use cairn_tests::device::{READINGS_CONFIG, sim_command, sim_summary};
+use cairn_tests::device::{READINGS_CONFIG, fleet_command, read_report, sim_summary};
 use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, poll};
 use serde_json::{Value as Json, json};
 
@@ -19,14 +19,7 @@ const FIRST_ID: u64 = 700;
 /// Runs `cairn sim` against every started node's device port until its records are all
 /// acknowledged: per device (id, acked_through).
 fn stream(c: &Cluster, report: &Path) -> Vec<(u64, u64)> {
-    let gateways: Vec<String> = (0..c.nodes.len())
-        .filter_map(|i| {
-            let s = c.nodes[i].status_within(std::time::Duration::from_secs(2))?;
-            Some(s["device_addr"].as_str()?.to_string())
-        })
-        .collect();
-    let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
-    let out = sim_command(&cairn_bin(), &gateways, &c.nodes[c.leader()].url(""))
+    let out = fleet_command(c, c.leader(), report)
         .args([
             "--devices",
             &DEVICES.to_string(),
@@ -35,22 +28,16 @@ fn stream(c: &Cluster, report: &Path) -> Vec<(u64, u64)> {
             "--duration",
             "4",
         ])
-        .args(["--drain", "60", "--json", "--quiet"])
-        .args(["--first-id", &FIRST_ID.to_string()])
-        .arg("--report")
-        .arg(report)
-        .stdout(Stdio::piped())
+        .args(["--drain", "60", "--first-id", &FIRST_ID.to_string()])
         .output()
         .expect("cairn sim");
     assert!(out.status.success(), "cairn sim failed");
     let summary = sim_summary(&out.stdout).expect("JSON summary");
     println!("cairn sim: {summary}");
     assert_eq!(summary["acked"], summary["pushed"], "{summary}");
-    std::fs::read_to_string(report)
-        .expect("report")
-        .lines()
-        .map(|l| {
-            let d: Json = serde_json::from_str(l).expect("report line");
+    read_report(report)
+        .iter()
+        .map(|d| {
             (
                 d["device_id"].as_u64().unwrap(),
                 d["acked_through"].as_u64().unwrap(),

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use cairn_tests::device::{READINGS_CONFIG, fleet_command, read_report, sim_summary};
 use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, poll};
-use serde_json::{Value as Json, json};
+use serde_json::json;
 
 const DEVICES: u64 = 20;
 const FIRST_ID: u64 = 700;

@@ -441,6 +441,15 @@ fn test_rogue_joins_are_refused() {
         "{:?}",
         r.body
     );
+    // `--replace` removes a node too: `join` alone is not enough.
+    let replace = json!({"id": 2, "addr": node2.raft, "http_addr": node2.http, "replace": 2});
+    let r = as_user(JOINER).post(&leader.url("/join"), &replace);
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(
+        r.body.to_string().contains("lacks permission remove"),
+        "{:?}",
+        r.body
+    );
     // join-read-only cannot ask for a vote.
     let voter = json!({"id": 9, "addr": "127.0.0.1:1", "http_addr": "127.0.0.1:2"});
     let r = as_user(LEARNER).post(&leader.url("/join"), &voter);

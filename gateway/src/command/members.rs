@@ -91,6 +91,12 @@ pub fn apply_members(
     Ok(())
 }
 
+/// Forgets every recorded incarnation: a restored backup adopted as a new one-node cluster
+/// (`backup::restore::adopt`), outside the log, before the node serves.
+pub fn forget_all(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", tables::MEMBERS))
+}
+
 /// Every recorded incarnation, by node id (empty before the first `Command::Members`).
 pub fn incarnations(conn: &Connection) -> rusqlite::Result<BTreeMap<u64, u64>> {
     let exists: bool = conn.query_row(
@@ -158,6 +164,11 @@ mod tests {
                 .members_changed
                 .load(std::sync::atomic::Ordering::Relaxed),
             5
+        );
+        forget_all(&c).unwrap();
+        assert!(
+            incarnations(&c).unwrap().is_empty(),
+            "a restore's new cluster"
         );
     }
 }

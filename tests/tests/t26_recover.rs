@@ -68,13 +68,7 @@ fn epochs(c: &Cluster, i: usize) -> (String, i64, i64) {
     let conn =
         rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("opening the replica's database");
-    let history: String = conn
-        .query_row(
-            "SELECT CAST(value AS TEXT) FROM _cairn_backup WHERE key = 'history_epoch'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("history epoch");
+    let history = epochs_history(c, i);
     let (lo, hi) = conn
         .query_row(
             "SELECT min(epoch), max(epoch) FROM _cairn_device_epochs",
@@ -210,4 +204,59 @@ fn test_two_of_three_lost_recover_the_third_join_two_blank_devices_resume() {
             assert_eq!(n, acked2, "device {id}: stored {n}, acked through {acked2}");
         }
     }
+}
+
+/// rqlite's `peers.json` in the survivor's data dir is the file form of the same command: read
+/// at start, applied once (renamed), the node then leads alone with its data.
+#[test]
+fn test_peers_json_recovers_a_survivor_once() {
+    let mut c = Cluster::start(3);
+    c.execute(&json!([
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"
+    ]));
+    c.execute(&json!([["INSERT INTO notes(body) VALUES(?)", "kept"]]));
+    c.wait_converged();
+    let s = c.followers()[0];
+    let sid = c.nodes[s].id;
+    for i in 0..3 {
+        c.kill9(i);
+        if i != s {
+            c.wipe(i);
+        }
+    }
+    let dir = c.nodes[s].dir.clone();
+    let peers = json!([{"id": sid.to_string(), "address": c.nodes[s].raft, "non_voter": false}]);
+    std::fs::write(dir.join("peers.json"), peers.to_string()).unwrap();
+    c.restart(s);
+    poll(TIMEOUT, "the survivor to lead alone", || {
+        let st = c.nodes[s].status()?;
+        (st["raft"]["leader_id"].as_u64() == Some(sid) && st["raft"]["voters"] == json!([sid]))
+            .then_some(())
+    });
+    assert!(!dir.join("peers.json").exists());
+    assert!(dir.join("peers.json.applied").exists());
+    assert!(c.nodes[s].log().contains("peers.json applied"));
+    assert_eq!(
+        c.nodes[s].rows("SELECT body FROM notes", "none"),
+        vec![vec![json!("kept")]]
+    );
+    assert_eq!(epochs_history(&c, s), "1");
+    // Applied once: a restart leaves the history epoch alone.
+    c.kill9(s);
+    c.restart(s);
+    c.execute(&json!([["INSERT INTO notes(body) VALUES(?)", "after"]]));
+    assert_eq!(epochs_history(&c, s), "1");
+}
+
+fn epochs_history(c: &Cluster, i: usize) -> String {
+    let db = c.nodes[i].dir.join("sm").join("db.sqlite");
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("opening the replica's database");
+    conn.query_row(
+        "SELECT CAST(value AS TEXT) FROM _cairn_backup WHERE key = 'history_epoch'",
+        [],
+        |r| r.get(0),
+    )
+    .expect("history epoch")
 }

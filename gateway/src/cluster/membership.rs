@@ -74,7 +74,7 @@ impl Cluster {
         if let Some(old) = jr.replace {
             self.remove_replaced(old, jr).await?;
         }
-        let recorded = self.incarnations.of(jr.id);
+        let recorded = self.incarnations.of_now(jr.id).await;
         if self.membership_node(jr.id).is_some() {
             // A member joins again only as itself (a restart before its promotion). One without
             // a record (its log predates incarnations) records its own over the Raft listener.
@@ -148,7 +148,7 @@ impl Cluster {
         if membership.get_node(&old).is_none()
             || (old == jr.id
                 && jr.incarnation.is_some()
-                && self.incarnations.of(old) == jr.incarnation)
+                && self.incarnations.of_now(old).await == jr.incarnation)
         {
             return Ok(());
         }
@@ -198,7 +198,7 @@ impl Cluster {
             if !member || inc.is_blank() || !self.may_propose_members() {
                 continue;
             }
-            match inc.of(self.id) {
+            match inc.of_now(self.id).await {
                 Some(r) if r == inc.own() => return,
                 Some(r) => {
                     if !warned {
@@ -247,7 +247,7 @@ impl Cluster {
         if !member {
             return Err(Error::NotFound(format!("node {id} is not a member")));
         }
-        match self.incarnations.of(id) {
+        match self.incarnations.of_now(id).await {
             None => self
                 .write(Command::Members(MembersCommand::Incarnation {
                     id,
@@ -286,7 +286,7 @@ impl Cluster {
     /// which must be the one recorded for `id`. A request without one (a release without
     /// incarnations) is taken only while no incarnation is recorded for `id`.
     pub async fn leave_for(&self, id: NodeId, incarnation: Option<u64>) -> Result<(), Error> {
-        match (self.incarnations.of(id), incarnation) {
+        match (self.incarnations.of_now(id).await, incarnation) {
             (None, _) => {}
             (Some(r), Some(i)) if r == i => {}
             _ => {

@@ -55,6 +55,8 @@ pub struct Incarnations {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     cache: Mutex<Option<Cached>>,
+    /// A read of the table is under way on a blocking thread.
+    refreshing: std::sync::atomic::AtomicBool,
     /// When the blank-node message was last logged (once per 10 s at most).
     logged: Mutex<Option<Instant>>,
 }
@@ -78,6 +80,7 @@ impl Incarnations {
             store,
             metrics,
             cache: Mutex::new(None),
+            refreshing: false.into(),
             logged: Mutex::new(None),
         })
     }
@@ -92,16 +95,50 @@ impl Incarnations {
         self.own.is_blank()
     }
 
-    /// The recorded incarnations by node id, as this replica has applied them.
-    pub fn recorded(&self) -> Arc<BTreeMap<NodeId, u64>> {
+    /// The recorded incarnations by node id, as this replica has applied them, from the cache:
+    /// never waits (the Raft RPC paths call it). A stale cache (a `Command::Members` applied
+    /// since, or older than [`CACHE_TTL`]) is answered as it is and read again on a blocking
+    /// thread (the database's readers wait during a snapshot install).
+    pub fn recorded(self: &Arc<Self>) -> Arc<BTreeMap<NodeId, u64>> {
+        let generation = self.metrics.members_changed.load(Ordering::Acquire);
+        let (map, fresh) = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.as_ref() {
+                Some(c) => (
+                    c.map.clone(),
+                    c.generation == generation && c.at.elapsed() < CACHE_TTL,
+                ),
+                None => (Arc::default(), false),
+            }
+        };
+        if !fresh && !self.refreshing.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || {
+                me.reload();
+                me.refreshing.store(false, Ordering::Release);
+            });
+        }
+        map
+    }
+
+    /// Reads the recorded incarnations from the database now (on a blocking thread), for
+    /// decisions that must see the latest applied ones (joins, replacements, leaving).
+    pub async fn recorded_now(self: &Arc<Self>) -> Arc<BTreeMap<NodeId, u64>> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.reload())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// The recorded incarnation of `id`, read now ([`Self::recorded_now`]).
+    pub async fn of_now(self: &Arc<Self>, id: NodeId) -> Option<u64> {
+        self.recorded_now().await.get(&id).copied()
+    }
+
+    /// Reads the table and caches it (the old copy stays on a read error).
+    fn reload(&self) -> Arc<BTreeMap<NodeId, u64>> {
         let generation = self.metrics.members_changed.load(Ordering::Acquire);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.as_ref()
-            && c.generation == generation
-            && c.at.elapsed() < CACHE_TTL
-        {
-            return c.map.clone();
-        }
         let map = match self.store.read(crate::command::members::incarnations) {
             Ok(Ok(m)) => Arc::new(m),
             Ok(Err(e)) | Err(e) => {
@@ -117,13 +154,13 @@ impl Incarnations {
         map
     }
 
-    /// The recorded incarnation of `id`.
-    pub fn of(&self, id: NodeId) -> Option<u64> {
+    /// The recorded incarnation of `id`, from the cache ([`Self::recorded`]).
+    pub fn of(self: &Arc<Self>, id: NodeId) -> Option<u64> {
         self.recorded().get(&id).copied()
     }
 
     /// The two headers of an RPC from this node to `target`.
-    pub fn headers(&self, target: NodeId) -> [(&'static str, String); 2] {
+    pub fn headers(self: &Arc<Self>, target: NodeId) -> [(&'static str, String); 2] {
         let to = match self.of(target) {
             Some(i) => format!("{target}:{i}"),
             None => format!("{target}:none"),

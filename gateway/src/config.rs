@@ -13,6 +13,7 @@
 //! bootstrap = false
 //! join = "http://10.0.0.4:4001"      # comma-separated list allowed
 //! non_voter = false
+//! replace = 3                        # with join: take the place of node 3, whose disk was lost
 //! raft_cluster_remove_shutdown = false # a node stopped with SIGTERM leaves the cluster
 //! log_format = "text"                # or "json"
 //! log_level = "info"                 # RUST_LOG overrides
@@ -111,6 +112,9 @@ pub struct NodeConfig {
     pub raft_adv_addr: Option<String>,
     pub bootstrap: bool,
     pub join: Option<String>,
+    /// `--replace OLD_ID` with `--join`: this blank node takes node OLD_ID's place (see
+    /// `cluster::membership`); OLD_ID may be this node's own id.
+    pub replace: Option<u64>,
     pub non_voter: bool,
     /// rqlite's `-raft-cluster-remove-shutdown`: on a graceful stop, leave the cluster.
     pub raft_cluster_remove_shutdown: bool,
@@ -232,6 +236,7 @@ impl Default for NodeConfig {
             raft_adv_addr: None,
             bootstrap: false,
             join: None,
+            replace: None,
             non_voter: false,
             raft_cluster_remove_shutdown: false,
             log_format: LogFormat::Text,
@@ -333,6 +338,11 @@ pub struct NodeArgs {
     /// Join the cluster through this node's HTTP API (comma-separated list allowed).
     #[arg(long)]
     pub join: Option<String>,
+    /// With --join: take the place of node OLD_ID, whose disk was lost (it is removed first,
+    /// then this node joins as a learner, catches up and becomes a voter). Needs the `join`
+    /// and `remove` permissions.
+    #[arg(long, value_name = "OLD_ID", requires = "join")]
+    pub replace: Option<u64>,
     /// Join as a read replica that never votes.
     #[arg(long)]
     pub non_voter: bool,
@@ -564,6 +574,9 @@ impl NodeConfig {
         if args.join.is_some() {
             c.join = args.join.clone();
             c.bootstrap = false;
+        }
+        if args.replace.is_some() {
+            c.replace = args.replace;
         }
         if args.bootstrap {
             c.bootstrap = true;

@@ -17,6 +17,7 @@ use crate::command::feed::Feed;
 use crate::config::NodeConfig;
 use crate::ingress::{Ingress, IngressConfig};
 use crate::metrics::Metrics;
+use crate::raft::incarnation::{self, Guard, Incarnations};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, HttpClient, Network};
 use crate::raft::proposer::Proposer;
@@ -220,8 +221,11 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
         );
         crate::backup::restore::adopt(&config.data_dir, config.node_id, &peer)?;
     }
+    // rqlite's peers.json: the file form of `cairn recover`, applied once.
+    crate::raft::recover::peers_json_at_start(&config.data_dir, config.node_id).await?;
     let log_store =
         LogStore::open_with_cache(&config.data_dir.join("raft.db"), config.log_cache_mib << 20)?;
+    let own_incarnation = log_store.incarnation();
     let metrics = Arc::new(Metrics {
         stamp_floor: log_store.stamp_floor(),
         ..Metrics::default()
@@ -232,10 +236,14 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
         StateMachine::open_with_feed(&config.data_dir.join("sm"), metrics.clone(), feed.clone())?;
     let client = HttpClient::new(sec.raft_client_tls.clone());
     let backup_log = log_store.clone();
+    let incarnations =
+        Incarnations::new(config.node_id, own_incarnation, sm.store(), metrics.clone());
     let raft = Raft::new(
         config.node_id,
         Arc::new(config.raft_config()?),
-        Network::new(client.clone()).with_metrics(metrics.clone()),
+        Network::new(client.clone())
+            .with_metrics(metrics.clone())
+            .with_incarnations(incarnations.clone()),
         log_store,
         sm.clone(),
     )
@@ -272,6 +280,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
             timeout: Duration::from_millis(config.write_queue_timeout_ms),
             transaction: config.write_queue_tx,
         },
+        incarnations: incarnations.clone(),
     });
     cluster
         .streams()
@@ -298,7 +307,15 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
     // The Raft listener: node-to-node routes only, plus the API under `/api` for requests a
     // follower forwards to the leader (each carries its client's credentials and passes the
     // same permission checks; see `http::to_leader`).
+    let guard = Guard {
+        incarnations: incarnations.clone(),
+        raft: raft.clone(),
+    };
     let internal = network::routes(raft.clone(), sm, config.max_db_size_mib << 20, metrics)
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            incarnation::guard,
+        ))
         .merge(crate::ingress::forward::routes(ingress.clone()))
         .merge(crate::cluster::streams::routes(cluster.clone()))
         .merge(crate::cluster::forward::routes(cluster.clone()))
@@ -337,6 +354,10 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
     servers.push(tokio::spawn(async move {
         watching.hand_over_while_held(stop).await;
     }));
+    let (recording, stop) = (cluster.clone(), stop_rx.clone());
+    servers.push(tokio::spawn(async move {
+        recording.record_own_incarnation(stop).await;
+    }));
     let mut stop = stop_rx.clone();
     let serving = ingress.clone();
     servers.push(tokio::spawn(async move {
@@ -373,6 +394,8 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
             http_addr: peer.http_addr.clone(),
             device_addr: peer.device_addr.clone(),
             voter: !config.non_voter,
+            incarnation: Some(incarnations.own()),
+            replace: config.replace,
         };
         tokio::spawn(join_loop(
             cluster.clone(),

@@ -50,6 +50,19 @@ enum Cmd {
         #[command(flatten)]
         conn: cli::ConnArgs,
     },
+    /// After a lost majority: force a new membership on a stopped surviving node's log (the
+    /// command form of rqlite's peers.json). Prints the last log index it keeps.
+    Recover {
+        /// The stopped node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The new membership's voters: ID=RAFTADDR,... (this node among them).
+        #[arg(long)]
+        members: String,
+        /// This node's id (default: found from the data dir's addrs.json).
+        #[arg(long)]
+        node_id: Option<u64>,
+    },
     /// Replace the database with FILE (a SQLite file or SQL text), or rebuild a data dir from
     /// a continuous backup (`--from URL --data-dir DIR [--to-time T | --to-index N]`).
     Restore {
@@ -220,6 +233,11 @@ fn main() -> std::process::ExitCode {
             cli::runtime().and_then(|rt| rt.block_on(cli::dev(data_dir, config, dev_fleet)))
         }
         Cmd::Shell { conn } => cli::shell(&conn),
+        Cmd::Recover {
+            data_dir,
+            members,
+            node_id,
+        } => cli::recover::run(&data_dir, &members, node_id),
         Cmd::Backup {
             command: Some(BackupCmd::List(src)),
             ..

@@ -248,6 +248,9 @@ impl DeadLetterCounts {
 
 /// Everything one node counts.
 pub struct Metrics {
+    /// Bumped by every applied `Command::Members` entry: cached copies of the members'
+    /// incarnations (`raft::incarnation`) read the table again.
+    pub members_changed: AtomicU64,
     /// SQL requests served by the HTTP API.
     pub http_requests: AtomicU64,
     /// Commands proposed through the write queue, and the batches they went in.
@@ -371,6 +374,7 @@ impl LeaderContact {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            members_changed: AtomicU64::new(0),
             apply_stall: Stall::default(),
             versions: crate::version::Versions::default(),
             disk_guard: Stall::default(),

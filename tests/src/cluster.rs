@@ -215,6 +215,22 @@ impl Node {
         Client::with_auth(TIMEOUT, None, &self.auth)
     }
 
+    /// The device address this node reports in `/status`.
+    pub fn device_addr(&self) -> String {
+        self.status().expect("status")["device_addr"]
+            .as_str()
+            .expect("device_addr")
+            .to_string()
+    }
+
+    /// Device records this node applied (`/status` `ingress.records_applied`), 0 if it does
+    /// not answer.
+    pub fn records_applied(&self) -> u64 {
+        self.status()
+            .and_then(|s| s["ingress"]["records_applied"].as_u64())
+            .unwrap_or(0)
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(c) => c.try_wait().ok().flatten().is_none(),
@@ -707,6 +723,35 @@ impl Cluster {
     pub fn restart(&mut self, i: usize) {
         self.relaunch(i);
         self.wait_ready(i);
+    }
+
+    /// Replaces the flags node `i` starts with (beyond id, data dir and addresses) by the
+    /// cluster's own plus `flags`, for its next start.
+    pub fn set_flags(&mut self, i: usize, flags: &[&str]) {
+        let mut extra = self.extra.clone();
+        extra.extend(flags.iter().map(|s| s.to_string()));
+        self.nodes[i].extra = extra;
+    }
+
+    /// Deletes everything in stopped node `i`'s data dir but its log (`node.log`): a gateway
+    /// whose disk was lost or replaced.
+    pub fn wipe(&mut self, i: usize) {
+        assert!(
+            self.nodes[i].child.is_none(),
+            "node {} is running",
+            self.nodes[i].id
+        );
+        for e in std::fs::read_dir(&self.nodes[i].dir).expect("node dir") {
+            let p = e.expect("dir entry").path();
+            if p.file_name().is_some_and(|n| n == "node.log") {
+                continue;
+            }
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).expect("wiping");
+            } else {
+                std::fs::remove_file(&p).expect("wiping");
+            }
+        }
     }
 
     /// Starts a stopped node again without waiting for it to become ready.

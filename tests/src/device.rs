@@ -131,6 +131,33 @@ pub fn authenticate(cmd: &mut Command, auth: &crate::http::Auth) {
     }
 }
 
+/// `cairn sim` (the harness's binary and credentials) on every started node's device port,
+/// registering its devices through node `host`'s API: `--json --quiet`, each device's final
+/// state in `report` (one JSON line each, [`read_report`]), stdout piped for [`sim_summary`].
+/// The caller adds devices, rate, duration, drain and first id.
+pub fn fleet_command(c: &crate::Cluster, host: usize, report: &Path) -> Command {
+    let gateways: Vec<String> = (0..c.nodes.len())
+        .filter(|&i| c.nodes[i].is_started())
+        .map(|i| c.nodes[i].device_addr())
+        .collect();
+    let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
+    let mut cmd = sim_command(&crate::cairn_bin(), &gateways, &c.nodes[host].url(""));
+    authenticate(&mut cmd, &c.auth());
+    cmd.args(["--json", "--quiet", "--report"])
+        .arg(report)
+        .stdout(std::process::Stdio::piped());
+    cmd
+}
+
+/// The lines of a `cairn sim --report` file, one JSON object per device.
+pub fn read_report(report: &Path) -> Vec<Json> {
+    std::fs::read_to_string(report)
+        .expect("sim report")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("report line"))
+        .collect()
+}
+
 /// The JSON summary `cairn sim --json` prints as its last `{...}` line.
 pub fn sim_summary(stdout: &[u8]) -> Option<Json> {
     String::from_utf8_lossy(stdout)

@@ -7,14 +7,12 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::Stdio;
 use std::time::Duration;
 
 use cairn_tests::device::{
-    READINGS_CONFIG, authenticate, hex, read_frame, sim_command, sim_summary,
+    READINGS_CONFIG, fleet_command, hex, read_frame, read_report, sim_command, sim_summary,
 };
 use cairn_tests::{Cluster, Options, Security, TIMEOUT, cairn_bin, poll};
-use serde_json::Value as Json;
 
 fn cluster() -> Cluster {
     cluster_with(None)
@@ -29,21 +27,6 @@ fn cluster_with(security: Option<Security>) -> Cluster {
             ..Options::default()
         },
     )
-}
-
-/// Every node's device address as its `/status` reports it.
-fn device_addr(c: &Cluster, i: usize) -> String {
-    c.nodes[i].status().expect("status")["device_addr"]
-        .as_str()
-        .expect("device_addr")
-        .to_string()
-}
-
-fn records_applied(c: &Cluster, i: usize) -> u64 {
-    c.nodes[i]
-        .status()
-        .and_then(|s| s["ingress"]["records_applied"].as_u64())
-        .unwrap_or(0)
 }
 
 /// Per device: (stored rows, distinct k, min k, max k) on one replica, read locally.
@@ -80,29 +63,22 @@ fn kill9_leader_while_100_devices_stream(security: Option<Security>) {
     let mut c = cluster_with(security);
     let leader = c.leader();
     let report = dir.path().join("report.jsonl");
-    let gateways: Vec<String> = (0..c.nodes.len()).map(|i| device_addr(&c, i)).collect();
-    let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
-    let mut sim = sim_command(&cairn_bin(), &gateways, &c.nodes[leader].url(""));
-    authenticate(&mut sim, &c.auth());
-    let sim = sim
+    let sim = fleet_command(&c, leader, &report)
         .args(["--devices", "100", "--rate", "20", "--duration", "12"])
-        .args(["--drain", "60", "--json", "--quiet", "--first-id", "1000"])
-        .arg("--report")
-        .arg(&report)
-        .stdout(Stdio::piped())
+        .args(["--drain", "60", "--first-id", "1000"])
         .spawn()
         .expect("spawning cairn sim");
 
     // Kill the leader once records flow.
     poll(TIMEOUT, "device records to be applied", || {
-        (records_applied(&c, leader) >= 2000).then_some(())
+        (c.nodes[leader].records_applied() >= 2000).then_some(())
     });
     let old_id = c.nodes[leader].id;
     c.kill9(leader);
     let new = c.wait_for_new_leader(old_id);
-    let before = records_applied(&c, new);
+    let before = c.nodes[new].records_applied();
     poll(TIMEOUT, "records applied under the new leader", || {
-        (records_applied(&c, new) > before + 1000).then_some(())
+        (c.nodes[new].records_applied() > before + 1000).then_some(())
     });
     c.restart(leader);
 
@@ -114,11 +90,7 @@ fn kill9_leader_while_100_devices_stream(security: Option<Security>) {
     assert!(summary["pushed"].as_u64().unwrap() >= 100 * 20 * 10);
 
     // Devices: nothing lost on their side; whatever is not acked is still in their outbox.
-    let devices: Vec<Json> = std::fs::read_to_string(&report)
-        .expect("report")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("report line"))
-        .collect();
+    let devices = read_report(&report);
     assert_eq!(devices.len(), 100);
     for d in &devices {
         let f = |k: &str| d[k].as_u64().expect(k);
@@ -156,7 +128,10 @@ fn test_devices_on_followers_are_forwarded_to_the_leader() {
     let c = cluster();
     let leader = c.leader();
     let followers = c.followers();
-    let gateways: Vec<String> = followers.iter().map(|&i| device_addr(&c, i)).collect();
+    let gateways: Vec<String> = followers
+        .iter()
+        .map(|&i| c.nodes[i].device_addr())
+        .collect();
     let gateways: Vec<&str> = gateways.iter().map(String::as_str).collect();
     // Only followers in the list: every batch must be forwarded to reach the leader.
     let out = sim_command(&cairn_bin(), &gateways, &c.nodes[followers[0]].url(""))
@@ -225,7 +200,7 @@ fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
     });
     let leader = c.leader();
     let follower = c.followers()[0];
-    let addr = |i: usize| device_addr(&c, i);
+    let addr = |i: usize| c.nodes[i].device_addr();
     let leader_addr: std::net::SocketAddrV4 = addr(leader).parse().unwrap();
     let hint = format!("{:?}", Some(cairn_protocol::GatewayAddr::from(leader_addr)));
 

@@ -311,6 +311,9 @@ pub fn adopt(data_dir: &Path, id: u64, peer: &Peer) -> anyhow::Result<()> {
             ),
             [serde_json::to_vec(&stored)?],
         )?;
+        // A new cluster: the old members' incarnations mean nothing to it (this node records
+        // its own once it runs).
+        crate::command::members::forget_all(&conn)?;
     }
     crate::raft::log_store::start_after(&data_dir.join("raft.db"), marker.last, id)?;
     std::fs::remove_file(data_dir.join(MARKER))?;

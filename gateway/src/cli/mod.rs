@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod device;
+pub mod recover;
 pub mod streams;
 
 use std::io::{BufRead, Write};

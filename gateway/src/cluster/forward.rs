@@ -93,6 +93,7 @@ pub fn routes(cluster: Arc<Cluster>) -> axum::Router {
     axum::Router::new()
         .route("/cluster/sql", post(forwarded))
         .route("/cluster/leave", post(leave))
+        .route("/cluster/incarnation", post(incarnation))
         // As much as the HTTP API takes.
         .layer(DefaultBodyLimit::max(256 << 20))
         .with_state(cluster)
@@ -106,10 +107,23 @@ async fn forwarded(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Vec<u8> 
     encode(&results)
 }
 
-/// A member stopping with `--raft-cluster-remove-shutdown` asks the leader to remove it.
+/// A member stopping with `--raft-cluster-remove-shutdown` asks the leader to remove it:
+/// postcard `(id, incarnation)`, or `id` alone from a release without incarnations.
 async fn leave(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Vec<u8> {
-    let r = match decode::<crate::raft::NodeId>(&body) {
-        Ok(id) => cluster.remove(id).await,
+    let r = match decode::<(crate::raft::NodeId, u64)>(&body) {
+        Ok((id, inc)) => cluster.leave_for(id, Some(inc)).await,
+        Err(_) => match decode::<crate::raft::NodeId>(&body) {
+            Ok(id) => cluster.leave_for(id, None).await,
+            Err(e) => Err(Error::BadRequest(e.to_string())),
+        },
+    };
+    encode(&r)
+}
+
+/// A member whose log predates incarnations records its own: postcard `(id, incarnation)`.
+async fn incarnation(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Vec<u8> {
+    let r = match decode::<(crate::raft::NodeId, u64)>(&body) {
+        Ok((id, inc)) => cluster.record_incarnation(id, inc).await,
         Err(e) => Err(Error::BadRequest(e.to_string())),
     };
     encode(&r)

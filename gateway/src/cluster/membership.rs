@@ -1,12 +1,22 @@
 //! Membership through openraft's own API, behind the service layer and its error type:
-//! joining (learner first, then voter), removing, and handing leadership over on shutdown.
+//! joining (learner first, then voter), replacing a node that lost its disk (`--replace`),
+//! removing, and handing leadership over on shutdown.
+//!
+//! Incarnations (`raft::incarnation`): a joining node sends the one its log will store with
+//! its first vote, and the leader records it (`Command::Members`) before adding the node, so
+//! that the node's first RPCs already name it. A member whose id has a recorded incarnation
+//! joins again only under that incarnation; a node that lost its disk is refused and told to
+//! use `--replace`. A member whose log predates incarnations records its own
+//! ([`Cluster::record_own_incarnation`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use openraft::ChangeMembers;
+use openraft::{ChangeMembers, Instant as _};
 
 use super::Cluster;
+use crate::command::Command;
+use crate::command::members::MembersCommand;
 use crate::error::Error;
 use crate::raft::{NodeId, Peer, raft_error};
 
@@ -22,6 +32,13 @@ pub struct JoinRequest {
     pub device_addr: String,
     #[serde(default = "yes")]
     pub voter: bool,
+    /// The joining node's incarnation (absent from plain rqlite clients and older releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<u64>,
+    /// `--replace OLD_ID`: remove node OLD_ID first (it lost its disk); may be the joining
+    /// node's own id. Needs the `remove` permission besides `join`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<NodeId>,
 }
 
 fn yes() -> bool {
@@ -50,6 +67,38 @@ impl Cluster {
         self.require_leader()?;
         self.check_join_version(jr.id, &jr.addr).await?;
         let peer = jr.peer();
+        let known = self.membership_node(jr.id);
+        // Before anything changes: a node that cannot prove it belongs never gets further.
+        if known.as_ref() != Some(&peer) {
+            self.check_reachable(jr.id, &peer.raft_addr).await?;
+        }
+        if let Some(old) = jr.replace {
+            self.remove_replaced(old, jr).await?;
+        }
+        let recorded = self.incarnations.of_now(jr.id).await;
+        if self.membership_node(jr.id).is_some() {
+            // A member joins again only as itself (a restart before its promotion). One without
+            // a record (its log predates incarnations) records its own over the Raft listener.
+            if recorded.is_some() && recorded != jr.incarnation {
+                return Err(Error::BadRequest(format!(
+                    "node {id} is a member under another incarnation: its Raft log was lost or \
+                     replaced (a blank disk), and a node that forgot its votes must not vote \
+                     again under the same id. Start it with --replace {id}: node {id} is \
+                     removed, then joins again as a new node",
+                    id = jr.id
+                )));
+            }
+        } else if let Some(inc) = jr.incarnation
+            && recorded != Some(inc)
+            && self.may_propose_members()
+        {
+            // Recorded before the node is added: its first RPCs name it.
+            self.write(Command::Members(MembersCommand::Incarnation {
+                id: jr.id,
+                incarnation: inc,
+            }))
+            .await?;
+        }
         let m = self.raft_metrics();
         let membership = m.membership_config.membership().clone();
         let is_voter = membership.voter_ids().any(|v| v == jr.id);
@@ -57,9 +106,6 @@ impl Cluster {
             Error::Unavailable(msg) => Error::Unavailable(format!("join: {msg}")),
             other => other,
         };
-        if membership.get_node(&jr.id) != Some(&peer) {
-            self.check_reachable(jr.id, &peer.raft_addr).await?;
-        }
         match membership.get_node(&jr.id) {
             Some(existing) if *existing != peer => {
                 self.raft
@@ -87,6 +133,180 @@ impl Cluster {
                 .map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// The first step of `--replace OLD`: removes node `old` unless it is gone already (a join
+    /// retried after the removal) or is the joining node itself under its new incarnation. The
+    /// leader is never replaced, and the removal must leave a quorum of the remaining voters
+    /// answering.
+    async fn remove_replaced(&self, old: NodeId, jr: &JoinRequest) -> Result<(), Error> {
+        if old == self.id {
+            return Err(Error::BadRequest(format!(
+                "--replace {old}: node {old} is the leader and answers; it has not lost its                  disk (hand leadership over first with POST /leader if it must go)"
+            )));
+        }
+        let m = self.raft_metrics();
+        let membership = m.membership_config.membership().clone();
+        if membership.get_node(&old).is_none()
+            || (old == jr.id
+                && jr.incarnation.is_some()
+                && self.incarnations.of_now(old).await == jr.incarnation)
+        {
+            return Ok(());
+        }
+        let rest: Vec<NodeId> = membership.voter_ids().filter(|v| *v != old).collect();
+        // A voter answered the leader's heartbeats (every 50 ms by default) within this long.
+        let recent = Duration::from_secs(2);
+        let answering = rest
+            .iter()
+            .filter(|v| {
+                **v == self.id
+                    || m.heartbeat.as_ref().is_some_and(|h| {
+                        h.get(v)
+                            .and_then(|t| t.as_ref())
+                            .is_some_and(|t| t.elapsed() < recent)
+                    })
+            })
+            .count();
+        let quorum = rest.len() / 2 + 1;
+        if rest.is_empty() || answering < quorum {
+            return Err(Error::BadRequest(format!(
+                "--replace {old}: without node {old} the cluster has {} voters, of which {answering}                  answer the leader; a quorum needs {quorum}, so the removal could not commit or                  would leave the cluster without a working quorum. Bring the others back first                  (after a lost majority see `cairn recover`)",
+                rest.len()
+            )));
+        }
+        tracing::warn!(old, new = jr.id, "replacing a node: removing it first");
+        self.remove(old).await
+    }
+
+    /// Records this node's incarnation through the leader when its membership lists it and no
+    /// incarnation is recorded for it (a log that predates incarnations, or a bootstrap node).
+    /// Tried every second until done or `stop`. Never overwrites a recorded one: a different
+    /// record means this node was replaced while it was away, and it says so.
+    pub async fn record_own_incarnation(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let inc = &self.incarnations;
+            let member = self
+                .raft_metrics()
+                .membership_config
+                .membership()
+                .get_node(&self.id)
+                .is_some();
+            if !member || inc.is_blank() || !self.may_propose_members() {
+                continue;
+            }
+            match inc.of_now(self.id).await {
+                Some(r) if r == inc.own() => return,
+                Some(r) => {
+                    if !warned {
+                        tracing::error!(
+                            "the cluster records incarnation {r} for node {}, this node is {}: it                              was replaced while away and takes no part (its RPCs are refused);                              wipe its data dir and join it with --replace {} to bring it back",
+                            self.id,
+                            inc.own(),
+                            self.id
+                        );
+                        warned = true;
+                    }
+                    continue;
+                }
+                None => {}
+            }
+            let (id, own) = (self.id, inc.own());
+            let r = self
+                .on_leader(
+                    || self.record_incarnation(id, own),
+                    || async {
+                        self.call_leader_internal::<Result<(), Error>>(
+                            hyper::Method::POST,
+                            "/cluster/incarnation",
+                            crate::raft::network::encode(&(id, own)),
+                            Duration::from_secs(10),
+                        )
+                        .await?
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::debug!("recording this node's incarnation: {e}");
+            }
+        }
+    }
+
+    /// On the leader: records `incarnation` for member `id` if none is recorded yet.
+    pub async fn record_incarnation(&self, id: NodeId, incarnation: u64) -> Result<(), Error> {
+        self.require_leader()?;
+        let member = self
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+        if !member {
+            return Err(Error::NotFound(format!("node {id} is not a member")));
+        }
+        match self.incarnations.of_now(id).await {
+            None => self
+                .write(Command::Members(MembersCommand::Incarnation {
+                    id,
+                    incarnation,
+                }))
+                .await
+                .map(drop),
+            Some(r) if r == incarnation => Ok(()),
+            Some(_) => Err(Error::BadRequest(format!(
+                "node {id} already has another incarnation recorded"
+            ))),
+        }
+    }
+
+    /// `/status`'s `raft.incarnation`: this node's, whether it is blank (no vote stored yet),
+    /// and the members' as this replica recorded them.
+    pub fn incarnation_json(&self) -> serde_json::Value {
+        let inc = &self.incarnations;
+        let recorded: BTreeMap<String, u64> = inc
+            .recorded()
+            .iter()
+            .map(|(id, i)| (id.to_string(), *i))
+            .collect();
+        serde_json::json!({"own": inc.own(), "blank": inc.is_blank(), "members": recorded})
+    }
+
+    /// Whether new `Command::Members` entries may be proposed: every member must be able to
+    /// apply them, so once the cluster's active version is 2 (until then joins record no
+    /// incarnation and each member records its own once it may).
+    pub fn may_propose_members(&self) -> bool {
+        self.metrics().versions.active() >= crate::version::V2
+    }
+
+    /// On the leader: removes node `id` for a member leaving the cluster (`POST
+    /// /cluster/leave`). A member may remove only itself: the request names its incarnation,
+    /// which must be the one recorded for `id`. A request without one (a release without
+    /// incarnations) is taken only while no incarnation is recorded for `id`.
+    pub async fn leave_for(&self, id: NodeId, incarnation: Option<u64>) -> Result<(), Error> {
+        match (self.incarnations.of_now(id).await, incarnation) {
+            (None, _) => {}
+            (Some(r), Some(i)) if r == i => {}
+            _ => {
+                return Err(Error::BadRequest(format!(
+                    "/cluster/leave: a member removes only itself, under its own incarnation;                      node {id}'s is not the one given (use DELETE /remove with the remove                      permission)"
+                )));
+            }
+        }
+        self.remove(id).await
+    }
+
+    /// Node `id`'s addresses in the membership this node holds, if it is a member.
+    fn membership_node(&self, id: NodeId) -> Option<crate::raft::Peer> {
+        self.raft_metrics()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
     }
 
     /// Whether node `id` answers on its Raft address `addr` (over node TLS when on).
@@ -215,7 +435,9 @@ impl Cluster {
                         self.call_leader_internal::<Result<(), Error>>(
                             hyper::Method::POST,
                             "/cluster/leave",
-                            crate::raft::network::encode(&id),
+                            // The id alone is what releases without incarnations send (and
+                            // read: postcard ignores the bytes after it).
+                            crate::raft::network::encode(&(id, self.incarnations.own())),
                             Duration::from_secs(10),
                         )
                         .await?

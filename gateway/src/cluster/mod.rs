@@ -110,6 +110,7 @@ pub struct Cluster {
     /// rqlite's queued writes (`?queue`), started on first use.
     queue: OnceLock<queue::WriteQueue>,
     queue_settings: queue::Settings,
+    incarnations: Arc<crate::raft::incarnation::Incarnations>,
 }
 
 /// The parts a [`Cluster`] is made of (the composition root builds them).
@@ -129,6 +130,8 @@ pub struct Parts {
     pub feed: Arc<Feed>,
     /// rqlite's queued writes: capacity, batch size, timeout, transaction.
     pub queue: queue::Settings,
+    /// This node's incarnation and the members' (joins, `--replace`, leaving).
+    pub incarnations: Arc<crate::raft::incarnation::Incarnations>,
 }
 
 impl Cluster {
@@ -150,6 +153,7 @@ impl Cluster {
             streams: Default::default(),
             queue: OnceLock::new(),
             queue_settings: p.queue,
+            incarnations: p.incarnations,
         })
     }
 

@@ -34,6 +34,7 @@ pub mod device;
 pub mod export;
 pub mod feed;
 pub mod load;
+pub mod members;
 pub mod registry;
 pub mod rewrite;
 pub mod sql;
@@ -82,6 +83,8 @@ pub enum Command {
     /// the replicated database's migrations up to it ([`version`]). Proposed by the leader
     /// once every member supports it.
     ActivateVersion(u32),
+    /// Members' incarnations and the first entry after `cairn recover` ([`members`]).
+    Members(members::MembersCommand),
 }
 
 impl Command {
@@ -103,7 +106,8 @@ impl Command {
             | Command::Streams(_)
             | Command::BackupShipped(_)
             | Command::Export(_)
-            | Command::ActivateVersion(_) => None,
+            | Command::ActivateVersion(_)
+            | Command::Members(_) => None,
         }
     }
 
@@ -114,7 +118,8 @@ impl Command {
     pub fn min_version(&self) -> u32 {
         match self {
             Command::Stamped { cmd, .. } => cmd.min_version(),
-            Command::ActivateVersion(v) => (*v).max(2),
+            Command::ActivateVersion(v) => (*v).max(crate::version::V2),
+            Command::Members(_) => crate::version::V2,
             Command::Sql(_)
             | Command::DeviceBatches(_)
             | Command::DeviceRegistry(_)
@@ -195,6 +200,7 @@ impl fmt::Display for Command {
             ),
             Command::Export(c) => write!(f, "Export({c})"),
             Command::ActivateVersion(v) => write!(f, "ActivateVersion({v})"),
+            Command::Members(c) => write!(f, "Members({c})"),
         }
     }
 }
@@ -264,6 +270,9 @@ pub fn apply(
         Command::Export(c) => export::apply_export(conn, c).map(CommandResponse::Export),
         Command::ActivateVersion(v) => {
             version::apply_activate(conn, ctx, *v).map(|()| CommandResponse::Empty)
+        }
+        Command::Members(c) => {
+            members::apply_members(conn, ctx, c).map(|()| CommandResponse::Empty)
         }
     }
 }

@@ -65,6 +65,9 @@ pub mod tables {
     pub const EXPORT_JOURNAL: &str = "_cairn_export_journal";
     /// Each export destination's committed cursor.
     pub const EXPORT_CURSORS: &str = "_cairn_export_cursors";
+    /// Each member's incarnation (`command::members`): `(id INTEGER PRIMARY KEY, incarnation
+    /// INTEGER NOT NULL)`, created by the first `Command::Members` entry.
+    pub const MEMBERS: &str = "_cairn_members";
 }
 
 /// Free space of the file system holding `dir`, in bytes (for unprivileged users).

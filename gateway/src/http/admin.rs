@@ -75,6 +75,7 @@ pub async fn status(
             "voters": membership.voter_ids().collect::<Vec<_>>(),
             "learners": membership.learner_ids().collect::<Vec<_>>(),
             "running": m.running_state.is_ok(),
+            "incarnation": n.incarnation_json(),
         },
         "db_size": n.store().size(),
         "ingress": metrics.ingress_json(),
@@ -366,13 +367,22 @@ pub async fn join(
     if jr.voter && !access.has(Perm::Join) {
         return access.forbidden(Perm::Join);
     }
+    // `--replace`: removing the old node needs `remove` as well as `join`.
+    if jr.replace.is_some() {
+        for p in [Perm::Join, Perm::Remove] {
+            if !access.has(p) {
+                return access.forbidden(p);
+            }
+        }
+    }
     let m = n.raft_metrics();
     let repoints = m
         .membership_config
         .membership()
         .get_node(&jr.id)
         .is_some_and(|p| *p != jr.peer());
-    if repoints && !access.has(Perm::All) {
+    // A replacement under the old id brings its own addresses.
+    if repoints && jr.replace != Some(jr.id) && !access.has(Perm::All) {
         return access.forbidden(Perm::All);
     }
     done(

@@ -25,6 +25,11 @@
 //!   waits for the flush, the node reports the stall), and goes on when space returns; an I/O
 //!   error (a failed fsync) ends the process; a corrupt file is an error (the node stops).
 //!
+//! - The node's incarnation (a random `u64`, [`Incarnation`]) is written to `meta` in the same
+//!   transaction as its first vote, so a node that ever voted has one, and a node whose disk
+//!   was wiped has none until it votes again under a new one. A log written by a release
+//!   without incarnations (a vote but no incarnation) gets one when it is opened.
+//!
 //! The cache keeps the newest entries (at most [`CACHE_BYTES`], or `log_cache_mib`, of encoded
 //! entries once they are flushed), so replication to followers and apply read recent entries from memory
 //! instead of decoding them back from SQLite.
@@ -68,6 +73,34 @@ struct Shared {
     stats: Arc<LogStats>,
     /// The highest entry stamp (`Command::Stamped`) appended or found at open.
     stamp_floor: Arc<AtomicI64>,
+    incarnation: Arc<Incarnation>,
+}
+
+/// This node's incarnation: a random `u64` naming one life of its Raft log. It is stored with
+/// the first vote; until then the node is *blank* and [`Incarnation::value`] is the candidate
+/// the next vote stores (a node restarted before it ever voted draws a new one).
+#[derive(Debug)]
+pub struct Incarnation {
+    value: u64,
+    stored: std::sync::atomic::AtomicBool,
+}
+
+impl Incarnation {
+    /// The incarnation (stored, or the candidate of a blank node).
+    pub fn value(&self) -> u64 {
+        self.value
+    }
+
+    /// True while no vote (and so no incarnation) is stored: the node has never voted, or its
+    /// disk was wiped.
+    pub fn is_blank(&self) -> bool {
+        !self.stored.load(Ordering::Acquire)
+    }
+}
+
+/// A fresh incarnation: random, never 0 (0 reads as "none" in logs).
+fn new_incarnation() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 /// Counters for `/status` and `/metrics`: entries per append shows how well writes share
@@ -218,6 +251,40 @@ impl LogStore {
                 r.get(0)
             })
             .optional()?;
+        let stored: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'incarnation'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let incarnation = match stored.map(|b| decode::<u64>(&b)).transpose()? {
+            Some(value) => Incarnation {
+                value,
+                stored: true.into(),
+            },
+            // Written by a release without incarnations: the node voted, so it gets one now
+            // (the only node-local migration here).
+            None if vote.is_some() => {
+                let value = new_incarnation();
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES('incarnation', ?1)",
+                    [encode(&value)?],
+                )?;
+                tracing::info!(
+                    incarnation = value,
+                    "Raft log without an incarnation: one stored"
+                );
+                Incarnation {
+                    value,
+                    stored: true.into(),
+                }
+            }
+            None => Incarnation {
+                value: new_incarnation(),
+                stored: false.into(),
+            },
+        };
         let stamp_floor = Arc::new(AtomicI64::new(0));
         if let Some(b) = last {
             note_stamp(&stamp_floor, &decode::<Entry>(&b)?);
@@ -225,6 +292,7 @@ impl LogStore {
         let reader = Connection::open(path)?;
         let shared = Arc::new(Shared {
             stamp_floor,
+            incarnation: Arc::new(incarnation),
             cache: Mutex::default(),
             vote: Mutex::new(vote),
             reader: Mutex::new(reader),
@@ -243,6 +311,11 @@ impl LogStore {
     /// log monotonic across leader changes (`raft::proposer`).
     pub fn stamp_floor(&self) -> Arc<AtomicI64> {
         self.shared.stamp_floor.clone()
+    }
+
+    /// This node's incarnation (stored with its first vote).
+    pub fn incarnation(&self) -> Arc<Incarnation> {
+        self.shared.incarnation.clone()
     }
 
     /// The store's counters (shared with every clone).
@@ -413,6 +486,14 @@ impl Writer {
                         "INSERT OR REPLACE INTO meta(key, value) VALUES('vote', ?1)",
                         [b],
                     )?;
+                    // The first vote stores the incarnation, in the same transaction.
+                    let inc = &self.shared.incarnation;
+                    if inc.is_blank() {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO meta(key, value) VALUES('incarnation', ?1)",
+                            [encode(&inc.value).map_err(to_sql_err)?],
+                        )?;
+                    }
                 }
                 Op::Truncate(after, _) => {
                     tx.execute("DELETE FROM log WHERE idx > ?1", [after])?;
@@ -427,7 +508,14 @@ impl Writer {
             }
         }
         // synchronous=FULL: returns after the WAL is fsync'd.
-        tx.commit()
+        tx.commit()?;
+        if ops.iter().any(|op| matches!(op, Op::Vote(..))) {
+            self.shared
+                .incarnation
+                .stored
+                .store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Drops the oldest flushed entries from the cache beyond the budget. An entry is only
@@ -622,5 +710,67 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             *cache = rest;
         }
         self.write_and_wait(|tx| Op::Purge(upto, b, tx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored_incarnation(path: &Path) -> Option<u64> {
+        let c = Connection::open(path).unwrap();
+        c.query_row(
+            "SELECT value FROM meta WHERE key = 'incarnation'",
+            [],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .optional()
+        .unwrap()
+        .map(|b| decode(&b).unwrap())
+    }
+
+    /// A blank log has only a candidate incarnation; the first vote stores it in its own
+    /// transaction, and it survives a restart. A log written before incarnations (a vote, no
+    /// incarnation) gets one when opened.
+    #[tokio::test]
+    async fn test_incarnation_stored_with_first_vote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.db");
+        let mut store = LogStore::open(&path).unwrap();
+        let inc = store.incarnation();
+        assert!(inc.is_blank());
+        assert_eq!(stored_incarnation(&path), None, "not before the first vote");
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(!inc.is_blank());
+        assert_eq!(stored_incarnation(&path), Some(inc.value()));
+        store.save_vote(&Vote::new(2, 1)).await.unwrap();
+        let value = inc.value();
+        drop(store);
+        let store = LogStore::open(&path).unwrap();
+        assert_eq!(store.incarnation().value(), value, "kept across a restart");
+        assert!(!store.incarnation().is_blank());
+        drop(store);
+
+        // A wiped disk: a new candidate, blank again.
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let store = LogStore::open(&path).unwrap();
+        assert!(store.incarnation().is_blank());
+        assert_ne!(store.incarnation().value(), value);
+        drop(store);
+
+        // Written by a release without incarnations.
+        let old = dir.path().join("old.db");
+        let last = LogId::new(
+            openraft::impls::leader_id_adv::LeaderId {
+                term: 3,
+                node_id: 1,
+            },
+            9,
+        );
+        start_after(&old, last, 1).unwrap();
+        let store = LogStore::open(&old).unwrap();
+        assert!(!store.incarnation().is_blank());
+        assert_eq!(stored_incarnation(&old), Some(store.incarnation().value()));
     }
 }

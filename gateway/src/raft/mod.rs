@@ -4,11 +4,16 @@
 //! - [`log_store`]: the log, the vote and the committed id in their own SQLite file.
 //! - [`state_machine`]: applying entries to the replicated database; snapshots.
 //! - [`network`]: Raft RPCs between gateways, client and server, plus the pooled HTTP client.
+//! - [`incarnation`]: which incarnation of which node an RPC is meant for (a wiped node
+//!   cannot vote).
+//! - [`recover`]: `cairn recover` and rqlite's `peers.json` after a lost majority.
 //! - [`proposer`]: the bounded, pipelined queue in front of `client_write_many`.
 
+pub mod incarnation;
 pub mod log_store;
 pub mod network;
 pub mod proposer;
+pub mod recover;
 pub mod state_machine;
 
 use std::fmt;

@@ -13,6 +13,8 @@
 //! version; a version 1 node (v0.1.0) sends none. The bodies are version 1's, unchanged
 //! (`gateway/tests/golden_v1.rs` freezes them). The leader notes each peer's version from its
 //! answers (`Metrics::versions`): that is how it learns when every member supports a version.
+//! Every `/raft/*` request also carries the sender's and the expected receiver's incarnation
+//! in headers, and a node answers `409` to one not meant for it (`raft::incarnation`).
 //!
 //! The `Err(String)` arm carries a remote failure (the remote Raft stopped); transport problems
 //! are HTTP or socket errors. Connections are pooled and reused (keep-alive), `TCP_NODELAY` is
@@ -49,6 +51,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::incarnation::Incarnations;
 use super::state_machine::{SnapshotData, StateMachine};
 use super::{NodeId, Peer, Raft, SnapshotMeta, TypeConfig, Vote, io_err};
 use crate::metrics::Metrics;
@@ -176,7 +179,7 @@ impl HttpClient {
         body: Body,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        self.post_as(addr, path, "application/octet-stream", body, timeout)
+        self.post_as(addr, path, "application/octet-stream", &[], body, timeout)
             .await
     }
 
@@ -188,7 +191,7 @@ impl HttpClient {
         body: impl Into<Bytes>,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        self.post_as(addr, path, "application/json", full(body), timeout)
+        self.post_as(addr, path, "application/json", &[], full(body), timeout)
             .await
     }
 
@@ -197,13 +200,16 @@ impl HttpClient {
         addr: &str,
         path: &str,
         content_type: &str,
+        headers: &[(&str, String)],
         body: Body,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        let req = hyper::Request::post(self.url(addr, path))
-            .header("content-type", content_type)
-            .body(body)
-            .map_err(io_err)?;
+        let mut req =
+            hyper::Request::post(self.url(addr, path)).header("content-type", content_type);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let req = req.body(body).map_err(io_err)?;
         let (status, _, bytes) = self.send(req, timeout).await?;
         if !status.is_success() {
             return Err(io_err(format!(
@@ -231,6 +237,7 @@ pub struct Network {
     client: HttpClient,
     /// Where peers' format versions are noted (`versions`).
     metrics: Arc<Metrics>,
+    incarnations: Option<Arc<Incarnations>>,
 }
 
 impl Network {
@@ -238,7 +245,14 @@ impl Network {
         Network {
             client,
             metrics: Arc::default(),
+            incarnations: None,
         }
+    }
+
+    /// Sends this node's and the receiver's incarnations with every RPC.
+    pub fn with_incarnations(mut self, incarnations: Arc<Incarnations>) -> Self {
+        self.incarnations = Some(incarnations);
+        self
     }
 
     /// Notes the format version each peer answers with into `metrics.versions`.
@@ -262,6 +276,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: Arc::from(node.raft_addr.as_str()),
             client: self.client.clone(),
             metrics: self.metrics.clone(),
+            incarnations: self.incarnations.clone(),
         }
     }
 }
@@ -272,17 +287,22 @@ pub struct PeerConnection {
     addr: Arc<str>,
     client: HttpClient,
     metrics: Arc<Metrics>,
+    incarnations: Option<Arc<Incarnations>>,
 }
 
 impl PeerConnection {
-    /// POSTs `body` to `path` with this node's version header; notes the peer's version from
-    /// a successful answer.
+    /// POSTs `body` to `path` with this node's version header and the incarnation headers;
+    /// notes the peer's version from a successful answer.
     async fn post(&self, path: &str, body: Body, timeout: Duration) -> std::io::Result<Bytes> {
-        let req = hyper::Request::post(self.client.url(&self.addr, path))
+        let mut req = hyper::Request::post(self.client.url(&self.addr, path))
             .header("content-type", "application/octet-stream")
-            .header(version::HEADER, SUPPORTED.to_string())
-            .body(body)
-            .map_err(io_err)?;
+            .header(version::HEADER, SUPPORTED.to_string());
+        if let Some(i) = &self.incarnations {
+            for (k, v) in i.headers(self.target) {
+                req = req.header(k, v);
+            }
+        }
+        let req = req.body(body).map_err(io_err)?;
         let (status, headers, bytes) = self.client.send(req, timeout).await?;
         if !status.is_success() {
             return Err(io_err(format!(

@@ -11,7 +11,8 @@
 //! http_adv_addr = "10.0.0.5:4001"   # what other nodes and clients are told
 //! raft_adv_addr = "10.0.0.5:4002"
 //! bootstrap = false
-//! join = "http://10.0.0.4:4001"      # comma-separated list allowed
+//! join = "http://10.0.0.4:4001"      # comma-separated; HTTP URLs or Raft addresses (host:port)
+//! bootstrap_expect = 0               # with join: form a cluster once this many nodes know each other
 //! non_voter = false
 //! raft_cluster_remove_shutdown = false # a node stopped with SIGTERM leaves the cluster
 //! log_format = "text"                # or "json"
@@ -111,6 +112,11 @@ pub struct NodeConfig {
     pub raft_adv_addr: Option<String>,
     pub bootstrap: bool,
     pub join: Option<String>,
+    /// rqlite's `-bootstrap-expect`: with `join` listing the founding nodes, they form one
+    /// cluster of all of them once this many (this one included) have notified each other.
+    pub bootstrap_expect: usize,
+    /// rqlite's `-extensions-path`: refused at start (see `validate`).
+    pub extensions_path: Option<PathBuf>,
     pub non_voter: bool,
     /// rqlite's `-raft-cluster-remove-shutdown`: on a graceful stop, leave the cluster.
     pub raft_cluster_remove_shutdown: bool,
@@ -232,6 +238,8 @@ impl Default for NodeConfig {
             raft_adv_addr: None,
             bootstrap: false,
             join: None,
+            bootstrap_expect: 0,
+            extensions_path: None,
             non_voter: false,
             raft_cluster_remove_shutdown: false,
             log_format: LogFormat::Text,
@@ -330,9 +338,18 @@ pub struct NodeArgs {
     /// Initialise a new single-node cluster if this node holds no state yet.
     #[arg(long, conflicts_with = "join")]
     pub bootstrap: bool,
-    /// Join the cluster through this node's HTTP API (comma-separated list allowed).
+    /// Join the cluster through these nodes (comma-separated): HTTP API URLs
+    /// (`http://host:4001`) or, as rqlite takes them, Raft addresses (`host:4002`). Ignored (and
+    /// logged) when this node already holds Raft state.
     #[arg(long)]
     pub join: Option<String>,
+    /// With --join listing the founding nodes: form one cluster of all of them once this many
+    /// nodes (this one included) have notified each other (rqlite's -bootstrap-expect).
+    #[arg(long, requires = "join")]
+    pub bootstrap_expect: Option<usize>,
+    /// rqlite's -extensions-path: not supported; the node refuses to start with it.
+    #[arg(long)]
+    pub extensions_path: Option<PathBuf>,
     /// Join as a read replica that never votes.
     #[arg(long)]
     pub non_voter: bool,
@@ -541,7 +558,8 @@ impl NodeConfig {
             backup_snapshot_interval,
             backup_snapshot_entries,
             backup_retention,
-            backup_retention_snapshots
+            backup_retention_snapshots,
+            bootstrap_expect
         );
         if args.accept_protocol_1 {
             c.accept_protocol_1 = true;
@@ -591,7 +609,8 @@ impl NodeConfig {
             backup_s3_secret_access_key,
             backup_s3_ca_cert,
             site,
-            cdc_config
+            cdc_config,
+            extensions_path
         );
         c.http_verify_client |= args.http_verify_client;
         c.node_verify_client |= args.node_verify_client;
@@ -611,6 +630,19 @@ impl NodeConfig {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
+        // Every replica re-executes the log's SQL, so a function an extension adds would have
+        // to exist, and return the same value, on every node for ever, and native code loaded
+        // into the process runs outside the SQL sandbox: Cairn does not load extensions.
+        anyhow::ensure!(
+            self.extensions_path.is_none(),
+            "extensions_path: Cairn does not load SQLite extensions (every replica must apply the \
+             log identically, and extension code would run outside the SQL sandbox); remove \
+             --extensions-path"
+        );
+        anyhow::ensure!(
+            self.bootstrap_expect == 0 || (self.join.is_some() && !self.bootstrap),
+            "bootstrap_expect needs join (the founding nodes' addresses) and no bootstrap"
+        );
         anyhow::ensure!(
             self.election_timeout_min_ms > self.heartbeat_ms
                 && self.election_timeout_max_ms > self.election_timeout_min_ms,

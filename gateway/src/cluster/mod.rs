@@ -17,6 +17,7 @@
 //! A call that needs the leader and is made on a follower answers [`Error::NotLeader`];
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
+pub mod bootstrap;
 pub mod client;
 pub mod dump;
 pub mod forward;
@@ -109,6 +110,8 @@ pub struct Cluster {
     /// rqlite's queued writes (`?queue`), started on first use.
     queue: OnceLock<queue::WriteQueue>,
     queue_settings: queue::Settings,
+    /// Founding nodes that notified this one (`--bootstrap-expect`).
+    notified: bootstrap::Notified,
 }
 
 /// The parts a [`Cluster`] is made of (the composition root builds them).
@@ -149,6 +152,7 @@ impl Cluster {
             streams: Default::default(),
             queue: OnceLock::new(),
             queue_settings: p.queue,
+            notified: Default::default(),
         })
     }
 
@@ -529,8 +533,12 @@ impl Cluster {
         restore_state: bool,
     ) -> Result<Vec<StatementResult>, Error> {
         self.require_leader()?;
-        let (dir, up) = (self.scratch_dir.clone(), upload.to_path_buf());
-        let src = tokio::task::spawn_blocking(move || crate::db::load::prepare(&up, &dir))
+        let (dir, up, max) = (
+            self.scratch_dir.clone(),
+            upload.to_path_buf(),
+            self.max_db_bytes,
+        );
+        let src = tokio::task::spawn_blocking(move || crate::db::load::prepare(&up, &dir, max))
             .await?
             .map_err(|e| Error::BadRequest(format!("load: {e}")))?;
         let r = if src.backup && !restore_state {
@@ -539,6 +547,19 @@ impl Cluster {
             ))
         } else {
             self.send_load(&src).await
+        };
+        // A dump answers with its own last statement's counters, as rqlite's does.
+        let r = match (r, src.counters) {
+            (Ok(results), Some((last_insert_id, rows_affected)))
+                if results.iter().all(|r| r.error.is_none()) =>
+            {
+                Ok(vec![StatementResult {
+                    last_insert_id,
+                    rows_affected,
+                    ..Default::default()
+                }])
+            }
+            (r, _) => r,
         };
         if src.scratch {
             let _ = std::fs::remove_file(&src.path);

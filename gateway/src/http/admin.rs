@@ -378,6 +378,21 @@ pub async fn join(
     )
 }
 
+/// `POST /notify` (rqlite's): a founding node started with `--bootstrap-expect` says it
+/// exists; the answer tells it whether this node already belongs to a cluster. Needs `join`,
+/// as a voter's join does.
+pub async fn notify(
+    State(n): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Original,
+) -> Response {
+    let o = Opts::from(&q);
+    match parse_admin_body::<JoinRequest>(&req.body, "notify") {
+        Ok(jr) => json_response(StatusCode::OK, &n.notify(&jr).await, o.pretty),
+        Err(e) => error_response(&e, o.pretty),
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct RemoveRequest {
     #[serde(deserialize_with = "id_from_string_or_number")]

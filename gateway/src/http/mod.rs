@@ -10,7 +10,7 @@
 //!
 //! - [`rqlite`]: request and response shapes.
 //! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`, `/boot`.
-//! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
+//! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/notify`, `/remove`, `/metrics`.
 //! - [`ops`]: `/leader`, `/snapshot`, `/db/sql`, `/debug/vars`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove|reset|revoke|rekey`).
 //! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
@@ -130,6 +130,10 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
         .route(
             "/join",
             require(a, join, body_type(JSON, post(admin::join))),
+        )
+        .route(
+            "/notify",
+            require(a, Perm::Join, body_type(JSON, post(admin::notify))),
         )
         .route(
             "/remove",

@@ -237,6 +237,7 @@ pub async fn backup(
             .await
             .unwrap_or_else(|e| error_response(&e, o.pretty));
     }
+    let compress = super::rqlite::flag(&q, "compress");
     if let Some(fmt) = q.get("fmt").filter(|f| f.as_str() != "binary") {
         if fmt != "sql" {
             let e = Error::BadRequest(format!("unknown backup format {fmt:?}: use sql"));
@@ -245,32 +246,84 @@ pub async fn backup(
         let only = q
             .get("tables")
             .map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>());
-        return match n.dump_sql(only).await {
-            Ok(text) => (
+        let text = match n.dump_sql(only).await {
+            Ok(text) => text,
+            Err(e) => return error_response(&e, o.pretty),
+        };
+        if !compress {
+            return (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/sql")],
                 text,
+            )
+                .into_response();
+        }
+        return match gzip_bytes(text.into_bytes()).await {
+            Ok(gz) => (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/gzip")],
+                gz,
             )
                 .into_response(),
             Err(e) => error_response(&e, o.pretty),
         };
     }
-    if super::rqlite::flag(&q, "compress") {
-        let e = Error::BadRequest("compress is not supported".into());
-        return error_response(&e, o.pretty);
-    }
-    match n.backup().await {
+    let file = match n.backup().await {
+        Ok(file) if compress => gzip_file(&n, file).await,
+        r => r,
+    };
+    match file {
         Ok(file) => {
             let body = Body::new(file_body(Vec::new(), file));
             let mut resp = (StatusCode::OK, body).into_response();
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
+            let kind = if compress {
+                "application/gzip"
+            } else {
+                "application/octet-stream"
+            };
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
             resp
         }
         Err(e) => error_response(&e, o.pretty),
     }
+}
+
+/// rqlite's `?compress`: the backup file gzipped into another unlinked scratch file (on
+/// disk, never whole in memory), read from its start.
+async fn gzip_file(n: &Cluster, mut file: std::fs::File) -> Result<std::fs::File, Error> {
+    let tmp = n
+        .scratch_dir()
+        .join(format!("backup-{}.gz", rand::random::<u64>()));
+    let f = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        use std::io::{Seek, Write};
+        let out = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        std::fs::remove_file(&tmp)?;
+        let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+        std::io::copy(&mut file, &mut gz)?;
+        let mut out = gz.finish()?;
+        out.flush()?;
+        out.rewind()?;
+        Ok(out)
+    })
+    .await??;
+    Ok(f)
+}
+
+/// A SQL dump (already in memory) gzipped.
+async fn gzip_bytes(text: Vec<u8>) -> Result<Vec<u8>, Error> {
+    let gz = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&text)?;
+        gz.finish()
+    })
+    .await??;
+    Ok(gz)
 }
 
 /// Replaces the database with an uploaded SQLite file or SQL text (see `db::load`). On the
@@ -313,6 +366,8 @@ pub async fn load(
     // One summary result: the rows loaded, or the error.
     let summary = match results.iter().find(|r| r.error.is_some()) {
         Some(err) => err.clone(),
+        // A dump's own counters (see `Cluster::load_file`).
+        None if results.len() == 1 => results[0].clone(),
         None => StatementResult {
             rows_affected: results.iter().map(|r| r.rows_affected).sum::<i64>(),
             ..Default::default()

@@ -364,12 +364,8 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
             device_addr: peer.device_addr.clone(),
             voter: !config.non_voter,
         };
-        let targets = bootstrap::targets(
-            join,
-            &sec.join_client,
-            &client,
-            crate::http::FORWARD_PREFIX,
-        );
+        let targets =
+            bootstrap::targets(join, &sec.join_client, &client, crate::http::FORWARD_PREFIX);
         if !initialized && config.bootstrap_expect > 0 {
             tokio::spawn(bootstrap::expect_loop(
                 cluster.clone(),

@@ -472,10 +472,12 @@ fn test_a_member_with_remove_shutdown_leaves_when_stopped() {
 fn test_shell_dot_commands_through_a_pty() {
     let c = Cluster::start(3);
     let f = c.followers()[0];
+    let history = c.dir().join("shell_history");
     let out = Command::new("python3")
         .args(["-c", include_str!("clients/shell_pty.py")])
         .arg(cairn_tests::cairn_bin())
         .arg(c.nodes[f].url(""))
+        .env("CAIRN_HISTFILE", &history)
         .output()
         .expect("python3");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -491,8 +493,30 @@ fn test_shell_dot_commands_through_a_pty() {
         "[+]node ok",
         "CREATE TABLE sh",
         "\"leader\"",
+        "id,\"the, value\"\r\n1,from the shell",
+        "line_v = from the shell",
+        "\"json_v\": \"from the shell\"",
     ] {
         assert!(text.contains(want), "no {want:?} in:\n{text}");
     }
+    // The Up arrow ran the last statement again: its answer twice.
+    assert_eq!(text.matches("again").count(), 4, "{text}");
+    // History kept in the file, each line once after a repeat, the newest last.
+    let kept = std::fs::read_to_string(&history).expect("the history file");
+    let lines: Vec<&str> = kept.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"CREATE TABLE sh (id INTEGER PRIMARY KEY, v TEXT)")
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("'again'")).count(),
+        1,
+        "{kept}"
+    );
+    assert_eq!(
+        lines[lines.len() - 2..],
+        ["SELECT 'again' AS hist", ".exit"],
+        "{kept}"
+    );
     c.assert_identical();
 }

@@ -356,4 +356,3 @@ pub fn shell(conn: &super::ConnArgs) -> anyhow::Result<()> {
         }
     }
 }
-

@@ -157,8 +157,8 @@ pub async fn expect_loop(
         for t in &targets {
             match post(t, "/notify", &body, creds.as_ref()).await {
                 Ok((s, b)) if s.is_success() => {
-                    let late = serde_json::from_slice::<NotifyAnswer>(&b)
-                        .is_ok_and(|a| a.initialized);
+                    let late =
+                        serde_json::from_slice::<NotifyAnswer>(&b).is_ok_and(|a| a.initialized);
                     if late && !cluster.raft.is_initialized().await.unwrap_or(false) {
                         tracing::info!(url = %t, "bootstrap: the cluster exists; joining it");
                         return join_loop(cluster, req, targets, creds).await;
@@ -175,7 +175,10 @@ pub async fn expect_loop(
         let known = cluster.notified.all();
         if known.len() >= expect {
             let ids: Vec<_> = known.keys().collect();
-            tracing::info!(?ids, "bootstrap: {expect} nodes known; founding the cluster");
+            tracing::info!(
+                ?ids,
+                "bootstrap: {expect} nodes known; founding the cluster"
+            );
             match cluster.raft.initialize(known).await {
                 Ok(()) => {}
                 // Another founder's leader reached this node first: it is a member already.

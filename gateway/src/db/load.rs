@@ -79,8 +79,7 @@ const MAX_STATEMENT: u64 = 16 << 20;
 pub fn prepare(upload: &Path, scratch_dir: &Path, max_bytes: u64) -> anyhow::Result<Source> {
     if head(upload)?.starts_with(&[0x1f, 0x8b]) {
         let plain = scratch_dir.join(format!("load-{}.raw", rand::random::<u64>()));
-        let r = gunzip(upload, &plain, max_bytes)
-            .and_then(|()| prepare_plain(&plain, scratch_dir));
+        let r = gunzip(upload, &plain, max_bytes).and_then(|()| prepare_plain(&plain, scratch_dir));
         return match r {
             Ok(src) if src.path == plain => Ok(Source {
                 scratch: true,
@@ -104,10 +103,9 @@ fn head(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Inflates the gzip file `from` into `to`, refusing more than `max_bytes`.
 fn gunzip(from: &Path, to: &Path, max_bytes: u64) -> anyhow::Result<()> {
-    let mut gz = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(std::fs::File::open(
-        from,
-    )?))
-    .take(max_bytes + 1);
+    let mut gz =
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(std::fs::File::open(from)?))
+            .take(max_bytes + 1);
     let mut out = std::fs::File::create(to)?;
     let n = std::io::copy(&mut gz, &mut out)
         .map_err(|e| anyhow::anyhow!("the gzip upload does not inflate: {e}"))?;
@@ -423,7 +421,7 @@ mod tests {
     fn upload(dir: &Path, text: &str) -> anyhow::Result<Source> {
         let up = dir.join(format!("upload-{}.sql", rand::random::<u32>()));
         std::fs::write(&up, text).unwrap();
-        prepare(&up, dir)
+        prepare(&up, dir, 1 << 30)
     }
 
     fn one<T: rusqlite::types::FromSql>(conn: &Connection, q: &str) -> T {
@@ -582,7 +580,7 @@ mod tests {
             let b = dir.path().join(format!("b-{is_backup}"));
             std::fs::create_dir(&b).unwrap();
             let target = live(&b);
-            let src = prepare(file, dir.path()).unwrap();
+            let src = prepare(file, dir.path(), 1 << 30).unwrap();
             assert_eq!(src.backup, is_backup);
             swap(&target, &src).unwrap();
             assert_eq!(shown(&target), before, "backup: {is_backup}");
@@ -602,5 +600,83 @@ mod tests {
         assert!(e.contains("dbstat"), "{e}");
         let old: i64 = one(&conn, "SELECT count(*) FROM old");
         assert_eq!(old, 1, "nothing of the load stayed");
+    }
+
+    /// A dump is read statement by statement: statements over several lines, `;` inside
+    /// strings, comments and trigger bodies, and no newline at the end.
+    #[test]
+    fn test_sql_text_statements_across_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = upload(
+            dir.path(),
+            "CREATE TABLE t (a TEXT,\n b INTEGER);\n\
+             -- a comment; with a semicolon\n\
+             INSERT INTO t VALUES('x;\ny', 1);\n\
+             CREATE TABLE log (n);\n\
+             CREATE TRIGGER tr AFTER INSERT ON t BEGIN\n  INSERT INTO log VALUES(1);\n  INSERT INTO log VALUES(2);\nEND;\n\
+             INSERT INTO t VALUES('z', 2); INSERT INTO t VALUES('w', 3)",
+        )
+        .unwrap();
+        let c = Connection::open(&src.path).unwrap();
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t"), 3);
+        assert_eq!(one::<String>(&c, "SELECT a FROM t WHERE b = 1"), "x;\ny");
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM log"), 4);
+        // The dump's own counters: the last statement's.
+        assert_eq!(src.counters, Some((3, 1)));
+    }
+
+    #[test]
+    fn test_sql_text_statement_too_long_or_not_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!(
+            "INSERT INTO t VALUES('{}');",
+            "x".repeat(MAX_STATEMENT as usize)
+        );
+        let e = upload(dir.path(), &format!("CREATE TABLE t (a);\n{long}")).unwrap_err();
+        assert!(e.to_string().contains("longer than"), "{e}");
+        let up = dir.path().join("bad.sql");
+        std::fs::write(&up, b"CREATE TABLE t (a);\n\xff\xfe;\n").unwrap();
+        let e = prepare(&up, dir.path(), 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("neither a SQLite file"), "{e}");
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// `/db/backup?compress` output loads back: a gzipped SQLite file and a gzipped dump; what
+    /// inflates beyond the node's limit is refused and leaves no file behind.
+    #[test]
+    fn test_gzip_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("plain.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE g (v); INSERT INTO g VALUES('zipped');")
+            .unwrap();
+        let up = dir.path().join("up.gz");
+        std::fs::write(&up, gzip(&std::fs::read(&db).unwrap())).unwrap();
+        let src = prepare(&up, dir.path(), 1 << 30).unwrap();
+        assert!(src.scratch && !src.backup && src.counters.is_none());
+        let c = Connection::open(&src.path).unwrap();
+        assert_eq!(one::<String>(&c, "SELECT v FROM g"), "zipped");
+
+        std::fs::write(
+            &up,
+            gzip(b"CREATE TABLE h (v);\nINSERT INTO h VALUES(5);\n"),
+        )
+        .unwrap();
+        let src = prepare(&up, dir.path(), 1 << 30).unwrap();
+        let c = Connection::open(&src.path).unwrap();
+        assert_eq!(one::<i64>(&c, "SELECT v FROM h"), 5);
+
+        let before = std::fs::read_dir(dir.path()).unwrap().count();
+        std::fs::write(&up, gzip(&vec![b' '; 1 << 20])).unwrap();
+        let e = prepare(&up, dir.path(), 1000).unwrap_err();
+        assert!(e.to_string().contains("inflates beyond"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), before);
     }
 }

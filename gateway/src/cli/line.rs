@@ -130,10 +130,8 @@ impl Reader {
             match c {
                 '\r' | '\n' => return Ok(Input::Line(buf.iter().collect())),
                 '\u{4}' if buf.is_empty() => return Ok(Input::Eof),
-                '\u{4}' => {
-                    if pos < buf.len() {
-                        buf.remove(pos);
-                    }
+                '\u{4}' if pos < buf.len() => {
+                    buf.remove(pos);
                 }
                 '\u{3}' => {
                     // Ctrl-C: drop the line, a fresh prompt.
@@ -142,11 +140,9 @@ impl Reader {
                     pos = 0;
                     at = hist.len();
                 }
-                '\u{7f}' | '\u{8}' => {
-                    if pos > 0 {
-                        pos -= 1;
-                        buf.remove(pos);
-                    }
+                '\u{7f}' | '\u{8}' if pos > 0 => {
+                    pos -= 1;
+                    buf.remove(pos);
                 }
                 '\u{1}' => pos = 0,
                 '\u{5}' => pos = buf.len(),

@@ -1,12 +1,13 @@
 //! rqlite's clients and tools work unchanged: pyrqlite (queued writes included) and
-//! SQLAlchemy's rqlite dialect (ORM session, reflection) through a follower and through the
+//! SQLAlchemy's rqlite dialect (ORM session, reflection), rqdb (sync and asyncio) and rqlite-js
+//! through a follower and through the
 //! leader of 3 nodes; rqlite's response shapes byte for byte; the operator routes rqlite's
 //! tools read (`/status` `store`, `/nodes`, `/leader`, `/snapshot`, `/readyz?sync`,
 //! `/debug/vars`, `/db/sql`); read levels `auto` and `freshness`; queued writes under
 //! `kill -9` of the leader (every write whose `wait` returned is on every survivor).
 //!
-//! The clients are installed by `cargo xtask setup` (pyrqlite and sqlalchemy-rqlite from PyPI,
-//! rqlite-js from npm under `target/rqlite-js`).
+//! The clients are installed by `cargo xtask setup` (pyrqlite, sqlalchemy-rqlite and rqdb from
+//! PyPI, rqlite-js from npm under `target/rqlite-js`).
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,30 @@ fn test_python_clients_through_follower_and_leader() {
     c.assert_identical();
     let n = c.nodes[f].rows("SELECT count(*) FROM via_follower_people", "none");
     assert_eq!(n, vec![vec![json!(26)]]);
+}
+
+/// rqdb, a second Python client from PyPI (sync and asyncio): writes, `executemany3` in a
+/// transaction, reads at each level, errors and rollback, `explain`, backups.
+#[test]
+fn test_rqdb_through_follower_and_leader() {
+    let c = Cluster::start(3);
+    let f = c.followers()[0];
+    let l = c.leader();
+    for (node, prefix) in [(f, "rqdb_f"), (l, "rqdb_l")] {
+        let out = Command::new("python3")
+            .args(["-c", include_str!("clients/rqdb_client.py")])
+            .args([c.nodes[node].http.as_str(), prefix])
+            .output()
+            .expect("python3 (cargo xtask setup installs rqdb)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.lines().filter(|l| l.starts_with("OK ")).count() == 6,
+            "rqdb against node {}: {stdout}\n{}",
+            node + 1,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    c.assert_identical();
 }
 
 /// rqlite-js's modules, installed by `cargo xtask setup` under `target/rqlite-js`.

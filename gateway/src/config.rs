@@ -15,6 +15,8 @@
 //! bootstrap_expect = 0               # with join: form a cluster once this many nodes know each other
 //! non_voter = false
 //! raft_cluster_remove_shutdown = false # a node stopped with SIGTERM leaves the cluster
+//! raft_reap_node_timeout_ms = 0      # the leader removes voters unreached this long (0: never)
+//! raft_reap_read_only_node_timeout_ms = 0 # ... and read replicas
 //! log_format = "text"                # or "json"
 //! log_level = "info"                 # RUST_LOG overrides
 //! heartbeat_ms = 50
@@ -120,6 +122,11 @@ pub struct NodeConfig {
     pub non_voter: bool,
     /// rqlite's `-raft-cluster-remove-shutdown`: on a graceful stop, leave the cluster.
     pub raft_cluster_remove_shutdown: bool,
+    /// rqlite's `-raft-reap-node-timeout`: the leader removes a voter it has not reached for
+    /// this long (0: never).
+    pub raft_reap_node_timeout_ms: u64,
+    /// rqlite's `-raft-reap-read-only-node-timeout`, for read replicas (0: never).
+    pub raft_reap_read_only_node_timeout_ms: u64,
     pub log_format: LogFormat,
     pub log_level: String,
     pub heartbeat_ms: u64,
@@ -242,6 +249,8 @@ impl Default for NodeConfig {
             extensions_path: None,
             non_voter: false,
             raft_cluster_remove_shutdown: false,
+            raft_reap_node_timeout_ms: 0,
+            raft_reap_read_only_node_timeout_ms: 0,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             // LAN defaults: a follower notices a dead leader after 150-300 ms.
@@ -356,6 +365,14 @@ pub struct NodeArgs {
     /// On a graceful stop (SIGTERM), leave the cluster (rqlite's -raft-cluster-remove-shutdown).
     #[arg(long)]
     pub raft_cluster_remove_shutdown: bool,
+    /// The leader removes a voter it has not reached for this many ms (rqlite's
+    /// -raft-reap-node-timeout; 0: never).
+    #[arg(long)]
+    pub raft_reap_node_timeout_ms: Option<u64>,
+    /// The leader removes a read replica it has not reached for this many ms (rqlite's
+    /// -raft-reap-read-only-node-timeout; 0: never).
+    #[arg(long)]
+    pub raft_reap_read_only_node_timeout_ms: Option<u64>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter such as `info` or `cairn_gateway=debug` (RUST_LOG wins).
@@ -559,7 +576,9 @@ impl NodeConfig {
             backup_snapshot_entries,
             backup_retention,
             backup_retention_snapshots,
-            bootstrap_expect
+            bootstrap_expect,
+            raft_reap_node_timeout_ms,
+            raft_reap_read_only_node_timeout_ms
         );
         if args.accept_protocol_1 {
             c.accept_protocol_1 = true;

@@ -335,6 +335,16 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
     servers.push(tokio::spawn(async move {
         watching.hand_over_while_held(stop).await;
     }));
+    let reap = crate::cluster::reap::Timeouts::from_ms(
+        config.raft_reap_node_timeout_ms,
+        config.raft_reap_read_only_node_timeout_ms,
+    );
+    if reap.any() {
+        let (reaping, stop) = (cluster.clone(), stop_rx.clone());
+        servers.push(tokio::spawn(async move {
+            reaping.reap_while_leading(reap, stop).await;
+        }));
+    }
     let mut stop = stop_rx.clone();
     let serving = ingress.clone();
     servers.push(tokio::spawn(async move {

@@ -2,8 +2,9 @@
 //! Raft addresses and HTTP URLs (no cluster until the third node is there, then one cluster of
 //! all three), `--join` by Raft address, a node with Raft state of its own ignoring a later
 //! `--join` (and saying so), `/db/backup?compress` (gzip, SQLite file and SQL dump) loaded back,
-//! and a large SQL dump loaded through `/db/load` without the node holding it in memory (its
-//! answer carries the dump's own counters, as rqlite's does).
+//! a large SQL dump loaded through `/db/load` without the node holding it in memory (its
+//! answer carries the dump's own counters, as rqlite's does), and reaping of members that are
+//! gone (`POST /reap`, `--raft-reap-*-timeout-ms`).
 
 use std::process::Command;
 
@@ -265,5 +266,69 @@ fn test_compressed_backups_and_a_streamed_dump_load() {
         leader.rows("SELECT v FROM big", "strong"),
         vec![vec![json!(300_000)]]
     );
+    c.assert_identical();
+}
+
+/// The ids in `/nodes?nonvoters` of the leader.
+fn member_ids(c: &Cluster) -> Option<Vec<String>> {
+    let l = c.find_leader(&[])?;
+    let r = c.nodes[l].client().get(&c.nodes[l].url("/nodes?nonvoters"));
+    let mut ids: Vec<String> = r.body.as_object()?.keys().cloned().collect();
+    ids.sort();
+    Some(ids)
+}
+
+/// rqlite's reaping: `POST /reap` (through a follower) removes a read replica that is gone;
+/// with `--raft-reap-*-timeout-ms` the leader removes a gone read replica and a gone voter by
+/// itself, and the rest go on.
+#[test]
+fn test_reaping_unreachable_members() {
+    let mut c = Cluster::start(3);
+    let ro = c.add_node(&["--non-voter"]);
+    poll(TIMEOUT, "four members", || {
+        (member_ids(&c)?.len() == 4).then_some(())
+    });
+    c.kill9(ro);
+    let f = c.followers()[0];
+    let reaped = poll(TIMEOUT, "/reap to remove the read replica", || {
+        let r = c.nodes[f]
+            .client()
+            .post(&c.nodes[f].url("/reap?timeout=1s"), &json!({}));
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let ids = r.body["reaped"].as_array()?.clone();
+        (!ids.is_empty()).then_some(ids)
+    });
+    assert_eq!(reaped, vec![json!("4")]);
+    assert_eq!(
+        member_ids(&c),
+        Some(vec!["1".into(), "2".into(), "3".into()])
+    );
+
+    let mut c = Cluster::start_with(
+        3,
+        Options {
+            extra: [
+                "--raft-reap-node-timeout-ms",
+                "3000",
+                "--raft-reap-read-only-node-timeout-ms",
+                "2000",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..Default::default()
+        },
+    );
+    let ro = c.add_node(&["--non-voter"]);
+    poll(TIMEOUT, "four members", || {
+        (member_ids(&c)?.len() == 4).then_some(())
+    });
+    c.kill9(ro);
+    let gone = c.followers()[0];
+    c.kill9(gone);
+    let left = poll(TIMEOUT, "the leader to reap both", || {
+        member_ids(&c).filter(|ids| ids.len() == 2)
+    });
+    assert!(!left.contains(&c.nodes[gone].id.to_string()), "{left:?}");
+    c.execute(&stmts(&["CREATE TABLE after_reap (v)"]));
     c.assert_identical();
 }

@@ -23,6 +23,7 @@ pub mod dump;
 pub mod forward;
 pub mod membership;
 pub mod queue;
+pub mod reap;
 pub mod streams;
 
 use std::path::PathBuf;
@@ -112,6 +113,9 @@ pub struct Cluster {
     queue_settings: queue::Settings,
     /// Founding nodes that notified this one (`--bootstrap-expect`).
     notified: bootstrap::Notified,
+    /// The term this node leads in and since when (reaping's stand-in for never-reached members).
+    reap_since:
+        std::sync::Mutex<Option<(u64, openraft::alias::InstantOf<crate::raft::TypeConfig>)>>,
 }
 
 /// The parts a [`Cluster`] is made of (the composition root builds them).
@@ -153,6 +157,7 @@ impl Cluster {
             queue: OnceLock::new(),
             queue_settings: p.queue,
             notified: Default::default(),
+            reap_since: Default::default(),
         })
     }
 

@@ -393,6 +393,35 @@ pub async fn notify(
     }
 }
 
+/// `POST /reap` (permission `remove`): the leader removes every read replica it has not
+/// reached for longer than `?timeout=` (a Go duration, 10 s by default); answers
+/// `{"reaped": ["4", ...]}`. A follower forwards it.
+pub async fn reap(
+    State(n): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Original,
+) -> Response {
+    let o = Opts::from(&q);
+    let timeout = match q
+        .get("timeout")
+        .map(|t| super::rqlite::parse_go_duration(t))
+    {
+        None => std::time::Duration::from_secs(10),
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            return error_response(&Error::BadRequest(format!("timeout: {e}")), o.pretty);
+        }
+    };
+    match on_leader(&n, &req, o.redirect, || n.reap(timeout)).await {
+        Ok(Served::Here(ids)) => {
+            let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+            json_response(StatusCode::OK, &json!({ "reaped": ids }), o.pretty)
+        }
+        Ok(Served::There(resp)) => resp,
+        Err(e) => error_response(&e, o.pretty),
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct RemoveRequest {
     #[serde(deserialize_with = "id_from_string_or_number")]

@@ -10,7 +10,7 @@
 //!
 //! - [`rqlite`]: request and response shapes.
 //! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`, `/boot`.
-//! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/notify`, `/remove`, `/metrics`.
+//! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/notify`, `/reap`, `/remove`, `/metrics`.
 //! - [`ops`]: `/leader`, `/snapshot`, `/db/sql`, `/debug/vars`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove|reset|revoke|rekey`).
 //! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
@@ -134,6 +134,10 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
         .route(
             "/notify",
             require(a, Perm::Join, body_type(JSON, post(admin::notify))),
+        )
+        .route(
+            "/reap",
+            require(a, Perm::Remove, body_type(JSON, post(admin::reap))),
         )
         .route(
             "/remove",

@@ -336,6 +336,23 @@ pub(super) fn parse_admin_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| Error::BadRequest(format!("invalid {what} request: {e}")))
 }
 
+/// A join (or notify) body; its `id` a number or, as rqlite sends it, a string of one.
+fn parse_join(body: &[u8], what: &str) -> Result<JoinRequest, Error> {
+    let mut v: Json = parse_admin_body(body, what)?;
+    if let Some(id) = v.get_mut("id")
+        && let Json::String(s) = id
+    {
+        let n: u64 = s.parse().map_err(|_| {
+            Error::BadRequest(format!(
+                "invalid {what} request: node id {s:?}: Cairn's node ids are positive integers"
+            ))
+        })?;
+        *id = Json::from(n);
+    }
+    serde_json::from_value(v)
+        .map_err(|e| Error::BadRequest(format!("invalid {what} request: {e}")))
+}
+
 /// `{}` when done here, the leader's answer when forwarded, or the error.
 fn done(r: Result<Served<()>, Error>, pretty: bool) -> Response {
     match r {
@@ -356,7 +373,7 @@ pub async fn join(
     req: Original,
 ) -> Response {
     let o = Opts::from(&q);
-    let jr: JoinRequest = match parse_admin_body(&req.body, "join") {
+    let jr: JoinRequest = match parse_join(&req.body, "join") {
         Ok(jr) => jr,
         Err(e) => return error_response(&e, o.pretty),
     };
@@ -387,7 +404,7 @@ pub async fn notify(
     req: Original,
 ) -> Response {
     let o = Opts::from(&q);
-    match parse_admin_body::<JoinRequest>(&req.body, "notify") {
+    match parse_join(&req.body, "notify") {
         Ok(jr) => json_response(StatusCode::OK, &n.notify(&jr).await, o.pretty),
         Err(e) => error_response(&e, o.pretty),
     }
@@ -557,4 +574,22 @@ pub async fn metrics(State(n): State<Arc<Cluster>>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_join_ids_as_numbers_or_strings() {
+        let body = br#"{"id": "7", "addr": "h:4002", "http_addr": "h:4001"}"#;
+        let jr = parse_join(body, "join").unwrap();
+        assert_eq!((jr.id, jr.voter), (7, true));
+        let body = br#"{"id": 8, "addr": "h:4002", "http_addr": "h:4001", "voter": false}"#;
+        let jr = parse_join(body, "join").unwrap();
+        assert_eq!((jr.id, jr.voter), (8, false));
+        let body = br#"{"id": "node-a", "addr": "h:4002", "http_addr": "h:4001"}"#;
+        let e = parse_join(body, "join").unwrap_err().to_string();
+        assert!(e.contains("positive integers"), "{e}");
+    }
 }

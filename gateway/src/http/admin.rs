@@ -349,8 +349,7 @@ fn parse_join(body: &[u8], what: &str) -> Result<JoinRequest, Error> {
         })?;
         *id = Json::from(n);
     }
-    serde_json::from_value(v)
-        .map_err(|e| Error::BadRequest(format!("invalid {what} request: {e}")))
+    serde_json::from_value(v).map_err(|e| Error::BadRequest(format!("invalid {what} request: {e}")))
 }
 
 /// `{}` when done here, the leader's answer when forwarded, or the error.

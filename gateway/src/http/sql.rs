@@ -17,7 +17,7 @@ use super::rqlite::{
     results_response,
 };
 use super::{Original, Scheme, Served, on_leader, redirect_to_leader};
-use crate::cluster::client::LEADER_WAIT;
+use crate::cluster::client::{FORWARDED, LEADER_WAIT, LeaderRequest, Port};
 use crate::cluster::{Cluster, Level};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
@@ -341,12 +341,7 @@ pub async fn load(
 ) -> Response {
     let o = Opts::from(&q);
     let restore_state = access.has(Perm::All);
-    let r = if n.is_leader() && !o.redirect {
-        match spool(&n, req.into_body()).await {
-            Ok(path) => n.load_file(path, restore_state).await.map(Served::Here),
-            Err(e) => Err(e),
-        }
-    } else {
+    let r = if o.redirect {
         let original = match Original::from_request(req, &()).await {
             Ok(o) => o,
             Err(resp) => return resp,
@@ -357,6 +352,25 @@ pub async fn load(
             n.load_file(path, restore_state).await
         })
         .await
+    } else {
+        // Here or on a follower, the body streams to disk first (never whole in memory); a
+        // follower then streams the file on to the leader.
+        let forwarded = req.headers().contains_key(FORWARDED);
+        let (parts, body) = req.into_parts();
+        match spool(&n, body).await {
+            Ok(path) if n.is_leader() => n.load_file(path, restore_state).await.map(Served::Here),
+            Ok(path) if forwarded => {
+                // Never forwarded twice: leadership moved since the sender looked.
+                let _ = tokio::fs::remove_file(&path).await;
+                Err(Error::NotLeader(None))
+            }
+            Ok(path) => {
+                let r = forward_file(&n, &parts, &path).await.map(Served::There);
+                let _ = tokio::fs::remove_file(&path).await;
+                r
+            }
+            Err(e) => Err(e),
+        }
     };
     let results = match r {
         Ok(Served::Here(results)) => results,
@@ -403,6 +417,52 @@ pub async fn boot(
         return error_response(&e, Opts::from(&q).pretty);
     }
     load(State(n), Query(q), access, req).await
+}
+
+/// How long a forwarded load may take on the leader (upload, checks, every chunk applied).
+const LOAD_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Sends a spooled upload to the leader's `/db/load` (as [`super::to_leader`] forwards other
+/// requests: the leader's Raft listener, the client's credentials), streaming the file.
+async fn forward_file(
+    n: &Cluster,
+    parts: &axum::http::request::Parts,
+    path: &std::path::Path,
+) -> Result<Response, Error> {
+    let forward_path = format!(
+        "{}{}",
+        super::FORWARD_PREFIX,
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/db/load")
+    );
+    let file = std::fs::File::open(path)?;
+    let req = LeaderRequest {
+        method: parts.method.clone(),
+        path: &forward_path,
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
+        body: bytes::Bytes::new(),
+    };
+    let answer = n
+        .call_leader_with(
+            Port::Internal,
+            req,
+            file_body(Vec::new(), file),
+            LEADER_WAIT,
+            LOAD_FORWARD_TIMEOUT,
+        )
+        .await?;
+    let mut resp = (answer.status, answer.body).into_response();
+    if let Some(v) = answer.headers.get(header::CONTENT_TYPE) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v.clone());
+    }
+    Ok(resp)
 }
 
 fn upload_path(n: &Cluster) -> std::path::PathBuf {

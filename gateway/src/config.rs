@@ -3,7 +3,7 @@
 //! Every key of [`NodeConfig`] is a key in the TOML file and, with `_` as `-`, a flag:
 //!
 //! ```toml
-//! node_id = 1
+//! node_id = 1                      # or, rqlite-style: node_name = "gw-north"
 //! data_dir = "/var/lib/cairn"
 //! http_addr = "0.0.0.0:4001"
 //! raft_addr = "0.0.0.0:4002"
@@ -101,11 +101,35 @@ pub use backup::parse_duration;
 /// Committed device batches the record feed keeps for slow subscribers by default.
 pub const DEFAULT_FEED_CAPACITY: usize = 1024;
 
+/// `--node-id` as rqlite takes it: a positive integer is the Raft id itself; any other string
+/// (`"0"` included) is a name, returned as the error.
+pub fn parse_node_id(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n > 0 && s == n.to_string() => Ok(n),
+        _ => Err(s.to_string()),
+    }
+}
+
+/// The Raft id of an rqlite-style node name: FNV-1a of its bytes folded into
+/// `[2^52, 2^53)`, so it never equals a small integer id and stays exact as a JSON number
+/// (a double). The same on every node and release: ids derive from names with no lookup.
+pub fn node_id_for_name(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (1 << 52) | (h & ((1 << 52) - 1))
+}
+
 /// Settings of one gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     pub node_id: u64,
+    /// An rqlite-style node name (`--node-id NAME`): the Raft id is then
+    /// [`node_id_for_name`] of it, and the name is what `/status` and `/nodes` show.
+    pub node_name: Option<String>,
     pub data_dir: PathBuf,
     pub http_addr: String,
     pub raft_addr: String,
@@ -237,6 +261,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             node_id: 1,
+            node_name: None,
             data_dir: PathBuf::from("cairn-data"),
             http_addr: "127.0.0.1:4001".into(),
             raft_addr: "127.0.0.1:4002".into(),
@@ -322,8 +347,10 @@ pub struct NodeArgs {
     /// TOML file with any of the keys below (flags win).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// This node's id: a positive integer, or (as rqlite takes it) any other string, a name
+    /// (`"0"` included) that Cairn maps to a Raft id of its own.
     #[arg(long)]
-    pub node_id: Option<u64>,
+    pub node_id: Option<String>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// HTTP API listen address (default 127.0.0.1:4001; port 0 lets the OS choose).
@@ -542,8 +569,17 @@ impl NodeConfig {
         macro_rules! over {
             ($($f:ident),*) => {$( if let Some(v) = &args.$f { c.$f = v.clone().into(); } )*};
         }
+        if let Some(id) = &args.node_id {
+            match parse_node_id(id) {
+                Ok(n) => (c.node_id, c.node_name) = (n, None),
+                Err(name) => c.node_name = Some(name),
+            }
+        }
+        if let Some(name) = &c.node_name {
+            anyhow::ensure!(!name.is_empty(), "node_name must not be empty");
+            c.node_id = node_id_for_name(name);
+        }
         over!(
-            node_id,
             data_dir,
             http_addr,
             raft_addr,
@@ -771,6 +807,42 @@ mod tests {
         assert_eq!(c.raft_addr, "127.0.0.1:4002");
         assert!(c.bootstrap);
         c.raft_config().unwrap();
+    }
+
+    /// rqlite's `-node-id` takes any string: integers are Raft ids, anything else a name
+    /// with a Raft id of its own; the TOML key `node_name` alike; `--extensions-path` and
+    /// `--bootstrap-expect` without `--join` are refused.
+    #[test]
+    fn test_node_names_and_refused_flags() {
+        assert_eq!(parse_node_id("12"), Ok(12));
+        for name in ["0", "gw-north", "007", "-1", ""] {
+            assert_eq!(parse_node_id(name), Err(name.to_string()));
+        }
+        let id = node_id_for_name("gw-north");
+        assert!((1 << 52..1 << 53).contains(&id));
+        assert_eq!(id, node_id_for_name("gw-north"));
+        assert_ne!(id, node_id_for_name("gw-south"));
+        let c = NodeConfig::resolve(&Cli::parse_from(["x", "--node-id", "gw-north"]).node).unwrap();
+        assert_eq!((c.node_id, c.node_name.as_deref()), (id, Some("gw-north")));
+        let c = NodeConfig::resolve(&Cli::parse_from(["x", "--node-id", "0"]).node).unwrap();
+        assert_eq!(c.node_id, node_id_for_name("0"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cairn.toml");
+        std::fs::write(&p, "node_name = \"gw-north\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", p.to_str().unwrap()]);
+        assert_eq!(NodeConfig::resolve(&cli.node).unwrap().node_id, id);
+        let cli = Cli::parse_from(["x", "--config", p.to_str().unwrap(), "--node-id", "4"]);
+        let c = NodeConfig::resolve(&cli.node).unwrap();
+        assert_eq!((c.node_id, c.node_name), (4, None));
+
+        let e = NodeConfig::resolve(&Cli::parse_from(["x", "--extensions-path", "/x"]).node);
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("does not load SQLite extensions")
+        );
+        let cli = Cli::parse_from(["x", "--bootstrap-expect", "3", "--join", "h:4002"]);
+        assert_eq!(NodeConfig::resolve(&cli.node).unwrap().bootstrap_expect, 3);
     }
 
     #[test]

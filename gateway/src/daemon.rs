@@ -300,6 +300,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
         .merge(crate::ingress::forward::routes(ingress.clone()))
         .merge(crate::cluster::streams::routes(cluster.clone()))
         .merge(crate::cluster::forward::routes(cluster.clone()))
+        .merge(crate::cluster::names::routes(cluster.clone()))
         .nest(crate::http::FORWARD_PREFIX, api.clone());
     for (listener, server_tls, router) in [
         (raft_listener, sec.raft_server_tls.clone(), internal),
@@ -335,6 +336,9 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
     servers.push(tokio::spawn(async move {
         watching.hand_over_while_held(stop).await;
     }));
+    if let Some(name) = config.node_name.clone() {
+        tokio::spawn(cluster.clone().keep_name(name));
+    }
     let reap = crate::cluster::reap::Timeouts::from_ms(
         config.raft_reap_node_timeout_ms,
         config.raft_reap_read_only_node_timeout_ms,

@@ -611,9 +611,12 @@ impl Cluster {
             .append(true)
             .open(node.dir.join("node.log"))
             .expect("log file");
+        cmd.arg("node");
+        // A node's own `--node-id` (an rqlite-style name) wins over the harness's number.
+        if !node.extra.iter().any(|a| a == "--node-id") {
+            cmd.args(["--node-id", &node.id.to_string()]);
+        }
         let child = cmd
-            .arg("node")
-            .args(["--node-id", &node.id.to_string()])
             .arg("--data-dir")
             .arg(&node.dir)
             .args(["--http-addr", &node.http, "--raft-addr", &node.raft])

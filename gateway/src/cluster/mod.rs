@@ -22,6 +22,7 @@ pub mod client;
 pub mod dump;
 pub mod forward;
 pub mod membership;
+pub mod names;
 pub mod queue;
 pub mod reap;
 pub mod streams;

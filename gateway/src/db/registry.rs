@@ -256,3 +256,36 @@ mod tests {
         assert!(parse_key(&"zz".repeat(32)).is_err());
     }
 }
+
+/// Records `name` for node `id` (a name moves to the id it is given last: a replaced node).
+pub fn set_node_name(conn: &Connection, id: u64, name: &str) -> rusqlite::Result<()> {
+    use super::tables::NODE_NAMES;
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {NODE_NAMES} (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)"
+    ))?;
+    conn.execute(
+        &format!("DELETE FROM {NODE_NAMES} WHERE name = ?1 AND id != ?2"),
+        rusqlite::params![name, id as i64],
+    )?;
+    conn.execute(
+        &format!("INSERT OR REPLACE INTO {NODE_NAMES}(id, name) VALUES (?1, ?2)"),
+        rusqlite::params![id as i64, name],
+    )?;
+    Ok(())
+}
+
+/// The recorded node names, by Raft id (empty before the first).
+pub fn node_names(conn: &Connection) -> rusqlite::Result<std::collections::BTreeMap<u64, String>> {
+    let mut st = match conn.prepare(&format!(
+        "SELECT id, name FROM {}",
+        super::tables::NODE_NAMES
+    )) {
+        Ok(st) => st,
+        Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.contains("no such table") => {
+            return Ok(Default::default());
+        }
+        Err(e) => return Err(e),
+    };
+    let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+    rows.collect()
+}

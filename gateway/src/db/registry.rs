@@ -242,21 +242,6 @@ pub fn key_hex(key: &DeviceKey) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_parse_key() {
-        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
-        let key = parse_key(hex).unwrap();
-        assert_eq!(key[1], 0x11);
-        assert_eq!(key_hex(&key), hex.to_ascii_lowercase());
-        assert!(parse_key("0011").is_err());
-        assert!(parse_key(&"zz".repeat(32)).is_err());
-    }
-}
-
 /// Records `name` for node `id` (a name moves to the id it is given last: a replaced node).
 pub fn set_node_name(conn: &Connection, id: u64, name: &str) -> rusqlite::Result<()> {
     use super::tables::NODE_NAMES;
@@ -288,4 +273,32 @@ pub fn node_names(conn: &Connection) -> rusqlite::Result<std::collections::BTree
     };
     let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_key() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let key = parse_key(hex).unwrap();
+        assert_eq!(key[1], 0x11);
+        assert_eq!(key_hex(&key), hex.to_ascii_lowercase());
+        assert!(parse_key("0011").is_err());
+        assert!(parse_key(&"zz".repeat(32)).is_err());
+    }
+
+    /// Names by id; a name moves to the id it is given last; none before the first.
+    #[test]
+    fn test_node_names() {
+        let conn = Connection::open_in_memory().unwrap();
+        assert!(node_names(&conn).unwrap().is_empty());
+        set_node_name(&conn, 1, "a").unwrap();
+        set_node_name(&conn, 2, "b").unwrap();
+        set_node_name(&conn, 1, "c").unwrap();
+        set_node_name(&conn, 3, "b").unwrap();
+        let names: Vec<(u64, String)> = node_names(&conn).unwrap().into_iter().collect();
+        assert_eq!(names, vec![(1, "c".into()), (3, "b".into())]);
+    }
 }

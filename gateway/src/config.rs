@@ -11,12 +11,10 @@
 //! http_adv_addr = "10.0.0.5:4001"   # what other nodes and clients are told
 //! raft_adv_addr = "10.0.0.5:4002"
 //! bootstrap = false
-//! join = "http://10.0.0.4:4001"      # comma-separated; HTTP URLs or Raft addresses (host:port)
-//! bootstrap_expect = 0               # with join: form a cluster once this many nodes know each other
+//! join = "http://10.0.0.4:4001"      # comma-separated URLs or Raft addresses; bootstrap_expect = N
 //! non_voter = false
 //! raft_cluster_remove_shutdown = false # a node stopped with SIGTERM leaves the cluster
-//! raft_reap_node_timeout_ms = 0      # the leader removes voters unreached this long (0: never)
-//! raft_reap_read_only_node_timeout_ms = 0 # ... and read replicas
+//! raft_reap_node_timeout_ms = 0      # and raft_reap_read_only_node_timeout_ms: 0 never reaps
 //! log_format = "text"                # or "json"
 //! log_level = "info"                 # RUST_LOG overrides
 //! heartbeat_ms = 50
@@ -93,6 +91,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 mod backup;
+pub mod cluster;
 pub mod export;
 mod tls;
 
@@ -101,34 +100,12 @@ pub use backup::parse_duration;
 /// Committed device batches the record feed keeps for slow subscribers by default.
 pub const DEFAULT_FEED_CAPACITY: usize = 1024;
 
-/// `--node-id` as rqlite takes it: a positive integer is the Raft id itself; any other string
-/// (`"0"` included) is a name, returned as the error.
-pub fn parse_node_id(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n > 0 && s == n.to_string() => Ok(n),
-        _ => Err(s.to_string()),
-    }
-}
-
-/// The Raft id of an rqlite-style node name: FNV-1a of its bytes folded into
-/// `[2^52, 2^53)`, so it never equals a small integer id and stays exact as a JSON number
-/// (a double). The same on every node and release: ids derive from names with no lookup.
-pub fn node_id_for_name(name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (1 << 52) | (h & ((1 << 52) - 1))
-}
-
 /// Settings of one gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     pub node_id: u64,
-    /// An rqlite-style node name (`--node-id NAME`): the Raft id is then
-    /// [`node_id_for_name`] of it, and the name is what `/status` and `/nodes` show.
+    /// An rqlite-style node name (`--node-id NAME`, see `config::cluster`).
     pub node_name: Option<String>,
     pub data_dir: PathBuf,
     pub http_addr: String,
@@ -138,18 +115,15 @@ pub struct NodeConfig {
     pub raft_adv_addr: Option<String>,
     pub bootstrap: bool,
     pub join: Option<String>,
-    /// rqlite's `-bootstrap-expect`: with `join` listing the founding nodes, they form one
-    /// cluster of all of them once this many (this one included) have notified each other.
+    /// rqlite's `-bootstrap-expect` (see `cluster::bootstrap`).
     pub bootstrap_expect: usize,
-    /// rqlite's `-extensions-path`: refused at start (see `validate`).
+    /// rqlite's `-extensions-path`: refused at start (`config::cluster`).
     pub extensions_path: Option<PathBuf>,
     pub non_voter: bool,
     /// rqlite's `-raft-cluster-remove-shutdown`: on a graceful stop, leave the cluster.
     pub raft_cluster_remove_shutdown: bool,
-    /// rqlite's `-raft-reap-node-timeout`: the leader removes a voter it has not reached for
-    /// this long (0: never).
+    /// rqlite's `-raft-reap-node-timeout` and `-raft-reap-read-only-node-timeout` (0: never).
     pub raft_reap_node_timeout_ms: u64,
-    /// rqlite's `-raft-reap-read-only-node-timeout`, for read replicas (0: never).
     pub raft_reap_read_only_node_timeout_ms: u64,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -379,8 +353,7 @@ pub struct NodeArgs {
     /// logged) when this node already holds Raft state.
     #[arg(long)]
     pub join: Option<String>,
-    /// With --join listing the founding nodes: form one cluster of all of them once this many
-    /// nodes (this one included) have notified each other (rqlite's -bootstrap-expect).
+    /// With --join naming the founders: form their cluster once this many know each other.
     #[arg(long, requires = "join")]
     pub bootstrap_expect: Option<usize>,
     /// rqlite's -extensions-path: not supported; the node refuses to start with it.
@@ -392,12 +365,10 @@ pub struct NodeArgs {
     /// On a graceful stop (SIGTERM), leave the cluster (rqlite's -raft-cluster-remove-shutdown).
     #[arg(long)]
     pub raft_cluster_remove_shutdown: bool,
-    /// The leader removes a voter it has not reached for this many ms (rqlite's
-    /// -raft-reap-node-timeout; 0: never).
+    /// The leader removes a voter unreached this many ms (rqlite's -raft-reap-node-timeout).
     #[arg(long)]
     pub raft_reap_node_timeout_ms: Option<u64>,
-    /// The leader removes a read replica it has not reached for this many ms (rqlite's
-    /// -raft-reap-read-only-node-timeout; 0: never).
+    /// ... a read replica (rqlite's -raft-reap-read-only-node-timeout).
     #[arg(long)]
     pub raft_reap_read_only_node_timeout_ms: Option<u64>,
     #[arg(long, value_enum)]
@@ -569,16 +540,7 @@ impl NodeConfig {
         macro_rules! over {
             ($($f:ident),*) => {$( if let Some(v) = &args.$f { c.$f = v.clone().into(); } )*};
         }
-        if let Some(id) = &args.node_id {
-            match parse_node_id(id) {
-                Ok(n) => (c.node_id, c.node_name) = (n, None),
-                Err(name) => c.node_name = Some(name),
-            }
-        }
-        if let Some(name) = &c.node_name {
-            anyhow::ensure!(!name.is_empty(), "node_name must not be empty");
-            c.node_id = node_id_for_name(name);
-        }
+        c.resolve_node_id(args.node_id.as_deref())?;
         over!(
             data_dir,
             http_addr,
@@ -685,19 +647,7 @@ impl NodeConfig {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
-        // Every replica re-executes the log's SQL, so a function an extension adds would have
-        // to exist, and return the same value, on every node for ever, and native code loaded
-        // into the process runs outside the SQL sandbox: Cairn does not load extensions.
-        anyhow::ensure!(
-            self.extensions_path.is_none(),
-            "extensions_path: Cairn does not load SQLite extensions (every replica must apply the \
-             log identically, and extension code would run outside the SQL sandbox); remove \
-             --extensions-path"
-        );
-        anyhow::ensure!(
-            self.bootstrap_expect == 0 || (self.join.is_some() && !self.bootstrap),
-            "bootstrap_expect needs join (the founding nodes' addresses) and no bootstrap"
-        );
+        self.validate_cluster()?;
         anyhow::ensure!(
             self.election_timeout_min_ms > self.heartbeat_ms
                 && self.election_timeout_max_ms > self.election_timeout_min_ms,
@@ -745,30 +695,6 @@ impl NodeConfig {
             undeclared: self.undeclared_streams,
         }
     }
-
-    /// The openraft configuration these settings imply.
-    pub fn raft_config(&self) -> anyhow::Result<openraft::Config> {
-        let c = openraft::Config {
-            cluster_name: "cairn".into(),
-            heartbeat_interval: self.heartbeat_ms,
-            election_timeout_min: self.election_timeout_min_ms,
-            election_timeout_max: self.election_timeout_max_ms,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_threshold),
-            max_in_snapshot_log_to_keep: self.snapshot_keep_logs,
-            // A follower further behind than this gets a snapshot instead of entries.
-            replication_lag_threshold: self.snapshot_threshold.max(1) * 2,
-            install_snapshot_timeout: 60_000,
-            max_payload_entries: 1024,
-            // A restarted leader must win an election again (standard Raft). openraft's
-            // default lets it resume as leader of its old term, which its own docs call unsafe
-            // when the state machine and the committed id are not fsync'd on apply (ours are
-            // not: synchronous=NORMAL); it also made a restarted old leader claim leadership
-            // for seconds next to the real one.
-            enable_leader_restore: Some(false),
-            ..Default::default()
-        };
-        Ok(c.validate()?)
-    }
 }
 
 #[cfg(test)]
@@ -776,6 +702,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use cluster::{node_id_for_name, parse_node_id};
 
     #[derive(Parser)]
     struct Cli {

@@ -19,7 +19,7 @@ use super::{Original, Scheme, Served, on_leader};
 use crate::cluster::Cluster;
 use crate::cluster::membership::JoinRequest;
 use crate::cluster::names::shown;
-use crate::config::{node_id_for_name, parse_node_id};
+use crate::config::cluster::{node_id_for_name, parse_node_id};
 use crate::error::Error;
 use crate::raft::network::full;
 use crate::raft::{LogId, Peer};

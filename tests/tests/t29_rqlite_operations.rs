@@ -275,11 +275,7 @@ fn test_compressed_backups_and_a_streamed_dump_load() {
 
 /// The ids in `/nodes?nonvoters` of the leader.
 fn member_ids(c: &Cluster) -> Option<Vec<String>> {
-    let l = c.find_leader(&[])?;
-    let r = c.nodes[l].client().get(&c.nodes[l].url("/nodes?nonvoters"));
-    let mut ids: Vec<String> = r.body.as_object()?.keys().cloned().collect();
-    ids.sort();
-    Some(ids)
+    shown_ids(c, c.find_leader(&[])?)
 }
 
 /// rqlite's reaping: `POST /reap` (through a follower) removes a read replica that is gone;

@@ -17,7 +17,7 @@ use super::rqlite::{
     results_response,
 };
 use super::{Original, Scheme, Served, on_leader, redirect_to_leader};
-use crate::cluster::client::{FORWARDED, LEADER_WAIT, LeaderRequest, Port};
+use crate::cluster::client::{FORWARDED, LEADER_WAIT};
 use crate::cluster::{Cluster, Level};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
@@ -365,7 +365,16 @@ pub async fn load(
                 Err(Error::NotLeader(None))
             }
             Ok(path) => {
-                let r = forward_file(&n, &parts, &path).await.map(Served::There);
+                let r = match std::fs::File::open(&path) {
+                    Ok(file) => {
+                        let body = file_body(Vec::new(), file);
+                        let (m, u, h) = (&parts.method, &parts.uri, &parts.headers);
+                        super::forward(&n, m, u, h, body, LOAD_FORWARD_TIMEOUT)
+                            .await
+                            .map(Served::There)
+                    }
+                    Err(e) => Err(e.into()),
+                };
                 let _ = tokio::fs::remove_file(&path).await;
                 r
             }
@@ -421,49 +430,6 @@ pub async fn boot(
 
 /// How long a forwarded load may take on the leader (upload, checks, every chunk applied).
 const LOAD_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// Sends a spooled upload to the leader's `/db/load` (as [`super::to_leader`] forwards other
-/// requests: the leader's Raft listener, the client's credentials), streaming the file.
-async fn forward_file(
-    n: &Cluster,
-    parts: &axum::http::request::Parts,
-    path: &std::path::Path,
-) -> Result<Response, Error> {
-    let forward_path = format!(
-        "{}{}",
-        super::FORWARD_PREFIX,
-        parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/db/load")
-    );
-    let file = std::fs::File::open(path)?;
-    let req = LeaderRequest {
-        method: parts.method.clone(),
-        path: &forward_path,
-        content_type: parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-        authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
-        body: bytes::Bytes::new(),
-    };
-    let answer = n
-        .call_leader_with(
-            Port::Internal,
-            req,
-            file_body(Vec::new(), file),
-            LEADER_WAIT,
-            LOAD_FORWARD_TIMEOUT,
-        )
-        .await?;
-    let mut resp = (answer.status, answer.body).into_response();
-    if let Some(v) = answer.headers.get(header::CONTENT_TYPE) {
-        resp.headers_mut().insert(header::CONTENT_TYPE, v.clone());
-    }
-    Ok(resp)
-}
 
 fn upload_path(n: &Cluster) -> std::path::PathBuf {
     n.scratch_dir()

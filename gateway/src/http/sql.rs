@@ -358,23 +358,8 @@ pub async fn load(
         let forwarded = req.headers().contains_key(FORWARDED);
         let (parts, body) = req.into_parts();
         match spool(&n, body).await {
-            Ok(path) if n.is_leader() => n.load_file(path, restore_state).await.map(Served::Here),
-            Ok(path) if forwarded => {
-                // Never forwarded twice: leadership moved since the sender looked.
-                let _ = tokio::fs::remove_file(&path).await;
-                Err(Error::NotLeader(None))
-            }
             Ok(path) => {
-                let r = match std::fs::File::open(&path) {
-                    Ok(file) => {
-                        let body = file_body(Vec::new(), file);
-                        let (m, u, h) = (&parts.method, &parts.uri, &parts.headers);
-                        super::forward(&n, m, u, h, body, LOAD_FORWARD_TIMEOUT)
-                            .await
-                            .map(Served::There)
-                    }
-                    Err(e) => Err(e.into()),
-                };
+                let r = load_spooled(&n, &parts, &path, restore_state, forwarded).await;
                 let _ = tokio::fs::remove_file(&path).await;
                 r
             }
@@ -430,6 +415,48 @@ pub async fn boot(
 
 /// How long a forwarded load may take on the leader (upload, checks, every chunk applied).
 const LOAD_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Loads the spooled upload at `path` here if this node leads, else has the leader load it
+/// (streaming the file). A leadership change before the load took effect is waited out for up
+/// to [`LOAD_LEADER_WAIT`] and the load sent again: a load replaces the user's tables, so one
+/// that did take effect is not changed by a repeat. The caller deletes `path`.
+async fn load_spooled(
+    n: &Cluster,
+    parts: &axum::http::request::Parts,
+    path: &std::path::Path,
+    restore_state: bool,
+    forwarded: bool,
+) -> Result<Served<Vec<StatementResult>>, Error> {
+    let deadline = std::time::Instant::now() + LOAD_LEADER_WAIT;
+    loop {
+        let again = std::time::Instant::now() < deadline;
+        if n.is_leader() {
+            // `load_file` consumes its upload: it gets a link to the spool file.
+            let link = path.with_extension("load");
+            std::fs::hard_link(path, &link)?;
+            match n.load_file(link, restore_state).await {
+                Err(e) if e.is_not_leader() && again && !forwarded => {}
+                r => return r.map(Served::Here),
+            }
+        } else if forwarded {
+            // Never forwarded twice: leadership moved since the sender looked.
+            return Err(Error::NotLeader(None));
+        } else if n.leader().is_some() {
+            let body = file_body(Vec::new(), std::fs::File::open(path)?);
+            let (m, u, h) = (&parts.method, &parts.uri, &parts.headers);
+            let resp = super::forward(n, m, u, h, body, LOAD_FORWARD_TIMEOUT).await?;
+            if resp.status() != StatusCode::SERVICE_UNAVAILABLE || !again {
+                return Ok(Served::There(resp));
+            }
+        } else if !again {
+            return Err(Error::NoLeader);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a load waits out a leadership change before it gives up.
+const LOAD_LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn upload_path(n: &Cluster) -> std::path::PathBuf {
     n.scratch_dir()

@@ -3,7 +3,7 @@
 //! Every key of [`NodeConfig`] is a key in the TOML file and, with `_` as `-`, a flag:
 //!
 //! ```toml
-//! node_id = 1
+//! node_id = 1                      # or, rqlite-style: node_name = "gw-north"
 //! data_dir = "/var/lib/cairn"
 //! http_addr = "0.0.0.0:4001"
 //! raft_addr = "0.0.0.0:4002"
@@ -11,10 +11,11 @@
 //! http_adv_addr = "10.0.0.5:4001"   # what other nodes and clients are told
 //! raft_adv_addr = "10.0.0.5:4002"
 //! bootstrap = false
-//! join = "http://10.0.0.4:4001"      # comma-separated list allowed
+//! join = "http://10.0.0.4:4001"      # comma-separated URLs or Raft addresses; bootstrap_expect = N
 //! non_voter = false
 //! replace = 3                        # with join: take the place of node 3, whose disk was lost
 //! raft_cluster_remove_shutdown = false # a node stopped with SIGTERM leaves the cluster
+//! raft_reap_node_timeout_ms = 0      # and raft_reap_read_only_node_timeout_ms: 0 never reaps
 //! log_format = "text"                # or "json"
 //! log_level = "info"                 # RUST_LOG overrides
 //! heartbeat_ms = 50
@@ -91,6 +92,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 mod backup;
+pub mod cluster;
 pub mod export;
 mod tls;
 
@@ -104,6 +106,8 @@ pub const DEFAULT_FEED_CAPACITY: usize = 1024;
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     pub node_id: u64,
+    /// An rqlite-style node name (`--node-id NAME`, see `config::cluster`).
+    pub node_name: Option<String>,
     pub data_dir: PathBuf,
     pub http_addr: String,
     pub raft_addr: String,
@@ -115,9 +119,16 @@ pub struct NodeConfig {
     /// `--replace OLD_ID` with `--join`: this blank node takes node OLD_ID's place (see
     /// `cluster::membership`); OLD_ID may be this node's own id.
     pub replace: Option<u64>,
+    /// rqlite's `-bootstrap-expect` (see `cluster::bootstrap`).
+    pub bootstrap_expect: usize,
+    /// rqlite's `-extensions-path`: refused at start (`config::cluster`).
+    pub extensions_path: Option<PathBuf>,
     pub non_voter: bool,
     /// rqlite's `-raft-cluster-remove-shutdown`: on a graceful stop, leave the cluster.
     pub raft_cluster_remove_shutdown: bool,
+    /// rqlite's `-raft-reap-node-timeout` and `-raft-reap-read-only-node-timeout` (0: never).
+    pub raft_reap_node_timeout_ms: u64,
+    pub raft_reap_read_only_node_timeout_ms: u64,
     pub log_format: LogFormat,
     pub log_level: String,
     pub heartbeat_ms: u64,
@@ -228,6 +239,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             node_id: 1,
+            node_name: None,
             data_dir: PathBuf::from("cairn-data"),
             http_addr: "127.0.0.1:4001".into(),
             raft_addr: "127.0.0.1:4002".into(),
@@ -237,8 +249,12 @@ impl Default for NodeConfig {
             bootstrap: false,
             join: None,
             replace: None,
+            bootstrap_expect: 0,
+            extensions_path: None,
             non_voter: false,
             raft_cluster_remove_shutdown: false,
+            raft_reap_node_timeout_ms: 0,
+            raft_reap_read_only_node_timeout_ms: 0,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             // LAN defaults: a follower notices a dead leader after 150-300 ms.
@@ -310,8 +326,10 @@ pub struct NodeArgs {
     /// TOML file with any of the keys below (flags win).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// This node's id: a positive integer, or (as rqlite takes it) any other string, a name
+    /// (`"0"` included) that Cairn maps to a Raft id of its own.
     #[arg(long)]
-    pub node_id: Option<u64>,
+    pub node_id: Option<String>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// HTTP API listen address (default 127.0.0.1:4001; port 0 lets the OS choose).
@@ -335,7 +353,9 @@ pub struct NodeArgs {
     /// Initialise a new single-node cluster if this node holds no state yet.
     #[arg(long, conflicts_with = "join")]
     pub bootstrap: bool,
-    /// Join the cluster through this node's HTTP API (comma-separated list allowed).
+    /// Join the cluster through these nodes (comma-separated): HTTP API URLs
+    /// (`http://host:4001`) or, as rqlite takes them, Raft addresses (`host:4002`). Ignored (and
+    /// logged) when this node already holds Raft state.
     #[arg(long)]
     pub join: Option<String>,
     /// With --join: take the place of node OLD_ID, whose disk was lost (it is removed first,
@@ -343,12 +363,24 @@ pub struct NodeArgs {
     /// and `remove` permissions.
     #[arg(long, value_name = "OLD_ID", requires = "join")]
     pub replace: Option<u64>,
+    /// With --join naming the founders: form their cluster once this many know each other.
+    #[arg(long, requires = "join")]
+    pub bootstrap_expect: Option<usize>,
+    /// rqlite's -extensions-path: not supported; the node refuses to start with it.
+    #[arg(long)]
+    pub extensions_path: Option<PathBuf>,
     /// Join as a read replica that never votes.
     #[arg(long)]
     pub non_voter: bool,
     /// On a graceful stop (SIGTERM), leave the cluster (rqlite's -raft-cluster-remove-shutdown).
     #[arg(long)]
     pub raft_cluster_remove_shutdown: bool,
+    /// The leader removes a voter unreached this many ms (rqlite's -raft-reap-node-timeout).
+    #[arg(long)]
+    pub raft_reap_node_timeout_ms: Option<u64>,
+    /// ... a read replica (rqlite's -raft-reap-read-only-node-timeout).
+    #[arg(long)]
+    pub raft_reap_read_only_node_timeout_ms: Option<u64>,
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter such as `info` or `cairn_gateway=debug` (RUST_LOG wins).
@@ -518,8 +550,8 @@ impl NodeConfig {
         macro_rules! over {
             ($($f:ident),*) => {$( if let Some(v) = &args.$f { c.$f = v.clone().into(); } )*};
         }
+        c.resolve_node_id(args.node_id.as_deref())?;
         over!(
-            node_id,
             data_dir,
             http_addr,
             raft_addr,
@@ -551,7 +583,10 @@ impl NodeConfig {
             backup_snapshot_interval,
             backup_snapshot_entries,
             backup_retention,
-            backup_retention_snapshots
+            backup_retention_snapshots,
+            bootstrap_expect,
+            raft_reap_node_timeout_ms,
+            raft_reap_read_only_node_timeout_ms
         );
         if args.accept_protocol_1 {
             c.accept_protocol_1 = true;
@@ -604,7 +639,8 @@ impl NodeConfig {
             backup_s3_secret_access_key,
             backup_s3_ca_cert,
             site,
-            cdc_config
+            cdc_config,
+            extensions_path
         );
         c.http_verify_client |= args.http_verify_client;
         c.node_verify_client |= args.node_verify_client;
@@ -624,6 +660,7 @@ impl NodeConfig {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
+        self.validate_cluster()?;
         anyhow::ensure!(
             self.election_timeout_min_ms > self.heartbeat_ms
                 && self.election_timeout_max_ms > self.election_timeout_min_ms,
@@ -671,30 +708,6 @@ impl NodeConfig {
             undeclared: self.undeclared_streams,
         }
     }
-
-    /// The openraft configuration these settings imply.
-    pub fn raft_config(&self) -> anyhow::Result<openraft::Config> {
-        let c = openraft::Config {
-            cluster_name: "cairn".into(),
-            heartbeat_interval: self.heartbeat_ms,
-            election_timeout_min: self.election_timeout_min_ms,
-            election_timeout_max: self.election_timeout_max_ms,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_threshold),
-            max_in_snapshot_log_to_keep: self.snapshot_keep_logs,
-            // A follower further behind than this gets a snapshot instead of entries.
-            replication_lag_threshold: self.snapshot_threshold.max(1) * 2,
-            install_snapshot_timeout: 60_000,
-            max_payload_entries: 1024,
-            // A restarted leader must win an election again (standard Raft). openraft's
-            // default lets it resume as leader of its old term, which its own docs call unsafe
-            // when the state machine and the committed id are not fsync'd on apply (ours are
-            // not: synchronous=NORMAL); it also made a restarted old leader claim leadership
-            // for seconds next to the real one.
-            enable_leader_restore: Some(false),
-            ..Default::default()
-        };
-        Ok(c.validate()?)
-    }
 }
 
 #[cfg(test)]
@@ -702,6 +715,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use cluster::{node_id_for_name, parse_node_id};
 
     #[derive(Parser)]
     struct Cli {
@@ -733,6 +747,42 @@ mod tests {
         assert_eq!(c.raft_addr, "127.0.0.1:4002");
         assert!(c.bootstrap);
         c.raft_config().unwrap();
+    }
+
+    /// rqlite's `-node-id` takes any string: integers are Raft ids, anything else a name
+    /// with a Raft id of its own; the TOML key `node_name` alike; `--extensions-path` and
+    /// `--bootstrap-expect` without `--join` are refused.
+    #[test]
+    fn test_node_names_and_refused_flags() {
+        assert_eq!(parse_node_id("12"), Ok(12));
+        for name in ["0", "gw-north", "007", "-1", ""] {
+            assert_eq!(parse_node_id(name), Err(name.to_string()));
+        }
+        let id = node_id_for_name("gw-north");
+        assert!((1 << 52..1 << 53).contains(&id));
+        assert_eq!(id, node_id_for_name("gw-north"));
+        assert_ne!(id, node_id_for_name("gw-south"));
+        let c = NodeConfig::resolve(&Cli::parse_from(["x", "--node-id", "gw-north"]).node).unwrap();
+        assert_eq!((c.node_id, c.node_name.as_deref()), (id, Some("gw-north")));
+        let c = NodeConfig::resolve(&Cli::parse_from(["x", "--node-id", "0"]).node).unwrap();
+        assert_eq!(c.node_id, node_id_for_name("0"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cairn.toml");
+        std::fs::write(&p, "node_name = \"gw-north\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", p.to_str().unwrap()]);
+        assert_eq!(NodeConfig::resolve(&cli.node).unwrap().node_id, id);
+        let cli = Cli::parse_from(["x", "--config", p.to_str().unwrap(), "--node-id", "4"]);
+        let c = NodeConfig::resolve(&cli.node).unwrap();
+        assert_eq!((c.node_id, c.node_name), (4, None));
+
+        let e = NodeConfig::resolve(&Cli::parse_from(["x", "--extensions-path", "/x"]).node);
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("does not load SQLite extensions")
+        );
+        let cli = Cli::parse_from(["x", "--bootstrap-expect", "3", "--join", "h:4002"]);
+        assert_eq!(NodeConfig::resolve(&cli.node).unwrap().bootstrap_expect, 3);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use tokio::net::TcpListener;
 
+use crate::cluster::bootstrap;
 use crate::cluster::membership::JoinRequest;
 use crate::cluster::{Cluster, Parts};
 use crate::command::feed::Feed;
@@ -22,7 +23,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, HttpClient, Network};
 use crate::raft::proposer::Proposer;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{Peer, Raft, io_err};
+use crate::raft::{Peer, Raft};
 use crate::security::tls::{self, SecureListener};
 use crate::security::{Authenticator, Credentials};
 
@@ -267,7 +268,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
         raft: raft.clone(),
         store: sm.store(),
         proposer,
-        client,
+        client: client.clone(),
         metrics: metrics.clone(),
         log_stats,
         scratch_dir: config.data_dir.clone(),
@@ -319,6 +320,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
         .merge(crate::ingress::forward::routes(ingress.clone()))
         .merge(crate::cluster::streams::routes(cluster.clone()))
         .merge(crate::cluster::forward::routes(cluster.clone()))
+        .merge(crate::cluster::names::routes(cluster.clone()))
         .nest(crate::http::FORWARD_PREFIX, api.clone());
     for (listener, server_tls, router) in [
         (raft_listener, sec.raft_server_tls.clone(), internal),
@@ -358,6 +360,19 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
     servers.push(tokio::spawn(async move {
         recording.record_own_incarnation(stop).await;
     }));
+    if let Some(name) = config.node_name.clone() {
+        tokio::spawn(cluster.clone().keep_name(name));
+    }
+    let reap = crate::cluster::reap::Timeouts::from_ms(
+        config.raft_reap_node_timeout_ms,
+        config.raft_reap_read_only_node_timeout_ms,
+    );
+    if reap.any() {
+        let (reaping, stop) = (cluster.clone(), stop_rx.clone());
+        servers.push(tokio::spawn(async move {
+            reaping.reap_while_leading(reap, stop).await;
+        }));
+    }
     let mut stop = stop_rx.clone();
     let serving = ingress.clone();
     servers.push(tokio::spawn(async move {
@@ -379,15 +394,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
         tracing::info!("bootstrapping a new cluster");
         raft.initialize(BTreeMap::from([(cluster.id(), peer.clone())]))
             .await?;
-    } else if let Some(join) = &config.join
-        && (!initialized || (!config.non_voter && !cluster.is_voter()))
-    {
-        // A fresh node joins; so does one that crashed after joining as a learner but before
-        // its promotion (the leader then only promotes it).
-        let urls: Vec<String> = join
-            .split(',')
-            .map(|s| s.trim().trim_end_matches('/').to_string())
-            .collect();
+    } else if let Some(join) = &config.join {
         let req = JoinRequest {
             id: cluster.id(),
             addr: peer.raft_addr.clone(),
@@ -397,13 +404,33 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
             incarnation: Some(incarnations.own()),
             replace: config.replace,
         };
-        tokio::spawn(join_loop(
-            cluster.clone(),
-            req,
-            urls,
-            sec.join_client,
-            sec.join_as,
-        ));
+        let targets =
+            bootstrap::targets(join, &sec.join_client, &client, crate::http::FORWARD_PREFIX);
+        if !initialized && config.bootstrap_expect > 0 {
+            tokio::spawn(bootstrap::expect_loop(
+                cluster.clone(),
+                req,
+                targets,
+                sec.join_as,
+                config.bootstrap_expect,
+            ));
+        } else if !initialized || (!config.non_voter && !cluster.is_voter()) {
+            // A fresh node joins; so does one that crashed after joining as a learner but
+            // before its promotion (the leader then only promotes it).
+            tokio::spawn(bootstrap::join_loop(
+                cluster.clone(),
+                req,
+                targets,
+                sec.join_as,
+            ));
+        } else {
+            // As rqlite: a node with Raft state of its own (a member, or a cluster it
+            // bootstrapped) keeps it; --join only ever adds a blank node.
+            tracing::warn!(
+                join = %join,
+                "this node already holds Raft state (it belongs to a cluster): ignoring --join"
+            );
+        }
     }
     Ok(Started {
         cluster,
@@ -440,44 +467,4 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data)?;
     std::fs::rename(tmp, path)
-}
-
-/// Asks the nodes at `urls` (any member; it forwards to the leader) to add this one, until
-/// one accepts or Raft stops. `creds` (`--join-as`) go as Basic credentials.
-async fn join_loop(
-    cluster: Arc<Cluster>,
-    req: JoinRequest,
-    urls: Vec<String>,
-    client: HttpClient,
-    creds: Option<Credentials>,
-) {
-    let body = serde_json::to_vec(&req).expect("json");
-    loop {
-        for url in &urls {
-            let mut r = hyper::Request::post(format!("{url}/join"))
-                .header("content-type", "application/json");
-            if let Some(c) = &creds {
-                r = r.header(hyper::header::AUTHORIZATION, c.authorization());
-            }
-            let r = r.body(network::full(body.clone())).map_err(io_err);
-            let res = match r {
-                Ok(r) => client.send(r, Duration::from_secs(120)).await,
-                Err(e) => Err(e),
-            };
-            match res {
-                Ok((s, _, _)) if s.is_success() => {
-                    tracing::info!(%url, "joined the cluster");
-                    return;
-                }
-                Ok((s, _, b)) => {
-                    tracing::warn!(%url, "join refused ({s}): {}", String::from_utf8_lossy(&b))
-                }
-                Err(e) => tracing::warn!(%url, "join failed: {e}"),
-            }
-        }
-        if !cluster.running() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }

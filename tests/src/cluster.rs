@@ -387,6 +387,27 @@ impl Cluster {
     /// Like [`Cluster::start_with`], with every node (also those added later) placed by
     /// `place` (see [`Place`]).
     pub fn start_placed(n: usize, opts: Options, place: Option<Place>) -> Cluster {
+        let mut c = Self::unformed(opts, place);
+        c.spawn_new(&["--bootstrap"]);
+        c.wait_ready(0);
+        for _ in 1..n {
+            c.add_node(&[]);
+        }
+        let ids: Vec<u64> = c.nodes.iter().map(|n| n.id).collect();
+        poll(c.timeout, "all nodes to be voters", || {
+            let s = c.nodes[c.leader()].status()?;
+            let voters: Vec<u64> = serde_json::from_value(s["raft"]["voters"].clone()).ok()?;
+            (voters == ids).then_some(())
+        });
+        c
+    }
+
+    /// A cluster with no node yet, for tests that form it themselves ([`Cluster::spawn_at`]).
+    pub fn empty(opts: Options) -> Cluster {
+        Self::unformed(opts, None)
+    }
+
+    fn unformed(opts: Options, place: Option<Place>) -> Cluster {
         let dir = match opts.dir {
             Some(d) => {
                 if d.exists() {
@@ -423,17 +444,6 @@ impl Cluster {
             c.extra
                 .extend(["--config".to_string(), path.display().to_string()]);
         }
-        c.spawn_new(&["--bootstrap"]);
-        c.wait_ready(0);
-        for _ in 1..n {
-            c.add_node(&[]);
-        }
-        let ids: Vec<u64> = c.nodes.iter().map(|n| n.id).collect();
-        poll(c.timeout, "all nodes to be voters", || {
-            let s = c.nodes[c.leader()].status()?;
-            let voters: Vec<u64> = serde_json::from_value(s["raft"]["voters"].clone()).ok()?;
-            (voters == ids).then_some(())
-        });
         c
     }
 
@@ -560,7 +570,30 @@ impl Cluster {
         i
     }
 
+    /// Starts the next node with `flags` on the given HTTP and Raft addresses (chosen before
+    /// start, so nodes can name each other, as `--bootstrap-expect` needs), without waiting
+    /// for it to be ready.
+    pub fn spawn_at(&mut self, http: &str, raft: &str, flags: &[&str]) -> usize {
+        let i = self.spawn_node(flags, Some((http, raft)));
+        self.spawn(i);
+        i
+    }
+
+    /// Replaces the flags node `i` was started with (`--bootstrap`, `--join`, ...) for its
+    /// next start; the cluster's own flags stay.
+    pub fn set_flags(&mut self, i: usize, flags: &[&str]) {
+        let mut extra = self.extra.clone();
+        extra.extend(flags.iter().map(|s| s.to_string()));
+        self.nodes[i].extra = extra;
+    }
+
     fn spawn_new(&mut self, flags: &[&str]) -> usize {
+        let i = self.spawn_node(flags, None);
+        self.spawn(i);
+        i
+    }
+
+    fn spawn_node(&mut self, flags: &[&str], at: Option<(&str, &str)>) -> usize {
         let id = self.nodes.len() as u64 + 1;
         let node_dir = self.dir().join(format!("node{id}"));
         std::fs::create_dir_all(&node_dir).expect("node dir");
@@ -569,10 +602,10 @@ impl Cluster {
         self.nodes.push(Node {
             id,
             dir: node_dir,
-            http: "127.0.0.1:0".into(),
-            raft: "127.0.0.1:0".into(),
+            http: at.map_or("127.0.0.1:0", |a| a.0).into(),
+            raft: at.map_or("127.0.0.1:0", |a| a.1).into(),
             extra,
-            device: String::new(),
+            device: at.map_or_else(String::new, |_| "127.0.0.1:0".into()),
             place: self.place.clone(),
             child: None,
             auth: self.auth(),
@@ -582,9 +615,7 @@ impl Cluster {
                 "http"
             },
         });
-        let i = self.nodes.len() - 1;
-        self.spawn(i);
-        i
+        self.nodes.len() - 1
     }
 
     /// Starts node `i`'s process (same flags, ports and data as before) and waits until it
@@ -610,9 +641,12 @@ impl Cluster {
             .append(true)
             .open(node.dir.join("node.log"))
             .expect("log file");
+        cmd.arg("node");
+        // A node's own `--node-id` (an rqlite-style name) wins over the harness's number.
+        if !node.extra.iter().any(|a| a == "--node-id") {
+            cmd.args(["--node-id", &node.id.to_string()]);
+        }
         let child = cmd
-            .arg("node")
-            .args(["--node-id", &node.id.to_string()])
             .arg("--data-dir")
             .arg(&node.dir)
             .args(["--http-addr", &node.http, "--raft-addr", &node.raft])
@@ -723,14 +757,6 @@ impl Cluster {
     pub fn restart(&mut self, i: usize) {
         self.relaunch(i);
         self.wait_ready(i);
-    }
-
-    /// Replaces the flags node `i` starts with (beyond id, data dir and addresses) by the
-    /// cluster's own plus `flags`, for its next start.
-    pub fn set_flags(&mut self, i: usize, flags: &[&str]) {
-        let mut extra = self.extra.clone();
-        extra.extend(flags.iter().map(|s| s.to_string()));
-        self.nodes[i].extra = extra;
     }
 
     /// Deletes everything in stopped node `i`'s data dir but its log (`node.log`): a gateway

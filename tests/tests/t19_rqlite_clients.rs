@@ -1,12 +1,13 @@
 //! rqlite's clients and tools work unchanged: pyrqlite (queued writes included) and
-//! SQLAlchemy's rqlite dialect (ORM session, reflection) through a follower and through the
+//! SQLAlchemy's rqlite dialect (ORM session, reflection), rqdb (sync and asyncio) and rqlite-js
+//! through a follower and through the
 //! leader of 3 nodes; rqlite's response shapes byte for byte; the operator routes rqlite's
 //! tools read (`/status` `store`, `/nodes`, `/leader`, `/snapshot`, `/readyz?sync`,
 //! `/debug/vars`, `/db/sql`); read levels `auto` and `freshness`; queued writes under
 //! `kill -9` of the leader (every write whose `wait` returned is on every survivor).
 //!
-//! The clients are installed by `cargo xtask setup` (pyrqlite and sqlalchemy-rqlite from PyPI,
-//! rqlite-js from npm under `target/rqlite-js`).
+//! The clients are installed by `cargo xtask setup` (pyrqlite, sqlalchemy-rqlite and rqdb from
+//! PyPI, rqlite-js from npm under `target/rqlite-js`).
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,30 @@ fn test_python_clients_through_follower_and_leader() {
     c.assert_identical();
     let n = c.nodes[f].rows("SELECT count(*) FROM via_follower_people", "none");
     assert_eq!(n, vec![vec![json!(26)]]);
+}
+
+/// rqdb, a second Python client from PyPI (sync and asyncio): writes, `executemany3` in a
+/// transaction, reads at each level, errors and rollback, `explain`, backups.
+#[test]
+fn test_rqdb_through_follower_and_leader() {
+    let c = Cluster::start(3);
+    let f = c.followers()[0];
+    let l = c.leader();
+    for (node, prefix) in [(f, "rqdb_f"), (l, "rqdb_l")] {
+        let out = Command::new("python3")
+            .args(["-c", include_str!("clients/rqdb_client.py")])
+            .args([c.nodes[node].http.as_str(), prefix])
+            .output()
+            .expect("python3 (cargo xtask setup installs rqdb)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.lines().filter(|l| l.starts_with("OK ")).count() == 6,
+            "rqdb against node {}: {stdout}\n{}",
+            node + 1,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    c.assert_identical();
 }
 
 /// rqlite-js's modules, installed by `cargo xtask setup` under `target/rqlite-js`.
@@ -472,10 +497,12 @@ fn test_a_member_with_remove_shutdown_leaves_when_stopped() {
 fn test_shell_dot_commands_through_a_pty() {
     let c = Cluster::start(3);
     let f = c.followers()[0];
+    let history = c.dir().join("shell_history");
     let out = Command::new("python3")
         .args(["-c", include_str!("clients/shell_pty.py")])
         .arg(cairn_tests::cairn_bin())
         .arg(c.nodes[f].url(""))
+        .env("CAIRN_HISTFILE", &history)
         .output()
         .expect("python3");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -491,8 +518,30 @@ fn test_shell_dot_commands_through_a_pty() {
         "[+]node ok",
         "CREATE TABLE sh",
         "\"leader\"",
+        "id,\"the, value\"\r\n1,from the shell",
+        "line_v = from the shell",
+        "\"json_v\": \"from the shell\"",
     ] {
         assert!(text.contains(want), "no {want:?} in:\n{text}");
     }
+    // The Up arrow ran the last statement again: its answer twice.
+    assert_eq!(text.matches("again").count(), 4, "{text}");
+    // History kept in the file, each line once after a repeat, the newest last.
+    let kept = std::fs::read_to_string(&history).expect("the history file");
+    let lines: Vec<&str> = kept.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"CREATE TABLE sh (id INTEGER PRIMARY KEY, v TEXT)")
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("'again'")).count(),
+        1,
+        "{kept}"
+    );
+    assert_eq!(
+        lines[lines.len() - 2..],
+        ["SELECT 'again' AS hist", ".exit"],
+        "{kept}"
+    );
     c.assert_identical();
 }

@@ -37,11 +37,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mosquitto_sub", "mosquitto-clients"),
 ];
 
-/// Python packages the tests use (from PyPI): pyrqlite, rqlite's DB-API client, and
-/// SQLAlchemy's rqlite dialect (which brings SQLAlchemy).
+/// Python packages the tests use (from PyPI): pyrqlite, rqlite's DB-API client,
+/// SQLAlchemy's rqlite dialect (which brings SQLAlchemy) and rqdb.
 const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("pyrqlite", "pyrqlite"),
     ("sqlalchemy_rqlite", "sqlalchemy-rqlite"),
+    // A second Python rqlite client (sync and asyncio), t19_rqlite_clients.
+    ("rqdb", "rqdb"),
     // protocol/tests/crosscheck.py
     ("cryptography", "cryptography"),
     // moto's standalone S3-compatible server stores the backups of t18_backup.

@@ -3,18 +3,20 @@
 
 pub mod backup;
 pub mod device;
+mod line;
 pub mod recover;
+mod shell;
 pub mod streams;
 
-use std::io::{BufRead, Write};
+pub use shell::shell;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, NodeConfig};
-use crate::db::tables;
 
 /// Logs to stderr, human-readable or JSON. `RUST_LOG` overrides `level`.
 pub fn init_logging(format: LogFormat, level: &str) {
@@ -330,240 +332,6 @@ pub(crate) fn check(status: u16, body: &Json) -> anyhow::Result<()> {
         .map(str::to_owned)
         .unwrap_or_else(|| body.to_string());
     anyhow::bail!("{msg} (HTTP {status})")
-}
-
-fn cell(v: &Json) -> String {
-    match v {
-        Json::Null => "NULL".into(),
-        Json::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Prints rqlite results as tables / row counts.
-fn print_results(v: &Json, out: &mut impl Write) -> std::io::Result<()> {
-    let Some(results) = v["results"].as_array() else {
-        return writeln!(out, "{v}");
-    };
-    for r in results {
-        if let Some(e) = r.get("error") {
-            writeln!(out, "ERROR: {}", cell(e))?;
-        } else if let Some(cols) = r.get("columns").and_then(|c| c.as_array()) {
-            let rows: Vec<Vec<String>> = r["values"]
-                .as_array()
-                .map(|rows| {
-                    rows.iter()
-                        .map(|row| {
-                            row.as_array()
-                                .map(|c| c.iter().map(cell).collect())
-                                .unwrap_or_default()
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let heads: Vec<String> = cols.iter().map(cell).collect();
-            let widths: Vec<usize> = (0..heads.len())
-                .map(|i| {
-                    rows.iter()
-                        .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
-                        .max()
-                        .unwrap_or(0)
-                        .max(heads[i].chars().count())
-                })
-                .collect();
-            let line = |cells: &[String]| {
-                cells
-                    .iter()
-                    .zip(&widths)
-                    .map(|(c, w)| format!("{c:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            };
-            writeln!(out, "{}", line(&heads))?;
-            writeln!(
-                out,
-                "{}",
-                widths
-                    .iter()
-                    .map(|w| "-".repeat(*w))
-                    .collect::<Vec<_>>()
-                    .join("-+-")
-            )?;
-            for r in &rows {
-                writeln!(out, "{}", line(r))?;
-            }
-        } else if let Some(n) = r.get("rows_affected") {
-            writeln!(out, "{} row(s) affected", cell(n))?;
-        }
-    }
-    Ok(())
-}
-
-/// `cairn shell`: one statement per line; dot commands like the rqlite shell.
-pub fn shell(conn: &ConnArgs) -> anyhow::Result<()> {
-    let api = Api::connect(conn)?;
-    let host = api.host.as_str();
-    let (code, status) = api
-        .get_json("/status")
-        .map_err(|e| anyhow::anyhow!("cannot reach {host}: {e}"))?;
-    check(code, &status)?;
-    println!(
-        "connected to {host} (node {}, {}); .help for help",
-        status["node_id"], status["raft"]["state"]
-    );
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
-    let mut level = "weak".to_string();
-    let mut timer = false;
-    loop {
-        print!(
-            "{}> ",
-            host.trim_start_matches("http://")
-                .trim_start_matches("https://")
-        );
-        out.flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            println!();
-            return Ok(());
-        }
-        let line = line.trim().trim_end_matches(';').trim();
-        if line.is_empty() {
-            continue;
-        }
-        let r: anyhow::Result<()> = (|| {
-            match line
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .to_ascii_lowercase()
-                .as_str()
-            {
-                ".quit" | ".exit" => std::process::exit(0),
-                ".help" => println!(
-                    ".tables              list tables\n.schema              show CREATE statements\n\
-                     .indexes             list indexes\n\
-                     .nodes               cluster members\n.status              this node's status\n\
-                     .leader              the leader\n.ready               whether the node is ready\n\
-                     .expvar              counters (/debug/vars)\n\
-                     .consistency [LEVEL] show or set read level (none|weak|linearizable|strong|auto)\n\
-                     .timer on|off        show the time each request took\n\
-                     .snapshot            snapshot this node now\n.remove ID           remove a member\n\
-                     .backup FILE         download the database\n.dump FILE           write the user tables as SQL\n\
-                     .restore FILE        load a SQLite file or SQL dump\n\
-                     .boot FILE           load a SQLite file into a single-node cluster\n\
-                     .exit                leave\nanything else is SQL, sent to /db/request"
-                ),
-                ".indexes" => {
-                    let v = api.post_json(
-                        &format!("/db/query?level={level}"),
-                        &json!([
-                            "SELECT name, tbl_name AS \"table\" FROM sqlite_master WHERE type='index' ORDER BY name"
-                        ]),
-                    )?;
-                    print_results(&v.1, &mut out)?;
-                }
-                ".leader" => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&api.get_json("/leader")?.1)?
-                ),
-                ".ready" => {
-                    let mut resp = api.get("/readyz").call()?;
-                    print!("{}", resp.body_mut().read_to_string()?);
-                }
-                ".expvar" => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&api.get_json("/debug/vars")?.1)?
-                ),
-                ".timer" => match line.split_whitespace().nth(1) {
-                    Some("on") => timer = true,
-                    Some("off") => timer = false,
-                    _ => println!("usage: .timer on|off"),
-                },
-                ".snapshot" => {
-                    let (code, v) = api.post_json("/snapshot", &json!({}))?;
-                    check(code, &v)?;
-                    println!("{v}");
-                }
-                ".remove" => match line.split_whitespace().nth(1) {
-                    Some(id) => {
-                        let mut resp = api
-                            .delete("/remove")
-                            .force_send_body()
-                            .header("content-type", "application/json")
-                            .send(json!({ "id": id }).to_string())?;
-                        let code = resp.status().as_u16();
-                        println!("{code} {}", resp.body_mut().read_to_string()?);
-                    }
-                    None => println!("usage: .remove ID"),
-                },
-                ".dump" => match line.split_whitespace().nth(1) {
-                    Some(f) => download(&api, "/db/backup?fmt=sql", Path::new(f))?,
-                    None => println!("usage: .dump FILE"),
-                },
-                ".boot" => match line.split_whitespace().nth(1) {
-                    Some(f) => load_file(&api, "/boot", Path::new(f))?,
-                    None => println!("usage: .boot FILE"),
-                },
-                ".tables" => {
-                    let v = api.post_json(
-                        &format!("/db/query?level={level}"),
-                        &json!([format!(
-                            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name != '{}' ORDER BY name",
-                            tables::RAFT
-                        )]),
-                    )?;
-                    print_results(&v.1, &mut out)?;
-                }
-                ".schema" => {
-                    let v = api.post_json(
-                        &format!("/db/query?level={level}"),
-                        &json!([format!(
-                            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name != '{}'",
-                            tables::RAFT
-                        )]),
-                    )?;
-                    print_results(&v.1, &mut out)?;
-                }
-                ".nodes" => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&api.get_json("/nodes")?.1)?
-                ),
-                ".status" => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&api.get_json("/status")?.1)?
-                ),
-                ".consistency" => match line.split_whitespace().nth(1) {
-                    Some(l) => level = l.to_string(),
-                    None => println!("{level}"),
-                },
-                ".backup" => match line.split_whitespace().nth(1) {
-                    Some(f) => backup(&api, Path::new(f))?,
-                    None => println!("usage: .backup FILE"),
-                },
-                ".restore" => match line.split_whitespace().nth(1) {
-                    Some(f) => restore(&api, Path::new(f))?,
-                    None => println!("usage: .restore FILE"),
-                },
-                w if w.starts_with('.') => println!("unknown command {w}; .help for help"),
-                _ => {
-                    let timings = if timer { "&timings" } else { "" };
-                    let (_, v) = api.post_json(
-                        &format!("/db/request?level={level}{timings}"),
-                        &json!([line]),
-                    )?;
-                    print_results(&v, &mut out)?;
-                    if let Some(t) = v["time"].as_f64() {
-                        println!("Run Time: {t:.6} seconds");
-                    }
-                }
-            }
-            Ok(())
-        })();
-        if let Err(e) = r {
-            println!("ERROR: {e}");
-        }
-    }
 }
 
 /// `cairn backup FILE`: streams `/db/backup` (from the leader) into FILE.

@@ -12,7 +12,7 @@ use hyper::{HeaderMap, Method, StatusCode};
 use super::Cluster;
 use crate::error::Error;
 use crate::raft::NodeId;
-use crate::raft::network::full;
+use crate::raft::network::{Body, full};
 
 /// How long a call that needs the leader waits for one to be known (or for leadership to
 /// settle after it moved under a write that was therefore not proposed).
@@ -105,6 +105,19 @@ impl Cluster {
         wait: Duration,
         timeout: Duration,
     ) -> Result<LeaderResponse, Error> {
+        let body = full(req.body.clone());
+        self.call_leader_with(port, req, body, wait, timeout).await
+    }
+
+    /// [`Cluster::call_leader`] with `body` (streamed, e.g. a file) in place of `req.body`.
+    pub async fn call_leader_with(
+        &self,
+        port: Port,
+        req: LeaderRequest<'_>,
+        body: Body,
+        wait: Duration,
+        timeout: Duration,
+    ) -> Result<LeaderResponse, Error> {
         let (id, addr) = self.leader_addr(port, wait).await?;
         let mut builder = hyper::Request::builder()
             .method(req.method)
@@ -117,7 +130,7 @@ impl Cluster {
             builder = builder.header(hyper::header::AUTHORIZATION, a);
         }
         let request = builder
-            .body(full(req.body))
+            .body(body)
             .map_err(|e| Error::Storage(e.to_string()))?;
         match self.client.send(request, timeout).await {
             Ok((status, headers, body)) => Ok(LeaderResponse {

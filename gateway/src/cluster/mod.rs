@@ -17,11 +17,14 @@
 //! A call that needs the leader and is made on a follower answers [`Error::NotLeader`];
 //! the edge decides whether to forward (the HTTP API) or to tell the device.
 
+pub mod bootstrap;
 pub mod client;
 pub mod dump;
 pub mod forward;
 pub mod membership;
+pub mod names;
 pub mod queue;
+pub mod reap;
 pub mod streams;
 pub mod version;
 
@@ -111,6 +114,11 @@ pub struct Cluster {
     queue: OnceLock<queue::WriteQueue>,
     queue_settings: queue::Settings,
     incarnations: Arc<crate::raft::incarnation::Incarnations>,
+    /// Founding nodes that notified this one (`--bootstrap-expect`).
+    notified: bootstrap::Notified,
+    /// The term this node leads in and since when (reaping's stand-in for never-reached members).
+    reap_since:
+        std::sync::Mutex<Option<(u64, openraft::alias::InstantOf<crate::raft::TypeConfig>)>>,
 }
 
 /// The parts a [`Cluster`] is made of (the composition root builds them).
@@ -154,6 +162,8 @@ impl Cluster {
             queue: OnceLock::new(),
             queue_settings: p.queue,
             incarnations: p.incarnations,
+            notified: Default::default(),
+            reap_since: Default::default(),
         })
     }
 
@@ -540,8 +550,12 @@ impl Cluster {
         restore_state: bool,
     ) -> Result<Vec<StatementResult>, Error> {
         self.require_leader()?;
-        let (dir, up) = (self.scratch_dir.clone(), upload.to_path_buf());
-        let src = tokio::task::spawn_blocking(move || crate::db::load::prepare(&up, &dir))
+        let (dir, up, max) = (
+            self.scratch_dir.clone(),
+            upload.to_path_buf(),
+            self.max_db_bytes,
+        );
+        let src = tokio::task::spawn_blocking(move || crate::db::load::prepare(&up, &dir, max))
             .await?
             .map_err(|e| Error::BadRequest(format!("load: {e}")))?;
         let r = if src.backup && !restore_state {
@@ -550,6 +564,19 @@ impl Cluster {
             ))
         } else {
             self.send_load(&src).await
+        };
+        // A dump answers with its own last statement's counters, as rqlite's does.
+        let r = match (r, src.counters) {
+            (Ok(results), Some((last_insert_id, rows_affected)))
+                if results.iter().all(|r| r.error.is_none()) =>
+            {
+                Ok(vec![StatementResult {
+                    last_insert_id,
+                    rows_affected,
+                    ..Default::default()
+                }])
+            }
+            (r, _) => r,
         };
         if src.scratch {
             let _ = std::fs::remove_file(&src.path);

@@ -120,6 +120,10 @@ impl Command {
             Command::Stamped { cmd, .. } => cmd.min_version(),
             Command::ActivateVersion(v) => (*v).max(crate::version::V2),
             Command::Members(_) => crate::version::V2,
+            // A registry kind added after version 1.
+            Command::DeviceRegistry(registry::RegistryCommand::NameNode { .. }) => {
+                crate::version::V2
+            }
             Command::Sql(_)
             | Command::DeviceBatches(_)
             | Command::DeviceRegistry(_)

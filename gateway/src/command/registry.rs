@@ -60,6 +60,8 @@ pub enum RegistryCommand {
         rekeyed_at_ms: i64,
         at_ms: i64,
     },
+    /// Record a member's rqlite-style name (`--node-id NAME`); Raft keeps the u64 id.
+    NameNode { id: u64, name: String },
 }
 
 impl RegistryCommand {
@@ -73,7 +75,8 @@ impl RegistryCommand {
             RegistryCommand::DefineStreams(_)
             | RegistryCommand::ResetHighWater { .. }
             | RegistryCommand::SetProtocol { .. }
-            | RegistryCommand::KeySeen { .. } => None,
+            | RegistryCommand::KeySeen { .. }
+            | RegistryCommand::NameNode { .. } => None,
         }
     }
 }
@@ -99,6 +102,7 @@ impl std::fmt::Display for RegistryCommand {
             RegistryCommand::SetProtocol { device_id, version } => {
                 write!(f, "device {device_id} speaks protocol {version}")
             }
+            RegistryCommand::NameNode { id, name } => write!(f, "node {id} is named {name:?}"),
             RegistryCommand::KeySeen { device_id, .. } => {
                 write!(f, "device {device_id} seen with its new key")
             }
@@ -146,6 +150,8 @@ pub enum RegistryOutcome {
     NotRegistered,
     /// Refused (same everywhere); nothing changed.
     KeyRefused(String),
+    /// The node's name is recorded.
+    Named,
 }
 
 /// Applies a registry command inside the entry's transaction.
@@ -258,6 +264,10 @@ pub fn apply_registry(
         }
         RegistryCommand::ResetHighWater { device_id, seq } => {
             reset_high_water(conn, *device_id, *seq)?
+        }
+        RegistryCommand::NameNode { id, name } => {
+            crate::db::registry::set_node_name(conn, *id, name)?;
+            RegistryOutcome::Named
         }
         RegistryCommand::DefineStreams(legacy) => match install(conn, &Schema::from(legacy))? {
             Ok(()) => RegistryOutcome::StreamsDefined,

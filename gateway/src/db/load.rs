@@ -58,32 +58,78 @@ fn quote_ident(name: &str) -> String {
 pub struct Source {
     /// The SQLite file.
     pub path: PathBuf,
-    /// True when it was made from SQL text (the caller deletes it).
+    /// True when it was made from SQL text or a gzip upload (the caller deletes it).
     pub scratch: bool,
     /// True when it holds Cairn's state ([`STATE_TABLES`]): a Cairn backup.
     pub backup: bool,
     /// Its size in bytes.
     pub size: u64,
+    /// For SQL text, the counters of the dump's last statement (`last_insert_rowid()`,
+    /// `changes()`), which rqlite answers a dump's load with.
+    pub counters: Option<(i64, i64)>,
 }
 
-/// Turns an upload (a SQLite file, or SQL text such as `sqlite3 .dump` output) into a checked
-/// SQLite file in `scratch_dir`. An uploaded SQLite file is used where it is (after
-/// `PRAGMA quick_check`, so a damaged file is refused here rather than at apply).
-pub fn prepare(upload: &Path, scratch_dir: &Path) -> anyhow::Result<Source> {
-    let mut head = [0u8; 16];
-    let n = std::fs::File::open(upload)?.read(&mut head)?;
-    let (path, scratch) = if head[..n] == *b"SQLite format 3\0" {
-        (upload.to_path_buf(), false)
+/// The longest statement a SQL dump may hold (SQLite's statement limit in the sandbox).
+const MAX_STATEMENT: u64 = 16 << 20;
+
+/// Turns an upload (a SQLite file, or SQL text such as `sqlite3 .dump` output, either one
+/// possibly gzipped as `/db/backup?compress` makes it) into a checked SQLite file in
+/// `scratch_dir`. An uploaded SQLite file is used where it is (after `PRAGMA quick_check`, so a
+/// damaged file is refused here rather than at apply). SQL text is read one statement at a
+/// time, never whole. A gzip upload inflates to at most `max_bytes`.
+pub fn prepare(upload: &Path, scratch_dir: &Path, max_bytes: u64) -> anyhow::Result<Source> {
+    if head(upload)?.starts_with(&[0x1f, 0x8b]) {
+        let plain = scratch_dir.join(format!("load-{}.raw", rand::random::<u64>()));
+        let r = gunzip(upload, &plain, max_bytes).and_then(|()| prepare_plain(&plain, scratch_dir));
+        return match r {
+            Ok(src) if src.path == plain => Ok(Source {
+                scratch: true,
+                ..src
+            }),
+            r => {
+                let _ = std::fs::remove_file(&plain);
+                r
+            }
+        };
+    }
+    prepare_plain(upload, scratch_dir)
+}
+
+fn head(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut head = vec![0u8; 16];
+    let n = std::fs::File::open(path)?.read(&mut head)?;
+    head.truncate(n);
+    Ok(head)
+}
+
+/// Inflates the gzip file `from` into `to`, refusing more than `max_bytes`.
+fn gunzip(from: &Path, to: &Path, max_bytes: u64) -> anyhow::Result<()> {
+    let mut gz =
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(std::fs::File::open(from)?))
+            .take(max_bytes + 1);
+    let mut out = std::fs::File::create(to)?;
+    let n = std::io::copy(&mut gz, &mut out)
+        .map_err(|e| anyhow::anyhow!("the gzip upload does not inflate: {e}"))?;
+    anyhow::ensure!(
+        n <= max_bytes,
+        "the gzip upload inflates beyond this node's max_db_size_mib ({} MiB)",
+        max_bytes >> 20
+    );
+    Ok(())
+}
+
+fn prepare_plain(upload: &Path, scratch_dir: &Path) -> anyhow::Result<Source> {
+    let (path, scratch, counters) = if head(upload)? == *b"SQLite format 3\0" {
+        (upload.to_path_buf(), false, None)
     } else {
-        let text = std::fs::read(upload)?;
-        let text = String::from_utf8(text)
-            .map_err(|_| anyhow::anyhow!("body is neither a SQLite file nor UTF-8 SQL"))?;
         let path = scratch_dir.join(format!("load-{}.db", rand::random::<u64>()));
-        if let Err(e) = run_text(&text, &path) {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
+        match run_text(upload, &path) {
+            Ok(counters) => (path, true, Some(counters)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
         }
-        (path, true)
     };
     let checked = (|| -> anyhow::Result<bool> {
         let mut c = super::open_read_only(&path)?;
@@ -115,30 +161,75 @@ pub fn prepare(upload: &Path, scratch_dir: &Path) -> anyhow::Result<Source> {
         scratch,
         backup,
         size,
+        counters,
     })
 }
 
-/// Runs SQL text into a new database file at `path`, under the sandbox's load rules.
-fn run_text(text: &str, path: &Path) -> anyhow::Result<()> {
+/// True when `sql` ends a complete statement (SQLite's own `sqlite3_complete`: semicolons in
+/// strings, comments and trigger bodies do not count).
+fn complete(sql: &str) -> bool {
+    match std::ffi::CString::new(sql) {
+        // SAFETY: a NUL-terminated string that lives across the call.
+        Ok(c) => unsafe { rusqlite::ffi::sqlite3_complete(c.as_ptr()) != 0 },
+        // A NUL byte: let SQLite refuse the text.
+        Err(_) => true,
+    }
+}
+
+/// Runs the SQL text in the file `upload` into a new database file at `path`, under the
+/// sandbox's load rules, one complete statement at a time (memory holds one statement, at most
+/// [`MAX_STATEMENT`] bytes, never the whole dump). Returns the last statement's counters.
+fn run_text(upload: &Path, path: &Path) -> anyhow::Result<(i64, i64)> {
+    use std::io::BufRead;
+    let size = std::fs::metadata(upload)?.len();
+    let mut reader = std::io::BufReader::new(std::fs::File::open(upload)?);
     let mut c = Connection::open(path)?;
     sandbox::harden(&mut c, Kind::Scratch)?;
     c.pragma_update(None, "journal_mode", "OFF")?;
     c.pragma_update(None, "synchronous", "OFF")?;
     // The loaded database may be a few times its SQL text, never unbounded (a recursive CTE in
     // a dump would otherwise become a load of any size).
-    let pages = (text.len() as u64 * 4 + (16 << 20)) / 4096;
+    let pages = (size * 4 + (16 << 20)) / 4096;
     c.pragma_update(None, "max_page_count", pages as i64)?;
     let _load = sandbox::enter_load(&sandbox::ReadLimits {
         timeout: std::time::Duration::from_secs(60),
         ..Default::default()
     });
-    sandbox::user(Mode::Load, || c.execute_batch(text)).map_err(|e| match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DiskFull) => anyhow::anyhow!(
-            "the loaded SQL grew beyond {} bytes (4 x its text + 16 MiB)",
-            pages * 4096
-        ),
-        _ => anyhow::anyhow!("{}", sandbox::describe(&e)),
-    })
+    let run = |sql: &str| {
+        sandbox::user(Mode::Load, || c.execute_batch(sql)).map_err(|e| {
+            match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DiskFull) => anyhow::anyhow!(
+                    "the loaded SQL grew beyond {} bytes (4 x its text + 16 MiB)",
+                    pages * 4096
+                ),
+                _ => anyhow::anyhow!("{}", sandbox::describe(&e)),
+            }
+        })
+    };
+    let not_text = || anyhow::anyhow!("body is neither a SQLite file nor UTF-8 SQL");
+    let mut stmt = String::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let room = MAX_STATEMENT + 1 - stmt.len() as u64;
+        if (&mut reader).take(room).read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        stmt.push_str(std::str::from_utf8(&line).map_err(|_| not_text())?);
+        anyhow::ensure!(
+            stmt.len() as u64 <= MAX_STATEMENT,
+            "a statement of the SQL text is longer than {MAX_STATEMENT} bytes"
+        );
+        // Only a line ending in `;` can end a statement; SQLite decides whether it does.
+        if stmt.trim_end().ends_with(';') && complete(&stmt) {
+            run(&stmt)?;
+            stmt.clear();
+        }
+    }
+    if !stmt.trim().is_empty() {
+        run(&stmt)?;
+    }
+    Ok((c.last_insert_rowid(), c.changes() as i64))
 }
 
 /// Why a swap did not happen.
@@ -331,7 +422,7 @@ mod tests {
     fn upload(dir: &Path, text: &str) -> anyhow::Result<Source> {
         let up = dir.join(format!("upload-{}.sql", rand::random::<u32>()));
         std::fs::write(&up, text).unwrap();
-        prepare(&up, dir)
+        prepare(&up, dir, 1 << 30)
     }
 
     fn one<T: rusqlite::types::FromSql>(conn: &Connection, q: &str) -> T {
@@ -490,7 +581,7 @@ mod tests {
             let b = dir.path().join(format!("b-{is_backup}"));
             std::fs::create_dir(&b).unwrap();
             let target = live(&b);
-            let src = prepare(file, dir.path()).unwrap();
+            let src = prepare(file, dir.path(), 1 << 30).unwrap();
             assert_eq!(src.backup, is_backup);
             swap(&target, &src).unwrap();
             assert_eq!(shown(&target), before, "backup: {is_backup}");
@@ -510,5 +601,83 @@ mod tests {
         assert!(e.contains("dbstat"), "{e}");
         let old: i64 = one(&conn, "SELECT count(*) FROM old");
         assert_eq!(old, 1, "nothing of the load stayed");
+    }
+
+    /// A dump is read statement by statement: statements over several lines, `;` inside
+    /// strings, comments and trigger bodies, and no newline at the end.
+    #[test]
+    fn test_sql_text_statements_across_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = upload(
+            dir.path(),
+            "CREATE TABLE t (a TEXT,\n b INTEGER);\n\
+             -- a comment; with a semicolon\n\
+             INSERT INTO t VALUES('x;\ny', 1);\n\
+             CREATE TABLE log (n);\n\
+             CREATE TRIGGER tr AFTER INSERT ON t BEGIN\n  INSERT INTO log VALUES(1);\n  INSERT INTO log VALUES(2);\nEND;\n\
+             INSERT INTO t VALUES('z', 2); INSERT INTO t VALUES('w', 3)",
+        )
+        .unwrap();
+        let c = Connection::open(&src.path).unwrap();
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t"), 3);
+        assert_eq!(one::<String>(&c, "SELECT a FROM t WHERE b = 1"), "x;\ny");
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM log"), 4);
+        // The dump's own counters: the last statement's.
+        assert_eq!(src.counters, Some((3, 1)));
+    }
+
+    #[test]
+    fn test_sql_text_statement_too_long_or_not_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!(
+            "INSERT INTO t VALUES('{}');",
+            "x".repeat(MAX_STATEMENT as usize)
+        );
+        let e = upload(dir.path(), &format!("CREATE TABLE t (a);\n{long}")).unwrap_err();
+        assert!(e.to_string().contains("longer than"), "{e}");
+        let up = dir.path().join("bad.sql");
+        std::fs::write(&up, b"CREATE TABLE t (a);\n\xff\xfe;\n").unwrap();
+        let e = prepare(&up, dir.path(), 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("neither a SQLite file"), "{e}");
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// `/db/backup?compress` output loads back: a gzipped SQLite file and a gzipped dump; what
+    /// inflates beyond the node's limit is refused and leaves no file behind.
+    #[test]
+    fn test_gzip_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("plain.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE g (v); INSERT INTO g VALUES('zipped');")
+            .unwrap();
+        let up = dir.path().join("up.gz");
+        std::fs::write(&up, gzip(&std::fs::read(&db).unwrap())).unwrap();
+        let src = prepare(&up, dir.path(), 1 << 30).unwrap();
+        assert!(src.scratch && !src.backup && src.counters.is_none());
+        let c = Connection::open(&src.path).unwrap();
+        assert_eq!(one::<String>(&c, "SELECT v FROM g"), "zipped");
+
+        std::fs::write(
+            &up,
+            gzip(b"CREATE TABLE h (v);\nINSERT INTO h VALUES(5);\n"),
+        )
+        .unwrap();
+        let src = prepare(&up, dir.path(), 1 << 30).unwrap();
+        let c = Connection::open(&src.path).unwrap();
+        assert_eq!(one::<i64>(&c, "SELECT v FROM h"), 5);
+
+        let before = std::fs::read_dir(dir.path()).unwrap().count();
+        std::fs::write(&up, gzip(&vec![b' '; 1 << 20])).unwrap();
+        let e = prepare(&up, dir.path(), 1000).unwrap_err();
+        assert!(e.to_string().contains("inflates beyond"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), before);
     }
 }

@@ -65,6 +65,9 @@ pub mod tables {
     pub const EXPORT_JOURNAL: &str = "_cairn_export_journal";
     /// Each export destination's committed cursor.
     pub const EXPORT_CURSORS: &str = "_cairn_export_cursors";
+    /// rqlite-style node names of members: `(id INTEGER PRIMARY KEY, name TEXT NOT NULL
+    /// UNIQUE)`; created by the first name (`db::registry::set_node_name`).
+    pub const NODE_NAMES: &str = "_cairn_node_names";
     /// Each member's incarnation (`command::members`): `(id INTEGER PRIMARY KEY, incarnation
     /// INTEGER NOT NULL)`, created by the first `Command::Members` entry.
     pub const MEMBERS: &str = "_cairn_members";

@@ -247,6 +247,39 @@ pub fn key_hex(key: &DeviceKey) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Records `name` for node `id` (a name moves to the id it is given last: a replaced node).
+pub fn set_node_name(conn: &Connection, id: u64, name: &str) -> rusqlite::Result<()> {
+    use super::tables::NODE_NAMES;
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {NODE_NAMES} (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)"
+    ))?;
+    conn.execute(
+        &format!("DELETE FROM {NODE_NAMES} WHERE name = ?1 AND id != ?2"),
+        rusqlite::params![name, id as i64],
+    )?;
+    conn.execute(
+        &format!("INSERT OR REPLACE INTO {NODE_NAMES}(id, name) VALUES (?1, ?2)"),
+        rusqlite::params![id as i64, name],
+    )?;
+    Ok(())
+}
+
+/// The recorded node names, by Raft id (empty before the first).
+pub fn node_names(conn: &Connection) -> rusqlite::Result<std::collections::BTreeMap<u64, String>> {
+    let mut st = match conn.prepare(&format!(
+        "SELECT id, name FROM {}",
+        super::tables::NODE_NAMES
+    )) {
+        Ok(st) => st,
+        Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.contains("no such table") => {
+            return Ok(Default::default());
+        }
+        Err(e) => return Err(e),
+    };
+    let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+    rows.collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +292,18 @@ mod tests {
         assert_eq!(key_hex(&key), hex.to_ascii_lowercase());
         assert!(parse_key("0011").is_err());
         assert!(parse_key(&"zz".repeat(32)).is_err());
+    }
+
+    /// Names by id; a name moves to the id it is given last; none before the first.
+    #[test]
+    fn test_node_names() {
+        let conn = Connection::open_in_memory().unwrap();
+        assert!(node_names(&conn).unwrap().is_empty());
+        set_node_name(&conn, 1, "a").unwrap();
+        set_node_name(&conn, 2, "b").unwrap();
+        set_node_name(&conn, 1, "c").unwrap();
+        set_node_name(&conn, 3, "b").unwrap();
+        let names: Vec<(u64, String)> = node_names(&conn).unwrap().into_iter().collect();
+        assert_eq!(names, vec![(1, "c".into()), (3, "b".into())]);
     }
 }

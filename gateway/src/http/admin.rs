@@ -18,6 +18,8 @@ use super::rqlite::{Opts, error_response, flag, json_response};
 use super::{Original, Scheme, Served, on_leader};
 use crate::cluster::Cluster;
 use crate::cluster::membership::JoinRequest;
+use crate::cluster::names::shown;
+use crate::config::cluster::{node_id_for_name, parse_node_id};
 use crate::error::Error;
 use crate::raft::network::full;
 use crate::raft::{LogId, Peer};
@@ -35,7 +37,8 @@ pub async fn status(
         .and_then(|l| membership.get_node(&l).cloned());
     let log = n.log_stats();
     let metrics = n.metrics();
-    let store = store_json(&n, &m);
+    let names = n.node_names().await;
+    let store = store_json(&n, &m, &names);
     let http = http_json(&n);
     if metrics.backup.active.load(Ordering::Relaxed) {
         metrics.backup.observe_commit(
@@ -53,6 +56,7 @@ pub async fn status(
         },
         "build": {"version": env!("CARGO_PKG_VERSION")},
         "node_id": n.id(),
+        "node_name": names.get(&n.id()),
         "version": env!("CARGO_PKG_VERSION"),
         // Cluster format versions: what this binary supports, the cluster's active version,
         // what each peer reported on Raft RPCs, and what stops this node (if anything).
@@ -104,7 +108,11 @@ pub async fn status(
 }
 
 /// rqlite's `store` section of `/status`: leader, Raft state and indexes, the SQLite file.
-fn store_json(n: &Cluster, m: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> Json {
+fn store_json(
+    n: &Cluster,
+    m: &openraft::RaftMetrics<crate::raft::TypeConfig>,
+    names: &BTreeMap<u64, String>,
+) -> Json {
     let membership = m.membership_config.membership();
     let idx = |l: &Option<LogId>| l.as_ref().map(|l| l.index).unwrap_or(0);
     let voter = membership.voter_ids().any(|v| v == n.id());
@@ -123,16 +131,16 @@ fn store_json(n: &Cluster, m: &openraft::RaftMetrics<crate::raft::TypeConfig>) -
     let nodes: Vec<Json> = membership
         .nodes()
         .map(|(id, p)| {
-            json!({"id": id.to_string(), "addr": p.raft_addr,
+            json!({"id": shown(names, *id), "addr": p.raft_addr,
                    "suffrage": if membership.voter_ids().any(|v| v == *id) { "Voter" } else { "Nonvoter" }})
         })
         .collect();
     let db_path = n.scratch_dir().join("sm").join("db.sqlite");
     json!({
-        "node_id": n.id().to_string(),
+        "node_id": shown(names, n.id()),
         "addr": n.peer().raft_addr,
         "leader": {
-            "node_id": leader.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default(),
+            "node_id": leader.as_ref().map(|(id, _)| shown(names, *id)).unwrap_or_default(),
             "addr": leader.map(|(_, a)| a).unwrap_or_default(),
         },
         "raft": {
@@ -239,11 +247,12 @@ pub async fn probe_nodes(n: &Cluster, scheme: Scheme, nonvoters: bool) -> Vec<No
         }
     });
     let checked = futures_util::future::join_all(checks).await;
+    let names = n.node_names().await;
     let mut out: Vec<NodeJson> = peers
         .iter()
         .zip(checked)
         .map(|((id, p), (r, took))| NodeJson {
-            id: id.to_string(),
+            id: shown(&names, *id),
             api_addr: format!("{}://{}", scheme.0, p.http_addr),
             addr: p.raft_addr.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -340,6 +349,20 @@ pub(super) fn parse_admin_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| Error::BadRequest(format!("invalid {what} request: {e}")))
 }
 
+/// A join (or notify) body; its `id` a number or, as rqlite sends it, a string (a number's
+/// digits, or a name).
+fn parse_join(body: &[u8], what: &str) -> Result<JoinRequest, Error> {
+    let mut v: Json = parse_admin_body(body, what)?;
+    if let Some(id) = v.get_mut("id")
+        && let Json::String(s) = id
+    {
+        // A name (rqlite's string ids): its Raft id derives from it.
+        let n = parse_node_id(s).unwrap_or_else(|name| node_id_for_name(&name));
+        *id = Json::from(n);
+    }
+    serde_json::from_value(v).map_err(|e| Error::BadRequest(format!("invalid {what} request: {e}")))
+}
+
 /// `{}` when done here, the leader's answer when forwarded, or the error.
 fn done(r: Result<Served<()>, Error>, pretty: bool) -> Response {
     match r {
@@ -360,7 +383,7 @@ pub async fn join(
     req: Original,
 ) -> Response {
     let o = Opts::from(&q);
-    let jr: JoinRequest = match parse_admin_body(&req.body, "join") {
+    let jr: JoinRequest = match parse_join(&req.body, "join") {
         Ok(jr) => jr,
         Err(e) => return error_response(&e, o.pretty),
     };
@@ -391,6 +414,50 @@ pub async fn join(
     )
 }
 
+/// `POST /notify` (rqlite's): a founding node started with `--bootstrap-expect` says it
+/// exists; the answer tells it whether this node already belongs to a cluster. Needs `join`,
+/// as a voter's join does.
+pub async fn notify(
+    State(n): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Original,
+) -> Response {
+    let o = Opts::from(&q);
+    match parse_join(&req.body, "notify") {
+        Ok(jr) => json_response(StatusCode::OK, &n.notify(&jr).await, o.pretty),
+        Err(e) => error_response(&e, o.pretty),
+    }
+}
+
+/// `POST /reap` (permission `remove`): the leader removes every read replica it has not
+/// reached for longer than `?timeout=` (a Go duration, 10 s by default); answers
+/// `{"reaped": ["4", ...]}`. A follower forwards it.
+pub async fn reap(
+    State(n): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Original,
+) -> Response {
+    let o = Opts::from(&q);
+    let timeout = match q
+        .get("timeout")
+        .map(|t| super::rqlite::parse_go_duration(t))
+    {
+        None => std::time::Duration::from_secs(10),
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            return error_response(&Error::BadRequest(format!("timeout: {e}")), o.pretty);
+        }
+    };
+    match on_leader(&n, &req, o.redirect, || n.reap(timeout)).await {
+        Ok(Served::Here(ids)) => {
+            let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+            json_response(StatusCode::OK, &json!({ "reaped": ids }), o.pretty)
+        }
+        Ok(Served::There(resp)) => resp,
+        Err(e) => error_response(&e, o.pretty),
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct RemoveRequest {
     #[serde(deserialize_with = "id_from_string_or_number")]
@@ -412,8 +479,9 @@ fn id_from_string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u6
         Json::Number(n) => n
             .as_u64()
             .ok_or_else(|| serde::de::Error::custom("id must be a positive integer")),
-        Json::String(s) => s.parse().map_err(serde::de::Error::custom),
-        _ => Err(serde::de::Error::custom("id must be a number")),
+        // A name (rqlite's string ids): its Raft id derives from it.
+        Json::String(s) => Ok(parse_node_id(&s).unwrap_or_else(|name| node_id_for_name(&name))),
+        _ => Err(serde::de::Error::custom("id must be a string or a number")),
     }
 }
 
@@ -526,4 +594,26 @@ pub async fn metrics(State(n): State<Arc<Cluster>>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_join_ids_as_numbers_or_strings() {
+        let body = br#"{"id": "7", "addr": "h:4002", "http_addr": "h:4001"}"#;
+        let jr = parse_join(body, "join").unwrap();
+        assert_eq!((jr.id, jr.voter), (7, true));
+        let body = br#"{"id": 8, "addr": "h:4002", "http_addr": "h:4001", "voter": false}"#;
+        let jr = parse_join(body, "join").unwrap();
+        assert_eq!((jr.id, jr.voter), (8, false));
+        let body = br#"{"id": "node-a", "addr": "h:4002", "http_addr": "h:4001"}"#;
+        assert_eq!(
+            parse_join(body, "join").unwrap().id,
+            node_id_for_name("node-a")
+        );
+        let body = br#"{"id": "0", "addr": "h:4002", "http_addr": "h:4001"}"#;
+        assert_eq!(parse_join(body, "join").unwrap().id, node_id_for_name("0"));
+    }
 }

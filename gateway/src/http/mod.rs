@@ -10,7 +10,7 @@
 //!
 //! - [`rqlite`]: request and response shapes.
 //! - [`sql`]: `/db/execute`, `/db/query`, `/db/request`, `/db/backup`, `/db/load`, `/boot`.
-//! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/remove`, `/metrics`.
+//! - [`admin`]: `/status`, `/nodes`, `/readyz`, `/join`, `/notify`, `/reap`, `/remove`, `/metrics`.
 //! - [`ops`]: `/leader`, `/snapshot`, `/db/sql`, `/debug/vars`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove|reset|revoke|rekey`).
 //! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
@@ -130,6 +130,14 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
         .route(
             "/join",
             require(a, join, body_type(JSON, post(admin::join))),
+        )
+        .route(
+            "/notify",
+            require(a, Perm::Join, body_type(JSON, post(admin::notify))),
+        )
+        .route(
+            "/reap",
+            require(a, Perm::Remove, body_type(JSON, post(admin::reap))),
         )
         .route(
             "/remove",
@@ -300,19 +308,41 @@ async fn to_leader(n: &Cluster, req: &Original, redirect: bool) -> Result<Respon
     if redirect {
         return redirect_to_leader(n, req.scheme, path).await;
     }
+    let body = crate::raft::network::full(req.body.clone());
+    forward(
+        n,
+        &req.method,
+        &req.uri,
+        &req.headers,
+        body,
+        FORWARD_TIMEOUT,
+    )
+    .await
+}
+
+/// Sends a request to the leader's API on its Raft listener under [`FORWARD_PREFIX`], with
+/// the client's `Content-Type` and `Authorization` and `body`, and relays the answer.
+pub(crate) async fn forward(
+    n: &Cluster,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: crate::raft::network::Body,
+    timeout: Duration,
+) -> Result<Response, Error> {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let forward_path = format!("{FORWARD_PREFIX}{path}");
     let leader_req = LeaderRequest {
-        method: req.method.clone(),
+        method: method.clone(),
         path: &forward_path,
-        content_type: req
-            .headers
+        content_type: headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
-        authorization: req.headers.get(header::AUTHORIZATION).cloned(),
-        body: req.body.clone(),
+        authorization: headers.get(header::AUTHORIZATION).cloned(),
+        body: Bytes::new(),
     };
     let answer = n
-        .call_leader(Port::Internal, leader_req, LEADER_WAIT, FORWARD_TIMEOUT)
+        .call_leader_with(Port::Internal, leader_req, body, LEADER_WAIT, timeout)
         .await?;
     let mut resp = (answer.status, answer.body).into_response();
     for h in [

@@ -63,11 +63,14 @@ pub async fn step_down(
         }
     };
     match on_leader(&n, &req, o.redirect, || n.step_down_to(sd.id)).await {
-        Ok(Served::Here(id)) => json_response(
-            StatusCode::OK,
-            &json!({"leader": {"node_id": id.to_string()}}),
-            o.pretty,
-        ),
+        Ok(Served::Here(id)) => {
+            let id = crate::cluster::names::shown(&n.node_names().await, id);
+            json_response(
+                StatusCode::OK,
+                &json!({"leader": {"node_id": id}}),
+                o.pretty,
+            )
+        }
         Ok(Served::There(resp)) => resp,
         Err(e) => error_response(&e, o.pretty),
     }

@@ -17,7 +17,7 @@ use super::rqlite::{
     results_response,
 };
 use super::{Original, Scheme, Served, on_leader, redirect_to_leader};
-use crate::cluster::client::LEADER_WAIT;
+use crate::cluster::client::{FORWARDED, LEADER_WAIT};
 use crate::cluster::{Cluster, Level};
 use crate::db::sql::{Statement, StatementResult};
 use crate::error::Error;
@@ -237,6 +237,7 @@ pub async fn backup(
             .await
             .unwrap_or_else(|e| error_response(&e, o.pretty));
     }
+    let compress = super::rqlite::flag(&q, "compress");
     if let Some(fmt) = q.get("fmt").filter(|f| f.as_str() != "binary") {
         if fmt != "sql" {
             let e = Error::BadRequest(format!("unknown backup format {fmt:?}: use sql"));
@@ -245,32 +246,84 @@ pub async fn backup(
         let only = q
             .get("tables")
             .map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>());
-        return match n.dump_sql(only).await {
-            Ok(text) => (
+        let text = match n.dump_sql(only).await {
+            Ok(text) => text,
+            Err(e) => return error_response(&e, o.pretty),
+        };
+        if !compress {
+            return (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/sql")],
                 text,
+            )
+                .into_response();
+        }
+        return match gzip_bytes(text.into_bytes()).await {
+            Ok(gz) => (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/gzip")],
+                gz,
             )
                 .into_response(),
             Err(e) => error_response(&e, o.pretty),
         };
     }
-    if super::rqlite::flag(&q, "compress") {
-        let e = Error::BadRequest("compress is not supported".into());
-        return error_response(&e, o.pretty);
-    }
-    match n.backup().await {
+    let file = match n.backup().await {
+        Ok(file) if compress => gzip_file(&n, file).await,
+        r => r,
+    };
+    match file {
         Ok(file) => {
             let body = Body::new(file_body(Vec::new(), file));
             let mut resp = (StatusCode::OK, body).into_response();
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
+            let kind = if compress {
+                "application/gzip"
+            } else {
+                "application/octet-stream"
+            };
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
             resp
         }
         Err(e) => error_response(&e, o.pretty),
     }
+}
+
+/// rqlite's `?compress`: the backup file gzipped into another unlinked scratch file (on
+/// disk, never whole in memory), read from its start.
+async fn gzip_file(n: &Cluster, mut file: std::fs::File) -> Result<std::fs::File, Error> {
+    let tmp = n
+        .scratch_dir()
+        .join(format!("backup-{}.gz", rand::random::<u64>()));
+    let f = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        use std::io::{Seek, Write};
+        let out = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        std::fs::remove_file(&tmp)?;
+        let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+        std::io::copy(&mut file, &mut gz)?;
+        let mut out = gz.finish()?;
+        out.flush()?;
+        out.rewind()?;
+        Ok(out)
+    })
+    .await??;
+    Ok(f)
+}
+
+/// A SQL dump (already in memory) gzipped.
+async fn gzip_bytes(text: Vec<u8>) -> Result<Vec<u8>, Error> {
+    let gz = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&text)?;
+        gz.finish()
+    })
+    .await??;
+    Ok(gz)
 }
 
 /// Replaces the database with an uploaded SQLite file or SQL text (see `db::load`). On the
@@ -288,12 +341,7 @@ pub async fn load(
 ) -> Response {
     let o = Opts::from(&q);
     let restore_state = access.has(Perm::All);
-    let r = if n.is_leader() && !o.redirect {
-        match spool(&n, req.into_body()).await {
-            Ok(path) => n.load_file(path, restore_state).await.map(Served::Here),
-            Err(e) => Err(e),
-        }
-    } else {
+    let r = if o.redirect {
         let original = match Original::from_request(req, &()).await {
             Ok(o) => o,
             Err(resp) => return resp,
@@ -304,6 +352,19 @@ pub async fn load(
             n.load_file(path, restore_state).await
         })
         .await
+    } else {
+        // Here or on a follower, the body streams to disk first (never whole in memory); a
+        // follower then streams the file on to the leader.
+        let forwarded = req.headers().contains_key(FORWARDED);
+        let (parts, body) = req.into_parts();
+        match spool(&n, body).await {
+            Ok(path) => {
+                let r = load_spooled(&n, &parts, &path, restore_state, forwarded).await;
+                let _ = tokio::fs::remove_file(&path).await;
+                r
+            }
+            Err(e) => Err(e),
+        }
     };
     let results = match r {
         Ok(Served::Here(results)) => results,
@@ -313,6 +374,8 @@ pub async fn load(
     // One summary result: the rows loaded, or the error.
     let summary = match results.iter().find(|r| r.error.is_some()) {
         Some(err) => err.clone(),
+        // A dump's own counters (see `Cluster::load_file`).
+        None if results.len() == 1 => results[0].clone(),
         None => StatementResult {
             rows_affected: results.iter().map(|r| r.rows_affected).sum::<i64>(),
             ..Default::default()
@@ -349,6 +412,51 @@ pub async fn boot(
     }
     load(State(n), Query(q), access, req).await
 }
+
+/// How long a forwarded load may take on the leader (upload, checks, every chunk applied).
+const LOAD_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Loads the spooled upload at `path` here if this node leads, else has the leader load it
+/// (streaming the file). A leadership change before the load took effect is waited out for up
+/// to [`LOAD_LEADER_WAIT`] and the load sent again: a load replaces the user's tables, so one
+/// that did take effect is not changed by a repeat. The caller deletes `path`.
+async fn load_spooled(
+    n: &Cluster,
+    parts: &axum::http::request::Parts,
+    path: &std::path::Path,
+    restore_state: bool,
+    forwarded: bool,
+) -> Result<Served<Vec<StatementResult>>, Error> {
+    let deadline = std::time::Instant::now() + LOAD_LEADER_WAIT;
+    loop {
+        let again = std::time::Instant::now() < deadline;
+        if n.is_leader() {
+            // `load_file` consumes its upload: it gets a link to the spool file.
+            let link = path.with_extension("load");
+            std::fs::hard_link(path, &link)?;
+            match n.load_file(link, restore_state).await {
+                Err(e) if e.is_not_leader() && again && !forwarded => {}
+                r => return r.map(Served::Here),
+            }
+        } else if forwarded {
+            // Never forwarded twice: leadership moved since the sender looked.
+            return Err(Error::NotLeader(None));
+        } else if n.leader().is_some() {
+            let body = file_body(Vec::new(), std::fs::File::open(path)?);
+            let (m, u, h) = (&parts.method, &parts.uri, &parts.headers);
+            let resp = super::forward(n, m, u, h, body, LOAD_FORWARD_TIMEOUT).await?;
+            if resp.status() != StatusCode::SERVICE_UNAVAILABLE || !again {
+                return Ok(Served::There(resp));
+            }
+        } else if !again {
+            return Err(Error::NoLeader);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a load waits out a leadership change before it gives up.
+const LOAD_LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn upload_path(n: &Cluster) -> std::path::PathBuf {
     n.scratch_dir()

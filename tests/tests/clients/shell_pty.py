@@ -75,6 +75,18 @@ for line, expect in [
     (".leader", '"leader"'),
     (".ready", "[+]node ok"),
     (".schema", "CREATE INDEX sh_v"),
+    # rqlite's output modes.
+    (".mode csv", prompt),
+    ("SELECT id, v AS 'the, value' FROM sh", 'id,"the, value"'),
+    (".mode line", prompt),
+    ("SELECT v AS line_v FROM sh", "line_v = from the shell"),
+    (".mode json", prompt),
+    ("SELECT v AS json_v FROM sh", '"json_v": "from the shell"'),
+    (".mode", "json"),
+    (".mode column", prompt),
+    # History: the Up arrow brings the last line back, Enter runs it again.
+    ("SELECT 'again' AS hist", "hist"),
+    ("\x1b[A", "again"),
 ]:
     before = len(out)
     os.write(fd, (line + "\n").encode())

@@ -331,7 +331,7 @@ impl Node {
     }
 
     /// Per user table: (name, row count, digest of its rows), read locally (`level=none`).
-    pub fn table_digests(&self) -> Vec<(String, usize, u64)> {
+    pub fn table_digests(&self) -> Vec<TableDigest> {
         let tables = self.rows(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' \
              AND substr(name, 1, 7) != '_cairn_' ORDER BY name",
@@ -354,6 +354,9 @@ impl Node {
         out
     }
 }
+
+/// One user table as [`Node::table_digests`] reads it: (name, row count, digest of its rows).
+pub type TableDigest = (String, usize, u64);
 
 /// The cluster's directory: a temp dir removed on drop, or one the caller keeps.
 enum Dir {
@@ -823,7 +826,7 @@ impl Cluster {
             .map(|n| (n.id, n.checksum()))
             .collect();
         if !sums.windows(2).all(|w| w[0].1 == w[1].1) {
-            let tables: Vec<(u64, Vec<(String, usize, u64)>)> = self
+            let tables: Vec<(u64, Vec<TableDigest>)> = self
                 .nodes
                 .iter()
                 .filter(|n| n.child.is_some())

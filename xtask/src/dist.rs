@@ -158,8 +158,12 @@ pub fn ensure_toolchains(targets: &[&LinuxTarget]) -> Result<()> {
 /// Builds the bare `cairn` binary (no `sim` feature) for `target` with cargo profile `profile`
 /// and returns its path.
 /// All builds share the workspace's `target/` directory, so build scripts and proc macros
-/// are compiled once per profile, not once per target.
+/// are compiled once per profile, not once per target (but for a target whose std is built
+/// from source: see below).
 pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
+    let mut target_dir: PathBuf = std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| util::root().join("target"));
     let mut cmd = if target.musl {
         // `cargo-zigbuild zigbuild ARGS` is `cargo build ARGS` with zig as `CC`, `AR` and
         // linker for the target; it runs the `cargo` named by `CARGO` (the pinned toolchain's).
@@ -170,8 +174,13 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
             // rust-src with the rest (an unstable cargo flag, hence RUSTC_BOOTSTRAP). Its
             // self-contained start files and libunwind come with the prebuilt std only, so
             // zig's musl supplies them (`link-self-contained=no`).
+            // RUSTC_BOOTSTRAP changes the fingerprint of every unit, the host's build scripts
+            // and proc macros too: in the shared `target/` the other builds and this one
+            // would rebuild each other's in turn. This one gets its own directory.
+            target_dir = target_dir.join("std-from-source");
             let upper = target.triple.to_uppercase().replace('-', "_");
             cmd.env("RUSTC_BOOTSTRAP", "1")
+                .env("CARGO_TARGET_DIR", &target_dir)
                 .env(
                     format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
                     "-C link-self-contained=no",
@@ -210,11 +219,7 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
     util::run(&mut cmd)?;
     // Cargo names the output directory of the built-in `dev` profile `debug`.
     let dir = if profile == "dev" { "debug" } else { profile };
-    let binary = util::root()
-        .join("target")
-        .join(target.triple)
-        .join(dir)
-        .join("cairn");
+    let binary = target_dir.join(target.triple).join(dir).join("cairn");
     if !binary.is_file() {
         bail!("cargo reported success but {} is missing", binary.display());
     }

@@ -287,4 +287,22 @@ mod tests {
         assert_eq!(c.as_deref(), Some("1.95.0"));
         assert_eq!(t, vec!["thumbv7em-none-eabihf", "thumbv6m-none-eabi"]);
     }
+
+    /// The real file, comments in the target list included, lists the musl targets.
+    #[test]
+    fn reads_the_repository_toolchain_file() {
+        let text = std::fs::read_to_string(crate::util::root().join("rust-toolchain.toml"))
+            .expect("rust-toolchain.toml");
+        let (_, targets) = super::toolchain_file(&text);
+        for triple in [
+            crate::dist::AARCH64_MUSL.triple,
+            crate::dist::ARMV7_MUSL.triple,
+        ] {
+            assert!(
+                targets.iter().any(|t| t == triple),
+                "{triple} in {targets:?}"
+            );
+        }
+        assert!(targets.iter().all(|t| !t.contains(' ')), "{targets:?}");
+    }
 }

@@ -9,6 +9,9 @@
 //!   systemd would), and the rows and the device must still be there; SIGTERM then stops
 //!   it cleanly (exit status 0).
 //! - armv7: `--help` answers and `node` bootstraps and serves a query.
+//! - the static musl binaries (aarch64, armv7) for gateways without Debian: `file` must call
+//!   them statically linked (qemu-user then runs them without any sysroot), `--help`
+//!   answers, and `node` bootstraps and serves a write and a read over HTTP on loopback.
 //!
 //! The emulated nodes run through the test harness's launcher ([`Cluster`] with a qemu-user
 //! [`Options::launcher`]); requests go through its HTTP client.
@@ -16,7 +19,7 @@
 //! CI has 30 minutes on two cores for everything, so these builds use [`TEST_PROFILE`]
 //! rather than the `dist` profile (see its doc for the measurements behind the choice).
 
-use crate::dist::{self, AARCH64, ARMV7, LinuxTarget};
+use crate::dist::{self, AARCH64, AARCH64_MUSL, ARMV7, ARMV7_MUSL, LinuxTarget};
 use crate::util::{self, step};
 use anyhow::{Context, Result, ensure};
 use cairn_tests::device::{sim_command, sim_summary};
@@ -33,6 +36,28 @@ pub const TEST_PROFILE: &str = "dev";
 /// How long a node under qemu may take to elect itself and answer `/readyz`.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// `cargo xtask arm [--musl]`: the whole ARM step, or (`--musl`) only its static musl part.
+pub fn run_command(args: &[String]) -> Result<()> {
+    match args {
+        [] => run(),
+        [flag] if flag == "--musl" => {
+            let work = work_dir()?;
+            run_musl(&work)
+        }
+        _ => anyhow::bail!("usage: cargo xtask arm [--musl]"),
+    }
+}
+
+/// A fresh `target/xtask-arm` for the emulated nodes' data and logs.
+fn work_dir() -> Result<PathBuf> {
+    let work = crate::util::root().join("target").join("xtask-arm");
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    fs::create_dir_all(&work)?;
+    Ok(work)
+}
+
 pub fn run() -> Result<()> {
     let mut binaries = Vec::new();
     step("arm: cross toolchains", || {
@@ -47,11 +72,7 @@ pub fn run() -> Result<()> {
             },
         )?;
     }
-    let work = crate::util::root().join("target").join("xtask-arm");
-    if work.exists() {
-        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
-    }
-    fs::create_dir_all(&work)?;
+    let work = work_dir()?;
 
     let root = work.join("arm64-root");
     step("arm: package arm64", || {
@@ -73,8 +94,47 @@ pub fn run() -> Result<()> {
         || aarch64_node(&root, &work, &host_cairn),
     )?;
     step("arm: armv7 --help and node under qemu", || {
-        armv7_node(&binaries[1], &work)
+        help_and_sql(&ARMV7, &binaries[1], &work)
     })?;
+    run_musl(&work)
+}
+
+/// The static musl binaries for gateways without Debian, built with cargo-zigbuild: each
+/// must be static, answer `--help` and serve SQL under qemu-user without a sysroot.
+fn run_musl(work: &Path) -> Result<()> {
+    step("arm: cargo-zigbuild and zig", || {
+        dist::ensure_toolchains(&[&AARCH64_MUSL, &ARMV7_MUSL])
+    })?;
+    for target in [&AARCH64_MUSL, &ARMV7_MUSL] {
+        let mut binary = PathBuf::new();
+        step(
+            &format!("arm: build {} ({TEST_PROFILE})", target.triple),
+            || {
+                binary = dist::build_cairn(target, TEST_PROFILE)?;
+                Ok(())
+            },
+        )?;
+        step(
+            &format!("arm: static {} under qemu (no sysroot)", target.triple),
+            || {
+                check_static(&binary)?;
+                help_and_sql(target, &binary, work)
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// `file` must call `binary` statically linked: no interpreter, no shared library to find on
+/// a gateway that has neither glibc nor Debian.
+fn check_static(binary: &Path) -> Result<()> {
+    let description = util::output(std::process::Command::new("file").arg("-b").arg(binary))?;
+    println!("file: {}", description.trim());
+    ensure!(
+        description.contains("statically linked") && !description.contains("interpreter"),
+        "{} is not a static binary: {description}",
+        binary.display()
+    );
     Ok(())
 }
 
@@ -182,34 +242,36 @@ fn aarch64_node(root: &Path, work: &Path, host_cairn: &Path) -> Result<()> {
     stop(&mut c)
 }
 
-/// armv7: `--help` lists the subcommands; `node` bootstraps and serves a write and a read.
-fn armv7_node(binary: &Path, work: &Path) -> Result<()> {
-    let help = ARMV7
+/// `--help` lists the subcommands; `node` bootstraps and serves a write and a read over HTTP
+/// (data and log in `work/<triple>`); SIGTERM stops it cleanly.
+fn help_and_sql(target: &'static LinuxTarget, binary: &Path, work: &Path) -> Result<()> {
+    let triple = target.triple;
+    let help = target
         .runner(binary)
         .arg("--help")
         .output()
-        .context("running cairn --help under qemu-arm")?;
+        .with_context(|| format!("running the {triple} cairn --help under qemu"))?;
     let text = String::from_utf8_lossy(&help.stdout);
     ensure!(
         help.status.success() && text.contains("node"),
-        "armv7 `cairn --help` failed ({}): {text}{}",
+        "{triple} `cairn --help` failed ({}): {text}{}",
         help.status,
         String::from_utf8_lossy(&help.stderr)
     );
-    let mut c = emulated_node(&ARMV7, binary, None, work.join("armv7"));
+    let mut c = emulated_node(target, binary, None, work.join(triple));
     execute(
         &c,
         &[
             "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
-            "INSERT INTO t (v) VALUES ('armv7')",
+            &format!("INSERT INTO t (v) VALUES ('{triple}')"),
         ],
     )?;
     let rows = query(&c.nodes[0], "SELECT id, v FROM t");
     ensure!(
-        rows == serde_json::json!([[1, "armv7"]]),
-        "armv7 read back {rows}"
+        rows == serde_json::json!([[1, triple]]),
+        "{triple} read back {rows}"
     );
-    println!("armv7: node bootstrapped and served a write and a read");
+    println!("{triple}: node bootstrapped and served a write and a read");
     stop(&mut c)
 }
 

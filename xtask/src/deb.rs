@@ -340,7 +340,7 @@ fn depends(binary: &Path) -> Result<String> {
 }
 
 /// Writes `contents` to `stage/rel` with `mode`, creating directories (0755) as needed.
-fn install(stage: &Path, rel: &str, contents: &[u8], mode: u32) -> Result<()> {
+pub fn install(stage: &Path, rel: &str, contents: &[u8], mode: u32) -> Result<()> {
     let path = stage.join(rel);
     let dir = path.parent().expect("package paths have a directory");
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -408,7 +408,7 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// The last commit's time, so rebuilding the same commit gives the same package.
-fn source_date_epoch() -> u64 {
+pub fn source_date_epoch() -> u64 {
     if let Some(epoch) = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|v| v.parse().ok())

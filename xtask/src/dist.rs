@@ -15,6 +15,20 @@
 //! Cross builds link with Debian's cross gcc, which also compiles the bundled SQLite. The
 //! xtask sets the linker, `CC` and `AR` per target itself, so no `.cargo/config.toml` or
 //! shell environment is needed, and installs the gcc packages when they are missing.
+//!
+//! For gateways without Debian (OpenWrt and other musl or busybox systems) `dist` also builds
+//! fully static musl binaries for aarch64 and armv7:
+//!
+//! ```text
+//! target/dist/cairn-<triple>             static, stripped (aarch64-unknown-linux-musl, ...)
+//! target/dist/cairn-<version>-<triple>.tar.gz   that binary, an OpenWrt init script, the config
+//! ```
+//!
+//! Debian has no musl cross compiler (musl-tools targets the host only), so these link with
+//! cargo-zigbuild, which drives `zig cc` (from the `ziglang` Python package) as C compiler
+//! for the bundled SQLite and ring and as linker against zig's own musl. Setup installs both
+//! from PyPI. Where the Rust toolchain's distribution offers no prebuilt standard library
+//! for a target ([`std_from_source`]), it is built from the `rust-src` component.
 
 use crate::util::{self, step};
 use anyhow::{Context, Result, bail};
@@ -33,8 +47,11 @@ pub struct LinuxTarget {
     pub gcc_package: &'static str,
     /// Width of `usize` in bits.
     pub pointer_width: u32,
-    /// qemu-user program that runs the binary on an x86_64 host, with the sysroot for `-L`.
+    /// qemu-user program that runs the binary on an x86_64 host, with the sysroot for `-L`
+    /// (empty for static binaries, which load nothing).
     pub qemu: Option<(&'static str, &'static str)>,
+    /// Static musl binary linked by cargo-zigbuild (no Debian package: a tarball).
+    pub musl: bool,
 }
 
 pub const X86_64: LinuxTarget = LinuxTarget {
@@ -44,6 +61,7 @@ pub const X86_64: LinuxTarget = LinuxTarget {
     gcc_package: "gcc",
     pointer_width: 64,
     qemu: None,
+    musl: false,
 };
 
 pub const AARCH64: LinuxTarget = LinuxTarget {
@@ -53,6 +71,7 @@ pub const AARCH64: LinuxTarget = LinuxTarget {
     gcc_package: "gcc-aarch64-linux-gnu",
     pointer_width: 64,
     qemu: Some(("qemu-aarch64", "/usr/aarch64-linux-gnu")),
+    musl: false,
 };
 
 pub const ARMV7: LinuxTarget = LinuxTarget {
@@ -62,9 +81,32 @@ pub const ARMV7: LinuxTarget = LinuxTarget {
     gcc_package: "gcc-arm-linux-gnueabihf",
     pointer_width: 32,
     qemu: Some(("qemu-arm", "/usr/arm-linux-gnueabihf")),
+    musl: false,
 };
 
-pub const TARGETS: [&LinuxTarget; 3] = [&AARCH64, &ARMV7, &X86_64];
+/// Static aarch64 binary for gateways without Debian (OpenWrt on 64-bit ARM boards).
+pub const AARCH64_MUSL: LinuxTarget = LinuxTarget {
+    triple: "aarch64-unknown-linux-musl",
+    deb_arch: "arm64",
+    gcc_prefix: None,
+    gcc_package: "",
+    pointer_width: 64,
+    qemu: Some(("qemu-aarch64", "")),
+    musl: true,
+};
+
+/// Static ARMv7 hard-float binary for gateways without Debian (OpenWrt on 32-bit ARM).
+pub const ARMV7_MUSL: LinuxTarget = LinuxTarget {
+    triple: "armv7-unknown-linux-musleabihf",
+    deb_arch: "armhf",
+    gcc_prefix: None,
+    gcc_package: "",
+    pointer_width: 32,
+    qemu: Some(("qemu-arm", "")),
+    musl: true,
+};
+
+pub const TARGETS: [&LinuxTarget; 5] = [&AARCH64, &ARMV7, &X86_64, &AARCH64_MUSL, &ARMV7_MUSL];
 
 impl LinuxTarget {
     /// A command that runs `binary` (built for this target) on the build machine: directly
@@ -74,7 +116,10 @@ impl LinuxTarget {
             None => Command::new(binary),
             Some((qemu, sysroot)) => {
                 let mut cmd = Command::new(qemu);
-                cmd.arg("-L").arg(sysroot).arg(binary);
+                if !sysroot.is_empty() {
+                    cmd.arg("-L").arg(sysroot);
+                }
+                cmd.arg(binary);
                 cmd
             }
         }
@@ -96,8 +141,12 @@ impl LinuxTarget {
     }
 }
 
-/// Makes sure the cross gcc for each target is installed.
+/// Makes sure the cross gcc for each target is installed, and cargo-zigbuild with zig for
+/// the musl targets.
 pub fn ensure_toolchains(targets: &[&LinuxTarget]) -> Result<()> {
+    if targets.iter().any(|t| t.musl) {
+        crate::setup::ensure_zigbuild()?;
+    }
     let wanted: Vec<(String, &str)> = targets
         .iter()
         .filter_map(|t| t.gcc_prefix.map(|p| (format!("{p}-gcc"), t.gcc_package)))
@@ -109,12 +158,43 @@ pub fn ensure_toolchains(targets: &[&LinuxTarget]) -> Result<()> {
 /// Builds the bare `cairn` binary (no `sim` feature) for `target` with cargo profile `profile`
 /// and returns its path.
 /// All builds share the workspace's `target/` directory, so build scripts and proc macros
-/// are compiled once per profile, not once per target.
+/// are compiled once per profile, not once per target (but for a target whose std is built
+/// from source: see below).
 pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut target_dir: PathBuf = std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| util::root().join("target"));
+    let mut cmd = if target.musl {
+        // `cargo-zigbuild zigbuild ARGS` is `cargo build ARGS` with zig as `CC`, `AR` and
+        // linker for the target; it runs the `cargo` named by `CARGO` (the pinned toolchain's).
+        let mut cmd = Command::new(crate::setup::cargo_zigbuild()?);
+        cmd.arg("zigbuild");
+        if std_from_source(target)? {
+            // This toolchain's distribution has no prebuilt std for the target: build it from
+            // rust-src with the rest (an unstable cargo flag, hence RUSTC_BOOTSTRAP). Its
+            // self-contained start files and libunwind come with the prebuilt std only, so
+            // zig's musl supplies them (`link-self-contained=no`).
+            // RUSTC_BOOTSTRAP changes the fingerprint of every unit, the host's build scripts
+            // and proc macros too: in the shared `target/` the other builds and this one
+            // would rebuild each other's in turn. This one gets its own directory.
+            target_dir = target_dir.join("std-from-source");
+            let upper = target.triple.to_uppercase().replace('-', "_");
+            cmd.env("RUSTC_BOOTSTRAP", "1")
+                .env("CARGO_TARGET_DIR", &target_dir)
+                .env(
+                    format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
+                    "-C link-self-contained=no",
+                )
+                .arg("-Zbuild-std=std,panic_abort");
+        }
+        cmd
+    } else {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.arg("build");
+        cmd
+    };
     cmd.current_dir(util::root()).args([
-        "build",
         "--locked",
         "-p",
         "cairn-gateway",
@@ -139,15 +219,22 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
     util::run(&mut cmd)?;
     // Cargo names the output directory of the built-in `dev` profile `debug`.
     let dir = if profile == "dev" { "debug" } else { profile };
-    let binary = util::root()
-        .join("target")
-        .join(target.triple)
-        .join(dir)
-        .join("cairn");
+    let binary = target_dir.join(target.triple).join(dir).join("cairn");
     if !binary.is_file() {
         bail!("cargo reported success but {} is missing", binary.display());
     }
     Ok(binary)
+}
+
+/// True when the pinned toolchain has no prebuilt standard library for `target` installed
+/// (setup installs it where the distribution offers one, `rust-src` otherwise).
+pub fn std_from_source(target: &LinuxTarget) -> Result<bool> {
+    let installed = util::output(
+        Command::new("rustup")
+            .args(["target", "list", "--installed"])
+            .current_dir(util::root()),
+    )?;
+    Ok(!installed.lines().any(|l| l.trim() == target.triple))
 }
 
 /// Crates the bare daemon must not link: the device client and its host time driver come
@@ -200,10 +287,12 @@ const HELP: &str = "\
 cargo xtask dist [--target TRIPLE]...
 
 Builds `cairn` with the `dist` profile (opt-level s, fat LTO, one codegen unit, stripped,
-panic=abort) and without the `sim` feature (no `cairn sim`), and a Debian package per target
+panic=abort) and without the `sim` feature (no `cairn sim`), and a Debian package per glibc
+target or a tarball per static musl target (for OpenWrt and other gateways without Debian)
 into target/dist/. Without --target, all of:
   aarch64-unknown-linux-gnu (arm64), armv7-unknown-linux-gnueabihf (armhf),
-  x86_64-unknown-linux-gnu (amd64)
+  x86_64-unknown-linux-gnu (amd64),
+  aarch64-unknown-linux-musl, armv7-unknown-linux-musleabihf (static, cargo-zigbuild)
 ";
 
 /// `cargo xtask dist [--target TRIPLE]...`
@@ -216,7 +305,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 let triple = args.next().context("--target needs a triple")?;
                 let target = TARGETS
                     .iter()
-                    .find(|t| t.triple == triple || t.deb_arch == triple)
+                    .find(|t| t.triple == triple || (!t.musl && t.deb_arch == triple))
                     .with_context(|| format!("unknown target `{triple}`\n\n{HELP}"))?;
                 targets.push(target);
             }
@@ -245,10 +334,17 @@ pub fn run(args: &[String]) -> Result<()> {
             Ok(())
         })?;
         let mut package = PathBuf::new();
-        step(&format!("dist: package {}", target.deb_arch), || {
-            package = crate::deb::build(target, &binary, &out, crate::deb::Compression::Xz)?;
-            crate::deb::verify(&package)
-        })?;
+        if target.musl {
+            step(&format!("dist: tarball {}", target.triple), || {
+                package = tarball(target, &binary, &out)?;
+                Ok(())
+            })?;
+        } else {
+            step(&format!("dist: package {}", target.deb_arch), || {
+                package = crate::deb::build(target, &binary, &out, crate::deb::Compression::Xz)?;
+                crate::deb::verify(&package)
+            })?;
+        }
         rows.push((
             target.triple,
             file_size(&binary)?,
@@ -268,6 +364,68 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     println!("in {}", out.display());
     Ok(())
+}
+
+/// Where the OpenWrt tarball's configuration keeps the data: persistent storage (OpenWrt's
+/// `/var` is RAM); the README says to point it at an eMMC, SSD or USB mount.
+const OPENWRT_DATA_DIR: &str = "/srv/cairn";
+
+/// `cairn-<version>-<triple>.tar.gz` for a gateway without Debian, unpacked at `/`:
+/// `usr/bin/cairn` (the static binary), `etc/init.d/cairn` (OpenWrt's procd script from
+/// `packaging/openwrt/`) and `etc/cairn/cairn.toml` (the packages' configuration with
+/// `data_dir` on persistent storage). Reproducible: sorted, root-owned, the last commit's time.
+fn tarball(target: &LinuxTarget, binary: &Path, out: &Path) -> Result<PathBuf> {
+    let stage = out.join(format!("tar-{}", target.triple));
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
+    }
+    let packaging = util::root().join("packaging");
+    crate::deb::install(&stage, "usr/bin/cairn", &std::fs::read(binary)?, 0o755)?;
+    crate::deb::install(
+        &stage,
+        "etc/init.d/cairn",
+        &std::fs::read(packaging.join("openwrt/cairn.init"))?,
+        0o755,
+    )?;
+    let config = std::fs::read_to_string(packaging.join("cairn.toml"))?;
+    let debian_dir = "data_dir = \"/var/lib/cairn\"";
+    if !config.contains(debian_dir) {
+        bail!("packaging/cairn.toml no longer sets `{debian_dir}`: update xtask/src/dist.rs");
+    }
+    let config = config.replace(
+        debian_dir,
+        &format!(
+            "# OpenWrt keeps /var in RAM: use persistent storage, best an eMMC, SSD or USB\n\
+             # mount rather than the flash overlay (every acknowledged record is fsync'd).\n\
+             data_dir = \"{OPENWRT_DATA_DIR}\""
+        ),
+    );
+    crate::deb::install(&stage, "etc/cairn/cairn.toml", config.as_bytes(), 0o644)?;
+    let tarball = out.join(format!(
+        "{}-{}-{}.tar.gz",
+        crate::deb::PACKAGE,
+        env!("CARGO_PKG_VERSION"),
+        target.triple
+    ));
+    util::run(
+        Command::new("tar")
+            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner"])
+            .arg(format!("--mtime=@{}", crate::deb::source_date_epoch()))
+            .args(["--use-compress-program", "gzip -9n", "-cf"])
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&stage)
+            .args(["usr", "etc"]),
+    )?;
+    let listing = util::output(Command::new("tar").arg("-tvzf").arg(&tarball))?;
+    println!("{listing}");
+    for path in ["usr/bin/cairn", "etc/init.d/cairn", "etc/cairn/cairn.toml"] {
+        if !listing.lines().any(|l| l.ends_with(&format!(" {path}"))) {
+            bail!("{} lacks {path}", tarball.display());
+        }
+    }
+    std::fs::remove_dir_all(&stage)?;
+    Ok(tarball)
 }
 
 pub fn file_size(path: &Path) -> Result<u64> {

@@ -32,11 +32,13 @@ commands:
   qemu    the firmware image under qemu-system-arm (`--smoke`: network skeleton only)
   template  the board template built out of tree (NUCLEO-F429ZI, host) and run on a cluster
   arm     the ARM step of `test` alone: cross-build, package, run under qemu-user
+          (`--musl`: only the static musl binaries)
   bench   Cairn against dqlite, Mosquitto and hiqlite on this machine (`--quick`: < 3 min)
   faults  seeded fault schedules on a real cluster (`--schedules N [--seed S] [--steps K]
           [--focus mixed|overlap|powercut|clock] [--mix] [--unsafe-no-fsync]`)
   soak    long fault runs, resumable (`--schedules N | --hours H [--dir D]`, same options)
-  dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, in target/dist/
+  dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, and static
+          musl `cairn` for aarch64 and armv7 in a tarball each, in target/dist/
   help    this text
 ";
 
@@ -53,7 +55,7 @@ fn main() -> Result<()> {
         "faults" => faults::run_command(rest),
         "soak" => faults::soak_command(rest),
         "bench" => bench::run(rest),
-        "arm" => arm_check::run(),
+        "arm" => arm_check::run_command(rest),
         "size" => size::run_command(rest),
         "firmware-size" => util::step(
             "cairn-firmware size probe (thumbv7em, release)",

@@ -2,7 +2,8 @@
 //! Rust targets come from `rust-toolchain.toml`; setup installs them with rustup.
 
 use crate::util::{have, run as exec, step};
-use anyhow::Result;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (program on PATH, or absolute path of a file, that proves the package is there; Debian
@@ -23,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
         "libc6-dev-armhf-cross",
     ),
     ("arm-none-eabi-size", "binutils-arm-none-eabi"),
+    // The ARM step checks that the musl binaries are static with `file`.
+    ("file", "file"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),
     // The fault suite: power cuts on faultfs (FUSE), clock faults with libfaketime.
@@ -48,7 +51,15 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("cryptography", "cryptography"),
     // moto's standalone S3-compatible server stores the backups of t18_backup.
     ("moto.server", "moto[server]"),
+    // Zig, the C compiler and linker of the static musl builds (`python3 -m ziglang`,
+    // which cargo-zigbuild runs when no `zig` is on PATH). Pinned with cargo-zigbuild: zig
+    // changes its command line between releases.
+    ("ziglang", "ziglang==0.17.1"),
 ];
+
+/// Programs from PyPI: (program, package). cargo-zigbuild (a prebuilt binary in its wheel,
+/// nothing to compile) links the static musl builds of `cargo xtask dist` and the ARM step.
+const PYTHON_PROGRAMS: &[(&str, &str)] = &[("cargo-zigbuild", "cargo-zigbuild==0.24.1")];
 
 /// npm packages the tests use, installed under [`NODE_DIR`] of the workspace (t19 looks
 /// there): rqlite-js, rqlite's JavaScript client, and the Babel runtime its build requires
@@ -63,7 +74,7 @@ pub const NODE_DIR: &str = "target/rqlite-js";
 
 pub fn run_setup() -> Result<()> {
     ensure_packages(PACKAGES)?;
-    ensure_python(PYTHON_PACKAGES)?;
+    ensure_python(PYTHON_PACKAGES, PYTHON_PROGRAMS)?;
     ensure_node(NODE_PACKAGES)?;
     // Make sure the pinned toolchain and its targets are installed. `cargo xtask` runs with
     // RUSTUP_TOOLCHAIN set by the cargo proxy, which makes rustup ignore rust-toolchain.toml
@@ -81,15 +92,66 @@ pub fn run_setup() -> Result<()> {
     if let Some(channel) = channel
         && !targets.is_empty()
     {
-        exec(
-            Command::new("rustup")
-                .args(["target", "add", "--toolchain", &channel])
-                .args(&targets)
+        let rustup = |args: &[&str]| {
+            let mut cmd = Command::new("rustup");
+            cmd.args(args)
+                .args(["--toolchain", &channel])
                 .env_remove("RUSTUP_TOOLCHAIN")
-                .current_dir(&root),
-        )?;
+                .current_dir(&root);
+            cmd
+        };
+        // A distribution (or a mirror of one) may offer no prebuilt std for some targets
+        // (armv7-unknown-linux-musleabihf, here): those get `rust-src` instead and the
+        // build compiles std itself (`dist::std_from_source`).
+        let offered = crate::util::output(&mut rustup(&["target", "list"]))?;
+        let offered: Vec<&str> = offered
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let (prebuilt, from_source): (Vec<&String>, Vec<&String>) =
+            targets.iter().partition(|t| offered.contains(&t.as_str()));
+        let prebuilt: Vec<&str> = prebuilt.iter().map(|t| t.as_str()).collect();
+        exec(rustup(&["target", "add"]).args(&prebuilt))?;
+        if !from_source.is_empty() {
+            println!(
+                "no prebuilt std offered for {from_source:?}: installing rust-src to build it"
+            );
+            exec(&mut rustup(&["component", "add", "rust-src"]))?;
+        }
     }
     Ok(())
+}
+
+/// Installs cargo-zigbuild and zig when missing (what the musl builds need of setup).
+pub fn ensure_zigbuild() -> Result<()> {
+    let zig: Vec<(&str, &str)> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(m, _)| *m == "ziglang")
+        .copied()
+        .collect();
+    ensure_python(&zig, PYTHON_PROGRAMS)
+}
+
+/// The `cargo-zigbuild` program (see [`PYTHON_PROGRAMS`]).
+pub fn cargo_zigbuild() -> Result<PathBuf> {
+    let name = PYTHON_PROGRAMS[0].0;
+    python_program(name)
+        .with_context(|| format!("{name} is not installed: run `cargo xtask setup`"))
+}
+
+/// A program pip installed: on PATH, or in the scripts directory of `python3`'s pip (which
+/// need not be on PATH).
+fn python_program(name: &str) -> Option<PathBuf> {
+    if have(name) {
+        return Some(name.into());
+    }
+    let scripts = crate::util::output(Command::new("python3").args([
+        "-c",
+        "import sysconfig; print(sysconfig.get_path('scripts'))",
+    ]))
+    .ok()?;
+    let path = Path::new(scripts.trim()).join(name);
+    path.is_file().then_some(path)
 }
 
 /// The `channel` and `targets` of a rust-toolchain.toml (the few lines this project writes).
@@ -130,20 +192,26 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// Installs each (module, PyPI package) whose module `python3` cannot import, with pip
-/// (Debian's python3-pip first when pip itself is missing).
-fn ensure_python(packages: &[(&str, &str)]) -> Result<()> {
+/// Installs each (module, PyPI package) whose module `python3` cannot import and each
+/// (program, PyPI package) whose program [`python_program`] cannot find, with pip (Debian's python3-pip first when pip itself is missing).
+fn ensure_python(packages: &[(&str, &str)], programs: &[(&str, &str)]) -> Result<()> {
     let importable = |m: &str| {
         Command::new("python3")
             .args(["-c", &format!("import {m}")])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    let missing: Vec<&str> = packages
+    let mut missing: Vec<&str> = packages
         .iter()
         .filter(|(m, _)| !importable(m))
         .map(|(_, p)| *p)
         .collect();
+    missing.extend(
+        programs
+            .iter()
+            .filter(|(bin, _)| python_program(bin).is_none())
+            .map(|(_, p)| *p),
+    );
     if missing.is_empty() {
         return Ok(());
     }
@@ -220,5 +288,23 @@ mod tests {
         );
         assert_eq!(c.as_deref(), Some("1.95.0"));
         assert_eq!(t, vec!["thumbv7em-none-eabihf", "thumbv6m-none-eabi"]);
+    }
+
+    /// The real file, comments in the target list included, lists the musl targets.
+    #[test]
+    fn reads_the_repository_toolchain_file() {
+        let text = std::fs::read_to_string(crate::util::root().join("rust-toolchain.toml"))
+            .expect("rust-toolchain.toml");
+        let (_, targets) = super::toolchain_file(&text);
+        for triple in [
+            crate::dist::AARCH64_MUSL.triple,
+            crate::dist::ARMV7_MUSL.triple,
+        ] {
+            assert!(
+                targets.iter().any(|t| t == triple),
+                "{triple} in {targets:?}"
+            );
+        }
+        assert!(targets.iter().all(|t| !t.contains(' ')), "{targets:?}");
     }
 }

@@ -277,10 +277,11 @@ impl Cluster {
     }
 
     /// Whether new `Command::Members` entries may be proposed: every member must be able to
-    /// apply them, so once the cluster's active version is 2 (until then joins record no
-    /// incarnation and each member records its own once it may).
+    /// apply them, so once every member answers with format version 2 (in a new cluster from
+    /// the start; in a rolling upgrade once the last node runs this release). Until then joins
+    /// record no incarnation and each member records its own once it may.
     pub fn may_propose_members(&self) -> bool {
-        self.metrics().versions.active() >= crate::version::V2
+        self.members_support().unwrap_or(0) >= crate::version::V2
     }
 
     /// On the leader: removes node `id` for a member leaving the cluster (`POST

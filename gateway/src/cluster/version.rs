@@ -36,7 +36,11 @@ impl Cluster {
         let need = cmd.min_version();
         let versions = &self.metrics().versions;
         let allowed = match cmd.unstamped() {
-            Command::ActivateVersion(_) => self.members_support().unwrap_or(0),
+            // Needed by every member, not the cluster: a joiner's incarnation is recorded
+            // before its first RPC, also in a new cluster's first second (before activation).
+            Command::ActivateVersion(_) | Command::Members(_) => {
+                self.members_support().unwrap_or(0)
+            }
             _ => versions.active(),
         };
         if need > allowed {

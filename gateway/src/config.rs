@@ -649,15 +649,6 @@ impl NodeConfig {
         Ok(c)
     }
 
-    /// The limits of one read request on this node.
-    pub fn read_limits(&self) -> crate::db::sandbox::ReadLimits {
-        crate::db::sandbox::ReadLimits {
-            timeout: std::time::Duration::from_millis(self.read_timeout_ms),
-            max_rows: self.read_max_rows,
-            max_bytes: self.read_max_bytes,
-        }
-    }
-
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
         self.validate_cluster()?;
@@ -690,15 +681,6 @@ impl NodeConfig {
         })
         .map_err(anyhow::Error::msg)?;
         Ok(())
-    }
-
-    /// The export destinations: `[[export]]` and `--cdc-config`.
-    pub fn exports(&self) -> anyhow::Result<Vec<export::ExportDef>> {
-        let mut out = self.export.clone();
-        if let Some(c) = &self.cdc_config {
-            out.push(export::ExportDef::from_cdc_config(c)?);
-        }
-        Ok(out)
     }
 
     /// The device stream mapping these settings declare.

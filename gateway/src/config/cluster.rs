@@ -25,6 +25,15 @@ pub fn node_id_for_name(name: &str) -> u64 {
 }
 
 impl NodeConfig {
+    /// The limits of one read request on this node.
+    pub fn read_limits(&self) -> crate::db::sandbox::ReadLimits {
+        crate::db::sandbox::ReadLimits {
+            timeout: std::time::Duration::from_millis(self.read_timeout_ms),
+            max_rows: self.read_max_rows,
+            max_bytes: self.read_max_bytes,
+        }
+    }
+
     /// The openraft configuration these settings imply.
     pub fn raft_config(&self) -> anyhow::Result<openraft::Config> {
         let c = openraft::Config {

@@ -176,6 +176,17 @@ pub fn validate(exports: &[ExportDef], retention: Option<&str>) -> anyhow::Resul
     Ok(())
 }
 
+impl super::NodeConfig {
+    /// The export destinations: `[[export]]` and `--cdc-config`.
+    pub fn exports(&self) -> anyhow::Result<Vec<ExportDef>> {
+        let mut out = self.export.clone();
+        if let Some(c) = &self.cdc_config {
+            out.push(ExportDef::from_cdc_config(c)?);
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

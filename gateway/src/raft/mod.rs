@@ -10,6 +10,7 @@
 //! - [`proposer`]: the bounded, pipelined queue in front of `client_write_many`.
 
 pub mod incarnation;
+pub mod log_format;
 pub mod log_store;
 pub mod network;
 pub mod proposer;

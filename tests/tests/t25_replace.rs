@@ -97,21 +97,20 @@ fn test_wiped_follower_cannot_vote_and_is_replaced_while_devices_stream() {
             .contains("member under another incarnation")
             .then_some(())
     });
-    // It answers no Raft RPC meant for its old life, nor one from a sender that does not know
-    // it, and it never voted.
-    for to in [format!("{fid}:{old_inc}"), format!("{fid}:none")] {
-        let (status, body) = raft_post(
-            &c,
-            f,
-            "/raft/vote",
-            &[
-                ("cairn-incarnation-from", format!("{lid}:1")),
-                ("cairn-incarnation-to", to),
-            ],
-        );
-        assert_eq!(status, 409, "{body}");
-        assert!(body.contains(&format!("--replace {fid}")), "{body}");
-    }
+    // It answers no Raft RPC meant for its old life, and it never voted. (A request naming
+    // no incarnation for it, `ID:none`, is served: founders of a --bootstrap-expect cluster
+    // start that way; the leader here has its old incarnation recorded and names it.)
+    let (status, body) = raft_post(
+        &c,
+        f,
+        "/raft/vote",
+        &[
+            ("cairn-incarnation-from", format!("{lid}:1")),
+            ("cairn-incarnation-to", format!("{fid}:{old_inc}")),
+        ],
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains(&format!("--replace {fid}")), "{body}");
     let s = c.nodes[f].status().expect("status of the blank node");
     assert_eq!(s["raft"]["incarnation"]["blank"], true, "{s}");
     assert_ne!(s["raft"]["incarnation"]["own"].as_u64(), Some(old_inc));

@@ -13,10 +13,14 @@
 //! The receiver ([`guard`]) answers `409 Conflict` (and nothing else) when the request is not
 //! meant for it: another node id, another incarnation than its own, or a sender whose recorded
 //! incarnation differs from the one it names (a replaced node come back). A *blank* node (its
-//! log holds no vote: a new node, or one whose disk was wiped) accepts only a request that
-//! names its candidate incarnation, i.e. one sent by a leader that recorded it at its join; so
+//! log holds no vote: a new node, or one whose disk was wiped) refuses a request naming
+//! another incarnation than its candidate, i.e. one meant for the life a wiped node forgot; so
 //! a wiped node restarted under its old id answers nothing, and says in its log that it must
-//! be started with `--replace ID`.
+//! be started with `--replace ID`. A request that names no incarnation for it (`ID:none`: the
+//! sender has none recorded) is served: the founders of a `--bootstrap-expect` cluster start
+//! that way, and so does every member until it has recorded its own (a second after the
+//! cluster's members all run a release with incarnations; a disk lost within that window is
+//! not caught).
 //!
 //! Requests without the headers come from a release without incarnations (a rolling upgrade)
 //! and are accepted, until every member of this node's membership has a recorded incarnation:
@@ -241,29 +245,19 @@ pub fn judge(
             false,
         ));
     }
-    match to_inc {
-        Some(i) if i != me.own => {
-            return Some((
-                format!(
-                    "node {} expects incarnation {i} of node {}, this node's is {}{}",
-                    n.from.0,
-                    me.id,
-                    me.own,
-                    if me.blank { " (not stored yet)" } else { "" }
-                ),
-                me.blank,
-            ));
-        }
-        None if me.blank => {
-            return Some((
-                format!(
-                    "node {} has no record of this node's incarnation, and this node is blank",
-                    n.from.0
-                ),
-                true,
-            ));
-        }
-        _ => {}
+    if let Some(i) = to_inc
+        && i != me.own
+    {
+        return Some((
+            format!(
+                "node {} expects incarnation {i} of node {}, this node's is {}{}",
+                n.from.0,
+                me.id,
+                me.own,
+                if me.blank { " (not stored yet)" } else { "" }
+            ),
+            me.blank,
+        ));
     }
     let (from_id, from_inc) = n.from;
     if let (Some(rec), Some(got)) = (recorded_from(from_id), from_inc)
@@ -397,11 +391,11 @@ mod tests {
             to: (3, Some(77)),
         });
         assert!(judge(ME, replaced, rec).unwrap().0.contains("replaced"));
-        // A wiped node: it refuses its old life's incarnation and a sender that knows nothing
-        // of it, and accepts only the candidate a leader recorded at its join.
+        // A wiped node: it refuses its old life's incarnation, and accepts the candidate a
+        // leader recorded at its join and a sender that has none recorded (founders).
         let blank = Receiver { blank: true, ..ME };
         assert!(judge(blank, named(Some(5)), rec).unwrap().1);
-        assert!(judge(blank, named(None), rec).unwrap().1);
+        assert!(judge(blank, named(None), rec).is_none());
         assert!(judge(blank, named(Some(77)), rec).is_none());
     }
 }

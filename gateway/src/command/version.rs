@@ -23,16 +23,13 @@ pub const MIGRATIONS: &str = "_cairn_migrations";
 
 /// The cluster's active version a database records (1 when it records none).
 pub fn read_active(conn: &Connection) -> rusqlite::Result<u32> {
+    // Read by every SQL and replay entry: a cached statement skips the parse.
     let v: Option<Vec<u8>> = match conn
-        .query_row(
-            &format!(
-                "SELECT value FROM {} WHERE key = 'active_version'",
-                tables::RAFT
-            ),
-            [],
-            |r| r.get(0),
-        )
-        .optional()
+        .prepare_cached(&format!(
+            "SELECT value FROM {} WHERE key = 'active_version'",
+            tables::RAFT
+        ))
+        .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
     {
         Ok(v) => v,
         // A database that never applied an entry (unit tests) records nothing.

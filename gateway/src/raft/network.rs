@@ -179,7 +179,7 @@ impl HttpClient {
         body: Body,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        self.post_as(addr, path, "application/octet-stream", &[], body, timeout)
+        self.post_as(addr, path, "application/octet-stream", body, timeout)
             .await
     }
 
@@ -191,7 +191,7 @@ impl HttpClient {
         body: impl Into<Bytes>,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        self.post_as(addr, path, "application/json", &[], full(body), timeout)
+        self.post_as(addr, path, "application/json", full(body), timeout)
             .await
     }
 
@@ -200,16 +200,13 @@ impl HttpClient {
         addr: &str,
         path: &str,
         content_type: &str,
-        headers: &[(&str, String)],
         body: Body,
         timeout: Duration,
     ) -> std::io::Result<Bytes> {
-        let mut req =
-            hyper::Request::post(self.url(addr, path)).header("content-type", content_type);
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        let req = req.body(body).map_err(io_err)?;
+        let req = hyper::Request::post(self.url(addr, path))
+            .header("content-type", content_type)
+            .body(body)
+            .map_err(io_err)?;
         let (status, _, bytes) = self.send(req, timeout).await?;
         if !status.is_success() {
             return Err(io_err(format!(

@@ -157,6 +157,25 @@ impl<const N: usize> FrameReassembler<N> {
         Ok(self.buf.get_mut(..len))
     }
 
+    /// How many more bytes complete the frame at the front: the rest of its header while
+    /// fewer than [`HEADER_LEN`] bytes are buffered, then the rest of the frame; `0` when
+    /// [`next_frame`](Self::next_frame) will return it. A blocking reader that must not read
+    /// past a frame (the next bytes belong to someone else) reads exactly this many into
+    /// [`read_buf`](Self::read_buf) until it is `0`. `Err` if the buffered header is bad.
+    pub fn missing(&mut self) -> Result<usize, FrameError> {
+        if self.complete_len()?.is_some() {
+            return Ok(0);
+        }
+        if self.filled < HEADER_LEN {
+            return Ok(HEADER_LEN.saturating_sub(self.filled));
+        }
+        let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
+            return Ok(0);
+        };
+        // `complete_len` accepted this header (it fits in `N`) and found it incomplete.
+        Ok(read_frame_len(header).map_or(0, |len| len.saturating_sub(self.filled)))
+    }
+
     /// Bytes received and not yet returned as a frame.
     pub fn buffered(&self) -> usize {
         self.filled.saturating_sub(self.taken)
@@ -340,6 +359,38 @@ mod test {
         let chunks: std::vec::Vec<&[u8]> = s.chunks(1).collect();
         let mut r = FrameReassembler::<MAX_FRAME>::new();
         assert_eq!(reassemble(&mut r, &chunks), Ok(expected()));
+    }
+
+    #[test]
+    fn test_missing_reads_exactly_one_frame() {
+        // Read exactly what `missing` asks for: A comes out and B's bytes stay unread.
+        let mut wire = [0u8; FRAME_A.len() + FRAME_B.len()];
+        wire[..FRAME_A.len()].copy_from_slice(&FRAME_A);
+        wire[FRAME_A.len()..].copy_from_slice(&FRAME_B);
+        let mut f = FrameReassembler::<MAX_FRAME>::new();
+        let mut at = 0;
+        let mut asked = [0usize; 4];
+        let mut reads = 0;
+        loop {
+            let want = f.missing().unwrap();
+            if want == 0 {
+                break;
+            }
+            asked[reads] = want;
+            reads += 1;
+            f.read_buf()[..want].copy_from_slice(&wire[at..at + want]);
+            f.commit(want);
+            at += want;
+        }
+        assert_eq!(asked[..reads], [HEADER_LEN, FRAME_A.len() - HEADER_LEN]);
+        assert_eq!(at, FRAME_A.len(), "nothing of the next frame was asked for");
+        assert_eq!(f.next_frame().unwrap().unwrap(), &FRAME_A[..]);
+        // Part of a header, then the oversize header's error.
+        f.reset();
+        f.feed(&HEADER_OVERSIZE[..5]);
+        assert_eq!(f.missing(), Ok(HEADER_LEN - 5));
+        f.feed(&HEADER_OVERSIZE[5..]);
+        assert_eq!(f.missing(), Err(FrameError::TooLarge));
     }
 
     #[test]

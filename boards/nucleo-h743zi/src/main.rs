@@ -16,6 +16,9 @@ use embassy_stm32::rng::{self, Rng};
 use panic_probe as _;
 use static_cell::StaticCell;
 
+#[cfg(feature = "flash-outbox")]
+mod ecc_flash;
+
 bind_interrupts!(struct Irqs {
     ETH => eth::InterruptHandler;
     RNG => rng::InterruptHandler<RNG>;
@@ -83,7 +86,9 @@ async fn main(spawner: Spawner) {
         let _ = boot;
         let mut entropy = [0u8; 8];
         rng.fill_bytes(&mut entropy);
-        let flash = embassy_stm32::flash::Flash::new(p.FLASH, Irqs);
+        // Reads that turn a torn (double-ECC-error) flash word into an error, which the
+        // outbox skips, instead of a bus fault (ecc_flash.rs).
+        let flash = ecc_flash::EccSafeFlash::new(embassy_stm32::flash::Flash::new(p.FLASH, Irqs));
         cairn_board_app::run_with_flash(stack, &settings, flash, OUTBOX_REGION, entropy).await
     };
     // The boot nonce: 12 bytes of the RNG peripheral, a true RNG (SPEC.md §5.2).

@@ -95,8 +95,10 @@
 //! [`NorFlash::read`] and no flash address is ever dereferenced by this crate. On STM32H7 a word
 //! torn mid-program has a broken ECC, and a memory-mapped read of it raises a bus fault:
 //! embassy-stm32 0.6's `read` is such a memory copy, so on H7 the driver passed here must turn
-//! a double-ECC error into an `Err` (for example a `read` that checks `DBECCERR` under a bus
-//! fault handler that skips the access) for a torn word to be skipped rather than fault.
+//! a double-ECC error into an `Err` for a torn word to be skipped rather than fault.
+//! `boards/nucleo-h743zi/src/ecc_flash.rs` is such a driver (the copy runs with FAULTMASK set
+//! and `CCR.BFHFNMIGN` on, then reads and clears `DBECCERR`): use it, or the same idea, on any
+//! STM32H7 board.
 //!
 //! # Capacity and wear
 //!

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_firmware::tokio::read_frame;
 use cairn_gateway::config::NodeConfig;
 use cairn_gateway::db::Store;
 use cairn_gateway::db::schema::{Column, ColumnType, OnMismatch, StreamDef, Undeclared};
@@ -15,10 +16,10 @@ use cairn_gateway::metrics::Metrics;
 use cairn_gateway::raft::Raft;
 use cairn_gateway::raft::network::HttpClient;
 use cairn_protocol::{
-    BatchEncoder, DeviceSession, ErrorCode, HEADER_LEN, MAX_FRAME, Message, Record, Value, Welcome,
-    read_frame_len,
+    BatchEncoder, DeviceSession, ErrorCode, FrameReassembler, MAX_FRAME, Message, Record, Value,
+    Welcome,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 struct Node {
@@ -88,6 +89,7 @@ struct TestDevice {
     id: u64,
     session: DeviceSession,
     stream: Option<TcpStream>,
+    frames: FrameReassembler,
     next_seq: u64,
 }
 
@@ -97,12 +99,14 @@ impl TestDevice {
             id,
             session: DeviceSession::new(key, 7 + id as u32, rand::random()),
             stream: None,
+            frames: FrameReassembler::new(),
             next_seq: 1,
         }
     }
 
     async fn connect(&mut self, addr: &str) -> Result<Welcome, ErrorCode> {
         self.stream = Some(TcpStream::connect(addr).await.unwrap());
+        self.frames.reset();
         let mut buf = [0u8; MAX_FRAME];
         let hello = self.session.hello(self.id, 1, 64);
         let n = self
@@ -153,18 +157,16 @@ impl TestDevice {
     /// Reads one frame: `Ok(None)` at end of stream, `Err(code)` for an Error frame.
     async fn recv(&mut self) -> Result<Option<Message<'static>>, ErrorCode> {
         let stream = self.stream.as_mut().unwrap();
-        let mut buf = vec![0u8; MAX_FRAME];
         let read = tokio::time::timeout(
             Duration::from_secs(10),
-            stream.read_exact(&mut buf[..HEADER_LEN]),
+            read_frame(stream, &mut self.frames),
         )
         .await;
-        if read.expect("no answer from the gateway").is_err() {
+        let Ok(Some(frame)) = read.expect("no answer from the gateway") else {
             return Ok(None);
-        }
-        let len = read_frame_len(buf[..HEADER_LEN].try_into().unwrap()).unwrap();
-        stream.read_exact(&mut buf[HEADER_LEN..len]).await.unwrap();
-        let buf: &'static mut [u8] = Box::leak(buf.into_boxed_slice());
+        };
+        let len = frame.len();
+        let buf: &'static mut [u8] = Box::leak(frame.to_vec().into_boxed_slice());
         // An unsealed Error is read for its code here (a device would only close).
         if let Some(code) = cairn_protocol::unsealed_error_code(&buf[..len]) {
             return Err(code);

@@ -2,8 +2,8 @@
 //! protocol (protocol/SPEC.md) to a gateway with the real `cairn-protocol` sessions, plus the
 //! way to run `cairn sim` (the real firmware client) against a cluster.
 //!
-//! [`read_frame`] is the harness's one hand-written frame read loop; the [`fleet`] reads
-//! through it and so do the tests.
+//! [`read_frame`] is the harness's one blocking frame read, on top of the protocol's
+//! `FrameReassembler`; the [`fleet`] reads through it and so do the tests.
 //!
 //! [`fleet`]: crate::fleet
 
@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Result, anyhow, ensure};
-use cairn_protocol::{HEADER_LEN, MAX_FRAME, Value, read_frame_len};
+use cairn_protocol::{FrameReassembler, MAX_FRAME, Value};
 use serde_json::{Value as Json, json};
 
 use crate::http::Client;
@@ -28,19 +28,30 @@ table = "readings"
 columns = [{ name = "k", type = "integer" }, { name = "temperature", type = "real" }]
 "#;
 
-/// Reads one whole gateway frame (header, body, tag) into `buf` and returns its length. A
-/// header that is not a frame's is `InvalidData`.
+/// Reads one whole gateway frame (header, body, tag) into `buf` and returns its length. The
+/// framing is the protocol's [`FrameReassembler`] (the one every reader uses); this function
+/// only moves bytes, exactly as many as the reassembler says are missing, so nothing after
+/// the frame is consumed (tests go on reading the same socket by hand). A header that is not
+/// a frame's is `InvalidData`.
 pub fn read_frame(r: &mut impl Read, buf: &mut [u8; MAX_FRAME]) -> io::Result<usize> {
-    r.read_exact(&mut buf[..HEADER_LEN])?;
-    let header: &[u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("header length");
-    let len = read_frame_len(header).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("gateway frame header {header:02x?}: {e}"),
-        )
-    })?;
-    r.read_exact(&mut buf[HEADER_LEN..len])?;
-    Ok(len)
+    let invalid = |e: cairn_protocol::FrameError| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("gateway frame: {e}"))
+    };
+    let mut frames = FrameReassembler::<MAX_FRAME>::new();
+    loop {
+        let want = frames.missing().map_err(invalid)?;
+        if want == 0 {
+            break;
+        }
+        r.read_exact(&mut frames.read_buf()[..want])?;
+        frames.commit(want);
+    }
+    let frame = frames
+        .next_frame()
+        .map_err(invalid)?
+        .ok_or_else(|| io::Error::other("reassembler: no frame after reading what it missed"))?;
+    buf[..frame.len()].copy_from_slice(frame);
+    Ok(frame.len())
 }
 
 /// A boot nonce for a test device session: 12 bytes of the operating system's RNG

@@ -180,6 +180,25 @@ fn test_recorded_connection_is_worthless_to_every_gateway() {
     c.assert_identical();
 }
 
+/// Idle connections the flood opens.
+const IDLE: u64 = 10_000;
+
+/// Raises this process's open-file limit to at least `n` (up to the hard limit), so the test
+/// can hold its flood of sockets.
+fn raise_fd_limit(n: u64) {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the one struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < n {
+            l.rlim_cur = n.min(l.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 #[test]
 fn test_connection_cap_and_handshake_deadline_spare_a_streaming_device() {
     let c = Cluster::start_with(
@@ -212,10 +231,17 @@ fn test_connection_cap_and_handshake_deadline_spare_a_streaming_device() {
         Ok(Message::Welcome(_))
     ));
 
-    // 500 idle connections that never say Hello: at most 40 are held at once.
-    let idle: Vec<TcpStream> = (0..500)
+    // 10,000 idle connections that never say Hello: at most 40 are held at once, the rest
+    // are refused (and counted) as they come.
+    raise_fd_limit(IDLE + 1_000);
+    let idle: Vec<TcpStream> = (0..IDLE)
         .filter_map(|_| TcpStream::connect(&addr).ok())
         .collect();
+    assert!(
+        idle.len() as u64 >= IDLE * 99 / 100,
+        "only {} of {IDLE} idle connections opened",
+        idle.len()
+    );
     poll(TIMEOUT, "connections over the cap counted", || {
         (ingress(&c, 0)["connections_over_cap"].as_u64()? > 0).then_some(())
     });
@@ -250,6 +276,7 @@ fn test_connection_cap_and_handshake_deadline_spare_a_streaming_device() {
     poll(TIMEOUT, "handshake timeouts", || {
         (ingress(&c, 0)["handshake_timeouts"].as_u64()? > 0).then_some(())
     });
+    let idle_opened = idle.len();
     drop(idle);
     poll(TIMEOUT, "a new connection to be welcomed", || {
         let mut late = DeviceSession::new(&key_of(600), 2, boot_nonce());
@@ -264,7 +291,7 @@ fn test_connection_cap_and_handshake_deadline_spare_a_streaming_device() {
     });
     let m = ingress(&c, 0);
     println!(
-        "over cap {}, handshake timeouts {}, open {}",
-        m["connections_over_cap"], m["handshake_timeouts"], m["connections_open"]
+        "{} idle connections: over cap {}, handshake timeouts {}, open {}",
+        idle_opened, m["connections_over_cap"], m["handshake_timeouts"], m["connections_open"]
     );
 }

@@ -16,8 +16,8 @@ use cairn_gateway::metrics::Metrics;
 use cairn_gateway::raft::Raft;
 use cairn_gateway::raft::network::HttpClient;
 use cairn_protocol::{
-    BatchEncoder, DeviceSession, ErrorCode, FrameReassembler, MAX_FRAME, Message, Record, Value,
-    Welcome,
+    BatchEncoder, DeviceSession, ErrorCode, FrameReassembler, HEADER_LEN, MAX_FRAME, Message,
+    Record, Value, Welcome,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;

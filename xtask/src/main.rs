@@ -35,8 +35,10 @@ commands:
           (`--musl`: only the static musl binaries)
   bench   Cairn against dqlite, Mosquitto and hiqlite on this machine (`--quick`: < 3 min)
   faults  seeded fault schedules on a real cluster (`--schedules N [--seed S] [--steps K]
-          [--focus mixed|overlap|powercut|clock] [--mix] [--unsafe-no-fsync]`)
-  soak    long fault runs, resumable (`--schedules N | --hours H [--dir D]`, same options)
+          [--focus mixed|overlap|powercut|clock] [--mix] [--unsafe-no-fsync]
+          [--qemu [--qemu-every K]]`: `--qemu` adds the QEMU image as a real device)
+  soak    long fault runs, resumable (`--schedules N | --hours H [--dir D]`, same options;
+          the QEMU device in one schedule of ten unless `--no-qemu`)
   dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, and static
           musl `cairn` for aarch64 and armv7 in a tarball each, in target/dist/
   help    this text

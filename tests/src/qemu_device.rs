@@ -7,7 +7,8 @@
 //!
 //! A *device power cut* ([`QemuDevice::power_cut`]) kills QEMU with SIGKILL once records
 //! wait unacknowledged, and the heal boots the same flash file again: the outbox resumes.
-//! At the end [`QemuDevice::drain`] waits for a status line with nothing queued and stops it.
+//! At the end [`QemuDevice::drain`] waits for a status line with nothing older than its own
+//! sample queued and stops it.
 //!
 //! What the device counted comes from its defmt log, as `cargo xtask qemu` reads it: per boot
 //! the records restored from flash and the last `status samples= pushed= acked= queued=` line.
@@ -245,12 +246,14 @@ impl QemuDevice {
         )
     }
 
-    /// Waits up to `limit` for a status line with nothing queued (every record pushed so far
-    /// acknowledged), then stops the image. Returns the time it took, or what the log said.
+    /// Waits up to `limit` for a status line with at most the sample's own record queued
+    /// (the line comes right after the push of a sample that has no power record: everything
+    /// pushed before it acknowledged), then stops the image. Returns the time it took, or
+    /// what the log said.
     pub fn drain(&mut self, limit: Duration) -> Result<Duration, String> {
         let start = Instant::now();
         let seen = self.current().statuses;
-        let drained = self.wait_status(seen, limit, |s| s.queued == 0);
+        let drained = self.wait_status(seen, limit, |s| s.queued <= 1);
         self.image = None;
         match drained {
             Some(_) => Ok(start.elapsed()),

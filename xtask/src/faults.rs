@@ -65,9 +65,19 @@ pub fn soak_command(args: &[String]) -> Result<()> {
     if !args.iter().any(|a| a == "--quiet") {
         args.push("--quiet".into());
     }
-    // The QEMU device in one schedule of every ten, unless asked otherwise.
+    // The QEMU device in one schedule of every ten, unless asked otherwise or resuming a
+    // soak that ran without it (its options must stay the same).
+    let dir = &args[args
+        .iter()
+        .position(|a| a == "--soak-dir")
+        .expect("set above")
+        + 1];
+    let state = std::fs::read_to_string(PathBuf::from(dir).join("state.json")).ok();
+    let resumed_without = state.is_some_and(|s| !s.contains("--qemu"));
     if let Some(i) = args.iter().position(|a| a == "--no-qemu") {
         args.remove(i);
+    } else if resumed_without {
+        println!("soak: {dir} holds a soak without the QEMU device: resuming it so");
     } else if !args.iter().any(|a| a == "--qemu") {
         args.extend([
             "--qemu".into(),

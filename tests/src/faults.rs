@@ -14,9 +14,10 @@
 //!    appends of unique tokens to a table without a unique constraint ([`Ledger`]); and,
 //!    when the `cairn` binary has `sim`, a fleet of simulated devices (the real firmware
 //!    client) pushing records `[U64(k), F32(t)]`, `k = 1, 2, 3, ...`, to the nodes' device
-//!    ports (stream 3 declared as table `readings`); and, with `qemu_elf`, the real firmware
-//!    image under QEMU as one more device ([`crate::qemu_device`]: its sensor's records on
-//!    streams 1 and 2, tables `climate` and `power`), whose schedule gains a device power cut;
+//!    ports (stream 3 declared as table `readings`); and, with `qemu_elf` or `host_board`,
+//!    real devices: the firmware image under QEMU and the host board on TAP
+//!    ([`crate::real_device`]: their sensors' records on streams 1 and 2, tables `climate` and
+//!    `power`), whose schedule gains a device power cut;
 //! 3. executes the [`schedule`] drawn from the seed: each step injects one fault or two or
 //!    three at once (targets resolved against the leader at the start of the step, one fault
 //!    per node), holds them, heals them (network first, restarts last);
@@ -54,7 +55,7 @@ use crate::nemesis::{
 };
 use crate::netns::{self, Net, NsGuard};
 use crate::qemu::Row;
-use crate::qemu_device::{self, QemuDevice};
+use crate::real_device::{self, RealDevice};
 use crate::tmpfs::Tmpfs;
 use crate::{Cluster, Options, Place, Security, cairn_bin, poll, stmts};
 
@@ -90,8 +91,11 @@ pub struct Config {
     /// the nemesis and the devices' registration then authenticate.
     pub secure: bool,
     /// The QEMU firmware image (release, flash outbox) to run as a real device alongside the
-    /// simulated ones, with a device power cut in the schedule ([`crate::qemu_device`]).
+    /// simulated ones, with a device power cut in the schedule ([`crate::real_device`]).
     pub qemu_elf: Option<PathBuf>,
+    /// The host board's binary (`boards/host`) to run as a real device on TAP, the same way
+    /// (needs `isolation`: its TAP device sits on the private network's bridge).
+    pub host_board: Option<PathBuf>,
 }
 
 impl Config {
@@ -116,6 +120,9 @@ impl Config {
         if self.qemu_elf.is_some() {
             cmd += " --qemu";
         }
+        if self.host_board.is_some() {
+            cmd += " --host-board";
+        }
         cmd
     }
 
@@ -136,6 +143,7 @@ impl Config {
             unsafe_no_fsync: false,
             secure: false,
             qemu_elf: None,
+            host_board: None,
         }
     }
 }
@@ -166,7 +174,7 @@ pub struct Outcome {
     pub kinds: BTreeMap<&'static str, usize>,
     /// Steps that held two or three faults at once.
     pub overlaps: usize,
-    /// Real devices (the QEMU image) that took part.
+    /// Real devices (the QEMU image, the host board) that took part.
     pub real_devices: usize,
     /// Observations worth a line in the report that are not failures.
     pub notes: Vec<String>,
@@ -180,12 +188,13 @@ impl Outcome {
     }
 }
 
-/// The real device's id (the simulated devices count from 1).
+/// The real devices' ids (the simulated devices count from 1).
 const QEMU_DEVICE: u64 = 0xfa17;
+const HOST_DEVICE: u64 = 0xfa18;
 
-/// How long the real device may take to get every record acknowledged after the heal (its
+/// How long a real device may take to get every record acknowledged after the heal (its
 /// reconnect back-off may have grown during a long outage).
-const QEMU_DRAIN: Duration = Duration::from_secs(90);
+const REAL_DRAIN: Duration = Duration::from_secs(90);
 
 /// Per-request timeout of the client load: long enough for an election, short enough that
 /// a paused node does not stall its client for the whole step.
@@ -450,14 +459,14 @@ const SIM_STREAM: u16 = 3;
 
 /// The nodes' `[[stream]]` tables: [`READINGS_CONFIG`]'s `readings` on [`SIM_STREAM`] for the
 /// simulated devices, and the real device's `climate` and `power`
-/// ([`crate::qemu_device::STREAMS_CONFIG`]).
+/// ([`crate::real_device::STREAMS_CONFIG`]).
 fn streams_config() -> String {
     let readings = READINGS_CONFIG.replacen("id = 1\n", &format!("id = {SIM_STREAM}\n"), 1);
     assert_ne!(
         readings, READINGS_CONFIG,
         "READINGS_CONFIG declares stream 1"
     );
-    format!("{readings}{}", crate::qemu_device::STREAMS_CONFIG)
+    format!("{readings}{}", real_device::STREAMS_CONFIG)
 }
 
 /// A running `cairn sim`: every device pushes `[U64(k), F32(t)]` with `k = 1, 2, 3, ...`, so
@@ -604,9 +613,9 @@ fn rows_or_none(node: &crate::Node, sql: &str) -> Vec<Vec<Json>> {
     })
 }
 
-/// The real device's records on one replica (a local read), as [`Row`]s in seq order.
-fn qemu_rows(node: &crate::Node, device: u64) -> Vec<Row> {
-    let mut rows: Vec<Row> = qemu_device::row_queries(device)
+/// A real device's records on one replica (a local read), as [`Row`]s in seq order.
+fn real_rows(node: &crate::Node, device: u64) -> Vec<Row> {
+    let mut rows: Vec<Row> = real_device::row_queries(device)
         .into_iter()
         .flat_map(|(stream, sql)| {
             rows_or_none(node, &sql).into_iter().map(move |r| Row {
@@ -684,8 +693,8 @@ struct Env {
     overlaps: usize,
     /// The largest forward clock jump of the schedule (seconds), for the time checks.
     max_forward_s: u64,
-    /// The real device, if the schedule has one.
-    qemu: Option<QemuDevice>,
+    /// The real devices, if the schedule has any.
+    real: Vec<RealDevice>,
     /// The running step's hold, and how long its device power cut waited for records to
     /// wait (taken off the hold).
     hold: Duration,
@@ -868,11 +877,21 @@ impl Env {
             .map(|n| (n.id, scratch.path().join(format!("clock-{}", n.id))))
             .filter(|(_, p)| p.exists())
             .collect();
-        // From this (the hub's) thread: QEMU lives in the hub namespace with the load.
-        let qemu = cfg.qemu_elf.as_ref().map(|elf| {
-            QemuDevice::start(elf, scratch.path(), QEMU_DEVICE, &cluster, cfg.verbose)
-                .unwrap_or_else(|e| panic!("starting the QEMU device: {e:#}"))
-        });
+        // From this (the hub's) thread: the real devices live in the hub namespace with the
+        // load.
+        let mut real = Vec::new();
+        if let Some(elf) = &cfg.qemu_elf {
+            real.push(
+                RealDevice::qemu(elf, scratch.path(), QEMU_DEVICE, &cluster, cfg.verbose)
+                    .unwrap_or_else(|e| panic!("starting the QEMU device: {e:#}")),
+            );
+        }
+        if let Some(bin) = cfg.host_board.as_ref().filter(|_| cfg.isolation) {
+            real.push(
+                RealDevice::host(bin, HOST_DEVICE, &cluster, cfg.verbose)
+                    .unwrap_or_else(|e| panic!("starting the host board: {e:#}")),
+            );
+        }
         Env {
             cluster,
             net,
@@ -892,7 +911,7 @@ impl Env {
             kinds: BTreeMap::new(),
             overlaps: 0,
             max_forward_s,
-            qemu,
+            real,
             hold: Duration::ZERO,
             devcut_wait: Duration::ZERO,
         }
@@ -1129,10 +1148,16 @@ impl Env {
                 Some(vec![Active::Clock(i)])
             }
             Fault::DeviceCut => {
+                if self.real.is_empty() {
+                    return None;
+                }
                 let started = Instant::now();
-                let what = self.qemu.as_mut()?.power_cut(self.hold);
+                for i in 0..self.real.len() {
+                    let hold = self.hold.saturating_sub(started.elapsed());
+                    let what = self.real[i].power_cut(hold);
+                    self.note(what);
+                }
                 self.devcut_wait = started.elapsed();
-                self.note(what);
                 Some(vec![Active::DeviceBoot])
             }
         }
@@ -1175,11 +1200,12 @@ impl Env {
                 self.note(format!("clock of node {id} set right"));
             }
             Active::DeviceBoot => {
-                if let Some(d) = self.qemu.as_mut() {
+                for i in 0..self.real.len() {
+                    let d = &mut self.real[i];
                     d.boot()
-                        .unwrap_or_else(|e| panic!("booting the QEMU device again: {e:#}"));
-                    let id = d.id;
-                    self.note(format!("QEMU device {id} boots again on its flash file"));
+                        .unwrap_or_else(|e| panic!("booting the {} device again: {e:#}", d.kind));
+                    let what = format!("{} device {} boots again", d.kind, d.id);
+                    self.note(what);
                 }
             }
         }
@@ -1361,7 +1387,7 @@ pub fn run(cfg: &Config) -> Outcome {
         faketime: faketime_lib().is_some(),
     };
     let mut steps = schedule(cfg.seed, cfg.steps, caps, cfg.focus);
-    if cfg.qemu_elf.is_some() {
+    if cfg.qemu_elf.is_some() || cfg.host_board.is_some() && cfg.isolation {
         crate::nemesis::add_device_cuts(&mut steps, cfg.seed, 1);
     }
     let mut out = Outcome {
@@ -1434,7 +1460,7 @@ pub fn run(cfg: &Config) -> Outcome {
         c.join().expect("client thread");
     }
     let devices = fleet.map(Fleet::stop);
-    let qemu_drained = env.qemu.as_mut().map(|d| d.drain(QEMU_DRAIN));
+    let drained: Vec<_> = env.real.iter_mut().map(|d| d.drain(REAL_DRAIN)).collect();
     env.note("load stopped, everything healed".into());
 
     env.cluster.wait_converged();
@@ -1526,16 +1552,16 @@ pub fn run(cfg: &Config) -> Outcome {
             }
         }
     }
-    if let (Some(d), Some(drained)) = (&env.qemu, &qemu_drained) {
-        out.real_devices = 1;
+    out.real_devices = env.real.len();
+    for (d, drained) in env.real.iter().zip(&drained) {
         let boots = d.boots();
         if let Err(e) = drained {
             failures.push(e.clone());
         }
         let mut acked = 0;
         for &i in &members {
-            let rows = qemu_rows(&env.cluster.nodes[i], d.id);
-            let a = qemu_device::audit(d.id, &boots, &rows);
+            let rows = real_rows(&env.cluster.nodes[i], d.id);
+            let a = real_device::audit(d.id, &boots, &rows);
             acked = a.acked;
             out.verified += a.acked;
             out.lost = out.lost.max(a.lost.len());
@@ -1543,9 +1569,10 @@ pub fn run(cfg: &Config) -> Outcome {
             out.phantom = out.phantom.max(a.phantom.len());
             if !(a.lost.is_empty() && a.duplicated.is_empty() && a.phantom.is_empty()) {
                 failures.push(format!(
-                    "node {} QEMU device records: lost {:?}, duplicated {:?}, not from its \
+                    "node {} {} device records: lost {:?}, duplicated {:?}, not from its \
                      sensor {:?}",
                     env.id(i),
+                    d.kind,
                     a.lost,
                     a.duplicated,
                     a.phantom.iter().take(10).collect::<Vec<_>>()
@@ -1553,8 +1580,9 @@ pub fn run(cfg: &Config) -> Outcome {
             }
             if i == leader {
                 out.notes.push(format!(
-                    "QEMU device {}: {} boots (restored from flash: {:?}), {} of its records \
+                    "{} device {}: {} boots (restored from flash: {:?}), {} of its records \
                      acknowledged, {} stored{}",
+                    d.kind,
                     d.id,
                     boots.len(),
                     boots.iter().map(|b| b.restored).collect::<Vec<_>>(),

@@ -36,9 +36,10 @@ commands:
   bench   Cairn against dqlite, Mosquitto and hiqlite on this machine (`--quick`: < 3 min)
   faults  seeded fault schedules on a real cluster (`--schedules N [--seed S] [--steps K]
           [--focus mixed|overlap|powercut|clock] [--mix] [--unsafe-no-fsync]
-          [--qemu [--qemu-every K]]`: `--qemu` adds the QEMU image as a real device)
+          [--qemu] [--host-board] [--real-every K]`: real devices, the QEMU image and the
+          host board on TAP, in one schedule of every K)
   soak    long fault runs, resumable (`--schedules N | --hours H [--dir D]`, same options;
-          the QEMU device in one schedule of ten unless `--no-qemu`)
+          both real devices in one schedule of ten unless `--no-devices`)
   dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, and static
           musl `cairn` for aarch64 and armv7 in a tarball each, in target/dist/
   help    this text

@@ -8,8 +8,9 @@
 //!              [--secure]                 # --auth, HTTPS and node mutual TLS on every node
 //!              [--read-level none|weak]   # show the checker catching stale reads
 //!              [--unsafe-no-fsync]        # CAIRN_BIN was built so: only labels the replay lines
-//!              [--qemu-elf ELF [--qemu-every K]]  # the QEMU image as a real device, with a
-//!                                         # device power cut, in the middle schedule of every K
+//!              [--qemu-elf ELF] [--host-board BIN] [--real-every K]
+//!                     # real devices (the QEMU image, the host board on TAP) with a device
+//!                     # power cut, in the middle schedule of every K (default: every one)
 //!              [--soak-dir DIR [--hours H]]   # resumable: state and summary in DIR
 //! cairn-faults --check FILE     # re-run the checkers on a saved failing run
 //! ```
@@ -42,7 +43,7 @@ struct Totals {
     faults: u64,
     kinds: BTreeMap<String, u64>,
     overlap: u64,
-    /// Real devices (QEMU images) that took part, summed over schedules.
+    /// Real devices (QEMU images, host boards) that took part, summed over schedules.
     #[serde(default)]
     real_devices: u64,
     acked: u64,
@@ -207,7 +208,7 @@ fn main() -> ExitCode {
         "--nodes",
         "--focus",
         "--read-level",
-        "--qemu-every",
+        "--real-every",
     ]
     .iter()
     .filter_map(|f| value(f).map(|v| format!("{f} {v}")))
@@ -218,6 +219,7 @@ fn main() -> ExitCode {
             .map(|f| f.to_string()),
     )
     .chain(has("--qemu-elf").then(|| "--qemu".to_string()))
+    .chain(has("--host-board").then(|| "--host-board".to_string()))
     .collect();
     let options = options.join(" ");
     let resumed = total.schedules > 0;
@@ -293,11 +295,12 @@ fn main() -> ExitCode {
             cfg.isolation = false;
         }
         cfg.secure = has("--secure");
-        // The real device joins the middle schedule of every `--qemu-every` (1: all of them;
+        // Real devices join the middle schedule of every `--real-every` (1: all of them;
         // 3 with --mix: the power-cut one).
-        let every = num("--qemu-every", 1).max(1);
+        let every = num("--real-every", 1).max(1);
         if i % every == (every - 1) / 2 {
             cfg.qemu_elf = value("--qemu-elf").map(PathBuf::from);
+            cfg.host_board = value("--host-board").map(PathBuf::from);
         }
         cfg.out_dir = out_dir.clone();
         let t = Instant::now();
@@ -341,7 +344,7 @@ fn main() -> ExitCode {
         );
         for n in &o.notes {
             // What the real device did is worth a line even when quiet.
-            if !quiet || n.starts_with("QEMU device") {
+            if !quiet || n.contains(" device ") && n.contains(" boots (restored") {
                 println!("    note: {n}");
             }
         }

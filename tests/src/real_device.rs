@@ -1,25 +1,33 @@
-//! The real firmware image as a device in a fault schedule: the release QEMU image with the
-//! flash outbox (built by xtask, passed as `cairn-faults --qemu-elf`), provisioned by
-//! `cairn device add --generate --provision-out` into its own flash file, streaming its fake
-//! sensor's records (stream 1 environment, stream 2 power) to the nodes' device ports while
-//! the schedule runs. Started from the fault runner's thread, QEMU lives in the hub network
-//! namespace with the other clients and reaches the nodes at their namespace addresses.
+//! Real devices in a fault schedule, streaming their fake sensor's records (stream 1
+//! environment, stream 2 power) to the nodes' device ports while the schedule runs:
+//! - the release QEMU image with the flash outbox (built by xtask, `cairn-faults --qemu-elf`),
+//!   provisioned by `cairn device add --generate --provision-out` into its own flash file,
+//!   run through [`crate::qemu`]; started from the fault runner's thread, QEMU lives in the
+//!   hub network namespace with the other clients and reaches the nodes at their namespace
+//!   addresses through its user network;
+//! - the host board (`boards/host`, `cairn-faults --host-board BIN`: the board application on
+//!   embassy-net over TAP, RAM outbox), on a TAP device on the hub's bridge next to the nodes
+//!   (needs the private network), registered with `cairn device add --key`.
 //!
-//! A *device power cut* ([`QemuDevice::power_cut`]) kills QEMU with SIGKILL once records
-//! wait unacknowledged, and the heal boots the same flash file again: the outbox resumes.
-//! At the end [`QemuDevice::drain`] waits for a status line with nothing older than its own
+//! A *device power cut* ([`RealDevice::power_cut`]) kills the device (SIGKILL) once records
+//! wait unacknowledged, and the heal boots it again: the QEMU image on the same flash file,
+//! whose outbox resumes; the host board afresh (its unacknowledged records die with its RAM).
+//! At the end [`RealDevice::drain`] waits for a status line with nothing older than its own
 //! sample queued and stops it.
 //!
-//! What the device counted comes from its defmt log, as `cargo xtask qemu` reads it: per boot
-//! the records restored from flash and the last `status samples= pushed= acked= queued=` line.
-//! [`audit`] checks the stored rows against that and against the sensor.
+//! What a device counted comes from its log (QEMU's defmt log as `cargo xtask qemu` reads it,
+//! the host board's stderr; the same lines): per boot the records restored from flash and the
+//! last `status samples= pushed= acked= queued=` line. [`audit`] checks the stored rows
+//! against that and against the sensor.
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
 
 use crate::Cluster;
 use crate::qemu::{self, Image, Row, field, numbers, records, same_values};
@@ -125,26 +133,105 @@ impl BootLog {
     }
 }
 
-/// The image running as one device of a schedule.
-pub struct QemuDevice {
+/// How a real device is started.
+enum Launch {
+    Qemu { elf: PathBuf, flash: PathBuf },
+    Host { bin: PathBuf, args: Vec<String> },
+}
+
+/// A running device (an [`Image`] or a [`HostProcess`]); dropping it cuts its power
+/// (SIGKILL).
+type Running = Box<dyn Send>;
+
+/// The host board's process, killed when dropped.
+struct HostProcess(Child);
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The host board's TAP device, on the hub's bridge (the fault runner's private network).
+pub const HOST_TAP: &str = "cairnhb0";
+/// The host board's address on the bridge: past every node's (`Net::ip_of`).
+pub const HOST_ADDR: &str = "10.77.64.250/24";
+
+/// One real device of a schedule.
+pub struct RealDevice {
     pub id: u64,
-    elf: PathBuf,
-    flash: PathBuf,
-    image: Option<Image>,
+    /// `QEMU` or `host board`, for the notes.
+    pub kind: &'static str,
+    launch: Launch,
+    running: Option<Running>,
     boots: Arc<Mutex<Vec<BootLog>>>,
     echo: bool,
 }
 
-impl QemuDevice {
-    /// Provisions device `id` on `cluster` into a new flash file in `dir` and boots it.
-    pub fn start(elf: &Path, dir: &Path, id: u64, cluster: &Cluster, echo: bool) -> Result<Self> {
+impl RealDevice {
+    /// The QEMU image as device `id`: provisioned on `cluster` into a new flash file in `dir`,
+    /// and booted.
+    pub fn qemu(elf: &Path, dir: &Path, id: u64, cluster: &Cluster, echo: bool) -> Result<Self> {
         let flash = dir.join(format!("qemu-device-{id}.bin"));
         qemu::provision(cluster, id, &flash, qemu::guest_device_addr)?;
-        let mut d = QemuDevice {
-            id,
+        let launch = Launch::Qemu {
             elf: elf.to_path_buf(),
             flash,
-            image: None,
+        };
+        RealDevice::start(id, "QEMU", launch, echo)
+    }
+
+    /// The host board as device `id` on [`HOST_TAP`] (created on the hub's bridge `br0`; the
+    /// calling thread must be in the hub namespace): registered on `cluster` with a key of
+    /// its own (`cairn device add --key`), and started.
+    pub fn host(bin: &Path, id: u64, cluster: &Cluster, echo: bool) -> Result<Self> {
+        for args in [
+            &["tuntap", "add", "dev", HOST_TAP, "mode", "tap"][..],
+            &["link", "set", HOST_TAP, "master", "br0"],
+            &["link", "set", HOST_TAP, "up"],
+        ] {
+            let s = Command::new("ip").args(args).status()?;
+            ensure!(s.success(), "ip {args:?}: {s}");
+        }
+        let key = crate::device::hex(&crate::device::key_of(id));
+        let leader = cluster.leader();
+        let mut add = Command::new(crate::cairn_bin());
+        add.args(["device", "add", "--id", &id.to_string(), "--key", &key])
+            .args(["--host", &cluster.nodes[leader].url("")]);
+        crate::device::authenticate(&mut add, &cluster.auth());
+        let added = add.stdout(Stdio::null()).status()?;
+        ensure!(added.success(), "cairn device add failed: {added}");
+        let gateways: Vec<&str> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.is_started())
+            .map(|n| n.device.as_str())
+            .collect();
+        let args = vec![
+            "--tap".into(),
+            HOST_TAP.into(),
+            "--address".into(),
+            HOST_ADDR.into(),
+            format!("device-id={id}"),
+            format!("key={key}"),
+            format!("gateways={}", gateways.join(",")),
+            "samples=0".into(),
+            format!("period-ms={PERIOD_MS}"),
+        ];
+        let launch = Launch::Host {
+            bin: bin.to_path_buf(),
+            args,
+        };
+        RealDevice::start(id, "host board", launch, echo)
+    }
+
+    fn start(id: u64, kind: &'static str, launch: Launch, echo: bool) -> Result<Self> {
+        let mut d = RealDevice {
+            id,
+            kind,
+            launch,
+            running: None,
             boots: Arc::default(),
             echo,
         };
@@ -152,15 +239,41 @@ impl QemuDevice {
         Ok(d)
     }
 
-    /// Boots the image (again) on its flash file, sampling until stopped.
+    /// Boots the device (again), sampling until stopped: the QEMU image on its flash file.
     pub fn boot(&mut self) -> Result<()> {
-        let cmdline = format!(
-            "samples=0 period-ms={PERIOD_MS} flash={}",
-            self.flash.display()
-        );
-        let prefix = format!("    qemu {}|", self.id);
-        let mut image = Image::spawn(&self.elf, &cmdline, self.echo.then_some(prefix.as_str()))?;
-        let lines = image.take_lines();
+        let prefix = format!("    {} {}|", self.kind, self.id);
+        let echo = self.echo.then_some(prefix.as_str());
+        let (running, lines) = match &self.launch {
+            Launch::Qemu { elf, flash } => {
+                let cmdline = format!("samples=0 period-ms={PERIOD_MS} flash={}", flash.display());
+                let mut image = Image::spawn(elf, &cmdline, echo)?;
+                let lines = image.take_lines();
+                (Box::new(image) as Running, lines)
+            }
+            Launch::Host { bin, args } => {
+                let mut child = Command::new(bin)
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .with_context(|| format!("starting {}", bin.display()))?;
+                let log = child.stderr.take().expect("piped");
+                let (tx, lines) = mpsc::channel();
+                let echo = echo.map(str::to_owned);
+                std::thread::spawn(move || {
+                    for line in BufReader::new(log).lines().map_while(Result::ok) {
+                        if let Some(prefix) = &echo {
+                            println!("{prefix} {line}");
+                        }
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                });
+                (Box::new(HostProcess(child)) as Running, lines)
+            }
+        };
         let boots = self.boots.clone();
         let index = {
             let mut b = boots.lock().expect("boots");
@@ -173,7 +286,7 @@ impl QemuDevice {
             }
             boots.lock().expect("boots")[index].ended = true;
         });
-        self.image = Some(image);
+        self.running = Some(running);
         Ok(())
     }
 
@@ -218,15 +331,15 @@ impl QemuDevice {
     }
 
     /// The power goes out on the device: once a status line shows [`BACKLOG`] records queued
-    /// (within `hold`), or else any queued record (a few status lines more), QEMU is killed
-    /// with SIGKILL. Returns what the log said last, for the schedule's notes.
+    /// (within `hold`), or else any queued record (a few status lines more), the device is
+    /// killed with SIGKILL. Returns what the log said last, for the schedule's notes.
     pub fn power_cut(&mut self, hold: Duration) -> String {
         let seen = self.current().statuses;
         let period = Duration::from_millis(u64::from(PERIOD_MS) * STATUS_EVERY);
         let waiting = self
             .wait_status(seen, hold.max(period), |s| s.queued >= BACKLOG)
             .or_else(|| self.wait_status(seen, period * 3, |s| s.queued > 0));
-        self.image = None;
+        self.running = None;
         let b = self.current();
         let last = b.last.map_or("no status line yet".into(), |s| {
             format!(
@@ -235,7 +348,8 @@ impl QemuDevice {
             )
         });
         format!(
-            "power cut on QEMU device {} (boot {}, {last}{})",
+            "power cut on {} device {} (boot {}, {last}{})",
+            self.kind,
             self.id,
             self.boots.lock().expect("boots").len(),
             if waiting.is_some() {
@@ -254,11 +368,12 @@ impl QemuDevice {
         let start = Instant::now();
         let seen = self.current().statuses;
         let drained = self.wait_status(seen, limit, |s| s.queued <= 1);
-        self.image = None;
+        self.running = None;
         match drained {
             Some(_) => Ok(start.elapsed()),
             None => Err(format!(
-                "QEMU device {}: still records queued {} s after the heal; its log ends:\n  {}",
+                "{} device {}: still records queued {} s after the heal; its log ends:\n  {}",
+                self.kind,
                 self.id,
                 limit.as_secs(),
                 self.current().tail.join("\n  ")

@@ -91,10 +91,10 @@ pub enum Fault {
     /// The node's wall clock (libfaketime) jumps or runs slow; monotonic time is untouched,
     /// as on a real machine whose clock is set by hand or by a bad NTP server.
     Clock { target: Target, skew: Skew },
-    /// The power goes out on the real device (the QEMU image, [`crate::qemu_device`]) while
-    /// records wait unacknowledged: QEMU is killed with `SIGKILL`; the heal boots the same
-    /// flash file again, and the flash outbox resends. Only in schedules with a real device
-    /// ([`add_device_cuts`]).
+    /// The power goes out on the real devices ([`crate::real_device`]: the QEMU image, the
+    /// host board) while records wait unacknowledged: each is killed with `SIGKILL`; the heal
+    /// boots them again (QEMU on the same flash file, whose outbox resends). Only in schedules
+    /// with real devices ([`add_device_cuts`]).
     DeviceCut,
 }
 
@@ -245,7 +245,7 @@ impl fmt::Display for Fault {
                 if *tear { " (torn last write)" } else { "" }
             ),
             Fault::Clock { target, skew } => write!(f, "clock of {target} {skew}"),
-            Fault::DeviceCut => write!(f, "power cut on the QEMU device, boot it again"),
+            Fault::DeviceCut => write!(f, "power cut on the real devices, boot them again"),
         }
     }
 }

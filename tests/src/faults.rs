@@ -14,7 +14,10 @@
 //!    appends of unique tokens to a table without a unique constraint ([`Ledger`]); and,
 //!    when the `cairn` binary has `sim`, a fleet of simulated devices (the real firmware
 //!    client) pushing records `[U64(k), F32(t)]`, `k = 1, 2, 3, ...`, to the nodes' device
-//!    ports (stream 1 declared as table `readings`);
+//!    ports (stream 3 declared as table `readings`); and, with `qemu_elf` or `host_board`,
+//!    real devices: the firmware image under QEMU and the host board on TAP
+//!    ([`crate::real_device`]: their sensors' records on streams 1 and 2, tables `climate` and
+//!    `power`), whose schedule gains a device power cut;
 //! 3. executes the [`schedule`] drawn from the seed: each step injects one fault or two or
 //!    three at once (targets resolved against the leader at the start of the step, one fault
 //!    per node), holds them, heals them (network first, restarts last);
@@ -51,6 +54,8 @@ use crate::nemesis::{
     Capabilities, CutScope, Fault, Focus, Skew, SplitMix64, Step, Target, schedule,
 };
 use crate::netns::{self, Net, NsGuard};
+use crate::qemu::Row;
+use crate::real_device::{self, RealDevice};
 use crate::tmpfs::Tmpfs;
 use crate::{Cluster, Options, Place, Security, cairn_bin, poll, stmts};
 
@@ -85,6 +90,12 @@ pub struct Config {
     /// `--auth`, HTTPS and node mutual TLS on every node (`cairn-faults --secure`); the load,
     /// the nemesis and the devices' registration then authenticate.
     pub secure: bool,
+    /// The QEMU firmware image (release, flash outbox) to run as a real device alongside the
+    /// simulated ones, with a device power cut in the schedule ([`crate::real_device`]).
+    pub qemu_elf: Option<PathBuf>,
+    /// The host board's binary (`boards/host`) to run as a real device on TAP, the same way
+    /// (needs `isolation`: its TAP device sits on the private network's bridge).
+    pub host_board: Option<PathBuf>,
 }
 
 impl Config {
@@ -106,6 +117,12 @@ impl Config {
         if self.unsafe_no_fsync {
             cmd += " --unsafe-no-fsync";
         }
+        if self.qemu_elf.is_some() {
+            cmd += " --qemu";
+        }
+        if self.host_board.is_some() {
+            cmd += " --host-board";
+        }
         cmd
     }
 
@@ -125,6 +142,8 @@ impl Config {
             focus: Focus::Mixed,
             unsafe_no_fsync: false,
             secure: false,
+            qemu_elf: None,
+            host_board: None,
         }
     }
 }
@@ -155,6 +174,8 @@ pub struct Outcome {
     pub kinds: BTreeMap<&'static str, usize>,
     /// Steps that held two or three faults at once.
     pub overlaps: usize,
+    /// Real devices (the QEMU image, the host board) that took part.
+    pub real_devices: usize,
     /// Observations worth a line in the report that are not failures.
     pub notes: Vec<String>,
     /// `Some` with a full explanation when a check failed.
@@ -166,6 +187,14 @@ impl Outcome {
         self.failure.is_none()
     }
 }
+
+/// The real devices' ids (the simulated devices count from 1).
+const QEMU_DEVICE: u64 = 0xfa17;
+const HOST_DEVICE: u64 = 0xfa18;
+
+/// How long a real device may take to get every record acknowledged after the heal (its
+/// reconnect back-off may have grown during a long outage).
+const REAL_DRAIN: Duration = Duration::from_secs(90);
 
 /// Per-request timeout of the client load: long enough for an election, short enough that
 /// a paused node does not stall its client for the whole step.
@@ -425,6 +454,21 @@ fn sim_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The stream `cairn sim` pushes on here: streams 1 and 2 are the QEMU image's sensor's.
+const SIM_STREAM: u16 = 3;
+
+/// The nodes' `[[stream]]` tables: [`READINGS_CONFIG`]'s `readings` on [`SIM_STREAM`] for the
+/// simulated devices, and the real device's `climate` and `power`
+/// ([`crate::real_device::STREAMS_CONFIG`]).
+fn streams_config() -> String {
+    let readings = READINGS_CONFIG.replacen("id = 1\n", &format!("id = {SIM_STREAM}\n"), 1);
+    assert_ne!(
+        readings, READINGS_CONFIG,
+        "READINGS_CONFIG declares stream 1"
+    );
+    format!("{readings}{}", real_device::STREAMS_CONFIG)
+}
+
 /// A running `cairn sim`: every device pushes `[U64(k), F32(t)]` with `k = 1, 2, 3, ...`, so
 /// the database can be checked by content.
 struct Fleet {
@@ -467,6 +511,7 @@ impl Fleet {
         authenticate(&mut cmd, &env.cluster.auth());
         let child = cmd
             .args(["--devices", &devices.to_string()])
+            .args(["--stream", &SIM_STREAM.to_string()])
             .args(["--rate", &rate.to_string(), "--threads", "1"])
             .args(["--drain", "60", "--json", "--quiet"])
             .arg("--report")
@@ -568,6 +613,22 @@ fn rows_or_none(node: &crate::Node, sql: &str) -> Vec<Vec<Json>> {
     })
 }
 
+/// A real device's records on one replica (a local read), as [`Row`]s in seq order.
+fn real_rows(node: &crate::Node, device: u64) -> Vec<Row> {
+    let mut rows: Vec<Row> = real_device::row_queries(device)
+        .into_iter()
+        .flat_map(|(stream, sql)| {
+            rows_or_none(node, &sql).into_iter().map(move |r| Row {
+                seq: r[0].as_u64().unwrap_or(0),
+                stream,
+                values: r[1..].to_vec(),
+            })
+        })
+        .collect();
+    rows.sort_by_key(|r| r.seq);
+    rows
+}
+
 /// Stops the client threads when a run unwinds (a harness panic), so none outlives it.
 struct StopOnDrop(Arc<AtomicBool>);
 
@@ -632,6 +693,12 @@ struct Env {
     overlaps: usize,
     /// The largest forward clock jump of the schedule (seconds), for the time checks.
     max_forward_s: u64,
+    /// The real devices, if the schedule has any.
+    real: Vec<RealDevice>,
+    /// The running step's hold, and how long its device power cut waited for records to
+    /// wait (taken off the hold).
+    hold: Duration,
+    devcut_wait: Duration,
 }
 
 impl Drop for Env {
@@ -690,6 +757,8 @@ enum Active {
     Disk(usize),
     /// Set the node's clock right again.
     Clock(usize),
+    /// Boot the real device again on its flash file.
+    DeviceBoot,
 }
 
 impl Active {
@@ -699,7 +768,7 @@ impl Active {
             Active::Partition | Active::Loss => 0,
             Active::Resume(_) => 1,
             Active::Disk(_) => 2,
-            Active::Clock(_) => 3,
+            Active::Clock(_) | Active::DeviceBoot => 3,
             Active::Restart(_) => 4,
         }
     }
@@ -784,7 +853,7 @@ impl Env {
             (None, None, None)
         };
         let opts = Options {
-            config: Some(READINGS_CONFIG.into()),
+            config: Some(streams_config()),
             // Nodes in their own namespaces listen beyond loopback: without auth and node TLS
             // they need --insecure.
             extra: if place.is_some() && !cfg.secure {
@@ -808,6 +877,21 @@ impl Env {
             .map(|n| (n.id, scratch.path().join(format!("clock-{}", n.id))))
             .filter(|(_, p)| p.exists())
             .collect();
+        // From this (the hub's) thread: the real devices live in the hub namespace with the
+        // load.
+        let mut real = Vec::new();
+        if let Some(elf) = &cfg.qemu_elf {
+            real.push(
+                RealDevice::qemu(elf, scratch.path(), QEMU_DEVICE, &cluster, cfg.verbose)
+                    .unwrap_or_else(|e| panic!("starting the QEMU device: {e:#}")),
+            );
+        }
+        if let Some(bin) = cfg.host_board.as_ref().filter(|_| cfg.isolation) {
+            real.push(
+                RealDevice::host(bin, HOST_DEVICE, &cluster, cfg.verbose)
+                    .unwrap_or_else(|e| panic!("starting the host board: {e:#}")),
+            );
+        }
         Env {
             cluster,
             net,
@@ -827,6 +911,9 @@ impl Env {
             kinds: BTreeMap::new(),
             overlaps: 0,
             max_forward_s,
+            real,
+            hold: Duration::ZERO,
+            devcut_wait: Duration::ZERO,
         }
     }
 
@@ -882,6 +969,7 @@ impl Env {
     /// were injected (a fault whose target is gone is skipped and not counted).
     fn run_step(&mut self, step: &Step) -> usize {
         let leader = self.find_leader();
+        self.hold = Duration::from_millis(step.hold_ms);
         let mut taken = Vec::new();
         let mut active = Vec::new();
         let mut injected = 0;
@@ -898,7 +986,10 @@ impl Env {
         if injected > 1 {
             self.overlaps += 1;
         }
-        std::thread::sleep(Duration::from_millis(step.hold_ms));
+        std::thread::sleep(
+            self.hold
+                .saturating_sub(std::mem::take(&mut self.devcut_wait)),
+        );
         active.sort_by_key(Active::rank);
         let mut restart = Vec::new();
         for a in active {
@@ -1056,6 +1147,19 @@ impl Env {
                 self.note(format!("clock of {t} (node {id}) {skew}"));
                 Some(vec![Active::Clock(i)])
             }
+            Fault::DeviceCut => {
+                if self.real.is_empty() {
+                    return None;
+                }
+                let started = Instant::now();
+                for i in 0..self.real.len() {
+                    let hold = self.hold.saturating_sub(started.elapsed());
+                    let what = self.real[i].power_cut(hold);
+                    self.note(what);
+                }
+                self.devcut_wait = started.elapsed();
+                Some(vec![Active::DeviceBoot])
+            }
         }
     }
 
@@ -1094,6 +1198,15 @@ impl Env {
                     std::fs::write(f, "+0").expect("writing the clock file");
                 }
                 self.note(format!("clock of node {id} set right"));
+            }
+            Active::DeviceBoot => {
+                for i in 0..self.real.len() {
+                    let d = &mut self.real[i];
+                    d.boot()
+                        .unwrap_or_else(|e| panic!("booting the {} device again: {e:#}", d.kind));
+                    let what = format!("{} device {} boots again", d.kind, d.id);
+                    self.note(what);
+                }
             }
         }
     }
@@ -1273,7 +1386,10 @@ pub fn run(cfg: &Config) -> Outcome {
         faultfs: cfg.isolation && faultfs_available(),
         faketime: faketime_lib().is_some(),
     };
-    let steps = schedule(cfg.seed, cfg.steps, caps, cfg.focus);
+    let mut steps = schedule(cfg.seed, cfg.steps, caps, cfg.focus);
+    if cfg.qemu_elf.is_some() || cfg.host_board.is_some() && cfg.isolation {
+        crate::nemesis::add_device_cuts(&mut steps, cfg.seed, 1);
+    }
     let mut out = Outcome {
         seed: cfg.seed,
         ..Outcome::default()
@@ -1344,6 +1460,7 @@ pub fn run(cfg: &Config) -> Outcome {
         c.join().expect("client thread");
     }
     let devices = fleet.map(Fleet::stop);
+    let drained: Vec<_> = env.real.iter_mut().map(|d| d.drain(REAL_DRAIN)).collect();
     env.note("load stopped, everything healed".into());
 
     env.cluster.wait_converged();
@@ -1434,6 +1551,51 @@ pub fn run(cfg: &Config) -> Outcome {
                 }
             }
         }
+    }
+    out.real_devices = env.real.len();
+    for (d, drained) in env.real.iter().zip(&drained) {
+        let boots = d.boots();
+        if let Err(e) = drained {
+            failures.push(e.clone());
+        }
+        let mut acked = 0;
+        for &i in &members {
+            let rows = real_rows(&env.cluster.nodes[i], d.id);
+            let a = real_device::audit(d.id, &boots, &rows);
+            acked = a.acked;
+            out.verified += a.acked;
+            out.lost = out.lost.max(a.lost.len());
+            out.duplicated = out.duplicated.max(a.duplicated.len());
+            out.phantom = out.phantom.max(a.phantom.len());
+            if !(a.lost.is_empty() && a.duplicated.is_empty() && a.phantom.is_empty()) {
+                failures.push(format!(
+                    "node {} {} device records: lost {:?}, duplicated {:?}, not from its \
+                     sensor {:?}",
+                    env.id(i),
+                    d.kind,
+                    a.lost,
+                    a.duplicated,
+                    a.phantom.iter().take(10).collect::<Vec<_>>()
+                ));
+            }
+            if i == leader {
+                out.notes.push(format!(
+                    "{} device {}: {} boots (restored from flash: {:?}), {} of its records \
+                     acknowledged, {} stored{}",
+                    d.kind,
+                    d.id,
+                    boots.len(),
+                    boots.iter().map(|b| b.restored).collect::<Vec<_>>(),
+                    a.acked,
+                    a.stored,
+                    drained.as_ref().map_or(String::new(), |t| format!(
+                        ", drained in {:.1} s",
+                        t.as_secs_f64()
+                    ))
+                ));
+            }
+        }
+        out.device_acked += acked;
     }
     // Record times: never below the device's previous record, never outside the run (plus
     // the schedule's largest forward clock jump).

@@ -12,7 +12,10 @@
 //! - [`device`] and [`fleet`]: the protocol-level test device (frames, keys, registration,
 //!   `cairn sim`) and a fleet of them, one thread each, for load.
 //! - [`faults`] with [`nemesis`], [`netns`], [`tmpfs`], [`history`] and [`linearizability`]:
-//!   seeded fault schedules and their checkers.
+//!   seeded fault schedules and their checkers; [`real_device`] puts the QEMU firmware image
+//!   and the host board on TAP among their devices.
+//! - [`qemu`]: the one way of booting the QEMU firmware image, provisioning its flash file,
+//!   reading its defmt log and recomputing its sensor's records (xtask's `qemu` uses it too).
 //! - [`release`]: the previous release (v0.1.0) checked out by commit and built once under
 //!   `target/prev/`, for the rolling-upgrade test.
 //! - [`servers`]: real export destinations (PostgreSQL, NATS JetStream, mosquitto) and a
@@ -29,6 +32,8 @@ pub mod http;
 pub mod linearizability;
 pub mod nemesis;
 pub mod netns;
+pub mod qemu;
+pub mod real_device;
 pub mod release;
 pub mod servers;
 pub mod tmpfs;

@@ -91,6 +91,11 @@ pub enum Fault {
     /// The node's wall clock (libfaketime) jumps or runs slow; monotonic time is untouched,
     /// as on a real machine whose clock is set by hand or by a bad NTP server.
     Clock { target: Target, skew: Skew },
+    /// The power goes out on the real devices ([`crate::real_device`]: the QEMU image, the
+    /// host board) while records wait unacknowledged: each is killed with `SIGKILL`; the heal
+    /// boots them again (QEMU on the same flash file, whose outbox resends). Only in schedules
+    /// with real devices ([`add_device_cuts`]).
+    DeviceCut,
 }
 
 /// Which nodes a power cut takes down.
@@ -180,6 +185,7 @@ impl Fault {
             Fault::PowerCut { .. } => "powercut",
             Fault::Clock { .. } => "clock",
             Fault::ReplaceMember(_) => "member",
+            Fault::DeviceCut => "devcut",
         }
     }
 
@@ -203,7 +209,7 @@ impl Fault {
 }
 
 /// Every kind in the summary line's order.
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
     "kill",
     "pause",
     "partition",
@@ -212,6 +218,7 @@ pub const KINDS: [&str; 8] = [
     "powercut",
     "clock",
     "member",
+    "devcut",
 ];
 
 impl fmt::Display for Fault {
@@ -238,6 +245,7 @@ impl fmt::Display for Fault {
                 if *tear { " (torn last write)" } else { "" }
             ),
             Fault::Clock { target, skew } => write!(f, "clock of {target} {skew}"),
+            Fault::DeviceCut => write!(f, "power cut on the real devices, boot them again"),
         }
     }
 }
@@ -431,6 +439,45 @@ pub fn schedule(seed: u64, steps: usize, caps: Capabilities, focus: Focus) -> Ve
     out
 }
 
+/// Adds `n` device power cuts ([`Fault::DeviceCut`]) to `steps`, each as the last fault of a
+/// step (so it falls while the step's gateway faults hold) that has none yet, preferring
+/// steps that stall acknowledgements (a fault on the leader, a split, a power cut), drawn
+/// from their own generator: the gateway faults of a seed stay what they are without a real
+/// device.
+pub fn add_device_cuts(steps: &mut [Step], seed: u64, n: usize) {
+    let mut rng = SplitMix64::new(seed ^ 0xdc07_dc07_dc07_dc07);
+    let stalls = |f: &Fault| {
+        matches!(
+            f,
+            Fault::Kill(Target::Leader)
+                | Fault::Pause(Target::Leader)
+                | Fault::Isolate(Target::Leader)
+                | Fault::Split { .. }
+                | Fault::PowerCut { .. }
+        )
+    };
+    for _ in 0..n {
+        let free: Vec<usize> = (0..steps.len())
+            .filter(|&i| !steps[i].faults.contains(&Fault::DeviceCut))
+            .collect();
+        let preferred: Vec<usize> = free
+            .iter()
+            .copied()
+            .filter(|&i| steps[i].faults.iter().any(stalls))
+            .collect();
+        let pool = if preferred.is_empty() {
+            free
+        } else {
+            preferred
+        };
+        if pool.is_empty() {
+            return;
+        }
+        let i = *rng.pick(&pool);
+        steps[i].faults.push(Fault::DeviceCut);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,7 +564,9 @@ mod tests {
             }
         )));
         let kinds: std::collections::BTreeSet<&str> = s.iter().map(Fault::kind).collect();
-        assert_eq!(kinds.len(), KINDS.len());
+        // Every kind but the device power cut, which only schedules with a device get.
+        assert_eq!(kinds.len(), KINDS.len() - 1);
+        assert!(!kinds.contains("devcut"));
     }
 
     #[test]
@@ -551,5 +600,38 @@ mod tests {
         );
         assert_eq!(Skew::Slow(50).faketime(), "+0 x0.50");
         assert_eq!(Skew::Backward(60).faketime(), "-60");
+    }
+
+    #[test]
+    fn test_device_cuts_join_steps_and_leave_gateway_faults_alone() {
+        let plain = schedule(11, 6, ALL, Focus::PowerCut);
+        let mut with = plain.clone();
+        add_device_cuts(&mut with, 11, 1);
+        let cuts: Vec<usize> = (0..with.len())
+            .filter(|&i| with[i].faults.contains(&Fault::DeviceCut))
+            .collect();
+        assert_eq!(cuts.len(), 1);
+        let i = cuts[0];
+        assert_eq!(
+            with[i].faults.last(),
+            Some(&Fault::DeviceCut),
+            "last in its step"
+        );
+        assert_eq!(
+            &with[i].faults[..with[i].faults.len() - 1],
+            &plain[i].faults[..]
+        );
+        for j in (0..with.len()).filter(|&j| j != i) {
+            assert_eq!(with[j], plain[j]);
+        }
+        let mut again = plain.clone();
+        add_device_cuts(&mut again, 11, 1);
+        assert_eq!(again, with, "deterministic");
+        add_device_cuts(&mut again, 11, 10);
+        let n = all_faults(&again)
+            .iter()
+            .filter(|f| **f == Fault::DeviceCut)
+            .count();
+        assert_eq!(n, 6, "at most one per step");
     }
 }

@@ -35,8 +35,11 @@ commands:
           (`--musl`: only the static musl binaries)
   bench   Cairn against dqlite, Mosquitto and hiqlite on this machine (`--quick`: < 3 min)
   faults  seeded fault schedules on a real cluster (`--schedules N [--seed S] [--steps K]
-          [--focus mixed|overlap|powercut|clock] [--mix] [--unsafe-no-fsync]`)
-  soak    long fault runs, resumable (`--schedules N | --hours H [--dir D]`, same options)
+          [--focus mixed|overlap|powercut|clock] [--mix] [--unsafe-no-fsync]
+          [--qemu] [--host-board] [--real-every K]`: real devices, the QEMU image and the
+          host board on TAP, in one schedule of every K)
+  soak    long fault runs, resumable (`--schedules N | --hours H [--dir D]`, same options;
+          both real devices in one schedule of ten unless `--no-devices`)
   dist    size-optimised `cairn` for aarch64, armv7, x86_64 and a .deb each, and static
           musl `cairn` for aarch64 and armv7 in a tarball each, in target/dist/
   help    this text

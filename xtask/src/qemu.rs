@@ -5,19 +5,19 @@
 //! echo listener on the host's 127.0.0.1 (10.0.2.2 inside QEMU's user network) and checks
 //! that it got an address by DHCP, connected, and every packet came back intact.
 //!
-//! The defmt log is decoded by `defmt-print` (installed with `cargo install defmt-print
+//! Images run through the test harness's [`cairn_tests::qemu`] (one way of booting them, the
+//! fault suite's real device included). The defmt log is decoded by `defmt-print` (installed with `cargo install defmt-print
 //! --locked` when missing, about 80 s once): decoding defmt by hand would mean reading the
 //! ELF's string table and the rzCOBS framing, and linking `defmt-decoder` into xtask would
 //! add its compile time to every workspace build.
 
 use crate::boards::QEMU;
 use crate::util::{have, run, step};
-use anyhow::{Context, Result, bail, ensure};
-use std::io::{BufRead, BufReader, Read, Write};
+use anyhow::{Result, bail, ensure};
+pub use cairn_tests::qemu::{Image, boot};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -131,124 +131,4 @@ fn read_packet(conn: &mut TcpStream, packet: &mut [u8]) -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-/// What one boot of the image did.
-pub struct Boot {
-    pub status: ExitStatus,
-    /// The decoded defmt log, one entry per line.
-    pub lines: Vec<String>,
-}
-
-/// Boots `elf` and waits for it to exit (killing it after `limit`), collecting its log.
-pub fn boot(elf: &Path, cmdline: &str, limit: Duration) -> Result<Boot> {
-    let deadline = Instant::now() + limit;
-    let mut image = Image::boot(elf, cmdline)?;
-    let mut lines = Vec::new();
-    while let Some(line) = image.next_line(deadline) {
-        lines.push(line);
-    }
-    let status = image.wait(deadline)?;
-    Ok(Boot { status, lines })
-}
-
-/// A running image: qemu-system-arm as HARDWARE-NOTES.md says, with `cmdline` as the
-/// semihosting command line, its defmt log decoded by defmt-print and echoed with a
-/// `qemu|` prefix. Killed when dropped.
-pub struct Image {
-    qemu: Child,
-    decoder: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Image {
-    pub fn boot(elf: &Path, cmdline: &str) -> Result<Image> {
-        let mut qemu = Command::new("qemu-system-arm")
-            .args([
-                "-M",
-                "mps2-an386",
-                "-nographic",
-                "-monitor",
-                "none",
-                "-serial",
-                "none",
-            ])
-            .args(["-semihosting-config", "enable=on,target=native"])
-            .args([
-                "-netdev",
-                "user,id=n0",
-                "-net",
-                "nic,netdev=n0,model=lan9118",
-            ])
-            .arg("-kernel")
-            .arg(elf)
-            .args(["-append", cmdline])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start qemu-system-arm (cargo xtask setup installs it)")?;
-        let log = qemu.stdout.take().expect("piped");
-        let mut decoder = Command::new("defmt-print")
-            .arg("-e")
-            .arg(elf)
-            .stdin(Stdio::from(log))
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start defmt-print")?;
-        let decoded = decoder.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(decoded).lines().map_while(Result::ok) {
-                println!("  qemu| {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Image {
-            qemu,
-            decoder,
-            lines,
-        })
-    }
-
-    /// The next decoded log line; `None` once the log ends (the image exited) or at
-    /// `deadline`.
-    pub fn next_line(&mut self, deadline: Instant) -> Option<String> {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        self.lines.recv_timeout(left).ok()
-    }
-
-    /// Waits for QEMU to exit and returns the image's exit status (semihosting exit code);
-    /// kills it and fails at `deadline`.
-    pub fn wait(&mut self, deadline: Instant) -> Result<ExitStatus> {
-        let limit = deadline.saturating_duration_since(Instant::now());
-        let status = wait_with_limit(&mut self.qemu, limit)?;
-        // defmt-print ends when QEMU's stdout closes.
-        self.decoder.wait()?;
-        Ok(status)
-    }
-}
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        let _ = self.qemu.kill();
-        let _ = self.qemu.wait();
-        let _ = self.decoder.wait();
-    }
-}
-
-fn wait_with_limit(child: &mut Child, limit: Duration) -> Result<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            child.kill()?;
-            child.wait()?;
-            bail!("QEMU still running after {} s: killed", limit.as_secs());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 }

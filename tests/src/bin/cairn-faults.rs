@@ -8,6 +8,9 @@
 //!              [--secure]                 # --auth, HTTPS and node mutual TLS on every node
 //!              [--read-level none|weak]   # show the checker catching stale reads
 //!              [--unsafe-no-fsync]        # CAIRN_BIN was built so: only labels the replay lines
+//!              [--qemu-elf ELF] [--host-board BIN] [--real-every K]
+//!                     # real devices (the QEMU image, the host board on TAP) with a device
+//!                     # power cut, in the middle schedule of every K (default: every one)
 //!              [--soak-dir DIR [--hours H]]   # resumable: state and summary in DIR
 //! cairn-faults --check FILE     # re-run the checkers on a saved failing run
 //! ```
@@ -40,6 +43,9 @@ struct Totals {
     faults: u64,
     kinds: BTreeMap<String, u64>,
     overlap: u64,
+    /// Real devices (QEMU images, host boards) that took part, summed over schedules.
+    #[serde(default)]
+    real_devices: u64,
     acked: u64,
     lost: u64,
     duplicated: u64,
@@ -83,6 +89,7 @@ impl Totals {
             *self.kinds.entry((*k).to_string()).or_default() += *n as u64;
         }
         self.overlap += o.overlaps as u64;
+        self.real_devices += o.real_devices as u64;
         self.acked += o.acked;
         self.lost += o.lost as u64;
         self.duplicated += (o.duplicated + o.phantom) as u64;
@@ -101,7 +108,7 @@ impl Totals {
             .collect();
         format!(
             "faults: schedules={} faults={} kinds={} acked={} lost={} duplicated={} diverged={} \
-             nonlinearizable={}",
+             nonlinearizable={} real_devices={}",
             self.schedules,
             self.faults,
             kinds.join(","),
@@ -109,7 +116,8 @@ impl Totals {
             self.lost,
             self.duplicated,
             self.diverged,
-            self.nonlinearizable
+            self.nonlinearizable,
+            self.real_devices
         )
     }
 
@@ -195,16 +203,24 @@ fn main() -> ExitCode {
         .map(|b| serde_json::from_slice(&b).expect("a readable soak state.json"))
         .unwrap_or_default();
     // Everything that changes what schedule `i` is, or how it runs.
-    let options: Vec<String> = ["--steps", "--nodes", "--focus", "--read-level"]
-        .iter()
-        .filter_map(|f| value(f).map(|v| format!("{f} {v}")))
-        .chain(
-            ["--mix", "--secure", "--loopback", "--unsafe-no-fsync"]
-                .iter()
-                .filter(|f| has(f))
-                .map(|f| f.to_string()),
-        )
-        .collect();
+    let options: Vec<String> = [
+        "--steps",
+        "--nodes",
+        "--focus",
+        "--read-level",
+        "--real-every",
+    ]
+    .iter()
+    .filter_map(|f| value(f).map(|v| format!("{f} {v}")))
+    .chain(
+        ["--mix", "--secure", "--loopback", "--unsafe-no-fsync"]
+            .iter()
+            .filter(|f| has(f))
+            .map(|f| f.to_string()),
+    )
+    .chain(has("--qemu-elf").then(|| "--qemu".to_string()))
+    .chain(has("--host-board").then(|| "--host-board".to_string()))
+    .collect();
     let options = options.join(" ");
     let resumed = total.schedules > 0;
     assert!(
@@ -279,6 +295,13 @@ fn main() -> ExitCode {
             cfg.isolation = false;
         }
         cfg.secure = has("--secure");
+        // Real devices join the middle schedule of every `--real-every` (1: all of them;
+        // 3 with --mix: the power-cut one).
+        let every = num("--real-every", 1).max(1);
+        if i % every == (every - 1) / 2 {
+            cfg.qemu_elf = value("--qemu-elf").map(PathBuf::from);
+            cfg.host_board = value("--host-board").map(PathBuf::from);
+        }
         cfg.out_dir = out_dir.clone();
         let t = Instant::now();
         let o = match std::panic::catch_unwind(|| faults::run(&cfg)) {
@@ -301,7 +324,7 @@ fn main() -> ExitCode {
         println!(
             "schedule seed={} focus={} faults={} [{}] overlaps={} ops={} acked={} verified={} \
              lost={} duplicated={} diverged={} nonlinearizable={} misordered={} crashed={} \
-             ({secs:.0} s){}",
+             real_devices={} ({secs:.0} s){}",
             o.seed,
             cfg.focus,
             o.faults,
@@ -316,10 +339,12 @@ fn main() -> ExitCode {
             o.nonlinearizable,
             o.misordered,
             o.crashed,
+            o.real_devices,
             if o.passed() { "" } else { " FAILED" }
         );
-        if !quiet {
-            for n in &o.notes {
+        for n in &o.notes {
+            // What the real device did is worth a line even when quiet.
+            if !quiet || n.contains(" device ") && n.contains(" boots (restored") {
                 println!("    note: {n}");
             }
         }

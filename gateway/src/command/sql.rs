@@ -14,14 +14,33 @@ pub struct SqlCommand {
     pub transaction: bool,
 }
 
-/// Applies a SQL command inside the entry's open transaction, under the sandbox's write
-/// rules ([`crate::db::sandbox::apply_statements`] has the savepoint semantics: rqlite's
-/// autocommit, or all-or-nothing with `transaction`).
-/// The byte budget's page cap applies once the active version is 2 (v0.1.0 replicas apply
-/// without it).
-pub fn apply_sql(conn: &Connection, cmd: &SqlCommand) -> rusqlite::Result<Vec<StatementResult>> {
-    let page_cap = super::version::read_active(conn)? >= crate::version::V2;
-    crate::db::sandbox::apply_statements(conn, &cmd.statements, cmd.transaction, page_cap)
+/// Applies a SQL command (the entry at `index`, stamped `stamp_ms`) inside the entry's open
+/// transaction, under the sandbox's write rules ([`crate::db::sandbox::apply_statements`] has
+/// the savepoint semantics: rqlite's autocommit, or all-or-nothing with `transaction`).
+/// Once the active version is 2 (v0.1.0 replicas apply without either): the byte budget's
+/// page cap, and the capture of user tables' changes for export while a destination
+/// registered a pattern ([`crate::db::changes`]).
+pub fn apply_sql(
+    conn: &Connection,
+    index: u64,
+    stamp_ms: Option<i64>,
+    cmd: &SqlCommand,
+) -> rusqlite::Result<Vec<StatementResult>> {
+    let v2 = super::version::read_active(conn)? >= crate::version::V2;
+    let capture = if v2 {
+        crate::db::changes::Capture::begin(conn, index, stamp_ms.unwrap_or(0), || {
+            super::backup::history_epoch(conn)
+        })?
+    } else {
+        None
+    };
+    crate::db::sandbox::apply_statements(
+        conn,
+        &cmd.statements,
+        cmd.transaction,
+        v2,
+        capture.as_ref(),
+    )
 }
 
 #[cfg(test)]
@@ -45,7 +64,7 @@ mod tests {
             ],
             transaction: false,
         };
-        let r = apply_sql(&conn, &cmd).unwrap();
+        let r = apply_sql(&conn, 1, None, &cmd).unwrap();
         assert_eq!(r.len(), 3);
         assert!(r[1].error.as_deref().unwrap().contains("no such table"));
         assert_eq!(r[2].last_insert_id, 2);
@@ -53,7 +72,7 @@ mod tests {
             transaction: true,
             ..cmd
         };
-        let r = apply_sql(&conn, &tx).unwrap();
+        let r = apply_sql(&conn, 1, None, &tx).unwrap();
         assert_eq!(r.len(), 2, "stops at the first error");
         let n: i64 = conn
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
@@ -72,7 +91,7 @@ mod tests {
             ],
             transaction: false,
         };
-        let r = apply_sql(&conn, &cmd).unwrap();
+        let r = apply_sql(&conn, 1, None, &cmd).unwrap();
         assert!(r[0].error.as_deref().unwrap().contains("COMMIT"));
         assert!(
             !conn.is_autocommit(),

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::nats::fill;
 use super::reader::ExportRecord;
+use crate::db::changes::ChangeRow;
 
 struct Session {
     client: AsyncClient,
@@ -29,6 +30,7 @@ pub struct Mqtt {
     port: u16,
     client_id: String,
     template: String,
+    changes_template: String,
     timeout: Duration,
     session: Option<Session>,
 }
@@ -39,6 +41,7 @@ impl Mqtt {
         url: &str,
         client_id: String,
         template: &str,
+        changes_template: &str,
         timeout: Duration,
     ) -> Result<Self, String> {
         let rest = url.strip_prefix("mqtt://").unwrap_or(url);
@@ -56,6 +59,7 @@ impl Mqtt {
             port,
             client_id,
             template: template.to_string(),
+            changes_template: changes_template.to_string(),
             timeout,
             session: None,
         })
@@ -88,8 +92,31 @@ impl Mqtt {
     }
 
     pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
+        let mut msgs = Vec::with_capacity(records.len());
+        for r in records {
+            let body = serde_json::to_vec(&r.message_json(site)).map_err(|e| e.to_string())?;
+            msgs.push((fill(&self.template, site, r), body));
+        }
+        self.publish(msgs).await
+    }
+
+    pub async fn deliver_changes(
+        &mut self,
+        site: &str,
+        changes: &[ChangeRow],
+    ) -> Result<(), String> {
+        let mut msgs = Vec::with_capacity(changes.len());
+        for c in changes {
+            let body = serde_json::to_vec(&c.message_json(site)).map_err(|e| e.to_string())?;
+            msgs.push((c.subject(&self.changes_template, site), body));
+        }
+        self.publish(msgs).await
+    }
+
+    /// Publishes (topic, body) pairs and waits for every PUBACK.
+    async fn publish(&mut self, msgs: Vec<(String, Vec<u8>)>) -> Result<(), String> {
         let timeout = self.timeout;
-        let r = tokio::time::timeout(timeout, self.deliver_inner(site, records)).await;
+        let r = tokio::time::timeout(timeout, self.publish_inner(msgs)).await;
         let r = r.unwrap_or_else(|_| Err("mqtt: delivery timed out".into()));
         if r.is_err() {
             self.session = None;
@@ -97,23 +124,22 @@ impl Mqtt {
         r
     }
 
-    async fn deliver_inner(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        let template = self.template.clone();
+    async fn publish_inner(&mut self, msgs: Vec<(String, Vec<u8>)>) -> Result<(), String> {
         let s = self.session();
         // Acknowledgements of an earlier, finished batch cannot be pending: each batch waits
         // for all of its own.
         while let Ok(a) = s.acks.try_recv() {
             a?;
         }
-        for r in records {
-            let body = serde_json::to_vec(&r.message_json(site)).map_err(|e| e.to_string())?;
+        let n = msgs.len();
+        for (topic, body) in msgs {
             s.client
-                .publish(fill(&template, site, r), QoS::AtLeastOnce, false, body)
+                .publish(topic, QoS::AtLeastOnce, false, body)
                 .await
                 .map_err(|e| format!("mqtt publish: {e}"))?;
         }
         let mut acked = 0;
-        while acked < records.len() {
+        while acked < n {
             match s.acks.recv().await {
                 Some(Ok(())) => acked += 1,
                 Some(Err(e)) => return Err(e),

@@ -80,6 +80,45 @@ mod tests {
         assert_eq!(n, 2, "the transaction's first insert was rolled back");
     }
 
+    /// Capture is a version 2 apply semantic: at version 1 a registered pattern (which only a
+    /// version 2 entry can register) changes nothing, and moving cursors creates no capture
+    /// tables.
+    #[test]
+    fn test_no_change_capture_before_version_2() {
+        use crate::db::export::{Cursor, Position, advance_cursor, forget_cursor};
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
+            .unwrap();
+        let cursor = Cursor {
+            name: "pg".into(),
+            pos: Position::default(),
+            delivered: 0,
+        };
+        advance_cursor(&conn, &cursor).unwrap();
+        forget_cursor(&conn, "pg").unwrap();
+        let tables = |conn: &Connection| -> i64 {
+            conn.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name LIKE '_cairn_change%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(tables(&conn), 0, "a version 1 database keeps its layout");
+        crate::db::changes::set_capture(&conn, "pg", Some(".*"))
+            .unwrap()
+            .unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        let cmd = SqlCommand {
+            statements: vec![Statement::new("INSERT INTO orders (item) VALUES ('a')")],
+            transaction: false,
+        };
+        let r = apply_sql(&conn, 3, None, &cmd).unwrap();
+        assert!(r[0].error.is_none());
+        let journaled = crate::db::changes::changes_after(&conn, Position::default(), 10).unwrap();
+        assert!(journaled.is_empty(), "version 1 applies without capture");
+    }
+
     #[test]
     fn test_transaction_control_is_an_error_result_in_apply() {
         let conn = Connection::open_in_memory().unwrap();

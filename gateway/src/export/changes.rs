@@ -76,6 +76,60 @@ impl ChangeRow {
     }
 }
 
+/// A device record or a change as a message of its own (nats, mqtt).
+pub trait Outgoing {
+    fn key(&self, site: &str) -> String;
+    fn message_json(&self, site: &str) -> Json;
+    /// `template` filled in for this item.
+    fn subject(&self, template: &str, site: &str) -> String;
+}
+
+impl Outgoing for ExportRecord {
+    fn key(&self, site: &str) -> String {
+        ExportRecord::key(self, site)
+    }
+
+    fn message_json(&self, site: &str) -> Json {
+        ExportRecord::message_json(self, site)
+    }
+
+    fn subject(&self, template: &str, site: &str) -> String {
+        super::nats::fill(template, site, self)
+    }
+}
+
+impl Outgoing for ChangeRow {
+    fn key(&self, site: &str) -> String {
+        ChangeRow::key(self, site)
+    }
+
+    fn message_json(&self, site: &str) -> Json {
+        ChangeRow::message_json(self, site)
+    }
+
+    fn subject(&self, template: &str, site: &str) -> String {
+        ChangeRow::subject(self, template, site)
+    }
+}
+
+/// One message to publish: subject (or topic), key, JSON body.
+pub type Message = (String, String, Vec<u8>);
+
+/// The message of each item, subjects from `template`.
+pub fn messages<T: Outgoing>(
+    site: &str,
+    template: &str,
+    items: &[T],
+) -> Result<Vec<Message>, String> {
+    items
+        .iter()
+        .map(|i| {
+            let body = serde_json::to_vec(&i.message_json(site)).map_err(|e| e.to_string())?;
+            Ok((i.subject(template, site), i.key(site), body))
+        })
+        .collect()
+}
+
 /// The payload messages of rqlite's CDC envelope for `changes`: one per log entry.
 pub fn cdc_payload(site: &str, changes: &[ChangeRow]) -> Vec<Json> {
     let mut payload: Vec<Json> = Vec::new();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
-use super::nats::fill;
+use super::changes::{Message, messages};
 use super::reader::ExportRecord;
 use crate::db::changes::ChangeRow;
 
@@ -92,11 +92,7 @@ impl Mqtt {
     }
 
     pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        let mut msgs = Vec::with_capacity(records.len());
-        for r in records {
-            let body = serde_json::to_vec(&r.message_json(site)).map_err(|e| e.to_string())?;
-            msgs.push((fill(&self.template, site, r), body));
-        }
+        let msgs = messages(site, &self.template, records)?;
         self.publish(msgs).await
     }
 
@@ -105,16 +101,13 @@ impl Mqtt {
         site: &str,
         changes: &[ChangeRow],
     ) -> Result<(), String> {
-        let mut msgs = Vec::with_capacity(changes.len());
-        for c in changes {
-            let body = serde_json::to_vec(&c.message_json(site)).map_err(|e| e.to_string())?;
-            msgs.push((c.subject(&self.changes_template, site), body));
-        }
+        let msgs = messages(site, &self.changes_template, changes)?;
         self.publish(msgs).await
     }
 
-    /// Publishes (topic, body) pairs and waits for every PUBACK.
-    async fn publish(&mut self, msgs: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    /// Publishes each message (subject as topic; the key is in the body) and waits for every
+    /// PUBACK.
+    async fn publish(&mut self, msgs: Vec<Message>) -> Result<(), String> {
         let timeout = self.timeout;
         let r = tokio::time::timeout(timeout, self.publish_inner(msgs)).await;
         let r = r.unwrap_or_else(|_| Err("mqtt: delivery timed out".into()));
@@ -124,7 +117,7 @@ impl Mqtt {
         r
     }
 
-    async fn publish_inner(&mut self, msgs: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    async fn publish_inner(&mut self, msgs: Vec<Message>) -> Result<(), String> {
         let s = self.session();
         // Acknowledgements of an earlier, finished batch cannot be pending: each batch waits
         // for all of its own.
@@ -132,7 +125,7 @@ impl Mqtt {
             a?;
         }
         let n = msgs.len();
-        for (topic, body) in msgs {
+        for (topic, _key, body) in msgs {
             s.client
                 .publish(topic, QoS::AtLeastOnce, false, body)
                 .await

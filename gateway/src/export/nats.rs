@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 
+use super::changes::{Message, messages};
 use super::reader::ExportRecord;
 use crate::db::changes::ChangeRow;
 
@@ -18,9 +19,6 @@ pub struct Nats {
     timeout: Duration,
     js: Option<jetstream::Context>,
 }
-
-/// One message to publish: subject, `Nats-Msg-Id`, body.
-type Message = (String, String, Vec<u8>);
 
 /// `template` with `{site}`, `{table}` and `{device_id}` filled in.
 pub fn fill(template: &str, site: &str, r: &ExportRecord) -> String {
@@ -76,11 +74,7 @@ impl Nats {
     }
 
     pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        let mut msgs = Vec::with_capacity(records.len());
-        for r in records {
-            let body = serde_json::to_vec(&r.message_json(site)).map_err(|e| e.to_string())?;
-            msgs.push((fill(&self.template, site, r), r.key(site), body));
-        }
+        let msgs = messages(site, &self.template, records)?;
         self.publish(msgs).await
     }
 
@@ -89,11 +83,7 @@ impl Nats {
         site: &str,
         changes: &[ChangeRow],
     ) -> Result<(), String> {
-        let mut msgs = Vec::with_capacity(changes.len());
-        for c in changes {
-            let body = serde_json::to_vec(&c.message_json(site)).map_err(|e| e.to_string())?;
-            msgs.push((c.subject(&self.changes_template, site), c.key(site), body));
-        }
+        let msgs = messages(site, &self.changes_template, changes)?;
         self.publish(msgs).await
     }
 

@@ -1,5 +1,4 @@
 use super::*;
-use crate::command::sql::{SqlCommand, apply_sql};
 use crate::db::sql::Statement;
 
 /// A writer like the state machine's at format version 2, with tables `orders` (captured),
@@ -35,17 +34,16 @@ fn cursor(name: &str, log_index: u64) -> crate::db::export::Cursor {
     }
 }
 
-/// Applies one SQL entry the way the state machine does; each statement's error.
+/// Applies one SQL entry the way `command::sql` does at version 2 (history epoch 0); each
+/// statement's error.
 fn sql(conn: &Connection, index: u64, transaction: bool, sts: &[&str]) -> Vec<Option<String>> {
-    let cmd = SqlCommand {
-        statements: sts.iter().map(|s| Statement::new(*s)).collect(),
-        transaction,
-    };
+    let statements: Vec<Statement> = sts.iter().map(|s| Statement::new(*s)).collect();
     conn.execute_batch("BEGIN").unwrap();
-    let stamp = Some(1_000 * index as i64);
+    let stamp = 1_000 * index as i64;
     let r = {
-        let _e = sandbox::enter_entry(index, stamp);
-        apply_sql(conn, index, stamp, &cmd).unwrap()
+        let _e = sandbox::enter_entry(index, Some(stamp));
+        let capture = Capture::begin(conn, index, stamp, || Ok(0)).unwrap();
+        sandbox::apply_statements(conn, &statements, transaction, true, capture.as_ref()).unwrap()
     };
     conn.execute_batch("COMMIT").unwrap();
     r.into_iter().map(|r| r.error).collect()
@@ -196,24 +194,7 @@ fn test_triggers_captured_cairn_and_stream_tables_never() {
 }
 
 #[test]
-fn test_without_capture_or_before_version_2_nothing_is_journaled() {
-    let dir = tempfile::tempdir().unwrap();
-    let conn = sandbox::open_writer(&dir.path().join("db.sqlite")).unwrap();
-    conn.execute_batch("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
-        .unwrap();
-    // Version 1 (no active version recorded): no capture tables, even after cursor moves.
-    sql(&conn, 1, false, &["INSERT INTO orders (item) VALUES ('a')"]);
-    crate::db::export::advance_cursor(&conn, &cursor("pg", 0)).unwrap();
-    crate::db::export::forget_cursor(&conn, "pg").unwrap();
-    let n: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE name LIKE '_cairn_change%'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(n, 0, "a version 1 database keeps its layout");
-    // Version 2 with the pattern removed: nothing captured.
+fn test_without_a_pattern_nothing_is_journaled() {
     let (_dir, conn) = setup();
     set_capture(&conn, "hook", None).unwrap().unwrap();
     sql(&conn, 2, false, &["INSERT INTO orders (item) VALUES ('a')"]);

@@ -78,6 +78,8 @@ impl ChangeRow {
 
 /// A device record or a change as a message of its own (nats, mqtt).
 pub trait Outgoing {
+    /// A change of a user table (subjects from `changes_subject`), not a device record.
+    const CHANGE: bool;
     fn key(&self, site: &str) -> String;
     fn message_json(&self, site: &str) -> Json;
     /// `template` filled in for this item.
@@ -85,6 +87,8 @@ pub trait Outgoing {
 }
 
 impl Outgoing for ExportRecord {
+    const CHANGE: bool = false;
+
     fn key(&self, site: &str) -> String {
         ExportRecord::key(self, site)
     }
@@ -93,12 +97,18 @@ impl Outgoing for ExportRecord {
         ExportRecord::message_json(self, site)
     }
 
+    /// `{site}`, `{table}` and `{device_id}` filled in.
     fn subject(&self, template: &str, site: &str) -> String {
-        super::nats::fill(template, site, self)
+        template
+            .replace("{site}", site)
+            .replace("{table}", self.table())
+            .replace("{device_id}", &self.device_id.to_string())
     }
 }
 
 impl Outgoing for ChangeRow {
+    const CHANGE: bool = true;
+
     fn key(&self, site: &str) -> String {
         ChangeRow::key(self, site)
     }
@@ -115,19 +125,36 @@ impl Outgoing for ChangeRow {
 /// One message to publish: subject (or topic), key, JSON body.
 pub type Message = (String, String, Vec<u8>);
 
-/// The message of each item, subjects from `template`.
-pub fn messages<T: Outgoing>(
-    site: &str,
-    template: &str,
-    items: &[T],
-) -> Result<Vec<Message>, String> {
-    items
-        .iter()
-        .map(|i| {
-            let body = serde_json::to_vec(&i.message_json(site)).map_err(|e| e.to_string())?;
-            Ok((i.subject(template, site), i.key(site), body))
-        })
-        .collect()
+/// A destination's subject (nats) or topic (mqtt) templates: of device records, of changes.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    pub records: String,
+    pub changes: String,
+}
+
+impl Subjects {
+    pub fn of(d: &crate::config::export::ExportDef) -> Self {
+        Subjects {
+            records: d.subject_template().to_string(),
+            changes: d.changes_subject_template().to_string(),
+        }
+    }
+
+    /// The message of each item.
+    pub fn messages<T: Outgoing>(&self, site: &str, items: &[T]) -> Result<Vec<Message>, String> {
+        let template = if T::CHANGE {
+            &self.changes
+        } else {
+            &self.records
+        };
+        items
+            .iter()
+            .map(|i| {
+                let body = serde_json::to_vec(&i.message_json(site)).map_err(|e| e.to_string())?;
+                Ok((i.subject(template, site), i.key(site), body))
+            })
+            .collect()
+    }
 }
 
 /// The payload messages of rqlite's CDC envelope for `changes`: one per log entry.

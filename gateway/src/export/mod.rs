@@ -286,15 +286,13 @@ impl Sink {
             ExportKind::Nats => Sink::Nats(nats::Nats::new(
                 &d.url,
                 &d.stream,
-                d.subject_template(),
-                d.changes_subject_template(),
+                changes::Subjects::of(d),
                 timeout,
             )),
             ExportKind::Mqtt => Sink::Mqtt(mqtt::Mqtt::new(
                 &d.url,
                 format!("cairn-{site}-{}-{node_id}", d.name),
-                d.subject_template(),
-                d.changes_subject_template(),
+                changes::Subjects::of(d),
                 timeout,
             )?),
             ExportKind::Webhook => Sink::Webhook(webhook::Webhook::new(
@@ -324,8 +322,8 @@ impl Sink {
         }
         match self {
             Sink::Postgres(s) => s.deliver_changes(site, changes).await,
-            Sink::Nats(s) => s.deliver_changes(site, changes).await,
-            Sink::Mqtt(s) => s.deliver_changes(site, changes).await,
+            Sink::Nats(s) => s.deliver(site, changes).await,
+            Sink::Mqtt(s) => s.deliver(site, changes).await,
             Sink::Webhook(s) => s.deliver_changes(site, changes).await,
         }
     }

@@ -9,9 +9,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
-use super::changes::{Message, messages};
-use super::reader::ExportRecord;
-use crate::db::changes::ChangeRow;
+use super::changes::{Message, Outgoing, Subjects};
 
 struct Session {
     client: AsyncClient,
@@ -29,8 +27,7 @@ pub struct Mqtt {
     host: String,
     port: u16,
     client_id: String,
-    template: String,
-    changes_template: String,
+    subjects: Subjects,
     timeout: Duration,
     session: Option<Session>,
 }
@@ -40,8 +37,7 @@ impl Mqtt {
     pub fn new(
         url: &str,
         client_id: String,
-        template: &str,
-        changes_template: &str,
+        subjects: Subjects,
         timeout: Duration,
     ) -> Result<Self, String> {
         let rest = url.strip_prefix("mqtt://").unwrap_or(url);
@@ -58,8 +54,7 @@ impl Mqtt {
             host,
             port,
             client_id,
-            template: template.to_string(),
-            changes_template: changes_template.to_string(),
+            subjects,
             timeout,
             session: None,
         })
@@ -91,17 +86,9 @@ impl Mqtt {
         })
     }
 
-    pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        let msgs = messages(site, &self.template, records)?;
-        self.publish(msgs).await
-    }
-
-    pub async fn deliver_changes(
-        &mut self,
-        site: &str,
-        changes: &[ChangeRow],
-    ) -> Result<(), String> {
-        let msgs = messages(site, &self.changes_template, changes)?;
+    /// Publishes `items` (device records or changes, each with its own subject template).
+    pub async fn deliver<T: Outgoing>(&mut self, site: &str, items: &[T]) -> Result<(), String> {
+        let msgs = self.subjects.messages(site, items)?;
         self.publish(msgs).await
     }
 

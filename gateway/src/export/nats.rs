@@ -7,40 +7,22 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 
-use super::changes::{Message, messages};
-use super::reader::ExportRecord;
-use crate::db::changes::ChangeRow;
+use super::changes::{Message, Outgoing, Subjects};
 
 pub struct Nats {
     url: String,
     stream: String,
-    template: String,
-    changes_template: String,
+    subjects: Subjects,
     timeout: Duration,
     js: Option<jetstream::Context>,
 }
 
-/// `template` with `{site}`, `{table}` and `{device_id}` filled in.
-pub fn fill(template: &str, site: &str, r: &ExportRecord) -> String {
-    template
-        .replace("{site}", site)
-        .replace("{table}", r.table())
-        .replace("{device_id}", &r.device_id.to_string())
-}
-
 impl Nats {
-    pub fn new(
-        url: &str,
-        stream: &str,
-        template: &str,
-        changes_template: &str,
-        timeout: Duration,
-    ) -> Self {
+    pub fn new(url: &str, stream: &str, subjects: Subjects, timeout: Duration) -> Self {
         Nats {
             url: url.to_string(),
             stream: stream.to_string(),
-            template: template.to_string(),
-            changes_template: changes_template.to_string(),
+            subjects,
             timeout,
             js: None,
         }
@@ -57,7 +39,7 @@ impl Nats {
             .map_err(|e| format!("nats connect: {e}"))?;
         let mut js = jetstream::new(client);
         js.set_timeout(self.timeout);
-        let mut subjects: Vec<String> = [&self.template, &self.changes_template]
+        let mut subjects: Vec<String> = [&self.subjects.records, &self.subjects.changes]
             .iter()
             .map(|t| format!("{}.>", t.split('.').next().unwrap_or("cairn")))
             .collect();
@@ -73,17 +55,9 @@ impl Nats {
         Ok(js)
     }
 
-    pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        let msgs = messages(site, &self.template, records)?;
-        self.publish(msgs).await
-    }
-
-    pub async fn deliver_changes(
-        &mut self,
-        site: &str,
-        changes: &[ChangeRow],
-    ) -> Result<(), String> {
-        let msgs = messages(site, &self.changes_template, changes)?;
+    /// Publishes `items` (device records or changes, each with its own subject template).
+    pub async fn deliver<T: Outgoing>(&mut self, site: &str, items: &[T]) -> Result<(), String> {
+        let msgs = self.subjects.messages(site, items)?;
         self.publish(msgs).await
     }
 

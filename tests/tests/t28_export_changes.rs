@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_tests::servers::{NatsServer, Postgres, WebhookReceiver};
-use cairn_tests::{Client, Cluster, Options, poll, stmts};
+use cairn_tests::{Client, Cluster, Node, Options, poll, stmts};
 use serde_json::{Map, Value as Json, json};
 
 const SITE: &str = "gamma";
@@ -191,16 +191,18 @@ fn position(key: &str) -> (u64, u64, u64) {
     (p[0], p[1], p[2])
 }
 
-/// Every replica's change journal, read from its database file (SQL may not read it).
+/// A replica's database file, read-only (SQL may not read Cairn's tables).
+fn replica(n: &Node) -> rusqlite::Result<rusqlite::Connection> {
+    let file = n.dir.join("sm").join("db.sqlite");
+    rusqlite::Connection::open_with_flags(file, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+}
+
+/// Every replica's change journal.
 fn journals(c: &Cluster) -> Vec<Vec<String>> {
     c.nodes
         .iter()
         .map(|n| {
-            let db = rusqlite::Connection::open_with_flags(
-                n.dir.join("sm").join("db.sqlite"),
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .expect("opening a replica");
+            let db = replica(n).expect("opening a replica");
             let mut st = db
                 .prepare(
                     "SELECT log_index || ':' || ordinal || ' ' || tbl || ' ' || op || ' ' || \
@@ -218,16 +220,14 @@ fn journals(c: &Cluster) -> Vec<Vec<String>> {
 
 /// The registered change captures on node 0's file.
 fn captures(c: &Cluster) -> usize {
-    let Ok(db) = rusqlite::Connection::open_with_flags(
-        c.nodes[0].dir.join("sm").join("db.sqlite"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    ) else {
-        return 0;
+    let count = |db: rusqlite::Connection| {
+        db.query_row("SELECT count(*) FROM _cairn_change_capture", [], |r| {
+            r.get::<_, i64>(0)
+        })
     };
-    db.query_row("SELECT count(*) FROM _cairn_change_capture", [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .map_or(0, |n| n as usize)
+    replica(&c.nodes[0])
+        .and_then(count)
+        .map_or(0, |n| n as usize)
 }
 
 /// The rows of `table` on the leader (linearizable), by `id`, as column → value maps.

@@ -288,7 +288,12 @@ impl Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            // No cap on the subscriber's queue: by default mosquitto drops QoS 1 messages
+            // past 1000 queued for a slow subscriber, which a loaded test machine can be.
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\n"
+            ),
         )?;
         let child = Command::new(MOSQUITTO)
             .args(["-c", &conf.display().to_string()])

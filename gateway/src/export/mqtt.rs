@@ -1,5 +1,6 @@
 //! `mqtt`: one QoS 1 publish per record, JSON body (the record with its key), topic from a
-//! template (default `cairn/{site}/{table}/{device_id}`). A delivery succeeds when the
+//! template (default `cairn/{site}/{table}/{device_id}`; changes of user tables:
+//! `changes_subject`, default `cairn/{site}/changes/{table}`). A delivery succeeds when the
 //! broker has acknowledged (PUBACK) every publish of the batch; on any error the session is
 //! dropped and the whole batch is sent again on a new one (at least once: subscribers
 //! de-duplicate by `key`).

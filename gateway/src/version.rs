@@ -8,7 +8,7 @@
 //! | version | release | what it adds |
 //! |---|---|---|
 //! | 1 | v0.1.0 (commit 0b11d7a) | the formats below as that release wrote them |
-//! | 2 | this tree | `Command::ActivateVersion` (the active version, with its migration); the `cairn-version` header on Raft RPCs; `format_version` in `raft.db`'s `meta`; `_cairn_migrations` in the replicated database; apply semantics: the write budget's page cap on user SQL (`db::sandbox::WRITE_BUDGET_BYTES`) and a dead-letter replay journaling the moved records for export; `Command::Members` (incarnations, `cairn recover`); `RegistryCommand::NameNode` (rqlite-style node names) |
+//! | 2 | this tree | `Command::ActivateVersion` (the active version, with its migration); the `cairn-version` header on Raft RPCs; `format_version` in `raft.db`'s `meta`; `_cairn_migrations` in the replicated database; apply semantics: the write budget's page cap on user SQL (`db::sandbox::WRITE_BUDGET_BYTES`) and a dead-letter replay journaling the moved records for export; `Command::Members` (incarnations, `cairn recover`); `RegistryCommand::NameNode` (rqlite-style node names); `ExportCommand::Capture` (export of changes to user tables) with `_cairn_change_capture` and `_cairn_change_journal` (created by the first one) and the apply semantics: a SQL entry journals the row changes of captured user tables (`db::changes`; SQLite built with `SQLITE_ENABLE_PREUPDATE_HOOK`) |
 //!
 //! What each version covers:
 //!

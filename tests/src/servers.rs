@@ -288,7 +288,12 @@ impl Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            // No cap on the subscriber's queue: by default mosquitto drops QoS 1 messages
+            // past 1000 queued for a slow subscriber, which a loaded test machine can be.
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\n"
+            ),
         )?;
         let child = Command::new(MOSQUITTO)
             .args(["-c", &conf.display().to_string()])
@@ -377,11 +382,12 @@ fn count(keys: &Mutex<HashMap<String, u32>>) -> (u64, u64) {
 }
 
 /// An HTTP endpoint in this process receiving rqlite CDC envelopes: answers 200 (or 503
-/// while [`WebhookReceiver::set_down`]), and counts every event's `key`. Envelopes that do
-/// not have rqlite's shape are kept in `malformed`.
+/// while [`WebhookReceiver::set_down`]), counts every event's `key` and keeps every event in
+/// arrival order. Envelopes that do not have rqlite's shape are kept in `malformed`.
 pub struct WebhookReceiver {
     pub url: String,
     keys: Arc<Mutex<HashMap<String, u32>>>,
+    events: Arc<Mutex<Vec<Json>>>,
     down: Arc<AtomicBool>,
     malformed: Arc<Mutex<Vec<String>>>,
     posts: Arc<std::sync::atomic::AtomicU64>,
@@ -394,23 +400,24 @@ impl WebhookReceiver {
         let r = WebhookReceiver {
             url,
             keys: Arc::default(),
+            events: Arc::default(),
             down: Arc::default(),
             malformed: Arc::default(),
             posts: Arc::default(),
         };
-        let (keys, down, malformed, posts) = (
-            r.keys.clone(),
-            r.down.clone(),
-            r.malformed.clone(),
-            r.posts.clone(),
-        );
+        let seen = Seen {
+            keys: r.keys.clone(),
+            events: r.events.clone(),
+            down: r.down.clone(),
+            malformed: r.malformed.clone(),
+            posts: r.posts.clone(),
+        };
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (keys, down, malformed, posts) =
-                    (keys.clone(), down.clone(), malformed.clone(), posts.clone());
+                let seen = seen.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &keys, &down, &malformed, &posts);
+                    let _ = serve(conn, &seen);
                 });
             }
         });
@@ -431,6 +438,14 @@ impl WebhookReceiver {
         self.posts.load(Ordering::Relaxed)
     }
 
+    /// Every event received, in arrival order (repeats included).
+    pub fn events(&self) -> Vec<Json> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn malformed(&self) -> Vec<String> {
         self.malformed
             .lock()
@@ -439,13 +454,17 @@ impl WebhookReceiver {
     }
 }
 
-fn serve(
-    conn: TcpStream,
-    keys: &Mutex<HashMap<String, u32>>,
-    down: &AtomicBool,
-    malformed: &Mutex<Vec<String>>,
-    posts: &std::sync::atomic::AtomicU64,
-) -> Result<()> {
+/// What the receiver's connections record.
+#[derive(Clone)]
+struct Seen {
+    keys: Arc<Mutex<HashMap<String, u32>>>,
+    events: Arc<Mutex<Vec<Json>>>,
+    down: Arc<AtomicBool>,
+    malformed: Arc<Mutex<Vec<String>>>,
+    posts: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn serve(conn: TcpStream, seen: &Seen) -> Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut conn = conn;
     loop {
@@ -469,19 +488,26 @@ fn serve(
         }
         let mut body = vec![0u8; len];
         reader.read_exact(&mut body)?;
-        if down.load(Ordering::Relaxed) {
+        if seen.down.load(Ordering::Relaxed) {
             conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")?;
             continue;
         }
-        posts.fetch_add(1, Ordering::Relaxed);
+        seen.posts.fetch_add(1, Ordering::Relaxed);
         match check_envelope(&body) {
-            Ok(ks) => {
-                let mut m = keys.lock().unwrap_or_else(|p| p.into_inner());
-                for k in ks {
-                    *m.entry(k).or_insert(0) += 1;
+            Ok(events) => {
+                let mut m = seen.keys.lock().unwrap_or_else(|p| p.into_inner());
+                for e in &events {
+                    *m.entry(e["key"].as_str().unwrap_or_default().to_string())
+                        .or_insert(0) += 1;
                 }
+                drop(m);
+                seen.events
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(events);
             }
-            Err(e) => malformed
+            Err(e) => seen
+                .malformed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(e.to_string()),
@@ -490,23 +516,36 @@ fn serve(
     }
 }
 
-/// The keys of an rqlite CDC envelope, or what is wrong with its shape.
-fn check_envelope(body: &[u8]) -> Result<Vec<String>> {
+/// The events of an rqlite CDC envelope (each with its `key`), or what is wrong with its shape:
+/// `INSERT` has `after`, `DELETE` `before`, `UPDATE` both.
+fn check_envelope(body: &[u8]) -> Result<Vec<Json>> {
     let v: Json = serde_json::from_slice(body)?;
     if !v["node_id"].is_string() {
         bail!("no node_id: {v}");
     }
-    let mut keys = Vec::new();
+    let mut events = Vec::new();
     for m in v["payload"].as_array().context("no payload")? {
         if !m["index"].is_u64() || !m["commit_timestamp"].is_i64() {
             bail!("message without index/commit_timestamp: {m}");
         }
         for e in m["events"].as_array().context("no events")? {
-            if e["op"] != "INSERT" || !e["table"].is_string() || !e["after"].is_object() {
-                bail!("event not an INSERT with table and after: {e}");
+            let (before, after) = match e["op"].as_str() {
+                Some("INSERT") => (false, true),
+                Some("UPDATE") => (true, true),
+                Some("DELETE") => (true, false),
+                _ => bail!("event with an unknown op: {e}"),
+            };
+            if !e["table"].is_string()
+                || e["before"].is_object() != before
+                || e["after"].is_object() != after
+            {
+                bail!("event without table, or before/after not as its op says: {e}");
             }
-            keys.push(e["key"].as_str().context("event without key")?.to_string());
+            if !e["key"].is_string() {
+                bail!("event without key: {e}");
+            }
+            events.push(e.clone());
         }
     }
-    Ok(keys)
+    Ok(events)
 }

@@ -29,6 +29,13 @@ pub enum ExportCommand {
         keep_unexported: bool,
         limit: u64,
     },
+    /// Format version 2: destination `name` exports the changes of the user tables `pattern`
+    /// matches (`None`: none). Every replica captures the union of the registered patterns
+    /// while it applies SQL ([`crate::db::changes`]).
+    Capture {
+        name: String,
+        pattern: Option<String>,
+    },
 }
 
 impl std::fmt::Display for ExportCommand {
@@ -40,6 +47,10 @@ impl std::fmt::Display for ExportCommand {
             ExportCommand::Retain { table, keep_ms, .. } => {
                 write!(f, "retain {table} for {keep_ms} ms")
             }
+            ExportCommand::Capture { name, pattern } => match pattern {
+                Some(p) => write!(f, "export {name} captures changes of {p:?}"),
+                None => write!(f, "export {name} captures no changes"),
+            },
         }
     }
 }
@@ -59,6 +70,8 @@ pub enum ExportOutcome {
     },
     /// Refused (same everywhere); nothing changed.
     Failed(String),
+    /// The pattern now registered for the destination.
+    Capture(Option<String>),
 }
 
 /// Applies an export command inside the entry's transaction.
@@ -80,6 +93,12 @@ pub fn apply_export(conn: &Connection, cmd: &ExportCommand) -> rusqlite::Result<
             *keep_unexported,
             *limit,
         )?,
+        ExportCommand::Capture { name, pattern } => {
+            match crate::db::changes::set_capture(conn, name, pattern.as_deref())? {
+                Ok(p) => ExportOutcome::Capture(p),
+                Err(e) => ExportOutcome::Failed(e),
+            }
+        }
     })
 }
 

@@ -120,10 +120,9 @@ impl Command {
             Command::Stamped { cmd, .. } => cmd.min_version(),
             Command::ActivateVersion(v) => (*v).max(crate::version::V2),
             Command::Members(_) => crate::version::V2,
-            // A registry kind added after version 1.
-            Command::DeviceRegistry(registry::RegistryCommand::NameNode { .. }) => {
-                crate::version::V2
-            }
+            // Kinds added after version 1 inside older commands.
+            Command::DeviceRegistry(registry::RegistryCommand::NameNode { .. })
+            | Command::Export(ExportCommand::Capture { .. }) => crate::version::V2,
             Command::Sql(_)
             | Command::DeviceBatches(_)
             | Command::DeviceRegistry(_)
@@ -242,7 +241,7 @@ pub fn apply(
     let _entry = crate::db::sandbox::enter_entry(ctx.index, cmd.stamp_ms());
     match cmd.unstamped() {
         Command::Sql(sql) | Command::SqlAt { sql, .. } => {
-            sql::apply_sql(conn, sql).map(CommandResponse::Sql)
+            sql::apply_sql(conn, ctx.index, cmd.stamp_ms(), sql).map(CommandResponse::Sql)
         }
         Command::DeviceBatches(b) => {
             device::apply(conn, ctx, b).map(CommandResponse::DeviceBatches)

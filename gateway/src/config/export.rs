@@ -9,6 +9,7 @@
 //! kind = "postgres"               # postgres | nats | mqtt | webhook
 //! url = "host=db.example user=cairn dbname=telemetry"
 //! tables = ["climate"]            # stream tables to export; empty: all
+//! changes = "^orders$|^sites_.*"  # also changes of the user tables this regex matches
 //! batch_records = 500             # records per delivery
 //! rate = 20000                    # records/s cap (0: none)
 //! priority = 10                   # higher catches up first
@@ -45,6 +46,16 @@ pub struct ExportDef {
     /// Stream tables to export (empty: all, `telemetry` included).
     #[serde(default)]
     pub tables: Vec<String>,
+    /// Also export the changes (insert, update, delete with the rows before and after) of the
+    /// user tables whose name this regex matches (`regex` crate syntax, searched anywhere in
+    /// the name as created: anchor it with `^...$`). Device stream tables, `dead_letter` and
+    /// Cairn's tables never match. Needs cluster format version 2.
+    #[serde(default)]
+    pub changes: Option<String>,
+    /// nats: subject template of changes (default `cairn.{site}.changes.{table}`); mqtt: topic
+    /// template (default `cairn/{site}/changes/{table}`). `{site}`, `{table}`, `{op}`.
+    #[serde(default)]
+    pub changes_subject: Option<String>,
     #[serde(default = "default_batch")]
     pub batch_records: usize,
     /// Records per second at most (0: no cap).
@@ -93,16 +104,28 @@ impl ExportDef {
         }
     }
 
+    /// The subject (nats) or topic (mqtt) template of changes.
+    pub fn changes_subject_template(&self) -> &str {
+        match (&self.changes_subject, self.kind) {
+            (Some(s), _) => s,
+            (None, ExportKind::Mqtt) => "cairn/{site}/changes/{table}",
+            (None, _) => "cairn.{site}.changes.{table}",
+        }
+    }
+
     /// A webhook destination from rqlite's `--cdc-config`: an endpoint URL, or a JSON file in
     /// rqlite's CDC config format (`endpoint`, `service_id`, `max_batch_size`,
-    /// `transmit_timeout`; durations as Go's nanoseconds or `"5s"`). Delivery never drops a
-    /// batch (rqlite's `transmit_max_retries` is accepted and ignored).
+    /// `transmit_timeout`; durations as Go's nanoseconds or `"5s"`; Cairn's addition: `changes`,
+    /// the regex of user tables whose changes go out too). Delivery never drops a batch
+    /// (rqlite's `transmit_max_retries` is accepted and ignored).
     pub fn from_cdc_config(arg: &str) -> anyhow::Result<Self> {
         let mut def = ExportDef {
             name: "cdc".into(),
             kind: ExportKind::Webhook,
             url: String::new(),
             tables: Vec::new(),
+            changes: None,
+            changes_subject: None,
             batch_records: 100,
             rate: 0,
             priority: 0,
@@ -125,6 +148,7 @@ impl ExportDef {
             .ok_or_else(|| anyhow::anyhow!("--cdc-config {arg}: no \"endpoint\""))?
             .to_string();
         def.service_id = v["service_id"].as_str().map(str::to_string);
+        def.changes = v["changes"].as_str().map(str::to_string);
         if let Some(n) = v["max_batch_size"].as_u64().filter(|n| *n > 0) {
             def.batch_records = n as usize;
         }
@@ -169,6 +193,10 @@ pub fn validate(exports: &[ExportDef], retention: Option<&str>) -> anyhow::Resul
             "[[export]] {}: batch_records must be positive",
             e.name
         );
+        if let Some(p) = &e.changes {
+            regex::Regex::new(p)
+                .map_err(|err| anyhow::anyhow!("[[export]] {}: changes: {err}", e.name))?;
+        }
     }
     if let Some(r) = retention {
         anyhow::ensure!(parse_duration_ms(r)? > 0, "retention must be longer than 0");
@@ -210,12 +238,16 @@ mod tests {
         let f = dir.path().join("cdc.json");
         std::fs::write(
             &f,
-            r#"{"endpoint":"http://h/x","service_id":"s1","max_batch_size":7,"transmit_timeout":2000000000}"#,
+            r#"{"endpoint":"http://h/x","service_id":"s1","max_batch_size":7,"transmit_timeout":2000000000,"changes":"^orders$"}"#,
         )
         .unwrap();
         let d = ExportDef::from_cdc_config(f.to_str().unwrap()).unwrap();
         assert_eq!(d.url, "http://h/x");
         assert_eq!(d.service_id.as_deref(), Some("s1"));
         assert_eq!((d.batch_records, d.timeout_ms), (7, 2000));
+        assert_eq!(d.changes.as_deref(), Some("^orders$"));
+        let mut bad = d.clone();
+        bad.changes = Some("(".into());
+        assert!(validate(&[bad], None).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! What export keeps in the replicated database: the site id, each device's registration
 //! epoch, the journal of stored device batches in commit order, and each destination's
-//! committed cursor. Written only by applying entries (`command::export`,
+//! committed cursor (changes of user tables have their own journal, `db::changes`, in the
+//! same position space: an entry holds device batches or SQL, never both). Written only by applying entries (`command::export`,
 //! `command::device`, `command::registry`); read locally by the leader's export runners.
 //!
 //! Tables (created on first use):
@@ -367,7 +368,8 @@ pub fn cursors(conn: &Connection) -> rusqlite::Result<Vec<Cursor>> {
 
 /// Moves a destination's cursor forward (never back: a late commit of an older position from
 /// a deposed leader changes nothing), registering it at `pos` if new; then drops the journal
-/// rows every destination has delivered. Returns the cursor as stored.
+/// rows every destination has delivered (and up to [`super::changes::TRIM_PER_ENTRY`] rows
+/// of the change journal every capturing destination has). Returns the cursor as stored.
 pub fn advance_cursor(conn: &Connection, c: &Cursor) -> rusqlite::Result<Cursor> {
     create_tables(conn)?;
     conn.execute(
@@ -386,6 +388,7 @@ pub fn advance_cursor(conn: &Connection, c: &Cursor) -> rusqlite::Result<Cursor>
         ],
     )?;
     trim_journal(conn)?;
+    super::changes::trim(conn, super::changes::TRIM_PER_ENTRY)?;
     let all = cursors(conn)?;
     Ok(all
         .into_iter()
@@ -393,7 +396,8 @@ pub fn advance_cursor(conn: &Connection, c: &Cursor) -> rusqlite::Result<Cursor>
         .unwrap_or_else(|| c.clone()))
 }
 
-/// Removes a destination's cursor (it no longer holds the journal back).
+/// Removes a destination's cursor and its change capture (it no longer holds either journal
+/// back).
 pub fn forget_cursor(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     create_tables(conn)?;
     let n = conn.execute(
@@ -401,6 +405,7 @@ pub fn forget_cursor(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
         [name],
     )?;
     trim_journal(conn)?;
+    super::changes::forget_capture(conn, name)?;
     Ok(n > 0)
 }
 

@@ -9,10 +9,12 @@
 //! - [`dead_letter`]: records that do not fit their stream, kept with the reason.
 //! - [`registry`]: registered devices, their keys and high-water seqs.
 //! - [`export`]: the site id, device epochs, the export journal and cursors.
+//! - [`changes`]: capture of user tables' row changes while SQL entries apply, for export.
 //! - [`load`]: turning an uploaded database or SQL dump into statements (`/db/load`).
 //! - [`failure`]: which SQLite errors are the environment's (hold, exit, corrupt).
 //! - [`sandbox`]: what user SQL may do, and making it apply identically on every replica.
 
+pub mod changes;
 pub mod dead_letter;
 pub mod export;
 pub mod failure;
@@ -65,6 +67,12 @@ pub mod tables {
     pub const EXPORT_JOURNAL: &str = "_cairn_export_journal";
     /// Each export destination's committed cursor.
     pub const EXPORT_CURSORS: &str = "_cairn_export_cursors";
+    /// Per destination, the regex of user tables whose changes it exports (`db::changes`);
+    /// created by the first `ExportCommand::Capture` (format version 2).
+    pub const CHANGE_CAPTURE: &str = "_cairn_change_capture";
+    /// Captured changes of user tables in commit order, until every capturing destination
+    /// delivered them (`db::changes`); created with [`CHANGE_CAPTURE`].
+    pub const CHANGE_JOURNAL: &str = "_cairn_change_journal";
     /// rqlite-style node names of members: `(id INTEGER PRIMARY KEY, name TEXT NOT NULL
     /// UNIQUE)`; created by the first name (`db::registry::set_node_name`).
     pub const NODE_NAMES: &str = "_cairn_node_names";

@@ -10,9 +10,16 @@
 //! its mark refuses new device batches with Overloaded and SQL writes with 503, see
 //! `cluster::Cluster::propose`; it lifts by itself when space returns).
 //!
+//! A destination with `changes = "REGEX"` also delivers the changes of the user tables the
+//! regex matches (format version 2): the leader registers the pattern through the log
+//! (`ExportCommand::Capture`), every replica then journals those tables' row changes while it
+//! applies SQL (`db::changes`), and the runner reads both journals after its one cursor.
+//!
 //! - [`reader`]: journal + stream tables → batches of [`reader::ExportRecord`].
+//! - [`changes`]: the change journal merged in → [`changes::Batch`]; changes' keys and forms.
 //! - [`postgres`], [`nats`], [`mqtt`], [`webhook`]: the destination kinds.
 
+pub mod changes;
 pub mod mqtt;
 pub mod nats;
 pub mod postgres;
@@ -44,6 +51,9 @@ const RETAIN_PER_ENTRY: u64 = 5_000;
 const RETAIN_EVERY: Duration = Duration::from_secs(10);
 /// A delivered cursor is committed at least this often while a runner is busy.
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
+/// How often the leader compares the registered change captures with its config, and an idle
+/// capturing runner looks for change-journal rows left to trim.
+const CAPTURE_EVERY: Duration = Duration::from_secs(2);
 
 /// What the export supervisor runs, from the node's settings.
 #[derive(Debug, Clone)]
@@ -252,6 +262,7 @@ async fn lead_term(cluster: &Arc<Cluster>, settings: &Arc<ExportSettings>) -> Re
     if let Some(keep_ms) = settings.retention_ms {
         tasks.spawn(retain(cluster.clone(), keep_ms, settings.keep_unexported));
     }
+    tasks.spawn(register_captures(cluster.clone(), settings.clone()));
     // Runs until the supervisor aborts this term (the JoinSet aborts its tasks on drop).
     while tasks.join_next().await.is_some() {}
     Ok(())
@@ -275,13 +286,13 @@ impl Sink {
             ExportKind::Nats => Sink::Nats(nats::Nats::new(
                 &d.url,
                 &d.stream,
-                d.subject_template(),
+                changes::Subjects::of(d),
                 timeout,
             )),
             ExportKind::Mqtt => Sink::Mqtt(mqtt::Mqtt::new(
                 &d.url,
                 format!("cairn-{site}-{}-{node_id}", d.name),
-                d.subject_template(),
+                changes::Subjects::of(d),
                 timeout,
             )?),
             ExportKind::Webhook => Sink::Webhook(webhook::Webhook::new(
@@ -293,16 +304,27 @@ impl Sink {
         })
     }
 
-    async fn deliver(
-        &mut self,
-        site: &str,
-        records: &[reader::ExportRecord],
-    ) -> Result<(), String> {
+    /// Delivers a batch: its device records, then its changes (stream tables and user tables
+    /// are apart, so each table's order is kept).
+    async fn deliver(&mut self, site: &str, batch: &changes::Batch) -> Result<(), String> {
+        let records = &batch.records[..];
+        if !records.is_empty() {
+            match self {
+                Sink::Postgres(s) => s.deliver(site, records).await,
+                Sink::Nats(s) => s.deliver(site, records).await,
+                Sink::Mqtt(s) => s.deliver(site, records).await,
+                Sink::Webhook(s) => s.deliver(site, records).await,
+            }?;
+        }
+        let changes = &batch.changes[..];
+        if changes.is_empty() {
+            return Ok(());
+        }
         match self {
-            Sink::Postgres(s) => s.deliver(site, records).await,
-            Sink::Nats(s) => s.deliver(site, records).await,
-            Sink::Mqtt(s) => s.deliver(site, records).await,
-            Sink::Webhook(s) => s.deliver(site, records).await,
+            Sink::Postgres(s) => s.deliver_changes(site, changes).await,
+            Sink::Nats(s) => s.deliver(site, changes).await,
+            Sink::Mqtt(s) => s.deliver(site, changes).await,
+            Sink::Webhook(s) => s.deliver_changes(site, changes).await,
         }
     }
 }
@@ -327,15 +349,21 @@ async fn run(
         tracing::warn!(destination = %d.name, "export: no committed cursor; not running");
         return;
     };
+    // Checked by `config::export::validate`.
+    let capture = d.changes.as_deref().and_then(|p| regex::Regex::new(p).ok());
+    let captures = capture.is_some();
     stats.running.store(1, Relaxed);
     stats.cursor_index.store(cursor.pos.log_index, Relaxed);
     let mut committed_pos = cursor.pos;
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now() - Duration::from_secs(10);
+    let mut last_trim = Instant::now();
     loop {
         if last_lag.elapsed() >= Duration::from_secs(1) {
             let pos = cursor.pos;
-            if let Ok(Ok((records, oldest))) = cluster.read(move |c| journal::backlog(c, pos)).await
+            if let Ok(Ok((records, oldest))) = cluster
+                .read(move |c| changes::backlog(c, pos, captures))
+                .await
             {
                 stats.lag_records.store(records, Relaxed);
                 let age = oldest.map_or(0, |t| {
@@ -354,8 +382,9 @@ async fn run(
             continue;
         }
         let (pos, max, filter) = (cursor.pos, d.batch_records, d.tables.clone());
+        let wanted = capture.clone();
         let batch = match cluster
-            .read(move |c| reader::read_batch(c, pos, max, &filter))
+            .read(move |c| changes::read_batch(c, pos, max, &filter, wanted.as_ref()))
             .await
         {
             Ok(Ok(b)) => b,
@@ -377,14 +406,22 @@ async fn run(
             }
             stats.lag_records.store(0, Relaxed);
             stats.lag_ms.store(0, Relaxed);
+            // Change-journal rows everyone passed, left by a bounded trim: one more commit of
+            // the same cursor deletes the next part.
+            if captures && last_trim.elapsed() >= CAPTURE_EVERY {
+                last_trim = Instant::now();
+                if let Ok(Ok(true)) = cluster.read(crate::db::changes::trim_pending).await {
+                    commit(&cluster, &cursor, &mut committed_pos, &stats).await;
+                }
+            }
             tokio::time::sleep(IDLE).await;
             continue;
         };
         let started = Instant::now();
-        if !batch.records.is_empty() {
-            deliver(&mut sink, &site, &batch.records, &stats, &d.name).await;
+        if !batch.is_empty() {
+            deliver(&mut sink, &site, &batch, &stats, &d.name).await;
         }
-        let n = batch.records.len() as u64;
+        let n = batch.len() as u64;
         stats.delivered.fetch_add(n, Relaxed);
         cursor.pos = through;
         cursor.delivered += n;
@@ -401,19 +438,19 @@ async fn run(
     }
 }
 
-/// Delivers `records`, retrying with back-off (100 ms doubling to 5 s) until it succeeds:
+/// Delivers `batch`, retrying with back-off (100 ms doubling to 5 s) until it succeeds:
 /// the cursor only moves past what was delivered.
 async fn deliver(
     sink: &mut Sink,
     site: &str,
-    records: &[reader::ExportRecord],
+    batch: &changes::Batch,
     stats: &DestinationStats,
     name: &str,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut failures = 0u64;
     loop {
-        match sink.deliver(site, records).await {
+        match sink.deliver(site, batch).await {
             Ok(()) => {
                 if failures > 0 {
                     tracing::info!(destination = %name, failures, "export: delivering again");
@@ -450,6 +487,56 @@ async fn commit(
         // Not leading any more: the supervisor stops this runner; the next leader resumes
         // from the last committed cursor.
         Err(e) => tracing::debug!("export: cursor not committed: {e}"),
+    }
+}
+
+/// Keeps the replicated change captures as this leader's config says, for the destinations
+/// it configures (a registered destination it does not know keeps its pattern, as it keeps
+/// its cursor). Proposals wait for format version 2 to be active.
+async fn register_captures(cluster: Arc<Cluster>, settings: Arc<ExportSettings>) {
+    let mut waiting_logged = false;
+    loop {
+        let stored = cluster
+            .read(crate::db::changes::captures)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let want: Vec<_> = settings
+            .destinations
+            .iter()
+            .filter(|d| {
+                stored
+                    .as_ref()
+                    .is_some_and(|s| s.get(&d.name) != d.changes.as_ref())
+            })
+            .collect();
+        let active = cluster.metrics().versions.active();
+        if !want.is_empty() && active < crate::version::V2 {
+            if !waiting_logged {
+                tracing::info!(
+                    "export: changes of user tables are captured once cluster format version 2 \
+                     is active (now {active})"
+                );
+                waiting_logged = true;
+            }
+        } else {
+            for d in want {
+                let cmd = ExportCommand::Capture {
+                    name: d.name.clone(),
+                    pattern: d.changes.clone(),
+                };
+                match export_write(&cluster, cmd).await {
+                    Ok(ExportOutcome::Capture(p)) => {
+                        tracing::info!(destination = %d.name, pattern = ?p, "export: change capture registered");
+                    }
+                    Ok(other) => {
+                        tracing::warn!(destination = %d.name, "export: change capture: {other:?}")
+                    }
+                    Err(e) => tracing::debug!("export: change capture not registered: {e}"),
+                }
+            }
+        }
+        tokio::time::sleep(CAPTURE_EVERY).await;
     }
 }
 

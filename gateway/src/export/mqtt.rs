@@ -1,5 +1,6 @@
 //! `mqtt`: one QoS 1 publish per record, JSON body (the record with its key), topic from a
-//! template (default `cairn/{site}/{table}/{device_id}`). A delivery succeeds when the
+//! template (default `cairn/{site}/{table}/{device_id}`; changes of user tables:
+//! `changes_subject`, default `cairn/{site}/changes/{table}`). A delivery succeeds when the
 //! broker has acknowledged (PUBACK) every publish of the batch; on any error the session is
 //! dropped and the whole batch is sent again on a new one (at least once: subscribers
 //! de-duplicate by `key`).
@@ -9,8 +10,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
-use super::nats::fill;
-use super::reader::ExportRecord;
+use super::changes::{Message, Outgoing, Subjects};
 
 struct Session {
     client: AsyncClient,
@@ -28,7 +28,7 @@ pub struct Mqtt {
     host: String,
     port: u16,
     client_id: String,
-    template: String,
+    subjects: Subjects,
     timeout: Duration,
     session: Option<Session>,
 }
@@ -38,7 +38,7 @@ impl Mqtt {
     pub fn new(
         url: &str,
         client_id: String,
-        template: &str,
+        subjects: Subjects,
         timeout: Duration,
     ) -> Result<Self, String> {
         let rest = url.strip_prefix("mqtt://").unwrap_or(url);
@@ -55,7 +55,7 @@ impl Mqtt {
             host,
             port,
             client_id,
-            template: template.to_string(),
+            subjects,
             timeout,
             session: None,
         })
@@ -87,9 +87,17 @@ impl Mqtt {
         })
     }
 
-    pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
+    /// Publishes `items` (device records or changes, each with its own subject template).
+    pub async fn deliver<T: Outgoing>(&mut self, site: &str, items: &[T]) -> Result<(), String> {
+        let msgs = self.subjects.messages(site, items)?;
+        self.publish(msgs).await
+    }
+
+    /// Publishes each message (subject as topic; the key is in the body) and waits for every
+    /// PUBACK.
+    async fn publish(&mut self, msgs: Vec<Message>) -> Result<(), String> {
         let timeout = self.timeout;
-        let r = tokio::time::timeout(timeout, self.deliver_inner(site, records)).await;
+        let r = tokio::time::timeout(timeout, self.publish_inner(msgs)).await;
         let r = r.unwrap_or_else(|_| Err("mqtt: delivery timed out".into()));
         if r.is_err() {
             self.session = None;
@@ -97,23 +105,22 @@ impl Mqtt {
         r
     }
 
-    async fn deliver_inner(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        let template = self.template.clone();
+    async fn publish_inner(&mut self, msgs: Vec<Message>) -> Result<(), String> {
         let s = self.session();
         // Acknowledgements of an earlier, finished batch cannot be pending: each batch waits
         // for all of its own.
         while let Ok(a) = s.acks.try_recv() {
             a?;
         }
-        for r in records {
-            let body = serde_json::to_vec(&r.message_json(site)).map_err(|e| e.to_string())?;
+        let n = msgs.len();
+        for (topic, _key, body) in msgs {
             s.client
-                .publish(fill(&template, site, r), QoS::AtLeastOnce, false, body)
+                .publish(topic, QoS::AtLeastOnce, false, body)
                 .await
                 .map_err(|e| format!("mqtt publish: {e}"))?;
         }
         let mut acked = 0;
-        while acked < records.len() {
+        while acked < n {
             match s.acks.recv().await {
                 Some(Ok(())) => acked += 1,
                 Some(Err(e)) => return Err(e),

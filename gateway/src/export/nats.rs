@@ -1,36 +1,28 @@
 //! `nats`: JetStream publish of one JSON message per record, with the idempotency key as
 //! `Nats-Msg-Id` (JetStream drops a repeat inside the stream's duplicate window), each
-//! awaited until the stream acknowledged it. The stream is created (subjects: the subject
-//! template's first token followed by `.>`) if it does not exist.
+//! awaited until the stream acknowledged it. The stream is created (subjects: the first token
+//! of the subject templates of records and of changes, followed by `.>`) if it does not exist.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 
-use super::reader::ExportRecord;
+use super::changes::{Message, Outgoing, Subjects};
 
 pub struct Nats {
     url: String,
     stream: String,
-    template: String,
+    subjects: Subjects,
     timeout: Duration,
     js: Option<jetstream::Context>,
 }
 
-/// `template` with `{site}`, `{table}` and `{device_id}` filled in.
-pub fn fill(template: &str, site: &str, r: &ExportRecord) -> String {
-    template
-        .replace("{site}", site)
-        .replace("{table}", r.table())
-        .replace("{device_id}", &r.device_id.to_string())
-}
-
 impl Nats {
-    pub fn new(url: &str, stream: &str, template: &str, timeout: Duration) -> Self {
+    pub fn new(url: &str, stream: &str, subjects: Subjects, timeout: Duration) -> Self {
         Nats {
             url: url.to_string(),
             stream: stream.to_string(),
-            template: template.to_string(),
+            subjects,
             timeout,
             js: None,
         }
@@ -47,10 +39,14 @@ impl Nats {
             .map_err(|e| format!("nats connect: {e}"))?;
         let mut js = jetstream::new(client);
         js.set_timeout(self.timeout);
-        let root = self.template.split('.').next().unwrap_or("cairn");
+        let mut subjects: Vec<String> = [&self.subjects.records, &self.subjects.changes]
+            .iter()
+            .map(|t| format!("{}.>", t.split('.').next().unwrap_or("cairn")))
+            .collect();
+        subjects.dedup();
         js.get_or_create_stream(jetstream::stream::Config {
             name: self.stream.clone(),
-            subjects: vec![format!("{root}.>")],
+            subjects,
             ..Default::default()
         })
         .await
@@ -59,23 +55,28 @@ impl Nats {
         Ok(js)
     }
 
-    pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        let r = self.deliver_inner(site, records).await;
+    /// Publishes `items` (device records or changes, each with its own subject template).
+    pub async fn deliver<T: Outgoing>(&mut self, site: &str, items: &[T]) -> Result<(), String> {
+        let msgs = self.subjects.messages(site, items)?;
+        self.publish(msgs).await
+    }
+
+    async fn publish(&mut self, msgs: Vec<Message>) -> Result<(), String> {
+        let r = self.publish_inner(msgs).await;
         if r.is_err() {
             self.js = None;
         }
         r
     }
 
-    async fn deliver_inner(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
+    async fn publish_inner(&mut self, msgs: Vec<Message>) -> Result<(), String> {
         let js = self.connect().await?;
-        let mut acks = Vec::with_capacity(records.len());
-        for r in records {
+        let mut acks = Vec::with_capacity(msgs.len());
+        for (subject, key, body) in msgs {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", r.key(site).as_str());
-            let body = serde_json::to_vec(&r.message_json(site)).map_err(|e| e.to_string())?;
+            headers.insert("Nats-Msg-Id", key.as_str());
             let ack = js
-                .publish_with_headers(fill(&self.template, site, r), headers, body.into())
+                .publish_with_headers(subject, headers, body.into())
                 .await
                 .map_err(|e| format!("nats publish: {e}"))?;
             acks.push(ack);

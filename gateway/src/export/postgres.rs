@@ -4,6 +4,11 @@
 //! delivered twice (a retry, a new leader) leaves one row per record.
 //!
 //! Types: SQLite INTEGER → BIGINT, REAL → DOUBLE PRECISION, BLOB → BYTEA, anything else TEXT.
+//!
+//! Changes of user tables go to one table, `{table_prefix}cairn_changes` (user tables' columns
+//! change over time; a change keeps the row as it was): `site`, `history`, `log_index`,
+//! `ordinal` (the key, primary key, `ON CONFLICT DO NOTHING`), `key`, `tbl`, `op`,
+//! `old_row_id`, `new_row_id`, `before` and `after` as JSONB, `at_ms` (the entry's stamp).
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -12,6 +17,7 @@ use rusqlite::types::Value;
 use tokio_postgres::types::ToSql;
 
 use super::reader::{ExportRecord, TableShape};
+use crate::db::changes::ChangeRow;
 
 /// Parameters one statement may carry (PostgreSQL's limit is 65535).
 const MAX_PARAMS: usize = 60_000;
@@ -110,11 +116,96 @@ impl Postgres {
 
     pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
         let r = tokio::time::timeout(self.timeout, self.deliver_inner(site, records)).await;
+        self.settle(r)
+    }
+
+    pub async fn deliver_changes(
+        &mut self,
+        site: &str,
+        changes: &[ChangeRow],
+    ) -> Result<(), String> {
+        let r = tokio::time::timeout(self.timeout, self.changes_inner(site, changes)).await;
+        self.settle(r)
+    }
+
+    /// A delivery's outcome; after a failure the next one connects again.
+    fn settle(
+        &mut self,
+        r: Result<Result<(), String>, tokio::time::error::Elapsed>,
+    ) -> Result<(), String> {
         let r = r.unwrap_or_else(|_| Err("postgres: delivery timed out".into()));
         if r.is_err() {
             self.client = None;
         }
         r
+    }
+
+    async fn changes_inner(&mut self, site: &str, changes: &[ChangeRow]) -> Result<(), String> {
+        self.connect().await?;
+        let dest = format!("{}cairn_changes", self.prefix);
+        let client = self.client.as_ref().expect("connected");
+        if !self.created.contains(&dest) {
+            let ddl = format!(
+                "CREATE TABLE IF NOT EXISTS {} (site TEXT NOT NULL, history BIGINT NOT NULL, \
+                 log_index BIGINT NOT NULL, ordinal BIGINT NOT NULL, key TEXT NOT NULL, \
+                 tbl TEXT NOT NULL, op TEXT NOT NULL, old_row_id BIGINT NOT NULL, \
+                 new_row_id BIGINT NOT NULL, before JSONB, after JSONB, at_ms BIGINT NOT NULL, \
+                 PRIMARY KEY (site, history, log_index, ordinal))",
+                quote(&dest)
+            );
+            client
+                .batch_execute(&ddl)
+                .await
+                .map_err(|e| format!("postgres: creating {dest}: {e}"))?;
+            self.created.insert(dest.clone());
+        }
+        const PER_ROW: usize = 12;
+        for chunk in changes.chunks(MAX_PARAMS / PER_ROW) {
+            let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+            let mut tuples = Vec::with_capacity(chunk.len());
+            for c in chunk {
+                let base = params.len();
+                let json = |m: &Option<serde_json::Map<String, serde_json::Value>>| {
+                    m.as_ref()
+                        .map(|m| serde_json::Value::Object(m.clone()).to_string())
+                };
+                params.push(Box::new(site.to_string()));
+                params.push(Box::new(c.history as i64));
+                params.push(Box::new(c.pos.log_index as i64));
+                params.push(Box::new(i64::from(c.pos.ordinal)));
+                params.push(Box::new(c.key(site)));
+                params.push(Box::new(c.table.clone()));
+                params.push(Box::new(c.op.as_str().to_string()));
+                params.push(Box::new(c.old_row_id));
+                params.push(Box::new(c.new_row_id));
+                params.push(Box::new(json(&c.before)));
+                params.push(Box::new(json(&c.after)));
+                params.push(Box::new(c.at_ms));
+                let marks: Vec<String> = (1..=PER_ROW)
+                    .map(|i| match i {
+                        10 | 11 => format!("${}::text::jsonb", base + i),
+                        _ => format!("${}", base + i),
+                    })
+                    .collect();
+                tuples.push(format!("({})", marks.join(", ")));
+            }
+            let sql = format!(
+                "INSERT INTO {} (site, history, log_index, ordinal, key, tbl, op, old_row_id, \
+                 new_row_id, before, after, at_ms) VALUES {} \
+                 ON CONFLICT (site, history, log_index, ordinal) DO NOTHING",
+                quote(&dest),
+                tuples.join(", ")
+            );
+            let refs: Vec<&(dyn ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            client
+                .execute(&sql, &refs)
+                .await
+                .map_err(|e| format!("postgres: insert into {dest}: {e}"))?;
+        }
+        Ok(())
     }
 
     async fn deliver_inner(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {

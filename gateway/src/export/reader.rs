@@ -8,6 +8,7 @@ use rusqlite::Connection;
 use rusqlite::types::Value;
 use serde_json::{Map, Value as Json};
 
+pub use crate::db::changes::value_json;
 use crate::db::export::{self, JournalRow, Position};
 use crate::db::tables::DEAD_LETTER;
 
@@ -73,17 +74,6 @@ impl ExportRecord {
             "index": self.log_index,
             "row": self.row_json(),
         })
-    }
-}
-
-pub fn value_json(v: &Value) -> Json {
-    use base64::Engine as _;
-    match v {
-        Value::Null => Json::Null,
-        Value::Integer(i) => Json::from(*i),
-        Value::Real(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
-        Value::Text(s) => Json::from(s.as_str()),
-        Value::Blob(b) => Json::from(base64::engine::general_purpose::STANDARD.encode(b)),
     }
 }
 

@@ -11,7 +11,9 @@
 //! One payload message per Raft entry (`index` is its log index, `commit_timestamp` the time
 //! the leader received the batch, in ns like rqlite's); device records are `INSERT` events of
 //! their stream table with `new_row_id` = seq (stream tables have no rowid) and, beside
-//! rqlite's fields, `key`: the idempotency key. HTTP 200 or 202 is a delivery (as rqlite).
+//! rqlite's fields, `key`: the idempotency key. Changes of user tables are rqlite's events
+//! exactly (`INSERT`/`UPDATE`/`DELETE` with `new_row_id`, `old_row_id`, `before`, `after`;
+//! `export::changes`), also with `key`. HTTP 200 or 202 is a delivery (as rqlite).
 
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use bytes::Bytes;
 use serde_json::{Value as Json, json};
 
 use super::reader::ExportRecord;
+use crate::db::changes::ChangeRow;
 use crate::raft::network::{HttpClient, full};
 
 pub struct Webhook {
@@ -76,6 +79,10 @@ impl Webhook {
                 "events": [event],
             }));
         }
+        self.wrap(site, payload)
+    }
+
+    fn wrap(&self, site: &str, payload: Vec<Json>) -> Json {
         json!({
             "service_id": self.service_id.as_deref().unwrap_or(site),
             "node_id": self.node_id,
@@ -84,7 +91,20 @@ impl Webhook {
     }
 
     pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        let body = serde_json::to_vec(&self.envelope(site, records)).map_err(|e| e.to_string())?;
+        self.post(&self.envelope(site, records)).await
+    }
+
+    pub async fn deliver_changes(
+        &mut self,
+        site: &str,
+        changes: &[ChangeRow],
+    ) -> Result<(), String> {
+        let envelope = self.wrap(site, super::changes::cdc_payload(site, changes));
+        self.post(&envelope).await
+    }
+
+    async fn post(&mut self, envelope: &Json) -> Result<(), String> {
+        let body = serde_json::to_vec(envelope).map_err(|e| e.to_string())?;
         let req = hyper::Request::post(&self.url)
             .header("content-type", "application/json")
             .body(full(Bytes::from(body)))

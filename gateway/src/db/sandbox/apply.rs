@@ -6,6 +6,7 @@ use std::ffi::c_int;
 use rusqlite::{Connection, ffi};
 
 use super::{LOCAL, Mode, budget_message, restart, stream_tables, system, user};
+use crate::db::changes::Capture;
 use crate::db::sql::{Statement, StatementResult, run_checked};
 
 /// Applies user statements inside the entry's open transaction, deterministically.
@@ -23,12 +24,15 @@ use crate::db::sql::{Statement, StatementResult, run_checked};
 /// - if SQLite rolled back the whole transaction by itself (an interrupted write), the entry's
 ///   transaction is begun again and the statements re-run from the start with that statement
 ///   (and, for the budget, every later one) failed: at most a few restarts, the same on every
-///   replica.
+///   replica;
+/// - with `capture`, a successful statement's row changes are journaled inside its savepoint
+///   (a failure rolls them back with the statement's changes).
 pub fn apply_statements(
     conn: &Connection,
     statements: &[Statement],
     transaction: bool,
     page_cap: bool,
+    capture: Option<&Capture<'_>>,
 ) -> rusqlite::Result<Vec<StatementResult>> {
     let n = statements.len();
     let _cap = if page_cap {
@@ -42,7 +46,7 @@ pub fn apply_statements(
     let mut forced: BTreeMap<usize, String> = BTreeMap::new();
     let mut restarts = 0;
     loop {
-        match apply_once(conn, statements, transaction, &forced)? {
+        match apply_once(conn, statements, transaction, &forced, capture)? {
             Ok(results) => return Ok(results),
             Err((i, msg)) => {
                 // SQLite ended the transaction: start the entry again.
@@ -109,8 +113,12 @@ fn apply_once(
     statements: &[Statement],
     transaction: bool,
     forced: &BTreeMap<usize, String>,
+    capture: Option<&Capture<'_>>,
 ) -> rusqlite::Result<Result<Vec<StatementResult>, Lost>> {
     let n = statements.len();
+    if let Some(c) = capture {
+        c.discard();
+    }
     let mut results = Vec::with_capacity(n);
     let sp = if transaction {
         "cairn_request"
@@ -142,6 +150,13 @@ fn apply_once(
             && let Some(msg) = after_statement(conn, !transaction)?
         {
             r = StatementResult::error(msg);
+        }
+        if let Some(c) = capture {
+            if r.error.is_some() {
+                c.discard();
+            } else if let Some(msg) = c.flush()? {
+                r = StatementResult::error(msg);
+            }
         }
         let failed = r.error.is_some();
         results.push(r);

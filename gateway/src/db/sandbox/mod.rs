@@ -15,7 +15,9 @@
 //!   or steps the statement, and every user statement is prepared and run synchronously.
 //! - [`apply_statements`] applies a `Command::Sql` on every replica: per-statement savepoints,
 //!   the write budget, the deferred foreign-key check and the rowid rule, and the one-shot
-//!   restart when SQLite rolls back the whole transaction by itself.
+//!   restart when SQLite rolls back the whole transaction by itself; with export of changes,
+//!   each successful statement's captured row changes are journaled inside its savepoint
+//!   (`db::changes`; the journal is a `_cairn_*` table, out of user SQL's reach).
 //!
 //! # What user SQL may not do (all modes)
 //!
@@ -428,6 +430,14 @@ pub fn describe(e: &rusqlite::Error) -> String {
             .into();
     }
     msg
+}
+
+/// Spends the entry's write budget (change capture copied more than it allows,
+/// `db::changes`): the statement fails with the budget's message, and so does every later
+/// statement of the entry, as when the steps run out.
+pub fn spend_write_budget() -> String {
+    LOCAL.with(|l| l.budget_hit.set(true));
+    budget_message()
 }
 
 fn budget_message() -> String {

@@ -37,7 +37,7 @@ fn apply(
     conn.execute_batch("BEGIN").unwrap();
     let r = {
         let _e = enter_entry(index, Some(stamp_ms));
-        apply_statements(conn, &sts, false, true).unwrap()
+        apply_statements(conn, &sts, false, true, None).unwrap()
     };
     conn.execute_batch("COMMIT").unwrap();
     r

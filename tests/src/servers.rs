@@ -385,36 +385,112 @@ pub struct WebhookReceiver {
     down: Arc<AtomicBool>,
     malformed: Arc<Mutex<Vec<String>>>,
     posts: Arc<std::sync::atomic::AtomicU64>,
+    tls_failures: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A CA and a server certificate it issued for `127.0.0.1` and `localhost` (rcgen), for
+/// [`WebhookReceiver::start_https`]: PEM texts and the server's rustls config.
+pub struct TestCa {
+    /// The CA certificate (what a client must trust).
+    pub ca_pem: String,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Result<TestCa> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, name);
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate()?;
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?
+            .signed_by(&key, &issuer)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            )?;
+        Ok(TestCa {
+            ca_pem: ca_cert.pem(),
+            server: Arc::new(server),
+        })
+    }
 }
 
 impl WebhookReceiver {
+    /// Plain HTTP on 127.0.0.1.
     pub fn start() -> Result<WebhookReceiver> {
+        Self::start_on(None)
+    }
+
+    /// HTTPS on 127.0.0.1 with a certificate of `ca` (`url` is `https://`); connections whose
+    /// handshake fails (the client did not trust it) are counted in [`Self::tls_failures`].
+    pub fn start_https(ca: &TestCa) -> Result<WebhookReceiver> {
+        Self::start_on(Some(ca.server.clone()))
+    }
+
+    fn start_on(tls: Option<Arc<rustls::ServerConfig>>) -> Result<WebhookReceiver> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
-        let url = format!("http://{}/cdc", listener.local_addr()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/cdc", listener.local_addr()?);
         let r = WebhookReceiver {
             url,
             keys: Arc::default(),
             down: Arc::default(),
             malformed: Arc::default(),
             posts: Arc::default(),
+            tls_failures: Arc::default(),
         };
-        let (keys, down, malformed, posts) = (
+        let (keys, down, malformed, posts, tls_failures) = (
             r.keys.clone(),
             r.down.clone(),
             r.malformed.clone(),
             r.posts.clone(),
+            r.tls_failures.clone(),
         );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (keys, down, malformed, posts) =
-                    (keys.clone(), down.clone(), malformed.clone(), posts.clone());
+                let (keys, down, malformed, posts, tls_failures) = (
+                    keys.clone(),
+                    down.clone(),
+                    malformed.clone(),
+                    posts.clone(),
+                    tls_failures.clone(),
+                );
+                let tls = tls.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &keys, &down, &malformed, &posts);
+                    let Some(config) = tls else {
+                        let _ = serve(conn, &keys, &down, &malformed, &posts);
+                        return;
+                    };
+                    let Ok(session) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut stream = rustls::StreamOwned::new(session, conn);
+                    while stream.conn.is_handshaking() {
+                        if stream.conn.complete_io(&mut stream.sock).is_err() {
+                            tls_failures.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    let _ = serve(stream, &keys, &down, &malformed, &posts);
                 });
             }
         });
         Ok(r)
+    }
+
+    /// HTTPS connections whose handshake failed.
+    pub fn tls_failures(&self) -> u64 {
+        self.tls_failures.load(Ordering::Relaxed)
     }
 
     /// While `true`, every POST is answered 503 (the destination is away).
@@ -440,14 +516,13 @@ impl WebhookReceiver {
 }
 
 fn serve(
-    conn: TcpStream,
+    conn: impl Read + Write,
     keys: &Mutex<HashMap<String, u32>>,
     down: &AtomicBool,
     malformed: &Mutex<Vec<String>>,
     posts: &std::sync::atomic::AtomicU64,
 ) -> Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut conn = conn;
+    let mut reader = BufReader::new(conn);
     loop {
         let mut len = 0usize;
         let mut line = String::new();
@@ -470,7 +545,9 @@ fn serve(
         let mut body = vec![0u8; len];
         reader.read_exact(&mut body)?;
         if down.load(Ordering::Relaxed) {
-            conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")?;
+            reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")?;
             continue;
         }
         posts.fetch_add(1, Ordering::Relaxed);
@@ -486,7 +563,9 @@ fn serve(
                 .unwrap_or_else(|p| p.into_inner())
                 .push(e.to_string()),
         }
-        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")?;
+        reader
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")?;
     }
 }
 

@@ -42,6 +42,8 @@ const RETAIN_PER_ENTRY: u64 = 5_000;
 /// How often the leader runs retention at most (a short retention runs every half of it,
 /// but not more often than every second).
 const RETAIN_EVERY: Duration = Duration::from_secs(10);
+/// How often a runner measures its lag.
+const LAG_EVERY: Duration = Duration::from_secs(1);
 /// A delivered cursor is committed at least this often while a runner is busy.
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 
@@ -284,12 +286,7 @@ impl Sink {
                 d.subject_template(),
                 timeout,
             )?),
-            ExportKind::Webhook => Sink::Webhook(webhook::Webhook::new(
-                &d.url,
-                node_id,
-                d.service_id.clone(),
-                timeout,
-            )?),
+            ExportKind::Webhook => Sink::Webhook(webhook::Webhook::new(d, node_id, timeout)?),
         })
     }
 
@@ -331,18 +328,10 @@ async fn run(
     stats.cursor_index.store(cursor.pos.log_index, Relaxed);
     let mut committed_pos = cursor.pos;
     let mut last_commit = Instant::now();
-    let mut last_lag = Instant::now() - Duration::from_secs(10);
+    let mut last_lag = Instant::now() - LAG_EVERY;
     loop {
-        if last_lag.elapsed() >= Duration::from_secs(1) {
-            let pos = cursor.pos;
-            if let Ok(Ok((records, oldest))) = cluster.read(move |c| journal::backlog(c, pos)).await
-            {
-                stats.lag_records.store(records, Relaxed);
-                let age = oldest.map_or(0, |t| {
-                    (crate::command::rewrite::Stamp::now().unix_ms() - t).max(0)
-                });
-                stats.lag_ms.store(age, Relaxed);
-            }
+        if last_lag.elapsed() >= LAG_EVERY {
+            refresh_lag(&cluster, cursor.pos, &stats).await;
             last_lag = Instant::now();
         }
         // Priority: wait while a destination ranked above is more than a batch behind.
@@ -382,7 +371,8 @@ async fn run(
         };
         let started = Instant::now();
         if !batch.records.is_empty() {
-            deliver(&mut sink, &site, &batch.records, &stats, &d.name).await;
+            let lag = (&*cluster, cursor.pos);
+            deliver(&mut sink, &site, &batch.records, &stats, &d.name, lag).await;
         }
         let n = batch.records.len() as u64;
         stats.delivered.fetch_add(n, Relaxed);
@@ -401,14 +391,27 @@ async fn run(
     }
 }
 
+/// Sets a destination's lag: the journal's records after `pos` and the oldest one's age.
+async fn refresh_lag(cluster: &Cluster, pos: Position, stats: &DestinationStats) {
+    if let Ok(Ok((records, oldest))) = cluster.read(move |c| journal::backlog(c, pos)).await {
+        stats.lag_records.store(records, Relaxed);
+        let age = oldest.map_or(0, |t| {
+            (crate::command::rewrite::Stamp::now().unix_ms() - t).max(0)
+        });
+        stats.lag_ms.store(age, Relaxed);
+    }
+}
+
 /// Delivers `records`, retrying with back-off (100 ms doubling to 5 s) until it succeeds:
-/// the cursor only moves past what was delivered.
+/// the cursor only moves past what was delivered. While it retries, the lag after the
+/// cursor (`lag`: the cluster and the cursor's position) keeps being measured.
 async fn deliver(
     sink: &mut Sink,
     site: &str,
     records: &[reader::ExportRecord],
     stats: &DestinationStats,
     name: &str,
+    lag: (&Cluster, Position),
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut failures = 0u64;
@@ -428,6 +431,7 @@ async fn deliver(
                 failures += 1;
                 stats.retries.fetch_add(1, Relaxed);
                 stats.set_error(Some(e));
+                refresh_lag(lag.0, lag.1, stats).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

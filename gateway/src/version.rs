@@ -8,7 +8,7 @@
 //! | version | release | what it adds |
 //! |---|---|---|
 //! | 1 | v0.1.0 (commit 0b11d7a) | the formats below as that release wrote them |
-//! | 2 | this tree | `Command::ActivateVersion` (the active version, with its migration); the `cairn-version` header on Raft RPCs; `format_version` in `raft.db`'s `meta`; `_cairn_migrations` in the replicated database; apply semantics: the write budget's page cap on user SQL (`db::sandbox::WRITE_BUDGET_BYTES`) and a dead-letter replay journaling the moved records for export; `Command::Members` (incarnations, `cairn recover`); `RegistryCommand::NameNode` (rqlite-style node names) |
+//! | 2 | this tree | `Command::ActivateVersion` (the active version, with its migration); the `cairn-version` header on Raft RPCs; `format_version` in `raft.db`'s `meta`; `_cairn_migrations` in the replicated database; apply semantics: the write budget's page cap on user SQL (`db::sandbox::WRITE_BUDGET_BYTES`) and a dead-letter replay journaling the moved records for export; `Command::Members` (incarnations, `cairn recover`); `RegistryCommand::NameNode` (rqlite-style node names); apply semantics: retention with `keep_unexported` trims the export journal once no destination is registered (the last one forgotten, `DELETE /export/NAME`) |
 //!
 //! What each version covers:
 //!

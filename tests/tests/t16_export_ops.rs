@@ -5,11 +5,16 @@
 //!   the destination's `last_error` and counts the retries, nothing is delivered and nothing
 //!   is lost; once the file holds the right CA the destination delivers every record. The
 //!   same over rqlite's `--cdc-config` JSON file with its `tls.ca_cert_file`.
+//! - A destination removed from the config keeps its cursor: `/status` lists it as not
+//!   configured and, with `retention` and `keep_unexported`, the rows it never received stay.
+//!   `cairn export forget` is refused while it is configured; once it is removed from the
+//!   config and forgotten, retention deletes the rows and `/status` no longer lists it.
 
+use std::process::Command;
 use std::time::Duration;
 
 use cairn_tests::servers::{TestCa, WebhookReceiver};
-use cairn_tests::{Cluster, Options, device, fleet, poll};
+use cairn_tests::{Cluster, Options, cairn_bin, device, fleet, poll};
 
 fn count(c: &Cluster, sql: &str) -> u64 {
     c.nodes[c.leader()].rows(sql, "linearizable")[0][0]
@@ -121,4 +126,95 @@ fn test_https_webhook_wrong_ca_then_fixed() {
         s["export"]["secure"]["last_error"].is_null().then_some(s)
     });
     println!("after the fix: {}", s["export"]);
+}
+
+/// `cairn export forget NAME` against node 0: (success, stdout + stderr).
+fn forget(c: &Cluster, name: &str) -> (bool, String) {
+    let out = Command::new(cairn_bin())
+        .args(["export", "forget", name, "--host"])
+        .arg(c.nodes[0].url(""))
+        .output()
+        .expect("cairn export forget");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn test_forget_removed_destination_releases_retention() {
+    let hook = WebhookReceiver::start().expect("webhook receiver");
+    hook.set_down(true);
+    let base = format!(
+        "retention = \"2s\"\nkeep_unexported = true\n{}",
+        fleet::stream_toml()
+    );
+    let with_export = format!(
+        "{base}\n[[export]]\nname = \"gone\"\nkind = \"webhook\"\nurl = \"{}\"\n",
+        hook.url
+    );
+    let mut c = Cluster::start_with(
+        1,
+        Options {
+            config: Some(with_export),
+            ..Options::default()
+        },
+    );
+    poll(
+        Duration::from_secs(30),
+        "the destination registered",
+        || (c.nodes[0].status()?["export"]["gone"]["running"] == true).then_some(()),
+    );
+    device::register(&c.nodes[0].url(""), 1..3).expect("registering");
+    let r = stream(&c, 1..3, 2);
+    let n = count(&c, "SELECT count(*) FROM climate");
+    assert!(n >= r.acked && r.acked > 0);
+
+    let (ok, text) = forget(&c, "gone");
+    assert!(!ok, "refused while configured: {text}");
+    assert!(text.contains("still configured"), "{text}");
+
+    // Removed from the config: the cursor stays, and so do the rows it never received.
+    assert!(c.terminate(0), "clean exit");
+    std::fs::write(c.dir().join("cairn.toml"), &base).expect("cairn.toml");
+    c.restart(0);
+    let listed = poll(
+        Duration::from_secs(30),
+        "the cursor listed as unconfigured",
+        || {
+            let s = c.nodes[0].status()?;
+            let d = s["export"]["gone"].clone();
+            (d["configured"] == false && d["lag_records"].as_u64()? > 0).then_some(d)
+        },
+    );
+    println!("not configured: {listed}");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM climate"),
+        n,
+        "rows held back for the registered destination"
+    );
+
+    let (ok, text) = forget(&c, "gone");
+    assert!(ok, "forget: {text}");
+    poll(
+        Duration::from_secs(60),
+        "retention to delete the rows",
+        || (count(&c, "SELECT count(*) FROM climate") == 0).then_some(()),
+    );
+    poll(
+        Duration::from_secs(30),
+        "/status to drop the destination",
+        || {
+            c.nodes[0].status()?["export"]
+                .get("gone")
+                .is_none()
+                .then_some(())
+        },
+    );
+    let (ok, text) = forget(&c, "gone");
+    assert!(!ok && text.contains("no export destination"), "{text}");
+    assert_eq!(hook.counts(), (0, 0), "the destination never got anything");
 }

@@ -42,6 +42,8 @@ const RETAIN_PER_ENTRY: u64 = 5_000;
 /// How often the leader runs retention at most (a short retention runs every half of it,
 /// but not more often than every second).
 const RETAIN_EVERY: Duration = Duration::from_secs(10);
+/// How often the leader looks for registered destinations its config does not declare.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
 /// How often a runner measures its lag.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 /// A delivered cursor is committed at least this often while a runner is busy.
@@ -80,6 +82,10 @@ pub async fn supervise(
     settings: ExportSettings,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    cluster
+        .metrics()
+        .exports
+        .set_configured(settings.destinations.iter().map(|d| d.name.clone()));
     let settings = Arc::new(settings);
     let mut leading: Option<tokio::task::JoinHandle<()>> = None;
     loop {
@@ -112,14 +118,12 @@ pub async fn supervise(
 }
 
 fn stopped(cluster: &Cluster, settings: &ExportSettings) {
+    let exports = &cluster.metrics().exports;
     for d in &settings.destinations {
-        cluster
-            .metrics()
-            .exports
-            .destination(&d.name)
-            .running
-            .store(0, Relaxed);
+        exports.destination(&d.name).running.store(0, Relaxed);
     }
+    // Only the leader lists registered destinations its config does not declare.
+    exports.keep_unconfigured(&[]);
 }
 
 /// Holds or lifts the disk guard on this node.
@@ -193,15 +197,6 @@ async fn lead_term(cluster: &Arc<Cluster>, settings: &Arc<ExportSettings>) -> Re
         }
     };
     let cursors = cluster.read(journal::cursors).await??;
-    for c in &cursors {
-        if !settings.destinations.iter().any(|d| d.name == c.name) {
-            tracing::warn!(
-                destination = %c.name,
-                "export: a registered destination is not in this leader's config; its cursor \
-                 holds the export journal back until it is configured again"
-            );
-        }
-    }
     for d in &settings.destinations {
         if !cursors.iter().any(|c| c.name == d.name) {
             export_write(
@@ -251,6 +246,7 @@ async fn lead_term(cluster: &Arc<Cluster>, settings: &Arc<ExportSettings>) -> Re
             peers.clone(),
         ));
     }
+    tasks.spawn(watch_unconfigured(cluster.clone()));
     if let Some(keep_ms) = settings.retention_ms {
         tasks.spawn(retain(cluster.clone(), keep_ms, settings.keep_unexported));
     }
@@ -454,6 +450,36 @@ async fn commit(
         // Not leading any more: the supervisor stops this runner; the next leader resumes
         // from the last committed cursor.
         Err(e) => tracing::debug!("export: cursor not committed: {e}"),
+    }
+}
+
+/// On the leader, every [`WATCH_EVERY`]: the registered destinations this node's config does
+/// not declare, with their cursor and lag, in `/status` (`"configured": false`), and a
+/// warning for each once per term: they hold the journal (and with `keep_unexported` the
+/// stream rows) back until they are configured again or forgotten (`DELETE /export/NAME`).
+async fn watch_unconfigured(cluster: Arc<Cluster>) {
+    let exports = &cluster.metrics().exports;
+    let mut warned = std::collections::BTreeSet::new();
+    loop {
+        if let Ok(Ok(cursors)) = cluster.read(journal::cursors).await {
+            let registered: Vec<String> = cursors.iter().map(|c| c.name.clone()).collect();
+            exports.keep_unconfigured(&registered);
+            for c in cursors.iter().filter(|c| !exports.is_configured(&c.name)) {
+                if warned.insert(c.name.clone()) {
+                    tracing::warn!(
+                        destination = %c.name,
+                        "export: a registered destination is not in this leader's config; its \
+                         cursor holds the export journal back until it is configured again or \
+                         forgotten (cairn export forget {})",
+                        c.name
+                    );
+                }
+                let stats = exports.destination(&c.name);
+                stats.cursor_index.store(c.pos.log_index, Relaxed);
+                refresh_lag(&cluster, c.pos, &stats).await;
+            }
+        }
+        tokio::time::sleep(WATCH_EVERY).await;
     }
 }
 

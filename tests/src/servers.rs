@@ -24,6 +24,8 @@ use crate::{TIMEOUT, poll};
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+/// Where the servers listen unless a test names another address (`start_at`).
+const LOOPBACK: &str = "127.0.0.1";
 
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
@@ -71,6 +73,7 @@ fn postgres_user() -> Option<(u32, u32)> {
 /// A PostgreSQL 15 server with `trust` auth on 127.0.0.1.
 pub struct Postgres {
     dir: tempfile::TempDir,
+    host: String,
     port: u16,
     user: Option<(u32, u32)>,
     child: Option<Child>,
@@ -78,6 +81,11 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Result<Postgres> {
+        Self::start_at(LOOPBACK)
+    }
+
+    /// Listening on `host` (an address of the calling thread's network namespace).
+    pub fn start_at(host: &str) -> Result<Postgres> {
         let dir = temp("cairn-pg-");
         let user = postgres_user();
         if let Some((uid, gid)) = user {
@@ -92,6 +100,7 @@ impl Postgres {
             }
         }
         let mut pg = Postgres {
+            host: host.to_string(),
             port: free_port(),
             dir,
             user,
@@ -108,6 +117,12 @@ impl Postgres {
                 "initdb failed: {}",
                 std::fs::read_to_string(pg.dir.path().join("initdb.err")).unwrap_or_default()
             );
+        }
+        if host != LOOPBACK {
+            // initdb trusts loopback only; the test's private network is as closed.
+            let hba = pg.data().join("pg_hba.conf");
+            let mut f = std::fs::OpenOptions::new().append(true).open(&hba)?;
+            writeln!(f, "host all all samenet trust")?;
         }
         pg.launch()?;
         Ok(pg)
@@ -131,7 +146,8 @@ impl Postgres {
         c.args(["-D", &self.data().display().to_string()])
             .args(["-p", &self.port.to_string()])
             .args(["-k", &self.dir.path().display().to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", &format!("listen_addresses={}", self.host)])
+            .args(["-c", "fsync=off"])
             .stdout(Stdio::null())
             .stderr(log_file(
                 &self
@@ -149,8 +165,8 @@ impl Postgres {
     /// A libpq connection string (what an `[[export]]` of kind postgres takes as `url`).
     pub fn url(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
+            "host={} port={} user=postgres dbname=postgres",
+            self.host, self.port
         )
     }
 
@@ -159,7 +175,7 @@ impl Postgres {
         let out = Command::new("psql")
             .args([
                 "-h",
-                "127.0.0.1",
+                &self.host,
                 "-p",
                 &self.port.to_string(),
                 "-U",
@@ -201,6 +217,7 @@ fn rand_suffix() -> u64 {
 /// nats-server with JetStream (store in a temp dir) and its monitoring port.
 pub struct NatsServer {
     dir: tempfile::TempDir,
+    host: String,
     port: u16,
     monitor: u16,
     child: Option<Child>,
@@ -208,8 +225,14 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Result<NatsServer> {
+        Self::start_at(LOOPBACK)
+    }
+
+    /// Listening on `host` (an address of the calling thread's network namespace).
+    pub fn start_at(host: &str) -> Result<NatsServer> {
         let mut n = NatsServer {
             dir: temp("cairn-nats-"),
+            host: host.to_string(),
             port: free_port(),
             monitor: free_port(),
             child: None,
@@ -220,7 +243,7 @@ impl NatsServer {
 
     fn launch(&mut self) -> Result<()> {
         let child = Command::new(NATS_SERVER)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-a", &self.host, "-p", &self.port.to_string()])
             .args(["-m", &self.monitor.to_string(), "-js"])
             .args(["-sd", &self.dir.path().display().to_string()])
             .stdout(Stdio::null())
@@ -231,21 +254,21 @@ impl NatsServer {
             .context("starting nats-server")?;
         self.child = Some(child);
         poll(TIMEOUT, "nats-server to serve", || {
-            (crate::get(&format!("http://127.0.0.1:{}/healthz", self.monitor)).status == 200)
+            (crate::get(&format!("http://{}:{}/healthz", self.host, self.monitor)).status == 200)
                 .then_some(())
         });
         Ok(())
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 
     /// Messages the JetStream stream `name` holds (0 if it does not exist yet).
     pub fn messages(&self, name: &str) -> u64 {
         let r = crate::get(&format!(
-            "http://127.0.0.1:{}/jsz?streams=true",
-            self.monitor
+            "http://{}:{}/jsz?streams=true",
+            self.host, self.monitor
         ));
         let accounts = r.body["account_details"]
             .as_array()
@@ -277,18 +300,24 @@ impl Drop for NatsServer {
 /// A mosquitto broker on 127.0.0.1 (anonymous, no persistence).
 pub struct Mosquitto {
     dir: tempfile::TempDir,
+    host: String,
     port: u16,
     child: Option<Child>,
 }
 
 impl Mosquitto {
     pub fn start() -> Result<Mosquitto> {
+        Self::start_at(LOOPBACK)
+    }
+
+    /// Listening on `host` (an address of the calling thread's network namespace).
+    pub fn start_at(host: &str) -> Result<Mosquitto> {
         let dir = temp("cairn-mqtt-");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} {host}\nallow_anonymous true\npersistence false\n"),
         )?;
         let child = Command::new(MOSQUITTO)
             .args(["-c", &conf.display().to_string()])
@@ -297,23 +326,24 @@ impl Mosquitto {
             .spawn()
             .context("starting mosquitto")?;
         poll(TIMEOUT, "mosquitto to listen", || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
+            TcpStream::connect((host, port)).ok()
         });
         Ok(Mosquitto {
             dir,
+            host: host.to_string(),
             port,
             child: Some(child),
         })
     }
 
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        format!("mqtt://{}:{}", self.host, self.port)
     }
 
     /// Subscribes (`mosquitto_sub`, QoS 1) to `topic`, counting each message's `key`.
     pub fn subscribe(&self, topic: &str) -> Result<MqttSubscriber> {
         let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-h", &self.host, "-p", &self.port.to_string()])
             .args(["-t", topic, "-q", "1"])
             .stdout(Stdio::piped())
             .stderr(log_file(&self.dir.path().join("sub.log")))
@@ -427,17 +457,22 @@ impl TestCa {
 impl WebhookReceiver {
     /// Plain HTTP on 127.0.0.1.
     pub fn start() -> Result<WebhookReceiver> {
-        Self::start_on(None)
+        Self::start_on(LOOPBACK, None)
+    }
+
+    /// Plain HTTP on `host` (an address of the calling thread's network namespace).
+    pub fn start_at(host: &str) -> Result<WebhookReceiver> {
+        Self::start_on(host, None)
     }
 
     /// HTTPS on 127.0.0.1 with a certificate of `ca` (`url` is `https://`); connections whose
     /// handshake fails (the client did not trust it) are counted in [`Self::tls_failures`].
     pub fn start_https(ca: &TestCa) -> Result<WebhookReceiver> {
-        Self::start_on(Some(ca.server.clone()))
+        Self::start_on(LOOPBACK, Some(ca.server.clone()))
     }
 
-    fn start_on(tls: Option<Arc<rustls::ServerConfig>>) -> Result<WebhookReceiver> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+    fn start_on(host: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Result<WebhookReceiver> {
+        let listener = TcpListener::bind((host, 0))?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{}/cdc", listener.local_addr()?);
         let r = WebhookReceiver {

@@ -81,6 +81,28 @@ fn device_addrs(c: &Cluster, first: usize) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Waits until the leader runs the destinations (records are journaled for export once a
+/// destination is registered, which the leader does when it takes office), registers devices
+/// 1 to 3 and returns the leader and a plan saturating every node for `duration`, the
+/// leader first.
+fn ready_to_stream(c: &Cluster, duration: Duration) -> (usize, fleet::Plan<'static>) {
+    let leader = c.leader();
+    poll(Duration::from_secs(30), "destinations registered", || {
+        let s = c.nodes[c.leader()].status()?;
+        (s["export"]["warehouse"]["running"] == true && s["export"]["hook"]["running"] == true)
+            .then_some(())
+    });
+    device::register(&c.nodes[leader].url(""), 1..4).expect("registering devices");
+    let plan = fleet::Plan {
+        gateways: device_addrs(c, leader),
+        ids: 1..4,
+        mode: fleet::Mode::Saturate,
+        duration,
+        probe: None,
+    };
+    (leader, plan)
+}
+
 /// Stored records of `climate` on the leader (read linearizably).
 fn stored(c: &Cluster, filter: &str) -> u64 {
     let rows = c.nodes[c.leader()].rows(
@@ -142,25 +164,9 @@ fn test_export_exactly_once_through_failover_outage_and_reset() {
             ..Options::default()
         },
     );
-    let leader = c.leader();
-    // Records are journaled for export once a destination is registered (the leader does it
-    // when it takes office).
-    poll(Duration::from_secs(30), "destinations registered", || {
-        let s = c.nodes[c.leader()].status()?;
-        (s["export"]["warehouse"]["running"] == true && s["export"]["hook"]["running"] == true)
-            .then_some(())
-    });
-    device::register(&c.nodes[leader].url(""), 1..4).expect("registering devices");
-
     // Phase 1: three devices stream for 12 s; the leader dies at 3 s, the destinations are
     // away from 5 s to 35 s.
-    let plan = fleet::Plan {
-        gateways: device_addrs(&c, leader),
-        ids: 1..4,
-        mode: fleet::Mode::Saturate,
-        duration: Duration::from_secs(12),
-        probe: None,
-    };
+    let (leader, plan) = ready_to_stream(&c, Duration::from_secs(12));
     let report = std::thread::scope(|s| {
         let devices = s.spawn(|| fleet::run(&plan));
         std::thread::sleep(Duration::from_secs(3));
@@ -308,20 +314,7 @@ fn test_export_exactly_once_through_leader_partition() {
         },
         Some(place),
     );
-    let leader = c.leader();
-    poll(Duration::from_secs(30), "destinations registered", || {
-        let s = c.nodes[c.leader()].status()?;
-        (s["export"]["warehouse"]["running"] == true && s["export"]["hook"]["running"] == true)
-            .then_some(())
-    });
-    device::register(&c.nodes[leader].url(""), 1..4).expect("registering devices");
-    let plan = fleet::Plan {
-        gateways: device_addrs(&c, leader),
-        ids: 1..4,
-        mode: fleet::Mode::Saturate,
-        duration: Duration::from_secs(16),
-        probe: None,
-    };
+    let (leader, plan) = ready_to_stream(&c, Duration::from_secs(16));
     let old = c.nodes[leader].id;
     let others: Vec<u64> = c
         .nodes

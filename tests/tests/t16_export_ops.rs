@@ -16,24 +16,6 @@ use std::time::Duration;
 use cairn_tests::servers::{TestCa, WebhookReceiver};
 use cairn_tests::{Cluster, Options, cairn_bin, device, fleet, poll};
 
-fn count(c: &Cluster, sql: &str) -> u64 {
-    c.nodes[c.leader()].rows(sql, "linearizable")[0][0]
-        .as_u64()
-        .unwrap_or(0)
-}
-
-fn stream(c: &Cluster, ids: std::ops::Range<u64>, secs: u64) -> fleet::Report {
-    let l = c.leader();
-    fleet::run(&fleet::Plan {
-        gateways: vec![c.nodes[l].device.parse().expect("device address")],
-        ids,
-        mode: fleet::Mode::Saturate,
-        duration: Duration::from_secs(secs),
-        probe: None,
-    })
-    .expect("fleet")
-}
-
 #[test]
 fn test_https_webhook_wrong_ca_then_fixed() {
     let right = TestCa::new("cairn test webhook CA").expect("CA");
@@ -77,8 +59,8 @@ fn test_https_webhook_wrong_ca_then_fixed() {
             .then_some(())
     });
     device::register(&c.nodes[0].url(""), 1..3).expect("registering");
-    let r = stream(&c, 1..3, 2);
-    let n = count(&c, "SELECT count(*) FROM climate");
+    let r = fleet::saturate_leader(&c, 1..3, 2);
+    let n = c.count("SELECT count(*) FROM climate");
     assert!(n >= r.acked && r.acked > 0);
 
     // The CDC destination trusts the right CA: everything arrives over HTTPS.
@@ -113,7 +95,7 @@ fn test_https_webhook_wrong_ca_then_fixed() {
     assert!(hook.tls_failures() > 0, "the server saw refused handshakes");
     assert_eq!(hook.counts(), (0, 0), "nothing delivered with the wrong CA");
     assert!(status["lag_records"].as_u64() > Some(0), "{status}");
-    assert_eq!(count(&c, "SELECT count(*) FROM climate"), n, "nothing lost");
+    assert_eq!(c.count("SELECT count(*) FROM climate"), n, "nothing lost");
 
     // The operator fixes the file: the next retry reads it again and delivers everything.
     std::fs::write(&ca_file, &right.ca_pem).expect("CA file");
@@ -168,8 +150,8 @@ fn test_forget_removed_destination_releases_retention() {
         || (c.nodes[0].status()?["export"]["gone"]["running"] == true).then_some(()),
     );
     device::register(&c.nodes[0].url(""), 1..3).expect("registering");
-    let r = stream(&c, 1..3, 2);
-    let n = count(&c, "SELECT count(*) FROM climate");
+    let r = fleet::saturate_leader(&c, 1..3, 2);
+    let n = c.count("SELECT count(*) FROM climate");
     assert!(n >= r.acked && r.acked > 0);
 
     let (ok, text) = forget(&c, "gone");
@@ -192,7 +174,7 @@ fn test_forget_removed_destination_releases_retention() {
     println!("not configured: {listed}");
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
-        count(&c, "SELECT count(*) FROM climate"),
+        c.count("SELECT count(*) FROM climate"),
         n,
         "rows held back for the registered destination"
     );
@@ -202,7 +184,7 @@ fn test_forget_removed_destination_releases_retention() {
     poll(
         Duration::from_secs(60),
         "retention to delete the rows",
-        || (count(&c, "SELECT count(*) FROM climate") == 0).then_some(()),
+        || (c.count("SELECT count(*) FROM climate") == 0).then_some(()),
     );
     poll(
         Duration::from_secs(30),

@@ -144,14 +144,20 @@ mod tests {
     use crate::db::export::Position;
     use cairn_protocol::Value;
 
-    #[test]
-    fn test_retention_keeps_unexported_rows() {
+    /// A database holding three records of device 1 in `climate`; their receive time.
+    fn three_records() -> (Connection, i64) {
         let conn = Connection::open_in_memory().unwrap();
         crate::db::schema::test_climate().install(&conn).unwrap();
         let v: &[Value<'_>] = &[Value::F32(1.0)];
         let b = batch(1, 1, &[(1, v), (1, v), (1, v)]);
         let at = b.received_at_ms;
         apply_device_batches(&conn, &[b], &mut ApplyStats::default()).unwrap();
+        (conn, at)
+    }
+
+    #[test]
+    fn test_retention_keeps_unexported_rows() {
+        let (conn, at) = three_records();
         apply_export(
             &conn,
             &ExportCommand::Cursor(Cursor {
@@ -194,12 +200,7 @@ mod tests {
 
     #[test]
     fn test_forgotten_destination_holds_nothing_back() {
-        let conn = Connection::open_in_memory().unwrap();
-        crate::db::schema::test_climate().install(&conn).unwrap();
-        let v: &[Value<'_>] = &[Value::F32(1.0)];
-        let b = batch(1, 1, &[(1, v), (1, v), (1, v)]);
-        let at = b.received_at_ms;
-        apply_device_batches(&conn, &[b], &mut ApplyStats::default()).unwrap();
+        let (conn, at) = three_records();
         let cursor = |name: &str| {
             ExportCommand::Cursor(Cursor {
                 name: name.into(),

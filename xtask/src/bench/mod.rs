@@ -405,7 +405,7 @@ fn markdown(
          Ratios are Cairn/peer: above 1 is better for throughput, below 1 for latency and \
          bytes.\n\n\
          ![throughput against device count](benchmarks-throughput.svg)\n\n\
-         ## What each figure is\n\n{method}\n\
+         ## What each figure is\n\n{method}{export_method}\n\
          ## All measurements\n\n{all}\n\
          ## Reproduce\n\n\
          ```\ncargo xtask bench          # full run, rewrites this file (about 10 minutes)\n\
@@ -419,7 +419,8 @@ fn markdown(
         flag = if profile.quick { " --quick" } else { "" },
         secs = measured_for.as_secs_f64(),
         all = report::all_table(results),
-        method = format!("{METHOD}{}", export::METHOD),
+        method = METHOD,
+        export_method = export::METHOD,
     )
 }
 

@@ -99,6 +99,13 @@ enum Cmd {
         #[command(flatten)]
         conn: cli::ConnArgs,
     },
+    /// Export destinations (`[[export]]`).
+    Export {
+        #[command(subcommand)]
+        command: ExportCmd,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
+    },
     /// Cluster CA and node/client certificates for TLS.
     Certs {
         #[command(subcommand)]
@@ -110,6 +117,16 @@ enum Cmd {
 enum BackupCmd {
     /// What a continuous backup holds: snapshots, covered index and time ranges, sizes.
     List(cli::backup::BackupSource),
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// Forget a destination removed from every gateway's config: its cursor stops holding
+    /// the export journal (and, with `keep_unexported`, stream rows) back. Needs `all`.
+    Forget {
+        /// The destination's `name`.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -302,6 +319,9 @@ fn main() -> std::process::ExitCode {
             StreamsCmd::Show => cli::streams::show(&api),
             StreamsCmd::Reload => cli::streams::reload(&api),
             StreamsCmd::Replay { stream, device } => cli::streams::replay(&api, stream, device),
+        }),
+        Cmd::Export { command, conn } => cli::Api::connect(&conn).and_then(|api| match command {
+            ExportCmd::Forget { name } => cli::export::forget(&api, &name),
         }),
         Cmd::Certs { command } => cairn_gateway::security::certs::run(command),
     };

@@ -717,6 +717,14 @@ impl Cluster {
         poll(self.timeout, "a leader", || self.find_leader(&[]))
     }
 
+    /// The first column of the first row of `sql` on the leader, read linearizably, as a
+    /// count (0 if it is not one).
+    pub fn count(&self, sql: &str) -> u64 {
+        self.nodes[self.leader()].rows(sql, "linearizable")[0][0]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     /// Waits for a leader other than node id `old` and returns its index.
     pub fn wait_for_new_leader(&self, old: u64) -> usize {
         poll(self.timeout, "a new leader", || {

@@ -393,3 +393,16 @@ impl Device<'_, '_> {
         }
     }
 }
+
+/// Devices `ids` saturating the leader's device port for `secs` seconds.
+pub fn saturate_leader(c: &crate::Cluster, ids: Range<u64>, secs: u64) -> Report {
+    let l = c.leader();
+    run(&Plan {
+        gateways: vec![c.nodes[l].device.parse().expect("device address")],
+        ids,
+        mode: Mode::Saturate,
+        duration: Duration::from_secs(secs),
+        probe: None,
+    })
+    .expect("fleet")
+}

@@ -24,6 +24,8 @@ use crate::{TIMEOUT, poll};
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+/// Where the servers listen unless a test names another address (`start_at`).
+const LOOPBACK: &str = "127.0.0.1";
 
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
@@ -71,6 +73,7 @@ fn postgres_user() -> Option<(u32, u32)> {
 /// A PostgreSQL 15 server with `trust` auth on 127.0.0.1.
 pub struct Postgres {
     dir: tempfile::TempDir,
+    host: String,
     port: u16,
     user: Option<(u32, u32)>,
     child: Option<Child>,
@@ -78,6 +81,11 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Result<Postgres> {
+        Self::start_at(LOOPBACK)
+    }
+
+    /// Listening on `host` (an address of the calling thread's network namespace).
+    pub fn start_at(host: &str) -> Result<Postgres> {
         let dir = temp("cairn-pg-");
         let user = postgres_user();
         if let Some((uid, gid)) = user {
@@ -92,6 +100,7 @@ impl Postgres {
             }
         }
         let mut pg = Postgres {
+            host: host.to_string(),
             port: free_port(),
             dir,
             user,
@@ -108,6 +117,12 @@ impl Postgres {
                 "initdb failed: {}",
                 std::fs::read_to_string(pg.dir.path().join("initdb.err")).unwrap_or_default()
             );
+        }
+        if host != LOOPBACK {
+            // initdb trusts loopback only; the test's private network is as closed.
+            let hba = pg.data().join("pg_hba.conf");
+            let mut f = std::fs::OpenOptions::new().append(true).open(&hba)?;
+            writeln!(f, "host all all samenet trust")?;
         }
         pg.launch()?;
         Ok(pg)
@@ -131,7 +146,8 @@ impl Postgres {
         c.args(["-D", &self.data().display().to_string()])
             .args(["-p", &self.port.to_string()])
             .args(["-k", &self.dir.path().display().to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", &format!("listen_addresses={}", self.host)])
+            .args(["-c", "fsync=off"])
             .stdout(Stdio::null())
             .stderr(log_file(
                 &self
@@ -149,8 +165,8 @@ impl Postgres {
     /// A libpq connection string (what an `[[export]]` of kind postgres takes as `url`).
     pub fn url(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
+            "host={} port={} user=postgres dbname=postgres",
+            self.host, self.port
         )
     }
 
@@ -159,7 +175,7 @@ impl Postgres {
         let out = Command::new("psql")
             .args([
                 "-h",
-                "127.0.0.1",
+                &self.host,
                 "-p",
                 &self.port.to_string(),
                 "-U",
@@ -201,6 +217,7 @@ fn rand_suffix() -> u64 {
 /// nats-server with JetStream (store in a temp dir) and its monitoring port.
 pub struct NatsServer {
     dir: tempfile::TempDir,
+    host: String,
     port: u16,
     monitor: u16,
     child: Option<Child>,
@@ -208,8 +225,14 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Result<NatsServer> {
+        Self::start_at(LOOPBACK)
+    }
+
+    /// Listening on `host` (an address of the calling thread's network namespace).
+    pub fn start_at(host: &str) -> Result<NatsServer> {
         let mut n = NatsServer {
             dir: temp("cairn-nats-"),
+            host: host.to_string(),
             port: free_port(),
             monitor: free_port(),
             child: None,
@@ -220,7 +243,7 @@ impl NatsServer {
 
     fn launch(&mut self) -> Result<()> {
         let child = Command::new(NATS_SERVER)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-a", &self.host, "-p", &self.port.to_string()])
             .args(["-m", &self.monitor.to_string(), "-js"])
             .args(["-sd", &self.dir.path().display().to_string()])
             .stdout(Stdio::null())
@@ -231,21 +254,21 @@ impl NatsServer {
             .context("starting nats-server")?;
         self.child = Some(child);
         poll(TIMEOUT, "nats-server to serve", || {
-            (crate::get(&format!("http://127.0.0.1:{}/healthz", self.monitor)).status == 200)
+            (crate::get(&format!("http://{}:{}/healthz", self.host, self.monitor)).status == 200)
                 .then_some(())
         });
         Ok(())
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 
     /// Messages the JetStream stream `name` holds (0 if it does not exist yet).
     pub fn messages(&self, name: &str) -> u64 {
         let r = crate::get(&format!(
-            "http://127.0.0.1:{}/jsz?streams=true",
-            self.monitor
+            "http://{}:{}/jsz?streams=true",
+            self.host, self.monitor
         ));
         let accounts = r.body["account_details"]
             .as_array()
@@ -277,12 +300,18 @@ impl Drop for NatsServer {
 /// A mosquitto broker on 127.0.0.1 (anonymous, no persistence).
 pub struct Mosquitto {
     dir: tempfile::TempDir,
+    host: String,
     port: u16,
     child: Option<Child>,
 }
 
 impl Mosquitto {
     pub fn start() -> Result<Mosquitto> {
+        Self::start_at(LOOPBACK)
+    }
+
+    /// Listening on `host` (an address of the calling thread's network namespace).
+    pub fn start_at(host: &str) -> Result<Mosquitto> {
         let dir = temp("cairn-mqtt-");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
@@ -291,7 +320,7 @@ impl Mosquitto {
             // No cap on the subscriber's queue: by default mosquitto drops QoS 1 messages
             // past 1000 queued for a slow subscriber, which a loaded test machine can be.
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {port} {host}\nallow_anonymous true\npersistence false\n\
                  max_queued_messages 0\n"
             ),
         )?;
@@ -302,23 +331,24 @@ impl Mosquitto {
             .spawn()
             .context("starting mosquitto")?;
         poll(TIMEOUT, "mosquitto to listen", || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
+            TcpStream::connect((host, port)).ok()
         });
         Ok(Mosquitto {
             dir,
+            host: host.to_string(),
             port,
             child: Some(child),
         })
     }
 
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        format!("mqtt://{}:{}", self.host, self.port)
     }
 
     /// Subscribes (`mosquitto_sub`, QoS 1) to `topic`, counting each message's `key`.
     pub fn subscribe(&self, topic: &str) -> Result<MqttSubscriber> {
         let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-h", &self.host, "-p", &self.port.to_string()])
             .args(["-t", topic, "-q", "1"])
             .stdout(Stdio::piped())
             .stderr(log_file(&self.dir.path().join("sub.log")))
@@ -391,12 +421,66 @@ pub struct WebhookReceiver {
     down: Arc<AtomicBool>,
     malformed: Arc<Mutex<Vec<String>>>,
     posts: Arc<std::sync::atomic::AtomicU64>,
+    tls_failures: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A CA and a server certificate it issued for `127.0.0.1` and `localhost` (rcgen), for
+/// [`WebhookReceiver::start_https`]: PEM texts and the server's rustls config.
+pub struct TestCa {
+    /// The CA certificate (what a client must trust).
+    pub ca_pem: String,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Result<TestCa> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, name);
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate()?;
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?
+            .signed_by(&key, &issuer)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            )?;
+        Ok(TestCa {
+            ca_pem: ca_cert.pem(),
+            server: Arc::new(server),
+        })
+    }
 }
 
 impl WebhookReceiver {
+    /// Plain HTTP on 127.0.0.1.
     pub fn start() -> Result<WebhookReceiver> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let url = format!("http://{}/cdc", listener.local_addr()?);
+        Self::start_on(LOOPBACK, None)
+    }
+
+    /// Plain HTTP on `host` (an address of the calling thread's network namespace).
+    pub fn start_at(host: &str) -> Result<WebhookReceiver> {
+        Self::start_on(host, None)
+    }
+
+    /// HTTPS on 127.0.0.1 with a certificate of `ca` (`url` is `https://`); connections whose
+    /// handshake fails (the client did not trust it) are counted in [`Self::tls_failures`].
+    pub fn start_https(ca: &TestCa) -> Result<WebhookReceiver> {
+        Self::start_on(LOOPBACK, Some(ca.server.clone()))
+    }
+
+    fn start_on(host: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Result<WebhookReceiver> {
+        let listener = TcpListener::bind((host, 0))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/cdc", listener.local_addr()?);
         let r = WebhookReceiver {
             url,
             keys: Arc::default(),
@@ -404,6 +488,7 @@ impl WebhookReceiver {
             down: Arc::default(),
             malformed: Arc::default(),
             posts: Arc::default(),
+            tls_failures: Arc::default(),
         };
         let seen = Seen {
             keys: r.keys.clone(),
@@ -412,16 +497,38 @@ impl WebhookReceiver {
             malformed: r.malformed.clone(),
             posts: r.posts.clone(),
         };
+        let tls_failures = r.tls_failures.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let seen = seen.clone();
+                let tls_failures = tls_failures.clone();
+                let tls = tls.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &seen);
+                    let Some(config) = tls else {
+                        let _ = serve(conn, &seen);
+                        return;
+                    };
+                    let Ok(session) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut stream = rustls::StreamOwned::new(session, conn);
+                    while stream.conn.is_handshaking() {
+                        if stream.conn.complete_io(&mut stream.sock).is_err() {
+                            tls_failures.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    let _ = serve(stream, &seen);
                 });
             }
         });
         Ok(r)
+    }
+
+    /// HTTPS connections whose handshake failed.
+    pub fn tls_failures(&self) -> u64 {
+        self.tls_failures.load(Ordering::Relaxed)
     }
 
     /// While `true`, every POST is answered 503 (the destination is away).
@@ -464,9 +571,8 @@ struct Seen {
     posts: Arc<std::sync::atomic::AtomicU64>,
 }
 
-fn serve(conn: TcpStream, seen: &Seen) -> Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut conn = conn;
+fn serve(conn: impl Read + Write, seen: &Seen) -> Result<()> {
+    let mut reader = BufReader::new(conn);
     loop {
         let mut len = 0usize;
         let mut line = String::new();
@@ -489,7 +595,9 @@ fn serve(conn: TcpStream, seen: &Seen) -> Result<()> {
         let mut body = vec![0u8; len];
         reader.read_exact(&mut body)?;
         if seen.down.load(Ordering::Relaxed) {
-            conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")?;
+            reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")?;
             continue;
         }
         seen.posts.fetch_add(1, Ordering::Relaxed);
@@ -512,7 +620,9 @@ fn serve(conn: TcpStream, seen: &Seen) -> Result<()> {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(e.to_string()),
         }
-        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")?;
+        reader
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")?;
     }
 }
 

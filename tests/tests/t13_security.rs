@@ -131,6 +131,7 @@ fn routes() -> Vec<Route> {
             j(json!({"version": 1})),
             "devices",
         ),
+        r("DELETE", "/export/gone", None, "all"),
     ]
 }
 

@@ -14,24 +14,6 @@ use cairn_tests::servers::WebhookReceiver;
 use cairn_tests::tmpfs::Tmpfs;
 use cairn_tests::{Cluster, Options, Place, device, fleet, poll, post, stmts};
 
-fn count(c: &Cluster, sql: &str) -> u64 {
-    c.nodes[c.leader()].rows(sql, "linearizable")[0][0]
-        .as_u64()
-        .unwrap_or(0)
-}
-
-fn stream(c: &Cluster, ids: std::ops::Range<u64>, secs: u64) -> fleet::Report {
-    let l = c.leader();
-    fleet::run(&fleet::Plan {
-        gateways: vec![c.nodes[l].device.parse().expect("device address")],
-        ids,
-        mode: fleet::Mode::Saturate,
-        duration: Duration::from_secs(secs),
-        probe: None,
-    })
-    .expect("fleet")
-}
-
 #[test]
 fn test_retention_keeps_unexported_rows_then_deletes_them() {
     let hook = WebhookReceiver::start().expect("webhook receiver");
@@ -59,14 +41,14 @@ fn test_retention_keeps_unexported_rows_then_deletes_them() {
         "INSERT INTO notes VALUES ('kept')",
     ]));
     device::register(&c.nodes[0].url(""), 1..3).expect("registering");
-    let r = stream(&c, 1..3, 2);
-    let n = count(&c, "SELECT count(*) FROM climate");
+    let r = fleet::saturate_leader(&c, 1..3, 2);
+    let n = c.count("SELECT count(*) FROM climate");
     assert!(n >= r.acked && r.acked > 0);
     // Several retention rounds (every second for a 2 s retention) pass over rows older than
     // 2 s: none is deleted while the destination has not received it.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
-        count(&c, "SELECT count(*) FROM climate"),
+        c.count("SELECT count(*) FROM climate"),
         n,
         "unexported rows kept"
     );
@@ -74,10 +56,10 @@ fn test_retention_keeps_unexported_rows_then_deletes_them() {
     poll(
         Duration::from_secs(60),
         "rows delivered, then deleted",
-        || (hook.counts().0 == n && count(&c, "SELECT count(*) FROM climate") == 0).then_some(()),
+        || (hook.counts().0 == n && c.count("SELECT count(*) FROM climate") == 0).then_some(()),
     );
     assert_eq!(
-        count(&c, "SELECT count(*) FROM notes"),
+        c.count("SELECT count(*) FROM notes"),
         1,
         "user tables untouched"
     );
@@ -109,7 +91,7 @@ fn test_disk_guard_refuses_ingest_and_recovers_by_itself() {
         Some(place),
     );
     device::register(&c.nodes[0].url(""), 1..3).expect("registering");
-    let before = stream(&c, 1..3, 2);
+    let before = fleet::saturate_leader(&c, 1..3, 2);
     assert!(before.acked > 0);
 
     // Ballast leaves about 24 MiB free: under the 40 MiB mark, far from full.
@@ -135,7 +117,7 @@ fn test_disk_guard_refuses_ingest_and_recovers_by_itself() {
     );
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.body.to_string().contains("disk guard"), "{}", r.body);
-    let refused = stream(&c, 1..3, 3);
+    let refused = fleet::saturate_leader(&c, 1..3, 3);
     println!(
         "while held: {} acked, {} reconnects, first because {:?}",
         refused.acked, refused.reconnects, refused.first_reconnect_reason
@@ -159,7 +141,7 @@ fn test_disk_guard_refuses_ingest_and_recovers_by_itself() {
     poll(Duration::from_secs(10), "the disk guard to lift", || {
         c.nodes[0].status()?["disk_guard"].is_null().then_some(())
     });
-    let after = stream(&c, 1..3, 2);
+    let after = fleet::saturate_leader(&c, 1..3, 2);
     assert!(after.acked > 0);
     let r = post(
         &c.nodes[0].url("/db/execute"),
@@ -167,11 +149,8 @@ fn test_disk_guard_refuses_ingest_and_recovers_by_itself() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     // Nothing lost: every device's seqs are stored without a gap.
-    let stored = count(&c, "SELECT count(*) FROM climate");
-    let seqs = count(
-        &c,
-        "SELECT sum(m) FROM (SELECT max(seq) AS m FROM climate GROUP BY device_id)",
-    );
+    let stored = c.count("SELECT count(*) FROM climate");
+    let seqs = c.count("SELECT sum(m) FROM (SELECT max(seq) AS m FROM climate GROUP BY device_id)");
     assert_eq!(stored, seqs);
     assert!(stored >= before.acked + after.acked);
 }

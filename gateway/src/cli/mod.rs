@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod device;
+pub mod export;
 mod line;
 pub mod recover;
 mod shell;

@@ -74,7 +74,9 @@ pub enum ExportOutcome {
     Capture(Option<String>),
 }
 
-/// Applies an export command inside the entry's transaction.
+/// Applies an export command inside the entry's transaction. `Forget` (`DELETE
+/// /export/NAME`) removes a cursor: the journal rows it alone held go at once, and the stream
+/// rows it held back under `keep_unexported` go with the next retention entries.
 pub fn apply_export(conn: &Connection, cmd: &ExportCommand) -> rusqlite::Result<ExportOutcome> {
     Ok(match cmd {
         ExportCommand::SetSite(s) => ExportOutcome::Site(export::set_site(conn, s)?),
@@ -125,8 +127,9 @@ fn retain(
             more: false,
         });
     }
+    let registered = export::min_cursor(conn)?;
     if keep_unexported
-        && let Some(min) = export::min_cursor(conn)?
+        && let Some(min) = registered
         && let Some(oldest) = export::oldest_after(conn, min)?
     {
         before_ms = before_ms.min(oldest);
@@ -140,8 +143,11 @@ fn retain(
         rusqlite::params![before_ms, limit as i64],
     )? as u64;
     // Journal rows of deleted records name nothing any more (and without destinations
-    // nothing else trims them).
-    if !keep_unexported {
+    // nothing else trims them). From format version 2 also with `keep_unexported` once no
+    // destination is registered (the last one was forgotten): nobody reads them.
+    if !keep_unexported
+        || (registered.is_none() && super::version::read_active(conn)? >= crate::version::V2)
+    {
         export::drop_journal_before(conn, before_ms, limit)?;
     }
     Ok(ExportOutcome::Retained {
@@ -157,14 +163,20 @@ mod tests {
     use crate::db::export::Position;
     use cairn_protocol::Value;
 
-    #[test]
-    fn test_retention_keeps_unexported_rows() {
+    /// A database holding three records of device 1 in `climate`; their receive time.
+    fn three_records() -> (Connection, i64) {
         let conn = Connection::open_in_memory().unwrap();
         crate::db::schema::test_climate().install(&conn).unwrap();
         let v: &[Value<'_>] = &[Value::F32(1.0)];
         let b = batch(1, 1, &[(1, v), (1, v), (1, v)]);
         let at = b.received_at_ms;
         apply_device_batches(&conn, &[b], &mut ApplyStats::default()).unwrap();
+        (conn, at)
+    }
+
+    #[test]
+    fn test_retention_keeps_unexported_rows() {
+        let (conn, at) = three_records();
         apply_export(
             &conn,
             &ExportCommand::Cursor(Cursor {
@@ -203,5 +215,56 @@ mod tests {
                 more: false
             }
         );
+    }
+
+    #[test]
+    fn test_forgotten_destination_holds_nothing_back() {
+        let (conn, at) = three_records();
+        let cursor = |name: &str| {
+            ExportCommand::Cursor(Cursor {
+                name: name.into(),
+                pos: Position::default(),
+                delivered: 0,
+            })
+        };
+        apply_export(&conn, &cursor("old")).unwrap();
+        export::journal(&conn, 9, &[(0, 1, 1, 3, at)]).unwrap();
+        let retain = ExportCommand::Retain {
+            stamp_ms: at + 10_000,
+            table: "climate".into(),
+            keep_ms: 1_000,
+            keep_unexported: true,
+            limit: 100,
+        };
+        let held = ExportOutcome::Retained {
+            deleted: 0,
+            more: false,
+        };
+        assert_eq!(apply_export(&conn, &retain).unwrap(), held);
+        let forget = ExportCommand::Forget("old".into());
+        assert_eq!(
+            apply_export(&conn, &forget).unwrap(),
+            ExportOutcome::Forgot(true)
+        );
+        assert_eq!(
+            apply_export(&conn, &forget).unwrap(),
+            ExportOutcome::Forgot(false)
+        );
+        // Version 1: the rows go, the journal rows stay (nothing trims them).
+        let deleted = ExportOutcome::Retained {
+            deleted: 3,
+            more: false,
+        };
+        assert_eq!(apply_export(&conn, &retain).unwrap(), deleted);
+        assert_eq!(export::backlog(&conn, Position::default()).unwrap().0, 3);
+        // Version 2: retention trims them once no destination is registered.
+        conn.execute_batch(&format!(
+            "CREATE TABLE {t} (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+             INSERT INTO {t} VALUES ('active_version', CAST('2' AS BLOB));",
+            t = crate::db::tables::RAFT
+        ))
+        .unwrap();
+        apply_export(&conn, &retain).unwrap();
+        assert_eq!(export::backlog(&conn, Position::default()).unwrap().0, 0);
     }
 }

@@ -15,7 +15,7 @@
 //! priority = 10                   # higher catches up first
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +80,23 @@ pub struct ExportDef {
     /// webhook: `service_id` of the envelope (default: the site id).
     #[serde(default)]
     pub service_id: Option<String>,
+    /// webhook (`https://`): the CA certificates (PEM) the endpoint's certificate must chain
+    /// to. Default: the system's bundle (`SSL_CERT_FILE`, else
+    /// `/etc/ssl/certs/ca-certificates.crt`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// webhook (`https://`): a client certificate and its key (PEM), for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// webhook (`https://`): the name the endpoint's certificate must carry (default: the
+    /// URL's host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// webhook (`https://`): accept any certificate (testing only; a warning at every start).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 fn default_batch() -> usize {
@@ -115,9 +132,12 @@ impl ExportDef {
 
     /// A webhook destination from rqlite's `--cdc-config`: an endpoint URL, or a JSON file in
     /// rqlite's CDC config format (`endpoint`, `service_id`, `max_batch_size`,
-    /// `transmit_timeout`; durations as Go's nanoseconds or `"5s"`; Cairn's addition: `changes`,
-    /// the regex of user tables whose changes go out too). Delivery never drops a batch
-    /// (rqlite's `transmit_max_retries` is accepted and ignored).
+    /// `transmit_timeout`; durations as Go's nanoseconds or `"5s"`; TLS in a `tls` object or
+    /// at the top level as rqlite's `Config` has them: `ca_cert_file`, `cert_file`,
+    /// `key_file`, `server_name`, `insecure_skip_verify`, and the older `ca_cert`,
+    /// `client_cert`, `client_key`, `skip_verify`; Cairn's addition: `changes`, the regex of
+    /// user tables whose changes go out too). Delivery never drops a batch (rqlite's
+    /// `transmit_max_retries` is accepted and ignored).
     pub fn from_cdc_config(arg: &str) -> anyhow::Result<Self> {
         let mut def = ExportDef {
             name: "cdc".into(),
@@ -134,6 +154,11 @@ impl ExportDef {
             stream: default_nats_stream(),
             subject: None,
             service_id: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: None,
+            insecure_skip_verify: false,
         };
         if arg.starts_with("http://") || arg.starts_with("https://") {
             def.url = arg.to_string();
@@ -155,7 +180,38 @@ impl ExportDef {
         if let Some(ms) = go_duration_ms(&v["transmit_timeout"]).filter(|ms| *ms > 0) {
             def.timeout_ms = ms;
         }
+        // rqlite's documented `tls` object first, then its `Config`'s top-level fields.
+        let tls = |names: &[&str]| {
+            [&v["tls"], &v]
+                .into_iter()
+                .flat_map(|o| names.iter().map(move |n| &o[*n]))
+                .find(|f| !f.is_null())
+                .cloned()
+        };
+        let path = |names: &[&str]| {
+            tls(names)
+                .and_then(|f| f.as_str().map(PathBuf::from))
+                .filter(|p| !p.as_os_str().is_empty())
+        };
+        def.ca_file = path(&["ca_cert_file", "ca_cert"]);
+        def.cert_file = path(&["cert_file", "client_cert"]);
+        def.key_file = path(&["key_file", "client_key"]);
+        def.server_name = tls(&["server_name"])
+            .and_then(|f| f.as_str().map(str::to_string))
+            .filter(|s| !s.is_empty());
+        def.insecure_skip_verify = tls(&["insecure_skip_verify", "skip_verify"])
+            .and_then(|f| f.as_bool())
+            .unwrap_or(false);
         Ok(def)
+    }
+
+    /// True when the destination sets any TLS option of its own.
+    fn has_tls_options(&self) -> bool {
+        self.ca_file.is_some()
+            || self.cert_file.is_some()
+            || self.key_file.is_some()
+            || self.server_name.is_some()
+            || self.insecure_skip_verify
     }
 }
 
@@ -197,6 +253,18 @@ pub fn validate(exports: &[ExportDef], retention: Option<&str>) -> anyhow::Resul
             regex::Regex::new(p)
                 .map_err(|err| anyhow::anyhow!("[[export]] {}: changes: {err}", e.name))?;
         }
+        anyhow::ensure!(
+            e.cert_file.is_some() == e.key_file.is_some(),
+            "[[export]] {}: cert_file and key_file go together",
+            e.name
+        );
+        anyhow::ensure!(
+            !e.has_tls_options()
+                || (e.kind == ExportKind::Webhook && e.url.starts_with("https://")),
+            "[[export]] {}: ca_file, cert_file, key_file, server_name and insecure_skip_verify \
+             are for a webhook with an https:// url",
+            e.name
+        );
     }
     if let Some(r) = retention {
         anyhow::ensure!(parse_duration_ms(r)? > 0, "retention must be longer than 0");
@@ -249,5 +317,34 @@ mod tests {
         let mut bad = d.clone();
         bad.changes = Some("(".into());
         assert!(validate(&[bad], None).is_err());
+        assert_eq!(d.ca_file, None);
+        // rqlite's documented `tls` object, and its Config's top-level fields.
+        std::fs::write(
+            &f,
+            r#"{"endpoint":"https://h/x","tls":{"ca_cert_file":"/ca.pem","cert_file":"/c.pem",
+               "key_file":"/k.pem","server_name":"hook.example","insecure_skip_verify":false}}"#,
+        )
+        .unwrap();
+        let d = ExportDef::from_cdc_config(f.to_str().unwrap()).unwrap();
+        assert_eq!(d.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(d.cert_file.as_deref(), Some(Path::new("/c.pem")));
+        assert_eq!(d.key_file.as_deref(), Some(Path::new("/k.pem")));
+        assert_eq!(d.server_name.as_deref(), Some("hook.example"));
+        assert!(validate(std::slice::from_ref(&d), None).is_ok());
+        std::fs::write(
+            &f,
+            r#"{"endpoint":"https://h/x","ca_cert_file":"/ca.pem","insecure_skip_verify":true}"#,
+        )
+        .unwrap();
+        let d = ExportDef::from_cdc_config(f.to_str().unwrap()).unwrap();
+        assert_eq!(d.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert!(d.insecure_skip_verify);
+        // TLS options on a plain-text endpoint are a mistake worth hearing about.
+        let mut plain = d.clone();
+        plain.url = "http://h/x".into();
+        assert!(validate(&[plain], None).is_err());
+        let mut half = d;
+        half.cert_file = Some("/c.pem".into());
+        assert!(validate(&[half], None).is_err());
     }
 }

@@ -49,6 +49,10 @@ const RETAIN_PER_ENTRY: u64 = 5_000;
 /// How often the leader runs retention at most (a short retention runs every half of it,
 /// but not more often than every second).
 const RETAIN_EVERY: Duration = Duration::from_secs(10);
+/// How often the leader looks for registered destinations its config does not declare.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+/// How often a runner measures its lag.
+const LAG_EVERY: Duration = Duration::from_secs(1);
 /// A delivered cursor is committed at least this often while a runner is busy.
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// How often the leader compares the registered change captures with its config, and an idle
@@ -88,6 +92,10 @@ pub async fn supervise(
     settings: ExportSettings,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    cluster
+        .metrics()
+        .exports
+        .set_configured(settings.destinations.iter().map(|d| d.name.clone()));
     let settings = Arc::new(settings);
     let mut leading: Option<tokio::task::JoinHandle<()>> = None;
     loop {
@@ -120,14 +128,12 @@ pub async fn supervise(
 }
 
 fn stopped(cluster: &Cluster, settings: &ExportSettings) {
+    let exports = &cluster.metrics().exports;
     for d in &settings.destinations {
-        cluster
-            .metrics()
-            .exports
-            .destination(&d.name)
-            .running
-            .store(0, Relaxed);
+        exports.destination(&d.name).running.store(0, Relaxed);
     }
+    // Only the leader lists registered destinations its config does not declare.
+    exports.keep_unconfigured(&[]);
 }
 
 /// Holds or lifts the disk guard on this node.
@@ -201,15 +207,6 @@ async fn lead_term(cluster: &Arc<Cluster>, settings: &Arc<ExportSettings>) -> Re
         }
     };
     let cursors = cluster.read(journal::cursors).await??;
-    for c in &cursors {
-        if !settings.destinations.iter().any(|d| d.name == c.name) {
-            tracing::warn!(
-                destination = %c.name,
-                "export: a registered destination is not in this leader's config; its cursor \
-                 holds the export journal back until it is configured again"
-            );
-        }
-    }
     for d in &settings.destinations {
         if !cursors.iter().any(|c| c.name == d.name) {
             export_write(
@@ -259,6 +256,7 @@ async fn lead_term(cluster: &Arc<Cluster>, settings: &Arc<ExportSettings>) -> Re
             peers.clone(),
         ));
     }
+    tasks.spawn(watch_unconfigured(cluster.clone()));
     if let Some(keep_ms) = settings.retention_ms {
         tasks.spawn(retain(cluster.clone(), keep_ms, settings.keep_unexported));
     }
@@ -295,12 +293,7 @@ impl Sink {
                 changes::Subjects::of(d),
                 timeout,
             )?),
-            ExportKind::Webhook => Sink::Webhook(webhook::Webhook::new(
-                &d.url,
-                node_id,
-                d.service_id.clone(),
-                timeout,
-            )?),
+            ExportKind::Webhook => Sink::Webhook(webhook::Webhook::new(d, node_id, timeout)?),
         })
     }
 
@@ -356,21 +349,11 @@ async fn run(
     stats.cursor_index.store(cursor.pos.log_index, Relaxed);
     let mut committed_pos = cursor.pos;
     let mut last_commit = Instant::now();
-    let mut last_lag = Instant::now() - Duration::from_secs(10);
+    let mut last_lag = Instant::now() - LAG_EVERY;
     let mut last_trim = Instant::now();
     loop {
-        if last_lag.elapsed() >= Duration::from_secs(1) {
-            let pos = cursor.pos;
-            if let Ok(Ok((records, oldest))) = cluster
-                .read(move |c| changes::backlog(c, pos, captures))
-                .await
-            {
-                stats.lag_records.store(records, Relaxed);
-                let age = oldest.map_or(0, |t| {
-                    (crate::command::rewrite::Stamp::now().unix_ms() - t).max(0)
-                });
-                stats.lag_ms.store(age, Relaxed);
-            }
+        if last_lag.elapsed() >= LAG_EVERY {
+            refresh_lag(&cluster, cursor.pos, captures, &stats).await;
             last_lag = Instant::now();
         }
         // Priority: wait while a destination ranked above is more than a batch behind.
@@ -419,7 +402,8 @@ async fn run(
         };
         let started = Instant::now();
         if !batch.is_empty() {
-            deliver(&mut sink, &site, &batch, &stats, &d.name).await;
+            let lag = (&*cluster, cursor.pos, captures);
+            deliver(&mut sink, &site, &batch, &stats, &d.name, lag).await;
         }
         let n = batch.len() as u64;
         stats.delivered.fetch_add(n, Relaxed);
@@ -438,14 +422,32 @@ async fn run(
     }
 }
 
+/// Sets a destination's lag: the journal's records after `pos` (and the captured changes
+/// after it, if the destination takes them) and the oldest one's age.
+async fn refresh_lag(cluster: &Cluster, pos: Position, captures: bool, stats: &DestinationStats) {
+    if let Ok(Ok((records, oldest))) = cluster
+        .read(move |c| changes::backlog(c, pos, captures))
+        .await
+    {
+        stats.lag_records.store(records, Relaxed);
+        let age = oldest.map_or(0, |t| {
+            (crate::command::rewrite::Stamp::now().unix_ms() - t).max(0)
+        });
+        stats.lag_ms.store(age, Relaxed);
+    }
+}
+
 /// Delivers `batch`, retrying with back-off (100 ms doubling to 5 s) until it succeeds:
-/// the cursor only moves past what was delivered.
+/// the cursor only moves past what was delivered. While it retries, the lag after the
+/// cursor (`lag`: the cluster, the cursor's position, whether changes count) keeps being
+/// measured.
 async fn deliver(
     sink: &mut Sink,
     site: &str,
     batch: &changes::Batch,
     stats: &DestinationStats,
     name: &str,
+    lag: (&Cluster, Position, bool),
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut failures = 0u64;
@@ -465,6 +467,7 @@ async fn deliver(
                 failures += 1;
                 stats.retries.fetch_add(1, Relaxed);
                 stats.set_error(Some(e));
+                refresh_lag(lag.0, lag.1, lag.2, stats).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -537,6 +540,37 @@ async fn register_captures(cluster: Arc<Cluster>, settings: Arc<ExportSettings>)
             }
         }
         tokio::time::sleep(CAPTURE_EVERY).await;
+    }
+}
+
+/// On the leader, every [`WATCH_EVERY`]: the registered destinations this node's config does
+/// not declare, with their cursor and lag, in `/status` (`"configured": false`), and a
+/// warning for each once per term: they hold the journal (and with `keep_unexported` the
+/// stream rows) back until they are configured again or forgotten (`DELETE /export/NAME`).
+async fn watch_unconfigured(cluster: Arc<Cluster>) {
+    let exports = &cluster.metrics().exports;
+    let mut warned = std::collections::BTreeSet::new();
+    loop {
+        if let Ok(Ok(cursors)) = cluster.read(journal::cursors).await {
+            let registered: Vec<String> = cursors.iter().map(|c| c.name.clone()).collect();
+            exports.keep_unconfigured(&registered);
+            for c in cursors.iter().filter(|c| !exports.is_configured(&c.name)) {
+                if warned.insert(c.name.clone()) {
+                    tracing::warn!(
+                        destination = %c.name,
+                        "export: a registered destination is not in this leader's config; its \
+                         cursor holds the export journal back until it is configured again or \
+                         forgotten (cairn export forget {})",
+                        c.name
+                    );
+                }
+                let stats = exports.destination(&c.name);
+                stats.cursor_index.store(c.pos.log_index, Relaxed);
+                // Device records only: its change capture, if any, is not this leader's to know.
+                refresh_lag(&cluster, c.pos, false, &stats).await;
+            }
+        }
+        tokio::time::sleep(WATCH_EVERY).await;
     }
 }
 

@@ -14,6 +14,12 @@
 //! rqlite's fields, `key`: the idempotency key. Changes of user tables are rqlite's events
 //! exactly (`INSERT`/`UPDATE`/`DELETE` with `new_row_id`, `old_row_id`, `before`, `after`;
 //! `export::changes`), also with `key`. HTTP 200 or 202 is a delivery (as rqlite).
+//!
+//! `https://` endpoints are checked against `ca_file` (default: the system's CA bundle), with
+//! an optional client certificate (`cert_file`, `key_file`), `server_name` and
+//! `insecure_skip_verify` (rqlite's CDC `tls` options, `--cdc-config` included). A failed
+//! delivery's error names the cause (for instance `invalid peer certificate: UnknownIssuer`);
+//! after a failure the files are read again, so a fixed CA file is used without a restart.
 
 use std::time::Duration;
 
@@ -21,35 +27,56 @@ use bytes::Bytes;
 use serde_json::{Value as Json, json};
 
 use super::reader::ExportRecord;
+use crate::config::export::ExportDef;
 use crate::db::changes::ChangeRow;
 use crate::raft::network::{HttpClient, full};
+use crate::security::tls::{DestinationTls, destination_connector};
 
 pub struct Webhook {
-    client: HttpClient,
+    /// `None` until the TLS files could be read (each delivery tries again).
+    client: Option<HttpClient>,
     url: String,
     node_id: String,
     service_id: Option<String>,
     timeout: Duration,
+    tls: DestinationTls,
+    /// The last delivery failed: build the client again (reading the TLS files) first.
+    renew: bool,
 }
 
 impl Webhook {
-    pub fn new(
-        url: &str,
-        node_id: u64,
-        service_id: Option<String>,
-        timeout: Duration,
-    ) -> Result<Self, String> {
-        if !url.starts_with("http://") {
+    pub fn new(d: &ExportDef, node_id: u64, timeout: Duration) -> Result<Self, String> {
+        let url = d.url.as_str();
+        if !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(format!(
-                "webhook {url}: only http:// endpoints are supported (https is a follow-up)"
+                "webhook {url}: the endpoint must be an http:// or https:// URL"
             ));
         }
+        let tls = DestinationTls {
+            ca_file: d.ca_file.clone(),
+            client: d.cert_file.clone().zip(d.key_file.clone()),
+            server_name: d.server_name.clone(),
+            insecure_skip_verify: d.insecure_skip_verify,
+        };
+        if tls.insecure_skip_verify {
+            tracing::warn!(
+                destination = %d.name,
+                "webhook {url}: insecure_skip_verify: any certificate is accepted (testing only)"
+            );
+        }
+        // A TLS file that cannot be read is a delivery error (in `last_error`, retried), not
+        // a reason to leave the destination out.
+        let client = client(&tls, timeout)
+            .inspect_err(|e| tracing::warn!(destination = %d.name, "{e}"))
+            .ok();
         Ok(Webhook {
-            client: HttpClient::new(None),
+            client,
             url: url.to_string(),
             node_id: node_id.to_string(),
-            service_id,
+            service_id: d.service_id.clone(),
             timeout,
+            tls,
+            renew: false,
         })
     }
 
@@ -91,7 +118,8 @@ impl Webhook {
     }
 
     pub async fn deliver(&mut self, site: &str, records: &[ExportRecord]) -> Result<(), String> {
-        self.post(&self.envelope(site, records)).await
+        let envelope = self.envelope(site, records);
+        self.send(&envelope).await
     }
 
     pub async fn deliver_changes(
@@ -100,16 +128,29 @@ impl Webhook {
         changes: &[ChangeRow],
     ) -> Result<(), String> {
         let envelope = self.wrap(site, super::changes::cdc_payload(site, changes));
-        self.post(&envelope).await
+        self.send(&envelope).await
     }
 
-    async fn post(&mut self, envelope: &Json) -> Result<(), String> {
+    /// Posts `envelope` with the current client, building it again (reading the TLS files)
+    /// after a failed delivery.
+    async fn send(&mut self, envelope: &Json) -> Result<(), String> {
+        let client = match self.client.take().filter(|_| !self.renew) {
+            Some(c) => c,
+            None => client(&self.tls, self.timeout)?,
+        };
+        let r = self.post(&client, envelope).await;
+        self.client = Some(client);
+        self.renew = r.is_err();
+        r
+    }
+
+    async fn post(&self, client: &HttpClient, envelope: &Json) -> Result<(), String> {
         let body = serde_json::to_vec(envelope).map_err(|e| e.to_string())?;
         let req = hyper::Request::post(&self.url)
             .header("content-type", "application/json")
             .body(full(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        match self.client.send(req, self.timeout).await {
+        match client.send(req, self.timeout).await {
             Ok((s, _, _)) if s == 200 || s == 202 => Ok(()),
             Ok((s, _, b)) => Err(format!(
                 "webhook answered {s}: {}",
@@ -118,4 +159,11 @@ impl Webhook {
             Err(e) => Err(format!("webhook: {e}")),
         }
     }
+}
+
+/// A client for the endpoint (TLS files read now).
+fn client(tls: &DestinationTls, timeout: Duration) -> Result<HttpClient, String> {
+    let tcp = HttpClient::tcp(timeout.min(Duration::from_secs(5)));
+    let connector = destination_connector(tcp, tls).map_err(|e| format!("webhook TLS: {e}"))?;
+    Ok(HttpClient::with_connector(connector, "https"))
 }

@@ -50,7 +50,8 @@ fn body<T: serde::de::DeserializeOwned>(req: &Original, expected: &str) -> Resul
         .map_err(|e| Error::BadRequest(format!("expected {expected}: {e}")))
 }
 
-fn error(e: &Error) -> Response {
+/// `{"error": "..."}` with the status of `e`.
+pub(super) fn error(e: &Error) -> Response {
     (status_of(e), Json(json!({ "error": e.to_string() }))).into_response()
 }
 

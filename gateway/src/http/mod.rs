@@ -14,6 +14,7 @@
 //! - [`ops`]: `/leader`, `/snapshot`, `/db/sql`, `/debug/vars`.
 //! - [`devices`]: `/devices` (`cairn device add|list|remove|reset|revoke|rekey`).
 //! - [`streams`]: `/streams` (`cairn streams show|reload|replay`).
+//! - [`export`]: `DELETE /export/{name}` (`cairn export forget`).
 //!
 //! Every route declares its permission ([`require`], rqlite's names plus `devices`) and the
 //! body it takes ([`body_type`]): a refused request is answered 401/403/415 before its body is
@@ -24,6 +25,7 @@
 
 pub mod admin;
 pub mod devices;
+pub mod export;
 pub mod ops;
 pub mod rqlite;
 pub mod sql;
@@ -170,6 +172,10 @@ pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>, https: bool) -> R
         .route(
             "/devices/{device_id}/protocol",
             require(a, Perm::Devices, body_type(JSON, post(devices::protocol))),
+        )
+        .route(
+            "/export/{name}",
+            require(a, Perm::All, body_type(JSON, delete(export::forget))),
         )
         .route("/streams", require(a, Perm::Status, get(streams::show)))
         .route(

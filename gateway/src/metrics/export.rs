@@ -1,7 +1,10 @@
 //! Per-destination export counters (`"export"` in `/status`, `cairn_export_*` in `/metrics`):
-//! written by the leader's export runners, zero on followers.
+//! written by the leader's export runners, zero on followers. The leader also lists the
+//! destinations whose cursor is registered but which its config no longer declares
+//! (`"configured": false`): they hold the export journal, and with `keep_unexported` the
+//! stream rows, back until `cairn export forget NAME`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -49,9 +52,34 @@ impl DestinationStats {
 #[derive(Debug, Default)]
 pub struct ExportCounters {
     by_name: Mutex<BTreeMap<String, Arc<DestinationStats>>>,
+    /// The destinations this node's config declares (`[[export]]`, `--cdc-config`).
+    configured: Mutex<BTreeSet<String>>,
 }
 
 impl ExportCounters {
+    /// Records the destinations this node's config declares.
+    pub fn set_configured(&self, names: impl IntoIterator<Item = String>) {
+        *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = names.into_iter().collect();
+    }
+
+    /// True when this node's config declares destination `name`.
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.configured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    /// Keeps the counters of configured destinations and of the unconfigured ones in
+    /// `registered` (the leader's committed cursors; empty on a follower).
+    pub fn keep_unconfigured(&self, registered: &[String]) {
+        let configured = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+        self.by_name
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| configured.contains(name) || registered.contains(name));
+    }
+
     /// The counters of destination `name` (made on first use).
     pub fn destination(&self, name: &str) -> Arc<DestinationStats> {
         self.by_name
@@ -72,7 +100,11 @@ impl ExportCounters {
         let m: serde_json::Map<String, serde_json::Value> = self
             .all()
             .into_iter()
-            .map(|(k, v)| (k, v.to_json()))
+            .map(|(k, v)| {
+                let mut j = v.to_json();
+                j["configured"] = self.is_configured(&k).into();
+                (k, j)
+            })
             .collect();
         serde_json::Value::Object(m)
     }

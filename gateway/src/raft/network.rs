@@ -137,14 +137,28 @@ impl HttpClient {
     /// `tls`: this node's client side of node TLS (`tls::node_client_config`), or `None` for
     /// plain text.
     pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        Self::with_connector(
+            node_connector(Self::tcp(Duration::from_millis(500)), tls),
+            scheme,
+        )
+    }
+
+    /// The TCP side of a connector: `TCP_NODELAY`, connects fail after `connect_timeout`.
+    pub fn tcp(connect_timeout: Duration) -> HttpConnector {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(500)));
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector
+    }
+
+    /// A client over `connector` (an export destination's, `tls::destination_connector`);
+    /// `scheme` is what [`Self::url`] puts in front.
+    pub fn with_connector(connector: NodeConnector, scheme: &'static str) -> Self {
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
-            .build(node_connector(connector, tls));
+            .build(connector);
         HttpClient { inner, scheme }
     }
 
@@ -160,7 +174,13 @@ impl HttpClient {
         timeout: Duration,
     ) -> std::io::Result<(hyper::StatusCode, hyper::HeaderMap, Bytes)> {
         let fut = async {
-            let resp = self.inner.request(req).await.map_err(io_err)?;
+            // hyper's own message is only "client error (Connect)": the causes say what failed
+            // (refused, a certificate of an unknown issuer, ...).
+            let resp = self
+                .inner
+                .request(req)
+                .await
+                .map_err(|e| io_err(with_causes(&e)))?;
             let (parts, body) = resp.into_parts();
             let bytes = body.collect().await.map_err(io_err)?.to_bytes();
             Ok::<_, std::io::Error>((parts.status, parts.headers, bytes))
@@ -216,6 +236,21 @@ impl HttpClient {
         }
         Ok(bytes)
     }
+}
+
+/// `e` and its causes, `: `-separated (repeats of the same text left out).
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// Encodes an RPC body.

@@ -381,3 +381,142 @@ pub fn node_connector(mut http: HttpConnector, tls: Option<Arc<ClientConfig>>) -
         .enable_http1()
         .wrap_connector(http)
 }
+
+/// TLS of an export destination's `https://` endpoint (a webhook's `ca_file`, `cert_file`,
+/// `key_file`, `server_name`, `insecure_skip_verify`; rqlite's CDC `tls` options).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestinationTls {
+    /// CA certificates to trust; `None`: the system's bundle ([`system_roots`]).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and key to present.
+    pub client: Option<(PathBuf, PathBuf)>,
+    /// The name the endpoint's certificate must carry instead of the URL's host.
+    pub server_name: Option<String>,
+    /// Accept any certificate (rqlite's `insecure_skip_verify`; for tests only).
+    pub insecure_skip_verify: bool,
+}
+
+/// Where the system's CA bundle is looked for when `SSL_CERT_FILE` is not set (Debian and
+/// derivatives, then Fedora and derivatives).
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
+
+/// The system's trust anchors: the PEM bundle named by `SSL_CERT_FILE`, or the first of
+/// [`SYSTEM_BUNDLES`] present (certificates rustls cannot parse are skipped).
+pub fn system_roots() -> io::Result<Arc<RootCertStore>> {
+    let path = std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            SYSTEM_BUNDLES
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+        })
+        .ok_or_else(|| {
+            invalid(format!(
+                "no system CA bundle ({}; or set SSL_CERT_FILE): name a ca_file",
+                SYSTEM_BUNDLES.join(", ")
+            ))
+        })?;
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(load_certs(&path)?);
+    if added == 0 {
+        return Err(invalid(format!(
+            "CA bundle {}: no usable certificate",
+            path.display()
+        )));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The hyper connector for an export destination: `https://` with `t`, `http://` plain.
+/// Files are read now (an error names the file).
+pub fn destination_connector(
+    mut http: HttpConnector,
+    t: &DestinationTls,
+) -> io::Result<NodeConnector> {
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(format!("TLS protocol versions: {e}")))?;
+    let b = if t.insecure_skip_verify {
+        b.dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServerCert))
+    } else {
+        let roots = match &t.ca_file {
+            Some(ca) => load_roots(ca)?,
+            None => system_roots()?,
+        };
+        b.with_root_certificates(roots)
+    };
+    let config = match &t.client {
+        Some((cert, key)) => b.with_client_cert_resolver(ReloadingCert::load(cert, key)?),
+        None => b.with_no_client_auth(),
+    };
+    http.enforce_http(false);
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http();
+    let b = match &t.server_name {
+        Some(name) => {
+            let name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| invalid(format!("server_name {name:?}: {e}")))?;
+            b.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+        }
+        None => b,
+    };
+    Ok(b.enable_http1().wrap_connector(http))
+}
+
+/// `insecure_skip_verify`: any certificate is accepted (the handshake's signatures are still
+/// checked, so the connection is encrypted, but to whoever answers).
+#[derive(Debug)]
+struct AnyServerCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

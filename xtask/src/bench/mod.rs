@@ -3,9 +3,10 @@
 //!
 //! Parts run in order: `peers` (installs Debian packages when missing), `hiqlite` (builds
 //! `peers/hiqlite-driver` outside the workspace), `cairn` (a 3-node cluster of release
-//! `cairn` processes on loopback). `--only cairn,dqlite` runs a subset (`dqlite`, `mosquitto`,
-//! `hiqlite`, `cairn`). Every run writes `target/bench/results.json` (one object per
-//! measurement: name, system, value, unit), `target/bench/report.md` and
+//! `cairn` processes on loopback), `export` (export throughput per destination kind and lag
+//! under sustained ingest, `export.rs`). `--only cairn,dqlite` runs a subset (`dqlite`,
+//! `mosquitto`, `hiqlite`, `cairn`, `export`). Every run writes `target/bench/results.json`
+//! (one object per measurement: name, system, value, unit), `target/bench/report.md` and
 //! `target/bench/throughput.svg`, and prints the ratio table. A full run of every part also
 //! rewrites `BENCHMARKS.md` and `benchmarks-throughput.svg` at the repository root (listing
 //! any part that failed).
@@ -16,6 +17,7 @@
 //! A part that fails is reported and the others still run; the command then exits non-zero.
 
 mod cairn;
+mod export;
 mod mqtt;
 mod peers;
 pub(crate) mod proc;
@@ -85,7 +87,7 @@ impl Profile {
     }
 }
 
-const PARTS: &[&str] = &["dqlite", "mosquitto", "hiqlite", "cairn"];
+const PARTS: &[&str] = &["dqlite", "mosquitto", "hiqlite", "cairn", "export"];
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut quick = false;
@@ -132,7 +134,7 @@ pub fn run(args: &[String]) -> Result<()> {
         if wants("hiqlite") {
             hiqlite_driver = Some(peers::build_hiqlite_driver()?);
         }
-        if wants("cairn") {
+        if wants("cairn") || wants("export") {
             cairn_bin = Some(cairn::build()?);
         }
         Ok(())
@@ -157,6 +159,9 @@ pub fn run(args: &[String]) -> Result<()> {
     });
     part("cairn", &mut |r| {
         cairn::run(&profile, r, cairn_bin.as_deref().expect("built above"))
+    });
+    part("export", &mut |r| {
+        export::run(&profile, r, cairn_bin.as_deref().expect("built above"))
     });
     let measured_for = measuring.elapsed();
 
@@ -400,7 +405,7 @@ fn markdown(
          Ratios are Cairn/peer: above 1 is better for throughput, below 1 for latency and \
          bytes.\n\n\
          ![throughput against device count](benchmarks-throughput.svg)\n\n\
-         ## What each figure is\n\n{method}\n\
+         ## What each figure is\n\n{method}{export_method}\n\
          ## All measurements\n\n{all}\n\
          ## Reproduce\n\n\
          ```\ncargo xtask bench          # full run, rewrites this file (about 10 minutes)\n\
@@ -415,6 +420,7 @@ fn markdown(
         secs = measured_for.as_secs_f64(),
         all = report::all_table(results),
         method = METHOD,
+        export_method = export::METHOD,
     )
 }
 

@@ -65,7 +65,7 @@ fn pid(cluster: &Cluster, i: usize) -> u32 {
 }
 
 /// Node `i`'s device port.
-fn device_addr(cluster: &Cluster, i: usize) -> Result<SocketAddr> {
+pub(super) fn device_addr(cluster: &Cluster, i: usize) -> Result<SocketAddr> {
     let d = &cluster.nodes[i].device;
     d.parse()
         .with_context(|| format!("node {} device address {d:?}", cluster.nodes[i].id))
@@ -87,7 +87,7 @@ fn execute(cluster: &Cluster, i: usize, sql: &str) -> Result<serde_json::Value> 
 }
 
 /// First column of the first row of a query on node `i`, read locally (`level=none`).
-fn query_local_i64(cluster: &Cluster, i: usize, sql: &str) -> Result<i64> {
+pub(super) fn query_local_i64(cluster: &Cluster, i: usize, sql: &str) -> Result<i64> {
     let r = cluster.nodes[i].query(sql, "none");
     r.body["results"][0]["values"][0][0]
         .as_i64()
@@ -333,7 +333,7 @@ fn devices(profile: &Profile, cluster: &Cluster, bin: &Path, results: &mut Resul
 }
 
 /// The parts of a node's data directory, by what they hold.
-const DISK_PARTS: [&str; 5] = ["database", "Raft log", "snapshots", "WALs", "other"];
+pub(super) const DISK_PARTS: [&str; 5] = ["database", "Raft log", "snapshots", "WALs", "other"];
 
 /// Which of [`DISK_PARTS`] a file of a node's data directory belongs to.
 fn disk_part(rel: &Path) -> usize {
@@ -352,7 +352,7 @@ fn disk_part(rel: &Path) -> usize {
 }
 
 /// Bytes of every file under `dir`, summed per [`DISK_PARTS`].
-fn disk_usage(dir: &Path) -> Result<[u64; 5]> {
+pub(super) fn disk_usage(dir: &Path) -> Result<[u64; 5]> {
     let mut parts = [0u64; 5];
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {

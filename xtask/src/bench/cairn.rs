@@ -351,14 +351,23 @@ fn disk_part(rel: &Path) -> usize {
     }
 }
 
-/// Bytes of every file under `dir`, summed per [`DISK_PARTS`].
+/// Bytes of every file under `dir`, summed per [`DISK_PARTS`]. A file or directory that
+/// goes away while it is read (a snapshot swapped in) counts as gone.
 pub(super) fn disk_usage(dir: &Path) -> Result<[u64; 5]> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let mut parts = [0u64; 5];
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+        let entries = match std::fs::read_dir(&d) {
+            Err(e) if gone(&e) && d != dir => continue,
+            r => r.with_context(|| format!("reading {}", d.display()))?,
+        };
+        for e in entries {
             let e = e?;
-            let meta = e.metadata()?;
+            let meta = match e.metadata() {
+                Err(e) if gone(&e) => continue,
+                r => r?,
+            };
             if meta.is_dir() {
                 todo.push(e.path());
             } else {

@@ -15,8 +15,10 @@ use anyhow::{Context, Result, bail, ensure};
 use cairn_protocol::Value;
 use cairn_tests::{Cluster, Options, device, fleet};
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The first parent of the merge of the storage work (`git log --oneline | grep "merge
@@ -402,16 +404,17 @@ fn settle(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// The database's size on node `i` as SQLite counts it (pages times page size: what the file
-/// holds once the WAL is checkpointed), or the file and its WAL when PRAGMAs are refused.
+/// The database's size on node `i` as SQLite counts it: pages times page size, what the
+/// file holds once the WAL is checkpointed (read through a read-only connection of this
+/// process: the API refuses PRAGMAs).
 fn database_bytes(cluster: &Cluster, i: usize) -> Result<f64> {
-    let pages = query_local_i64(cluster, i, "PRAGMA page_count");
-    let size = query_local_i64(cluster, i, "PRAGMA page_size");
-    if let (Ok(p), Ok(s)) = (pages, size) {
-        return Ok((p * s) as f64);
-    }
-    let parts = disk_usage(&cluster.nodes[i].dir)?;
-    Ok(parts[0] as f64)
+    let path = cluster.nodes[i].dir.join("sm/db.sqlite");
+    let conn =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening {}", path.display()))?;
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok((pages * size) as f64)
 }
 
 /// Bytes per record on the node with the most, split by [`DISK_PARTS`] (printed per node).
@@ -484,19 +487,64 @@ fn snapshot_peak(profile: &Profile, cluster: &mut Cluster, leader: usize) -> Res
         println!("    disk: the follower did not exit cleanly on SIGTERM");
     }
     let leader_addr = device_addr(cluster, leader)?;
-    let ingest_for = Duration::from_secs(if profile.quick { 40 } else { 90 });
+    let purge_within = Duration::from_secs(if profile.quick { 60 } else { 120 });
     let leader_pid = cluster.nodes[leader].pid().unwrap_or(0);
     let cpu_before = cpu_seconds(leader_pid).unwrap_or(f64::NAN);
-    let outcome = std::thread::scope(|scope| -> Result<(Peak, fleet::Report)> {
-        let fleet = scope.spawn(move || {
-            fleet::run(&fleet::Plan {
-                gateways: vec![leader_addr],
-                ids: 1..1 + DEVICES,
-                mode: fleet::Mode::Saturate,
-                duration: ingest_for,
-                probe: None,
-            })
-        });
+    let stop = AtomicBool::new(false);
+    let outcome = std::thread::scope(|scope| -> Result<(Peak, (u64, f64))> {
+        let fleet = scope.spawn(|| ingest_until(leader_addr, &stop));
+        let peak = transfer(cluster, [leader, installing, bystander], last, purge_within);
+        stop.store(true, Ordering::Relaxed);
+        let report = fleet
+            .join()
+            .map_err(|_| anyhow::anyhow!("fleet panicked"))??;
+        Ok((peak?, report))
+    });
+    let (mut p, (acked, secs)) = outcome?;
+    p.ingest_rate = acked as f64 / secs;
+    let cpu = (cpu_seconds(leader_pid).unwrap_or(f64::NAN) - cpu_before) / secs;
+    println!(
+        "    snapshot transfer: {:.1} s; serving node {:.1} MB at peak over {:.1} MB steady \
+         ({:.2}x), installing node {:.1} MB ({:.2}x); WAL growth serving {:.0} B/s, installing \
+         {:.0} B/s; ingest {:.0} records/s, leader CPU {cpu:.2} cores",
+        p.transfer_s,
+        p.serving_bytes / 1e6,
+        p.steady_bytes / 1e6,
+        p.serving,
+        p.installing_bytes / 1e6,
+        p.installing,
+        p.wal_serving,
+        p.wal_installing,
+        p.ingest_rate
+    );
+    Ok(p)
+}
+
+/// The fleet at full speed on the leader, in 5 s runs, until `stop`; (acked, seconds).
+fn ingest_until(leader: SocketAddr, stop: &AtomicBool) -> Result<(u64, f64)> {
+    let (mut acked, mut secs) = (0, 0.0);
+    while !stop.load(Ordering::Relaxed) {
+        let r = fleet::run(&fleet::Plan {
+            gateways: vec![leader],
+            ids: 1..1 + DEVICES,
+            mode: fleet::Mode::Saturate,
+            duration: Duration::from_secs(5),
+            probe: None,
+        })?;
+        acked += r.acked;
+        secs += r.elapsed.as_secs_f64();
+    }
+    Ok((acked, secs.max(1e-9)))
+}
+
+/// The transfer itself, while the fleet ingests: nodes are [serving, installing, bystander].
+fn transfer(
+    cluster: &mut Cluster,
+    [leader, installing, bystander]: [usize; 3],
+    last: u64,
+    purge_within: Duration,
+) -> Result<Peak> {
+    {
         let started = Instant::now();
         let purged = loop {
             let p = raft_index(cluster, leader, "purged_index").unwrap_or(0);
@@ -504,9 +552,9 @@ fn snapshot_peak(profile: &Profile, cluster: &mut Cluster, leader: usize) -> Res
                 break p;
             }
             ensure!(
-                started.elapsed() < ingest_for / 2,
-                "the leader's log was not purged past the stopped follower ({last}) within {:?}",
-                ingest_for / 2
+                started.elapsed() < purge_within,
+                "the leader's log was not purged past the stopped follower ({last}) within \
+                 {purge_within:?}"
             );
             std::thread::sleep(Duration::from_millis(200));
         };
@@ -539,9 +587,6 @@ fn snapshot_peak(profile: &Profile, cluster: &mut Cluster, leader: usize) -> Res
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let report = fleet
-            .join()
-            .map_err(|_| anyhow::anyhow!("fleet panicked"))??;
         let (end_at, end_i) = transfer_end.expect("set before catching up");
         let steady = |s: &Sample| {
             let grown = total(&s.bystander) as f64 / total(&at_restart.bystander).max(1) as f64;
@@ -568,27 +613,8 @@ fn snapshot_peak(profile: &Profile, cluster: &mut Cluster, leader: usize) -> Res
         // WAL part of DISK_PARTS.
         p.wal_serving = (end.serving[3] as f64 - at_restart.serving[3] as f64) / secs;
         p.wal_installing = end.installing[3] as f64 / secs;
-        Ok((p, report))
-    });
-    let (mut p, report) = outcome?;
-    p.ingest_rate = report.acked as f64 / report.elapsed.as_secs_f64();
-    let cpu =
-        (cpu_seconds(leader_pid).unwrap_or(f64::NAN) - cpu_before) / report.elapsed.as_secs_f64();
-    println!(
-        "    snapshot transfer: {:.1} s; serving node {:.1} MB at peak over {:.1} MB steady \
-         ({:.2}x), installing node {:.1} MB ({:.2}x); WAL growth serving {:.0} B/s, installing \
-         {:.0} B/s; ingest {:.0} records/s, leader CPU {cpu:.2} cores",
-        p.transfer_s,
-        p.serving_bytes / 1e6,
-        p.steady_bytes / 1e6,
-        p.serving,
-        p.installing_bytes / 1e6,
-        p.installing,
-        p.wal_serving,
-        p.wal_installing,
-        p.ingest_rate
-    );
-    Ok(p)
+        Ok(p)
+    }
 }
 
 fn total(parts: &[u64; 5]) -> u64 {

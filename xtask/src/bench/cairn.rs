@@ -476,12 +476,12 @@ fn firmware_client(
     Ok(())
 }
 
-const SQL_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_sql (device_id INTEGER NOT NULL, \
+pub(super) const SQL_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_sql (device_id INTEGER NOT NULL, \
     seq INTEGER NOT NULL, time TEXT NOT NULL, received_at TEXT NOT NULL, v0 REAL, v1 REAL, \
     v2 REAL, PRIMARY KEY (device_id, seq))";
 
 /// One parameterised INSERT of a three-value record, as rqlite's JSON statement array.
-fn sql_insert(device: u64, seq: u64) -> serde_json::Value {
+pub(super) fn sql_insert(device: u64, seq: u64) -> serde_json::Value {
     serde_json::json!([
         "INSERT INTO bench_sql VALUES (?, ?, ?, ?, ?, ?, ?)",
         device,

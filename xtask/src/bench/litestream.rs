@@ -17,6 +17,7 @@
 //! against the writer's commit list.
 
 use super::Profile;
+use super::cairn::{SQL_TABLE as TABLE, sql_insert};
 use super::proc::percentile;
 use super::report::{Better, Measurement, Results, fmt_value, met};
 use anyhow::{Context, Result, ensure};
@@ -38,11 +39,6 @@ const BUCKET: &str = "bench-backups";
 const SHAPES: [(u64, u64); 2] = [(1_000, 10), (20_000, 100)];
 /// How often the bucket is listed.
 const POLL: Duration = Duration::from_millis(50);
-
-const TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_sql (device_id INTEGER NOT NULL, \
-    seq INTEGER NOT NULL, time TEXT NOT NULL, received_at TEXT NOT NULL, v0 REAL, v1 REAL, \
-    v2 REAL, PRIMARY KEY (device_id, seq))";
-const INSERT: &str = "INSERT INTO bench_sql VALUES (?, ?, ?, ?, ?, ?, ?)";
 
 /// Unix time in ms (fractional) of the wall clock, the clock both systems stamp with.
 fn now_ms() -> f64 {
@@ -613,17 +609,29 @@ impl Replicated for Litestream {
         let mut conn = self.conn.lock().expect("lock");
         let tx = conn.transaction()?;
         {
-            let mut st = tx.prepare_cached(INSERT)?;
+            // The same statement and values as Cairn's writes (rqlite's [SQL, params...]).
+            let shape = sql_insert(0, 0);
+            let mut st = tx.prepare_cached(shape[0].as_str().context("statement")?)?;
             for seq in first..first + n {
-                st.execute(rusqlite::params![
-                    0,
-                    seq as i64,
-                    "2026-11-25T18:44:00.000Z",
-                    "2026-11-25T18:44:00.100Z",
-                    21.5,
-                    48.25,
-                    1013.0
-                ])?;
+                let row = sql_insert(0, seq);
+                let params: Vec<rusqlite::types::Value> = row
+                    .as_array()
+                    .context("statement")?
+                    .iter()
+                    .skip(1)
+                    .map(|v| match v {
+                        serde_json::Value::Number(n) if n.is_f64() => {
+                            rusqlite::types::Value::Real(n.as_f64().unwrap_or(0.0))
+                        }
+                        serde_json::Value::Number(n) => {
+                            rusqlite::types::Value::Integer(n.as_i64().unwrap_or(0))
+                        }
+                        other => rusqlite::types::Value::Text(
+                            other.as_str().unwrap_or_default().to_string(),
+                        ),
+                    })
+                    .collect();
+                st.execute(rusqlite::params_from_iter(params))?;
             }
         }
         tx.commit()?;
@@ -719,20 +727,7 @@ impl Replicated for CairnBackup {
     }
 
     fn commit(&self, first: u64, n: u64) -> Result<()> {
-        let stmts: Vec<_> = (first..first + n)
-            .map(|seq| {
-                serde_json::json!([
-                    INSERT,
-                    0,
-                    seq,
-                    "2026-11-25T18:44:00.000Z",
-                    "2026-11-25T18:44:00.100Z",
-                    21.5,
-                    48.25,
-                    1013.0
-                ])
-            })
-            .collect();
+        let stmts: Vec<_> = (first..first + n).map(|seq| sql_insert(0, seq)).collect();
         let r = self
             .client
             .post_text(&self.execute, &serde_json::Value::from(stmts).to_string());

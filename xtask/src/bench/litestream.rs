@@ -252,7 +252,7 @@ fn paced(
         Ok(())
     })?;
     let mut log = log.into_inner().expect("lock");
-    log.sort_by(|a, b| a.first.cmp(&b.first));
+    log.sort_by_key(|c| c.first);
     let behind = start.elapsed().as_secs_f64() - secs;
     if behind > 1.0 {
         println!("    writer fell {behind:.1} s behind its schedule at {rate} rows/s");

@@ -1,10 +1,14 @@
-//! `cargo xtask bench [--quick] [--only PARTS]`: Cairn side by side with dqlite, Mosquitto and
+//! `cargo xtask bench [--quick] [--only PARTS] [--disk-records N]`: Cairn side by side with dqlite, Mosquitto and
 //! hiqlite, in one run on one machine.
 //!
 //! Parts run in order: `peers` (installs Debian packages when missing), `hiqlite` (builds
 //! `peers/hiqlite-driver` outside the workspace), `cairn` (a 3-node cluster of release
-//! `cairn` processes on loopback). `--only cairn,dqlite` runs a subset (`dqlite`, `mosquitto`,
-//! `hiqlite`, `cairn`). Every run writes `target/bench/results.json` (one object per
+//! `cairn` processes on loopback), `disk` (issue 29: bytes per record at `--disk-records N`,
+//! default 6,000,000, marginal cost, the snapshot-transfer peak, beside the release `cairn` of
+//! the commit before the storage work, built once under `target/prev/pre-storage`) and
+//! `litestream` (issue 30: Cairn's continuous backup beside Litestream 0.5, both to moto's S3
+//! server). `--only cairn,dqlite` runs a subset (`dqlite`, `mosquitto`, `hiqlite`, `cairn`,
+//! `disk`, `litestream`). Every run writes `target/bench/results.json` (one object per
 //! measurement: name, system, value, unit), `target/bench/report.md` and
 //! `target/bench/throughput.svg`, and prints the ratio table. A full run of every part also
 //! rewrites `BENCHMARKS.md` and `benchmarks-throughput.svg` at the repository root (listing

@@ -264,13 +264,12 @@ fn measure(profile: &Profile, bin: &Path, label: &str, sizes: Sizes) -> Result<F
         let cluster = start(bin, label, "bench")?;
         let (marginal, rate) = fill(&cluster, sizes, bench_values)?;
         f.marginal_bench = marginal;
-        let leader = cluster.leader();
         let (records, parts) = split(&cluster)?;
         f.records = records;
         f.parts = parts;
         f.ingest_rate = rate;
         let mut cluster = cluster;
-        f.snapshot = match snapshot_peak(profile, &mut cluster, leader) {
+        f.snapshot = match snapshot_peak(profile, &mut cluster) {
             Ok(p) => Some(p),
             Err(e) => {
                 println!("    disk ({label}): snapshot transfer not measured: {e:#}");
@@ -333,12 +332,13 @@ fn random_values(id: u64, seq: u64) -> [Value<'static>; 3] {
 /// database between the marginal counts; returns (marginal bytes per record, records/s).
 fn fill(cluster: &Cluster, sizes: Sizes, values: fleet::Values) -> Result<(f64, f64)> {
     let mut stored = 0u64;
-    let mut rate = 50_000.0f64;
+    // The first run is short: it measures the rate the next ones are sized by.
+    let mut rate = f64::INFINITY;
     let (mut acked, mut secs) = (0u64, 0.0f64);
     let mut marks = Vec::new();
     for goal in [sizes.marginal.0, sizes.marginal.1, sizes.records] {
         while stored < goal {
-            let chunk = ((goal - stored) as f64 / rate).clamp(1.0, 15.0);
+            let chunk = ((goal - stored) as f64 / rate).clamp(0.5, 15.0);
             let leader = cluster.leader();
             let r = fleet::run_with_values(
                 &fleet::Plan {
@@ -470,6 +470,9 @@ fn raft_index(cluster: &Cluster, i: usize, key: &str) -> Option<u64> {
         .as_u64()
 }
 
+/// The snapshot settings of the transfer measurement (flags both binaries take).
+const SNAPSHOT_FLAGS: [&str; 4] = ["--snapshot-threshold", "512", "--snapshot-keep-logs", "16"];
+
 /// Stops a follower, ingests at full speed until the leader's log is purged past it, starts
 /// it again while the ingest goes on and samples the three data directories every 50 ms
 /// until the follower has applied past the purge point and caught up with the third node.
@@ -477,7 +480,22 @@ fn raft_index(cluster: &Cluster, i: usize, key: &str) -> Option<u64> {
 /// Steady state at a moment is the serving node's size when the follower restarted, grown as
 /// the third node (which takes part in nothing but the ingest) grew since: the ratios are
 /// the peaks of the serving and the installing node over it.
-fn snapshot_peak(profile: &Profile, cluster: &mut Cluster, leader: usize) -> Result<Peak> {
+fn snapshot_peak(profile: &Profile, cluster: &mut Cluster) -> Result<Peak> {
+    // Snapshots often enough to purge past a stopped follower within seconds at full ingest:
+    // with the defaults (every 8,192 entries, 1,024 kept behind; the binary after the storage
+    // work also every 32 MiB of log) a saturated leader, whose entries carry thousands of
+    // records each, takes minutes. All nodes restart with the same settings for both binaries.
+    for i in 0..cluster.nodes.len() {
+        cluster.terminate(i);
+    }
+    for i in 0..cluster.nodes.len() {
+        cluster.set_flags(i, &SNAPSHOT_FLAGS);
+        cluster.relaunch(i);
+    }
+    for i in 0..cluster.nodes.len() {
+        cluster.wait_ready(i);
+    }
+    let leader = cluster.leader();
     let installing = (0..3).find(|&i| i != leader).expect("three nodes");
     let bystander = (0..3)
         .find(|&i| i != leader && i != installing)
@@ -725,7 +743,9 @@ file of a node's data directory over the rows of its `climate` table, once every
 the leader's commit index (\"other\" is node.log and small files). Marginal cost: the \
 database's pages (`PRAGMA page_count` × `page_size`) added between the two counts, over the \
 records added; the random run pushes three uniform `f32`s in [-1000, 1000). Snapshot: one \
-follower is stopped (SIGTERM), the fleet ingests until the leader's log is purged past the \
+follower is stopped (SIGTERM) after all nodes restarted with snapshots every 512 entries \
+and 16 entries kept behind (so a saturated leader purges past it within seconds; same \
+settings for both binaries), the fleet ingests until the leader's log is purged past the \
 follower's last entry, and the follower is started again while the ingest goes on; the three \
 data directories are sampled every 50 ms until it applied past the purge point and caught \
 up. Steady state at a moment is the serving node's size at the restart grown as the third \

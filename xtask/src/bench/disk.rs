@@ -332,13 +332,18 @@ fn random_values(id: u64, seq: u64) -> [Value<'static>; 3] {
 /// database between the marginal counts; returns (marginal bytes per record, records/s).
 fn fill(cluster: &Cluster, sizes: Sizes, values: fleet::Values) -> Result<(f64, f64)> {
     let mut stored = 0u64;
-    // The first run is short: it measures the rate the next ones are sized by.
-    let mut rate = f64::INFINITY;
+    // The first run is short: the best rate seen sizes the next ones (a run's first moments,
+    // devices connecting, are slower), so a goal is overshot by little.
+    let mut best: f64 = 0.0;
     let (mut acked, mut secs) = (0u64, 0.0f64);
     let mut marks = Vec::new();
     for goal in [sizes.marginal.0, sizes.marginal.1, sizes.records] {
         while stored < goal {
-            let chunk = ((goal - stored) as f64 / rate).clamp(0.5, 15.0);
+            let chunk = if best > 0.0 {
+                ((goal - stored) as f64 / best).clamp(0.5, 10.0)
+            } else {
+                1.0
+            };
             let leader = cluster.leader();
             let r = fleet::run_with_values(
                 &fleet::Plan {
@@ -357,7 +362,7 @@ fn fill(cluster: &Cluster, sizes: Sizes, values: fleet::Values) -> Result<(f64, 
             stored += r.acked;
             acked += r.acked;
             secs += r.elapsed.as_secs_f64();
-            rate = r.acked as f64 / r.elapsed.as_secs_f64();
+            best = best.max(r.acked as f64 / r.elapsed.as_secs_f64());
         }
         if marks.len() < 2 {
             settle(cluster)?;

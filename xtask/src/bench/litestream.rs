@@ -72,52 +72,21 @@ fn rfc3339(ms: f64) -> String {
 
 /// moto's S3 server on a free loopback port, its request log in `dir/moto.log`.
 struct Moto {
-    child: Child,
+    /// Runs while this lives.
+    _server: cairn_tests::servers::Moto,
     endpoint: String,
     log: PathBuf,
 }
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Moto {
     fn start(dir: &Path) -> Result<Moto> {
-        let port = cairn_tests::servers::free_port();
         let log = dir.join("moto.log");
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("python3 -m moto.server (PyPI moto[server]; `cargo xtask setup`)")?;
-        let moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
+        let server = cairn_tests::servers::Moto::start(BUCKET, Some(&log))?;
+        Ok(Moto {
+            endpoint: server.endpoint.clone(),
+            _server: server,
             log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let r = cairn_tests::agent()
-                .put(format!("{}/{BUCKET}", moto.endpoint))
-                .send_empty();
-            if r.is_ok_and(|r| r.status().is_success()) {
-                return Ok(moto);
-            }
-            ensure!(Instant::now() < deadline, "moto did not answer within 60 s");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        })
     }
 
     /// The log's length now: requests after this offset are a phase's.

@@ -840,6 +840,9 @@ fn push(results: &mut Results, system: &str, f: &SystemFigures) {
     }
 }
 
+/// One figure of a phase.
+type Figure = fn(&PhaseFigures) -> f64;
+
 /// The side-by-side table with Cairn's targets.
 fn table(ls: &SystemFigures, cairn: &SystemFigures, fast: &SystemFigures) -> String {
     let mut out = String::new();
@@ -878,28 +881,6 @@ fn table(ls: &SystemFigures, cairn: &SystemFigures, fast: &SystemFigures) -> Str
                 format!("Cairn ≤ 0.7× Litestream ({}); 200 ms ≤ 0.4", fmt_value(t)),
                 &format!("{ok_default}; {ok_fast}"),
             );
-            let ok = met(
-                Better::AtMost,
-                cv(|p| p.puts_per_million()),
-                lv(|p| p.puts_per_million()),
-            );
-            row(
-                "PUT requests per million rows",
-                |p| p.puts_per_million(),
-                "Cairn ≤ Litestream".into(),
-                ok,
-            );
-            let ok = met(
-                Better::AtMost,
-                cv(|p| p.bytes_per_million()),
-                lv(|p| p.bytes_per_million()),
-            );
-            row(
-                "MB uploaded per million rows",
-                |p| p.bytes_per_million() / 1e6,
-                "Cairn ≤ Litestream".into(),
-                ok,
-            );
         } else {
             row(
                 "lag commit → object stored p99 (s)",
@@ -907,18 +888,24 @@ fn table(ls: &SystemFigures, cairn: &SystemFigures, fast: &SystemFigures) -> Str
                 String::new(),
                 "",
             );
-            row(
-                "PUT requests per million rows",
-                |p| p.puts_per_million(),
-                String::new(),
-                "",
-            );
-            row(
-                "MB uploaded per million rows",
-                |p| p.bytes_per_million() / 1e6,
-                String::new(),
-                "",
-            );
+        }
+        // Cairn's upload volume against Litestream's: a target at 20,000 rows/s only.
+        let volume: [(&str, Figure); 2] = [
+            ("PUT requests per million rows", |p| p.puts_per_million()),
+            ("MB uploaded per million rows", |p| {
+                p.bytes_per_million() / 1e6
+            }),
+        ];
+        for (what, g) in volume {
+            let (target, ok) = if rate == 20_000 {
+                (
+                    "Cairn ≤ Litestream".to_string(),
+                    met(Better::AtMost, cv(g), lv(g)),
+                )
+            } else {
+                (String::new(), "")
+            };
+            row(what, g, target, ok);
         }
         row(
             "PUT requests per second",

@@ -340,7 +340,7 @@ fn fill(cluster: &Cluster, sizes: Sizes, values: fleet::Values) -> Result<(f64, 
     for goal in [sizes.marginal.0, sizes.marginal.1, sizes.records] {
         while stored < goal {
             let chunk = if best > 0.0 {
-                ((goal - stored) as f64 / best).clamp(0.5, 10.0)
+                (0.8 * (goal - stored) as f64 / best).clamp(0.3, 10.0)
             } else {
                 1.0
             };
@@ -680,6 +680,12 @@ fn table(sizes: Sizes, after: &Figures, before: Option<&Figures>) -> String {
         );
     };
     row(
+        "records on each node when the split was taken",
+        &|f| Some(f.records),
+        "",
+        None,
+    );
+    row(
         "bytes per record per node, whole data directory (worst node)",
         &|f| Some(f.total()),
         "B",
@@ -689,13 +695,15 @@ fn table(sizes: Sizes, after: &Figures, before: Option<&Figures>) -> String {
         row(&format!("… {part}"), &|f| Some(f.parts[k]), "B", None);
     }
     row(
-        &format!("database bytes added per record, {m0}→{m1} records, bench values"),
+        &format!(
+            "database bytes added per record, at least {m0}→{m1} records (counts above), bench values"
+        ),
         &|f| Some(f.marginal_bench),
         "B",
         None,
     );
     row(
-        &format!("database bytes added per record, {m0}→{m1} records, random f32s"),
+        &format!("database bytes added per record, at least {m0}→{m1} records, random f32s"),
         &|f| Some(f.marginal_random),
         "B",
         None,

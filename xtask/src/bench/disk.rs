@@ -152,7 +152,8 @@ impl Figures {
 struct Peak {
     serving: f64,
     installing: f64,
-    /// Bytes per second the serving and the installing node's WALs grew during the transfer.
+    /// Bytes per second of transfer that the serving node's WALs grew by at their largest
+    /// (over their size at the restart), and the installing node's WALs' largest size.
     wal_serving: f64,
     wal_installing: f64,
     /// Restart of the follower to its applying past the leader's purge point.
@@ -625,22 +626,48 @@ fn transfer(
             transfer_s: (end_at - restarted).as_secs_f64(),
             ..Peak::default()
         };
+        let (mut peak_s, mut peak_i) = (&at_restart, &at_restart);
         for s in &samples {
             let st = steady(s);
             if total(&s.serving) as f64 / st > p.serving {
                 p.serving = total(&s.serving) as f64 / st;
                 p.serving_bytes = total(&s.serving) as f64;
+                peak_s = s;
             }
             if total(&s.installing) as f64 / st > p.installing {
                 p.installing = total(&s.installing) as f64 / st;
                 p.installing_bytes = total(&s.installing) as f64;
+                peak_i = s;
             }
         }
-        let end = &samples[end_i];
-        let secs = (end.at - at_restart.at).as_secs_f64().max(1e-3);
-        // WAL part of DISK_PARTS.
-        p.wal_serving = (end.serving[3] as f64 - at_restart.serving[3] as f64) / secs;
-        p.wal_installing = end.installing[3] as f64 / secs;
+        let mb = |parts: &[u64; 5]| {
+            let mut line = String::new();
+            for (k, name) in DISK_PARTS.iter().enumerate() {
+                let _ = write!(line, " {name} {:.1}", parts[k] as f64 / 1e6);
+            }
+            line
+        };
+        println!("    at the restart, MB: serving{}", mb(&at_restart.serving));
+        println!(
+            "                        third node{}",
+            mb(&at_restart.bystander)
+        );
+        println!(
+            "    serving node's peak, MB:{} (third node{})",
+            mb(&peak_s.serving),
+            mb(&peak_s.bystander)
+        );
+        println!(
+            "    installing node's peak, MB:{} (third node{})",
+            mb(&peak_i.installing),
+            mb(&peak_i.bystander)
+        );
+        // The WALs' largest size during the transfer (part 3 of DISK_PARTS), over its length.
+        let secs = (samples[end_i].at - at_restart.at).as_secs_f64().max(1e-3);
+        let wal_max = |f: fn(&Sample) -> u64| samples[..=end_i].iter().map(f).max().unwrap_or(0);
+        p.wal_serving =
+            (wal_max(|s| s.serving[3]) as f64 - at_restart.serving[3] as f64).max(0.0) / secs;
+        p.wal_installing = wal_max(|s| s.installing[3]) as f64 / secs;
         Ok(p)
     }
 }
@@ -766,6 +793,8 @@ and 16 entries kept behind (so a saturated leader purges past it within seconds;
 settings for both binaries), the fleet ingests until the leader's log is purged past the \
 follower's last entry, and the follower is started again while the ingest goes on; the three \
 data directories are sampled every 50 ms until it applied past the purge point and caught \
-up with the third node (or 5 s after the install, when it needs another snapshot). Steady state at a moment is the serving node's size at the restart grown as the third \
-node grew since; the WAL growth is over the transfer (restart to applied past the purge \
-point).\n";
+up with the third node (or 5 s after the install, when it needs another snapshot). Steady \
+state at a moment is the serving node's size at the restart grown as the third node grew \
+since. WAL growth: the serving node's WALs at their largest during the transfer (restart to \
+applied past the purge point) over their size at the restart, per second of transfer; the \
+installing node's WALs at their largest, per second.\n";

@@ -184,7 +184,7 @@ pub fn run(
     let after = measure(profile, bin, "after", sizes)?;
     push(results, SYSTEM, &after);
     let before_figures = match before {
-        Some(b) => match measure(profile, b, "before", sizes) {
+        Some(b) => match crate::util::caught(|| measure(profile, b, "before", sizes)) {
             Ok(f) => {
                 push(results, SYSTEM_BEFORE, &f);
                 Some(f)
@@ -270,7 +270,7 @@ fn measure(profile: &Profile, bin: &Path, label: &str, sizes: Sizes) -> Result<F
         f.parts = parts;
         f.ingest_rate = rate;
         let mut cluster = cluster;
-        f.snapshot = match snapshot_peak(profile, &mut cluster) {
+        f.snapshot = match crate::util::caught(|| snapshot_peak(profile, &mut cluster)) {
             Ok(p) => Some(p),
             Err(e) => {
                 println!("    disk ({label}): snapshot transfer not measured: {e:#}");
@@ -517,8 +517,13 @@ fn snapshot_peak(profile: &Profile, cluster: &mut Cluster) -> Result<Peak> {
     let stop = AtomicBool::new(false);
     let outcome = std::thread::scope(|scope| -> Result<(Peak, (u64, f64))> {
         let fleet = scope.spawn(|| ingest_until(leader_addr, &stop));
-        let peak = transfer(cluster, [leader, installing, bystander], last, purge_within);
-        stop.store(true, Ordering::Relaxed);
+        let peak = {
+            // Also when the transfer panics (a node that died): the scope waits for the fleet.
+            let _stop = StopOnDrop(&stop);
+            crate::util::caught(|| {
+                transfer(cluster, [leader, installing, bystander], last, purge_within)
+            })
+        };
         let report = fleet
             .join()
             .map_err(|_| anyhow::anyhow!("fleet panicked"))??;
@@ -542,6 +547,15 @@ fn snapshot_peak(profile: &Profile, cluster: &mut Cluster) -> Result<Peak> {
         p.ingest_rate
     );
     Ok(p)
+}
+
+/// Sets the flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The fleet at full speed on the leader, in 5 s runs, until `stop`; (acked, seconds).

@@ -10,7 +10,7 @@
 
 use crate::device::{climate_values, key_of, read_frame};
 use anyhow::{Context, Result, anyhow, bail};
-use cairn_protocol::{BatchEncoder, DeviceSession, MAX_FRAME, Message, Pong, Record};
+use cairn_protocol::{BatchEncoder, DeviceSession, MAX_FRAME, Message, Pong, Record, Value};
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::ops::Range;
@@ -104,8 +104,16 @@ pub struct Plan<'a> {
 /// Hello, so a device of a second run is not taken for a replay of the first's Hellos.
 static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// Runs the fleet for `plan.duration`, one thread per device.
+/// The values of record `seq` of device `id`.
+pub type Values = fn(id: u64, seq: u64) -> [Value<'static>; 3];
+
+/// Runs the fleet for `plan.duration`, one thread per device, pushing [`climate_values`].
 pub fn run(plan: &Plan<'_>) -> Result<Report> {
+    run_with_values(plan, |_, seq| climate_values(seq))
+}
+
+/// [`run`] with records of other values (the bench's disk figures for random `f32`s).
+pub fn run_with_values(plan: &Plan<'_>, values: Values) -> Result<Report> {
     let boot = RUNS.fetch_add(1, Ordering::Relaxed) + 1;
     let stop = AtomicBool::new(false);
     let start = Instant::now();
@@ -117,7 +125,7 @@ pub fn run(plan: &Plan<'_>) -> Result<Report> {
             handles.push(
                 std::thread::Builder::new()
                     .stack_size(256 * 1024)
-                    .spawn_scoped(scope, move || device(plan, id, boot, stop, start))?,
+                    .spawn_scoped(scope, move || device(plan, values, id, boot, stop, start))?,
             );
         }
         std::thread::sleep(plan.duration);
@@ -179,6 +187,7 @@ impl<R: Read> Read for Counted<R> {
 /// Gives up only if it cannot get a record acknowledged for 30 s.
 fn device(
     plan: &Plan<'_>,
+    values: Values,
     id: u64,
     boot: u32,
     stop: &AtomicBool,
@@ -186,6 +195,7 @@ fn device(
 ) -> Result<DeviceStats> {
     let mut d = Device {
         plan,
+        values,
         id,
         stop,
         start,
@@ -232,6 +242,7 @@ enum Next {
 /// One device of a run and what it carries from one connection to the next.
 struct Device<'p, 'a> {
     plan: &'p Plan<'a>,
+    values: Values,
     id: u64,
     stop: &'p AtomicBool,
     start: Instant,
@@ -270,6 +281,7 @@ impl Device<'_, '_> {
     ) -> Result<Next> {
         let Device {
             plan,
+            values,
             id,
             stop,
             start,
@@ -335,7 +347,7 @@ impl Device<'_, '_> {
                 let mut body = [0u8; MAX_FRAME];
                 let mut batch = BatchEncoder::new(&mut body, next_seq, uptime(now));
                 for i in 0..want.min(u64::from(MAX_BATCH)) {
-                    let values = climate_values(next_seq + i);
+                    let values = values(id, next_seq + i);
                     let record = Record {
                         stream: STREAM,
                         uptime_ms: uptime(now),

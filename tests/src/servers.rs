@@ -4,7 +4,8 @@
 //! [`NatsServer`] (nats-server with JetStream), [`Mosquitto`] with a [`MqttSubscriber`]
 //! (`mosquitto_sub`), and [`WebhookReceiver`], an HTTP/1.1 endpoint in the test process that
 //! counts the keys of rqlite CDC envelopes. Each can be stopped and started again on the
-//! same port and data, to take a destination away for a while.
+//! same port and data, to take a destination away for a while. And [`Moto`], moto's
+//! S3-compatible server (PyPI), where the backup tests and the bench store backups.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -658,4 +659,60 @@ fn check_envelope(body: &[u8]) -> Result<Vec<Json>> {
         }
     }
     Ok(events)
+}
+
+/// moto's standalone S3-compatible server (PyPI `moto[server]`, `cargo xtask setup` installs
+/// it) on a free loopback port with one bucket; killed on drop. moto checks no signatures.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// Starts it and creates `bucket`; its output (a line per request) goes to `log`.
+    pub fn start(bucket: &str, log: Option<&Path>) -> Result<Moto> {
+        let port = free_port();
+        let (out, err) = match log {
+            Some(path) => {
+                let f = std::fs::File::create(path).context("moto log")?;
+                (Stdio::from(f.try_clone()?), Stdio::from(f))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .context(
+                "python3 -m moto.server (PyPI moto[server]; `cargo xtask setup` installs it)",
+            )?;
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        poll(TIMEOUT, "moto_server to answer", || {
+            let r = crate::agent()
+                .put(format!("{}/{bucket}", moto.endpoint))
+                .send_empty()
+                .ok()?;
+            r.status().is_success().then_some(())
+        });
+        Ok(moto)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_tests::device::{READINGS_CONFIG, sim_command};
+use cairn_tests::servers::Moto;
 use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, poll, stmts};
 use serde_json::json;
 
@@ -483,45 +484,9 @@ fn test_file_backup_survives_kill9_of_the_cluster_and_restores_to_a_point_in_tim
     kill(node);
 }
 
-/// moto's S3 server on a free loopback port; killed on drop.
-struct Moto(Child, String);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// moto's S3 server on a free loopback port with the bucket `cairn-backups`.
 fn moto() -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 -m moto.server (PyPI moto[server]; `cargo xtask setup` installs it)");
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let m = Moto(child, endpoint.clone());
-    poll(TIMEOUT, "moto_server to answer", || {
-        let r = cairn_tests::agent()
-            .put(format!("{endpoint}/cairn-backups"))
-            .send_empty()
-            .ok()?;
-        r.status().is_success().then_some(())
-    });
-    m
+    Moto::start("cairn-backups", None).expect("moto")
 }
 
 #[test]
@@ -537,7 +502,7 @@ fn test_s3_backup_with_leader_change_restores_everything_once() {
          backup_retention = \"1s\"\nbackup_retention_snapshots = 2\nbackup_s3_endpoint = \"{}\"\n\
          backup_s3_access_key_id = \"testing\"\nbackup_s3_secret_access_key = \"testing\"\n",
         INTERVAL.as_millis(),
-        s3.1
+        s3.endpoint
     );
     let mut c = Cluster::start_with(
         3,
@@ -574,7 +539,7 @@ fn test_s3_backup_with_leader_change_restores_everything_once() {
     }
 
     let work = tempfile::tempdir().unwrap();
-    let s3_flags = ["--s3-endpoint", s3.1.as_str()];
+    let s3_flags = ["--s3-endpoint", s3.endpoint.as_str()];
     let list = Command::new(cairn_bin())
         .args(["backup", "list", "--from", &url])
         .args(s3_flags)

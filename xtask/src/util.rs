@@ -20,18 +20,21 @@ pub fn root() -> PathBuf {
 pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("==> {name}");
     let start = Instant::now();
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("a panic");
-            Err(anyhow::anyhow!("panicked: {msg}"))
-        })
-        .with_context(|| format!("step `{name}` failed"))?;
+    caught(f).with_context(|| format!("step `{name}` failed"))?;
     println!("<== {name} ({:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `f`'s result, with a panic turned into an error naming its message.
+pub fn caught<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        Err(anyhow::anyhow!("panicked: {msg}"))
+    })
 }
 
 /// Runs `cargo ARGS` in the repository root and fails on a non-zero exit.

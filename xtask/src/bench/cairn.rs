@@ -65,7 +65,7 @@ fn pid(cluster: &Cluster, i: usize) -> u32 {
 }
 
 /// Node `i`'s device port.
-fn device_addr(cluster: &Cluster, i: usize) -> Result<SocketAddr> {
+pub(super) fn device_addr(cluster: &Cluster, i: usize) -> Result<SocketAddr> {
     let d = &cluster.nodes[i].device;
     d.parse()
         .with_context(|| format!("node {} device address {d:?}", cluster.nodes[i].id))
@@ -87,7 +87,7 @@ fn execute(cluster: &Cluster, i: usize, sql: &str) -> Result<serde_json::Value> 
 }
 
 /// First column of the first row of a query on node `i`, read locally (`level=none`).
-fn query_local_i64(cluster: &Cluster, i: usize, sql: &str) -> Result<i64> {
+pub(super) fn query_local_i64(cluster: &Cluster, i: usize, sql: &str) -> Result<i64> {
     let r = cluster.nodes[i].query(sql, "none");
     r.body["results"][0]["values"][0][0]
         .as_i64()
@@ -333,7 +333,7 @@ fn devices(profile: &Profile, cluster: &Cluster, bin: &Path, results: &mut Resul
 }
 
 /// The parts of a node's data directory, by what they hold.
-const DISK_PARTS: [&str; 5] = ["database", "Raft log", "snapshots", "WALs", "other"];
+pub(super) const DISK_PARTS: [&str; 5] = ["database", "Raft log", "snapshots", "WALs", "other"];
 
 /// Which of [`DISK_PARTS`] a file of a node's data directory belongs to.
 fn disk_part(rel: &Path) -> usize {
@@ -351,14 +351,23 @@ fn disk_part(rel: &Path) -> usize {
     }
 }
 
-/// Bytes of every file under `dir`, summed per [`DISK_PARTS`].
-fn disk_usage(dir: &Path) -> Result<[u64; 5]> {
+/// Bytes of every file under `dir`, summed per [`DISK_PARTS`]. A file or directory that
+/// goes away while it is read (a snapshot swapped in) counts as gone.
+pub(super) fn disk_usage(dir: &Path) -> Result<[u64; 5]> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let mut parts = [0u64; 5];
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+        let entries = match std::fs::read_dir(&d) {
+            Err(e) if gone(&e) && d != dir => continue,
+            r => r.with_context(|| format!("reading {}", d.display()))?,
+        };
+        for e in entries {
             let e = e?;
-            let meta = e.metadata()?;
+            let meta = match e.metadata() {
+                Err(e) if gone(&e) => continue,
+                r => r?,
+            };
             if meta.is_dir() {
                 todo.push(e.path());
             } else {
@@ -467,12 +476,12 @@ fn firmware_client(
     Ok(())
 }
 
-const SQL_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_sql (device_id INTEGER NOT NULL, \
+pub(super) const SQL_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_sql (device_id INTEGER NOT NULL, \
     seq INTEGER NOT NULL, time TEXT NOT NULL, received_at TEXT NOT NULL, v0 REAL, v1 REAL, \
     v2 REAL, PRIMARY KEY (device_id, seq))";
 
 /// One parameterised INSERT of a three-value record, as rqlite's JSON statement array.
-fn sql_insert(device: u64, seq: u64) -> serde_json::Value {
+pub(super) fn sql_insert(device: u64, seq: u64) -> serde_json::Value {
     serde_json::json!([
         "INSERT INTO bench_sql VALUES (?, ?, ?, ?, ?, ?, ?)",
         device,

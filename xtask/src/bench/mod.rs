@@ -1,12 +1,17 @@
-//! `cargo xtask bench [--quick] [--only PARTS]`: Cairn side by side with dqlite, Mosquitto and
+//! `cargo xtask bench [--quick] [--only PARTS] [--disk-records N]`: Cairn side by side with dqlite, Mosquitto and
 //! hiqlite, in one run on one machine.
 //!
 //! Parts run in order: `peers` (installs Debian packages when missing), `hiqlite` (builds
 //! `peers/hiqlite-driver` outside the workspace), `cairn` (a 3-node cluster of release
 //! `cairn` processes on loopback), `export` (export throughput per destination kind and lag
-//! under sustained ingest, `export.rs`). `--only cairn,dqlite` runs a subset (`dqlite`,
-//! `mosquitto`, `hiqlite`, `cairn`, `export`). Every run writes `target/bench/results.json`
-//! (one object per measurement: name, system, value, unit), `target/bench/report.md` and
+//! under sustained ingest, `export.rs`), `disk` (issue 29: bytes per record at
+//! `--disk-records N`, default 6,000,000, marginal cost, the snapshot-transfer peak, beside the
+//! release `cairn` of the commit before the storage work, built once under
+//! `target/prev/pre-storage`) and `litestream` (issue 30: Cairn's continuous backup beside
+//! Litestream 0.5, both to moto's S3 server). `--only cairn,dqlite` runs a subset (`dqlite`,
+//! `mosquitto`, `hiqlite`, `cairn`, `export`, `disk`, `litestream`). Every run writes
+//! `target/bench/results.json` (one object per measurement: name, system, value, unit),
+//! `target/bench/report.md` and
 //! `target/bench/throughput.svg`, and prints the ratio table. A full run of every part also
 //! rewrites `BENCHMARKS.md` and `benchmarks-throughput.svg` at the repository root (listing
 //! any part that failed).
@@ -17,7 +22,9 @@
 //! A part that fails is reported and the others still run; the command then exits non-zero.
 
 mod cairn;
+mod disk;
 mod export;
+mod litestream;
 mod mqtt;
 mod peers;
 pub(crate) mod proc;
@@ -55,6 +62,8 @@ pub struct Profile {
     pub cairn_seconds: f64,
     pub latency_samples: usize,
     pub restart_rows: u64,
+    /// `disk`: records stored and the marginal counts (`--disk-records N`).
+    pub disk: disk::Sizes,
 }
 
 impl Profile {
@@ -68,6 +77,7 @@ impl Profile {
                 cairn_seconds: 3.0,
                 latency_samples: 300,
                 restart_rows: 1_000_000,
+                disk: disk::Sizes::new(true, None),
             }
         } else {
             Profile {
@@ -78,6 +88,7 @@ impl Profile {
                 cairn_seconds: 8.0,
                 latency_samples: 2000,
                 restart_rows: 1_000_000,
+                disk: disk::Sizes::new(false, None),
             }
         }
     }
@@ -87,17 +98,34 @@ impl Profile {
     }
 }
 
-const PARTS: &[&str] = &["dqlite", "mosquitto", "hiqlite", "cairn", "export"];
+const PARTS: &[&str] = &[
+    "dqlite",
+    "mosquitto",
+    "hiqlite",
+    "cairn",
+    "export",
+    "disk",
+    "litestream",
+];
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut quick = false;
     let mut perf = false;
+    let mut disk_records = None;
     let mut only: Vec<String> = PARTS.iter().map(|s| s.to_string()).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--perf" => perf = true,
+            "--disk-records" => {
+                let v = it.next().context("--disk-records needs a count")?;
+                disk_records = Some(
+                    v.replace(['_', ','], "")
+                        .parse::<u64>()
+                        .with_context(|| format!("--disk-records {v}"))?,
+                );
+            }
             "--only" => {
                 let v = it
                     .next()
@@ -109,13 +137,15 @@ pub fn run(args: &[String]) -> Result<()> {
             }
             other => {
                 bail!(
-                    "bench: unknown argument `{other}` (usage: bench [--quick] [--perf] [--only PARTS])"
+                    "bench: unknown argument `{other}` (usage: bench [--quick] [--perf] \
+                     [--only PARTS] [--disk-records N])"
                 )
             }
         }
     }
     let profile = Profile {
         perf,
+        disk: disk::Sizes::new(quick, disk_records),
         ..Profile::new(quick)
     };
     let wants = |p: &str| only.iter().any(|o| o == p);
@@ -127,6 +157,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut failures: Vec<String> = Vec::new();
     let mut hiqlite_driver = None;
     let mut cairn_bin = None;
+    let mut before_bin = None;
     crate::util::step("bench: builds and packages", || {
         if wants("dqlite") || wants("mosquitto") {
             peers::ensure_installed()?;
@@ -134,8 +165,17 @@ pub fn run(args: &[String]) -> Result<()> {
         if wants("hiqlite") {
             hiqlite_driver = Some(peers::build_hiqlite_driver()?);
         }
-        if wants("cairn") || wants("export") {
+        if wants("cairn") || wants("export") || wants("disk") || wants("litestream") {
             cairn_bin = Some(cairn::build()?);
+        }
+        if wants("disk") {
+            // The before row is left out (and says so) when its build fails.
+            before_bin = disk::build_before()
+                .map_err(|e| eprintln!("bench: no before binary for the disk part: {e:#}"))
+                .ok();
+        }
+        if wants("litestream") {
+            crate::setup::ensure_litestream()?;
         }
         Ok(())
     })?;
@@ -143,6 +183,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let machine = machine()?;
     let measuring = Instant::now();
     let mut results = Results::default();
+    // Parts with their own tables (disk, Litestream) add a markdown section each.
+    let mut sections: Vec<String> = Vec::new();
     let mut part = |name: &str, f: &mut dyn FnMut(&mut Results) -> Result<()>| {
         if !wants(name) {
             return;
@@ -163,6 +205,14 @@ pub fn run(args: &[String]) -> Result<()> {
     part("export", &mut |r| {
         export::run(&profile, r, cairn_bin.as_deref().expect("built above"))
     });
+    part("disk", &mut |r| {
+        let bin = cairn_bin.as_deref().expect("built above");
+        disk::run(&profile, r, bin, before_bin.as_deref(), &mut sections)
+    });
+    part("litestream", &mut |r| {
+        let bin = cairn_bin.as_deref().expect("built above");
+        litestream::run(&profile, r, bin, &mut sections)
+    });
     let measured_for = measuring.elapsed();
 
     results.write_json(&out_dir.join("results.json"))?;
@@ -172,7 +222,11 @@ pub fn run(args: &[String]) -> Result<()> {
         &chart_series(&results),
     );
     std::fs::write(out_dir.join("throughput.svg"), &svg)?;
-    let md = markdown(&profile, &machine, &results, &table, measured_for);
+    let mut md = markdown(&profile, &machine, &results, &table, measured_for);
+    for s in &sections {
+        md.push('\n');
+        md.push_str(s);
+    }
     std::fs::write(out_dir.join("report.md"), &md)?;
     println!("\nresults: target/bench/results.json, report.md, throughput.svg\n");
     println!("machine: {machine}\n");
@@ -186,7 +240,6 @@ pub fn run(args: &[String]) -> Result<()> {
 
     if !quick && only.len() == PARTS.len() {
         // A full run is published even when a part failed, with the failure written down.
-        let mut md = md;
         if !failures.is_empty() {
             md.push_str("\n## Parts that failed in this run\n\n");
             for f in &failures {

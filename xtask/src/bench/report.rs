@@ -99,7 +99,7 @@ pub struct Goal {
 }
 
 impl Better {
-    fn sign(self) -> &'static str {
+    pub fn sign(self) -> &'static str {
         match self {
             Better::Higher => "≥",
             Better::Lower => "<",
@@ -108,7 +108,7 @@ impl Better {
     }
 }
 
-fn met(better: Better, value: f64, target: f64) -> &'static str {
+pub fn met(better: Better, value: f64, target: f64) -> &'static str {
     let ok = match better {
         Better::Higher => value >= target,
         Better::Lower => value < target,

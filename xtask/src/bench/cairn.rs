@@ -23,7 +23,13 @@ pub const SYSTEM_SQL: &str = "Cairn HTTP SQL";
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the release `cairn` binary and returns its path.
+/// `CAIRN_BENCH_BIN=PATH` measures that binary instead (another commit's release build, to
+/// bisect a regression); otherwise this tree's release `cairn`, built here.
 pub fn build() -> Result<PathBuf> {
+    if let Ok(bin) = std::env::var("CAIRN_BENCH_BIN") {
+        println!("bench: measuring {bin} (CAIRN_BENCH_BIN)");
+        return Ok(PathBuf::from(bin));
+    }
     crate::util::cargo(&[
         "build",
         "--release",

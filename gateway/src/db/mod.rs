@@ -419,15 +419,20 @@ impl Pages {
         let n = (max_bytes / self.page_size as usize).max(1) as u32;
         let last = (self.next + n - 1).min(self.page_count);
         let mut out = Vec::with_capacity(((last - self.next + 1) * self.page_size) as usize);
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT data FROM {DBPAGE} WHERE pgno BETWEEN ?1 AND ?2 ORDER BY pgno"
-        ))?;
-        let mut rows = stmt.query([self.next, last])?;
-        while let Some(row) = rows.next()? {
-            out.extend_from_slice(row.get_ref(0)?.as_blob()?);
-        }
-        if out.len() != ((last - self.next + 1) * self.page_size) as usize {
-            return Err(rusqlite::Error::InvalidQuery);
+        // One page per query: the table's best index takes `pgno = ?` only; a range would
+        // scan every page of the file for each chunk (a transfer quadratic in the size).
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT data FROM {DBPAGE} WHERE pgno = ?1"))?;
+        for pgno in self.next..=last {
+            let page = stmt.query_row([pgno], |r| {
+                let data = r.get_ref(0)?.as_blob()?;
+                out.extend_from_slice(data);
+                Ok(data.len())
+            })?;
+            if page != self.page_size as usize {
+                return Err(rusqlite::Error::InvalidQuery);
+            }
         }
         self.next = last + 1;
         Ok(Some(out))

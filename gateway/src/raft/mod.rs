@@ -76,27 +76,66 @@ fn log_bytes(path: &std::path::Path) -> rusqlite::Result<u64> {
     .map(|b| b.max(0) as u64)
 }
 
-/// Asks for a snapshot whenever the Raft log at `log_path` holds more than `limit` bytes and
-/// something was applied since the last snapshot: openraft's own policy counts entries only,
-/// and an entry can be one device record or a megabyte of them. A snapshot costs a durable
-/// commit (the database is the snapshot), after which openraft purges the log down to
-/// `snapshot_keep_logs` entries. Runs until Raft stops.
+/// The highest index at or below `snapshot` whose purge leaves at most `keep` bytes of entries
+/// between it and `snapshot` (the newest entries behind the snapshot stay, oldest go first);
+/// `None` when what is there already fits.
+fn purge_point(path: &std::path::Path, snapshot: u64, keep: u64) -> rusqlite::Result<Option<u64>> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut stmt =
+        conn.prepare("SELECT idx, length(entry) FROM log WHERE idx <= ?1 ORDER BY idx DESC")?;
+    let mut rows = stmt.query([snapshot as i64])?;
+    let mut kept = 0u64;
+    while let Some(row) = rows.next()? {
+        kept += row.get::<_, i64>(1)?.max(0) as u64;
+        if kept > keep {
+            return Ok(Some(row.get::<_, i64>(0)?.max(0) as u64));
+        }
+    }
+    Ok(None)
+}
+
+/// Keeps the Raft log within `limit` bytes: asks for a snapshot whenever the log at `log_path`
+/// holds more than `limit` and something was applied since the last snapshot (openraft's own
+/// policy counts entries only, and an entry can be one device record or a megabyte of them),
+/// and once a snapshot is taken purges the entries it covers down to half of `limit`
+/// (openraft keeps `snapshot_keep_logs` entries behind a snapshot, which at full ingest is
+/// several times `limit`; a follower further behind than what is kept gets the snapshot). A
+/// snapshot costs a durable commit (the database is the snapshot). Runs until Raft stops.
 pub async fn snapshot_on_log_size(raft: Raft, log_path: std::path::PathBuf, limit: u64) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut asked: Option<(tokio::time::Instant, Option<u64>)> = None;
+    let mut purged: Option<u64> = None;
+    let keep = limit / 2;
     loop {
         tick.tick().await;
         let path = log_path.clone();
         let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || log_bytes(&path)).await else {
             continue;
         };
-        if bytes <= limit {
-            continue;
-        }
         let m = openraft::async_runtime::WatchReceiver::borrow_watched(&raft.metrics()).clone();
         let snapshot = m.snapshot.as_ref().map(|l| l.index);
         let applied = m.last_applied.as_ref().map(|l| l.index);
+        if let Some(snap) = snapshot.filter(|s| bytes > keep && purged < Some(*s)) {
+            let path = log_path.clone();
+            if let Ok(Ok(Some(upto))) =
+                tokio::task::spawn_blocking(move || purge_point(&path, snap, keep)).await
+            {
+                tracing::debug!(
+                    log_bytes = bytes,
+                    upto,
+                    "Raft log behind the snapshot over its size: purge"
+                );
+                if raft.trigger().purge_log(upto).await.is_err() {
+                    return;
+                }
+            }
+            purged = Some(snap);
+        }
+        if bytes <= limit {
+            continue;
+        }
         // Nothing new to snapshot, or the last request has not been served yet.
         let pending = asked.is_some_and(|(at, s)| {
             s == snapshot && at.elapsed() < std::time::Duration::from_secs(5)
@@ -222,5 +261,27 @@ mod tests {
             .unwrap();
         let purged = super::log_bytes(&path).unwrap();
         assert!(purged < full / 5, "{purged} of {full}");
+    }
+
+    /// The purge point keeps the newest entries behind the snapshot up to the byte budget and
+    /// never reaches past the snapshot.
+    #[test]
+    fn test_purge_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.db");
+        let w = rusqlite::Connection::open(&path).unwrap();
+        w.pragma_update(None, "journal_mode", "WAL").unwrap();
+        w.execute_batch(
+            "CREATE TABLE log (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL); \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) \
+             INSERT INTO log SELECT i, randomblob(1000) FROM n;",
+        )
+        .unwrap();
+        // Snapshot at 80, 10,500 bytes kept: entries 71..=80 stay, 70 and below go.
+        assert_eq!(super::purge_point(&path, 80, 10_500).unwrap(), Some(70));
+        // Everything up to the snapshot fits.
+        assert_eq!(super::purge_point(&path, 5, 10_500).unwrap(), None);
+        // A budget smaller than one entry purges up to the snapshot itself.
+        assert_eq!(super::purge_point(&path, 80, 10).unwrap(), Some(80));
     }
 }

@@ -106,7 +106,7 @@ pub fn file_body(prefix: Vec<u8>, file: std::fs::File) -> Body {
     BodyExt::boxed(StreamBody::new(stream))
 }
 
-/// A body of a snapshot view's pages, read on a blocking thread 64 KiB at a time, after a
+/// A body of a snapshot view's pages, read on a blocking thread 256 KiB at a time, after a
 /// prefix. When the last page is read the view's transaction ends and the WAL, which grew
 /// meanwhile, is truncated.
 fn pages_body(prefix: Vec<u8>, mut pages: crate::db::Pages) -> Body {
@@ -114,7 +114,7 @@ fn pages_body(prefix: Vec<u8>, mut pages: crate::db::Pages) -> Body {
     let _ = tx.try_send(Ok(Bytes::from(prefix)));
     tokio::task::spawn_blocking(move || {
         loop {
-            let chunk = match pages.next_chunk(64 * 1024) {
+            let chunk = match pages.next_chunk(256 * 1024) {
                 Ok(Some(c)) => Ok(Bytes::from(c)),
                 Ok(None) => break,
                 Err(e) => Err(io_err(e)),

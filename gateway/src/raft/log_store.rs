@@ -262,7 +262,17 @@ impl LogStore {
         let s = shared.clone();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || Writer::new(conn, s, cache_bytes).run(rx))?;
+            .spawn(move || {
+                let writer = Writer::new(conn, s, cache_bytes);
+                // A writer that panicked would leave openraft a log that answers nothing: end
+                // the process instead, so that it restarts from what is durable.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(rx)))
+                    .is_err()
+                {
+                    tracing::error!("FATAL: the Raft log writer panicked; exiting");
+                    std::process::exit(70);
+                }
+            })?;
         Ok(LogStore { shared, writer: tx })
     }
 

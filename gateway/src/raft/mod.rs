@@ -18,6 +18,7 @@ pub mod recover;
 pub mod state_machine;
 
 use std::fmt;
+use std::io::Write as _;
 
 use openraft::errors::{ClientWriteError, Fatal, LinearizableReadError, RaftError};
 use serde::{Deserialize, Serialize};
@@ -177,7 +178,10 @@ pub fn exit_on_io_error(what: &str, e: &rusqlite::Error) -> ! {
     tracing::error!(
         "FATAL: {what}: I/O error: {msg}; exiting so that the node restarts from what is durable"
     );
-    eprintln!("FATAL: {what}: I/O error: {msg}");
+    // Not `eprintln!`, which panics when stderr cannot be written: stderr may be a file on the
+    // very disk that failed, and a panic here would end only this thread (the log writer or
+    // apply), leaving a node whose storage stopped instead of one that restarts.
+    let _ = writeln!(std::io::stderr(), "FATAL: {what}: I/O error: {msg}");
     std::process::exit(74)
 }
 

@@ -10,7 +10,7 @@
 //! starts on it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::object::{self, BackupKey, Kind, ObjectName};
@@ -332,10 +332,11 @@ pub async fn restore(
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     }
     drop(sm);
+    std::fs::File::open(sm_dir.join("db.sqlite"))?.sync_all()?;
     std::fs::File::open(&sm_dir)?.sync_all()?;
-    std::fs::write(
-        data_dir.join(MARKER),
-        serde_json::to_vec(&Marker {
+    write_new(
+        &data_dir.join(MARKER),
+        &serde_json::to_vec(&Marker {
             last: applied,
             epoch: new_epoch,
         })?,
@@ -359,7 +360,7 @@ pub async fn restore(
     })
 }
 
-fn write_new(path: &PathBuf, data: &[u8]) -> std::io::Result<()> {
+fn write_new(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create_new(path)?;
     f.write_all(data)?;
@@ -449,4 +450,88 @@ pub async fn if_empty(data_dir: &Path, s: &super::BackupSettings) -> anyhow::Res
         "restore_if_empty: restored the latest backup"
     );
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        let leader = openraft::impls::leader_id_adv::LeaderId {
+            term: 1,
+            node_id: 1,
+        };
+        Entry {
+            log_id: LogId::new(leader, index),
+            payload: openraft::EntryPayload::Blank,
+        }
+    }
+
+    /// Stores `payload` as the object `name` of epoch 0 in the directory target `bk`.
+    fn store(bk: &Path, name: &ObjectName, payload: &[u8]) {
+        let key = format!("000000/{}", name.key());
+        let path = bk.join(&key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, object::seal(name.kind, &key, payload, None)).unwrap();
+    }
+
+    fn segment(first: u64, last: u64) -> (ObjectName, Vec<u8>) {
+        let entries: Vec<Entry> = (first..=last).map(entry).collect();
+        let name = ObjectName {
+            kind: Kind::Segment,
+            first,
+            last,
+            first_stamp: 0,
+            last_stamp: 0,
+        };
+        (name, postcard::to_allocvec(&entries).unwrap())
+    }
+
+    /// A restore that stops part way (here: a hole in the segments) leaves a directory that
+    /// says so: `cairn node` refuses it and it is not taken for a restore; one that finishes
+    /// is.
+    #[tokio::test]
+    async fn test_an_unfinished_restore_is_never_taken_for_one() {
+        let work = tempfile::tempdir().unwrap();
+        let src = work.path().join("src");
+        let sm = StateMachine::open(&src, Arc::new(Metrics::default())).unwrap();
+        sm.apply_restored(&[entry(1)]).unwrap();
+        let snap = work.path().join("snap.db");
+        sm.store().copy_to(&snap).unwrap();
+        drop(sm);
+        let bk = work.path().join("bk");
+        store(
+            &bk,
+            &ObjectName::snapshot(1, 0),
+            &std::fs::read(&snap).unwrap(),
+        );
+        let (name, payload) = segment(2, 40);
+        store(&bk, &name, &payload);
+        let (hole, payload) = segment(45, 50);
+        store(&bk, &hole, &payload);
+        let url = format!("file://{}", bk.display());
+        let s3 = super::super::s3_options(None, None, None, None, None);
+
+        let cut = work.path().join("cut");
+        let e = restore(&url, &s3, None, &cut, Point::default(), &Quiet)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("41..44 are missing"), "{e}");
+        let e = check_complete(&cut).unwrap_err().to_string();
+        assert!(e.contains("did not finish"), "{e}");
+        assert!(!is_restored(&cut));
+
+        std::fs::remove_file(bk.join(format!("000000/{}", hole.key()))).unwrap();
+        let whole = work.path().join("whole");
+        let r = restore(&url, &s3, None, &whole, Point::default(), &Quiet)
+            .await
+            .unwrap();
+        assert_eq!((r.last.index, r.entries, r.segments), (40, 39, 1));
+        check_complete(&whole).unwrap();
+        assert!(is_restored(&whole));
+        // Through the same apply as the replicas: the restored position is the last entry's.
+        let sm = StateMachine::open(&whole.join("sm"), Arc::new(Metrics::default())).unwrap();
+        assert_eq!(sm.applied_log_id().map(|l| l.index), Some(40));
+    }
 }

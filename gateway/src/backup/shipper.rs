@@ -76,6 +76,10 @@ struct Leading {
     seen: VecDeque<(u64, Instant)>,
     /// No upload before this, after a failed one.
     retry_at: Option<Instant>,
+    /// How long a segment's upload takes lately (a moving average): a segment leaves that
+    /// much before its oldest entry waited `backup_interval`, so the entry is *stored* within
+    /// the interval.
+    upload_time: Duration,
     /// Encoded bytes of entries shipped as segments since this node leads, and as of the
     /// last snapshot.
     log_bytes: u64,
@@ -150,10 +154,22 @@ impl Leading {
         self.pending_bytes = 0;
     }
 
+    /// How long the oldest unshipped entry may wait before its segment leaves: the interval
+    /// less the recent upload time (never less than half the interval).
+    fn linger(&self, interval: Duration) -> Duration {
+        interval - self.upload_time.min(interval / 2)
+    }
+
+    /// Notes how long a segment's upload took.
+    fn uploaded_in(&mut self, took: Duration) {
+        self.upload_time = (self.upload_time * 3 + took) / 4;
+    }
+
     /// When the loop must look again without being woken: the next segment's deadline, or
     /// the end of a back-off.
     fn deadline(&mut self, interval: Duration) -> Option<Instant> {
-        let due = self.oldest_unshipped().map(|t| t + interval);
+        let linger = self.linger(interval);
+        let due = self.oldest_unshipped().map(|t| t + linger);
         match (due, self.retry_at) {
             (Some(d), Some(r)) => Some(d.max(r)),
             (d, None) => d,
@@ -299,6 +315,7 @@ impl Shipper {
                     .unwrap_or_else(Instant::now),
             )]),
             retry_at: None,
+            upload_time: Duration::ZERO,
             log_bytes: 0,
             snapshot_log_bytes: 0,
             snapshot_stored: objects
@@ -357,7 +374,7 @@ impl Shipper {
         let due = st.pending_bytes >= self.s.segment_bytes
             || full
             || behind
-            || oldest.elapsed() >= self.s.interval;
+            || oldest.elapsed() >= st.linger(self.s.interval);
         if st.pending.is_empty() || !due {
             return Ok(false);
         }
@@ -384,12 +401,14 @@ impl Shipper {
             last_stamp: stamp,
         };
         let payload = postcard::to_allocvec(&entries)?;
+        let started = Instant::now();
         if let Err(e) = self.upload(st.epoch, &name, payload).await {
             // The same entries go out in the next try.
             st.pending_bytes = bytes;
             st.pending = entries;
             return Err(e);
         }
+        st.uploaded_in(started.elapsed());
         st.unrecorded |= unrecorded;
         st.log_bytes += bytes as u64;
         st.shipped = ShippedPosition {
@@ -634,6 +653,7 @@ mod tests {
             pending_bytes: 0,
             seen: VecDeque::new(),
             retry_at: None,
+            upload_time: Duration::ZERO,
             log_bytes: 0,
             snapshot_log_bytes: 0,
             snapshot_stored: 0,
@@ -686,6 +706,26 @@ mod tests {
         assert_eq!(st.deadline(interval), Some(later));
         st.retry_at = None;
         assert_eq!(st.deadline(interval), None);
+    }
+
+    #[test]
+    fn test_a_segment_leaves_early_by_the_recent_upload_time() {
+        let mut st = leading(0);
+        let interval = Duration::from_secs(1);
+        assert_eq!(st.linger(interval), interval);
+        st.uploaded_in(Duration::from_millis(400));
+        assert_eq!(st.linger(interval), Duration::from_millis(900));
+        st.observe(3);
+        let seen = st.seen[0].1;
+        assert_eq!(
+            st.deadline(interval),
+            Some(seen + Duration::from_millis(900))
+        );
+        // Slow uploads: never less than half the interval.
+        for _ in 0..20 {
+            st.uploaded_in(Duration::from_secs(5));
+        }
+        assert_eq!(st.linger(interval), interval / 2);
     }
 
     #[test]

@@ -267,8 +267,10 @@ pub async fn restore(
     let db_path = sm_dir.join("db.sqlite");
     let (k, enc) = (snap_key.clone(), key.cloned());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let db = object::open(Kind::Snapshot, &k, &bytes, enc.as_ref())?;
-        write_new(&db_path, &db)?;
+        // Decompressed straight into the file: a large database is never held in memory.
+        let mut out = std::io::BufWriter::new(std::fs::File::create_new(&db_path)?);
+        object::open_into(Kind::Snapshot, &k, &bytes, enc.as_ref(), &mut out)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(())
     })
     .await??;

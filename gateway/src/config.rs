@@ -52,9 +52,11 @@
 //! feed_capacity = 1024               # committed device batches kept for slow subscribers (embedding)
 //! # continuous backup (see `backup/`); the leader ships the log to every URL
 //! backup_url = ["s3://bucket/site-a", "file:///mnt/usb/cairn"]
-//! backup_interval = "1s"             # log segments shipped this often
+//! backup_interval = "1s"             # a committed entry is shipped at most this long after...
+//! backup_segment_bytes = 1048576      # ...or once this many bytes of entries wait (before zstd)
 //! backup_snapshot_interval = "1h"    # a full snapshot at least this often...
 //! backup_snapshot_entries = 100000   # ...or after this many entries
+//! backup_snapshot_bytes = 12582912    # ...or this many bytes of entries (a restore replays less)
 //! backup_retention = "24h"           # older snapshots (and the segments before them) go
 //! backup_retention_snapshots = 2     # but at least this many snapshots stay
 //! backup_key_file = "/etc/cairn/backup.key"  # 32 bytes (or 64 hex digits): objects encrypted
@@ -198,8 +200,10 @@ pub struct NodeConfig {
     /// Continuous backup targets (`file:///DIR`, `s3://BUCKET/PREFIX`); empty: no backup.
     pub backup_url: Vec<String>,
     pub backup_interval: String,
+    pub backup_segment_bytes: u64,
     pub backup_snapshot_interval: String,
     pub backup_snapshot_entries: u64,
+    pub backup_snapshot_bytes: u64,
     pub backup_retention: String,
     pub backup_retention_snapshots: usize,
     pub backup_key_file: Option<PathBuf>,
@@ -298,8 +302,10 @@ impl Default for NodeConfig {
             device_idle_timeout_ms: 120_000,
             backup_url: Vec::new(),
             backup_interval: "1s".into(),
+            backup_segment_bytes: 1 << 20,
             backup_snapshot_interval: "1h".into(),
             backup_snapshot_entries: 100_000,
+            backup_snapshot_bytes: 12 << 20,
             backup_retention: "24h".into(),
             backup_retention_snapshots: 2,
             backup_key_file: None,
@@ -487,15 +493,21 @@ pub struct NodeArgs {
     /// Continuous backup to file:///DIR or s3://BUCKET/PREFIX (repeat for several targets).
     #[arg(long)]
     pub backup_url: Vec<String>,
-    /// How often the leader ships committed log segments (default 1s).
+    /// A committed entry is shipped at most this long after it applied (default 1s).
     #[arg(long)]
     pub backup_interval: Option<String>,
+    /// A segment is shipped as soon as this many bytes of entries wait (default 1048576).
+    #[arg(long)]
+    pub backup_segment_bytes: Option<u64>,
     /// A full snapshot at least this often (default 1h).
     #[arg(long)]
     pub backup_snapshot_interval: Option<String>,
     /// A full snapshot after this many entries (default 100000).
     #[arg(long)]
     pub backup_snapshot_entries: Option<u64>,
+    /// A full snapshot after this many bytes of shipped entries (default 12582912).
+    #[arg(long)]
+    pub backup_snapshot_bytes: Option<u64>,
     /// Keep snapshots (and the segments after them) this long (default 24h).
     #[arg(long)]
     pub backup_retention: Option<String>,
@@ -580,8 +592,10 @@ impl NodeConfig {
             device_handshake_timeout_ms,
             device_idle_timeout_ms,
             backup_interval,
+            backup_segment_bytes,
             backup_snapshot_interval,
             backup_snapshot_entries,
+            backup_snapshot_bytes,
             backup_retention,
             backup_retention_snapshots,
             bootstrap_expect,

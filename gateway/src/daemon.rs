@@ -213,6 +213,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<Started> {
         &serde_json::to_vec(&bound)?,
     )?;
 
+    crate::backup::restore::check_complete(&config.data_dir)?;
     if crate::backup::restore::is_restored(&config.data_dir) {
         anyhow::ensure!(
             config.bootstrap,

@@ -1,8 +1,9 @@
 //! Continuous backup to object storage and point-in-time restore (Litestream's model, on top
 //! of a Raft quorum).
 //!
-//! The leader ships what the quorum committed: every `backup_interval` the log entries applied
-//! since the last upload go to each `--backup-url` as one *segment*, and now and then (every
+//! The leader ships what the quorum committed: the log entries applied since the last upload
+//! go to each `--backup-url` as one *segment* once the oldest of them waited
+//! `backup_interval`, or as soon as they reach `backup_segment_bytes`; and now and then (every
 //! `backup_snapshot_interval` or `backup_snapshot_entries`, at the first start, and whenever
 //! the log was purged past what the target holds) a full *snapshot* of the replicated
 //! database. Only committed entries are shipped, so a segment never has to be taken back, and
@@ -51,8 +52,12 @@ pub fn now_ms() -> i64 {
 pub struct BackupSettings {
     pub urls: Vec<String>,
     pub interval: Duration,
+    /// A segment leaves as soon as the entries waiting reach this many encoded bytes.
+    pub segment_bytes: usize,
     pub snapshot_interval: Duration,
     pub snapshot_entries: u64,
+    /// A snapshot once this many encoded bytes of entries were shipped since the last one.
+    pub snapshot_bytes: u64,
     pub retention: Duration,
     pub retention_snapshots: usize,
     pub key: Option<BackupKey>,
@@ -94,8 +99,10 @@ impl BackupSettings {
         Ok(Some(BackupSettings {
             urls: c.backup_url.clone(),
             interval: parse_duration(&c.backup_interval)?,
+            segment_bytes: (c.backup_segment_bytes as usize).max(1),
             snapshot_interval: parse_duration(&c.backup_snapshot_interval)?,
             snapshot_entries: c.backup_snapshot_entries.max(1),
+            snapshot_bytes: c.backup_snapshot_bytes.max(1),
             retention: parse_duration(&c.backup_retention)?,
             retention_snapshots: c.backup_retention_snapshots.max(1),
             key: c
@@ -133,7 +140,7 @@ pub fn start(
             url.clone(),
             settings.clone(),
         );
-        tasks.push(tokio::spawn(shipper.run(stop.clone())));
+        tasks.push(tokio::spawn(Arc::new(shipper).run(stop.clone())));
     }
     Ok(tasks)
 }

@@ -229,7 +229,50 @@ pub fn open(
     bytes: &[u8],
     enc: Option<&BackupKey>,
 ) -> Result<Vec<u8>, ObjectError> {
-    let corrupt = |why| ObjectError::Corrupt(key.to_string(), why);
+    let mut out = Vec::new();
+    open_into(kind, key, bytes, enc, &mut out).map_err(|e| {
+        e.into_inner()
+            .unwrap_or_else(|io| ObjectError::Corrupt(key.into(), io))
+    })?;
+    Ok(out)
+}
+
+/// Why [`open_into`] failed: the object, or the writer.
+#[derive(Debug)]
+pub enum OpenError {
+    Object(ObjectError),
+    Write(std::io::Error),
+}
+
+impl OpenError {
+    /// The object's error; a writer's error as a description.
+    fn into_inner(self) -> Result<ObjectError, &'static str> {
+        match self {
+            OpenError::Object(e) => Ok(e),
+            OpenError::Write(_) => Err("zstd body"),
+        }
+    }
+}
+
+impl From<OpenError> for anyhow::Error {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Object(e) => e.into(),
+            OpenError::Write(e) => e.into(),
+        }
+    }
+}
+
+/// [`open`], writing the payload to `out` as it is decompressed (a snapshot is never held in
+/// memory whole); the payload's length.
+pub fn open_into(
+    kind: Kind,
+    key: &str,
+    bytes: &[u8],
+    enc: Option<&BackupKey>,
+    out: &mut impl std::io::Write,
+) -> Result<u64, OpenError> {
+    let corrupt = |why| OpenError::Object(ObjectError::Corrupt(key.to_string(), why));
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(corrupt(
             "not a Cairn backup object (bad magic or too short)",
@@ -242,16 +285,17 @@ pub fn open(
     if bytes[8] != kind_byte(kind) {
         return Err(corrupt("kind does not match its name"));
     }
-    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes")) as usize;
-    let body = match (bytes[9] & 1 == 1, enc) {
-        (false, _) => bytes[HEADER..].to_vec(),
-        (true, None) => return Err(ObjectError::NeedKey(key.to_string())),
+    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    let decrypted;
+    let body: &[u8] = match (bytes[9] & 1 == 1, enc) {
+        (false, _) => &bytes[HEADER..],
+        (true, None) => return Err(OpenError::Object(ObjectError::NeedKey(key.to_string()))),
         (true, Some(k)) => {
             if bytes.len() < HEADER + NONCE {
                 return Err(corrupt("truncated nonce"));
             }
             let aad = [&bytes[..20], key.as_bytes()].concat();
-            XChaCha20Poly1305::new((&k.0).into())
+            decrypted = XChaCha20Poly1305::new((&k.0).into())
                 .decrypt(
                     XNonce::from_slice(&bytes[HEADER..HEADER + NONCE]),
                     Payload {
@@ -259,20 +303,35 @@ pub fn open(
                         aad: &aad,
                     },
                 )
-                .map_err(|_| ObjectError::WrongKey(key.to_string()))?
+                .map_err(|_| OpenError::Object(ObjectError::WrongKey(key.to_string())))?;
+            &decrypted
         }
     };
     // The header's length is not under the checksum: never allocate by it. The stream
-    // decoder grows with what the body really holds, and stops one byte past the claim.
+    // decoder goes as far as the body really holds, and stops one byte past the claim.
     use std::io::Read as _;
-    let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(&body[..])
-        .and_then(|d| d.take(len as u64 + 1).read_to_end(&mut out))
-        .map_err(|_| corrupt("zstd body"))?;
-    if out.len() != len {
+    let mut decoder = zstd::stream::read::Decoder::new(body)
+        .map_err(|_| corrupt("zstd body"))?
+        .take(len.saturating_add(1));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let got = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(got) => got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(corrupt("zstd body")),
+        };
+        n += got as u64;
+        if n > len {
+            return Err(corrupt("length mismatch"));
+        }
+        out.write_all(&buf[..got]).map_err(OpenError::Write)?;
+    }
+    if n != len {
         return Err(corrupt("length mismatch"));
     }
-    Ok(out)
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! starts on it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::object::{self, BackupKey, Kind, ObjectName};
@@ -150,6 +150,58 @@ impl Progress for Quiet {
 
 /// The marker `cairn restore` leaves in the data dir for [`adopt`].
 const MARKER: &str = "restored.json";
+/// Present while a restore runs: a directory holding it is not a restore (it was cut short).
+const INCOMPLETE: &str = "restore-incomplete";
+/// Segments downloaded ahead of the one being applied.
+const PREFETCH: usize = 4;
+
+/// A segment's name and stored size, and its entries.
+type Fetched = ((ObjectName, u64), Vec<Entry>);
+
+/// Downloads, checks and decodes `segments` in order, [`PREFETCH`] at a time, into `tx`
+/// (an error ends the stream; a closed receiver too).
+async fn fetch_segments(
+    target: Target,
+    epoch: u64,
+    segments: Vec<(ObjectName, u64)>,
+    key: Option<BackupKey>,
+    tx: tokio::sync::mpsc::Sender<anyhow::Result<Fetched>>,
+) {
+    use futures_util::StreamExt as _;
+    let fetch = |(name, size): (ObjectName, u64)| {
+        let (target, key) = (target.clone(), key.clone());
+        async move {
+            let k = format!("{epoch:06}/{}", name.key());
+            let bytes = target.get(&k).await?;
+            let batch = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Entry>> {
+                let payload = object::open(Kind::Segment, &k, &bytes, key.as_ref())?;
+                Ok(postcard::from_bytes(&payload)
+                    .map_err(|_| object::ObjectError::Corrupt(k.clone(), "undecodable entries"))?)
+            })
+            .await??;
+            anyhow::Ok(((name, size), batch))
+        }
+    };
+    let mut stream = futures_util::stream::iter(segments)
+        .map(fetch)
+        .buffered(PREFETCH);
+    while let Some(r) = stream.next().await {
+        let failed = r.is_err();
+        if tx.send(r).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Refuses a data dir left by a restore that did not finish.
+pub fn check_complete(data_dir: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !data_dir.join(INCOMPLETE).exists(),
+        "{} holds a restore that did not finish: delete the directory and restore again",
+        data_dir.display()
+    );
+    Ok(())
+}
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Marker {
@@ -194,21 +246,49 @@ pub async fn restore(
     let total = snap_size + segments.iter().map(|(_, s)| s).sum::<u64>();
     progress.start("restoring", total);
 
+    // Until the end, the directory says it holds an interrupted restore: `cairn node` refuses
+    // it (and `--restore-if-empty` starts again), so half a restore is never taken for one.
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(data_dir.join(INCOMPLETE), b"")?;
     let sm_dir = data_dir.join("sm");
     std::fs::create_dir_all(&sm_dir)?;
+    // The segments download (a few at once) while the snapshot is written and while the
+    // entries before them apply.
+    let (tx, mut fetched) = tokio::sync::mpsc::channel(PREFETCH);
+    let fetcher = tokio::spawn(fetch_segments(
+        target.clone(),
+        epoch,
+        segments.iter().map(|s| (*s).clone()).collect(),
+        key.cloned(),
+        tx,
+    ));
     let snap_key = format!("{epoch:06}/{}", snap.key());
     let bytes = target.get(&snap_key).await?;
-    let db = object::open(Kind::Snapshot, &snap_key, &bytes, key)?;
-    write_new(&sm_dir.join("db.sqlite"), &db)?;
+    let db_path = sm_dir.join("db.sqlite");
+    let (k, enc) = (snap_key.clone(), key.cloned());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        // Decompressed straight into the file: a large database is never held in memory.
+        let mut out = std::io::BufWriter::new(std::fs::File::create_new(&db_path)?);
+        object::open_into(Kind::Snapshot, &k, &bytes, enc.as_ref(), &mut out)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(())
+    })
+    .await??;
     progress.advance(snap_size);
 
     let sm = StateMachine::open(&sm_dir, Arc::new(Metrics::default()))?;
+    // A crash mid-restore means restoring again (the marker above), so nothing is fsync'd
+    // until the end.
+    sm.store()
+        .writer()
+        .pragma_update(None, "synchronous", "OFF")?;
     let mut applied = sm
         .applied_log_id()
         .ok_or_else(|| anyhow::anyhow!("snapshot {snap_key} holds no applied position"))?;
     let mut stamp = snap.last_stamp;
     let (mut entries, mut used) = (0u64, 0usize);
-    'segments: for (name, size) in segments {
+    while let Some(next) = fetched.recv().await {
+        let ((name, size), batch) = next?;
         if name.first > applied.index + 1 {
             anyhow::bail!(
                 "{url}: entries {}..{} are missing (no segment covers them)",
@@ -216,11 +296,6 @@ pub async fn restore(
                 name.first - 1
             );
         }
-        let k = format!("{epoch:06}/{}", name.key());
-        let bytes = target.get(&k).await?;
-        let payload = object::open(Kind::Segment, &k, &bytes, key)?;
-        let batch: Vec<Entry> = postcard::from_bytes(&payload)
-            .map_err(|_| object::ObjectError::Corrupt(k.clone(), "undecodable entries"))?;
         let mut take = Vec::new();
         let mut stop = false;
         for e in batch {
@@ -243,25 +318,33 @@ pub async fn restore(
         let sm2 = sm.clone();
         tokio::task::spawn_blocking(move || sm2.apply_restored(&take)).await??;
         used += 1;
-        progress.advance(*size);
+        progress.advance(size);
         if stop {
-            break 'segments;
+            break;
         }
     }
+    fetcher.abort();
     let new_epoch = epoch + 1;
     {
         let store = sm.store();
         let conn = store.writer();
         record::start_epoch(&conn, new_epoch)?;
+        // Everything on disk before the restore counts as done.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     }
     drop(sm);
-    std::fs::write(
-        data_dir.join(MARKER),
-        serde_json::to_vec(&Marker {
+    std::fs::File::open(sm_dir.join("db.sqlite"))?.sync_all()?;
+    std::fs::File::open(&sm_dir)?.sync_all()?;
+    write_new(
+        &data_dir.join(MARKER),
+        &serde_json::to_vec(&Marker {
             last: applied,
             epoch: new_epoch,
         })?,
     )?;
+    std::fs::remove_file(data_dir.join(INCOMPLETE))?;
+    std::fs::File::open(data_dir)?.sync_all()?;
     progress.finish(&format!(
         "restored through index {} ({})",
         applied.index,
@@ -279,7 +362,7 @@ pub async fn restore(
     })
 }
 
-fn write_new(path: &PathBuf, data: &[u8]) -> std::io::Result<()> {
+fn write_new(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create_new(path)?;
     f.write_all(data)?;
@@ -329,6 +412,21 @@ pub fn adopt(data_dir: &Path, id: u64, peer: &Peer) -> anyhow::Result<()> {
 /// absent) `data_dir`. `true` if it did (the node then bootstraps from it); `false` if the
 /// directory holds data or the target holds no snapshot yet (a brand-new site).
 pub async fn if_empty(data_dir: &Path, s: &super::BackupSettings) -> anyhow::Result<bool> {
+    if data_dir.join(INCOMPLETE).exists() {
+        tracing::warn!(
+            dir = %data_dir.display(),
+            "restore_if_empty: an earlier restore did not finish; restoring again"
+        );
+        // Its contents only: the directory may be a mount point.
+        for e in std::fs::read_dir(data_dir)? {
+            let path = e?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
     if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
         return Ok(false);
     }
@@ -354,4 +452,88 @@ pub async fn if_empty(data_dir: &Path, s: &super::BackupSettings) -> anyhow::Res
         "restore_if_empty: restored the latest backup"
     );
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        let leader = openraft::impls::leader_id_adv::LeaderId {
+            term: 1,
+            node_id: 1,
+        };
+        Entry {
+            log_id: LogId::new(leader, index),
+            payload: openraft::EntryPayload::Blank,
+        }
+    }
+
+    /// Stores `payload` as the object `name` of epoch 0 in the directory target `bk`.
+    fn store(bk: &Path, name: &ObjectName, payload: &[u8]) {
+        let key = format!("000000/{}", name.key());
+        let path = bk.join(&key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, object::seal(name.kind, &key, payload, None)).unwrap();
+    }
+
+    fn segment(first: u64, last: u64) -> (ObjectName, Vec<u8>) {
+        let entries: Vec<Entry> = (first..=last).map(entry).collect();
+        let name = ObjectName {
+            kind: Kind::Segment,
+            first,
+            last,
+            first_stamp: 0,
+            last_stamp: 0,
+        };
+        (name, postcard::to_allocvec(&entries).unwrap())
+    }
+
+    /// A restore that stops part way (here: a hole in the segments) leaves a directory that
+    /// says so: `cairn node` refuses it and it is not taken for a restore; one that finishes
+    /// is.
+    #[tokio::test]
+    async fn test_an_unfinished_restore_is_never_taken_for_one() {
+        let work = tempfile::tempdir().unwrap();
+        let src = work.path().join("src");
+        let sm = StateMachine::open(&src, Arc::new(Metrics::default())).unwrap();
+        sm.apply_restored(&[entry(1)]).unwrap();
+        let snap = work.path().join("snap.db");
+        sm.store().copy_to(&snap).unwrap();
+        drop(sm);
+        let bk = work.path().join("bk");
+        store(
+            &bk,
+            &ObjectName::snapshot(1, 0),
+            &std::fs::read(&snap).unwrap(),
+        );
+        let (name, payload) = segment(2, 40);
+        store(&bk, &name, &payload);
+        let (hole, payload) = segment(45, 50);
+        store(&bk, &hole, &payload);
+        let url = format!("file://{}", bk.display());
+        let s3 = super::super::s3_options(None, None, None, None, None);
+
+        let cut = work.path().join("cut");
+        let e = restore(&url, &s3, None, &cut, Point::default(), &Quiet)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("41..44 are missing"), "{e}");
+        let e = check_complete(&cut).unwrap_err().to_string();
+        assert!(e.contains("did not finish"), "{e}");
+        assert!(!is_restored(&cut));
+
+        std::fs::remove_file(bk.join(format!("000000/{}", hole.key()))).unwrap();
+        let whole = work.path().join("whole");
+        let r = restore(&url, &s3, None, &whole, Point::default(), &Quiet)
+            .await
+            .unwrap();
+        assert_eq!((r.last.index, r.entries, r.segments), (40, 39, 1));
+        check_complete(&whole).unwrap();
+        assert!(is_restored(&whole));
+        // Through the same apply as the replicas: the restored position is the last entry's.
+        let sm = StateMachine::open(&whole.join("sm"), Arc::new(Metrics::default())).unwrap();
+        assert_eq!(sm.applied_log_id().map(|l| l.index), Some(40));
+    }
 }

@@ -402,6 +402,32 @@ pub fn f32_as_sent(f: f32) -> Option<f64> {
     if !f.is_finite() {
         return None;
     }
+    // Readings repeat (a sensor's resolution, a steady value), and the conversion below is a
+    // float formatting and a parse: recent results are kept per thread, keyed by the bits.
+    let bits = f.to_bits();
+    let slot = (bits ^ (bits >> 11) ^ (bits >> 22)) as usize % RECENT_F32;
+    RECENT.with(|recent| {
+        let (b, d) = recent[slot].get();
+        if b == bits && d.is_finite() {
+            return Some(d);
+        }
+        let d = shortest_f64(f)?;
+        recent[slot].set((bits, d));
+        Some(d)
+    })
+}
+
+/// Slots of the per-thread cache of [`f32_as_sent`] results.
+const RECENT_F32: usize = 64;
+
+thread_local! {
+    /// `(f32 bits, f32_as_sent)`; a slot holding NaN is empty (a finite `f32` never maps to it).
+    static RECENT: [std::cell::Cell<(u32, f64)>; RECENT_F32] =
+        const { [const { std::cell::Cell::new((0, f64::NAN)) }; RECENT_F32] };
+}
+
+/// [`f32_as_sent`] without the cache, for a finite `f`.
+fn shortest_f64(f: f32) -> Option<f64> {
     let mut buf = ExpBuf {
         bytes: [0; 24],
         len: 0,
@@ -734,6 +760,27 @@ mod tests {
                 20.100000381469727
             )))
         );
+    }
+
+    /// The per-thread cache answers what the conversion does, whatever was asked before:
+    /// repeated values, values sharing a slot, +0 and -0 (the empty slot's key is +0's bits).
+    #[test]
+    fn test_f32_as_sent_cache() {
+        let mut values: Vec<f32> = vec![0.0, -0.0, 20.1, 1013.0, 48.25, f32::MAX, f32::MIN];
+        values.extend((0..5_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
+        values.extend((0..300).map(|i| 21.5 + (i % 10) as f32 * 0.1));
+        for round in 0..3 {
+            for &f in &values {
+                let want = if f.is_finite() { shortest_f64(f) } else { None };
+                let got = f32_as_sent(f);
+                assert_eq!(
+                    got.map(f64::to_bits),
+                    want.map(f64::to_bits),
+                    "{f:e} ({:#x}), round {round}",
+                    f.to_bits()
+                );
+            }
+        }
     }
 
     /// Through SQLite and the rqlite-shaped result: a `real` cell and the `telemetry` JSON

@@ -223,24 +223,12 @@ impl Inner {
             }
             EntryPayload::Membership(m) => {
                 let sm = StoredMembership::new(Some(entry.log_id), m.clone());
-                tx.execute(
-                    &format!(
-                        "INSERT OR REPLACE INTO {}(key, value) VALUES('membership', ?1)",
-                        tables::RAFT
-                    ),
-                    [json(&sm)?],
-                )?;
+                put_raft(&tx, "membership", &json(&sm)?)?;
                 membership = Some(sm);
                 CommandResponse::Empty
             }
         };
-        tx.execute(
-            &format!(
-                "INSERT OR REPLACE INTO {}(key, value) VALUES('last_applied', ?1)",
-                tables::RAFT
-            ),
-            [json(&Some(entry.log_id))?],
-        )?;
+        put_raft(&tx, "last_applied", &json(&Some(entry.log_id))?)?;
         tx.commit()?;
         Ok((resp, membership))
     }
@@ -291,13 +279,17 @@ impl From<Failed> for Halt {
 /// The last applied entry's stamp (`Command::Stamped`), kept in `_cairn_raft` so a node whose
 /// log is empty (after a snapshot, after a restore) still never stamps below it.
 fn write_stamp(conn: &Connection, stamp: i64) -> rusqlite::Result<()> {
-    conn.execute(
-        &format!(
-            "INSERT OR REPLACE INTO {}(key, value) VALUES('stamp', ?1)",
-            tables::RAFT
-        ),
-        [stamp.to_string().into_bytes()],
-    )
+    put_raft(conn, "stamp", stamp.to_string().as_bytes())
+}
+
+/// Sets `key` in `_cairn_raft`. Every entry writes one or two keys: the statement is cached
+/// (parsing it again per entry cost more than the write).
+fn put_raft(conn: &Connection, key: &str, value: &[u8]) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO {}(key, value) VALUES(?1, ?2)",
+        tables::RAFT
+    ))?
+    .execute(rusqlite::params![key, value])
     .map(drop)
 }
 

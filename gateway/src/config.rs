@@ -666,18 +666,6 @@ impl NodeConfig {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
         self.validate_cluster()?;
-        anyhow::ensure!(
-            self.election_timeout_min_ms > self.heartbeat_ms
-                && self.election_timeout_max_ms > self.election_timeout_min_ms,
-            "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
-        );
-        anyhow::ensure!(
-            self.write_batch_max > 0
-                && self.write_queue_depth > 0
-                && self.write_queue_capacity > 0
-                && self.write_queue_batch_size > 0,
-            "write queue sizes must be positive"
-        );
         anyhow::ensure!(self.feed_capacity > 0, "feed_capacity must be positive");
         self.validate_backup()?;
         export::validate(&self.exports()?, self.retention.as_deref())?;

@@ -75,6 +75,18 @@ impl NodeConfig {
     }
 
     pub(super) fn validate_cluster(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.election_timeout_min_ms > self.heartbeat_ms
+                && self.election_timeout_max_ms > self.election_timeout_min_ms,
+            "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
+        );
+        anyhow::ensure!(
+            self.write_batch_max > 0
+                && self.write_queue_depth > 0
+                && self.write_queue_capacity > 0
+                && self.write_queue_batch_size > 0,
+            "write queue sizes must be positive"
+        );
         // Every replica re-executes the log's SQL, so a function an extension adds would have
         // to exist, and return the same value, on every node for ever, and native code loaded
         // into the process runs outside the SQL sandbox: Cairn does not load extensions.

@@ -245,20 +245,26 @@ pub fn fatal(f: Fatal<TypeConfig>) -> Error {
 
 #[cfg(test)]
 mod tests {
-    /// The size watcher reads the log's pages in use through its own read-only connection while
-    /// the log store's writer keeps the file open in WAL mode; purged rows stop counting.
-    #[test]
-    fn test_log_bytes() {
+    /// A `raft.db` in WAL mode holding entries 1..=`n` of 1,000 bytes, and its writer.
+    fn log_of(n: u32) -> (tempfile::TempDir, std::path::PathBuf, rusqlite::Connection) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raft.db");
         let w = rusqlite::Connection::open(&path).unwrap();
         w.pragma_update(None, "journal_mode", "WAL").unwrap();
-        w.execute_batch(
+        w.execute_batch(&format!(
             "CREATE TABLE log (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL); \
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
-             INSERT INTO log SELECT i, randomblob(1000) FROM n;",
-        )
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+             INSERT INTO log SELECT i, randomblob(1000) FROM n;"
+        ))
         .unwrap();
+        (dir, path, w)
+    }
+
+    /// The size watcher reads the log's pages in use through its own read-only connection while
+    /// the log store's writer keeps the file open in WAL mode; purged rows stop counting.
+    #[test]
+    fn test_log_bytes() {
+        let (_dir, path, w) = log_of(2000);
         let full = super::log_bytes(&path).unwrap();
         assert!(full > 2_000_000, "{full}");
         w.execute_batch("DELETE FROM log WHERE idx <= 1900")
@@ -271,16 +277,7 @@ mod tests {
     /// never reaches past the snapshot.
     #[test]
     fn test_purge_point() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.db");
-        let w = rusqlite::Connection::open(&path).unwrap();
-        w.pragma_update(None, "journal_mode", "WAL").unwrap();
-        w.execute_batch(
-            "CREATE TABLE log (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL); \
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) \
-             INSERT INTO log SELECT i, randomblob(1000) FROM n;",
-        )
-        .unwrap();
+        let (_dir, path, _w) = log_of(100);
         // Snapshot at 80, 10,500 bytes kept: entries 71..=80 stay, 70 and below go.
         assert_eq!(super::purge_point(&path, 80, 10_500).unwrap(), Some(70));
         // Everything up to the snapshot fits.

@@ -285,12 +285,16 @@ fn write_stamp(conn: &Connection, stamp: i64) -> rusqlite::Result<()> {
 /// Sets `key` in `_cairn_raft`. Every entry writes one or two keys: the statement is cached
 /// (parsing it again per entry cost more than the write).
 fn put_raft(conn: &Connection, key: &str, value: &[u8]) -> rusqlite::Result<()> {
-    conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO {}(key, value) VALUES(?1, ?2)",
-        tables::RAFT
-    ))?
-    .execute(rusqlite::params![key, value])
-    .map(drop)
+    // The statement's text is built once, not per entry.
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "INSERT OR REPLACE INTO {}(key, value) VALUES(?1, ?2)",
+            tables::RAFT
+        )
+    });
+    conn.prepare_cached(&SQL)?
+        .execute(rusqlite::params![key, value])
+        .map(drop)
 }
 
 /// The stamp of the last stamped entry a database holds, if any.

@@ -98,6 +98,7 @@ fn commands() -> Vec<(&'static str, Command)> {
                 device_id: 42,
                 received_at_ms: 1_764_000_000_000,
                 body: vec![9, 8, 7],
+                session: 0,
             }]),
         ),
         (

@@ -112,6 +112,7 @@ async fn fill(dir: &Path, records: u64, stream: u16, random: bool) -> (u64, u64)
                 device_id: 1000 + d,
                 received_at_ms: 1_795_632_240_000 + (index as i64) * 5,
                 body: view.as_bytes().to_vec(),
+                session: 0,
             });
             next_seq[d as usize] += PER_BATCH;
             sent += PER_BATCH;

@@ -248,3 +248,107 @@ fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
 fn rand_boot_nonce() -> [u8; cairn_protocol::BOOT_NONCE_LEN] {
     cairn_tests::device::boot_nonce()
 }
+
+/// Connects to node `i` as device `id` (boot `boot`) and returns the stream, the session and
+/// the Welcome as text.
+fn hello(
+    c: &Cluster,
+    i: usize,
+    id: u64,
+    key: &[u8; 32],
+    boot: u32,
+) -> (TcpStream, cairn_protocol::DeviceSession, String) {
+    use cairn_protocol::{DeviceSession, MAX_FRAME, Message};
+    let mut stream = TcpStream::connect(c.nodes[i].device_addr()).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut session = DeviceSession::new(key, boot, rand_boot_nonce());
+    let mut frame = [0u8; MAX_FRAME];
+    let n = session
+        .encode(&Message::Hello(session.hello(id, 1, 8)), &mut frame)
+        .unwrap();
+    stream.write_all(&frame[..n]).unwrap();
+    let welcome = recv(&mut stream, &mut session);
+    (stream, session, welcome)
+}
+
+/// Sends records `[U64(k), F32(1.0)]` for `ks` with seqs from `first_seq`; the answer as text.
+fn push(
+    stream: &mut TcpStream,
+    session: &mut cairn_protocol::DeviceSession,
+    first_seq: u64,
+    ks: &[u64],
+) -> String {
+    use cairn_protocol::{BatchEncoder, MAX_FRAME, Message, Record, Value};
+    let mut body = [0u8; MAX_FRAME];
+    let mut enc = BatchEncoder::new(&mut body, first_seq, 1000);
+    for &k in ks {
+        let v = [Value::U64(k), Value::F32(1.0)];
+        enc.push(&Record {
+            stream: 1,
+            uptime_ms: 900,
+            values: &v,
+        })
+        .unwrap();
+    }
+    let mut frame = [0u8; MAX_FRAME];
+    let n = session
+        .encode(&Message::Batch(enc.finish().unwrap()), &mut frame)
+        .unwrap();
+    stream.write_all(&frame[..n]).unwrap();
+    recv(stream, session)
+}
+
+/// SPEC §8 gateway rule 2 across connections: a device that lost power while a gateway still
+/// held its last batch (a forward on its way to the leader) reconnects elsewhere, is welcomed
+/// with the high-water before that batch and sends new records under the same seqs. The old
+/// connection's batch, arriving after that Welcome, must not take those seqs (the new records
+/// would be acknowledged as duplicates and lost): it is refused, its connection closed, and
+/// the new connection's records are the ones stored.
+#[test]
+fn test_batch_of_a_replaced_connection_is_not_stored() {
+    let c = cluster();
+    let key = [0x43u8; 32];
+    poll(TIMEOUT, "the device to be registered", || {
+        let r = cairn_tests::post(
+            &c.nodes[c.leader()].url("/devices"),
+            &serde_json::json!({"id": 78, "key": hex(&key)}),
+        );
+        (r.status == 200).then_some(())
+    });
+    // Sessions need cluster format version 2, active a second or so after a new cluster forms.
+    poll(TIMEOUT, "format version 2 active on every node", || {
+        (0..3)
+            .all(|i| {
+                c.nodes[i]
+                    .status()
+                    .is_some_and(|s| s["format"]["active"] == 2)
+            })
+            .then_some(())
+    });
+    let (leader, follower) = (c.leader(), c.followers()[0]);
+    let (mut old, mut old_session, welcome) = hello(&c, follower, 78, &key, 1);
+    assert!(welcome.contains("high_water: 0"), "{welcome}");
+    // The device again, after a reboot that lost its RAM outbox, on another gateway.
+    let (mut new, mut new_session, welcome) = hello(&c, leader, 78, &key, 2);
+    assert!(welcome.contains("high_water: 0"), "{welcome}");
+
+    let late = push(&mut old, &mut old_session, 1, &[101, 102, 103]);
+    assert!(late.starts_with("Error(Error { code: Internal"), "{late}");
+    let ack = push(&mut new, &mut new_session, 1, &[201, 202, 203]);
+    assert!(ack.starts_with("Ack(Ack { through_seq: 3,"), "{ack}");
+    let ks: Vec<u64> = c.nodes[leader]
+        .rows(
+            "SELECT k FROM readings WHERE device_id = 78 ORDER BY seq",
+            "none",
+        )
+        .into_iter()
+        .map(|r| r[0].as_u64().expect("integer k"))
+        .collect();
+    assert_eq!(
+        ks,
+        [201, 202, 203],
+        "the new connection's records under seqs 1..=3"
+    );
+}

@@ -267,10 +267,11 @@ pub async fn restore(
     let db_path = sm_dir.join("db.sqlite");
     let (k, enc) = (snap_key.clone(), key.cloned());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        // Decompressed straight into the file: a large database is never held in memory.
+        // Decompressed straight into the file: a large database is never held in memory. Not
+        // fsync'd here: the restore's one durable point is at the end (the marker above).
         let mut out = std::io::BufWriter::new(std::fs::File::create_new(&db_path)?);
         object::open_into(Kind::Snapshot, &k, &bytes, enc.as_ref(), &mut out)?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        out.into_inner().map_err(|e| e.into_error())?;
         Ok(())
     })
     .await??;

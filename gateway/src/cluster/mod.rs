@@ -364,7 +364,9 @@ impl Cluster {
         // The disk guard refuses new data, never what frees space (retention, cursors).
         if let Some(e) = self.metrics.disk_guard.held() {
             match cmd.unstamped() {
-                Command::DeviceBatches(_) => return Err(Error::Overloaded),
+                Command::DeviceBatches(_) | Command::SessionBatches { .. } => {
+                    return Err(Error::Overloaded);
+                }
                 Command::Sql(_) | Command::SqlAt { .. } | Command::LoadChunk(_) => {
                     return Err(Error::Unavailable(format!(
                         "disk guard: {e}; writes refused"

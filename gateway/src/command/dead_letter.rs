@@ -198,6 +198,7 @@ fn one_record(b: &DeviceBatch, h: &BatchHeader, r: &RecordView<'_>) -> rusqlite:
         device_id: b.device_id,
         received_at_ms: b.received_at_ms,
         body: view.as_bytes().to_vec(),
+        session: b.session,
     };
     postcard::to_allocvec(&one).map_err(|e| bad(&e.to_string()))
 }

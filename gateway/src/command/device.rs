@@ -5,6 +5,10 @@
 //! Per batch, in entry order (the same on every replica):
 //! 0. the device is revoked (`cairn device revoke`, an earlier entry): [`BatchOutcome::Revoked`],
 //!    nothing written (a batch read before the revoke but committed after it is not stored);
+//!    in a `Command::SessionBatches` entry, the batch was read in a session of the device
+//!    that a later `RegistryCommand::OpenSession` replaced: [`BatchOutcome::Stale`], nothing
+//!    written (the device was welcomed again with a high-water that did not count it, and
+//!    may already have sent other records under the same seqs);
 //! 1. `last_seq <= high_water`: already stored, [`BatchOutcome::Duplicate`] (acked through the
 //!    high-water, not applied);
 //! 2. `first_seq > high_water + 1`: records are missing before it, [`BatchOutcome::Gap`];
@@ -15,7 +19,8 @@
 //!    stream into `dead_letter`, see [`super::dead_letter`]) and the high-water becomes
 //!    `last_seq`: [`BatchOutcome::Applied`].
 //!
-//! Time: the receiving gateway stamps `received_at_ms` (its clock) before proposing; a record
+//! Time: the receiving gateway stamps `received_at_ms` (its clock; the proposer raises it to
+//! the entry's stamp minus `raft::proposer::RECEIVE_SLACK_MS`) before proposing; a record
 //! taken at device uptime `u` is stored with `time_ms = received_at_ms - (sent_uptime_ms - u)`
 //! and `age_ms = received_at_ms - time_ms` (the generated `time` and `received_at` columns show
 //! them as text, see `db::schema`). Both inputs are in the entry, so every replica stores the
@@ -47,6 +52,11 @@ pub struct DeviceBatch {
     /// The Batch body (clear text, validated with `BatchView::parse` before proposing).
     #[serde(with = "serde_bytes_vec")]
     pub body: Vec<u8>,
+    /// The device session the batch was read in (`RegistryCommand::OpenSession`; 0: none).
+    /// Not part of this struct's encoding (entries of version 1 have none): it travels in
+    /// `Command::SessionBatches` and in the session-aware forward.
+    #[serde(skip)]
+    pub session: u64,
 }
 
 /// Bytes as one postcard byte string rather than a sequence of u8 (same bytes in postcard,
@@ -109,6 +119,10 @@ pub enum BatchOutcome {
     Malformed,
     /// Refused: the device was revoked by an earlier entry.
     Revoked,
+    /// Not stored: read in a session of the device that a later one replaced (the device
+    /// connected again, possibly elsewhere, and was welcomed with a high-water that did not
+    /// count this batch). The connection it came from is closed.
+    Stale,
 }
 
 /// Statistics of one applied entry, for the metrics and the dead-letter warnings.
@@ -264,6 +278,7 @@ pub fn apply(
     conn: &Connection,
     ctx: &ApplyContext<'_>,
     batches: &[DeviceBatch],
+    sessions: Option<&[u64]>,
 ) -> rusqlite::Result<Vec<BatchOutcome>> {
     use std::sync::atomic::Ordering::Relaxed;
     let m = ctx.metrics;
@@ -271,7 +286,7 @@ pub fn apply(
         stored: ctx.feed.wanted().then(Vec::new),
         ..ApplyStats::default()
     };
-    let out = apply_device_batches(conn, batches, &mut stats)?;
+    let out = apply_in_sessions(conn, batches, sessions, &mut stats)?;
     dead_letter::report(m, &stats.misfits);
     let journal: Vec<_> = stats
         .journal
@@ -302,6 +317,17 @@ pub fn apply_device_batches(
     batches: &[DeviceBatch],
     stats: &mut ApplyStats,
 ) -> rusqlite::Result<Vec<BatchOutcome>> {
+    apply_in_sessions(conn, batches, None, stats)
+}
+
+/// [`apply_device_batches`] of `Command::SessionBatches`: with `sessions` (one per batch), a
+/// batch whose session is not the device's current one is [`BatchOutcome::Stale`].
+pub fn apply_in_sessions(
+    conn: &Connection,
+    batches: &[DeviceBatch],
+    sessions: Option<&[u64]>,
+    stats: &mut ApplyStats,
+) -> rusqlite::Result<Vec<BatchOutcome>> {
     create_tables(conn)?;
     let mut inserts = Inserts::new(conn, Schema::load(conn)?);
     let mut dead = DeadLetters::new(conn);
@@ -324,6 +350,13 @@ pub fn apply_device_batches(
     for (i, b) in batches.iter().enumerate() {
         if revoked.contains(&b.device_id) {
             out.push(BatchOutcome::Revoked);
+            continue;
+        }
+        if let Some(sessions) = sessions
+            && sessions.get(i).copied().unwrap_or(0)
+                != crate::db::registry::current_session(conn, b.device_id)?
+        {
+            out.push(BatchOutcome::Stale);
             continue;
         }
         let Some(view) = b.view() else {
@@ -419,6 +452,7 @@ pub(crate) mod tests {
             device_id,
             received_at_ms: 1_795_632_240_000,
             body: view.as_bytes().to_vec(),
+            session: 0,
         }
     }
 
@@ -446,6 +480,49 @@ pub(crate) mod tests {
         let out = apply_device_batches(&conn, &[b], &mut stats).unwrap();
         assert_eq!(out, vec![BatchOutcome::Applied { through_seq: 2 }]);
         assert_eq!(count(&conn, TELEMETRY_TABLE), 2);
+    }
+
+    /// The race a device's power cut opens: its batch of seqs 1..=2 read in session 1 is
+    /// still on its way (forwarded by another gateway) when the device, rebooted without
+    /// those records, is welcomed in session 2 with high-water 0 and sends other records
+    /// under the same seqs. The late batch must not take their seqs: it is `Stale`, and the
+    /// new session's records are stored.
+    #[test]
+    fn test_batch_of_a_replaced_session_is_not_stored() {
+        let conn = db();
+        let mut stats = ApplyStats::default();
+        let old = batch(5, 1, &[(9, &[Value::I64(111)]), (9, &[Value::I64(112)])]);
+        let new = batch(5, 1, &[(9, &[Value::I64(221)]), (9, &[Value::I64(222)])]);
+        assert_eq!(crate::db::registry::current_session(&conn, 5).unwrap(), 0);
+        assert_eq!(crate::db::registry::open_session(&conn, 5).unwrap(), 1);
+        assert_eq!(crate::db::registry::open_session(&conn, 5).unwrap(), 2);
+        let out = apply_in_sessions(&conn, &[old.clone(), new], Some(&[1, 2]), &mut stats).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                BatchOutcome::Stale,
+                BatchOutcome::Applied { through_seq: 2 }
+            ]
+        );
+        let values: Vec<String> = conn
+            .prepare("SELECT \"values\" FROM telemetry WHERE device_id = 5 ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(values, ["[221]", "[222]"]);
+        // A batch without a session (read before version 2, or proposed as version 1 wrote
+        // them) is stale once the device has one; another device's is not.
+        let other = batch(6, 1, &[(9, &[Value::I64(1)])]);
+        let out = apply_in_sessions(&conn, &[old, other], Some(&[0, 0]), &mut stats).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                BatchOutcome::Stale,
+                BatchOutcome::Applied { through_seq: 1 }
+            ]
+        );
     }
 
     #[test]

@@ -85,6 +85,13 @@ pub enum Command {
     ActivateVersion(u32),
     /// Members' incarnations and the first entry after `cairn recover` ([`members`]).
     Members(members::MembersCommand),
+    /// Format version 2: device batches with the session each was read in (`sessions[i]`
+    /// for `batches[i]`, see `RegistryCommand::OpenSession`); a batch of a session that is
+    /// no longer the device's current one is not stored ([`device`]).
+    SessionBatches {
+        sessions: Vec<u64>,
+        batches: Vec<DeviceBatch>,
+    },
 }
 
 impl Command {
@@ -95,11 +102,13 @@ impl Command {
             // the previous entry's stamp was later). Device batches keep the receive times
             // their records are converted with.
             Command::Stamped { stamp_ms, cmd } => match cmd.as_ref() {
-                Command::DeviceBatches(_) => cmd.stamp_ms(),
+                Command::DeviceBatches(_) | Command::SessionBatches { .. } => cmd.stamp_ms(),
                 _ => Some(*stamp_ms),
             },
             Command::SqlAt { stamp_ms, .. } => Some(*stamp_ms),
-            Command::DeviceBatches(b) => b.iter().map(|b| b.received_at_ms).max(),
+            Command::DeviceBatches(b) | Command::SessionBatches { batches: b, .. } => {
+                b.iter().map(|b| b.received_at_ms).max()
+            }
             Command::Sql(_)
             | Command::DeviceRegistry(_)
             | Command::LoadChunk(_)
@@ -119,9 +128,12 @@ impl Command {
         match self {
             Command::Stamped { cmd, .. } => cmd.min_version(),
             Command::ActivateVersion(v) => (*v).max(crate::version::V2),
-            Command::Members(_) => crate::version::V2,
+            Command::Members(_) | Command::SessionBatches { .. } => crate::version::V2,
             // Kinds added after version 1 inside older commands.
-            Command::DeviceRegistry(registry::RegistryCommand::NameNode { .. })
+            Command::DeviceRegistry(
+                registry::RegistryCommand::NameNode { .. }
+                | registry::RegistryCommand::OpenSession { .. },
+            )
             | Command::Export(ExportCommand::Capture { .. }) => crate::version::V2,
             Command::Sql(_)
             | Command::DeviceBatches(_)
@@ -147,6 +159,14 @@ impl Command {
     pub fn entry_stamp_ms(&self) -> Option<i64> {
         match self {
             Command::Stamped { stamp_ms, .. } => Some(*stamp_ms),
+            _ => None,
+        }
+    }
+
+    /// The device batches of a device entry (either kind), without its stamp.
+    pub fn device_batches(&self) -> Option<&[DeviceBatch]> {
+        match self.unstamped() {
+            Command::DeviceBatches(b) | Command::SessionBatches { batches: b, .. } => Some(b),
             _ => None,
         }
     }
@@ -179,6 +199,9 @@ impl fmt::Display for Command {
                 c.transaction
             ),
             Command::DeviceBatches(b) => write!(f, "DeviceBatches({} batches)", b.len()),
+            Command::SessionBatches { batches, .. } => {
+                write!(f, "SessionBatches({} batches)", batches.len())
+            }
             Command::DeviceRegistry(c) => write!(f, "DeviceRegistry({c})"),
             Command::LoadChunk(c) => write!(
                 f,
@@ -244,7 +267,10 @@ pub fn apply(
             sql::apply_sql(conn, ctx.index, cmd.stamp_ms(), sql).map(CommandResponse::Sql)
         }
         Command::DeviceBatches(b) => {
-            device::apply(conn, ctx, b).map(CommandResponse::DeviceBatches)
+            device::apply(conn, ctx, b, None).map(CommandResponse::DeviceBatches)
+        }
+        Command::SessionBatches { sessions, batches } => {
+            device::apply(conn, ctx, batches, Some(sessions)).map(CommandResponse::DeviceBatches)
         }
         Command::DeviceRegistry(c) => {
             if let Some(device) = c.changes_keys_of() {

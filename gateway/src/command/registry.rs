@@ -62,6 +62,12 @@ pub enum RegistryCommand {
     },
     /// Record a member's rqlite-style name (`--node-id NAME`); Raft keeps the u64 id.
     NameNode { id: u64, name: String },
+    /// A gateway welcomes the device on a new connection (format version 2): the device's
+    /// next session, and its high-water as of this entry. From here on, batches read in an
+    /// earlier session (one still on its way from another gateway) are not stored
+    /// (`BatchOutcome::Stale`): the Welcome's high-water stays the last seq stored before
+    /// the device's new records (SPEC §8 gateway rule 2).
+    OpenSession { device_id: u64 },
 }
 
 impl RegistryCommand {
@@ -76,7 +82,8 @@ impl RegistryCommand {
             | RegistryCommand::ResetHighWater { .. }
             | RegistryCommand::SetProtocol { .. }
             | RegistryCommand::KeySeen { .. }
-            | RegistryCommand::NameNode { .. } => None,
+            | RegistryCommand::NameNode { .. }
+            | RegistryCommand::OpenSession { .. } => None,
         }
     }
 }
@@ -103,6 +110,9 @@ impl std::fmt::Display for RegistryCommand {
                 write!(f, "device {device_id} speaks protocol {version}")
             }
             RegistryCommand::NameNode { id, name } => write!(f, "node {id} is named {name:?}"),
+            RegistryCommand::OpenSession { device_id } => {
+                write!(f, "new session of device {device_id}")
+            }
             RegistryCommand::KeySeen { device_id, .. } => {
                 write!(f, "device {device_id} seen with its new key")
             }
@@ -152,6 +162,11 @@ pub enum RegistryOutcome {
     KeyRefused(String),
     /// The node's name is recorded.
     Named,
+    /// The device's new session and its high-water as of it.
+    SessionOpened {
+        session: u64,
+        high_water: u64,
+    },
 }
 
 /// Applies a registry command inside the entry's transaction.
@@ -269,6 +284,10 @@ pub fn apply_registry(
             crate::db::registry::set_node_name(conn, *id, name)?;
             RegistryOutcome::Named
         }
+        RegistryCommand::OpenSession { device_id } => RegistryOutcome::SessionOpened {
+            session: crate::db::registry::open_session(conn, *device_id)?,
+            high_water: crate::db::registry::high_water(conn, *device_id)?,
+        },
         RegistryCommand::DefineStreams(legacy) => match install(conn, &Schema::from(legacy))? {
             Ok(()) => RegistryOutcome::StreamsDefined,
             Err(e) => RegistryOutcome::Failed(e),

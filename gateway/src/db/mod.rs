@@ -79,6 +79,10 @@ pub mod tables {
     /// Each member's incarnation (`command::members`): `(id INTEGER PRIMARY KEY, incarnation
     /// INTEGER NOT NULL)`, created by the first `Command::Members` entry.
     pub const MEMBERS: &str = "_cairn_members";
+    /// Each device's current session (`command::registry`, `RegistryCommand::OpenSession`):
+    /// `(device_id INTEGER PRIMARY KEY, session INTEGER NOT NULL)`, created by the first
+    /// session opened (format version 2). Batches read in an older session are not stored.
+    pub const DEVICE_SESSIONS: &str = "_cairn_device_sessions";
 }
 
 /// Free space of the file system holding `dir`, in bytes (for unprivileged users).
@@ -315,6 +319,11 @@ impl Store {
         let hold = self.gate.clone().enter_owned();
         let conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Pages not in the WAL are read through a memory map: no read call and no page-cache
+        // copy per page, so the transfer (and the WAL growth it causes, every commit goes to
+        // the WAL's end while this view is open) is shorter. SQLite checks the WAL first and
+        // never truncates the file below a page an open view may read.
+        conn.pragma_update(None, "mmap_size", PAGES_MMAP)?;
         conn.execute_batch("BEGIN")?;
         // The first read starts the transaction's view; everything below reads that view.
         let page_count: u32 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
@@ -377,6 +386,14 @@ impl Store {
         Ok(())
     }
 }
+
+/// The memory map a snapshot view reads the database file through (SQLite's default
+/// ceiling on 64-bit targets; 256 MiB of address space on 32-bit boards).
+const PAGES_MMAP: i64 = if cfg!(target_pointer_width = "64") {
+    0x7fff_0000
+} else {
+    256 << 20
+};
 
 /// The pages of the live database as of one read transaction (see [`Store::pages`]): page 1
 /// first, every page of the file in order, so the bytes are a database file (in WAL mode, with

@@ -84,6 +84,41 @@ pub fn high_water(conn: &Connection, device_id: u64) -> rusqlite::Result<u64> {
     }
 }
 
+/// The device's current session (0: none opened yet, or no session table).
+pub fn current_session(conn: &Connection, device_id: u64) -> rusqlite::Result<u64> {
+    match conn
+        .prepare_cached(&format!(
+            "SELECT session FROM {} WHERE device_id = ?1",
+            tables::DEVICE_SESSIONS
+        ))
+        .and_then(|mut st| {
+            st.query_row([device_id as i64], |r| r.get::<_, i64>(0))
+                .optional()
+        }) {
+        Ok(s) => Ok(s.unwrap_or(0) as u64),
+        Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.contains("no such table") => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens a new session for the device: its number (one above the last), from this entry on
+/// the only one whose batches are stored.
+pub fn open_session(conn: &Connection, device_id: u64) -> rusqlite::Result<u64> {
+    conn.prepare_cached(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (device_id INTEGER PRIMARY KEY, session INTEGER NOT NULL)",
+        tables::DEVICE_SESSIONS
+    ))?
+    .execute([])?;
+    let session = current_session(conn, device_id)?.saturating_add(1);
+    conn.prepare_cached(&format!(
+        "INSERT INTO {}(device_id, session) VALUES (?1, ?2) \
+         ON CONFLICT(device_id) DO UPDATE SET session = excluded.session",
+        tables::DEVICE_SESSIONS
+    ))?
+    .execute([device_id as i64, session as i64])?;
+    Ok(session)
+}
+
 /// Every registered device, by id.
 pub fn list_devices(conn: &Connection) -> rusqlite::Result<Vec<DeviceInfo>> {
     let sql = format!(

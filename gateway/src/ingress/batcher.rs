@@ -307,6 +307,7 @@ mod tests {
             device_id: id,
             received_at_ms: 0,
             body: vec![0; 100],
+            session: 0,
         }
     }
 

@@ -211,6 +211,8 @@ fn stored_through(outcome: &Outcomes) -> Result<u64, ErrorCode> {
             BatchOutcome::SchemaMismatch => Err(ErrorCode::SchemaMismatch),
             BatchOutcome::Malformed => Err(ErrorCode::Malformed),
             BatchOutcome::Revoked => Err(ErrorCode::UnknownDevice),
+            // A newer connection of the device took over: this one ends.
+            BatchOutcome::Stale => Err(ErrorCode::Internal),
         },
         Ok(_) => Err(ErrorCode::Internal),
         Err(e) => Err(code_of(e)),
@@ -397,8 +399,8 @@ async fn run(ingress: &Arc<Ingress>, stream: &mut TcpStream) -> Result<(), Error
         };
     m.frames_in.fetch_add(1, Relaxed);
     let (device_id, mut session, mut key) = handshake(ingress, stream, frame).await?;
-    let high_water = match ingress.high_water(device_id).await {
-        Ok(hw) => hw,
+    let (high_water, device_session) = match ingress.open_session(device_id).await {
+        Ok(opened) => opened,
         Err(e) => {
             reject(m, stream, Some(&mut session), code_of(&e)).await;
             return Err(code_of(&e));
@@ -511,6 +513,7 @@ async fn run(ingress: &Arc<Ingress>, stream: &mut TcpStream) -> Result<(), Error
                             device_id,
                             received_at_ms,
                             body: view.as_bytes().to_vec(),
+                            session: device_session,
                         };
                         match ingress.submit(batch) {
                             Ok(rx) => pending.push_back((rx, read_at)),

@@ -4,11 +4,14 @@
 //! | route | body | answer |
 //! |---|---|---|
 //! | `POST /ingress/forward` | postcard `Vec<DeviceBatch>` | postcard `Result<Vec<BatchOutcome>, Error>` |
+//! | `POST /ingress/forward-sessions` | postcard `(Vec<u64>, Vec<DeviceBatch>)`: each batch's session, the batches | same |
 //! | `GET /ingress/high-water/{device_id}` | | postcard `Result<u64, Error>` |
+//! | `POST /ingress/session/{device_id}` | | postcard `Result<(u64, u64), Error>`: high-water, new session |
 //! | `GET /ingress/key/{device_id}` | | postcard `Result<Option<[u8; 32]>, Error>` (none for a revoked device) |
 //! | `POST /ingress/note/{device_id}` | postcard [`Note`] | postcard `Result<(), Error>` |
 //!
-//! They are node to node only: served on the Raft listener, behind node mutual TLS when it is
+//! The session routes are used once format version 2 is active (every member serves them);
+//! before, the two above them. They are node to node only: served on the Raft listener, behind node mutual TLS when it is
 //! configured, never on the public HTTP port (the key lookup answers a key). The device admin
 //! API (`/devices`) is public, needs the `devices` permission and never returns a key.
 
@@ -48,13 +51,14 @@ impl GroupSink for ForwardSink {
         let cluster = self.cluster.clone();
         Box::pin(async move {
             Commit(Box::pin(async move {
+                let (path, body) = if cluster.metrics().versions.active() >= crate::version::V2 {
+                    let sessions: Vec<u64> = batches.iter().map(|b| b.session).collect();
+                    ("/ingress/forward-sessions", encode(&(sessions, batches)))
+                } else {
+                    ("/ingress/forward", encode(&batches))
+                };
                 let r = cluster
-                    .call_leader_internal::<Outcomes>(
-                        Method::POST,
-                        "/ingress/forward",
-                        encode(&batches),
-                        FORWARD_TIMEOUT,
-                    )
+                    .call_leader_internal::<Outcomes>(Method::POST, path, body, FORWARD_TIMEOUT)
                     .await;
                 r.unwrap_or_else(|e| {
                     tracing::debug!(error = %e, "forwarding device batches");
@@ -70,6 +74,19 @@ pub async fn remote_high_water(cluster: &Cluster, device_id: u64) -> Result<u64,
     let path = format!("/ingress/high-water/{device_id}");
     cluster
         .call_leader_internal::<Result<u64, Error>>(Method::GET, &path, Vec::new(), FORWARD_TIMEOUT)
+        .await?
+}
+
+/// A follower's new device session (format version 2): opened by the leader.
+pub async fn remote_open_session(cluster: &Cluster, device_id: u64) -> Result<(u64, u64), Error> {
+    let path = format!("/ingress/session/{device_id}");
+    cluster
+        .call_leader_internal::<Result<(u64, u64), Error>>(
+            Method::POST,
+            &path,
+            Vec::new(),
+            FORWARD_TIMEOUT,
+        )
         .await?
 }
 
@@ -108,7 +125,9 @@ pub async fn remote_note(cluster: &Cluster, device_id: u64, note: Note) -> Resul
 pub fn routes(ingress: Arc<Ingress>) -> axum::Router {
     axum::Router::new()
         .route("/ingress/forward", post(forwarded))
+        .route("/ingress/forward-sessions", post(forwarded_sessions))
         .route("/ingress/high-water/{device_id}", get(high_water))
+        .route("/ingress/session/{device_id}", post(open_session))
         .route("/ingress/key/{device_id}", get(device_key))
         .route("/ingress/note/{device_id}", post(noted))
         // Groups close at about 1 MiB (`batcher::GroupLimits`); room for the last batch.
@@ -125,6 +144,31 @@ async fn forwarded(State(ingress): State<Arc<Ingress>>, body: Bytes) -> Vec<u8> 
         _ => Err(Error::BadRequest("undecodable device batches".into())),
     };
     encode(&outcomes)
+}
+
+async fn forwarded_sessions(State(ingress): State<Arc<Ingress>>, body: Bytes) -> Vec<u8> {
+    let outcomes = match decode::<(Vec<u64>, Vec<DeviceBatch>)>(&body) {
+        // Bodies are checked by the follower; check again, a bad one must not reach the log.
+        Ok((sessions, mut batches))
+            if sessions.len() == batches.len() && batches.iter().all(|b| b.view().is_some()) =>
+        {
+            for (b, s) in batches.iter_mut().zip(sessions) {
+                b.session = s;
+            }
+            ingress.submit_forwarded(batches).await
+        }
+        _ => Err(Error::BadRequest("undecodable device batches".into())),
+    };
+    encode(&outcomes)
+}
+
+async fn open_session(State(ingress): State<Arc<Ingress>>, Path(device_id): Path<u64>) -> Vec<u8> {
+    let opened = if ingress.cluster.is_leader() {
+        ingress.local_open_session(device_id).await
+    } else {
+        Err(Error::NotLeader(None))
+    };
+    encode(&opened)
 }
 
 async fn high_water(State(ingress): State<Arc<Ingress>>, Path(device_id): Path<u64>) -> Vec<u8> {

@@ -71,7 +71,17 @@ impl GroupSink for ProposeSink {
             if !self.define_streams().await {
                 return Commit(Box::pin(async { Err(Error::NotLeader(None)) }));
             }
-            let proposed = self.cluster.propose(Command::DeviceBatches(batches)).await;
+            // With format version 2 active, each batch carries its session (a batch of a
+            // replaced session is not stored); before, as version 1 wrote them.
+            let cmd = if self.cluster.metrics().versions.active() >= crate::version::V2 {
+                Command::SessionBatches {
+                    sessions: batches.iter().map(|b| b.session).collect(),
+                    batches,
+                }
+            } else {
+                Command::DeviceBatches(batches)
+            };
+            let proposed = self.cluster.propose(cmd).await;
             Commit(Box::pin(async move {
                 match proposed?.applied().await {
                     Ok(CommandResponse::DeviceBatches(outcomes)) => Ok(outcomes),

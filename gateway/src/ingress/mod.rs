@@ -454,6 +454,44 @@ impl Ingress {
         self.leader_queue.submit(batches).await
     }
 
+    /// A new session of the device, for its Welcome: `(high_water, session)`. With format
+    /// version 2 active, a committed `RegistryCommand::OpenSession` on the leader (after the
+    /// device's batches queued there are decided): batches of the device's earlier sessions
+    /// that reach the log after it (say, forwarded by another gateway and delayed) are not
+    /// stored, so nothing above the returned high-water is stored but this session's records
+    /// (SPEC §8 gateway rule 2). Before version 2: the linearizable high-water read, session 0.
+    pub async fn open_session(&self, device_id: u64) -> Result<(u64, u64), Error> {
+        if self.cluster.metrics().versions.active() < crate::version::V2 {
+            return Ok((self.high_water(device_id).await?, 0));
+        }
+        if self.cluster.is_leader() {
+            self.local_open_session(device_id).await
+        } else {
+            forward::remote_open_session(&self.cluster, device_id).await
+        }
+    }
+
+    /// The leader's end of [`Ingress::open_session`].
+    pub async fn local_open_session(&self, device_id: u64) -> Result<(u64, u64), Error> {
+        if !self
+            .leader_queue
+            .settled(device_id, Duration::from_secs(10))
+            .await
+        {
+            return Err(Error::Overloaded);
+        }
+        let cmd = Command::DeviceRegistry(RegistryCommand::OpenSession { device_id });
+        match self.cluster.write(cmd).await? {
+            CommandResponse::DeviceRegistry(
+                crate::command::registry::RegistryOutcome::SessionOpened {
+                    session,
+                    high_water,
+                },
+            ) => Ok((high_water, session)),
+            other => Err(Error::Storage(format!("unexpected response {other:?}"))),
+        }
+    }
+
     /// The device's committed high-water, read linearizably: on the leader after confirming
     /// leadership and applying up to the read index; on a follower by asking the leader.
     pub async fn high_water(&self, device_id: u64) -> Result<u64, Error> {

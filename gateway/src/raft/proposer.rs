@@ -20,6 +20,15 @@
 //! the floor ([`Metrics::stamp_floor`]) is the highest stamp in this node's log (which, on
 //! a leader, holds every committed entry) or applied database, so a leader change or a clock
 //! step back never makes time in the log go back. Point-in-time restore relies on it.
+//!
+//! Device batches carry the time the receiving gateway read them (`received_at_ms`, its own
+//! clock), which their records' times are counted back from. That clock may be any
+//! gateway's, stepped back an hour or never synchronised: a receive time is raised to at
+//! least the entry's stamp minus [`RECEIVE_SLACK_MS`] (the longest a batch is expected to
+//! wait between its read and its proposal). So a device whose first batch a gateway with a
+//! late clock reads is not stored in the past (the device's earlier records floor the later
+//! ones, `command::device`). A receive time later than the stamp is kept: the batch's
+//! records were taken before it, and only the receiving gateway knows how long before.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -130,8 +139,13 @@ async fn drain(
     }
 }
 
+/// How far a device batch's receive time may lie before its entry's stamp (see the module
+/// documentation); earlier receive times are raised to it.
+pub const RECEIVE_SLACK_MS: i64 = 30_000;
+
 /// Stamps one batch: each entry gets the wall clock (for SQL, the clock its rewrite read, so
 /// that its `'now'` literals and the entry's stamp agree), raised to the previous entry's.
+/// Device batches' receive times are raised to the stamp minus [`RECEIVE_SLACK_MS`].
 struct Stamps {
     now: i64,
     last: i64,
@@ -154,7 +168,17 @@ impl Stamps {
             _ => self.now,
         };
         self.last = self.last.max(own);
-        cmd.stamped(self.last)
+        let mut cmd = cmd.stamped(self.last);
+        if let Command::Stamped { cmd: inner, .. } = &mut cmd
+            && let Command::DeviceBatches(batches) | Command::SessionBatches { batches, .. } =
+                inner.as_mut()
+        {
+            let floor = self.last.saturating_sub(RECEIVE_SLACK_MS);
+            for b in batches {
+                b.received_at_ms = b.received_at_ms.max(floor);
+            }
+        }
+        cmd
     }
 }
 
@@ -185,6 +209,31 @@ mod tests {
             .entry_stamp_ms()
             .unwrap();
         assert!(c > 1_700_000_000_000);
+        // A batch read by a gateway whose clock is an hour late is raised to the stamp minus
+        // the slack; one read within the slack keeps its time.
+        let batch = |received_at_ms| crate::command::device::DeviceBatch {
+            device_id: 7,
+            received_at_ms,
+            body: Vec::new(),
+            session: 0,
+        };
+        let floor = AtomicI64::new(0);
+        let mut s = Stamps::new(&floor);
+        let now = s.now;
+        let stamped = s.stamp(Command::DeviceBatches(vec![
+            batch(now - 3_600_000),
+            batch(now - 1_000),
+            batch(now + 5_000),
+        ]));
+        let Command::DeviceBatches(b) = stamped.unstamped() else {
+            panic!("not a device entry: {stamped}");
+        };
+        let times: Vec<i64> = b.iter().map(|b| b.received_at_ms).collect();
+        assert_eq!(
+            times,
+            [now - RECEIVE_SLACK_MS, now - 1_000, now + 5_000],
+            "stamp {now}"
+        );
         // Stamping again replaces the stamp instead of nesting.
         let again = s.stamp(Command::DeviceBatches(Vec::new()).stamped(3));
         assert!(

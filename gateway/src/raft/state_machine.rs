@@ -43,7 +43,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, io_err};
 use crate::command::feed::Feed;
-use crate::command::{self, ApplyContext, Command, CommandResponse};
+use crate::command::{self, ApplyContext, CommandResponse};
 use crate::db::failure::{self, Failure};
 use crate::db::{self, Store, tables};
 use crate::metrics::Metrics;
@@ -417,12 +417,9 @@ impl StateMachine {
 fn is_small(e: &Entry) -> bool {
     match &e.payload {
         EntryPayload::Blank | EntryPayload::Membership(_) => true,
-        EntryPayload::Normal(c) => match c.unstamped() {
-            Command::DeviceBatches(b) => {
-                b.len() <= 4 && b.iter().map(|b| b.body.len()).sum::<usize>() <= 4096
-            }
-            _ => false,
-        },
+        EntryPayload::Normal(c) => c
+            .device_batches()
+            .is_some_and(|b| b.len() <= 4 && b.iter().map(|b| b.body.len()).sum::<usize>() <= 4096),
     }
 }
 

@@ -197,6 +197,38 @@ impl Feed {
         }
     }
 
+    /// Device entries applied in one transaction (`raft::state_machine`): marks what was
+    /// staged since the last mark as the entry at `log_index`'s.
+    pub fn seal(&self, log_index: u64) {
+        for b in self.staged.lock().expect("feed mutex").iter_mut() {
+            if b.log_index == 0 {
+                b.log_index = log_index;
+            }
+        }
+    }
+
+    /// Forgets what was staged since the last [`Feed::seal`] (an entry rolled back to its
+    /// savepoint).
+    pub fn discard_unsealed(&self) {
+        self.staged
+            .lock()
+            .expect("feed mutex")
+            .retain(|b| b.log_index != 0);
+    }
+
+    /// Publishes every sealed batch under its own entry's index; call after the group's
+    /// transaction committed.
+    pub fn publish_sealed(&self) {
+        let staged = std::mem::take(&mut *self.staged.lock().expect("feed mutex"));
+        for b in staged {
+            let _ = self.tx.send(Item::Batch(Arc::new(b)));
+        }
+        let changed = std::mem::take(&mut *self.registry_staged.lock().expect("feed mutex"));
+        for device in changed {
+            self.registry_changed(device);
+        }
+    }
+
     /// Tells subscribers that a snapshot up to `log_index` replaced the database.
     pub fn snapshot_installed(&self, log_index: u64) {
         self.registry_changed(None);

@@ -176,12 +176,27 @@ impl Inner {
         Ok(())
     }
 
-    /// Applies `entries[out.len()..]`, one transaction each, pushing their responses to
-    /// `out`. Stops at an entry that failed: rolled back, and either held (to be tried again)
-    /// or fatal.
+    /// Applies `entries[out.len()..]`, pushing their responses to `out`: one transaction per
+    /// entry, except that consecutive device entries share one ([`GROUP_MAX`] at most, each
+    /// in its own savepoint): under load most entries are device groups, and each commit
+    /// rewrites the pages every entry touches (`_cairn_raft`, the high-waters, the export
+    /// journal, the devices' last leaves), which is most of the WAL's traffic. What is stored
+    /// is the same either way. Stops at an entry that failed: rolled back (the entries before
+    /// it in its group are committed), and either held (to be tried again) or fatal.
     fn apply_entries(&self, entries: &[Entry], out: &mut Vec<CommandResponse>) -> Result<(), Halt> {
         let mut conn = self.store.writer();
-        for entry in &entries[out.len()..] {
+        while out.len() < entries.len() {
+            let rest = &entries[out.len()..];
+            let n = rest
+                .iter()
+                .take(GROUP_MAX)
+                .take_while(|e| is_device(e))
+                .count();
+            if n > 1 {
+                self.apply_group(&mut conn, &rest[..n], out)?;
+                continue;
+            }
+            let entry = &rest[0];
             let (resp, membership) = self.apply_one(&mut conn, entry).map_err(Halt::from)?;
             self.feed.publish(entry.log_id.index);
             let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
@@ -194,6 +209,57 @@ impl Inner {
         Ok(())
     }
 
+    /// Device entries in one transaction, each in a savepoint (see [`Self::apply_entries`]).
+    fn apply_group(
+        &self,
+        conn: &mut Connection,
+        group: &[Entry],
+        out: &mut Vec<CommandResponse>,
+    ) -> Result<(), Halt> {
+        self.feed.discard_staged();
+        let mut tx = conn
+            .transaction()
+            .map_err(|e| Halt::from(Failed::from(e)))?;
+        let mut done = Vec::with_capacity(group.len());
+        let mut failed = None;
+        for entry in group {
+            let applied = tx.savepoint().map_err(Failed::from).and_then(|mut sp| {
+                sp.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+                let resp = self.apply_payload(&sp, entry)?;
+                put_raft(&sp, "last_applied", &json(&Some(entry.log_id))?)?;
+                sp.commit()?;
+                Ok(resp)
+            });
+            match applied {
+                Ok(resp) => {
+                    self.feed.seal(entry.log_id.index);
+                    done.push((entry.log_id, resp));
+                }
+                Err(e) => {
+                    self.feed.discard_unsealed();
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if !done.is_empty() {
+            if let Err(e) = tx.commit() {
+                self.feed.discard_staged();
+                return Err(Halt::from(Failed::from(e)));
+            }
+            self.feed.publish_sealed();
+            let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+            for (log_id, resp) in done {
+                applied.0 = Some(log_id);
+                out.push(resp);
+            }
+        }
+        match failed {
+            Some(e) => Err(Halt::from(e)),
+            None => Ok(()),
+        }
+    }
+
     /// One entry in one transaction, with its log id (and membership): the response, and the
     /// new membership if it is a membership entry.
     fn apply_one(
@@ -203,24 +269,9 @@ impl Inner {
     ) -> Result<(CommandResponse, Option<StoredMembership>), Failed> {
         self.feed.discard_staged();
         let tx = conn.transaction()?;
-        let ctx = ApplyContext {
-            index: entry.log_id.index,
-            metrics: &self.metrics,
-            feed: &self.feed,
-        };
         let mut membership = None;
         let resp = match &entry.payload {
-            EntryPayload::Blank => CommandResponse::Empty,
-            EntryPayload::Normal(cmd) => {
-                if let Some(v) = cmd.needs_newer_binary() {
-                    return Err(Failed::Blocked(command::version::too_new(v)));
-                }
-                if let Some(stamp) = cmd.entry_stamp_ms() {
-                    write_stamp(&tx, stamp)?;
-                    self.metrics.stamp_floor.fetch_max(stamp, Ordering::Relaxed);
-                }
-                command::apply(&tx, &ctx, cmd)?
-            }
+            EntryPayload::Blank | EntryPayload::Normal(_) => self.apply_payload(&tx, entry)?,
             EntryPayload::Membership(m) => {
                 let sm = StoredMembership::new(Some(entry.log_id), m.clone());
                 put_raft(&tx, "membership", &json(&sm)?)?;
@@ -232,6 +283,36 @@ impl Inner {
         tx.commit()?;
         Ok((resp, membership))
     }
+}
+
+impl Inner {
+    /// A blank or normal entry's effect inside the caller's transaction (not its log id).
+    fn apply_payload(&self, conn: &Connection, entry: &Entry) -> Result<CommandResponse, Failed> {
+        let EntryPayload::Normal(cmd) = &entry.payload else {
+            return Ok(CommandResponse::Empty);
+        };
+        if let Some(v) = cmd.needs_newer_binary() {
+            return Err(Failed::Blocked(command::version::too_new(v)));
+        }
+        if let Some(stamp) = cmd.entry_stamp_ms() {
+            write_stamp(conn, stamp)?;
+            self.metrics.stamp_floor.fetch_max(stamp, Ordering::Relaxed);
+        }
+        let ctx = ApplyContext {
+            index: entry.log_id.index,
+            metrics: &self.metrics,
+            feed: &self.feed,
+        };
+        Ok(command::apply(conn, &ctx, cmd)?)
+    }
+}
+
+/// Consecutive device entries applied in one transaction at most (`Inner::apply_entries`).
+const GROUP_MAX: usize = 64;
+
+/// A device entry (either kind): applied in a group with its neighbours.
+fn is_device(e: &Entry) -> bool {
+    matches!(&e.payload, EntryPayload::Normal(c) if c.device_batches().is_some())
 }
 
 /// A failed try at applying one entry.

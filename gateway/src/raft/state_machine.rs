@@ -131,7 +131,15 @@ impl Inner {
     /// The live database as a snapshot: one read transaction, its metadata read inside it.
     /// `None` before anything was applied.
     fn current_snapshot(&self) -> std::io::Result<Option<(SnapshotMeta, db::Pages)>> {
-        let pages = self.store.pages().map_err(io_err)?;
+        let pages = {
+            // Opened on a WAL checkpointed to its end (apply waits meanwhile: no commit comes
+            // between), the view reads the database file alone, and the commits made while it
+            // is open reuse the WAL file from its start instead of growing it by as much (the
+            // build path's `make_durable` checkpoints the same way). Best effort.
+            let writer = self.store.writer();
+            let _ = writer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            self.store.pages().map_err(io_err)?
+        };
         let (last_log_id, last_membership) = read_applied(pages.conn())?;
         if last_log_id.is_none() {
             return Ok(None);
@@ -465,7 +473,7 @@ impl StateMachine {
     }
 
     /// Applies `entries` in order (a restore replaying a backup's segments): the same apply
-    /// path as openraft's, one transaction per entry. Entries at or below the applied index
+    /// path as openraft's (device entries grouped the same way). Entries at or below the applied index
     /// are skipped.
     pub fn apply_restored(&self, entries: &[Entry]) -> std::io::Result<()> {
         let applied = self.inner.applied().0.map_or(0, |l| l.index);

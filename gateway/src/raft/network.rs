@@ -49,7 +49,7 @@ use openraft::raft::{
 use openraft::{OptionalSend, RaftNetworkV2};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use super::incarnation::Incarnations;
 use super::state_machine::{SnapshotData, StateMachine};
@@ -622,36 +622,60 @@ async fn receive_snapshot(
     body: AxumBody,
     path: &Path,
 ) -> std::io::Result<SnapshotResponse<TypeConfig>> {
-    let mut stream = body.into_data_stream();
-    let mut file = tokio::fs::File::create(path).await?;
-    let mut head_buf = Vec::new();
-    let mut head = None;
-    let mut received = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(io_err)?;
-        received += chunk.len() as u64;
-        if received > n.max_snapshot.saturating_add(SMALL_RPC_LIMIT as u64) {
-            return Err(io_err(format!(
-                "snapshot larger than the maximum database size ({} bytes, max_db_size_mib)",
-                n.max_snapshot
-            )));
+    // The file is written on a blocking thread through a 4 MiB buffer: the body comes in
+    // chunks of one socket read, and a blocking-pool hop per chunk (`tokio::fs`) made the
+    // receiver set the transfer's pace, while the serving node's WAL grows for as long as
+    // the transfer lasts.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let file_path = path.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut out =
+            std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(&file_path)?);
+        while let Some(b) = rx.blocking_recv() {
+            out.write_all(&b)?;
         }
-        if head.is_none() && head_buf.len() > SMALL_RPC_LIMIT {
-            return Err(io_err("snapshot header too large"));
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    });
+    let streamed = async {
+        let mut stream = body.into_data_stream();
+        let mut head_buf = Vec::new();
+        let mut head = None;
+        let mut received = 0u64;
+        let stopped = || io_err("snapshot file writer stopped");
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(io_err)?;
+            received += chunk.len() as u64;
+            if received > n.max_snapshot.saturating_add(SMALL_RPC_LIMIT as u64) {
+                return Err(io_err(format!(
+                    "snapshot larger than the maximum database size ({} bytes, max_db_size_mib)",
+                    n.max_snapshot
+                )));
+            }
+            if head.is_none() && head_buf.len() > SMALL_RPC_LIMIT {
+                return Err(io_err("snapshot header too large"));
+            }
+            if head.is_some() {
+                tx.send(chunk).await.map_err(|_| stopped())?;
+                continue;
+            }
+            head_buf.extend_from_slice(&chunk);
+            if let Some(r) = decode_snapshot_head(&head_buf) {
+                let (vote, meta, offset) = r?;
+                let rest = Bytes::copy_from_slice(&head_buf[offset..]);
+                tx.send(rest).await.map_err(|_| stopped())?;
+                head = Some((vote, meta));
+            }
         }
-        if head.is_some() {
-            file.write_all(&chunk).await?;
-            continue;
-        }
-        head_buf.extend_from_slice(&chunk);
-        if let Some(r) = decode_snapshot_head(&head_buf) {
-            let (vote, meta, offset) = r?;
-            file.write_all(&head_buf[offset..]).await?;
-            head = Some((vote, meta));
-        }
+        Ok(head)
     }
-    file.sync_all().await?;
-    drop(file);
+    .await;
+    drop(tx);
+    // The writer's own error first (a full disk), rather than "stopped".
+    let head = match (streamed, writer.await.map_err(io_err)?) {
+        (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
+        (Ok(head), Ok(())) => head,
+    };
     let (vote, meta) = head.ok_or_else(|| io_err("snapshot upload ended before its header"))?;
     let layout = snapshot_layout(path)?;
     if layout > SUPPORTED {

@@ -186,7 +186,6 @@ fn recv(stream: &mut TcpStream, session: &mut cairn_protocol::DeviceSession) -> 
 
 #[test]
 fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
-    use cairn_protocol::{BatchEncoder, DeviceSession, MAX_FRAME, Message, Record, Value};
     let c = cluster();
     let key = [0x42u8; 32];
     let hex = hex(&key);
@@ -204,17 +203,7 @@ fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
     let leader_addr: std::net::SocketAddrV4 = addr(leader).parse().unwrap();
     let hint = format!("{:?}", Some(cairn_protocol::GatewayAddr::from(leader_addr)));
 
-    let mut stream = TcpStream::connect(addr(follower)).expect("connect to the follower");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut session = DeviceSession::new(&key, 9, rand_boot_nonce());
-    let mut frame = [0u8; MAX_FRAME];
-    let n = session
-        .encode(&Message::Hello(session.hello(77, 1, 8)), &mut frame)
-        .unwrap();
-    stream.write_all(&frame[..n]).unwrap();
-    let welcome = recv(&mut stream, &mut session);
+    let (mut stream, mut session, welcome) = hello(&c, follower, 77, &key, 9);
     assert!(
         welcome.starts_with("Welcome(Welcome { high_water: 0, leader: "),
         "{welcome}"
@@ -223,23 +212,7 @@ fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
         welcome.contains(&hint),
         "{welcome} lacks the leader hint {hint}"
     );
-
-    let mut body = [0u8; MAX_FRAME];
-    let mut enc = BatchEncoder::new(&mut body, 1, 1000);
-    for k in 1..=3u64 {
-        let v = [Value::U64(k), Value::F32(1.0)];
-        enc.push(&Record {
-            stream: 1,
-            uptime_ms: 900,
-            values: &v,
-        })
-        .unwrap();
-    }
-    let n = session
-        .encode(&Message::Batch(enc.finish().unwrap()), &mut frame)
-        .unwrap();
-    stream.write_all(&frame[..n]).unwrap();
-    let ack = recv(&mut stream, &mut session);
+    let ack = push(&mut stream, &mut session, 1, &[1, 2, 3]);
     assert!(ack.starts_with("Ack(Ack { through_seq: 3,"), "{ack}");
     assert!(ack.contains(&hint), "{ack} lacks the leader hint {hint}");
 }

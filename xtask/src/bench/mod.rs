@@ -16,11 +16,17 @@
 //! rewrites `BENCHMARKS.md` and `benchmarks-throughput.svg` at the repository root (listing
 //! any part that failed).
 //!
+//! `--against BIN [--rounds N]` runs only the Cairn part, for this tree's binary and `BIN`
+//! (another commit's release build) alternated A B B A `N` times (default 2), and prints the
+//! median of every figure side by side (`against.rs`, `target/bench/against.md`): the fair way
+//! to check "no worse than before" on a machine whose disk remembers the previous run.
+//!
 //! `--perf` samples the Cairn leader with `perf record` during the heaviest device and SQL
 //! runs and writes flat profiles to `target/bench/*.profile.txt`.
 //!
 //! A part that fails is reported and the others still run; the command then exits non-zero.
 
+mod against;
 mod cairn;
 mod disk;
 mod export;
@@ -112,6 +118,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut quick = false;
     let mut perf = false;
     let mut disk_records = None;
+    let mut against: Option<std::path::PathBuf> = None;
+    let mut rounds = 2usize;
     let mut only: Vec<String> = PARTS.iter().map(|s| s.to_string()).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -126,6 +134,13 @@ pub fn run(args: &[String]) -> Result<()> {
                         .with_context(|| format!("--disk-records {v}"))?,
                 );
             }
+            "--against" => {
+                against = Some(it.next().context("--against needs a cairn binary")?.into());
+            }
+            "--rounds" => {
+                let v = it.next().context("--rounds needs a count")?;
+                rounds = v.parse().with_context(|| format!("--rounds {v}"))?;
+            }
             "--only" => {
                 let v = it
                     .next()
@@ -138,7 +153,7 @@ pub fn run(args: &[String]) -> Result<()> {
             other => {
                 bail!(
                     "bench: unknown argument `{other}` (usage: bench [--quick] [--perf] \
-                     [--only PARTS] [--disk-records N])"
+                     [--only PARTS] [--disk-records N] [--against BIN [--rounds N]])"
                 )
             }
         }
@@ -152,6 +167,14 @@ pub fn run(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let out_dir = crate::util::root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
+    if let Some(other) = against {
+        // This tree's Cairn part against another binary, alternated (`against`).
+        let this = cairn::build()?;
+        let md = against::run(&profile, &this, &other, rounds.max(1))?;
+        std::fs::write(out_dir.join("against.md"), md)?;
+        println!("results: target/bench/against.md");
+        return Ok(());
+    }
 
     // Builds happen first and are timed apart from the measurements.
     let mut failures: Vec<String> = Vec::new();

@@ -1,6 +1,6 @@
 //! `cargo xtask bench --against BIN [--rounds N]`: the Cairn part for this tree's binary and
 //! another one (an earlier commit's release build), alternated A B B A per round, with the
-//! median of every figure side by side.
+//! median of every figure side by side (nearest rank, as the bench's other percentiles).
 //!
 //! One run after the other is not a fair comparison on the machines this project is measured
 //! on: on the 2-core VM of 4 December 2026 a run that followed another one was often slower
@@ -8,6 +8,7 @@
 //! previous run's hundreds of megabytes. Alternating A B B A gives each binary as many first
 //! and second places; the data directory is removed and the disk synced between runs.
 
+use super::proc::{percentile, scratch};
 use super::report::Results;
 use super::{Profile, cairn};
 use anyhow::{Result, ensure};
@@ -16,25 +17,24 @@ use std::path::{Path, PathBuf};
 /// One binary's figures over its runs: (system, name, unit) -> values.
 type Figures = std::collections::BTreeMap<(String, String, String), Vec<f64>>;
 
+/// The bench's median (nearest rank, as every other figure of the bench).
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    percentile(&v, 0.5)
 }
 
-fn settle() {
-    let _ = std::fs::remove_dir_all(crate::util::root().join("target/bench/work/cairn"));
-    let _ = std::process::Command::new("sync").status();
+/// Clears the previous run's data directory and lets the disk write it back.
+fn settle() -> Result<()> {
+    scratch(cairn::WORK)?;
+    std::process::Command::new("sync").status()?;
     std::thread::sleep(std::time::Duration::from_secs(5));
+    Ok(())
 }
 
 /// Runs the comparison and prints its table; returns it as markdown.
 pub fn run(profile: &Profile, this: &Path, other: &Path, rounds: usize) -> Result<String> {
+    ensure!(rounds > 0, "--rounds must be at least 1");
     ensure!(
         other.exists(),
         "--against {}: no such file",
@@ -44,7 +44,7 @@ pub fn run(profile: &Profile, this: &Path, other: &Path, rounds: usize) -> Resul
     let mut figures: [Figures; 2] = Default::default();
     for round in 0..rounds {
         for which in [0usize, 1, 1, 0] {
-            settle();
+            settle()?;
             println!(
                 "bench --against: round {} of {rounds}, {} ({})",
                 round + 1,
@@ -97,7 +97,9 @@ mod tests {
 
     #[test]
     fn test_median() {
+        // Unsorted input is sorted first (unsorted, the middle element would be 1.0).
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        // An even count takes the upper middle (nearest rank), not the mean of the two.
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 3.0);
     }
 }

@@ -49,9 +49,12 @@ fn start_cluster(bin: &Path, config: String) -> Cluster {
     start_cluster_with(bin, config, None)
 }
 
+/// The cluster's scratch directory under `target/bench/work`.
+pub(super) const WORK: &str = "cairn";
+
 /// [`start_cluster`] with the harness's `security` settings.
 fn start_cluster_with(bin: &Path, config: String, security: Option<Security>) -> Cluster {
-    let dir = crate::util::root().join("target/bench/work/cairn");
+    let dir = crate::util::root().join("target/bench/work").join(WORK);
     Cluster::start_with(
         3,
         Options {

@@ -170,7 +170,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(other) = against {
         // This tree's Cairn part against another binary, alternated (`against`).
         let this = cairn::build()?;
-        let md = against::run(&profile, &this, &other, rounds.max(1))?;
+        let md = against::run(&profile, &this, &other, rounds)?;
         std::fs::write(out_dir.join("against.md"), md)?;
         println!("results: target/bench/against.md");
         return Ok(());

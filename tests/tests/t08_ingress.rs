@@ -166,6 +166,22 @@ fn test_devices_on_followers_are_forwarded_to_the_leader() {
     );
     assert_eq!(rows[0][0], rows[0][1], "a record stored twice");
     assert_eq!(rows[0][0], summary["acked"]);
+    // A new cluster activates format version 2 before its stream tables are created, so they
+    // compute `time` with version 2's expression; it reads as the UTC text of `time_ms`.
+    let ddl = c.nodes[leader].rows(
+        "SELECT sql FROM sqlite_master WHERE name = 'readings'",
+        "none",
+    );
+    let ddl = ddl[0][0].as_str().unwrap_or_default();
+    assert!(ddl.contains("'subsec'"), "readings: {ddl}");
+    let times = c.nodes[leader].rows(
+        "SELECT time, strftime('%Y-%m-%dT%H:%M:%fZ', time_ms / 1000.0, 'unixepoch') \
+         FROM readings LIMIT 5",
+        "none",
+    );
+    for t in &times {
+        assert_eq!(t[0], t[1], "time as version 1 showed it");
+    }
     poll(Duration::from_secs(5), "device list", || {
         let list = cairn_tests::get(&c.nodes[followers[1]].url("/devices"));
         (list.body["devices"].as_array()?.len() == 4).then_some(())

@@ -12,33 +12,17 @@
 //! entries of its own kind, proposed once the version is active. Version 2's step creates
 //! `_cairn_migrations(version, log_index)` and records itself there.
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 
 use super::ApplyContext;
 use crate::db::tables;
-use crate::version::{self, SUPPORTED, V1};
+use crate::version::{self, SUPPORTED};
 
 /// Which migrations ran, at which log index (created by version 2's step).
 pub const MIGRATIONS: &str = "_cairn_migrations";
 
 /// The cluster's active version a database records (1 when it records none).
-pub fn read_active(conn: &Connection) -> rusqlite::Result<u32> {
-    // Read by every SQL and replay entry: a cached statement skips the parse.
-    let v: Option<Vec<u8>> = match conn
-        .prepare_cached(&format!(
-            "SELECT value FROM {} WHERE key = 'active_version'",
-            tables::RAFT
-        ))
-        .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
-    {
-        Ok(v) => v,
-        // A database that never applied an entry (unit tests) records nothing.
-        Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.starts_with("no such table") => None,
-        Err(e) => return Err(e),
-    };
-    Ok(v.and_then(|b| String::from_utf8_lossy(&b).parse().ok())
-        .unwrap_or(V1))
-}
+pub use crate::db::active_version as read_active;
 
 /// Applies `ActivateVersion(to)` inside the entry's open transaction. The state machine
 /// never calls it with a version above [`SUPPORTED`] (it stops before such an entry,

@@ -20,15 +20,19 @@ use cairn_protocol::{RecordView, Value};
 use rusqlite::Connection;
 
 use super::schema::{
-    ColumnType, DEAD_LETTER_TABLE, STORED_TIME_COLUMNS, StreamDef, TIME_COLUMNS, column_value,
+    ColumnType, DEAD_LETTER_TABLE, STORED_TIME_COLUMNS, StreamDef, column_fits, time_columns,
 };
 
 /// Creates the table if it is missing (at the first dead-lettered record, and when stream
 /// definitions are installed by `command::streams`).
 pub fn create_table(conn: &Connection) -> rusqlite::Result<()> {
+    if super::table_exists(conn, DEAD_LETTER_TABLE)? {
+        return Ok(());
+    }
+    let time_columns = time_columns(conn)?;
     conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (device_id INTEGER NOT NULL, \
-         seq INTEGER NOT NULL, stream INTEGER NOT NULL, {TIME_COLUMNS}, \
+         seq INTEGER NOT NULL, stream INTEGER NOT NULL, {time_columns}, \
          reason TEXT NOT NULL, \"values\" TEXT NOT NULL, record BLOB NOT NULL, \
          {STORED_TIME_COLUMNS}, PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
     ))?
@@ -166,7 +170,7 @@ pub fn fits(def: &StreamDef, r: &RecordView<'_>) -> bool {
     r.value_count() == def.columns.len()
         && r.values()
             .zip(&def.columns)
-            .all(|(v, c)| column_value(c.ty, &v).is_some())
+            .all(|(v, c)| column_fits(c.ty, &v))
 }
 
 /// Why `r` does not fit `def` (the `reason` column): the first value that does not fit, or
@@ -181,7 +185,7 @@ pub fn reason(def: &StreamDef, r: &RecordView<'_>) -> String {
     } else {
         r.values()
             .zip(&def.columns)
-            .find(|(v, c)| column_value(c.ty, v).is_none())
+            .find(|(v, c)| !column_fits(c.ty, v))
             .map(|(v, c)| {
                 format!(
                     "{} value {v} does not fit column {} {}",

@@ -264,6 +264,11 @@ pub fn was_removed(conn: &Connection, device_id: u64) -> rusqlite::Result<bool> 
 /// True once a destination is registered: only then is the journal kept (a node without
 /// exports pays nothing for it, and nothing would trim it).
 fn journal_wanted(conn: &Connection) -> rusqlite::Result<bool> {
+    // Asked for every device entry: without an export there is no cursor table, and preparing
+    // a statement on it would fail (and cost more than the entry's insert) every time.
+    if !super::table_exists(conn, tables::EXPORT_CURSORS)? {
+        return Ok(false);
+    }
     let stmt = conn.prepare_cached(&format!("SELECT 1 FROM {} LIMIT 1", tables::EXPORT_CURSORS));
     let any = stmt.and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)).optional());
     Ok(absent_is_none(any)?.is_some())

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 /// Cairn's own tables inside the replicated database, in one place. User SQL can see their
 /// names and columns but neither read nor write their contents ([`sandbox`]); `/db/load` and
@@ -93,6 +93,39 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
     (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// Whether `table` exists in the main database: a lookup in the connection's parsed schema
+/// (`sqlite3_table_column_metadata`), no statement prepared or run. Apply runs this on every
+/// device entry, where preparing a statement on a missing table cost more than the insert.
+/// Exact on the writer, the one connection that changes the schema; a reader's parsed schema
+/// can predate a table created since its last statement, so readers ask `sqlite_master`.
+pub fn table_exists(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
+    conn.table_exists(Some("main"), table)
+}
+
+/// The cluster format version a database records as active (`_cairn_raft`, key
+/// `active_version`; 1 when it records none, see `command::version`). Table layouts that
+/// differ between versions are chosen by it, inside the applying entry's transaction.
+pub fn active_version(conn: &Connection) -> rusqlite::Result<u32> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT value FROM {} WHERE key = 'active_version'",
+            tables::RAFT
+        )
+    });
+    // Read by every SQL and replay entry: a cached statement skips the parse.
+    let v: Option<Vec<u8>> = match conn
+        .prepare_cached(&SQL)
+        .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
+    {
+        Ok(v) => v,
+        // A database that never applied an entry (unit tests) records nothing.
+        Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.starts_with("no such table") => None,
+        Err(e) => return Err(e),
+    };
+    Ok(v.and_then(|b| String::from_utf8_lossy(&b).parse().ok())
+        .unwrap_or(crate::version::V1))
 }
 
 /// How long truncating the WAL after a snapshot transfer may wait for readers.

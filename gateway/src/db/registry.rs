@@ -34,7 +34,14 @@ pub struct DeviceInfo {
 
 /// Creates the registry tables if needed.
 pub fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
-    // Runs for every applied device entry: cached statements skip the parse.
+    // Runs for every applied device entry: once they exist, three schema lookups and no
+    // statement run.
+    let all = [DEVICES_TABLE, HIGH_WATER_TABLE, tables::DEVICE_TIMES];
+    if all.iter().try_fold(true, |all, t| {
+        Ok::<_, rusqlite::Error>(all && super::table_exists(conn, t)?)
+    })? {
+        return Ok(());
+    }
     conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {DEVICES_TABLE} (device_id INTEGER PRIMARY KEY, key BLOB NOT NULL)"
     ))?
@@ -84,21 +91,24 @@ pub fn high_water(conn: &Connection, device_id: u64) -> rusqlite::Result<u64> {
     }
 }
 
-/// The device's current session (0: none opened yet, or no session table).
+/// The device's current session (0: none opened yet, or no session table). On the writer
+/// (apply): [`super::table_exists`].
 pub fn current_session(conn: &Connection, device_id: u64) -> rusqlite::Result<u64> {
-    match conn
-        .prepare_cached(&format!(
+    // Every device entry asks, once per batch: no statement text built, none prepared in vain.
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
             "SELECT session FROM {} WHERE device_id = ?1",
             tables::DEVICE_SESSIONS
-        ))
-        .and_then(|mut st| {
-            st.query_row([device_id as i64], |r| r.get::<_, i64>(0))
-                .optional()
-        }) {
-        Ok(s) => Ok(s.unwrap_or(0) as u64),
-        Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.contains("no such table") => Ok(0),
-        Err(e) => Err(e),
+        )
+    });
+    if !super::table_exists(conn, tables::DEVICE_SESSIONS)? {
+        return Ok(0);
     }
+    let s = conn
+        .prepare_cached(&SQL)?
+        .query_row([device_id as i64], |r| r.get::<_, i64>(0))
+        .optional()?;
+    Ok(s.unwrap_or(0) as u64)
 }
 
 /// Opens a new session for the device: its number (one above the last), from this entry on
@@ -249,7 +259,8 @@ pub fn device_keys(conn: &Connection, device_id: u64) -> rusqlite::Result<Option
 
 /// The revoked devices (read once per applied entry of device batches: a small set).
 pub fn revoked_devices(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<u64>> {
-    if !has_key_table(conn)? {
+    // Only apply asks (the writer, whose schema is never stale), once per device entry.
+    if !super::table_exists(conn, KEYS_TABLE)? {
         return Ok(Default::default());
     }
     let mut stmt = conn.prepare_cached(&format!(

@@ -85,12 +85,41 @@ pub const FIXED_COLUMNS: [&str; 6] = [
 ];
 
 /// The generated `time` and `received_at` columns (UTC text with milliseconds, like
-/// [`utc_text`]), computed from the stored `time_ms` and `age_ms` whenever they are read. The
+/// [`utc_text`]), computed from the stored `time_ms` and `age_ms` whenever they are read, in
+/// every table created while format version 2 or later is active ([`time_columns`]). The
 /// `dead_letter` table has them too (`db::dead_letter`).
+///
+/// SQLite computes every generated column, virtual ones included, for each row it inserts.
+/// `datetime(..., 'subsec')` writes its digits by hand where `strftime` formats each field
+/// through `printf`: the same text ([`TIME_COLUMNS_V1`]'s, years before 0 aside, which keep
+/// `strftime`'s form) at under half the cost per row
+/// (`cargo run --release -p cairn-gateway --example generated_columns`).
 pub const TIME_COLUMNS: &str = "time TEXT GENERATED ALWAYS AS \
+     (CASE WHEN time_ms >= -62167219200000 \
+      THEN replace(datetime(time_ms / 1000.0, 'unixepoch', 'subsec'), ' ', 'T') || 'Z' \
+      ELSE strftime('%Y-%m-%dT%H:%M:%fZ', time_ms / 1000.0, 'unixepoch') END) VIRTUAL, \
+     received_at TEXT GENERATED ALWAYS AS \
+     (CASE WHEN time_ms + age_ms >= -62167219200000 \
+      THEN replace(datetime((time_ms + age_ms) / 1000.0, 'unixepoch', 'subsec'), ' ', 'T') || 'Z' \
+      ELSE strftime('%Y-%m-%dT%H:%M:%fZ', (time_ms + age_ms) / 1000.0, 'unixepoch') END) VIRTUAL";
+
+/// [`TIME_COLUMNS`] as format version 1 (v0.1.0) creates them: the tables a cluster created
+/// before version 2 was active keep these, and a mixed cluster creates these on every member.
+pub const TIME_COLUMNS_V1: &str = "time TEXT GENERATED ALWAYS AS \
      (strftime('%Y-%m-%dT%H:%M:%fZ', time_ms / 1000.0, 'unixepoch')) VIRTUAL, \
      received_at TEXT GENERATED ALWAYS AS \
      (strftime('%Y-%m-%dT%H:%M:%fZ', (time_ms + age_ms) / 1000.0, 'unixepoch')) VIRTUAL";
+
+/// The generated time columns of a table created now, in the applying entry's transaction:
+/// [`TIME_COLUMNS`] once format version 2 is active, else [`TIME_COLUMNS_V1`] (the same
+/// schema text on every replica, whatever binary it runs).
+pub fn time_columns(conn: &Connection) -> rusqlite::Result<&'static str> {
+    Ok(if super::active_version(conn)? >= crate::version::V2 {
+        TIME_COLUMNS
+    } else {
+        TIME_COLUMNS_V1
+    })
+}
 
 /// The stored time columns, last in every table's definition.
 pub const STORED_TIME_COLUMNS: &str = "time_ms INTEGER NOT NULL, age_ms INTEGER NOT NULL";
@@ -235,10 +264,11 @@ impl Schema {
     pub fn install(&self, conn: &Connection) -> rusqlite::Result<()> {
         create_meta(conn)?;
         create_telemetry(conn)?;
+        let time_columns = time_columns(conn)?;
         for s in &self.streams {
             let mut ddl = format!(
                 "CREATE TABLE IF NOT EXISTS \"{}\" (device_id INTEGER NOT NULL, seq INTEGER NOT NULL, \
-                 {TIME_COLUMNS}",
+                 {time_columns}",
                 s.table
             );
             for c in &s.columns {
@@ -281,16 +311,37 @@ impl Schema {
     /// ever installed). Stored definitions that do not parse are an error, never the default:
     /// records would silently land elsewhere than on the replicas that can read them.
     pub fn load(conn: &Connection) -> rusqlite::Result<Schema> {
+        // Every applied device entry loads the definitions: the last text parsed and its
+        // result are kept, so an unchanged text is compared, not parsed again (parsing was a
+        // sixth of a one-record entry's apply).
+        static LAST: std::sync::Mutex<Option<(String, Schema)>> = std::sync::Mutex::new(None);
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!("SELECT value FROM {STREAMS_TABLE} WHERE key = 'schema'")
+        });
         create_meta(conn)?;
-        let json: Option<String> = conn
-            .prepare_cached(&format!(
-                "SELECT value FROM {STREAMS_TABLE} WHERE key = 'schema'"
-            ))?
-            .query_row([], |r| r.get(0))
+        let last = || LAST.lock().unwrap_or_else(|p| p.into_inner());
+        let text: Option<Result<Schema, String>> = conn
+            .prepare_cached(&SQL)?
+            .query_row([], |r| {
+                let json = r.get_ref(0)?.as_str()?;
+                Ok(match &*last() {
+                    Some((t, schema)) if t == json => Ok(schema.clone()),
+                    _ => Err(json.to_owned()),
+                })
+            })
             .optional()?;
-        let Some(json) = json else {
-            return Ok(Schema::default());
+        let json = match text {
+            None => return Ok(Schema::default()),
+            Some(Ok(schema)) => return Ok(schema),
+            Some(Err(json)) => json,
         };
+        let schema = Self::parse(&json)?;
+        *last() = Some((json, schema.clone()));
+        Ok(schema)
+    }
+
+    /// Stored definitions from their JSON text.
+    fn parse(json: &str) -> rusqlite::Result<Schema> {
         let bad = |e: serde_json::Error| {
             rusqlite::Error::FromSqlConversionFailure(
                 0,
@@ -298,7 +349,7 @@ impl Schema {
                 format!("stored stream definitions in {STREAMS_TABLE}: {e}").into(),
             )
         };
-        let mut v: serde_json::Value = serde_json::from_str(&json).map_err(bad)?;
+        let mut v: serde_json::Value = serde_json::from_str(json).map_err(bad)?;
         // Definitions stored before `on_mismatch` existed were applied with today's "reject"
         // (the serde default is the config file's, "dead-letter").
         if let Some(streams) = v.get_mut("streams").and_then(|s| s.as_array_mut()) {
@@ -314,9 +365,13 @@ impl Schema {
 /// before any stream definitions (a leader whose definitions were not committed), and every
 /// replica then creates it at the same entry.
 pub fn create_telemetry(conn: &Connection) -> rusqlite::Result<()> {
+    if super::table_exists(conn, TELEMETRY_TABLE)? {
+        return Ok(());
+    }
+    let time_columns = time_columns(conn)?;
     conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {TELEMETRY_TABLE} (device_id INTEGER NOT NULL, \
-         seq INTEGER NOT NULL, stream INTEGER NOT NULL, {TIME_COLUMNS}, \
+         seq INTEGER NOT NULL, stream INTEGER NOT NULL, {time_columns}, \
          \"values\" TEXT NOT NULL, {STORED_TIME_COLUMNS}, PRIMARY KEY (device_id, seq)) WITHOUT ROWID"
     ))?
     .execute([])
@@ -324,11 +379,29 @@ pub fn create_telemetry(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 fn create_meta(conn: &Connection) -> rusqlite::Result<()> {
+    if super::table_exists(conn, STREAMS_TABLE)? {
+        return Ok(());
+    }
     conn.prepare_cached(&format!(
         "CREATE TABLE IF NOT EXISTS {STREAMS_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
     ))?
     .execute([])
     .map(drop)
+}
+
+/// Whether a record value fits a column of type `ty`: exactly when [`column_value`] gives
+/// `Some`, without converting it (apply checks every record of a batch before it stores any;
+/// converting twice cost a tenth of an insert).
+pub fn column_fits(ty: ColumnType, v: &Value<'_>) -> bool {
+    match (ty, *v) {
+        (ColumnType::Integer, Value::I64(_)) => true,
+        (ColumnType::Integer, Value::U64(u)) => i64::try_from(u).is_ok(),
+        (ColumnType::Real, Value::F32(_) | Value::F64(_) | Value::I64(_) | Value::U64(_)) => true,
+        (ColumnType::Text, Value::Str(_))
+        | (ColumnType::Blob, Value::Bytes(_))
+        | (ColumnType::Bool, Value::Bool(_)) => true,
+        _ => false,
+    }
 }
 
 /// A record value as a SQLite parameter for a column of type `ty`, or `None` if it does not fit.
@@ -591,6 +664,40 @@ mod tests {
     }
 
     #[test]
+    fn test_column_fits_is_column_value_some() {
+        let values = [
+            Value::I64(-3),
+            Value::U64(7),
+            Value::U64(i64::MAX as u64),
+            Value::U64(i64::MAX as u64 + 1),
+            Value::U64(u64::MAX),
+            Value::F32(20.1),
+            Value::F32(f32::NAN),
+            Value::F64(f64::INFINITY),
+            Value::F64(0.5),
+            Value::Bool(true),
+            Value::Str("x"),
+            Value::Bytes(b"x"),
+        ];
+        let types = [
+            ColumnType::Integer,
+            ColumnType::Real,
+            ColumnType::Text,
+            ColumnType::Blob,
+            ColumnType::Bool,
+        ];
+        for ty in types {
+            for v in &values {
+                assert_eq!(
+                    column_fits(ty, v),
+                    column_value(ty, v).is_some(),
+                    "{ty:?} {v:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn test_column_value() {
         assert!(column_value(ColumnType::Real, &Value::I64(3)).is_some());
         assert!(column_value(ColumnType::Integer, &Value::F32(3.0)).is_none());
@@ -610,12 +717,81 @@ mod tests {
         );
     }
 
+    /// A database whose recorded active format version is `v` (none recorded: 1).
+    fn db_at_version(v: Option<u32>) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        if let Some(v) = v {
+            conn.execute_batch(&format!(
+                "CREATE TABLE {}(key TEXT PRIMARY KEY, value BLOB NOT NULL); \
+                 INSERT INTO {0} VALUES('active_version', CAST('{v}' AS BLOB))",
+                super::super::tables::RAFT
+            ))
+            .unwrap();
+        }
+        conn
+    }
+
     /// The generated `time` and `received_at` show exactly what [`utc_text`] shows, `SELECT *`
-    /// keeps the old columns first with their declared types, and text ranges on `time` work.
+    /// keeps the old columns first with their declared types, and text ranges on `time` work:
+    /// in the tables of format version 1 and in those of version 2.
     #[test]
     fn test_generated_time_columns() {
+        generated_time_columns(None, TIME_COLUMNS_V1);
+        generated_time_columns(Some(2), TIME_COLUMNS);
+    }
+
+    /// Version 2's cheaper expression gives version 1's text for every time SQLite can show
+    /// (years -4713 to 9999; NULL beyond), over a spread of 400,000 values and the edges.
+    #[test]
+    fn test_time_columns_v2_show_what_v1_showed() {
         let conn = Connection::open_in_memory().unwrap();
+        let expr = |cols: &str| {
+            let start = cols.find("AS").unwrap() + 2;
+            let end = cols.find("VIRTUAL").unwrap();
+            cols[start..end].replace("time_ms", "?1")
+        };
+        let mut q = conn
+            .prepare(&format!(
+                "SELECT {} IS {}",
+                expr(TIME_COLUMNS_V1),
+                expr(TIME_COLUMNS)
+            ))
+            .unwrap();
+        let mut same = |ms: i64| q.query_row([ms], |r| r.get::<_, bool>(0)).unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..400_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ms = (x % 600_000_000_000_000) as i64 - 300_000_000_000_000;
+            assert!(same(ms), "time_ms {ms}");
+        }
+        // Year 0 and the years before it, 1 CE, 1970, the last ms SQLite shows, beyond it.
+        for edge in [
+            -62_167_219_200_000i64,
+            -62_135_596_800_000,
+            -30_610_224_000_000,
+            -210_866_760_000_000,
+            0,
+            253_402_300_799_999,
+        ] {
+            for d in -1500..1500 {
+                assert!(same(edge + d), "time_ms {}", edge + d);
+            }
+        }
+    }
+
+    fn generated_time_columns(version: Option<u32>, columns: &str) {
+        let conn = db_at_version(version);
         climate().install(&conn).unwrap();
+        let ddl: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'climate'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(ddl.contains(columns), "{version:?}: {ddl}");
         let mut ins = conn
             .prepare(
                 "INSERT INTO climate (device_id, seq, time_ms, age_ms, temperature, label) \
@@ -633,6 +809,8 @@ mod tests {
             1_795_632_240_000,
             1_795_632_299_999,
             4_102_444_799_999,
+            -62_167_219_200_001,
+            -30_610_224_000_000,
         ];
         let mut t = 946_684_800_000i64;
         while t < 2_524_608_000_000 {
@@ -691,6 +869,14 @@ mod tests {
             .unwrap();
         assert_eq!(n, 2);
         create_telemetry(&conn).unwrap();
+        let ddl: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'telemetry'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(ddl.contains(columns), "{version:?}: {ddl}");
         let t = run(&conn, "SELECT * FROM telemetry");
         assert_eq!(
             t.columns,

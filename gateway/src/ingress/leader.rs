@@ -42,6 +42,7 @@ impl ProposeSink {
         if self.defined_term == Some(term) {
             return true;
         }
+        self.await_activation().await;
         let cmd = Command::Streams(StreamsCommand::Define(self.cluster.streams().schema()));
         let Ok(proposal) = self.cluster.propose(cmd).await else {
             return false;
@@ -63,7 +64,28 @@ impl ProposeSink {
             }
         }
     }
+
+    /// In a new cluster (or one whose last member was just upgraded) the leader raises the
+    /// active format version within a second (`cluster::version`): stream tables created
+    /// after that get the newer layout (`db::schema::time_columns`), so the definitions wait
+    /// for it, at most [`ACTIVATION_WAIT`]. A cluster with a member on an older release, or
+    /// one that has not answered yet, does not wait.
+    async fn await_activation(&self) {
+        let until = tokio::time::Instant::now() + ACTIVATION_WAIT;
+        while self
+            .cluster
+            .members_support()
+            .is_some_and(|v| v > self.cluster.metrics().versions.active())
+            && tokio::time::Instant::now() < until
+            && self.cluster.is_leader()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }
+
+/// How long the first definitions of a term wait for the active version to be raised.
+const ACTIVATION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl GroupSink for ProposeSink {
     fn start(&mut self, batches: Vec<DeviceBatch>) -> BoxFuture<'_, Commit> {

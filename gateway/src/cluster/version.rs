@@ -12,8 +12,10 @@ use crate::raft::NodeId;
 use crate::raft::network::version_of;
 use crate::version::SUPPORTED;
 
-/// How often the leader looks whether it can raise the active version.
-const RAISE_EVERY: Duration = Duration::from_secs(1);
+/// How often the leader looks whether it can raise the active version (reading two metrics).
+/// Often: a new cluster's stream tables wait for it (`ingress::leader`), so a new cluster
+/// activates the version its binaries support within a tick of its first election.
+const RAISE_EVERY: Duration = Duration::from_millis(100);
 
 impl Cluster {
     /// The highest format version every member, learners included, is known to support
@@ -108,7 +110,11 @@ pub async fn raise_active_version(cluster: Arc<Cluster>) {
         tracing::info!("every member supports cluster format version {common}: activating it");
         match cluster.write(Command::ActivateVersion(common)).await {
             Ok(_) => {}
-            Err(e) => tracing::warn!("activating format version {common}: {e}"),
+            Err(e) => {
+                tracing::warn!("activating format version {common}: {e}");
+                // Not ten warnings a second while, say, the quorum is away.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }

@@ -66,7 +66,7 @@ impl ProposeSink {
     }
 
     /// In a new cluster (or one whose last member was just upgraded) the leader raises the
-    /// active format version within a second (`cluster::version`): stream tables created
+    /// active format version within a tenth of a second (`cluster::version`): stream tables created
     /// after that get the newer layout (`db::schema::time_columns`), so the definitions wait
     /// for it, at most [`ACTIVATION_WAIT`]. A cluster with a member on an older release, or
     /// one that has not answered yet, does not wait.

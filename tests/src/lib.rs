@@ -50,6 +50,12 @@ pub use http::{Auth, Client, Reply, agent, delete, get, post};
 /// How long start-up, elections and catch-up may take before a test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Raft timing (a config fragment) for tests that assert who leads or that the term stays:
+/// with the defaults (elections after 150–300 ms of silence) a load spike on a 2-core machine
+/// alone can elect a new leader.
+pub const SLOW_ELECTIONS: &str =
+    "heartbeat_ms = 100\nelection_timeout_min_ms = 1500\nelection_timeout_max_ms = 3000\n";
+
 /// Retries `f` every 20 ms until it returns `Some`, panicking after `timeout` with `what`.
 pub fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_tests::{
-    ADMIN, Auth, Client, Cluster, JOINER, Options, Reply, Security, TIMEOUT, cairn_bin, poll,
+    ADMIN, Auth, Client, Cluster, JOINER, Options, Reply, SLOW_ELECTIONS, Security, TIMEOUT,
+    cairn_bin, poll,
 };
 use serde_json::{Value as Json, json};
 
@@ -37,6 +38,10 @@ fn users() -> Json {
 }
 
 fn secure_cluster(n: usize) -> Cluster {
+    secure_cluster_with(n, None)
+}
+
+fn secure_cluster_with(n: usize, config: Option<String>) -> Cluster {
     Cluster::start_with(
         n,
         Options {
@@ -44,6 +49,7 @@ fn secure_cluster(n: usize) -> Cluster {
                 users: users(),
                 ..Security::full()
             }),
+            config,
             ..Options::default()
         },
     )
@@ -303,7 +309,9 @@ fn post_status(agent: &ureq::Agent, url: &str) -> u16 {
 
 #[test]
 fn test_raft_port_refuses_plain_text_and_foreign_certificates() {
-    let c = secure_cluster(3);
+    // The test ends checking that nobody was deposed: elections slow enough that a loaded
+    // machine alone does not depose anybody.
+    let c = secure_cluster_with(3, Some(SLOW_ELECTIONS.into()));
     let l = c.leader();
     let term = c.nodes[l].status().unwrap()["raft"]["term"].clone();
     let raft = c.nodes[l].raft.clone();

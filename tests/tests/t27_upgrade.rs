@@ -22,14 +22,10 @@ use std::time::{Duration, Instant};
 
 use cairn_tests::device::{READINGS_CONFIG, sim_command, sim_summary};
 use cairn_tests::release::previous_release_bin;
-use cairn_tests::{Client, Cluster, Options, TIMEOUT, View, cairn_bin, leader_of, poll};
+use cairn_tests::{
+    Client, Cluster, Options, SLOW_ELECTIONS, TIMEOUT, View, cairn_bin, leader_of, poll,
+};
 use serde_json::{Value as Json, json};
-
-/// Raft timing with room for a loaded CI machine (2 cores, many jobs): with the LAN defaults
-/// (election after 150–300 ms without a heartbeat) a load spike alone elects a new leader,
-/// and the test counts the leader changes the upgrade causes. Both releases read these keys.
-const TIMING: &str =
-    "heartbeat_ms = 100\nelection_timeout_min_ms = 1500\nelection_timeout_max_ms = 3000\n";
 
 /// One `/status` of the node at `http` (`host:port`), within a second.
 fn status(http: &str) -> Option<Json> {
@@ -158,7 +154,8 @@ fn test_rolling_upgrade_from_v0_1_0_loses_nothing_and_activates_after_the_last_n
     let mut c = Cluster::start_with(
         3,
         Options {
-            config: Some(format!("{TIMING}{READINGS_CONFIG}")),
+            // The test counts the leader changes the upgrade causes; both releases read these keys.
+            config: Some(format!("{SLOW_ELECTIONS}{READINGS_CONFIG}")),
             launcher: Some(Arc::new(move || {
                 Command::new(launch.lock().unwrap().clone())
             })),

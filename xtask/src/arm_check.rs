@@ -63,15 +63,16 @@ pub fn run() -> Result<()> {
     step("arm: cross toolchains", || {
         dist::ensure_toolchains(&[&AARCH64, &ARMV7])
     })?;
-    for target in [&AARCH64, &ARMV7] {
-        step(
-            &format!("arm: build {} ({TEST_PROFILE})", target.triple),
-            || {
-                binaries.push(dist::build_cairn(target, TEST_PROFILE)?);
-                Ok(())
-            },
-        )?;
-    }
+    step(
+        &format!(
+            "arm: build {} and {} ({TEST_PROFILE})",
+            AARCH64.triple, ARMV7.triple
+        ),
+        || {
+            binaries = dist::build_cairns(&[&AARCH64, &ARMV7], TEST_PROFILE)?;
+            Ok(())
+        },
+    )?;
     let work = work_dir()?;
 
     let root = work.join("arm64-root");

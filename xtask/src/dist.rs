@@ -157,19 +157,57 @@ pub fn ensure_toolchains(targets: &[&LinuxTarget]) -> Result<()> {
 
 /// Builds the bare `cairn` binary (no `sim` feature) for `target` with cargo profile `profile`
 /// and returns its path.
+pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
+    Ok(build_cairns(&[target], profile)?.remove(0))
+}
+
+/// Builds the bare `cairn` binary for each of `targets` with cargo profile `profile` and
+/// returns their paths, in order. Targets built the same way (gcc or zig, prebuilt std or
+/// std from source) go through one cargo run: on two cores the end of one target's build,
+/// where the gateway crate compiles alone on one core, overlaps with the other's.
 /// All builds share the workspace's `target/` directory, so build scripts and proc macros
 /// are compiled once per profile, not once per target (but for a target whose std is built
 /// from source: see below).
-pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
+pub fn build_cairns(targets: &[&LinuxTarget], profile: &str) -> Result<Vec<PathBuf>> {
+    let mut groups: Vec<((bool, bool), Vec<&LinuxTarget>)> = Vec::new();
+    for &t in targets {
+        let key = (t.musl, t.musl && std_from_source(t)?);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(t),
+            None => groups.push((key, vec![t])),
+        }
+    }
+    let mut built = Vec::new();
+    for ((musl, from_source), group) in groups {
+        for (t, binary) in build_group(&group, musl, from_source, profile)? {
+            built.push((t.triple, binary));
+        }
+    }
+    Ok(targets
+        .iter()
+        .map(|t| {
+            let i = built.iter().position(|(triple, _)| *triple == t.triple);
+            built.swap_remove(i.expect("every target built")).1
+        })
+        .collect())
+}
+
+/// One cargo run building `cairn` for `targets`, which all link the same way.
+fn build_group<'a>(
+    targets: &[&'a LinuxTarget],
+    musl: bool,
+    std_from_source: bool,
+    profile: &str,
+) -> Result<Vec<(&'a LinuxTarget, PathBuf)>> {
     let mut target_dir: PathBuf = std::env::var_os("CARGO_TARGET_DIR")
         .map(Into::into)
         .unwrap_or_else(|| util::root().join("target"));
-    let mut cmd = if target.musl {
+    let mut cmd = if musl {
         // `cargo-zigbuild zigbuild ARGS` is `cargo build ARGS` with zig as `CC`, `AR` and
         // linker for the target; it runs the `cargo` named by `CARGO` (the pinned toolchain's).
         let mut cmd = Command::new(crate::setup::cargo_zigbuild()?);
         cmd.arg("zigbuild");
-        if std_from_source(target)? {
+        if std_from_source {
             // This toolchain's distribution has no prebuilt std for the target: build it from
             // rust-src with the rest (an unstable cargo flag, hence RUSTC_BOOTSTRAP). Its
             // self-contained start files and libunwind come with the prebuilt std only, so
@@ -178,14 +216,16 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
             // and proc macros too: in the shared `target/` the other builds and this one
             // would rebuild each other's in turn. This one gets its own directory.
             target_dir = target_dir.join("std-from-source");
-            let upper = target.triple.to_uppercase().replace('-', "_");
             cmd.env("RUSTC_BOOTSTRAP", "1")
                 .env("CARGO_TARGET_DIR", &target_dir)
-                .env(
+                .arg("-Zbuild-std=std,panic_abort");
+            for t in targets {
+                let upper = t.triple.to_uppercase().replace('-', "_");
+                cmd.env(
                     format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
                     "-C link-self-contained=no",
-                )
-                .arg("-Zbuild-std=std,panic_abort");
+                );
+            }
         }
         cmd
     } else {
@@ -203,27 +243,34 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
         "--no-default-features",
         "--profile",
         profile,
-        "--target",
-        target.triple,
     ]);
-    if target.pointer_width == 32 {
+    for t in targets {
+        cmd.args(["--target", t.triple]);
+        t.cross_env(&mut cmd);
+    }
+    if targets.iter().any(|t| t.pointer_width == 32) {
         // base2histogram 0.2.3 (openraft's runtime-stats histograms) shifts a `usize` where
         // it means `u64`, which overflows on 32-bit targets: with overflow checks (dev
         // builds) the node panics at start-up; release builds, what ships, wrap (only
-        // openraft's internal latency histograms are affected). Build it the way it ships.
+        // openraft's internal latency histograms are affected). Build it the way it ships
+        // (for every target of the run: cargo's config is not per target).
         cmd.arg("--config").arg(format!(
             "profile.{profile}.package.base2histogram.overflow-checks=false"
         ));
     }
-    target.cross_env(&mut cmd);
     util::run(&mut cmd)?;
     // Cargo names the output directory of the built-in `dev` profile `debug`.
     let dir = if profile == "dev" { "debug" } else { profile };
-    let binary = target_dir.join(target.triple).join(dir).join("cairn");
-    if !binary.is_file() {
-        bail!("cargo reported success but {} is missing", binary.display());
-    }
-    Ok(binary)
+    targets
+        .iter()
+        .map(|t| {
+            let binary = target_dir.join(t.triple).join(dir).join("cairn");
+            if !binary.is_file() {
+                bail!("cargo reported success but {} is missing", binary.display());
+            }
+            Ok((*t, binary))
+        })
+        .collect()
 }
 
 /// True when the pinned toolchain has no prebuilt standard library for `target` installed

@@ -1,6 +1,6 @@
 //! Writes on the leader, reads on the followers at each consistency level.
 
-use cairn_tests::{Cluster, TIMEOUT, poll, stmts};
+use cairn_tests::{Cluster, Options, SLOW_ELECTIONS, TIMEOUT, poll, stmts};
 use serde_json::json;
 
 #[test]
@@ -40,7 +40,15 @@ fn test_write_on_leader_read_on_followers_at_each_level() {
 
 #[test]
 fn test_follower_forwards_writes_and_redirects_on_request() {
-    let c = Cluster::start(3);
+    // The redirect is compared with the leader read before: elections slow enough that a
+    // loaded machine alone does not move it.
+    let c = Cluster::start_with(
+        3,
+        Options {
+            config: Some(SLOW_ELECTIONS.into()),
+            ..Options::default()
+        },
+    );
     let f = c.followers()[0];
     let leader_http = c.nodes[c.leader()].http.clone();
     let n = &c.nodes[f];

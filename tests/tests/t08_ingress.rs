@@ -12,7 +12,7 @@ use std::time::Duration;
 use cairn_tests::device::{
     READINGS_CONFIG, fleet_command, hex, read_frame, read_report, sim_command, sim_summary,
 };
-use cairn_tests::{Cluster, Options, Security, TIMEOUT, cairn_bin, poll};
+use cairn_tests::{Cluster, Options, SLOW_ELECTIONS, Security, TIMEOUT, cairn_bin, poll};
 
 fn cluster() -> Cluster {
     cluster_with(None)
@@ -202,7 +202,15 @@ fn recv(stream: &mut TcpStream, session: &mut cairn_protocol::DeviceSession) -> 
 
 #[test]
 fn test_follower_welcome_and_ack_carry_the_leader_device_address() {
-    let c = cluster();
+    // The hints are compared with the leader read before: elections slow enough that a
+    // loaded machine alone does not move it.
+    let c = Cluster::start_with(
+        3,
+        Options {
+            config: Some(format!("{SLOW_ELECTIONS}{READINGS_CONFIG}")),
+            ..Options::default()
+        },
+    );
     let key = [0x42u8; 32];
     let hex = hex(&key);
     // Registered through a follower (forwarded); retried while a leader settles.

@@ -31,7 +31,7 @@
 //! for a target ([`std_from_source`]), it is built from the `rust-src` component.
 
 use crate::util::{self, step};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -161,44 +161,38 @@ pub fn build_cairn(target: &LinuxTarget, profile: &str) -> Result<PathBuf> {
     Ok(build_cairns(&[target], profile)?.remove(0))
 }
 
-/// Builds the bare `cairn` binary for each of `targets` with cargo profile `profile` and
-/// returns their paths, in order. Targets built the same way (gcc or zig, prebuilt std or
-/// std from source) go through one cargo run: on two cores the end of one target's build,
-/// where the gateway crate compiles alone on one core, overlaps with the other's.
+/// Builds the bare `cairn` binary for each of `targets` with cargo profile `profile` in one
+/// cargo run and returns their paths, in order: on two cores the end of one target's build,
+/// where the gateway crate compiles alone on one core, overlaps with the other's. The
+/// targets must link the same way (gcc or zig, prebuilt std or std from source).
 /// All builds share the workspace's `target/` directory, so build scripts and proc macros
 /// are compiled once per profile, not once per target (but for a target whose std is built
 /// from source: see below).
 pub fn build_cairns(targets: &[&LinuxTarget], profile: &str) -> Result<Vec<PathBuf>> {
-    let mut groups: Vec<((bool, bool), Vec<&LinuxTarget>)> = Vec::new();
-    for &t in targets {
-        let key = (t.musl, t.musl && std_from_source(t)?);
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, g)) => g.push(t),
-            None => groups.push((key, vec![t])),
-        }
+    let how =
+        |t: &LinuxTarget| -> Result<(bool, bool)> { Ok((t.musl, t.musl && std_from_source(t)?)) };
+    let Some(first) = targets.first() else {
+        return Ok(Vec::new());
+    };
+    let (musl, from_source) = how(first)?;
+    for t in targets {
+        ensure!(
+            how(t)? == (musl, from_source),
+            "{} and {} link differently: build them in separate runs",
+            first.triple,
+            t.triple
+        );
     }
-    let mut built = Vec::new();
-    for ((musl, from_source), group) in groups {
-        for (t, binary) in build_group(&group, musl, from_source, profile)? {
-            built.push((t.triple, binary));
-        }
-    }
-    Ok(targets
-        .iter()
-        .map(|t| {
-            let i = built.iter().position(|(triple, _)| *triple == t.triple);
-            built.swap_remove(i.expect("every target built")).1
-        })
-        .collect())
+    build_group(targets, musl, from_source, profile)
 }
 
 /// One cargo run building `cairn` for `targets`, which all link the same way.
-fn build_group<'a>(
-    targets: &[&'a LinuxTarget],
+fn build_group(
+    targets: &[&LinuxTarget],
     musl: bool,
     std_from_source: bool,
     profile: &str,
-) -> Result<Vec<(&'a LinuxTarget, PathBuf)>> {
+) -> Result<Vec<PathBuf>> {
     let mut target_dir: PathBuf = std::env::var_os("CARGO_TARGET_DIR")
         .map(Into::into)
         .unwrap_or_else(|| util::root().join("target"));
@@ -268,7 +262,7 @@ fn build_group<'a>(
             if !binary.is_file() {
                 bail!("cargo reported success but {} is missing", binary.display());
             }
-            Ok((*t, binary))
+            Ok(binary)
         })
         .collect()
 }

@@ -59,19 +59,18 @@ fn test_bootstrap_expect_forms_one_cluster_of_all_founders() {
     }
     let (http, raft) = &nodes[2];
     c.spawn_at(http, raft, &["--bootstrap-expect", "3", "--join", &by_http]);
-    let views: Vec<(Vec<u64>, u64)> = (0..3)
-        .map(|i| {
-            poll(TIMEOUT, "every founder to see the cluster of three", || {
-                formed(&c, i).filter(|(v, _)| *v == vec![1, 2, 3])
-            })
-        })
-        .collect();
-    let leader = views[0].1;
-    poll(TIMEOUT, "one leader for all three", || {
-        (0..3)
-            .all(|i| formed(&c, i).is_some_and(|(_, l)| l == leader))
-            .then_some(())
+    // Every founder sees the three voters and the same leader. Which one leads may change
+    // while the founders' elections settle (two candidates of one term, the higher wins), so
+    // the leader is not taken from the first view: all three must name the same one at once.
+    let leader = poll(TIMEOUT, "one cluster of three with one leader", || {
+        let views: Vec<(Vec<u64>, u64)> = (0..3).map(|i| formed(&c, i)).collect::<Option<_>>()?;
+        let leader = views[0].1;
+        views
+            .iter()
+            .all(|(v, l)| *v == vec![1, 2, 3] && *l == leader)
+            .then_some(leader)
     });
+    println!("the founders agree on leader {leader}");
     c.execute(&stmts(&[
         "CREATE TABLE formed (v)",
         "INSERT INTO formed VALUES(1)",

@@ -167,6 +167,16 @@ impl Options {
         }
     }
 
+    /// Elections after 1.5–3 s of silence ([`crate::SLOW_ELECTIONS`]) instead of the
+    /// product's 150–300 ms, for a test that asserts who leads or asks the leader for
+    /// something a follower answers differently.
+    pub fn slow_elections() -> Options {
+        Options {
+            config: Some(crate::SLOW_ELECTIONS.into()),
+            ..Options::default()
+        }
+    }
+
     /// Snapshots every `threshold` applied entries, keeping `keep` entries behind them, so a
     /// stopped node soon needs a snapshot to catch up.
     pub fn snapshot_often(threshold: u64, keep: u64) -> Options {

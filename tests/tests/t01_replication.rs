@@ -1,6 +1,6 @@
 //! Writes on the leader, reads on the followers at each consistency level.
 
-use cairn_tests::{Cluster, Options, SLOW_ELECTIONS, TIMEOUT, poll, stmts};
+use cairn_tests::{Cluster, Options, TIMEOUT, poll, stmts};
 use serde_json::json;
 
 #[test]
@@ -42,13 +42,7 @@ fn test_write_on_leader_read_on_followers_at_each_level() {
 fn test_follower_forwards_writes_and_redirects_on_request() {
     // The redirect is compared with the leader read before: elections slow enough that a
     // loaded machine alone does not move it.
-    let c = Cluster::start_with(
-        3,
-        Options {
-            config: Some(SLOW_ELECTIONS.into()),
-            ..Options::default()
-        },
-    );
+    let c = Cluster::start_with(3, Options::slow_elections());
     let f = c.followers()[0];
     let leader_http = c.nodes[c.leader()].http.clone();
     let n = &c.nodes[f];

@@ -1,6 +1,6 @@
 //! rqlite shapes and SQL semantics, checked through a real three-node cluster.
 
-use cairn_tests::{Cluster, stmts};
+use cairn_tests::{Cluster, Options, stmts};
 use serde_json::json;
 
 #[test]
@@ -88,7 +88,8 @@ fn test_nondeterministic_sql_is_identical_on_every_replica() {
 
 #[test]
 fn test_backup_and_load() {
-    let c = Cluster::start(3);
+    // Slow elections: a follower found here must still be one when it is asked.
+    let c = Cluster::start_with(3, Options::slow_elections());
     c.execute(&stmts(&[
         "CREATE TABLE b (v TEXT)",
         "INSERT INTO b VALUES('kept')",

@@ -1,10 +1,12 @@
 //! SIGTERM on the leader hands leadership over before the process exits.
 
-use cairn_tests::{Cluster, stmts};
+use cairn_tests::{Cluster, Options, stmts};
 
 #[test]
 fn test_sigterm_on_leader_transfers_leadership() {
-    let mut c = Cluster::start(3);
+    // Slow elections: the node signalled must still lead when the signal comes (the
+    // hand-over itself does not wait for an election timeout).
+    let mut c = Cluster::start_with(3, Options::slow_elections());
     c.execute(&stmts(&["CREATE TABLE t (v)", "INSERT INTO t VALUES(1)"]));
     let l = c.leader();
     let old_id = c.nodes[l].id;

@@ -54,6 +54,12 @@ fn backup(node: &Node) -> Vec<u8> {
         .get(node.url("/db/backup"))
         .call()
         .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "GET /db/backup on node {}",
+        node.id
+    );
     r.body_mut()
         .with_config()
         .limit(1 << 30)
@@ -123,7 +129,8 @@ fn assert_plain_load(n: &Node) {
 
 #[test]
 fn test_chunked_load_keeps_or_restores_cairns_state() {
-    let c = Cluster::start(3);
+    // Slow elections: the backup is fetched from the leader found here (a follower redirects).
+    let c = Cluster::start_with(3, Options::slow_elections());
     let dir = tempfile::tempdir().unwrap();
     let leader = &c.nodes[c.leader()];
     register(&leader.url(""), 7..8).unwrap();

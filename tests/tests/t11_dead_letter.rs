@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use cairn_protocol::{BatchEncoder, DeviceSession, ErrorCode, MAX_FRAME, Message, Record, Value};
 use cairn_tests::device::{boot_nonce, hex, key_of, read_frame};
-use cairn_tests::{Cluster, Options, TIMEOUT, cairn_bin, get, poll, post};
+use cairn_tests::{Cluster, Options, SLOW_ELECTIONS, TIMEOUT, cairn_bin, get, poll, post};
 use serde_json::{Value as Json, json};
 
 /// Streams 1 (`readings`, with `stream1` as its columns), 2 and 3 (`on_mismatch = "reject"`).
@@ -179,10 +179,12 @@ fn seqs(c: &Cluster, i: usize, table: &str) -> Vec<u64> {
 
 #[test]
 fn test_mismatch_dead_lettered_across_leader_kill_then_replayed() {
+    // Slow elections: after the SIGHUP only the reloaded nodes hold the new definitions, and
+    // a new leader proposes its own once per term; the test picks who reloads by who leads.
     let mut c = Cluster::start_with(
         3,
         Options {
-            config: Some(config(K_TEMPERATURE)),
+            config: Some(format!("{SLOW_ELECTIONS}{}", config(K_TEMPERATURE))),
             ..Options::default()
         },
     );

@@ -190,7 +190,9 @@ fn state(c: &Cluster) -> (Vec<Vec<Json>>, Json, Json, u64) {
 
 #[test]
 fn test_every_public_route_refuses_anonymous_and_underprivileged_and_changes_nothing() {
-    let c = secure_cluster(3);
+    // Slow elections: the test asserts that no refused request moved the leadership, and
+    // fetches a backup from the leader (a follower answers it with a redirect).
+    let c = secure_cluster_with(3, Some(SLOW_ELECTIONS.into()));
     c.execute(&json!([
         "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
         "INSERT INTO t(v) VALUES ('kept')"

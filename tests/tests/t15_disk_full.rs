@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_tests::tmpfs::Tmpfs;
-use cairn_tests::{Cluster, Options, Place, SLOW_ELECTIONS, get, poll, stmts};
+use cairn_tests::{Cluster, Options, Place, get, poll, stmts};
 use serde_json::{Value as Json, json};
 
 /// Size of that tmpfs.
@@ -63,11 +63,7 @@ fn full_disk(full_id: u64, leads: bool) {
     });
     // Which node leads is part of the set-up: elections slow enough that a loaded machine
     // alone does not move leadership.
-    let options = Options {
-        config: Some(SLOW_ELECTIONS.into()),
-        ..Options::default()
-    };
-    let c = Cluster::start_placed(3, options, Some(place));
+    let c = Cluster::start_placed(3, Options::slow_elections(), Some(place));
     let full = c
         .nodes
         .iter()

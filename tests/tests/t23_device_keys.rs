@@ -147,9 +147,10 @@ fn cli(c: &Cluster, node: usize, args: &[&str]) -> String {
 }
 
 /// A 3-node cluster with device `id` registered (key [`key_of`]): the cluster, the leader and
-/// a follower.
+/// a follower. Slow elections: the tests count what the leader's and the follower's
+/// gateways saw, so the roles found here must hold.
 fn three_nodes_with_device(id: u64) -> (Cluster, usize, usize) {
-    let c = Cluster::start(3);
+    let c = Cluster::start_with(3, Options::slow_elections());
     let leader = c.leader();
     let follower = c.followers()[0];
     register(c.nodes[leader].url("").trim_end_matches('/'), id..id + 1).unwrap();

@@ -13,7 +13,7 @@
 //!   identical.
 
 use cairn_tests::device::{READINGS_CONFIG, fleet_command, read_report, sim_summary};
-use cairn_tests::{Cluster, Options, TIMEOUT, poll, post};
+use cairn_tests::{Cluster, Options, SLOW_ELECTIONS, TIMEOUT, poll, post};
 use serde_json::Value as Json;
 
 fn voters(c: &Cluster, i: usize) -> Option<Vec<u64>> {
@@ -41,7 +41,9 @@ fn test_wiped_follower_cannot_vote_and_is_replaced_while_devices_stream() {
     let mut c = Cluster::start_with(
         3,
         Options {
-            config: Some(READINGS_CONFIG.into()),
+            // Slow elections: the test keeps the leader and the other follower it found
+            // at the start (killing that follower must leave the leader without quorum).
+            config: Some(format!("{SLOW_ELECTIONS}{READINGS_CONFIG}")),
             ..Options::default()
         },
     );

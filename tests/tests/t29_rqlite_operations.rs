@@ -168,7 +168,8 @@ fn peak_rss(pid: u32) -> u64 {
 
 #[test]
 fn test_compressed_backups_and_a_streamed_dump_load() {
-    let c = Cluster::start(3);
+    // Slow elections: the backups are fetched from the leader (a follower redirects).
+    let c = Cluster::start_with(3, Options::slow_elections());
     c.execute(&stmts(&[
         "CREATE TABLE packed (k INTEGER PRIMARY KEY, v TEXT)",
         "INSERT INTO packed(v) VALUES('one'), ('two'), ('three')",
@@ -356,7 +357,8 @@ fn shown_ids(c: &Cluster, i: usize) -> Option<Vec<String>> {
 /// id; every node shows the names in `/nodes`, `/status` and `/leader`; `/remove` takes one.
 #[test]
 fn test_string_node_ids() {
-    let mut c = Cluster::empty(Options::default());
+    // Slow elections: every node's view of the leader is compared with the leader's name.
+    let mut c = Cluster::empty(Options::slow_elections());
     let a = spawn_named(&mut c, &["--node-id", "gw-north", "--bootstrap"]);
     let via = c.nodes[a].url("");
     spawn_named(&mut c, &["--node-id", "0", "--join", &via]);

@@ -84,14 +84,14 @@ impl Node {
             .wait(Some(timeout))
             .metrics(
                 |m| {
-                    m.current_leader.is_some()
+                    crate::cluster::elected_leader(m).is_some()
                         && m.membership_config.membership().voter_ids().count() >= voters
                 },
                 "leader and voters",
             )
             .await
             .map_err(|e| Error::Unavailable(format!("cluster not ready: {e}")))?;
-        m.current_leader.ok_or(Error::NoLeader)
+        crate::cluster::elected_leader(&m).ok_or(Error::NoLeader)
     }
 
     /// Runs `statements` through the Raft log as one entry, each on its own: a failing

@@ -275,8 +275,11 @@ impl Cluster {
     }
 
     /// Openraft's view of this node (state, term, indexes, membership).
+    /// Raft's metrics, naming a leader only once one was elected ([`elected_leader`]).
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<crate::raft::TypeConfig> {
-        self.raft.metrics().borrow_watched().clone()
+        let mut m = self.raft.metrics().borrow_watched().clone();
+        m.current_leader = elected_leader(&m);
+        m
     }
 
     // -----------------------------------------------------------------------------------------
@@ -287,7 +290,7 @@ impl Cluster {
     pub fn leader(&self) -> Option<(NodeId, Peer)> {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
-        let id = m.current_leader?;
+        let id = elected_leader(&m)?;
         let peer = m.membership_config.membership().get_node(&id)?.clone();
         Some((id, peer))
     }
@@ -631,5 +634,33 @@ impl Cluster {
                 other => return Err(Error::Storage(format!("unexpected response {other:?}"))),
             }
         }
+    }
+}
+
+/// The leader `m` names, if an election made it leader. openraft's `initialize` gives a
+/// founding node a committed vote of term 0 for itself, so until the first election its
+/// metrics name it leader: two nodes founding a cluster together would each name themselves
+/// (and `/status`, `/leader` and forwarding would send clients to a node that cannot write).
+/// Every real leader holds a term of at least 1.
+pub fn elected_leader(m: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> Option<NodeId> {
+    m.current_leader.filter(|_| m.current_term > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_a_founder_names_no_leader_before_an_election() {
+        // What openraft's metrics say right after `initialize`: a committed vote of term 0 for
+        // this node, named as the current leader.
+        let mut m = openraft::RaftMetrics::<crate::raft::TypeConfig>::new_initial(1);
+        m.current_leader = Some(1);
+        m.current_term = 0;
+        assert_eq!(elected_leader(&m), None);
+        m.current_term = 1;
+        assert_eq!(elected_leader(&m), Some(1));
+        m.current_leader = None;
+        assert_eq!(elected_leader(&m), None);
     }
 }

@@ -274,8 +274,8 @@ impl Cluster {
         self.feed.registry_changes()
     }
 
-    /// Openraft's view of this node (state, term, indexes, membership).
-    /// Raft's metrics, naming a leader only once one was elected ([`elected_leader`]).
+    /// Openraft's view of this node (state, term, indexes, membership), naming a leader only
+    /// once one was elected ([`elected_leader`]).
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<crate::raft::TypeConfig> {
         let mut m = self.raft.metrics().borrow_watched().clone();
         m.current_leader = elected_leader(&m);
